@@ -1,0 +1,5 @@
+import sys
+
+from natbypass.cli import main
+
+sys.exit(main())
