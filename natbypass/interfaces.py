@@ -1,0 +1,133 @@
+"""
+The public API of NATbypass, as zope Interfaces.
+
+An application embeds an :class:`IPeer` service, asks it to ``connect`` to a
+peer (or ``listen`` for peers that connect to it) and receives
+:class:`IPeerConnection` objects.  It attaches an :class:`IPeerReceiver` to
+each connection to be given what arrives and to be told when the path dies.
+
+Why the shape: a connection says what it carries (``delivery``: ``"datagram"``
+over the UDP path, ``"stream"`` over the TCP path) and whether it is already
+secure and reliable.  A later layer (TLS on the TCP path, QUIC on the UDP path)
+can then wrap an :class:`IPeerConnection` and offer the same interface with
+``secure=True`` -- plus streams through an extra interface -- without changing
+what existing callers do.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IPeerReceiver(Interface):
+    """
+    What the application gives a connection to be handed its data.
+
+    Mirrors ``IProtocol``'s two callbacks so a Twisted programmer knows it.
+    """
+
+    def dataReceived(data: bytes) -> None:
+        """
+        Bytes arrived from the peer.
+
+        On a ``"datagram"`` connection each call is exactly one datagram the
+        peer passed to ``send``; on a ``"stream"`` connection calls are
+        arbitrary slices of the byte stream, as with ``IProtocol``.
+        """
+
+    def connectionLost(reason) -> None:
+        """
+        The path is gone (closed by either side, or found dead by the
+        liveness check); ``reason`` is a ``Failure`` that says why.
+        """
+
+
+class IPeerConnection(Interface):
+    """A direct, authenticated path to one peer, once hole punching succeeded."""
+
+    peer_id = Attribute("The remote peer's id (str), as the mediator named it.")
+    session_id = Attribute("The mediator's id (str) of the session this path belongs to.")
+    protocol = Attribute('The transport protocol of the path: "udp" or "tcp".')
+    delivery = Attribute(
+        '"datagram" (message boundaries kept, may be lost or reordered) or '
+        '"stream" (an ordered, reliable byte stream).'
+    )
+    secure = Attribute(
+        "True when data is encrypted and authenticated end to end.  The bare "
+        "punched paths only authenticate their own control packets and frame "
+        "data with the session; a TLS/QUIC layer on top sets this to True."
+    )
+    local_address = Attribute("Our end of the path, an IPv4Address/IPv6Address.")
+    remote_address = Attribute("The peer's end of the path as we see it (after its NAT).")
+
+    def setReceiver(receiver: IPeerReceiver) -> None:
+        """
+        Deliver what arrives from now on to ``receiver``.
+
+        Data that arrives before a receiver is set is kept (up to a bound) and
+        delivered when it is set, so nothing sent right after the connection
+        was made is lost to a race.
+        """
+
+    def send(data: bytes) -> None:
+        """
+        Send ``data`` to the peer: one datagram (``delivery == "datagram"``,
+        raising ``ValueError`` when it exceeds ``max_datagram_size``) or more
+        of the stream.  Sending on a closed connection is ignored.
+        """
+
+    max_datagram_size = Attribute(
+        "The largest payload one send() carries on a datagram connection, or "
+        "None on a stream connection."
+    )
+
+    def close() -> None:
+        """
+        Close the path (tell the peer when the protocol can), stop its timers,
+        and fire ``connectionLost`` / ``whenLost`` with ``ConnectionDone``.
+        Idempotent.
+        """
+
+    def whenLost():
+        """
+        Return a new Deferred that fires (never errbacks) with the loss reason,
+        a ``ConnectionDone`` or ``ConnectionLost`` exception instance, when the
+        path is gone.  Fires at once if it is already gone.
+        """
+
+
+class IIncomingHandler(Interface):
+    """What an application gives ``IPeer.listen`` to be told of peers connecting in."""
+
+    def connectionArrived(connection: IPeerConnection) -> None:
+        """A peer connected to us; ``connection`` is ready for ``setReceiver``."""
+
+
+class IPeer(Interface):
+    """
+    The service an application embeds to reach peers (an ``IService``).
+
+    ``connect`` returns a Deferred that fires with an :class:`IPeerConnection`
+    or fails with the outcome of every attempt (see
+    ``natbypass.punch.select.AllAttemptsFailed``); cancelling it stops the
+    attempts.
+    """
+
+    peer_id = Attribute("Our own id at the mediator (str).")
+
+    def startService() -> None:
+        """Register with the mediator and gather candidates."""
+
+    def stopService():
+        """Close every connection and the mediator session; may return a Deferred."""
+
+    def connect(peer_id: str, protocol: str = "auto"):
+        """
+        Open a direct path to ``peer_id``.
+
+        ``protocol`` is ``"auto"``, ``"udp"``, ``"tcp"`` or a sequence of them
+        in order of preference; see ``docs/selection.md``.
+        """
+
+    def listen(handler: IIncomingHandler) -> None:
+        """Hand connections that other peers open to us to ``handler``."""

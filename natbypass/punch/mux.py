@@ -1,0 +1,140 @@
+"""
+One UDP socket, two users: STUN and hole punching.
+
+The port whose NAT mapping STUN learned must be the port that punches, so both
+share one socket.  :class:`UDPMux` is that socket's protocol: it hands STUN
+messages to one ``DatagramProtocol`` and everything else to another, each of
+which writes through the shared transport as if it owned it.
+
+:class:`PunchEndpoint` is the usual "everything else": it decodes punch
+packets and routes them by session id to the attempt or connection that owns
+the session, so one local port can serve several peers at once.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from natbypass.punch.packet import PunchDecodeError, PunchPacket, decode, is_stun
+
+Address = tuple[str, int]
+
+
+class UDPMux(DatagramProtocol):
+    """
+    Demultiplex STUN from punch traffic on one socket.
+
+    A datagram is STUN when its first two bits are zero and bytes 4..8 are the
+    magic cookie (RFC 8489 section 5 / RFC 7983); punch packets start with
+    0xCE, so the two never collide.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, stun: DatagramProtocol | None = None, other: DatagramProtocol | None = None
+    ) -> None:
+        self._stun = stun
+        self._other = other
+
+    def _attach(self, child: DatagramProtocol | None) -> None:
+        if child is not None and self.transport is not None and child.transport is None:
+            child.makeConnection(self.transport)
+
+    def setSTUN(self, protocol: DatagramProtocol) -> None:
+        """Hand STUN messages to ``protocol`` (attached to the socket at once if it is open)."""
+        self._stun = protocol
+        self._attach(protocol)
+
+    def setOther(self, protocol: DatagramProtocol) -> None:
+        """Hand every non-STUN datagram to ``protocol``."""
+        self._other = protocol
+        self._attach(protocol)
+
+    def startProtocol(self) -> None:
+        self._attach(self._stun)
+        self._attach(self._other)
+
+    def stopProtocol(self) -> None:
+        for child in (self._stun, self._other):
+            if child is not None and child.transport is not None:
+                child.doStop()
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        child = self._stun if is_stun(data) else self._other
+        if child is None:
+            self.log.debug("no consumer for a {size}-byte datagram from {addr}", size=len(data), addr=addr)
+            return
+        child.datagramReceived(data, addr)
+
+
+class IPacketHandler(TypingProtocol):
+    """What a :class:`PunchEndpoint` routes a session's packets to."""
+
+    def packetReceived(self, packet: PunchPacket, source: Address) -> None: ...
+
+
+class PunchEndpoint(DatagramProtocol):
+    """
+    Decode punch packets and route them by session id.
+
+    Never raises on bad input: undecodable datagrams and packets for sessions
+    nobody registered are logged, counted and dropped.  MAC checks happen in
+    the handler, which holds the key.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._handlers: dict[bytes, IPacketHandler] = {}
+        #: Datagrams that were not punch packets at all.
+        self.undecodable = 0
+        #: Well-formed packets for a session no handler owns.
+        self.unrouted = 0
+
+    def register(self, session_id: bytes, handler: IPacketHandler) -> None:
+        """Route ``session_id``'s packets to ``handler`` (replacing any previous one)."""
+        self._handlers[session_id] = handler
+
+    def unregister(self, session_id: bytes, handler: IPacketHandler) -> None:
+        """Stop routing to ``handler`` (no-op if another handler took over)."""
+        if self._handlers.get(session_id) is handler:
+            del self._handlers[session_id]
+
+    def sendTo(self, data: bytes, addr: Address) -> None:
+        """Send one datagram from the shared socket; errors are logged, not raised."""
+        if self.transport is None:
+            self.log.warn("punch socket not open; dropping a datagram to {addr}", addr=addr)
+            return
+        try:
+            self.transport.write(data, addr)
+        except OSError as e:
+            # ICMP errors surface here on connected-less sockets too; a
+            # punch path simply does not exist yet, which is no failure.
+            self.log.debug("sending to {addr} failed: {error}", addr=addr, error=e)
+
+    def getHost(self):
+        """The local address of the shared socket."""
+        return self.transport.getHost()
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        try:
+            packet = decode(data)
+        except PunchDecodeError as e:
+            self.undecodable += 1
+            self.log.debug("dropping a non-punch datagram from {addr}: {error}", addr=addr, error=e)
+            return
+        handler = self._handlers.get(packet.session_id)
+        if handler is None:
+            self.unrouted += 1
+            self.log.debug(
+                "dropping a {type} for unknown session {session!r} from {addr}",
+                type=packet.type.name,
+                session=packet.session_id,
+                addr=addr,
+            )
+            return
+        handler.packetReceived(packet, addr)
