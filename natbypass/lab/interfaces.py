@@ -1,0 +1,33 @@
+"""
+The NAT lab's public API, as used by tests, benchmarks and the command line.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class ILab(Interface):
+    """A running NAT lab: namespaces wired into a small internet with NATs."""
+
+    lab_id = Attribute("Unique id of this lab (e.g. 'nbl3fa2c1'); every namespace name starts with it.")
+    spec = Attribute("The LabSpec the lab was built from.")
+    mediator_addresses = Attribute("The mediator host's two public addresses (primary, alternate) for RFC 5780.")
+
+    def public_address(site):
+        """The public IPv4 address of site ``site`` (its NAT's, or its own for open/firewall sites)."""
+
+    def address(node):
+        """The address of node ``node`` on its own interface (private for hosts behind a NAT)."""
+
+    def netns(node):
+        """The network namespace name of node ``node``."""
+
+    def exec(node, argv, timeout=60, check=False, input=None):
+        """Run ``argv`` in ``node``'s namespace and wait; returns a CompletedProcess with text output."""
+
+    def spawn(node, argv, **popen_kwargs):
+        """Start ``argv`` in ``node``'s namespace; returns a Popen, killed at ``stop()``."""
+
+    def stop():
+        """Kill everything running in the lab and delete its namespaces; idempotent."""

@@ -1,0 +1,208 @@
+"""
+Creating and removing the lab's namespaces, links and rulesets.
+
+The only module that runs ``ip``, ``nft`` and ``sysctl``.  Every command is
+aimed at a lab namespace (``ip -n``, ``ip netns exec``); nothing is changed in
+the namespace the lab is started from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+from twisted.logger import Logger
+
+from . import rules
+from .spec import SiteKind
+from .topology import LabPlan, WanLink, lab_id_of_netns
+
+log = Logger()
+
+
+class LabError(RuntimeError):
+    """Building or using the lab failed; the message has the failing command."""
+
+
+def missing_requirements() -> str | None:
+    """Why a lab cannot be built here, or None if it can."""
+    if os.geteuid() != 0:
+        return "the NAT lab needs root (network namespaces, nftables)"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"the NAT lab needs '{tool}' (apt-get install iproute2 nftables)"
+    if not os.path.exists("/dev/net/tun"):
+        return "the NAT lab needs /dev/net/tun for delayed links"
+    return None
+
+
+def run(argv: Sequence[str], *, input: str | None = None, check: bool = True, timeout: float = 30) -> str:
+    """Run a command; raise LabError with its output if it fails."""
+    proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def ip(netns: str, *args: str) -> str:
+    return run(["ip", "-n", netns, *args])
+
+
+def nft(netns: str, ruleset: str) -> None:
+    run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=ruleset)
+
+
+def sysctl(netns: str, key: str, value: str | int) -> None:
+    run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{key}={value}"])
+
+
+def list_netns() -> list[str]:
+    """Names of all network namespaces (``ip netns list``)."""
+    out = run(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def lab_netns(lab_id: str | None = None) -> dict[str, list[str]]:
+    """Lab namespaces present now, by lab id (only ``lab_id``'s if given)."""
+    labs: dict[str, list[str]] = {}
+    for name in list_netns():
+        owner = lab_id_of_netns(name)
+        if owner and (lab_id is None or owner == lab_id):
+            labs.setdefault(owner, []).append(name)
+    return labs
+
+
+def netns_pids(netns: str) -> list[int]:
+    out = run(["ip", "netns", "pids", netns], check=False)
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+def kill_pids(pids: Sequence[int], grace: float = 1.0) -> None:
+    """SIGTERM ``pids``, then SIGKILL whatever is left after ``grace`` seconds."""
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if _alive(p)]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone once reaped
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def destroy(netns_names: Sequence[str], extra_pids: Sequence[int] = ()) -> None:
+    """Kill every process in the namespaces (and ``extra_pids``), then delete them."""
+    pids = set(extra_pids)
+    for name in netns_names:
+        pids.update(netns_pids(name))
+    pids.discard(os.getpid())
+    kill_pids(sorted(pids))
+    for name in netns_names:
+        run(["ip", "netns", "del", name], check=False)
+
+
+def _start_wire(link: WanLink, public_netns: str, log_path: str | None) -> subprocess.Popen[str]:
+    """Start the delaying wire for ``link`` and wait until both TAPs exist."""
+    argv = [
+        sys.executable, "-m", "natbypass.lab.wire",
+        f"{link.netns}:{link.iface}", f"{public_netns}:{link.bridge_port}",
+        f"--delay-ms={link.link.delay_ms}", f"--jitter-ms={link.link.jitter_ms}",
+    ]
+    stderr = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
+        start_new_session=True, env=python_env(),
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if line.strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise LabError(f"the delay wire for {link.node} did not start (see {log_path or 'stderr'})")
+    assert proc.stdout is not None
+    proc.stdout.close()
+    return proc
+
+
+def python_env() -> dict[str, str]:
+    """The environment for Python processes in the lab: this natbypass importable."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[str]]:
+    """Create everything in ``plan``; returns the wire processes (killed by the caller at teardown)."""
+    pub = plan.public.netns
+    for node in plan.nodes:
+        run(["ip", "netns", "add", node.netns])
+        ip(node.netns, "link", "set", "lo", "up")
+        sysctl(node.netns, "net.ipv6.conf.all.disable_ipv6", 1)
+        sysctl(node.netns, "net.ipv6.conf.default.disable_ipv6", 1)
+    ip(pub, "link", "add", "br0", "type", "bridge")
+    ip(pub, "link", "set", "br0", "up")
+
+    wires = []
+    for link in plan.wan_links:
+        if link.link.needs_wire:
+            wires.append(_start_wire(link, pub, log_path))
+        else:
+            ip(pub, "link", "add", link.bridge_port, "type", "veth", "peer", "name", link.iface, "netns", link.netns)
+        ip(pub, "link", "set", link.bridge_port, "master", "br0", "up")
+        node = plan.node(link.node)
+        for addr in node.addresses:
+            ip(node.netns, "addr", "add", addr, "dev", link.iface)
+        ip(node.netns, "link", "set", link.iface, "up")
+        if link.link.loss_pct > 0:
+            nft(link.netns, rules.loss_ruleset(link.link.loss_pct, link.iface))
+
+    for site in plan.sites:
+        spec = site.spec
+        border = site.border.netns
+        if spec.kind is SiteKind.FIREWALL:
+            nft(border, rules.firewall_ruleset(spec.inbound, "wan0"))
+            continue
+        if spec.kind is SiteKind.OPEN:
+            continue
+        assert spec.nat is not None and site.lan_net and site.lan_gateway
+        ip(border, "link", "add", "lan0", "type", "bridge")
+        ip(border, "addr", "add", f"{site.lan_gateway}/24", "dev", "lan0")
+        ip(border, "link", "set", "lan0", "up")
+        for k, host in enumerate(site.hosts, start=1):
+            ip(border, "link", "add", f"h{k}", "type", "veth", "peer", "name", host.iface, "netns", host.netns)
+            ip(border, "link", "set", f"h{k}", "master", "lan0", "up")
+            for addr in host.addresses:
+                ip(host.netns, "addr", "add", addr, "dev", host.iface)
+            ip(host.netns, "link", "set", host.iface, "up")
+            ip(host.netns, "route", "add", "default", "via", site.lan_gateway)
+        sysctl(border, "net.ipv4.ip_forward", 1)
+        nft(border, rules.nat_ruleset(spec.nat, "wan0", site.public_ip, "lan0", site.lan_net))
+        if spec.nat.udp_timeout is not None:
+            sysctl(border, "net.netfilter.nf_conntrack_udp_timeout", spec.nat.udp_timeout)
+            sysctl(border, "net.netfilter.nf_conntrack_udp_timeout_stream", spec.nat.udp_timeout)
+    log.info("lab {lab_id} built: {count} namespaces", lab_id=plan.lab_id, count=len(plan.nodes))
+    return wires

@@ -1,0 +1,185 @@
+"""
+nftables rulesets for the lab's NATs, firewalls and lossy links.
+
+Pure text generation (no I/O), so each behaviour can be read and unit-tested;
+:mod:`natbypass.lab.netns` loads the text with ``nft -f`` inside a namespace.
+
+How each behaviour is made (ground truth is measured by the lab probes):
+
+- Mapping.  Linux conntrack NAT allocates a port per *flow* and only needs
+  the whole reply tuple to be unique, so ``snat to W`` keeps the internal
+  port for every destination: endpoint-independent with port preservation.
+  ``snat to W : jhash(ip saddr . th sport) map {...}`` gives each internal
+  endpoint one deterministic, rewritten port: endpoint-independent without
+  preservation (adding ``ip daddr`` to the hash makes it address-dependent).
+  ``snat to W random`` draws a random port per flow (symmetric), and
+  ``snat to W : numgen inc map {...}`` takes the next port per flow
+  (symmetric, predictable).  The hash/counter go through a map because the
+  nat statement reads the port register in network byte order.
+- Filtering.  Conntrack alone only lets replies from the exact remote
+  address:port in: address-and-port-dependent filtering.  For the other two,
+  every outbound packet records its public port -> internal endpoint in the
+  dynamic map ``natmap`` (and, for address-dependent filtering, the remote
+  address it went to in the set ``contacted``); a new inbound flow to a mapped
+  port is DNATed to the internal endpoint if anyone may send (EIF) or if the
+  internal endpoint has sent to that address (ADF).
+- Hairpinning.  A LAN packet to the NAT's public address is DNATed through
+  ``natmap`` and SNATed to the sender's public mapping.
+- Unsolicited inbound ends in the input chain: dropped, or rejected with an
+  ICMP port unreachable / TCP RST.
+"""
+
+from __future__ import annotations
+
+from .spec import Filtering, Inbound, Mapping, NatBehaviour
+
+#: Public ports used by the rewriting mappings.
+HASH_PORT_BASE = 40000
+HASH_PORT_COUNT = 8192
+SEQ_PORT_BASE = 20000
+SEQ_PORT_COUNT = 4096
+
+TABLE = "nblab"
+
+
+def _port_map(count: int, base: int) -> str:
+    return "{ " + ", ".join(f"{i} : {base + i}" for i in range(count)) + " }"
+
+
+# Anonymous maps: a named map cannot be keyed by the plain integer jhash/numgen yield.
+_HASH_MAP = _port_map(HASH_PORT_COUNT, HASH_PORT_BASE)
+_SEQ_MAP = _port_map(SEQ_PORT_COUNT, SEQ_PORT_BASE)
+
+
+def snat_statement(nat: NatBehaviour, public_ip: str) -> str:
+    """The nat statement that allocates public ports for ``nat.mapping``."""
+    if nat.mapping is Mapping.EIM_PP:
+        return f"snat ip to {public_ip}"
+    if nat.mapping is Mapping.EIM:
+        return f"snat ip to {public_ip} : jhash ip saddr . th sport mod {HASH_PORT_COUNT} map {_HASH_MAP}"
+    if nat.mapping is Mapping.ADM:
+        return f"snat ip to {public_ip} : jhash ip saddr . th sport . ip daddr mod {HASH_PORT_COUNT} map {_HASH_MAP}"
+    if nat.mapping is Mapping.APDM_RANDOM:
+        return f"snat ip to {public_ip} random"
+    if nat.mapping is Mapping.APDM_SEQUENTIAL:
+        return f"snat ip to {public_ip} : numgen inc mod {SEQ_PORT_COUNT} map {_SEQ_MAP}"
+    raise ValueError(nat.mapping)
+
+
+def _unsolicited(inbound: Inbound, match: str) -> list[str]:
+    if inbound is Inbound.DROP:
+        return [f"{match} drop"]
+    return [
+        f"{match} meta l4proto tcp reject with tcp reset",
+        f"{match} reject with icmp type port-unreachable",
+    ]
+
+
+def nat_ruleset(nat: NatBehaviour, wan_if: str, public_ip: str, lan_if: str, lan_net: str) -> str:
+    """The whole ``ip nblab`` table of a NAT namespace."""
+    t = nat.udp_timeout or 120
+    wan, lan = f'oifname "{wan_if}"', f'oifname "{lan_if}"'
+    l4 = "meta l4proto { udp, tcp }"
+    snat = snat_statement(nat, public_ip)
+    out: list[str] = [f"table ip {TABLE} {{"]
+    out += [
+        "  # public port -> internal endpoint, refreshed by every outbound packet",
+        "  map natmap {",
+        "    type inet_proto . inet_service : ipv4_addr . inet_service",
+        f"    flags dynamic,timeout; timeout {t}s; size 65535",
+        "  }",
+        "  # public port . remote address the internal endpoint has sent to",
+        "  set contacted {",
+        "    type inet_proto . inet_service . ipv4_addr",
+        f"    flags dynamic,timeout; timeout {t}s; size 65535",
+        "  }",
+        "  chain prerouting {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
+    ]
+    inbound_new = f'iifname "{wan_if}" ip daddr {public_ip} ct state new {l4}'
+    to_internal = "dnat ip to meta l4proto . th dport map @natmap"
+    if nat.filtering is Filtering.EIF:
+        out.append(f"    {inbound_new} meta l4proto . th dport @natmap {to_internal}")
+    elif nat.filtering is Filtering.ADF:
+        out.append(f"    {inbound_new} meta l4proto . th dport . ip saddr @contacted {to_internal}")
+    if nat.hairpin:
+        out.append(
+            f'    iifname "{lan_if}" ip daddr {public_ip} {l4} meta l4proto . th dport @natmap {to_internal}'
+        )
+    out += [
+        "  }",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        f"    {wan} {l4} {snat}",
+        f"    {wan} snat ip to {public_ip}",
+    ]
+    if nat.hairpin:
+        out.append(f"    {lan} ip saddr {lan_net} ct status dnat {l4} {snat}")
+    out += [
+        "  }",
+        "  # runs after SNAT: th sport is the public port",
+        "  chain track {",
+        "    type filter hook postrouting priority srcnat + 10; policy accept;",
+        f"    {wan} {l4} ct direction original update @natmap "
+        "{ meta l4proto . th sport : ct original ip saddr . ct original proto-src }",
+        f"    {wan} {l4} ct direction reply update @natmap "
+        "{ meta l4proto . th sport : ct reply ip saddr . ct reply proto-src }",
+        f"    {wan} {l4} update @contacted {{ meta l4proto . th sport . ip daddr }}",
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        "    ct state established,related accept",
+        '    iifname "lo" accept',
+        f'    iifname "{wan_if}" icmp type echo-request accept',
+    ]
+    if not nat.hairpin:
+        out += [f"    {x}" for x in _unsolicited(nat.inbound, f'iifname "{lan_if}" ip daddr {public_ip} {l4}')]
+    out += [f"    {x}" for x in _unsolicited(nat.inbound, f'iifname "{wan_if}"')]
+    out += [
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        f'    iifname "{wan_if}" ct state new ct status dnat accept',
+    ]
+    out += [f"    {x}" for x in _unsolicited(nat.inbound, f'iifname "{wan_if}" ct state new')]
+    out += ["  }", "}"]
+    return "\n".join(out) + "\n"
+
+
+def firewall_ruleset(inbound: Inbound, wan_if: str) -> str:
+    """A stateful firewall on a public host: replies in, unsolicited inbound out."""
+    out = [
+        f"table inet {TABLE} {{",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        "    ct state established,related accept",
+        '    iifname "lo" accept',
+    ]
+    out += [f"    {x}" for x in _unsolicited(inbound, f'iifname "{wan_if}"')]
+    out += ["  }", "}"]
+    return "\n".join(out) + "\n"
+
+
+#: numgen draws from 0..LOSS_SCALE-1, so loss is set in steps of 1/LOSS_SCALE.
+LOSS_SCALE = 1_000_000
+
+
+def loss_ruleset(loss_pct: float, iface: str) -> str:
+    """Drop ``loss_pct`` percent of packets in each direction of ``iface``."""
+    threshold = round(loss_pct / 100 * LOSS_SCALE)
+    return "\n".join(
+        [
+            f"table netdev {TABLE}loss {{",
+            "  chain ingress {",
+            f'    type filter hook ingress device "{iface}" priority 0; policy accept;',
+            f"    numgen random mod {LOSS_SCALE} < {threshold} drop",
+            "  }",
+            "}",
+            f"table inet {TABLE}loss {{",
+            "  chain egress {",
+            "    type filter hook postrouting priority 1000; policy accept;",
+            f'    oifname "{iface}" numgen random mod {LOSS_SCALE} < {threshold} drop',
+            "  }",
+            "}",
+        ]
+    ) + "\n"

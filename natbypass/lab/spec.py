@@ -1,0 +1,293 @@
+"""
+What a NAT lab should look like: a small, strict, JSON-shaped spec.
+
+Pure data and parsing, no I/O: the lab builder, the command line and the
+tests all share these types, and ``parse_spec(spec_to_json(s)) == s`` holds
+for every spec (checked with hypothesis).
+
+A spec is a mapping ``{"sites": {NAME: SITE, ...}}``. A SITE is either a
+preset name (``"open"``, ``"firewall"``, ``"full-cone"``, ...; see
+:data:`PRESETS`) or an object::
+
+    {"nat": PRESET-NAME | {"mapping": ..., "filtering": ..., "inbound": ...,
+                           "hairpin": bool, "udp_timeout": seconds},
+     "hosts": 2,                      # hosts on the LAN behind the NAT
+     "delay_ms": 20, "jitter_ms": 2,  # one way, each direction of the WAN link
+     "loss_pct": 1}                   # each direction of the WAN link
+
+or ``{"kind": "open" | "firewall", "inbound": "drop" | "reject", ...link}``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class LabSpecError(ValueError):
+    """The spec is malformed; the message says which field and why."""
+
+
+class Mapping(enum.StrEnum):
+    """How the NAT picks the public port of an internal endpoint (RFC 4787 section 4.1)."""
+
+    EIM_PP = "eim-pp"  # endpoint-independent, keeps the internal port when free
+    EIM = "eim"  # endpoint-independent, rewrites the port (deterministic per endpoint)
+    ADM = "adm"  # address-dependent
+    APDM_RANDOM = "apdm-random"  # address-and-port-dependent, random port per flow
+    APDM_SEQUENTIAL = "apdm-sequential"  # address-and-port-dependent, next port per flow
+
+
+class Filtering(enum.StrEnum):
+    """Which inbound packets the NAT lets through to a mapping (RFC 4787 section 5)."""
+
+    EIF = "eif"  # anyone (full cone)
+    ADF = "adf"  # only addresses the internal endpoint has sent to (restricted cone)
+    APDF = "apdf"  # only address:port pairs it has sent to (port-restricted cone)
+
+
+class Inbound(enum.StrEnum):
+    """What happens to unsolicited inbound packets."""
+
+    DROP = "drop"  # silently dropped, like most home routers
+    REJECT = "reject"  # ICMP port unreachable / TCP RST
+
+
+class SiteKind(enum.StrEnum):
+    OPEN = "open"  # a host directly on the public segment
+    FIREWALL = "firewall"  # a public host behind a stateful firewall, no NAT
+    NAT = "nat"  # one or more hosts behind their own NAT
+
+
+@dataclass(frozen=True)
+class NatBehaviour:
+    """Everything that can be chosen about one NAT."""
+
+    mapping: Mapping = Mapping.EIM_PP
+    filtering: Filtering = Filtering.APDF
+    inbound: Inbound = Inbound.DROP
+    hairpin: bool = False
+    #: UDP mapping lifetime in seconds (conntrack timeout in the NAT); None keeps the kernel's.
+    udp_timeout: int | None = 30
+
+
+@dataclass(frozen=True)
+class Link:
+    """Impairments of a site's link to the public segment, per direction."""
+
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+
+    @property
+    def needs_wire(self) -> bool:
+        """Delay and jitter need the userspace wire; loss alone is done by nftables."""
+        return self.delay_ms > 0 or self.jitter_ms > 0
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    name: str
+    kind: SiteKind
+    nat: NatBehaviour | None = None
+    hosts: int = 1
+    link: Link = field(default_factory=Link)
+    #: For firewall sites: what happens to unsolicited inbound packets.
+    inbound: Inbound = Inbound.DROP
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    sites: tuple[SiteSpec, ...]
+
+    def site(self, name: str) -> SiteSpec:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+#: Classic NAT types by name; "open" and "firewall" are site kinds without NAT.
+PRESETS: dict[str, NatBehaviour | SiteKind] = {
+    "open": SiteKind.OPEN,
+    "firewall": SiteKind.FIREWALL,
+    "full-cone": NatBehaviour(Mapping.EIM_PP, Filtering.EIF),
+    "restricted-cone": NatBehaviour(Mapping.EIM_PP, Filtering.ADF),
+    "port-restricted-cone": NatBehaviour(Mapping.EIM_PP, Filtering.APDF),
+    "symmetric-random": NatBehaviour(Mapping.APDM_RANDOM, Filtering.APDF),
+    "symmetric-predictable": NatBehaviour(Mapping.APDM_SEQUENTIAL, Filtering.APDF),
+    # The same cones with a NAT that rewrites ports (no port preservation).
+    "full-cone-rewrite": NatBehaviour(Mapping.EIM, Filtering.EIF),
+    "restricted-cone-rewrite": NatBehaviour(Mapping.EIM, Filtering.ADF),
+    "port-restricted-cone-rewrite": NatBehaviour(Mapping.EIM, Filtering.APDF),
+}
+
+#: Names that are not allowed as site names: they name other lab nodes.
+RESERVED = frozenset({"mediator", "public", "med", "pub", "all"})
+SITE_NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+MAX_HOSTS = 8
+MAX_SITES = 200
+
+
+def _enum(cls: type[enum.StrEnum], value: Any, where: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise LabSpecError(f"{where}: {value!r} is not one of {choices}") from None
+
+
+def _number(value: Any, where: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise LabSpecError(f"{where}: expected a number from {low} to {high}, got {value!r}")
+    return float(value)
+
+
+def _check_keys(obj: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(obj) - allowed
+    if unknown:
+        raise LabSpecError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def parse_nat(obj: Any, where: str) -> NatBehaviour:
+    """A NAT behaviour from a preset name or an object of fields."""
+    if isinstance(obj, str):
+        preset = PRESETS.get(obj)
+        if not isinstance(preset, NatBehaviour):
+            names = ", ".join(k for k, v in PRESETS.items() if isinstance(v, NatBehaviour))
+            raise LabSpecError(f"{where}: unknown NAT preset {obj!r}; known: {names}")
+        return preset
+    if not isinstance(obj, dict):
+        raise LabSpecError(f"{where}: expected a preset name or an object")
+    _check_keys(obj, {"preset", "mapping", "filtering", "inbound", "hairpin", "udp_timeout"}, where)
+    base = parse_nat(obj["preset"], f"{where}.preset") if "preset" in obj else NatBehaviour()
+    changes: dict[str, Any] = {}
+    if "mapping" in obj:
+        changes["mapping"] = _enum(Mapping, obj["mapping"], f"{where}.mapping")
+    if "filtering" in obj:
+        changes["filtering"] = _enum(Filtering, obj["filtering"], f"{where}.filtering")
+    if "inbound" in obj:
+        changes["inbound"] = _enum(Inbound, obj["inbound"], f"{where}.inbound")
+    if "hairpin" in obj:
+        if not isinstance(obj["hairpin"], bool):
+            raise LabSpecError(f"{where}.hairpin: expected true or false")
+        changes["hairpin"] = obj["hairpin"]
+    if "udp_timeout" in obj:
+        t = obj["udp_timeout"]
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 86400):
+            raise LabSpecError(f"{where}.udp_timeout: expected whole seconds from 1 to 86400, or null")
+        changes["udp_timeout"] = t
+    return replace(base, **changes)
+
+
+def parse_site(name: str, obj: Any) -> SiteSpec:
+    """One site from its preset name or object."""
+    where = f"sites.{name}"
+    if not isinstance(name, str) or not SITE_NAME.match(name) or name in RESERVED:
+        raise LabSpecError(
+            f"{where}: site names are 1-10 lowercase letters/digits starting with a letter, "
+            f"not one of {', '.join(sorted(RESERVED))}"
+        )
+    if isinstance(obj, str):
+        preset = PRESETS.get(obj)
+        if preset is None:
+            raise LabSpecError(f"{where}: unknown preset {obj!r}; known: {', '.join(PRESETS)}")
+        if isinstance(preset, SiteKind):
+            return SiteSpec(name, preset)
+        return SiteSpec(name, SiteKind.NAT, nat=preset)
+    if not isinstance(obj, dict):
+        raise LabSpecError(f"{where}: expected a preset name or an object")
+    _check_keys(obj, {"kind", "nat", "hosts", "delay_ms", "jitter_ms", "loss_pct", "inbound"}, where)
+    link = Link(
+        delay_ms=_number(obj.get("delay_ms", 0), f"{where}.delay_ms", 0, 5000),
+        jitter_ms=_number(obj.get("jitter_ms", 0), f"{where}.jitter_ms", 0, 5000),
+        loss_pct=_number(obj.get("loss_pct", 0), f"{where}.loss_pct", 0, 100),
+    )
+    if link.jitter_ms > link.delay_ms:
+        raise LabSpecError(f"{where}.jitter_ms: must not exceed delay_ms (delays never go negative)")
+    if "nat" in obj:
+        if obj.get("kind", "nat") != "nat":
+            raise LabSpecError(f"{where}: 'nat' given but kind is {obj['kind']!r}")
+        if "inbound" in obj:
+            raise LabSpecError(f"{where}.inbound: set it inside 'nat' for NAT sites")
+        hosts = obj.get("hosts", 1)
+        if isinstance(hosts, bool) or not isinstance(hosts, int) or not 1 <= hosts <= MAX_HOSTS:
+            raise LabSpecError(f"{where}.hosts: expected a whole number from 1 to {MAX_HOSTS}")
+        return SiteSpec(name, SiteKind.NAT, nat=parse_nat(obj["nat"], f"{where}.nat"), hosts=hosts, link=link)
+    kind = _enum(SiteKind, obj.get("kind", "open"), f"{where}.kind")
+    if kind is SiteKind.NAT:
+        raise LabSpecError(f"{where}: kind 'nat' needs a 'nat' field")
+    if "hosts" in obj and obj["hosts"] != 1:
+        raise LabSpecError(f"{where}.hosts: only NAT sites have more than one host")
+    inbound = _enum(Inbound, obj.get("inbound", "drop"), f"{where}.inbound")
+    if kind is SiteKind.OPEN and "inbound" in obj:
+        raise LabSpecError(f"{where}.inbound: open hosts accept everything; use kind 'firewall'")
+    return SiteSpec(name, kind, hosts=1, link=link, inbound=inbound)
+
+
+def parse_spec(obj: Any) -> LabSpec:
+    """A LabSpec from decoded JSON; raises LabSpecError on anything unexpected."""
+    if not isinstance(obj, dict):
+        raise LabSpecError("spec: expected an object with a 'sites' field")
+    _check_keys(obj, {"sites"}, "spec")
+    sites = obj.get("sites")
+    if not isinstance(sites, dict) or not sites:
+        raise LabSpecError("spec.sites: expected a non-empty object of NAME: SITE")
+    if len(sites) > MAX_SITES:
+        raise LabSpecError(f"spec.sites: at most {MAX_SITES} sites")
+    return LabSpec(tuple(parse_site(name, value) for name, value in sites.items()))
+
+
+def loads(text: str) -> LabSpec:
+    """A LabSpec from JSON text, or from a bare preset list like ``a=full-cone,b=open``."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            return parse_spec(json.loads(stripped))
+        except json.JSONDecodeError as e:
+            raise LabSpecError(f"spec: not valid JSON: {e}") from None
+    sites: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in stripped.split(","))):
+        name, sep, preset = item.partition("=")
+        if not sep:
+            raise LabSpecError(f"spec: {item!r}: expected NAME=PRESET (or a JSON object)")
+        if name.strip() in sites:
+            raise LabSpecError(f"spec: site {name.strip()!r} given twice")
+        sites[name.strip()] = preset.strip()
+    return parse_spec({"sites": sites})
+
+
+def nat_to_json(nat: NatBehaviour) -> dict[str, Any]:
+    return {
+        "mapping": nat.mapping.value,
+        "filtering": nat.filtering.value,
+        "inbound": nat.inbound.value,
+        "hairpin": nat.hairpin,
+        "udp_timeout": nat.udp_timeout,
+    }
+
+
+def spec_to_json(spec: LabSpec) -> dict[str, Any]:
+    """The canonical JSON form of a spec (every field spelled out)."""
+    sites: dict[str, Any] = {}
+    for s in spec.sites:
+        link = {"delay_ms": s.link.delay_ms, "jitter_ms": s.link.jitter_ms, "loss_pct": s.link.loss_pct}
+        if s.kind is SiteKind.NAT:
+            assert s.nat is not None
+            sites[s.name] = {"nat": nat_to_json(s.nat), "hosts": s.hosts, **link}
+        else:
+            sites[s.name] = {"kind": s.kind.value, "inbound": s.inbound.value, **link}
+            if s.kind is SiteKind.OPEN:
+                del sites[s.name]["inbound"]
+    return {"sites": sites}
+
+
+def describe(nat: NatBehaviour | None, kind: SiteKind = SiteKind.NAT) -> str:
+    """A short human label, e.g. ``eim-pp/adf drop hairpin``."""
+    if kind is not SiteKind.NAT or nat is None:
+        return kind.value
+    extra = " hairpin" if nat.hairpin else ""
+    return f"{nat.mapping.value}/{nat.filtering.value} {nat.inbound.value}{extra}"

@@ -1,0 +1,159 @@
+"""
+Tests for the lab probes' wire format, classification and reflector (in memory).
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from natbypass.lab import probe
+from natbypass.lab.probe import ProbeDecodeError, Reflector, ReflectorTCP, Request, Response, decode, encode
+
+txids = st.text("0123456789abcdef", min_size=16, max_size=16)
+requests = st.builds(Request, txids, st.sampled_from(probe.REPLY_FROM), st.integers(0, probe.MAX_DELAY_MS))
+ips = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
+responses = st.builds(Response, txids, ips, st.integers(0, 65535))
+
+
+class CodecTests(SynchronousTestCase):
+    def test_vector(self) -> None:
+        """The exact bytes of one request and one response."""
+        self.assertEqual(encode(Request("0123456789abcdef", "addr", 250)), b"NBP1 REQ 0123456789abcdef addr 250\n")
+        self.assertEqual(decode(b"NBP1 RSP 0123456789abcdef 198.18.1.1 4000\n"),
+                         Response("0123456789abcdef", "198.18.1.1", 4000))
+
+    @given(requests | responses)
+    def test_round_trip(self, msg: Request | Response) -> None:
+        self.assertEqual(decode(encode(msg)), msg)
+
+    @given(st.binary(max_size=80))
+    def test_garbage(self, data: bytes) -> None:
+        """Arbitrary bytes decode or raise ProbeDecodeError, nothing else."""
+        try:
+            msg = decode(data)
+        except ProbeDecodeError:
+            return
+        self.assertEqual(decode(encode(msg)), msg)
+
+    @given(requests | responses, st.integers(0, 60), st.binary(min_size=1, max_size=3))
+    def test_mutations(self, msg: Request | Response, at: int, junk: bytes) -> None:
+        """Corrupted messages decode to something valid or raise ProbeDecodeError."""
+        data = encode(msg)
+        at = at % len(data)
+        try:
+            decode(data[:at] + junk + data[at + 1:])
+        except ProbeDecodeError:
+            pass
+
+    def test_rejects(self) -> None:
+        for bad in (b"", b"NBP1 REQ 0123456789abcdef same", b"NBP2 REQ 0123456789abcdef same 0",
+                    b"NBP1 REQ 0123456789ABCDEF same 0", b"NBP1 REQ 0123456789abcdef sideways 0",
+                    b"NBP1 REQ 0123456789abcdef same -1", b"NBP1 RSP 0123456789abcdef 1.2.3 80",
+                    b"NBP1 RSP 0123456789abcdef 01.2.3.4 80", b"NBP1 RSP 0123456789abcdef 1.2.3.4 65536",
+                    b"NBP1 REQ 0123456789abcdef same \xd9\xa3", b"\xff"):
+            self.assertRaises(ProbeDecodeError, decode, bad)
+
+
+class ClassifyTests(SynchronousTestCase):
+    P, A = ("198.18.0.2", 4000), ("198.18.0.3", 4001)
+
+    def observed(self, a: int, b: int, c: int, d: int) -> dict[tuple[str, int], tuple[str, int]]:
+        keys = [self.P, (self.P[0], self.A[1]), (self.A[0], self.P[1]), self.A]
+        return {k: ("198.18.1.1", v) for k, v in zip(keys, [a, b, c, d])}
+
+    def test_mapping(self) -> None:
+        self.assertEqual(probe.classify_mapping(self.observed(5, 5, 5, 5), self.P, self.A), "endpoint-independent")
+        self.assertEqual(probe.classify_mapping(self.observed(5, 5, 6, 6), self.P, self.A), "address-dependent")
+        self.assertEqual(probe.classify_mapping(self.observed(5, 6, 7, 8), self.P, self.A), "address-and-port-dependent")
+        self.assertEqual(probe.classify_mapping(self.observed(5, 6, 5, 6), self.P, self.A), "address-and-port-dependent")
+
+    def test_sequence(self) -> None:
+        self.assertEqual(probe.port_sequence([20000, 20001, 20002, 20003]), "sequential(+1)")
+        self.assertEqual(probe.port_sequence([65535, 0, 1]), "sequential(+1)")
+        self.assertEqual(probe.port_sequence([100, 102, 104]), "sequential(+2)")
+        self.assertEqual(probe.port_sequence([54236, 5057, 54581, 64476]), "random")
+        self.assertEqual(probe.port_sequence([5, 6]), "random")  # too short to tell
+        self.assertEqual(probe.port_sequence([5, 5, 5]), "random")
+
+    def test_filtering(self) -> None:
+        self.assertEqual(probe.classify_filtering({"same", "port", "addr", "both"}), "endpoint-independent")
+        self.assertEqual(probe.classify_filtering({"same", "port"}), "address-dependent")
+        self.assertEqual(probe.classify_filtering({"same"}), "address-and-port-dependent")
+        self.assertEqual(probe.classify_filtering(set()), "blocked")
+
+    def test_reply_socket(self) -> None:
+        addrs, ports = ("a", "b"), (1, 2)
+        self.assertEqual(probe.reply_socket(("a", 1), "same", addrs, ports), ("a", 1))
+        self.assertEqual(probe.reply_socket(("a", 1), "port", addrs, ports), ("a", 2))
+        self.assertEqual(probe.reply_socket(("b", 2), "addr", addrs, ports), ("a", 2))
+        self.assertEqual(probe.reply_socket(("b", 1), "both", addrs, ports), ("a", 2))
+
+
+class FakeUDPTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+
+class FakeReactor(Clock):
+    """Clock plus listenUDP/listenTCP that only record (stock MemoryReactor has no listenUDP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp: dict[tuple[str, int], object] = {}
+        self.tcp: list[tuple[str, int]] = []
+
+    def listenUDP(self, port: int, proto: object, interface: str = "") -> None:
+        proto.transport = FakeUDPTransport()  # type: ignore[attr-defined]
+        self.udp[(interface, port)] = proto
+
+    def listenTCP(self, port: int, factory: object, interface: str = "") -> None:
+        self.tcp.append((interface, port))
+
+
+class ReflectorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = FakeReactor()
+        self.reflector = Reflector(self.reactor, ["198.18.0.2", "198.18.0.3"], [4000, 4001])
+        self.reflector.listen()
+
+    def test_listens_everywhere(self) -> None:
+        want = {(a, p) for a in ("198.18.0.2", "198.18.0.3") for p in (4000, 4001)}
+        self.assertEqual(set(self.reactor.udp), want)
+        self.assertEqual(set(self.reactor.tcp), want)
+
+    def test_answers_from_the_asked_socket_after_the_delay(self) -> None:
+        rx = self.reactor.udp[("198.18.0.2", 4000)]
+        rx.datagramReceived(encode(Request("00000000000000aa", "both", 1500)), ("198.18.1.7", 20001))  # type: ignore[attr-defined]
+        tx = self.reactor.udp[("198.18.0.3", 4001)].transport  # type: ignore[attr-defined]
+        self.assertEqual(tx.sent, [])
+        self.reactor.advance(1.499)
+        self.assertEqual(tx.sent, [])
+        self.reactor.advance(0.001)
+        self.assertEqual(tx.sent, [(encode(Response("00000000000000aa", "198.18.1.7", 20001)), ("198.18.1.7", 20001))])
+        self.assertEqual(rx.transport.sent, [])  # type: ignore[attr-defined]
+
+    def test_drops_garbage(self) -> None:
+        rx = self.reactor.udp[("198.18.0.2", 4000)]
+        rx.datagramReceived(b"hello", ("198.18.1.7", 1))  # type: ignore[attr-defined]
+        rx.datagramReceived(encode(Response("00000000000000aa", "1.2.3.4", 1)), ("198.18.1.7", 1))  # type: ignore[attr-defined]
+        self.reactor.advance(1)
+        self.assertEqual([p.transport.sent for p in self.reactor.udp.values()], [[]] * 4)  # type: ignore[attr-defined]
+
+    def test_tcp_reports_peer_and_closes(self) -> None:
+        proto = ReflectorTCP()
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "198.18.1.3", 4567))
+        proto.makeConnection(transport)
+        self.assertEqual(decode(transport.value()), Response("0" * 16, "198.18.1.3", 4567))
+        self.assertTrue(transport.disconnecting)
+
+    def test_needs_two_of_each(self) -> None:
+        self.assertRaises(ValueError, Reflector, self.reactor, ["a", "a"], [1, 2])
+        self.assertRaises(ValueError, Reflector, self.reactor, ["a", "b"], [1])

@@ -1,0 +1,106 @@
+"""
+Tests for the pure parts of the lab builder: topology planning and nftables text.
+
+Whether the rules really behave as named is measured in tests/test_lab_netns.py.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from natbypass.lab import rules
+from natbypass.lab.spec import PRESETS, Filtering, Inbound, Mapping, NatBehaviour, loads, parse_spec
+from natbypass.lab.topology import LAB_ID, lab_id_of_netns, new_lab_id, plan
+
+
+def ruleset(**kw: object) -> str:
+    return rules.nat_ruleset(NatBehaviour(**kw), "wan0", "198.18.1.1", "lan0", "10.1.0.0/24")  # type: ignore[arg-type]
+
+
+class RulesTests(SynchronousTestCase):
+    def test_mapping_statements(self) -> None:
+        self.assertEqual(rules.snat_statement(NatBehaviour(Mapping.EIM_PP), "1.2.3.4"), "snat ip to 1.2.3.4")
+        self.assertEqual(rules.snat_statement(NatBehaviour(Mapping.APDM_RANDOM), "1.2.3.4"), "snat ip to 1.2.3.4 random")
+        eim = rules.snat_statement(NatBehaviour(Mapping.EIM), "1.2.3.4")
+        self.assertIn("jhash ip saddr . th sport mod", eim)
+        self.assertNotIn("daddr", eim)
+        self.assertIn("ip daddr", rules.snat_statement(NatBehaviour(Mapping.ADM), "1.2.3.4"))
+        seq = rules.snat_statement(NatBehaviour(Mapping.APDM_SEQUENTIAL), "1.2.3.4")
+        self.assertIn("numgen inc", seq)
+        self.assertIn(f"0 : {rules.SEQ_PORT_BASE}, 1 : {rules.SEQ_PORT_BASE + 1},", seq)
+
+    def test_filtering(self) -> None:
+        """Only EIF and ADF open mapped ports to new flows, ADF only for contacted addresses."""
+        self.assertNotIn("dnat ip to", ruleset(filtering=Filtering.APDF))
+        eif = ruleset(filtering=Filtering.EIF)
+        self.assertIn("meta l4proto . th dport @natmap dnat", eif)
+        self.assertNotIn("@contacted dnat", eif)
+        self.assertIn("meta l4proto . th dport . ip saddr @contacted dnat", ruleset(filtering=Filtering.ADF))
+
+    def test_inbound(self) -> None:
+        self.assertNotIn("reject", ruleset(inbound=Inbound.DROP))
+        rejecting = ruleset(inbound=Inbound.REJECT)
+        self.assertIn("reject with tcp reset", rejecting)
+        self.assertIn("reject with icmp type port-unreachable", rejecting)
+
+    def test_hairpin(self) -> None:
+        on, off = ruleset(hairpin=True), ruleset(hairpin=False)
+        self.assertIn('iifname "lan0" ip daddr 198.18.1.1', on.split("chain postrouting")[0])
+        self.assertIn('oifname "lan0" ip saddr 10.1.0.0/24 ct status dnat', on)
+        self.assertNotIn('oifname "lan0"', off)
+        self.assertIn('iifname "lan0" ip daddr 198.18.1.1 meta l4proto { udp, tcp } drop', off)
+
+    def test_timeout(self) -> None:
+        self.assertIn("timeout 7s", ruleset(udp_timeout=7))
+
+    def test_firewall_and_loss(self) -> None:
+        fw = rules.firewall_ruleset(Inbound.DROP, "wan0")
+        self.assertIn("ct state established,related accept", fw)
+        self.assertIn('iifname "wan0" drop', fw)
+        loss = rules.loss_ruleset(2.5, "wan0")
+        self.assertIn(f"numgen random mod {rules.LOSS_SCALE} < {rules.LOSS_SCALE // 40} drop", loss)
+        self.assertIn('device "wan0"', loss)
+
+
+class TopologyTests(SynchronousTestCase):
+    def test_ids(self) -> None:
+        lab_id = new_lab_id()
+        self.assertRegex(lab_id, LAB_ID)
+        self.assertNotEqual(lab_id, new_lab_id())
+        self.assertEqual(lab_id_of_netns(f"{lab_id}-a-nat"), lab_id)
+        self.assertIsNone(lab_id_of_netns("nblzzzzzz-a"))
+        self.assertIsNone(lab_id_of_netns("other"))
+        self.assertIsNone(lab_id_of_netns("nbl123456"))
+
+    def test_plan(self) -> None:
+        spec = parse_spec({"sites": {"a": {"nat": "full-cone", "hosts": 2, "delay_ms": 5}, "b": "open"}})
+        p = plan(spec, "nbl0a0b0c")
+        names = [n.name for n in p.nodes]
+        self.assertEqual(names, ["public", "mediator", "a.nat", "a.1", "a.2", "b.1"])
+        self.assertEqual(len({n.netns for n in p.nodes}), len(names))
+        for n in p.nodes:
+            self.assertTrue(n.netns.startswith("nbl0a0b0c-"))
+        self.assertEqual(p.node("a"), p.node("a.1"))
+        self.assertEqual(p.node("a.2").addresses, ("10.1.0.3/24",))
+        self.assertEqual(p.node("a.2").gateway, "10.1.0.1")
+        self.assertEqual(p.site("a").public_ip, "198.18.1.1")
+        self.assertEqual(p.site("b").public_ip, "198.18.1.2")
+        self.assertEqual(p.node("b").addresses, ("198.18.1.2/15",))
+        self.assertEqual(p.mediator.addresses, ("198.18.0.2/15", "198.18.0.3/15"))
+        ports = [w.bridge_port for w in p.wan_links]
+        self.assertEqual(len(set(ports)), len(ports))
+        self.assertTrue(all(len(w.bridge_port) <= 15 and len(w.iface) <= 15 for w in p.wan_links))
+        self.assertTrue(p.wan_links[1].link.needs_wire)
+        self.assertRaises(KeyError, p.node, "zz")
+
+    def test_addresses_stay_in_lab_ranges(self) -> None:
+        """Every address the lab assigns is in 198.18.0.0/15 or 10/8."""
+        import ipaddress
+
+        spec = loads(",".join(f"s{i}={'open' if i % 2 else 'full-cone'}" for i in range(200)))
+        p = plan(spec, "nbl000000")
+        for node in p.nodes:
+            for a in node.addresses:
+                ip = ipaddress.ip_interface(a).ip
+                self.assertTrue(ip in ipaddress.ip_network("198.18.0.0/15") or ip in ipaddress.ip_network("10.0.0.0/8"), a)
+        self.assertEqual(len({s.public_ip for s in p.sites}), 200)

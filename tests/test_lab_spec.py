@@ -1,0 +1,145 @@
+"""
+Tests for natbypass.lab.spec: presets, strict parsing, canonical JSON round trip.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from natbypass.lab.spec import (
+    PRESETS,
+    Filtering,
+    Inbound,
+    LabSpec,
+    LabSpecError,
+    Link,
+    Mapping,
+    NatBehaviour,
+    SiteKind,
+    SiteSpec,
+    describe,
+    loads,
+    parse_spec,
+    spec_to_json,
+)
+
+names = st.from_regex(r"[a-z][a-z0-9]{0,9}", fullmatch=True).filter(
+    lambda n: n not in {"mediator", "public", "med", "pub", "all"}
+)
+nats = st.builds(
+    NatBehaviour,
+    mapping=st.sampled_from(Mapping),
+    filtering=st.sampled_from(Filtering),
+    inbound=st.sampled_from(Inbound),
+    hairpin=st.booleans(),
+    udp_timeout=st.none() | st.integers(1, 86400),
+)
+delays = st.integers(0, 5000).map(float)
+
+
+@st.composite
+def links(draw: st.DrawFn) -> Link:
+    delay = draw(delays)
+    jitter = draw(st.integers(0, int(delay)).map(float))
+    return Link(delay, jitter, float(draw(st.integers(0, 100))))
+
+
+@st.composite
+def sites(draw: st.DrawFn, name: str) -> SiteSpec:
+    kind = draw(st.sampled_from(SiteKind))
+    link = draw(links())
+    if kind is SiteKind.NAT:
+        return SiteSpec(name, kind, nat=draw(nats), hosts=draw(st.integers(1, 8)), link=link)
+    inbound = Inbound.DROP if kind is SiteKind.OPEN else draw(st.sampled_from(Inbound))
+    return SiteSpec(name, kind, link=link, inbound=inbound)
+
+
+@st.composite
+def specs(draw: st.DrawFn) -> LabSpec:
+    site_names = draw(st.lists(names, min_size=1, max_size=6, unique=True))
+    return LabSpec(tuple(draw(sites(n)) for n in site_names))
+
+
+class PresetTests(SynchronousTestCase):
+    def test_classic_types(self) -> None:
+        """Each classic NAT type maps to the RFC 4787 behaviour it is named after."""
+        self.assertEqual(PRESETS["full-cone"], NatBehaviour(Mapping.EIM_PP, Filtering.EIF))
+        self.assertEqual(PRESETS["restricted-cone"], NatBehaviour(Mapping.EIM_PP, Filtering.ADF))
+        self.assertEqual(PRESETS["port-restricted-cone"], NatBehaviour(Mapping.EIM_PP, Filtering.APDF))
+        self.assertEqual(PRESETS["symmetric-random"].mapping, Mapping.APDM_RANDOM)
+        self.assertEqual(PRESETS["symmetric-predictable"].mapping, Mapping.APDM_SEQUENTIAL)
+        self.assertIs(PRESETS["open"], SiteKind.OPEN)
+        self.assertIs(PRESETS["firewall"], SiteKind.FIREWALL)
+
+    def test_preset_strings(self) -> None:
+        spec = parse_spec({"sites": {"a": "full-cone", "b": "open", "c": "firewall"}})
+        self.assertEqual(spec.site("a").kind, SiteKind.NAT)
+        self.assertEqual(spec.site("a").nat, PRESETS["full-cone"])
+        self.assertEqual(spec.site("b").kind, SiteKind.OPEN)
+        self.assertEqual(spec.site("c").kind, SiteKind.FIREWALL)
+
+    def test_preset_with_overrides(self) -> None:
+        spec = parse_spec({"sites": {"a": {"nat": {"preset": "full-cone", "hairpin": True, "inbound": "reject"}}}})
+        nat = spec.site("a").nat
+        assert nat is not None
+        self.assertEqual((nat.mapping, nat.filtering, nat.hairpin, nat.inbound),
+                         (Mapping.EIM_PP, Filtering.EIF, True, Inbound.REJECT))
+
+    def test_short_form(self) -> None:
+        self.assertEqual(loads("a=full-cone, b=symmetric-random"),
+                         parse_spec({"sites": {"a": "full-cone", "b": "symmetric-random"}}))
+
+    def test_describe(self) -> None:
+        self.assertEqual(describe(PRESETS["full-cone"]), "eim-pp/eif drop")  # type: ignore[arg-type]
+        self.assertEqual(describe(None, SiteKind.FIREWALL), "firewall")
+
+
+class ErrorTests(SynchronousTestCase):
+    def assertRejected(self, obj: object, fragment: str) -> None:
+        e = self.assertRaises(LabSpecError, parse_spec, obj)
+        self.assertIn(fragment, str(e))
+
+    def test_errors_name_the_field(self) -> None:
+        self.assertRejected({"sites": {"a": "fullcone"}}, "sites.a")
+        self.assertRejected({"sites": {"a": {"nat": {"mapping": "weird"}}}}, "sites.a.nat.mapping")
+        self.assertRejected({"sites": {"a": {"nat": "full-cone", "hosts": 0}}}, "sites.a.hosts")
+        self.assertRejected({"sites": {"a": {"nat": "full-cone", "loss_pct": 101}}}, "sites.a.loss_pct")
+        self.assertRejected({"sites": {"a": {"nat": "full-cone", "delay_ms": 5, "jitter_ms": 6}}}, "jitter_ms")
+        self.assertRejected({"sites": {"a": {"nat": "full-cone", "colour": 1}}}, "colour")
+        self.assertRejected({"sites": {"mediator": "open"}}, "site names")
+        self.assertRejected({"sites": {"A": "open"}}, "site names")
+        self.assertRejected({"sites": {}}, "non-empty")
+        self.assertRejected({"sites": {"a": {"kind": "open", "inbound": "reject"}}}, "firewall")
+        self.assertRejected({"sites": {"a": {"kind": "open", "hosts": 2}}}, "hosts")
+        self.assertRejected({"sites": {"a": {"nat": {"udp_timeout": True}}}}, "udp_timeout")
+        self.assertRejected([], "spec")
+
+    def test_bad_text(self) -> None:
+        self.assertRaises(LabSpecError, loads, "{not json")
+        self.assertRaises(LabSpecError, loads, "a")
+        self.assertRaises(LabSpecError, loads, "a=open,a=open")
+
+    @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                        max_leaves=12))
+    @settings(max_examples=300)
+    def test_junk_only_raises_spec_error(self, obj: object) -> None:
+        """Whatever JSON comes in, the parser either accepts it or raises LabSpecError."""
+        for candidate in (obj, {"sites": obj}, {"sites": {"a": obj}}, {"sites": {"a": {"nat": obj}}}):
+            try:
+                parse_spec(candidate)
+            except LabSpecError:
+                pass
+
+
+class RoundTripTests(SynchronousTestCase):
+    @given(specs())
+    @settings(max_examples=200)
+    def test_round_trip(self, spec: LabSpec) -> None:
+        """The canonical JSON of a spec parses back to the same spec, also through text."""
+        self.assertEqual(parse_spec(spec_to_json(spec)), spec)
+        self.assertEqual(loads(json.dumps(spec_to_json(spec))), spec)
