@@ -57,6 +57,11 @@ class IPeerConnection(Interface):
         "punched paths only authenticate their own control packets and frame "
         "data with the session; a TLS/QUIC layer on top sets this to True."
     )
+    role = Attribute(
+        "0 or 1, agreed by both sides without a round trip (the lower peer id "
+        "is 0).  A layer on top uses it to pick who plays client: role 0 is "
+        "the TLS/QUIC client."
+    )
     local_address = Attribute("Our end of the path, an IPv4Address/IPv6Address.")
     remote_address = Attribute("The peer's end of the path as we see it (after its NAT).")
 

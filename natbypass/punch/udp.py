@@ -326,6 +326,7 @@ class UDPPeerConnection:
         self.invalid = 0
         self.peer_id = session.peer_id
         self.session_id = session.session_id
+        self.role = session.role
         host = endpoint.getHost()
         self.local_address = _address(host.host, host.port)
         self.remote_address = _address(*remote)
