@@ -1,0 +1,446 @@
+"""
+The peer side of signalling.
+
+`SignalingClientProtocol` speaks the line protocol over one connection: the
+handshake (greeting, hello, register), request/reply matching by ``rid``,
+answering the mediator's pings, and handing offers to its owner.
+`SignalingClient` is the long-lived service: a `ClientService` reconnects with
+backoff and every new connection re-registers (with the secret from the last
+registration, so a stale session of ours is replaced), and callers get
+Deferreds and events.  See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .. import __version__
+from . import wire
+from .interfaces import ISignalingClient
+from .wire import (
+    Accept,
+    Cancel,
+    Connect,
+    Description,
+    Error,
+    Greeting,
+    Hello,
+    Message,
+    Offer,
+    Ok,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    Reject,
+    Report,
+    Session,
+    SessionReply,
+    WireError,
+)
+
+AGENT = f"natbypass/{__version__}"
+
+
+class SignalingError(Exception):
+    """The mediator answered a request with an error (or the link broke)."""
+
+    def __init__(self, error: str, reason: str, code: int | None = None) -> None:
+        super().__init__(f"{error}: {reason}")
+        self.error = error
+        self.reason = reason
+        self.code = code if code is not None else wire.ERROR_CODES.get(error, 0)
+
+
+class OfferRejected(SignalingError):
+    """The peer said no (or the two sides' protocol wishes do not meet)."""
+
+
+class UnknownPeer(SignalingError):
+    """No peer of that id is registered at the mediator."""
+
+
+class OfferTimeout(SignalingError):
+    """The peer did not answer the offer in time."""
+
+
+class PeerGone(SignalingError):
+    """The peer disconnected before answering."""
+
+
+class Unauthorized(SignalingError):
+    """The mediator wants a (different) token."""
+
+
+class DuplicateId(SignalingError):
+    """Another live session holds our id and we may not replace it."""
+
+
+class Disconnected(SignalingError):
+    """The connection to the mediator broke before the reply came."""
+
+    def __init__(self, reason: str = "connection to the mediator lost") -> None:
+        super().__init__("disconnected", reason, 0)
+
+
+class Decline(Exception):
+    """Raise from an offer handler to reject with a reason."""
+
+
+_ERRORS: dict[str, type[SignalingError]] = {
+    "rejected": OfferRejected,
+    "unknown-peer": UnknownPeer,
+    "timeout": OfferTimeout,
+    "gone": PeerGone,
+    "unauthorized": Unauthorized,
+    "duplicate-id": DuplicateId,
+}
+
+
+def error_from_reply(e: Error) -> SignalingError:
+    return _ERRORS.get(e.error, SignalingError)(e.error, e.reason, e.code)
+
+
+class IncomingOffer:
+    """An offer delivered to us; ``cancelled`` fires if the mediator withdraws it."""
+
+    def __init__(self, offer: Offer) -> None:
+        self.id = offer.offer
+        self.peer = offer.peer
+        self.description: Description = offer.description
+        self.expires_in_ms = offer.expires_in_ms
+        self.cancelled: Deferred[str] = Deferred()
+
+    def __repr__(self) -> str:
+        return f"<IncomingOffer {self.id} from {self.peer}>"
+
+
+class SignalingClientProtocol(LineReceiver):
+    """
+    One connection to the mediator.  ``ready`` fires with the peer id once
+    registered, or fails (and the connection closes) if the handshake fails.
+    """
+
+    delimiter = b"\n"
+    log = Logger()
+
+    def __init__(self, owner: SignalingClient) -> None:
+        self.owner = owner
+        self.clock = owner.clock
+        self.MAX_LENGTH = owner.max_line
+        self.ready: Deferred[str] = Deferred()
+        self._pending: dict[int, Deferred[Message]] = {}
+        self._offers: dict[str, IncomingOffer] = {}
+        self._watchdog: Any = None
+        self._handshaking = True
+
+    # -- connection events
+
+    def connectionMade(self) -> None:
+        self._watchdog = self.clock.callLater(self.owner.request_timeout, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self._watchdog = None
+        self._fail_ready(SignalingError("timeout", "the mediator did not complete the handshake in time"))
+
+    def _alive(self) -> None:
+        """Something arrived: push back the idle watchdog."""
+        if self._handshaking:
+            return
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.reset(self.owner.idle_timeout)
+        else:
+            self._watchdog = self.clock.callLater(self.owner.idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._watchdog = None
+        self.log.warn("nothing heard from the mediator for {t} s; reconnecting", t=self.owner.idle_timeout)
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+        self._fail_ready(Disconnected("connection to the mediator closed during the handshake"))
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(Disconnected())
+        offers, self._offers = self._offers, {}
+        for o in offers.values():
+            o.cancelled.callback("connection to the mediator lost")
+        self.owner._lost(self)
+
+    def _fail_ready(self, err: Exception) -> None:
+        if not self.ready.called:
+            self.ready.errback(err)
+            if self.transport is not None and self.connected:
+                self.transport.loseConnection()
+
+    # -- lines
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            msg = wire.decode_from_server(line)
+        except WireError as e:
+            self.log.warn("dropping a bad line from the mediator: {reason}", reason=e.reason)
+            return
+        self._alive()
+        if isinstance(msg, Greeting):
+            self._greeted(msg)
+        elif isinstance(msg, (Ok, Registered, SessionReply, Pong)):
+            d = self._pending.pop(msg.rid, None)
+            if d is not None:
+                d.callback(msg)
+            else:
+                self.owner._orphan(self, msg)
+        elif isinstance(msg, Error):
+            d = self._pending.pop(msg.rid, None) if msg.rid is not None else None
+            if d is not None:
+                d.errback(error_from_reply(msg))
+            else:
+                self.log.warn("mediator says {code} {error}: {reason}", code=msg.code, error=msg.error, reason=msg.reason)
+        elif isinstance(msg, Ping):
+            self.send(Pong(msg.rid))
+        elif isinstance(msg, Offer):
+            offer = IncomingOffer(msg)
+            self._offers[offer.id] = offer
+            self.owner._offered(self, offer)
+        elif isinstance(msg, Cancel):
+            offer = self._offers.pop(msg.offer, None)
+            if offer is not None:
+                offer.cancelled.callback(msg.reason)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.log.warn("the mediator sent a line over {n} bytes; reconnecting", n=self.MAX_LENGTH)
+        self.transport.loseConnection()
+
+    def send(self, msg: Message) -> None:
+        self.sendLine(wire.encode(msg))
+
+    def request(self, msg: Message) -> Deferred[Message]:
+        """Send a request and return a Deferred of its reply (errback on an error reply)."""
+        rid = msg.rid  # type: ignore[attr-defined]
+
+        def cancel(d: Deferred[Message]) -> None:
+            self._pending.pop(rid, None)
+
+        d: Deferred[Message] = Deferred(cancel)
+        self._pending[rid] = d
+        self.send(msg)
+        return d
+
+    def forget_offer(self, offer_id: str) -> IncomingOffer | None:
+        return self._offers.pop(offer_id, None)
+
+    # -- handshake
+
+    def _greeted(self, greeting: Greeting) -> None:
+        if not self._handshaking:
+            return
+        common = [v for v in wire.VERSIONS if v in greeting.versions]
+        if not common:
+            self._fail_ready(SignalingError("version-unsupported", f"mediator speaks {list(greeting.versions)}, we speak {list(wire.VERSIONS)}"))
+            return
+        if greeting.auth and self.owner.token is None:
+            self.log.warn("the mediator requires a token and none is configured")
+        v = max(common)
+        owner = self.owner
+        d = self.request(Hello(owner._rid(), v, AGENT))
+        d.addCallback(lambda _: self.request(Register(owner._rid(), owner.peer_id, owner.token, owner.secret is not None, owner.secret)))
+        d.addCallbacks(self._registered, self._fail_ready)
+
+    def _registered(self, reply: Registered) -> None:
+        self._handshaking = False
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+        self._alive()
+        self.owner.secret = reply.secret
+        if not self.ready.called:
+            self.ready.callback(reply.id)
+
+
+class _ClientFactory(Factory):
+    def __init__(self, owner: SignalingClient) -> None:
+        self.owner = owner
+
+    def buildProtocol(self, addr: Any) -> SignalingClientProtocol:
+        p = SignalingClientProtocol(self.owner)
+        p.factory = self
+        return p
+
+
+def client_endpoint(reactor: Any, description: str, ca: str | None = None) -> IStreamClientEndpoint:
+    """
+    A client endpoint for the mediator.  ``description`` is a Twisted client
+    endpoint string (``tcp:HOST:7000``, ``tls:HOST:7443``); with ``ca`` (a PEM
+    file of the private CA) a ``tls:HOST:PORT`` is verified against that CA
+    instead of the system roots.  Hostname checks use service-identity.
+    """
+    if ca is None:
+        return clientFromString(reactor, description)
+    parts = description.split(":")
+    if len(parts) != 3 or parts[0] != "tls":
+        raise ValueError("--ca goes with a plain tls:HOST:PORT endpoint (options other than host and port are not supported)")
+    _, host, port = parts
+    with open(ca, "rb") as f:
+        root = Certificate.loadPEM(f.read())
+    return wrapClientTLS(optionsForClientTLS(host, trustRoot=root), HostnameEndpoint(reactor, host.encode("idna"), int(port)))
+
+
+@implementer(ISignalingClient)
+class SignalingClient(Service):
+    """
+    A peer's registration at the mediator, kept alive across reconnections.
+
+    ``endpoint`` is an `IStreamClientEndpoint` (see `client_endpoint`).
+    Incoming offers go to the offer handler (none set: all are rejected).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        peer_id: str,
+        *,
+        clock: IReactorTime,
+        token: str | None = None,
+        request_timeout: float = 60.0,
+        idle_timeout: float = 90.0,
+        max_line: int = wire.DEFAULT_MAX_LINE,
+        retry_policy: Callable[[int], float] | None = None,
+    ) -> None:
+        if not wire.PEER_ID.match(peer_id):
+            raise ValueError(f"{peer_id!r} is not a valid peer id (1-64 of A-Z a-z 0-9 . _ @ : + -, starting alphanumeric)")
+        self.peer_id = peer_id
+        self.clock = clock
+        self.token = token
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.max_line = max_line
+        self.secret: str | None = None
+        self.rtt: float | None = None
+        self._next_rid = 0
+        self._offer_handler: Callable[[IncomingOffer], Any] | None = None
+        self._session_handler: Callable[[Session], Any] | None = None
+        self._service = ClientService(
+            endpoint,
+            _ClientFactory(self),
+            retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+            clock=clock,
+            prepareConnection=lambda proto: proto.ready,
+        )
+
+    def _rid(self) -> int:
+        self._next_rid += 1
+        return self._next_rid
+
+    # -- service
+
+    def startService(self) -> None:
+        super().startService()
+        self._service.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._service.stopService()
+
+    # -- ISignalingClient
+
+    def whenRegistered(self) -> Deferred[str]:
+        return self._service.whenConnected().addCallback(lambda proto: self.peer_id)
+
+    def _call(self, make: Callable[[], Message], timeout: float | None = None) -> Deferred[Message]:
+        d = self._service.whenConnected()
+        d.addCallback(lambda proto: proto.request(make()))
+        d.addTimeout(timeout or self.request_timeout, self.clock)
+        return d
+
+    def connect(self, peer_id: str, description: Description = Description()) -> Deferred[Session]:
+        d = self._call(lambda: Connect(self._rid(), peer_id, description))
+        return d.addCallback(lambda reply: reply.session)
+
+    def set_offer_handler(self, handler: Callable[[IncomingOffer], Any] | None) -> None:
+        self._offer_handler = handler
+
+    def set_session_handler(self, handler: Callable[[Session], Any] | None) -> None:
+        self._session_handler = handler
+
+    def report(self, session_id: str, outcome: str, protocol: str | None = None, detail: str | None = None) -> Deferred[None]:
+        msg = lambda: Report(self._rid(), session_id, outcome, protocol, detail)  # noqa: E731
+        msg()  # validate now, in the caller's stack
+        return self._call(msg).addCallback(lambda _: None)
+
+    def ping(self) -> Deferred[float]:
+        def sent(_: Any) -> float:
+            self.rtt = self.clock.seconds() - start
+            return self.rtt
+
+        start = self.clock.seconds()
+        return self._call(lambda: Ping(self._rid())).addCallback(sent)
+
+    # -- protocol callbacks
+
+    def _lost(self, proto: SignalingClientProtocol) -> None:
+        self.log.info("signalling connection lost; the client service reconnects")
+
+    def _orphan(self, proto: SignalingClientProtocol, msg: Message) -> None:
+        """A reply to a request we gave up on; a session we no longer want is reported as cancelled."""
+        if isinstance(msg, SessionReply):
+            proto.send(Report(self._rid(), msg.session.id, "cancelled", None, "caller cancelled before the session arrived"))
+
+    def _offered(self, proto: SignalingClientProtocol, offer: IncomingOffer) -> None:
+        handler = self._offer_handler
+        if handler is None:
+            d: Deferred[Any] = fail(Decline("this peer accepts no offers"))
+        else:
+            d = maybeDeferred(handler, offer)
+        offer.cancelled.addCallback(lambda _: d.cancel())
+
+        def answered(result: Any) -> Any:
+            if proto.forget_offer(offer.id) is None:
+                return None  # withdrawn or connection gone meanwhile
+            if result is None:
+                result = Decline("declined")
+            if isinstance(result, Description):
+                r = proto.request(Accept(self._rid(), offer.id, result))
+                r.addCallback(lambda reply: self._session(reply.session))
+                r.addErrback(lambda f: self.log.warn("accepting offer {offer} failed: {f.value}", offer=offer.id, f=f))
+                return r
+            reason = str(result) if isinstance(result, Decline) else "declined"
+            return proto.request(Reject(self._rid(), offer.id, reason[: wire.MAX_TEXT] or None))
+
+        def failed(f: Failure) -> Any:
+            if f.check(CancelledError):
+                return None
+            if not f.check(Decline):
+                self.log.failure("offer handler failed on {offer}", f, offer=offer.id)
+            return answered(f.value if f.check(Decline) else Decline("the peer failed to handle the offer"))
+
+        d.addCallbacks(answered, failed)
+        d.addErrback(lambda f: None if f.check(SignalingError, CancelledError) else self.log.failure("answering offer failed", f))
+
+    def _session(self, session: Session) -> Session:
+        if self._session_handler is not None:
+            try:
+                self._session_handler(session)
+            except Exception:
+                self.log.failure("session handler failed on {session}", session=session.id)
+        return session

@@ -1,0 +1,86 @@
+"""
+zope Interfaces of the signalling layer: what the mediator's protocol asks
+of the state machine, what the state machine asks of a connection, and what
+the peer-side client offers to the traversal engine.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IChannel(Interface):
+    """One client connection as the state machine sees it: a sink for messages."""
+
+    def send(message):
+        """Write one `natbypass.signaling.wire.Message` as a line."""
+
+    def close():
+        """Close the connection after pending writes (idempotent)."""
+
+
+class ISignalingState(Interface):
+    """
+    The mediator's signalling state machine: registrations, pending offers,
+    sessions, limits and counters.  It never touches sockets; protocols hand
+    it decoded messages and it answers through `IChannel`.
+    """
+
+    def open(channel, source):
+        """
+        A connection from ``source`` (the peer's IP as a string) arrived.
+        Returns an opaque link handle for the other calls, or None when it was
+        refused (the state has then already sent an error and closed it).
+        """
+
+    def received(link, message):
+        """Handle one decoded message from the connection ``link``."""
+
+    def malformed(link, error):
+        """The connection sent a line that failed to decode (a `WireError`)."""
+
+    def closed(link):
+        """The connection is gone; forget it and tidy up what depended on it."""
+
+    def sweep():
+        """Periodic work: keepalive pings, idle timeouts, session expiry."""
+
+    def status():
+        """A dict of gauges and counters for the operator."""
+
+
+class ISignalingClient(Interface):
+    """
+    The peer's handle on the mediator.  It stays registered across
+    reconnections; results arrive as Deferreds and events.
+    """
+
+    peer_id = Attribute("The id this peer registers under.")
+
+    def whenRegistered():
+        """Deferred that fires (with the peer id) once registered, now or after the next (re)connection."""
+
+    def connect(peer_id, description):
+        """
+        Ask for an introduction to ``peer_id``; a Deferred firing with a
+        `natbypass.signaling.wire.Session`, or failing with a
+        `natbypass.signaling.client.SignalingError` subclass (rejected, unknown
+        peer, timeout, gone).  Cancelling it abandons the attempt.
+        """
+
+    def set_offer_handler(handler):
+        """
+        ``handler(offer: IncomingOffer)`` is called for every offer; it returns
+        (or returns a Deferred of) an `Accept`-like description to accept, or
+        None / raises to reject.  Sessions created by accepting reach the
+        session handler.
+        """
+
+    def set_session_handler(handler):
+        """``handler(session)`` is called with each session this peer accepted."""
+
+    def report(session_id, outcome, protocol=None, detail=None):
+        """Tell the mediator how an attempt ended; Deferred firing with None."""
+
+    def ping():
+        """Measure the round-trip time to the mediator; Deferred firing with seconds."""

@@ -1,0 +1,650 @@
+"""
+The mediator side of signalling.
+
+`SignalingState` is the whole state machine (registrations, pending offers,
+sessions, limits, counters), driven by decoded messages and an injected clock;
+`SignalingServerProtocol` is a thin `LineReceiver` that decodes lines and
+delegates; `SignalingFactory` ties them together.  The mediator only
+introduces peers: it relays descriptions and hands out a session id, a fresh
+key and a common start time, never application data.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from . import wire
+from .interfaces import IChannel, ISignalingState
+from .wire import (
+    Accept,
+    Bye,
+    Cancel,
+    Connect,
+    Description,
+    Error,
+    Greeting,
+    Hello,
+    Message,
+    NATSummary,
+    Offer,
+    Ok,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    Reject,
+    Report,
+    Session,
+    SessionReply,
+    WireError,
+)
+
+ChooseOrder = Callable[[NATSummary, NATSummary, tuple[str, ...], tuple[str, ...]], Sequence[str]]
+
+
+def default_choose_order(
+    offer_nat: NATSummary, answer_nat: NATSummary, wish_a: tuple[str, ...], wish_b: tuple[str, ...]
+) -> list[str]:
+    """
+    UDP then TCP, narrowed by the wishes (``()`` means auto); the
+    initiator's explicit order wins.  The traversal engine's table in
+    `natbypass.punch.select` replaces this when it exists.
+    """
+    order = list(wish_a) if wish_a else ["udp", "tcp"]
+    return [p for p in order if not wish_b or p in wish_b]
+
+
+def _load_choose_order() -> ChooseOrder:
+    """The traversal engine's choice if it is installed, else the default."""
+    try:
+        from natbypass.punch.select import choose_order  # type: ignore[attr-defined]
+    except ImportError:
+        return default_choose_order
+    return choose_order
+
+
+def punch_delays(rtt_a: float, rtt_b: float, margin: float) -> tuple[float, float]:
+    """
+    How long each side waits after receiving its session so both start at
+    the same moment.  Both messages leave the mediator together and arrive
+    after rtt/2; with T = max(rtt)/2 + margin, side i waits T - rtt_i/2 and
+    starts at send + T.  (libp2p's DCUtR does the same with one side's RTT.)
+    """
+    t = max(rtt_a, rtt_b) / 2 + margin
+    return t - rtt_a / 2, t - rtt_b / 2
+
+
+class TokenPolicy:
+    """
+    Tokens from a token file: ``TOKEN`` alone may register any id;
+    ``TOKEN ID [ID...]`` only those ids, and may replace their sessions.
+    Tokens are compared as SHA-256 digests with `hmac.compare_digest`,
+    against every entry, so timing reveals neither length nor position.
+    """
+
+    def __init__(self, entries: Iterable[tuple[str, frozenset[str] | None]]) -> None:
+        self._entries = [(hashlib.sha256(t.encode()).digest(), ids) for t, ids in entries]
+
+    @classmethod
+    def parse(cls, text: str) -> TokenPolicy:
+        """Parse token-file text; raises ValueError naming the bad line."""
+        entries = []
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            token, *ids = line.split()
+            if not wire.TOKEN.match(token):
+                raise ValueError(f"line {n}: a token is 1-256 printable ASCII characters without spaces")
+            for i in ids:
+                if not wire.PEER_ID.match(i):
+                    raise ValueError(f"line {n}: {i!r} is not a valid peer id")
+            entries.append((token, frozenset(ids) if ids else None))
+        if not entries:
+            raise ValueError("the token file holds no tokens; authentication would refuse everybody")
+        return cls(entries)
+
+    @classmethod
+    def from_file(cls, path: str) -> TokenPolicy:
+        with open(path, encoding="utf-8") as f:
+            return cls.parse(f.read())
+
+    def check(self, token: str | None, peer_id: str) -> tuple[bool, bool]:
+        """(may register ``peer_id``, may replace its existing session)."""
+        if token is None:
+            return False, False
+        digest = hashlib.sha256(token.encode()).digest()
+        allowed = bound = False
+        for d, ids in self._entries:
+            if hmac.compare_digest(d, digest):
+                if ids is None:
+                    allowed = True
+                elif peer_id in ids:
+                    allowed = bound = True
+        return allowed, bound
+
+
+@dataclass
+class Limits:
+    """Operator-set limits; 0 means unlimited for the counts."""
+
+    max_peers: int = 100_000
+    max_per_source: int = 100
+    rate: float = 20.0
+    burst: float = 40.0
+    max_line: int = wire.DEFAULT_MAX_LINE
+    idle_timeout: float = 90.0
+    keepalive: float = 30.0
+    offer_timeout: float = 30.0
+    session_ttl: float = 600.0
+    max_offers_per_peer: int = 16
+    punch_margin: float = 0.05
+    unknown_rtt: float = 0.2
+
+
+class _Link:
+    """Per-connection state, kept small: 10,000 idle peers must fit in little memory."""
+
+    __slots__ = (
+        "channel",
+        "source",
+        "version",
+        "peer_id",
+        "secret",
+        "rtt",
+        "last_seen",
+        "ping_rid",
+        "ping_sent",
+        "tokens",
+        "bucket_at",
+        "offers",
+        "open",
+    )
+
+    def __init__(self, channel: IChannel, source: str, now: float, burst: float) -> None:
+        self.channel = channel
+        self.source = source
+        self.version: int | None = None
+        self.peer_id: str | None = None
+        self.secret: str | None = None
+        self.rtt: float | None = None
+        self.last_seen = now
+        self.ping_rid: int | None = None
+        self.ping_sent = now
+        self.tokens = burst
+        self.bucket_at = now
+        self.offers: set[str] | None = None
+        self.open = True
+
+
+class _PendingOffer:
+    __slots__ = ("id", "initiator", "rid", "target", "description", "timer")
+
+    def __init__(self, id: str, initiator: _Link, rid: int, target: _Link, description: Description) -> None:
+        self.id = id
+        self.initiator = initiator
+        self.rid = rid
+        self.target = target
+        self.description = description
+        self.timer: Any = None
+
+
+class _OpenSession:
+    __slots__ = ("sides", "reported", "expires")
+
+    def __init__(self, a: str, b: str, expires: float) -> None:
+        self.sides = (a, b)
+        self.reported: set[str] = set()
+        self.expires = expires
+
+
+@implementer(ISignalingState)
+class SignalingState:
+    """
+    Registrations, offers and sessions of one mediator.  All time comes from
+    ``clock``; all randomness from ``random_bytes`` (tests inject both).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        limits: Limits | None = None,
+        tokens: TokenPolicy | None = None,
+        choose_order: ChooseOrder | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        server_name: str | None = None,
+    ) -> None:
+        self.clock = clock
+        self.limits = limits or Limits()
+        self.tokens = tokens
+        self.choose_order = choose_order or _load_choose_order()
+        self.random_bytes = random_bytes
+        self.server_name = server_name
+        self.links: set[_Link] = set()
+        self.peers: dict[str, _Link] = {}
+        self.offers: dict[str, _PendingOffer] = {}
+        self.sessions: dict[str, _OpenSession] = {}
+        self.sources: dict[str, int] = {}
+        self.counters: dict[str, int] = {}
+        self._next_rid = 0
+
+    # -- bookkeeping helpers
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _id(self) -> str:
+        return base64.urlsafe_b64encode(self.random_bytes(12)).decode("ascii")
+
+    def _error(self, link: _Link, rid: int | None, error: str, reason: str) -> None:
+        self._count("errors:" + error)
+        link.channel.send(Error(rid, error, reason))
+
+    def _close(self, link: _Link) -> None:
+        if link.open:
+            link.open = False
+            link.channel.close()
+
+    def _ping(self, link: _Link, now: float) -> None:
+        self._next_rid += 1
+        link.ping_rid = self._next_rid
+        link.ping_sent = now
+        link.channel.send(Ping(self._next_rid))
+
+    # -- ISignalingState
+
+    def open(self, channel: IChannel, source: str) -> _Link | None:
+        now = self.clock.seconds()
+        link = _Link(channel, source, now, self.limits.burst)
+        self._count("connections")
+        limit = self.limits.max_per_source
+        if limit and self.sources.get(source, 0) >= limit:
+            self.log.warn("refused connection from {source}: already {limit} connections", source=source, limit=limit)
+            self._error(link, None, "too-many-connections", f"at most {limit} connections per address; close some and retry")
+            link.open = False
+            channel.close()
+            return None
+        self.sources[source] = self.sources.get(source, 0) + 1
+        self.links.add(link)
+        channel.send(Greeting(wire.VERSIONS, self.tokens is not None, self.limits.max_line, self.server_name))
+        return link
+
+    def closed(self, link: _Link | None) -> None:
+        if link is None or link not in self.links:
+            return
+        link.open = False
+        self.links.discard(link)
+        n = self.sources.get(link.source, 1) - 1
+        if n:
+            self.sources[link.source] = n
+        else:
+            self.sources.pop(link.source, None)
+        if link.peer_id is not None and self.peers.get(link.peer_id) is link:
+            del self.peers[link.peer_id]
+            self.log.info("peer {peer_id} left", peer_id=link.peer_id)
+        for offer_id in list(link.offers or ()):
+            offer = self.offers.pop(offer_id, None)
+            if offer is None:
+                continue
+            self._drop_offer(offer)
+            if offer.initiator is link and offer.target.open:
+                offer.target.channel.send(Cancel(offer.id, f"peer {link.peer_id} disconnected"))
+            elif offer.target is link and offer.initiator.open:
+                self._count("offers:gone")
+                self._error(offer.initiator, offer.rid, "gone", f"peer {link.peer_id} disconnected before answering")
+        link.offers = None
+
+    def malformed(self, link: _Link, error: WireError) -> None:
+        if error.error == "line-too-long":  # the stream can't be trusted to resync: say so and close
+            self._error(link, None, error.error, error.reason)
+            self._close(link)
+            return
+        if not self._admit(link, error.rid):
+            return
+        self._error(link, error.rid, error.error, error.reason)
+
+    def received(self, link: _Link, message: Message) -> None:
+        if not self._admit(link, getattr(message, "rid", None)):
+            return
+        handler = self._handlers.get(type(message))
+        if handler is None:  # pragma: no cover - every client message has one
+            self._error(link, getattr(message, "rid", None), "unknown-op", f"op {message.op!r} is not handled")
+            return
+        if link.version is None and not isinstance(message, (Hello, Ping, Pong, Bye)):
+            self._error(link, message.rid, "out-of-order", "send hello first (see the greeting for versions)")  # type: ignore[attr-defined]
+            return
+        try:
+            handler(self, link, message)
+        except Exception:
+            self.log.failure("signalling handler failed on {op}", op=message.op)
+            self._error(link, getattr(message, "rid", None), "internal-error", "the mediator failed on this request")
+
+    def _admit(self, link: _Link, rid: int | None) -> bool:
+        """Liveness and the per-connection token bucket."""
+        if not link.open:
+            return False
+        now = self.clock.seconds()
+        link.last_seen = now
+        rate = self.limits.rate
+        if rate <= 0:
+            return True
+        link.tokens = min(self.limits.burst, link.tokens + (now - link.bucket_at) * rate)
+        link.bucket_at = now
+        if link.tokens < 1:
+            self._error(link, rid, "rate-limited", f"more than {rate:g} messages per second; slow down")
+            return False
+        link.tokens -= 1
+        return True
+
+    # -- handlers
+
+    def _hello(self, link: _Link, msg: Hello) -> None:
+        if msg.v not in wire.VERSIONS:
+            self._error(link, msg.rid, "version-unsupported", f"version {msg.v} is not spoken here; versions: {list(wire.VERSIONS)}")
+            return
+        link.version = msg.v
+        link.channel.send(Ok(msg.rid))
+
+    def _register(self, link: _Link, msg: Register) -> None:
+        if link.peer_id is not None:
+            self._error(link, msg.rid, "out-of-order", f"this connection is already registered as {link.peer_id}")
+            return
+        may_replace = False
+        if self.tokens is not None:
+            allowed, may_replace = self.tokens.check(msg.token, msg.id)
+            if not allowed:
+                self.log.warn("refused registration of {peer_id} from {source}: bad token", peer_id=msg.id, source=link.source)
+                self._error(link, msg.rid, "unauthorized", "a valid token for this id is required (register with token=...)")
+                return
+        old = self.peers.get(msg.id)
+        if old is not None:
+            if not msg.replace:
+                self._error(link, msg.rid, "duplicate-id", f"peer id {msg.id} is already registered; send replace=true with your secret to take it over")
+                return
+            if not may_replace and not (msg.secret is not None and old.secret is not None and hmac.compare_digest(msg.secret, old.secret)):
+                self._error(link, msg.rid, "unauthorized", f"not allowed to replace {msg.id}: the secret does not match and the token is not bound to this id")
+                return
+            self._count("replaced")
+            self.log.info("peer {peer_id} replaced its session from {source}", peer_id=msg.id, source=link.source)
+            self._error(old, None, "duplicate-id", "replaced by a newer registration of this id")
+            self._close(old)
+            self.closed(old)
+        elif self.limits.max_peers and len(self.peers) >= self.limits.max_peers:
+            self.log.warn("refused registration of {peer_id}: {n} peers registered", peer_id=msg.id, n=len(self.peers))
+            self._error(link, msg.rid, "too-many-peers", f"the mediator holds its maximum of {self.limits.max_peers} peers; try later")
+            return
+        link.peer_id = msg.id
+        link.secret = self.random_bytes(16).hex()
+        self.peers[msg.id] = link
+        self._count("registrations")
+        self.log.info("peer {peer_id} registered from {source}", peer_id=msg.id, source=link.source)
+        link.channel.send(Registered(msg.rid, msg.id, link.secret))
+        self._ping(link, self.clock.seconds())
+
+    def _need_registration(self, link: _Link, rid: int) -> bool:
+        if link.peer_id is None:
+            if self.tokens is not None:
+                self._error(link, rid, "unauthorized", "register with a valid token first")
+            else:
+                self._error(link, rid, "out-of-order", "register first")
+            return True
+        return False
+
+    def _connect(self, link: _Link, msg: Connect) -> None:
+        if self._need_registration(link, msg.rid):
+            return
+        if msg.peer == link.peer_id:
+            self._error(link, msg.rid, "bad-request", "cannot connect to yourself")
+            return
+        target = self.peers.get(msg.peer)
+        if target is None:
+            self._count("offers:unknown-peer")
+            self._error(link, msg.rid, "unknown-peer", f"no peer {msg.peer} is registered")
+            return
+        limit = self.limits.max_offers_per_peer
+        if limit and len(link.offers or ()) >= limit:
+            self._error(link, msg.rid, "rate-limited", f"at most {limit} pending offers per peer; wait for answers")
+            return
+        offer = _PendingOffer(self._id(), link, msg.rid, target, msg.description)
+        offer.timer = self.clock.callLater(self.limits.offer_timeout, self._expire, offer)
+        self.offers[offer.id] = offer
+        for side in (link, target):
+            if side.offers is None:
+                side.offers = set()
+            side.offers.add(offer.id)
+        self._count("offers")
+        self.log.info("offer {offer} from {initiator} to {target}", offer=offer.id, initiator=link.peer_id, target=target.peer_id)
+        target.channel.send(Offer(offer.id, link.peer_id, msg.description, int(self.limits.offer_timeout * 1000)))
+        # Fresh RTTs for the timing, unless a recent sample exists.
+        now = self.clock.seconds()
+        for side in (link, target):
+            if side.ping_rid is None and now - side.ping_sent > self.limits.keepalive / 4:
+                self._ping(side, now)
+
+    def _take_offer(self, link: _Link, rid: int, offer_id: str) -> _PendingOffer | None:
+        offer = self.offers.get(offer_id)
+        if offer is None or offer.target is not link:
+            self._error(link, rid, "unknown-offer", f"no pending offer {offer_id} for you (expired or withdrawn?)")
+            return None
+        del self.offers[offer_id]
+        self._drop_offer(offer)
+        return offer
+
+    def _drop_offer(self, offer: _PendingOffer) -> None:
+        if offer.timer is not None and offer.timer.active():
+            offer.timer.cancel()
+        for side in (offer.initiator, offer.target):
+            if side.offers is not None:
+                side.offers.discard(offer.id)
+                if not side.offers:
+                    side.offers = None
+
+    def _accept(self, link: _Link, msg: Accept) -> None:
+        if self._need_registration(link, msg.rid):
+            return
+        offer = self._take_offer(link, msg.rid, msg.offer)
+        if offer is None:
+            return
+        a, b = offer.initiator, link
+        try:
+            order = [p for p in self.choose_order(offer.description.nat, msg.description.nat, offer.description.wish, msg.description.wish) if p in wire.PROTOCOLS]
+        except Exception:
+            self.log.failure("choose_order failed; using the default")
+            order = default_choose_order(offer.description.nat, msg.description.nat, offer.description.wish, msg.description.wish)
+        order = list(dict.fromkeys(order))
+        if not order:
+            reason = "the two peers' protocol wishes have nothing in common"
+            self._count("offers:no-common-protocol")
+            self._error(a, offer.rid, "rejected", reason)
+            self._error(b, msg.rid, "rejected", reason)
+            return
+        unknown = self.limits.unknown_rtt
+        rtt_a = a.rtt if a.rtt is not None else unknown
+        rtt_b = b.rtt if b.rtt is not None else unknown
+        delay_a, delay_b = punch_delays(rtt_a, rtt_b, self.limits.punch_margin)
+        sid = self._id()
+        key = self.random_bytes(wire.SESSION_KEY_BYTES)
+        ms = lambda s: max(0, min(600_000, round(s * 1000)))  # noqa: E731
+        a.channel.send(SessionReply(offer.rid, Session(sid, key, b.peer_id, "controlling", msg.description, tuple(order), ms(delay_a), ms(rtt_a))))  # type: ignore[arg-type]
+        b.channel.send(SessionReply(msg.rid, Session(sid, key, a.peer_id, "controlled", offer.description, tuple(order), ms(delay_b), ms(rtt_b))))  # type: ignore[arg-type]
+        self.sessions[sid] = _OpenSession(a.peer_id, b.peer_id, self.clock.seconds() + self.limits.session_ttl)  # type: ignore[arg-type]
+        self._count("sessions")
+        self.log.info(
+            "session {session} between {initiator} and {target}: order {order}, start in {delay_a}/{delay_b} ms",
+            session=sid, initiator=a.peer_id, target=b.peer_id, order=order, delay_a=ms(delay_a), delay_b=ms(delay_b),
+        )
+
+    def _reject(self, link: _Link, msg: Reject) -> None:
+        if self._need_registration(link, msg.rid):
+            return
+        offer = self._take_offer(link, msg.rid, msg.offer)
+        if offer is None:
+            return
+        self._count("offers:rejected")
+        self.log.info("offer {offer} rejected by {target}", offer=offer.id, target=link.peer_id)
+        why = f": {msg.reason}" if msg.reason else ""
+        self._error(offer.initiator, offer.rid, "rejected", f"peer {link.peer_id} rejected the offer{why}")
+        link.channel.send(Ok(msg.rid))
+
+    def _expire(self, offer: _PendingOffer) -> None:
+        offer.timer = None
+        if self.offers.pop(offer.id, None) is None:
+            return
+        self._drop_offer(offer)
+        self._count("offers:timeout")
+        self.log.info("offer {offer} to {target} expired", offer=offer.id, target=offer.target.peer_id)
+        self._error(offer.initiator, offer.rid, "timeout", f"peer {offer.target.peer_id} did not answer within {self.limits.offer_timeout:g} s")
+        if offer.target.open:
+            offer.target.channel.send(Cancel(offer.id, "expired"))
+
+    def _ping_request(self, link: _Link, msg: Ping) -> None:
+        link.channel.send(Pong(msg.rid))
+
+    def _pong(self, link: _Link, msg: Pong) -> None:
+        if msg.rid == link.ping_rid:
+            sample = max(0.0, self.clock.seconds() - link.ping_sent)
+            link.rtt = sample if link.rtt is None else 0.75 * link.rtt + 0.25 * sample
+            link.ping_rid = None
+
+    def _report(self, link: _Link, msg: Report) -> None:
+        if self._need_registration(link, msg.rid):
+            return
+        s = self.sessions.get(msg.session)
+        if s is None or link.peer_id not in s.sides:
+            self._error(link, msg.rid, "unknown-session", f"no open session {msg.session} of yours")
+            return
+        if link.peer_id not in s.reported:
+            s.reported.add(link.peer_id)  # type: ignore[arg-type]
+            name = msg.outcome + (f"/{msg.protocol}" if msg.protocol else "")
+            self._count("outcome:" + name)
+            self.log.info(
+                "session {session}: {peer_id} reports {outcome} {detail}",
+                session=msg.session, peer_id=link.peer_id, outcome=name, detail=msg.detail or "",
+            )
+            if len(s.reported) == 2:
+                del self.sessions[msg.session]
+        link.channel.send(Ok(msg.rid))
+
+    def _bye(self, link: _Link, msg: Bye) -> None:
+        link.channel.send(Ok(msg.rid))
+        self._close(link)
+
+    _handlers: dict[type, Callable[..., None]] = {
+        Hello: _hello,
+        Register: _register,
+        Connect: _connect,
+        Accept: _accept,
+        Reject: _reject,
+        Ping: _ping_request,
+        Pong: _pong,
+        Report: _report,
+        Bye: _bye,
+    }
+
+    # -- periodic work
+
+    def sweep(self) -> None:
+        now = self.clock.seconds()
+        lim = self.limits
+        for link in list(self.links):
+            if now - link.last_seen > lim.idle_timeout:
+                self._count("idle-timeouts")
+                self.log.info("closing idle connection {peer_id} from {source}", peer_id=link.peer_id or "-", source=link.source)
+                self._error(link, None, "timeout", f"nothing heard for {lim.idle_timeout:g} s")
+                self._close(link)
+                self.closed(link)
+            elif link.peer_id is not None and now - link.ping_sent >= lim.keepalive:
+                self._ping(link, now)
+        for sid in [sid for sid, s in self.sessions.items() if s.expires <= now]:
+            del self.sessions[sid]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peers": len(self.peers),
+            "connections": len(self.links),
+            "pending_offers": len(self.offers),
+            "open_sessions": len(self.sessions),
+            "counters": dict(sorted(self.counters.items())),
+        }
+
+    def log_status(self) -> None:
+        """One status line for the operator (called at an interval)."""
+        s = self.status()
+        self.log.info(
+            "signalling status: {peers} peers, {connections} connections, {pending_offers} pending offers, "
+            "{open_sessions} open sessions; totals {counters}",
+            **s,
+        )
+
+
+@implementer(IChannel)
+class SignalingServerProtocol(LineReceiver):
+    """One client connection: decode each line and hand it to the state."""
+
+    delimiter = b"\n"
+
+    def __init__(self, state: SignalingState, max_line: int) -> None:
+        self.state = state
+        self.MAX_LENGTH = max_line
+        self._link: _Link | None = None
+
+    def connectionMade(self) -> None:
+        self._link = self.state.open(self, getattr(self.transport.getPeer(), "host", "?"))
+
+    def lineReceived(self, line: bytes) -> None:
+        link = self._link
+        if link is None:
+            return
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            msg = wire.decode_from_client(line)
+        except WireError as e:
+            self.state.malformed(link, e)
+        else:
+            self.state.received(link, msg)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        link, reason = self._link, f"lines are limited to {self.MAX_LENGTH} bytes; closing"
+        if link is not None:
+            self.state.malformed(link, WireError("line-too-long", reason))
+        self.close()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        link, self._link = self._link, None
+        self.state.closed(link)
+
+    # IChannel
+
+    def send(self, message: Message) -> None:
+        if self.transport is not None and not self.transport.disconnecting:
+            self.sendLine(wire.encode(message))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class SignalingFactory(Factory):
+    """Builds a `SignalingServerProtocol` per connection, all sharing one state."""
+
+    def __init__(self, state: SignalingState) -> None:
+        self.state = state
+
+    def buildProtocol(self, addr: Any) -> SignalingServerProtocol:
+        p = SignalingServerProtocol(self.state, self.state.limits.max_line)
+        p.factory = self
+        return p

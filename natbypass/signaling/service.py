@@ -1,0 +1,122 @@
+"""
+The signalling half of the mediator's twistd plugin: options that
+``natbypass.tap`` merges into its own, and the service they build.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from .. import __version__
+from .server import ChooseOrder, Limits, SignalingFactory, SignalingState, TokenPolicy
+
+#: ``optParameters`` rows for ``usage.Options`` (name, short, default, help, coerce).
+SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
+    ["signal", None, "tcp:7000", "Signalling listener, any Twisted server endpoint string (e.g. ssl:7443:privateKey=key.pem:certKey=cert.pem)."],
+    ["token-file", None, None, "File of tokens (one per line: TOKEN [PEER-ID ...]); turns on authentication."],
+    ["max-peers", None, 100_000, "Most peers registered at once (0: no limit).", int],
+    ["max-per-source", None, 100, "Most signalling connections from one IP address (0: no limit).", int],
+    ["rate", None, 20.0, "Messages per second allowed per connection (bursts of twice that; 0: no limit).", float],
+    ["max-line", None, 8192, "Longest signalling line in bytes; longer ones are refused and the connection closed.", int],
+    ["idle-timeout", None, 90.0, "Close signalling connections silent for this many seconds.", float],
+    ["keepalive", None, 30.0, "Ping registered peers after this many seconds (also refreshes the RTT).", float],
+    ["offer-timeout", None, 30.0, "Seconds a peer has to answer an offer.", float],
+    ["status-interval", None, 60.0, "Seconds between status lines in the log (0: none).", float],
+]
+
+
+def check_signaling_options(options: usage.Options) -> None:
+    """Validate the signalling options (call from ``postOptions``); raises UsageError."""
+    for name in ("max-peers", "max-per-source", "rate", "status-interval"):
+        if options[name] < 0:
+            raise usage.UsageError(f"--{name} must not be negative")
+    if not 256 <= options["max-line"] <= 1 << 24:
+        raise usage.UsageError("--max-line must be between 256 and 16777216 bytes")
+    for name in ("idle-timeout", "keepalive", "offer-timeout"):
+        if options[name] <= 0:
+            raise usage.UsageError(f"--{name} must be positive")
+    if options["keepalive"] >= options["idle-timeout"]:
+        raise usage.UsageError("--keepalive must be shorter than --idle-timeout, or live peers would be dropped")
+    if options["token-file"] is not None:
+        try:
+            options["signal-tokens"] = TokenPolicy.from_file(options["token-file"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--token-file {options['token-file']}: {e}") from None
+
+
+class _SignalingService(MultiService):
+    """The listener plus periodic sweep and status line; exposes the state for the operator."""
+
+    def __init__(self, state: SignalingState) -> None:
+        super().__init__()
+        self.state = state
+
+
+def makeSignalingService(
+    endpoint: str,
+    reactor: Any,
+    *,
+    token_file: str | None = None,
+    tokens: TokenPolicy | None = None,
+    max_peers: int = 100_000,
+    max_per_source: int = 100,
+    rate: float = 20.0,
+    max_line: int = 8192,
+    idle_timeout: float = 90.0,
+    keepalive: float = 30.0,
+    offer_timeout: float = 30.0,
+    status_interval: float = 60.0,
+    sweep_interval: float = 1.0,
+    choose_order: ChooseOrder | None = None,
+) -> IService:
+    """
+    A service that listens on ``endpoint`` and runs the signalling state.
+    Nothing is bound until the service starts.
+    """
+    if tokens is None and token_file is not None:
+        tokens = TokenPolicy.from_file(token_file)
+    limits = Limits(
+        max_peers=max_peers,
+        max_per_source=max_per_source,
+        rate=rate,
+        burst=max(2 * rate, 10.0),
+        max_line=max_line,
+        idle_timeout=idle_timeout,
+        keepalive=keepalive,
+        offer_timeout=offer_timeout,
+    )
+    state = SignalingState(reactor, limits, tokens, choose_order, server_name=f"natbypass/{__version__}")
+    top = _SignalingService(state)
+    listener = StreamServerEndpointService(serverFromString(reactor, endpoint), SignalingFactory(state))
+    listener.setName("signal-listener")
+    listener.setServiceParent(top)
+    sweeper = TimerService(sweep_interval, state.sweep)
+    sweeper.clock = reactor
+    sweeper.setServiceParent(top)
+    if status_interval > 0:
+        status = TimerService(status_interval, state.log_status)
+        status.clock = reactor
+        status.setServiceParent(top)
+    return top
+
+
+def makeSignalingServiceFromOptions(options: usage.Options, reactor: Any) -> IService:
+    """Build the service from options checked by `check_signaling_options`."""
+    return makeSignalingService(
+        options["signal"],
+        reactor,
+        tokens=options.get("signal-tokens"),
+        max_peers=options["max-peers"],
+        max_per_source=options["max-per-source"],
+        rate=options["rate"],
+        max_line=options["max-line"],
+        idle_timeout=options["idle-timeout"],
+        keepalive=options["keepalive"],
+        offer_timeout=options["offer-timeout"],
+        status_interval=options["status-interval"],
+    )

@@ -1,0 +1,100 @@
+"""
+In-memory fakes for testing signalling without sockets: a recording
+`IChannel` and a `MemoryNetwork` whose client endpoints connect to a server
+factory through `twisted.test.iosim` pumps.  Used by the tests and handy for
+the traversal engine's own tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.test import iosim
+from zope.interface import implementer
+
+from .interfaces import IChannel
+from .wire import Message
+
+
+@implementer(IChannel)
+class FakeChannel:
+    """Records what the state machine sends; ``closed`` once asked to close."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.closed = False
+
+    def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> list[Message]:
+        """The messages sent since the last call."""
+        out, self.sent = self.sent, []
+        return out
+
+
+@implementer(IStreamClientEndpoint)
+class _MemoryEndpoint:
+    def __init__(self, network: MemoryNetwork, source: str) -> None:
+        self.network = network
+        self.source = source
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        return self.network._connect(factory, self.source)
+
+
+class MemoryNetwork:
+    """
+    Connects client endpoints to ``server_factory`` in memory.  Set ``up`` to
+    False to refuse new connections (a mediator that is down); `drop_all`
+    cuts every live connection; `flush` moves all pending bytes.
+    """
+
+    def __init__(self, server_factory: Any, clock: Any) -> None:
+        self.server_factory = server_factory
+        self.clock = clock
+        self.pumps: list[iosim.IOPump] = []
+        self.up = True
+        self._port = 40000
+
+    def endpoint(self, source: str = "192.0.2.1") -> IStreamClientEndpoint:
+        return _MemoryEndpoint(self, source)
+
+    def _connect(self, factory: Any, source: str) -> Deferred[Any]:
+        if not self.up:
+            return fail(ConnectionRefusedError("mediator is down"))
+        self._port += 1
+        client_addr = IPv4Address("TCP", source, self._port)
+        server_addr = IPv4Address("TCP", "198.51.100.1", 7000)
+        client = factory.buildProtocol(server_addr)
+        server = self.server_factory.buildProtocol(client_addr)
+        ct = iosim.FakeTransport(client, False, client_addr, server_addr)
+        st = iosim.FakeTransport(server, True, server_addr, client_addr)
+        self.pumps.append(iosim.connect(server, st, client, ct, greet=False, clock=self.clock))
+        return succeed(client)
+
+    def flush(self) -> None:
+        """Pump every connection until nothing moves."""
+        for _ in range(1000):
+            moved = False
+            for p in list(self.pumps):
+                if p.pump(advanceClock=False):
+                    moved = True
+                if p.clientIO.disconnected and p.serverIO.disconnected:
+                    self.pumps.remove(p)
+            if not moved:
+                return
+        raise AssertionError("the memory network never went quiet")
+
+    def drop_all(self) -> None:
+        """Cut every connection, as a mediator crash would."""
+        for p in self.pumps:
+            p.serverIO.loseConnection()
+        self.flush()

@@ -1,0 +1,747 @@
+"""
+Line codec of the signalling protocol: one JSON object per line, no I/O.
+
+Every message is a frozen dataclass with a wire name (``op``).  Decoding is
+strict (duplicate keys, unknown keys, wrong types, NaN, out-of-range numbers
+are all refused) and fails in exactly one way, `WireError`, which carries the
+error code and reason the server sends back; so a protocol can turn any bad
+line into a reply without a ``try`` around anything else.  The direction
+matters: the same ``op`` may mean different things from client and server
+(``hello``), so there is one registry per direction.  See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
+
+PROTOCOL_NAME = "natbypass-signal"
+VERSIONS: tuple[int, ...] = (1,)
+DEFAULT_MAX_LINE = 8192
+MAX_RID = 2**53 - 1
+MAX_CANDIDATES = 32
+MAX_TEXT = 512
+SESSION_KEY_BYTES = 32
+
+#: Error names and their numeric codes (HTTP-like, so people can guess them).
+ERROR_CODES: Mapping[str, int] = {
+    "bad-request": 400,
+    "unknown-op": 400,
+    "unauthorized": 401,
+    "rejected": 403,
+    "unknown-peer": 404,
+    "unknown-offer": 404,
+    "unknown-session": 404,
+    "timeout": 408,
+    "duplicate-id": 409,
+    "gone": 410,
+    "out-of-order": 412,
+    "line-too-long": 413,
+    "rate-limited": 429,
+    "internal-error": 500,
+    "too-many-peers": 503,
+    "too-many-connections": 503,
+    "shutting-down": 503,
+    "version-unsupported": 505,
+}
+
+CANDIDATE_KINDS: Mapping[str, str] = {
+    "host": "udp",
+    "srflx": "udp",
+    "tcp-host": "tcp",
+    "tcp-srflx": "tcp",
+}
+NAT_BEHAVIOURS = (
+    "endpoint-independent",
+    "address-dependent",
+    "address-and-port-dependent",
+    "unknown",
+    "none",
+)
+PROTOCOLS = ("udp", "tcp")
+ROLES = ("controlling", "controlled")
+OUTCOMES = ("connected", "failed", "timeout", "cancelled")
+
+PEER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,63}\Z")
+SERVER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+TOKEN = re.compile(r"[!-~]{1,256}\Z")  # printable ASCII, no spaces
+SECRET = re.compile(r"[0-9a-f]{32}\Z")
+FINGERPRINT = re.compile(r"[A-Za-z0-9:+/=_.-]{1,256}\Z")
+
+
+class WireError(Exception):
+    """
+    A line or value that breaks the protocol.  ``error`` is a key of
+    `ERROR_CODES`; ``rid`` is the request id when it could be read, so the
+    error reply still matches its request.
+    """
+
+    def __init__(self, error: str, reason: str, rid: int | None = None) -> None:
+        super().__init__(f"{error}: {reason}")
+        self.error = error
+        self.code = ERROR_CODES[error]
+        self.reason = reason
+        self.rid = rid
+
+
+def _check(ok: bool, reason: str) -> None:
+    if not ok:
+        raise ValueError(reason)
+
+
+# -- values ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """
+    One address a peer might be reached at.  ``kind`` fixes the transport:
+    host/srflx are UDP (local, STUN-mapped), tcp-host/tcp-srflx are TCP.
+    """
+
+    kind: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check(self.kind in CANDIDATE_KINDS, f"unknown candidate kind {self.kind!r}")
+        _check(isinstance(self.host, str), "candidate host must be a string")
+        try:
+            host = str(ipaddress.ip_address(self.host))
+        except ValueError:
+            raise ValueError(f"candidate host {self.host!r} is not an IP address") from None
+        object.__setattr__(self, "host", host)
+        _check(_is_int(self.port) and 0 < self.port < 65536, f"candidate port {self.port!r} is not in 1..65535")
+
+    @property
+    def protocol(self) -> str:
+        """``udp`` or ``tcp``, implied by the kind."""
+        return CANDIDATE_KINDS[self.kind]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": self.kind, "proto": self.protocol, "host": self.host, "port": self.port}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Candidate:
+        f = _Fields(obj, "candidate")
+        kind = f.text("kind", required=True)
+        proto = f.text("proto", required=True)
+        c = cls(kind, f.text("host", required=True), f.integer("port", required=True))
+        f.done()
+        _check(proto == c.protocol, f"candidate kind {kind!r} is {c.protocol}, not {proto!r}")
+        return c
+
+
+@dataclass(frozen=True, slots=True)
+class NATSummary:
+    """What the peer found out about its NAT (RFC 4787 terms)."""
+
+    mapping: str = "unknown"
+    filtering: str = "unknown"
+    port_preserving: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.mapping in NAT_BEHAVIOURS, f"unknown NAT mapping {self.mapping!r}")
+        _check(self.filtering in NAT_BEHAVIOURS, f"unknown NAT filtering {self.filtering!r}")
+        _check(self.port_preserving in (True, False, None), "port_preserving must be true, false or null")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"mapping": self.mapping, "filtering": self.filtering, "port_preserving": self.port_preserving}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> NATSummary:
+        f = _Fields(obj, "nat")
+        n = cls(f.text("mapping") or "unknown", f.text("filtering") or "unknown", f.boolean("port_preserving"))
+        f.done()
+        return n
+
+
+def wish_to_wire(wish: tuple[str, ...]) -> str | list[str]:
+    """``()`` means "auto"; one protocol is sent as a plain string."""
+    if not wish:
+        return "auto"
+    if len(wish) == 1:
+        return wish[0]
+    return list(wish)
+
+
+def wish_from_wire(value: Any) -> tuple[str, ...]:
+    if value == "auto":
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    _check(isinstance(value, list) and 0 < len(value) <= len(PROTOCOLS), "wish must be 'auto', 'udp', 'tcp' or a list of them")
+    _check(all(isinstance(p, str) and p in PROTOCOLS for p in value), f"wish {value!r} names an unknown protocol")
+    _check(len(set(value)) == len(value), "wish lists a protocol twice")
+    return tuple(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Description:
+    """
+    What one side tells the other through the mediator: candidates, NAT
+    behaviour, protocol wish (``()`` = auto) and a public-key fingerprint slot.
+    """
+
+    candidates: tuple[Candidate, ...] = ()
+    nat: NATSummary = NATSummary()
+    wish: tuple[str, ...] = ()
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        _check(len(self.candidates) <= MAX_CANDIDATES, f"more than {MAX_CANDIDATES} candidates")
+        _check(all(isinstance(c, Candidate) for c in self.candidates), "candidates must be Candidate objects")
+        object.__setattr__(self, "wish", wish_from_wire(wish_to_wire(tuple(self.wish))))
+        _check(
+            self.fingerprint is None or (isinstance(self.fingerprint, str) and bool(FINGERPRINT.match(self.fingerprint))),
+            "fingerprint must be 1-256 characters of [A-Za-z0-9:+/=_.-]",
+        )
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "candidates": [c.to_wire() for c in self.candidates],
+            "nat": self.nat.to_wire(),
+            "wish": wish_to_wire(self.wish),
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def read(cls, f: _Fields) -> Description:
+        cands = f.get("candidates", [])
+        _check(isinstance(cands, list), "candidates must be a list")
+        _check(len(cands) <= MAX_CANDIDATES, f"more than {MAX_CANDIDATES} candidates")
+        nat = f.get("nat")
+        return cls(
+            tuple(Candidate.from_wire(c) for c in cands),
+            NATSummary() if nat is None else NATSummary.from_wire(nat),
+            wish_from_wire(f.get("wish", "auto")),
+            f.text("fingerprint", pattern=FINGERPRINT),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """
+    The mediator's introduction, as one side sees it: who the peer is, how to
+    reach it, the key that authenticates punch packets, the protocol order,
+    and when to start: ``start_in_ms`` after this message arrived.
+    """
+
+    id: str
+    key: bytes
+    peer: str
+    role: str
+    description: Description
+    order: tuple[str, ...]
+    start_in_ms: int
+    rtt_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.id, str) and bool(SERVER_ID.match(self.id)), "bad session id")
+        _check(isinstance(self.key, bytes) and len(self.key) == SESSION_KEY_BYTES, f"session key must be {SESSION_KEY_BYTES} bytes")
+        _check(isinstance(self.peer, str) and bool(PEER_ID.match(self.peer)), "bad peer id")
+        _check(self.role in ROLES, f"role must be one of {ROLES}")
+        object.__setattr__(self, "order", tuple(self.order))
+        _check(all(p in PROTOCOLS for p in self.order) and len(set(self.order)) == len(self.order), "bad protocol order")
+        _check(_is_int(self.start_in_ms) and 0 <= self.start_in_ms <= 600_000, "start_in_ms must be 0..600000")
+        _check(self.rtt_ms is None or (_is_int(self.rtt_ms) and 0 <= self.rtt_ms <= 600_000), "rtt_ms must be 0..600000")
+
+    @property
+    def controlling(self) -> bool:
+        return self.role == "controlling"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "key": base64.b64encode(self.key).decode("ascii"),
+            "peer": self.peer,
+            "role": self.role,
+            **self.description.fields(),
+            "order": list(self.order),
+            "start_in_ms": self.start_in_ms,
+            "rtt_ms": self.rtt_ms,
+        }
+
+    @classmethod
+    def read(cls, f: _Fields) -> Session:
+        """Read the session fields from ``f`` (the caller checks for leftovers)."""
+        key_text = f.text("key", required=True)
+        try:
+            key = base64.b64decode(key_text, validate=True)
+        except binascii.Error:
+            raise ValueError("session key is not base64") from None
+        order = f.get("order", [])
+        _check(isinstance(order, list) and all(isinstance(p, str) for p in order), "order must be a list of protocols")
+        return cls(
+            f.text("id", required=True),
+            key,
+            f.text("peer", required=True),
+            f.text("role", required=True),
+            Description.read(f),
+            tuple(order),
+            f.integer("start_in_ms", required=True),
+            f.integer("rtt_ms"),
+        )
+
+
+# -- field reading -------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Reads typed fields out of a decoded JSON object and notices leftovers."""
+
+    __slots__ = ("_obj", "_seen", "_what")
+
+    def __init__(self, obj: Any, what: str) -> None:
+        _check(isinstance(obj, dict), f"{what} must be a JSON object")
+        self._obj: dict[str, Any] = obj
+        self._seen = set()
+        self._what = what
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self._seen.add(name)
+        return self._obj.get(name, default)
+
+    def text(self, name: str, required: bool = False, pattern: re.Pattern[str] | None = None, limit: int = MAX_TEXT) -> Any:
+        v = self.get(name)
+        if v is None:
+            _check(not required, f"{self._what} needs {name!r}")
+            return None
+        _check(isinstance(v, str), f"{name!r} must be a string")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{name!r} holds a lone surrogate (not valid Unicode)") from None
+        _check(len(v) <= limit, f"{name!r} is longer than {limit} characters")
+        _check(pattern is None or bool(pattern.match(v)), f"{name!r} has a bad format")
+        return v
+
+    def integer(self, name: str, required: bool = False, low: int = 0, high: int = MAX_RID) -> Any:
+        v = self.get(name)
+        if v is None:
+            _check(not required, f"{self._what} needs {name!r}")
+            return None
+        _check(_is_int(v) and low <= v <= high, f"{name!r} must be an integer in {low}..{high}")
+        return v
+
+    def boolean(self, name: str) -> bool | None:
+        v = self.get(name)
+        _check(v is None or isinstance(v, bool), f"{name!r} must be true, false or null")
+        return v
+
+    def done(self) -> None:
+        extra = sorted(set(self._obj) - self._seen)
+        _check(not extra, f"unknown field(s) in {self._what}: {', '.join(extra)[:200]}")
+
+
+# -- messages -------------------------------------------------------------------
+
+M = TypeVar("M", bound="Message")
+
+
+class Message:
+    """Base of all messages; ``op`` is the wire name."""
+
+    op: ClassVar[str]
+    __slots__ = ()
+
+    def body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, **self.body()}
+
+    @classmethod
+    def read(cls: type[M], f: _Fields) -> M:
+        raise NotImplementedError
+
+
+class Request(Message):
+    """A message that expects a reply with the same ``rid``."""
+
+    __slots__ = ()
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Request):
+    """Client's answer to the greeting: the version it will speak."""
+
+    op: ClassVar[str] = "hello"
+    rid: int
+    v: int
+    agent: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, "v": self.v, "agent": self.agent}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Hello:
+        return cls(f.integer("rid", required=True), f.integer("v", required=True, high=1000), f.text("agent", limit=128))
+
+
+@dataclass(frozen=True, slots=True)
+class Register(Request):
+    """Claim a peer id.  ``secret`` (from an earlier registration) or an id-bound token authorises ``replace``."""
+
+    op: ClassVar[str] = "register"
+    rid: int
+    id: str
+    token: str | None = None
+    replace: bool = False
+    secret: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, "id": self.id, "token": self.token, "replace": self.replace, "secret": self.secret}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Register:
+        return cls(
+            f.integer("rid", required=True),
+            f.text("id", required=True, pattern=PEER_ID),
+            f.text("token", pattern=TOKEN),
+            bool(f.boolean("replace")),
+            f.text("secret", pattern=SECRET),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Connect(Request):
+    """Ask the mediator to introduce us to ``peer``; the reply is a `SessionReply` or an error."""
+
+    op: ClassVar[str] = "connect"
+    rid: int
+    peer: str
+    description: Description
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, "peer": self.peer, **self.description.fields()}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Connect:
+        return cls(f.integer("rid", required=True), f.text("peer", required=True, pattern=PEER_ID), Description.read(f))
+
+
+@dataclass(frozen=True, slots=True)
+class Accept(Request):
+    """The target's yes to an `Offer`, with its own description; the reply is a `SessionReply`."""
+
+    op: ClassVar[str] = "accept"
+    rid: int
+    offer: str
+    description: Description
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, "offer": self.offer, **self.description.fields()}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Accept:
+        return cls(f.integer("rid", required=True), f.text("offer", required=True, pattern=SERVER_ID), Description.read(f))
+
+
+@dataclass(frozen=True, slots=True)
+class Reject(Request):
+    """The target's no to an `Offer`."""
+
+    op: ClassVar[str] = "reject"
+    rid: int
+    offer: str
+    reason: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, "offer": self.offer, "reason": self.reason}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Reject:
+        return cls(f.integer("rid", required=True), f.text("offer", required=True, pattern=SERVER_ID), f.text("reason"))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Request):
+    """Keepalive and RTT probe, sent by either side; answered by `Pong`."""
+
+    op: ClassVar[str] = "ping"
+    rid: int
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Ping:
+        return cls(f.integer("rid", required=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    """Reply to `Ping`."""
+
+    op: ClassVar[str] = "pong"
+    rid: int
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Pong:
+        return cls(f.integer("rid", required=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Request):
+    """How a punch attempt ended, for the mediator's statistics."""
+
+    op: ClassVar[str] = "report"
+    rid: int
+    session: str
+    outcome: str
+    protocol: str | None = None
+    detail: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.outcome in OUTCOMES, f"outcome must be one of {', '.join(OUTCOMES)}")
+        _check(self.protocol is None or self.protocol in PROTOCOLS, "protocol must be udp, tcp or null")
+        _check((self.outcome == "connected") == (self.protocol is not None), "protocol is given exactly when the outcome is 'connected'")
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, "session": self.session, "outcome": self.outcome, "protocol": self.protocol, "detail": self.detail}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Report:
+        return cls(
+            f.integer("rid", required=True),
+            f.text("session", required=True, pattern=SERVER_ID),
+            f.text("outcome", required=True),
+            f.text("protocol"),
+            f.text("detail"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Bye(Request):
+    """Polite goodbye: the mediator replies and closes."""
+
+    op: ClassVar[str] = "bye"
+    rid: int
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Bye:
+        return cls(f.integer("rid", required=True))
+
+
+# server -> client
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting(Message):
+    """First line from the mediator: protocol name and the versions it speaks."""
+
+    op: ClassVar[str] = "hello"
+    versions: tuple[int, ...] = VERSIONS
+    auth: bool = False
+    max_line: int = DEFAULT_MAX_LINE
+    server: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"proto": PROTOCOL_NAME, "versions": list(self.versions), "auth": self.auth, "max_line": self.max_line, "server": self.server}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Greeting:
+        _check(f.get("proto") == PROTOCOL_NAME, f"not a {PROTOCOL_NAME} server")
+        versions = f.get("versions")
+        _check(isinstance(versions, list) and 0 < len(versions) <= 64 and all(_is_int(v) for v in versions), "versions must be a list of integers")
+        return cls(tuple(versions), bool(f.boolean("auth")), f.integer("max_line", required=True, low=256, high=2**24), f.text("server", limit=128))
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Message):
+    """Success reply carrying nothing else."""
+
+    op: ClassVar[str] = "ok"
+    rid: int
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Ok:
+        return cls(f.integer("rid", required=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Registered(Message):
+    """Success reply to `Register`; ``secret`` lets this peer replace its own stale session later."""
+
+    op: ClassVar[str] = "registered"
+    rid: int
+    id: str
+    secret: str
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, "id": self.id, "secret": self.secret}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Registered:
+        return cls(f.integer("rid", required=True), f.text("id", required=True, pattern=PEER_ID), f.text("secret", required=True, pattern=SECRET))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionReply(Message):
+    """Success reply to `Connect` (initiator) and `Accept` (target)."""
+
+    op: ClassVar[str] = "session"
+    rid: int
+    session: Session
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, **self.session.to_wire()}
+
+    @classmethod
+    def read(cls, f: _Fields) -> SessionReply:
+        return cls(f.integer("rid", required=True), Session.read(f))
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Failure reply; ``rid`` is null when the line could not be matched to a request."""
+
+    op: ClassVar[str] = "error"
+    rid: int | None
+    error: str
+    reason: str
+    code: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.error in ERROR_CODES, f"unknown error name {self.error!r}")
+        if self.code == 0:
+            object.__setattr__(self, "code", ERROR_CODES[self.error])
+        _check(self.code == ERROR_CODES[self.error], "error code does not match its name")
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, "code": self.code, "error": self.error, "reason": self.reason}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Error:
+        return cls(f.integer("rid"), f.text("error", required=True), f.text("reason", required=True) or "", f.integer("code", required=True, low=100, high=999))
+
+    @classmethod
+    def from_exception(cls, e: WireError) -> Error:
+        return cls(e.rid, e.error, e.reason[:MAX_TEXT])
+
+
+@dataclass(frozen=True, slots=True)
+class Offer(Message):
+    """An introduction request delivered to its target, answered with `Accept` or `Reject`."""
+
+    op: ClassVar[str] = "offer"
+    offer: str
+    peer: str
+    description: Description
+    expires_in_ms: int
+
+    def body(self) -> dict[str, Any]:
+        return {"offer": self.offer, "peer": self.peer, **self.description.fields(), "expires_in_ms": self.expires_in_ms}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Offer:
+        return cls(
+            f.text("offer", required=True, pattern=SERVER_ID),
+            f.text("peer", required=True, pattern=PEER_ID),
+            Description.read(f),
+            f.integer("expires_in_ms", required=True, high=3_600_000),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """An earlier `Offer` is void (initiator left, or it expired); forget it."""
+
+    op: ClassVar[str] = "cancel"
+    offer: str
+    reason: str
+
+    def body(self) -> dict[str, Any]:
+        return {"offer": self.offer, "reason": self.reason}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Cancel:
+        return cls(f.text("offer", required=True, pattern=SERVER_ID), f.text("reason", required=True) or "")
+
+
+CLIENT_MESSAGES: Mapping[str, type[Message]] = {
+    m.op: m for m in (Hello, Register, Connect, Accept, Reject, Ping, Pong, Report, Bye)
+}
+SERVER_MESSAGES: Mapping[str, type[Message]] = {
+    m.op: m for m in (Greeting, Ok, Registered, SessionReply, Error, Offer, Cancel, Ping, Pong)
+}
+
+
+# -- line codec ----------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return d
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def decode(line: bytes, registry: Mapping[str, type[Message]]) -> Message:
+    """
+    Parse one line (without its delimiter) into a message of ``registry``.
+    Raises `WireError` and nothing else.
+    """
+    rid: int | None = None
+    try:
+        text = line.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        _check(isinstance(obj, dict), "a message is one JSON object")
+        r = obj.get("rid")
+        if _is_int(r) and 0 <= r <= MAX_RID:
+            rid = r
+        op = obj.get("op")
+        _check(isinstance(op, str), "message needs an 'op' string")
+        cls = registry.get(op)
+        if cls is None:
+            raise WireError("unknown-op", f"unknown op {op[:64]!r}", rid)
+        f = _Fields(obj, op)
+        f.get("op")
+        msg = cls.read(f)
+        f.done()
+        return msg
+    except WireError:
+        raise
+    except UnicodeDecodeError:
+        raise WireError("bad-request", "line is not UTF-8", rid) from None
+    except (ValueError, RecursionError, TypeError) as e:
+        raise WireError("bad-request", str(e)[:MAX_TEXT] or "malformed message", rid) from None
+
+
+def decode_from_client(line: bytes) -> Message:
+    return decode(line, CLIENT_MESSAGES)
+
+
+def decode_from_server(line: bytes) -> Message:
+    return decode(line, SERVER_MESSAGES)
+
+
+def encode(msg: Message) -> bytes:
+    """One message as one line, without the delimiter; None-valued optional fields are left out."""
+    obj = {k: v for k, v in msg.to_wire().items() if v is not None or k == "rid"}
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")

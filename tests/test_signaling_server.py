@@ -1,0 +1,630 @@
+"""
+Tests of the mediator's signalling state machine (driven through fake
+channels and a Clock) and of its LineReceiver (through StringTransport).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from natbypass.signaling import wire
+from natbypass.signaling.interfaces import IChannel, ISignalingState
+from natbypass.signaling.server import (
+    Limits,
+    SignalingFactory,
+    SignalingServerProtocol,
+    SignalingState,
+    TokenPolicy,
+    default_choose_order,
+    punch_delays,
+)
+from natbypass.signaling.testing import FakeChannel
+from natbypass.signaling.wire import (
+    Accept,
+    Bye,
+    Cancel,
+    Candidate,
+    Connect,
+    Description,
+    Error,
+    Greeting,
+    Hello,
+    NATSummary,
+    Offer,
+    Ok,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    Reject,
+    Report,
+    SessionReply,
+    WireError,
+)
+
+DESC_A = Description((Candidate("host", "10.0.0.1", 4000), Candidate("srflx", "203.0.113.1", 5000)), NATSummary("endpoint-independent", "address-dependent", True), (), "sha256:aaaa")
+DESC_B = Description((Candidate("tcp-srflx", "198.51.100.2", 6000),), NATSummary("address-and-port-dependent", "address-and-port-dependent", False), ("tcp", "udp"))
+
+
+def counting_random() -> callable:
+    """Deterministic but distinct 'random' bytes."""
+    counter = itertools.count(1)
+    return lambda n: next(counter).to_bytes(4, "big") * (n // 4) + b"\0" * (n % 4)
+
+
+class Harness:
+    """A state with a Clock and helpers to open fake connections."""
+
+    def __init__(self, **limits) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        tokens = limits.pop("tokens", None)
+        choose = limits.pop("choose_order", None)
+        self.state = SignalingState(self.clock, Limits(**limits), tokens, choose, random_bytes=counting_random())
+        self._rid = itertools.count(100)
+
+    def rid(self) -> int:
+        return next(self._rid)
+
+    def open(self, source: str = "192.0.2.1") -> tuple[FakeChannel, object]:
+        ch = FakeChannel()
+        link = self.state.open(ch, source)
+        return ch, link
+
+    def send(self, ch_link, msg) -> list:
+        ch, link = ch_link
+        self.state.received(link, msg)
+        return ch.take()
+
+    def hello(self, source: str = "192.0.2.1"):
+        c = self.open(source)
+        c[0].take()
+        assert self.send(c, Hello(1, 1)) == [Ok(1)]
+        return c
+
+    def peer(self, name: str, source: str = "192.0.2.1", token: str | None = None):
+        c = self.hello(source)
+        out = self.send(c, Register(2, name, token))
+        assert isinstance(out[0], Registered), out
+        assert isinstance(out[1], Ping), out
+        # answer the RTT probe after 20 ms
+        self.clock.advance(0.02)
+        assert self.send(c, Pong(out[1].rid)) == []
+        return c
+
+
+class StateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_interfaces(self) -> None:
+        verifyObject(ISignalingState, self.h.state)
+        verifyObject(IChannel, FakeChannel())
+
+    def test_greeting(self) -> None:
+        ch, _ = self.h.open()
+        self.assertEqual(ch.take(), [Greeting((1,), False, 8192, None)])
+
+    def test_hello_first(self) -> None:
+        c = self.h.open()
+        c[0].take()
+        [err] = self.h.send(c, Register(5, "alice"))
+        self.assertEqual((err.rid, err.code, err.error), (5, 412, "out-of-order"))
+
+    def test_version_unsupported(self) -> None:
+        c = self.h.open()
+        c[0].take()
+        [err] = self.h.send(c, Hello(1, 7))
+        self.assertEqual((err.code, err.error), (505, "version-unsupported"))
+        self.assertIn("[1]", err.reason)
+
+    def test_register(self) -> None:
+        c = self.h.hello()
+        registered, ping = self.h.send(c, Register(2, "alice"))
+        self.assertEqual((registered.rid, registered.id), (2, "alice"))
+        self.assertRegex(registered.secret, "^[0-9a-f]{32}$")
+        self.assertIsInstance(ping, Ping)
+        self.assertEqual(self.h.state.status()["peers"], 1)
+
+    def test_register_twice_on_one_connection(self) -> None:
+        c = self.h.peer("alice")
+        [err] = self.h.send(c, Register(3, "alice2"))
+        self.assertEqual(err.error, "out-of-order")
+
+    def test_duplicate_refused(self) -> None:
+        self.h.peer("alice")
+        c2 = self.h.hello()
+        [err] = self.h.send(c2, Register(2, "alice"))
+        self.assertEqual((err.code, err.error), (409, "duplicate-id"))
+
+    def test_replace_with_secret(self) -> None:
+        old = self.h.hello()
+        registered, _ = self.h.send(old, Register(2, "alice"))
+        new = self.h.hello("192.0.2.9")
+        out = self.h.send(new, Register(2, "alice", None, True, registered.secret))
+        self.assertIsInstance(out[0], Registered)
+        [err] = old[0].take()
+        self.assertEqual((err.rid, err.error), (None, "duplicate-id"))
+        self.assertTrue(old[0].closed)
+        self.assertEqual(self.h.state.status()["peers"], 1)
+        self.assertEqual(self.h.state.status()["connections"], 1)
+        # the replaced connection's late close does not unregister the new one
+        self.h.state.closed(old[1])
+        self.assertEqual(self.h.state.status()["peers"], 1)
+
+    def test_replace_with_wrong_secret(self) -> None:
+        old = self.h.peer("alice")
+        new = self.h.hello()
+        [err] = self.h.send(new, Register(2, "alice", None, True, "0" * 32))
+        self.assertEqual((err.code, err.error), (401, "unauthorized"))
+        self.assertFalse(old[0].closed)
+
+    def test_replace_when_absent_registers(self) -> None:
+        c = self.h.hello()
+        out = self.h.send(c, Register(2, "alice", None, True, "0" * 32))
+        self.assertIsInstance(out[0], Registered)
+
+    def test_max_peers(self) -> None:
+        h = Harness(max_peers=2)
+        h.peer("a")
+        h.peer("b")
+        c = h.hello()
+        [err] = h.send(c, Register(2, "c"))
+        self.assertEqual((err.code, err.error), (503, "too-many-peers"))
+
+    def test_max_per_source(self) -> None:
+        h = Harness(max_per_source=2)
+        h.open("192.0.2.1")
+        c2 = h.open("192.0.2.1")
+        ch, link = h.open("192.0.2.1")
+        self.assertIsNone(link)
+        [err] = ch.take()
+        self.assertEqual((err.code, err.error), (503, "too-many-connections"))
+        self.assertTrue(ch.closed)
+        other, link = h.open("192.0.2.2")
+        self.assertIsNotNone(link)
+        h.state.closed(c2[1])
+        self.assertIsNotNone(h.open("192.0.2.1")[1])
+
+    def test_rate_limit(self) -> None:
+        h = Harness(rate=5.0, burst=5.0)
+        c = h.open()
+        c[0].take()
+        replies = [h.send(c, Ping(i)) for i in range(6)]
+        self.assertEqual(replies[:5], [[Pong(i)] for i in range(5)])
+        [err] = replies[5]
+        self.assertEqual((err.rid, err.code, err.error), (5, 429, "rate-limited"))
+        h.clock.advance(0.2)
+        self.assertEqual(h.send(c, Ping(7)), [Pong(7)])
+
+    def test_malformed_rate_limited_too(self) -> None:
+        h = Harness(rate=1.0, burst=1.0)
+        ch, link = h.open()
+        ch.take()
+        h.state.malformed(link, WireError("bad-request", "x", 1))
+        h.state.malformed(link, WireError("bad-request", "x", 2))
+        self.assertEqual([e.error for e in ch.take()], ["bad-request", "rate-limited"])
+
+
+class OfferTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(offer_timeout=10.0, punch_margin=0.05)
+        self.a = self.h.peer("alice")
+        self.b = self.h.peer("bob")
+
+    def offer(self) -> Offer:
+        self.assertEqual(self.h.send(self.a, Connect(10, "bob", DESC_A)), [])
+        out = self.b[0].take()
+        offers = [m for m in out if isinstance(m, Offer)]
+        self.assertEqual(len(offers), 1, out)
+        return offers[0]
+
+    def test_offer_carries_description(self) -> None:
+        o = self.offer()
+        self.assertEqual((o.peer, o.description, o.expires_in_ms), ("alice", DESC_A, 10000))
+
+    def test_accept_gives_both_the_session(self) -> None:
+        o = self.offer()
+        [sb] = [m for m in self.h.send(self.b, Accept(20, o.offer, DESC_B)) if isinstance(m, SessionReply)]
+        [sa] = [m for m in self.a[0].take() if isinstance(m, SessionReply)]
+        self.assertEqual((sa.rid, sb.rid), (10, 20))
+        sa, sb = sa.session, sb.session
+        self.assertEqual(sa.id, sb.id)
+        self.assertEqual(sa.key, sb.key)
+        self.assertEqual(len(sa.key), 32)
+        self.assertEqual((sa.peer, sa.role, sa.description), ("bob", "controlling", DESC_B))
+        self.assertEqual((sb.peer, sb.role, sb.description), ("alice", "controlled", DESC_A))
+        # alice's wish is auto, bob's is tcp-then-udp: the default keeps udp first
+        self.assertEqual(sa.order, ("udp", "tcp"))
+        self.assertEqual(sa.order, sb.order)
+        self.assertEqual(self.h.state.status()["open_sessions"], 1)
+
+    def test_fresh_session_keys(self) -> None:
+        o = self.offer()
+        self.h.send(self.b, Accept(20, o.offer, DESC_B))
+        k1 = [m for m in self.a[0].take() if isinstance(m, SessionReply)][0].session
+        o = self.offer()
+        self.h.send(self.b, Accept(21, o.offer, DESC_B))
+        k2 = [m for m in self.a[0].take() if isinstance(m, SessionReply)][0].session
+        self.assertNotEqual(k1.key, k2.key)
+        self.assertNotEqual(k1.id, k2.id)
+
+    def test_start_times_coincide(self) -> None:
+        """With RTTs of 20 ms and 300 ms both sides start at the same instant."""
+        h = Harness(punch_margin=0.05)
+        a, b = h.hello(), h.hello()
+        ping_a = h.send(a, Register(2, "alice"))[1]
+        ping_b = h.send(b, Register(2, "bob"))[1]
+        h.clock.advance(0.02)
+        h.send(a, Pong(ping_a.rid))
+        h.clock.advance(0.28)
+        h.send(b, Pong(ping_b.rid))
+        h.send(a, Connect(10, "bob", DESC_A))
+        o = [m for m in b[0].take() if isinstance(m, Offer)][0]
+        sb = [m for m in h.send(b, Accept(20, o.offer, DESC_B)) if isinstance(m, SessionReply)][0].session
+        sa = [m for m in a[0].take() if isinstance(m, SessionReply)][0].session
+        self.assertEqual((sa.rtt_ms, sb.rtt_ms), (20, 300))
+        # arrival after rtt/2, then the delay: both at 200 ms after sending
+        self.assertEqual(sa.rtt_ms / 2 + sa.start_in_ms, sb.rtt_ms / 2 + sb.start_in_ms)
+        self.assertEqual(sb.start_in_ms, 50)
+
+    def test_reject(self) -> None:
+        o = self.offer()
+        self.assertEqual(self.h.send(self.b, Reject(20, o.offer, "busy")), [Ok(20)])
+        [err] = self.a[0].take()
+        self.assertEqual((err.rid, err.code, err.error), (10, 403, "rejected"))
+        self.assertIn("busy", err.reason)
+
+    def test_timeout(self) -> None:
+        o = self.offer()
+        self.h.clock.advance(10)
+        [err] = self.a[0].take()
+        self.assertEqual((err.rid, err.code, err.error), (10, 408, "timeout"))
+        self.assertEqual(self.b[0].take(), [Cancel(o.offer, "expired")])
+        [late] = self.h.send(self.b, Accept(20, o.offer, DESC_B))
+        self.assertEqual((late.code, late.error), (404, "unknown-offer"))
+
+    def test_target_leaves(self) -> None:
+        self.offer()
+        self.h.state.closed(self.b[1])
+        [err] = self.a[0].take()
+        self.assertEqual((err.rid, err.code, err.error), (10, 410, "gone"))
+        self.h.clock.advance(100)  # the offer timer is gone too
+        self.assertEqual(self.a[0].take(), [])
+
+    def test_initiator_leaves(self) -> None:
+        o = self.offer()
+        self.h.state.closed(self.a[1])
+        self.assertEqual(self.b[0].take(), [Cancel(o.offer, "peer alice disconnected")])
+        self.assertEqual(self.h.state.status()["pending_offers"], 0)
+
+    def test_unknown_peer(self) -> None:
+        [err] = self.h.send(self.a, Connect(10, "carol", DESC_A))
+        self.assertEqual((err.rid, err.code, err.error), (10, 404, "unknown-peer"))
+
+    def test_connect_to_self(self) -> None:
+        [err] = self.h.send(self.a, Connect(10, "alice", DESC_A))
+        self.assertEqual(err.error, "bad-request")
+
+    def test_connect_unregistered(self) -> None:
+        c = self.h.hello()
+        [err] = self.h.send(c, Connect(10, "bob", DESC_A))
+        self.assertEqual(err.error, "out-of-order")
+
+    def test_only_target_may_answer(self) -> None:
+        o = self.offer()
+        [err] = self.h.send(self.a, Accept(30, o.offer, DESC_A))
+        self.assertEqual(err.error, "unknown-offer")
+        carol = self.h.peer("carol")
+        [err] = self.h.send(carol, Reject(31, o.offer))
+        self.assertEqual(err.error, "unknown-offer")
+
+    def test_pending_offer_limit(self) -> None:
+        h = Harness(max_offers_per_peer=2)
+        a, b = h.peer("a"), h.peer("b")
+        h.send(a, Connect(1, "b", DESC_A))
+        h.send(a, Connect(2, "b", DESC_A))
+        [err] = h.send(a, Connect(3, "b", DESC_A))
+        self.assertEqual(err.error, "rate-limited")
+
+    def test_report_counts_outcomes(self) -> None:
+        o = self.offer()
+        sid = [m for m in self.h.send(self.b, Accept(20, o.offer, DESC_B)) if isinstance(m, SessionReply)][0].session.id
+        self.a[0].take()
+        self.assertEqual(self.h.send(self.a, Report(40, sid, "connected", "udp")), [Ok(40)])
+        self.assertEqual(self.h.send(self.a, Report(41, sid, "connected", "udp")), [Ok(41)])  # counted once
+        self.assertEqual(self.h.send(self.b, Report(42, sid, "failed")), [Ok(42)])
+        counters = self.h.state.status()["counters"]
+        self.assertEqual(counters["outcome:connected/udp"], 1)
+        self.assertEqual(counters["outcome:failed"], 1)
+        self.assertEqual(self.h.state.status()["open_sessions"], 0)
+
+    def test_report_foreign_session(self) -> None:
+        o = self.offer()
+        sid = [m for m in self.h.send(self.b, Accept(20, o.offer, DESC_B)) if isinstance(m, SessionReply)][0].session.id
+        carol = self.h.peer("carol")
+        [err] = self.h.send(carol, Report(40, sid, "failed"))
+        self.assertEqual((err.code, err.error), (404, "unknown-session"))
+
+    def test_sessions_expire(self) -> None:
+        o = self.offer()
+        self.h.send(self.b, Accept(20, o.offer, DESC_B))
+        self.h.clock.advance(601)
+        self.h.state.sweep()
+        self.assertEqual(self.h.state.status()["open_sessions"], 0)
+
+    def test_bye(self) -> None:
+        self.assertEqual(self.h.send(self.a, Bye(9)), [Ok(9)])
+        self.assertTrue(self.a[0].closed)
+
+
+class ChooseOrderTests(SynchronousTestCase):
+    def test_default_table(self) -> None:
+        n = NATSummary()
+        self.assertEqual(default_choose_order(n, n, (), ()), ["udp", "tcp"])
+        self.assertEqual(default_choose_order(n, n, ("tcp", "udp"), ()), ["tcp", "udp"])
+        self.assertEqual(default_choose_order(n, n, (), ("tcp",)), ["tcp"])
+        self.assertEqual(default_choose_order(n, n, ("udp",), ("tcp",)), [])
+
+    def test_hook_is_used(self) -> None:
+        calls = []
+
+        def choose(nat_a, nat_b, wish_a, wish_b):
+            calls.append((nat_a, nat_b, wish_a, wish_b))
+            return ["tcp"]
+
+        h = Harness(choose_order=choose)
+        a, b = h.peer("a"), h.peer("b")
+        h.send(a, Connect(1, "b", DESC_A))
+        o = [m for m in b[0].take() if isinstance(m, Offer)][0]
+        [reply] = [m for m in h.send(b, Accept(2, o.offer, DESC_B)) if isinstance(m, SessionReply)]
+        self.assertEqual(reply.session.order, ("tcp",))
+        self.assertEqual(calls, [(DESC_A.nat, DESC_B.nat, DESC_A.wish, DESC_B.wish)])
+
+    def test_no_common_protocol(self) -> None:
+        h = Harness()
+        a, b = h.peer("a"), h.peer("b")
+        h.send(a, Connect(1, "b", Description(wish=("udp",))))
+        o = [m for m in b[0].take() if isinstance(m, Offer)][0]
+        [eb] = h.send(b, Accept(2, o.offer, Description(wish=("tcp",))))
+        [ea] = a[0].take()
+        self.assertEqual((ea.rid, ea.error, eb.rid, eb.error), (1, "rejected", 2, "rejected"))
+
+    @given(st.floats(0, 10), st.floats(0, 10), st.floats(0, 1))
+    def test_punch_delays_meet(self, rtt_a: float, rtt_b: float, margin: float) -> None:
+        da, db = punch_delays(rtt_a, rtt_b, margin)
+        self.assertGreaterEqual(min(da, db), margin - 1e-9)
+        self.assertAlmostEqual(rtt_a / 2 + da, rtt_b / 2 + db, places=9)
+
+
+class AuthTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tokens = TokenPolicy.parse("# comment\nopen-token\nbound-token alice bob  # only these\n")
+        self.h = Harness(tokens=self.tokens)
+
+    def test_greeting_says_auth(self) -> None:
+        ch, _ = self.h.open()
+        self.assertTrue(ch.take()[0].auth)
+
+    def test_no_token(self) -> None:
+        c = self.h.hello()
+        [err] = self.h.send(c, Register(2, "alice"))
+        self.assertEqual((err.code, err.error), (401, "unauthorized"))
+
+    def test_wrong_token(self) -> None:
+        c = self.h.hello()
+        [err] = self.h.send(c, Register(2, "alice", "open-tokeN"))
+        self.assertEqual(err.error, "unauthorized")
+
+    def test_open_token(self) -> None:
+        self.h.peer("zed", token="open-token")
+
+    def test_bound_token_limits_ids(self) -> None:
+        self.h.peer("alice", token="bound-token")
+        c = self.h.hello()
+        [err] = self.h.send(c, Register(2, "carol", "bound-token"))
+        self.assertEqual(err.error, "unauthorized")
+
+    def test_bound_token_may_replace(self) -> None:
+        old = self.h.peer("alice", token="open-token")
+        new = self.h.hello()
+        out = self.h.send(new, Register(2, "alice", "bound-token", True))
+        self.assertIsInstance(out[0], Registered)
+        self.assertTrue(old[0].closed)
+
+    def test_open_token_may_not_replace_without_secret(self) -> None:
+        self.h.peer("alice", token="bound-token")
+        new = self.h.hello()
+        [err] = self.h.send(new, Register(2, "alice", "open-token", True))
+        self.assertEqual(err.error, "unauthorized")
+
+    def test_unauthenticated_learn_nothing(self) -> None:
+        """Duplicate or not, without a token the answer is the same; no connect either."""
+        self.h.peer("alice", token="open-token")
+        c = self.h.hello()
+        [e1] = self.h.send(c, Register(2, "alice", "nope", True))
+        [e2] = self.h.send(c, Register(3, "nobody", "nope"))
+        self.assertEqual((e1.code, e1.reason), (e2.code, e2.reason))
+        [e3] = self.h.send(c, Connect(4, "alice", DESC_A))
+        [e4] = self.h.send(c, Connect(5, "nobody", DESC_A))
+        self.assertEqual((e3.code, e3.reason), (e4.code, e4.reason))
+        self.assertEqual(e3.code, 401)
+
+    def test_parse_errors(self) -> None:
+        self.assertRaises(ValueError, TokenPolicy.parse, "# nothing\n\n")
+        with self.assertRaises(ValueError) as cm:
+            TokenPolicy.parse("good\ntok alice b!d\n")
+        self.assertIn("line 2", str(cm.exception))
+
+    def test_check(self) -> None:
+        self.assertEqual(self.tokens.check("open-token", "x"), (True, False))
+        self.assertEqual(self.tokens.check("bound-token", "bob"), (True, True))
+        self.assertEqual(self.tokens.check("bound-token", "x"), (False, False))
+        self.assertEqual(self.tokens.check(None, "x"), (False, False))
+        self.assertEqual(self.tokens.check("other", "x"), (False, False))
+
+
+class KeepaliveTests(SynchronousTestCase):
+    def test_keepalive_and_idle(self) -> None:
+        h = Harness(keepalive=30.0, idle_timeout=90.0)
+        a = h.peer("alice")
+        quiet = h.hello()
+        h.clock.advance(30)
+        h.state.sweep()
+        [ping] = a[0].take()
+        self.assertIsInstance(ping, Ping)
+        self.assertEqual(quiet[0].take(), [])  # unregistered: not pinged
+        h.send(a, Pong(ping.rid))
+        h.clock.advance(61)
+        h.state.sweep()
+        self.assertTrue(quiet[0].closed)
+        self.assertEqual(quiet[0].take()[0].error, "timeout")
+        self.assertFalse(a[0].closed)
+        self.assertEqual(h.state.status()["connections"], 1)
+
+    def test_dead_peer_dropped(self) -> None:
+        h = Harness(keepalive=30.0, idle_timeout=90.0)
+        a = h.peer("alice")
+        for _ in range(4):
+            h.clock.advance(30)
+            h.state.sweep()
+        self.assertTrue(a[0].closed)
+        self.assertEqual(h.state.status()["peers"], 0)
+
+    def test_rtt_smoothed(self) -> None:
+        h = Harness(keepalive=30.0)
+        a = h.peer("alice")  # 20 ms sample
+        h.clock.advance(30)
+        h.state.sweep()
+        [ping] = a[0].take()
+        h.clock.advance(0.1)
+        h.send(a, Pong(ping.rid))
+        b = h.peer("bob")
+        h.send(b, Connect(1, "alice", DESC_B))
+        o = [m for m in a[0].take() if isinstance(m, Offer)][0]
+        [reply] = [m for m in h.send(a, Accept(2, o.offer, DESC_A)) if isinstance(m, SessionReply)]
+        self.assertEqual(reply.session.rtt_ms, 40)  # 0.75 * 20 + 0.25 * 100
+
+    def test_status_line_logged(self) -> None:
+        h = Harness()
+        h.peer("alice")
+        obs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        h.state.log_status()
+        [event] = [e for e in obs if e.get("log_format", "").startswith("signalling status")]
+        self.assertEqual(event["peers"], 1)
+        self.assertEqual(event["counters"]["registrations"], 1)
+
+    def test_registration_logged(self) -> None:
+        obs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        Harness().peer("alice", source="192.0.2.77")
+        [event] = [e for e in obs if e.get("peer_id") == "alice"]
+        self.assertEqual(event["source"], "192.0.2.77")
+
+
+# -- the protocol, over StringTransport
+
+
+def connect_protocol(factory: SignalingFactory, host: str = "192.0.2.1"):
+    proto = factory.buildProtocol(IPv4Address("TCP", host, 5555))
+    tr = StringTransport(peerAddress=IPv4Address("TCP", host, 5555))
+    proto.makeConnection(tr)
+    return proto, tr
+
+
+def lines(tr: StringTransport) -> list[dict]:
+    out = [json.loads(l) for l in tr.value().splitlines()]
+    tr.clear()
+    return out
+
+
+class ProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.state = SignalingState(self.clock, Limits(max_line=256, rate=0))
+        self.factory = SignalingFactory(self.state)
+
+    def test_interface(self) -> None:
+        proto, _ = connect_protocol(self.factory)
+        verifyObject(IChannel, proto)
+
+    def test_greeting_and_hello(self) -> None:
+        proto, tr = connect_protocol(self.factory)
+        self.assertEqual(lines(tr)[0]["op"], "hello")
+        proto.dataReceived(b'{"op":"hello","rid":1,"v":1}\r\n{"op":"register","rid":2,"id":"a"}\n')
+        out = lines(tr)
+        self.assertEqual([o["op"] for o in out], ["ok", "registered", "ping"])
+
+    def test_garbage_gets_error_and_stays_open(self) -> None:
+        proto, tr = connect_protocol(self.factory)
+        lines(tr)
+        proto.dataReceived(b"not json\n")
+        [err] = lines(tr)
+        self.assertEqual((err["op"], err["code"], err["rid"]), ("error", 400, None))
+        self.assertFalse(tr.disconnecting)
+
+    def test_long_line_closes(self) -> None:
+        proto, tr = connect_protocol(self.factory)
+        lines(tr)
+        proto.dataReceived(b"x" * 300)
+        [err] = lines(tr)
+        self.assertEqual((err["code"], err["error"]), (413, "line-too-long"))
+        self.assertTrue(tr.disconnecting)
+
+    def test_line_at_limit_accepted(self) -> None:
+        proto, tr = connect_protocol(self.factory)
+        lines(tr)
+        line = b'{"op":"ping","rid":1}'
+        line = line[:-1] + b" " * (256 - len(line)) + b"}"
+        self.assertEqual(len(line), 256)
+        proto.dataReceived(line + b"\n")
+        self.assertEqual(lines(tr), [{"op": "pong", "rid": 1}])
+
+    def test_connection_lost_unregisters(self) -> None:
+        proto, tr = connect_protocol(self.factory)
+        proto.dataReceived(b'{"op":"hello","rid":1,"v":1}\n{"op":"register","rid":2,"id":"a"}\n')
+        self.assertEqual(self.state.status()["peers"], 1)
+        proto.connectionLost()
+        self.assertEqual(self.state.status(), {**self.state.status(), "peers": 0, "connections": 0})
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.binary(max_size=80) | st.sampled_from([b'{"op":"ping","rid":1}', b'{"op":"register","rid":2,"id":"x"}', b'{"op":"hello","rid":1,"v":1}', b"\xff\n", b"{}"]), max_size=10))
+    def test_one_bad_client_does_not_disturb_another(self, chunks: list[bytes]) -> None:
+        """Whatever one connection sends, the mediator stays up and another peer is served."""
+        clock = Clock()
+        state = SignalingState(clock, Limits(max_line=256, rate=0))
+        factory = SignalingFactory(state)
+        good, gtr = connect_protocol(factory, "192.0.2.1")
+        good.dataReceived(b'{"op":"hello","rid":1,"v":1}\n{"op":"register","rid":2,"id":"good"}\n')
+        lines(gtr)
+        bad, btr = connect_protocol(factory, "192.0.2.2")
+        for chunk in chunks:
+            bad.dataReceived(chunk + b"\n")
+        for line in btr.value().splitlines():
+            msg = wire.decode_from_server(line)  # every reply is valid protocol
+            if isinstance(msg, Error):
+                self.assertIn(msg.code, set(wire.ERROR_CODES.values()))
+        bad.connectionLost()
+        good.dataReceived(b'{"op":"ping","rid":3}\n')
+        self.assertEqual(lines(gtr), [{"op": "pong", "rid": 3}])
+        self.assertEqual(state.status()["peers"], 1)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.binary(min_size=1, max_size=40), max_size=8))
+    def test_every_line_gets_exactly_one_reply(self, junk: list[bytes]) -> None:
+        proto, tr = connect_protocol(self.factory)
+        proto.dataReceived(b'{"op":"hello","rid":1,"v":1}\n')
+        lines(tr)
+        junk = [j.replace(b"\n", b"").replace(b"\r", b"") for j in junk]
+        junk = [j for j in junk if j]
+        proto.dataReceived(b"".join(j + b"\n" for j in junk))
+        self.assertEqual(len(tr.value().splitlines()), len(junk))
