@@ -1,0 +1,734 @@
+"""
+The mediator's STUN responder: Binding over UDP and TCP (RFC 8489), NAT
+behaviour discovery (RFC 5780) when a second address is configured, and
+answers RFC 3489 clients the way they expect.
+
+Layers, bottom up:
+
+  - L{ResponderConfig} and L{BindingResponder}: pure.  Given a decoded
+    request, its source and the local socket it arrived on, say what to send,
+    from which local socket and to where (a L{Reply}), or nothing.
+    L{BindingResponder.respond_datagram} adds a fast path for the common bare
+    Binding request that builds the response from bytes precomputed with the
+    codec; tests check it byte for byte against the codec path.
+  - L{RateLimiter}: a per-source-IP budget per second, on an injected clock.
+  - L{STUNServer}: what all of the responder's sockets share (responder,
+    counters, limiter, and the table of UDP sockets so that a CHANGE-REQUEST
+    can be answered from another socket).
+  - L{STUNDatagramProtocol} / L{STUNStreamProtocol}: thin; decode, delegate,
+    send.  Malformed input is counted and dropped, never raised.
+  - L{STUNService}: opens the sockets in C{startService}.
+
+Policy decisions, and why:
+
+  - RESPONSE-ADDRESS (RFC 3489) is refused with 420: honouring it would let
+    anyone aim our responses at a third party (reflection).
+  - RESPONSE-PORT is honoured, but only towards the request's source IP, so
+    it cannot be used to reflect traffic at another host.
+  - PADDING (RFC 5780 7.6) asks for an MTU-sized response; we pad the response
+    only up to the size of the request, so a small request never buys a large
+    response.
+  - UNKNOWN-ATTRIBUTES lists at most L{MAX_UNKNOWN_LISTED} types, so that a
+    420 stays small whatever the request holds.
+  - Requests for methods other than Binding get 400 (RFC 8489 6.3.1 leaves
+    no other use for an unknown-method request; 400 is as small as a response
+    gets); indications and responses are never answered, so two responders
+    cannot be made to talk to each other in a loop.
+  - Without a second address the responder is a plain RFC 8489 server: no
+    OTHER-ADDRESS/RESPONSE-ORIGIN, and CHANGE-REQUEST with a flag set,
+    RESPONSE-PORT and PADDING get 420 (RFC 5780 6: a server that cannot
+    change address MUST answer CHANGE-REQUEST with 420).  A CHANGE-REQUEST
+    with no flag set (sent by RFC 3489 clients in their first test) asks for
+    nothing and is ignored.
+  - Over TCP the source cannot change and responses cannot be redirected, so
+    CHANGE-REQUEST with a flag set and RESPONSE-PORT get 400.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import zlib
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import CannotListenError, MessageLengthError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from natbypass import __version__
+from natbypass.stun import message as m
+from natbypass.stun.message import StunDecodeError
+
+Address = tuple[str, int]
+
+DEFAULT_SOFTWARE = f"NATbypass {__version__}"
+#: SOFTWARE text is bounded so that every response stays small.
+MAX_SOFTWARE_BYTES = 128
+#: At most this many attribute types are listed in a 420's UNKNOWN-ATTRIBUTES.
+MAX_UNKNOWN_LISTED = 16
+#: The largest STUN message accepted on a TCP connection (header included).
+MAX_STREAM_MESSAGE = 4096
+#: Bound on any response but a PADDING one (which is bounded by the request):
+#: header, four IPv6 address attributes, SOFTWARE and FINGERPRINT.
+MAX_RESPONSE_SIZE = 20 + 4 * 24 + 4 + MAX_SOFTWARE_BYTES + 8
+#: How many times port-0 configurations look for ports free on all sockets.
+PORT_ATTEMPTS = 20
+
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+_ATTR_CHANGE_REQUEST = m.AttributeType.CHANGE_REQUEST
+_ATTR_RESPONSE_ADDRESS = m.AttributeType.RESPONSE_ADDRESS
+_ATTR_RESPONSE_PORT = m.AttributeType.RESPONSE_PORT
+_ATTR_PADDING = m.AttributeType.PADDING
+
+
+def _family(host: str) -> int:
+    """socket.AF_INET or AF_INET6 of a literal address; ValueError otherwise."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return family
+        except OSError:
+            pass
+    raise ValueError(f"not an IP address: {host!r}")
+
+
+@dataclass(frozen=True)
+class ResponderConfig:
+    """
+    The responder's addresses.  C{primary} is (IP, port) of the main
+    sockets; C{alternate}, when given, is (second IP, second port) and turns
+    on RFC 5780: sockets on both IPs x both ports.
+    """
+
+    primary: Address
+    alternate: Address | None = None
+    software: str = DEFAULT_SOFTWARE
+
+    def __post_init__(self) -> None:
+        host, port = self.primary
+        family = _family(host)
+        if len(self.software.encode("utf-8")) > MAX_SOFTWARE_BYTES:
+            raise ValueError(f"SOFTWARE text longer than {MAX_SOFTWARE_BYTES} bytes")
+        if self.alternate is None:
+            return
+        alt_host, alt_port = self.alternate
+        if _family(alt_host) != family:
+            raise ValueError("the alternate address must be of the same IP family as the primary")
+        if host in _WILDCARDS or alt_host in _WILDCARDS:
+            raise ValueError(
+                "RFC 5780 needs specific addresses (a wildcard cannot say which IP answered)"
+            )
+        if alt_host == host:
+            raise ValueError("the alternate IP must differ from the primary IP")
+        if alt_port == port and port != 0:  # 0 and 0: both picked at bind time
+            raise ValueError("the alternate port must differ from the primary port")
+
+    @property
+    def rfc5780(self) -> bool:
+        """True when there is a second address: NAT behaviour discovery works."""
+        return self.alternate is not None
+
+    def addresses(self) -> tuple[Address, ...]:
+        """Every local (IP, port) the responder listens on, primary first."""
+        if self.alternate is None:
+            return (self.primary,)
+        (ip_a, port_a), (ip_b, port_b) = self.primary, self.alternate
+        return ((ip_a, port_a), (ip_a, port_b), (ip_b, port_a), (ip_b, port_b))
+
+    def changed(self, local: Address, change_ip: bool, change_port: bool) -> Address | None:
+        """
+        The local address that answers a request received on C{local} with
+        these CHANGE-REQUEST flags (RFC 5780 6.1 table 1); None when there is
+        no such socket.
+        """
+        if self.alternate is None or local not in self.addresses():
+            return None
+        ips = (self.primary[0], self.alternate[0])
+        ports = (self.primary[1], self.alternate[1])
+        host, port = local
+        if change_ip:
+            host = ips[1] if host == ips[0] else ips[0]
+        if change_port:
+            port = ports[1] if port == ports[0] else ports[0]
+        return (host, port)
+
+    def other(self, local: Address) -> Address | None:
+        """OTHER-ADDRESS / CHANGED-ADDRESS for C{local}: the other IP and port."""
+        return self.changed(local, True, True)
+
+
+class Reply(NamedTuple):
+    """Bytes to send, the local address to send them from, and where to."""
+
+    data: bytes
+    origin: Address
+    destination: Address
+
+
+def _attribute_bytes(attr: m.Attribute) -> bytes:
+    """One attribute as the codec encodes it (type, length, value, padding)."""
+    return m.Message(m.Method.BINDING, m.MessageClass.SUCCESS, bytes(12), (attr,)).encode()[
+        m.HEADER_SIZE :
+    ]
+
+
+# Fast path formats: header, XOR-MAPPED-ADDRESS and, for RFC 5780,
+# MAPPED-ADDRESS of an IPv4 source, in the order the codec path uses.
+_FAST_PLAIN = struct.Struct("!HH16sHHBBHI")
+_FAST_5780 = struct.Struct("!HH16sHHBBHIHHBBH4s")
+_FINGERPRINT = struct.Struct("!HHI")
+_BARE_BINDING = b"\x00\x01\x00\x00" + m.MAGIC_COOKIE_BYTES
+_SUCCESS_TYPE = m.message_type(m.Method.BINDING, m.MessageClass.SUCCESS)
+_COOKIE_PORT = m.MAGIC_COOKIE >> 16
+
+
+class BindingResponder:
+    """
+    Pure Binding logic.  No I/O, no clock: the same request, source and
+    local address always give the same reply.
+    """
+
+    def __init__(self, config: ResponderConfig) -> None:
+        self.config = config
+        self._software = _attribute_bytes(m.Software(config.software)) if config.software else b""
+        # Fast path: per local address, the length field and the bytes that
+        # follow the per-source attributes (RESPONSE-ORIGIN, OTHER-ADDRESS,
+        # SOFTWARE) of an answer sent from that same address.
+        self._fast: dict[Address, tuple[int, bytes]] = {}
+        for local in config.addresses():
+            if _family(local[0]) != socket.AF_INET:
+                continue
+            if config.rfc5780:
+                other = config.other(local)
+                assert other is not None
+                tail = (
+                    _attribute_bytes(m.ResponseOrigin(*local))
+                    + _attribute_bytes(m.OtherAddress(*other))
+                    + self._software
+                )
+                length = _FAST_5780.size - m.HEADER_SIZE + len(tail) + _FINGERPRINT.size
+            else:
+                tail = self._software
+                length = _FAST_PLAIN.size - m.HEADER_SIZE + len(tail) + _FINGERPRINT.size
+            self._fast[local] = (length, tail)
+
+    # ---------------------------------------------------------------- fast
+
+    def respond_datagram(self, data: bytes, source: Address, local: Address) -> Reply | None:
+        """
+        Answer one datagram received on C{local} from C{source}.  Raises
+        L{StunDecodeError} (only) when it is not a well-formed STUN message.
+        """
+        if len(data) == 20 and data[:8] == _BARE_BINDING:
+            fast = self._fast.get(local)
+            if fast is not None:
+                host, port = source
+                try:
+                    packed = socket.inet_aton(host)
+                except OSError:
+                    pass
+                else:
+                    if port == 0:
+                        return None
+                    length, tail = fast
+                    if self.config.alternate is None:
+                        head = _FAST_PLAIN.pack(
+                            _SUCCESS_TYPE, length, data[4:20],
+                            m.AttributeType.XOR_MAPPED_ADDRESS, 8, 0, 1, port ^ _COOKIE_PORT,
+                            int.from_bytes(packed, "big") ^ m.MAGIC_COOKIE,
+                        )  # fmt: skip
+                    else:
+                        head = _FAST_5780.pack(
+                            _SUCCESS_TYPE, length, data[4:20],
+                            m.AttributeType.XOR_MAPPED_ADDRESS, 8, 0, 1, port ^ _COOKIE_PORT,
+                            int.from_bytes(packed, "big") ^ m.MAGIC_COOKIE,
+                            m.AttributeType.MAPPED_ADDRESS, 8, 0, 1, port, packed,
+                        )  # fmt: skip
+                    head += tail
+                    crc = (zlib.crc32(head) & 0xFFFFFFFF) ^ m.FINGERPRINT_XOR
+                    return Reply(
+                        head + _FINGERPRINT.pack(m.AttributeType.FINGERPRINT, 4, crc),
+                        local,
+                        source,
+                    )
+        return self.respond(m.decode(data), source, local)
+
+    # ----------------------------------------------------------- codec path
+
+    def respond(
+        self, request: m.Message, source: Address, local: Address, *, stream: bool = False
+    ) -> Reply | None:
+        """
+        The reply to a decoded message received on C{local} from C{source}
+        (over TCP when C{stream}), or None when nothing is to be sent.
+        """
+        if request.cls != m.MessageClass.REQUEST or source[1] == 0:
+            return None
+        if request.method != m.Method.BINDING:
+            return self._error(request, source, local, 400, "Only Binding is served here")
+        config = self.config
+        unknown = list(request.unknown_required())
+        if request.get(m.ResponseAddress) is not None:
+            unknown.append(_ATTR_RESPONSE_ADDRESS)
+        change = request.get(m.ChangeRequest)
+        wants_change = change is not None and (change.change_ip or change.change_port)
+        response_port = request.get(m.ResponsePort)
+        padding = request.get(m.Padding)
+        if not config.rfc5780:
+            if wants_change:
+                unknown.append(_ATTR_CHANGE_REQUEST)
+            if response_port is not None:
+                unknown.append(_ATTR_RESPONSE_PORT)
+            if padding is not None:
+                unknown.append(_ATTR_PADDING)
+        if unknown:
+            return self._error(request, source, local, 420, "Unknown Attribute", unknown)
+        if stream and (wants_change or response_port is not None):
+            return self._error(
+                request, source, local, 400, "CHANGE-REQUEST and RESPONSE-PORT need UDP"
+            )
+        if response_port is not None and (padding is not None or response_port.port == 0):
+            return self._error(request, source, local, 400, "Bad RESPONSE-PORT")
+
+        origin = local
+        if wants_change:
+            assert change is not None
+            changed = config.changed(local, change.change_ip, change.change_port)
+            if changed is None:
+                return self._error(request, source, local, 420, "Unknown Attribute",
+                                   [_ATTR_CHANGE_REQUEST])  # fmt: skip
+            origin = changed
+        destination = source if response_port is None else (source[0], response_port.port)
+        other = config.other(local)
+        host, port = source
+
+        attrs: list[m.Attribute]
+        if request.is_rfc3489:
+            attrs = [m.MappedAddress(host, port)]
+            if origin[0] not in _WILDCARDS:
+                attrs.append(m.SourceAddress(*origin))
+            if other is not None:
+                attrs.append(m.ChangedAddress(*other))
+        else:
+            attrs = [m.XorMappedAddress(host, port)]
+            if other is not None:
+                attrs += [m.MappedAddress(host, port), m.ResponseOrigin(*origin),
+                          m.OtherAddress(*other)]  # fmt: skip
+            if config.software:
+                attrs.append(m.Software(config.software))
+        response = request.reply(m.MessageClass.SUCCESS, attrs)
+        fingerprint = not request.is_rfc3489
+        data = response.encode(fingerprint=fingerprint)
+        if padding is not None and not stream:
+            # Pad up to the request's size and no further (see module doc).
+            size = len(request.raw or b"") - len(data) - 4
+            response = request.reply(
+                m.MessageClass.SUCCESS, attrs + [m.Padding(max(0, size - size % 4))]
+            )
+            data = response.encode(fingerprint=fingerprint)
+        return Reply(data, origin, destination)
+
+    def _error(
+        self,
+        request: m.Message,
+        source: Address,
+        local: Address,
+        code: int,
+        reason: str,
+        unknown: list[int] | None = None,
+    ) -> Reply:
+        attrs: list[m.Attribute] = [m.ErrorCode(code, reason)]
+        if unknown:
+            listed = tuple(dict.fromkeys(unknown))[:MAX_UNKNOWN_LISTED]
+            if request.is_rfc3489 and len(listed) % 2:
+                # RFC 3489 11.2.5: repeat one so the list fills 32-bit words.
+                listed += listed[-1:]
+            attrs.append(m.UnknownAttributes(listed))
+        if not request.is_rfc3489 and self.config.software:
+            attrs.append(m.Software(self.config.software))
+        data = request.reply(m.MessageClass.ERROR, attrs).encode(
+            fingerprint=not request.is_rfc3489
+        )
+        return Reply(data, local, source)
+
+
+# ------------------------------------------------------------- rate limiting
+
+
+class RateLimiter:
+    """
+    At most C{rate} requests per source IP in each one-second window of
+    C{clock}.  The table of sources is bounded: when C{max_sources} distinct
+    sources are already counted in the current window, new ones are refused
+    until it ends (a spoofed flood costs memory, never unbounded).
+    """
+
+    def __init__(self, rate: int, clock: IReactorTime, max_sources: int = 65536) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self._clock = clock
+        self._max_sources = max_sources
+        self._window = -1
+        self._counts: dict[str, int] = {}
+
+    def allow(self, host: str) -> bool:
+        """Count one request from C{host}; False when it is over budget."""
+        window = int(self._clock.seconds())
+        counts = self._counts
+        if window != self._window:
+            self._window = window
+            counts.clear()
+        seen = counts.get(host, 0)
+        if seen >= self.rate or (seen == 0 and len(counts) >= self._max_sources):
+            return False
+        counts[host] = seen + 1
+        return True
+
+
+# ------------------------------------------------------------------- sockets
+
+
+@dataclass
+class Counters:
+    """What the responder has done since it started; read by tests and logs."""
+
+    received: int = 0
+    answered: int = 0
+    malformed: int = 0
+    rate_limited: int = 0
+    ignored: int = 0
+    send_failed: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class STUNServer:
+    """
+    What all of the responder's sockets share: the responder, the counters,
+    the optional rate limiter, and the UDP sockets by local address (a
+    CHANGE-REQUEST is answered from another socket's transport).
+
+    C{responder} may be set after the sockets are open (port 0: the
+    addresses are only known then); until it is, nothing is answered.
+    """
+
+    def __init__(
+        self,
+        responder: BindingResponder | None = None,
+        *,
+        counters: Counters | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.responder = responder
+        self.counters = counters if counters is not None else Counters()
+        self.limiter = limiter
+        self.sockets: dict[Address, STUNDatagramProtocol] = {}
+
+    def send(self, reply: Reply) -> bool:
+        """Send C{reply} from the UDP socket of C{reply.origin}."""
+        sender = self.sockets.get(reply.origin)
+        transport = sender.transport if sender is not None else None
+        if transport is None:
+            self.counters.send_failed += 1
+            return False
+        try:
+            transport.write(reply.data, reply.destination)
+        except (OSError, MessageLengthError):
+            self.counters.send_failed += 1
+            return False
+        self.counters.answered += 1
+        return True
+
+
+class STUNDatagramProtocol(DatagramProtocol):
+    """One UDP socket of the responder: decode, delegate, send."""
+
+    log = Logger()
+
+    def __init__(self, server: STUNServer) -> None:
+        self.server = server
+        self.local: Address | None = None
+
+    def startProtocol(self) -> None:
+        host = self.transport.getHost()
+        self.local = (host.host, host.port)
+        self.server.sockets[self.local] = self
+
+    def stopProtocol(self) -> None:
+        if self.local is not None and self.server.sockets.get(self.local) is self:
+            del self.server.sockets[self.local]
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        server = self.server
+        counters = server.counters
+        counters.received += 1
+        limiter = server.limiter
+        if limiter is not None and not limiter.allow(addr[0]):
+            counters.rate_limited += 1
+            return
+        responder = server.responder
+        if responder is None or self.local is None:
+            counters.ignored += 1
+            return
+        try:
+            reply = responder.respond_datagram(data, addr, self.local)
+        except StunDecodeError:
+            counters.malformed += 1
+            return
+        except Exception:  # a bug must not take the socket down
+            counters.malformed += 1
+            self.log.failure("STUN responder failed on a datagram from {source}", source=addr)
+            return
+        if reply is None:
+            counters.ignored += 1
+        elif reply.origin is self.local:
+            # Common case, kept short: answer from this very socket.
+            try:
+                self.transport.write(reply.data, reply.destination)
+            except (OSError, MessageLengthError):
+                counters.send_failed += 1
+            else:
+                counters.answered += 1
+        else:
+            server.send(reply)
+
+
+class STUNStreamProtocol(Protocol):
+    """
+    STUN over one TCP connection (RFC 8489 framing: each message is
+    self-delimiting through its length field).  A framing error closes the
+    connection, since the stream cannot be resynchronised; a well-framed but
+    malformed message is counted and skipped.  Idle connections are closed
+    after C{idle_timeout} seconds without a complete message.
+    """
+
+    log = Logger()
+
+    def __init__(self, server: STUNServer, clock: IReactorTime, idle_timeout: float) -> None:
+        self.server = server
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._buffer = b""
+        self._timer = None
+        self.local: Address | None = None
+        self.peer: Address | None = None
+
+    def connectionMade(self) -> None:
+        host, peer = self.transport.getHost(), self.transport.getPeer()
+        self.local, self.peer = (host.host, host.port), (peer.host, peer.port)
+        self._timer = self._clock.callLater(self._idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._timer = None
+        self.log.debug("closing idle STUN/TCP connection from {peer}", peer=self.peer)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        while len(buffer) >= m.HEADER_SIZE:
+            length = (buffer[2] << 8) | buffer[3]
+            total = m.HEADER_SIZE + length
+            if buffer[0] >= 0x40 or length % 4 or total > MAX_STREAM_MESSAGE:
+                self.server.counters.malformed += 1
+                self._buffer = b""
+                self.transport.loseConnection()
+                return
+            if len(buffer) < total:
+                break
+            frame, buffer = buffer[:total], buffer[total:]
+            if self._timer is not None and self._timer.active():
+                self._timer.reset(self._idle_timeout)
+            self._message(frame)
+        self._buffer = buffer
+
+    def _message(self, frame: bytes) -> None:
+        server = self.server
+        counters = server.counters
+        counters.received += 1
+        assert self.peer is not None and self.local is not None
+        if server.limiter is not None and not server.limiter.allow(self.peer[0]):
+            counters.rate_limited += 1
+            return
+        if server.responder is None:
+            counters.ignored += 1
+            return
+        try:
+            reply = server.responder.respond(m.decode(frame), self.peer, self.local, stream=True)
+        except StunDecodeError:
+            counters.malformed += 1
+            return
+        except Exception:
+            counters.malformed += 1
+            self.log.failure("STUN responder failed on a message from {peer}", peer=self.peer)
+            return
+        if reply is None:
+            counters.ignored += 1
+            return
+        self.transport.write(reply.data)
+        counters.answered += 1
+
+
+class STUNStreamFactory(Factory):
+    """Makes a L{STUNStreamProtocol} per TCP connection."""
+
+    def __init__(self, server: STUNServer, clock: IReactorTime, idle_timeout: float = 30.0) -> None:
+        self.server = server
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+
+    def buildProtocol(self, addr: object) -> STUNStreamProtocol:
+        proto = STUNStreamProtocol(self.server, self.clock, self.idle_timeout)
+        proto.factory = self
+        return proto
+
+
+# ------------------------------------------------------------------- service
+
+
+class STUNService(Service):
+    """
+    Opens the responder's sockets when started: UDP and (unless C{tcp} is
+    false) TCP on C{primary}, and with C{alternate} on all four combinations
+    of the two IPs and two ports (RFC 5780).  Port 0 in either address picks
+    free ports (tests); the chosen ports are then in L{config}.
+
+    UDP has no endpoint type, and TCP must listen on exactly the UDP port
+    numbers, so both are opened with C{listenUDP}/C{listenTCP} of the
+    injected reactor.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        primary: Address,
+        alternate: Address | None = None,
+        *,
+        software: str = DEFAULT_SOFTWARE,
+        rate: int = 0,
+        tcp: bool = True,
+        stats_interval: float = 300.0,
+        idle_timeout: float = 30.0,
+    ) -> None:
+        # Validate now (raises ValueError), with the ports as requested.
+        ResponderConfig(primary, alternate, software)
+        self._reactor = reactor
+        self._primary = primary
+        self._alternate = alternate
+        self._software = software
+        self._tcp = tcp
+        self._stats_interval = stats_interval
+        self._idle_timeout = idle_timeout
+        self.server = STUNServer(limiter=RateLimiter(rate, reactor) if rate > 0 else None)
+        self.config: ResponderConfig | None = None
+        self._ports: list = []
+        self._stats: LoopingCall | None = None
+
+    @property
+    def counters(self) -> Counters:
+        return self.server.counters
+
+    def startService(self) -> None:
+        ports_are_free = self._primary[1] == 0 or (
+            self._alternate is not None and self._alternate[1] == 0
+        )
+        for attempt in range(PORT_ATTEMPTS if ports_are_free else 1):
+            try:
+                self.config = self._listen()
+                break
+            except CannotListenError:
+                self._close()
+                if attempt == (PORT_ATTEMPTS if ports_are_free else 1) - 1:
+                    raise
+        assert self.config is not None
+        self.server.responder = BindingResponder(self.config)
+        super().startService()
+        transports = "UDP and TCP" if self._tcp else "UDP"
+        listening = ", ".join(f"{h}:{p}" for h, p in self.config.addresses())
+        if self.config.rfc5780:
+            self.log.info(
+                "STUN responder on {addresses} ({transports}); RFC 5780 behaviour discovery on",
+                addresses=listening,
+                transports=transports,
+                rfc5780=True,
+            )
+        else:
+            self.log.info(
+                "STUN responder on {addresses} ({transports}); no second address "
+                "(--stun-alternate), so RFC 5780 behaviour discovery is off: plain "
+                "RFC 8489 responses, CHANGE-REQUEST gets 420",
+                addresses=listening,
+                transports=transports,
+                rfc5780=False,
+            )
+        if self.server.limiter is not None:
+            self.log.info(
+                "STUN rate limit: {rate} requests per second per source IP",
+                rate=self.server.limiter.rate,
+            )
+        if self._stats_interval > 0:
+            self._stats = LoopingCall(self.logCounters)
+            self._stats.clock = self._reactor
+            self._stats.start(self._stats_interval, now=False)
+
+    def _listen(self) -> ResponderConfig:
+        """Open every socket; returns the config with the ports now bound."""
+        self._ports = []
+
+        def udp(host: str, port: int) -> int:
+            listening = self._reactor.listenUDP(
+                port, STUNDatagramProtocol(self.server), interface=host, maxPacketSize=65535
+            )
+            self._ports.append(listening)
+            return listening.getHost().port
+
+        host, port = self._primary
+        port = udp(host, port)
+        alternate = None
+        if self._alternate is not None:
+            alt_host, alt_port = self._alternate
+            alt_port = udp(host, alt_port)
+            udp(alt_host, port)
+            udp(alt_host, alt_port)
+            alternate = (alt_host, alt_port)
+        config = ResponderConfig((host, port), alternate, self._software)
+        if self._tcp:
+            factory = STUNStreamFactory(self.server, self._reactor, self._idle_timeout)
+            for tcp_host, tcp_port in config.addresses():
+                self._ports.append(self._reactor.listenTCP(tcp_port, factory, interface=tcp_host))
+        return config
+
+    def _close(self) -> list:
+        ports, self._ports = self._ports, []
+        return [p.stopListening() for p in ports]
+
+    def logCounters(self) -> None:
+        """Log the counters (also done every C{stats_interval} seconds)."""
+        self.log.info(
+            "STUN counters: {received} received, {answered} answered, {malformed} malformed, "
+            "{rate_limited} rate-limited, {ignored} ignored, {send_failed} send failures",
+            **self.counters.snapshot(),
+        )
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self._stats is not None and self._stats.running:
+            self._stats.stop()
+        self._stats = None
+        self.logCounters()
+        return DeferredList([d for d in self._close() if d is not None])
+

@@ -1,0 +1,749 @@
+"""
+Tests for natbypass.stun.server: the pure responder (RFC 8489, RFC 5780,
+RFC 3489 answers), its fast path against the codec path, the rate limiter,
+the protocols on fake transports, and the service on an in-memory reactor.
+One test at the end uses real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from natbypass.stun import message as m
+from natbypass.stun.server import (
+    MAX_RESPONSE_SIZE,
+    MAX_STREAM_MESSAGE,
+    MAX_UNKNOWN_LISTED,
+    BindingResponder,
+    Counters,
+    RateLimiter,
+    Reply,
+    ResponderConfig,
+    STUNDatagramProtocol,
+    STUNServer,
+    STUNService,
+    STUNStreamFactory,
+)
+
+A, B = "192.0.2.1", "192.0.2.2"
+PA, PB = 3478, 3479
+PLAIN = ResponderConfig((A, PA), None, "test server")
+FULL = ResponderConfig((A, PA), (B, PB), "test server")
+CLIENT = ("198.51.100.7", 40000)
+
+
+def request(*attrs: m.Attribute, cookie: int = m.MAGIC_COOKIE, method: int = 1,
+            cls: int = m.MessageClass.REQUEST, txid: bytes | None = None) -> bytes:  # fmt: skip
+    return m.Message(method, cls, txid or os.urandom(12), attrs, cookie).encode()
+
+
+def answer(config: ResponderConfig, data: bytes, local=(A, PA), source=CLIENT, **kw):
+    """Responder reply via the codec path, plus the decoded response."""
+    reply = BindingResponder(config).respond(m.decode(data), source, local, **kw)
+    return reply, (m.decode(reply.data) if reply is not None else None)
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_addresses(self) -> None:
+        self.assertEqual(PLAIN.addresses(), ((A, PA),))
+        self.assertEqual(FULL.addresses(), ((A, PA), (A, PB), (B, PA), (B, PB)))
+        self.assertFalse(PLAIN.rfc5780)
+        self.assertTrue(FULL.rfc5780)
+
+    def test_changed_follows_rfc5780_table(self) -> None:
+        """RFC 5780 6.1 table 1, from every one of the four sockets."""
+        for local in FULL.addresses():
+            ip, port = local
+            other_ip = B if ip == A else A
+            other_port = PB if port == PA else PA
+            self.assertEqual(FULL.changed(local, False, False), (ip, port))
+            self.assertEqual(FULL.changed(local, True, False), (other_ip, port))
+            self.assertEqual(FULL.changed(local, False, True), (ip, other_port))
+            self.assertEqual(FULL.changed(local, True, True), (other_ip, other_port))
+            self.assertEqual(FULL.other(local), (other_ip, other_port))
+
+    def test_no_alternate_no_other(self) -> None:
+        self.assertIsNone(PLAIN.other((A, PA)))
+        self.assertIsNone(PLAIN.changed((A, PA), True, False))
+        self.assertIsNone(FULL.other(("203.0.113.9", PA)))
+
+    def test_invalid(self) -> None:
+        for primary, alternate, software in [
+            (("0.0.0.0", PA), (B, PB), "x"),
+            ((A, PA), (A, PB), "x"),
+            ((A, PA), (B, PA), "x"),
+            ((A, PA), ("::1", PB), "x"),
+            (("nothost", PA), None, "x"),
+            ((A, PA), None, "x" * 129),
+        ]:
+            with self.assertRaises(ValueError):
+                ResponderConfig(primary, alternate, software)
+
+    def test_wildcard_allowed_without_alternate(self) -> None:
+        self.assertEqual(ResponderConfig(("0.0.0.0", PA)).addresses(), (("0.0.0.0", PA),))
+
+
+class PlainResponderTests(SynchronousTestCase):
+    """Without a second address: a plain RFC 8489 server."""
+
+    def test_binding(self) -> None:
+        data = request()
+        reply, response = answer(PLAIN, data)
+        self.assertEqual(reply.origin, (A, PA))
+        self.assertEqual(reply.destination, CLIENT)
+        self.assertEqual(response.cls, m.MessageClass.SUCCESS)
+        self.assertEqual(response.transaction_id, data[8:20])
+        self.assertEqual(response.get(m.XorMappedAddress).address, CLIENT)
+        self.assertEqual(response.get(m.Software), m.Software("test server"))
+        self.assertIsInstance(response.attributes[-1], m.Fingerprint)
+        for absent in (m.MappedAddress, m.ResponseOrigin, m.OtherAddress):
+            self.assertIsNone(response.get(absent))
+
+    def test_change_request_is_unknown(self) -> None:
+        """RFC 5780 6: no alternate address -> 420 to a CHANGE-REQUEST."""
+        for flags in [(True, False), (False, True), (True, True)]:
+            reply, response = answer(PLAIN, request(m.ChangeRequest(*flags)))
+            self.assertEqual(response.cls, m.MessageClass.ERROR)
+            self.assertEqual(response.get(m.ErrorCode).code, 420)
+            self.assertEqual(response.get(m.UnknownAttributes).types, (0x0003,))
+
+    def test_empty_change_request_is_ignored(self) -> None:
+        reply, response = answer(PLAIN, request(m.ChangeRequest(False, False)))
+        self.assertEqual(response.cls, m.MessageClass.SUCCESS)
+
+    def test_rfc5780_attributes_unknown(self) -> None:
+        _, response = answer(PLAIN, request(m.ResponsePort(5000), m.Padding(8)))
+        self.assertEqual(response.get(m.ErrorCode).code, 420)
+        self.assertEqual(response.get(m.UnknownAttributes).types, (0x0027, 0x0026))
+
+    def test_wildcard_rfc3489_has_no_source_address(self) -> None:
+        config = ResponderConfig(("0.0.0.0", PA))
+        _, response = answer(config, request(cookie=0x12345678), local=("0.0.0.0", PA))
+        self.assertEqual(response.get(m.MappedAddress).address, CLIENT)
+        self.assertIsNone(response.get(m.SourceAddress))
+
+    def test_ipv6(self) -> None:
+        config = ResponderConfig(("::1", PA))
+        source = ("2001:db8::5", 5555)
+        data = request()
+        reply = BindingResponder(config).respond_datagram(data, source, ("::1", PA))
+        self.assertEqual(m.decode(reply.data).get(m.XorMappedAddress).address, source)
+
+
+class RFC5780ResponderTests(SynchronousTestCase):
+    def test_every_socket(self) -> None:
+        for local in FULL.addresses():
+            reply, response = answer(FULL, request(), local=local)
+            self.assertEqual(reply.origin, local)
+            self.assertEqual(response.get(m.XorMappedAddress).address, CLIENT)
+            self.assertEqual(response.get(m.MappedAddress).address, CLIENT)
+            self.assertEqual(response.get(m.ResponseOrigin).address, local)
+            self.assertEqual(response.get(m.OtherAddress).address, FULL.other(local))
+
+    def test_change_request(self) -> None:
+        for local in FULL.addresses():
+            for flags in [(False, False), (True, False), (False, True), (True, True)]:
+                reply, response = answer(FULL, request(m.ChangeRequest(*flags)), local=local)
+                expected = FULL.changed(local, *flags)
+                self.assertEqual(reply.origin, expected)
+                self.assertEqual(reply.destination, CLIENT)
+                self.assertEqual(response.get(m.ResponseOrigin).address, expected)
+                # OTHER-ADDRESS names the receiving socket's opposite (table 1).
+                self.assertEqual(response.get(m.OtherAddress).address, FULL.other(local))
+
+    def test_response_port(self) -> None:
+        reply, response = answer(FULL, request(m.ResponsePort(6000)))
+        self.assertEqual(reply.destination, (CLIENT[0], 6000))
+        self.assertEqual(response.get(m.XorMappedAddress).address, CLIENT)
+
+    def test_response_port_zero_or_with_padding(self) -> None:
+        for attrs in [(m.ResponsePort(0),), (m.ResponsePort(6000), m.Padding(100))]:
+            reply, response = answer(FULL, request(*attrs))
+            self.assertEqual(response.get(m.ErrorCode).code, 400)
+            self.assertEqual(reply.destination, CLIENT)
+
+    def test_padding_bounded_by_request(self) -> None:
+        """A PADDING request gets a response padded to its size, never more."""
+        for size in [0, 4, 40, 100, 1400]:
+            data = request(m.Padding(size))
+            reply, response = answer(FULL, data)
+            self.assertLessEqual(len(reply.data), max(len(data), MAX_RESPONSE_SIZE))
+            self.assertIsNotNone(response.get(m.Padding))
+            if size >= 100:
+                self.assertEqual(len(reply.data), len(data))
+
+    def test_rfc3489_client(self) -> None:
+        """No magic cookie: MAPPED-ADDRESS, SOURCE-ADDRESS, CHANGED-ADDRESS only."""
+        data = request(m.ChangeRequest(False, False), cookie=0xDEADBEEF)
+        reply, response = answer(FULL, data)
+        self.assertEqual(response.cookie, 0xDEADBEEF)
+        self.assertEqual(response.transaction_id, data[8:20])
+        self.assertEqual(
+            [type(a) for a in response.attributes],
+            [m.MappedAddress, m.SourceAddress, m.ChangedAddress],
+        )
+        self.assertEqual(response.get(m.MappedAddress).address, CLIENT)
+        self.assertEqual(response.get(m.SourceAddress).address, (A, PA))
+        self.assertEqual(response.get(m.ChangedAddress).address, (B, PB))
+
+    def test_rfc3489_change_request(self) -> None:
+        data = request(m.ChangeRequest(True, True), cookie=0xDEADBEEF)
+        reply, response = answer(FULL, data)
+        self.assertEqual(reply.origin, (B, PB))
+        self.assertEqual(response.get(m.SourceAddress).address, (B, PB))
+
+    def test_tcp_cannot_change_or_redirect(self) -> None:
+        for attrs in [(m.ChangeRequest(True, False),), (m.ResponsePort(6000),)]:
+            reply, response = answer(FULL, request(*attrs), stream=True)
+            self.assertEqual(response.get(m.ErrorCode).code, 400)
+
+    def test_tcp_ignores_padding(self) -> None:
+        data = request(m.Padding(400))
+        reply, response = answer(FULL, data, stream=True)
+        self.assertEqual(response.cls, m.MessageClass.SUCCESS)
+        self.assertIsNone(response.get(m.Padding))
+
+
+class ErrorTests(SynchronousTestCase):
+    def test_unknown_required_attribute(self) -> None:
+        data = request(m.UnknownAttribute(0x0024, b"\0\0\0\1"), m.UnknownAttribute(0x8029, b"x"))
+        _, response = answer(FULL, data)
+        self.assertEqual(response.cls, m.MessageClass.ERROR)
+        self.assertEqual(response.get(m.ErrorCode).code, 420)
+        self.assertEqual(response.get(m.UnknownAttributes).types, (0x0024,))
+        self.assertIsInstance(response.attributes[-1], m.Fingerprint)
+
+    def test_unknown_optional_attribute_ignored(self) -> None:
+        _, response = answer(FULL, request(m.UnknownAttribute(0x8029, b"12345678")))
+        self.assertEqual(response.cls, m.MessageClass.SUCCESS)
+
+    def test_response_address_refused(self) -> None:
+        """RESPONSE-ADDRESS would make us a reflector: 420, sent to the source."""
+        for cookie in (m.MAGIC_COOKIE, 0x01020304):
+            data = request(m.ResponseAddress("203.0.113.1", 53), cookie=cookie)
+            reply, response = answer(FULL, data)
+            self.assertEqual(reply.destination, CLIENT)
+            self.assertEqual(response.get(m.ErrorCode).code, 420)
+            self.assertEqual(response.get(m.UnknownAttributes).types[0], 0x0002)
+
+    def test_unknown_list_bounded(self) -> None:
+        attrs = [m.UnknownAttribute(0x4000 + i, b"") for i in range(100)]
+        reply, response = answer(FULL, request(*attrs))
+        self.assertEqual(len(response.get(m.UnknownAttributes).types), MAX_UNKNOWN_LISTED)
+        self.assertLessEqual(len(reply.data), MAX_RESPONSE_SIZE)
+
+    def test_rfc3489_unknown_list_padded_by_repetition(self) -> None:
+        data = request(m.UnknownAttribute(0x4001, b""), cookie=0x01020304)
+        _, response = answer(FULL, data)
+        self.assertEqual(response.get(m.UnknownAttributes).types, (0x4001, 0x4001))
+        self.assertNotIsInstance(response.attributes[-1], m.Fingerprint)
+
+    def test_other_method(self) -> None:
+        _, response = answer(FULL, request(method=0x003))
+        self.assertEqual(response.method, 0x003)
+        self.assertEqual(response.cls, m.MessageClass.ERROR)
+        self.assertEqual(response.get(m.ErrorCode).code, 400)
+
+    def test_not_answered(self) -> None:
+        """Indications, responses, and source port 0 get nothing."""
+        responder = BindingResponder(FULL)
+        for cls in (m.MessageClass.INDICATION, m.MessageClass.SUCCESS, m.MessageClass.ERROR):
+            self.assertIsNone(responder.respond_datagram(request(cls=cls), CLIENT, (A, PA)))
+        self.assertIsNone(responder.respond_datagram(request(), (CLIENT[0], 0), (A, PA)))
+        self.assertIsNone(
+            responder.respond_datagram(request(m.Software("x")), (CLIENT[0], 0), (A, PA))
+        )
+
+    def test_malformed_raises_only_decode_error(self) -> None:
+        responder = BindingResponder(FULL)
+        for data in [b"", b"\x00\x01", request()[:-1], b"\xff" * 20, request() + b"\0\0\0\0"]:
+            with self.assertRaises(m.StunDecodeError):
+                responder.respond_datagram(data, CLIENT, (A, PA))
+
+
+ipv4 = st.builds(lambda b: socket.inet_ntoa(b), st.binary(min_size=4, max_size=4))
+ports = st.integers(1, 65535)
+configs = st.sampled_from([PLAIN, FULL, ResponderConfig((A, PA), (B, PB), "")])
+
+attributes = st.one_of(
+    st.builds(m.ChangeRequest, st.booleans(), st.booleans()),
+    st.builds(m.ResponsePort, st.integers(0, 65535)),
+    st.builds(m.Padding, st.integers(0, 600)),
+    st.builds(m.Software, st.text(max_size=40)),
+    st.builds(m.ResponseAddress, ipv4, ports),
+    st.builds(m.UnknownAttribute, st.integers(0x0040, 0xFFFF).filter(
+        lambda t: t not in m.KNOWN_TYPES), st.binary(max_size=16)),  # fmt: skip
+)
+
+
+class PropertyTests(SynchronousTestCase):
+    @settings(max_examples=300)
+    @given(configs, st.binary(min_size=12, max_size=12), ipv4, ports, st.integers(0, 3))
+    def test_fast_path_matches_codec_path(self, config, txid, host, port, which) -> None:
+        """The precomputed fast path gives the codec's bytes exactly."""
+        local = config.addresses()[which % len(config.addresses())]
+        data = m.Message(1, 0, txid).encode()
+        responder = BindingResponder(config)
+        fast = responder.respond_datagram(data, (host, port), local)
+        slow = responder.respond(m.decode(data), (host, port), local)
+        self.assertEqual(fast, slow)
+        self.assertEqual(m.decode(fast.data).get(m.XorMappedAddress).address, (host, port))
+
+    @settings(max_examples=300)
+    @given(
+        configs,
+        st.lists(attributes, max_size=5),
+        st.sampled_from([m.MAGIC_COOKIE, 0x01020304]),
+        st.sampled_from([1, 2, 3]),
+        st.sampled_from(list(m.MessageClass)),
+        ipv4,
+        ports,
+        st.booleans(),
+    )
+    def test_replies_bounded_and_well_formed(
+        self, config, attrs, cookie, method, cls, host, port, stream
+    ) -> None:
+        """Whatever is asked: a decodable reply, to the source IP, small."""
+        data = m.Message(method, cls, os.urandom(12), tuple(attrs), cookie).encode()
+        responder = BindingResponder(config)
+        local = config.addresses()[-1]
+        if stream:
+            reply = responder.respond(m.decode(data), (host, port), local, stream=True)
+        else:
+            reply = responder.respond_datagram(data, (host, port), local)
+        if cls != m.MessageClass.REQUEST:
+            self.assertIsNone(reply)
+            return
+        response = m.decode(reply.data)
+        self.assertEqual(response.transaction_id, data[8:20])
+        self.assertEqual(reply.destination[0], host)
+        self.assertIn(reply.origin, config.addresses())
+        self.assertLessEqual(len(reply.data), max(MAX_RESPONSE_SIZE, len(data)))
+        if reply.destination != (host, port):
+            self.assertEqual(response.cls, m.MessageClass.SUCCESS)
+
+    @settings(max_examples=300)
+    @given(st.binary(max_size=120))
+    def test_arbitrary_bytes(self, data) -> None:
+        try:
+            BindingResponder(FULL).respond_datagram(data, CLIENT, (A, PA))
+        except m.StunDecodeError:
+            pass
+
+
+class RateLimiterTests(SynchronousTestCase):
+    def test_budget_per_second_per_source(self) -> None:
+        clock = Clock()
+        limiter = RateLimiter(3, clock)
+        self.assertEqual([limiter.allow("a") for _ in range(4)], [True, True, True, False])
+        self.assertTrue(limiter.allow("b"))
+        clock.advance(1)
+        self.assertTrue(limiter.allow("a"))
+
+    def test_table_bounded(self) -> None:
+        limiter = RateLimiter(1, Clock(), max_sources=2)
+        self.assertTrue(limiter.allow("a"))
+        self.assertTrue(limiter.allow("b"))
+        self.assertFalse(limiter.allow("c"))
+
+    def test_rate_must_be_positive(self) -> None:
+        self.assertRaises(ValueError, RateLimiter, 0, Clock())
+
+
+# ------------------------------------------------------- in-memory sockets
+
+
+class FakeUDPPort:
+    """A listening UDP port of L{MemoryUDPReactor}: records what is written."""
+
+    def __init__(self, reactor: "MemoryUDPReactor", host: str, port: int, protocol) -> None:
+        self.reactor, self.host, self.port, self.protocol = reactor, host, port, protocol
+        self.written: list[tuple[bytes, tuple[str, int]]] = []
+        self.fail: Exception | None = None
+        self.listening = True
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", self.host, self.port)
+
+    def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.written.append((data, addr))
+
+    def stopListening(self) -> None:
+        self.listening = False
+        self.reactor.taken.discard(("udp", self.host, self.port))
+        self.protocol.doStop()
+
+
+class FakeTCPPort:
+    def __init__(self, reactor: "MemoryUDPReactor", host: str, port: int) -> None:
+        self.reactor, self.host, self.port = reactor, host, port
+        self.listening = True
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", self.host, self.port)
+
+    def stopListening(self) -> None:
+        self.listening = False
+        self.reactor.taken.discard(("tcp", self.host, self.port))
+
+
+class MemoryUDPReactor(MemoryReactorClock):
+    """
+    MemoryReactorClock plus listenUDP (after twisted/names/test/test_util.py),
+    with port 0 picking fresh ports and busy ports refused.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: set[tuple[str, str, int]] = set()
+        self.udp: dict[tuple[str, int], FakeUDPPort] = {}
+        self.tcp: dict[tuple[str, int], FakeTCPPort] = {}
+        self._next_port = 40000
+
+    def _take(self, kind: str, host: str, port: int) -> int:
+        if port == 0:
+            while ("udp", host, self._next_port) in self.taken:
+                self._next_port += 1
+            port = self._next_port
+            self._next_port += 1
+        if (kind, host, port) in self.taken:
+            raise CannotListenError(host, port, OSError(errno.EADDRINUSE, "in use"))
+        self.taken.add((kind, host, port))
+        return port
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        port = self._take("udp", interface, port)
+        listening = FakeUDPPort(self, interface, port, protocol)
+        self.udp[(interface, port)] = listening
+        protocol.makeConnection(listening)
+        return listening
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        port = self._take("tcp", interface, port)
+        super().listenTCP(port, factory, backlog, interface)
+        listening = FakeTCPPort(self, interface, port)
+        self.tcp[(interface, port)] = listening
+        return listening
+
+
+def udp_server(config: ResponderConfig, limiter=None):
+    """A STUNServer with one in-memory UDP socket per configured address."""
+    fake = MemoryUDPReactor()
+    server = STUNServer(BindingResponder(config), limiter=limiter)
+    for host, port in config.addresses():
+        fake.listenUDP(port, STUNDatagramProtocol(server), interface=host)
+    return server, fake
+
+
+class DatagramProtocolTests(SynchronousTestCase):
+    def test_answers_from_same_socket(self) -> None:
+        server, fake = udp_server(FULL)
+        data = request()
+        server.sockets[(A, PA)].datagramReceived(data, CLIENT)
+        [(sent, dest)] = fake.udp[(A, PA)].written
+        self.assertEqual(dest, CLIENT)
+        self.assertEqual(m.decode(sent).transaction_id, data[8:20])
+        self.assertEqual(server.counters.snapshot()["answered"], 1)
+
+    def test_change_request_answered_from_other_socket(self) -> None:
+        server, fake = udp_server(FULL)
+        server.sockets[(A, PA)].datagramReceived(request(m.ChangeRequest(True, True)), CLIENT)
+        self.assertEqual(fake.udp[(A, PA)].written, [])
+        [(sent, dest)] = fake.udp[(B, PB)].written
+        self.assertEqual(m.decode(sent).get(m.ResponseOrigin).address, (B, PB))
+        self.assertEqual(server.counters.answered, 1)
+
+    def test_malformed_dropped_and_counted(self) -> None:
+        server, fake = udp_server(FULL)
+        proto = server.sockets[(A, PA)]
+        for junk in [b"", b"GET / HTTP/1.0\r\n\r\n", request()[:-4], os.urandom(64)]:
+            proto.datagramReceived(junk, CLIENT)
+        self.assertEqual(fake.udp[(A, PA)].written, [])
+        self.assertEqual(server.counters.malformed, 4)
+        self.assertEqual(server.counters.received, 4)
+
+    def test_indication_ignored(self) -> None:
+        server, fake = udp_server(FULL)
+        server.sockets[(A, PA)].datagramReceived(request(cls=m.MessageClass.INDICATION), CLIENT)
+        self.assertEqual(server.counters.ignored, 1)
+        self.assertEqual(fake.udp[(A, PA)].written, [])
+
+    def test_rate_limited(self) -> None:
+        clock = Clock()
+        server, fake = udp_server(PLAIN, limiter=RateLimiter(2, clock))
+        proto = server.sockets[(A, PA)]
+        for _ in range(5):
+            proto.datagramReceived(request(), CLIENT)
+        proto.datagramReceived(request(), ("198.51.100.8", 1))
+        self.assertEqual(len(fake.udp[(A, PA)].written), 3)
+        self.assertEqual(server.counters.rate_limited, 3)
+        clock.advance(1.0)
+        proto.datagramReceived(request(), CLIENT)
+        self.assertEqual(len(fake.udp[(A, PA)].written), 4)
+
+    def test_send_failure_counted(self) -> None:
+        server, fake = udp_server(FULL)
+        fake.udp[(A, PA)].fail = OSError(errno.EPERM, "blocked")
+        fake.udp[(B, PB)].fail = OSError(errno.EPERM, "blocked")
+        server.sockets[(A, PA)].datagramReceived(request(), CLIENT)
+        server.sockets[(A, PA)].datagramReceived(request(m.ChangeRequest(True, True)), CLIENT)
+        self.assertEqual(server.counters.send_failed, 2)
+        self.assertEqual(server.counters.answered, 0)
+
+    def test_no_responder_yet(self) -> None:
+        server, fake = udp_server(FULL)
+        server.responder = None
+        server.sockets[(A, PA)].datagramReceived(request(), CLIENT)
+        self.assertEqual(server.counters.ignored, 1)
+
+    def test_stopped_socket_leaves_table(self) -> None:
+        server, fake = udp_server(FULL)
+        fake.udp[(B, PB)].stopListening()
+        self.assertNotIn((B, PB), server.sockets)
+        server.sockets[(A, PA)].datagramReceived(request(m.ChangeRequest(True, True)), CLIENT)
+        self.assertEqual(server.counters.send_failed, 1)
+
+
+def stream(config: ResponderConfig = FULL, local=(A, PA), limiter=None):
+    clock = Clock()
+    server = STUNServer(BindingResponder(config), limiter=limiter)
+    proto = STUNStreamFactory(server, clock, idle_timeout=10).buildProtocol(None)
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", *local), peerAddress=IPv4Address("TCP", *CLIENT)
+    )
+    proto.makeConnection(transport)
+    return server, proto, transport, clock
+
+
+def split_messages(data: bytes) -> list[m.Message]:
+    out = []
+    while data:
+        total = 20 + int.from_bytes(data[2:4], "big")
+        out.append(m.decode(data[:total]))
+        data = data[total:]
+    return out
+
+
+class StreamProtocolTests(SynchronousTestCase):
+    def test_two_messages_one_chunk(self) -> None:
+        server, proto, transport, _ = stream()
+        first, second = request(), request(cookie=0x01020304)
+        proto.dataReceived(first + second)
+        responses = split_messages(transport.value())
+        self.assertEqual([r.transaction_id for r in responses], [first[8:20], second[8:20]])
+        self.assertEqual(responses[0].get(m.XorMappedAddress).address, CLIENT)
+        self.assertEqual(responses[0].get(m.ResponseOrigin).address, (A, PA))
+        self.assertEqual(responses[1].get(m.MappedAddress).address, CLIENT)
+
+    @given(st.lists(st.integers(1, 60), max_size=20), st.integers(1, 4))
+    def test_any_chunking(self, cuts, count) -> None:
+        """Replies do not depend on how TCP splits the bytes."""
+        server, proto, transport, _ = stream()
+        data = b"".join(request(m.Software("x" * i)) for i in range(count))
+        position = 0
+        for cut in cuts:
+            proto.dataReceived(data[position : position + cut])
+            position += cut
+        proto.dataReceived(data[position:])
+        self.assertEqual(len(split_messages(transport.value())), count)
+        self.assertFalse(transport.disconnecting)
+
+    def test_framing_error_closes(self) -> None:
+        for junk in [b"\xff" * 20, b"\x00\x01\x00\x03" + bytes(16),
+                     b"\x00\x01\xff\xfc" + bytes(16)]:  # fmt: skip
+            server, proto, transport, _ = stream()
+            proto.dataReceived(junk)
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(server.counters.malformed, 1)
+        self.assertGreater(len(b"\x00\x01\xff\xfc") + 0xFFFC, MAX_STREAM_MESSAGE)
+
+    def test_malformed_message_skipped(self) -> None:
+        server, proto, transport, _ = stream()
+        bad_with_fp = bytearray(m.Message(1, 0, os.urandom(12)).encode(fingerprint=True))
+        bad_with_fp[-1] ^= 0xFF  # wrong FINGERPRINT
+        proto.dataReceived(bytes(bad_with_fp) + request())
+        self.assertEqual(server.counters.malformed, 1)
+        self.assertEqual(len(split_messages(transport.value())), 1)
+        self.assertFalse(transport.disconnecting)
+
+    def test_change_request_over_tcp(self) -> None:
+        server, proto, transport, _ = stream()
+        proto.dataReceived(request(m.ChangeRequest(True, False)))
+        [response] = split_messages(transport.value())
+        self.assertEqual(response.get(m.ErrorCode).code, 400)
+
+    def test_idle_timeout(self) -> None:
+        server, proto, transport, clock = stream()
+        clock.advance(9)
+        proto.dataReceived(request())
+        clock.advance(9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1.5)
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_timer_cancelled_on_close(self) -> None:
+        server, proto, transport, clock = stream()
+        proto.connectionLost(None)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_rate_limited(self) -> None:
+        server, proto, transport, clock = stream(limiter=RateLimiter(1, Clock()))
+        proto.dataReceived(request() + request())
+        self.assertEqual(len(split_messages(transport.value())), 1)
+        self.assertEqual(server.counters.rate_limited, 1)
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_opens_four_sockets_each_way(self) -> None:
+        fake = MemoryUDPReactor()
+        service = STUNService(fake, (A, PA), (B, PB), stats_interval=0)
+        service.startService()
+        self.assertEqual(set(fake.udp), set(FULL.addresses()))
+        self.assertEqual(set(fake.tcp), set(FULL.addresses()))
+        self.assertEqual(service.config.addresses(), FULL.addresses())
+        self.assertEqual(set(service.server.sockets), set(FULL.addresses()))
+        service.stopService()
+        self.assertFalse(any(p.listening for p in fake.udp.values()))
+        self.assertFalse(any(p.listening for p in fake.tcp.values()))
+
+    def test_plain_and_udp_only(self) -> None:
+        fake = MemoryUDPReactor()
+        service = STUNService(fake, (A, PA), tcp=False, stats_interval=0)
+        service.startService()
+        self.assertEqual(set(fake.udp), {(A, PA)})
+        self.assertEqual(fake.tcp, {})
+
+    def test_port_zero_picks_the_same_numbers_everywhere(self) -> None:
+        fake = MemoryUDPReactor()
+        # The first port the fake hands out is busy on the second IP:
+        # the service must try again rather than fail.
+        fake.taken.add(("udp", B, 40000))
+        service = STUNService(fake, (A, 0), (B, 0), stats_interval=0)
+        service.startService()
+        config = service.config
+        (a, pa), (b, pb) = config.primary, config.alternate
+        self.assertNotIn(0, (pa, pb))
+        self.assertNotEqual(pa, pb)
+        self.assertEqual(set(fake.tcp), set(config.addresses()))
+        self.assertEqual(
+            {k for k, p in fake.udp.items() if p.listening}, set(config.addresses())
+        )
+
+    def test_busy_fixed_port_fails(self) -> None:
+        fake = MemoryUDPReactor()
+        fake.taken.add(("tcp", B, PB))
+        service = STUNService(fake, (A, PA), (B, PB), stats_interval=0)
+        self.assertRaises(CannotListenError, service.startService)
+        self.assertFalse(any(p.listening for p in fake.udp.values()))
+
+    def test_invalid_config_rejected_at_construction(self) -> None:
+        self.assertRaises(ValueError, STUNService, MemoryUDPReactor(), (A, PA), (A, PB))
+
+    def test_logs_rfc5780_state_and_counters(self) -> None:
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        fake = MemoryUDPReactor()
+        service = STUNService(fake, (A, PA), stats_interval=60, rate=5)
+        service.startService()
+        [start] = [e for e in observer if e.get("rfc5780") is False]
+        self.assertIn("--stun-alternate", start["log_format"])
+        self.assertTrue(any(e.get("rate") == 5 for e in observer))
+        service.server.sockets[(A, PA)].datagramReceived(b"junk", CLIENT)
+        fake.advance(60)
+        [stats] = [e for e in observer if "malformed" in e]
+        self.assertEqual((stats["received"], stats["malformed"]), (1, 1))
+        service.stopService()
+        self.assertEqual(fake.getDelayedCalls(), [])
+
+    def test_counters_snapshot(self) -> None:
+        counters = Counters(received=3)
+        self.assertEqual(counters.snapshot()["received"], 3)
+        self.assertEqual(set(counters.snapshot()), {
+            "received", "answered", "malformed", "rate_limited", "ignored", "send_failed"})  # fmt: skip
+
+
+# ---------------------------------------------------------- real loopback
+
+
+class _Collect(DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: defer.Deferred = defer.Deferred()
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        if not self.received.called:
+            self.received.callback((data, addr))
+
+
+class _TCPCollect(Protocol):
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) >= 20 and len(self.buffer) >= 20 + int.from_bytes(self.buffer[2:4], "big"):
+            self.done.callback(self.buffer)
+
+
+def _can_bind(host: str) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+class LoopbackTests(TestCase):
+    """The service on real sockets: 127.0.0.1 and 127.0.0.2, ports chosen by the kernel."""
+
+    def setUp(self) -> None:
+        if not _can_bind("127.0.0.2"):
+            raise self.skipTest("cannot bind 127.0.0.2 (needs a Linux-style 127/8 loopback)")
+        self.service = STUNService(reactor, ("127.0.0.1", 0), ("127.0.0.2", 0), stats_interval=0)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    @defer.inlineCallbacks
+    def test_udp_change_request(self):
+        client = _Collect()
+        port = reactor.listenUDP(0, client, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        config = self.service.config
+        port.write(request(m.ChangeRequest(True, True)), config.primary)
+        data, addr = yield client.received
+        response = m.decode(data)
+        self.assertEqual(addr, config.alternate)
+        self.assertEqual(response.get(m.XorMappedAddress).address, ("127.0.0.1", port.getHost().port))
+        self.assertEqual(response.get(m.ResponseOrigin).address, config.alternate)
+
+    @defer.inlineCallbacks
+    def test_tcp(self):
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        config = self.service.config
+        client = _TCPCollect()
+        endpoint = TCP4ClientEndpoint(reactor, *config.alternate)
+        proto = yield connectProtocol(endpoint, client)
+        self.addCleanup(proto.transport.loseConnection)
+        proto.transport.write(request())
+        response = m.decode((yield client.done))
+        self.assertEqual(response.get(m.ResponseOrigin).address, config.alternate)
+        self.assertEqual(response.get(m.OtherAddress).address, config.primary)
+        self.assertEqual(response.get(m.XorMappedAddress).address[0], "127.0.0.1")
