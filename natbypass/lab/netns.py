@@ -178,7 +178,8 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
             ip(node.netns, "addr", "add", addr, "dev", link.iface)
         ip(node.netns, "link", "set", link.iface, "up")
         if link.link.loss_pct > 0:
-            nft(link.netns, rules.loss_ruleset(link.link.loss_pct, link.iface))
+            nft(link.netns, rules.loss_ruleset(link.link.loss_pct, link.iface))  # inbound
+            nft(pub, rules.loss_ruleset(link.link.loss_pct, link.bridge_port))  # outbound
 
     for site in plan.sites:
         spec = site.spec

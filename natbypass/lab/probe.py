@@ -12,6 +12,7 @@ optional delay.  Clients run inside a site:
     python3 -m natbypass.lab.probe filtering 198.18.0.2:4000
     python3 -m natbypass.lab.probe listen 198.18.0.2:4000 --seconds 5   # learn mapping, answer anyone
     python3 -m natbypass.lab.probe send IP:PORT [--tcp]                # reply / timeout / refused
+    python3 -m natbypass.lab.probe rtt 198.18.0.2:4000 --count 200      # RTT and loss
 
 Each client prints one JSON object.  The wire format is one text line per
 datagram (see :func:`encode` / :func:`decode`).
@@ -372,8 +373,13 @@ def listen(server: tuple[str, int], seconds: float, local_port: int = 0) -> int:
     return 0
 
 
-def send(target: tuple[str, int], tcp: bool = False, wait: float = 1.0, local_port: int = 0) -> dict[str, Any]:
-    """One request to ``target``: did it answer, time out, or refuse (ICMP / RST)?"""
+def send(
+    target: tuple[str, int], tcp: bool = False, wait: float = 1.0, local_port: int = 0, delay_ms: int = 0
+) -> dict[str, Any]:
+    """One request to ``target``: did it answer, time out, or refuse (ICMP / RST)?
+
+    ``delay_ms`` asks a reflector to answer that much later (mapping lifetime tests).
+    """
     if tcp:
         s = socket.socket()
         s.settimeout(wait)
@@ -390,9 +396,9 @@ def send(target: tuple[str, int], tcp: bool = False, wait: float = 1.0, local_po
             s.close()
     s = _udp_socket(local_port)
     s.connect(target)  # a connected UDP socket reports ICMP port unreachable as ECONNREFUSED
-    req = Request(new_txid())
+    req = Request(new_txid(), delay_ms=delay_ms)
     s.send(encode(req))
-    s.settimeout(wait)
+    s.settimeout(wait + delay_ms / 1000)
     try:
         msg = decode(s.recv(2048))
         seen = f"{msg.ip}:{msg.port}" if isinstance(msg, Response) else None
@@ -405,6 +411,64 @@ def send(target: tuple[str, int], tcp: bool = False, wait: float = 1.0, local_po
         return {"result": "garbage"}
     finally:
         s.close()
+
+
+def rtt(server: tuple[str, int], count: int, interval: float, wait: float = 2.0) -> dict[str, Any]:
+    """Round trips to a reflector: ``count`` requests ``interval`` apart from one socket."""
+    s = _udp_socket()
+    udp_ask(s, server, tries=10)  # warm up: resolve ARP along the path before timing
+    pending: dict[str, float] = {}
+    rtts: list[float] = []
+    n_sent = 0
+    next_send = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if n_sent < count and now >= next_send:
+            req = Request(new_txid())
+            pending[req.txid] = now
+            s.settimeout(0)
+            try:
+                s.sendto(encode(req), server)
+            except (BlockingIOError, ConnectionRefusedError):
+                pass  # a full queue on the way out is loss, as on a real link
+            n_sent += 1
+            next_send += interval
+            if n_sent == count:
+                stop_at = now + wait
+            continue
+        if n_sent == count and (now >= stop_at or not pending):
+            break
+        s.settimeout(max(0.0005, (next_send if n_sent < count else stop_at) - now))
+        try:
+            data, _ = s.recvfrom(2048)
+        except (socket.timeout, ConnectionRefusedError):
+            continue
+        at = time.monotonic()
+        try:
+            msg = decode(data)
+        except ProbeDecodeError:
+            continue
+        if isinstance(msg, Response) and msg.txid in pending:
+            rtts.append((at - pending.pop(msg.txid)) * 1000)
+    s.close()
+    return summarize_rtts(count, rtts)
+
+
+def summarize_rtts(sent: int, rtts_ms: Sequence[float]) -> dict[str, Any]:
+    """Loss and RTT statistics (milliseconds) of one run."""
+    out: dict[str, Any] = {"sent": sent, "received": len(rtts_ms), "loss_pct": 100 * (sent - len(rtts_ms)) / sent if sent else 0.0}
+    if rtts_ms:
+        ordered = sorted(rtts_ms)
+        mean = sum(ordered) / len(ordered)
+        out.update(
+            min_ms=ordered[0],
+            median_ms=ordered[len(ordered) // 2],
+            mean_ms=mean,
+            p95_ms=ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            max_ms=ordered[-1],
+            stdev_ms=(sum((x - mean) ** 2 for x in ordered) / len(ordered)) ** 0.5,
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     np_.add_argument("--tcp", action="store_true")
     np_.add_argument("--wait", type=float, default=1.0)
     np_.add_argument("--port", type=int, default=0)
+    np_.add_argument("--delay-ms", type=int, default=0, help="ask a reflector to answer this much later")
+    rp = sub.add_parser("rtt", help="round-trip times and loss to a reflector")
+    rp.add_argument("server", type=_endpoint)
+    rp.add_argument("--count", type=int, default=100)
+    rp.add_argument("--interval", type=float, default=0.02, help="seconds between requests")
     args = p.parse_args(argv)
     if args.cmd == "serve":
         ports = [int(x) for x in args.ports.split(",")]
@@ -441,8 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         out = measure_filtering(args.primary)
     elif args.cmd == "listen":
         return listen(args.server, args.seconds, args.port)
+    elif args.cmd == "rtt":
+        out = rtt(args.server, args.count, args.interval)
     else:
-        out = send(args.target, args.tcp, args.wait, args.port)
+        out = send(args.target, args.tcp, args.wait, args.port, args.delay_ms)
     print(json.dumps(out), flush=True)
     return 0
 

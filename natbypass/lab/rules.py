@@ -165,20 +165,19 @@ LOSS_SCALE = 1_000_000
 
 
 def loss_ruleset(loss_pct: float, iface: str) -> str:
-    """Drop ``loss_pct`` percent of packets in each direction of ``iface``."""
+    """Drop ``loss_pct`` percent of the packets arriving on ``iface``.
+
+    Loaded at both ends of a link (the site's ``wan0`` and its bridge port),
+    so each direction loses ``loss_pct``; dropping on ingress keeps the loss
+    invisible to senders, as on a real link (an egress drop would return EPERM).
+    """
     threshold = round(loss_pct / 100 * LOSS_SCALE)
     return "\n".join(
         [
-            f"table netdev {TABLE}loss {{",
+            f"table netdev {TABLE}loss_{iface} {{",
             "  chain ingress {",
             f'    type filter hook ingress device "{iface}" priority 0; policy accept;',
             f"    numgen random mod {LOSS_SCALE} < {threshold} drop",
-            "  }",
-            "}",
-            f"table inet {TABLE}loss {{",
-            "  chain egress {",
-            "    type filter hook postrouting priority 1000; policy accept;",
-            f'    oifname "{iface}" numgen random mod {LOSS_SCALE} < {threshold} drop',
             "  }",
             "}",
         ]
