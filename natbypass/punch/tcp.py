@@ -40,7 +40,6 @@ from dataclasses import dataclass
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
