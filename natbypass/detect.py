@@ -1,0 +1,284 @@
+"""
+``natbypass detect``: ask an RFC 5780 STUN server what our NAT does.
+
+    natbypass detect --stun 127.0.0.1:3478 [--tcp] [--json]
+
+Exit status: 0 when the server answered, 1 when it could not be reached
+(over UDP, and over TCP too with ``--tcp``), 2 on bad usage.  With ``--json``
+one JSON object goes to stdout (see L{natbypass.discovery.NATBehavior.to_json});
+otherwise a short report.  Errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import ipaddress
+import json
+import sys
+from typing import TextIO
+
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from natbypass.discovery import NATBehavior, discover
+from natbypass.stun.client import (
+    Address,
+    RetransmitPolicy,
+    StunUDPProtocol,
+    format_address,
+    route_source_address,
+    tcp_binding,
+)
+
+log = Logger()
+
+DEFAULT_PORT = 3478
+EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
+
+
+def parse_host_port(text: str, default_port: int | None = DEFAULT_PORT, *, allow_zero: bool = False) -> Address:
+    """
+    C{HOST[:PORT]} -> (host, port); IPv6 literals in brackets when a port
+    follows (C{[::1]:3478}), bare IPv6 literals taken whole.  Raises
+    ValueError with a message a person can act on.
+    """
+    text = text.strip()
+    port_text: str | None = None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: expected ':PORT' after ']'")
+            port_text = rest[1:]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{text!r}: only IPv6 addresses go in brackets") from None
+    elif text.count(":") > 1:
+        host = text  # a bare IPv6 literal
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: not an IPv6 address (write [IPv6]:PORT)") from None
+    elif ":" in text:
+        host, port_text = text.split(":", 1)
+    else:
+        host = text
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    if not _valid_host(host):
+        raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r}: missing ':PORT'")
+        return host, default_port
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range")
+    return host, port
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if len(host) > 253 or not host.isascii():
+        return False
+    labels = host.rstrip(".").split(".")
+    return all(
+        0 < len(label) <= 63
+        and label[0] != "-"
+        and label[-1] != "-"
+        and all(c.isalnum() or c == "-" for c in label)
+        for label in labels
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _arg(parse):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value > 600:
+        raise ValueError(f"{text}: must be more than 0 and at most 600 seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="natbypass detect",
+        description="Detect the NAT's mapping and filtering behaviour (RFC 5780) "
+        "with the help of a STUN server that has two addresses.",
+    )
+    p.add_argument("--stun", required=True, metavar="HOST[:PORT]",
+                   type=_arg(parse_host_port),
+                   help=f"the STUN server (port {DEFAULT_PORT} by default; IPv6 as [ADDR]:PORT)")
+    p.add_argument("--tcp", action="store_true",
+                   help="also measure the TCP mapping behaviour (three connections from one local port)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
+    p.add_argument("--timeout", type=_arg(_positive), default=3.0, metavar="SECONDS",
+                   help="give up on a Binding after this long (default 3; "
+                   "filtering tests, which expect silence, wait half of it)")
+    p.add_argument("--rto", type=_arg(_positive), default=0.25, metavar="SECONDS",
+                   help="initial retransmission timeout (default 0.25, doubling)")
+    p.add_argument("--local", type=_arg(functools.partial(parse_host_port, default_port=0, allow_zero=True)),
+                   metavar="HOST[:PORT]",
+                   help="local address to bind (default: the address that routes to the server, any port)")
+    return p
+
+
+# ---------------------------------------------------------------- output
+
+
+def _yes_no(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
+
+
+def format_report(behavior: NATBehavior) -> str:
+    """The short human-readable report."""
+
+    def addr(a: Address | None) -> str:
+        return format_address(a) if a is not None else "unknown"
+
+    lines = [
+        f"NAT type:        {behavior.nat_type}",
+        f"Mapping:         {behavior.mapping}",
+        f"Filtering:       {behavior.filtering}",
+        f"Public address:  {addr(behavior.public_address)}",
+        f"Local address:   {addr(behavior.local_address)}",
+        f"Port preserving: {_yes_no(behavior.port_preserving)}",
+    ]
+    if behavior.tcp is not None:
+        lines += [
+            f"TCP mapping:     {behavior.tcp.mapping}",
+            f"TCP public:      {addr(behavior.tcp.public_address)} "
+            f"(from {addr(behavior.tcp.local_address)})",
+        ]
+    other = f" (alternate {addr(behavior.other_address)})" if behavior.other_address else ""
+    lines.append(f"STUN server:     {addr(behavior.server)}{other}")
+    if behavior.elapsed_ms is not None:
+        lines.append(f"Elapsed:         {behavior.elapsed_ms:.0f} ms")
+    notes = list(behavior.notes) + (list(behavior.tcp.notes) if behavior.tcp else [])
+    lines += [f"Note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def format_json(behavior: NATBehavior) -> str:
+    return json.dumps(behavior.to_json(), sort_keys=True)
+
+
+# ------------------------------------------------------------- the work
+
+
+def _fail(err: TextIO, message: str) -> int:
+    print(f"natbypass detect: {message}", file=err)
+    return EXIT_UNREACHABLE
+
+
+@defer.inlineCallbacks
+def detect(reactor, args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None):
+    """Run the detection the parsed C{args} ask for; fires with the exit status."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    host, port = args.stun
+    if not _is_ip(host):
+        try:
+            host = yield reactor.resolve(host)
+        except Exception as e:
+            return _fail(err, f"cannot resolve STUN server name {host!r}: {e}")
+    server = (host, port)
+    if args.local is not None:
+        local_host, local_port = args.local
+    else:
+        try:
+            local_host, local_port = route_source_address(server), 0
+        except OSError as e:
+            return _fail(err, f"no route to the STUN server {format_address(server)}: {e}")
+    proto = StunUDPProtocol(reactor)
+    try:
+        listening = reactor.listenUDP(local_port, proto, interface=local_host)
+    except CannotListenError as e:
+        return _fail(err, f"cannot bind UDP to {format_address((local_host, local_port))}: {e.socketError}")
+    bound = listening.getHost()
+    policy = RetransmitPolicy.within(args.timeout, rto=args.rto)
+    filtering_policy = RetransmitPolicy.within(args.timeout / 2, rto=min(args.rto, args.timeout / 2))
+    tcp_binder = None
+    if args.tcp:
+        tcp_binder = functools.partial(
+            tcp_binding, reactor, timeout=args.timeout, policy=RetransmitPolicy(ti=args.timeout)
+        )
+    try:
+        behavior = yield discover(
+            proto.client,
+            server,
+            (bound.host, bound.port),
+            reactor,
+            tcp_binder=tcp_binder,
+            policy=policy,
+            filtering_policy=filtering_policy,
+        )
+    finally:
+        yield listening.stopListening()
+    reached = behavior.reachable or behavior.tcp_reachable
+    if args.json:
+        print(format_json(behavior), file=out)
+    else:
+        print(format_report(behavior), file=out)
+    if not reached:
+        via = "UDP or TCP" if args.tcp else "UDP"
+        return _fail(
+            err,
+            f"the STUN server {format_address(server)} did not answer over {via} within "
+            f"{args.timeout:g} s: check that it runs and that the address is right "
+            "(a firewall that blocks UDP looks the same)",
+        )
+    return EXIT_OK
+
+
+def run(argv: list[str]) -> int:
+    """Entry point of C{natbypass detect}; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: 0 for --help, 2 for bad usage
+        return int(e.code or 0)
+    from twisted.internet.task import react
+
+    def main(reactor):
+        d = detect(reactor, args)
+
+        def exit_with(code: int) -> None:
+            if code:
+                raise SystemExit(code)
+
+        return d.addCallback(exit_with)
+
+    try:
+        react(main)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return EXIT_OK
