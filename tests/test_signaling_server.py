@@ -218,7 +218,7 @@ class StateTests(SynchronousTestCase):
 
 class OfferTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness(offer_timeout=10.0, punch_margin=0.05)
+        self.h = Harness(offer_timeout=10.0, punch_margin=0.05, choose_order=default_choose_order)
         self.a = self.h.peer("alice")
         self.b = self.h.peer("bob")
 
@@ -376,6 +376,15 @@ class ChooseOrderTests(SynchronousTestCase):
         self.assertEqual(default_choose_order(n, n, (), ("tcp",)), ["tcp"])
         self.assertEqual(default_choose_order(n, n, ("udp",), ("tcp",)), [])
 
+    def test_traversal_table_is_loaded(self) -> None:
+        """Without an explicit hook the mediator asks natbypass.punch.select."""
+        choose = SignalingState(Clock()).choose_order
+        self.assertIsNot(choose, default_choose_order)
+        n = NATSummary()
+        self.assertEqual(list(choose(n, n, ("tcp", "udp"), ())), ["tcp", "udp"])
+        self.assertEqual(list(choose(n, n, ("udp",), ("tcp",))), [])
+        self.assertEqual(sorted(choose(n, n, (), ())), ["tcp", "udp"])
+
     def test_hook_is_used(self) -> None:
         calls = []
 
@@ -392,7 +401,7 @@ class ChooseOrderTests(SynchronousTestCase):
         self.assertEqual(calls, [(DESC_A.nat, DESC_B.nat, DESC_A.wish, DESC_B.wish)])
 
     def test_no_common_protocol(self) -> None:
-        h = Harness()
+        h = Harness(choose_order=default_choose_order)
         a, b = h.peer("a"), h.peer("b")
         h.send(a, Connect(1, "b", Description(wish=("udp",))))
         o = [m for m in b[0].take() if isinstance(m, Offer)][0]

@@ -131,8 +131,9 @@ class IncomingOffer:
 
 class SignalingClientProtocol(LineReceiver):
     """
-    One connection to the mediator.  ``ready`` fires with the peer id once
-    registered, or fails (and the connection closes) if the handshake fails.
+    One connection to the mediator.  It tells its owner when it is
+    registered (``_ready``) or refused (``_refused``, then it closes, and the
+    owner's ClientService reconnects after a growing delay).
     """
 
     delimiter = b"\n"
@@ -142,7 +143,6 @@ class SignalingClientProtocol(LineReceiver):
         self.owner = owner
         self.clock = owner.clock
         self.MAX_LENGTH = owner.max_line
-        self.ready: Deferred[str] = Deferred()
         self._pending: dict[int, Deferred[Message]] = {}
         self._offers: dict[str, IncomingOffer] = {}
         self._watchdog: Any = None
@@ -184,11 +184,15 @@ class SignalingClientProtocol(LineReceiver):
             o.cancelled.callback("connection to the mediator lost")
         self.owner._lost(self)
 
-    def _fail_ready(self, err: Exception) -> None:
-        if not self.ready.called:
-            self.ready.errback(err)
-            if self.transport is not None and self.connected:
-                self.transport.loseConnection()
+    def _fail_ready(self, err: Any) -> None:
+        if not self._handshaking:
+            return
+        self._handshaking = False
+        if isinstance(err, Failure):
+            err = err.value
+        self.owner._refused(self, err)
+        if self.transport is not None and self.connected:
+            self.transport.loseConnection()
 
     # -- lines
 
@@ -272,8 +276,7 @@ class SignalingClientProtocol(LineReceiver):
         self._watchdog = None
         self._alive()
         self.owner.secret = reply.secret
-        if not self.ready.called:
-            self.ready.callback(reply.id)
+        self.owner._ready(self)
 
 
 class _ClientFactory(Factory):
@@ -340,12 +343,17 @@ class SignalingClient(Service):
         self._next_rid = 0
         self._offer_handler: Callable[[IncomingOffer], Any] | None = None
         self._session_handler: Callable[[Session], Any] | None = None
+        self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
+        self._failures = 0  # handshakes refused in a row; ClientService only counts failed connects
+        self._proto: SignalingClientProtocol | None = None
+        self._waiters: list[Deferred[SignalingClientProtocol]] = []
+        # No prepareConnection: a failed prepare leaves ClientService unable to
+        # see that connection close (NoTransition); we track readiness ourselves.
         self._service = ClientService(
             endpoint,
             _ClientFactory(self),
-            retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+            retryPolicy=lambda attempt: self._policy(attempt + self._failures),
             clock=clock,
-            prepareConnection=lambda proto: proto.ready,
         )
 
     def _rid(self) -> int:
@@ -360,15 +368,25 @@ class SignalingClient(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.errback(CancelledError("the signalling client was stopped"))
         return self._service.stopService()
 
     # -- ISignalingClient
 
     def whenRegistered(self) -> Deferred[str]:
-        return self._service.whenConnected().addCallback(lambda proto: self.peer_id)
+        return self._registered_protocol().addCallback(lambda proto: self.peer_id)
+
+    def _registered_protocol(self) -> Deferred[SignalingClientProtocol]:
+        if self._proto is not None:
+            return succeed(self._proto)
+        d: Deferred[SignalingClientProtocol] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
+        self._waiters.append(d)
+        return d
 
     def _call(self, make: Callable[[], Message], timeout: float | None = None) -> Deferred[Message]:
-        d = self._service.whenConnected()
+        d = self._registered_protocol()
         d.addCallback(lambda proto: proto.request(make()))
         d.addTimeout(timeout or self.request_timeout, self.clock)
         return d
@@ -398,8 +416,22 @@ class SignalingClient(Service):
 
     # -- protocol callbacks
 
+    def _ready(self, proto: SignalingClientProtocol) -> None:
+        self._failures = 0
+        self._proto = proto
+        self.log.info("registered at the mediator as {peer_id}", peer_id=self.peer_id)
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(proto)
+
+    def _refused(self, proto: SignalingClientProtocol, err: Exception) -> None:
+        self._failures += 1
+        self.log.warn("registration as {peer_id} failed: {err}; retrying later", peer_id=self.peer_id, err=err)
+
     def _lost(self, proto: SignalingClientProtocol) -> None:
-        self.log.info("signalling connection lost; the client service reconnects")
+        if self._proto is proto:
+            self._proto = None
+            self.log.info("signalling connection lost; the client service reconnects")
 
     def _orphan(self, proto: SignalingClientProtocol, msg: Message) -> None:
         """A reply to a request we gave up on; a session we no longer want is reported as cancelled."""
@@ -412,7 +444,11 @@ class SignalingClient(Service):
             d: Deferred[Any] = fail(Decline("this peer accepts no offers"))
         else:
             d = maybeDeferred(handler, offer)
-        offer.cancelled.addCallback(lambda _: d.cancel())
+        def withdrawn(reason: str) -> str:
+            d.cancel()
+            return reason
+
+        offer.cancelled.addCallback(withdrawn)
 
         def answered(result: Any) -> Any:
             if proto.forget_offer(offer.id) is None:

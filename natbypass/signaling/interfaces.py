@@ -48,6 +48,9 @@ class ISignalingState(Interface):
     def status():
         """A dict of gauges and counters for the operator."""
 
+    def shutdown():
+        """The mediator is stopping: tell every connection so and close it."""
+
 
 class ISignalingClient(Interface):
     """

@@ -66,12 +66,35 @@ def default_choose_order(
 
 
 def _load_choose_order() -> ChooseOrder:
-    """The traversal engine's choice if it is installed, else the default."""
+    """
+    The traversal engine's choice when it is installed: a ``choose_order``
+    hook in `natbypass.punch.select`, or its ``decide`` table adapted (the
+    initiator plays role 0); else `default_choose_order`.
+    """
     try:
-        from natbypass.punch.select import choose_order  # type: ignore[attr-defined]
+        from natbypass.punch import select
     except ImportError:
         return default_choose_order
-    return choose_order
+    hook = getattr(select, "choose_order", None)
+    if callable(hook):
+        return hook
+    decide, summary = getattr(select, "decide", None), getattr(select, "NatSummary", None)
+    if decide is None or summary is None:
+        return default_choose_order
+
+    def choose(offer_nat: NATSummary, answer_nat: NATSummary, wish_a: tuple[str, ...], wish_b: tuple[str, ...]) -> list[str]:
+        try:
+            plan = decide(
+                summary(offer_nat.mapping, offer_nat.filtering, offer_nat.port_preserving),
+                summary(answer_nat.mapping, answer_nat.filtering, answer_nat.port_preserving),
+                wish_a or "auto",
+                wish_b or "auto",
+            )
+        except ValueError:  # NoCommonProtocol
+            return []
+        return list(plan.order)
+
+    return choose
 
 
 def punch_delays(rtt_a: float, rtt_b: float, margin: float) -> tuple[float, float]:
@@ -570,6 +593,13 @@ class SignalingState:
                 self._ping(link, now)
         for sid in [sid for sid, s in self.sessions.items() if s.expires <= now]:
             del self.sessions[sid]
+
+    def shutdown(self) -> None:
+        """The mediator is stopping: tell every connection and close it."""
+        for link in list(self.links):
+            self._error(link, None, "shutting-down", "the mediator is shutting down; reconnect later")
+            self._close(link)
+            self.closed(link)
 
     def status(self) -> dict[str, Any]:
         return {

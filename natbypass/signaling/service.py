@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from .. import __version__
 from .server import ChooseOrder, Limits, SignalingFactory, SignalingState, TokenPolicy
@@ -49,12 +53,59 @@ def check_signaling_options(options: usage.Options) -> None:
             raise usage.UsageError(f"--token-file {options['token-file']}: {e}") from None
 
 
-class _SignalingService(MultiService):
-    """The listener plus periodic sweep and status line; exposes the state for the operator."""
+class SignalingService(MultiService):
+    """
+    The listener plus the periodic sweep and status line.  Stopping it stops
+    listening and closes every signalling connection (peers reconnect to the
+    next mediator).  ``state`` is there for the operator and tests.
+    """
 
-    def __init__(self, state: SignalingState) -> None:
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, state: SignalingState) -> None:
         super().__init__()
+        self.endpoint = endpoint
         self.state = state
+        self._listening: Deferred[IListeningPort] | None = None
+        self._port: IListeningPort | None = None
+        self._waiters: list[Deferred[IListeningPort]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self._listening = self.endpoint.listen(SignalingFactory(self.state))
+        self._listening.addCallbacks(self._listened, self._failed)
+
+    def _listened(self, port: IListeningPort) -> None:
+        self._port = port
+        self.log.info("signalling listening on {address}", address=port.getHost())
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(port)
+
+    def _failed(self, f: Failure) -> None:
+        self.log.failure("signalling cannot listen", f)
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.errback(f)
+
+    def whenListening(self) -> Deferred[IListeningPort]:
+        """The listening port, once bound (``getHost()`` tells the address)."""
+        if self._port is not None:
+            return succeed(self._port)
+        d: Deferred[IListeningPort] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self._port = self._port, None
+        if self._listening is not None and not self._listening.called:
+            self._listening.cancel()
+        self._listening = None
+        self.state.shutdown()
+        if port is None:
+            return succeed(None)
+        return maybeDeferred(port.stopListening)
 
 
 def makeSignalingService(
@@ -73,7 +124,7 @@ def makeSignalingService(
     status_interval: float = 60.0,
     sweep_interval: float = 1.0,
     choose_order: ChooseOrder | None = None,
-) -> IService:
+) -> SignalingService:
     """
     A service that listens on ``endpoint`` and runs the signalling state.
     Nothing is bound until the service starts.
@@ -91,10 +142,7 @@ def makeSignalingService(
         offer_timeout=offer_timeout,
     )
     state = SignalingState(reactor, limits, tokens, choose_order, server_name=f"natbypass/{__version__}")
-    top = _SignalingService(state)
-    listener = StreamServerEndpointService(serverFromString(reactor, endpoint), SignalingFactory(state))
-    listener.setName("signal-listener")
-    listener.setServiceParent(top)
+    top = SignalingService(serverFromString(reactor, endpoint), state)
     sweeper = TimerService(sweep_interval, state.sweep)
     sweeper.clock = reactor
     sweeper.setServiceParent(top)

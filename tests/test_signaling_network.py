@@ -1,0 +1,199 @@
+"""
+Signalling over real loopback sockets: TLS with a throwaway CA (right CA,
+wrong CA, wrong hostname) and a mediator restart that the peers survive.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from service_identity import VerificationError
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from natbypass.signaling.client import SignalingClient, client_endpoint
+from natbypass.signaling.service import makeSignalingService
+from natbypass.signaling.wire import Candidate, Description, Session
+
+DESC = Description((Candidate("host", "127.0.0.1", 40000),))
+
+
+def make_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def make_server_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, dns: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def pem_cert(c: x509.Certificate) -> bytes:
+    return c.public_bytes(serialization.Encoding.PEM)
+
+
+def pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
+    return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+class _Greeted(Protocol):
+    """Records the first bytes and how the connection ended."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(reason.value)  # the exception, not the Failure (which would errback)
+
+
+class TLSTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        d = self.mktemp()
+        os.makedirs(d)
+        ca, ca_key = make_ca("NATbypass test CA")
+        cert, key = make_server_cert(ca, ca_key, "localhost")
+        other_ca, _ = make_ca("Somebody else's CA")
+        self.ca_pem = os.path.join(d, "ca.pem")
+        self.other_ca_pem = os.path.join(d, "other-ca.pem")
+        self.key_pem = os.path.join(d, "key.pem")
+        self.cert_pem = os.path.join(d, "cert.pem")
+        for path, data in [(self.ca_pem, pem_cert(ca)), (self.other_ca_pem, pem_cert(other_ca)), (self.key_pem, pem_key(key)), (self.cert_pem, pem_cert(cert))]:
+            with open(path, "wb") as f:
+                f.write(data)
+
+    @inlineCallbacks
+    def start_mediator(self):
+        svc = makeSignalingService(f"ssl:0:interface=127.0.0.1:privateKey={self.key_pem}:certKey={self.cert_pem}", reactor, status_interval=0)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        port = yield svc.whenListening()
+        return svc, port.getHost().port
+
+    @inlineCallbacks
+    def probe(self, description: str, ca: str) -> Deferred:
+        proto = yield client_endpoint(reactor, description, ca=ca).connect(Factory.forProtocol(_Greeted))
+        reason = yield proto.lost
+        return proto.data, reason
+
+    @inlineCallbacks
+    def test_peers_meet_over_tls(self) -> None:
+        svc, port = yield self.start_mediator()
+        clients = []
+        for name in ("alice", "bob"):
+            c = SignalingClient(client_endpoint(reactor, f"tls:localhost:{port}", ca=self.ca_pem), name, clock=reactor)
+            c.startService()
+            self.addCleanup(c.stopService)
+            clients.append(c)
+        yield clients[0].whenRegistered()
+        yield clients[1].whenRegistered()
+        clients[1].set_offer_handler(lambda offer: DESC)
+        session = yield clients[0].connect("bob", DESC)
+        self.assertIsInstance(session, Session)
+        self.assertEqual(session.peer, "bob")
+        self.assertEqual(svc.state.status()["counters"]["sessions"], 1)
+
+    @inlineCallbacks
+    def test_right_ca(self) -> None:
+        _, port = yield self.start_mediator()
+        data, _ = yield self.probe(f"tls:localhost:{port}", self.ca_pem)
+        self.assertIn(b'"proto":"natbypass-signal"', data)
+
+    @inlineCallbacks
+    def test_wrong_ca_refused(self) -> None:
+        _, port = yield self.start_mediator()
+        data, reason = yield self.probe(f"tls:localhost:{port}", self.other_ca_pem)
+        self.assertEqual(data, b"")
+        self.assertIn("certificate verify failed", str(reason))
+
+    @inlineCallbacks
+    def test_wrong_hostname_refused(self) -> None:
+        """The certificate names localhost; 127.0.0.1 does not match it."""
+        _, port = yield self.start_mediator()
+        data, reason = yield self.probe(f"tls:127.0.0.1:{port}", self.ca_pem)
+        self.assertEqual(data, b"")
+        self.assertIsInstance(reason, VerificationError)
+        self.assertIn("IPAddressMismatch", str(reason))
+
+
+class RestartTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def wait_for(self, predicate, what: str, seconds: float = 10.0):
+        for _ in range(int(seconds / 0.05)):
+            if predicate():
+                return
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    @inlineCallbacks
+    def test_peers_come_back(self) -> None:
+        svc = makeSignalingService("tcp:0:interface=127.0.0.1", reactor, status_interval=0)
+        svc.startService()
+        port = (yield svc.whenListening()).getHost().port
+        clients = []
+        for name in ("alice", "bob"):
+            c = SignalingClient(client_endpoint(reactor, f"tcp:127.0.0.1:{port}"), name, clock=reactor, retry_policy=lambda attempt: 0.1)
+            c.startService()
+            self.addCleanup(c.stopService)
+            clients.append(c)
+        yield clients[0].whenRegistered()
+        yield clients[1].whenRegistered()
+        self.assertEqual(svc.state.status()["peers"], 2)
+
+        yield svc.stopService()  # the mediator goes down: listener and connections
+        yield self.wait_for(lambda: all(c._proto is None for c in clients), "the clients to notice")
+        svc2 = makeSignalingService(f"tcp:{port}:interface=127.0.0.1", reactor, status_interval=0)
+        svc2.startService()
+        self.addCleanup(svc2.stopService)
+        yield svc2.whenListening()
+        yield self.wait_for(lambda: svc2.state.status()["peers"] == 2, "both peers to re-register")
+        yield clients[0].whenRegistered()
+        clients[1].set_offer_handler(lambda offer: DESC)
+        session = yield clients[0].connect("bob", DESC)
+        self.assertEqual(session.peer, "bob")
