@@ -23,6 +23,8 @@ from natbypass.punch.select import (
     feasibility,
     parse_wish,
     predictable_delta,
+    choose_order,
+    Outcome,
     race,
 )
 from natbypass.punch.session import PunchFailed
@@ -194,7 +196,8 @@ class RaceTests(SynchronousTestCase):
         return make
 
     def test_first_wins_second_never_starts(self) -> None:
-        d, outcome = race([("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock, 0.25)
+        outcome = Outcome()
+        d = race([("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock, 0.25, outcome=outcome)
         self.clock.advance(0.1)
         conn = Conn("udp")
         self.pending["udp"].callback(conn)
@@ -206,7 +209,8 @@ class RaceTests(SynchronousTestCase):
         self.assertEqual((outcome.attempts[0].started_ms, outcome.attempts[0].ended_ms), (0, 100))
 
     def test_head_start_then_second_wins(self) -> None:
-        d, outcome = race([("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock, 0.25)
+        outcome = Outcome()
+        d = race([("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock, 0.25, outcome=outcome)
         self.clock.advance(0.2)
         self.assertNotIn("tcp", self.pending)
         self.clock.advance(0.05)
@@ -220,7 +224,8 @@ class RaceTests(SynchronousTestCase):
         self.assertEqual((tcp.result, tcp.started_ms, tcp.ended_ms), ("connected", 250, 500))
 
     def test_failure_starts_next_at_once(self) -> None:
-        d, outcome = race([("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock, 0.25)
+        outcome = Outcome()
+        d = race([("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock, 0.25, outcome=outcome)
         self.clock.advance(0.1)
         self.pending["udp"].errback(PunchFailed("udp", "nothing came back"))
         self.assertIn("tcp", self.pending)
@@ -235,9 +240,7 @@ class RaceTests(SynchronousTestCase):
         self.assertIn("udp: failed after 100 ms (nothing came back)", str(f.value))
 
     def test_failure_while_other_running_waits_for_it(self) -> None:
-        d, outcome = race(
-            [("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock, 0.25
-        )
+        d = race([("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock, 0.25)
         self.clock.advance(0.3)
         self.pending["udp"].errback(PunchFailed("udp", "x"))
         self.assertNoResult(d)
@@ -245,7 +248,8 @@ class RaceTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d).name, "tcp")
 
     def test_caller_cancels(self) -> None:
-        d, outcome = race([("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock)
+        outcome = Outcome()
+        d = race([("udp", self.factory("udp")), ("tcp", self.factory("tcp"))], self.clock, outcome=outcome)
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(self.cancelled, ["udp"])
@@ -256,7 +260,19 @@ class RaceTests(SynchronousTestCase):
         def broken():
             raise RuntimeError("no socket")
 
-        d, outcome = race([("udp", broken), ("tcp", lambda: fail(PunchFailed("tcp", "nope")))], self.clock)
+        outcome = Outcome()
+        d = race([("udp", broken), ("tcp", lambda: fail(PunchFailed("tcp", "nope")))], self.clock, outcome=outcome)
         f = self.failureResultOf(d, AllAttemptsFailed)
         self.assertEqual(f.value.outcome.attempts[0].reason, "no socket")
         self.assertEqual(outcome.to_json()["attempts"][1]["result"], "failed")
+
+
+class ChooseOrderTests(SynchronousTestCase):
+    def test_hook(self) -> None:
+        class Wire:
+            def __init__(self, mapping, filtering):
+                self.mapping, self.filtering, self.port_preserving = mapping, filtering, None
+
+        self.assertEqual(choose_order(Wire(EI, APD), Wire(EI, EI), (), ()), ["udp", "tcp"])
+        self.assertEqual(choose_order(Wire(EI, APD), Wire(EI, EI), ("tcp",), ()), ["tcp"])
+        self.assertEqual(choose_order(Wire(EI, APD), Wire(EI, EI), ("tcp",), ("udp",)), [])

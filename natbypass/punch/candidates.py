@@ -1,11 +1,12 @@
 """
 Candidates: the addresses a peer offers, and the local ports behind them.
 
-* host candidates: every local interface address (so two peers on one LAN
+* host addresses: every local interface address (so two peers on one LAN
   connect directly), parsed from ``ip -j addr`` -- no traffic is sent;
 * the STUN-mapped UDP address and the TCP mapped address (learned elsewhere,
-  from the very sockets bound here);
-* predicted ports of a symmetric NAT that allocates in sequence.
+  from the very sockets bound here; carried as ``signaling.wire.Candidate``);
+* predicted ports of a symmetric NAT that allocates in sequence, and the
+  order in which the peer's addresses are probed.
 
 Local ports come from an optional ``--port-range LOW-HIGH``.  Each port is
 bound once and the socket kept: the UDP one is the socket that does STUN and
@@ -22,7 +23,6 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -30,12 +30,8 @@ from twisted.internet.protocol import DatagramProtocol
 
 Address = tuple[str, int]
 
-KINDS = ("host", "srflx", "prflx", "predicted")
-TRANSPORTS = ("udp", "tcp")
-
-
 class CandidateError(ValueError):
-    """Malformed candidate data, port range or ``ip`` output (the one error type)."""
+    """A bad port range, unusable ``ip`` output, or no free port (the one error type)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -69,44 +65,6 @@ class PortRange:
 
     def __str__(self) -> str:
         return f"{self.low}-{self.high}"
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One address the peer may reach us at."""
-
-    transport: str
-    kind: str
-    host: str
-    port: int
-
-    def __post_init__(self) -> None:
-        if self.transport not in TRANSPORTS:
-            raise CandidateError(f"candidate transport must be udp or tcp, not {self.transport!r}")
-        if self.kind not in KINDS:
-            raise CandidateError(f"candidate kind must be one of {KINDS}, not {self.kind!r}")
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            raise CandidateError(f"candidate host must be an IP address, not {self.host!r}") from None
-        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 1 <= self.port <= 65535:
-            raise CandidateError(f"candidate port must be 1-65535, not {self.port!r}")
-
-    @property
-    def address(self) -> Address:
-        return (self.host, self.port)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"transport": self.transport, "kind": self.kind, "host": self.host, "port": self.port}
-
-    @classmethod
-    def from_json(cls, obj: Any) -> Candidate:
-        """Strictly rebuild a candidate sent by the peer (through the mediator)."""
-        if not isinstance(obj, dict) or set(obj) != {"transport", "kind", "host", "port"}:
-            raise CandidateError(f"a candidate is an object with transport, kind, host, port: {obj!r}")
-        if not all(isinstance(obj[k], str) for k in ("transport", "kind", "host")):
-            raise CandidateError(f"candidate fields transport, kind, host must be strings: {obj!r}")
-        return cls(obj["transport"], obj["kind"], obj["host"], obj["port"])
 
 
 def parse_ip_addr_json(
@@ -174,11 +132,6 @@ def host_addresses(
     return parse_ip_addr_json(text, include_loopback, families)
 
 
-def host_candidates(transport: str, addresses: Iterable[str], port: int) -> list[Candidate]:
-    """Host candidates for a socket bound to ``port`` on all of ``addresses``."""
-    return [Candidate(transport, "host", a, port) for a in addresses]
-
-
 def predicted_ports(mapped: Address, delta: int, span: int) -> list[Address]:
     """``mapped`` port + delta, + 2*delta, ... (``span`` of them), within 1-65535."""
     host, port = mapped
@@ -187,28 +140,27 @@ def predicted_ports(mapped: Address, delta: int, span: int) -> list[Address]:
 
 
 def remote_addresses(
-    candidates: Iterable[Candidate],
-    transport: str,
+    srflx: Iterable[Address],
+    others: Iterable[Address] = (),
     predict_delta: int | None = None,
     span: int = 8,
 ) -> list[Address]:
     """
-    The peer's addresses to punch, in the order the first packets go out.
+    The peer's addresses to punch (one transport), in the order the first
+    packets go out.
 
     Predicted ports come first: a symmetric NAT on *our* side hands out a new
     port for each new destination in the order we first send to them, so
     when both sides are predictable and both probe predicted ports first, in
     ascending order, the i-th flows of both sides meet.  Then the mapped
-    (srflx) address, then host addresses.
+    (srflx) addresses, then ``others`` (host addresses).
     """
-    mine = [c for c in candidates if c.transport == transport]
-    srflx = [c.address for c in mine if c.kind == "srflx"]
-    predicted = []
+    srflx = list(srflx)
+    predicted: list[Address] = []
     if predict_delta:
         for address in srflx:
             predicted += predicted_ports(address, predict_delta, span)
-    ordered = predicted + srflx + [c.address for c in mine if c.kind not in ("srflx",)]
-    return list(dict.fromkeys(ordered))
+    return list(dict.fromkeys([*predicted, *srflx, *others]))
 
 
 def bind_udp(

@@ -381,13 +381,16 @@ class HappyEyeballs:
         attempts: Sequence[tuple[str, AttemptFactory]],
         clock: IReactorTime,
         head_start: float = DEFAULT_HEAD_START,
+        outcome: Outcome | None = None,
     ) -> None:
         if not attempts:
             raise ValueError("nothing to attempt")
         self._factories = [f for _, f in attempts]
         self._clock = clock
         self._head_start = head_start
-        self.outcome = Outcome([AttemptRecord(p) for p, _ in attempts])
+        self.outcome = outcome if outcome is not None else Outcome()
+        self.outcome.attempts[:] = [AttemptRecord(p) for p, _ in attempts]
+        self.outcome.winner = None
         self._running: dict[int, Deferred] = {}
         self._next = 0
         self._timer = None
@@ -469,7 +472,37 @@ def race(
     attempts: Sequence[tuple[str, AttemptFactory]],
     clock: IReactorTime,
     head_start: float = DEFAULT_HEAD_START,
-) -> tuple[Deferred, Outcome]:
-    """Start a :class:`HappyEyeballs` race; returns its Deferred and live outcome."""
-    he = HappyEyeballs(attempts, clock, head_start)
-    return he.start(), he.outcome
+    outcome: Outcome | None = None,
+) -> Deferred:
+    """
+    Start a :class:`HappyEyeballs` race; returns its Deferred (the winning
+    connection, or :class:`AllAttemptsFailed`).  Pass ``outcome`` to watch
+    the attempts being recorded; it is filled in place.
+    """
+    return HappyEyeballs(attempts, clock, head_start, outcome).start()
+
+
+def choose_order(
+    offer_nat: Any, answer_nat: Any, wish_a: Sequence[str], wish_b: Sequence[str]
+) -> list[str]:
+    """
+    The mediator's hook (``natbypass.signaling.server``): the order for a
+    session from both descriptions' NAT summaries (anything with
+    ``mapping``, ``filtering``, ``port_preserving``) and wishes (``()`` is
+    auto).  The offering peer plays role 0.  ``[]`` when the wishes share
+    no protocol.
+    """
+
+    def summary(nat: Any) -> NatSummary:
+        return NatSummary(
+            nat.mapping if nat.mapping in BEHAVIOURS else UNKNOWN,
+            nat.filtering if nat.filtering in BEHAVIOURS else UNKNOWN,
+            nat.port_preserving,
+            port_delta=getattr(nat, "port_delta", None),
+        )
+
+    try:
+        plan = decide(summary(offer_nat), summary(answer_nat), tuple(wish_a) or "auto", tuple(wish_b) or "auto")
+    except NoCommonProtocol:
+        return []
+    return list(plan.order)
