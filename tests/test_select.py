@@ -276,3 +276,15 @@ class ChooseOrderTests(SynchronousTestCase):
         self.assertEqual(choose_order(Wire(EI, APD), Wire(EI, EI), (), ()), ["udp", "tcp"])
         self.assertEqual(choose_order(Wire(EI, APD), Wire(EI, EI), ("tcp",), ()), ["tcp"])
         self.assertEqual(choose_order(Wire(EI, APD), Wire(EI, EI), ("tcp",), ("udp",)), [])
+
+
+class DocTests(SynchronousTestCase):
+    def test_every_reason_documented(self) -> None:
+        """docs/selection.md holds each row's reason word for word."""
+        import os
+
+        path = os.path.join(os.path.dirname(__file__), "..", "docs", "selection.md")
+        with open(path, encoding="utf-8") as f:
+            doc = " ".join(f.read().split())
+        for expected, reason in TABLE.values():
+            self.assertIn(reason, doc)
