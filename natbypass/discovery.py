@@ -25,7 +25,7 @@ filtering is reported as measured ("symmetric-firewall").
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from twisted.internet import defer

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import ipaddress
 import json
 import os
-import socket
 import sys
 
 from hypothesis import given

@@ -36,10 +36,14 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Protocol
-from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
+
+try:
+    from twisted.internet.tcp import makeBinding
+except ImportError:  # Twisted before makeBinding: SO_REUSEADDR only
+    makeBinding = None
 
 from natbypass.stun.message import (
     HEADER_SIZE,
@@ -532,7 +536,11 @@ def connect_tcp_from(
     host, port = remote
     if local is None:
         local = ("::" if ":" in host else "0.0.0.0", 0)
-    binding = makeBinding(local[0], local[1], reuseAddress=True, reusePort=True)
+    binding: object = (
+        makeBinding(local[0], local[1], reuseAddress=True, reusePort=True)
+        if makeBinding is not None
+        else local  # connectTCP sets SO_REUSEADDR on a tuple; no SO_REUSEPORT
+    )
     endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
     endpoint = endpoint_type(reactor, host, port, timeout=timeout, bindAddress=binding)
     return connectProtocol(endpoint, StunTCPProtocol(clock or reactor, policy))
