@@ -282,3 +282,84 @@ class LoopbackTests(TestCase):
         f = yield self.assertFailure(d, PunchFailed)
         self.assertIn("ECONNREFUSED", f.reason)
         self.assertIn("within 0.5 s", f.reason)
+
+
+# Run inside a private network namespace whose loopback drops every TCP RST,
+# as a NAT that silently drops unsolicited SYNs would: role 0 connects first
+# and its SYN to role 1's (bound, not listening) port gets no answer, so it
+# stays in SYN_SENT until role 1's SYN arrives -- a true simultaneous open,
+# with no listener anywhere.
+_NETNS_SCRIPT = r"""
+import json, sys
+from twisted.internet import defer, reactor, task
+from natbypass.punch.candidates import reserve_tcp_port
+from natbypass.punch.session import PunchSession
+from natbypass.punch.tcp import punch_tcp
+
+KEY = b"k" * 32
+holders = [reserve_tcp_port(None, "127.0.0.1", listen=False) for _ in range(2)]
+a0, a1 = [("127.0.0.1", h.getsockname()[1]) for h in holders]
+
+@defer.inlineCallbacks
+def main(reactor):
+    t0 = reactor.seconds()
+    d0 = punch_tcp(reactor, PunchSession("s", KEY, 0), a0, [a1], start_delay=0.0, window=3, connect_timeout=2)
+    d1 = punch_tcp(reactor, PunchSession("s", KEY, 1), a1, [a0], start_delay=0.15, window=3, connect_timeout=2)
+    c0, c1 = yield defer.gatherResults([d0, d1])
+    got = defer.Deferred()
+    class R:
+        def dataReceived(self, data): got.callback(data)
+        def connectionLost(self, reason): pass
+    c1.setReceiver(R())
+    c0.send(b"crossed SYNs")
+    data = yield got
+    print(json.dumps({"data": data.decode(), "ms": (reactor.seconds() - t0) * 1000,
+                      "ports": [c0.local_address.port, c0.remote_address.port]}))
+
+task.react(main)
+"""
+
+
+class SimultaneousOpenNetnsTests(SynchronousTestCase):
+    """A real TCP simultaneous open (no listener) in a private namespace."""
+
+    def setUp(self) -> None:
+        import os
+        import shutil
+
+        if os.geteuid() != 0:
+            raise self.skipTest("needs root to create a network namespace")
+        for tool in ("ip", "nft"):
+            if shutil.which(tool) is None:
+                raise self.skipTest(f"needs {tool!r} (iproute2 / nftables)")
+
+    def test_crossing_syns(self) -> None:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        ns = f"nbp-simopen-{os.getpid()}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns], check=False)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        rules = (
+            "table inet t {\n chain out {\n  type filter hook output priority 0;\n"
+            "  tcp flags & rst == rst counter drop\n }\n}\n"
+        )
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True, check=True)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", _NETNS_SCRIPT],
+            capture_output=True, text=True, timeout=30, cwd=root,
+            env={**os.environ, "PYTHONPATH": root},
+        )
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        self.assertEqual(result["data"], "crossed SYNs")
+        # Role 0's SYN waited for role 1's: it connected after role 1 started
+        # (150 ms), not before, and well before a SYN retransmission (1 s).
+        self.assertGreater(result["ms"], 150)
+        self.assertLess(result["ms"], 1000)
+        listing = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"], capture_output=True, text=True).stdout
+        self.assertRegex(listing, r"counter packets [1-9]")  # RSTs were really sent and dropped
