@@ -183,7 +183,9 @@ def format_report(behavior: NATBehavior) -> str:
     lines.append(f"STUN server:     {addr(behavior.server)}{other}")
     if behavior.elapsed_ms is not None:
         lines.append(f"Elapsed:         {behavior.elapsed_ms:.0f} ms")
-    notes = list(behavior.notes) + (list(behavior.tcp.notes) if behavior.tcp else [])
+    notes = list(behavior.notes) + [
+        f"TCP: {n}" for n in (behavior.tcp.notes if behavior.tcp else ()) if n not in behavior.notes
+    ]
     lines += [f"Note: {n}" for n in notes]
     return "\n".join(lines)
 

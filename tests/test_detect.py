@@ -125,6 +125,7 @@ class OutputTests(SynchronousTestCase):
         text = detect.format_report(b)
         self.assertIn("TCP mapping:     unknown", text)
         self.assertIn("Note: the server gave no OTHER-ADDRESS", text)
+        self.assertEqual(text.count("OTHER-ADDRESS"), 1)  # the same note for TCP is not repeated
         self.assertIn("Port preserving: no", text)
 
     def test_json(self) -> None:
@@ -204,6 +205,26 @@ class LoopbackTests(TestCase):
         self.assertIn("Filtering:       unknown", out)
         self.assertIn("NAT type:        unknown", out)
         self.assertIn("OTHER-ADDRESS", out)
+
+    @defer.inlineCallbacks
+    def test_ipv6(self) -> None:
+        """Over ::1: a single address, so only what one address can tell."""
+        if STUNService is None:
+            raise self.skipTest(NO_RESPONDER)
+        try:
+            service = STUNService(reactor, ("::1", 0), None, stats_interval=0)
+            service.startService()
+        except Exception as e:
+            raise self.skipTest(f"no IPv6 loopback here: {e}")
+        self.addCleanup(service.stopService)
+        host, port = service.config.primary
+        code, out, _ = yield self.detect("--stun", f"[{host}]:{port}", "--json", "--tcp")
+        self.assertEqual(code, 0)
+        result = json.loads(out)
+        self.assertEqual((result["mapping"], result["tcp_mapping"], result["filtering"]),
+                         ("none", "none", "unknown"))
+        self.assertTrue(result["public_address"].startswith("[::1]:"))
+        self.assertEqual(result["public_address"], result["local_address"])
 
     @defer.inlineCallbacks
     def test_unreachable(self) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -331,6 +331,33 @@ class UDPProtocolTests(SynchronousTestCase):
         d = proto.request(binding_request(), SERVER)
         proto.doStop()
         self.failureResultOf(d, ConnectionError)
+
+    def test_as_the_stun_child_of_the_punch_mux(self) -> None:
+        """On a socket shared with punch traffic (natbypass.punch.mux.UDPMux)."""
+        try:
+            from natbypass.punch.mux import UDPMux
+        except ImportError:
+            raise self.skipTest("natbypass.punch.mux is not there")
+        clock = Clock()
+        stun = StunUDPProtocol(clock)
+        seen = []
+
+        class Other(DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                seen.append(data)
+
+        mux = UDPMux()
+        transport = FakeDatagramTransport()
+        mux.setSTUN(stun)
+        mux.setOther(Other())
+        mux.makeConnection(transport)
+        req = binding_request()
+        d = stun.request(req, SERVER)
+        self.assertEqual(transport.written, [(req.encode(fingerprint=True), SERVER)])
+        mux.datagramReceived(b"\xce punch", SERVER)
+        mux.datagramReceived(success(req), SERVER)
+        self.successResultOf(d)
+        self.assertEqual(seen, [b"\xce punch"])
 
     def test_not_open(self) -> None:
         """Without a socket every send fails like a loss; the transaction times out."""
