@@ -173,6 +173,8 @@ class TestResult:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        if self.elapsed_ms is not None:
+            out["elapsed_ms"] = round(self.elapsed_ms, 1)
         for key in ("destination", "mapped", "source", "other"):
             if out[key] is not None:
                 out[key] = format_address(out[key])

@@ -223,6 +223,23 @@ class TransactionTests(SynchronousTestCase):
             (1, 1, 2),
         )
 
+    @given(st.binary(max_size=120), st.booleans())
+    def test_any_datagram_is_handled_without_raising(self, data: bytes, stunlike: bool) -> None:
+        _, _, client = make()
+        req = binding_request()
+        d = client.request(req, SERVER)
+        if stunlike and len(data) >= 20:  # keep the header plausible, garble the rest
+            data = success(req)[:8] + data[8:]
+        consumed = client.handle(data, SERVER)
+        self.assertIsInstance(consumed, bool)
+        if consumed:
+            message, _ = self.successResultOf(d)
+            self.assertEqual(message.transaction_id, req.transaction_id)
+        else:
+            self.assertNoResult(d)
+            d.cancel()
+            self.failureResultOf(d, defer.CancelledError)
+
     def test_rfc3489_cookie_is_not_a_match(self) -> None:
         _, _, client = make()
         req = binding_request()
