@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass import discovery as dv
@@ -297,6 +299,29 @@ class UDPDiscoveryTests(SynchronousTestCase):
         b = FakeInternet(EIM, EIF, server_mode="refuse-change").discover()
         self.assertEqual(b.filtering, dv.UNKNOWN)
         self.assertTrue(any("420" in n for n in b.notes))
+
+    def test_cancel_stops_everything(self) -> None:
+        net = FakeInternet(EIM, APDF)
+        d = dv.discover(net.client, PRIMARY, INSIDE, net.clock)
+        net.clock.pump([0.05] * 10)  # in the middle of the filtering tests
+        self.assertEqual(net.client.pending, 2)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(net.client.pending, 0)
+        net.clock.advance(0.1)  # answers in flight arrive: consumed as late, nothing fires
+        self.assertEqual([c for c in net.clock.getDelayedCalls()], [])
+
+    def test_logs_the_outcome(self) -> None:
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        FakeInternet(EIM, ADF).discover()
+        outcome = [e for e in observer if "nat_type" in e]
+        self.assertEqual(len(outcome), 1)
+        self.assertEqual(
+            (outcome[0]["nat_type"], outcome[0]["mapping"], outcome[0]["filtering"]),
+            (dv.RESTRICTED_CONE, EIM, ADF),
+        )
+        tests = [e["test"] for e in observer if "test" in e]
+        self.assertEqual(tests[0], "binding")
 
     def test_json_shape(self) -> None:
         b = FakeInternet(EIM, APDF, port_preserving=True).discover()
