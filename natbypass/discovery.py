@@ -250,6 +250,19 @@ class NATBehavior:
 # ------------------------------------------------------------ UDP tests
 
 
+def _all(deferreds: list[defer.Deferred]) -> defer.Deferred:
+    """
+    gatherResults that fails with the first failure itself, not FirstError
+    (so cancelling discovery fails it with CancelledError), and cancels
+    the rest when it is cancelled.
+    """
+
+    def unwrap(f):
+        return f.value.subFailure if f.check(defer.FirstError) else f
+
+    return defer.gatherResults(deferreds, consumeErrors=True).addErrback(unwrap)
+
+
 def _describe(failure_value: BaseException) -> str:
     if isinstance(failure_value, StunTimeout):
         return "no answer"
@@ -367,7 +380,7 @@ def discover_udp(
     change_port: bool | None = None
     alt_ip = alt_ip_port = None
     if other is not None:
-        both, port_only = yield defer.gatherResults(
+        both, port_only = yield _all(
             [
                 _udp_test(client, clock, "filtering-change-ip-port", server, filtering_policy,
                           ChangeRequest(change_ip=True, change_port=True)),
@@ -383,7 +396,7 @@ def discover_udp(
         if why:
             notes.append(why)
         if own is None or mapped != own:  # with no NAT there is no mapping to test
-            ii, iii = yield defer.gatherResults(
+            ii, iii = yield _all(
                 [
                     _udp_test(client, clock, "mapping-alternate-ip", (other[0], server[1]), policy),
                     _udp_test(client, clock, "mapping-alternate-ip-port", other, policy),
@@ -477,7 +490,7 @@ def discover_tcp(
         notes.append(why)
     alt_ip = alt_ip_port = None
     if other is not None and not (bound is not None and first.mapped == bound):
-        results = yield defer.gatherResults(
+        results = yield _all(
             [
                 _tcp_test(binder, clock, "tcp-mapping-alternate-ip", (other[0], server[1]), bound),
                 _tcp_test(binder, clock, "tcp-mapping-alternate-ip-port", other, bound),
@@ -517,6 +530,6 @@ def discover(
     else:
         tcp = discover_tcp(tcp_binder, tcp_server or server, clock,
                            local=(local[0], 0) if local is not None else None)
-        behavior, tcp_behavior = yield defer.gatherResults([udp, tcp])
+        behavior, tcp_behavior = yield _all([udp, tcp])
         behavior = replace(behavior, tcp=tcp_behavior)
     return replace(behavior, elapsed_ms=(clock.seconds() - started) * 1000)
