@@ -45,7 +45,14 @@ ipv4 = st.ip_addresses(v=4).map(str)
 ipv6 = st.ip_addresses(v=6).map(str)
 candidates = st.builds(Candidate, st.sampled_from(sorted(wire.CANDIDATE_KINDS)), ipv4 | ipv6, st.integers(1, 65535))
 behaviours = st.sampled_from(wire.NAT_BEHAVIOURS)
-nats = st.builds(NATSummary, behaviours, behaviours, st.sampled_from([True, False, None]))
+nats = st.builds(
+    NATSummary,
+    behaviours,
+    behaviours,
+    st.sampled_from([True, False, None]),
+    st.one_of(st.none(), st.integers(1, wire.MAX_PORT_DELTA), st.integers(-wire.MAX_PORT_DELTA, -1)),
+    st.one_of(st.none(), behaviours),
+)
 wishes = st.sampled_from([(), ("udp",), ("tcp",), ("udp", "tcp"), ("tcp", "udp")])
 fingerprints = st.none() | st.from_regex(wire.FINGERPRINT, fullmatch=True)
 descriptions = st.builds(Description, st.lists(candidates, max_size=4).map(tuple), nats, wishes, fingerprints)

@@ -27,6 +27,7 @@ MAX_RID = 2**53 - 1
 MAX_CANDIDATES = 32
 MAX_TEXT = 512
 SESSION_KEY_BYTES = 32
+MAX_PORT_DELTA = 64
 
 #: Error names and their numeric codes (HTTP-like, so people can guess them).
 ERROR_CODES: Mapping[str, int] = {
@@ -139,24 +140,49 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class NATSummary:
-    """What the peer found out about its NAT (RFC 4787 terms)."""
+    """
+    What the peer found out about its NAT (RFC 4787 terms).  ``port_delta``
+    is the step of a symmetric NAT that hands out ports in sequence (the
+    other side probes the predicted ports); ``tcp_mapping`` the TCP mapping
+    when it was measured.
+    """
 
     mapping: str = "unknown"
     filtering: str = "unknown"
     port_preserving: bool | None = None
+    port_delta: int | None = None
+    tcp_mapping: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.mapping in NAT_BEHAVIOURS, f"unknown NAT mapping {self.mapping!r}")
         _check(self.filtering in NAT_BEHAVIOURS, f"unknown NAT filtering {self.filtering!r}")
         _check(self.port_preserving in (True, False, None), "port_preserving must be true, false or null")
+        _check(
+            self.port_delta is None or (_is_int(self.port_delta) and 0 < abs(self.port_delta) <= MAX_PORT_DELTA),
+            f"port_delta must be a non-zero integer within +-{MAX_PORT_DELTA}, or null",
+        )
+        _check(self.tcp_mapping is None or self.tcp_mapping in NAT_BEHAVIOURS, f"unknown TCP mapping {self.tcp_mapping!r}")
 
     def to_wire(self) -> dict[str, Any]:
-        return {"mapping": self.mapping, "filtering": self.filtering, "port_preserving": self.port_preserving}
+        out: dict[str, Any] = {"mapping": self.mapping, "filtering": self.filtering, "port_preserving": self.port_preserving}
+        if self.port_delta is not None:
+            out["port_delta"] = self.port_delta
+        if self.tcp_mapping is not None:
+            out["tcp_mapping"] = self.tcp_mapping
+        return out
 
     @classmethod
     def from_wire(cls, obj: Any) -> NATSummary:
         f = _Fields(obj, "nat")
-        n = cls(f.text("mapping") or "unknown", f.text("filtering") or "unknown", f.boolean("port_preserving"))
+        delta = f.get("port_delta")
+        _check(delta is None or _is_int(delta), "port_delta must be an integer")
+        n = cls(
+            f.text("mapping") or "unknown",
+            f.text("filtering") or "unknown",
+            f.boolean("port_preserving"),
+            delta,
+            f.text("tcp_mapping"),
+        )
         f.done()
         return n
 
