@@ -324,6 +324,10 @@ class UDPPeerConnection:
         self._lost: Failure | None = None
         self._waiters: list[Deferred] = []
         self.invalid = 0
+        #: The probe/ACK round trip that chose the path, and what the punch did
+        #: (set by the attempt that made this connection).
+        self.rtt: float | None = None
+        self.punch_stats: PunchStats | None = None
         self.peer_id = session.peer_id
         self.session_id = session.session_id
         self.role = session.role
@@ -484,6 +488,8 @@ class UDPPunchAttempt:
                     rtt_ms=action.rtt * 1000,
                 )
                 conn = self._make_connection(action.address, self._machine.early_data)
+                conn.rtt = action.rtt
+                conn.punch_stats = self._machine.stats
                 self.deferred.callback(conn)
                 return
             elif isinstance(action, Failed):

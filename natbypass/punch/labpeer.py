@@ -1,0 +1,147 @@
+"""
+An engine-only peer for NAT-lab tests of the traversal engines, without the
+mediator's signalling: it learns its mappings by STUN, swaps them with the
+other side through a shared directory (the lab's namespaces share one file
+system), punches at an agreed wall-clock time, exchanges one echo and prints
+one JSON line.
+
+Run inside a lab host::
+
+    python -m natbypass.punch.labpeer --name a --peer b --role 0 --dir DIR \\
+        --stun 198.18.0.2:3478 --protocol udp --start-at EPOCH [--predict-delta 1]
+
+The wall clock is only the test harness's rendezvous; the engines themselves
+run on the reactor's clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+
+from natbypass.punch.candidates import remote_addresses, reserve_tcp_port
+from natbypass.punch.mux import PunchEndpoint, UDPMux
+from natbypass.punch.session import PunchFailed, PunchSession
+from natbypass.punch.tcp import punch_tcp
+from natbypass.punch.udp import ProbeSchedule, punch_udp
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, port = text.rsplit(":", 1)
+    return host, int(port)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m natbypass.punch.labpeer")
+    p.add_argument("--name", required=True)
+    p.add_argument("--peer", required=True)
+    p.add_argument("--role", type=int, choices=(0, 1), required=True)
+    p.add_argument("--dir", required=True, help="shared rendezvous directory")
+    p.add_argument("--stun", type=_address, required=True, help="STUN server HOST:PORT (in the lab)")
+    p.add_argument("--protocol", choices=("udp", "tcp"), default="udp")
+    p.add_argument("--start-at", type=float, required=True, help="wall-clock start (epoch seconds)")
+    p.add_argument("--predict-delta", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--key", default="6b" * 32, help="session key, hex")
+    return p
+
+
+def _publish(directory: str, name: str, info: dict) -> None:
+    tmp = os.path.join(directory, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.rename(tmp, os.path.join(directory, f"{name}.json"))
+
+
+@defer.inlineCallbacks
+def _wait_for_peer(reactor, directory: str, peer: str, timeout: float = 20.0):
+    path = os.path.join(directory, f"{peer}.json")
+    for _ in range(int(timeout / 0.05)):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    raise TimeoutError(f"{peer} did not publish its mapping within {timeout} s")
+
+
+@defer.inlineCallbacks
+def main(reactor, argv: list[str]):
+    from natbypass.stun.client import StunUDPProtocol, binding_request, mapped_address, tcp_binding
+
+    args = parser().parse_args(argv)
+    session = PunchSession("lab-session", bytes.fromhex(args.key), args.role, args.peer)
+    endpoint = PunchEndpoint()
+    listener = None
+    if args.protocol == "udp":
+        stun = StunUDPProtocol(reactor)
+        reactor.listenUDP(0, UDPMux(stun, endpoint))
+        response, _ = yield stun.request(binding_request(), args.stun)
+        mapped = mapped_address(response)
+    else:
+        listener = reserve_tcp_port(None, "0.0.0.0")
+        local = ("0.0.0.0", listener.getsockname()[1])
+        binding = yield tcp_binding(reactor, args.stun, local, clock=reactor, timeout=5.0)
+        mapped = binding.mapped
+    _publish(args.dir, args.name, {"mapped": list(mapped)})
+    peer = yield _wait_for_peer(reactor, args.dir, args.peer)
+    targets = remote_addresses([tuple(peer["mapped"])], predict_delta=args.predict_delta)
+    delay = max(0.0, args.start_at - time.time())
+    started = reactor.seconds() + delay
+    if args.protocol == "udp":
+        d = punch_udp(endpoint, session, targets, reactor, start_delay=delay,
+                      schedule=ProbeSchedule(timeout=args.timeout))
+    else:
+        d = punch_tcp(reactor, session, local, targets, start_delay=delay, window=args.timeout,
+                      listener=listener)
+    result = {"name": args.name, "mapped": list(mapped), "targets": [list(t) for t in targets]}
+    try:
+        conn = yield d
+    except PunchFailed as e:
+        result.update(ok=False, reason=e.reason)
+        print(json.dumps(result), flush=True)
+        return
+    result.update(
+        ok=True,
+        connect_ms=round((reactor.seconds() - started) * 1000, 1),
+        remote=[conn.remote_address.host, conn.remote_address.port],
+    )
+    if args.protocol == "udp":
+        result.update(rtt_ms=round(conn.rtt * 1000, 1), stats=conn.punch_stats.__dict__)
+    got: defer.Deferred = defer.Deferred()
+
+    class Receiver:
+        def dataReceived(self, data: bytes) -> None:
+            if args.role == 1:
+                conn.send(data)  # echo
+            if not got.called:
+                got.callback(data)
+
+        def connectionLost(self, reason) -> None:
+            if not got.called and not reason.check(ConnectionDone):
+                got.errback(reason)
+
+    conn.setReceiver(Receiver())
+    if args.role == 0:
+        sent = reactor.seconds()
+        # Datagrams may be lost on the lab's links: resend until echoed.
+        loop = task.LoopingCall(conn.send, b"echo?")
+        loop.start(0.2)
+        data = yield got
+        loop.stop()
+        result.update(echo=data.decode(), echo_rtt_ms=round((reactor.seconds() - sent) * 1000, 1))
+    else:
+        data = yield got
+        result.update(echo=data.decode())
+        yield task.deferLater(reactor, 1.0, lambda: None)  # keep echoing resends a moment
+    print(json.dumps(result), flush=True)
+    conn.close()
+
+
+if __name__ == "__main__":
+    task.react(main, (sys.argv[1:],))
