@@ -1,0 +1,368 @@
+"""
+The ``Peer`` service: what an application embeds to reach other peers.
+
+It composes the parts and holds no protocol logic of its own:
+
+- one UDP socket, shared by the STUN client and the punch endpoint through a
+  ``UDPMux``, so the port whose mapping STUN learned is the port that punches;
+- one TCP port (a listening socket with SO_REUSEPORT), whose mapping it
+  learns by STUN over TCP *from that port*, for TCP simultaneous open;
+- the signalling client, which registers, sends and answers offers;
+- the traversal engines, run in the mediator's order with happy-eyeballs
+  fallback (``natbypass.punch.select``).
+
+Start-up learns the two mapped addresses (one round trip each) and is then
+ready; RFC 5780 behaviour discovery runs on in the background and improves
+later offers, so a first ``connect`` never waits for the filtering tests.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from natbypass import discovery
+from natbypass.interfaces import IIncomingHandler, IPeer, IPeerConnection
+from natbypass.punch import candidates, select, tcp
+from natbypass.punch.candidates import PortRange
+from natbypass.punch.mux import PunchEndpoint, UDPMux
+from natbypass.punch.session import PunchSession
+from natbypass.punch.udp import ProbeSchedule, punch_udp
+from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
+from natbypass.signaling.wire import Candidate, Description, NATSummary, Session
+from natbypass.stun.client import (
+    StunUDPProtocol,
+    binding_request,
+    mapped_address,
+    route_source_address,
+    tcp_binding,
+)
+
+Address = tuple[str, int]
+
+
+def parse_wish(protocol: str | Sequence[str]) -> tuple[str, ...]:
+    """The application's protocol wish as the wire carries it: ``()`` is auto."""
+    return select.parse_wish(protocol) or ()
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Tunables of a peer; the defaults suit the open internet."""
+
+    bind_host: str = "0.0.0.0"
+    port_range: PortRange | None = None
+    #: Run RFC 5780 discovery (in the background; needs a two-address mediator).
+    discover: bool = True
+    #: How long the UDP punch and the TCP simultaneous open may each try.
+    punch_timeout: float = 5.0
+    keepalive_interval: float = 15.0
+    liveness_timeout: float | None = None
+    #: Head start of the preferred protocol before the other one starts (auto).
+    head_start: float = select.DEFAULT_HEAD_START
+    #: Advertise loopback host candidates (two peers on one machine).
+    loopback_candidates: bool = False
+    #: How long learning one mapped address may take at start.
+    stun_timeout: float = 3.0
+
+
+def nat_summary(behavior: discovery.NATBehavior) -> NATSummary:
+    """The wire summary of what discovery found, with the port step for prediction."""
+    s = select.NatSummary.from_behavior(behavior)
+    return NATSummary(s.mapping, s.filtering, s.port_preserving, s.port_delta, s.tcp_mapping)
+
+
+@implementer(IPeer)
+class Peer(MultiService):
+    """
+    A peer: registers with the mediator, opens direct paths on ``connect``
+    and hands connections that others open to the ``listen`` handler.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        peer_id: str,
+        mediator: IStreamClientEndpoint,
+        stun_server: Address,
+        *,
+        token: str | None = None,
+        protocol: str | Sequence[str] = "auto",
+        config: PeerConfig = PeerConfig(),
+        clock: IReactorTime | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.peer_id = peer_id
+        self.stun_server = stun_server
+        self.wish = parse_wish(protocol)
+        self.config = config
+        self.signaling = SignalingClient(mediator, peer_id, clock=self.clock, token=token)
+        self.signaling.setServiceParent(self)
+        self.signaling.set_offer_handler(self._offered)
+        self.signaling.set_session_handler(self._accepted_session)
+        self.punch = PunchEndpoint()
+        self.nat = NATSummary()
+        self.behavior: discovery.NATBehavior | None = None
+        self.udp_mapped: Address | None = None
+        self.tcp_mapped: Address | None = None
+        self._stun = StunUDPProtocol(self.clock)
+        self._udp_port: Any = None
+        self._tcp_socket: socket.socket | None = None
+        self._handler: IIncomingHandler | None = None
+        self._ready: Deferred[None] | None = None
+        self._discovery: Deferred[Any] | None = None
+        self._connections: set[IPeerConnection] = set()
+
+    # ------------------------------------------------------------ service
+
+    def startService(self) -> None:
+        self._udp_port = candidates.bind_udp(
+            self.reactor, UDPMux(self._stun, self.punch), self.config.port_range, self.config.bind_host
+        )
+        self._tcp_socket = candidates.reserve_tcp_port(self.config.port_range, self.config.bind_host)
+        super().startService()
+        self._ready = defer.ensureDeferred(self._learn())
+
+    async def _learn(self) -> None:
+        """Learn the UDP and TCP mapped addresses; start discovery behind them."""
+        udp = defer.ensureDeferred(self._learn_udp())
+        tcp_ = defer.ensureDeferred(self._learn_tcp())
+        await defer.gatherResults([udp, tcp_])
+        self.log.info(
+            "peer {peer_id}: udp {udp} mapped to {udp_mapped}, tcp {tcp} mapped to {tcp_mapped}",
+            peer_id=self.peer_id,
+            udp=self.local_udp_address(),
+            udp_mapped=self.udp_mapped,
+            tcp=self.local_tcp_address(),
+            tcp_mapped=self.tcp_mapped,
+        )
+        if self.config.discover and self.udp_mapped is not None:
+            self._discovery = self._discover()
+
+    async def _learn_udp(self) -> None:
+        policy = self._stun.client.policy.within(self.config.stun_timeout)
+        try:
+            response, _ = await self._stun.client.request(binding_request(), self.stun_server, policy)
+            self.udp_mapped = mapped_address(response)
+        except Exception as e:
+            self.log.warn("no UDP mapping from {server}: {error}", server=self.stun_server, error=e)
+
+    async def _learn_tcp(self) -> None:
+        try:
+            binding = await tcp_binding(
+                self.reactor,
+                self.stun_server,
+                self.local_tcp_address(),
+                clock=self.clock,
+                timeout=self.config.stun_timeout,
+            )
+            self.tcp_mapped = binding.mapped
+        except Exception as e:
+            self.log.warn("no TCP mapping from {server}: {error}", server=self.stun_server, error=e)
+
+    def _discover(self) -> Deferred[Any]:
+        local = (route_source_address(self.stun_server), self.local_udp_address()[1])
+        d = discovery.discover(self._stun.client, self.stun_server, local, self.clock)
+
+        def found(behavior: discovery.NATBehavior) -> None:
+            self.behavior = behavior
+            self.nat = nat_summary(behavior)
+            self.log.info(
+                "peer {peer_id}: NAT is {nat_type} (mapping {mapping}, filtering {filtering})",
+                peer_id=self.peer_id,
+                nat_type=behavior.nat_type,
+                mapping=behavior.mapping,
+                filtering=behavior.filtering,
+            )
+
+        d.addCallback(found)
+        d.addErrback(lambda f: None if f.check(defer.CancelledError) else self.log.failure("discovery failed", f))
+        return d
+
+    def stopService(self) -> Deferred[None]:
+        if self._discovery is not None:
+            self._discovery.cancel()
+        for conn in list(self._connections):
+            conn.close()
+        d = defer.maybeDeferred(super().stopService)
+        if self._tcp_socket is not None:
+            self._tcp_socket.close()
+            self._tcp_socket = None
+        if self._udp_port is not None:
+            d.addCallback(lambda _: self._udp_port.stopListening())
+        return d
+
+    def whenReady(self) -> Deferred[None]:
+        """Fires once the mapped addresses are known and the mediator registration is up."""
+        assert self._ready is not None, "start the service first"
+        both = defer.gatherResults([_follow(self._ready), self.signaling.whenRegistered()], consumeErrors=True)
+        return both.addCallback(lambda _: None)
+
+    def whenDiscovered(self) -> Deferred[None]:
+        """Fires once background NAT discovery has finished (at once when it is not run)."""
+        return _follow(self._discovery).addCallback(lambda _: None)
+
+    def local_udp_address(self) -> Address:
+        host = self._udp_port.getHost()
+        return (host.host, host.port)
+
+    def local_tcp_address(self) -> Address:
+        assert self._tcp_socket is not None
+        host, port = self._tcp_socket.getsockname()[:2]
+        return (host, port)
+
+    # -------------------------------------------------------- candidates
+
+    def description(self, wish: tuple[str, ...] | None = None) -> Description:
+        """Our candidates, NAT behaviour and wish, as offers and answers carry them."""
+        cands: list[Candidate] = []
+        udp_port = self.local_udp_address()[1]
+        tcp_port = self.local_tcp_address()[1]
+        hosts = self._host_addresses()
+        cands += [Candidate("host", h, udp_port) for h in hosts]
+        if self.udp_mapped is not None:
+            cands.append(Candidate("srflx", *self.udp_mapped))
+        cands += [Candidate("tcp-host", h, tcp_port) for h in hosts]
+        if self.tcp_mapped is not None:
+            cands.append(Candidate("tcp-srflx", *self.tcp_mapped))
+        unique = {(c.protocol, c.host, c.port): c for c in reversed(cands)}
+        return Description(
+            tuple(reversed(unique.values())), self.nat, self.wish if wish is None else wish
+        )
+
+    def _host_addresses(self) -> list[str]:
+        if self.config.bind_host not in ("0.0.0.0", "::", ""):
+            return [self.config.bind_host]
+        try:
+            return candidates.host_addresses(include_loopback=self.config.loopback_candidates)
+        except candidates.CandidateError as e:
+            self.log.warn("no host candidates: {error}", error=e)
+            return []
+
+    # ------------------------------------------------------------ connect
+
+    def connect(self, peer_id: str, protocol: str | Sequence[str] | None = None) -> Deferred[IPeerConnection]:
+        wish = self.wish if protocol is None else parse_wish(protocol)
+        return defer.ensureDeferred(self._connect(peer_id, wish))
+
+    async def _connect(self, peer_id: str, wish: tuple[str, ...]) -> IPeerConnection:
+        await _follow(self._ready)
+        session = await self.signaling.connect(peer_id, self.description(wish))
+        return await self._traverse(session, wish)
+
+    def listen(self, handler: IIncomingHandler) -> None:
+        self._handler = handler
+
+    def _offered(self, offer: IncomingOffer) -> Deferred[Description]:
+        if self._handler is None:
+            raise Decline(f"{self.peer_id} accepts no connections")
+        return _follow(self._ready).addCallback(lambda _: self.description())
+
+    def _accepted_session(self, session: Session) -> None:
+        d = defer.ensureDeferred(self._traverse(session, self.wish))
+
+        def arrived(conn: IPeerConnection) -> None:
+            if self._handler is not None:
+                self._handler.connectionArrived(conn)
+
+        d.addCallbacks(
+            arrived,
+            lambda f: self.log.warn(
+                "incoming session {session} from {peer} failed: {reason}",
+                session=session.id,
+                peer=session.peer,
+                reason=f.getErrorMessage(),
+            ),
+        )
+
+    async def _traverse(self, session: Session, wish: tuple[str, ...]) -> IPeerConnection:
+        """Run the attempts in the mediator's order and report the outcome to it."""
+        attempts = self._attempts(session)
+        order = [p for p in session.order if p in attempts and (not wish or p in wish)]
+        outcome = select.Outcome()
+        if not order:
+            reason = f"no protocol to try: the mediator's order is {list(session.order)}, candidates for {sorted(attempts)}"
+            self._report(session, "failed", None, reason)
+            raise select.AllAttemptsFailed(outcome) from ValueError(reason)
+        try:
+            conn = await select.race(
+                [(p, attempts[p]) for p in order], self.clock, self.config.head_start, outcome
+            )
+        except Exception as e:
+            self._report(session, "failed", None, str(e))
+            raise
+        self._connections.add(conn)
+        conn.whenLost().addBoth(lambda _: self._connections.discard(conn))
+        conn.outcome = outcome  # type: ignore[attr-defined]
+        self._report(session, "connected", conn.protocol, outcome.describe())
+        return conn
+
+    def _attempts(self, session: Session) -> dict[str, Callable[[], Deferred[IPeerConnection]]]:
+        """One attempt factory per protocol the peer gave us candidates for."""
+        start_delay = session.start_in_ms / 1000.0
+        psession = PunchSession(session.id, session.key, 0 if session.controlling else 1, session.peer)
+        remote = session.description
+        delta = remote.nat.port_delta
+
+        def targets(protocol: str) -> list[Address]:
+            srflx = [(c.host, c.port) for c in remote.candidates if c.protocol == protocol and c.kind.endswith("srflx")]
+            hosts = [(c.host, c.port) for c in remote.candidates if c.protocol == protocol and c.kind.endswith("host")]
+            return candidates.remote_addresses(srflx, hosts, predict_delta=delta)
+
+        attempts: dict[str, Callable[[], Deferred[IPeerConnection]]] = {}
+        udp_targets, tcp_targets = targets("udp"), targets("tcp")
+        if udp_targets:
+            attempts["udp"] = lambda: punch_udp(
+                self.punch,
+                psession,
+                udp_targets,
+                self.clock,
+                start_delay=start_delay,
+                schedule=ProbeSchedule(timeout=self.config.punch_timeout),
+                keepalive_interval=self.config.keepalive_interval,
+                liveness_timeout=self.config.liveness_timeout,
+            )
+        if tcp_targets and self._tcp_socket is not None:
+            attempts["tcp"] = lambda: tcp.punch_tcp(
+                self.reactor,
+                psession,
+                self.local_tcp_address(),
+                tcp_targets,
+                start_delay=start_delay,
+                window=self.config.punch_timeout,
+                listener=self._tcp_socket,
+                keepalive_interval=self.config.keepalive_interval,
+            )
+        return attempts
+
+    def _report(self, session: Session, outcome: str, protocol: str | None, detail: str | None) -> None:
+        d = self.signaling.report(session.id, outcome, protocol, (detail or "")[:500] or None)
+        d.addErrback(lambda f: self.log.debug("report to the mediator failed: {f.value}", f=f))
+
+
+def _follow(d: Deferred[Any] | None) -> Deferred[Any]:
+    """A new Deferred with ``d``'s result, leaving ``d``'s own chain untouched."""
+    out: Deferred[Any] = Deferred()
+    if d is None:
+        out.callback(None)
+        return out
+
+    def passthrough(result: Any) -> Any:
+        (out.errback if isinstance(result, Failure) else out.callback)(result)
+        return result
+
+    d.addBoth(passthrough)
+    return out

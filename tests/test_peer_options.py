@@ -1,0 +1,48 @@
+"""Tests for natbypass.peer_options and the protocol wish parser."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from natbypass.peer import parse_wish
+from natbypass.peer_options import mediator_host, stun_server
+
+
+class MediatorHostTests(SynchronousTestCase):
+    def test_positional(self) -> None:
+        self.assertEqual(mediator_host("tcp:198.18.0.2:7000"), "198.18.0.2")
+        self.assertEqual(mediator_host("tls:mediator.example:7443"), "mediator.example")
+
+    def test_keyword(self) -> None:
+        self.assertEqual(mediator_host("tcp:host=127.0.0.1:port=7000"), "127.0.0.1")
+        self.assertEqual(mediator_host("tls:port=7443:host=m.example"), "m.example")
+
+    def test_escaped_ipv6(self) -> None:
+        self.assertEqual(mediator_host(r"tcp:\:\:1:7000"), "::1")
+
+    def test_unparseable(self) -> None:
+        self.assertRaises(ValueError, mediator_host, "unix:/tmp/sock")
+
+    def test_stun_default_and_explicit(self) -> None:
+        self.assertEqual(stun_server(None, "tcp:127.0.0.1:7000"), ("127.0.0.1", 3478))
+        self.assertEqual(stun_server("127.0.0.2:5000", "tcp:127.0.0.1:7000"), ("127.0.0.2", 5000))
+
+    @given(st.text(max_size=60))
+    def test_arbitrary_text(self, text: str) -> None:
+        try:
+            mediator_host(text)
+        except ValueError:
+            pass
+
+
+class WishTests(SynchronousTestCase):
+    def test_values(self) -> None:
+        """The wire form: () for auto, else the protocols in order."""
+        self.assertEqual(parse_wish("auto"), ())
+        self.assertEqual(parse_wish("udp"), ("udp",))
+        self.assertEqual(parse_wish("tcp,udp"), ("tcp", "udp"))
+        self.assertEqual(parse_wish(["udp", "tcp"]), ("udp", "tcp"))
+
+    def test_invalid(self) -> None:
+        for bad in ("", "quic", "udp,udp", "udp,", []):
+            self.assertRaises(ValueError, parse_wish, bad)
