@@ -194,6 +194,22 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         f = self.failureResultOf(a.deferred, PunchFailed)
         self.assertIn("within 3 s", f.value.reason)
 
+    def test_one_acceptor_per_listener(self) -> None:
+        clock = MemoryReactorClock()
+        listener = reusable_socket(("127.0.0.1", 0), listen=True)
+        self.addCleanup(listener.close)
+        first = TCPPunchAttempt(clock, S0, ("127.0.0.1", 1), [], listener=listener)
+        second = TCPPunchAttempt(clock, S1, ("127.0.0.1", 1), [], listener=listener)
+        self.assertEqual(len(clock.getReaders()), 1)
+        first.deferred.cancel()
+        self.failureResultOf(first.deferred)
+        self.assertEqual(clock.getReaders(), [])
+        third = TCPPunchAttempt(clock, S1, ("127.0.0.1", 1), [], listener=listener)
+        self.assertEqual(len(clock.getReaders()), 1)
+        for a in (second, third):
+            a.deferred.cancel()
+            self.failureResultOf(a.deferred)
+
     def test_cancel(self) -> None:
         clock = MemoryReactorClock()
         a = TCPPunchAttempt(clock, S0, ("127.0.0.1", 1), [])

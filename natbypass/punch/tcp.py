@@ -34,9 +34,11 @@ import hmac
 import os
 import socket
 import struct
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
@@ -290,6 +292,8 @@ class TCPPunchAttempt:
     """
 
     log = Logger()
+    #: Listening sockets an attempt is accepting on right now.
+    _listeners_in_use: ClassVar[weakref.WeakSet[socket.socket]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -319,7 +323,20 @@ class TCPPunchAttempt:
         self._pending: set[_PendingConnect] = set()
         self._retries: dict[Address, object] = {}
         self._handshakes: set[_HandshakeProtocol] = set()
-        self._acceptor = _Acceptor(self, listener) if listener is not None else None
+        self._acceptor = None
+        if listener is not None:
+            if listener in self._listeners_in_use:
+                # Accepted sockets cannot be told apart by session before the
+                # handshake, so one attempt at a time takes them.  Without the
+                # listener the crossing connects still work.
+                self.log.warn(
+                    "port {port} is already accepting for another attempt; "
+                    "this one only connects out",
+                    port=local[1],
+                )
+            else:
+                self._listeners_in_use.add(listener)
+                self._acceptor = _Acceptor(self, listener)
         self._done = False
         self.errors: Counter[str] = Counter()
         self.tries: Counter[Address] = Counter()
@@ -477,6 +494,7 @@ class TCPPunchAttempt:
             proto.transport.abortConnection()
         if self._acceptor is not None:
             self.reactor.removeReader(self._acceptor)
+            self._listeners_in_use.discard(self._acceptor.sock)
 
 
 def punch_tcp(
@@ -498,7 +516,10 @@ def punch_tcp(
     ``start_delay`` seconds from now, connect() to every candidate, retrying
     every ``retry_interval`` until ``window`` seconds after the start; take
     inbound connections on ``listener`` (a listening socket on the same port,
-    see :func:`reusable_socket`; the caller keeps ownership) meanwhile.
+    see ``candidates.reserve_tcp_port``; the caller keeps ownership) meanwhile.
+    One attempt at a time accepts on a given listener; a concurrent attempt
+    on the same one only connects out (enough unless the peer's SYNs come
+    before ours, e.g. on loopback).
     Fires with a :class:`TCPPeerConnection` or fails with :class:`PunchFailed`;
     cancelling it closes every socket it opened.
     """
