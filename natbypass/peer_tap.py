@@ -30,8 +30,8 @@ class Options(usage.Options):
         ["ca", None, None, "CA certificate (PEM) to verify a tls: mediator with"],
         ["protocol", None, "auto", "auto, udp, tcp or an ordered list like tcp,udp"],
         ["port-range", None, None, "local ports to use, LOW-HIGH"],
-        ["timeout", None, "5", "seconds each protocol may try", float],
-        ["keepalive", None, "15", "seconds between UDP keepalives", float],
+        ["timeout", None, 5.0, "seconds each protocol may try", float],
+        ["keepalive", None, 15.0, "seconds between UDP keepalives", float],
     ]
     optFlags = [["no-discovery", None, "skip RFC 5780 NAT behaviour discovery"]]
 
