@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.task import react
+from twisted.internet.task import deferLater, react
 from twisted.logger import Logger
 
 from natbypass.echo import EchoClient
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="auto",
                    help="auto, udp, tcp, or an ordered list like tcp,udp (default auto)")
     p.add_argument("--count", type=int, default=3, help="echo round trips after connecting (default 3)")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds between echo round trips (default 0)")
     p.add_argument("--port-range", metavar="LOW-HIGH", help="local ports to use (for firewall rules)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds each protocol may try (default 5)")
     p.add_argument("--no-discovery", action="store_true",
@@ -95,6 +96,7 @@ async def _main(reactor: Any, args: argparse.Namespace, out: Any) -> int:
             {
                 "event": "connected",
                 "peer": args.peer,
+                "session": conn.session_id,
                 "protocol": conn.protocol,
                 "local_address": f"{local.host}:{local.port}",
                 "remote_address": f"{remote.host}:{remote.port}",
@@ -112,6 +114,8 @@ async def _main(reactor: Any, args: argparse.Namespace, out: Any) -> int:
             except Exception:
                 break
             rtts.append(rtt * 1000)
+            if args.interval and n + 1 < args.count:
+                await deferLater(reactor, args.interval)
         summary: dict[str, Any] = {"event": "echo", "sent": args.count, "received": len(rtts)}
         if rtts:
             summary["rtt_ms"] = {
@@ -141,8 +145,8 @@ def run(argv: list[str]) -> int:
         if args.port_range:
             PortRange.parse(args.port_range)
         stun_server(args.stun, args.mediator)
-        if args.count < 0:
-            raise ValueError("--count must be 0 or more")
+        if args.count < 0 or args.interval < 0:
+            raise ValueError("--count and --interval must be 0 or more")
     except ValueError as e:
         print(f"natbypass connect: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -260,8 +260,25 @@ class Peer(MultiService):
 
     async def _connect(self, peer_id: str, wish: tuple[str, ...]) -> IPeerConnection:
         await _follow(self._ready)
-        session = await self.signaling.connect(peer_id, self.description(wish))
-        return await self._traverse(session, wish)
+        offered = self.nat
+        try:
+            session = await self.signaling.connect(peer_id, self.description(wish))
+            return await self._traverse(session, wish)
+        except select.AllAttemptsFailed:
+            # A first connect does not wait for the filtering tests; if what
+            # discovery then found could change the plan (a predictable
+            # symmetric NAT's port step, say), ask once more with it.
+            await self.whenDiscovered()
+            if self.nat == offered:
+                raise
+            self.log.info(
+                "retrying {peer} now that discovery found mapping {mapping}, filtering {filtering}",
+                peer=peer_id,
+                mapping=self.nat.mapping,
+                filtering=self.nat.filtering,
+            )
+            session = await self.signaling.connect(peer_id, self.description(wish))
+            return await self._traverse(session, wish)
 
     def listen(self, handler: IIncomingHandler) -> None:
         self._handler = handler

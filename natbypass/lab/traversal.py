@@ -37,11 +37,22 @@ def stun_address() -> str:
     return f"{MEDIATOR_ADDRESSES[0]}:{STUN_PORT}"
 
 
-def _wait_for(path: str, text: str, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _wait_for(
+    path: str, text: str, timeout: float, proc: subprocess.Popen[Any] | None = None, offset: int = 0
+) -> None:
+    """Wait until ``text`` appears in the file at ``path`` past ``offset``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with open(path, errors="replace") as f:
+                f.seek(offset)
                 if text in f.read():
                     return
         except FileNotFoundError:
@@ -59,11 +70,15 @@ class Scenario:
     lab: Lab
     workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="natbypass-scenario-"))
     mediator_log: str = ""
+    mediator: subprocess.Popen[Any] | None = None
+    _log_offset: int = 0
     peers: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
 
     def start_mediator(self, *extra: str) -> subprocess.Popen[Any]:
+        """Start the mediator (again); its log goes on in the same file."""
         self.mediator_log = os.path.join(self.workdir, "mediator.log")
-        proc = self.lab.spawn(
+        self._log_offset = _size(self.mediator_log)
+        proc = self.mediator = self.lab.spawn(
             "mediator",
             [
                 *TWISTD, "-n", "--pidfile=", f"--logfile={self.mediator_log}", "natbypass-mediator",
@@ -73,8 +88,20 @@ class Scenario:
                 *extra,
             ],
         )
-        _wait_for(self.mediator_log, f"starting on {SIGNAL_PORT}", 20, proc)
+        _wait_for(self.mediator_log, f"starting on {SIGNAL_PORT}", 20, proc, self._log_offset)
         return proc
+
+    def stop_mediator(self) -> None:
+        """Stop the mediator (SIGTERM, as an operator would) and wait for it to exit."""
+        assert self.mediator is not None
+        self.mediator.terminate()
+        self.mediator.wait(timeout=20)
+        self.mediator = None
+
+    def wait_registered(self, *peer_ids: str, timeout: float = 40) -> None:
+        """Wait until each peer has registered with the current mediator (after a restart too)."""
+        for peer_id in peer_ids:
+            _wait_for(self.mediator_log, f"peer {peer_id} registered", timeout, None, self._log_offset)
 
     def start_peer(self, node: str, peer_id: str, *extra: str) -> subprocess.Popen[Any]:
         """A ``natbypass-peer`` echo service in ``node``, registered as ``peer_id``."""
@@ -87,7 +114,7 @@ class Scenario:
             ],
         )
         self.peers[peer_id] = proc
-        _wait_for(self.mediator_log, f"peer {peer_id} registered", 20, proc)
+        _wait_for(self.mediator_log, f"peer {peer_id} registered", 20, proc, self._log_offset)
         return proc
 
     def connect(
@@ -151,3 +178,126 @@ class ConnectResult:
             reasons = "; ".join(f"{a.get('protocol')}: {a.get('reason')}" for a in f.get("attempts", []))
             return f"failed after {f['elapsed_ms']} ms: {f.get('reason')} [{reasons}]"
         return f"exit {self.returncode}, no events; stderr: {self.stderr[-2000:]}"
+
+
+# ------------------------------------------------------------- the matrix
+
+#: The NAT types of the traversal matrix: lab preset -> short site-name stem.
+TYPES: dict[str, str] = {
+    "open": "open",
+    "full-cone": "fc",
+    "restricted-cone": "rc",
+    "port-restricted-cone": "prc",
+    "symmetric-random": "symr",
+    "symmetric-predictable": "symp",
+}
+PROTOCOLS = ("udp", "tcp", "auto")
+#: A LAN site with two hosts behind one NAT.
+LAN_SITE = "lan"
+
+
+def matrix_spec(delay_ms: float = 20.0, types: Sequence[str] = tuple(TYPES)) -> dict[str, Any]:
+    """Two sites of every type (so a type can meet itself) and one two-host LAN."""
+    sites: dict[str, Any] = {}
+    for preset in types:
+        for n in (1, 2):
+            sites[f"{TYPES[preset]}{n}"] = {"nat": preset, "delay_ms": delay_ms} if preset != "open" else {
+                "kind": "open", "delay_ms": delay_ms}
+    sites[LAN_SITE] = {"nat": "port-restricted-cone", "hosts": 2, "delay_ms": delay_ms}
+    return {"sites": sites}
+
+
+def pairs(types: Sequence[str] = tuple(TYPES)) -> list[tuple[str, str]]:
+    """Every unordered pair of types, a type with itself included."""
+    return [(a, b) for i, a in enumerate(types) for b in types[i:]]
+
+
+def expectation(a: str, b: str, protocol: str) -> tuple[bool | None, str]:
+    """What the selection table (docs/selection.md) expects for this pair of lab NATs."""
+    from natbypass.punch.select import feasibility
+
+    rows = [feasibility(nat_of(a), nat_of(b), p) for p in (("udp", "tcp") if protocol == "auto" else (protocol,))]
+    if any(r.expected for r in rows):
+        return True, next(r.reason for r in rows if r.expected)
+    if all(r.expected is False for r in rows):
+        return False, rows[0].reason
+    return None, rows[0].reason
+
+
+def nat_of(preset: str) -> Any:
+    """The selection table's view of a lab preset (what discovery reports for it)."""
+    from natbypass.punch.select import AD, APD, EI, NONE, NatSummary
+
+    return {
+        "open": NatSummary(NONE, NONE, True),
+        "full-cone": NatSummary(EI, EI, True),
+        "restricted-cone": NatSummary(EI, AD, True),
+        "port-restricted-cone": NatSummary(EI, APD, True),
+        "symmetric-random": NatSummary(APD, APD, False),
+        "symmetric-predictable": NatSummary(APD, APD, False, port_delta=1),
+    }[preset]
+
+
+@dataclass
+class MatrixCell:
+    a: str
+    b: str
+    protocol: str
+    result: ConnectResult
+    expected: bool | None
+    why: str
+
+
+def run_matrix(
+    scenario: Scenario,
+    types: Sequence[str] = tuple(TYPES),
+    protocols: Sequence[str] = PROTOCOLS,
+    timeout: float = 4.0,
+    repeat: int = 1,
+) -> list[MatrixCell]:
+    """
+    Start a listening peer in every ``*2`` site and connect to it from the
+    ``*1`` site of every other type, for each protocol.  The mediator must
+    be running.
+    """
+    for preset in types:
+        site = f"{TYPES[preset]}2"
+        if site not in scenario.peers:
+            scenario.start_peer(site, site)
+    cells = []
+    for a, b in pairs(types):
+        for protocol in protocols:
+            expected, why = expectation(a, b, protocol)
+            for k in range(repeat):
+                src, dst = f"{TYPES[a]}1", f"{TYPES[b]}2"
+                result = scenario.connect(src, f"{src}-{dst}-{protocol}-{k}", dst, protocol, timeout=timeout)
+                cells.append(MatrixCell(a, b, protocol, result, expected, why))
+    return cells
+
+
+#: Run in a lab host: sends forged punch packets (right session id, random
+#: keys, both roles, every type) and random bytes to HOST:PORT.
+_SPOOFER = r"""
+import os, socket, sys
+from natbypass.punch.packet import PacketType, encode
+host, port, sid, count = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sent = 0
+for i in range(count):
+    key = os.urandom(32)
+    for t in PacketType:
+        for role in (0, 1):
+            payload = b"spoofed\n" if t == PacketType.DATA else b""
+            s.sendto(encode(t, role, sid, i + 1, key, echo=i, payload=payload), (host, port))
+            sent += 1
+    s.sendto(os.urandom(64), (host, port))
+    sent += 1
+print(sent)
+"""
+
+
+def spoof(lab: Lab, node: str, target: str, session_id: str, count: int = 50) -> int:
+    """Send forged punch packets from ``node`` to ``target`` ("ip:port"); returns how many."""
+    host, port = target.rsplit(":", 1)
+    done = lab.exec(node, [sys.executable, "-c", _SPOOFER, host, port, session_id, str(count)], check=True)
+    return int(done.stdout.strip())
