@@ -125,13 +125,13 @@ class BehaviourTests(_LabCase):
         for (site, proto), got in probe_all(self.lab, jobs).items():
             self.assertEqual(got["result"], expect[site], f"{site}/{proto}")
 
-    def _hairpin(self, site: str) -> tuple[dict[str, Any], list[str]]:
-        listener = self.lab.spawn(f"{site}.2", [PY, "-m", "natbypass.lab.probe", "listen", self.server(0), "--seconds", "4"],
+    def _hairpin(self, site: str, sender: str = "1", listener_host: str = "2") -> tuple[dict[str, Any], list[str]]:
+        listener = self.lab.spawn(f"{site}.{listener_host}", [PY, "-m", "natbypass.lab.probe", "listen", self.server(0), "--seconds", "4"],
                                   stdout=subprocess.PIPE, text=True)
         assert listener.stdout is not None
         public = json.loads(listener.stdout.readline())["public"]
         self.assertTrue(public.startswith(self.lab.public_address(site) + ":"), public)
-        got = probe_all(self.lab, {"x": (f"{site}.1", ["send", public, "--wait", "1"])})["x"]
+        got = probe_all(self.lab, {"x": (f"{site}.{sender}", ["send", public, "--wait", "1"])})["x"]
         listener.kill()
         rest = listener.stdout.read().splitlines()
         listener.wait()
@@ -145,6 +145,13 @@ class BehaviourTests(_LabCase):
         self.assertTrue(got["seen_as"].startswith(self.lab.public_address("hp") + ":"), got)
         self.assertEqual(len(seen), 1)
         self.assertTrue(json.loads(seen[0])["from"].startswith(self.lab.public_address("hp") + ":"), seen)
+
+    def test_hairpin_same_host(self) -> None:
+        """Hairpinning also works between two sockets of one host (what RFC 5780 clients test)."""
+        self.start({"hp": {"nat": {"preset": "full-cone", "hairpin": True}}})
+        got, seen = self._hairpin("hp", sender="1", listener_host="1")
+        self.assertEqual(got["result"], "reply")
+        self.assertEqual(len(seen), 1)
 
     def test_hairpin_off(self) -> None:
         self.start({"nohp": {"nat": "port-restricted-cone", "hosts": 2}})

@@ -125,6 +125,20 @@ def destroy(netns_names: Sequence[str], extra_pids: Sequence[int] = ()) -> None:
         run(["ip", "netns", "del", name], check=False)
 
 
+def _no_bridge_netfilter(netns: str) -> None:
+    """Keep bridged frames out of the IP hooks, as on a real switch.
+
+    With ``br_netfilter`` loaded on the machine (e.g. by Docker), bridged
+    frames would pass nftables' ip hooks: a NAT's DNAT of a hairpinned packet
+    then becomes an L2 redirect that the bridge refuses to send back out of
+    its ingress port.  The sysctls are per namespace and only exist when the
+    module is loaded; the lab behaves the same either way.
+    """
+    for family in ("iptables", "ip6tables", "arptables"):
+        if os.path.exists(f"/proc/sys/net/bridge/bridge-nf-call-{family}"):
+            sysctl(netns, f"net.bridge.bridge-nf-call-{family}", 0)
+
+
 def _start_wire(link: WanLink, public_netns: str, log_path: str | None) -> subprocess.Popen[str]:
     """Start the delaying wire for ``link`` and wait until both TAPs exist."""
     argv = [
@@ -163,6 +177,7 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
         ip(node.netns, "link", "set", "lo", "up")
         sysctl(node.netns, "net.ipv6.conf.all.disable_ipv6", 1)
         sysctl(node.netns, "net.ipv6.conf.default.disable_ipv6", 1)
+        _no_bridge_netfilter(node.netns)
     ip(pub, "link", "add", "br0", "type", "bridge")
     ip(pub, "link", "set", "br0", "up")
 
