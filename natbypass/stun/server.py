@@ -93,7 +93,7 @@ def _family(host: str) -> int:
         try:
             socket.inet_pton(family, host)
             return family
-        except OSError:
+        except (OSError, ValueError):
             pass
     raise ValueError(f"not an IP address: {host!r}")
 
@@ -452,6 +452,7 @@ class STUNDatagramProtocol(DatagramProtocol):
     """One UDP socket of the responder: decode, delegate, send."""
 
     log = Logger()
+    noisy = False  # STUNService logs the addresses once
 
     def __init__(self, server: STUNServer) -> None:
         self.server = server
@@ -583,6 +584,8 @@ class STUNStreamProtocol(Protocol):
 
 class STUNStreamFactory(Factory):
     """Makes a L{STUNStreamProtocol} per TCP connection."""
+
+    noisy = False
 
     def __init__(self, server: STUNServer, clock: IReactorTime, idle_timeout: float = 30.0) -> None:
         self.server = server

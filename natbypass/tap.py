@@ -1,0 +1,143 @@
+"""
+The ``natbypass-mediator`` twistd plugin: options and ``makeService``.
+
+The mediator is two services under one ``MultiService``: the STUN responder
+(``natbypass.stun.server.STUNService``, named ``"stun"``) and the signalling
+service (``natbypass.signaling.service``, named ``"signal"``).  Each half
+owns its options: the STUN ones are below, the signalling ones come from
+``SIGNAL_OPT_PARAMETERS`` and are checked by ``check_signaling_options``.
+
+    twistd -n natbypass-mediator --stun 192.0.2.10:3478 --stun-alternate 192.0.2.11:3479
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from natbypass.signaling.service import (
+    SIGNAL_OPT_PARAMETERS,
+    check_signaling_options,
+    makeSignalingServiceFromOptions,
+)
+from natbypass.stun.server import (
+    DEFAULT_SOFTWARE,
+    MAX_SOFTWARE_BYTES,
+    ResponderConfig,
+    STUNService,
+)
+
+DEFAULT_STUN = "0.0.0.0:3478"
+
+
+def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """
+    ``IP:PORT`` (``[IPv6]:PORT`` for IPv6) to ``(ip, port)``; the port may
+    be left out when C{default_port} is given.  Only IP literals: the
+    responder must bind, and name in RFC 5780 responses, exact addresses.
+    Raises ValueError with a message for a person.
+    """
+    text = text.strip()
+    port_text: str | None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, None  # IPv4 alone, or IPv6 alone without brackets
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except (OSError, ValueError):  # ValueError: NUL or surrogate characters
+        raise ValueError(f"{host!r} is not an IP address (use a literal IP, e.g. 192.0.2.10)") from None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r}: a port is needed (HOST:PORT)")
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+class Options(usage.Options):
+    """Options of ``twistd natbypass-mediator``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs the NATbypass mediator: a STUN responder (RFC 8489 over UDP and TCP; RFC 5780 NAT "
+        "behaviour discovery when --stun-alternate gives a second IP) and the signalling service "
+        "that introduces peers."
+    )
+    optParameters: list[list[Any]] = [
+        ["stun", None, DEFAULT_STUN,
+         "IP:PORT of the STUN responder, UDP and TCP ([IPv6]:PORT for IPv6)."],
+        ["stun-alternate", None, None,
+         "Second IP[:PORT] for RFC 5780 (port defaults to the --stun port + 1). Needs a "
+         "specific --stun IP; the responder then listens on both IPs x both ports."],
+        ["stun-rate", None, 0,
+         "Most STUN requests per second answered per source IP (0: no limit).", int],
+        ["software", None, DEFAULT_SOFTWARE,
+         f"SOFTWARE attribute of STUN responses (at most {MAX_SOFTWARE_BYTES} bytes; empty: none)."],
+    ] + SIGNAL_OPT_PARAMETERS  # fmt: skip
+
+    def postOptions(self) -> None:
+        try:
+            primary = parse_host_port(self["stun"])
+        except ValueError as e:
+            raise usage.UsageError(f"--stun: {e}") from None
+        alternate = None
+        if self["stun-alternate"] is not None:
+            if primary[1] == 65535:
+                default_port = None
+            else:
+                default_port = primary[1] + 1
+            try:
+                alternate = parse_host_port(self["stun-alternate"], default_port)
+            except ValueError as e:
+                raise usage.UsageError(f"--stun-alternate: {e}") from None
+            if primary[0] in ("0.0.0.0", "::"):
+                raise usage.UsageError(
+                    "--stun-alternate needs --stun with a specific IP (e.g. --stun 192.0.2.10:3478), "
+                    f"not {primary[0]}: RFC 5780 responses name the IP that answered"
+                )
+        if self["stun-rate"] < 0:
+            raise usage.UsageError("--stun-rate must be 0 (no limit) or a positive number")
+        try:
+            ResponderConfig(primary, alternate, self["software"])
+        except ValueError as e:
+            raise usage.UsageError(f"STUN options: {e}") from None
+        self["stun-address"] = primary
+        self["stun-alternate-address"] = alternate
+        check_signaling_options(self)
+
+
+def makeSTUNService(options: usage.Options, reactor: Any) -> STUNService:
+    """The STUN responder from checked options (nothing is bound until it starts)."""
+    return STUNService(
+        reactor,
+        options["stun-address"],
+        options["stun-alternate-address"],
+        software=options["software"],
+        rate=options["stun-rate"],
+    )
+
+
+def makeService(options: usage.Options, reactor: Any = None) -> IService:
+    """The mediator: STUN responder (``"stun"``) and signalling (``"signal"``)."""
+    if reactor is None:
+        from twisted.internet import reactor as installed
+
+        reactor = installed
+    top = MultiService()
+    stun = makeSTUNService(options, reactor)
+    stun.setName("stun")
+    stun.setServiceParent(top)
+    signal = makeSignalingServiceFromOptions(options, reactor)
+    signal.setName("signal")
+    signal.setServiceParent(top)
+    return top

@@ -1,0 +1,142 @@
+"""
+Tests for natbypass.tap: option parsing and validation, the service tree
+makeService builds (without starting it), and the twistd plugin lookup.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.application.service import IService, IServiceCollection
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from natbypass import tap
+from natbypass.stun.server import DEFAULT_SOFTWARE, STUNService
+
+
+def parse(*argv: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class ParseHostPortTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        self.assertEqual(tap.parse_host_port("192.0.2.1:3478"), ("192.0.2.1", 3478))
+        self.assertEqual(tap.parse_host_port(" 192.0.2.1:1 "), ("192.0.2.1", 1))
+        self.assertEqual(tap.parse_host_port("[::1]:3478"), ("::1", 3478))
+        self.assertEqual(tap.parse_host_port("192.0.2.1", 3479), ("192.0.2.1", 3479))
+        self.assertEqual(tap.parse_host_port("[2001:db8::1]", 9), ("2001:db8::1", 9))
+        self.assertEqual(tap.parse_host_port("2001:db8::1", 9), ("2001:db8::1", 9))
+
+    def test_errors(self) -> None:
+        for text in ["localhost:3478", "192.0.2.1:0", "192.0.2.1:65536", "192.0.2.1:x",
+                     "192.0.2.1", "[::1", "[::1]x", "300.0.0.1:5", "",
+                     "192.0.2.1:\u0663", "1.2.3.4\x00:5", "\ud800:5"]:  # fmt: skip
+            with self.assertRaises(ValueError, msg=text):
+                tap.parse_host_port(text)
+
+
+    @given(st.ip_addresses(), st.integers(1, 65535))
+    def test_round_trip(self, ip, port) -> None:
+        text = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+        host, parsed_port = tap.parse_host_port(text)
+        self.assertEqual((ipaddress.ip_address(host), parsed_port), (ip, port))
+
+    @given(st.text(max_size=30))
+    def test_arbitrary_text(self, text) -> None:
+        try:
+            host, port = tap.parse_host_port(text, 3478)
+        except ValueError:
+            return
+        ipaddress.ip_address(host)
+        self.assertTrue(1 <= port <= 65535)
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        options = parse()
+        self.assertEqual(options["stun-address"], ("0.0.0.0", 3478))
+        self.assertIsNone(options["stun-alternate-address"])
+        self.assertEqual(options["stun-rate"], 0)
+        self.assertEqual(options["software"], DEFAULT_SOFTWARE)
+        self.assertEqual(options["signal"], "tcp:7000")
+
+    def test_all_stun_options(self) -> None:
+        options = parse(
+            "--stun", "127.0.0.1:3478", "--stun-alternate", "127.0.0.2:3479",
+            "--stun-rate", "50", "--software", "mediator",
+        )  # fmt: skip
+        self.assertEqual(options["stun-address"], ("127.0.0.1", 3478))
+        self.assertEqual(options["stun-alternate-address"], ("127.0.0.2", 3479))
+        self.assertEqual(options["stun-rate"], 50)
+        self.assertEqual(options["software"], "mediator")
+
+    def test_alternate_port_defaults_to_next(self) -> None:
+        options = parse("--stun", "127.0.0.1:5000", "--stun-alternate", "127.0.0.2")
+        self.assertEqual(options["stun-alternate-address"], ("127.0.0.2", 5001))
+
+    def test_ipv6(self) -> None:
+        options = parse("--stun", "[::1]:3478")
+        self.assertEqual(options["stun-address"], ("::1", 3478))
+
+    def test_errors(self) -> None:
+        cases = {
+            ("--stun", "example.org:3478"): "--stun: 'example.org' is not an IP address",
+            ("--stun", "127.0.0.1:99999"): "--stun: '127.0.0.1:99999': the port must be",
+            ("--stun-alternate", "127.0.0.2:3479"): "needs --stun with a specific IP",
+            ("--stun", "127.0.0.1:3478", "--stun-alternate", "127.0.0.1:3479"):
+                "the alternate IP must differ",
+            ("--stun", "127.0.0.1:3478", "--stun-alternate", "127.0.0.2:3478"):
+                "the alternate port must differ",
+            ("--stun", "127.0.0.1:65535", "--stun-alternate", "127.0.0.2"): "a port is needed",
+            ("--stun", "127.0.0.1:3478", "--stun-alternate", "[::2]:3479"): "same IP family",
+            ("--stun-rate", "-1",): "--stun-rate must be 0",
+            ("--software", "x" * 200,): "SOFTWARE text longer than 128 bytes",
+        }  # fmt: skip
+        for argv, message in cases.items():
+            with self.assertRaises(usage.UsageError, msg=argv) as caught:
+                parse(*argv)
+            self.assertIn(message, str(caught.exception), argv)
+
+    def test_signalling_options_merged_and_checked(self) -> None:
+        self.assertEqual(parse("--signal", "tcp:7001")["signal"], "tcp:7001")
+        self.assertRaises(usage.UsageError, parse, "--max-line", "10")
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_tree(self) -> None:
+        reactor = MemoryReactorClock()
+        options = parse("--stun", "127.0.0.1:3478", "--stun-alternate", "127.0.0.2",
+                        "--stun-rate", "7", "--signal", "tcp:7001")  # fmt: skip
+        top = tap.makeService(options, reactor)
+        self.assertTrue(verifyObject(IServiceCollection, top))
+        stun = top.getServiceNamed("stun")
+        signal = top.getServiceNamed("signal")
+        self.assertIsInstance(stun, STUNService)
+        self.assertTrue(verifyObject(IService, signal))
+        self.assertFalse(stun.running)
+        self.assertIsNone(stun.config)  # nothing bound before startService
+        self.assertEqual(stun.server.limiter.rate, 7)
+        self.assertEqual(reactor.tcpServers, [])
+
+    def test_no_rate_limit_by_default(self) -> None:
+        top = tap.makeService(parse(), MemoryReactorClock())
+        self.assertIsNone(top.getServiceNamed("stun").server.limiter)
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_points_here(self) -> None:
+        from twisted.application.service import IServiceMaker
+        from twisted.plugin import getPlugins
+
+        import twisted.plugins
+
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker, twisted.plugins)}
+        mediator = makers["natbypass-mediator"]
+        self.assertIsInstance(mediator.options(), tap.Options)
