@@ -269,7 +269,10 @@ class ErrorTests(SynchronousTestCase):
 
     def test_malformed_raises_only_decode_error(self) -> None:
         responder = BindingResponder(FULL)
-        for data in [b"", b"\x00\x01", request()[:-1], b"\xff" * 20, request() + b"\0\0\0\0"]:
+        bad_fingerprint = bytearray(m.Message(1, 0, bytes(12)).encode(fingerprint=True))
+        bad_fingerprint[-1] ^= 1
+        for data in [b"", b"\x00\x01", request()[:-1], b"\xff" * 20, request() + b"\0\0\0\0",
+                     bytes(bad_fingerprint)]:  # fmt: skip
             with self.assertRaises(m.StunDecodeError):
                 responder.respond_datagram(data, CLIENT, (A, PA))
 
@@ -291,16 +294,31 @@ attributes = st.one_of(
 
 class PropertyTests(SynchronousTestCase):
     @settings(max_examples=300)
-    @given(configs, st.binary(min_size=12, max_size=12), ipv4, ports, st.integers(0, 3))
-    def test_fast_path_matches_codec_path(self, config, txid, host, port, which) -> None:
+    @given(configs, st.binary(min_size=12, max_size=12), ipv4, ports, st.integers(0, 3),
+           st.booleans())  # fmt: skip
+    def test_fast_path_matches_codec_path(self, config, txid, host, port, which, fp) -> None:
         """The precomputed fast path gives the codec's bytes exactly."""
         local = config.addresses()[which % len(config.addresses())]
-        data = m.Message(1, 0, txid).encode()
+        data = m.Message(1, 0, txid).encode(fingerprint=fp)
         responder = BindingResponder(config)
         fast = responder.respond_datagram(data, (host, port), local)
         slow = responder.respond(m.decode(data), (host, port), local)
         self.assertEqual(fast, slow)
         self.assertEqual(m.decode(fast.data).get(m.XorMappedAddress).address, (host, port))
+
+    def test_fast_path_taken(self) -> None:
+        """Bare and FINGERPRINT-only Binding requests never reach the codec path."""
+
+        class CodecPathForbidden(BindingResponder):
+            def respond(self, *args, **kwargs):
+                raise AssertionError("codec path used")
+
+        for config in (PLAIN, FULL):
+            responder = CodecPathForbidden(config)
+            for fp in (False, True):
+                data = m.Message(1, 0, os.urandom(12)).encode(fingerprint=fp)
+                reply = responder.respond_datagram(data, CLIENT, (A, PA))
+                self.assertEqual(m.decode(reply.data).get(m.XorMappedAddress).address, CLIENT)
 
     @settings(max_examples=300)
     @given(

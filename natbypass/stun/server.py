@@ -184,6 +184,9 @@ _FAST_PLAIN = struct.Struct("!HH16sHHBBHI")
 _FAST_5780 = struct.Struct("!HH16sHHBBHIHHBBH4s")
 _FINGERPRINT = struct.Struct("!HHI")
 _BARE_BINDING = b"\x00\x01\x00\x00" + m.MAGIC_COOKIE_BYTES
+_FINGERPRINTED_BINDING = b"\x00\x01\x00\x08" + m.MAGIC_COOKIE_BYTES
+_FINGERPRINT_HEAD = struct.pack("!HH", m.AttributeType.FINGERPRINT, 4)
+_U32 = struct.Struct("!I")
 _SUCCESS_TYPE = m.message_type(m.Method.BINDING, m.MessageClass.SUCCESS)
 _COOKIE_PORT = m.MAGIC_COOKIE >> 16
 
@@ -225,7 +228,16 @@ class BindingResponder:
         Answer one datagram received on C{local} from C{source}.  Raises
         L{StunDecodeError} (only) when it is not a well-formed STUN message.
         """
-        if len(data) == 20 and data[:8] == _BARE_BINDING:
+        head = data[:8]
+        size = len(data)
+        if (head == _BARE_BINDING and size == 20) or (
+            # Binding with FINGERPRINT only, as most clients send it.
+            head == _FINGERPRINTED_BINDING
+            and size == 28
+            and data[20:24] == _FINGERPRINT_HEAD
+            and _U32.unpack_from(data, 24)[0]
+            == (zlib.crc32(data[:20]) & 0xFFFFFFFF) ^ m.FINGERPRINT_XOR
+        ):
             fast = self._fast.get(local)
             if fast is not None:
                 host, port = source
@@ -238,22 +250,22 @@ class BindingResponder:
                         return None
                     length, tail = fast
                     if self.config.alternate is None:
-                        head = _FAST_PLAIN.pack(
+                        prefix = _FAST_PLAIN.pack(
                             _SUCCESS_TYPE, length, data[4:20],
                             m.AttributeType.XOR_MAPPED_ADDRESS, 8, 0, 1, port ^ _COOKIE_PORT,
                             int.from_bytes(packed, "big") ^ m.MAGIC_COOKIE,
                         )  # fmt: skip
                     else:
-                        head = _FAST_5780.pack(
+                        prefix = _FAST_5780.pack(
                             _SUCCESS_TYPE, length, data[4:20],
                             m.AttributeType.XOR_MAPPED_ADDRESS, 8, 0, 1, port ^ _COOKIE_PORT,
                             int.from_bytes(packed, "big") ^ m.MAGIC_COOKIE,
                             m.AttributeType.MAPPED_ADDRESS, 8, 0, 1, port, packed,
                         )  # fmt: skip
-                    head += tail
-                    crc = (zlib.crc32(head) & 0xFFFFFFFF) ^ m.FINGERPRINT_XOR
+                    prefix += tail
+                    crc = (zlib.crc32(prefix) & 0xFFFFFFFF) ^ m.FINGERPRINT_XOR
                     return Reply(
-                        head + _FINGERPRINT.pack(m.AttributeType.FINGERPRINT, 4, crc),
+                        prefix + _FINGERPRINT.pack(m.AttributeType.FINGERPRINT, 4, crc),
                         local,
                         source,
                     )
