@@ -3,36 +3,21 @@ The traversal engines across real nftables NATs (the NAT lab), without the
 signalling layer: each side learns its mapping by STUN from the lab mediator,
 the two swap mappings through a shared directory, and punch at an agreed
 time (``natbypass.punch.labpeer``).  Port prediction is switched on exactly
-where ``select.feasibility`` asks for it.
+where ``select.feasibility`` asks for it.  The full 6x6 matrix is
+``python3 -m natbypass.punch.labmatrix``; these are the cases that matter most.
 
 Needs root, ``ip`` and ``nft``; skipped with the reason otherwise.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
-import time
-
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab.netns import missing_requirements
-from natbypass.punch.select import APD, EI, NatSummary, feasibility
+from natbypass.punch.labmatrix import run_pair, site_spec
 
 SKIP = missing_requirements()
-STUN = "198.18.0.2:3478"
 DELAY_MS = 25
-
-#: lab preset -> what discovery would report (the lab's own tests check that it does).
-PRESET_SUMMARY = {
-    "full-cone": NatSummary(EI, EI, True),
-    "restricted-cone": NatSummary(EI, "address-dependent", True),
-    "port-restricted-cone": NatSummary(EI, APD, True),
-    "symmetric-predictable": NatSummary(APD, APD, False, port_delta=1),
-    "symmetric-random": NatSummary(APD, APD, False),
-}
 SITES = {
     "fc": "full-cone",
     "rc": "restricted-cone",
@@ -53,7 +38,7 @@ class EngineLabTests(SynchronousTestCase):
         from natbypass.lab.interop import start_mediator
         from natbypass.lab.lab import Lab
 
-        spec = {"sites": {name: {"nat": SITES[name], "delay_ms": DELAY_MS} for name in (a, b)}}
+        spec = {"sites": {name: site_spec(SITES[name], DELAY_MS) for name in (a, b)}}
         lab = Lab.start(spec)
         self.addCleanup(lab.stop)
         start_mediator(lab)
@@ -62,27 +47,8 @@ class EngineLabTests(SynchronousTestCase):
     def pair(self, a: str, b: str, protocol: str, timeout: float = 3.0) -> tuple[dict, dict]:
         """Punch between the first hosts of sites ``a`` (role 0) and ``b`` (role 1)."""
         lab = self.start_lab(a, b)
-        sa, sb = PRESET_SUMMARY[SITES[a]], PRESET_SUMMARY[SITES[b]]
-        row_a, row_b = feasibility(sa, sb, protocol), feasibility(sb, sa, protocol)
-        rendezvous = tempfile.mkdtemp(prefix="natbypass-labpeer-")
-        start_at = time.time() + 2.0
-        procs = []
-        for name, peer, role, row in ((a, b, 0, row_a), (b, a, 1, row_b)):
-            argv = [
-                sys.executable, "-m", "natbypass.punch.labpeer", "--name", name, "--peer", peer,
-                "--role", str(role), "--dir", rendezvous, "--stun", STUN, "--protocol", protocol,
-                "--start-at", str(start_at), "--timeout", str(timeout),
-            ]
-            if row.predict_remote_delta:
-                argv += ["--predict-delta", str(row.predict_remote_delta)]
-            procs.append(lab.spawn(name, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        out = []
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=30 + timeout)
-            lines = [line for line in stdout.splitlines() if line.startswith("{")]
-            self.assertTrue(lines, f"no result (exit {p.returncode}): {stderr[-1500:]}")
-            out.append(json.loads(lines[-1]))
-        return out[0], out[1]
+        result = run_pair(lab, SITES[a], SITES[b], a, b, protocol, timeout)
+        return result.sides
 
     def assertConnected(self, a: str, b: str, protocol: str) -> None:
         ra, rb = self.pair(a, b, protocol)
@@ -91,7 +57,6 @@ class EngineLabTests(SynchronousTestCase):
         # Each side sees the other's public (NAT) address, not a private one.
         self.assertTrue(ra["remote"][0].startswith("198.18.1."), ra)
         self.assertTrue(rb["remote"][0].startswith("198.18.1."), rb)
-        print(f"\n{protocol} {a} x {b}: connected in {ra['connect_ms']} / {rb['connect_ms']} ms after the start")
 
     def assertFailsClearly(self, a: str, b: str, protocol: str) -> None:
         ra, rb = self.pair(a, b, protocol, timeout=2.0)

@@ -244,7 +244,8 @@ class UDPPunchMachine:
             why = "nothing from the peer reached us"
         return (
             f"no verified UDP path within {self._schedule.timeout:g} s: {why}; "
-            f"sent {st.probes_sent} probes to {len(self._candidates)} candidates ({tried}), "
+            f"sent {st.probes_sent} probes to {len(self._candidates)} "
+            f"candidate{'s' if len(self._candidates) != 1 else ''} ({tried}), "
             f"ignored {st.invalid} invalid packets"
         )
 
