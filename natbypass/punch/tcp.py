@@ -360,13 +360,14 @@ class TCPPunchAttempt:
         if self._done:
             return
         self.tries[target] += 1
+        sock = None
         try:
             sock = reusable_socket(self.local)
             code = sock.connect_ex(target)
         except OSError as e:
-            self._failedTry(target, e.errno or 0)
-            if "sock" in locals():
+            if sock is not None:
                 sock.close()
+            self._failedTry(target, e.errno or 0)
             return
         if code not in (0, errno.EINPROGRESS):
             sock.close()
