@@ -22,7 +22,6 @@ from natbypass.echo import EchoClient
 from natbypass.peer import Peer, PeerConfig, parse_wish
 from natbypass.peer_options import stun_server
 from natbypass.punch.candidates import PortRange
-from natbypass.punch.select import AllAttemptsFailed
 from natbypass.signaling.client import client_endpoint
 
 log = Logger()

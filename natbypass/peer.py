@@ -75,6 +75,34 @@ class PeerConfig:
     stun_timeout: float = 3.0
 
 
+class UDPSocket:
+    """
+    One UDP port and what shares it: the STUN client (to learn its mapping)
+    and the punch endpoint (to punch and carry data from that very port).
+    """
+
+    def __init__(self, reactor: Any, clock: IReactorTime, port_range: PortRange | None, bind_host: str) -> None:
+        self.stun = StunUDPProtocol(clock)
+        self.punch = PunchEndpoint()
+        self.port = candidates.bind_udp(reactor, UDPMux(self.stun, self.punch), port_range, bind_host)
+        self.mapped: Address | None = None
+
+    @property
+    def local(self) -> Address:
+        host = self.port.getHost()
+        return (host.host, host.port)
+
+    async def learn(self, server: Address, timeout: float) -> Address | None:
+        """One Binding request: the public address of this port towards ``server``."""
+        policy = self.stun.client.policy.within(timeout)
+        response, _ = await self.stun.client.request(binding_request(), server, policy)
+        self.mapped = mapped_address(response)
+        return self.mapped
+
+    def close(self) -> Deferred[None]:
+        return defer.maybeDeferred(self.port.stopListening)
+
+
 def nat_summary(behavior: discovery.NATBehavior) -> NATSummary:
     """The wire summary of what discovery found, with the port step for prediction."""
     s = select.NatSummary.from_behavior(behavior)
@@ -113,13 +141,12 @@ class Peer(MultiService):
         self.signaling.setServiceParent(self)
         self.signaling.set_offer_handler(self._offered)
         self.signaling.set_session_handler(self._accepted_session)
-        self.punch = PunchEndpoint()
         self.nat = NATSummary()
         self.behavior: discovery.NATBehavior | None = None
-        self.udp_mapped: Address | None = None
         self.tcp_mapped: Address | None = None
-        self._stun = StunUDPProtocol(self.clock)
-        self._udp_port: Any = None
+        self._udp: UDPSocket | None = None
+        #: Per-session sockets of sessions offered to us, by offering peer, until the session arrives.
+        self._offer_sockets: dict[str, UDPSocket] = {}
         self._tcp_socket: socket.socket | None = None
         self._handler: IIncomingHandler | None = None
         self._ready: Deferred[None] | None = None
@@ -129,9 +156,7 @@ class Peer(MultiService):
     # ------------------------------------------------------------ service
 
     def startService(self) -> None:
-        self._udp_port = candidates.bind_udp(
-            self.reactor, UDPMux(self._stun, self.punch), self.config.port_range, self.config.bind_host
-        )
+        self._udp = UDPSocket(self.reactor, self.clock, self.config.port_range, self.config.bind_host)
         self._tcp_socket = candidates.reserve_tcp_port(self.config.port_range, self.config.bind_host)
         super().startService()
         self._ready = defer.ensureDeferred(self._learn())
@@ -153,10 +178,9 @@ class Peer(MultiService):
             self._discovery = self._discover()
 
     async def _learn_udp(self) -> None:
-        policy = self._stun.client.policy.within(self.config.stun_timeout)
+        assert self._udp is not None
         try:
-            response, _ = await self._stun.client.request(binding_request(), self.stun_server, policy)
-            self.udp_mapped = mapped_address(response)
+            await self._udp.learn(self.stun_server, self.config.stun_timeout)
         except Exception as e:
             self.log.warn("no UDP mapping from {server}: {error}", server=self.stun_server, error=e)
 
@@ -175,7 +199,7 @@ class Peer(MultiService):
 
     def _discover(self) -> Deferred[Any]:
         local = (route_source_address(self.stun_server), self.local_udp_address()[1])
-        d = discovery.discover(self._stun.client, self.stun_server, local, self.clock)
+        d = discovery.discover(self._udp.stun.client, self.stun_server, local, self.clock)
 
         def found(behavior: discovery.NATBehavior) -> None:
             self.behavior = behavior
@@ -201,8 +225,10 @@ class Peer(MultiService):
         if self._tcp_socket is not None:
             self._tcp_socket.close()
             self._tcp_socket = None
-        if self._udp_port is not None:
-            d.addCallback(lambda _: self._udp_port.stopListening())
+        for sock in [self._udp, *self._offer_sockets.values()]:
+            if sock is not None:
+                d.addCallback(lambda _, sock=sock: sock.close())
+        self._offer_sockets.clear()
         return d
 
     def whenReady(self) -> Deferred[None]:
@@ -215,9 +241,14 @@ class Peer(MultiService):
         """Fires once background NAT discovery has finished (at once when it is not run)."""
         return _follow(self._discovery).addCallback(lambda _: None)
 
+    @property
+    def udp_mapped(self) -> Address | None:
+        """The public address of the main UDP socket, once learned."""
+        return self._udp.mapped if self._udp is not None else None
+
     def local_udp_address(self) -> Address:
-        host = self._udp_port.getHost()
-        return (host.host, host.port)
+        assert self._udp is not None, "start the service first"
+        return self._udp.local
 
     def local_tcp_address(self) -> Address:
         assert self._tcp_socket is not None
@@ -226,15 +257,20 @@ class Peer(MultiService):
 
     # -------------------------------------------------------- candidates
 
-    def description(self, wish: tuple[str, ...] | None = None) -> Description:
-        """Our candidates, NAT behaviour and wish, as offers and answers carry them."""
+    def description(self, wish: tuple[str, ...] | None = None, udp: UDPSocket | None = None) -> Description:
+        """
+        Our candidates, NAT behaviour and wish, as offers and answers carry
+        them; ``udp`` is the socket the session will punch from (default:
+        the peer's main one).
+        """
+        udp = udp or self._udp
+        assert udp is not None, "start the service first"
         cands: list[Candidate] = []
-        udp_port = self.local_udp_address()[1]
         tcp_port = self.local_tcp_address()[1]
         hosts = self._host_addresses()
-        cands += [Candidate("host", h, udp_port) for h in hosts]
-        if self.udp_mapped is not None:
-            cands.append(Candidate("srflx", *self.udp_mapped))
+        cands += [Candidate("host", h, udp.local[1]) for h in hosts]
+        if udp.mapped is not None:
+            cands.append(Candidate("srflx", *udp.mapped))
         cands += [Candidate("tcp-host", h, tcp_port) for h in hosts]
         if self.tcp_mapped is not None:
             cands.append(Candidate("tcp-srflx", *self.tcp_mapped))
@@ -262,8 +298,7 @@ class Peer(MultiService):
         await _follow(self._ready)
         offered = self.nat
         try:
-            session = await self.signaling.connect(peer_id, self.description(wish))
-            return await self._traverse(session, wish)
+            return await self._introduce(peer_id, wish)
         except select.AllAttemptsFailed:
             # A first connect does not wait for the filtering tests; if what
             # discovery then found could change the plan (a predictable
@@ -277,8 +312,40 @@ class Peer(MultiService):
                 mapping=self.nat.mapping,
                 filtering=self.nat.filtering,
             )
-            session = await self.signaling.connect(peer_id, self.description(wish))
-            return await self._traverse(session, wish)
+            return await self._introduce(peer_id, wish)
+
+    async def _introduce(self, peer_id: str, wish: tuple[str, ...]) -> IPeerConnection:
+        udp = await self._session_socket()
+        try:
+            session = await self.signaling.connect(peer_id, self.description(wish, udp))
+        except BaseException:
+            self._release(udp)
+            raise
+        return await self._traverse(session, wish, udp)
+
+    async def _session_socket(self) -> UDPSocket:
+        """
+        The UDP socket a new session punches from.  Behind a symmetric NAT
+        that hands out ports in sequence, a fresh socket whose mapping is
+        learned right now: the port the NAT gives the flow to the peer is
+        then the next in sequence, which the peer predicts; the long-lived
+        socket's mapping is stale after its earlier flows.
+        """
+        assert self._udp is not None
+        if self.nat.port_delta is None:
+            return self._udp
+        fresh = UDPSocket(self.reactor, self.clock, self.config.port_range, self.config.bind_host)
+        try:
+            await fresh.learn(self.stun_server, self.config.stun_timeout)
+        except Exception as e:
+            self.log.warn("no mapping for a fresh session socket ({error}); using the main one", error=e)
+            fresh.close()
+            return self._udp
+        return fresh
+
+    def _release(self, udp: UDPSocket) -> None:
+        if udp is not self._udp:
+            udp.close()
 
     def listen(self, handler: IIncomingHandler) -> None:
         self._handler = handler
@@ -286,10 +353,21 @@ class Peer(MultiService):
     def _offered(self, offer: IncomingOffer) -> Deferred[Description]:
         if self._handler is None:
             raise Decline(f"{self.peer_id} accepts no connections")
-        return _follow(self._ready).addCallback(lambda _: self.description())
+        return defer.ensureDeferred(self._answer(offer))
+
+    async def _answer(self, offer: IncomingOffer) -> Description:
+        await _follow(self._ready)
+        udp = await self._session_socket()
+        stale = self._offer_sockets.pop(offer.peer, None)
+        if stale is not None:
+            self._release(stale)
+        self._offer_sockets[offer.peer] = udp
+        return self.description(udp=udp)
 
     def _accepted_session(self, session: Session) -> None:
-        d = defer.ensureDeferred(self._traverse(session, self.wish))
+        udp = self._offer_sockets.pop(session.peer, self._udp)
+        assert udp is not None
+        d = defer.ensureDeferred(self._traverse(session, self.wish, udp))
 
         def arrived(conn: IPeerConnection) -> None:
             if self._handler is not None:
@@ -305,9 +383,25 @@ class Peer(MultiService):
             ),
         )
 
-    async def _traverse(self, session: Session, wish: tuple[str, ...]) -> IPeerConnection:
-        """Run the attempts in the mediator's order and report the outcome to it."""
-        attempts = self._attempts(session)
+    async def _traverse(self, session: Session, wish: tuple[str, ...], udp: UDPSocket) -> IPeerConnection:
+        """
+        Run the attempts in the mediator's order and report the outcome to
+        it.  A per-session socket is closed with the path (or at once, if
+        the path is TCP or none was made).
+        """
+        try:
+            conn = await self._race(session, wish, udp)
+        except BaseException:
+            self._release(udp)
+            raise
+        if conn.protocol != "udp":
+            self._release(udp)
+        elif udp is not self._udp:
+            conn.whenLost().addBoth(lambda _: self._release(udp))
+        return conn
+
+    async def _race(self, session: Session, wish: tuple[str, ...], udp: UDPSocket) -> IPeerConnection:
+        attempts = self._attempts(session, udp)
         order = [p for p in session.order if p in attempts and (not wish or p in wish)]
         outcome = select.Outcome()
         if not order:
@@ -327,7 +421,7 @@ class Peer(MultiService):
         self._report(session, "connected", conn.protocol, outcome.describe())
         return conn
 
-    def _attempts(self, session: Session) -> dict[str, Callable[[], Deferred[IPeerConnection]]]:
+    def _attempts(self, session: Session, udp: UDPSocket) -> dict[str, Callable[[], Deferred[IPeerConnection]]]:
         """One attempt factory per protocol the peer gave us candidates for."""
         start_delay = session.start_in_ms / 1000.0
         psession = PunchSession(session.id, session.key, 0 if session.controlling else 1, session.peer)
@@ -343,7 +437,7 @@ class Peer(MultiService):
         udp_targets, tcp_targets = targets("udp"), targets("tcp")
         if udp_targets:
             attempts["udp"] = lambda: punch_udp(
-                self.punch,
+                udp.punch,
                 psession,
                 udp_targets,
                 self.clock,

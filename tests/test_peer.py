@@ -23,7 +23,7 @@ from natbypass.peer import Peer, PeerConfig
 from natbypass.punch.select import AllAttemptsFailed
 from natbypass.signaling.client import SignalingClient
 from natbypass.signaling.service import makeSignalingService
-from natbypass.signaling.wire import Candidate, Description
+from natbypass.signaling.wire import Candidate, Description, NATSummary
 from natbypass.stun.server import STUNService
 
 
@@ -113,6 +113,26 @@ class PeerLoopbackTests(TestCase):
         self.assertEqual(conn.outcome.winner, "udp")
         self.assertEqual(conn.outcome.attempts[0].result, "connected")
         yield self.assertEchoes(conn)
+
+    @defer.inlineCallbacks
+    def test_predictable_symmetric_nat_punches_from_a_fresh_socket(self) -> Any:
+        """
+        Behind a NAT that hands out ports in sequence, each session gets a
+        fresh socket whose mapping is learned just before the offer; it is
+        closed when the path closes.
+        """
+        b = yield self.peer("bob")
+        b.listen(EchoHandler())
+        a = yield self.peer("alice", "udp")
+        a.nat = NATSummary("address-and-port-dependent", "address-and-port-dependent", False, port_delta=1)
+        conn = yield a.connect("bob")
+        self.assertNotEqual(conn.local_address.port, a.local_udp_address()[1])
+        yield self.assertEchoes(conn)
+        conn.close()
+        conn2 = yield a.connect("bob")
+        self.addCleanup(conn2.close)
+        self.assertNotIn(conn2.local_address.port, (conn.local_address.port, a.local_udp_address()[1]))
+        yield self.assertEchoes(conn2)
 
     @defer.inlineCallbacks
     def test_survives_mediator_going_away(self) -> Any:
