@@ -68,7 +68,7 @@ BEHAVIOURS: dict[str, tuple[Any, str, bool, str | None, str]] = {
     "fcr": ("full-cone-rewrite", "endpoint-independent", False, None, "endpoint-independent"),
     "rcr": ("restricted-cone-rewrite", "endpoint-independent", False, None, "address-dependent"),
     "prcr": ("port-restricted-cone-rewrite", "endpoint-independent", False, None, "address-and-port-dependent"),
-    "adm": ({"nat": {"mapping": "adm", "filtering": "adf"}}, "address-dependent", False, "random", "address-dependent"),
+    "adm": ({"nat": {"mapping": "adm", "filtering": "adf"}}, "address-dependent", False, None, "address-dependent"),
 }
 
 

@@ -316,7 +316,8 @@ def measure_mapping(primary: tuple[str, int], alternate: tuple[str, int], tcp: b
     result["public_ip"] = observed[(a1, p1)][0]
     result["port_preserving"] = observed[(a1, p1)][1] == local_port
     result["ports"] = [observed[d][1] for d in order]
-    result["port_sequence"] = port_sequence(result["ports"]) if result["mapping"] != "endpoint-independent" else None
+    # Only symmetric mappings open a new port per destination; their order is what predicts the next one.
+    result["port_sequence"] = port_sequence(result["ports"]) if result["mapping"] == "address-and-port-dependent" else None
     return result
 
 
