@@ -53,7 +53,7 @@ class PortRangeTests(SynchronousTestCase):
         self.assertEqual(list(PortRange.parse("5000")), [5000])
 
     def test_bad(self) -> None:
-        for text in ("", "a-b", "5-4", "0-10", "1-70000", "1-2-3", "-5", "1 - x"):
+        for text in ("", "a-b", "5-4", "0-10", "1-70000", "1-2-3", "-5", "1 - x", "²", "1-²", "123456"):
             self.assertRaises(CandidateError, PortRange.parse, text)
 
     @given(st.text(max_size=20))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,10 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 
 Address = tuple[str, int]
+
+#: ASCII digits only: str.isdigit() would take "²".
+_PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*(?:-\s*([0-9]{1,5})\s*)?")
+
 
 class CandidateError(ValueError):
     """A bad port range, unusable ``ip`` output, or no free port (the one error type)."""
@@ -50,12 +55,11 @@ class PortRange:
     @classmethod
     def parse(cls, text: str) -> PortRange:
         """Parse ``"LOW-HIGH"`` (or a single port ``"N"``)."""
-        parts = text.strip().split("-")
-        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        m = _PORT_RANGE.fullmatch(text)
+        if m is None:
             raise CandidateError(f"--port-range wants LOW-HIGH (e.g. 40000-40100), not {text!r}")
-        low = int(parts[0])
-        high = int(parts[-1])
-        return cls(low, high)
+        low = int(m.group(1))
+        return cls(low, int(m.group(2) or low))
 
     def __iter__(self):
         return iter(range(self.low, self.high + 1))
