@@ -301,6 +301,17 @@ class LifecycleTests(_LabCase):
         self.assertEqual(lab_netns(lab_id), {})
         self.assertIsNone(read_state(lab_id))
 
+    def test_sigint_cleans_up(self) -> None:
+        """Ctrl-C in the owner (KeyboardInterrupt) still removes the lab, through atexit."""
+        owner = self._owner()
+        assert owner.stdout is not None
+        lab_id = owner.stdout.readline().strip()
+        self.assertTrue(lab_netns(lab_id))
+        owner.send_signal(signal.SIGINT)
+        owner.wait(20)
+        self.assertEqual(lab_netns(lab_id), {})
+        self.assertIsNone(read_state(lab_id))
+
     def test_killed_owner_leaves_a_stale_lab(self) -> None:
         """SIGKILL cannot be caught: the lab is then stale, and removable by id."""
         owner = self._owner()

@@ -119,7 +119,12 @@ class Lab:
         if why:
             raise _netns.LabError(why)
         parsed = _as_spec(spec)
-        lab = cls(parsed, plan(parsed, lab_id or new_lab_id()), persistent)
+        if lab_id is None:
+            taken = set(_netns.lab_netns())
+            lab_id = new_lab_id()
+            while lab_id in taken or os.path.exists(state_path(lab_id)):
+                lab_id = new_lab_id()
+        lab = cls(parsed, plan(parsed, lab_id), persistent)
         os.makedirs(STATE_DIR, exist_ok=True)
         _install_handlers()
         with _live_lock:
