@@ -333,3 +333,18 @@ class LifecycleTests(_LabCase):
             self.assertEqual(other.public_address("b"), lab.public_address("b"))
             self.assertEqual(other.exec("b", ["ip", "-4", "-o", "addr", "show", "wan0"]).returncode, 0)
         self.assertRaises(LabError, Lab.attach, lab.lab_id)
+
+
+class RulesetKernelTests(_LabCase):
+    def test_every_combination_loads(self) -> None:
+        """The kernel accepts the NAT ruleset of every mapping x filtering x inbound x hairpin (nft -c, in a lab namespace)."""
+        import itertools
+
+        from natbypass.lab import rules
+        from natbypass.lab.spec import Filtering, Inbound, Mapping, NatBehaviour
+
+        with Lab.start("a=full-cone") as lab:
+            for m, f, i, h in itertools.product(Mapping, Filtering, Inbound, (False, True)):
+                text = rules.nat_ruleset(NatBehaviour(m, f, i, h, 5), "wan0", "198.18.1.1", "lan0", "10.1.0.0/24")
+                r = lab.exec("a.nat", ["nft", "-c", "-f", "-"], input=text.replace(f"table ip {rules.TABLE}", "table ip nbcheck"))
+                self.assertEqual(r.returncode, 0, f"{m}/{f}/{i}/hairpin={h}: {r.stderr}")

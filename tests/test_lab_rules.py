@@ -6,11 +6,14 @@ Whether the rules really behave as named is measured in tests/test_lab_netns.py.
 
 from __future__ import annotations
 
+from hypothesis import given, settings
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab import rules
-from natbypass.lab.spec import PRESETS, Filtering, Inbound, Mapping, NatBehaviour, loads, parse_spec
+from natbypass.lab.spec import Filtering, Inbound, LabSpec, Mapping, NatBehaviour, loads, parse_spec
 from natbypass.lab.topology import LAB_ID, lab_id_of_netns, new_lab_id, plan
+
+from .test_lab_spec import specs
 
 
 def ruleset(**kw: object) -> str:
@@ -104,3 +107,21 @@ class TopologyTests(SynchronousTestCase):
                 ip = ipaddress.ip_interface(a).ip
                 self.assertTrue(ip in ipaddress.ip_network("198.18.0.0/15") or ip in ipaddress.ip_network("10.0.0.0/8"), a)
         self.assertEqual(len({s.public_ip for s in p.sites}), 200)
+
+
+class PlanPropertyTests(SynchronousTestCase):
+    @given(specs())
+    @settings(max_examples=100)
+    def test_any_spec_plans_cleanly(self, spec: LabSpec) -> None:
+        """Any valid spec gives unique namespaces, addresses and bridge ports, and short interface names."""
+        p = plan(spec, "nbl0a0b0c")
+        netns = [n.netns for n in p.nodes]
+        self.assertEqual(len(set(netns)), len(netns))
+        self.assertTrue(all(lab_id_of_netns(n) == "nbl0a0b0c" for n in netns))
+        addrs = [a.split("/")[0] for n in p.nodes for a in n.addresses]
+        self.assertEqual(len(set(addrs)), len(addrs))
+        ports = [w.bridge_port for w in p.wan_links]
+        self.assertEqual(len(set(ports)), len(ports))
+        names = [w.iface for w in p.wan_links] + ports + [l.bridge_port for l in p.lan_links]
+        self.assertTrue(all(0 < len(n) <= 15 for n in names))
+        self.assertEqual(len(p.lan_links), sum(s.hosts for s in spec.sites if s.kind.value == "nat"))
