@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import ISystemHandle
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from natbypass.stun import message as m
 from natbypass.stun.server import (
@@ -407,6 +409,32 @@ class FakeUDPPort:
         self.protocol.doStop()
 
 
+class FakeSocket:
+    """What L{FakeUDPPortWithHandle.getHandle} returns: records sendto."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.fail: Exception | None = None
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+        if self.fail is not None:
+            raise self.fail
+        self.sent.append((data, addr))
+        return len(data)
+
+
+@implementer(ISystemHandle)
+class FakeUDPPortWithHandle(FakeUDPPort):
+    """A UDP port that, like udp.Port, also offers its socket."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.handle = FakeSocket()
+
+    def getHandle(self) -> FakeSocket:
+        return self.handle
+
+
 class FakeTCPPort:
     def __init__(self, reactor: "MemoryUDPReactor", host: str, port: int) -> None:
         self.reactor, self.host, self.port = reactor, host, port
@@ -426,8 +454,9 @@ class MemoryUDPReactor(MemoryReactorClock):
     with port 0 picking fresh ports and busy ports refused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, handles: bool = False) -> None:
         super().__init__()
+        self.handles = handles
         self.taken: set[tuple[str, str, int]] = set()
         self.udp: dict[tuple[str, int], FakeUDPPort] = {}
         self.tcp: dict[tuple[str, int], FakeTCPPort] = {}
@@ -446,7 +475,8 @@ class MemoryUDPReactor(MemoryReactorClock):
 
     def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
         port = self._take("udp", interface, port)
-        listening = FakeUDPPort(self, interface, port, protocol)
+        kind = FakeUDPPortWithHandle if self.handles else FakeUDPPort
+        listening = kind(self, interface, port, protocol)
         self.udp[(interface, port)] = listening
         protocol.makeConnection(listening)
         return listening
@@ -459,9 +489,9 @@ class MemoryUDPReactor(MemoryReactorClock):
         return listening
 
 
-def udp_server(config: ResponderConfig, limiter=None):
+def udp_server(config: ResponderConfig, limiter=None, handles: bool = False):
     """A STUNServer with one in-memory UDP socket per configured address."""
-    fake = MemoryUDPReactor()
+    fake = MemoryUDPReactor(handles)
     server = STUNServer(BindingResponder(config), limiter=limiter)
     for host, port in config.addresses():
         fake.listenUDP(port, STUNDatagramProtocol(server), interface=host)
@@ -477,6 +507,26 @@ class DatagramProtocolTests(SynchronousTestCase):
         self.assertEqual(dest, CLIENT)
         self.assertEqual(m.decode(sent).transaction_id, data[8:20])
         self.assertEqual(server.counters.snapshot()["answered"], 1)
+
+    def test_sends_through_system_handle(self) -> None:
+        """With ISystemHandle, both paths send with the socket, not Port.write."""
+        server, fake = udp_server(FULL, handles=True)
+        data = request()
+        server.sockets[(A, PA)].datagramReceived(data, CLIENT)
+        server.sockets[(A, PA)].datagramReceived(request(m.ChangeRequest(True, False)), CLIENT)
+        self.assertEqual(fake.udp[(A, PA)].written, [])
+        [(sent, dest)] = fake.udp[(A, PA)].handle.sent
+        self.assertEqual((m.decode(sent).transaction_id, dest), (data[8:20], CLIENT))
+        [(sent, dest)] = fake.udp[(B, PA)].handle.sent
+        self.assertEqual(m.decode(sent).get(m.ResponseOrigin).address, (B, PA))
+        self.assertEqual(server.counters.answered, 2)
+
+    def test_socket_send_failure_counted(self) -> None:
+        server, fake = udp_server(FULL, handles=True)
+        fake.udp[(A, PA)].handle.fail = BlockingIOError(errno.EAGAIN, "full")
+        server.sockets[(A, PA)].datagramReceived(request(), CLIENT)
+        server.sockets[(A, PA)].datagramReceived(request(m.Software("slow path")), CLIENT)
+        self.assertEqual((server.counters.send_failed, server.counters.answered), (2, 0))
 
     def test_change_request_answered_from_other_socket(self) -> None:
         server, fake = udp_server(FULL)
