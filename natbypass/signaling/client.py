@@ -31,6 +31,7 @@ from zope.interface import implementer
 from .. import __version__
 from . import wire
 from .interfaces import ISignalingClient
+from .server import _no_delay
 from .wire import (
     Accept,
     Cancel,
@@ -151,6 +152,7 @@ class SignalingClientProtocol(LineReceiver):
     # -- connection events
 
     def connectionMade(self) -> None:
+        _no_delay(self.transport)
         self._watchdog = self.clock.callLater(self.owner.request_timeout, self._handshake_timeout)
 
     def _handshake_timeout(self) -> None:

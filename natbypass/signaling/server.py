@@ -174,6 +174,7 @@ class Limits:
     max_offers_per_peer: int = 16
     punch_margin: float = 0.05
     unknown_rtt: float = 0.2
+    rtt_refresh: float = 45.0
 
 
 class _Link:
@@ -451,10 +452,10 @@ class SignalingState:
         self._count("offers")
         self.log.info("offer {offer} from {initiator} to {target}", offer=offer.id, initiator=link.peer_id, target=target.peer_id)
         target.channel.send(Offer(offer.id, link.peer_id, msg.description, int(self.limits.offer_timeout * 1000)))
-        # Fresh RTTs for the timing, unless a recent sample exists.
+        # Keepalive pings keep the RTTs fresh; probe again only if a sample is stale.
         now = self.clock.seconds()
         for side in (link, target):
-            if side.ping_rid is None and now - side.ping_sent > self.limits.keepalive / 4:
+            if side.ping_rid is None and now - side.ping_sent > self.limits.rtt_refresh:
                 self._ping(side, now)
 
     def _take_offer(self, link: _Link, rid: int, offer_id: str) -> _PendingOffer | None:
@@ -620,6 +621,16 @@ class SignalingState:
         )
 
 
+def _no_delay(transport: Any) -> None:
+    """Small latency-critical lines: no Nagle (a TLS transport may not offer it)."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except Exception:  # pragma: no cover - not a socket after all
+            pass
+
+
 @implementer(IChannel)
 class SignalingServerProtocol(LineReceiver):
     """One client connection: decode each line and hand it to the state."""
@@ -632,6 +643,7 @@ class SignalingServerProtocol(LineReceiver):
         self._link: _Link | None = None
 
     def connectionMade(self) -> None:
+        _no_delay(self.transport)
         self._link = self.state.open(self, getattr(self.transport.getPeer(), "host", "?"))
 
     def lineReceived(self, line: bytes) -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
@@ -112,11 +112,7 @@ class Candidate:
     def __post_init__(self) -> None:
         _check(self.kind in CANDIDATE_KINDS, f"unknown candidate kind {self.kind!r}")
         _check(isinstance(self.host, str), "candidate host must be a string")
-        try:
-            host = str(ipaddress.ip_address(self.host))
-        except ValueError:
-            raise ValueError(f"candidate host {self.host!r} is not an IP address") from None
-        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "host", _normal_ip(self.host))
         _check(_is_int(self.port) and 0 < self.port < 65536, f"candidate port {self.port!r} is not in 1..65535")
 
     @property
@@ -129,13 +125,24 @@ class Candidate:
 
     @classmethod
     def from_wire(cls, obj: Any) -> Candidate:
-        f = _Fields(obj, "candidate")
-        kind = f.text("kind", required=True)
-        proto = f.text("proto", required=True)
-        c = cls(kind, f.text("host", required=True), f.integer("port", required=True))
-        f.done()
+        # The hot path of an offer (several candidates each way): plain checks, no _Fields.
+        _check(type(obj) is dict and obj.keys() == _CANDIDATE_FIELDS, "a candidate is exactly {kind, proto, host, port}")
+        kind, proto = obj["kind"], obj["proto"]
+        c = cls(kind, obj["host"], obj["port"])
         _check(proto == c.protocol, f"candidate kind {kind!r} is {c.protocol}, not {proto!r}")
         return c
+
+
+_CANDIDATE_FIELDS = frozenset(("kind", "proto", "host", "port"))
+
+
+def _normal_ip(host: str) -> str:
+    """An IPv4 or IPv6 literal in its canonical text form (no names, no zone ids)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, host))
+    except (OSError, ValueError):  # ValueError: embedded NUL
+        raise ValueError(f"candidate host {host[:64]!r} is not an IP address") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,10 +351,11 @@ class _Fields:
             _check(not required, f"{self._what} needs {name!r}")
             return None
         _check(isinstance(v, str), f"{name!r} must be a string")
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{name!r} holds a lone surrogate (not valid Unicode)") from None
+        if not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{name!r} holds a lone surrogate (not valid Unicode)") from None
         _check(len(v) <= limit, f"{name!r} is longer than {limit} characters")
         _check(pattern is None or bool(pattern.match(v)), f"{name!r} has a bad format")
         return v
@@ -366,8 +374,8 @@ class _Fields:
         return v
 
     def done(self) -> None:
-        extra = sorted(set(self._obj) - self._seen)
-        _check(not extra, f"unknown field(s) in {self._what}: {', '.join(extra)[:200]}")
+        extra = self._obj.keys() - self._seen
+        _check(not extra, f"unknown field(s) in {self._what}: {', '.join(sorted(extra))[:200]}")
 
 
 # -- messages -------------------------------------------------------------------

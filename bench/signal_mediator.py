@@ -1,0 +1,81 @@
+"""
+Run only the signalling half of the mediator, for the benchmark.
+
+    python3 bench/signal_mediator.py --signal tcp:0:interface=127.0.0.1:backlog=4096
+
+Prints ``LISTENING <port>`` once bound.  Limits are off (the load generator
+opens thousands of connections from one address); logs go to stderr at
+warning level unless ``--log-file`` asks for the full info-level log that
+``twistd`` would write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+
+from twisted.internet import reactor
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from natbypass.signaling.service import makeSignalingService  # noqa: E402
+
+
+def raise_nofile(want: int = 1 << 16) -> int:
+    """Raise RLIMIT_NOFILE as far as allowed (the hard limit too, when root may); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, hard), max(want, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--signal", default="tcp:0:interface=127.0.0.1:backlog=4096")
+    p.add_argument("--log-file", help="write every event (info level, JSON lines) here, as an operator would")
+    p.add_argument("--status-interval", type=float, default=0)
+    p.add_argument("--profile", help="write a cProfile of the whole run here (for finding hot spots)")
+    a = p.parse_args()
+
+    raise_nofile()
+
+    observers = [FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)])]
+    if a.log_file:
+        observers.append(jsonFileLogObserver(open(a.log_file, "a")))
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
+
+    svc = makeSignalingService(
+        a.signal,
+        reactor,
+        max_peers=0,
+        max_per_source=0,
+        rate=0,
+        status_interval=a.status_interval,
+    )
+    svc.startService()
+
+    def listening(port) -> None:
+        print(f"LISTENING {port.getHost().port}", flush=True)
+
+    svc.whenListening().addCallbacks(listening, lambda f: (print(f"FAILED {f.value}", flush=True), reactor.stop()))
+    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+    if a.profile:
+        import cProfile
+
+        cProfile.runctx("reactor.run()", globals(), {"reactor": reactor}, a.profile)
+    else:
+        reactor.run()
+
+
+if __name__ == "__main__":
+    main()
