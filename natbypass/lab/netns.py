@@ -57,8 +57,10 @@ def nft(netns: str, ruleset: str) -> None:
     run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=ruleset)
 
 
-def sysctl(netns: str, key: str, value: str | int) -> None:
-    run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{key}={value}"])
+def sysctl(netns: str, key: str, value: str | int, **more: str | int) -> None:
+    """Set one or more sysctls inside ``netns`` (one process; ``more`` uses ``__`` for dots)."""
+    pairs = [f"{key}={value}"] + [f"{k.replace('__', '.')}={v}" for k, v in more.items()]
+    run(["ip", "netns", "exec", netns, "sysctl", "-qw", *pairs])
 
 
 def list_netns() -> list[str]:
@@ -125,8 +127,8 @@ def destroy(netns_names: Sequence[str], extra_pids: Sequence[int] = ()) -> None:
         run(["ip", "netns", "del", name], check=False)
 
 
-def _no_bridge_netfilter(netns: str) -> None:
-    """Keep bridged frames out of the IP hooks, as on a real switch.
+def _no_bridge_netfilter() -> dict[str, int]:
+    """Sysctls that keep bridged frames out of the IP hooks, as on a real switch.
 
     With ``br_netfilter`` loaded on the machine (e.g. by Docker), bridged
     frames would pass nftables' ip hooks: a NAT's DNAT of a hairpinned packet
@@ -134,9 +136,11 @@ def _no_bridge_netfilter(netns: str) -> None:
     its ingress port.  The sysctls are per namespace and only exist when the
     module is loaded; the lab behaves the same either way.
     """
-    for family in ("iptables", "ip6tables", "arptables"):
-        if os.path.exists(f"/proc/sys/net/bridge/bridge-nf-call-{family}"):
-            sysctl(netns, f"net.bridge.bridge-nf-call-{family}", 0)
+    return {
+        f"net__bridge__bridge-nf-call-{family}": 0
+        for family in ("iptables", "ip6tables", "arptables")
+        if os.path.exists(f"/proc/sys/net/bridge/bridge-nf-call-{family}")
+    }
 
 
 def _start_wire(link: WanLink, public_netns: str, log_path: str | None) -> subprocess.Popen[str]:
@@ -175,9 +179,9 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
     for node in plan.nodes:
         run(["ip", "netns", "add", node.netns])
         ip(node.netns, "link", "set", "lo", "up")
-        sysctl(node.netns, "net.ipv6.conf.all.disable_ipv6", 1)
-        sysctl(node.netns, "net.ipv6.conf.default.disable_ipv6", 1)
-        _no_bridge_netfilter(node.netns)
+        # IPv6 off (the lab is IPv4 only), bridges as plain switches: one process per namespace.
+        sysctl(node.netns, "net.ipv6.conf.all.disable_ipv6", 1, net__ipv6__conf__default__disable_ipv6=1,
+               **_no_bridge_netfilter())
     ip(pub, "link", "add", "br0", "type", "bridge")
     ip(pub, "link", "set", "br0", "up")
 
@@ -215,10 +219,13 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
                 ip(host.netns, "addr", "add", addr, "dev", host.iface)
             ip(host.netns, "link", "set", host.iface, "up")
             ip(host.netns, "route", "add", "default", "via", site.lan_gateway)
-        sysctl(border, "net.ipv4.ip_forward", 1)
         nft(border, rules.nat_ruleset(spec.nat, "wan0", site.public_ip, "lan0", site.lan_net))
-        if spec.nat.udp_timeout is not None:
-            sysctl(border, "net.netfilter.nf_conntrack_udp_timeout", spec.nat.udp_timeout)
-            sysctl(border, "net.netfilter.nf_conntrack_udp_timeout_stream", spec.nat.udp_timeout)
+        timeouts: dict[str, int] = {}
+        if spec.nat.udp_timeout is not None:  # conntrack is per namespace: this NAT's mapping lifetime
+            timeouts = {
+                "net__netfilter__nf_conntrack_udp_timeout": spec.nat.udp_timeout,
+                "net__netfilter__nf_conntrack_udp_timeout_stream": spec.nat.udp_timeout,
+            }
+        sysctl(border, "net.ipv4.ip_forward", 1, **timeouts)
     log.info("lab {lab_id} built: {count} namespaces", lab_id=plan.lab_id, count=len(plan.nodes))
     return wires
