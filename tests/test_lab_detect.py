@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -76,6 +76,7 @@ class ParseTests(SynchronousTestCase):
         "-= Hairpinning Behavior Discovery =-", "Received a request (maybe a successful hairpinning)",
         "No NAT!", "STUN receive timeout..", "-= Mapping Behavior Discovery =-",
     ]) | st.text(max_size=30), max_size=12))
+    @settings(deadline=None)
     def test_any_output(self, lines: list[str]) -> None:
         """Any output parses to known values or None, never an exception."""
         got = interop.parse_natdiscovery("\n".join(lines))

@@ -4,7 +4,7 @@ Tests for the lab probes' wire format, classification and reflector (in memory).
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -28,10 +28,12 @@ class CodecTests(SynchronousTestCase):
                          Response("0123456789abcdef", "198.18.1.1", 4000))
 
     @given(requests | responses)
+    @settings(deadline=None)
     def test_round_trip(self, msg: Request | Response) -> None:
         self.assertEqual(decode(encode(msg)), msg)
 
     @given(st.binary(max_size=80))
+    @settings(deadline=None)
     def test_garbage(self, data: bytes) -> None:
         """Arbitrary bytes decode or raise ProbeDecodeError, nothing else."""
         try:
@@ -41,6 +43,7 @@ class CodecTests(SynchronousTestCase):
         self.assertEqual(decode(encode(msg)), msg)
 
     @given(requests | responses, st.integers(0, 60), st.binary(min_size=1, max_size=3))
+    @settings(deadline=None)
     def test_mutations(self, msg: Request | Response, at: int, junk: bytes) -> None:
         """Corrupted messages decode to something valid or raise ProbeDecodeError."""
         data = encode(msg)

@@ -111,7 +111,7 @@ class TopologyTests(SynchronousTestCase):
 
 class PlanPropertyTests(SynchronousTestCase):
     @given(specs())
-    @settings(max_examples=100)
+    @settings(max_examples=100, deadline=None)
     def test_any_spec_plans_cleanly(self, spec: LabSpec) -> None:
         """Any valid spec gives unique namespaces, addresses and bridge ports, and short interface names."""
         p = plan(spec, "nbl0a0b0c")

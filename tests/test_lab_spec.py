@@ -126,7 +126,7 @@ class ErrorTests(SynchronousTestCase):
     @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                         lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
                         max_leaves=12))
-    @settings(max_examples=300)
+    @settings(max_examples=300, deadline=None)
     def test_junk_only_raises_spec_error(self, obj: object) -> None:
         """Whatever JSON comes in, the parser either accepts it or raises LabSpecError."""
         for candidate in (obj, {"sites": obj}, {"sites": {"a": obj}}, {"sites": {"a": {"nat": obj}}}):
@@ -138,7 +138,7 @@ class ErrorTests(SynchronousTestCase):
 
 class RoundTripTests(SynchronousTestCase):
     @given(specs())
-    @settings(max_examples=200)
+    @settings(max_examples=200, deadline=None)
     def test_round_trip(self, spec: LabSpec) -> None:
         """The canonical JSON of a spec parses back to the same spec, also through text."""
         self.assertEqual(parse_spec(spec_to_json(spec)), spec)

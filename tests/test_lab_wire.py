@@ -4,7 +4,7 @@ Tests for the delay line of the lab's delaying wire.
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -48,6 +48,7 @@ class DelayLineTests(SynchronousTestCase):
         self.assertRaises(ValueError, DelayLine, -1, 0, lambda a, b: 0.0)
 
     @given(st.lists(st.tuples(st.floats(0, 0.1), st.floats(-1, 1)), max_size=50), st.floats(0, 0.5), st.floats(0, 1))
+    @settings(deadline=None)
     def test_bounds_and_order(self, arrivals: list[tuple[float, float]], delay: float, jfrac: float) -> None:
         """Every frame leaves in order, no earlier than delay-jitter after it came."""
         jitter = delay * jfrac

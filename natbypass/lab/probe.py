@@ -24,7 +24,6 @@ import argparse
 import errno
 import ipaddress
 import json
-import os
 import secrets
 import socket
 import sys
