@@ -29,16 +29,29 @@ class LabError(RuntimeError):
     """Building or using the lab failed; the message has the failing command."""
 
 
-def missing_requirements() -> str | None:
-    """Why a lab cannot be built here, or None if it can."""
+_capability_checked: str | None | bool = False
+
+
+def missing_requirements(tun: bool = False) -> str | None:
+    """Why a lab cannot be built here (``tun``: one with delayed links), or None if it can."""
+    global _capability_checked
     if os.geteuid() != 0:
         return "the NAT lab needs root (network namespaces, nftables)"
     for tool in ("ip", "nft"):
         if shutil.which(tool) is None:
             return f"the NAT lab needs '{tool}' (apt-get install iproute2 nftables)"
-    if not os.path.exists("/dev/net/tun"):
-        return "the NAT lab needs /dev/net/tun for delayed links"
-    return None
+    if tun and not os.path.exists("/dev/net/tun"):
+        return "delayed lab links need /dev/net/tun (TAP devices)"
+    if _capability_checked is False:
+        _capability_checked = None
+        if shutil.which("unshare"):
+            probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
+            if probe.returncode != 0:
+                _capability_checked = (
+                    f"cannot create network namespaces here (unshare --net: {probe.stderr.strip()}); "
+                    "a container needs --privileged or CAP_SYS_ADMIN + CAP_NET_ADMIN"
+                )
+    return _capability_checked if isinstance(_capability_checked, str) else None
 
 
 def run(argv: Sequence[str], *, input: str | None = None, check: bool = True, timeout: float = 30) -> str:
@@ -175,6 +188,10 @@ def python_env() -> dict[str, str]:
 
 def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[str]]:
     """Create everything in ``plan``; returns the wire processes (killed by the caller at teardown)."""
+    if any(w.link.needs_wire for w in plan.wan_links):
+        why = missing_requirements(tun=True)
+        if why:
+            raise LabError(why)
     pub = plan.public.netns
     for node in plan.nodes:
         run(["ip", "netns", "add", node.netns])
