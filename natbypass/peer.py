@@ -103,6 +103,38 @@ class UDPSocket:
         return defer.maybeDeferred(self.port.stopListening)
 
 
+class TCPPort:
+    """
+    One TCP port we punch from: a listening socket with SO_REUSEPORT (so the
+    STUN-over-TCP connection and every simultaneous open can bind it too,
+    and an inbound SYN is accepted), and its mapping learned from that port.
+    """
+
+    def __init__(self, reactor: Any, clock: IReactorTime, port_range: PortRange | None, bind_host: str) -> None:
+        self.reactor, self.clock = reactor, clock
+        self.socket: socket.socket | None = candidates.reserve_tcp_port(port_range, bind_host)
+        self.local: Address = self.socket.getsockname()[:2]
+        self.mapped: Address | None = None
+
+    async def learn(self, server: Address, timeout: float) -> Address | None:
+        binding = await tcp_binding(self.reactor, server, self.local, clock=self.clock, timeout=timeout)
+        self.mapped = binding.mapped
+        return self.mapped
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+
+@dataclass
+class Ports:
+    """The UDP socket and TCP port one session punches from."""
+
+    udp: UDPSocket
+    tcp: TCPPort
+
+
 def nat_summary(behavior: discovery.NATBehavior) -> NATSummary:
     """The wire summary of what discovery found, with the port step for prediction."""
     s = select.NatSummary.from_behavior(behavior)
@@ -143,11 +175,9 @@ class Peer(MultiService):
         self.signaling.set_session_handler(self._accepted_session)
         self.nat = NATSummary()
         self.behavior: discovery.NATBehavior | None = None
-        self.tcp_mapped: Address | None = None
-        self._udp: UDPSocket | None = None
-        #: Per-session sockets of sessions offered to us, by offering peer, until the session arrives.
-        self._offer_sockets: dict[str, UDPSocket] = {}
-        self._tcp_socket: socket.socket | None = None
+        self._main: Ports | None = None
+        #: Per-session ports of sessions offered to us, by offering peer, until the session arrives.
+        self._offer_ports: dict[str, Ports] = {}
         self._handler: IIncomingHandler | None = None
         self._ready: Deferred[None] | None = None
         self._discovery: Deferred[Any] | None = None
@@ -156,16 +186,14 @@ class Peer(MultiService):
     # ------------------------------------------------------------ service
 
     def startService(self) -> None:
-        self._udp = UDPSocket(self.reactor, self.clock, self.config.port_range, self.config.bind_host)
-        self._tcp_socket = candidates.reserve_tcp_port(self.config.port_range, self.config.bind_host)
+        self._main = self._bind()
         super().startService()
         self._ready = defer.ensureDeferred(self._learn())
 
     async def _learn(self) -> None:
         """Learn the UDP and TCP mapped addresses; start discovery behind them."""
-        udp = defer.ensureDeferred(self._learn_udp())
-        tcp_ = defer.ensureDeferred(self._learn_tcp())
-        await defer.gatherResults([udp, tcp_])
+        assert self._main is not None
+        await self._learn_ports(self._main)
         self.log.info(
             "peer {peer_id}: udp {udp} mapped to {udp_mapped}, tcp {tcp} mapped to {tcp_mapped}",
             peer_id=self.peer_id,
@@ -177,29 +205,34 @@ class Peer(MultiService):
         if self.config.discover and self.udp_mapped is not None:
             self._discovery = self._discover()
 
-    async def _learn_udp(self) -> None:
-        assert self._udp is not None
+    def _bind(self) -> Ports:
+        cfg = self.config
+        udp = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host)
         try:
-            await self._udp.learn(self.stun_server, self.config.stun_timeout)
-        except Exception as e:
-            self.log.warn("no UDP mapping from {server}: {error}", server=self.stun_server, error=e)
+            return Ports(udp, TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host))
+        except BaseException:
+            udp.close()
+            raise
 
-    async def _learn_tcp(self) -> None:
+    async def _learn_one(self, port: UDPSocket | TCPPort, what: str) -> None:
         try:
-            binding = await tcp_binding(
-                self.reactor,
-                self.stun_server,
-                self.local_tcp_address(),
-                clock=self.clock,
-                timeout=self.config.stun_timeout,
-            )
-            self.tcp_mapped = binding.mapped
+            await port.learn(self.stun_server, self.config.stun_timeout)
         except Exception as e:
-            self.log.warn("no TCP mapping from {server}: {error}", server=self.stun_server, error=e)
+            self.log.warn("no {what} mapping from {server}: {error}", what=what, server=self.stun_server, error=e)
+
+    async def _learn_ports(self, ports: Ports) -> None:
+        """Learn both mappings at once (they use different sockets)."""
+        await defer.gatherResults(
+            [
+                defer.ensureDeferred(self._learn_one(ports.udp, "UDP")),
+                defer.ensureDeferred(self._learn_one(ports.tcp, "TCP")),
+            ]
+        )
 
     def _discover(self) -> Deferred[Any]:
         local = (route_source_address(self.stun_server), self.local_udp_address()[1])
-        d = discovery.discover(self._udp.stun.client, self.stun_server, local, self.clock)
+        assert self._main is not None
+        d = discovery.discover(self._main.udp.stun.client, self.stun_server, local, self.clock)
 
         def found(behavior: discovery.NATBehavior) -> None:
             self.behavior = behavior
@@ -222,13 +255,11 @@ class Peer(MultiService):
         for conn in list(self._connections):
             conn.close()
         d = defer.maybeDeferred(super().stopService)
-        if self._tcp_socket is not None:
-            self._tcp_socket.close()
-            self._tcp_socket = None
-        for sock in [self._udp, *self._offer_sockets.values()]:
-            if sock is not None:
-                d.addCallback(lambda _, sock=sock: sock.close())
-        self._offer_sockets.clear()
+        for ports in [self._main, *self._offer_ports.values()]:
+            if ports is not None:
+                ports.tcp.close()
+                d.addCallback(lambda _, udp=ports.udp: udp.close())
+        self._offer_ports.clear()
         return d
 
     def whenReady(self) -> Deferred[None]:
@@ -244,36 +275,39 @@ class Peer(MultiService):
     @property
     def udp_mapped(self) -> Address | None:
         """The public address of the main UDP socket, once learned."""
-        return self._udp.mapped if self._udp is not None else None
+        return self._main.udp.mapped if self._main is not None else None
+
+    @property
+    def tcp_mapped(self) -> Address | None:
+        """The public address of the main TCP port, once learned."""
+        return self._main.tcp.mapped if self._main is not None else None
 
     def local_udp_address(self) -> Address:
-        assert self._udp is not None, "start the service first"
-        return self._udp.local
+        assert self._main is not None, "start the service first"
+        return self._main.udp.local
 
     def local_tcp_address(self) -> Address:
-        assert self._tcp_socket is not None
-        host, port = self._tcp_socket.getsockname()[:2]
-        return (host, port)
+        assert self._main is not None, "start the service first"
+        return self._main.tcp.local
 
     # -------------------------------------------------------- candidates
 
-    def description(self, wish: tuple[str, ...] | None = None, udp: UDPSocket | None = None) -> Description:
+    def description(self, wish: tuple[str, ...] | None = None, ports: Ports | None = None) -> Description:
         """
         Our candidates, NAT behaviour and wish, as offers and answers carry
-        them; ``udp`` is the socket the session will punch from (default:
-        the peer's main one).
+        them; ``ports`` are what the session will punch from (default: the
+        peer's main ones).
         """
-        udp = udp or self._udp
-        assert udp is not None, "start the service first"
+        ports = ports or self._main
+        assert ports is not None, "start the service first"
         cands: list[Candidate] = []
-        tcp_port = self.local_tcp_address()[1]
         hosts = self._host_addresses()
-        cands += [Candidate("host", h, udp.local[1]) for h in hosts]
-        if udp.mapped is not None:
-            cands.append(Candidate("srflx", *udp.mapped))
-        cands += [Candidate("tcp-host", h, tcp_port) for h in hosts]
-        if self.tcp_mapped is not None:
-            cands.append(Candidate("tcp-srflx", *self.tcp_mapped))
+        cands += [Candidate("host", h, ports.udp.local[1]) for h in hosts]
+        if ports.udp.mapped is not None:
+            cands.append(Candidate("srflx", *ports.udp.mapped))
+        cands += [Candidate("tcp-host", h, ports.tcp.local[1]) for h in hosts]
+        if ports.tcp.mapped is not None:
+            cands.append(Candidate("tcp-srflx", *ports.tcp.mapped))
         unique = {(c.protocol, c.host, c.port): c for c in reversed(cands)}
         return Description(
             tuple(reversed(unique.values())), self.nat, self.wish if wish is None else wish
@@ -315,37 +349,47 @@ class Peer(MultiService):
             return await self._introduce(peer_id, wish)
 
     async def _introduce(self, peer_id: str, wish: tuple[str, ...]) -> IPeerConnection:
-        udp = await self._session_socket()
+        ports = await self._session_ports(wish)
         try:
-            session = await self.signaling.connect(peer_id, self.description(wish, udp))
+            session = await self.signaling.connect(peer_id, self.description(wish, ports))
         except BaseException:
-            self._release(udp)
+            self._release(ports)
             raise
-        return await self._traverse(session, wish, udp)
+        return await self._traverse(session, wish, ports)
 
-    async def _session_socket(self) -> UDPSocket:
+    async def _session_ports(self, wish: tuple[str, ...]) -> Ports:
         """
-        The UDP socket a new session punches from.  Behind a symmetric NAT
-        that hands out ports in sequence, a fresh socket whose mapping is
-        learned right now: the port the NAT gives the flow to the peer is
-        then the next in sequence, which the peer predicts; the long-lived
-        socket's mapping is stale after its earlier flows.
+        The ports a new session punches from.  Behind a symmetric NAT that
+        hands out ports in sequence, fresh ones whose mappings are learned
+        right now: the port the NAT gives the flow to the peer is then the
+        next in sequence, which the peer predicts (the long-lived ports'
+        mappings are stale after their earlier flows).  Such a NAT counts
+        every new flow, so only the protocols of ``wish`` get fresh ports,
+        one after the other, the preferred one last: its next flow is then
+        exactly the predicted one.
         """
-        assert self._udp is not None
+        main = self._main
+        assert main is not None
         if self.nat.port_delta is None:
-            return self._udp
-        fresh = UDPSocket(self.reactor, self.clock, self.config.port_range, self.config.bind_host)
-        try:
-            await fresh.learn(self.stun_server, self.config.stun_timeout)
-        except Exception as e:
-            self.log.warn("no mapping for a fresh session socket ({error}); using the main one", error=e)
-            fresh.close()
-            return self._udp
-        return fresh
+            return main
+        cfg = self.config
+        udp, tcp_ = main.udp, main.tcp
+        for protocol in reversed(wish or ("udp", "tcp")):
+            if protocol == "tcp":
+                tcp_ = TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host)
+                await self._learn_one(tcp_, "TCP")
+            else:
+                udp = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host)
+                await self._learn_one(udp, "UDP")
+        return Ports(udp, tcp_)
 
-    def _release(self, udp: UDPSocket) -> None:
-        if udp is not self._udp:
-            udp.close()
+    def _release(self, ports: Ports, keep_udp: bool = False) -> None:
+        """Close a session's own ports (never the main ones)."""
+        assert self._main is not None
+        if ports.tcp is not self._main.tcp:
+            ports.tcp.close()
+        if ports.udp is not self._main.udp and not keep_udp:
+            ports.udp.close()
 
     def listen(self, handler: IIncomingHandler) -> None:
         self._handler = handler
@@ -356,18 +400,22 @@ class Peer(MultiService):
         return defer.ensureDeferred(self._answer(offer))
 
     async def _answer(self, offer: IncomingOffer) -> Description:
+        # Unlike a connect, an answer waits for discovery when it is still
+        # running (only in the peer's first seconds): the offering side may
+        # need our NAT's port step to predict where our probes come from.
         await _follow(self._ready)
-        udp = await self._session_socket()
-        stale = self._offer_sockets.pop(offer.peer, None)
+        await self.whenDiscovered()
+        ports = await self._session_ports(offer.description.wish or self.wish)
+        stale = self._offer_ports.pop(offer.peer, None)
         if stale is not None:
             self._release(stale)
-        self._offer_sockets[offer.peer] = udp
-        return self.description(udp=udp)
+        self._offer_ports[offer.peer] = ports
+        return self.description(ports=ports)
 
     def _accepted_session(self, session: Session) -> None:
-        udp = self._offer_sockets.pop(session.peer, self._udp)
-        assert udp is not None
-        d = defer.ensureDeferred(self._traverse(session, self.wish, udp))
+        ports = self._offer_ports.pop(session.peer, self._main)
+        assert ports is not None
+        d = defer.ensureDeferred(self._traverse(session, self.wish, ports))
 
         def arrived(conn: IPeerConnection) -> None:
             if self._handler is not None:
@@ -383,25 +431,26 @@ class Peer(MultiService):
             ),
         )
 
-    async def _traverse(self, session: Session, wish: tuple[str, ...], udp: UDPSocket) -> IPeerConnection:
+    async def _traverse(self, session: Session, wish: tuple[str, ...], ports: Ports) -> IPeerConnection:
         """
         Run the attempts in the mediator's order and report the outcome to
-        it.  A per-session socket is closed with the path (or at once, if
-        the path is TCP or none was made).
+        it.  A session's own ports are closed once the race is over, except
+        the UDP socket of a UDP path, which closes with the path (a TCP path
+        is an adopted socket of its own).
         """
         try:
-            conn = await self._race(session, wish, udp)
+            conn = await self._race(session, wish, ports)
         except BaseException:
-            self._release(udp)
+            self._release(ports)
             raise
-        if conn.protocol != "udp":
-            self._release(udp)
-        elif udp is not self._udp:
-            conn.whenLost().addBoth(lambda _: self._release(udp))
+        udp_path = conn.protocol == "udp"
+        self._release(ports, keep_udp=udp_path)
+        if udp_path and self._main is not None and ports.udp is not self._main.udp:
+            conn.whenLost().addBoth(lambda _: ports.udp.close())
         return conn
 
-    async def _race(self, session: Session, wish: tuple[str, ...], udp: UDPSocket) -> IPeerConnection:
-        attempts = self._attempts(session, udp)
+    async def _race(self, session: Session, wish: tuple[str, ...], ports: Ports) -> IPeerConnection:
+        attempts = self._attempts(session, ports)
         order = [p for p in session.order if p in attempts and (not wish or p in wish)]
         outcome = select.Outcome()
         if not order:
@@ -421,7 +470,7 @@ class Peer(MultiService):
         self._report(session, "connected", conn.protocol, outcome.describe())
         return conn
 
-    def _attempts(self, session: Session, udp: UDPSocket) -> dict[str, Callable[[], Deferred[IPeerConnection]]]:
+    def _attempts(self, session: Session, ports: Ports) -> dict[str, Callable[[], Deferred[IPeerConnection]]]:
         """One attempt factory per protocol the peer gave us candidates for."""
         start_delay = session.start_in_ms / 1000.0
         psession = PunchSession(session.id, session.key, 0 if session.controlling else 1, session.peer)
@@ -437,7 +486,7 @@ class Peer(MultiService):
         udp_targets, tcp_targets = targets("udp"), targets("tcp")
         if udp_targets:
             attempts["udp"] = lambda: punch_udp(
-                udp.punch,
+                ports.udp.punch,
                 psession,
                 udp_targets,
                 self.clock,
@@ -446,15 +495,15 @@ class Peer(MultiService):
                 keepalive_interval=self.config.keepalive_interval,
                 liveness_timeout=self.config.liveness_timeout,
             )
-        if tcp_targets and self._tcp_socket is not None:
+        if tcp_targets and ports.tcp.socket is not None:
             attempts["tcp"] = lambda: tcp.punch_tcp(
                 self.reactor,
                 psession,
-                self.local_tcp_address(),
+                ports.tcp.local,
                 tcp_targets,
                 start_delay=start_delay,
                 window=self.config.punch_timeout,
-                listener=self._tcp_socket,
+                listener=ports.tcp.socket,
                 keepalive_interval=self.config.keepalive_interval,
             )
         return attempts

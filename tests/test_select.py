@@ -90,6 +90,19 @@ class KindTests(SynchronousTestCase):
         s = NatSummary.from_behavior(B())
         self.assertEqual((s.kind(), s.port_delta, s.udp_blocked), (Kind.SYMMETRIC_PREDICTABLE, 1, False))
 
+        class Interleaved(B):
+            # Other flows took ports between the Binding and the two
+            # back-to-back mapping tests (seen in the lab: TCP tests run alongside).
+            tests = (T(20003), T(None), T(None), T(20006), T(20007))
+
+        s = NatSummary.from_behavior(Interleaved())
+        self.assertEqual((s.kind(), s.port_delta), (Kind.SYMMETRIC_PREDICTABLE, 1))
+
+        class Random(B):
+            tests = (T(20003), T(41234), T(3311))
+
+        self.assertIsNone(NatSummary.from_behavior(Random()).port_delta)
+
 
 class TableTests(SynchronousTestCase):
     def test_every_pair_has_a_row(self) -> None:

@@ -115,6 +115,7 @@ class Scenario:
         )
         self.peers[peer_id] = proc
         _wait_for(self.mediator_log, f"peer {peer_id} registered", 20, proc, self._log_offset)
+        _wait_for(log, "NAT is", 20, proc)  # background discovery done: what a long-running peer has
         return proc
 
     def connect(

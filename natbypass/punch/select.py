@@ -52,16 +52,17 @@ class Kind(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
-def predictable_delta(ports: Sequence[int], max_delta: int = 16) -> int | None:
+def predictable_delta(ports: Sequence[int], max_delta: int = 16, min_flows: int = 3) -> int | None:
     """
     The step between successive mappings of a symmetric NAT, if there is one.
 
     ``ports`` are the public ports of successive new flows (in the order they
     were made); a constant, small, non-zero step means the next flow will get
-    the last port plus that step.  Two flows are too few to tell.
+    the last port plus that step.  Fewer than ``min_flows`` flows are too few
+    to tell (two only for flows known to be made back to back).
     """
     distinct = list(dict.fromkeys(ports))
-    if len(distinct) < 3:
+    if len(distinct) < max(2, min_flows):
         return None
     steps = {b - a for a, b in zip(distinct, distinct[1:])}
     if len(steps) != 1:
@@ -102,11 +103,18 @@ class NatSummary:
             for t in getattr(behavior, "tests", ())
             if getattr(t, "mapped", None) is not None
         ]
+        delta = None
+        if behavior.mapping in (AD, APD):
+            # Other flows (the TCP tests, other programs) may take ports between
+            # the first Binding and the two mapping tests; those two are sent
+            # back to back, so their step alone is the NAT's when the whole
+            # sequence is not regular.
+            delta = predictable_delta(ports) or predictable_delta(ports[-2:], min_flows=2)
         return cls(
             mapping=behavior.mapping,
             filtering=behavior.filtering,
             port_preserving=behavior.port_preserving,
-            port_delta=predictable_delta(ports) if behavior.mapping in (AD, APD) else None,
+            port_delta=delta,
             tcp_mapping=getattr(behavior, "tcp_mapping", None),
             udp_blocked=not behavior.reachable,
         )
