@@ -38,35 +38,42 @@ from natbypass.lab.traversal import (
 SKIP = netns.missing_requirements()
 
 
-class LabTraversalTests(SynchronousTestCase):
-    """One lab for the whole class: building it is the slow part."""
+_shared: dict[str, Any] = {}
 
-    skip = SKIP
-    lab: Any = None
-    scenario: Scenario
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        if SKIP:
-            return
+def shared_scenario() -> Scenario:
+    """
+    One lab, mediator and set of listening peers for the whole module (trial
+    has no setUpClass): built by the first test that needs it, removed by the
+    lab's own atexit handler when the test process ends.
+    """
+    if "error" in _shared:
+        raise RuntimeError(f"the shared lab could not be built: {_shared['error']}")
+    if "scenario" not in _shared:
         from natbypass.lab.lab import Lab
 
-        cls.lab = Lab.start(matrix_spec(delay_ms=20))
+        lab = Lab.start(matrix_spec(delay_ms=20))
         try:
-            cls.scenario = Scenario(cls.lab)
-            cls.mediator = cls.scenario.start_mediator()
+            scenario = Scenario(lab)
+            scenario.start_mediator()
             for preset in TYPES:
                 site = f"{TYPES[preset]}2"
-                cls.scenario.start_peer(site, site)
-            cls.scenario.start_peer(f"{LAN_SITE}.2", "lanpeer")
-        except BaseException:
-            cls.lab.stop()
+                scenario.start_peer(site, site)
+            scenario.start_peer(f"{LAN_SITE}.2", "lanpeer")
+        except BaseException as e:
+            _shared["error"] = repr(e)
+            lab.stop()
             raise
+        _shared["scenario"] = scenario
+    return _shared["scenario"]
 
-    @classmethod
-    def tearDownClass(cls) -> None:
-        if cls.lab is not None:
-            cls.lab.stop()
+
+class LabTraversalTests(SynchronousTestCase):
+    skip = SKIP
+
+    def setUp(self) -> None:
+        self.scenario = shared_scenario()
+        self.lab = self.scenario.lab
 
     def check_pair(self, a: str, b: str, protocol: str) -> None:
         expected, why = expectation(a, b, protocol)
