@@ -41,6 +41,7 @@ import resource
 import select
 import shutil
 import signal
+import statistics
 import socket
 import struct
 import subprocess
@@ -139,11 +140,12 @@ def wait_ready(port: int, timeout: float = 10.0) -> bool:
         probe.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its threads, from /proc."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its threads, from /proc."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 # ------------------------------------------------------------------ generator
@@ -324,13 +326,16 @@ def run_one(kind: str, args) -> dict | None:
         return None
     profile = args.profile if kind == "natbypass" else None
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    errors = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         server_command(kind, args.port, args.server_cpu, profile),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        stdout=subprocess.DEVNULL, stderr=errors, env=env,
     )  # fmt: skip
     try:
         if not wait_ready(args.port):
-            print(f"{kind}: did not answer on {PRIMARY}:{args.port}", file=sys.stderr)
+            errors.seek(0)
+            tail = errors.read().decode("utf-8", "replace")[-800:]
+            print(f"{kind}: did not answer on {PRIMARY}:{args.port}\n{tail}", file=sys.stderr)
             return None
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
         full = kind in ("natbypass", "coturn")
@@ -340,7 +345,9 @@ def run_one(kind: str, args) -> dict | None:
         else:
             result = generate(args.port, args.duration, args.warmup, args.sockets, args.window,
                               full)  # fmt: skip
-        result["server_cpu"] = (cpu_seconds(proc.pid) - cpu0) / (time.perf_counter() - t0)
+        (user1, system1), elapsed = cpu_seconds(proc.pid), time.perf_counter() - t0
+        result["server_cpu"] = (user1 - cpu0[0] + system1 - cpu0[1]) / elapsed
+        result["server_system_share"] = (system1 - cpu0[1]) / max(1e-9, user1 - cpu0[0] + system1 - cpu0[1])
         return result
     finally:
         proc.send_signal(signal.SIGINT if kind != "coturn" else signal.SIGTERM)
@@ -349,6 +356,7 @@ def run_one(kind: str, args) -> dict | None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        errors.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,14 +371,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--servers", default=",".join(SERVERS))
-    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--rounds", type=int, default=1, help="run the list this many times (interleaved)")
-    p.add_argument("--port", type=int, default=34780, help="primary port (alternate: +1)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="run the list this many times, interleaved; ratios are per round")  # fmt: skip
+    p.add_argument("--port", type=int, default=23478,
+                   help="primary port (alternate: +1); keep it out of the ephemeral port range, "
+                        "or the generator's own sockets may take it")  # fmt: skip
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--sockets", type=int, default=8)
-    p.add_argument("--window", type=int, default=16, help="requests outstanding per socket")
+    p.add_argument("--window", type=int, default=32, help="requests outstanding per socket")
     p.add_argument("--profile", help="cProfile the natbypass server into this file")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--nice", type=int, default=-20,
@@ -393,21 +404,33 @@ def main(argv: list[str] | None = None) -> int:
             if r is not None:
                 results.setdefault(kind, []).append(r)
                 print(f"{kind:16} {r['valid_per_s']:10.0f} valid responses/s  "
-                      f"({r['response_bytes']} B, server CPU {r['server_cpu']:.0%}, "
+                      f"({r['response_bytes']} B, server CPU {r['server_cpu']:.0%} "
+                      f"[{r['server_system_share']:.0%} kernel], "
                       f"generator CPU {r['generator_cpu']:.0%}, invalid {r['invalid']}, "
                       f"refills {r['refills']})", flush=True)  # fmt: skip
                 for e in r["errors"]:
                     print(f"    invalid response: {e}")
     best = {k: max(r["valid_per_s"] for r in rs) for k, rs in results.items()}
-    if "coturn" in best:
-        for kind in best:
-            if kind != "coturn":
-                print(f"{kind:16} {best[kind] / best['coturn']:6.0%} of coturn (best of {args.rounds})")
+    median = {k: statistics.median(r["valid_per_s"] for r in rs) for k, rs in results.items()}
+    ratios: dict[str, list[float]] = {}
+    if "coturn" in results:
+        # Per round: the servers ran back to back, so they saw similar conditions.
+        for kind, runs in results.items():
+            if kind == "coturn":
+                continue
+            ratios[kind] = [
+                r["valid_per_s"] / c["valid_per_s"] for r, c in zip(runs, results["coturn"])
+            ]
+        print(f"\nrelative to coturn, per round (median [min-max]) over {len(results['coturn'])} rounds:")
+        for kind, values in ratios.items():
+            print(f"  {kind:16} {statistics.median(values):5.0%}  [{min(values):.0%}-{max(values):.0%}]")
+    print("\nmedian valid responses/s: " + ", ".join(f"{k} {v:.0f}" for k, v in median.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
                                    "kernel": platform.release(), "python": platform.python_version()},
-                       "args": vars(args), "results": results, "best": best}, f, indent=2)  # fmt: skip
+                       "args": vars(args), "results": results, "best": best, "median": median,
+                       "ratios_to_coturn": ratios}, f, indent=2)  # fmt: skip
     return 0
 
 
