@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 from natbypass.signaling import wire
 from natbypass.signaling.interfaces import IChannel, ISignalingState
 from natbypass.signaling.server import (
+    BufferedRandom,
     Limits,
     SignalingFactory,
     SignalingServerProtocol,
@@ -366,6 +367,29 @@ class OfferTests(SynchronousTestCase):
     def test_bye(self) -> None:
         self.assertEqual(self.h.send(self.a, Bye(9)), [Ok(9)])
         self.assertTrue(self.a[0].closed)
+
+
+class BufferedRandomTests(SynchronousTestCase):
+    def test_blocks(self) -> None:
+        calls = []
+        counter = itertools.count()
+
+        def source(n: int) -> bytes:
+            calls.append(n)
+            return bytes(next(counter) % 256 for _ in range(n))
+
+        r = BufferedRandom(block=64, source=source)
+        out = r(32) + r(16) + r(32) + r(100)
+        self.assertEqual(len(out), 180)
+        self.assertEqual(calls, [64, 64, 100])
+        # nothing handed out twice: the bytes are the source's, in order, minus the unused tail
+        self.assertEqual(out[:48], bytes(range(48)))
+        self.assertEqual(out[48:80], bytes(range(64, 96)))
+
+    def test_default_state_uses_it(self) -> None:
+        state = SignalingState(Clock())
+        self.assertIsInstance(state.random_bytes, BufferedRandom)
+        self.assertNotEqual(state.random_bytes(32), state.random_bytes(32))
 
 
 class ChooseOrderTests(SynchronousTestCase):

@@ -110,10 +110,12 @@ class Candidate:
     port: int
 
     def __post_init__(self) -> None:
-        _check(self.kind in CANDIDATE_KINDS, f"unknown candidate kind {self.kind!r}")
+        if not (self.kind in CANDIDATE_KINDS):
+            raise ValueError(f"unknown candidate kind {self.kind!r}")
         _check(isinstance(self.host, str), "candidate host must be a string")
         object.__setattr__(self, "host", _normal_ip(self.host))
-        _check(_is_int(self.port) and 0 < self.port < 65536, f"candidate port {self.port!r} is not in 1..65535")
+        if not (_is_int(self.port) and 0 < self.port < 65536):
+            raise ValueError(f"candidate port {self.port!r} is not in 1..65535")
 
     @property
     def protocol(self) -> str:
@@ -129,7 +131,8 @@ class Candidate:
         _check(type(obj) is dict and obj.keys() == _CANDIDATE_FIELDS, "a candidate is exactly {kind, proto, host, port}")
         kind, proto = obj["kind"], obj["proto"]
         c = cls(kind, obj["host"], obj["port"])
-        _check(proto == c.protocol, f"candidate kind {kind!r} is {c.protocol}, not {proto!r}")
+        if not (proto == c.protocol):
+            raise ValueError(f"candidate kind {kind!r} is {c.protocol}, not {proto!r}")
         return c
 
 
@@ -161,14 +164,17 @@ class NATSummary:
     tcp_mapping: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.mapping in NAT_BEHAVIOURS, f"unknown NAT mapping {self.mapping!r}")
-        _check(self.filtering in NAT_BEHAVIOURS, f"unknown NAT filtering {self.filtering!r}")
+        if not (self.mapping in NAT_BEHAVIOURS):
+            raise ValueError(f"unknown NAT mapping {self.mapping!r}")
+        if not (self.filtering in NAT_BEHAVIOURS):
+            raise ValueError(f"unknown NAT filtering {self.filtering!r}")
         _check(self.port_preserving in (True, False, None), "port_preserving must be true, false or null")
         _check(
             self.port_delta is None or (_is_int(self.port_delta) and 0 < abs(self.port_delta) <= MAX_PORT_DELTA),
             f"port_delta must be a non-zero integer within +-{MAX_PORT_DELTA}, or null",
         )
-        _check(self.tcp_mapping is None or self.tcp_mapping in NAT_BEHAVIOURS, f"unknown TCP mapping {self.tcp_mapping!r}")
+        if not (self.tcp_mapping is None or self.tcp_mapping in NAT_BEHAVIOURS):
+            raise ValueError(f"unknown TCP mapping {self.tcp_mapping!r}")
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mapping": self.mapping, "filtering": self.filtering, "port_preserving": self.port_preserving}
@@ -203,13 +209,17 @@ def wish_to_wire(wish: tuple[str, ...]) -> str | list[str]:
     return list(wish)
 
 
+_VALID_WISHES = frozenset({("udp",), ("tcp",), ("udp", "tcp"), ("tcp", "udp")})
+
+
 def wish_from_wire(value: Any) -> tuple[str, ...]:
     if value == "auto":
         return ()
     if isinstance(value, str):
         value = [value]
     _check(isinstance(value, list) and 0 < len(value) <= len(PROTOCOLS), "wish must be 'auto', 'udp', 'tcp' or a list of them")
-    _check(all(isinstance(p, str) and p in PROTOCOLS for p in value), f"wish {value!r} names an unknown protocol")
+    if not (all(isinstance(p, str) and p in PROTOCOLS for p in value)):
+        raise ValueError(f"wish {value!r} names an unknown protocol")
     _check(len(set(value)) == len(value), "wish lists a protocol twice")
     return tuple(value)
 
@@ -228,9 +238,12 @@ class Description:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(self.candidates))
-        _check(len(self.candidates) <= MAX_CANDIDATES, f"more than {MAX_CANDIDATES} candidates")
+        if not (len(self.candidates) <= MAX_CANDIDATES):
+            raise ValueError(f"more than {MAX_CANDIDATES} candidates")
         _check(all(isinstance(c, Candidate) for c in self.candidates), "candidates must be Candidate objects")
-        object.__setattr__(self, "wish", wish_from_wire(wish_to_wire(tuple(self.wish))))
+        wish = self.wish
+        if type(wish) is not tuple or (wish and wish not in _VALID_WISHES):
+            object.__setattr__(self, "wish", wish_from_wire(wish_to_wire(tuple(wish))))
         _check(
             self.fingerprint is None or (isinstance(self.fingerprint, str) and bool(FINGERPRINT.match(self.fingerprint))),
             "fingerprint must be 1-256 characters of [A-Za-z0-9:+/=_.-]",
@@ -248,7 +261,8 @@ class Description:
     def read(cls, f: _Fields) -> Description:
         cands = f.get("candidates", [])
         _check(isinstance(cands, list), "candidates must be a list")
-        _check(len(cands) <= MAX_CANDIDATES, f"more than {MAX_CANDIDATES} candidates")
+        if not (len(cands) <= MAX_CANDIDATES):
+            raise ValueError(f"more than {MAX_CANDIDATES} candidates")
         nat = f.get("nat")
         return cls(
             tuple(Candidate.from_wire(c) for c in cands),
@@ -277,9 +291,11 @@ class Session:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.id, str) and bool(SERVER_ID.match(self.id)), "bad session id")
-        _check(isinstance(self.key, bytes) and len(self.key) == SESSION_KEY_BYTES, f"session key must be {SESSION_KEY_BYTES} bytes")
+        if not (isinstance(self.key, bytes) and len(self.key) == SESSION_KEY_BYTES):
+            raise ValueError(f"session key must be {SESSION_KEY_BYTES} bytes")
         _check(isinstance(self.peer, str) and bool(PEER_ID.match(self.peer)), "bad peer id")
-        _check(self.role in ROLES, f"role must be one of {ROLES}")
+        if not (self.role in ROLES):
+            raise ValueError(f"role must be one of {ROLES}")
         object.__setattr__(self, "order", tuple(self.order))
         _check(all(p in PROTOCOLS for p in self.order) and len(set(self.order)) == len(self.order), "bad protocol order")
         _check(_is_int(self.start_in_ms) and 0 <= self.start_in_ms <= 600_000, "start_in_ms must be 0..600000")
@@ -336,7 +352,8 @@ class _Fields:
     __slots__ = ("_obj", "_seen", "_what")
 
     def __init__(self, obj: Any, what: str) -> None:
-        _check(isinstance(obj, dict), f"{what} must be a JSON object")
+        if not (isinstance(obj, dict)):
+            raise ValueError(f"{what} must be a JSON object")
         self._obj: dict[str, Any] = obj
         self._seen = set()
         self._what = what
@@ -348,34 +365,42 @@ class _Fields:
     def text(self, name: str, required: bool = False, pattern: re.Pattern[str] | None = None, limit: int = MAX_TEXT) -> Any:
         v = self.get(name)
         if v is None:
-            _check(not required, f"{self._what} needs {name!r}")
+            if not (not required):
+                raise ValueError(f"{self._what} needs {name!r}")
             return None
-        _check(isinstance(v, str), f"{name!r} must be a string")
+        if not (isinstance(v, str)):
+            raise ValueError(f"{name!r} must be a string")
         if not v.isascii():
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError(f"{name!r} holds a lone surrogate (not valid Unicode)") from None
-        _check(len(v) <= limit, f"{name!r} is longer than {limit} characters")
-        _check(pattern is None or bool(pattern.match(v)), f"{name!r} has a bad format")
+        if not (len(v) <= limit):
+            raise ValueError(f"{name!r} is longer than {limit} characters")
+        if not (pattern is None or bool(pattern.match(v))):
+            raise ValueError(f"{name!r} has a bad format")
         return v
 
     def integer(self, name: str, required: bool = False, low: int = 0, high: int = MAX_RID) -> Any:
         v = self.get(name)
         if v is None:
-            _check(not required, f"{self._what} needs {name!r}")
+            if not (not required):
+                raise ValueError(f"{self._what} needs {name!r}")
             return None
-        _check(_is_int(v) and low <= v <= high, f"{name!r} must be an integer in {low}..{high}")
+        if not (_is_int(v) and low <= v <= high):
+            raise ValueError(f"{name!r} must be an integer in {low}..{high}")
         return v
 
     def boolean(self, name: str) -> bool | None:
         v = self.get(name)
-        _check(v is None or isinstance(v, bool), f"{name!r} must be true, false or null")
+        if not (v is None or isinstance(v, bool)):
+            raise ValueError(f"{name!r} must be true, false or null")
         return v
 
     def done(self) -> None:
         extra = self._obj.keys() - self._seen
-        _check(not extra, f"unknown field(s) in {self._what}: {', '.join(sorted(extra))[:200]}")
+        if not (not extra):
+            raise ValueError(f"unknown field(s) in {self._what}: {', '.join(sorted(extra))[:200]}")
 
 
 # -- messages -------------------------------------------------------------------
@@ -542,7 +567,8 @@ class Report(Request):
     detail: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.outcome in OUTCOMES, f"outcome must be one of {', '.join(OUTCOMES)}")
+        if not (self.outcome in OUTCOMES):
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
         _check(self.protocol is None or self.protocol in PROTOCOLS, "protocol must be udp, tcp or null")
         _check((self.outcome == "connected") == (self.protocol is not None), "protocol is given exactly when the outcome is 'connected'")
 
@@ -593,7 +619,8 @@ class Greeting(Message):
 
     @classmethod
     def read(cls, f: _Fields) -> Greeting:
-        _check(f.get("proto") == PROTOCOL_NAME, f"not a {PROTOCOL_NAME} server")
+        if not (f.get("proto") == PROTOCOL_NAME):
+            raise ValueError(f"not a {PROTOCOL_NAME} server")
         versions = f.get("versions")
         _check(isinstance(versions, list) and 0 < len(versions) <= 64 and all(_is_int(v) for v in versions), "versions must be a list of integers")
         return cls(tuple(versions), bool(f.boolean("auth")), f.integer("max_line", required=True, low=256, high=2**24), f.text("server", limit=128))
@@ -658,7 +685,8 @@ class Error(Message):
     code: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.error in ERROR_CODES, f"unknown error name {self.error!r}")
+        if not (self.error in ERROR_CODES):
+            raise ValueError(f"unknown error name {self.error!r}")
         if self.code == 0:
             object.__setattr__(self, "code", ERROR_CODES[self.error])
         _check(self.code == ERROR_CODES[self.error], "error code does not match its name")
