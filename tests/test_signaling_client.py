@@ -232,6 +232,19 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(self.state.status()["peers"], 1)
         self.assertEqual(self.settle(a.whenRegistered()), ["alice"])
 
+    def test_replaced_does_not_fight_back(self) -> None:
+        """Taken over by an authorised newcomer, the old client waits instead of replacing it back."""
+        self.state.tokens = TokenPolicy.parse("open\nbound alice\n")
+        old = self.client("alice", token="open")
+        self.assertEqual(self.settle(old.whenRegistered()), ["alice"])
+        self.client("alice", source="192.0.2.2", token="bound", take_over=True)
+        self.assertEqual(self.state.status()["counters"]["replaced"], 1)
+        for _ in range(5):
+            self.clock.advance(2)
+            self.net.flush()
+        self.assertEqual(self.state.status()["counters"]["replaced"], 1)
+        self.assertGreaterEqual(self.state.status()["counters"]["errors:duplicate-id"], 2)
+
     def test_duplicate_id_retries(self) -> None:
         self.client("alice")
         other = self.client("alice", source="192.0.2.2")

@@ -221,6 +221,9 @@ class SignalingClientProtocol(LineReceiver):
                 d.errback(error_from_reply(msg))
             else:
                 self.log.warn("mediator says {code} {error}: {reason}", code=msg.code, error=msg.error, reason=msg.reason)
+                if msg.error == "duplicate-id":
+                    # Someone authorised took our id over: do not take it back on reconnect.
+                    self.owner.secret = None
         elif isinstance(msg, Ping):
             self.send(Pong(msg.rid))
         elif isinstance(msg, Offer):
@@ -268,7 +271,7 @@ class SignalingClientProtocol(LineReceiver):
         v = max(common)
         owner = self.owner
         d = self.request(Hello(owner._rid(), v, AGENT))
-        d.addCallback(lambda _: self.request(Register(owner._rid(), owner.peer_id, owner.token, owner.secret is not None, owner.secret)))
+        d.addCallback(lambda _: self.request(Register(owner._rid(), owner.peer_id, owner.token, owner.take_over or owner.secret is not None, owner.secret)))
         d.addCallbacks(self._registered, self._fail_ready)
 
     def _registered(self, reply: Registered) -> None:
@@ -316,6 +319,9 @@ class SignalingClient(Service):
 
     ``endpoint`` is an `IStreamClientEndpoint` (see `client_endpoint`).
     Incoming offers go to the offer handler (none set: all are rejected).
+    After a reconnection it replaces its own stale registration with the
+    secret the mediator gave it; ``take_over`` asks to replace whoever holds
+    the id even without that secret (the token must be bound to the id).
     """
 
     log = Logger()
@@ -331,6 +337,7 @@ class SignalingClient(Service):
         idle_timeout: float = 90.0,
         max_line: int = wire.DEFAULT_MAX_LINE,
         retry_policy: Callable[[int], float] | None = None,
+        take_over: bool = False,
     ) -> None:
         if not wire.PEER_ID.match(peer_id):
             raise ValueError(f"{peer_id!r} is not a valid peer id (1-64 of A-Z a-z 0-9 . _ @ : + -, starting alphanumeric)")
@@ -341,6 +348,7 @@ class SignalingClient(Service):
         self.idle_timeout = idle_timeout
         self.max_line = max_line
         self.secret: str | None = None
+        self.take_over = take_over
         self.rtt: float | None = None
         self._next_rid = 0
         self._offer_handler: Callable[[IncomingOffer], Any] | None = None
