@@ -6,13 +6,21 @@ ports chosen by the kernel when the sockets are bound).
 The tools come from Debian (coturn's turnutils_stunclient and
 turnutils_natdiscovery; stun-client's ``stun``) and PyPI (pystun3); each test
 is skipped, saying which package to install, when its tool is missing.  On
-loopback there is no NAT, so each tool must report exactly that.
+loopback there is no NAT, so each tool must report exactly that.  Last,
+``natbypass detect`` must say the same through coturn's turnserver as
+through our responder.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import shutil
 import socket
+import subprocess
+import sys
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -20,7 +28,10 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
+from natbypass.stun import message as m
 from natbypass.stun.server import STUNService
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Every tool run is bounded, so a client that waits forever cannot hang CI.
 TOOL_TIMEOUT = "30"
@@ -143,3 +154,84 @@ class PlainInteropTests(_Responder):
         self.assertEqual(code, 0, out)
         self.assertRegex(out, r"UDP reflexive addr: 127\.0\.0\.1:\d+")
         self.assertNotIn("Other addr", out)
+
+
+def _stun_probe(server: tuple[str, int], timeout: float = 0.3) -> m.Message | None:
+    """One blocking Binding request (setup only); the decoded answer or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(m.Message(1, 0, os.urandom(12)).encode(fingerprint=True), server)
+            return m.decode(s.recv(2048))
+        except (OSError, m.StunDecodeError):
+            return None
+
+
+class DetectAgainstCoturnTests(_Responder):
+    """
+    ``natbypass detect`` reports the same behaviour through coturn's
+    turnserver as through ours (on loopback: no NAT at all).
+    """
+
+    def _start_coturn(self) -> tuple[str, int]:
+        turnserver = _need("turnserver", "coturn")
+        rng = random.Random()
+        for _ in range(5):
+            # Below the ephemeral range, so no client socket holds the port.
+            port = rng.randrange(20000, 30000, 2)
+            proc = subprocess.Popen(
+                [turnserver, "--stun-only", "-L", "127.0.0.1", "-L", "127.0.0.2",
+                 "--listening-port", str(port), "--alt-listening-port", str(port + 1),
+                 "--no-cli", "--no-tls", "--no-dtls", "-n", "--log-file", "stdout",
+                 "--no-stdout-log"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            deadline = time.monotonic() + 5
+            answer = None
+            while answer is None and time.monotonic() < deadline and proc.poll() is None:
+                answer = _stun_probe(("127.0.0.1", port))
+            other = answer.get(m.OtherAddress) if answer is not None else None
+            if other is not None and other.address == ("127.0.0.2", port + 1) and _stun_probe(
+                ("127.0.0.2", port + 1)
+            ):
+                self.addCleanup(self._stop, proc)
+                return ("127.0.0.1", port)
+            self._stop(proc)
+        raise SkipTest("could not start coturn's turnserver on free loopback ports")
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen) -> None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    @inlineCallbacks
+    def test_same_report(self):
+        try:
+            import natbypass.detect  # noqa: F401
+        except ImportError:
+            raise SkipTest("natbypass.detect is not there yet")
+        coturn = self._start_coturn()
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        reports = {}
+        for name, (host, port) in (("ours", (self.host, self.port)), ("coturn", coturn)):
+            out, err, code = yield getProcessOutputAndValue(
+                sys.executable,
+                ("-m", "natbypass", "detect", "--stun", f"{host}:{port}", "--json", "--tcp"),
+                env=env, reactor=reactor,
+            )  # fmt: skip
+            self.assertEqual(code, 0, err)
+            reports[name] = json.loads(out)
+        keys = ("reachable", "nat_type", "mapping", "filtering", "port_preserving", "tcp_mapping")
+        summary = {name: {k: r.get(k) for k in keys} for name, r in reports.items()}
+        self.assertEqual(summary["ours"], summary["coturn"])
+        self.assertEqual(summary["ours"]["nat_type"], "open")
+        for name, report in reports.items():
+            self.assertEqual(report["public_address"], report["local_address"], name)
+            self.assertEqual(
+                [(t["name"], t["answered"]) for t in report["tests"]],
+                [(t["name"], t["answered"]) for t in reports["coturn"]["tests"]],
+            )
