@@ -123,12 +123,14 @@ def main() -> int:
         per_peer = (rss_after - rss_before) * 1024 / peers
 
         cpu0 = cpu_seconds(med.pid)
+        gen_cpu0 = [cpu_seconds(g.pid) for g in gens]
         for gen in gens:
             gen.stdin.write(f"GO {a.rate / a.generators} {a.seconds}\n")
             gen.stdin.flush()
         print(f"driving {a.rate:g} offers/s for {a.seconds:g} s", file=sys.stderr, flush=True)
         results = [json.loads(readline_with(gen, "RESULT ", a.seconds + 60)) for gen in gens]
         cpu = cpu_seconds(med.pid) - cpu0
+        gen_cpu = [cpu_seconds(g.pid) - c0 for g, c0 in zip(gens, gen_cpu0)]
         rss_end = rss_kib(med.pid)
         relay = [x for r in results for x in r["relay"]]
         full = [x for r in results for x in r["full"]]
@@ -150,6 +152,7 @@ def main() -> int:
             "full_p99_ms": round(pct(full, 99) * 1000, 2),
             "full_max_ms": round(max(full, default=float("nan")) * 1000, 2),
             "mediator_cpu_percent": round(100 * cpu / a.seconds, 1),
+            "generator_cpu_percent": [round(100 * c / a.seconds, 1) for c in gen_cpu],
             "rss_end_kib": rss_end,
             "nice": a.nice,
             "loadavg_after": open("/proc/loadavg").read().split()[0],

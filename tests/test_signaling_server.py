@@ -661,3 +661,103 @@ class ProtocolTests(SynchronousTestCase):
         junk = [j for j in junk if j]
         proto.dataReceived(b"".join(j + b"\n" for j in junk))
         self.assertEqual(len(tr.value().splitlines()), len(junk))
+
+
+# -- random sequences of operations against the state machine
+
+_actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("hello"), st.integers(0, 3)),
+        st.tuples(st.just("register"), st.integers(0, 3), st.sampled_from(["a", "b", "c"]), st.booleans()),
+        st.tuples(st.just("connect"), st.integers(0, 3), st.sampled_from(["a", "b", "c", "zz"])),
+        st.tuples(st.just("answer"), st.integers(0, 3), st.booleans()),
+        st.tuples(st.just("report"), st.integers(0, 3), st.sampled_from(["connected", "failed"])),
+        st.tuples(st.just("ping"), st.integers(0, 3)),
+        st.tuples(st.just("close"), st.integers(0, 3)),
+        st.tuples(st.just("wait"), st.sampled_from([0.01, 1.0, 31.0])),
+    ),
+    max_size=40,
+)
+
+
+class StateMachinePropertyTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(_actions)
+    def test_every_request_answered_once(self, actions) -> None:
+        """
+        Whatever four connections do, in any order: nothing raises, every
+        request on a connection that stays open gets exactly one reply once
+        offers have timed out, and the tables only point at live connections.
+        """
+        clock = Clock()
+        state = SignalingState(clock, Limits(offer_timeout=10.0, keepalive=30.0, idle_timeout=1000.0, rate=0), choose_order=default_choose_order)
+        chans = [FakeChannel() for _ in range(4)]
+        links = [state.open(c, f"192.0.2.{i}") for i, c in enumerate(chans)]
+        open_ = [True] * 4
+        sent: list[list[int]] = [[] for _ in range(4)]
+        rid = itertools.count(1)
+        offers: list[list[str]] = [[] for _ in range(4)]
+        sessions: list[list[str]] = [[] for _ in range(4)]
+        seen = [0] * 4
+
+        def request(i: int, msg) -> None:
+            sent[i].append(msg.rid)
+            state.received(links[i], msg)
+
+        for i, name in enumerate(["a", "b", "c"]):  # three registered peers and a stranger
+            request(i, Hello(next(rid), 1))
+            request(i, Register(next(rid), name))
+        for action in actions:
+            kind, *args = action
+            if kind == "wait":
+                clock.advance(args[0])
+                state.sweep()
+                continue
+            for j in range(4):  # what each peer has been told so far
+                new, seen[j] = chans[j].sent[seen[j]:], len(chans[j].sent)
+                for m in new:
+                    if isinstance(m, Offer):
+                        offers[j].append(m.offer)
+                    elif isinstance(m, SessionReply):
+                        sessions[j].append(m.session.id)
+                    elif isinstance(m, Ping) and open_[j]:
+                        state.received(links[j], Pong(m.rid))
+            i = args[0]
+            if kind == "answer":  # whoever has an offer waiting, starting at i
+                i = next((k % 4 for k in range(i, i + 4) if open_[k % 4] and offers[k % 4]), i)
+            if not open_[i]:
+                continue
+            if kind == "hello":
+                request(i, Hello(next(rid), 1))
+            elif kind == "register":
+                request(i, Register(next(rid), args[1], None, args[2]))
+            elif kind == "connect":
+                request(i, Connect(next(rid), args[1], DESC_A))
+            elif kind == "answer" and offers[i]:
+                o = offers[i].pop(0)
+                request(i, Accept(next(rid), o, DESC_B) if args[1] else Reject(next(rid), o))
+            elif kind == "report" and sessions[i]:
+                outcome = args[1]
+                request(i, Report(next(rid), sessions[i][0], outcome, "udp" if outcome == "connected" else None))
+            elif kind == "ping":
+                request(i, Ping(next(rid)))
+            elif kind == "close":
+                open_[i] = False
+                state.closed(links[i])
+            for j in range(4):  # the state may have closed a connection itself (replaced)
+                if open_[j] and chans[j].closed:
+                    open_[j] = False
+                    state.closed(links[j])
+            # the tables only point at live connections
+            live = {links[j] for j in range(4) if open_[j]}
+            self.assertLessEqual(set(state.peers.values()), live)
+            for offer in state.offers.values():
+                self.assertIn(offer.initiator, live)
+                self.assertIn(offer.target, live)
+
+        clock.advance(11)  # every pending offer has expired by now
+        for i in range(4):
+            if not open_[i] or chans[i].closed:
+                continue
+            replies = [m.rid for m in chans[i].sent if isinstance(m, (Ok, Registered, SessionReply, Error, Pong)) and m.rid is not None]
+            self.assertEqual(sorted(replies), sorted(sent[i]), f"connection {i}: {chans[i].sent}")

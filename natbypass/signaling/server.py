@@ -85,8 +85,8 @@ def _load_choose_order() -> ChooseOrder:
     def choose(offer_nat: NATSummary, answer_nat: NATSummary, wish_a: tuple[str, ...], wish_b: tuple[str, ...]) -> list[str]:
         try:
             plan = decide(
-                summary(offer_nat.mapping, offer_nat.filtering, offer_nat.port_preserving),
-                summary(answer_nat.mapping, answer_nat.filtering, answer_nat.port_preserving),
+                summary(offer_nat.mapping, offer_nat.filtering, offer_nat.port_preserving, offer_nat.port_delta, offer_nat.tcp_mapping),
+                summary(answer_nat.mapping, answer_nat.filtering, answer_nat.port_preserving, answer_nat.port_delta, answer_nat.tcp_mapping),
                 wish_a or "auto",
                 wish_b or "auto",
             )

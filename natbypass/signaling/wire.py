@@ -169,10 +169,8 @@ class NATSummary:
         if not (self.filtering in NAT_BEHAVIOURS):
             raise ValueError(f"unknown NAT filtering {self.filtering!r}")
         _check(self.port_preserving in (True, False, None), "port_preserving must be true, false or null")
-        _check(
-            self.port_delta is None or (_is_int(self.port_delta) and 0 < abs(self.port_delta) <= MAX_PORT_DELTA),
-            f"port_delta must be a non-zero integer within +-{MAX_PORT_DELTA}, or null",
-        )
+        if not (self.port_delta is None or (_is_int(self.port_delta) and 0 < abs(self.port_delta) <= MAX_PORT_DELTA)):
+            raise ValueError(f"port_delta must be a non-zero integer within +-{MAX_PORT_DELTA}, or null")
         if not (self.tcp_mapping is None or self.tcp_mapping in NAT_BEHAVIOURS):
             raise ValueError(f"unknown TCP mapping {self.tcp_mapping!r}")
 
