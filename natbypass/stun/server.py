@@ -30,10 +30,11 @@ Policy decisions, and why:
     response.
   - UNKNOWN-ATTRIBUTES lists at most L{MAX_UNKNOWN_LISTED} types, so that a
     420 stays small whatever the request holds.
-  - Requests for methods other than Binding get 400 (RFC 8489 6.3.1 leaves
-    no other use for an unknown-method request; 400 is as small as a response
-    gets); indications and responses are never answered, so two responders
-    cannot be made to talk to each other in a loop.
+  - Requests for methods other than Binding (TURN's, say) get 400 Bad
+    Request: a small answer that tells the client at once it asked the wrong
+    server, where silence would cost it its whole retransmission schedule.
+    Indications and responses are never answered, so two responders cannot
+    be made to talk to each other in a loop.
   - Without a second address the responder is a plain RFC 8489 server: no
     OTHER-ADDRESS/RESPONSE-ORIGIN, and CHANGE-REQUEST with a flag set,
     RESPONSE-PORT and PADDING get 420 (RFC 5780 6: a server that cannot
