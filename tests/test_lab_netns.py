@@ -105,10 +105,12 @@ class BehaviourTests(_LabCase):
             self.assertEqual(got["port_sequence"], sequence, where)
 
     def test_filtering(self) -> None:
+        """UDP filtering (replies from other sockets) and TCP filtering (connect-backs) match each site's spec."""
         self.start({name: spec for name, (spec, *_) in BEHAVIOURS.items()})
-        jobs = {site: (site, ["filtering", self.server(0)]) for site in BEHAVIOURS}
-        for site, got in probe_all(self.lab, jobs).items():
-            self.assertEqual(got["filtering"], BEHAVIOURS[site][4], f"{site}: {got}")
+        jobs = {(site, "udp"): (site, ["filtering", self.server(0)]) for site in BEHAVIOURS}
+        jobs.update({(site, "tcp"): (site, ["filtering", self.server(0), "--tcp"]) for site in BEHAVIOURS})
+        for (site, proto), got in probe_all(self.lab, jobs).items():
+            self.assertEqual(got["filtering"], BEHAVIOURS[site][4], f"{site}/{proto}: {got}")
 
     def test_unsolicited_inbound(self) -> None:
         """From outside, a closed port is silent on 'drop' sites and refuses on 'reject' sites."""

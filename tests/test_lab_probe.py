@@ -12,12 +12,24 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab import probe
-from natbypass.lab.probe import ProbeDecodeError, Reflector, ReflectorTCP, Request, Response, decode, encode
+from natbypass.lab.probe import (
+    Knock,
+    KnockTCP,
+    ProbeDecodeError,
+    Reflector,
+    ReflectorTCP,
+    Request,
+    Response,
+    decode,
+    encode,
+)
 
 txids = st.text("0123456789abcdef", min_size=16, max_size=16)
 requests = st.builds(Request, txids, st.sampled_from(probe.REPLY_FROM), st.integers(0, probe.MAX_DELAY_MS))
 ips = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
 responses = st.builds(Response, txids, ips, st.integers(0, 65535))
+knocks = st.builds(Knock, txids, st.sampled_from(probe.KNOCK_FROM), ips, st.integers(1, 65535))
+messages = requests | responses | knocks
 
 
 class CodecTests(SynchronousTestCase):
@@ -26,10 +38,12 @@ class CodecTests(SynchronousTestCase):
         self.assertEqual(encode(Request("0123456789abcdef", "addr", 250)), b"NBP1 REQ 0123456789abcdef addr 250\n")
         self.assertEqual(decode(b"NBP1 RSP 0123456789abcdef 198.18.1.1 4000\n"),
                          Response("0123456789abcdef", "198.18.1.1", 4000))
+        self.assertEqual(encode(Knock("0123456789abcdef", "addr", "198.18.1.1", 40000)),
+                         b"NBP1 KNK 0123456789abcdef addr 198.18.1.1 40000\n")
 
-    @given(requests | responses)
+    @given(messages)
     @settings(deadline=None)
-    def test_round_trip(self, msg: Request | Response) -> None:
+    def test_round_trip(self, msg: probe.Message) -> None:
         self.assertEqual(decode(encode(msg)), msg)
 
     @given(st.binary(max_size=80))
@@ -42,9 +56,9 @@ class CodecTests(SynchronousTestCase):
             return
         self.assertEqual(decode(encode(msg)), msg)
 
-    @given(requests | responses, st.integers(0, 60), st.binary(min_size=1, max_size=3))
+    @given(messages, st.integers(0, 60), st.binary(min_size=1, max_size=3))
     @settings(deadline=None)
-    def test_mutations(self, msg: Request | Response, at: int, junk: bytes) -> None:
+    def test_mutations(self, msg: probe.Message, at: int, junk: bytes) -> None:
         """Corrupted messages decode to something valid or raise ProbeDecodeError."""
         data = encode(msg)
         at = at % len(data)
@@ -58,7 +72,9 @@ class CodecTests(SynchronousTestCase):
                     b"NBP1 REQ 0123456789ABCDEF same 0", b"NBP1 REQ 0123456789abcdef sideways 0",
                     b"NBP1 REQ 0123456789abcdef same -1", b"NBP1 RSP 0123456789abcdef 1.2.3 80",
                     b"NBP1 RSP 0123456789abcdef 01.2.3.4 80", b"NBP1 RSP 0123456789abcdef 1.2.3.4 65536",
-                    b"NBP1 REQ 0123456789abcdef same \xd9\xa3", b"\xff"):
+                    b"NBP1 REQ 0123456789abcdef same \xd9\xa3", b"\xff",
+                    b"NBP1 KNK 0123456789abcdef addr 1.2.3.4", b"NBP1 KNK 0123456789abcdef same 1.2.3.4 80",
+                    b"NBP1 KNK 0123456789abcdef addr 1.2.3.4 0", b"NBP1 REQ 0123456789abcdef same 0 0"):
             self.assertRaises(ProbeDecodeError, decode, bad)
 
 
@@ -112,6 +128,7 @@ class FakeReactor(Clock):
         super().__init__()
         self.udp: dict[tuple[str, int], object] = {}
         self.tcp: list[tuple[str, int]] = []
+        self.connects: list[tuple[str, int, object, tuple[str, int]]] = []
 
     def listenUDP(self, port: int, proto: object, interface: str = "") -> None:
         proto.transport = FakeUDPTransport()  # type: ignore[attr-defined]
@@ -119,6 +136,10 @@ class FakeReactor(Clock):
 
     def listenTCP(self, port: int, factory: object, interface: str = "") -> None:
         self.tcp.append((interface, port))
+
+    def connectTCP(self, host: str, port: int, factory: object, timeout: float = 30,
+                   bindAddress: tuple[str, int] = ("", 0)) -> None:
+        self.connects.append((host, port, factory, bindAddress))
 
 
 class ReflectorTests(SynchronousTestCase):
@@ -156,6 +177,22 @@ class ReflectorTests(SynchronousTestCase):
         proto.makeConnection(transport)
         self.assertEqual(decode(transport.value()), Response("0" * 16, "198.18.1.3", 4567))
         self.assertTrue(transport.disconnecting)
+
+    def test_knock_connects_back_from_the_asked_address(self) -> None:
+        rx = self.reactor.udp[("198.18.0.2", 4000)]
+        rx.datagramReceived(encode(Knock("00000000000000bb", "addr", "198.18.1.5", 40001)), ("198.18.1.5", 5))  # type: ignore[attr-defined]
+        rx.datagramReceived(encode(Knock("00000000000000cc", "port", "198.18.1.5", 40001)), ("198.18.1.5", 5))  # type: ignore[attr-defined]
+        self.assertEqual([(h, p, b) for h, p, _, b in self.reactor.connects],
+                         [("198.18.1.5", 40001, ("198.18.0.3", 0)), ("198.18.1.5", 40001, ("198.18.0.2", 0))])
+        factory = self.reactor.connects[0][2]
+        proto = factory.buildProtocol(IPv4Address("TCP", "198.18.1.5", 40001))  # type: ignore[attr-defined]
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "198.18.0.3", 51000))
+        proto.makeConnection(transport)
+        self.assertIsInstance(proto, KnockTCP)
+        self.assertEqual(decode(transport.value()), Response("00000000000000bb", "198.18.0.3", 51000))
+        self.assertTrue(transport.disconnecting)
+        # The factory is a client factory: the reactor's connector callbacks exist.
+        factory.clientConnectionFailed(None, None)  # type: ignore[attr-defined]
 
     def test_needs_two_of_each(self) -> None:
         self.assertRaises(ValueError, Reflector, self.reactor, ["a", "a"], [1, 2])

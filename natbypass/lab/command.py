@@ -142,12 +142,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
             udp = probe("mapping", f"{a1}:{p1}", f"{a2}:{p2}")
             tcp = probe("mapping", f"{a1}:{p1}", f"{a2}:{p2}", "--tcp")
             filt = probe("filtering", f"{a1}:{p1}")
+            tcp_filt = probe("filtering", f"{a1}:{p1}", "--tcp")
             spec = lab.spec.site(site.split(".")[0])
             results[site] = {
                 "configured": describe(spec.nat, spec.kind),
                 "udp_mapping": udp.get("mapping"), "tcp_mapping": tcp.get("mapping"),
                 "port_preserving": udp.get("port_preserving"), "port_sequence": udp.get("port_sequence"),
-                "filtering": filt["filtering"], "public_ip": udp.get("public_ip"),
+                "filtering": filt["filtering"], "tcp_filtering": tcp_filt["filtering"],
+                "public_ip": udp.get("public_ip"),
             }
     finally:
         reflector.kill()
@@ -155,10 +157,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
-    print(f"  {'site':<10} {'configured':<26} {'UDP mapping':<27} {'TCP mapping':<27} {'pp':<5} {'filtering':<27} sequence")
+    short = {"endpoint-independent": "EI", "address-dependent": "AD", "address-and-port-dependent": "APD"}
+
+    def s(x: Any) -> str:
+        return short.get(x, str(x))
+
+    print("  (EI/AD/APD: endpoint-independent / address-dependent / address-and-port-dependent)")
+    print(f"  {'site':<10} {'configured':<26} {'UDP map':<8} {'TCP map':<8} {'UDP filter':<11} {'TCP filter':<11} "
+          f"{'port-pres.':<11} sequence")
     for site, r in results.items():
-        print(f"  {site:<10} {r['configured']:<26} {r['udp_mapping']:<27} {r['tcp_mapping']:<27} "
-              f"{str(r['port_preserving']):<5} {r['filtering']:<27} {r['port_sequence'] or ''}")
+        print(f"  {site:<10} {r['configured']:<26} {s(r['udp_mapping']):<8} {s(r['tcp_mapping']):<8} "
+              f"{s(r['filtering']):<11} {s(r['tcp_filtering']):<11} {str(r['port_preserving']):<11} {r['port_sequence'] or ''}")
     return 0
 
 

@@ -172,7 +172,9 @@ def run_probes(lab: Lab, node: str) -> dict[str, Any]:
     udp = probe("mapping", f"{a1}:{p1}", f"{a2}:{p2}")
     tcp = probe("mapping", f"{a1}:{p1}", f"{a2}:{p2}", "--tcp")
     filt = probe("filtering", f"{a1}:{p1}")
+    tcp_filt = probe("filtering", f"{a1}:{p1}", "--tcp")
     return {"mapping": udp["mapping"], "tcp_mapping": tcp["mapping"], "filtering": filt["filtering"],
+            "tcp_filtering": tcp_filt["filtering"],
             "port_preserving": udp.get("port_preserving"), "port_sequence": udp.get("port_sequence")}
 
 
@@ -234,7 +236,7 @@ def _s(x: Any) -> str:
 
 def markdown(rows: list[Row], with_coturn: bool = True) -> str:
     """The comparison table (EI/AD/APD = endpoint-independent / address- / address-and-port-dependent)."""
-    head = ["site", "lab behaviour", "probe UDP map/filter", "probe TCP map", "detect type", "detect UDP map/filter",
+    head = ["site", "lab behaviour", "probe UDP map/filter", "probe TCP map/filter", "detect type", "detect UDP map/filter",
             "detect TCP map", "detect port-pres.", "detect ok"]
     if with_coturn:
         head += ["coturn map/filter", "coturn hairpin", "coturn ok"]
@@ -244,7 +246,7 @@ def markdown(rows: list[Row], with_coturn: bool = True) -> str:
         cells = [
             r.site, f"`{r.configured}`",
             f"{_s(p.get('mapping'))} / {_s(p.get('filtering'))}" + (f" {p['port_sequence']}" if p.get("port_sequence") else ""),
-            _s(p.get("tcp_mapping")),
+            f"{_s(p.get('tcp_mapping'))} / {_s(p.get('tcp_filtering'))}",
             d.get("nat_type", d.get("error", "?")),
             f"{_s(d.get('mapping'))} / {_s(d.get('filtering'))}",
             _s(d.get("tcp_mapping")),

@@ -9,7 +9,7 @@ optional delay.  Clients run inside a site:
 
     python3 -m natbypass.lab.probe serve 198.18.0.2 198.18.0.3 --ports 4000,4001
     python3 -m natbypass.lab.probe mapping 198.18.0.2:4000 198.18.0.3:4001 [--tcp]
-    python3 -m natbypass.lab.probe filtering 198.18.0.2:4000
+    python3 -m natbypass.lab.probe filtering 198.18.0.2:4000 [--tcp]
     python3 -m natbypass.lab.probe listen 198.18.0.2:4000 --seconds 5   # learn mapping, answer anyone
     python3 -m natbypass.lab.probe send IP:PORT [--tcp]                # reply / timeout / refused
     python3 -m natbypass.lab.probe rtt 198.18.0.2:4000 --count 200      # RTT and loss
@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 
 MAGIC = "NBP1"
@@ -57,9 +57,28 @@ class Response:
     port: int
 
 
-def encode(msg: Request | Response) -> bytes:
+#: Where a knock comes from: the reflector's other address, or its own address with a new port.
+KNOCK_FROM = ("port", "addr")
+
+
+@dataclass(frozen=True)
+class Knock:
+    """Ask the reflector to open a TCP connection to ``ip:port`` (a TCP filtering test)."""
+
+    txid: str
+    knock_from: str  # one of KNOCK_FROM
+    ip: str
+    port: int
+
+
+Message = Request | Response | Knock
+
+
+def encode(msg: Message) -> bytes:
     if isinstance(msg, Request):
         return f"{MAGIC} REQ {msg.txid} {msg.reply_from} {msg.delay_ms}\n".encode()
+    if isinstance(msg, Knock):
+        return f"{MAGIC} KNK {msg.txid} {msg.knock_from} {msg.ip} {msg.port}\n".encode()
     return f"{MAGIC} RSP {msg.txid} {msg.ip} {msg.port}\n".encode()
 
 
@@ -78,7 +97,17 @@ def _int(text: str, low: int, high: int, what: str) -> int:
     return value
 
 
-def decode(data: bytes) -> Request | Response:
+def _ipv4(text: str) -> str:
+    try:
+        ip = str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise ProbeDecodeError(f"bad address {text!r}") from None
+    if ip != text:
+        raise ProbeDecodeError(f"non-canonical address {text!r}")
+    return ip
+
+
+def decode(data: bytes) -> Message:
     """Parse one probe message; raises ProbeDecodeError on anything else."""
     try:
         text = data.decode("ascii")
@@ -87,21 +116,21 @@ def decode(data: bytes) -> Request | Response:
     if text.endswith("\n"):
         text = text[:-1]
     parts = text.split(" ")
-    if len(parts) != 5 or parts[0] != MAGIC:
+    if len(parts) not in (5, 6) or parts[0] != MAGIC:
         raise ProbeDecodeError("not a probe message")
     kind, txid = parts[1], _txid(parts[2])
+    if (kind == "KNK") != (len(parts) == 6):
+        raise ProbeDecodeError(f"wrong field count for {kind!r}")
+    if kind == "KNK":
+        if parts[3] not in KNOCK_FROM:
+            raise ProbeDecodeError(f"bad knock_from {parts[3]!r}")
+        return Knock(txid, parts[3], _ipv4(parts[4]), _int(parts[5], 1, 65535, "port"))
     if kind == "REQ":
         if parts[3] not in REPLY_FROM:
             raise ProbeDecodeError(f"bad reply_from {parts[3]!r}")
         return Request(txid, parts[3], _int(parts[4], 0, MAX_DELAY_MS, "delay"))
     if kind == "RSP":
-        try:
-            ip = str(ipaddress.IPv4Address(parts[3]))
-        except ValueError:
-            raise ProbeDecodeError(f"bad address {parts[3]!r}") from None
-        if ip != parts[3]:
-            raise ProbeDecodeError(f"non-canonical address {parts[3]!r}")
-        return Response(txid, ip, _int(parts[4], 0, 65535, "port"))
+        return Response(txid, _ipv4(parts[3]), _int(parts[4], 0, 65535, "port"))
     raise ProbeDecodeError(f"unknown kind {kind!r}")
 
 
@@ -178,6 +207,8 @@ class ReflectorUDP(DatagramProtocol):
             return
         if isinstance(req, Request):
             self.reflector.answer(self.local, req, addr)
+        elif isinstance(req, Knock):
+            self.reflector.knock(self.local, req)
 
 
 class ReflectorTCP(Protocol):
@@ -186,6 +217,18 @@ class ReflectorTCP(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.transport.write(encode(Response("0" * 16, peer.host, peer.port)))
+        self.transport.loseConnection()
+
+
+class KnockTCP(Protocol):
+    """A connect-back: say who we are (the prober sees it anyway), then close."""
+
+    def __init__(self, txid: str) -> None:
+        self.txid = txid
+
+    def connectionMade(self) -> None:
+        me = self.transport.getHost()
+        self.transport.write(encode(Response(self.txid, me.host, me.port)))
         self.transport.loseConnection()
 
 
@@ -208,6 +251,12 @@ class Reflector:
                 self.reactor.listenUDP(p, proto, interface=a)
                 self.sockets[(a, p)] = proto
                 self.reactor.listenTCP(p, factory, interface=a)
+
+    def knock(self, local: tuple[str, int], req: Knock) -> None:
+        """Connect to ``req.ip:req.port`` from the other address, or from this one on a new port."""
+        source = local[0] if req.knock_from == "port" else reply_socket(local, "addr", self.addresses, self.ports)[0]
+        factory = ClientFactory.forProtocol(lambda: KnockTCP(req.txid))
+        self.reactor.connectTCP(req.ip, req.port, factory, timeout=3, bindAddress=(source, 0))
 
     def answer(self, local: tuple[str, int], req: Request, addr: tuple[str, int]) -> None:
         out = self.sockets[reply_socket(local, req.reply_from, self.addresses, self.ports)]
@@ -349,6 +398,68 @@ def measure_filtering(primary: tuple[str, int], settle: float = 1.0) -> dict[str
     return {"filtering": classify_filtering(arrived), "arrived": sorted(arrived)}
 
 
+def _reusable_tcp(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("0.0.0.0", port))
+    return s
+
+
+def measure_tcp_filtering(primary: tuple[str, int], wait: float = 1.5) -> dict[str, Any]:
+    """
+    TCP filtering: open a mapping by connecting out from port P (which also
+    listens), then ask the reflector to connect back to the mapped address
+    from a new port of the same address, and from its other address.
+    """
+    listener = _reusable_tcp(0)
+    port = listener.getsockname()[1]
+    listener.listen(8)
+    out = _reusable_tcp(port)  # same port: the mapping the knocks are aimed at
+    out.settimeout(3)
+    try:
+        out.connect(primary)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = out.recv(256)
+            if not chunk:
+                break
+            data += chunk
+        mapped = decode(data)
+    except (OSError, ProbeDecodeError) as e:
+        return {"filtering": "no-answer", "error": str(e)}
+    finally:
+        out.close()
+    if not isinstance(mapped, Response):
+        return {"filtering": "no-answer"}
+    udp = _udp_socket()
+    arrived: set[str] = set()
+    for how in KNOCK_FROM:
+        txid = new_txid()
+        udp.sendto(encode(Knock(txid, how, mapped.ip, mapped.port)), primary)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            listener.settimeout(left)
+            try:
+                conn, peer = listener.accept()
+            except (socket.timeout, TimeoutError):
+                break
+            conn.settimeout(1)
+            try:
+                msg = decode(conn.recv(256))
+            except (OSError, ProbeDecodeError):
+                msg = None
+            conn.close()
+            if isinstance(msg, Response) and msg.txid == txid:
+                arrived.add(how)
+                break
+    udp.close()
+    listener.close()
+    arrived.add("same")  # the outbound connection itself worked
+    return {"filtering": classify_filtering(arrived), "arrived": sorted(arrived - {"same"}),
+            "mapped": f"{mapped.ip}:{mapped.port}", "local_port": port}
+
+
 def listen(server: tuple[str, int], seconds: float, local_port: int = 0) -> int:
     """Learn this socket's public mapping, print it, then answer anyone for ``seconds``."""
     s = _udp_socket(local_port)
@@ -481,8 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("primary", type=_endpoint)
     mp.add_argument("alternate", type=_endpoint)
     mp.add_argument("--tcp", action="store_true")
-    fp = sub.add_parser("filtering", help="measure the UDP filtering behaviour")
+    fp = sub.add_parser("filtering", help="measure the filtering behaviour (UDP, or TCP connect-backs)")
     fp.add_argument("primary", type=_endpoint)
+    fp.add_argument("--tcp", action="store_true")
     lp = sub.add_parser("listen", help="learn the public mapping, then answer anyone")
     lp.add_argument("server", type=_endpoint)
     lp.add_argument("--seconds", type=float, default=5.0)
@@ -507,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "mapping":
         out = measure_mapping(args.primary, args.alternate, args.tcp)
     elif args.cmd == "filtering":
-        out = measure_filtering(args.primary)
+        out = measure_tcp_filtering(args.primary) if args.tcp else measure_filtering(args.primary)
     elif args.cmd == "listen":
         return listen(args.server, args.seconds, args.port)
     elif args.cmd == "rtt":
