@@ -671,6 +671,21 @@ class StreamProtocolTests(SynchronousTestCase):
         proto.connectionLost(None)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_connection_cap(self) -> None:
+        """Past max_connections, buildProtocol refuses; a closed one frees a place."""
+        server = STUNServer(BindingResponder(FULL))
+        factory = STUNStreamFactory(server, Clock(), idle_timeout=10, max_connections=2)
+        protos = []
+        for _ in range(2):
+            proto = factory.buildProtocol(None)
+            proto.makeConnection(StringTransport(hostAddress=IPv4Address("TCP", A, PA),
+                                                 peerAddress=IPv4Address("TCP", *CLIENT)))  # fmt: skip
+            protos.append(proto)
+        self.assertIsNone(factory.buildProtocol(None))
+        self.assertEqual(server.counters.tcp_refused, 1)
+        protos[0].connectionLost(None)
+        self.assertIsNotNone(factory.buildProtocol(None))
+
     def test_rate_limited(self) -> None:
         server, proto, transport, clock = stream(limiter=RateLimiter(1, Clock()))
         proto.dataReceived(request() + request())
@@ -743,7 +758,8 @@ class ServiceTests(SynchronousTestCase):
         counters = Counters(received=3)
         self.assertEqual(counters.snapshot()["received"], 3)
         self.assertEqual(set(counters.snapshot()), {
-            "received", "answered", "malformed", "rate_limited", "ignored", "send_failed"})  # fmt: skip
+            "received", "answered", "malformed", "rate_limited", "ignored", "send_failed",
+            "tcp_refused"})  # fmt: skip
 
 
 # ---------------------------------------------------------- real loopback

@@ -119,6 +119,7 @@ class MakeServiceTests(SynchronousTestCase):
         stun = top.getServiceNamed("stun")
         signal = top.getServiceNamed("signal")
         self.assertIsInstance(stun, STUNService)
+        self.assertTrue(verifyObject(IService, stun))
         self.assertTrue(verifyObject(IService, signal))
         self.assertFalse(stun.running)
         self.assertIsNone(stun.config)  # nothing bound before startService

@@ -77,6 +77,9 @@ MAX_STREAM_MESSAGE = 4096
 #: Bound on any response but a PADDING one (which is bounded by the request):
 #: header, four IPv6 address attributes, SOFTWARE and FINGERPRINT.
 MAX_RESPONSE_SIZE = 20 + 4 * 24 + 4 + MAX_SOFTWARE_BYTES + 8
+#: TCP connections open at once, over all STUN listeners (each costs a file
+#: descriptor until it goes idle for C{idle_timeout}); more are refused.
+MAX_TCP_CONNECTIONS = 1000
 #: How many times port-0 configurations look for ports free on all sockets.
 PORT_ATTEMPTS = 20
 
@@ -426,6 +429,7 @@ class Counters:
     rate_limited: int = 0
     ignored: int = 0
     send_failed: int = 0
+    tcp_refused: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -560,6 +564,8 @@ class STUNStreamProtocol(Protocol):
         self.peer: Address | None = None
 
     def connectionMade(self) -> None:
+        if self.factory is not None:
+            self.factory.connections.add(self)
         host, peer = self.transport.getHost(), self.transport.getPeer()
         self.local, self.peer = (host.host, host.port), (peer.host, peer.port)
         self._timer = self._clock.callLater(self._idle_timeout, self._idle)
@@ -570,6 +576,8 @@ class STUNStreamProtocol(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: object = None) -> None:
+        if self.factory is not None:
+            self.factory.connections.discard(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -624,12 +632,24 @@ class STUNStreamFactory(Factory):
 
     noisy = False
 
-    def __init__(self, server: STUNServer, clock: IReactorTime, idle_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        server: STUNServer,
+        clock: IReactorTime,
+        idle_timeout: float = 30.0,
+        max_connections: int = MAX_TCP_CONNECTIONS,
+    ) -> None:
         self.server = server
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections: set[STUNStreamProtocol] = set()
 
-    def buildProtocol(self, addr: object) -> STUNStreamProtocol:
+    def buildProtocol(self, addr: object) -> STUNStreamProtocol | None:
+        """A protocol, or None (Twisted then closes the socket) when full."""
+        if len(self.connections) >= self.max_connections:
+            self.server.counters.tcp_refused += 1
+            return None
         proto = STUNStreamProtocol(self.server, self.clock, self.idle_timeout)
         proto.factory = self
         return proto
@@ -760,7 +780,8 @@ class STUNService(Service):
         """Log the counters (also done every C{stats_interval} seconds)."""
         self.log.info(
             "STUN counters: {received} received, {answered} answered, {malformed} malformed, "
-            "{rate_limited} rate-limited, {ignored} ignored, {send_failed} send failures",
+            "{rate_limited} rate-limited, {ignored} ignored, {send_failed} send failures, "
+            "{tcp_refused} TCP connections refused",
             **self.counters.snapshot(),
         )
 
