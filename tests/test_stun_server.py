@@ -831,3 +831,32 @@ class LoopbackTests(TestCase):
         self.assertEqual(response.get(m.ResponseOrigin).address, config.alternate)
         self.assertEqual(response.get(m.OtherAddress).address, config.primary)
         self.assertEqual(response.get(m.XorMappedAddress).address[0], "127.0.0.1")
+
+
+class IPv6LoopbackTests(TestCase):
+    """Plain RFC 8489 over ::1, UDP and TCP."""
+
+    def setUp(self) -> None:
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                s.bind(("::1", 0))
+        except OSError:
+            raise self.skipTest("no IPv6 loopback")
+        self.service = STUNService(reactor, ("::1", 0), stats_interval=0)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    @defer.inlineCallbacks
+    def test_udp(self):
+        client = _Collect()
+        port = reactor.listenUDP(0, client, interface="::1")
+        self.addCleanup(port.stopListening)
+        for fingerprint in (False, True):  # fast-path shapes; IPv6 takes the codec path
+            client.received = defer.Deferred()
+            port.write(m.Message(1, 0, os.urandom(12)).encode(fingerprint=fingerprint),
+                       self.service.config.primary)  # fmt: skip
+            data, addr = yield client.received
+            response = m.decode(data)
+            self.assertEqual(response.get(m.XorMappedAddress).address, ("::1", port.getHost().port))
+            self.assertIsNone(response.get(m.OtherAddress))
+        self.assertEqual(self.service.counters.answered, 2)
