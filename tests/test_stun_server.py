@@ -730,11 +730,14 @@ class ServiceTests(SynchronousTestCase):
         )
 
     def test_busy_fixed_port_fails(self) -> None:
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         fake = MemoryUDPReactor()
         fake.taken.add(("tcp", B, PB))
         service = STUNService(fake, (A, PA), (B, PB), stats_interval=0)
         self.assertRaises(CannotListenError, service.startService)
         self.assertFalse(any(p.listening for p in fake.udp.values()))
+        [critical] = [e for e in observer if e["log_level"].name == "critical"]
+        self.assertEqual((critical["host"], critical["port"]), (B, PB))
 
     def test_invalid_config_rejected_at_construction(self) -> None:
         self.assertRaises(ValueError, STUNService, MemoryUDPReactor(), (A, PA), (A, PB))

@@ -710,9 +710,17 @@ class STUNService(Service):
             try:
                 self.config = self._listen()
                 break
-            except CannotListenError:
+            except CannotListenError as e:
                 self._close()
                 if attempt == (PORT_ATTEMPTS if ports_are_free else 1) - 1:
+                    self.log.critical(
+                        "STUN responder cannot listen on {host}:{port} ({reason}): is another "
+                        "STUN server running there? Choose other --stun/--stun-alternate "
+                        "addresses.",
+                        host=e.interface,
+                        port=e.port,
+                        reason=e.socketError,
+                    )
                     raise
         assert self.config is not None
         self.server.responder = BindingResponder(self.config)
