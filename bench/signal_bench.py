@@ -83,6 +83,7 @@ def main() -> int:
     p.add_argument("--log-file", help="let the mediator write its full info-level log here")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--profile", help="profile the mediator (cProfile output file)")
+    p.add_argument("--gc-stats", action="store_true", help="let the mediator print its garbage-collector pauses")
     p.add_argument("--nice", type=int, default=0, help="niceness for the benchmark processes (negative needs root; "
                    "keeps other load on a shared machine from dominating the figures)")
     a = p.parse_args()
@@ -94,6 +95,8 @@ def main() -> int:
         med_cmd += ["--log-file", a.log_file]
     if a.profile:
         med_cmd += ["--profile", a.profile]
+    if a.gc_stats:
+        med_cmd += ["--gc-stats"]
     if a.nice:
         os.nice(a.nice)  # inherited by the mediator and the generators
     med = subprocess.Popen(med_cmd, stdout=subprocess.PIPE, text=True)

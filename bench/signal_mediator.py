@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--log-file", help="write every event (info level, JSON lines) here, as an operator would")
     p.add_argument("--status-interval", type=float, default=0)
     p.add_argument("--profile", help="write a cProfile of the whole run here (for finding hot spots)")
+    p.add_argument("--gc-stats", action="store_true", help="print garbage-collector pause totals at exit")
     a = p.parse_args()
 
     raise_nofile()
@@ -53,6 +54,28 @@ def main() -> None:
     if a.log_file:
         observers.append(jsonFileLogObserver(open(a.log_file, "a")))
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
+
+    if a.gc_stats:
+        import gc
+        import time
+
+        pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        started = [0.0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                pauses[info["generation"]].append(time.perf_counter() - started[0])
+
+        gc.callbacks.append(on_gc)
+
+        def report() -> None:
+            for gen, xs in pauses.items():
+                if xs:
+                    print(f"gc gen{gen}: {len(xs)} runs, total {sum(xs) * 1000:.0f} ms, max {max(xs) * 1000:.1f} ms", file=sys.stderr, flush=True)
+
+        reactor.addSystemEventTrigger("after", "shutdown", report)
 
     svc = makeSignalingService(
         a.signal,
