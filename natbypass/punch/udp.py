@@ -465,10 +465,6 @@ class UDPPunchAttempt:
         endpoint.register(session.sid, self)
         self._run([])
 
-    @property
-    def stats(self) -> PunchStats:
-        return self._machine.stats
-
     def _poll(self) -> None:
         self._timer = None
         self._run(self._machine.poll(self._clock.seconds()))
