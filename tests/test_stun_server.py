@@ -379,6 +379,26 @@ class RateLimiterTests(SynchronousTestCase):
         self.assertTrue(limiter.allow("b"))
         self.assertFalse(limiter.allow("c"))
 
+    @given(
+        st.integers(1, 5),
+        st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([0, 0, 0, 0.3, 1.0])),
+                 max_size=60),
+    )  # fmt: skip
+    def test_never_more_than_rate_per_window(self, rate, events) -> None:
+        clock = Clock()
+        limiter = RateLimiter(rate, clock)
+        allowed: dict[tuple[int, str], int] = {}
+        asked: dict[tuple[int, str], int] = {}
+        for host, advance in events:
+            clock.advance(advance)
+            key = (int(clock.seconds()), host)
+            asked[key] = asked.get(key, 0) + 1
+            if limiter.allow(host):
+                allowed[key] = allowed.get(key, 0) + 1
+        for key, n in asked.items():
+            # Exactly min(asked, rate) per source and second: the others are not starved.
+            self.assertEqual(allowed.get(key, 0), min(n, rate))
+
     def test_rate_must_be_positive(self) -> None:
         self.assertRaises(ValueError, RateLimiter, 0, Clock())
 
