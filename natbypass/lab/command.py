@@ -5,6 +5,7 @@
     natbypass lab list
     natbypass lab show [--lab ID]
     natbypass lab exec [--lab ID] a -- python3 my_p2p_app.py
+    natbypass lab exec a                                  # a shell inside site a
     natbypass lab probe [--lab ID] a b
     natbypass lab down [ID ...] | --stale | --all
     natbypass lab presets
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -110,8 +112,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     lab = _pick_lab(args.lab)
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if not argv:
-        raise LabError("nothing to run: natbypass lab exec NODE -- CMD ...")
+    if not argv:  # a shell inside the node, for people
+        argv = [os.environ.get("SHELL") or "/bin/sh", "-i"]
     return subprocess.call(["ip", "netns", "exec", lab.netns(args.node), *argv], env=python_env())
 
 
@@ -213,7 +215,7 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--lab")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
-    ex = sub.add_parser("exec", help="run a command in a node: exec NODE -- CMD ...")
+    ex = sub.add_parser("exec", help="run a command in a node: exec NODE -- CMD ... (no CMD: a shell)")
     ex.add_argument("--lab")
     ex.add_argument("node", help="mediator, SITE, SITE.K (host K), SITE.nat")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
