@@ -13,6 +13,7 @@ through our responder.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -210,9 +211,7 @@ class DetectAgainstCoturnTests(_Responder):
 
     @inlineCallbacks
     def test_same_report(self):
-        try:
-            import natbypass.detect  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("natbypass.detect") is None:
             raise SkipTest("natbypass.detect is not there yet")
         coturn = self._start_coturn()
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -32,7 +32,6 @@ from natbypass.stun.server import (
     BindingResponder,
     Counters,
     RateLimiter,
-    Reply,
     ResponderConfig,
     STUNDatagramProtocol,
     STUNServer,
@@ -742,6 +741,7 @@ class ServiceTests(SynchronousTestCase):
         service.startService()
         config = service.config
         (a, pa), (b, pb) = config.primary, config.alternate
+        self.assertEqual((a, b), (A, B))
         self.assertNotIn(0, (pa, pb))
         self.assertNotEqual(pa, pb)
         self.assertEqual(set(fake.tcp), set(config.addresses()))
