@@ -118,7 +118,7 @@ def main() -> int:
             )
         for gen in gens:
             readline_with(gen, "REGISTERED ", 300)
-        print(f"registered {a.peers} peers in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+        print(f"registered {a.peers} peers in {time.monotonic() - t:.1f} s (at {time.monotonic():.1f})", file=sys.stderr, flush=True)
         register_s = time.monotonic() - t
         time.sleep(3.0)
         rss_after = rss_kib(med.pid)
@@ -130,7 +130,7 @@ def main() -> int:
         for gen in gens:
             gen.stdin.write(f"GO {a.rate / a.generators} {a.seconds}\n")
             gen.stdin.flush()
-        print(f"driving {a.rate:g} offers/s for {a.seconds:g} s", file=sys.stderr, flush=True)
+        print(f"driving {a.rate:g} offers/s for {a.seconds:g} s from {time.monotonic():.1f}", file=sys.stderr, flush=True)
         results = [json.loads(readline_with(gen, "RESULT ", a.seconds + 60)) for gen in gens]
         cpu = cpu_seconds(med.pid) - cpu0
         gen_cpu = [cpu_seconds(g.pid) - c0 for g, c0 in zip(gens, gen_cpu0)]

@@ -67,6 +67,8 @@ def main() -> None:
                 started[0] = time.perf_counter()
             else:
                 pauses[info["generation"]].append(time.perf_counter() - started[0])
+                if info["generation"] == 2:
+                    print(f"gc gen2 at {time.monotonic():.1f}: {pauses[2][-1] * 1000:.0f} ms", file=sys.stderr, flush=True)
 
         gc.callbacks.append(on_gc)
 

@@ -139,6 +139,7 @@ class ClientTests(SynchronousTestCase):
         b.set_offer_handler(lambda offer: seen.append(offer) or never)
         result = self.settle(a.connect("bob", DESC_A))
         self.clock.advance(10)
+        self.state.sweep()  # the mediator's periodic work expires offers
         self.net.flush()
         result[0].trap(OfferTimeout)
         cancelled = []

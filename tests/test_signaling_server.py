@@ -288,7 +288,11 @@ class OfferTests(SynchronousTestCase):
 
     def test_timeout(self) -> None:
         o = self.offer()
-        self.h.clock.advance(10)
+        self.h.clock.advance(9.9)
+        self.h.state.sweep()
+        self.assertEqual(self.a[0].take(), [])
+        self.h.clock.advance(0.1)
+        self.h.state.sweep()
         [err] = self.a[0].take()
         self.assertEqual((err.rid, err.code, err.error), (10, 408, "timeout"))
         self.assertEqual(self.b[0].take(), [Cancel(o.offer, "expired")])
@@ -300,7 +304,8 @@ class OfferTests(SynchronousTestCase):
         self.h.state.closed(self.b[1])
         [err] = self.a[0].take()
         self.assertEqual((err.rid, err.code, err.error), (10, 410, "gone"))
-        self.h.clock.advance(100)  # the offer timer is gone too
+        self.h.clock.advance(20)  # past the offer timeout: nothing more for alice
+        self.h.state.sweep()
         self.assertEqual(self.a[0].take(), [])
 
     def test_initiator_leaves(self) -> None:
@@ -360,7 +365,10 @@ class OfferTests(SynchronousTestCase):
     def test_sessions_expire(self) -> None:
         o = self.offer()
         self.h.send(self.b, Accept(20, o.offer, DESC_B))
-        self.h.clock.advance(601)
+        self.h.clock.advance(119)
+        self.h.state.sweep()
+        self.assertEqual(self.h.state.status()["open_sessions"], 1)
+        self.h.clock.advance(2)
         self.h.state.sweep()
         self.assertEqual(self.h.state.status()["open_sessions"], 0)
 
@@ -756,6 +764,7 @@ class StateMachinePropertyTests(SynchronousTestCase):
                 self.assertIn(offer.target, live)
 
         clock.advance(11)  # every pending offer has expired by now
+        state.sweep()
         for i in range(4):
             if not open_[i] or chans[i].closed:
                 continue

@@ -192,7 +192,7 @@ class Limits:
     idle_timeout: float = 90.0
     keepalive: float = 30.0
     offer_timeout: float = 30.0
-    session_ttl: float = 600.0
+    session_ttl: float = 120.0
     max_offers_per_peer: int = 16
     punch_margin: float = 0.05
     unknown_rtt: float = 0.2
@@ -235,24 +235,23 @@ class _Link:
 
 
 class _PendingOffer:
-    __slots__ = ("id", "initiator", "rid", "target", "description", "timer")
+    """An offer waiting for its answer; expired by `SignalingState.sweep` (no timer per offer)."""
 
-    def __init__(self, id: str, initiator: _Link, rid: int, target: _Link, description: Description) -> None:
+    __slots__ = ("id", "initiator", "rid", "target", "description", "expires")
+
+    def __init__(self, id: str, initiator: _Link, rid: int, target: _Link, description: Description, expires: float) -> None:
         self.id = id
         self.initiator = initiator
         self.rid = rid
         self.target = target
         self.description = description
-        self.timer: Any = None
-
-
-class _OpenSession:
-    __slots__ = ("sides", "reported", "expires")
-
-    def __init__(self, a: str, b: str, expires: float) -> None:
-        self.sides = (a, b)
-        self.reported: set[str] = set()
         self.expires = expires
+
+
+#: An open session awaiting reports: (expires, initiator id, target id, who reported: bit 1 initiator, bit 2
+#: target).  A tuple of strings and numbers, so the garbage collector stops tracking it: at 1,000 offers/s
+#: the table holds many thousands, and tracked objects would make full collections ever longer.
+_OpenSession = tuple[float, str, str, int]
 
 
 @implementer(ISignalingState)
@@ -282,7 +281,7 @@ class SignalingState:
         self.links: set[_Link] = set()
         self.peers: dict[str, _Link] = {}
         self.offers: dict[str, _PendingOffer] = {}
-        self.sessions: dict[str, _OpenSession] = {}
+        self.sessions: dict[str, _OpenSession] = {}  # in creation order, so expiry only looks at the front
         self.sources: dict[str, int] = {}
         self.counters: dict[str, int] = {}
         self._next_rid = 0
@@ -464,8 +463,8 @@ class SignalingState:
         if limit and len(link.offers or ()) >= limit:
             self._error(link, msg.rid, "rate-limited", f"at most {limit} pending offers per peer; wait for answers")
             return
-        offer = _PendingOffer(self._id(), link, msg.rid, target, msg.description)
-        offer.timer = self.clock.callLater(self.limits.offer_timeout, self._expire, offer)
+        now = self.clock.seconds()
+        offer = _PendingOffer(self._id(), link, msg.rid, target, msg.description, now + self.limits.offer_timeout)
         self.offers[offer.id] = offer
         for side in (link, target):
             if side.offers is None:
@@ -475,7 +474,6 @@ class SignalingState:
         self.log.debug("offer {offer} from {initiator} to {target}", offer=offer.id, initiator=link.peer_id, target=target.peer_id)
         target.channel.send(Offer(offer.id, link.peer_id, msg.description, int(self.limits.offer_timeout * 1000)))
         # Keepalive pings keep the RTTs fresh; probe again only if a sample is stale.
-        now = self.clock.seconds()
         for side in (link, target):
             if side.ping_rid is None and now - side.ping_sent > self.limits.rtt_refresh:
                 self._ping(side, now)
@@ -490,8 +488,6 @@ class SignalingState:
         return offer
 
     def _drop_offer(self, offer: _PendingOffer) -> None:
-        if offer.timer is not None and offer.timer.active():
-            offer.timer.cancel()
         for side in (offer.initiator, offer.target):
             if side.offers is not None:
                 side.offers.discard(offer.id)
@@ -526,7 +522,7 @@ class SignalingState:
         ms = lambda s: max(0, min(600_000, round(s * 1000)))  # noqa: E731
         a.channel.send(SessionReply(offer.rid, Session(sid, key, b.peer_id, "controlling", msg.description, tuple(order), ms(delay_a), ms(rtt_a))))  # type: ignore[arg-type]
         b.channel.send(SessionReply(msg.rid, Session(sid, key, a.peer_id, "controlled", offer.description, tuple(order), ms(delay_b), ms(rtt_b))))  # type: ignore[arg-type]
-        self.sessions[sid] = _OpenSession(a.peer_id, b.peer_id, self.clock.seconds() + self.limits.session_ttl)  # type: ignore[arg-type]
+        self.sessions[sid] = (self.clock.seconds() + self.limits.session_ttl, a.peer_id, b.peer_id, 0)  # type: ignore[assignment]
         self._count("sessions")
         self.log.info(
             "offer {offer}: session {session} between {initiator} and {target}: order {order}, start in {delay_a}/{delay_b} ms",
@@ -546,7 +542,6 @@ class SignalingState:
         link.channel.send(Ok(msg.rid))
 
     def _expire(self, offer: _PendingOffer) -> None:
-        offer.timer = None
         if self.offers.pop(offer.id, None) is None:
             return
         self._drop_offer(offer)
@@ -569,19 +564,22 @@ class SignalingState:
         if self._need_registration(link, msg.rid):
             return
         s = self.sessions.get(msg.session)
-        if s is None or link.peer_id not in s.sides:
+        bit = 0 if s is None else 1 if link.peer_id == s[1] else 2 if link.peer_id == s[2] else 0
+        if s is None or not bit:
             self._error(link, msg.rid, "unknown-session", f"no open session {msg.session} of yours")
             return
-        if link.peer_id not in s.reported:
-            s.reported.add(link.peer_id)  # type: ignore[arg-type]
+        if not s[3] & bit:
+            reported = s[3] | bit
             name = msg.outcome + (f"/{msg.protocol}" if msg.protocol else "")
             self._count("outcome:" + name)
             self.log.info(
                 "session {session}: {peer_id} reports {outcome} {detail}",
                 session=msg.session, peer_id=link.peer_id, outcome=name, detail=msg.detail or "",
             )
-            if len(s.reported) == 2:
+            if reported == 3:
                 del self.sessions[msg.session]
+            else:
+                self.sessions[msg.session] = (s[0], s[1], s[2], reported)
         link.channel.send(Ok(msg.rid))
 
     def _bye(self, link: _Link, msg: Bye) -> None:
@@ -614,7 +612,19 @@ class SignalingState:
                 self.closed(link)
             elif link.peer_id is not None and now - link.ping_sent >= lim.keepalive:
                 self._ping(link, now)
-        for sid in [sid for sid, s in self.sessions.items() if s.expires <= now]:
+        # Offers and sessions all live equally long and the dicts keep creation
+        # order, so only the front needs looking at: no timer per offer, no full scan.
+        while self.offers:
+            offer = next(iter(self.offers.values()))
+            if offer.expires > now:
+                break
+            self._expire(offer)
+        expired = []
+        for sid, s in self.sessions.items():  # oldest first; a report's update keeps the position
+            if s[0] > now:
+                break
+            expired.append(sid)
+        for sid in expired:
             del self.sessions[sid]
 
     def shutdown(self) -> None:
