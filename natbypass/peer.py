@@ -180,6 +180,8 @@ class Peer(MultiService):
         self._offer_ports: dict[str, Ports] = {}
         self._handler: IIncomingHandler | None = None
         self._ready: Deferred[None] | None = None
+        #: Per protocol, fires once that protocol's main mapping is learned (or failed to be).
+        self._learned: dict[str, Deferred[None]] = {}
         self._discovery: Deferred[Any] | None = None
         self._connections: set[IPeerConnection] = set()
 
@@ -188,12 +190,16 @@ class Peer(MultiService):
     def startService(self) -> None:
         self._main = self._bind()
         super().startService()
+        self._learned = {
+            "udp": defer.ensureDeferred(self._learn_one(self._main.udp, "UDP")),
+            "tcp": defer.ensureDeferred(self._learn_one(self._main.tcp, "TCP")),
+        }
+        self._learned["udp"].addCallback(self._start_discovery)
         self._ready = defer.ensureDeferred(self._learn())
 
     async def _learn(self) -> None:
-        """Learn the UDP and TCP mapped addresses; start discovery behind them."""
-        assert self._main is not None
-        await self._learn_ports(self._main)
+        """Wait for both mapped addresses (learned at once, in parallel) and log them."""
+        await defer.gatherResults([_follow(d) for d in self._learned.values()])
         self.log.info(
             "peer {peer_id}: udp {udp} mapped to {udp_mapped}, tcp {tcp} mapped to {tcp_mapped}",
             peer_id=self.peer_id,
@@ -202,6 +208,8 @@ class Peer(MultiService):
             tcp=self.local_tcp_address(),
             tcp_mapped=self.tcp_mapped,
         )
+
+    def _start_discovery(self, _: Any) -> None:
         if self.config.discover and self.udp_mapped is not None:
             self._discovery = self._discover()
 
@@ -219,15 +227,6 @@ class Peer(MultiService):
             await port.learn(self.stun_server, self.config.stun_timeout)
         except Exception as e:
             self.log.warn("no {what} mapping from {server}: {error}", what=what, server=self.stun_server, error=e)
-
-    async def _learn_ports(self, ports: Ports) -> None:
-        """Learn both mappings at once (they use different sockets)."""
-        await defer.gatherResults(
-            [
-                defer.ensureDeferred(self._learn_one(ports.udp, "UDP")),
-                defer.ensureDeferred(self._learn_one(ports.tcp, "TCP")),
-            ]
-        )
 
     def _discover(self) -> Deferred[Any]:
         local = (route_source_address(self.stun_server), self.local_udp_address()[1])
@@ -329,7 +328,9 @@ class Peer(MultiService):
         return defer.ensureDeferred(self._connect(peer_id, wish))
 
     async def _connect(self, peer_id: str, wish: tuple[str, ...]) -> IPeerConnection:
-        await _follow(self._ready)
+        # Only the mappings of the protocols we may use: a UDP-only connect
+        # does not wait for STUN over TCP (two round trips).
+        await defer.gatherResults([_follow(self._learned[p]) for p in (wish or select.PROTOCOLS)])
         offered = self.nat
         try:
             return await self._introduce(peer_id, wish)
