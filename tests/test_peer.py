@@ -123,7 +123,7 @@ class PeerLoopbackTests(TestCase):
         """
         b = yield self.peer("bob")
         b.listen(EchoHandler())
-        a = yield self.peer("alice", "udp")
+        a = yield self.peer("alice", "udp", discover=False)  # discovery would find "no NAT"
         a.nat = NATSummary("address-and-port-dependent", "address-and-port-dependent", False, port_delta=1)
         conn = yield a.connect("bob")
         self.assertNotEqual(conn.local_address.port, a.local_udp_address()[1])
@@ -131,7 +131,7 @@ class PeerLoopbackTests(TestCase):
         conn.close()
         conn2 = yield a.connect("bob")
         self.addCleanup(conn2.close)
-        self.assertNotIn(conn2.local_address.port, (conn.local_address.port, a.local_udp_address()[1]))
+        self.assertNotEqual(conn2.local_address.port, a.local_udp_address()[1])  # the first one's may be reused
         yield self.assertEchoes(conn2)
 
     @defer.inlineCallbacks

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -154,6 +154,7 @@ class SignalingClientProtocol(LineReceiver):
     def connectionMade(self) -> None:
         _no_delay(self.transport)
         self._watchdog = self.clock.callLater(self.owner.request_timeout, self._handshake_timeout)
+        self._handshake()
 
     def _handshake_timeout(self) -> None:
         self._watchdog = None
@@ -259,20 +260,31 @@ class SignalingClientProtocol(LineReceiver):
 
     # -- handshake
 
+    def _handshake(self) -> None:
+        """
+        Send Hello and Register at once, without waiting for the greeting or
+        each other's replies: the mediator handles lines in order, so
+        registration completes one round trip after the TCP handshake instead
+        of three (greeting, hello, register).  An error reply to either fails
+        the handshake.
+        """
+        owner = self.owner
+        hello = self.request(Hello(owner._rid(), max(wire.VERSIONS), AGENT))
+        register = self.request(
+            Register(owner._rid(), owner.peer_id, owner.token, owner.take_over or owner.secret is not None, owner.secret)
+        )
+        both = gatherResults([hello, register], consumeErrors=True)
+        both.addCallbacks(lambda replies: self._registered(replies[1]), lambda f: self._fail_ready(f.value.subFailure))
+
     def _greeted(self, greeting: Greeting) -> None:
+        """The greeting arrives while Hello is on its way: only check that we can talk."""
         if not self._handshaking:
             return
-        common = [v for v in wire.VERSIONS if v in greeting.versions]
-        if not common:
+        if not any(v in greeting.versions for v in wire.VERSIONS):
             self._fail_ready(SignalingError("version-unsupported", f"mediator speaks {list(greeting.versions)}, we speak {list(wire.VERSIONS)}"))
             return
         if greeting.auth and self.owner.token is None:
             self.log.warn("the mediator requires a token and none is configured")
-        v = max(common)
-        owner = self.owner
-        d = self.request(Hello(owner._rid(), v, AGENT))
-        d.addCallback(lambda _: self.request(Register(owner._rid(), owner.peer_id, owner.token, owner.take_over or owner.secret is not None, owner.secret)))
-        d.addCallbacks(self._registered, self._fail_ready)
 
     def _registered(self, reply: Registered) -> None:
         self._handshaking = False
