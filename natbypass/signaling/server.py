@@ -194,7 +194,7 @@ class Limits:
     offer_timeout: float = 30.0
     session_ttl: float = 120.0
     max_offers_per_peer: int = 16
-    punch_margin: float = 0.05
+    punch_margin: float = 0.015
     unknown_rtt: float = 0.2
     rtt_refresh: float = 45.0
 
