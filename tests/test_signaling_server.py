@@ -770,3 +770,33 @@ class StateMachinePropertyTests(SynchronousTestCase):
                 continue
             replies = [m.rid for m in chans[i].sent if isinstance(m, (Ok, Registered, SessionReply, Error, Pong)) and m.rid is not None]
             self.assertEqual(sorted(replies), sorted(sent[i]), f"connection {i}: {chans[i].sent}")
+
+
+class KernelRTTTests(SynchronousTestCase):
+    """The mediator reads a connection's RTT from TCP_INFO before any ping has returned."""
+
+    def test_real_socket(self) -> None:
+        import socket
+
+        from natbypass.signaling.server import kernel_rtt
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+
+        class Transport:
+            def getHandle(self) -> socket.socket:
+                return client
+
+        rtt = kernel_rtt(Transport())
+        self.assertIsNotNone(rtt)
+        self.assertGreater(rtt, 0)
+        self.assertLess(rtt, 1.0)
+
+    def test_no_socket(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from natbypass.signaling.server import kernel_rtt
+
+        self.assertIsNone(kernel_rtt(StringTransport()))

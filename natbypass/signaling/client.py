@@ -155,6 +155,7 @@ class SignalingClientProtocol(LineReceiver):
         _no_delay(self.transport)
         self._watchdog = self.clock.callLater(self.owner.request_timeout, self._handshake_timeout)
         self._handshake()
+        self.owner._pending_handshake = self
 
     def _handshake_timeout(self) -> None:
         self._watchdog = None
@@ -363,6 +364,8 @@ class SignalingClient(Service):
         self.take_over = take_over
         self.rtt: float | None = None
         self._next_rid = 0
+        #: A connection whose Hello and Register are on their way (requests pipeline behind them).
+        self._pending_handshake: SignalingClientProtocol | None = None
         self._offer_handler: Callable[[IncomingOffer], Any] | None = None
         self._session_handler: Callable[[Session], Any] | None = None
         self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
@@ -408,7 +411,14 @@ class SignalingClient(Service):
         return d
 
     def _call(self, make: Callable[[], Message], timeout: float | None = None) -> Deferred[Message]:
-        d = self._registered_protocol()
+        pipelined = self._pending_handshake
+        if self._proto is None and pipelined is not None and pipelined.connected:
+            # Behind Hello and Register, already on their way: the mediator
+            # answers lines in order, so this waits for no round trip (and
+            # fails like them if registration is refused).
+            d = succeed(pipelined)
+        else:
+            d = self._registered_protocol()
         d.addCallback(lambda proto: proto.request(make()))
         d.addTimeout(timeout or self.request_timeout, self.clock)
         return d
@@ -439,6 +449,7 @@ class SignalingClient(Service):
     # -- protocol callbacks
 
     def _ready(self, proto: SignalingClientProtocol) -> None:
+        self._forget_handshake(proto)
         self._failures = 0
         self._proto = proto
         self.log.info("registered at the mediator as {peer_id}", peer_id=self.peer_id)
@@ -447,10 +458,16 @@ class SignalingClient(Service):
             w.callback(proto)
 
     def _refused(self, proto: SignalingClientProtocol, err: Exception) -> None:
+        self._forget_handshake(proto)
         self._failures += 1
         self.log.warn("registration as {peer_id} failed: {err}; retrying later", peer_id=self.peer_id, err=err)
 
+    def _forget_handshake(self, proto: SignalingClientProtocol) -> None:
+        if self._pending_handshake is proto:
+            self._pending_handshake = None
+
     def _lost(self, proto: SignalingClientProtocol) -> None:
+        self._forget_handshake(proto)
         if self._proto is proto:
             self._proto = None
             self.log.info("signalling connection lost; the client service reconnects")

@@ -18,6 +18,13 @@ class IChannel(Interface):
     def close():
         """Close the connection after pending writes (idempotent)."""
 
+    def kernel_rtt():
+        """
+        The kernel's smoothed round-trip time of this connection in seconds
+        (TCP_INFO), or None where there is none: known from the TCP handshake
+        on, before the first ping has come back.
+        """
+
 
 class ISignalingState(Interface):
     """

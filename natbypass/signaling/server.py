@@ -15,7 +15,9 @@ import base64
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass, field
+import socket
+import struct
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet.interfaces import IReactorTime
@@ -514,8 +516,8 @@ class SignalingState:
             self._error(b, msg.rid, "rejected", reason)
             return
         unknown = self.limits.unknown_rtt
-        rtt_a = a.rtt if a.rtt is not None else unknown
-        rtt_b = b.rtt if b.rtt is not None else unknown
+        rtt_a = a.rtt if a.rtt is not None else (a.channel.kernel_rtt() or unknown)
+        rtt_b = b.rtt if b.rtt is not None else (b.channel.kernel_rtt() or unknown)
         delay_a, delay_b = punch_delays(rtt_a, rtt_b, self.limits.punch_margin)
         sid = self._id()
         key = self.random_bytes(wire.SESSION_KEY_BYTES)
@@ -663,6 +665,24 @@ def _no_delay(transport: Any) -> None:
             pass
 
 
+#: struct tcp_info (linux/tcp.h): 8 one-byte fields, then u32s; tcpi_rtt (microseconds) is the 16th.
+_TCP_INFO = struct.Struct("8x60xI")
+
+
+def kernel_rtt(transport: Any) -> float | None:
+    """The smoothed RTT Linux keeps for a TCP connection (TLS too: the socket under it), or None."""
+    for t in (transport, getattr(transport, "transport", None)):
+        handle = getattr(t, "getHandle", lambda: None)()
+        if hasattr(handle, "getsockopt") and hasattr(socket, "TCP_INFO"):
+            try:
+                info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            except OSError:
+                return None
+            if len(info) >= _TCP_INFO.size:
+                return _TCP_INFO.unpack_from(info)[0] / 1e6 or None
+    return None
+
+
 @implementer(IChannel)
 class SignalingServerProtocol(LineReceiver):
     """One client connection: decode each line and hand it to the state."""
@@ -677,6 +697,9 @@ class SignalingServerProtocol(LineReceiver):
     def connectionMade(self) -> None:
         _no_delay(self.transport)
         self._link = self.state.open(self, getattr(self.transport.getPeer(), "host", "?"))
+
+    def kernel_rtt(self) -> float | None:
+        return kernel_rtt(self.transport)
 
     def lineReceived(self, line: bytes) -> None:
         link = self._link

@@ -34,6 +34,9 @@ class FakeChannel:
     def close(self) -> None:
         self.closed = True
 
+    def kernel_rtt(self) -> float | None:
+        return None
+
     def take(self) -> list[Message]:
         """The messages sent since the last call."""
         out, self.sent = self.sent, []
