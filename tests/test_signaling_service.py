@@ -132,3 +132,22 @@ class ServiceTests(SynchronousTestCase):
         block = doc.split("<!-- token-file -->", 2)[1].split("```")[1]
         policy = TokenPolicy.parse(block)
         self.assertEqual(policy.check("k7Hq2-bob-only", "bob"), (True, True))
+
+
+class GCFreezeTests(SynchronousTestCase):
+    def test_off_by_default(self) -> None:
+        self.assertEqual(parse()["gc-freeze-interval"], 0.0)
+        self.assertRaises(usage.UsageError, parse, "--gc-freeze-interval", "-1")
+
+    def test_freezes_after_an_interval_and_unfreezes_on_stop(self) -> None:
+        import gc
+
+        self.addCleanup(gc.unfreeze)
+        reactor = MemoryReactorClock()
+        svc = makeSignalingServiceFromOptions(parse("--gc-freeze-interval", "600", "--status-interval", "0"), reactor)
+        svc.startService()
+        self.assertEqual(gc.get_freeze_count(), 0)  # not at start: the peers have not come yet
+        reactor.advance(600)
+        self.assertGreater(gc.get_freeze_count(), 0)
+        svc.stopService()
+        self.assertEqual(gc.get_freeze_count(), 0)
