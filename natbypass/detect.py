@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import ipaddress
 import json
 import sys
 from typing import TextIO
@@ -22,6 +21,7 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from natbypass.address import is_ip, parse_host_port as _parse_host_port
 from natbypass.discovery import NATBehavior, discover
 from natbypass.stun.client import (
     Address,
@@ -39,77 +39,8 @@ EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
 
 
 def parse_host_port(text: str, default_port: int | None = DEFAULT_PORT, *, allow_zero: bool = False) -> Address:
-    """
-    C{HOST[:PORT]} -> (host, port); IPv6 literals in brackets when a port
-    follows (C{[::1]:3478}), bare IPv6 literals taken whole.  Raises
-    ValueError with a message a person can act on.
-    """
-    text = text.strip()
-    port_text: str | None = None
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"{text!r}: expected ':PORT' after ']'")
-            port_text = rest[1:]
-        try:
-            if ipaddress.ip_address(host).version != 6:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{text!r}: only IPv6 addresses go in brackets") from None
-    elif text.count(":") > 1:
-        host = text  # a bare IPv6 literal
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{text!r}: not an IPv6 address (write [IPv6]:PORT)") from None
-    elif ":" in text:
-        host, port_text = text.split(":", 1)
-    else:
-        host = text
-    if not host:
-        raise ValueError(f"{text!r}: missing host")
-    if not _valid_host(host):
-        raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name")
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"{text!r}: missing ':PORT'")
-        return host, default_port
-    if not port_text.isascii() or not port_text.isdigit():
-        raise ValueError(f"{text!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    if not (0 if allow_zero else 1) <= port <= 65535:
-        raise ValueError(f"{text!r}: port {port} is out of range")
-    return host, port
-
-
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    if len(host) > 253 or not host.isascii():
-        return False
-    labels = host.rstrip(".").split(".")
-    return all(
-        0 < len(label) <= 63
-        and label[0] != "-"
-        and label[-1] != "-"
-        and all(c.isalnum() or c == "-" for c in label)
-        for label in labels
-    )
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
+    """A STUN server's ``HOST[:PORT]``: port 3478 unless given (see L{natbypass.address})."""
+    return _parse_host_port(text, default_port, allow_zero=allow_zero)
 
 
 def _arg(parse):
@@ -208,7 +139,7 @@ def detect(reactor, args: argparse.Namespace, out: TextIO | None = None, err: Te
     out = out or sys.stdout
     err = err or sys.stderr
     host, port = args.stun
-    if not _is_ip(host):
+    if not is_ip(host):
         try:
             host = yield reactor.resolve(host)
         except Exception as e:

@@ -6,7 +6,8 @@ twistd plugin and ``natbypass connect``.  Parsing only; no I/O.
 from __future__ import annotations
 
 import re
-from natbypass.detect import DEFAULT_PORT, parse_host_port
+from natbypass.address import parse_host_port
+from natbypass.detect import DEFAULT_PORT
 
 Address = tuple[str, int]
 

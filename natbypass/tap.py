@@ -12,11 +12,12 @@ owns its options: the STUN ones are below, the signalling ones come from
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
+
+from natbypass.address import parse_host_port as _parse_host_port
 
 from natbypass.signaling.service import (
     SIGNAL_OPT_PARAMETERS,
@@ -35,33 +36,10 @@ DEFAULT_STUN = "0.0.0.0:3478"
 
 def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
     """
-    ``IP:PORT`` (``[IPv6]:PORT`` for IPv6) to ``(ip, port)``; the port may
-    be left out when C{default_port} is given.  Only IP literals: the
-    responder must bind, and name in RFC 5780 responses, exact addresses.
-    Raises ValueError with a message for a person.
+    An address to listen on: ``IP:PORT`` (``[IPv6]:PORT``), IP literals only:
+    the responder must bind, and name in RFC 5780 responses, exact addresses.
     """
-    text = text.strip()
-    port_text: str | None
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, None  # IPv4 alone, or IPv6 alone without brackets
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except (OSError, ValueError):  # ValueError: NUL or surrogate characters
-        raise ValueError(f"{host!r} is not an IP address (use a literal IP, e.g. 192.0.2.10)") from None
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"{text!r}: a port is needed (HOST:PORT)")
-        return host, default_port
-    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
-    return host, int(port_text)
+    return _parse_host_port(text, default_port, ip_only=True)
 
 
 class Options(usage.Options):
