@@ -30,6 +30,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,6 +76,33 @@ def raise_nofile(want: int = 1 << 16) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def throwaway_certificate(directory: str) -> tuple[str, str]:
+    """A self-signed EC certificate for 127.0.0.1/localhost, for the TLS runs."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
 def prioritise(nice: int) -> None:
     """
     Run this process (and what it starts) at ``nice``.  With autogroup
@@ -104,6 +132,9 @@ def main() -> int:
     p.add_argument("--log-file", help="let the mediator write its full info-level log here")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--profile", help="profile the mediator (cProfile output file)")
+    p.add_argument("--malloc-trim", action="store_true", help="also report the RSS after glibc malloc_trim(0) "
+                   "(memory the heap holds but no object uses, e.g. left over from TLS handshakes)")
+    p.add_argument("--tls", action="store_true", help="signalling over TLS (a throwaway self-signed certificate)")
     p.add_argument("--gc-stats", action="store_true", help="let the mediator print its garbage-collector pauses")
     p.add_argument("--gc-freeze", action="store_true", help="experiment: once the peers are registered, the mediator "
                    "runs gc.collect(); gc.freeze() so full collections no longer walk the 10,000 idle connections")
@@ -114,6 +145,11 @@ def main() -> int:
     raise_nofile()
 
     med_cmd = [sys.executable, os.path.join(HERE, "signal_mediator.py")]
+    tls_dir = None
+    if a.tls:
+        tls_dir = tempfile.mkdtemp(prefix="signal-bench-")
+        key, cert = throwaway_certificate(tls_dir)
+        med_cmd += ["--signal", f"ssl:0:interface=127.0.0.1:backlog=4096:privateKey={key}:certKey={cert}"]
     if a.log_file:
         med_cmd += ["--log-file", a.log_file]
     if a.profile:
@@ -133,7 +169,8 @@ def main() -> int:
         for g in range(a.generators):
             gens.append(
                 subprocess.Popen(
-                    [sys.executable, os.path.join(HERE, "signal_load.py"), "--port", str(port), "--source", f"127.0.0.{g + 2}", "--prefix", f"g{g}", "-n", str(per)],
+                    [sys.executable, os.path.join(HERE, "signal_load.py"), "--port", str(port), "--source", f"127.0.0.{g + 2}", "--prefix", f"g{g}", "-n", str(per)]
+                    + (["--tls"] if a.tls else []),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
@@ -151,6 +188,12 @@ def main() -> int:
             print(f"mediator froze {frozen}", file=sys.stderr, flush=True)
             time.sleep(1.0)
         rss_after = rss_kib(med.pid)
+        rss_trimmed = None
+        if a.malloc_trim:
+            med.send_signal(signal.SIGUSR2)
+            readline_with(med, "TRIMMED", 60)
+            time.sleep(0.5)
+            rss_trimmed = rss_kib(med.pid)
         peers = per * a.generators
         per_peer = (rss_after - rss_before) * 1024 / peers
 
@@ -174,6 +217,7 @@ def main() -> int:
             "rss_before_kib": rss_before,
             "rss_registered_kib": rss_after,
             "bytes_per_idle_peer": round(per_peer),
+            "bytes_per_idle_peer_after_malloc_trim": None if rss_trimmed is None else round((rss_trimmed - rss_before) * 1024 / peers),
             "offers_sent": sent,
             "offers_completed": len(full),
             "offer_rate": round(sent / a.seconds, 1),
@@ -188,6 +232,7 @@ def main() -> int:
             "rss_end_kib": rss_end,
             "nice": a.nice,
             "gc_freeze": frozen,
+            "tls": a.tls,
             "loadavg_after": open("/proc/loadavg").read().split()[0],
         }
         print(json.dumps(out, indent=2))

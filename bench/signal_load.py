@@ -21,6 +21,7 @@ import json
 import resource
 import sys
 import time
+from typing import Any
 
 from twisted.internet import reactor, stdio
 from twisted.internet.protocol import ClientFactory
@@ -93,7 +94,7 @@ class BenchPeer(LineReceiver):
         self.sendLine(wire.encode(msg))
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+        getattr(self.transport, "setTcpNoDelay", lambda on: None)(True)
 
     def connect_to(self, peer: str) -> None:
         self.sendLine(CONNECT % (self.next_rid(), peer.encode()))
@@ -145,6 +146,7 @@ class Generator:
         self.relay: list[float] = []
         self.full: list[float] = []
         self.factory = Factory(self)
+        self.tls: Any = None  # client TLS options when the mediator speaks TLS
         self.out = print  # replaced by the control channel (stdout is non-blocking under StandardIO)
 
     def start(self) -> None:
@@ -153,7 +155,10 @@ class Generator:
         def batch() -> None:
             nonlocal todo
             for _ in range(min(200, todo)):
-                reactor.connectTCP(self.host, self.port, self.factory, bindAddress=(self.source, 0))
+                if self.tls is not None:
+                    reactor.connectSSL(self.host, self.port, self.factory, self.tls, bindAddress=(self.source, 0))
+                else:
+                    reactor.connectTCP(self.host, self.port, self.factory, bindAddress=(self.source, 0))
                 todo -= 1
             if not todo:
                 loop.stop()
@@ -263,10 +268,15 @@ def main() -> None:
     p.add_argument("--source", default="127.0.0.2")
     p.add_argument("--prefix", default="g0")
     p.add_argument("-n", type=int, default=5000)
+    p.add_argument("--tls", action="store_true", help="speak TLS (the bench's throwaway certificate is not verified)")
     a = p.parse_args()
     raise_nofile()
     gc.disable()  # a short-lived measuring tool: its own collector pauses would be blamed on the mediator
     gen = Generator(a.host, a.port, a.source, a.prefix, a.n)
+    if a.tls:
+        from twisted.internet.ssl import CertificateOptions
+
+        gen.tls = CertificateOptions(verify=False)  # loopback, our own throwaway certificate
     stdio.StandardIO(Control(gen))
     reactor.callWhenRunning(gen.start)
     reactor.run()

@@ -93,6 +93,15 @@ def main() -> None:
 
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(freeze))
 
+    def trim() -> None:
+        """Experiment: give free heap memory back to the system (glibc), to tell live memory from fragmentation."""
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        print("TRIMMED", flush=True)
+
+    signal.signal(signal.SIGUSR2, lambda *_: reactor.callFromThread(trim))
+
     svc = makeSignalingService(
         a.signal,
         reactor,
