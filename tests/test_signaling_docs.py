@@ -11,7 +11,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.signaling import wire
-from natbypass.signaling.server import punch_delays
+from natbypass.signaling.server import Limits, punch_delays
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "protocol.md")
 
@@ -48,6 +48,6 @@ class DocumentExampleTests(SynchronousTestCase):
     def test_timing_example(self) -> None:
         sessions = [wire.decode_from_server(line) for side, line in examples() if side == "S" and b'"op":"session"' in line]
         a, b = (s.session for s in sessions)
-        da, db = punch_delays(a.rtt_ms / 1000, b.rtt_ms / 1000, 0.05)
+        da, db = punch_delays(a.rtt_ms / 1000, b.rtt_ms / 1000, Limits().punch_margin)
         self.assertEqual((a.start_in_ms, b.start_in_ms), (round(da * 1000), round(db * 1000)))
         self.assertEqual((a.id, a.key), (b.id, b.key))
