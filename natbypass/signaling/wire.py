@@ -762,6 +762,11 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+# Built once: json.loads/json.dumps with options build a new decoder/encoder per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def decode(line: bytes, registry: Mapping[str, type[Message]]) -> Message:
     """
     Parse one line (without its delimiter) into a message of ``registry``.
@@ -770,7 +775,7 @@ def decode(line: bytes, registry: Mapping[str, type[Message]]) -> Message:
     rid: int | None = None
     try:
         text = line.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        obj = _DECODER.decode(text)
         _check(isinstance(obj, dict), "a message is one JSON object")
         r = obj.get("rid")
         if _is_int(r) and 0 <= r <= MAX_RID:
@@ -804,4 +809,4 @@ def decode_from_server(line: bytes) -> Message:
 def encode(msg: Message) -> bytes:
     """One message as one line, without the delimiter; None-valued optional fields are left out."""
     obj = {k: v for k, v in msg.to_wire().items() if v is not None or k == "rid"}
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
