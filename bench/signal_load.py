@@ -35,16 +35,9 @@ from natbypass.signaling.wire import (  # noqa: E402
     Candidate,
     Connect,
     Description,
-    Error,
-    Greeting,
     Hello,
     NATSummary,
-    Offer,
-    Ping,
-    Pong,
     Register,
-    Registered,
-    SessionReply,
 )
 
 DESC = Description(

@@ -185,7 +185,7 @@ class ClientTests(SynchronousTestCase):
         self.assertRaises(ValueError, a.report, s.id, "connected")
 
     def test_answers_keepalive(self) -> None:
-        a = self.client("alice")
+        self.client("alice")
         for _ in range(10):
             self.clock.advance(30)
             self.state.sweep()

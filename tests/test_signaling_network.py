@@ -6,7 +6,6 @@ wrong CA, wrong hostname) and a mediator restart that the peers survive.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 
 from cryptography import x509

@@ -23,7 +23,6 @@ from natbypass.signaling.server import (
     BufferedRandom,
     Limits,
     SignalingFactory,
-    SignalingServerProtocol,
     SignalingState,
     TokenPolicy,
     default_choose_order,
@@ -337,7 +336,7 @@ class OfferTests(SynchronousTestCase):
 
     def test_pending_offer_limit(self) -> None:
         h = Harness(max_offers_per_peer=2)
-        a, b = h.peer("a"), h.peer("b")
+        a, _ = h.peer("a"), h.peer("b")
         h.send(a, Connect(1, "b", DESC_A))
         h.send(a, Connect(2, "b", DESC_A))
         [err] = h.send(a, Connect(3, "b", DESC_A))

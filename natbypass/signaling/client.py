@@ -12,7 +12,6 @@ Deferreds and events.  See docs/protocol.md.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 from twisted.application.internet import ClientService, backoffPolicy

@@ -17,8 +17,8 @@ import binascii
 import json
 import re
 import socket
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, TypeVar
 
 PROTOCOL_NAME = "natbypass-signal"
 VERSIONS: tuple[int, ...] = (1,)
