@@ -340,7 +340,22 @@ class OfferTests(SynchronousTestCase):
         h.send(a, Connect(1, "b", DESC_A))
         h.send(a, Connect(2, "b", DESC_A))
         [err] = h.send(a, Connect(3, "b", DESC_A))
+        self.assertEqual((err.rid, err.error), (3, "rate-limited"))
+
+    def test_flooded_target_can_still_make_offers(self) -> None:
+        """Offers waiting for a peer do not count against its own; a flood of them is capped."""
+        h = Harness(max_offers_per_peer=2, max_offers_to_peer=3)
+        victim = h.peer("victim")
+        h.peer("other")
+        attackers = [h.peer(f"x{i}") for i in range(4)]
+        for i, x in enumerate(attackers[:3]):
+            self.assertEqual(h.send(x, Connect(1, "victim", DESC_A)), [])
+        [err] = h.send(attackers[3], Connect(1, "victim", DESC_A))
         self.assertEqual(err.error, "rate-limited")
+        self.assertIn("victim", err.reason)
+        self.assertEqual(len([m for m in victim[0].take() if isinstance(m, Offer)]), 3)
+        self.assertEqual(h.send(victim, Connect(9, "other", DESC_B)), [])  # its own offer goes out
+        self.assertEqual(h.state.status()["pending_offers"], 4)
 
     def test_report_counts_outcomes(self) -> None:
         o = self.offer()

@@ -195,7 +195,8 @@ class Limits:
     keepalive: float = 30.0
     offer_timeout: float = 30.0
     session_ttl: float = 120.0
-    max_offers_per_peer: int = 16
+    max_offers_per_peer: int = 16  # offers a peer has made that still wait for their answer
+    max_offers_to_peer: int = 64  # offers waiting for one target's answer (a flood of them is refused)
     punch_margin: float = 0.015
     unknown_rtt: float = 0.2
     rtt_refresh: float = 45.0
@@ -461,9 +462,14 @@ class SignalingState:
             self._count("offers:unknown-peer")
             self._error(link, msg.rid, "unknown-peer", f"no peer {msg.peer} is registered")
             return
+        made, waiting = self._pending_counts(link), self._pending_counts(target)
         limit = self.limits.max_offers_per_peer
-        if limit and len(link.offers or ()) >= limit:
-            self._error(link, msg.rid, "rate-limited", f"at most {limit} pending offers per peer; wait for answers")
+        if limit and made[0] >= limit:
+            self._error(link, msg.rid, "rate-limited", f"at most {limit} of your offers may wait for answers; wait for them")
+            return
+        limit = self.limits.max_offers_to_peer
+        if limit and waiting[1] >= limit:
+            self._error(link, msg.rid, "rate-limited", f"peer {msg.peer} has {limit} offers waiting for its answer; try later")
             return
         now = self.clock.seconds()
         offer = _PendingOffer(self._id(), link, msg.rid, target, msg.description, now + self.limits.offer_timeout)
@@ -479,6 +485,11 @@ class SignalingState:
         for side in (link, target):
             if side.ping_rid is None and now - side.ping_sent > self.limits.rtt_refresh:
                 self._ping(side, now)
+
+    def _pending_counts(self, link: _Link) -> tuple[int, int]:
+        """(offers ``link`` made, offers waiting for ``link``'s answer) still pending; both are small."""
+        made = sum(1 for o in link.offers or () if self.offers[o].initiator is link)
+        return made, len(link.offers or ()) - made
 
     def _take_offer(self, link: _Link, rid: int, offer_id: str) -> _PendingOffer | None:
         offer = self.offers.get(offer_id)
