@@ -488,7 +488,7 @@ class SignalingState:
 
     def _pending_counts(self, link: _Link) -> tuple[int, int]:
         """(offers ``link`` made, offers waiting for ``link``'s answer) still pending; both are small."""
-        made = sum(1 for o in link.offers or () if self.offers[o].initiator is link)
+        made = sum(1 for o in link.offers or () if getattr(self.offers.get(o), "initiator", None) is link)
         return made, len(link.offers or ()) - made
 
     def _take_offer(self, link: _Link, rid: int, offer_id: str) -> _PendingOffer | None:
