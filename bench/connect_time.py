@@ -67,13 +67,15 @@ def main() -> int:
         time.sleep(2)  # let the listening peers finish background discovery
         for a, b in pairs:
             for protocol in args.protocols.split(","):
-                times, walls, won = [], [], []
+                times, walls, won, failures = [], [], [], []
                 for k in range(args.rounds):
                     src, dst = f"{TYPES[a]}1", f"{TYPES[b]}2"
                     r = sc.connect(src, f"{src}-{dst}-{protocol}-{k}", dst, protocol, count=1)
                     if r.connected is not None:
                         times.append(r.connected["elapsed_ms"])
                         won.append(r.connected["protocol"])
+                    else:
+                        failures.append(r.summary())
                     walls.append(r.wall_s * 1000)
                 rows.append(
                     {
@@ -84,6 +86,7 @@ def main() -> int:
                         "max_ms": max(times) if times else None,
                         "wall_median_ms": round(statistics.median(walls)),
                         "won": sorted(set(won)),
+                        "failures": failures,
                     }
                 )
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
