@@ -26,6 +26,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -73,6 +74,8 @@ class PeerConfig:
     loopback_candidates: bool = False
     #: How long learning one mapped address may take at start.
     stun_timeout: float = 3.0
+    #: Seconds between re-reads of the interface addresses.
+    host_refresh: float = 60.0
 
 
 class UDPSocket:
@@ -178,6 +181,9 @@ class Peer(MultiService):
         self._main: Ports | None = None
         #: Per-session ports of sessions offered to us, by offering peer, until the session arrives.
         self._offer_ports: dict[str, Ports] = {}
+        #: This machine's interface addresses (host candidates), read at start and then periodically.
+        self.host_addresses: list[str] = []
+        self._host_refresh: LoopingCall | None = None
         self._handler: IIncomingHandler | None = None
         self._ready: Deferred[None] | None = None
         #: Per protocol, fires once that protocol's main mapping is learned (or failed to be).
@@ -189,6 +195,9 @@ class Peer(MultiService):
 
     def startService(self) -> None:
         self._main = self._bind()
+        self._host_refresh = LoopingCall(self.refresh_host_addresses)
+        self._host_refresh.clock = self.clock
+        self._host_refresh.start(self.config.host_refresh, now=True)
         super().startService()
         self._learned = {
             "udp": defer.ensureDeferred(self._learn_one(self._main.udp, "UDP")),
@@ -249,6 +258,8 @@ class Peer(MultiService):
         return d
 
     def stopService(self) -> Deferred[None]:
+        if self._host_refresh is not None and self._host_refresh.running:
+            self._host_refresh.stop()
         if self._discovery is not None:
             self._discovery.cancel()
         for conn in list(self._connections):
@@ -300,7 +311,7 @@ class Peer(MultiService):
         ports = ports or self._main
         assert ports is not None, "start the service first"
         cands: list[Candidate] = []
-        hosts = self._host_addresses()
+        hosts = self.host_addresses
         cands += [Candidate("host", h, ports.udp.local[1]) for h in hosts]
         if ports.udp.mapped is not None:
             cands.append(Candidate("srflx", *ports.udp.mapped))
@@ -312,14 +323,20 @@ class Peer(MultiService):
             tuple(reversed(unique.values())), self.nat, self.wish if wish is None else wish
         )
 
-    def _host_addresses(self) -> list[str]:
+    def refresh_host_addresses(self) -> None:
+        """
+        Read the interface addresses again (``ip -j addr``).  Done at start and
+        every ``host_refresh`` seconds, never while an offer waits: running a
+        command costs milliseconds the reactor would otherwise spend punching.
+        """
         if self.config.bind_host not in ("0.0.0.0", "::", ""):
-            return [self.config.bind_host]
+            self.host_addresses = [self.config.bind_host]
+            return
         try:
-            return candidates.host_addresses(include_loopback=self.config.loopback_candidates)
+            self.host_addresses = candidates.host_addresses(include_loopback=self.config.loopback_candidates)
         except candidates.CandidateError as e:
             self.log.warn("no host candidates: {error}", error=e)
-            return []
+            self.host_addresses = []
 
     # ------------------------------------------------------------ connect
 

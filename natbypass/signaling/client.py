@@ -154,7 +154,7 @@ class SignalingClientProtocol(LineReceiver):
         _no_delay(self.transport)
         self._watchdog = self.clock.callLater(self.owner.request_timeout, self._handshake_timeout)
         self._handshake()
-        self.owner._pending_handshake = self
+        self.owner._handshake_sent(self)
 
     def _handshake_timeout(self) -> None:
         self._watchdog = None
@@ -371,6 +371,8 @@ class SignalingClient(Service):
         self._failures = 0  # handshakes refused in a row; ClientService only counts failed connects
         self._proto: SignalingClientProtocol | None = None
         self._waiters: list[Deferred[SignalingClientProtocol]] = []
+        #: Callers waiting for a connection to pipeline a request on.
+        self._link_waiters: list[Deferred[SignalingClientProtocol]] = []
         # No prepareConnection: a failed prepare leaves ClientService unable to
         # see that connection close (NoTransition); we track readiness ourselves.
         self._service = ClientService(
@@ -392,7 +394,8 @@ class SignalingClient(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters + self._link_waiters, []
+        self._link_waiters = []
         for w in waiters:
             w.errback(CancelledError("the signalling client was stopped"))
         return self._service.stopService()
@@ -402,22 +405,39 @@ class SignalingClient(Service):
     def whenRegistered(self) -> Deferred[str]:
         return self._registered_protocol().addCallback(lambda proto: self.peer_id)
 
+    @staticmethod
+    def _wait(waiters: list[Deferred[SignalingClientProtocol]]) -> Deferred[SignalingClientProtocol]:
+        d: Deferred[SignalingClientProtocol] = Deferred(lambda d: waiters.remove(d) if d in waiters else None)
+        waiters.append(d)
+        return d
+
     def _registered_protocol(self) -> Deferred[SignalingClientProtocol]:
         if self._proto is not None:
             return succeed(self._proto)
-        d: Deferred[SignalingClientProtocol] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
-        self._waiters.append(d)
-        return d
+        return self._wait(self._waiters)
+
+    def _request_protocol(self) -> Deferred[SignalingClientProtocol]:
+        """
+        The connection to send a request on: the registered one, or one whose
+        Hello and Register are on their way (now or at the next connect).  The
+        mediator answers lines in order, so a request behind them waits for no
+        round trip, and fails like them if registration is refused.
+        """
+        if self._proto is not None:
+            return succeed(self._proto)
+        pending = self._pending_handshake
+        if pending is not None and pending.connected:
+            return succeed(pending)
+        return self._wait(self._link_waiters)
+
+    def _handshake_sent(self, proto: SignalingClientProtocol) -> None:
+        self._pending_handshake = proto
+        waiters, self._link_waiters = self._link_waiters, []
+        for w in waiters:
+            w.callback(proto)
 
     def _call(self, make: Callable[[], Message], timeout: float | None = None) -> Deferred[Message]:
-        pipelined = self._pending_handshake
-        if self._proto is None and pipelined is not None and pipelined.connected:
-            # Behind Hello and Register, already on their way: the mediator
-            # answers lines in order, so this waits for no round trip (and
-            # fails like them if registration is refused).
-            d = succeed(pipelined)
-        else:
-            d = self._registered_protocol()
+        d = self._request_protocol()
         d.addCallback(lambda proto: proto.request(make()))
         d.addTimeout(timeout or self.request_timeout, self.clock)
         return d
