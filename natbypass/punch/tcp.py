@@ -41,14 +41,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from natbypass.interfaces import IPeerConnection, IPeerReceiver
+from natbypass.interfaces import IPeerConnection
+from natbypass.punch.connection import PathConnection
 from natbypass.punch.session import PunchFailed, PunchSession
 
 Address = tuple[str, int]
@@ -540,7 +541,7 @@ def punch_tcp(
 
 
 @implementer(IPeerConnection)
-class TCPPeerConnection:
+class TCPPeerConnection(PathConnection):
     """
     An authenticated TCP path: an ordered byte stream.
 
@@ -561,20 +562,15 @@ class TCPPeerConnection:
         keepalive_interval: float | None = 15.0,
         max_pending: int = 1 << 20,
     ) -> None:
+        super().__init__(session)
         self._proto = proto
         self._transport = proto.transport
         proto.connection = self
-        self.peer_id = session.peer_id
-        self.session_id = session.session_id
-        self.role = session.role
         self.local_address = self._transport.getHost()
         self.remote_address = self._transport.getPeer()
-        self._receiver: IPeerReceiver | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._max_pending = max_pending
-        self._lost: Failure | None = None
-        self._waiters: list[Deferred] = []
         if keepalive_interval is not None:
             self._setKeepalive(keepalive_interval)
 
@@ -589,16 +585,12 @@ class TCPPeerConnection:
             if handle is not None and hasattr(socket, opt):
                 handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
-    def setReceiver(self, receiver: IPeerReceiver) -> None:
-        self._receiver = receiver
+    def _take_pending(self) -> list[bytes]:
         pending, self._pending = self._pending, []
         if self._pending_size > self._max_pending:
             self._transport.resumeProducing()
         self._pending_size = 0
-        for data in pending:
-            receiver.dataReceived(data)
-        if self._lost is not None:
-            receiver.connectionLost(self._lost)
+        return pending
 
     def send(self, data: bytes) -> None:
         if self._lost is None:
@@ -607,13 +599,6 @@ class TCPPeerConnection:
     def close(self) -> None:
         if self._lost is None:
             self._transport.loseConnection()
-
-    def whenLost(self) -> Deferred:
-        if self._lost is not None:
-            return succeed(self._lost.value)
-        d: Deferred = Deferred()
-        self._waiters.append(d)
-        return d
 
     def _dataReceived(self, data: bytes) -> None:
         if self._receiver is not None:
@@ -626,14 +611,4 @@ class TCPPeerConnection:
             self._transport.pauseProducing()
 
     def _connectionLost(self, reason: Failure) -> None:
-        if self._lost is not None:
-            return
-        self._lost = reason
-        self.log.info(
-            "TCP path to {peer_id} lost: {reason}", peer_id=self.peer_id, reason=reason.getErrorMessage()
-        )
-        if self._receiver is not None:
-            self._receiver.connectionLost(reason)
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(reason.value)
+        self._notify_lost(reason)

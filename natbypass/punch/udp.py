@@ -28,14 +28,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from natbypass.interfaces import IPeerConnection, IPeerReceiver
+from natbypass.interfaces import IPeerConnection
+from natbypass.punch.connection import PathConnection
 from natbypass.punch.mux import Address, PunchEndpoint
 from natbypass.punch.packet import MAX_PAYLOAD, PacketType, PunchPacket, encode, verify
 from natbypass.punch.session import PunchFailed, PunchSession
@@ -282,7 +283,7 @@ def _address(host: str, port: int) -> IPv4Address | IPv6Address:
 
 
 @implementer(IPeerConnection)
-class UDPPeerConnection:
+class UDPPeerConnection(PathConnection):
     """
     A punched UDP path: datagrams in DATA frames, keepalives, a liveness check.
 
@@ -310,6 +311,7 @@ class UDPPeerConnection:
         early_data: Sequence[bytes] = (),
         max_pending: int = 64,
     ) -> None:
+        super().__init__(session)
         self._endpoint = endpoint
         self._session = session
         self._remote = remote
@@ -317,21 +319,15 @@ class UDPPeerConnection:
         self._interval = keepalive_interval
         self._timeout = liveness_timeout if liveness_timeout is not None else 3 * keepalive_interval
         self._nonce = nonce_source
-        self._receiver: IPeerReceiver | None = None
         self._pending: list[bytes] = list(early_data)[:max_pending]
         self._max_pending = max_pending
         self._seq = 0
         self._replay = ReplayWindow()
-        self._lost: Failure | None = None
-        self._waiters: list[Deferred] = []
         self.invalid = 0
         #: The probe/ACK round trip that chose the path, and what the punch did
         #: (set by the attempt that made this connection).
         self.rtt: float | None = None
         self.punch_stats: PunchStats | None = None
-        self.peer_id = session.peer_id
-        self.session_id = session.session_id
-        self.role = session.role
         host = endpoint.getHost()
         self.local_address = _address(host.host, host.port)
         self.remote_address = _address(*remote)
@@ -344,13 +340,9 @@ class UDPPeerConnection:
 
     # -- IPeerConnection
 
-    def setReceiver(self, receiver: IPeerReceiver) -> None:
-        self._receiver = receiver
+    def _take_pending(self) -> list[bytes]:
         pending, self._pending = self._pending, []
-        for data in pending:
-            receiver.dataReceived(data)
-        if self._lost is not None:
-            receiver.connectionLost(self._lost)
+        return pending
 
     def send(self, data: bytes) -> None:
         if self._lost is not None:
@@ -364,13 +356,6 @@ class UDPPeerConnection:
         if self._lost is None:
             self._write(PacketType.CLOSE, self._nonce())
             self._lose(Failure(ConnectionDone("closed locally")))
-
-    def whenLost(self) -> Deferred:
-        if self._lost is not None:
-            return succeed(self._lost.value)
-        d: Deferred = Deferred()
-        self._waiters.append(d)
-        return d
 
     # -- packets
 
@@ -423,19 +408,11 @@ class UDPPeerConnection:
     def _lose(self, reason: Failure) -> None:
         if self._lost is not None:
             return
-        self._lost = reason
         for call in (self._keepalive, self._liveness):
             if call.active():
                 call.cancel()
         self._endpoint.unregister(self._session.sid, self)
-        self.log.info(
-            "UDP path to {peer_id} lost: {reason}", peer_id=self.peer_id, reason=reason.getErrorMessage()
-        )
-        if self._receiver is not None:
-            self._receiver.connectionLost(reason)
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(reason.value)
+        self._notify_lost(reason)
 
 
 class UDPPunchAttempt:

@@ -1,0 +1,69 @@
+"""
+What every punched path shares, whatever carries it: the receiver the
+application sets (with what arrived before it did), and the one-time loss
+that reaches the receiver and every ``whenLost`` Deferred.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from natbypass.interfaces import IPeerReceiver
+from natbypass.punch.session import PunchSession
+
+
+class PathConnection:
+    """
+    Base of `UDPPeerConnection` and `TCPPeerConnection`.  Subclasses set
+    ``protocol`` and keep what arrives before a receiver is set, handing it
+    over in `_take_pending`; they call `_notify_lost` once the path is gone.
+    """
+
+    log = Logger()
+    protocol: str
+
+    def __init__(self, session: PunchSession) -> None:
+        self.peer_id = session.peer_id
+        self.session_id = session.session_id
+        self.role = session.role
+        self._receiver: IPeerReceiver | None = None
+        self._lost: Failure | None = None
+        self._waiters: list[Deferred] = []
+
+    def _take_pending(self) -> list[bytes]:
+        """What arrived before the receiver was set, in order (and forget it)."""
+        raise NotImplementedError
+
+    def setReceiver(self, receiver: IPeerReceiver) -> None:
+        self._receiver = receiver
+        for data in self._take_pending():
+            receiver.dataReceived(data)
+        if self._lost is not None:
+            receiver.connectionLost(self._lost)
+
+    def whenLost(self) -> Deferred:
+        if self._lost is not None:
+            return succeed(self._lost.value)
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _notify_lost(self, reason: Failure) -> bool:
+        """Record the loss and tell everyone; False when it was already lost."""
+        if self._lost is not None:
+            return False
+        self._lost = reason
+        self.log.info(
+            "{protocol} path to {peer_id} lost: {reason}",
+            protocol=self.protocol.upper(),
+            peer_id=self.peer_id,
+            reason=reason.getErrorMessage(),
+        )
+        if self._receiver is not None:
+            self._receiver.connectionLost(reason)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(reason.value)
+        return True
