@@ -1,0 +1,49 @@
+"""The natbypass-peer twistd plugin: options are checked, makeService builds an unstarted Peer."""
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from natbypass import peer_tap
+from natbypass.interfaces import IPeer
+from natbypass.punch.candidates import PortRange
+
+
+class PeerTapTests(SynchronousTestCase):
+    def parse(self, *argv: str) -> peer_tap.Options:
+        options = peer_tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self) -> None:
+        o = self.parse("--mediator", "tcp:198.18.0.2:7000", "--id", "bob")
+        self.assertEqual(o["stun"], ("198.18.0.2", 3478))
+        self.assertEqual((o["protocol"], o["timeout"], o["port-range"]), ("auto", 5.0, None))
+
+    def test_explicit(self) -> None:
+        o = self.parse("--mediator", "tls:m.example:7443", "--id", "bob", "--stun", "127.0.0.2:4000",
+                       "--protocol", "tcp,udp", "--port-range", "40000-40010")
+        self.assertEqual(o["stun"], ("127.0.0.2", 4000))
+        self.assertEqual(o["port-range"], PortRange(40000, 40010))
+
+    def test_errors(self) -> None:
+        cases = {
+            ("--id", "bob"): "--mediator ENDPOINT is required",
+            ("--mediator", "tcp:h:7000"): "--id NAME is required",
+            ("--mediator", "tcp:h:7000", "--id", "-bad"): "--id NAME is required",
+            ("--mediator", "tcp:h:7000", "--id", "bob", "--protocol", "quic"): "protocol wish must be",
+            ("--mediator", "tcp:h:7000", "--id", "bob", "--port-range", "9-1"): "port range",
+            ("--mediator", "unix:/x", "--id", "bob"): "cannot find the host",
+        }
+        for argv, message in cases.items():
+            with self.assertRaises(usage.UsageError, msg=argv) as caught:
+                self.parse(*argv)
+            self.assertIn(message, str(caught.exception), argv)
+
+    def test_make_service(self) -> None:
+        o = self.parse("--mediator", "tcp:198.18.0.2:7000", "--id", "bob")
+        service = peer_tap.makeService(o, MemoryReactorClock())
+        self.assertTrue(verifyObject(IPeer, service))
+        self.assertEqual(service.peer_id, "bob")
+        self.assertFalse(service.running)
