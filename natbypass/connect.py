@@ -23,6 +23,7 @@ from natbypass.peer import Peer, PeerConfig, parse_wish
 from natbypass.peer_options import stun_server
 from natbypass.punch.candidates import PortRange
 from natbypass.signaling.client import client_endpoint
+from natbypass.stun.client import route_source_address
 
 log = Logger()
 
@@ -91,18 +92,20 @@ async def _main(reactor: Any, args: argparse.Namespace, out: Any) -> int:
             return EXIT_FAILED
         elapsed = round((reactor.seconds() - started) * 1000)
         local, remote = conn.local_address, conn.remote_address
+        # A wildcard-bound socket: name the interface the path actually leaves from.
+        local_host = local.host if local.host not in ("0.0.0.0", "::") else route_source_address((remote.host, remote.port))
         emit(
             {
                 "event": "connected",
                 "peer": args.peer,
                 "session": conn.session_id,
                 "protocol": conn.protocol,
-                "local_address": f"{local.host}:{local.port}",
+                "local_address": f"{local_host}:{local.port}",
                 "remote_address": f"{remote.host}:{remote.port}",
                 "elapsed_ms": elapsed,
-                "attempts": _attempts(getattr(conn, "outcome", None)),
+                "attempts": _attempts(conn.outcome),
             },
-            f"connected to {args.peer} over {conn.protocol}: {local.host}:{local.port} -> "
+            f"connected to {args.peer} over {conn.protocol}: {local_host}:{local.port} -> "
             f"{remote.host}:{remote.port} in {elapsed} ms",
         )
         echo = EchoClient(conn, reactor)

@@ -62,6 +62,10 @@ class IPeerConnection(Interface):
         "is 0).  A layer on top uses it to pick who plays client: role 0 is "
         "the TLS/QUIC client."
     )
+    outcome = Attribute(
+        "How the path was made: a natbypass.punch.select.Outcome listing every attempt (protocol, "
+        "result, start and end, reason), or None."
+    )
     local_address = Attribute("Our end of the path, an IPv4Address/IPv6Address.")
     remote_address = Attribute("The peer's end of the path as we see it (after its NAT).")
 

@@ -484,7 +484,7 @@ class Peer(MultiService):
             raise
         self._connections.add(conn)
         conn.whenLost().addBoth(lambda _: self._connections.discard(conn))
-        conn.outcome = outcome  # type: ignore[attr-defined]
+        conn.outcome = outcome
         self._report(session, "connected", conn.protocol, outcome.describe())
         return conn
 

@@ -6,6 +6,8 @@ that reaches the receiver and every ``whenLost`` Deferred.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +30,9 @@ class PathConnection:
         self.peer_id = session.peer_id
         self.session_id = session.session_id
         self.role = session.role
+        #: The race that chose this path (``natbypass.punch.select.Outcome``:
+        #: every attempt, with its result and reason), set by whoever ran it.
+        self.outcome: Any = None
         self._receiver: IPeerReceiver | None = None
         self._lost: Failure | None = None
         self._waiters: list[Deferred] = []
