@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
@@ -292,24 +292,33 @@ def _udp_socket(local_port: int = 0) -> socket.socket:
     return s
 
 
+def messages_until(s: socket.socket, deadline: float) -> Iterator[tuple[Any, tuple[str, int]]]:
+    """
+    Decoded probe messages arriving on ``s`` until ``deadline`` (monotonic
+    clock), with their source; ICMP errors and undecodable datagrams skipped.
+    """
+    while (left := deadline - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            data, addr = s.recvfrom(2048)
+        except socket.timeout:
+            return
+        except ConnectionRefusedError:
+            continue
+        try:
+            msg = decode(data)
+        except ProbeDecodeError:
+            continue
+        yield msg, addr
+
+
 def udp_ask(s: socket.socket, server: tuple[str, int], reply_from: str = "same", *, tries: int = 3, wait: float = 0.5) -> Response | None:
     """Send one request (retransmitted ``tries`` times) and return its response, or None."""
     req = Request(new_txid(), reply_from)
     for _ in range(tries):
         s.sendto(encode(req), server)
         deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            s.settimeout(left)
-            try:
-                data, _ = s.recvfrom(2048)
-            except socket.timeout:
-                break
-            except ConnectionRefusedError:
-                continue
-            try:
-                msg = decode(data)
-            except ProbeDecodeError:
-                continue
+        for msg, _ in messages_until(s, deadline):
             if isinstance(msg, Response) and msg.txid == req.txid:
                 return msg
     return None
@@ -380,18 +389,7 @@ def measure_filtering(primary: tuple[str, int], settle: float = 1.0) -> dict[str
         for txid, how in pending.items():
             s.sendto(encode(Request(txid, how)), primary)
         deadline = time.monotonic() + settle
-        while (left := deadline - time.monotonic()) > 0:
-            s.settimeout(left)
-            try:
-                data, _ = s.recvfrom(2048)
-            except socket.timeout:
-                break
-            except ConnectionRefusedError:
-                continue
-            try:
-                msg = decode(data)
-            except ProbeDecodeError:
-                continue
+        for msg, _ in messages_until(s, deadline):
             if isinstance(msg, Response) and msg.txid in pending:
                 arrived.add(pending[msg.txid])
     s.close()
@@ -466,18 +464,7 @@ def listen(server: tuple[str, int], seconds: float, local_port: int = 0) -> int:
     me = udp_ask(s, server)
     print(json.dumps({"local_port": s.getsockname()[1], "public": f"{me.ip}:{me.port}" if me else None}), flush=True)
     deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        s.settimeout(left)
-        try:
-            data, addr = s.recvfrom(2048)
-        except socket.timeout:
-            break
-        except ConnectionRefusedError:
-            continue
-        try:
-            msg = decode(data)
-        except ProbeDecodeError:
-            continue
+    for msg, addr in messages_until(s, deadline):
         if isinstance(msg, Request):
             s.sendto(encode(Response(msg.txid, addr[0], addr[1])), addr)
             print(json.dumps({"from": f"{addr[0]}:{addr[1]}"}), flush=True)
