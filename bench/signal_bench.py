@@ -32,6 +32,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from stun_bench import prioritise  # noqa: E402  (one way to take the CPUs: a session of our own)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -100,26 +103,6 @@ def throwaway_certificate(directory: str) -> tuple[str, str]:
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
-
-
-def prioritise(nice: int) -> None:
-    """
-    Run this process (and what it starts) at ``nice``.  With autogroup
-    scheduling niceness only ranks processes within one session, so start a
-    session of our own and set its autogroup's niceness as well (the method
-    of bench/stun_bench.py).
-    """
-    try:
-        os.setsid()
-    except OSError:
-        pass  # already a session leader
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-        if os.path.exists("/proc/self/autogroup"):
-            with open("/proc/self/autogroup", "w") as f:
-                f.write(str(nice))
-    except OSError as e:
-        print(f"cannot set niceness {nice} ({e}); figures may include other load", file=sys.stderr)
 
 
 def main() -> int:
