@@ -1,5 +1,5 @@
 import sys
 
-from natbypass.cli import main
+from natbypass.app.cli import main
 
 sys.exit(main())

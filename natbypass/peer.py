@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from natbypass import discovery
+from natbypass.stun import discovery
 from natbypass.interfaces import IIncomingHandler, IPeer, IPeerConnection
 from natbypass.punch import candidates, select, tcp
 from natbypass.punch.candidates import PortRange

@@ -5,7 +5,7 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from natbypass import connect
+from natbypass.app import connect
 
 
 class UsageTests(SynchronousTestCase):

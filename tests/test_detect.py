@@ -1,5 +1,5 @@
 """
-Tests for natbypass.detect: argument parsing, output, exit statuses, and
+Tests for natbypass.app.detect: argument parsing, output, exit statuses, and
 whole runs on loopback against our responder (natbypass.stun.server).
 """
 
@@ -18,8 +18,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from natbypass import detect
-from natbypass import discovery as dv
+from natbypass.app import detect
+from natbypass.stun import discovery as dv
 from tests.test_discovery import FakeInternet, FakeTCP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

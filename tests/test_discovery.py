@@ -1,5 +1,5 @@
 """
-Tests for natbypass.discovery: the pure classification, and the RFC 5780
+Tests for natbypass.stun.discovery: the pure classification, and the RFC 5780
 test sequence run against an in-memory NAT and STUN server on a Clock.
 
 L{FakeInternet} is reused by tests/test_detect.py.
@@ -18,7 +18,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from natbypass import discovery as dv
+from natbypass.stun import discovery as dv
 from natbypass.stun import message as m
 from natbypass.stun.client import RetransmitPolicy, StunClient, TCPBinding, binding_request
 

@@ -1,4 +1,4 @@
-"""Tests for natbypass.echo: the line echo used by natbypass-peer and natbypass connect."""
+"""Tests for natbypass.app.echo: the line echo used by natbypass-peer and natbypass connect."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from natbypass.echo import EchoClient, EchoHandler, EchoReceiver, LineBuffer
+from natbypass.app.echo import EchoClient, EchoHandler, EchoReceiver, LineBuffer
 from natbypass.interfaces import IIncomingHandler, IPeerReceiver
 
 

@@ -12,7 +12,7 @@ from natbypass.interfaces import IIncomingHandler, IPeer, IPeerConnection, IPeer
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchSession
 from natbypass.punch.tcp import TCPPeerConnection, TCPPunchAttempt, _HandshakeProtocol
-from natbypass.punch.testing import FakeUDPNetwork
+from natbypass.testing.udp import FakeUDPNetwork
 from natbypass.punch.udp import UDPPeerConnection
 
 KEY = b"k" * 32

@@ -211,8 +211,8 @@ class DetectAgainstCoturnTests(_Responder):
 
     @inlineCallbacks
     def test_same_report(self):
-        if importlib.util.find_spec("natbypass.detect") is None:
-            raise SkipTest("natbypass.detect is not there yet")
+        if importlib.util.find_spec("natbypass.app.detect") is None:
+            raise SkipTest("natbypass.app.detect is not there yet")
         coturn = self._start_coturn()
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         reports = {}

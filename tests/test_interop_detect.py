@@ -23,7 +23,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from natbypass import detect
+from natbypass.app import detect
 from natbypass.stun.client import (
     RetransmitPolicy,
     StunTimeout,

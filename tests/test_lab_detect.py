@@ -20,8 +20,8 @@ from natbypass.lab.netns import missing_requirements
 from natbypass.lab.spec import parse_spec
 
 SKIP = missing_requirements()
-if not SKIP and (importlib.util.find_spec("natbypass.detect") is None or importlib.util.find_spec("natbypass.tap") is None):
-    SKIP = "natbypass.detect / natbypass.tap (issue 2) are not in the tree yet"
+if not SKIP and (importlib.util.find_spec("natbypass.app.detect") is None or importlib.util.find_spec("natbypass.app.mediator_tap") is None):
+    SKIP = "natbypass.app.detect / natbypass.app.mediator_tap (issue 2) are not in the tree yet"
 
 COTURN_EIM = """
 -= Mapping Behavior Discovery =-

@@ -17,7 +17,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from natbypass.echo import EchoClient, EchoHandler
+from natbypass.app.echo import EchoClient, EchoHandler
 from natbypass.interfaces import IPeer, IPeerConnection
 from natbypass.peer import Peer, PeerConfig
 from natbypass.punch.select import AllAttemptsFailed

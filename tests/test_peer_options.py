@@ -1,11 +1,11 @@
-"""Tests for natbypass.peer_options and the protocol wish parser."""
+"""Tests for natbypass.app.peer_options and the protocol wish parser."""
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.peer import parse_wish
-from natbypass.peer_options import mediator_host, stun_server
+from natbypass.app.peer_options import mediator_host, stun_server
 
 
 class MediatorHostTests(SynchronousTestCase):

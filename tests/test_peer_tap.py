@@ -5,7 +5,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from natbypass import peer_tap
+from natbypass.app import peer_tap
 from natbypass.interfaces import IPeer
 from natbypass.punch.candidates import PortRange
 

@@ -2,9 +2,9 @@
 The traversal engines across real nftables NATs (the NAT lab), without the
 signalling layer: each side learns its mapping by STUN from the lab mediator,
 the two swap mappings through a shared directory, and punch at an agreed
-time (``natbypass.punch.labpeer``).  Port prediction is switched on exactly
+time (``natbypass.lab.enginepeer``).  Port prediction is switched on exactly
 where ``select.feasibility`` asks for it.  The full 6x6 matrix is
-``python3 -m natbypass.punch.labmatrix``; these are the cases that matter most.
+``python3 -m natbypass.lab.enginematrix``; these are the cases that matter most.
 
 Needs root, ``ip`` and ``nft``; skipped with the reason otherwise.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab.netns import missing_requirements
-from natbypass.punch.labmatrix import run_pair, site_spec
+from natbypass.lab.enginematrix import run_pair, site_spec
 
 SKIP = missing_requirements()
 DELAY_MS = 25

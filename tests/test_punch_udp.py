@@ -16,7 +16,7 @@ from natbypass.interfaces import IPeerConnection, IPeerReceiver
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.packet import PacketType, decode, encode
 from natbypass.punch.session import PunchFailed, PunchSession
-from natbypass.punch.testing import FakeUDPNetwork
+from natbypass.testing.udp import FakeUDPNetwork
 from natbypass.punch.udp import (
     Failed,
     ProbeSchedule,

@@ -26,7 +26,7 @@ from natbypass.signaling.client import (
 )
 from natbypass.signaling.interfaces import ISignalingClient
 from natbypass.signaling.server import Limits, SignalingFactory, SignalingState, TokenPolicy
-from natbypass.signaling.testing import MemoryNetwork
+from natbypass.testing.signaling import MemoryNetwork
 from natbypass.signaling.wire import Candidate, Description, NATSummary, Session
 
 DESC_A = Description((Candidate("srflx", "203.0.113.1", 5000),), NATSummary("endpoint-independent", "endpoint-independent", True))

@@ -28,7 +28,7 @@ from natbypass.signaling.server import (
     default_choose_order,
     punch_delays,
 )
-from natbypass.signaling.testing import FakeChannel
+from natbypass.testing.signaling import FakeChannel
 from natbypass.signaling.wire import (
     Accept,
     Bye,

@@ -1,5 +1,5 @@
 """
-Tests for natbypass.tap: option parsing and validation, the service tree
+Tests for natbypass.app.mediator_tap: option parsing and validation, the service tree
 makeService builds (without starting it), and the twistd plugin lookup.
 """
 
@@ -15,7 +15,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from natbypass import tap
+from natbypass.app import mediator_tap as tap
 from natbypass.stun.server import DEFAULT_SOFTWARE, STUNService
 
 

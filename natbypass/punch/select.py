@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-# The behaviour names natbypass.discovery reports (RFC 4787 / RFC 5780 terms).
+# The behaviour names natbypass.stun.discovery reports (RFC 4787 / RFC 5780 terms).
 EI = "endpoint-independent"
 AD = "address-dependent"
 APD = "address-and-port-dependent"
@@ -94,7 +94,7 @@ class NatSummary:
     @classmethod
     def from_behavior(cls, behavior: Any) -> NatSummary:
         """
-        Summarise a ``natbypass.discovery.NATBehavior`` (duck-typed: its public
+        Summarise a ``natbypass.stun.discovery.NATBehavior`` (duck-typed: its public
         ``mapping``, ``filtering``, ``port_preserving``, ``reachable``,
         ``tcp_mapping`` and the mapped ports of its ``tests``).
         """

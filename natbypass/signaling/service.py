@@ -1,6 +1,6 @@
 """
 The signalling half of the mediator's twistd plugin: options that
-``natbypass.tap`` merges into its own, and the service they build.
+``natbypass.app.mediator_tap`` merges into its own, and the service they build.
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@ from twisted.application.service import ServiceMaker
 
 natbypassMediator = ServiceMaker(
     "NATbypass mediator",
-    "natbypass.tap",
+    "natbypass.app.mediator_tap",
     "STUN responder (RFC 8489/5780) and signalling service for NAT traversal",
     "natbypass-mediator",
 )
 natbypassPeer = ServiceMaker(
     "NATbypass peer",
-    "natbypass.peer_tap",
+    "natbypass.app.peer_tap",
     "A peer that registers with a mediator and accepts direct connections",
     "natbypass-peer",
 )

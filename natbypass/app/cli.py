@@ -11,8 +11,8 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "detect": ("natbypass.detect", "detect the NAT's mapping and filtering behaviour"),
-    "connect": ("natbypass.connect", "open a direct path to a peer and exchange echoes"),
+    "detect": ("natbypass.app.detect", "detect the NAT's mapping and filtering behaviour"),
+    "connect": ("natbypass.app.connect", "open a direct path to a peer and exchange echoes"),
     "lab": ("natbypass.lab.command", "build and use the NAT lab (network namespaces)"),
 }
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from twisted.python import usage
 
-from natbypass.echo import EchoHandler
+from natbypass.app.echo import EchoHandler
 from natbypass.peer import Peer, PeerConfig, parse_wish
-from natbypass.peer_options import stun_server
+from natbypass.app.peer_options import stun_server
 from natbypass.punch.candidates import PortRange
 from natbypass.signaling.wire import PEER_ID
 

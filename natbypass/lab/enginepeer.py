@@ -7,7 +7,7 @@ one JSON line.
 
 Run inside a lab host::
 
-    python -m natbypass.punch.labpeer --name a --peer b --role 0 --dir DIR \\
+    python -m natbypass.lab.enginepeer --name a --peer b --role 0 --dir DIR \\
         --stun 198.18.0.2:3478 --protocol udp --start-at EPOCH [--predict-delta 1]
 
 The wall clock is only the test harness's rendezvous; the engines themselves
@@ -38,7 +38,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m natbypass.punch.labpeer")
+    p = argparse.ArgumentParser(prog="python -m natbypass.lab.enginepeer")
     p.add_argument("--name", required=True)
     p.add_argument("--peer", required=True)
     p.add_argument("--role", type=int, choices=(0, 1), required=True)

@@ -3,12 +3,12 @@ The traversal engines across every pair of lab NAT types, without signalling.
 
 For each pair a fresh two-site lab (25 ms per WAN link by default) is built,
 the mediator's STUN responder is started in it, and two
-``natbypass.punch.labpeer`` processes punch at an agreed time, with port
+``natbypass.lab.enginepeer`` processes punch at an agreed time, with port
 prediction switched on where ``select.feasibility`` asks for it.  Prints one
 line per case and a summary; exit status 1 when any case disagrees with the
 table in docs/selection.md.  Needs root, ``ip`` and ``nft``::
 
-    python3 -m natbypass.punch.labmatrix [--protocols udp,tcp] [--delay-ms 25]
+    python3 -m natbypass.lab.enginematrix [--protocols udp,tcp] [--delay-ms 25]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def run_pair(lab, a: str, b: str, name_a: str, name_b: str, protocol: str, timeo
     procs = []
     for (name, peer, role), row in zip(((name_a, name_b, 0), (name_b, name_a, 1)), rows):
         argv = [
-            sys.executable, "-m", "natbypass.punch.labpeer", "--name", name, "--peer", peer,
+            sys.executable, "-m", "natbypass.lab.enginepeer", "--name", name, "--peer", peer,
             "--role", str(role), "--dir", rendezvous, "--stun", STUN, "--protocol", protocol,
             "--start-at", str(start_at), "--timeout", str(timeout),
         ]
@@ -107,7 +107,7 @@ def run(argv: list[str] | None = None) -> int:
     from natbypass.lab.interop import start_mediator
     from natbypass.lab.lab import Lab
 
-    p = argparse.ArgumentParser(prog="python -m natbypass.punch.labmatrix")
+    p = argparse.ArgumentParser(prog="python -m natbypass.lab.enginematrix")
     p.add_argument("--protocols", default="udp,tcp")
     p.add_argument("--delay-ms", type=float, default=25.0)
     p.add_argument("--timeout", type=float, default=3.0)

@@ -5,7 +5,7 @@
 
 Exit status: 0 when the server answered, 1 when it could not be reached
 (over UDP, and over TCP too with ``--tcp``), 2 on bad usage.  With ``--json``
-one JSON object goes to stdout (see L{natbypass.discovery.NATBehavior.to_json});
+one JSON object goes to stdout (see L{natbypass.stun.discovery.NATBehavior.to_json});
 otherwise a short report.  Errors go to stderr.
 """
 
@@ -22,7 +22,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from natbypass.address import is_ip, parse_host_port as _parse_host_port
-from natbypass.discovery import NATBehavior, discover
+from natbypass.stun.discovery import NATBehavior, discover
 from natbypass.stun.client import (
     Address,
     RetransmitPolicy,

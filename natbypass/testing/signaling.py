@@ -16,8 +16,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.test import iosim
 from zope.interface import implementer
 
-from .interfaces import IChannel
-from .wire import Message
+from natbypass.signaling.interfaces import IChannel
+from natbypass.signaling.wire import Message
 
 
 @implementer(IChannel)

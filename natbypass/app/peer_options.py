@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from natbypass.address import parse_host_port
-from natbypass.detect import DEFAULT_PORT
+from natbypass.app.detect import DEFAULT_PORT
 
 Address = tuple[str, int]
 

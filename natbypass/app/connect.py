@@ -18,9 +18,9 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater, react
 from twisted.logger import Logger
 
-from natbypass.echo import EchoClient
+from natbypass.app.echo import EchoClient
 from natbypass.peer import Peer, PeerConfig, parse_wish
-from natbypass.peer_options import stun_server
+from natbypass.app.peer_options import stun_server
 from natbypass.punch.candidates import PortRange
 from natbypass.signaling.client import client_endpoint
 from natbypass.stun.client import route_source_address

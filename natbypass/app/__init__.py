@@ -1,0 +1,1 @@
+"""The ``natbypass`` command and the twistd plugins' options and services."""
