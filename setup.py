@@ -1,29 +1,19 @@
 """
-Setuptools shim.  Metadata lives in setup.cfg; this file only adds the
-twistd plugins, which live in the (non-package) ``twisted/plugins``
-directory, and refreshes Twisted's plugin cache after install so that
-``twistd`` never sees a stale ``dropin.cache``.
+Setuptools shim.  Metadata lives in setup.cfg (and the build backend in
+pyproject.toml); this file only adds the twistd plugins, which live in the
+non-package ``twisted/plugins`` directory (no ``__init__.py``: it must not
+shadow Twisted's own ``twisted.plugins``).
+
+No ``dropin.cache`` is ever shipped: Twisted writes that cache itself, next
+to the installed plugin file, the first time anything (``twistd --help``)
+looks for plugins, and rewrites it when a plugin file is newer.  A cache built
+here would list only this project's plugins.
 """
 
 from setuptools import find_packages, setup
-from setuptools.command.install import install
-
-
-class InstallAndRefreshPlugins(install):
-    """Regenerate twisted/plugins/dropin.cache once the files are in place."""
-
-    def run(self) -> None:
-        super().run()
-        try:
-            from twisted.plugin import IPlugin, getPlugins
-
-            list(getPlugins(IPlugin))
-        except Exception as e:  # a cache we cannot write is only slower
-            print(f"natbypass: could not refresh the twistd plugin cache: {e}")
-
 
 setup(
     packages=find_packages(include=["natbypass", "natbypass.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/natbypass_plugins.py"]},
-    cmdclass={"install": InstallAndRefreshPlugins},
+    exclude_package_data={"": ["dropin.cache", "*.pyc"], "twisted.plugins": ["dropin.cache"]},
 )

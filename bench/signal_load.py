@@ -29,6 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.protocols.basic import LineReceiver
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from natbypass.nat import NatSummary  # noqa: E402
 from natbypass.signaling import wire  # noqa: E402
 from natbypass.signaling.wire import (  # noqa: E402
     Accept,
@@ -36,7 +37,6 @@ from natbypass.signaling.wire import (  # noqa: E402
     Connect,
     Description,
     Hello,
-    NATSummary,
     Register,
 )
 
@@ -46,7 +46,7 @@ DESC = Description(
         Candidate("srflx", "203.0.113.7", 61000),
         Candidate("tcp-srflx", "203.0.113.7", 61001),
     ),
-    NATSummary("endpoint-independent", "address-and-port-dependent", False),
+    NatSummary("endpoint-independent", "address-and-port-dependent", False),
     (),
     "sha256:q83vEjRWeJA",
 )

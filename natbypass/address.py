@@ -1,13 +1,39 @@
 """
-``HOST:PORT`` parsing shared by every command and plugin: one grammar, one
-set of error messages.  Pure; no name resolution.
+Addresses as people and logs see them, shared by every command, plugin and
+log line: the one ``HOST:PORT`` grammar (with its error messages), the one
+way of writing an address back (IPv6 in brackets), and the wildcard hosts.
+Pure; no name resolution, no sockets (those helpers are in L{natbypass.net}).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 Address = tuple[str, int]
+
+#: The hosts that mean "every local address" when bound (C{""} is how
+#: Twisted's C{listenUDP}/C{listenTCP} spell it), never a concrete address.
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+
+def is_wildcard(host: str) -> bool:
+    """True when C{host} is a wildcard bind address, not a concrete one."""
+    return host in WILDCARDS
+
+
+def format_address(address: tuple[str, int] | Any) -> str:
+    """
+    C{HOST:PORT}, with an IPv6 host in brackets (C{[2001:db8::1]:3478}) so
+    that the text parses back with L{parse_host_port}.  Takes an
+    C{(host, port)} tuple or anything with C{host} and C{port} attributes
+    (Twisted's C{IPv4Address}/C{IPv6Address}).
+    """
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+    else:
+        host, port = address.host, address.port
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_host_port(

@@ -63,7 +63,7 @@ class IPeerConnection(Interface):
         "the TLS/QUIC client."
     )
     outcome = Attribute(
-        "How the path was made: a natbypass.punch.select.Outcome listing every attempt (protocol, "
+        "How the path was made: a natbypass.punch.race.Outcome listing every attempt (protocol, "
         "result, start and end, reason), or None."
     )
     local_address = Attribute("Our end of the path, an IPv4Address/IPv6Address.")
@@ -118,7 +118,7 @@ class IPeer(Interface):
 
     ``connect`` returns a Deferred that fires with an :class:`IPeerConnection`
     or fails with the outcome of every attempt (see
-    ``natbypass.punch.select.AllAttemptsFailed``); cancelling it stops the
+    ``natbypass.punch.race.AllAttemptsFailed``); cancelling it stops the
     attempts.
     """
 

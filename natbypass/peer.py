@@ -9,7 +9,7 @@ It composes the parts and holds no protocol logic of its own:
   learns by STUN over TCP *from that port*, for TCP simultaneous open;
 - the signalling client, which registers, sends and answers offers;
 - the traversal engines, run in the mediator's order with happy-eyeballs
-  fallback (``natbypass.punch.select``).
+  fallback (``natbypass.selection``, ``natbypass.punch.race``).
 
 Start-up learns the two mapped addresses (one round trip each) and is then
 ready; RFC 5780 behaviour discovery runs on in the background and improves
@@ -31,15 +31,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from natbypass.address import is_wildcard
 from natbypass.stun import discovery
 from natbypass.interfaces import IIncomingHandler, IPeer, IPeerConnection
-from natbypass.punch import candidates, select, tcp
+from natbypass import selection
+from natbypass.nat import NatSummary
+from natbypass.punch import candidates, race, tcp
 from natbypass.punch.candidates import PortRange
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchSession
 from natbypass.punch.udp import ProbeSchedule, punch_udp
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
-from natbypass.signaling.wire import Candidate, Description, NATSummary, Session
+from natbypass.signaling.wire import Candidate, Description, Session
 from natbypass.stun.client import (
     StunUDPProtocol,
     binding_request,
@@ -53,7 +56,7 @@ Address = tuple[str, int]
 
 def parse_wish(protocol: str | Sequence[str]) -> tuple[str, ...]:
     """The application's protocol wish as the wire carries it: ``()`` is auto."""
-    return select.parse_wish(protocol) or ()
+    return selection.parse_wish(protocol) or ()
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class PeerConfig:
     keepalive_interval: float = 15.0
     liveness_timeout: float | None = None
     #: Head start of the preferred protocol before the other one starts (auto).
-    head_start: float = select.DEFAULT_HEAD_START
+    head_start: float = selection.DEFAULT_HEAD_START
     #: Advertise loopback host candidates (two peers on one machine).
     loopback_candidates: bool = False
     #: How long learning one mapped address may take at start.
@@ -138,12 +141,6 @@ class Ports:
     tcp: TCPPort
 
 
-def nat_summary(behavior: discovery.NATBehavior) -> NATSummary:
-    """The wire summary of what discovery found, with the port step for prediction."""
-    s = select.NatSummary.from_behavior(behavior)
-    return NATSummary(s.mapping, s.filtering, s.port_preserving, s.port_delta, s.tcp_mapping)
-
-
 @implementer(IPeer)
 class Peer(MultiService):
     """
@@ -176,7 +173,7 @@ class Peer(MultiService):
         self.signaling.setServiceParent(self)
         self.signaling.set_offer_handler(self._offered)
         self.signaling.set_session_handler(self._accepted_session)
-        self.nat = NATSummary()
+        self.nat = NatSummary()
         self.behavior: discovery.NATBehavior | None = None
         self._main: Ports | None = None
         #: Per-session ports of sessions offered to us, by offering peer, until the session arrives.
@@ -244,7 +241,7 @@ class Peer(MultiService):
 
         def found(behavior: discovery.NATBehavior) -> None:
             self.behavior = behavior
-            self.nat = nat_summary(behavior)
+            self.nat = behavior.summary()
             self.log.info(
                 "peer {peer_id}: NAT is {nat_type} (mapping {mapping}, filtering {filtering})",
                 peer_id=self.peer_id,
@@ -325,11 +322,11 @@ class Peer(MultiService):
 
     def refresh_host_addresses(self) -> None:
         """
-        Read the interface addresses again (``ip -j addr``).  Done at start and
-        every ``host_refresh`` seconds, never while an offer waits: running a
-        command costs milliseconds the reactor would otherwise spend punching.
+        Read the interface addresses again (``getifaddrs``: one system call,
+        no child process, so it does not hold up the reactor).  Done at start
+        and every ``host_refresh`` seconds, so offers never wait for it.
         """
-        if self.config.bind_host not in ("0.0.0.0", "::", ""):
+        if not is_wildcard(self.config.bind_host):
             self.host_addresses = [self.config.bind_host]
             return
         try:
@@ -347,11 +344,11 @@ class Peer(MultiService):
     async def _connect(self, peer_id: str, wish: tuple[str, ...]) -> IPeerConnection:
         # Only the mappings of the protocols we may use: a UDP-only connect
         # does not wait for STUN over TCP (two round trips).
-        await defer.gatherResults([_follow(self._learned[p]) for p in (wish or select.PROTOCOLS)])
+        await defer.gatherResults([_follow(self._learned[p]) for p in (wish or selection.PROTOCOLS)])
         offered = self.nat
         try:
             return await self._introduce(peer_id, wish)
-        except select.AllAttemptsFailed:
+        except race.AllAttemptsFailed:
             # A first connect does not wait for the filtering tests; if what
             # discovery then found could change the plan (a predictable
             # symmetric NAT's port step, say), ask once more with it.
@@ -470,13 +467,13 @@ class Peer(MultiService):
     async def _race(self, session: Session, wish: tuple[str, ...], ports: Ports) -> IPeerConnection:
         attempts = self._attempts(session, ports)
         order = [p for p in session.order if p in attempts and (not wish or p in wish)]
-        outcome = select.Outcome()
+        outcome = race.Outcome()
         if not order:
             reason = f"no protocol to try: the mediator's order is {list(session.order)}, candidates for {sorted(attempts)}"
             self._report(session, "failed", None, reason)
-            raise select.AllAttemptsFailed(outcome) from ValueError(reason)
+            raise race.AllAttemptsFailed(outcome) from ValueError(reason)
         try:
-            conn = await select.race(
+            conn = await race.race(
                 [(p, attempts[p]) for p in order], self.clock, self.config.head_start, outcome
             )
         except Exception as e:

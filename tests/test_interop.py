@@ -126,10 +126,9 @@ class RFC5780InteropTests(_Responder):
     @inlineCallbacks
     def test_pystun3(self):
         """pystun3 (RFC 3489 classic algorithm) says "Open Internet"."""
-        try:
-            import stun as pystun3
-        except ImportError:
-            raise SkipTest("pystun3 not installed (pip install pystun3)")
+        if importlib.util.find_spec("stun") is None:
+            raise SkipTest("pystun3 (a third-party STUN client) is not installed (pip install pystun3)")
+        import stun as pystun3
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(sock.close)
         sock.bind(("127.0.0.1", 0))
@@ -211,8 +210,6 @@ class DetectAgainstCoturnTests(_Responder):
 
     @inlineCallbacks
     def test_same_report(self):
-        if importlib.util.find_spec("natbypass.app.detect") is None:
-            raise SkipTest("natbypass.app.detect is not there yet")
         coturn = self._start_coturn()
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         reports = {}

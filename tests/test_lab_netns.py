@@ -348,10 +348,10 @@ class RulesetKernelTests(_LabCase):
         import itertools
 
         from natbypass.lab import rules
-        from natbypass.lab.spec import Filtering, Inbound, Mapping, NatBehaviour
+        from natbypass.lab.spec import FilteringRule, Inbound, MappingRule, NatRules
 
         with Lab.start("a=full-cone") as lab:
-            for m, f, i, h in itertools.product(Mapping, Filtering, Inbound, (False, True)):
-                text = rules.nat_ruleset(NatBehaviour(m, f, i, h, 5), "wan0", "198.18.1.1", "lan0", "10.1.0.0/24")
+            for m, f, i, h in itertools.product(MappingRule, FilteringRule, Inbound, (False, True)):
+                text = rules.nat_ruleset(NatRules(m, f, i, h, 5), "wan0", "198.18.1.1", "lan0", "10.1.0.0/24")
                 r = lab.exec("a.nat", ["nft", "-c", "-f", "-"], input=text.replace(f"table ip {rules.TABLE}", "table ip nbcheck"))
                 self.assertEqual(r.returncode, 0, f"{m}/{f}/{i}/hairpin={h}: {r.stderr}")

@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab import probe
+from natbypass.testing.udp import MemoryUDPReactor
 from natbypass.lab.probe import (
     Knock,
     KnockTCP,
@@ -113,63 +114,34 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(probe.reply_socket(("b", 1), "both", addrs, ports), ("a", 2))
 
 
-class FakeUDPTransport:
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, tuple[str, int]]] = []
-
-    def write(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.sent.append((data, addr))
-
-
-class FakeReactor(Clock):
-    """Clock plus listenUDP/listenTCP that only record (stock MemoryReactor has no listenUDP)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.udp: dict[tuple[str, int], object] = {}
-        self.tcp: list[tuple[str, int]] = []
-        self.connects: list[tuple[str, int, object, tuple[str, int]]] = []
-
-    def listenUDP(self, port: int, proto: object, interface: str = "") -> None:
-        proto.transport = FakeUDPTransport()  # type: ignore[attr-defined]
-        self.udp[(interface, port)] = proto
-
-    def listenTCP(self, port: int, factory: object, interface: str = "") -> None:
-        self.tcp.append((interface, port))
-
-    def connectTCP(self, host: str, port: int, factory: object, timeout: float = 30,
-                   bindAddress: tuple[str, int] = ("", 0)) -> None:
-        self.connects.append((host, port, factory, bindAddress))
-
-
 class ReflectorTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = FakeReactor()
+        self.reactor = MemoryUDPReactor()
         self.reflector = Reflector(self.reactor, ["198.18.0.2", "198.18.0.3"], [4000, 4001])
         self.reflector.listen()
 
     def test_listens_everywhere(self) -> None:
         want = {(a, p) for a in ("198.18.0.2", "198.18.0.3") for p in (4000, 4001)}
-        self.assertEqual(set(self.reactor.udp), want)
+        self.assertEqual(set(self.reactor.open_udp_ports()), want)
         self.assertEqual(set(self.reactor.tcp), want)
 
     def test_answers_from_the_asked_socket_after_the_delay(self) -> None:
         rx = self.reactor.udp[("198.18.0.2", 4000)]
-        rx.datagramReceived(encode(Request("00000000000000aa", "both", 1500)), ("198.18.1.7", 20001))  # type: ignore[attr-defined]
-        tx = self.reactor.udp[("198.18.0.3", 4001)].transport  # type: ignore[attr-defined]
-        self.assertEqual(tx.sent, [])
+        rx.protocol.datagramReceived(encode(Request("00000000000000aa", "both", 1500)), ("198.18.1.7", 20001))
+        tx = self.reactor.udp[("198.18.0.3", 4001)]
+        self.assertEqual(tx.written, [])
         self.reactor.advance(1.499)
-        self.assertEqual(tx.sent, [])
+        self.assertEqual(tx.written, [])
         self.reactor.advance(0.001)
-        self.assertEqual(tx.sent, [(encode(Response("00000000000000aa", "198.18.1.7", 20001)), ("198.18.1.7", 20001))])
-        self.assertEqual(rx.transport.sent, [])  # type: ignore[attr-defined]
+        self.assertEqual(tx.written, [(encode(Response("00000000000000aa", "198.18.1.7", 20001)), ("198.18.1.7", 20001))])
+        self.assertEqual(rx.written, [])
 
     def test_drops_garbage(self) -> None:
         rx = self.reactor.udp[("198.18.0.2", 4000)]
-        rx.datagramReceived(b"hello", ("198.18.1.7", 1))  # type: ignore[attr-defined]
-        rx.datagramReceived(encode(Response("00000000000000aa", "1.2.3.4", 1)), ("198.18.1.7", 1))  # type: ignore[attr-defined]
+        rx.protocol.datagramReceived(b"hello", ("198.18.1.7", 1))
+        rx.protocol.datagramReceived(encode(Response("00000000000000aa", "1.2.3.4", 1)), ("198.18.1.7", 1))
         self.reactor.advance(1)
-        self.assertEqual([p.transport.sent for p in self.reactor.udp.values()], [[]] * 4)  # type: ignore[attr-defined]
+        self.assertEqual([p.written for p in self.reactor.udp.values()], [[]] * 4)
 
     def test_tcp_reports_peer_and_closes(self) -> None:
         proto = ReflectorTCP()
@@ -180,11 +152,11 @@ class ReflectorTests(SynchronousTestCase):
 
     def test_knock_connects_back_from_the_asked_address(self) -> None:
         rx = self.reactor.udp[("198.18.0.2", 4000)]
-        rx.datagramReceived(encode(Knock("00000000000000bb", "addr", "198.18.1.5", 40001)), ("198.18.1.5", 5))  # type: ignore[attr-defined]
-        rx.datagramReceived(encode(Knock("00000000000000cc", "port", "198.18.1.5", 40001)), ("198.18.1.5", 5))  # type: ignore[attr-defined]
-        self.assertEqual([(h, p, b) for h, p, _, b in self.reactor.connects],
+        rx.protocol.datagramReceived(encode(Knock("00000000000000bb", "addr", "198.18.1.5", 40001)), ("198.18.1.5", 5))
+        rx.protocol.datagramReceived(encode(Knock("00000000000000cc", "port", "198.18.1.5", 40001)), ("198.18.1.5", 5))
+        self.assertEqual([(h, p, b) for h, p, _, _, b in self.reactor.tcpClients],
                          [("198.18.1.5", 40001, ("198.18.0.3", 0)), ("198.18.1.5", 40001, ("198.18.0.2", 0))])
-        factory = self.reactor.connects[0][2]
+        factory = self.reactor.tcpClients[0][2]
         proto = factory.buildProtocol(IPv4Address("TCP", "198.18.1.5", 40001))  # type: ignore[attr-defined]
         transport = StringTransport(hostAddress=IPv4Address("TCP", "198.18.0.3", 51000))
         proto.makeConnection(transport)

@@ -10,35 +10,35 @@ from hypothesis import given, settings
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab import rules
-from natbypass.lab.spec import Filtering, Inbound, LabSpec, Mapping, NatBehaviour, loads, parse_spec
+from natbypass.lab.spec import FilteringRule, Inbound, LabSpec, MappingRule, NatRules, loads, parse_spec
 from natbypass.lab.topology import LAB_ID, lab_id_of_netns, new_lab_id, plan
 
 from .test_lab_spec import specs
 
 
 def ruleset(**kw: object) -> str:
-    return rules.nat_ruleset(NatBehaviour(**kw), "wan0", "198.18.1.1", "lan0", "10.1.0.0/24")  # type: ignore[arg-type]
+    return rules.nat_ruleset(NatRules(**kw), "wan0", "198.18.1.1", "lan0", "10.1.0.0/24")  # type: ignore[arg-type]
 
 
 class RulesTests(SynchronousTestCase):
     def test_mapping_statements(self) -> None:
-        self.assertEqual(rules.snat_statement(NatBehaviour(Mapping.EIM_PP), "1.2.3.4"), "snat ip to 1.2.3.4")
-        self.assertEqual(rules.snat_statement(NatBehaviour(Mapping.APDM_RANDOM), "1.2.3.4"), "snat ip to 1.2.3.4 random")
-        eim = rules.snat_statement(NatBehaviour(Mapping.EIM), "1.2.3.4")
+        self.assertEqual(rules.snat_statement(NatRules(MappingRule.EIM_PP), "1.2.3.4"), "snat ip to 1.2.3.4")
+        self.assertEqual(rules.snat_statement(NatRules(MappingRule.APDM_RANDOM), "1.2.3.4"), "snat ip to 1.2.3.4 random")
+        eim = rules.snat_statement(NatRules(MappingRule.EIM), "1.2.3.4")
         self.assertIn("jhash ip saddr . th sport mod", eim)
         self.assertNotIn("daddr", eim)
-        self.assertIn("ip daddr", rules.snat_statement(NatBehaviour(Mapping.ADM), "1.2.3.4"))
-        seq = rules.snat_statement(NatBehaviour(Mapping.APDM_SEQUENTIAL), "1.2.3.4")
+        self.assertIn("ip daddr", rules.snat_statement(NatRules(MappingRule.ADM), "1.2.3.4"))
+        seq = rules.snat_statement(NatRules(MappingRule.APDM_SEQUENTIAL), "1.2.3.4")
         self.assertIn("numgen inc", seq)
         self.assertIn(f"0 : {rules.SEQ_PORT_BASE}, 1 : {rules.SEQ_PORT_BASE + 1},", seq)
 
     def test_filtering(self) -> None:
         """Only EIF and ADF open mapped ports to new flows, ADF only for contacted addresses."""
-        self.assertNotIn("dnat ip to", ruleset(filtering=Filtering.APDF))
-        eif = ruleset(filtering=Filtering.EIF)
+        self.assertNotIn("dnat ip to", ruleset(filtering=FilteringRule.APDF))
+        eif = ruleset(filtering=FilteringRule.EIF)
         self.assertIn("meta l4proto . th dport @natmap dnat", eif)
         self.assertNotIn("@contacted dnat", eif)
-        self.assertIn("meta l4proto . th dport . ip saddr @contacted dnat", ruleset(filtering=Filtering.ADF))
+        self.assertIn("meta l4proto . th dport . ip saddr @contacted dnat", ruleset(filtering=FilteringRule.ADF))
 
     def test_inbound(self) -> None:
         self.assertNotIn("reject", ruleset(inbound=Inbound.DROP))

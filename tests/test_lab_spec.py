@@ -12,13 +12,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab.spec import (
     PRESETS,
-    Filtering,
+    FilteringRule,
     Inbound,
     LabSpec,
     LabSpecError,
     Link,
-    Mapping,
-    NatBehaviour,
+    MappingRule,
+    NatRules,
     SiteKind,
     SiteSpec,
     describe,
@@ -31,9 +31,9 @@ names = st.from_regex(r"[a-z][a-z0-9]{0,9}", fullmatch=True).filter(
     lambda n: n not in {"mediator", "public", "med", "pub", "all"}
 )
 nats = st.builds(
-    NatBehaviour,
-    mapping=st.sampled_from(Mapping),
-    filtering=st.sampled_from(Filtering),
+    NatRules,
+    mapping=st.sampled_from(MappingRule),
+    filtering=st.sampled_from(FilteringRule),
     inbound=st.sampled_from(Inbound),
     hairpin=st.booleans(),
     udp_timeout=st.none() | st.integers(1, 86400),
@@ -67,11 +67,11 @@ def specs(draw: st.DrawFn) -> LabSpec:
 class PresetTests(SynchronousTestCase):
     def test_classic_types(self) -> None:
         """Each classic NAT type maps to the RFC 4787 behaviour it is named after."""
-        self.assertEqual(PRESETS["full-cone"], NatBehaviour(Mapping.EIM_PP, Filtering.EIF))
-        self.assertEqual(PRESETS["restricted-cone"], NatBehaviour(Mapping.EIM_PP, Filtering.ADF))
-        self.assertEqual(PRESETS["port-restricted-cone"], NatBehaviour(Mapping.EIM_PP, Filtering.APDF))
-        self.assertEqual(PRESETS["symmetric-random"].mapping, Mapping.APDM_RANDOM)
-        self.assertEqual(PRESETS["symmetric-predictable"].mapping, Mapping.APDM_SEQUENTIAL)
+        self.assertEqual(PRESETS["full-cone"], NatRules(MappingRule.EIM_PP, FilteringRule.EIF))
+        self.assertEqual(PRESETS["restricted-cone"], NatRules(MappingRule.EIM_PP, FilteringRule.ADF))
+        self.assertEqual(PRESETS["port-restricted-cone"], NatRules(MappingRule.EIM_PP, FilteringRule.APDF))
+        self.assertEqual(PRESETS["symmetric-random"].mapping, MappingRule.APDM_RANDOM)
+        self.assertEqual(PRESETS["symmetric-predictable"].mapping, MappingRule.APDM_SEQUENTIAL)
         self.assertIs(PRESETS["open"], SiteKind.OPEN)
         self.assertIs(PRESETS["firewall"], SiteKind.FIREWALL)
 
@@ -87,7 +87,7 @@ class PresetTests(SynchronousTestCase):
         nat = spec.site("a").nat
         assert nat is not None
         self.assertEqual((nat.mapping, nat.filtering, nat.hairpin, nat.inbound),
-                         (Mapping.EIM_PP, Filtering.EIF, True, Inbound.REJECT))
+                         (MappingRule.EIM_PP, FilteringRule.EIF, True, Inbound.REJECT))
 
     def test_short_form(self) -> None:
         self.assertEqual(loads("a=full-cone, b=symmetric-random"),

@@ -20,10 +20,11 @@ from zope.interface.verify import verifyObject
 from natbypass.app.echo import EchoClient, EchoHandler
 from natbypass.interfaces import IPeer, IPeerConnection
 from natbypass.peer import Peer, PeerConfig
-from natbypass.punch.select import AllAttemptsFailed
+from natbypass.punch.race import AllAttemptsFailed
 from natbypass.signaling.client import SignalingClient
 from natbypass.signaling.service import makeSignalingService
-from natbypass.signaling.wire import Candidate, Description, NATSummary
+from natbypass.nat import NatSummary
+from natbypass.signaling.wire import Candidate, Description
 from natbypass.stun.server import STUNService
 
 
@@ -124,7 +125,7 @@ class PeerLoopbackTests(TestCase):
         b = yield self.peer("bob")
         b.listen(EchoHandler())
         a = yield self.peer("alice", "udp", discover=False)  # discovery would find "no NAT"
-        a.nat = NATSummary("address-and-port-dependent", "address-and-port-dependent", False, port_delta=1)
+        a.nat = NatSummary("address-and-port-dependent", "address-and-port-dependent", False, port_delta=1)
         conn = yield a.connect("bob")
         self.assertNotEqual(conn.local_address.port, a.local_udp_address()[1])
         yield self.assertEchoes(conn)

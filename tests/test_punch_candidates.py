@@ -2,48 +2,49 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
+from types import SimpleNamespace
 
 from hypothesis import given, settings, strategies as st
-from twisted.internet import reactor
-from twisted.internet.protocol import DatagramProtocol
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.punch.candidates import (
     CandidateError,
+    InterfaceAddress,
     PortRange,
-    bind_udp,
     host_addresses,
-    parse_ip_addr_json,
+    interface_flags,
     predicted_ports,
+    read_interface_addresses,
     remote_addresses,
-    reserve_tcp_port,
-)
-from natbypass.punch.tcp import reusable_socket
-
-# Trimmed output of `ip -j addr show` on a lab host.
-IP_JSON = json.dumps(
-    [
-        {"ifindex": 1, "ifname": "lo", "flags": ["LOOPBACK", "UP", "LOWER_UP"],
-         "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8, "scope": "host"},
-                       {"family": "inet6", "local": "::1", "prefixlen": 128, "scope": "host"}]},
-        {"ifindex": 2, "ifname": "eth0", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"],
-         "addr_info": [{"family": "inet", "local": "10.1.0.2", "prefixlen": 24, "scope": "global"},
-                       {"family": "inet", "local": "169.254.3.3", "prefixlen": 16, "scope": "link"},
-                       {"family": "inet6", "local": "fe80::1", "prefixlen": 64, "scope": "link"},
-                       {"family": "inet6", "local": "2001:db8::2", "prefixlen": 64, "scope": "global"}]},
-        {"ifindex": 3, "ifname": "eth1", "flags": ["BROADCAST", "MULTICAST"],
-         "addr_info": [{"family": "inet", "local": "10.9.0.2", "prefixlen": 24, "scope": "global"}]},
-    ]
+    usable_addresses,
 )
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=20,
+# The interfaces of a lab host: loopback, one that is up, one that is down.
+LAB_HOST = [
+    InterfaceAddress("lo", "127.0.0.1", True, True),
+    InterfaceAddress("lo", "::1", True, True),
+    InterfaceAddress("eth0", "10.1.0.2", True, False),
+    InterfaceAddress("eth0", "169.254.3.3", True, False),
+    InterfaceAddress("eth0", "fe80::1", True, False),
+    InterfaceAddress("eth0", "2001:db8::2", True, False),
+    InterfaceAddress("eth1", "10.9.0.2", False, False),
+]
+
+interface_addresses = st.lists(
+    st.builds(
+        InterfaceAddress,
+        st.text(max_size=6),
+        st.ip_addresses().map(str) | st.text(max_size=12),
+        st.none() | st.booleans(),
+        st.none() | st.booleans(),
+    ),
+    max_size=8,
 )
+
+
+def adapter(name: str, *ips: object) -> SimpleNamespace:
+    """What ifaddr.get_adapters gives: IPv4 as str, IPv6 as (address, flowinfo, scope_id)."""
+    return SimpleNamespace(name=name, ips=[SimpleNamespace(ip=ip) for ip in ips])
 
 
 class PortRangeTests(SynchronousTestCase):
@@ -73,35 +74,69 @@ class PortRangeTests(SynchronousTestCase):
 
 
 class HostAddressTests(SynchronousTestCase):
-    def test_parse(self) -> None:
-        self.assertEqual(parse_ip_addr_json(IP_JSON), ["10.1.0.2"])
-        self.assertEqual(parse_ip_addr_json(IP_JSON, include_loopback=True), ["127.0.0.1", "10.1.0.2"])
-        self.assertEqual(parse_ip_addr_json(IP_JSON, families=("inet", "inet6")), ["10.1.0.2", "2001:db8::2"])
+    def test_filter(self) -> None:
+        """Up interfaces only; no link-local; loopback only when asked."""
+        self.assertEqual(usable_addresses(LAB_HOST), ["10.1.0.2"])
+        self.assertEqual(usable_addresses(LAB_HOST, include_loopback=True), ["127.0.0.1", "10.1.0.2"])
+        self.assertEqual(usable_addresses(LAB_HOST, families=("inet", "inet6")), ["10.1.0.2", "2001:db8::2"])
+        self.assertEqual(usable_addresses(LAB_HOST, families=("inet6",)), ["2001:db8::2"])
+
+    def test_unknown_flags(self) -> None:
+        """Without interface flags (not Linux): counted as up, loopback known by its addresses."""
+        unknown = [InterfaceAddress(a.interface, a.address) for a in LAB_HOST]
+        self.assertEqual(usable_addresses(unknown), ["10.1.0.2", "10.9.0.2"])
+        self.assertEqual(usable_addresses(unknown, include_loopback=True), ["127.0.0.1", "10.1.0.2", "10.9.0.2"])
+
+    def test_loopback_interface_skipped_whole(self) -> None:
+        """An address on the loopback interface (an anycast /32, say) goes with it, as before."""
+        lo = [InterfaceAddress("lo", "192.0.2.53", True, True)]
+        self.assertEqual(usable_addresses(lo), [])
+        self.assertEqual(usable_addresses(lo, include_loopback=True), ["192.0.2.53"])
+
+    def test_zone_and_duplicates(self) -> None:
+        same = [InterfaceAddress("a", "10.0.0.1", True, False), InterfaceAddress("a:1", "10.0.0.1", True, False),
+                InterfaceAddress("b", "fe80::2%b", True, False)]
+        self.assertEqual(usable_addresses(same, families=("inet", "inet6")), ["10.0.0.1"])
+
+    def test_not_an_address(self) -> None:
+        self.assertRaises(CandidateError, usable_addresses, [InterfaceAddress("x", "nonsense", True, False)])
 
     @settings(deadline=None)  # shared CPUs: timing is not what is tested
-    @given(json_values)
-    def test_arbitrary_json(self, obj) -> None:
+    @given(interface_addresses, st.booleans())
+    def test_arbitrary_input_one_error_type(self, addresses, include_loopback) -> None:
         try:
-            out = parse_ip_addr_json(json.dumps(obj))
+            out = usable_addresses(addresses, include_loopback, ("inet", "inet6"))
         except CandidateError:
             return
-        self.assertIsInstance(out, list)
+        self.assertEqual(len(out), len(set(out)))
 
-    def test_not_json(self) -> None:
-        self.assertRaises(CandidateError, parse_ip_addr_json, "1: lo: <LOOPBACK,UP>")
+    def test_read_from_ifaddr(self) -> None:
+        """ifaddr's adapters with the flags read separately; IPv6 tuples unpacked."""
+        adapters = [adapter("lo", "127.0.0.1", ("::1", 0, 0)), adapter("eth0", "10.1.0.2", ("fe80::1", 0, 2))]
+        flags = {"lo": (True, True), "eth0": (True, False)}
+        self.assertEqual(
+            read_interface_addresses(lambda: adapters, flags.get),
+            [InterfaceAddress("lo", "127.0.0.1", True, True), InterfaceAddress("lo", "::1", True, True),
+             InterfaceAddress("eth0", "10.1.0.2", True, False), InterfaceAddress("eth0", "fe80::1", True, False)],
+        )
+        self.assertEqual(read_interface_addresses(lambda: adapters, lambda name: None)[0].up, None)
 
-    def test_ip_missing(self) -> None:
-        def run():
-            raise FileNotFoundError("ip")
+    def test_listing_refused(self) -> None:
+        def refused():
+            raise OSError(24, "Too many open files")
 
-        self.assertRaises(CandidateError, host_addresses, run=run)
+        e = self.assertRaises(CandidateError, host_addresses, read=lambda: read_interface_addresses(refused))
+        self.assertIn("Too many open files", str(e))
 
-    def test_real_ip_command(self) -> None:
-        if shutil.which("ip") is None:
-            raise self.skipTest("iproute2's 'ip' is not installed")
+    def test_real_interfaces(self) -> None:
+        """This machine's own, read without a child process."""
         addrs = host_addresses(include_loopback=True)
         self.assertIn("127.0.0.1", addrs)
         self.assertNotIn("127.0.0.1", host_addresses())
+        flags = interface_flags("lo")
+        if flags is not None:
+            self.assertEqual(flags, (True, True))
+        self.assertIsNone(interface_flags("no-such-if0"))
 
 
 class OrderTests(SynchronousTestCase):
@@ -120,49 +155,3 @@ class OrderTests(SynchronousTestCase):
             remote_addresses([("198.18.2.1", 61000)], [("10.2.0.5", 5000)], predict_delta=1, span=2),
             [("198.18.2.1", 61001), ("198.18.2.1", 61002), ("198.18.2.1", 61000), ("10.2.0.5", 5000)],
         )
-
-
-class BindTests(TestCase):
-    """Real binds on 127.0.0.1 (no traffic)."""
-
-    def free_range(self, n: int) -> PortRange:
-        # Let the kernel pick a base, then use the ports above it: tests only
-        # need the range to be mostly free and check what they occupy.
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
-        probe.close()
-        base = min(base, 65535 - n)
-        return PortRange(base, base + n - 1)
-
-    def test_udp_skips_taken_port(self) -> None:
-        r = self.free_range(3)
-        first = bind_udp(reactor, DatagramProtocol(), r, "127.0.0.1")
-        self.addCleanup(first.stopListening)
-        second = bind_udp(reactor, DatagramProtocol(), r, "127.0.0.1")
-        self.addCleanup(second.stopListening)
-        self.assertNotEqual(first.getHost().port, second.getHost().port)
-        self.assertIn(second.getHost().port, list(r))
-
-    def test_udp_range_exhausted(self) -> None:
-        p = bind_udp(reactor, DatagramProtocol(), None, "127.0.0.1")
-        self.addCleanup(p.stopListening)
-        port = p.getHost().port
-        e = self.assertRaises(CandidateError, bind_udp, reactor, DatagramProtocol(), PortRange(port, port), "127.0.0.1")
-        self.assertIn("widen --port-range", str(e))
-
-    def test_tcp_reservation_shared_only_by_us(self) -> None:
-        held = reserve_tcp_port(None, "127.0.0.1")
-        self.addCleanup(held.close)
-        port = held.getsockname()[1]
-        # Our punching sockets can share the port ...
-        s = reusable_socket(("127.0.0.1", port))
-        s.close()
-        # ... but another reservation (another NATbypass) skips it.
-        self.assertRaises(CandidateError, reserve_tcp_port, PortRange(port, port), "127.0.0.1")
-
-    def test_tcp_reservation_skips_reuseport_holder(self) -> None:
-        other = reusable_socket(("127.0.0.1", 0), listen=True)
-        self.addCleanup(other.close)
-        port = other.getsockname()[1]
-        self.assertRaises(CandidateError, reserve_tcp_port, PortRange(port, port), "127.0.0.1")

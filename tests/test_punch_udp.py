@@ -1,14 +1,14 @@
-"""Tests for natbypass.punch.udp and natbypass.punch.mux: UDP hole punching."""
+"""Tests for natbypass.punch.udp and natbypass.punch.mux: UDP hole punching, in memory (real sockets: test_punch_udp_loopback.py)."""
 
 from __future__ import annotations
 
 import itertools
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -16,7 +16,7 @@ from natbypass.interfaces import IPeerConnection, IPeerReceiver
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.packet import PacketType, decode, encode
 from natbypass.punch.session import PunchFailed, PunchSession
-from natbypass.testing.udp import FakeUDPNetwork
+from natbypass.testing.udp import MemoryUDPNetwork
 from natbypass.punch.udp import (
     Failed,
     ProbeSchedule,
@@ -188,7 +188,7 @@ class Recorder(DatagramProtocol):
 class MuxTests(SynchronousTestCase):
     def test_demux_and_shared_transport(self) -> None:
         clock = Clock()
-        net = FakeUDPNetwork(clock)
+        net = MemoryUDPNetwork(clock)
         stun, other = Recorder(), Recorder()
         mux = UDPMux(stun, other)
         net.listen(A_ADDR, mux)
@@ -204,7 +204,7 @@ class MuxTests(SynchronousTestCase):
         self.assertEqual(other.got, [(punch, B_ADDR), (b"junk", B_ADDR)])
 
     def test_late_attach(self) -> None:
-        net = FakeUDPNetwork(Clock())
+        net = MemoryUDPNetwork(Clock())
         mux = UDPMux()
         net.listen(A_ADDR, mux)
         stun = Recorder()
@@ -213,7 +213,7 @@ class MuxTests(SynchronousTestCase):
 
     def test_endpoint_counts_and_routes(self) -> None:
         clock = Clock()
-        net = FakeUDPNetwork(clock)
+        net = MemoryUDPNetwork(clock)
         ep = PunchEndpoint()
         net.listen(A_ADDR, UDPMux(other=ep))
         seen = []
@@ -247,7 +247,7 @@ class Pair:
 
     def __init__(self, latency=0.025, drop=None, a_cands=(B_ADDR,), b_cands=(A_ADDR,), **kw):
         self.clock = Clock()
-        self.net = FakeUDPNetwork(self.clock, latency=latency, drop=drop)
+        self.net = MemoryUDPNetwork(self.clock, latency=latency, drop=drop)
         self.ep_a, self.ep_b = PunchEndpoint(), PunchEndpoint()
         self.net.listen(A_ADDR, UDPMux(other=self.ep_a))
         self.net.listen(B_ADDR, UDPMux(other=self.ep_b))
@@ -412,86 +412,3 @@ class ConnectionTests(SynchronousTestCase):
         advance(p, 0.1)
         self.assertEqual(a.invalid, 1)
         self.assertFalse(a.whenLost().called)
-
-
-class LoopbackTests(TestCase):
-    """Two real UDP sockets on 127.0.0.1, punching each other."""
-
-    @defer.inlineCallbacks
-    def test_real_sockets(self):
-        ep_a, ep_b = PunchEndpoint(), PunchEndpoint()
-        port_a = reactor.listenUDP(0, UDPMux(other=ep_a), interface="127.0.0.1")
-        port_b = reactor.listenUDP(0, UDPMux(other=ep_b), interface="127.0.0.1")
-        self.addCleanup(port_a.stopListening)
-        self.addCleanup(port_b.stopListening)
-        a_addr = ("127.0.0.1", port_a.getHost().port)
-        b_addr = ("127.0.0.1", port_b.getHost().port)
-        start = reactor.seconds()
-        a, b = yield defer.gatherResults(
-            [
-                punch_udp(ep_a, A, [b_addr], reactor, start_delay=0.02),
-                punch_udp(ep_b, B, [a_addr], reactor, start_delay=0.02),
-            ]
-        )
-        elapsed = reactor.seconds() - start
-        self.assertLess(elapsed, 2.0)
-        got = defer.Deferred()
-
-        @implementer(IPeerReceiver)
-        class R:
-            def dataReceived(self, data):
-                got.callback(data)
-
-            def connectionLost(self, reason):
-                pass
-
-        b.setReceiver(R())
-        a.send(b"hello over a punched path")
-        self.assertEqual((yield got), b"hello over a punched path")
-        a.close()
-        b.close()
-
-
-class SharedPortLoopbackTests(TestCase):
-    """STUN and punching on one real socket: the mapped port is the punching port."""
-
-    @defer.inlineCallbacks
-    def test_stun_then_punch_on_one_port(self):
-        from natbypass.stun.client import StunUDPProtocol, binding_request, mapped_address
-        from natbypass.stun.server import BindingResponder, ResponderConfig, STUNDatagramProtocol, STUNServer
-
-        server = STUNServer()
-        server_port = reactor.listenUDP(0, STUNDatagramProtocol(server), interface="127.0.0.1")
-        self.addCleanup(server_port.stopListening)
-        stun_address = ("127.0.0.1", server_port.getHost().port)
-        server.responder = BindingResponder(ResponderConfig(stun_address))
-
-        endpoints, mapped, ports = [], [], []
-        for _ in range(2):
-            stun, ep = StunUDPProtocol(reactor), PunchEndpoint()
-            port = reactor.listenUDP(0, UDPMux(stun, ep), interface="127.0.0.1")
-            self.addCleanup(port.stopListening)
-            response, _ = yield stun.request(binding_request(), stun_address)
-            mapped.append(mapped_address(response))
-            endpoints.append(ep)
-            ports.append(port.getHost().port)
-        self.assertEqual([m[1] for m in mapped], ports)
-
-        # A third socket forges packets for the session while the punch runs.
-        evil = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
-        self.addCleanup(evil.stopListening)
-        for nonce in range(1, 20):
-            for t in (PacketType.PROBE, PacketType.ACK):
-                evil.write(encode(t, 1, b"sess-1", nonce, b"x" * 32, echo=nonce), mapped[0])
-
-        a, b = yield defer.gatherResults(
-            [
-                punch_udp(endpoints[0], A, [mapped[1]], reactor, start_delay=0.05),
-                punch_udp(endpoints[1], B, [mapped[0]], reactor, start_delay=0.05),
-            ]
-        )
-        self.assertEqual((a.remote_address.host, a.remote_address.port), mapped[1])
-        self.assertEqual((b.remote_address.host, b.remote_address.port), mapped[0])
-        self.assertGreater(a.punch_stats.invalid, 0)
-        a.close()
-        b.close()

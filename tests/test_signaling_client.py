@@ -27,9 +27,10 @@ from natbypass.signaling.client import (
 from natbypass.signaling.interfaces import ISignalingClient
 from natbypass.signaling.server import Limits, SignalingFactory, SignalingState, TokenPolicy
 from natbypass.testing.signaling import MemoryNetwork
-from natbypass.signaling.wire import Candidate, Description, NATSummary, Session
+from natbypass.nat import NatSummary
+from natbypass.signaling.wire import Candidate, Description, Session
 
-DESC_A = Description((Candidate("srflx", "203.0.113.1", 5000),), NATSummary("endpoint-independent", "endpoint-independent", True))
+DESC_A = Description((Candidate("srflx", "203.0.113.1", 5000),), NatSummary("endpoint-independent", "endpoint-independent", True))
 DESC_B = Description((Candidate("tcp-srflx", "198.51.100.2", 6000),), wish=("tcp",))
 
 

@@ -17,6 +17,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from natbypass.nat import NatSummary
+from natbypass.selection import choose_order
 from natbypass.signaling import wire
 from natbypass.signaling.interfaces import IChannel, ISignalingState
 from natbypass.signaling.server import (
@@ -25,7 +27,6 @@ from natbypass.signaling.server import (
     SignalingFactory,
     SignalingState,
     TokenPolicy,
-    default_choose_order,
     punch_delays,
 )
 from natbypass.testing.signaling import FakeChannel
@@ -39,7 +40,6 @@ from natbypass.signaling.wire import (
     Error,
     Greeting,
     Hello,
-    NATSummary,
     Offer,
     Ok,
     Ping,
@@ -52,14 +52,20 @@ from natbypass.signaling.wire import (
     WireError,
 )
 
-DESC_A = Description((Candidate("host", "10.0.0.1", 4000), Candidate("srflx", "203.0.113.1", 5000)), NATSummary("endpoint-independent", "address-dependent", True), (), "sha256:aaaa")
-DESC_B = Description((Candidate("tcp-srflx", "198.51.100.2", 6000),), NATSummary("address-and-port-dependent", "address-and-port-dependent", False), ("tcp", "udp"))
+DESC_A = Description((Candidate("host", "10.0.0.1", 4000), Candidate("srflx", "203.0.113.1", 5000)), NatSummary("endpoint-independent", "address-dependent", True), (), "sha256:aaaa")
+DESC_B = Description((Candidate("tcp-srflx", "198.51.100.2", 6000),), NatSummary("address-and-port-dependent", "address-and-port-dependent", False), ("tcp", "udp"))
 
 
 def counting_random() -> callable:
     """Deterministic but distinct 'random' bytes."""
     counter = itertools.count(1)
     return lambda n: next(counter).to_bytes(4, "big") * (n // 4) + b"\0" * (n % 4)
+
+
+def udp_first(offer_nat, answer_nat, wish_a, wish_b) -> list[str]:
+    """A fixed policy for tests of the state machine: UDP then TCP, narrowed by the wishes."""
+    order = list(wish_a) if wish_a else ["udp", "tcp"]
+    return [p for p in order if not wish_b or p in wish_b]
 
 
 class Harness:
@@ -218,7 +224,7 @@ class StateTests(SynchronousTestCase):
 
 class OfferTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness(offer_timeout=10.0, punch_margin=0.05, choose_order=default_choose_order)
+        self.h = Harness(offer_timeout=10.0, punch_margin=0.05, choose_order=udp_first)
         self.a = self.h.peer("alice")
         self.b = self.h.peer("bob")
 
@@ -415,21 +421,31 @@ class BufferedRandomTests(SynchronousTestCase):
 
 
 class ChooseOrderTests(SynchronousTestCase):
-    def test_default_table(self) -> None:
-        n = NATSummary()
-        self.assertEqual(default_choose_order(n, n, (), ()), ["udp", "tcp"])
-        self.assertEqual(default_choose_order(n, n, ("tcp", "udp"), ()), ["tcp", "udp"])
-        self.assertEqual(default_choose_order(n, n, (), ("tcp",)), ["tcp"])
-        self.assertEqual(default_choose_order(n, n, ("udp",), ("tcp",)), [])
-
-    def test_traversal_table_is_loaded(self) -> None:
-        """Without an explicit hook the mediator asks natbypass.punch.select."""
+    def test_selection_policy_is_the_default(self) -> None:
+        """Without an explicit hook the mediator uses natbypass.selection's table."""
         choose = SignalingState(Clock()).choose_order
-        self.assertIsNot(choose, default_choose_order)
-        n = NATSummary()
+        self.assertIs(choose, choose_order)
+        n = NatSummary()
         self.assertEqual(list(choose(n, n, ("tcp", "udp"), ())), ["tcp", "udp"])
         self.assertEqual(list(choose(n, n, ("udp",), ("tcp",))), [])
         self.assertEqual(sorted(choose(n, n, (), ())), ["tcp", "udp"])
+
+    def test_tcp_mapping_reaches_the_policy(self) -> None:
+        """
+        A peer whose UDP mapping is random-symmetric but whose TCP mapping
+        was measured endpoint-independent, against a port-restricted cone:
+        the table expects UDP to fail and TCP to work, so the mediator's
+        default policy puts TCP first (it used to drop C{tcp_mapping}).
+        """
+        h = Harness()
+        a, b = h.peer("a"), h.peer("b")
+        apd = "address-and-port-dependent"
+        offer_nat = NatSummary(apd, apd, False, tcp_mapping="endpoint-independent")
+        answer_nat = NatSummary("endpoint-independent", apd, True)
+        h.send(a, Connect(1, "b", Description(nat=offer_nat)))
+        o = [m for m in b[0].take() if isinstance(m, Offer)][0]
+        [reply] = [m for m in h.send(b, Accept(2, o.offer, Description(nat=answer_nat))) if isinstance(m, SessionReply)]
+        self.assertEqual(reply.session.order, ("tcp", "udp"))
 
     def test_hook_is_used(self) -> None:
         calls = []
@@ -447,7 +463,7 @@ class ChooseOrderTests(SynchronousTestCase):
         self.assertEqual(calls, [(DESC_A.nat, DESC_B.nat, DESC_A.wish, DESC_B.wish)])
 
     def test_no_common_protocol(self) -> None:
-        h = Harness(choose_order=default_choose_order)
+        h = Harness(choose_order=udp_first)
         a, b = h.peer("a"), h.peer("b")
         h.send(a, Connect(1, "b", Description(wish=("udp",))))
         o = [m for m in b[0].take() if isinstance(m, Offer)][0]
@@ -712,7 +728,7 @@ class StateMachinePropertyTests(SynchronousTestCase):
         offers have timed out, and the tables only point at live connections.
         """
         clock = Clock()
-        state = SignalingState(clock, Limits(offer_timeout=10.0, keepalive=30.0, idle_timeout=1000.0, rate=0), choose_order=default_choose_order)
+        state = SignalingState(clock, Limits(offer_timeout=10.0, keepalive=30.0, idle_timeout=1000.0, rate=0), choose_order=udp_first)
         chans = [FakeChannel() for _ in range(4)]
         links = [state.open(c, f"192.0.2.{i}") for i, c in enumerate(chans)]
         open_ = [True] * 4

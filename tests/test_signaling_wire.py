@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from natbypass.nat import MAX_PORT_DELTA, Mapping, NatSummary
 from natbypass.signaling import wire
 from natbypass.signaling.wire import (
     Accept,
@@ -22,7 +23,6 @@ from natbypass.signaling.wire import (
     Error,
     Greeting,
     Hello,
-    NATSummary,
     Offer,
     Ok,
     Ping,
@@ -44,13 +44,13 @@ from natbypass.signaling.wire import (
 ipv4 = st.ip_addresses(v=4).map(str)
 ipv6 = st.ip_addresses(v=6).map(str)
 candidates = st.builds(Candidate, st.sampled_from(sorted(wire.CANDIDATE_KINDS)), ipv4 | ipv6, st.integers(1, 65535))
-behaviours = st.sampled_from(wire.NAT_BEHAVIOURS)
+behaviours = st.sampled_from([b.value for b in Mapping])
 nats = st.builds(
-    NATSummary,
+    NatSummary,
     behaviours,
     behaviours,
     st.sampled_from([True, False, None]),
-    st.one_of(st.none(), st.integers(1, wire.MAX_PORT_DELTA), st.integers(-wire.MAX_PORT_DELTA, -1)),
+    st.one_of(st.none(), st.integers(1, MAX_PORT_DELTA), st.integers(-MAX_PORT_DELTA, -1)),
     st.one_of(st.none(), behaviours),
 )
 wishes = st.sampled_from([(), ("udp",), ("tcp",), ("udp", "tcp"), ("tcp", "udp")])

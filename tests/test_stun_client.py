@@ -1,25 +1,27 @@
 """
 Tests for natbypass.stun.client: transactions on a Clock, demultiplexing,
-TCP framing, and (on loopback) connections from one shared local port.
+TCP framing, in memory.  Connections from one shared local port, on real
+loopback sockets, are in tests/test_stun_client_loopback.py.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from natbypass.punch.mux import UDPMux
 from natbypass.stun import message as m
+from natbypass.testing.udp import MemoryUDPReactor
 from natbypass.stun.client import (
     RECENT_TRANSACTIONS,
     IStunClient,
@@ -32,11 +34,9 @@ from natbypass.stun.client import (
     StunTimeout,
     StunUDPProtocol,
     binding_request,
-    connect_tcp_from,
     format_address,
     mapped_address,
     other_address,
-    tcp_binding,
 )
 
 SERVER = ("192.0.2.1", 3478)
@@ -321,20 +321,11 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual(format_address(("127.0.0.1", 3478)), "127.0.0.1:3478")
 
 
-class FakeDatagramTransport:
-    def __init__(self) -> None:
-        self.written: list[tuple[bytes, object]] = []
-
-    def write(self, data: bytes, addr) -> None:
-        self.written.append((data, addr))
-
-
 class UDPProtocolTests(SynchronousTestCase):
     def test_request_and_answer(self) -> None:
-        clock = Clock()
-        proto = StunUDPProtocol(clock)
-        transport = FakeDatagramTransport()
-        proto.makeConnection(transport)
+        reactor = MemoryUDPReactor()
+        proto = StunUDPProtocol(reactor)
+        transport = reactor.listenUDP(40000, proto, interface="10.0.0.2")
         req = binding_request()
         d = proto.request(req, SERVER)
         self.assertEqual(transport.written, [(req.encode(fingerprint=True), SERVER)])
@@ -343,20 +334,17 @@ class UDPProtocolTests(SynchronousTestCase):
         self.assertEqual(mapped_address(self.successResultOf(d)[0]), ("198.51.100.7", 40000))
 
     def test_closing_fails_pending(self) -> None:
-        proto = StunUDPProtocol(Clock())
-        proto.makeConnection(FakeDatagramTransport())
+        reactor = MemoryUDPReactor()
+        proto = StunUDPProtocol(reactor)
+        port = reactor.listenUDP(0, proto)
         d = proto.request(binding_request(), SERVER)
-        proto.doStop()
+        port.stopListening()
         self.failureResultOf(d, ConnectionError)
 
     def test_as_the_stun_child_of_the_punch_mux(self) -> None:
         """On a socket shared with punch traffic (natbypass.punch.mux.UDPMux)."""
-        try:
-            from natbypass.punch.mux import UDPMux
-        except ImportError:
-            raise self.skipTest("natbypass.punch.mux is not there")
-        clock = Clock()
-        stun = StunUDPProtocol(clock)
+        reactor = MemoryUDPReactor()
+        stun = StunUDPProtocol(reactor)
         seen = []
 
         class Other(DatagramProtocol):
@@ -364,10 +352,9 @@ class UDPProtocolTests(SynchronousTestCase):
                 seen.append(data)
 
         mux = UDPMux()
-        transport = FakeDatagramTransport()
         mux.setSTUN(stun)
         mux.setOther(Other())
-        mux.makeConnection(transport)
+        transport = reactor.listenUDP(40000, mux, interface="10.0.0.2")
         req = binding_request()
         d = stun.request(req, SERVER)
         self.assertEqual(transport.written, [(req.encode(fingerprint=True), SERVER)])
@@ -465,71 +452,3 @@ class TCPProtocolTests(SynchronousTestCase):
         _, proto, _ = self.connect()
         proto.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(proto.request(binding_request()), ConnectionError)
-
-
-# -------------------------------------------------------- real loopback
-
-
-class EchoMappedAddress(Protocol):
-    """A minimal TCP STUN responder for the loopback tests."""
-
-    def connectionMade(self) -> None:
-        self.framer = StunStreamFramer()
-
-    def dataReceived(self, data: bytes) -> None:
-        peer = self.transport.getPeer()
-        host = self.transport.getHost()
-        for frame in self.framer.feed(data):
-            req = m.decode(frame)
-            self.transport.write(
-                req.reply(
-                    m.MessageClass.SUCCESS,
-                    [m.XorMappedAddress(peer.host, peer.port), m.ResponseOrigin(host.host, host.port)],
-                ).encode()
-            )
-
-
-class SharedPortTests(TestCase):
-    """Two connections from one local port, on loopback (127.0.0.1 and 127.0.0.2)."""
-
-    def listen(self, host: str):
-        port = reactor.listenTCP(0, Factory.forProtocol(EchoMappedAddress), interface=host)
-        self.addCleanup(port.stopListening)
-        return port.getHost()
-
-    @defer.inlineCallbacks
-    def test_two_servers_from_one_port(self) -> None:
-        a = self.listen("127.0.0.1")
-        b = self.listen("127.0.0.2")
-        first = yield connect_tcp_from(reactor, (a.host, a.port), ("127.0.0.1", 0))
-        self.addCleanup(first.transport.loseConnection)
-        local = first.transport.getHost()
-        second = yield connect_tcp_from(reactor, (b.host, b.port), ("127.0.0.1", local.port))
-        self.addCleanup(second.transport.loseConnection)
-        self.assertEqual(second.transport.getHost().port, local.port)
-        r1, _ = yield first.request(binding_request())
-        r2, _ = yield second.request(binding_request())
-        self.assertEqual(mapped_address(r1), ("127.0.0.1", local.port))
-        self.assertEqual(mapped_address(r2), ("127.0.0.1", local.port))
-        # The port stays usable for a listener (TCP simultaneous open needs
-        # one) that sets the same options.
-        s = socket.socket()
-        self.addCleanup(s.close)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind(("127.0.0.1", local.port))
-        s.listen(1)
-
-    @defer.inlineCallbacks
-    def test_tcp_binding_helper(self) -> None:
-        a = self.listen("127.0.0.1")
-        result = yield tcp_binding(reactor, (a.host, a.port), ("127.0.0.1", 0))
-        self.assertEqual(result.mapped, result.local)
-        self.assertEqual(result.origin, (a.host, a.port))
-        # From the very same port to another server, right after the first
-        # connection closed (the RFC 5780 TCP tests do this).  The same
-        # server again would hit the 4-tuple in TIME_WAIT.
-        b = self.listen("127.0.0.2")
-        again = yield tcp_binding(reactor, (b.host, b.port), result.local)
-        self.assertEqual(again.local, result.local)
-        self.assertEqual(again.mapped, result.local)

@@ -251,7 +251,17 @@ class StrictDecodeTests(SynchronousTestCase):
     def test_is_stun(self) -> None:
         self.assertTrue(m.is_stun(SAMPLE_REQUEST))
         self.assertFalse(m.is_stun(b"\x80" + SAMPLE_REQUEST[1:]))
-        self.assertFalse(m.is_stun(SAMPLE_REQUEST[:-4]))
+        self.assertFalse(m.is_stun(SAMPLE_REQUEST[:19]))
+
+    def test_is_stun_classifies_decode_validates(self) -> None:
+        """
+        Demultiplexing (RFC 7983 first byte, RFC 8489 magic cookie) does not
+        check lengths: a truncated STUN message is still STUN, and the
+        decoder is what refuses it.
+        """
+        truncated = SAMPLE_REQUEST[:-4]
+        self.assertTrue(m.is_stun(truncated))
+        self.assertRaises(m.StunDecodeError, m.decode, truncated)
 
     def test_sha256_integrity(self) -> None:
         data = m.Message(1, 0, TXID, (m.Username("u"),)).encode(

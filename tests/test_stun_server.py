@@ -1,8 +1,8 @@
 """
 Tests for natbypass.stun.server: the pure responder (RFC 8489, RFC 5780,
 RFC 3489 answers), its fast path against the codec path, the rate limiter,
-the protocols on fake transports, and the service on an in-memory reactor.
-One test at the end uses real loopback sockets.
+the protocols on fake transports, and the service on an in-memory reactor
+(natbypass.testing.udp).  Real loopback sockets: tests/test_stun_server_loopback.py.
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ import socket
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import ISystemHandle
-from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
+from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.stun import message as m
 from natbypass.stun.server import (
@@ -38,6 +34,7 @@ from natbypass.stun.server import (
     STUNService,
     STUNStreamFactory,
 )
+from natbypass.testing.udp import MemoryUDPReactor
 
 A, B = "192.0.2.1", "192.0.2.2"
 PA, PB = 3478, 3479
@@ -405,112 +402,9 @@ class RateLimiterTests(SynchronousTestCase):
 # ------------------------------------------------------- in-memory sockets
 
 
-class FakeUDPPort:
-    """A listening UDP port of L{MemoryUDPReactor}: records what is written."""
-
-    def __init__(self, reactor: "MemoryUDPReactor", host: str, port: int, protocol) -> None:
-        self.reactor, self.host, self.port, self.protocol = reactor, host, port, protocol
-        self.written: list[tuple[bytes, tuple[str, int]]] = []
-        self.fail: Exception | None = None
-        self.listening = True
-
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("UDP", self.host, self.port)
-
-    def write(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self.fail is not None:
-            raise self.fail
-        self.written.append((data, addr))
-
-    def stopListening(self) -> None:
-        self.listening = False
-        self.reactor.taken.discard(("udp", self.host, self.port))
-        self.protocol.doStop()
-
-
-class FakeSocket:
-    """What L{FakeUDPPortWithHandle.getHandle} returns: records sendto."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, tuple[str, int]]] = []
-        self.fail: Exception | None = None
-
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
-        if self.fail is not None:
-            raise self.fail
-        self.sent.append((data, addr))
-        return len(data)
-
-
-@implementer(ISystemHandle)
-class FakeUDPPortWithHandle(FakeUDPPort):
-    """A UDP port that, like udp.Port, also offers its socket."""
-
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self.handle = FakeSocket()
-
-    def getHandle(self) -> FakeSocket:
-        return self.handle
-
-
-class FakeTCPPort:
-    def __init__(self, reactor: "MemoryUDPReactor", host: str, port: int) -> None:
-        self.reactor, self.host, self.port = reactor, host, port
-        self.listening = True
-
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("TCP", self.host, self.port)
-
-    def stopListening(self) -> None:
-        self.listening = False
-        self.reactor.taken.discard(("tcp", self.host, self.port))
-
-
-class MemoryUDPReactor(MemoryReactorClock):
-    """
-    MemoryReactorClock plus listenUDP (after twisted/names/test/test_util.py),
-    with port 0 picking fresh ports and busy ports refused.
-    """
-
-    def __init__(self, handles: bool = False) -> None:
-        super().__init__()
-        self.handles = handles
-        self.taken: set[tuple[str, str, int]] = set()
-        self.udp: dict[tuple[str, int], FakeUDPPort] = {}
-        self.tcp: dict[tuple[str, int], FakeTCPPort] = {}
-        self._next_port = 40000
-
-    def _take(self, kind: str, host: str, port: int) -> int:
-        if port == 0:
-            while ("udp", host, self._next_port) in self.taken:
-                self._next_port += 1
-            port = self._next_port
-            self._next_port += 1
-        if (kind, host, port) in self.taken:
-            raise CannotListenError(host, port, OSError(errno.EADDRINUSE, "in use"))
-        self.taken.add((kind, host, port))
-        return port
-
-    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
-        port = self._take("udp", interface, port)
-        kind = FakeUDPPortWithHandle if self.handles else FakeUDPPort
-        listening = kind(self, interface, port, protocol)
-        self.udp[(interface, port)] = listening
-        protocol.makeConnection(listening)
-        return listening
-
-    def listenTCP(self, port, factory, backlog=50, interface=""):
-        port = self._take("tcp", interface, port)
-        super().listenTCP(port, factory, backlog, interface)
-        listening = FakeTCPPort(self, interface, port)
-        self.tcp[(interface, port)] = listening
-        return listening
-
-
 def udp_server(config: ResponderConfig, limiter=None, handles: bool = False):
     """A STUNServer with one in-memory UDP socket per configured address."""
-    fake = MemoryUDPReactor(handles)
+    fake = MemoryUDPReactor(handles=handles)
     server = STUNServer(BindingResponder(config), limiter=limiter)
     for host, port in config.addresses():
         fake.listenUDP(port, STUNDatagramProtocol(server), interface=host)
@@ -782,104 +676,4 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(counters.snapshot()["received"], 3)
         self.assertEqual(set(counters.snapshot()), {
             "received", "answered", "malformed", "rate_limited", "ignored", "send_failed",
-            "tcp_refused"})  # fmt: skip
-
-
-# ---------------------------------------------------------- real loopback
-
-
-class _Collect(DatagramProtocol):
-    def __init__(self) -> None:
-        self.received: defer.Deferred = defer.Deferred()
-
-    def datagramReceived(self, data: bytes, addr) -> None:
-        if not self.received.called:
-            self.received.callback((data, addr))
-
-
-class _TCPCollect(Protocol):
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.done: defer.Deferred = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) >= 20 and len(self.buffer) >= 20 + int.from_bytes(self.buffer[2:4], "big"):
-            self.done.callback(self.buffer)
-
-
-def _can_bind(host: str) -> bool:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((host, 0))
-        return True
-    except OSError:
-        return False
-
-
-class LoopbackTests(TestCase):
-    """The service on real sockets: 127.0.0.1 and 127.0.0.2, ports chosen by the kernel."""
-
-    def setUp(self) -> None:
-        if not _can_bind("127.0.0.2"):
-            raise self.skipTest("cannot bind 127.0.0.2 (needs a Linux-style 127/8 loopback)")
-        self.service = STUNService(reactor, ("127.0.0.1", 0), ("127.0.0.2", 0), stats_interval=0)
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
-
-    @defer.inlineCallbacks
-    def test_udp_change_request(self):
-        client = _Collect()
-        port = reactor.listenUDP(0, client, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        config = self.service.config
-        port.write(request(m.ChangeRequest(True, True)), config.primary)
-        data, addr = yield client.received
-        response = m.decode(data)
-        self.assertEqual(addr, config.alternate)
-        self.assertEqual(response.get(m.XorMappedAddress).address, ("127.0.0.1", port.getHost().port))
-        self.assertEqual(response.get(m.ResponseOrigin).address, config.alternate)
-
-    @defer.inlineCallbacks
-    def test_tcp(self):
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-        config = self.service.config
-        client = _TCPCollect()
-        endpoint = TCP4ClientEndpoint(reactor, *config.alternate)
-        proto = yield connectProtocol(endpoint, client)
-        self.addCleanup(proto.transport.loseConnection)
-        proto.transport.write(request())
-        response = m.decode((yield client.done))
-        self.assertEqual(response.get(m.ResponseOrigin).address, config.alternate)
-        self.assertEqual(response.get(m.OtherAddress).address, config.primary)
-        self.assertEqual(response.get(m.XorMappedAddress).address[0], "127.0.0.1")
-
-
-class IPv6LoopbackTests(TestCase):
-    """Plain RFC 8489 over ::1, UDP and TCP."""
-
-    def setUp(self) -> None:
-        try:
-            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-                s.bind(("::1", 0))
-        except OSError:
-            raise self.skipTest("no IPv6 loopback")
-        self.service = STUNService(reactor, ("::1", 0), stats_interval=0)
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
-
-    @defer.inlineCallbacks
-    def test_udp(self):
-        client = _Collect()
-        port = reactor.listenUDP(0, client, interface="::1")
-        self.addCleanup(port.stopListening)
-        for fingerprint in (False, True):  # fast-path shapes; IPv6 takes the codec path
-            client.received = defer.Deferred()
-            port.write(m.Message(1, 0, os.urandom(12)).encode(fingerprint=fingerprint),
-                       self.service.config.primary)  # fmt: skip
-            data, addr = yield client.received
-            response = m.decode(data)
-            self.assertEqual(response.get(m.XorMappedAddress).address, ("::1", port.getHost().port))
-            self.assertIsNone(response.get(m.OtherAddress))
-        self.assertEqual(self.service.counters.answered, 2)
+            "tcp_refused", "errors"})  # fmt: skip

@@ -1,8 +1,10 @@
 """
 The ``natbypass`` command: a thin dispatcher to one module per subcommand.
 
-Each subcommand module exposes ``run(argv: list[str]) -> int`` and is only
-imported when asked for, so ``natbypass --help`` stays fast.
+Each subcommand is ``module`` (which exposes ``run(argv: list[str]) -> int``)
+or ``module:function`` (a function of that signature), only imported when
+asked for, so ``natbypass --help`` stays fast.  ``mediator`` and ``peer`` run
+the twistd plugins' services in the foreground (L{natbypass.app.run}).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("natbypass.app.detect", "detect the NAT's mapping and filtering behaviour"),
     "connect": ("natbypass.app.connect", "open a direct path to a peer and exchange echoes"),
     "lab": ("natbypass.lab.command", "build and use the NAT lab (network namespaces)"),
+    "mediator": ("natbypass.app.run:mediator", "run the mediator (twistd natbypass-mediator) in the foreground"),
+    "peer": ("natbypass.app.run:peer", "run an echoing peer (twistd natbypass-peer) in the foreground"),
 }
 
 USAGE = "usage: natbypass {" + ",".join(SUBCOMMANDS) + "} [options]\n\n" + "\n".join(
-    f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()
+    f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()
 ) + "\n\nRun 'natbypass SUBCOMMAND --help' for the options of each."
 
 
@@ -31,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"natbypass: unknown subcommand {name!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.run(rest))
+    module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, function or "run")(rest))
 
 
 if __name__ == "__main__":

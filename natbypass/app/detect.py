@@ -18,19 +18,13 @@ import sys
 from typing import TextIO
 
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, DNSLookupError
 from twisted.logger import Logger
 
-from natbypass.address import is_ip, parse_host_port as _parse_host_port
+from natbypass.address import format_address, is_ip, parse_host_port as _parse_host_port
+from natbypass.net import route_source_address
 from natbypass.stun.discovery import NATBehavior, discover
-from natbypass.stun.client import (
-    Address,
-    RetransmitPolicy,
-    StunUDPProtocol,
-    format_address,
-    route_source_address,
-    tcp_binding,
-)
+from natbypass.stun.client import Address, RetransmitPolicy, StunUDPProtocol, tcp_binding
 
 log = Logger()
 
@@ -142,7 +136,7 @@ def detect(reactor, args: argparse.Namespace, out: TextIO | None = None, err: Te
     if not is_ip(host):
         try:
             host = yield reactor.resolve(host)
-        except Exception as e:
+        except DNSLookupError as e:  # not found, or no answer in time
             return _fail(err, f"cannot resolve STUN server name {host!r}: {e}")
     server = (host, port)
     if args.local is not None:

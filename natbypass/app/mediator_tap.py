@@ -17,8 +17,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from natbypass.address import parse_host_port as _parse_host_port
-
+from natbypass.address import is_wildcard, parse_host_port as _parse_host_port
 from natbypass.signaling.service import (
     SIGNAL_OPT_PARAMETERS,
     check_signaling_options,
@@ -78,7 +77,7 @@ class Options(usage.Options):
                 alternate = parse_host_port(self["stun-alternate"], default_port)
             except ValueError as e:
                 raise usage.UsageError(f"--stun-alternate: {e}") from None
-            if primary[0] in ("0.0.0.0", "::"):
+            if is_wildcard(primary[0]):
                 raise usage.UsageError(
                     "--stun-alternate needs --stun with a specific IP (e.g. --stun 192.0.2.10:3478), "
                     f"not {primary[0]}: RFC 5780 responses name the IP that answered"

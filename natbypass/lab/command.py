@@ -26,7 +26,6 @@ from .lab import Lab, owner_alive, remove_lab, running_labs
 from .netns import LabError, python_env
 from .spec import PRESETS, LabSpecError, SiteKind, describe
 
-REFLECTOR_PORTS = (4000, 4001)
 
 
 def _read_spec(text: str) -> str:
@@ -118,40 +117,23 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from .interop import run_probes, start_reflector
+
     lab = _pick_lab(args.lab)
-    a1, a2 = lab.mediator_addresses
-    p1, p2 = REFLECTOR_PORTS
-    reflector = subprocess.Popen(
-        ["ip", "netns", "exec", lab.netns("mediator"), sys.executable, "-m", "natbypass.lab.probe", "serve", a1, a2,
-         "--ports", f"{p1},{p2}"],
-        stdout=subprocess.PIPE, text=True, env=python_env(),
-    )
     try:
-        assert reflector.stdout is not None
-        if reflector.stdout.readline().strip() != "ready":
-            raise LabError(f"the probe reflector did not start on the mediator (ports {p1},{p2} in use?)")
+        reflector = start_reflector(lab)
+    except RuntimeError as e:
+        raise LabError(f"the probe reflector did not start on the mediator (ports in use?): {e}") from None
+    try:
         results = {}
         for site in args.sites or lab.sites():
-            def probe(*extra: str) -> dict[str, Any]:
-                r = subprocess.run(
-                    ["ip", "netns", "exec", lab.netns(site), sys.executable, "-m", "natbypass.lab.probe", *extra],
-                    capture_output=True, text=True, env=python_env(), timeout=60,
-                )
-                if r.returncode != 0:
-                    raise LabError(f"probe in {site} failed: {r.stderr.strip()[-400:]}")
-                return json.loads(r.stdout)
-
-            udp = probe("mapping", f"{a1}:{p1}", f"{a2}:{p2}")
-            tcp = probe("mapping", f"{a1}:{p1}", f"{a2}:{p2}", "--tcp")
-            filt = probe("filtering", f"{a1}:{p1}")
-            tcp_filt = probe("filtering", f"{a1}:{p1}", "--tcp")
             spec = lab.spec.site(site.split(".")[0])
+            p = run_probes(lab, site)
             results[site] = {
                 "configured": describe(spec.nat, spec.kind),
-                "udp_mapping": udp.get("mapping"), "tcp_mapping": tcp.get("mapping"),
-                "port_preserving": udp.get("port_preserving"), "port_sequence": udp.get("port_sequence"),
-                "filtering": filt["filtering"], "tcp_filtering": tcp_filt["filtering"],
-                "public_ip": udp.get("public_ip"),
+                "udp_mapping": p["mapping"], "tcp_mapping": p["tcp_mapping"],
+                "port_preserving": p["port_preserving"], "port_sequence": p["port_sequence"],
+                "filtering": p["filtering"], "tcp_filtering": p["tcp_filtering"], "public_ip": p["public_ip"],
             }
     finally:
         reflector.kill()

@@ -4,7 +4,7 @@ The traversal engines across every pair of lab NAT types, without signalling.
 For each pair a fresh two-site lab (25 ms per WAN link by default) is built,
 the mediator's STUN responder is started in it, and two
 ``natbypass.lab.enginepeer`` processes punch at an agreed time, with port
-prediction switched on where ``select.feasibility`` asks for it.  Prints one
+prediction switched on where ``natbypass.selection.feasibility`` asks for it.  Prints one
 line per case and a summary; exit status 1 when any case disagrees with the
 table in docs/selection.md.  Needs root, ``ip`` and ``nft``::
 
@@ -23,27 +23,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from natbypass.punch.select import AD, APD, EI, NONE, NatSummary, feasibility
+from natbypass.selection import feasibility
+
+from .traversal import TYPES, nat_of, site_spec
 
 STUN = "198.18.0.2:3478"
-
-#: lab preset -> what discovery reports for it.
-PRESET_SUMMARY = {
-    "open": NatSummary(NONE, NONE),
-    "full-cone": NatSummary(EI, EI, True),
-    "restricted-cone": NatSummary(EI, AD, True),
-    "port-restricted-cone": NatSummary(EI, APD, True),
-    "symmetric-predictable": NatSummary(APD, APD, False, port_delta=1),
-    "symmetric-random": NatSummary(APD, APD, False),
-}
-SHORT = {
-    "open": "op",
-    "full-cone": "fc",
-    "restricted-cone": "rc",
-    "port-restricted-cone": "prc",
-    "symmetric-predictable": "symp",
-    "symmetric-random": "symr",
-}
 
 
 @dataclass
@@ -73,15 +57,9 @@ class CaseResult:
         return f"{self.protocol} {self.a:22} x {self.b:22} expected {self.expected!s:5} {got:9} {detail}{mark}"
 
 
-def site_spec(preset: str, delay_ms: float) -> dict[str, Any]:
-    if preset == "open":
-        return {"kind": "open", "delay_ms": delay_ms}
-    return {"nat": preset, "delay_ms": delay_ms}
-
-
 def run_pair(lab, a: str, b: str, name_a: str, name_b: str, protocol: str, timeout: float) -> CaseResult:
     """Punch between the first hosts of sites ``name_a`` (role 0) and ``name_b`` in ``lab``."""
-    sa, sb = PRESET_SUMMARY[a], PRESET_SUMMARY[b]
+    sa, sb = nat_of(a), nat_of(b)
     rows = (feasibility(sa, sb, protocol), feasibility(sb, sa, protocol))
     rendezvous = tempfile.mkdtemp(prefix="natbypass-labpeer-")
     start_at = time.time() + 2.0
@@ -114,8 +92,8 @@ def run(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     protocols = args.protocols.split(",")
     results: list[CaseResult] = []
-    for a, b in itertools.combinations_with_replacement(list(PRESET_SUMMARY), 2):
-        name_a, name_b = SHORT[a] + "1", SHORT[b] + "2"
+    for a, b in itertools.combinations_with_replacement(list(TYPES), 2):
+        name_a, name_b = TYPES[a] + "1", TYPES[b] + "2"
         lab = Lab.start({"sites": {name_a: site_spec(a, args.delay_ms), name_b: site_spec(b, args.delay_ms)}})
         try:
             start_mediator(lab)

@@ -19,8 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from natbypass.nat import Filtering, Mapping
+
 from .lab import Lab
-from .spec import Filtering, Mapping, NatBehaviour, SiteKind, SiteSpec, describe
+from .netns import LabError
+from .spec import MappingRule, SiteKind, SiteSpec, describe, expected_summary
 
 STUN_PORT = 3478
 STUN_ALT_PORT = 3479
@@ -42,20 +45,6 @@ TABLE_SITES: dict[str, Any] = {
     "hairpin": {"nat": {"preset": "port-restricted-cone", "hairpin": True}},
 }
 
-_MAPPING_NAMES = {
-    Mapping.EIM_PP: "endpoint-independent",
-    Mapping.EIM: "endpoint-independent",
-    Mapping.ADM: "address-dependent",
-    Mapping.APDM_RANDOM: "address-and-port-dependent",
-    Mapping.APDM_SEQUENTIAL: "address-and-port-dependent",
-}
-_FILTERING_NAMES = {
-    Filtering.EIF: "endpoint-independent",
-    Filtering.ADF: "address-dependent",
-    Filtering.APDF: "address-and-port-dependent",
-}
-
-
 @dataclass(frozen=True)
 class Expected:
     """What correct RFC 5780 clients must report for a site."""
@@ -72,23 +61,23 @@ class Expected:
 
 
 def expected(site: SiteSpec) -> Expected:
-    """The ground truth of a site's spec, in RFC 5780 terms."""
-    ei, apd = "endpoint-independent", "address-and-port-dependent"
-    if site.kind is SiteKind.OPEN:
-        return Expected("none", "none", True, ei, ei)
-    if site.kind is SiteKind.FIREWALL:
-        return Expected("none", apd, True, ei, apd)
-    nat: NatBehaviour = site.nat  # type: ignore[assignment]
-    m, f = _MAPPING_NAMES[nat.mapping], _FILTERING_NAMES[nat.filtering]
+    """The ground truth of a site's spec (L{spec.expected_summary}), and what coturn says of it."""
+    truth = expected_summary(site)
+    m, f = truth.mapping.value, truth.filtering.value
+    if site.kind is not SiteKind.NAT:
+        # coturn's client has no "no NAT" answer: it says endpoint-independent.
+        ei = Mapping.ENDPOINT_INDEPENDENT.value
+        return Expected(m, f, bool(truth.port_preserving), ei, ei if f == Filtering.NONE else f)
+    assert site.nat is not None
     coturn_m = m
-    if nat.mapping is Mapping.ADM:
+    if site.nat.mapping is MappingRule.ADM:
         # coturn's test III goes to the OTHER-ADDRESS of test II's response.  An
         # RFC 5780 server (ours) answers test II, sent to (alt IP, primary port), with
         # OTHER-ADDRESS = (primary IP, alt port), so coturn compares mappings for two
         # different IPs and calls an address-dependent NAT address-and-port-dependent.
         # (coturn's own server names (alt IP, alt port) there, so coturn agrees with itself.)
-        coturn_m = apd
-    return Expected(m, f, nat.mapping is Mapping.EIM_PP, coturn_m, f, "yes" if nat.hairpin else "no")
+        coturn_m = Mapping.ADDRESS_AND_PORT_DEPENDENT.value
+    return Expected(m, f, bool(truth.port_preserving), coturn_m, f, "yes" if site.nat.hairpin else "no")
 
 
 _NATDISCOVERY = re.compile(r"(Endpoint Independent|Address and Port Dependent|Address Dependent) (Mapping|Filtering)")
@@ -162,20 +151,28 @@ def run_natdiscovery(lab: Lab, node: str, hairpin: bool = False) -> dict[str, st
 
 
 def run_probes(lab: Lab, node: str) -> dict[str, Any]:
+    """
+    The lab's own plain-socket probes (L{natbypass.lab.probe}) from C{node}
+    against the reflector (L{start_reflector}): UDP and TCP mapping and
+    filtering, port preservation and sequence, the public IP.
+    """
     a1, a2 = lab.mediator_addresses
     p1, p2 = REFLECTOR_PORTS
 
     def probe(*args: str) -> dict[str, Any]:
         r = lab.exec(node, [sys.executable, "-m", "natbypass.lab.probe", *args], timeout=60)
-        return json.loads(r.stdout)
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            raise LabError(f"probe {args[0]} in {node} failed: {(r.stderr or r.stdout).strip()[-400:]}") from None
 
     udp = probe("mapping", f"{a1}:{p1}", f"{a2}:{p2}")
     tcp = probe("mapping", f"{a1}:{p1}", f"{a2}:{p2}", "--tcp")
     filt = probe("filtering", f"{a1}:{p1}")
     tcp_filt = probe("filtering", f"{a1}:{p1}", "--tcp")
-    return {"mapping": udp["mapping"], "tcp_mapping": tcp["mapping"], "filtering": filt["filtering"],
-            "tcp_filtering": tcp_filt["filtering"],
-            "port_preserving": udp.get("port_preserving"), "port_sequence": udp.get("port_sequence")}
+    return {"mapping": udp.get("mapping"), "tcp_mapping": tcp.get("mapping"), "filtering": filt.get("filtering"),
+            "tcp_filtering": tcp_filt.get("filtering"), "port_preserving": udp.get("port_preserving"),
+            "port_sequence": udp.get("port_sequence"), "public_ip": udp.get("public_ip")}
 
 
 @dataclass

@@ -31,7 +31,7 @@ How each behaviour is made (ground truth is measured by the lab probes):
 
 from __future__ import annotations
 
-from .spec import Filtering, Inbound, Mapping, NatBehaviour
+from .spec import FilteringRule, Inbound, MappingRule, NatRules
 
 #: Public ports used by the rewriting mappings.
 HASH_PORT_BASE = 40000
@@ -51,17 +51,17 @@ _HASH_MAP = _port_map(HASH_PORT_COUNT, HASH_PORT_BASE)
 _SEQ_MAP = _port_map(SEQ_PORT_COUNT, SEQ_PORT_BASE)
 
 
-def snat_statement(nat: NatBehaviour, public_ip: str) -> str:
+def snat_statement(nat: NatRules, public_ip: str) -> str:
     """The nat statement that allocates public ports for ``nat.mapping``."""
-    if nat.mapping is Mapping.EIM_PP:
+    if nat.mapping is MappingRule.EIM_PP:
         return f"snat ip to {public_ip}"
-    if nat.mapping is Mapping.EIM:
+    if nat.mapping is MappingRule.EIM:
         return f"snat ip to {public_ip} : jhash ip saddr . th sport mod {HASH_PORT_COUNT} map {_HASH_MAP}"
-    if nat.mapping is Mapping.ADM:
+    if nat.mapping is MappingRule.ADM:
         return f"snat ip to {public_ip} : jhash ip saddr . th sport . ip daddr mod {HASH_PORT_COUNT} map {_HASH_MAP}"
-    if nat.mapping is Mapping.APDM_RANDOM:
+    if nat.mapping is MappingRule.APDM_RANDOM:
         return f"snat ip to {public_ip} random"
-    if nat.mapping is Mapping.APDM_SEQUENTIAL:
+    if nat.mapping is MappingRule.APDM_SEQUENTIAL:
         return f"snat ip to {public_ip} : numgen inc mod {SEQ_PORT_COUNT} map {_SEQ_MAP}"
     raise ValueError(nat.mapping)
 
@@ -75,7 +75,7 @@ def _unsolicited(inbound: Inbound, match: str) -> list[str]:
     ]
 
 
-def nat_ruleset(nat: NatBehaviour, wan_if: str, public_ip: str, lan_if: str, lan_net: str) -> str:
+def nat_ruleset(nat: NatRules, wan_if: str, public_ip: str, lan_if: str, lan_net: str) -> str:
     """The whole ``ip nblab`` table of a NAT namespace."""
     t = nat.udp_timeout or 120
     wan, lan = f'oifname "{wan_if}"', f'oifname "{lan_if}"'
@@ -98,9 +98,9 @@ def nat_ruleset(nat: NatBehaviour, wan_if: str, public_ip: str, lan_if: str, lan
     ]
     inbound_new = f'iifname "{wan_if}" ip daddr {public_ip} ct state new {l4}'
     to_internal = "dnat ip to meta l4proto . th dport map @natmap"
-    if nat.filtering is Filtering.EIF:
+    if nat.filtering is FilteringRule.EIF:
         out.append(f"    {inbound_new} meta l4proto . th dport @natmap {to_internal}")
-    elif nat.filtering is Filtering.ADF:
+    elif nat.filtering is FilteringRule.ADF:
         out.append(f"    {inbound_new} meta l4proto . th dport . ip saddr @contacted {to_internal}")
     if nat.hairpin:
         out.append(

@@ -26,12 +26,14 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from natbypass.nat import Filtering, Mapping, NatSummary
+
 
 class LabSpecError(ValueError):
     """The spec is malformed; the message says which field and why."""
 
 
-class Mapping(enum.StrEnum):
+class MappingRule(enum.StrEnum):
     """How the NAT picks the public port of an internal endpoint (RFC 4787 section 4.1)."""
 
     EIM_PP = "eim-pp"  # endpoint-independent, keeps the internal port when free
@@ -41,7 +43,7 @@ class Mapping(enum.StrEnum):
     APDM_SEQUENTIAL = "apdm-sequential"  # address-and-port-dependent, next port per flow
 
 
-class Filtering(enum.StrEnum):
+class FilteringRule(enum.StrEnum):
     """Which inbound packets the NAT lets through to a mapping (RFC 4787 section 5)."""
 
     EIF = "eif"  # anyone (full cone)
@@ -63,11 +65,15 @@ class SiteKind(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class NatBehaviour:
-    """Everything that can be chosen about one NAT."""
+class NatRules:
+    """
+    Everything that can be chosen about one NAT the lab builds (its nftables
+    rules).  What a client should measure of it, in the shared vocabulary of
+    L{natbypass.nat}, is L{expected_summary}.
+    """
 
-    mapping: Mapping = Mapping.EIM_PP
-    filtering: Filtering = Filtering.APDF
+    mapping: MappingRule = MappingRule.EIM_PP
+    filtering: FilteringRule = FilteringRule.APDF
     inbound: Inbound = Inbound.DROP
     hairpin: bool = False
     #: UDP mapping lifetime in seconds (conntrack timeout in the NAT); None keeps the kernel's.
@@ -92,7 +98,7 @@ class Link:
 class SiteSpec:
     name: str
     kind: SiteKind
-    nat: NatBehaviour | None = None
+    nat: NatRules | None = None
     hosts: int = 1
     link: Link = field(default_factory=Link)
     #: For firewall sites: what happens to unsolicited inbound packets.
@@ -111,18 +117,18 @@ class LabSpec:
 
 
 #: Classic NAT types by name; "open" and "firewall" are site kinds without NAT.
-PRESETS: dict[str, NatBehaviour | SiteKind] = {
+PRESETS: dict[str, NatRules | SiteKind] = {
     "open": SiteKind.OPEN,
     "firewall": SiteKind.FIREWALL,
-    "full-cone": NatBehaviour(Mapping.EIM_PP, Filtering.EIF),
-    "restricted-cone": NatBehaviour(Mapping.EIM_PP, Filtering.ADF),
-    "port-restricted-cone": NatBehaviour(Mapping.EIM_PP, Filtering.APDF),
-    "symmetric-random": NatBehaviour(Mapping.APDM_RANDOM, Filtering.APDF),
-    "symmetric-predictable": NatBehaviour(Mapping.APDM_SEQUENTIAL, Filtering.APDF),
+    "full-cone": NatRules(MappingRule.EIM_PP, FilteringRule.EIF),
+    "restricted-cone": NatRules(MappingRule.EIM_PP, FilteringRule.ADF),
+    "port-restricted-cone": NatRules(MappingRule.EIM_PP, FilteringRule.APDF),
+    "symmetric-random": NatRules(MappingRule.APDM_RANDOM, FilteringRule.APDF),
+    "symmetric-predictable": NatRules(MappingRule.APDM_SEQUENTIAL, FilteringRule.APDF),
     # The same cones with a NAT that rewrites ports (no port preservation).
-    "full-cone-rewrite": NatBehaviour(Mapping.EIM, Filtering.EIF),
-    "restricted-cone-rewrite": NatBehaviour(Mapping.EIM, Filtering.ADF),
-    "port-restricted-cone-rewrite": NatBehaviour(Mapping.EIM, Filtering.APDF),
+    "full-cone-rewrite": NatRules(MappingRule.EIM, FilteringRule.EIF),
+    "restricted-cone-rewrite": NatRules(MappingRule.EIM, FilteringRule.ADF),
+    "port-restricted-cone-rewrite": NatRules(MappingRule.EIM, FilteringRule.APDF),
 }
 
 #: Names that are not allowed as site names: they name other lab nodes.
@@ -152,23 +158,23 @@ def _check_keys(obj: dict[str, Any], allowed: set[str], where: str) -> None:
         raise LabSpecError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
 
 
-def parse_nat(obj: Any, where: str) -> NatBehaviour:
+def parse_nat(obj: Any, where: str) -> NatRules:
     """A NAT behaviour from a preset name or an object of fields."""
     if isinstance(obj, str):
         preset = PRESETS.get(obj)
-        if not isinstance(preset, NatBehaviour):
-            names = ", ".join(k for k, v in PRESETS.items() if isinstance(v, NatBehaviour))
+        if not isinstance(preset, NatRules):
+            names = ", ".join(k for k, v in PRESETS.items() if isinstance(v, NatRules))
             raise LabSpecError(f"{where}: unknown NAT preset {obj!r}; known: {names}")
         return preset
     if not isinstance(obj, dict):
         raise LabSpecError(f"{where}: expected a preset name or an object")
     _check_keys(obj, {"preset", "mapping", "filtering", "inbound", "hairpin", "udp_timeout"}, where)
-    base = parse_nat(obj["preset"], f"{where}.preset") if "preset" in obj else NatBehaviour()
+    base = parse_nat(obj["preset"], f"{where}.preset") if "preset" in obj else NatRules()
     changes: dict[str, Any] = {}
     if "mapping" in obj:
-        changes["mapping"] = _enum(Mapping, obj["mapping"], f"{where}.mapping")
+        changes["mapping"] = _enum(MappingRule, obj["mapping"], f"{where}.mapping")
     if "filtering" in obj:
-        changes["filtering"] = _enum(Filtering, obj["filtering"], f"{where}.filtering")
+        changes["filtering"] = _enum(FilteringRule, obj["filtering"], f"{where}.filtering")
     if "inbound" in obj:
         changes["inbound"] = _enum(Inbound, obj["inbound"], f"{where}.inbound")
     if "hairpin" in obj:
@@ -260,7 +266,7 @@ def loads(text: str) -> LabSpec:
     return parse_spec({"sites": sites})
 
 
-def nat_to_json(nat: NatBehaviour) -> dict[str, Any]:
+def nat_to_json(nat: NatRules) -> dict[str, Any]:
     return {
         "mapping": nat.mapping.value,
         "filtering": nat.filtering.value,
@@ -285,9 +291,49 @@ def spec_to_json(spec: LabSpec) -> dict[str, Any]:
     return {"sites": sites}
 
 
-def describe(nat: NatBehaviour | None, kind: SiteKind = SiteKind.NAT) -> str:
+def describe(nat: NatRules | None, kind: SiteKind = SiteKind.NAT) -> str:
     """A short human label, e.g. ``eim-pp/adf drop hairpin``."""
     if kind is not SiteKind.NAT or nat is None:
         return kind.value
     extra = " hairpin" if nat.hairpin else ""
     return f"{nat.mapping.value}/{nat.filtering.value} {nat.inbound.value}{extra}"
+
+
+_MAPPING_MEASURED = {
+    MappingRule.EIM_PP: Mapping.ENDPOINT_INDEPENDENT,
+    MappingRule.EIM: Mapping.ENDPOINT_INDEPENDENT,
+    MappingRule.ADM: Mapping.ADDRESS_DEPENDENT,
+    MappingRule.APDM_RANDOM: Mapping.ADDRESS_AND_PORT_DEPENDENT,
+    MappingRule.APDM_SEQUENTIAL: Mapping.ADDRESS_AND_PORT_DEPENDENT,
+}
+_FILTERING_MEASURED = {
+    FilteringRule.EIF: Filtering.ENDPOINT_INDEPENDENT,
+    FilteringRule.ADF: Filtering.ADDRESS_DEPENDENT,
+    FilteringRule.APDF: Filtering.ADDRESS_AND_PORT_DEPENDENT,
+}
+
+
+def expected_summary(site: SiteSpec) -> NatSummary:
+    """
+    The lab's ground truth for a site, in the shared NAT vocabulary: what a
+    correct RFC 5780 client reports (UDP and TCP alike), and so the row of
+    the selection table the site belongs to.
+    """
+    if site.kind is SiteKind.OPEN:
+        return NatSummary(Mapping.NONE, Filtering.NONE, True)
+    if site.kind is SiteKind.FIREWALL:
+        return NatSummary(Mapping.NONE, Filtering.ADDRESS_AND_PORT_DEPENDENT, True)
+    assert site.nat is not None
+    nat = site.nat
+    return NatSummary(
+        _MAPPING_MEASURED[nat.mapping],
+        _FILTERING_MEASURED[nat.filtering],
+        nat.mapping is MappingRule.EIM_PP,
+        # The sequential NAT hands each new flow the next port.
+        port_delta=1 if nat.mapping is MappingRule.APDM_SEQUENTIAL else None,
+    )
+
+
+def preset_summary(preset: str) -> NatSummary:
+    """L{expected_summary} of a site built from the preset C{preset}."""
+    return expected_summary(parse_site("x", preset))

@@ -18,7 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from natbypass.nat import NatSummary
+from natbypass.selection import feasibility
+
 from .lab import Lab
+from .spec import preset_summary
 from .topology import MEDIATOR_ADDRESSES
 
 STUN_PORT = 3478
@@ -197,13 +201,16 @@ PROTOCOLS = ("udp", "tcp", "auto")
 LAN_SITE = "lan"
 
 
+def site_spec(preset: str, delay_ms: float) -> dict[str, Any]:
+    """A site of the lab preset C{preset} with C{delay_ms} on its link ("open" is a site kind, not a NAT)."""
+    if preset == "open":
+        return {"kind": "open", "delay_ms": delay_ms}
+    return {"nat": preset, "delay_ms": delay_ms}
+
+
 def matrix_spec(delay_ms: float = 20.0, types: Sequence[str] = tuple(TYPES)) -> dict[str, Any]:
     """Two sites of every type (so a type can meet itself) and one two-host LAN."""
-    sites: dict[str, Any] = {}
-    for preset in types:
-        for n in (1, 2):
-            sites[f"{TYPES[preset]}{n}"] = {"nat": preset, "delay_ms": delay_ms} if preset != "open" else {
-                "kind": "open", "delay_ms": delay_ms}
+    sites: dict[str, Any] = {f"{TYPES[preset]}{n}": site_spec(preset, delay_ms) for preset in types for n in (1, 2)}
     sites[LAN_SITE] = {"nat": "port-restricted-cone", "hosts": 2, "delay_ms": delay_ms}
     return {"sites": sites}
 
@@ -215,8 +222,6 @@ def pairs(types: Sequence[str] = tuple(TYPES)) -> list[tuple[str, str]]:
 
 def expectation(a: str, b: str, protocol: str) -> tuple[bool | None, str]:
     """What the selection table (docs/selection.md) expects for this pair of lab NATs."""
-    from natbypass.punch.select import feasibility
-
     rows = [feasibility(nat_of(a), nat_of(b), p) for p in (("udp", "tcp") if protocol == "auto" else (protocol,))]
     if any(r.expected for r in rows):
         return True, next(r.reason for r in rows if r.expected)
@@ -225,18 +230,9 @@ def expectation(a: str, b: str, protocol: str) -> tuple[bool | None, str]:
     return None, rows[0].reason
 
 
-def nat_of(preset: str) -> Any:
-    """The selection table's view of a lab preset (what discovery reports for it)."""
-    from natbypass.punch.select import AD, APD, EI, NONE, NatSummary
-
-    return {
-        "open": NatSummary(NONE, NONE, True),
-        "full-cone": NatSummary(EI, EI, True),
-        "restricted-cone": NatSummary(EI, AD, True),
-        "port-restricted-cone": NatSummary(EI, APD, True),
-        "symmetric-random": NatSummary(APD, APD, False),
-        "symmetric-predictable": NatSummary(APD, APD, False, port_delta=1),
-    }[preset]
+def nat_of(preset: str) -> NatSummary:
+    """The selection table's view of a lab preset: what discovery reports for it (L{spec.preset_summary})."""
+    return preset_summary(preset)
 
 
 @dataclass

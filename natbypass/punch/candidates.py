@@ -2,7 +2,8 @@
 Candidates: the addresses a peer offers, and the local ports behind them.
 
 * host addresses: every local interface address (so two peers on one LAN
-  connect directly), parsed from ``ip -j addr`` -- no traffic is sent;
+  connect directly), read with ``getifaddrs`` through ``ifaddr`` -- a system
+  call, no child process, nothing that blocks the reactor, no traffic;
 * the STUN-mapped UDP address and the TCP mapped address (learned elsewhere,
   from the very sockets bound here; carried as ``signaling.wire.Candidate``);
 * predicted ports of a symmetric NAT that allocates in sequence, and the
@@ -18,16 +19,24 @@ number, which would race with other programs.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 import socket
-import subprocess
+import struct
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import ifaddr
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
+
+from natbypass.net import family_of, share_port
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: interface flags are unknown
+    fcntl = None  # type: ignore[assignment]
 
 Address = tuple[str, int]
 
@@ -36,7 +45,7 @@ _PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*(?:-\s*([0-9]{1,5})\s*)?")
 
 
 class CandidateError(ValueError):
-    """A bad port range, unusable ``ip`` output, or no free port (the one error type)."""
+    """A bad port range, unreadable interface addresses, or no free port (the one error type)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -71,69 +80,120 @@ class PortRange:
         return f"{self.low}-{self.high}"
 
 
-def parse_ip_addr_json(
-    text: str, include_loopback: bool = False, families: Sequence[str] = ("inet",)
+@dataclass(frozen=True)
+class InterfaceAddress:
+    """
+    One address of one network interface, as the system reports it.
+
+    ``up`` and ``loopback`` are the interface's ``IFF_UP`` and
+    ``IFF_LOOPBACK`` flags, or None where they could not be read (``ifaddr``
+    does not report flags; see :func:`read_interface_addresses`).
+    """
+
+    interface: str
+    address: str
+    up: bool | None = None
+    loopback: bool | None = None
+
+
+_FAMILIES = {"inet": 4, "inet6": 6}
+
+
+def usable_addresses(
+    addresses: Iterable[InterfaceAddress],
+    include_loopback: bool = False,
+    families: Sequence[str] = ("inet",),
 ) -> list[str]:
     """
-    The usable addresses in ``ip -j addr`` output: interfaces that are up,
-    scope global (or host, for loopback when asked), not link-local.
+    The host candidates among ``addresses`` (pure): of interfaces that are
+    up (or whose state is unknown), of the ``families`` asked for
+    (``"inet"``, ``"inet6"``), neither link-local nor loopback (a loopback
+    interface and loopback addresses only with ``include_loopback``), each
+    once, in order.  An IPv6 zone (``%eth0``) is dropped with the
+    link-local addresses that need one.
     """
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise CandidateError(f"'ip -j addr' output is not JSON: {e}") from None
-    if not isinstance(data, list):
-        raise CandidateError("'ip -j addr' output is not a list of interfaces")
+    versions = {_FAMILIES[f] for f in families if f in _FAMILIES}
     out: list[str] = []
-    for link in data:
-        if not isinstance(link, dict):
-            raise CandidateError("'ip -j addr' output has a non-object interface")
-        flags = link.get("flags", [])
-        if not isinstance(flags, list) or "UP" not in flags:
+    for entry in addresses:
+        if entry.up is False or (entry.loopback and not include_loopback):
             continue
-        loopback = "LOOPBACK" in flags
-        if loopback and not include_loopback:
+        try:
+            addr = ipaddress.ip_address(entry.address.partition("%")[0])
+        except ValueError:
+            raise CandidateError(
+                f"interface {entry.interface} has an address that is not an IP: {entry.address!r}"
+            ) from None
+        if addr.version not in versions or addr.is_link_local:
             continue
-        infos = link.get("addr_info", [])
-        if not isinstance(infos, list):
-            raise CandidateError("'ip -j addr' addr_info is not a list")
-        for info in infos:
-            if not isinstance(info, dict) or info.get("family") not in families:
-                continue
-            local = info.get("local")
-            if not isinstance(local, str):
-                continue
-            try:
-                addr = ipaddress.ip_address(local)
-            except ValueError:
-                raise CandidateError(f"'ip -j addr' gave a bad address {local!r}") from None
-            if addr.is_link_local or (addr.is_loopback and not include_loopback):
-                continue
-            if str(addr) not in out:
-                out.append(str(addr))
+        if addr.is_loopback and not include_loopback:
+            continue
+        if str(addr) not in out:
+            out.append(str(addr))
     return out
 
 
-def _run_ip() -> str:
-    return subprocess.run(
-        ["ip", "-j", "addr", "show"], check=True, capture_output=True, text=True, timeout=5
-    ).stdout
+#: Linux ``ioctl`` that reads an interface's flags, and the flags we use.
+_SIOCGIFFLAGS = 0x8913
+_IFF_UP, _IFF_LOOPBACK = 0x1, 0x8
+_IFREQ = struct.Struct("16sH22x")
+
+
+def interface_flags(name: str) -> tuple[bool, bool] | None:
+    """
+    ``(up, loopback)`` of interface ``name`` from the ``SIOCGIFFLAGS``
+    ioctl (Linux; a system call that does not block), or None where that
+    is not available.
+    """
+    if fcntl is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            reply = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, _IFREQ.pack(name.encode()[:15], 0))
+    except (OSError, UnicodeError):
+        return None
+    flags = _IFREQ.unpack(reply)[1]
+    return bool(flags & _IFF_UP), bool(flags & _IFF_LOOPBACK)
+
+
+def read_interface_addresses(
+    adapters: Callable[[], Iterable[ifaddr.Adapter]] = ifaddr.get_adapters,
+    flags: Callable[[str], tuple[bool, bool] | None] = interface_flags,
+) -> list[InterfaceAddress]:
+    """
+    Every address of every interface, from ``getifaddrs`` (through
+    ``ifaddr``), with the interface flags from ``flags``.
+
+    ``ifaddr`` reports names and addresses but no flags: without
+    ``SIOCGIFFLAGS`` (not Linux) an interface counts as up, and a loopback
+    interface is recognised only by its loopback addresses.  Raises
+    :class:`CandidateError` when the system refuses the list.
+    """
+    try:
+        found = list(adapters())
+    except OSError as e:
+        raise CandidateError(f"cannot list interface addresses: {e}") from None
+    out: list[InterfaceAddress] = []
+    for adapter in found:
+        state = flags(adapter.name)
+        up, loopback = state if state is not None else (None, None)
+        for ip in adapter.ips:
+            # IPv4: "a.b.c.d"; IPv6: (address, flowinfo, scope_id).
+            address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            out.append(InterfaceAddress(adapter.name, address, up, loopback))
+    return out
 
 
 def host_addresses(
     include_loopback: bool = False,
     families: Sequence[str] = ("inet",),
-    run: Callable[[], str] = _run_ip,
+    read: Callable[[], Iterable[InterfaceAddress]] = read_interface_addresses,
 ) -> list[str]:
     """
-    This machine's interface addresses (IPv4 by default), read with ``ip``.
-    Sends no traffic.  Raises :class:`CandidateError` when ``ip`` fails.
+    This machine's interface addresses (IPv4 by default); see
+    :func:`usable_addresses`.  Sends no traffic, runs no command, does not
+    block.  Raises :class:`CandidateError` when they cannot be read.
     """
-    try:
-        text = run()
-    except (OSError, subprocess.SubprocessError) as e:
-        raise CandidateError(f"cannot list interface addresses with 'ip -j addr': {e}") from None
-    return parse_ip_addr_json(text, include_loopback, families)
+    return usable_addresses(read(), include_loopback, families)
 
 
 def predicted_ports(mapped: Address, delta: int, span: int) -> list[Address]:
@@ -202,22 +262,20 @@ def reserve_tcp_port(
     The port is claimed with a plain bind (no reuse flags), so a port that
     anything else uses -- even another NATbypass with ``SO_REUSEPORT`` -- is
     skipped; only then is ``SO_REUSEADDR``/``SO_REUSEPORT`` turned on, so our
-    own punching sockets (see ``natbypass.punch.tcp.reusable_socket``) can
+    own punching sockets (see ``natbypass.net.reusable_socket``) can
     bind the same port.
     """
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     ports: Iterable[int] = port_range if port_range is not None else (0,)
     last: OSError | None = None
     for port in ports:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family_of(interface), socket.SOCK_STREAM)
         try:
             sock.bind((interface, port))
         except OSError as e:
             sock.close()
             last = e
             continue
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        share_port(sock)
         sock.setblocking(False)
         sock.set_inheritable(False)
         if listen:

@@ -30,7 +30,7 @@ class PathConnection:
         self.peer_id = session.peer_id
         self.session_id = session.session_id
         self.role = session.role
-        #: The race that chose this path (``natbypass.punch.select.Outcome``:
+        #: The race that chose this path (``natbypass.punch.race.Outcome``:
         #: every attempt, with its result and reason), set by whoever ran it.
         self.outcome: Any = None
         self._receiver: IPeerReceiver | None = None

@@ -18,7 +18,8 @@ from typing import Protocol as TypingProtocol
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from natbypass.punch.packet import PunchDecodeError, PunchPacket, decode, is_stun
+from natbypass.punch.packet import PunchDecodeError, PunchPacket, decode
+from natbypass.stun.message import is_stun
 
 Address = tuple[str, int]
 
@@ -28,8 +29,9 @@ class UDPMux(DatagramProtocol):
     Demultiplex STUN from punch traffic on one socket.
 
     A datagram is STUN when its first two bits are zero and bytes 4..8 are the
-    magic cookie (RFC 8489 section 5 / RFC 7983); punch packets start with
-    0xCE, so the two never collide.
+    magic cookie (RFC 8489 section 5 / RFC 7983; see
+    ``natbypass.stun.message.is_stun``); punch packets start with 0xCE, so the
+    two never collide.
     """
 
     log = Logger()

@@ -10,6 +10,7 @@ Layout (network byte order)::
     offset  size  field
     0       1     MAGIC 0xCE  -- top two bits 11: a STUN message always
                                  starts with 00, so both share one socket
+                                 (``natbypass.stun.message.is_stun`` tells them apart)
     1       1     VERSION 1
     2       1     type (PacketType)
     3       1     flags: bit 0 = sender's role (0 or 1); other bits zero
@@ -49,7 +50,6 @@ OVERHEAD = HEADER.size + COUNTERS.size + MAC_SIZE
 #: minimum MTU path with room for IP/UDP headers and a 64-byte session id.
 MAX_PAYLOAD = 1280 - 48 - OVERHEAD - MAX_SESSION_ID
 
-STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 
 
 class PacketType(enum.IntEnum):
@@ -76,11 +76,6 @@ class PunchPacket:
     echo: int = 0
     payload: bytes = b""
     mac: bytes = b""
-
-
-def is_stun(data: bytes) -> bool:
-    """True when ``data`` looks like a STUN message (RFC 8489 section 5)."""
-    return len(data) >= 20 and data[0] & 0xC0 == 0 and data[4:8] == STUN_MAGIC_COOKIE
 
 
 def _body(

@@ -48,9 +48,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from natbypass.address import format_address
 from natbypass.interfaces import IPeerConnection
 from natbypass.punch.connection import PathConnection
 from natbypass.punch.session import PunchFailed, PunchSession
+from natbypass.net import reusable_socket
 
 Address = tuple[str, int]
 
@@ -170,34 +172,8 @@ class TCPHandshake:
         return accept_frame(self._session, self._nonce, self._peer_nonce)
 
 
-def reusable_socket(local: Address, listen: bool = False) -> socket.socket:
-    """
-    A non-blocking TCP socket bound to ``local`` that shares the port with
-    our other sockets (``SO_REUSEADDR`` + ``SO_REUSEPORT``).
-    """
-    family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setblocking(False)
-        sock.set_inheritable(False)
-        sock.bind(local)
-        if listen:
-            sock.listen(16)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def _address(host: str, port: int) -> IPv4Address | IPv6Address:
     return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
-
-
-def _fmt(address: Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @implementer(IWriteDescriptor)
@@ -387,7 +363,7 @@ class TCPPunchAttempt:
         if pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
         if code == 0:
-            self._adopt(pending.sock, f"connected to {_fmt(pending.target)}")
+            self._adopt(pending.sock, f"connected to {format_address(pending.target)}")
             return
         pending.sock.close()
         self._failedTry(pending.target, code)
@@ -395,11 +371,11 @@ class TCPPunchAttempt:
     def _failedTry(self, target: Address, code: int) -> None:
         name = errno.errorcode.get(code, str(code))
         self.errors[name] += 1
-        self.log.debug("connect to {target} failed: {error}", target=_fmt(target), error=name)
+        self.log.debug("connect to {target} failed: {error}", target=format_address(target), error=name)
         if self._done or target in self._retries:
             return
         if code not in RETRYABLE:
-            self.log.warn("not retrying {target}: {error}", target=_fmt(target), error=os.strerror(code))
+            self.log.warn("not retrying {target}: {error}", target=format_address(target), error=os.strerror(code))
             return
         if self.reactor.seconds() + self._retry < self._deadline:
             self._retries[target] = self.reactor.callLater(self._retry, self._try, target)
@@ -466,7 +442,7 @@ class TCPPunchAttempt:
         if self._done:
             return
         self._finish()
-        tried = ", ".join(f"{_fmt(t)} x{self.tries[t]}" for t in self.candidates) or "none"
+        tried = ", ".join(f"{format_address(t)} x{self.tries[t]}" for t in self.candidates) or "none"
         errors = ", ".join(f"{k} x{v}" for k, v in sorted(self.errors.items())) or "none"
         self.deferred.errback(
             PunchFailed(

@@ -26,6 +26,9 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
+from natbypass import selection
+from natbypass.nat import NatSummary
+
 from . import wire
 from .interfaces import IChannel, ISignalingState
 from .wire import (
@@ -38,7 +41,6 @@ from .wire import (
     Greeting,
     Hello,
     Message,
-    NATSummary,
     Offer,
     Ok,
     Ping,
@@ -52,51 +54,9 @@ from .wire import (
     WireError,
 )
 
-ChooseOrder = Callable[[NATSummary, NATSummary, tuple[str, ...], tuple[str, ...]], Sequence[str]]
-
-
-def default_choose_order(
-    offer_nat: NATSummary, answer_nat: NATSummary, wish_a: tuple[str, ...], wish_b: tuple[str, ...]
-) -> list[str]:
-    """
-    UDP then TCP, narrowed by the wishes (``()`` means auto); the
-    initiator's explicit order wins.  The traversal engine's table in
-    `natbypass.punch.select` replaces this when it exists.
-    """
-    order = list(wish_a) if wish_a else ["udp", "tcp"]
-    return [p for p in order if not wish_b or p in wish_b]
-
-
-def _load_choose_order() -> ChooseOrder:
-    """
-    The traversal engine's choice when it is installed: a ``choose_order``
-    hook in `natbypass.punch.select`, or its ``decide`` table adapted (the
-    initiator plays role 0); else `default_choose_order`.
-    """
-    try:
-        from natbypass.punch import select
-    except ImportError:
-        return default_choose_order
-    hook = getattr(select, "choose_order", None)
-    if callable(hook):
-        return hook
-    decide, summary = getattr(select, "decide", None), getattr(select, "NatSummary", None)
-    if decide is None or summary is None:
-        return default_choose_order
-
-    def choose(offer_nat: NATSummary, answer_nat: NATSummary, wish_a: tuple[str, ...], wish_b: tuple[str, ...]) -> list[str]:
-        try:
-            plan = decide(
-                summary(offer_nat.mapping, offer_nat.filtering, offer_nat.port_preserving, offer_nat.port_delta, offer_nat.tcp_mapping),
-                summary(answer_nat.mapping, answer_nat.filtering, answer_nat.port_preserving, answer_nat.port_delta, answer_nat.tcp_mapping),
-                wish_a or "auto",
-                wish_b or "auto",
-            )
-        except ValueError:  # NoCommonProtocol
-            return []
-        return list(plan.order)
-
-    return choose
+#: The mediator's protocol-order policy: both sides' NAT summaries and
+#: wishes in, the order out (C{[]}: no common protocol).
+ChooseOrder = Callable[[NatSummary, NatSummary, tuple[str, ...], tuple[str, ...]], Sequence[str]]
 
 
 def punch_delays(rtt_a: float, rtt_b: float, margin: float) -> tuple[float, float]:
@@ -278,7 +238,7 @@ class SignalingState:
         self.clock = clock
         self.limits = limits or Limits()
         self.tokens = tokens
-        self.choose_order = choose_order or _load_choose_order()
+        self.choose_order = choose_order or selection.choose_order
         self.random_bytes = random_bytes or BufferedRandom()
         self.server_name = server_name
         self.links: set[_Link] = set()
@@ -514,12 +474,8 @@ class SignalingState:
         if offer is None:
             return
         a, b = offer.initiator, link
-        try:
-            order = [p for p in self.choose_order(offer.description.nat, msg.description.nat, offer.description.wish, msg.description.wish) if p in wire.PROTOCOLS]
-        except Exception:
-            self.log.failure("choose_order failed; using the default")
-            order = default_choose_order(offer.description.nat, msg.description.nat, offer.description.wish, msg.description.wish)
-        order = list(dict.fromkeys(order))
+        nats, wishes = (offer.description.nat, msg.description.nat), (offer.description.wish, msg.description.wish)
+        order = list(dict.fromkeys(p for p in self.choose_order(*nats, *wishes) if p in wire.PROTOCOLS))
         if not order:
             reason = "the two peers' protocol wishes have nothing in common"
             self._count("offers:no-common-protocol")

@@ -20,6 +20,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, TypeVar
 
+from natbypass.nat import NatSummary
+
 PROTOCOL_NAME = "natbypass-signal"
 VERSIONS: tuple[int, ...] = (1,)
 DEFAULT_MAX_LINE = 8192
@@ -27,7 +29,6 @@ MAX_RID = 2**53 - 1
 MAX_CANDIDATES = 32
 MAX_TEXT = 512
 SESSION_KEY_BYTES = 32
-MAX_PORT_DELTA = 64
 
 #: Error names and their numeric codes (HTTP-like, so people can guess them).
 ERROR_CODES: Mapping[str, int] = {
@@ -57,13 +58,6 @@ CANDIDATE_KINDS: Mapping[str, str] = {
     "tcp-host": "tcp",
     "tcp-srflx": "tcp",
 }
-NAT_BEHAVIOURS = (
-    "endpoint-independent",
-    "address-dependent",
-    "address-and-port-dependent",
-    "unknown",
-    "none",
-)
 PROTOCOLS = ("udp", "tcp")
 ROLES = ("controlling", "controlled")
 OUTCOMES = ("connected", "failed", "timeout", "cancelled")
@@ -148,54 +142,30 @@ def _normal_ip(host: str) -> str:
         raise ValueError(f"candidate host {host[:64]!r} is not an IP address") from None
 
 
-@dataclass(frozen=True, slots=True)
-class NATSummary:
-    """
-    What the peer found out about its NAT (RFC 4787 terms).  ``port_delta``
-    is the step of a symmetric NAT that hands out ports in sequence (the
-    other side probes the predicted ports); ``tcp_mapping`` the TCP mapping
-    when it was measured.
-    """
+def nat_to_wire(nat: NatSummary) -> dict[str, Any]:
+    """The C{nat} object of a description (C{udp_blocked} stays local)."""
+    out: dict[str, Any] = {"mapping": nat.mapping.value, "filtering": nat.filtering.value, "port_preserving": nat.port_preserving}
+    if nat.port_delta is not None:
+        out["port_delta"] = nat.port_delta
+    if nat.tcp_mapping is not None:
+        out["tcp_mapping"] = nat.tcp_mapping.value
+    return out
 
-    mapping: str = "unknown"
-    filtering: str = "unknown"
-    port_preserving: bool | None = None
-    port_delta: int | None = None
-    tcp_mapping: str | None = None
 
-    def __post_init__(self) -> None:
-        if not (self.mapping in NAT_BEHAVIOURS):
-            raise ValueError(f"unknown NAT mapping {self.mapping!r}")
-        if not (self.filtering in NAT_BEHAVIOURS):
-            raise ValueError(f"unknown NAT filtering {self.filtering!r}")
-        _check(self.port_preserving in (True, False, None), "port_preserving must be true, false or null")
-        if not (self.port_delta is None or (_is_int(self.port_delta) and 0 < abs(self.port_delta) <= MAX_PORT_DELTA)):
-            raise ValueError(f"port_delta must be a non-zero integer within +-{MAX_PORT_DELTA}, or null")
-        if not (self.tcp_mapping is None or self.tcp_mapping in NAT_BEHAVIOURS):
-            raise ValueError(f"unknown TCP mapping {self.tcp_mapping!r}")
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mapping": self.mapping, "filtering": self.filtering, "port_preserving": self.port_preserving}
-        if self.port_delta is not None:
-            out["port_delta"] = self.port_delta
-        if self.tcp_mapping is not None:
-            out["tcp_mapping"] = self.tcp_mapping
-        return out
-
-    @classmethod
-    def from_wire(cls, obj: Any) -> NATSummary:
-        f = _Fields(obj, "nat")
-        delta = f.get("port_delta")
-        _check(delta is None or _is_int(delta), "port_delta must be an integer")
-        n = cls(
-            f.text("mapping") or "unknown",
-            f.text("filtering") or "unknown",
-            f.boolean("port_preserving"),
-            delta,
-            f.text("tcp_mapping"),
-        )
-        f.done()
-        return n
+def nat_from_wire(obj: Any) -> NatSummary:
+    """Read a C{nat} object into the shared vocabulary (L{natbypass.nat})."""
+    f = _Fields(obj, "nat")
+    delta = f.get("port_delta")
+    _check(delta is None or _is_int(delta), "port_delta must be an integer")
+    n = NatSummary(
+        f.text("mapping") or "unknown",
+        f.text("filtering") or "unknown",
+        f.boolean("port_preserving"),
+        delta,
+        f.text("tcp_mapping"),
+    )
+    f.done()
+    return n
 
 
 def wish_to_wire(wish: tuple[str, ...]) -> str | list[str]:
@@ -230,7 +200,7 @@ class Description:
     """
 
     candidates: tuple[Candidate, ...] = ()
-    nat: NATSummary = NATSummary()
+    nat: NatSummary = NatSummary()
     wish: tuple[str, ...] = ()
     fingerprint: str | None = None
 
@@ -250,7 +220,7 @@ class Description:
     def fields(self) -> dict[str, Any]:
         return {
             "candidates": [c.to_wire() for c in self.candidates],
-            "nat": self.nat.to_wire(),
+            "nat": nat_to_wire(self.nat),
             "wish": wish_to_wire(self.wish),
             "fingerprint": self.fingerprint,
         }
@@ -264,7 +234,7 @@ class Description:
         nat = f.get("nat")
         return cls(
             tuple(Candidate.from_wire(c) for c in cands),
-            NATSummary() if nat is None else NATSummary.from_wire(nat),
+            NatSummary() if nat is None else nat_from_wire(nat),
             wish_from_wire(f.get("wish", "auto")),
             f.text("fingerprint", pattern=FINGERPRINT),
         )

@@ -27,28 +27,26 @@ Time comes from the injected clock only.
 from __future__ import annotations
 
 import os
-import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-try:
-    from twisted.internet.tcp import makeBinding
-except ImportError:  # Twisted before makeBinding: SO_REUSEADDR only
-    makeBinding = None
-
+# format_address, route_source_address and StunFramingError live in
+# natbypass.address, natbypass.net and the codec; callers of the client may
+# import them from here too.
+from natbypass.address import format_address
+from natbypass.net import reusable_binding, route_source_address
 from natbypass.stun.message import (
-    HEADER_SIZE,
     MAGIC_COOKIE,
-    MAGIC_COOKIE_BYTES,
     Attribute as StunAttribute,
     ErrorCode,
     MappedAddress,
@@ -59,6 +57,8 @@ from natbypass.stun.message import (
     ChangedAddress,
     ResponseOrigin,
     StunDecodeError,
+    StunFramingError,
+    StreamFramer,
     XorMappedAddress,
     decode,
     is_stun,
@@ -99,17 +99,20 @@ class StunErrorResponse(Exception):
         super().__init__(f"STUN error response {self.code} {self.reason!r}")
 
 
-class StunFramingError(Exception):
-    """A TCP stream carried something that does not frame as STUN."""
+#: What a transaction fails with when the network or the server lets it
+#: down, over UDP or TCP: no answer in time, an error response, a refused or
+#: timed-out connection, a connection or socket closed before the answer.
+#: Anything else is a bug and is not to be reported as "no answer".
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (
+    StunTimeout,
+    StunErrorResponse,
+    ConnectError,
+    ConnectionClosed,
+    OSError,
+)
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def format_address(addr: Address) -> str:
-    """C{ip:port}, with IPv6 hosts in brackets."""
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def new_transaction_id() -> bytes:
@@ -439,38 +442,11 @@ class StunUDPProtocol(DatagramProtocol):
 # --------------------------------------------------------------------- TCP
 
 
-class StunStreamFramer:
-    """
-    Cut a TCP byte stream into STUN messages (RFC 8489 6.2.2: messages are
-    self-delimiting through the length field of their header).  Anything
-    that cannot start a STUN message raises L{StunFramingError}: a stream
-    that lost its framing cannot be resynchronised.
-    """
+class StunStreamFramer(StreamFramer):
+    """The client's framer: RFC 8489 messages only (see L{StreamFramer})."""
 
     def __init__(self) -> None:
-        self._buffer = b""
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
-        frames: list[bytes] = []
-        while len(self._buffer) >= HEADER_SIZE:
-            head = self._buffer
-            if head[0] >= 0x40 or head[4:8] != MAGIC_COOKIE_BYTES:
-                raise StunFramingError("the stream does not carry STUN messages")
-            length = int.from_bytes(head[2:4], "big")
-            if length % 4:
-                raise StunFramingError("STUN length is not a multiple of 4")
-            size = HEADER_SIZE + length
-            if len(head) < size:
-                break
-            frames.append(head[:size])
-            self._buffer = head[size:]
-        return frames
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of an incomplete message held back."""
-        return len(self._buffer)
+        super().__init__(require_cookie=True)
 
 
 class StunTCPProtocol(Protocol):
@@ -536,13 +512,8 @@ def connect_tcp_from(
     host, port = remote
     if local is None:
         local = ("::" if ":" in host else "0.0.0.0", 0)
-    binding: object = (
-        makeBinding(local[0], local[1], reuseAddress=True, reusePort=True)
-        if makeBinding is not None
-        else local  # connectTCP sets SO_REUSEADDR on a tuple; no SO_REUSEPORT
-    )
     endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    endpoint = endpoint_type(reactor, host, port, timeout=timeout, bindAddress=binding)
+    endpoint = endpoint_type(reactor, host, port, timeout=timeout, bindAddress=reusable_binding(local))
     return connectProtocol(endpoint, StunTCPProtocol(clock or reactor, policy))
 
 
@@ -591,15 +562,3 @@ def tcp_binding(
         response_origin(response),
         response,
     )
-
-
-def route_source_address(remote: Address) -> str:
-    """
-    The local IP the kernel would use to reach C{remote}: connect() an
-    unbound UDP socket, which sends nothing, and read its name.  A wildcard
-    bind cannot be compared with a mapped address; this can.
-    """
-    family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect(remote)
-        return s.getsockname()[0]

@@ -2,7 +2,7 @@
 NAT behaviour discovery (RFC 5780 sections 4.3 and 4.4) -> L{NATBehavior}.
 
 Two layers.  The classification (L{classify_mapping}, L{classify_filtering},
-L{classic_name}) is pure: test outcomes in, names out.  The test drivers
+L{natbypass.nat.classic_name}) is pure: test outcomes in, names out.  The test drivers
 (L{discover_udp}, L{discover_tcp}, L{discover}) only sequence requests through
 an L{natbypass.stun.client.IStunClient} (UDP) or a connect-and-bind callable
 (TCP), so tests run them against an in-memory NAT and server on a Clock.
@@ -15,8 +15,8 @@ to drop.  The two filtering tests run at once (neither sends to a new
 destination), as do the two mapping tests, so detection costs one
 filtering timeout plus a few round trips.
 
-Values: mapping and filtering are L{ENDPOINT_INDEPENDENT},
-L{ADDRESS_DEPENDENT}, L{ADDRESS_AND_PORT_DEPENDENT}, L{UNKNOWN}, or L{NONE}.
+Values: mapping and filtering are L{natbypass.nat.Mapping} and
+L{natbypass.nat.Filtering} members (the one NAT vocabulary).
 Mapping is "none" when the mapped address is our own (no NAT); filtering is
 "none" when, in addition, unsolicited packets from anywhere come through (no
 NAT and no firewall: "open").  Behind no NAT but a filtering firewall the
@@ -32,8 +32,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from natbypass.address import is_wildcard
 from natbypass.stun.client import (
     Address,
+    NETWORK_ERRORS,
     IStunClient,
     RetransmitPolicy,
     StunErrorResponse,
@@ -45,27 +47,13 @@ from natbypass.stun.client import (
     other_address,
 )
 from natbypass.stun.message import ChangeRequest
+from natbypass.nat import ClassicName, Filtering, Mapping, NatSummary, classic_name, predictable_delta
 
 log = Logger()
-
-ENDPOINT_INDEPENDENT = "endpoint-independent"
-ADDRESS_DEPENDENT = "address-dependent"
-ADDRESS_AND_PORT_DEPENDENT = "address-and-port-dependent"
-UNKNOWN = "unknown"
-NONE = "none"
-
-OPEN = "open"
-FULL_CONE = "full-cone"
-RESTRICTED_CONE = "restricted-cone"
-PORT_RESTRICTED_CONE = "port-restricted-cone"
-SYMMETRIC = "symmetric"
-SYMMETRIC_FIREWALL = "symmetric-firewall"
-UDP_BLOCKED = "udp-blocked"
 
 #: Default timers: the first Binding may need retransmissions over a lossy
 #: path; the filtering tests expect silence and give up sooner.
 DEFAULT_TIMEOUT = 3.0
-WILDCARDS = ("0.0.0.0", "::", "")
 
 
 # ----------------------------------------------------------- pure logic
@@ -76,65 +64,44 @@ def classify_mapping(
     primary: Address | None,
     alt_ip: Address | None,
     alt_ip_port: Address | None,
-) -> str:
+) -> Mapping:
     """
     RFC 5780 4.3 from the mapped addresses of test I (to the primary
     address), test II (alternate IP, primary port) and test III (alternate
     IP and port); None where a test got no answer.
     """
     if primary is None:
-        return UNKNOWN
+        return Mapping.UNKNOWN
     if local is not None and primary == local:
-        return NONE
+        return Mapping.NONE
     if alt_ip is not None:
         if alt_ip == primary:
-            return ENDPOINT_INDEPENDENT
+            return Mapping.ENDPOINT_INDEPENDENT
         if alt_ip_port is None:
-            return UNKNOWN
-        return ADDRESS_DEPENDENT if alt_ip_port == alt_ip else ADDRESS_AND_PORT_DEPENDENT
+            return Mapping.UNKNOWN
+        return Mapping.ADDRESS_DEPENDENT if alt_ip_port == alt_ip else Mapping.ADDRESS_AND_PORT_DEPENDENT
     if alt_ip_port is not None and alt_ip_port == primary:
         # Another IP and port got the same mapping: nothing depends on the
         # destination.  A different one could be either dependency.
-        return ENDPOINT_INDEPENDENT
-    return UNKNOWN
+        return Mapping.ENDPOINT_INDEPENDENT
+    return Mapping.UNKNOWN
 
 
-def classify_filtering(change_ip_port: bool | None, change_port: bool | None) -> str:
+def classify_filtering(change_ip_port: bool | None, change_port: bool | None) -> Filtering:
     """
     RFC 5780 4.4 from whether the answer to CHANGE-REQUEST(ip+port) and
     CHANGE-REQUEST(port) arrived: True answered, False silence, None the test
     could not be run or the server did not honour it.
     """
     if change_ip_port is True:
-        return ENDPOINT_INDEPENDENT
+        return Filtering.ENDPOINT_INDEPENDENT
     if change_port is True:
         # The IP-changing answer did not come (or was not tested) while the
         # same-IP one did.
-        return ADDRESS_DEPENDENT if change_ip_port is False else UNKNOWN
+        return Filtering.ADDRESS_DEPENDENT if change_ip_port is False else Filtering.UNKNOWN
     if change_port is False:
-        return ADDRESS_AND_PORT_DEPENDENT
-    return UNKNOWN
-
-
-def classic_name(reachable: bool, mapping: str, filtering: str) -> str:
-    """The RFC 3489 name (open, full-cone, ..., udp-blocked) or "unknown"."""
-    if not reachable:
-        return UDP_BLOCKED
-    if mapping == NONE:
-        if filtering in (NONE, ENDPOINT_INDEPENDENT):
-            return OPEN
-        if filtering in (ADDRESS_DEPENDENT, ADDRESS_AND_PORT_DEPENDENT):
-            return SYMMETRIC_FIREWALL
-        return UNKNOWN
-    if mapping in (ADDRESS_DEPENDENT, ADDRESS_AND_PORT_DEPENDENT):
-        return SYMMETRIC
-    if mapping == ENDPOINT_INDEPENDENT:
-        return {
-            ENDPOINT_INDEPENDENT: FULL_CONE,
-            ADDRESS_DEPENDENT: RESTRICTED_CONE,
-            ADDRESS_AND_PORT_DEPENDENT: PORT_RESTRICTED_CONE,
-        }.get(filtering, UNKNOWN)
-    return UNKNOWN
+        return Filtering.ADDRESS_AND_PORT_DEPENDENT
+    return Filtering.UNKNOWN
 
 
 def usable_other_address(server: Address, other: Address | None) -> tuple[Address | None, str | None]:
@@ -185,7 +152,7 @@ class TestResult:
 class TCPBehavior:
     """The TCP mapping behaviour, measured from one local port."""
 
-    mapping: str
+    mapping: Mapping
     public_address: Address | None
     local_address: Address | None
     tests: tuple[TestResult, ...] = ()
@@ -198,9 +165,9 @@ class NATBehavior:
 
     server: Address
     reachable: bool
-    mapping: str
-    filtering: str
-    nat_type: str
+    mapping: Mapping
+    filtering: Filtering
+    nat_type: ClassicName
     public_address: Address | None
     local_address: Address | None
     port_preserving: bool | None
@@ -211,8 +178,27 @@ class NATBehavior:
     elapsed_ms: float | None = None
 
     @property
-    def tcp_mapping(self) -> str | None:
+    def tcp_mapping(self) -> Mapping | None:
         return self.tcp.mapping if self.tcp is not None else None
+
+    def summary(self) -> NatSummary:
+        """What protocol selection needs of this result (L{natbypass.nat.NatSummary})."""
+        delta = None
+        if self.mapping in (Mapping.ADDRESS_DEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT):
+            ports = [t.mapped[1] for t in self.tests if t.mapped is not None]
+            # Other flows (the TCP tests, other programs) may take ports between
+            # the first Binding and the two mapping tests; those two are sent
+            # back to back, so their step alone is the NAT's when the whole
+            # sequence is not regular.
+            delta = predictable_delta(ports) or predictable_delta(ports[-2:], min_flows=2)
+        return NatSummary(
+            self.mapping,
+            self.filtering,
+            self.port_preserving,
+            port_delta=delta,
+            tcp_mapping=self.tcp_mapping,
+            udp_blocked=not self.reachable,
+        )
 
     @property
     def tcp_reachable(self) -> bool:
@@ -280,12 +266,15 @@ def _udp_test(
     policy: RetransmitPolicy,
     change: ChangeRequest | None = None,
 ):
-    """Run one Binding test; never fails, returns a L{TestResult}."""
+    """
+    Run one Binding test; returns a L{TestResult} whatever the network does
+    (L{NETWORK_ERRORS} are "no answer").  Fails only on a bug or when cancelled.
+    """
     started = clock.seconds()
     attrs = (change,) if change is not None else ()
     try:
         response, source = yield client.request(binding_request(attrs), destination, policy)
-    except (StunTimeout, StunErrorResponse, OSError) as e:
+    except NETWORK_ERRORS as e:  # no answer; anything else is a bug and fails discovery
         result = TestResult(
             name, destination, False,
             elapsed_ms=(clock.seconds() - started) * 1000, error=_describe(e),
@@ -352,7 +341,7 @@ def discover_udp(
     started = clock.seconds()
     notes: list[str] = []
     own = local  # what "no NAT" is recognised by
-    if local is not None and local[0] in WILDCARDS:
+    if local is not None and is_wildcard(local[0]):
         notes.append("the local address is a wildcard: no-NAT cannot be recognised")
         own = None
 
@@ -364,7 +353,7 @@ def discover_udp(
             "the server is unreachable or UDP is blocked"
         )
         return NATBehavior(
-            server, False, UNKNOWN, UNKNOWN, UDP_BLOCKED, None, local, None,
+            server, False, Mapping.UNKNOWN, Filtering.UNKNOWN, ClassicName.UDP_BLOCKED, None, local, None,
             notes=tuple(notes), tests=tuple(tests),
             elapsed_ms=(clock.seconds() - started) * 1000,
         )
@@ -410,8 +399,8 @@ def discover_udp(
 
     mapping = classify_mapping(own, mapped, alt_ip, alt_ip_port)
     filtering = classify_filtering(change_ip_port, change_port)
-    if mapping == NONE and filtering == ENDPOINT_INDEPENDENT:
-        filtering = NONE
+    if mapping == Mapping.NONE and filtering == Filtering.ENDPOINT_INDEPENDENT:
+        filtering = Filtering.NONE
     behavior = NATBehavior(
         server,
         True,
@@ -448,7 +437,7 @@ def _tcp_test(binder: TCPBinder, clock: IReactorTime, name: str, destination: Ad
     started = clock.seconds()
     try:
         result: TCPBinding = yield binder(destination, local)
-    except Exception as e:  # connection refused, timeout, error response: all "no answer"
+    except NETWORK_ERRORS as e:  # refused, timed out, error response, closed: no answer
         out = TestResult(
             name, destination, False,
             elapsed_ms=(clock.seconds() - started) * 1000, error=_describe(e),
@@ -482,8 +471,8 @@ def discover_tcp(
     tests = [first]
     if not first.answered:
         notes.append(f"no answer from {format_address(server)} over TCP: {first.error}")
-        return TCPBehavior(UNKNOWN, None, None, tuple(tests), tuple(notes))
-    if bound is not None and bound[0] in WILDCARDS:
+        return TCPBehavior(Mapping.UNKNOWN, None, None, tuple(tests), tuple(notes))
+    if bound is not None and is_wildcard(bound[0]):
         bound = None
     other, why = usable_other_address(server, first.other or other)
     if why:

@@ -16,7 +16,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar, Iterable, Type, TypeVar
+from typing import ClassVar, Iterable, Iterator, Type, TypeVar
 
 MAGIC_COOKIE = 0x2112A442
 MAGIC_COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
@@ -92,17 +92,82 @@ def split_message_type(mtype: int) -> tuple[int, int]:
 
 def is_stun(data: bytes) -> bool:
     """
-    Cheap demultiplexing test (RFC 8489 7): top two bits zero, magic
-    cookie present, length consistent.  Used on sockets shared with other
-    traffic; the full decode still decides.
+    The demultiplexing test of a socket that STUN shares with other traffic:
+    does this datagram belong to STUN?  A whole header whose first byte is
+    0-3 (RFC 7983 section 7: the top two bits of every STUN message are
+    zero) and that carries the magic cookie (RFC 8489 section 5: the cookie
+    is what tells STUN apart from other protocols on the same port).
+
+    Deliberately no more than that: the length and padding checks of RFC
+    8489 section 6.3 decide whether a STUN message is *valid*, which is
+    L{decode}'s job, so a malformed STUN message is dropped and counted as
+    malformed STUN, not passed on to the other protocol.  RFC 3489 messages
+    (no cookie) are only recognised as answers to our requests, which carry
+    the cookie in the transaction id the server echoes.
     """
-    return (
-        len(data) >= HEADER_SIZE
-        and data[0] < 0x40
-        and data[4:8] == MAGIC_COOKIE_BYTES
-        and (len(data) - HEADER_SIZE) == _U16.unpack_from(data, 2)[0]
-        and len(data) % 4 == 0
-    )
+    return len(data) >= HEADER_SIZE and data[0] < 0x40 and data[4:8] == MAGIC_COOKIE_BYTES
+
+
+class StunFramingError(Exception):
+    """A byte stream carries something that does not frame as STUN."""
+
+
+class StreamFramer:
+    """
+    Cut a TCP byte stream into STUN messages (RFC 8489 section 6.2.2:
+    messages are self-delimiting through the length field of their header).
+    Pure: bytes in, frames out; the protocols on either side decide what a
+    framing error costs (the connection: a stream that lost its framing
+    cannot be resynchronised).
+
+    C{require_cookie}: refuse a header without the magic cookie (a client
+    talks to RFC 8489 servers only; a server also frames RFC 3489 requests).
+    C{max_size}: refuse a message longer than this, header included.
+    """
+
+    def __init__(self, *, require_cookie: bool = True, max_size: int | None = None) -> None:
+        self._buffer = b""
+        self._require_cookie = require_cookie
+        self._max_size = max_size
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """
+        Every message that C{data} completes, in order.  Raises
+        L{StunFramingError} (and forgets what it held) when the stream does
+        not frame as STUN; messages before the error are lost with it, use
+        L{frames} to take them one at a time.
+        """
+        return list(self.frames(data))
+
+    def frames(self, data: bytes) -> Iterator[bytes]:
+        """Like L{feed}, yielding each message before looking at the next."""
+        self._buffer += data
+        return self._drain()
+
+    def _drain(self) -> Iterator[bytes]:
+        while len(self._buffer) >= HEADER_SIZE:
+            head = self._buffer
+            length = (head[2] << 8) | head[3]
+            size = HEADER_SIZE + length
+            why = None
+            if head[0] >= 0x40 or (self._require_cookie and head[4:8] != MAGIC_COOKIE_BYTES):
+                why = "the stream does not carry STUN messages"
+            elif length % 4:
+                why = "STUN length is not a multiple of 4"
+            elif self._max_size is not None and size > self._max_size:
+                why = f"a {size}-byte STUN message is over the {self._max_size}-byte limit"
+            if why is not None:
+                self._buffer = b""
+                raise StunFramingError(why)
+            if len(head) < size:
+                return
+            self._buffer = head[size:]
+            yield head[:size]
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete message held back."""
+        return len(self._buffer)
 
 
 # ---------------------------------------------------------------- attributes

@@ -62,8 +62,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from natbypass import __version__
+from natbypass.address import is_wildcard
 from natbypass.stun import message as m
-from natbypass.stun.message import StunDecodeError
+from natbypass.stun.message import StreamFramer, StunDecodeError, StunFramingError
 
 Address = tuple[str, int]
 
@@ -82,8 +83,6 @@ MAX_RESPONSE_SIZE = 20 + 4 * 24 + 4 + MAX_SOFTWARE_BYTES + 8
 MAX_TCP_CONNECTIONS = 1000
 #: How many times port-0 configurations look for ports free on all sockets.
 PORT_ATTEMPTS = 20
-
-_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 
 _ATTR_CHANGE_REQUEST = m.AttributeType.CHANGE_REQUEST
 _ATTR_RESPONSE_ADDRESS = m.AttributeType.RESPONSE_ADDRESS
@@ -124,7 +123,7 @@ class ResponderConfig:
         alt_host, alt_port = self.alternate
         if _family(alt_host) != family:
             raise ValueError("the alternate address must be of the same IP family as the primary")
-        if host in _WILDCARDS or alt_host in _WILDCARDS:
+        if is_wildcard(host) or is_wildcard(alt_host):
             raise ValueError(
                 "RFC 5780 needs specific addresses (a wildcard cannot say which IP answered)"
             )
@@ -335,7 +334,7 @@ class BindingResponder:
         attrs: list[m.Attribute]
         if request.is_rfc3489:
             attrs = [m.MappedAddress(host, port)]
-            if origin[0] not in _WILDCARDS:
+            if not is_wildcard(origin[0]):
                 attrs.append(m.SourceAddress(*origin))
             if other is not None:
                 attrs.append(m.ChangedAddress(*other))
@@ -430,6 +429,8 @@ class Counters:
     ignored: int = 0
     send_failed: int = 0
     tcp_refused: int = 0
+    #: Requests on which the responder itself failed (a bug, logged with its traceback).
+    errors: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -533,8 +534,8 @@ class STUNDatagramProtocol(DatagramProtocol):
         except StunDecodeError:
             counters.malformed += 1
             return
-        except Exception:  # a bug must not take the socket down
-            counters.malformed += 1
+        except Exception:  # a bug must not take the socket down: log it, count it, go on
+            counters.errors += 1
             self.log.failure("STUN responder failed on a datagram from {source}", source=addr)
             return
         if reply is None:
@@ -558,7 +559,7 @@ class STUNStreamProtocol(Protocol):
         self.server = server
         self._clock = clock
         self._idle_timeout = idle_timeout
-        self._buffer = b""
+        self._framer = StreamFramer(require_cookie=False, max_size=MAX_STREAM_MESSAGE)
         self._timer = None
         self.local: Address | None = None
         self.peer: Address | None = None
@@ -583,22 +584,14 @@ class STUNStreamProtocol(Protocol):
         self._timer = None
 
     def dataReceived(self, data: bytes) -> None:
-        buffer = self._buffer + data
-        while len(buffer) >= m.HEADER_SIZE:
-            length = (buffer[2] << 8) | buffer[3]
-            total = m.HEADER_SIZE + length
-            if buffer[0] >= 0x40 or length % 4 or total > MAX_STREAM_MESSAGE:
-                self.server.counters.malformed += 1
-                self._buffer = b""
-                self.transport.loseConnection()
-                return
-            if len(buffer) < total:
-                break
-            frame, buffer = buffer[:total], buffer[total:]
-            if self._timer is not None and self._timer.active():
-                self._timer.reset(self._idle_timeout)
-            self._message(frame)
-        self._buffer = buffer
+        try:
+            for frame in self._framer.frames(data):
+                if self._timer is not None and self._timer.active():
+                    self._timer.reset(self._idle_timeout)
+                self._message(frame)
+        except StunFramingError:
+            self.server.counters.malformed += 1
+            self.transport.loseConnection()
 
     def _message(self, frame: bytes) -> None:
         server = self.server
@@ -616,8 +609,8 @@ class STUNStreamProtocol(Protocol):
         except StunDecodeError:
             counters.malformed += 1
             return
-        except Exception:
-            counters.malformed += 1
+        except Exception:  # as for datagrams: one bad request must not end the connection
+            counters.errors += 1
             self.log.failure("STUN responder failed on a message from {peer}", peer=self.peer)
             return
         if reply is None:
@@ -789,7 +782,7 @@ class STUNService(Service):
         self.log.info(
             "STUN counters: {received} received, {answered} answered, {malformed} malformed, "
             "{rate_limited} rate-limited, {ignored} ignored, {send_failed} send failures, "
-            "{tcp_refused} TCP connections refused",
+            "{tcp_refused} TCP connections refused, {errors} responder errors",
             **self.counters.snapshot(),
         )
 

@@ -1,0 +1,232 @@
+"""
+TLS 1.3 over a punched TCP path, both sides authenticated by pinned keys.
+
+The TCP path exists before TLS does (simultaneous open, then the session
+handshake of L{natbypass.punch.tcp}), so TLS starts on an already-connected
+transport: L{start_tls} builds a C{TLSMemoryBIOProtocol} over it and the
+caller routes the transport's later C{dataReceived}/C{connectionLost} to
+L{SecureTLS.protocol} (or sets C{transport.protocol} to it).
+
+Each side presents the self-signed certificate of its identity key and checks
+the other's against a L{natbypass.trust.PeerCheck} (usually L{pinned}): no CA,
+no host name, no dates: the pin is the check.  TLS 1.3's CertificateVerify
+then proves the peer holds that key, over a transcript that includes both
+sides' key shares, so nobody without the key -- not even whoever knows the
+punch session key -- can stand in the middle.  Role 0 is the TLS client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IReactorTime,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from natbypass.identity import Fingerprint, Identity
+from natbypass.trust import PeerCheck, PeerRejected, as_check
+
+__all__ = ["ALPN", "PinnedTLS", "SecureTLS", "start_tls"]
+
+#: The ALPN protocol both sides offer.
+ALPN = b"natbypass/1"
+
+
+@implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
+class PinnedTLS:
+    """
+    Makes the OpenSSL connection of I{one} TLS path: our identity
+    certificate, TLS 1.3 only, no resumption, and a peer certificate checked
+    against C{expected}.
+
+    Usable anywhere Twisted takes a connection creator
+    (C{TLSMemoryBIOFactory}, C{transport.startTLS}).  After a failed
+    handshake, L{rejection} says why the peer's key was refused; after a
+    successful one, L{peer_fingerprint} is the key it proved it holds.
+
+    @param identity: our key.
+    @param expected: the fingerprint we pin, or a L{PeerCheck}.
+    @param clock: dates our certificate (see L{Identity.certificate}).
+    @param certificate: our certificate, if already made (else a new one).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        identity: Identity,
+        expected: Fingerprint | PeerCheck,
+        clock: IReactorTime,
+        certificate: x509.Certificate | None = None,
+    ) -> None:
+        self._identity = identity
+        self._check = as_check(expected)
+        self._certificate = certificate if certificate is not None else identity.certificate(clock)
+        self.peer_fingerprint: Fingerprint | None = None
+        self.rejection: PeerRejected | None = None
+
+    def context(self, is_client: bool) -> SSL.Context:
+        """A new OpenSSL context for one side of the path."""
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+        ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.use_certificate(crypto.X509.from_cryptography(self._certificate))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(self._identity.private_key))
+        ctx.check_privatekey()
+        ctx.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE, self._verify
+        )
+        if is_client:
+            ctx.set_alpn_protos([ALPN])
+        else:
+            ctx.set_alpn_select_callback(self._selectALPN)
+        return ctx
+
+    def _selectALPN(self, conn: SSL.Connection, offered: list[bytes]) -> Any:
+        return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        # OpenSSL's own verdict (always "self-signed") is ignored: only the
+        # leaf matters, and only its key, which the handshake's
+        # CertificateVerify then proves the peer holds.  Never raises.
+        if depth != 0:
+            return True
+        presented = Fingerprint.of_certificate(cert.to_cryptography())
+        try:
+            self._check(presented)
+        except PeerRejected as e:
+            self.rejection = e
+            self.log.warn("TLS peer refused: {reason}", reason=str(e))
+            return False
+        except Exception as e:  # a PeerCheck must never break OpenSSL's callback
+            self.rejection = PeerRejected(f"the key check failed: {e!r}")
+            self.log.failure("TLS key check raised", Failure())
+            return False
+        self.peer_fingerprint = presented
+        return True
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        conn = SSL.Connection(self.context(True), None)
+        conn.set_app_data(tlsProtocol)
+        return conn
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        conn = SSL.Connection(self.context(False), None)
+        conn.set_app_data(tlsProtocol)
+        return conn
+
+
+@implementer(IHandshakeListener)
+class _Gate(Protocol):
+    """
+    Sits between TLS and the application: connects the application only once
+    the handshake authenticated the peer, and fires the handshake Deferred.
+    """
+
+    def __init__(self, secure: SecureTLS, app: IProtocol) -> None:
+        self._secure = secure
+        self._app = app
+        self._open = False
+
+    def handshakeCompleted(self) -> None:
+        tls = self.transport
+        creator = self._secure.creator
+        peer = tls.getPeerCertificate()
+        if peer is None or creator.peer_fingerprint is None:
+            tls.abortConnection()
+            return
+        proved = Fingerprint.of_certificate(peer.to_cryptography())
+        if not proved.matches(creator.peer_fingerprint):
+            tls.abortConnection()
+            return
+        self._open = True
+        self._app.makeConnection(tls)
+        self._secure._handshakeDone(proved)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._open:
+            self._app.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._open:
+            self._app.connectionLost(reason)
+        self._secure._lost(reason)
+
+
+class SecureTLS:
+    """
+    One TLS path being set up or in use; made by L{start_tls}.
+
+    @ivar protocol: the C{TLSMemoryBIOProtocol}; route the transport's
+        C{dataReceived} and C{connectionLost} to it.
+    @ivar handshake: fires with the peer's L{Fingerprint} once it is
+        authenticated (the application protocol is connected just before), or
+        fails with L{PeerRejected} (its key was refused) or the TLS error.
+    @ivar creator: the L{PinnedTLS} of this path.
+    """
+
+    log = Logger()
+
+    def __init__(self, creator: PinnedTLS, app: IProtocol, is_client: bool, clock: IReactorTime) -> None:
+        self.creator = creator
+        self.handshake: Deferred[Fingerprint] = Deferred()
+        self.peer_fingerprint: Fingerprint | None = None
+        factory = TLSMemoryBIOFactory(creator, is_client, Factory(), clock=clock)
+        self.protocol: TLSMemoryBIOProtocol = factory.protocol(factory, _Gate(self, app))
+
+    def _handshakeDone(self, fingerprint: Fingerprint) -> None:
+        self.peer_fingerprint = fingerprint
+        self.log.info("TLS peer authenticated as {fingerprint}", fingerprint=str(fingerprint))
+        if not self.handshake.called:
+            self.handshake.callback(fingerprint)
+
+    def _lost(self, reason: Failure) -> None:
+        if self.handshake.called:
+            return
+        if self.creator.rejection is not None:
+            self.handshake.errback(Failure(self.creator.rejection))
+        else:
+            self.handshake.errback(reason)
+
+
+def start_tls(
+    transport: ITransport,
+    app: IProtocol,
+    identity: Identity,
+    expected: Fingerprint | PeerCheck,
+    role: int,
+    clock: IReactorTime,
+    certificate: x509.Certificate | None = None,
+) -> SecureTLS:
+    """
+    Start TLS on an already-connected stream C{transport}.
+
+    @param app: the application protocol; connected to the TLS transport once
+        the peer is authenticated, never before.
+    @param expected: the peer's pinned fingerprint or a L{PeerCheck}.
+    @param role: the path's role; 0 is the TLS client, 1 the server.
+    @param clock: the reactor's clock (TLS write batching, certificate dates).
+    @return: the L{SecureTLS}; route the transport's later events to its
+        C{protocol}.  Bytes that arrived with the last plaintext frame go to
+        C{protocol.dataReceived} right away.
+    """
+    if role not in (0, 1):
+        raise ValueError("role is 0 (TLS client) or 1 (TLS server)")
+    secure = SecureTLS(PinnedTLS(identity, expected, clock, certificate), app, role == 0, clock)
+    secure.protocol.makeConnection(transport)
+    return secure

@@ -1,0 +1,260 @@
+"""Tests for natbypass.secure.tls."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from natbypass.identity import Fingerprint, Identity
+from natbypass.secure.tls import ALPN, PinnedTLS, start_tls
+from natbypass.trust import PeerRejected
+
+ALICE, BOB, MALLORY = Identity.generate(), Identity.generate(), Identity.generate()
+
+
+class Collect(Protocol):
+    """The application protocol: records what arrives; echoes when told to."""
+
+    def __init__(self, echo: bool = False) -> None:
+        self.data = b""
+        self.made = False
+        self.lost: Failure | None = None
+        self.echo = echo
+
+    def connectionMade(self) -> None:
+        self.made = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.echo:
+            self.transport.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = reason
+
+
+class Adopter(Protocol):
+    """
+    Stands for the punched TCP path: a plaintext greeting first (as the
+    punch session handshake does), then TLS on the same transport, with
+    whatever followed the greeting in the same read handed to TLS.
+    """
+
+    def __init__(self, identity: Identity, expected, role: int, clock, app: Protocol,
+                 certificate=None) -> None:
+        self.args = (identity, expected, role, clock)
+        self.certificate = certificate
+        self.app = app
+        self.buffer = b""
+        self.secure = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"PUNCHED\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.secure is not None:
+            self.secure.protocol.dataReceived(data)
+            return
+        self.buffer += data
+        if b"\n" in self.buffer:
+            _, rest = self.buffer.split(b"\n", 1)
+            self.secure = start_tls(self.transport, self.app, *self.args, certificate=self.certificate)
+            if rest:
+                self.secure.protocol.dataReceived(rest)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.secure is not None:
+            self.secure.protocol.connectionLost(reason)
+
+
+def pair(client: tuple, server: tuple, clock: Clock):
+    """Connect two adopters (role 0 = client side) over an in-memory TCP pair."""
+    c = Adopter(*client, clock=clock, app=Collect())
+    s = Adopter(*server, clock=clock, app=Collect(echo=True))
+    pump = iosim.connect(s, iosim.makeFakeServer(s), c, iosim.makeFakeClient(c), greet=False, clock=clock)
+    for _ in range(20):
+        pump.pump()
+    return c, s, pump
+
+
+def result(d: defer.Deferred):
+    out: list = []
+    d.addBoth(out.append)
+    return out[0] if out else None
+
+
+class PinnedTLSTests(SynchronousTestCase):
+    def test_interfaces_and_context(self) -> None:
+        creator = PinnedTLS(ALICE, BOB.fingerprint, Clock())
+        self.assertTrue(verifyObject(IOpenSSLClientConnectionCreator, creator))
+        self.assertTrue(verifyObject(IOpenSSLServerConnectionCreator, creator))
+        conn = creator.clientConnectionForTLS(None)
+        self.assertIsInstance(conn, SSL.Connection)
+
+    def test_right_keys_connect(self) -> None:
+        clock = Clock()
+        c, s, pump = pair((ALICE, BOB.fingerprint, 0), (BOB, ALICE.fingerprint, 1), clock)
+        self.assertEqual(result(c.secure.handshake), BOB.fingerprint)
+        self.assertEqual(result(s.secure.handshake), ALICE.fingerprint)
+        self.assertTrue(c.app.made and s.app.made)
+        self.assertEqual(c.secure.protocol.getHandle().get_protocol_version_name(), "TLSv1.3")
+        self.assertEqual(c.secure.protocol.negotiatedProtocol, ALPN)
+        c.app.transport.write(b"ping")
+        for _ in range(5):
+            pump.pump()
+        self.assertEqual((s.app.data, c.app.data), (b"ping", b"ping"))
+
+    def test_server_refuses_wrong_client_key(self) -> None:
+        clock = Clock()
+        c, s, pump = pair((MALLORY, BOB.fingerprint, 0), (BOB, ALICE.fingerprint, 1), clock)
+        failure = result(s.secure.handshake)
+        self.assertIsInstance(failure, Failure)
+        failure.trap(PeerRejected)
+        self.assertIn(f"is {MALLORY.fingerprint}, expected {ALICE.fingerprint}", failure.getErrorMessage())
+        self.assertFalse(s.app.made)
+        self.assertIsNotNone(c.secure.protocol.transport.disconnecting or c.app.lost)
+
+    def test_client_refuses_wrong_server_key(self) -> None:
+        clock = Clock()
+        c, s, pump = pair((ALICE, BOB.fingerprint, 0), (MALLORY, ALICE.fingerprint, 1), clock)
+        failure = result(c.secure.handshake)
+        failure.trap(PeerRejected)
+        self.assertIn(str(MALLORY.fingerprint), failure.getErrorMessage())
+        self.assertFalse(c.app.made)
+        self.assertFalse(s.app.made)
+        self.assertIsInstance(result(s.secure.handshake), Failure)
+
+    def test_stolen_certificate_without_key_cannot_impersonate(self) -> None:
+        """Mallory sends Bob's (public) certificate but only holds her own key."""
+        clock = Clock()
+        bob_cert = BOB.certificate(clock)
+        c = Adopter(ALICE, BOB.fingerprint, 0, clock, Collect())
+        s = Adopter(MALLORY, ALICE.fingerprint, 1, clock, Collect(), certificate=bob_cert)
+        pump = iosim.connect(s, iosim.makeFakeServer(s), c, iosim.makeFakeClient(c), greet=False, clock=clock)
+        for _ in range(20):
+            pump.pump()
+        # OpenSSL will not even pair Bob's certificate with Mallory's key.
+        self.assertIsInstance(result(c.secure.handshake), Failure)
+        self.assertFalse(c.app.made)
+        self.assertIsInstance(result(s.secure.handshake), Failure)
+
+    def test_peer_check_callable(self) -> None:
+        seen = []
+        clock = Clock()
+        c, s, _ = pair((ALICE, seen.append, 0), (BOB, ALICE.fingerprint, 1), clock)
+        self.assertEqual(seen[-1:], [BOB.fingerprint])
+        self.assertEqual(result(c.secure.handshake), BOB.fingerprint)
+
+    def test_role_validated(self) -> None:
+        self.assertRaises(ValueError, start_tls, None, Protocol(), ALICE, BOB.fingerprint, 2, Clock())
+
+
+def _write_pem(path: str, data: bytes) -> str:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+class OpenSSLInteropTests(TestCase):
+    """Our TLS server side against OpenSSL's C{s_client}, over loopback."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.openssl = shutil.which("openssl")
+        if self.openssl is None:
+            raise self.skipTest("the openssl command is not installed (apt-get install openssl)")
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.secure: list = []
+
+        test = self
+
+        class Server(Protocol):
+            def connectionMade(self) -> None:
+                app = Collect()
+                app.connectionMade = lambda: app.transport.write(b"hello-from-natbypass\n")
+                self.secure = start_tls(self.transport, app, BOB, ALICE.fingerprint, 1, reactor)
+                test.secure.append(self.secure)
+
+            def dataReceived(self, data: bytes) -> None:
+                self.secure.protocol.dataReceived(data)
+
+            def connectionLost(self, reason: Failure) -> None:
+                self.secure.protocol.connectionLost(reason)
+
+        self.port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    def write_identity(self, name: str, identity: Identity) -> tuple[str, str]:
+        cert = identity.certificate(reactor).public_bytes(serialization.Encoding.PEM)
+        return (_write_pem(os.path.join(self.dir, name + ".crt"), cert),
+                _write_pem(os.path.join(self.dir, name + ".key"), identity.private_pem()))
+
+    def s_client(self, cert: str, key: str, ca: str) -> defer.Deferred:
+        args = ["s_client", "-connect", f"127.0.0.1:{self.port.getHost().port}", "-tls1_3",
+                "-alpn", ALPN.decode(), "-cert", cert, "-key", key, "-CAfile", ca,
+                "-verify_return_error", "-ign_eof"]
+        # stdin closes at once; -ign_eof keeps s_client reading until the server hangs up.
+        return getProcessOutputAndValue(self.openssl, args, env=os.environ, reactor=reactor)
+
+    def hang_up_later(self) -> None:
+        # The server app sends its line once the client is authenticated; the
+        # test then hangs up so s_client exits.
+        def close():
+            for secure in self.secure:
+                if secure.handshake.called:
+                    secure.protocol.loseConnection()
+        d = defer.Deferred()
+        reactor.callLater(1.0, lambda: (close(), d.callback(None)))
+        return d
+
+    @defer.inlineCallbacks
+    def test_right_client_key(self):
+        cert, key = self.write_identity("alice", ALICE)
+        bob_cert = os.path.join(self.dir, "bob.crt")
+        _write_pem(bob_cert, BOB.certificate(reactor).public_bytes(serialization.Encoding.PEM))
+        self.hang_up_later()
+        out, err, code = yield self.s_client(cert, key, bob_cert)
+        self.assertEqual(len(self.secure), 1)
+        fingerprint = yield self.secure[0].handshake
+        self.assertEqual(fingerprint, ALICE.fingerprint)
+        self.assertIn(b"hello-from-natbypass", out)
+        self.assertIn(b"TLSv1.3", out)
+
+    @defer.inlineCallbacks
+    def test_wrong_client_key_refused(self):
+        cert, key = self.write_identity("mallory", MALLORY)
+        bob_cert = os.path.join(self.dir, "bob.crt")
+        _write_pem(bob_cert, BOB.certificate(reactor).public_bytes(serialization.Encoding.PEM))
+        self.hang_up_later()
+        out, err, code = yield self.s_client(cert, key, bob_cert)
+        self.assertNotIn(b"hello-from-natbypass", out)
+        with self.assertRaises(PeerRejected) as e:
+            yield self.secure[0].handshake
+        self.assertIn(str(MALLORY.fingerprint), str(e.exception))
+
+    @defer.inlineCallbacks
+    def test_client_pin_of_server(self):
+        """s_client trusting only Mallory's certificate refuses our server (Bob)."""
+        cert, key = self.write_identity("alice", ALICE)
+        other = os.path.join(self.dir, "mallory.crt")
+        _write_pem(other, MALLORY.certificate(reactor).public_bytes(serialization.Encoding.PEM))
+        self.hang_up_later()
+        out, err, code = yield self.s_client(cert, key, other)
+        self.assertNotEqual(code, 0)
+        self.assertNotIn(b"hello-from-natbypass", out)
+        self.assertIsInstance(Fingerprint, type)
