@@ -20,6 +20,7 @@ Interpreters are never downloaded (``download_python = "never"``).
 
 from __future__ import annotations
 
+import atexit
 import configparser
 import glob
 import os
@@ -53,6 +54,13 @@ LAB_MODULES = ("test_lab_", "test_punch_lab")
 #: version -> (passed, failed, skipped, status) of the sessions run by this nox process
 RESULTS: dict[str, tuple[int, int, int, int]] = {}
 _built: dict[str, Path] = {}
+
+
+def _scratch(prefix: str) -> Path:
+    """A temporary directory, removed when nox exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def _runs(python: str) -> bool:
@@ -94,7 +102,7 @@ _offer_pyenv_versions()
 def _wheel(session: nox.Session) -> Path:
     """The wheel, built once per nox run from the sdist (so MANIFEST.in is tested too)."""
     if "wheel" not in _built:
-        out = Path(tempfile.mkdtemp(prefix="natbypass-dist-"))
+        out = _scratch("natbypass-dist-")
         session.install("build")
         session.run("python", "-m", "build", "--outdir", str(out), str(HERE))
         (_built["sdist"],) = out.glob("natbypass-*.tar.gz")
@@ -105,7 +113,7 @@ def _wheel(session: nox.Session) -> Path:
 @nox.session(python=False)
 def package(session: nox.Session) -> None:
     """Build sdist and wheel; install the wheel into a clean venv; twistd must see both plugins."""
-    venv = Path(tempfile.mkdtemp(prefix="natbypass-build-"))
+    venv = _scratch("natbypass-build-")
     session.run(sys.executable, "-m", "venv", str(venv / "build"))
     build_env = {"PATH": f"{venv / 'build' / 'bin'}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(venv / "build")}
     out = venv / "dist"

@@ -44,6 +44,7 @@ from natbypass.punch.udp import ProbeSchedule, punch_udp
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
 from natbypass.signaling.wire import Candidate, Description, Session
 from natbypass.stun.client import (
+    NETWORK_ERRORS,
     StunUDPProtocol,
     binding_request,
     mapped_address,
@@ -116,9 +117,16 @@ class TCPPort:
     and an inbound SYN is accepted), and its mapping learned from that port.
     """
 
-    def __init__(self, reactor: Any, clock: IReactorTime, port_range: PortRange | None, bind_host: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        clock: IReactorTime,
+        port_range: PortRange | None,
+        bind_host: str,
+        reserve: Callable[[PortRange | None, str], socket.socket] = candidates.reserve_tcp_port,
+    ) -> None:
         self.reactor, self.clock = reactor, clock
-        self.socket: socket.socket | None = candidates.reserve_tcp_port(port_range, bind_host)
+        self.socket: socket.socket | None = reserve(port_range, bind_host)
         self.local: Address = self.socket.getsockname()[:2]
         self.mapped: Address | None = None
 
@@ -161,9 +169,16 @@ class Peer(MultiService):
         protocol: str | Sequence[str] = "auto",
         config: PeerConfig = PeerConfig(),
         clock: IReactorTime | None = None,
+        reserve_tcp_port: Callable[[PortRange | None, str], socket.socket] = candidates.reserve_tcp_port,
     ) -> None:
+        """
+        ``reactor`` binds every UDP port and makes every TCP connection;
+        ``reserve_tcp_port`` holds the TCP ports punched from (tests pass an
+        in-memory reactor and its ``reserve_tcp_port``, see natbypass.testing).
+        """
         super().__init__()
         self.reactor = reactor
+        self._reserve_tcp_port = reserve_tcp_port
         self.clock = clock or reactor
         self.peer_id = peer_id
         self.stun_server = stun_server
@@ -223,7 +238,7 @@ class Peer(MultiService):
         cfg = self.config
         udp = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host)
         try:
-            return Ports(udp, TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host))
+            return Ports(udp, TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host, self._reserve_tcp_port))
         except BaseException:
             udp.close()
             raise
@@ -231,7 +246,7 @@ class Peer(MultiService):
     async def _learn_one(self, port: UDPSocket | TCPPort, what: str) -> None:
         try:
             await port.learn(self.stun_server, self.config.stun_timeout)
-        except Exception as e:
+        except NETWORK_ERRORS as e:  # no answer: go on without; a bug fails the connects that wait for it
             self.log.warn("no {what} mapping from {server}: {error}", what=what, server=self.stun_server, error=e)
 
     def _discover(self) -> Deferred[Any]:
@@ -391,7 +406,7 @@ class Peer(MultiService):
         udp, tcp_ = main.udp, main.tcp
         for protocol in reversed(wish or ("udp", "tcp")):
             if protocol == "tcp":
-                tcp_ = TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host)
+                tcp_ = TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host, self._reserve_tcp_port)
                 await self._learn_one(tcp_, "TCP")
             else:
                 udp = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host)

@@ -1,11 +1,19 @@
-"""natbypass connect: bad usage is refused with exit status 2 before anything starts."""
+"""natbypass connect: bad usage is refused with exit status 2 before anything starts; what a run prints."""
 
 import io
+import json
 import sys
 
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from natbypass.app import connect
+from natbypass.app import connect, peer_tap
+from natbypass.app.peer_options import PEER_OPTIONS
+from natbypass.punch.candidates import PortRange
+from natbypass.punch.race import AllAttemptsFailed, Outcome
+from natbypass.signaling.client import UnknownPeer
 
 
 class UsageTests(SynchronousTestCase):
@@ -36,3 +44,136 @@ class UsageTests(SynchronousTestCase):
         self.patch(sys, "stdout", out)
         self.assertEqual(connect.run(["--help"]), 0)
         self.assertIn("--protocol", out.getvalue())
+
+
+# -------------------------------------------------------------- the run
+
+
+class EchoingConnection:
+    """A path that echoes what is sent at once (or raises ``send_error``, or swallows it)."""
+
+    protocol = "udp"
+    session_id = "s-1"
+    peer_id = "bob"
+    outcome = None
+
+    def __init__(self, local: object, remote: object, send_error: Exception | None = None, echo: bool = True) -> None:
+        self.local_address, self.remote_address = local, remote
+        self.send_error, self.echo = send_error, echo
+        self.receiver = None
+        self.closed = False
+
+    def setReceiver(self, receiver) -> None:
+        self.receiver = receiver
+
+    def send(self, data: bytes) -> None:
+        if self.send_error is not None:
+            raise self.send_error
+        if self.echo:
+            self.receiver.dataReceived(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakePeer:
+    """What ``natbypass connect`` needs of a Peer: connect gives ``result`` (a connection or an exception)."""
+
+    def __init__(self, result: object) -> None:
+        self.result = result
+        self.running = False
+
+    def startService(self) -> None:
+        self.running = True
+
+    def stopService(self) -> None:
+        self.running = False
+
+    def connect(self, peer_id: str):
+        if isinstance(self.result, Exception):
+            return defer.fail(self.result)
+        return defer.succeed(self.result)
+
+
+class RunTests(SynchronousTestCase):
+    """connect's _main with a fake peer on a Clock: what it prints and returns."""
+
+    def run_main(self, result: object, *extra: str) -> tuple[defer.Deferred, str, FakePeer]:
+        options = connect.parse_options(["--mediator", "tcp:127.0.0.1:7000", "--id", "alice", "--peer", "bob", *extra])
+        peer, out, clock = FakePeer(result), io.StringIO(), Clock()
+        d = defer.ensureDeferred(connect._main(clock, options, out, make=lambda reactor, options: peer))
+        self.clock = clock
+        return d, out.getvalue(), peer
+
+    def test_ipv6_addresses_in_brackets(self) -> None:
+        """Regression: IPv6 addresses were printed as 2001:db8::1:40000."""
+        conn = EchoingConnection(IPv6Address("UDP", "2001:db8::1", 40000), IPv6Address("UDP", "2001:db8::2", 50000))
+        d, out, peer = self.run_main(conn, "--count", "1")
+        self.assertEqual(self.successResultOf(d), connect.EXIT_OK)
+        self.assertIn("connected to bob over udp: [2001:db8::1]:40000 -> [2001:db8::2]:50000 in 0 ms", out)
+        d, out, peer = self.run_main(conn, "--count", "1", "--json")
+        self.successResultOf(d)
+        event = json.loads(out.splitlines()[0])
+        self.assertEqual((event["local_address"], event["remote_address"]), ("[2001:db8::1]:40000", "[2001:db8::2]:50000"))
+
+    def test_ipv4_unchanged(self) -> None:
+        conn = EchoingConnection(IPv4Address("TCP", "10.0.0.1", 40000), IPv4Address("TCP", "198.51.100.2", 50000))
+        d, out, peer = self.run_main(conn, "--count", "2")
+        self.assertEqual(self.successResultOf(d), connect.EXIT_OK)
+        self.assertIn(": 10.0.0.1:40000 -> 198.51.100.2:50000 in 0 ms", out)
+        self.assertIn("echo: 2/2 came back", out)
+        self.assertTrue(conn.closed)
+        self.assertFalse(peer.running)
+
+    def test_no_path_is_reported(self) -> None:
+        d, out, peer = self.run_main(AllAttemptsFailed(Outcome()), "--json")
+        self.assertEqual(self.successResultOf(d), connect.EXIT_FAILED)
+        self.assertEqual(json.loads(out)["event"], "failed")
+        d, out, peer = self.run_main(UnknownPeer("unknown-peer", "no peer bob"))
+        self.assertEqual(self.successResultOf(d), connect.EXIT_FAILED)
+        self.assertIn("could not connect to bob: unknown-peer: no peer bob", out)
+        self.assertFalse(peer.running)
+
+    def test_bug_in_connect_is_not_a_failed_connect(self) -> None:
+        d, out, peer = self.run_main(TypeError("a bug"))
+        self.failureResultOf(d, TypeError)
+        self.assertEqual(out, "")
+        self.assertFalse(peer.running)
+
+    def test_echo_timeout_is_reported(self) -> None:
+        conn = EchoingConnection(IPv4Address("UDP", "10.0.0.1", 1), IPv4Address("UDP", "10.0.0.2", 2), echo=False)
+        d, _, _ = self.run_main(conn, "--count", "2")
+        self.assertNoResult(d)
+        self.clock.advance(5)
+        self.assertEqual(self.successResultOf(d), connect.EXIT_FAILED)
+
+    def test_bug_in_echo_is_not_a_lost_echo(self) -> None:
+        """It used to end the echo loop (``except Exception: break``) and print 0/1 came back."""
+        conn = EchoingConnection(IPv4Address("UDP", "10.0.0.1", 1), IPv4Address("UDP", "10.0.0.2", 2),
+                                 send_error=TypeError("a bug"))
+        d, out, peer = self.run_main(conn, "--count", "1")
+        self.failureResultOf(d, TypeError)
+        self.assertNotIn("echo:", out)
+        self.assertFalse(peer.running)
+
+
+class OptionsTests(SynchronousTestCase):
+    """One definition of the shared options: same names and defaults as natbypass-peer's."""
+
+    def test_defaults(self) -> None:
+        o = connect.parse_options(["--mediator", "tcp:198.18.0.2:7000", "--id", "alice", "--peer", "bob"])
+        self.assertEqual(o["stun"], ("198.18.0.2", 3478))
+        self.assertEqual(
+            (o["protocol"], o["timeout"], o["port-range"], o["count"], o["interval"], o["json"], o["no-discovery"]),
+            ("auto", 5.0, None, 3, 0.0, False, False),
+        )
+
+    def test_same_as_the_plugin(self) -> None:
+        argv = ["--mediator", "tls:m.example:7443", "--id", "bob", "--stun", "[::1]:4000", "--protocol", "tcp,udp",
+                "--port-range", "40000-40010", "--timeout", "7", "--token", "t", "--ca", "ca.pem", "--no-discovery"]
+        tap = peer_tap.Options()
+        tap.parseOptions(argv)
+        ours = connect.parse_options(argv + ["--peer", "alice"])
+        for spec in PEER_OPTIONS:
+            self.assertEqual(ours[spec.name], tap[spec.name], spec.name)
+        self.assertEqual(ours["port-range"], PortRange(40000, 40010))

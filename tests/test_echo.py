@@ -15,7 +15,12 @@ from natbypass.interfaces import IIncomingHandler, IPeerReceiver
 
 
 class FakeConnection:
-    """Just enough of an IPeerConnection: records what is sent."""
+    """
+    Just enough of an IPeerConnection: records what is sent.  Not a socket
+    double, so not in natbypass.testing: the echo needs only send/setReceiver,
+    and a real connection over MemoryUDPNetwork would test the punch engine
+    again instead of the line echo.
+    """
 
     peer_id = "b"
     protocol = "udp"

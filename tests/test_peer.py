@@ -1,192 +1,162 @@
 """
-End-to-end tests of the Peer service on loopback: a real mediator (STUN on
-127.0.0.1 + 127.0.0.2, signalling on 127.0.0.1) and two real peers in this
-process.  No NAT here (the NAT lab tests do that); these prove the
-composition: registration, offer/answer, punching over UDP and TCP, echo,
-fallback, and that a path survives the mediator going away.
+The Peer service in memory, on a Clock: a MemoryUDPReactor (natbypass.testing.udp)
+carries its UDP sockets and holds its TCP ports, our STUN responder runs on the
+same reactor, and the mediator's signalling runs over iosim (natbypass.testing.signaling).
+These pin the port lifecycle and the retry after discovery; the loopback tests
+(tests/test_peer_loopback.py) prove the same composition on real sockets.
 """
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import DatagramProtocol
-from twisted.trial.unittest import TestCase
-from zope.interface.verify import verifyObject
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
-from natbypass.app.echo import EchoClient, EchoHandler
-from natbypass.interfaces import IPeer, IPeerConnection
+from natbypass.app.echo import EchoHandler
+from natbypass.nat import NatSummary
 from natbypass.peer import Peer, PeerConfig
 from natbypass.punch.race import AllAttemptsFailed
 from natbypass.signaling.client import SignalingClient
-from natbypass.signaling.service import makeSignalingService
-from natbypass.nat import NatSummary
+from natbypass.signaling.server import Limits, SignalingFactory, SignalingState
 from natbypass.signaling.wire import Candidate, Description
 from natbypass.stun.server import STUNService
+from natbypass.testing.signaling import MemoryNetwork
+from natbypass.testing.udp import MemoryUDPReactor
+
+STUN = ("127.0.0.1", 3478)
+STUN_ALTERNATE = ("127.0.0.2", 3479)
+#: Candidates nobody answers at: every attempt towards them fails.
+NOWHERE = Description((Candidate("host", "127.0.0.9", 9),))
 
 
-class PeerLoopbackTests(TestCase):
-    timeout = 60
-
-    @defer.inlineCallbacks
-    def setUp(self) -> Any:
-        self.stun = STUNService(reactor, ("127.0.0.1", 0), ("127.0.0.2", 0), stats_interval=0)
+class PeerInMemoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryUDPReactor(latency=0.02)
+        self.stun = STUNService(self.reactor, STUN, STUN_ALTERNATE, stats_interval=0)
         self.stun.startService()
-        self.addCleanup(self._stop, self.stun)
-        self.signal = makeSignalingService("tcp:0:interface=127.0.0.1", reactor, status_interval=0)
-        self.signal.startService()
-        self.addCleanup(self._stop, self.signal)
-        port = yield self.signal.whenListening()
-        self.signal_port = port.getHost().port
-        self.stun_address = self.stun.config.primary
+        self.addCleanup(self.stun.stopService)
+        self.stun_ports = set(self.reactor.open_udp_ports())
+        state = SignalingState(self.reactor, Limits(offer_timeout=10.0))
+        self.mediator = MemoryNetwork(SignalingFactory(state), self.reactor)
+        self.peers: list[Any] = []
+        self.addCleanup(self.stop_all)
 
-    def _stop(self, service: Any) -> Any:
-        return defer.maybeDeferred(service.stopService) if service.running else None
+    def stop_all(self) -> None:
+        for p in self.peers:
+            if p.running:
+                p.stopService()
+        self.settle(Deferred(), limit=1.0, check=False)
 
-    @defer.inlineCallbacks
-    def peer(self, name: str, protocol: str = "auto", **config: Any) -> Any:
-        config.setdefault("loopback_candidates", True)
-        config.setdefault("bind_host", "127.0.0.1")
-        config.setdefault("punch_timeout", 3.0)
+    def settle(self, d: Deferred[Any], limit: float = 30.0, check: bool = True) -> Any:
+        """Move bytes and time (10 ms steps) until ``d`` has a result, then return it."""
+        out: list[Any] = []
+        d.addBoth(out.append)
+        end = self.reactor.seconds() + limit
+        while not out and self.reactor.seconds() < end:
+            self.mediator.flush()
+            self.reactor.refuse_tcp_connections()  # STUN over TCP: nobody listens in memory
+            self.reactor.advance(0.01)
+        if check:
+            self.assertTrue(out, "did not finish")
+            if isinstance(out[0], Failure):
+                out[0].raiseException()
+            return out[0]
+        return None
+
+    def peer(self, name: str, host: str, protocol: str = "udp", **config: Any) -> Peer:
+        config.setdefault("punch_timeout", 1.0)
+        config.setdefault("stun_timeout", 1.0)
         p = Peer(
-            reactor,
+            self.reactor,
             name,
-            TCP4ClientEndpoint(reactor, "127.0.0.1", self.signal_port),
-            self.stun_address,
+            self.mediator.endpoint(host),
+            STUN,
             protocol=protocol,
-            config=PeerConfig(**config),
+            config=PeerConfig(bind_host=host, **config),
+            reserve_tcp_port=self.reactor.reserve_tcp_port,
         )
         p.startService()
-        self.addCleanup(self._stop, p)
-        yield p.whenReady()
+        self.peers.append(p)
         return p
 
-    @defer.inlineCallbacks
-    def pair(self, protocol: str) -> Any:
-        b = yield self.peer("bob")
-        b.listen(EchoHandler())
-        a = yield self.peer("alice", protocol)
-        conn = yield a.connect("bob")
-        self.addCleanup(conn.close)
-        return a, b, conn
-
-    @defer.inlineCallbacks
-    def assertEchoes(self, conn: Any, n: int = 3) -> Any:
-        client = EchoClient(conn, reactor)
-        for i in range(n):
-            rtt = yield client.ping(i).addTimeout(5, reactor)
-            self.assertGreaterEqual(rtt, 0)
-
-    def test_interfaces(self) -> None:
-        p = Peer(reactor, "x", TCP4ClientEndpoint(reactor, "127.0.0.1", 1), ("127.0.0.1", 3478))
-        self.assertTrue(verifyObject(IPeer, p))
-
-    @defer.inlineCallbacks
-    def test_learns_mappings(self) -> Any:
-        a = yield self.peer("alice")
-        self.assertEqual(a.udp_mapped, a.local_udp_address())
-        self.assertEqual(a.tcp_mapped, a.local_tcp_address())
-        yield a.whenDiscovered()
-        self.assertEqual(a.nat.mapping, "none")
-
-    @defer.inlineCallbacks
-    def test_udp(self) -> Any:
-        a, b, conn = yield self.pair("udp")
-        self.assertTrue(verifyObject(IPeerConnection, conn))
-        self.assertEqual((conn.protocol, conn.peer_id), ("udp", "bob"))
-        self.assertEqual(conn.remote_address.port, b.local_udp_address()[1])
-        yield self.assertEchoes(conn)
-
-    @defer.inlineCallbacks
-    def test_tcp(self) -> Any:
-        a, b, conn = yield self.pair("tcp")
-        self.assertEqual(conn.protocol, "tcp")
-        self.assertEqual(conn.remote_address.port, b.local_tcp_address()[1])
-        yield self.assertEchoes(conn)
-
-    @defer.inlineCallbacks
-    def test_auto_prefers_udp_and_records_attempts(self) -> Any:
-        a, b, conn = yield self.pair("auto")
-        self.assertEqual(conn.protocol, "udp")
-        self.assertEqual(conn.outcome.winner, "udp")
-        self.assertEqual(conn.outcome.attempts[0].result, "connected")
-        yield self.assertEchoes(conn)
-
-    @defer.inlineCallbacks
-    def test_predictable_symmetric_nat_punches_from_a_fresh_socket(self) -> Any:
-        """
-        Behind a NAT that hands out ports in sequence, each session gets a
-        fresh socket whose mapping is learned just before the offer; it is
-        closed when the path closes.
-        """
-        b = yield self.peer("bob")
-        b.listen(EchoHandler())
-        a = yield self.peer("alice", "udp", discover=False)  # discovery would find "no NAT"
-        a.nat = NatSummary("address-and-port-dependent", "address-and-port-dependent", False, port_delta=1)
-        conn = yield a.connect("bob")
-        self.assertNotEqual(conn.local_address.port, a.local_udp_address()[1])
-        yield self.assertEchoes(conn)
-        conn.close()
-        conn2 = yield a.connect("bob")
-        self.addCleanup(conn2.close)
-        self.assertNotEqual(conn2.local_address.port, a.local_udp_address()[1])  # the first one's may be reused
-        yield self.assertEchoes(conn2)
-
-    @defer.inlineCallbacks
-    def test_survives_mediator_going_away(self) -> Any:
-        a, b, conn = yield self.pair("udp")
-        yield self.signal.stopService()
-        yield self.stun.stopService()
-        yield self.assertEchoes(conn, 5)
-
-    @defer.inlineCallbacks
-    def test_unknown_peer_fails_clearly(self) -> Any:
-        a = yield self.peer("alice")
-        with self.assertRaises(Exception) as caught:
-            yield a.connect("nobody")
-        self.assertIn("nobody", str(caught.exception))
-
-    @defer.inlineCallbacks
-    def test_peer_without_listener_rejects(self) -> Any:
-        yield self.peer("bob")
-        a = yield self.peer("alice")
-        with self.assertRaises(Exception) as caught:
-            yield a.connect("bob")
-        self.assertIn("accepts no connections", str(caught.exception))
-
-    @defer.inlineCallbacks
-    def test_failure_names_every_attempt(self) -> Any:
-        """
-        Bob advertises a UDP port that never answers and a TCP port nobody
-        listens on: both protocols fail, each with its reason.
-        """
-        silent_udp = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
-        self.addCleanup(silent_udp.stopListening)
-        closed_tcp = socket.socket()
-        closed_tcp.bind(("127.0.0.1", 0))
-        self.addCleanup(closed_tcp.close)
-
-        # Bob is only a signalling client: it accepts with those candidates and never punches.
-        bob = SignalingClient(TCP4ClientEndpoint(reactor, "127.0.0.1", self.signal_port), "bob", clock=reactor)
-        bob.set_offer_handler(
-            lambda offer: Description(
-                (
-                    Candidate("host", "127.0.0.1", silent_udp.getHost().port),
-                    Candidate("tcp-host", "127.0.0.1", closed_tcp.getsockname()[1]),
-                )
-            )
-        )
+    def mute_bob(self) -> list[Description]:
+        """Bob is only a signalling client: he accepts every offer with NOWHERE and records it."""
+        offers: list[Description] = []
+        bob = SignalingClient(self.mediator.endpoint("127.0.0.3"), "bob", clock=self.reactor)
+        bob.set_offer_handler(lambda offer: offers.append(offer.description) or NOWHERE)
         bob.startService()
         self.addCleanup(bob.stopService)
-        yield bob.whenRegistered()
-        a = yield self.peer("alice", punch_timeout=0.5)
-        with self.assertRaises(AllAttemptsFailed) as caught:
-            yield a.connect("bob")
-        attempts = caught.exception.outcome.attempts
-        self.assertEqual([r.protocol for r in attempts], ["udp", "tcp"])
-        for r in attempts:
-            self.assertEqual(r.result, "failed")
-            self.assertTrue(r.reason)
+        self.settle(bob.whenRegistered())
+        return offers
+
+    def own_ports(self) -> set[tuple[str, int]]:
+        return set(self.reactor.open_udp_ports()) - self.stun_ports
+
+    def test_ports_bound_once_and_closed_at_stop(self) -> None:
+        a = self.peer("alice", "127.0.0.1", discover=False)
+        self.settle(a.whenReady())
+        self.assertEqual(self.own_ports(), {a.local_udp_address()})
+        self.assertEqual(self.reactor.open_tcp_sockets(), [a.local_tcp_address()])
+        self.assertEqual(a.udp_mapped, a.local_udp_address())  # no NAT in front of it
+        self.reactor.advance(a.config.host_refresh * 2)  # refreshing host addresses binds nothing
+        self.assertEqual(self.own_ports(), {a.local_udp_address()})
+        self.assertEqual(len(self.reactor.tcp_reserved), 1)
+        self.settle(a.stopService())
+        self.assertEqual(self.own_ports(), set())
+        self.assertEqual(self.reactor.open_tcp_sockets(), [])
+
+    def test_session_sockets_closed_after_the_session(self) -> None:
+        """
+        Behind a NAT that hands out ports in sequence, each session punches
+        from a fresh UDP socket; it lives as long as the path, then closes.
+        """
+        b = self.peer("bob", "127.0.0.3", discover=False)
+        b.listen(EchoHandler())
+        a = self.peer("alice", "127.0.0.1", discover=False)
+        self.settle(a.whenReady())
+        self.settle(b.whenReady())
+        a.nat = NatSummary("address-and-port-dependent", "address-and-port-dependent", False, port_delta=1)
+        conn = self.settle(a.connect("bob"))
+        fresh = (conn.local_address.host, conn.local_address.port)
+        self.assertNotEqual(fresh, a.local_udp_address())
+        self.assertIn(fresh, self.own_ports())
+        self.assertEqual(len(self.reactor.tcp_reserved), 2)  # a UDP-only session takes no fresh TCP port
+        conn.close()
+        self.settle(Deferred(), limit=0.5, check=False)
+        self.assertNotIn(fresh, self.own_ports())
+        self.assertEqual(self.own_ports(), {a.local_udp_address(), b.local_udp_address()})
+
+    def test_session_sockets_closed_after_a_failed_session(self) -> None:
+        self.mute_bob()
+        a = self.peer("alice", "127.0.0.1", protocol="auto", discover=False)
+        self.settle(a.whenReady())
+        a.nat = NatSummary("address-and-port-dependent", "address-and-port-dependent", False, port_delta=1)
+        self.assertRaises(AllAttemptsFailed, self.settle, a.connect("bob"))
+        self.assertEqual(self.own_ports(), {a.local_udp_address()})
+        self.assertEqual(self.reactor.open_tcp_sockets(), [a.local_tcp_address()])
+        self.assertEqual(len(self.reactor.tcp_reserved), 2)  # auto: one fresh TCP port too
+
+    def test_retry_once_after_discovery_found_something_new(self) -> None:
+        """
+        The first connect does not wait for discovery; it fails, discovery
+        has meanwhile found what the NAT does, so the peer offers once more
+        with it (and, failing again, gives up).
+        """
+        offers = self.mute_bob()
+        a = self.peer("alice", "127.0.0.1")
+        self.settle(a.whenReady())
+        self.assertEqual(a.nat, NatSummary())  # discovery is still running
+        self.assertRaises(AllAttemptsFailed, self.settle, a.connect("bob"))
+        self.assertEqual(len(offers), 2)
+        self.assertEqual(offers[0].nat, NatSummary())
+        self.assertEqual(offers[1].nat, a.nat)
+        self.assertEqual(str(a.nat.mapping), "none")
+
+    def test_no_retry_when_discovery_found_nothing_new(self) -> None:
+        offers = self.mute_bob()
+        a = self.peer("alice", "127.0.0.1", discover=False)
+        self.settle(a.whenReady())
+        self.assertRaises(AllAttemptsFailed, self.settle, a.connect("bob"))
+        self.assertEqual(len(offers), 1)

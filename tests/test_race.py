@@ -103,3 +103,5 @@ class RaceTests(SynchronousTestCase):
         f = self.failureResultOf(d, AllAttemptsFailed)
         self.assertEqual(f.value.outcome.attempts[0].reason, "no socket")
         self.assertEqual(outcome.to_json()["attempts"][1]["result"], "failed")
+        # a raising factory is a bug: logged with its traceback, not only recorded
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

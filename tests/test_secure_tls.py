@@ -136,19 +136,14 @@ class PinnedTLSTests(SynchronousTestCase):
         self.assertFalse(s.app.made)
         self.assertIsInstance(result(s.secure.handshake), Failure)
 
-    def test_stolen_certificate_without_key_cannot_impersonate(self) -> None:
-        """Mallory sends Bob's (public) certificate but only holds her own key."""
-        clock = Clock()
-        bob_cert = BOB.certificate(clock)
-        c = Adopter(ALICE, BOB.fingerprint, 0, clock, Collect())
-        s = Adopter(MALLORY, ALICE.fingerprint, 1, clock, Collect(), certificate=bob_cert)
-        pump = iosim.connect(s, iosim.makeFakeServer(s), c, iosim.makeFakeClient(c), greet=False, clock=clock)
-        for _ in range(20):
-            pump.pump()
-        # OpenSSL will not even pair Bob's certificate with Mallory's key.
-        self.assertIsInstance(result(c.secure.handshake), Failure)
-        self.assertFalse(c.app.made)
-        self.assertIsInstance(result(s.secure.handshake), Failure)
+    def test_stolen_certificate_without_key_is_unusable(self) -> None:
+        """
+        Mallory has Bob's (public) certificate but only her own key: OpenSSL
+        will not pair them, so she cannot even offer it.  (The QUIC tests
+        show the same forgery refused on the wire, where the stack allows it.)
+        """
+        creator = PinnedTLS(MALLORY, ALICE.fingerprint, Clock(), certificate=BOB.certificate(Clock()))
+        self.assertRaises(SSL.Error, creator.serverConnectionForTLS, None)
 
     def test_peer_check_callable(self) -> None:
         seen = []
@@ -180,14 +175,19 @@ class OpenSSLInteropTests(TestCase):
         self.dir = self.mktemp()
         os.makedirs(self.dir)
         self.secure: list = []
-
+        # s_client can only pin a whole certificate (-CAfile), so the server
+        # uses this one and the tests hand it to s_client.
+        self.bob_cert = BOB.certificate(reactor)
+        self.bob_pem = _write_pem(os.path.join(self.dir, "bob.crt"),
+                                  self.bob_cert.public_bytes(serialization.Encoding.PEM))
         test = self
 
         class Server(Protocol):
             def connectionMade(self) -> None:
                 app = Collect()
                 app.connectionMade = lambda: app.transport.write(b"hello-from-natbypass\n")
-                self.secure = start_tls(self.transport, app, BOB, ALICE.fingerprint, 1, reactor)
+                self.secure = start_tls(self.transport, app, BOB, ALICE.fingerprint, 1, reactor,
+                                        certificate=test.bob_cert)
                 test.secure.append(self.secure)
 
             def dataReceived(self, data: bytes) -> None:
@@ -218,17 +218,14 @@ class OpenSSLInteropTests(TestCase):
             for secure in self.secure:
                 if secure.handshake.called:
                     secure.protocol.loseConnection()
-        d = defer.Deferred()
-        reactor.callLater(1.0, lambda: (close(), d.callback(None)))
-        return d
+        call = reactor.callLater(1.0, close)
+        self.addCleanup(lambda: call.active() and call.cancel())
 
     @defer.inlineCallbacks
     def test_right_client_key(self):
         cert, key = self.write_identity("alice", ALICE)
-        bob_cert = os.path.join(self.dir, "bob.crt")
-        _write_pem(bob_cert, BOB.certificate(reactor).public_bytes(serialization.Encoding.PEM))
         self.hang_up_later()
-        out, err, code = yield self.s_client(cert, key, bob_cert)
+        out, err, code = yield self.s_client(cert, key, self.bob_pem)
         self.assertEqual(len(self.secure), 1)
         fingerprint = yield self.secure[0].handshake
         self.assertEqual(fingerprint, ALICE.fingerprint)
@@ -238,10 +235,8 @@ class OpenSSLInteropTests(TestCase):
     @defer.inlineCallbacks
     def test_wrong_client_key_refused(self):
         cert, key = self.write_identity("mallory", MALLORY)
-        bob_cert = os.path.join(self.dir, "bob.crt")
-        _write_pem(bob_cert, BOB.certificate(reactor).public_bytes(serialization.Encoding.PEM))
         self.hang_up_later()
-        out, err, code = yield self.s_client(cert, key, bob_cert)
+        out, err, code = yield self.s_client(cert, key, self.bob_pem)
         self.assertNotIn(b"hello-from-natbypass", out)
         with self.assertRaises(PeerRejected) as e:
             yield self.secure[0].handshake
@@ -257,4 +252,6 @@ class OpenSSLInteropTests(TestCase):
         out, err, code = yield self.s_client(cert, key, other)
         self.assertNotEqual(code, 0)
         self.assertNotIn(b"hello-from-natbypass", out)
-        self.assertIsInstance(Fingerprint, type)
+        self.assertIn(b"verify error", out + err)
+        with self.assertRaises(SSL.Error):
+            yield self.secure[0].handshake

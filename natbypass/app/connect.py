@@ -12,22 +12,55 @@ import argparse
 import json
 import statistics
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.task import deferLater, react
 from twisted.logger import Logger
 
+from natbypass.address import format_address, is_wildcard
 from natbypass.app.echo import EchoClient
-from natbypass.peer import Peer, PeerConfig, parse_wish
-from natbypass.app.peer_options import stun_server
-from natbypass.punch.candidates import PortRange
-from natbypass.signaling.client import client_endpoint
-from natbypass.stun.client import route_source_address
+from natbypass.app.peer_options import (
+    PEER_OPTIONS,
+    OptionSpec,
+    add_arguments,
+    check_peer_options,
+    make_peer,
+    namespace_options,
+)
+from natbypass.interfaces import IPeer
+from natbypass.net import route_source_address
+from natbypass.punch.candidates import CandidateError
+from natbypass.punch.race import AllAttemptsFailed
+from natbypass.signaling.client import SignalingError
 
 log = Logger()
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: natbypass connect's own options, besides the shared ones.
+CONNECT_OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("peer", "the id of the peer to connect to", required=True),
+    OptionSpec("count", "echo round trips after connecting", default=3, coerce=int),
+    OptionSpec("interval", "seconds between echo round trips", default=0.0, coerce=float),
+    OptionSpec("json", "print JSON events, one a line", flag=True),
+)
+
+#: Why a connect can fail without a bug: every attempt failed, the mediator
+#: said no or could not be reached, no local port was free.
+CONNECT_FAILURES: tuple[type[BaseException], ...] = (
+    AllAttemptsFailed,
+    SignalingError,
+    CandidateError,
+    defer.TimeoutError,
+    ConnectError,
+    ConnectionClosed,
+    OSError,
+)
+
+#: Why an echo does not come back: it took too long, or the path closed.
+ECHO_FAILURES: tuple[type[BaseException], ...] = (defer.TimeoutError, ConnectionClosed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,22 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="natbypass connect",
         description="Open a direct UDP or TCP path to a peer through its NAT, then exchange echo round trips.",
     )
-    p.add_argument("--mediator", required=True, metavar="ENDPOINT",
-                   help="the mediator's signalling endpoint, e.g. tcp:HOST:7000 or tls:HOST:7443")
-    p.add_argument("--id", required=True, help="our peer id at the mediator")
-    p.add_argument("--peer", required=True, help="the id of the peer to connect to")
-    p.add_argument("--stun", metavar="HOST[:PORT]", help="STUN server (default: port 3478 on the mediator's host)")
-    p.add_argument("--token", help="token for a mediator that requires one")
-    p.add_argument("--ca", metavar="PEM", help="CA certificate to verify a tls: mediator with")
-    p.add_argument("--protocol", default="auto",
-                   help="auto, udp, tcp, or an ordered list like tcp,udp (default auto)")
-    p.add_argument("--count", type=int, default=3, help="echo round trips after connecting (default 3)")
-    p.add_argument("--interval", type=float, default=0.0, help="seconds between echo round trips (default 0)")
-    p.add_argument("--port-range", metavar="LOW-HIGH", help="local ports to use (for firewall rules)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds each protocol may try (default 5)")
-    p.add_argument("--no-discovery", action="store_true",
-                   help="skip RFC 5780 NAT behaviour discovery (only learn the mapped address)")
-    p.add_argument("--json", action="store_true", help="print JSON events, one a line")
+    add_arguments(p, PEER_OPTIONS + CONNECT_OPTIONS)
     return p
 
 
@@ -58,67 +76,67 @@ def _attempts(outcome: Any) -> list[dict[str, Any]]:
     return [a.to_json() for a in outcome.attempts] if outcome is not None else []
 
 
-async def _main(reactor: Any, args: argparse.Namespace, out: Any) -> int:
+async def _main(
+    reactor: Any,
+    options: dict[str, Any],
+    out: Any,
+    make: Callable[[Any, dict[str, Any]], IPeer] = make_peer,
+) -> int:
+    """
+    Connect, echo, report; C{options} are checked (L{check_peer_options}).
+    What goes wrong on the way is reported and gives exit status 1; a bug
+    is raised.
+    """
     started = reactor.seconds()
-    peer = Peer(
-        reactor,
-        args.id,
-        client_endpoint(reactor, args.mediator, args.ca),
-        stun_server(args.stun, args.mediator),
-        token=args.token,
-        protocol=args.protocol,
-        config=PeerConfig(
-            port_range=PortRange.parse(args.port_range) if args.port_range else None,
-            punch_timeout=args.timeout,
-            discover=not args.no_discovery,
-        ),
-    )
+    peer = make(reactor, options)
     peer.startService()
+    target = options["peer"]
 
     def emit(event: dict[str, Any], text: str) -> None:
-        print(json.dumps(event) if args.json else text, file=out, flush=True)
+        print(json.dumps(event) if options["json"] else text, file=out, flush=True)
 
     try:
         try:
-            conn = await peer.connect(args.peer)
-        except Exception as e:
+            conn = await peer.connect(target)
+        except CONNECT_FAILURES as e:
             elapsed = round((reactor.seconds() - started) * 1000)
             outcome = getattr(e, "outcome", None)
             emit(
-                {"event": "failed", "peer": args.peer, "elapsed_ms": elapsed, "reason": str(e),
+                {"event": "failed", "peer": target, "elapsed_ms": elapsed, "reason": str(e),
                  "attempts": _attempts(outcome)},
-                f"could not connect to {args.peer}: {e}",
+                f"could not connect to {target}: {e}",
             )
             return EXIT_FAILED
         elapsed = round((reactor.seconds() - started) * 1000)
         local, remote = conn.local_address, conn.remote_address
         # A wildcard-bound socket: name the interface the path actually leaves from.
-        local_host = local.host if local.host not in ("0.0.0.0", "::") else route_source_address((remote.host, remote.port))
+        local_host = local.host if not is_wildcard(local.host) else route_source_address((remote.host, remote.port))
+        local_text, remote_text = format_address((local_host, local.port)), format_address(remote)
         emit(
             {
                 "event": "connected",
-                "peer": args.peer,
+                "peer": target,
                 "session": conn.session_id,
                 "protocol": conn.protocol,
-                "local_address": f"{local_host}:{local.port}",
-                "remote_address": f"{remote.host}:{remote.port}",
+                "local_address": local_text,
+                "remote_address": remote_text,
                 "elapsed_ms": elapsed,
                 "attempts": _attempts(conn.outcome),
             },
-            f"connected to {args.peer} over {conn.protocol}: {local_host}:{local.port} -> "
-            f"{remote.host}:{remote.port} in {elapsed} ms",
+            f"connected to {target} over {conn.protocol}: {local_text} -> {remote_text} in {elapsed} ms",
         )
         echo = EchoClient(conn, reactor)
+        count = options["count"]
         rtts: list[float] = []
-        for n in range(args.count):
+        for n in range(count):
             try:
-                rtt = await echo.ping(n).addTimeout(max(2.0, args.timeout), reactor)
-            except Exception:
+                rtt = await echo.ping(n).addTimeout(max(2.0, options["timeout"]), reactor)
+            except ECHO_FAILURES:
                 break
             rtts.append(rtt * 1000)
-            if args.interval and n + 1 < args.count:
-                await deferLater(reactor, args.interval)
-        summary: dict[str, Any] = {"event": "echo", "sent": args.count, "received": len(rtts)}
+            if options["interval"] and n + 1 < count:
+                await deferLater(reactor, options["interval"])
+        summary: dict[str, Any] = {"event": "echo", "sent": count, "received": len(rtts)}
         if rtts:
             summary["rtt_ms"] = {
                 "min": round(min(rtts), 3),
@@ -127,35 +145,42 @@ async def _main(reactor: Any, args: argparse.Namespace, out: Any) -> int:
             }
         emit(
             summary,
-            f"echo: {len(rtts)}/{args.count} came back"
+            f"echo: {len(rtts)}/{count} came back"
             + (f", rtt min/median/max {min(rtts):.1f}/{statistics.median(rtts):.1f}/{max(rtts):.1f} ms" if rtts else ""),
         )
         conn.close()
-        return EXIT_OK if len(rtts) == args.count else EXIT_FAILED
+        return EXIT_OK if len(rtts) == count else EXIT_FAILED
     finally:
         await defer.maybeDeferred(peer.stopService)
 
 
-def run(argv: list[str]) -> int:
-    parser = build_parser()
+def parse_options(argv: list[str]) -> dict[str, Any]:
+    """
+    The checked options of C{argv}.  Raises SystemExit as C{argparse} does
+    (status 2 on bad usage, 0 after C{--help}); a bad value is reported on
+    stderr and exits with status 2 too.
+    """
+    args = build_parser().parse_args(argv)
+    options = namespace_options(args, PEER_OPTIONS + CONNECT_OPTIONS)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        parse_wish(args.protocol)
-        if args.port_range:
-            PortRange.parse(args.port_range)
-        stun_server(args.stun, args.mediator)
-        if args.count < 0 or args.interval < 0:
+        check_peer_options(options)
+        if options["count"] < 0 or options["interval"] < 0:
             raise ValueError("--count and --interval must be 0 or more")
     except ValueError as e:
         print(f"natbypass connect: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        raise SystemExit(EXIT_USAGE) from None
+    return options
+
+
+def run(argv: list[str]) -> int:
+    try:
+        options = parse_options(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     result: list[int] = []
 
     async def main(reactor: Any) -> None:
-        result.append(await _main(reactor, args, sys.stdout))
+        result.append(await _main(reactor, options, sys.stdout))
 
     try:
         react(lambda reactor: defer.ensureDeferred(main(reactor)))

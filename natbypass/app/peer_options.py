@@ -1,15 +1,125 @@
 """
 Options shared by everything that starts a peer: the ``natbypass-peer``
-twistd plugin and ``natbypass connect``.  Parsing only; no I/O.
+twistd plugin (``usage.Options``) and ``natbypass connect`` (``argparse``).
+
+Each option is defined once, as an L{OptionSpec} in L{PEER_OPTIONS}; the two
+front ends build their parsers from the table (L{usage_parameters},
+L{add_arguments}), check the values with L{check_peer_options} and build the
+peer with L{make_peer}.  Parsing only; no I/O.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
 from natbypass.address import parse_host_port
 from natbypass.app.detect import DEFAULT_PORT
+from natbypass.peer import Peer, PeerConfig, parse_wish
+from natbypass.punch.candidates import PortRange
+from natbypass.signaling.client import client_endpoint
 
 Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """
+    One command-line option, for both parsers: C{--name} (and C{-short}),
+    its default, how its text is converted (C{coerce}), its help; a C{flag}
+    takes no value.  C{required} options are refused when missing.
+    """
+
+    name: str
+    help: str
+    default: Any = None
+    coerce: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    short: str | None = None
+    flag: bool = False
+    required: bool = False
+
+    @property
+    def dest(self) -> str:
+        """The attribute C{argparse} stores the value under."""
+        return self.name.replace("-", "_")
+
+
+#: The options of every command that starts a peer.
+PEER_OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("mediator", "the mediator's signalling endpoint: tcp:HOST:7000 or tls:HOST:7443",
+               metavar="ENDPOINT", short="m", required=True),
+    OptionSpec("id", "our peer id at the mediator", metavar="NAME", required=True),
+    OptionSpec("stun", "STUN server HOST[:PORT] (default: port 3478 on the mediator's host)",
+               metavar="HOST[:PORT]"),
+    OptionSpec("token", "token for a mediator that requires one"),
+    OptionSpec("ca", "CA certificate (PEM) to verify a tls: mediator with", metavar="PEM"),
+    OptionSpec("protocol", "auto, udp, tcp, or an ordered list like tcp,udp", default="auto"),
+    OptionSpec("port-range", "local ports to use, LOW-HIGH (for firewall rules)", metavar="LOW-HIGH"),
+    OptionSpec("timeout", "seconds each protocol may try", default=5.0, coerce=float),
+    OptionSpec("no-discovery", "skip RFC 5780 NAT behaviour discovery (only learn the mapped address)",
+               flag=True),
+)  # fmt: skip
+
+
+def usage_parameters(specs: Iterable[OptionSpec]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """C{(optParameters, optFlags)} of a C{twisted.python.usage.Options}."""
+    specs = list(specs)
+    parameters = [[s.name, s.short, s.default, s.help, s.coerce] for s in specs if not s.flag]
+    flags = [[s.name, s.short, s.help] for s in specs if s.flag]
+    return parameters, flags
+
+
+def add_arguments(parser: argparse.ArgumentParser, specs: Iterable[OptionSpec]) -> None:
+    """Add C{specs} to an C{argparse} parser (a missing required option exits with status 2)."""
+    for s in specs:
+        names = [f"--{s.name}"] + ([f"-{s.short}"] if s.short else [])
+        if s.flag:
+            parser.add_argument(*names, dest=s.dest, action="store_true", help=s.help)
+            continue
+        default = f" (default {s.default})" if s.default is not None else ""
+        parser.add_argument(*names, dest=s.dest, default=s.default, type=s.coerce, metavar=s.metavar,
+                            required=s.required, help=s.help + default)  # fmt: skip
+
+
+def namespace_options(args: argparse.Namespace, specs: Iterable[OptionSpec]) -> dict[str, Any]:
+    """The values C{argparse} parsed, by option name (as C{usage.Options} holds them)."""
+    return {s.name: getattr(args, s.dest) for s in specs}
+
+
+def check_peer_options(options: dict[str, Any]) -> None:
+    """
+    Check the shared options and convert them in place: C{port-range}
+    becomes a L{PortRange} (or None), C{stun} the STUN server's address.
+    Raises ValueError with a message a person can act on.
+    """
+    parse_wish(options["protocol"])
+    options["port-range"] = PortRange.parse(options["port-range"]) if options["port-range"] else None
+    options["stun"] = stun_server(options["stun"], options["mediator"])
+
+
+def make_peer(reactor: Any, options: Mapping[str, Any], **config: Any) -> Peer:
+    """
+    A L{natbypass.peer.Peer} (not started) from checked options; C{config}
+    holds further L{natbypass.peer.PeerConfig} fields of one command.
+    """
+    return Peer(
+        reactor,
+        options["id"],
+        client_endpoint(reactor, options["mediator"], options["ca"]),
+        options["stun"],
+        token=options["token"],
+        protocol=options["protocol"],
+        config=PeerConfig(
+            port_range=options["port-range"],
+            punch_timeout=options["timeout"],
+            discover=not options["no-discovery"],
+            **config,
+        ),
+    )
 
 #: The host in a Twisted client endpoint string: positional (tcp:HOST:PORT)
 #: or keyword (tcp:host=HOST:port=PORT); IPv6 hosts escape their colons.

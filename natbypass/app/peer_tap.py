@@ -10,10 +10,14 @@ from typing import Any
 from twisted.python import usage
 
 from natbypass.app.echo import EchoHandler
-from natbypass.peer import Peer, PeerConfig, parse_wish
-from natbypass.app.peer_options import stun_server
-from natbypass.punch.candidates import PortRange
+from natbypass.app.peer_options import PEER_OPTIONS, OptionSpec, check_peer_options, make_peer, usage_parameters
+from natbypass.peer import Peer
 from natbypass.signaling.wire import PEER_ID
+
+#: natbypass-peer's own options, besides the shared ones.
+TAP_OPTIONS = (OptionSpec("keepalive", "seconds between UDP keepalives", default=15.0, coerce=float),)
+
+_PARAMETERS, _FLAGS = usage_parameters(PEER_OPTIONS + TAP_OPTIONS)
 
 
 class Options(usage.Options):
@@ -22,18 +26,8 @@ class Options(usage.Options):
         "Register NAME with the mediator and accept direct connections from other peers, "
         "echoing what they send.  --stun defaults to port 3478 on the mediator's host."
     )
-    optParameters = [
-        ["mediator", "m", None, "the mediator's signalling endpoint: tcp:HOST:7000 or tls:HOST:7443"],
-        ["id", None, None, "our peer id at the mediator"],
-        ["stun", None, None, "STUN server HOST[:PORT] (default: port 3478 on the mediator's host)"],
-        ["token", None, None, "token for a mediator that requires one"],
-        ["ca", None, None, "CA certificate (PEM) to verify a tls: mediator with"],
-        ["protocol", None, "auto", "auto, udp, tcp or an ordered list like tcp,udp"],
-        ["port-range", None, None, "local ports to use, LOW-HIGH"],
-        ["timeout", None, 5.0, "seconds each protocol may try", float],
-        ["keepalive", None, 15.0, "seconds between UDP keepalives", float],
-    ]
-    optFlags = [["no-discovery", None, "skip RFC 5780 NAT behaviour discovery"]]
+    optParameters = _PARAMETERS
+    optFlags = _FLAGS
 
     def postOptions(self) -> None:
         if not self["mediator"]:
@@ -41,33 +35,16 @@ class Options(usage.Options):
         if not self["id"] or not PEER_ID.match(self["id"]):
             raise usage.UsageError("--id NAME is required: 1-64 of A-Z a-z 0-9 . _ @ : + -, starting alphanumeric")
         try:
-            parse_wish(self["protocol"])
-            self["port-range"] = PortRange.parse(self["port-range"]) if self["port-range"] else None
-            self["stun"] = stun_server(self["stun"], self["mediator"])
+            check_peer_options(self)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options, reactor: Any = None) -> Peer:
-    from natbypass.signaling.client import client_endpoint
-
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    peer = Peer(
-        reactor,
-        options["id"],
-        client_endpoint(reactor, options["mediator"], options["ca"]),
-        options["stun"],
-        token=options["token"],
-        protocol=options["protocol"],
-        config=PeerConfig(
-            port_range=options["port-range"],
-            punch_timeout=options["timeout"],
-            keepalive_interval=options["keepalive"],
-            discover=not options["no-discovery"],
-        ),
-    )
+    peer = make_peer(reactor, options, keepalive_interval=options["keepalive"])
     peer.listen(EchoHandler())
     return peer

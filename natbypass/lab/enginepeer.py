@@ -25,16 +25,12 @@ import time
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 
+from natbypass.address import parse_host_port
 from natbypass.punch.candidates import remote_addresses, reserve_tcp_port
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.tcp import punch_tcp
 from natbypass.punch.udp import ProbeSchedule, punch_udp
-
-
-def _address(text: str) -> tuple[str, int]:
-    host, port = text.rsplit(":", 1)
-    return host, int(port)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", required=True)
     p.add_argument("--role", type=int, choices=(0, 1), required=True)
     p.add_argument("--dir", required=True, help="shared rendezvous directory")
-    p.add_argument("--stun", type=_address, required=True, help="STUN server HOST:PORT (in the lab)")
+    p.add_argument("--stun", type=parse_host_port, required=True, help="STUN server HOST:PORT (in the lab)")
     p.add_argument("--protocol", choices=("udp", "tcp"), default="udp")
     p.add_argument("--start-at", type=float, required=True, help="wall-clock start (epoch seconds)")
     p.add_argument("--predict-delta", type=int, default=None)

@@ -16,6 +16,12 @@ optional delay.  Clients run inside a site:
 
 Each client prints one JSON object.  The wire format is one text line per
 datagram (see :func:`encode` / :func:`decode`).
+
+The classification here (mapping, filtering, port sequence) is deliberately
+a second, independent implementation of what L{natbypass.nat} and
+L{natbypass.stun.discovery} define: it is the ground truth the lab tests hold
+the product to, so it must not share the product's code or vocabulary
+module.  It speaks the same RFC 4787 terms as plain strings.
 """
 
 from __future__ import annotations

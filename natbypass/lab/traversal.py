@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from natbypass.address import parse_host_port
 from natbypass.nat import NatSummary
 from natbypass.selection import feasibility
 
@@ -295,6 +296,6 @@ print(sent)
 
 def spoof(lab: Lab, node: str, target: str, session_id: str, count: int = 50) -> int:
     """Send forged punch packets from ``node`` to ``target`` ("ip:port"); returns how many."""
-    host, port = target.rsplit(":", 1)
-    done = lab.exec(node, [sys.executable, "-c", _SPOOFER, host, port, session_id, str(count)], check=True)
+    host, port = parse_host_port(target, ip_only=True)
+    done = lab.exec(node, [sys.executable, "-c", _SPOOFER, host, str(port), session_id, str(count)], check=True)
     return int(done.stdout.strip())

@@ -117,9 +117,13 @@ class HappyEyeballs:
         record.result, record.started_ms = "running", self._ms()
         try:
             d = self._factories[i]()
-        except Exception as e:
+        except Exception:
+            # Recorded as this attempt's failure so the race goes on, and
+            # logged with its traceback: a raising factory is a bug.
+            failure = Failure()
+            self.log.failure("attempt factory for {protocol} raised", failure, protocol=record.protocol)
             d = Deferred()
-            d.errback(Failure(e))
+            d.errback(failure)
         self._running[i] = d
         if self._next < len(self._factories):
             self._timer = self._clock.callLater(self._head_start, self._launch)

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from natbypass.address import format_address
 from natbypass.interfaces import IPeerConnection
 from natbypass.punch.connection import PathConnection
 from natbypass.punch.mux import Address, PunchEndpoint
@@ -107,11 +108,6 @@ class PunchStats:
     invalid: int = 0
     #: Verified ACKs that echoed no probe we sent to their source.
     stray_acks: int = 0
-
-
-def _fmt(address: Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class UDPPunchMachine:
@@ -235,7 +231,7 @@ class UDPPunchMachine:
 
     def _failure_reason(self) -> str:
         st = self.stats
-        tried = ", ".join(_fmt(a) for a in self._candidates) or "none"
+        tried = ", ".join(format_address(a) for a in self._candidates) or "none"
         if st.verified_probes:
             why = (
                 f"the peer's probes reached us ({st.verified_probes}) but none of our "
@@ -336,7 +332,7 @@ class UDPPeerConnection(PathConnection):
         self._liveness = clock.callLater(self._timeout, self._dead)
 
     def __repr__(self) -> str:
-        return f"<UDPPeerConnection {self.peer_id!r} {_fmt(self._remote)}>"
+        return f"<UDPPeerConnection {self.peer_id!r} {format_address(self._remote)}>"
 
     # -- IPeerConnection
 
@@ -399,7 +395,7 @@ class UDPPeerConnection(PathConnection):
         self._lose(
             Failure(
                 ConnectionLost(
-                    f"no packet from peer {self.peer_id!r} at {_fmt(self._remote)} for "
+                    f"no packet from peer {self.peer_id!r} at {format_address(self._remote)} for "
                     f"{self._timeout:g} s (keepalive every {self._interval:g} s): the path is dead"
                 )
             )
@@ -458,7 +454,7 @@ class UDPPunchAttempt:
                 self.log.info(
                     "UDP path to {peer_id} via {address} (rtt {rtt_ms:.1f} ms)",
                     peer_id=self._session.peer_id,
-                    address=_fmt(action.address),
+                    address=format_address(action.address),
                     rtt_ms=action.rtt * 1000,
                 )
                 conn = self._make_connection(action.address, self._machine.early_data)

@@ -536,5 +536,8 @@ class SignalingClient(Service):
             try:
                 self._session_handler(session)
             except Exception:
+                # The handler is the application's (Peer's) code: whatever it
+                # raises is its bug, logged with the traceback; the accept
+                # itself succeeded and is not to be reported as failed.
                 self.log.failure("session handler failed on {session}", session=session.id)
         return session

@@ -628,7 +628,7 @@ def _no_delay(transport: Any) -> None:
     if set_no_delay is not None:
         try:
             set_no_delay(True)
-        except Exception:  # pragma: no cover - not a socket after all
+        except OSError:  # pragma: no cover - not a TCP socket after all
             pass
 
 

@@ -104,7 +104,7 @@ class Candidate:
     port: int
 
     def __post_init__(self) -> None:
-        if not (self.kind in CANDIDATE_KINDS):
+        if self.kind not in CANDIDATE_KINDS:
             raise ValueError(f"unknown candidate kind {self.kind!r}")
         _check(isinstance(self.host, str), "candidate host must be a string")
         object.__setattr__(self, "host", _normal_ip(self.host))
@@ -125,7 +125,7 @@ class Candidate:
         _check(type(obj) is dict and obj.keys() == _CANDIDATE_FIELDS, "a candidate is exactly {kind, proto, host, port}")
         kind, proto = obj["kind"], obj["proto"]
         c = cls(kind, obj["host"], obj["port"])
-        if not (proto == c.protocol):
+        if proto != c.protocol:
             raise ValueError(f"candidate kind {kind!r} is {c.protocol}, not {proto!r}")
         return c
 
@@ -186,7 +186,7 @@ def wish_from_wire(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     _check(isinstance(value, list) and 0 < len(value) <= len(PROTOCOLS), "wish must be 'auto', 'udp', 'tcp' or a list of them")
-    if not (all(isinstance(p, str) and p in PROTOCOLS for p in value)):
+    if not all(isinstance(p, str) and p in PROTOCOLS for p in value):
         raise ValueError(f"wish {value!r} names an unknown protocol")
     _check(len(set(value)) == len(value), "wish lists a protocol twice")
     return tuple(value)
@@ -206,7 +206,7 @@ class Description:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(self.candidates))
-        if not (len(self.candidates) <= MAX_CANDIDATES):
+        if len(self.candidates) > MAX_CANDIDATES:
             raise ValueError(f"more than {MAX_CANDIDATES} candidates")
         _check(all(isinstance(c, Candidate) for c in self.candidates), "candidates must be Candidate objects")
         wish = self.wish
@@ -229,7 +229,7 @@ class Description:
     def read(cls, f: _Fields) -> Description:
         cands = f.get("candidates", [])
         _check(isinstance(cands, list), "candidates must be a list")
-        if not (len(cands) <= MAX_CANDIDATES):
+        if len(cands) > MAX_CANDIDATES:
             raise ValueError(f"more than {MAX_CANDIDATES} candidates")
         nat = f.get("nat")
         return cls(
@@ -262,7 +262,7 @@ class Session:
         if not (isinstance(self.key, bytes) and len(self.key) == SESSION_KEY_BYTES):
             raise ValueError(f"session key must be {SESSION_KEY_BYTES} bytes")
         _check(isinstance(self.peer, str) and bool(PEER_ID.match(self.peer)), "bad peer id")
-        if not (self.role in ROLES):
+        if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
         object.__setattr__(self, "order", tuple(self.order))
         _check(all(p in PROTOCOLS for p in self.order) and len(set(self.order)) == len(self.order), "bad protocol order")
@@ -320,7 +320,7 @@ class _Fields:
     __slots__ = ("_obj", "_seen", "_what")
 
     def __init__(self, obj: Any, what: str) -> None:
-        if not (isinstance(obj, dict)):
+        if not isinstance(obj, dict):
             raise ValueError(f"{what} must be a JSON object")
         self._obj: dict[str, Any] = obj
         self._seen = set()
@@ -333,26 +333,26 @@ class _Fields:
     def text(self, name: str, required: bool = False, pattern: re.Pattern[str] | None = None, limit: int = MAX_TEXT) -> Any:
         v = self.get(name)
         if v is None:
-            if not (not required):
+            if required:
                 raise ValueError(f"{self._what} needs {name!r}")
             return None
-        if not (isinstance(v, str)):
+        if not isinstance(v, str):
             raise ValueError(f"{name!r} must be a string")
         if not v.isascii():
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError(f"{name!r} holds a lone surrogate (not valid Unicode)") from None
-        if not (len(v) <= limit):
+        if len(v) > limit:
             raise ValueError(f"{name!r} is longer than {limit} characters")
-        if not (pattern is None or bool(pattern.match(v))):
+        if pattern is not None and not pattern.match(v):
             raise ValueError(f"{name!r} has a bad format")
         return v
 
     def integer(self, name: str, required: bool = False, low: int = 0, high: int = MAX_RID) -> Any:
         v = self.get(name)
         if v is None:
-            if not (not required):
+            if required:
                 raise ValueError(f"{self._what} needs {name!r}")
             return None
         if not (_is_int(v) and low <= v <= high):
@@ -361,13 +361,13 @@ class _Fields:
 
     def boolean(self, name: str) -> bool | None:
         v = self.get(name)
-        if not (v is None or isinstance(v, bool)):
+        if v is not None and not isinstance(v, bool):
             raise ValueError(f"{name!r} must be true, false or null")
         return v
 
     def done(self) -> None:
         extra = self._obj.keys() - self._seen
-        if not (not extra):
+        if extra:
             raise ValueError(f"unknown field(s) in {self._what}: {', '.join(sorted(extra))[:200]}")
 
 
@@ -535,7 +535,7 @@ class Report(Request):
     detail: str | None = None
 
     def __post_init__(self) -> None:
-        if not (self.outcome in OUTCOMES):
+        if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
         _check(self.protocol is None or self.protocol in PROTOCOLS, "protocol must be udp, tcp or null")
         _check((self.outcome == "connected") == (self.protocol is not None), "protocol is given exactly when the outcome is 'connected'")
@@ -587,7 +587,7 @@ class Greeting(Message):
 
     @classmethod
     def read(cls, f: _Fields) -> Greeting:
-        if not (f.get("proto") == PROTOCOL_NAME):
+        if f.get("proto") != PROTOCOL_NAME:
             raise ValueError(f"not a {PROTOCOL_NAME} server")
         versions = f.get("versions")
         _check(isinstance(versions, list) and 0 < len(versions) <= 64 and all(_is_int(v) for v in versions), "versions must be a list of integers")
@@ -653,7 +653,7 @@ class Error(Message):
     code: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.error in ERROR_CODES):
+        if self.error not in ERROR_CODES:
             raise ValueError(f"unknown error name {self.error!r}")
         if self.code == 0:
             object.__setattr__(self, "code", ERROR_CODES[self.error])

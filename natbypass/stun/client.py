@@ -44,7 +44,7 @@ from zope.interface import Attribute, Interface, implementer
 # natbypass.address, natbypass.net and the codec; callers of the client may
 # import them from here too.
 from natbypass.address import format_address
-from natbypass.net import reusable_binding, route_source_address
+from natbypass.net import reusable_binding, route_source_address  # noqa: F401 (re-exported)
 from natbypass.stun.message import (
     MAGIC_COOKIE,
     Attribute as StunAttribute,

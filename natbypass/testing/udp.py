@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IListeningPort,
     IReactorTime,
@@ -36,6 +36,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from natbypass.punch.candidates import CandidateError, PortRange
@@ -393,6 +394,13 @@ class MemoryUDPReactor(MemoryReactorClock):
             self.tcp_reserved.append(sock)
             return sock
         raise CandidateError(f"no free TCP port in {port_range} on {interface}")
+
+    def refuse_tcp_connections(self) -> int:
+        """Fail every pending ``connectTCP`` with ConnectionRefusedError (nobody listens in memory); how many."""
+        pending, self.tcpClients = self.tcpClients, []
+        for host, port, factory, _timeout, _bind in pending:
+            factory.clientConnectionFailed(None, Failure(ConnectionRefusedError(host, port)))
+        return len(pending)
 
     def open_udp_ports(self) -> list[Address]:
         """The addresses of the UDP ports still bound."""

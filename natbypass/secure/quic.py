@@ -1,0 +1,566 @@
+"""
+QUIC over the punched UDP path, both sides authenticated by pinned keys.
+
+L{QuicChannel} drives a sans-I/O QUIC engine (aioquic or its fork qh3) the
+Twisted way: it is fed datagrams (L{QuicChannel.datagramReceived}), sends
+through a callable (so it sits on the punch mux's socket, demultiplexed with
+L{is_quic}), feeds the engine C{clock.seconds()} and keeps exactly one timer
+from the engine's C{get_timer()}.
+
+Authentication.  Both sides present the self-signed certificate of their
+identity key in the QUIC handshake, but neither engine lets a server ask for
+and check a client certificate through a public API, and aioquic does not
+show the client the server's certificate either.  So each side proves its key
+I{inside} the channel, bound to it:
+
+  1. When the handshake completes, each side derives a channel binding from
+     the connection's own 1-RTT traffic secrets (read from the engine's
+     C{secrets_log_file} hook, held in memory only)::
+
+       binding = HMAC-SHA256(client_ap_secret || server_ap_secret,
+                             "natbypass quic channel binding v1" 0x00 || client_random)
+
+     Only the two endpoints of this one QUIC connection know it.
+  2. The client sends, on bidirectional stream 0, an AUTH message: its raw
+     Ed25519 public key and a signature over
+     C{"natbypass quic auth v1" 0x00 || role || binding}.
+  3. The server checks the signature with I{its} binding, the key's
+     fingerprint with its L{PeerCheck}, then answers with its own AUTH.
+  4. The client checks the server's AUTH the same way (and, with qh3, that
+     the TLS certificate carries the same key).
+
+A relay in the middle holds two connections with two different bindings, so
+it can neither forward one side's proof to the other nor make its own without
+the key.  Nothing is delivered to the application, and it cannot send, until
+L{QuicChannel.ready} fired.  See C{docs/security.md}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import ssl
+import struct
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable, Protocol as TypingProtocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from natbypass.identity import BadSignature, Fingerprint, Identity, load_public_key, verify
+from natbypass.trust import PeerCheck, PeerRejected, as_check
+
+__all__ = [
+    "ALPN",
+    "ENGINES",
+    "QuicChannel",
+    "QuicClosed",
+    "QuicEngine",
+    "QuicReceiver",
+    "get_engine",
+    "is_quic",
+]
+
+Address = tuple[str, int]
+
+#: The ALPN protocol both sides offer.
+ALPN = "natbypass/1"
+#: Engines in order of preference (measured: see C{bench/quic_bench.py}).
+ENGINES = ("qh3", "aioquic")
+#: The stream that carries the AUTH messages; never shown to the application.
+AUTH_STREAM = 0
+AUTH_MAGIC = b"NBQA"
+AUTH_VERSION = 1
+AUTH = struct.Struct("!4sBB32s64s")
+BINDING_CONTEXT = b"natbypass quic channel binding v1\x00"
+PROOF_CONTEXT = b"natbypass quic auth v1\x00"
+#: Application error code of a close because the peer failed authentication.
+AUTH_FAILED = 0x4E42
+#: Largest DATAGRAM frame payload we send or accept: fits a 1200-byte QUIC
+#: packet (RFC 9000 minimum) with header, AEAD tag and frame header to spare.
+MAX_DATAGRAM = 1100
+#: What may arrive before the channel is ready (bytes of stream data, datagrams).
+MAX_EARLY_BYTES = 256 * 1024
+MAX_EARLY_DATAGRAMS = 64
+
+_QUIC_VERSIONS = (b"\x00\x00\x00\x00", b"\x00\x00\x00\x01", b"\x6b\x33\x43\xcf")
+
+
+def is_quic(data: bytes) -> bool:
+    """
+    Is C{data} a QUIC packet (RFC 9443), as opposed to STUN or a punch packet?
+
+    Short headers start 0b01; long headers 0b11 and then a version.  Punch
+    packets (C{0xCE 0x01 ...}) also start 0b11, but their second byte is 1, so
+    no QUIC version (0, v1, v2) matches them.
+    """
+    if len(data) < 5:
+        return False
+    first = data[0]
+    if first & 0xC0 == 0x40:
+        return True
+    return first & 0xC0 == 0xC0 and data[1:5] in _QUIC_VERSIONS
+
+
+class QuicClosed(Exception):
+    """
+    The QUIC connection ended; C{code} and C{reason} say how (the peer's
+    close, an idle timeout, ...); C{local} is True when we closed it.
+    """
+
+    def __init__(self, code: int, reason: str, local: bool) -> None:
+        who = "closed by us" if local else "closed"
+        super().__init__(f"QUIC connection {who}: {reason or 'no reason'} (code {code:#x})")
+        self.code = code
+        self.reason = reason
+        self.local = local
+
+
+class QuicReceiver(TypingProtocol):
+    """What the application gives L{QuicChannel.setReceiver}."""
+
+    def streamReceived(self, stream_id: int, data: bytes, fin: bool) -> None: ...
+
+    def datagramFrameReceived(self, data: bytes) -> None: ...
+
+    def connectionLost(self, reason: Failure) -> None: ...
+
+
+class _KeyLog:
+    """A C{secrets_log_file} that keeps the 1-RTT traffic secrets in memory."""
+
+    WANTED = ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
+
+    def __init__(self) -> None:
+        self.secrets: dict[str, bytes] = {}
+        self.client_random = b""
+
+    def write(self, line: str) -> None:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in self.WANTED and parts[0] not in self.secrets:
+            self.client_random = bytes.fromhex(parts[1])
+            self.secrets[parts[0]] = bytes.fromhex(parts[2])
+
+    def flush(self) -> None:
+        pass
+
+    def binding(self) -> bytes | None:
+        if len(self.secrets) < 2:
+            return None
+        key = self.secrets["CLIENT_TRAFFIC_SECRET_0"] + self.secrets["SERVER_TRAFFIC_SECRET_0"]
+        return hmac.new(key, BINDING_CONTEXT + self.client_random, hashlib.sha256).digest()
+
+
+def proof_message(role: int, binding: bytes) -> bytes:
+    """What a side signs: the context, its role (0 client, 1 server), the binding."""
+    return PROOF_CONTEXT + bytes([role]) + binding
+
+
+@dataclass(frozen=True)
+class QuicEngine:
+    """One sans-I/O QUIC library, behind the few calls L{QuicChannel} makes."""
+
+    name: str
+    configuration: Any
+    connection: Any
+    events: ModuleType
+    _packet: ModuleType
+    _buffer: Any
+    _tls: ModuleType
+
+    def config(
+        self,
+        is_client: bool,
+        identity: Identity,
+        certificate: x509.Certificate,
+        idle_timeout: float,
+        keylog: _KeyLog,
+    ) -> Any:
+        """A configuration with our certificate, no CA checks, DATAGRAM frames on."""
+        cfg = self.configuration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            idle_timeout=idle_timeout,
+            max_datagram_frame_size=65536,
+            verify_mode=ssl.CERT_NONE,
+            secrets_log_file=keylog,
+        )
+        if self.name == "qh3":
+            cfg.verify_hostname = False
+            cfg.certificate = self._tls.load_pem_x509_certificates(
+                certificate.public_bytes(serialization.Encoding.PEM)
+            )[0]
+            cfg.private_key = self._tls.load_pem_private_key(identity.private_pem())
+            sa = self._tls.SignatureAlgorithm
+            cfg.signature_algorithms = [sa.ED25519, sa.ECDSA_SECP256R1_SHA256, sa.RSA_PSS_RSAE_SHA256]
+        else:
+            cfg.certificate = certificate
+            cfg.private_key = identity.private_key
+        return cfg
+
+    def destination_cid(self, data: bytes, cid_length: int) -> bytes | None:
+        """The destination connection id of a client's Initial packet, or None."""
+        try:
+            header = self._packet.pull_quic_header(self._buffer(data=data), host_cid_length=cid_length)
+        except ValueError:
+            return None
+        if header.version is None or header.packet_type != self._packet.QuicPacketType.INITIAL:
+            return None
+        return header.destination_cid
+
+    def peer_certificate_der(self, connection: Any) -> bytes | None:
+        """The peer's TLS certificate where the engine shows it publicly (qh3), else None."""
+        getter = getattr(connection, "get_peercert", None)
+        cert = getter() if getter is not None else None
+        return None if cert is None else cert.public_bytes()
+
+
+def get_engine(name: str | None = None) -> QuicEngine:
+    """
+    The QUIC engine called C{name} ("aioquic" or "qh3"), or the first of
+    L{ENGINES} that imports.
+
+    @raise ImportError: when it (or every one) is missing.
+    """
+    names = ENGINES if name is None else (name,)
+    errors = []
+    for n in names:
+        if n not in ("aioquic", "qh3"):
+            raise ValueError(f"unknown QUIC engine {n!r}; choose aioquic or qh3")
+        try:
+            configuration = importlib.import_module(f"{n}.quic.configuration")
+            connection = importlib.import_module(f"{n}.quic.connection")
+            events = importlib.import_module(f"{n}.quic.events")
+            packet = importlib.import_module(f"{n}.quic.packet")
+            tls = importlib.import_module(f"{n}.tls")
+            buffer = importlib.import_module("qh3._hazmat" if n == "qh3" else "aioquic.buffer").Buffer
+        except ImportError as e:
+            errors.append(f"{n}: {e}")
+            continue
+        return QuicEngine(n, configuration.QuicConfiguration, connection.QuicConnection, events, packet, buffer, tls)
+    raise ImportError("no QUIC engine: pip install qh3 (or aioquic); " + "; ".join(errors))
+
+
+class QuicChannel:
+    """
+    One QUIC connection over a punched UDP path, mutually authenticated.
+
+    @param identity: our key.
+    @param expected: the peer's pinned fingerprint, or a L{PeerCheck}.
+    @param role: 0 is the QUIC client (it connects at L{start}), 1 the server
+        (it waits for the client's first packet).
+    @param remote: the peer's address on the punched path.
+    @param send: C{send(data, addr)}: write one datagram on the shared socket.
+    @param clock: the reactor's clock.
+    @param idle_timeout: seconds without a packet before the connection dies.
+    @param engine: "aioquic", "qh3" or None (the preferred one installed).
+    @param certificate: our certificate, if already made (else a new one).
+
+    @ivar ready: fires with the peer's L{Fingerprint} once both sides are
+        authenticated, or fails with L{PeerRejected} (we refused the peer) or
+        L{QuicClosed}.
+    @ivar lost: fires (never fails) with the reason, an exception instance
+        (L{QuicClosed} or L{PeerRejected}), once the connection ended.
+    """
+
+    log = Logger()
+    max_datagram_size = MAX_DATAGRAM
+
+    def __init__(
+        self,
+        identity: Identity,
+        expected: Fingerprint | PeerCheck,
+        role: int,
+        remote: Address,
+        send: Callable[[bytes, Address], object],
+        clock: IReactorTime,
+        idle_timeout: float = 30.0,
+        engine: str | QuicEngine | None = None,
+        certificate: x509.Certificate | None = None,
+    ) -> None:
+        if role not in (0, 1):
+            raise ValueError("role is 0 (QUIC client) or 1 (QUIC server)")
+        self._identity = identity
+        self._check = as_check(expected)
+        self.role = role
+        self.remote = remote
+        self._send = send
+        self._clock = clock
+        self.engine = engine if isinstance(engine, QuicEngine) else get_engine(engine)
+        self._keylog = _KeyLog()
+        cert = certificate if certificate is not None else identity.certificate(clock)
+        self._config = self.engine.config(role == 0, identity, cert, idle_timeout, self._keylog)
+        self._conn: Any = None
+        self._timer: IDelayedCall | None = None
+        self._timer_at: float | None = None
+        self._auth_buffer = b""
+        self._handshake_done = False
+        self._proof_sent = False
+        self._receiver: QuicReceiver | None = None
+        self._early: list[tuple[str, int, bytes, bool]] = []
+        self._early_bytes = 0
+        self._ended: Failure | None = None
+        self.peer_fingerprint: Fingerprint | None = None
+        self.ready: Deferred[Fingerprint] = Deferred()
+        self.lost: Deferred[Exception] = Deferred()
+        self._closing_reason: Exception | None = None
+        self._pumping = False
+
+    def __repr__(self) -> str:
+        return f"<QuicChannel role={self.role} {self.remote} {self.engine.name}>"
+
+    # --- driving the engine ------------------------------------------------------
+
+    def start(self) -> None:
+        """Client: send the first flight.  Server: nothing to do (it waits)."""
+        if self.role == 0 and self._conn is None:
+            self._conn = self.engine.connection(configuration=self._config)
+            self._conn.connect(self.remote, now=self._clock.seconds())
+            self._pump()
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        """Feed one datagram from the shared socket (never raises)."""
+        if self._ended is not None:
+            return
+        if self._conn is None:
+            if self.role == 0:
+                return
+            cid = self.engine.destination_cid(data, self._config.connection_id_length)
+            if cid is None:
+                self.log.debug("dropped a non-Initial packet before the QUIC handshake from {addr}", addr=addr)
+                return
+            self._conn = self.engine.connection(configuration=self._config, original_destination_connection_id=cid)
+        try:
+            self._conn.receive_datagram(data, addr, now=self._clock.seconds())
+        except Exception:
+            self.log.failure("QUIC engine failed on a datagram from {addr}", addr=addr)
+            return
+        self._pump()
+
+    def _onTimer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._conn is not None and self._ended is None:
+            self._conn.handle_timer(now=self._clock.seconds())
+            self._pump()
+
+    def _pump(self) -> None:
+        """Handle the engine's events, send what it wants sent, rearm the one timer."""
+        self._pumping = True
+        try:
+            self._pumpOnce()
+        finally:
+            self._pumping = False
+
+    def _pumpOnce(self) -> None:
+        conn = self._conn
+        while self._ended is None:
+            event = conn.next_event()
+            if event is None:
+                break
+            self._event(event)
+        now = self._clock.seconds()
+        for data, addr in conn.datagrams_to_send(now=now):
+            try:
+                self._send(data, addr)
+            except Exception:
+                self.log.failure("sending a QUIC datagram to {addr} failed", addr=addr)
+        self._rearm(None if self._ended is not None else conn.get_timer())
+
+    def _rearm(self, when: float | None) -> None:
+        if when == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._onTimer)
+
+    # --- events ------------------------------------------------------------------
+
+    def _event(self, event: Any) -> None:
+        ev = self.engine.events
+        if isinstance(event, ev.HandshakeCompleted):
+            self._handshake_done = True
+            if self.role == 0:
+                self._sendProof()
+            self._tryAuth()
+        elif isinstance(event, ev.StreamDataReceived):
+            if event.stream_id == AUTH_STREAM:
+                self._auth_buffer += event.data
+                if len(self._auth_buffer) > AUTH.size:
+                    self._fail(PeerRejected("the peer's AUTH message is too long"))
+                    return
+                self._tryAuth()
+            else:
+                self._deliver("stream", event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, ev.DatagramFrameReceived):
+            self._deliver("datagram", 0, event.data, False)
+        elif isinstance(event, ev.ConnectionTerminated):
+            if self._closing_reason is not None:
+                reason: Exception = self._closing_reason
+            else:
+                reason = QuicClosed(event.error_code, event.reason_phrase, local=False)
+            self._end(reason)
+
+    def _sendProof(self) -> None:
+        binding = self._keylog.binding()
+        if binding is None or self._proof_sent:
+            return
+        signature = self._identity.sign(proof_message(self.role, binding))
+        message = AUTH.pack(AUTH_MAGIC, AUTH_VERSION, self.role, self._identity.public_bytes(), signature)
+        if self.role == 0:
+            stream = self._conn.get_next_available_stream_id()
+            if stream != AUTH_STREAM:
+                self._fail(PeerRejected(f"internal: the AUTH stream is {stream}, not {AUTH_STREAM}"))
+                return
+        self._conn.send_stream_data(AUTH_STREAM, message, end_stream=self.role == 1)
+        self._proof_sent = True
+
+    def _tryAuth(self) -> None:
+        if not self._handshake_done or len(self._auth_buffer) < AUTH.size or self.peer_fingerprint is not None:
+            return
+        binding = self._keylog.binding()
+        if binding is None:
+            self._fail(PeerRejected("the QUIC engine did not reveal the traffic secrets; cannot bind the proof"))
+            return
+        try:
+            fingerprint = self._verifyProof(self._auth_buffer, binding)
+            self._check(fingerprint)
+        except PeerRejected as e:
+            self._fail(e)
+            return
+        except Exception as e:
+            self._fail(PeerRejected(f"the key check failed: {e!r}"))
+            return
+        self.peer_fingerprint = fingerprint
+        if self.role == 1:
+            self._sendProof()
+        self.log.info("QUIC peer authenticated as {fingerprint}", fingerprint=str(fingerprint))
+        self.ready.callback(fingerprint)
+        self._flushEarly()
+
+    def _verifyProof(self, data: bytes, binding: bytes) -> Fingerprint:
+        magic, version, role, public, signature = AUTH.unpack(data)
+        peer_role = 1 - self.role
+        if magic != AUTH_MAGIC or version != AUTH_VERSION or role != peer_role:
+            raise PeerRejected("the peer's AUTH message is malformed")
+        try:
+            key = load_public_key(public)
+            verify(key, signature, proof_message(peer_role, binding))
+        except (ValueError, BadSignature):
+            raise PeerRejected(
+                "the peer's key proof was not made for this connection (a relay in the middle?)"
+            ) from None
+        fingerprint = Fingerprint.of_public_key(key)
+        cert = self.engine.peer_certificate_der(self._conn)
+        if cert is not None and not Fingerprint.of_certificate(cert).matches(fingerprint):
+            raise PeerRejected(
+                f"the peer's TLS certificate is for {Fingerprint.of_certificate(cert)}, its proof for {fingerprint}"
+            )
+        return fingerprint
+
+    def _deliver(self, kind: str, stream_id: int, data: bytes, fin: bool) -> None:
+        if self.peer_fingerprint is None or self._receiver is None:
+            self._early_bytes += len(data)
+            datagrams = sum(1 for e in self._early if e[0] == "datagram")
+            if kind == "datagram" and datagrams >= MAX_EARLY_DATAGRAMS:
+                return  # datagrams may be lost: drop rather than buffer more
+            if self._early_bytes > MAX_EARLY_BYTES:
+                self._fail(PeerRejected("too much data before the channel was ready"))
+                return
+            self._early.append((kind, stream_id, data, fin))
+            return
+        if kind == "datagram":
+            self._receiver.datagramFrameReceived(data)
+        else:
+            self._receiver.streamReceived(stream_id, data, fin)
+
+    def _flushEarly(self) -> None:
+        if self.peer_fingerprint is None or self._receiver is None:
+            return
+        early, self._early, self._early_bytes = self._early, [], 0
+        for item in early:
+            if self._ended is not None:
+                return
+            self._deliver(*item)
+
+    def _fail(self, reason: PeerRejected) -> None:
+        self.log.warn("QUIC peer refused: {reason}", reason=str(reason))
+        self._closing_reason = reason
+        self._conn.close(error_code=AUTH_FAILED, reason_phrase="peer authentication failed")
+        self._end(reason)
+        if not self._pumping:
+            self._pump()
+
+    def _end(self, reason: Exception) -> None:
+        if self._ended is not None:
+            return
+        self._ended = Failure(reason)
+        self._early = []
+        if not self.ready.called:
+            self.ready.errback(self._ended)
+        if self._receiver is not None:
+            self._receiver.connectionLost(self._ended)
+        self.lost.callback(self._ended.value)
+
+    # --- the application's side --------------------------------------------------
+
+    def setReceiver(self, receiver: QuicReceiver) -> None:
+        """Give stream data and datagrams to C{receiver} (what came early first)."""
+        self._receiver = receiver
+        self._flushEarly()
+
+    def _checkOpen(self) -> None:
+        if self._ended is not None:
+            raise QuicClosed(0, "the channel is closed", local=True)
+        if self.peer_fingerprint is None:
+            raise RuntimeError("the channel is not ready yet: wait for .ready")
+
+    def openStream(self) -> int:
+        """A new bidirectional stream's id."""
+        self._checkOpen()
+        return self._conn.get_next_available_stream_id()
+
+    def sendStream(self, stream_id: int, data: bytes, fin: bool = False) -> None:
+        """Send C{data} on a stream, with C{fin} to end our side of it."""
+        self._checkOpen()
+        if stream_id == AUTH_STREAM:
+            raise ValueError("stream 0 carries authentication; use openStream()")
+        self._conn.send_stream_data(stream_id, data, end_stream=fin)
+        self._pump()
+
+    def closeStream(self, stream_id: int) -> None:
+        """End our side of a stream (a FIN with no more data)."""
+        self.sendStream(stream_id, b"", fin=True)
+
+    def sendDatagram(self, data: bytes) -> None:
+        """
+        Send one unreliable DATAGRAM frame (RFC 9221).
+
+        @raise ValueError: when C{data} is longer than L{max_datagram_size}.
+        """
+        self._checkOpen()
+        if len(data) > self.max_datagram_size:
+            raise ValueError(f"a datagram holds at most {self.max_datagram_size} bytes, not {len(data)}")
+        self._conn.send_datagram_frame(data)
+        self._pump()
+
+    def close(self, error_code: int = 0, reason: str = "") -> None:
+        """Close the connection (tell the peer); idempotent."""
+        if self._ended is not None:
+            return
+        if self._conn is None:
+            self._end(QuicClosed(error_code, reason or "closed before it started", local=True))
+            return
+        self._closing_reason = QuicClosed(error_code, reason, local=True)
+        self._conn.close(error_code=error_code, reason_phrase=reason)
+        self._end(self._closing_reason)
+        self._pump()
