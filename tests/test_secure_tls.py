@@ -17,7 +17,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from natbypass.identity import Fingerprint, Identity
+from natbypass.identity import Identity
 from natbypass.secure.tls import ALPN, PinnedTLS, start_tls
 from natbypass.trust import PeerRejected
 

@@ -43,7 +43,7 @@ class KnownPeersParseTests(SynchronousTestCase):
     def test_errors_name_line(self) -> None:
         for text, words in (
             (f"alice {A}\nalice {B}\n", "already listed"),
-            (f"alice\n", "PEER_ID FINGERPRINT"),
+            ("alice\n", "PEER_ID FINGERPRINT"),
             (f"-bad {A}\n", "not a peer id"),
             ("alice nb1-zzzz\n", "has 4"),
             ("a" * (MAX_LINE + 1), "longer than"),

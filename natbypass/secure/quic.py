@@ -44,7 +44,8 @@ import ssl
 import struct
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Protocol as TypingProtocol
+from typing import Any, Callable
+from typing import Protocol as TypingProtocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
