@@ -4,13 +4,13 @@ Checks a built sdist and wheel, then installs the wheel into a clean venv.
     python .ci/check_dist.py SDIST WHEEL VENV-DIR
 
 - the sdist carries the twistd plugin file, the docs, the tests and the CI
-  scripts; neither archive carries a plugin cache (``dropin.cache``) or an
-  ``__init__.py`` for ``twisted``/``twisted.plugins`` (which would shadow
+  scripts; neither archive carries a plugin cache (C{dropin.cache}) or an
+  C{__init__.py} for C{twisted}/C{twisted.plugins} (which would shadow
   Twisted's own packages);
-- the wheel holds no module that the sdist does not (no stale ``build/`` debris);
-- in a clean venv made with this Python, ``twistd --help`` lists both plugins,
+- the wheel holds no module that the sdist does not (no stale C{build/} debris);
+- in a clean venv made with this Python, C{twistd --help} lists both plugins,
   which leaves a plugin cache that names them and that the next lookup keeps
-  (no rescan at every start), and ``natbypass mediator --help`` shows the
+  (no rescan at every start), and C{natbypass mediator --help} shows the
   plugin's options.
 
 Exit status 0 when all hold; otherwise each failure is printed and the status is 1.

@@ -4,14 +4,14 @@ The README's Quick start commands, as CI runs them.
     python3 .ci/readme.py command setup|tests     print the command, exactly as README.md has it
     python3 .ci/readme.py check-setup CHECKOUT     run the set-up command in CHECKOUT, then check the mediator
 
-``check-setup`` runs the set-up command with ``bash -c`` in CHECKOUT (a fresh
-checkout: ``.ci/run`` makes one), with PATH putting the distribution's
-``/usr/bin/python3`` first, in a process group of its own.  Once the mediator
+C{check-setup} runs the set-up command with C{bash -c} in CHECKOUT (a fresh
+checkout: C{.ci/run} makes one), with PATH putting the distribution's
+C{/usr/bin/python3} first, in a process group of its own.  Once the mediator
 answers a STUN Binding request on UDP 127.0.0.1:3478 and sends its greeting
 line on TCP 127.0.0.1:7000 (its default ports), the group gets SIGTERM (SIGKILL
 after 20 s); the check fails if the mediator did not stop cleanly (exit
 status 0 or 143, twistd.pid removed) or if any process of the group is left.  It needs the two ports free, and at most
-``--timeout`` seconds (default 600: the command installs from PyPI).
+C{--timeout} seconds (default 600: the command installs from PyPI).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ STUN, SIGNAL = ("127.0.0.1", 3478), ("127.0.0.1", 7000)
 
 
 def commands(readme: str) -> dict[str, str]:
-    """The two ``sh`` blocks of the Quick start section: set-up, then tests."""
+    """The two C{sh} blocks of the Quick start section: set-up, then tests."""
     match = re.search(r"^## Quick start.*?(?=^## )", readme, re.S | re.M)
     if match is None:
         raise SystemExit("README.md has no '## Quick start' section")

@@ -2,10 +2,10 @@
 """
 Time to connect through real NATs, measured in the NAT lab.
 
-For each pair of NAT types and each protocol, run ``natbypass connect``
-ROUNDS times and report the median of its ``elapsed_ms`` (from the
-command's start to the ``connected`` event; interpreter start-up before that
-is reported apart as ``wall``).  Every site link gets DELAY ms each way, so
+For each pair of NAT types and each protocol, run C{natbypass connect}
+ROUNDS times and report the median of its C{elapsed_ms} (from the
+command's start to the C{connected} event; interpreter start-up before that
+is reported apart as C{wall}).  Every site link gets DELAY ms each way, so
 with the default 25 ms the mediator RTT is 50 ms and the peer-to-peer RTT
 100 ms.
 
@@ -79,7 +79,10 @@ def main() -> int:
                     walls.append(r.wall_s * 1000)
                 rows.append(
                     {
-                        "a": a, "b": b, "protocol": protocol, "rounds": args.rounds,
+                        "a": a,
+                        "b": b,
+                        "protocol": protocol,
+                        "rounds": args.rounds,
                         "connected": len(times),
                         "median_ms": statistics.median(times) if times else None,
                         "min_ms": min(times) if times else None,
@@ -90,16 +93,20 @@ def main() -> int:
                     }
                 )
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"\nMachine: {platform.node()} ({os.cpu_count()} cores), {platform.platform()}; "
-          f"delay {args.delay:g} ms each way per site link, {args.rounds} rounds per cell.\n")
+    print(
+        f"\nMachine: {platform.node()} ({os.cpu_count()} cores), {platform.platform()}; "
+        f"delay {args.delay:g} ms each way per site link, {args.rounds} rounds per cell.\n"
+    )
     print("| pair | protocol | connected | median ms | min | max | won by | wall median ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         med = "-" if r["median_ms"] is None else f"{r['median_ms']:.0f}"
         lo = "-" if r["min_ms"] is None else f"{r['min_ms']:.0f}"
         hi = "-" if r["max_ms"] is None else f"{r['max_ms']:.0f}"
-        print(f"| {r['a']} x {r['b']} | {r['protocol']} | {r['connected']}/{r['rounds']} | {med} | {lo} | {hi} "
-              f"| {','.join(r['won']) or '-'} | {r['wall_median_ms']} |")
+        print(
+            f"| {r['a']} x {r['b']} | {r['protocol']} | {r['connected']}/{r['rounds']} | {med} | {lo} | {hi} "
+            f"| {','.join(r['won']) or '-'} | {r['wall_median_ms']} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

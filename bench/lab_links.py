@@ -55,8 +55,21 @@ def main() -> int:
         for site, spec in SETTINGS.items():  # one at a time: the forwarders share 2 CPUs
             interval = SLOW.get(site, args.interval)
             count = args.count if site not in SLOW else max(100, args.count // 5)
-            r = lab.exec(site, [sys.executable, "-m", "natbypass.lab.probe", "rtt", server,
-                                "--count", str(count), "--interval", str(interval)], timeout=900)
+            r = lab.exec(
+                site,
+                [
+                    sys.executable,
+                    "-m",
+                    "natbypass.lab.probe",
+                    "rtt",
+                    server,
+                    "--count",
+                    str(count),
+                    "--interval",
+                    str(interval),
+                ],
+                timeout=900,
+            )
             got = json.loads(r.stdout)
             d, j, l = spec.get("delay_ms", 0), spec.get("jitter_ms", 0), spec.get("loss_pct", 0)
             want_loss = 100 * (1 - (1 - l / 100) ** 2)
@@ -65,15 +78,17 @@ def main() -> int:
                 f"{got.get('mean_ms', 0):.2f} | {got.get('p95_ms', 0):.2f} | {got.get('stdev_ms', 0):.2f} | {want_loss:.1f} | "
                 f"{got['loss_pct']:.1f} |"
             )
-    table = "\n".join([
-        "| site | requests | delay ms (each way) | jitter ms | loss % (each way) | RTT asked ms | RTT min | median | mean "
-        "| p95 | stdev | RT loss expected % | RT loss measured % |",
-        "|" + "---|" * 13,
-        *rows,
-        "",
-        f"_`python3 bench/lab_links.py --count {args.count} --interval {args.interval}`, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, kernel {os.uname().release}, {os.cpu_count()} CPUs._",
-    ])
+    table = "\n".join(
+        [
+            "| site | requests | delay ms (each way) | jitter ms | loss % (each way) | RTT asked ms | RTT min | median | mean "
+            "| p95 | stdev | RT loss expected % | RT loss measured % |",
+            "|" + "---|" * 13,
+            *rows,
+            "",
+            f"_`python3 bench/lab_links.py --count {args.count} --interval {args.interval}`, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, kernel {os.uname().release}, {os.cpu_count()} CPUs._",
+        ]
+    )
     print(table)
     if args.write:
         path = os.path.join(ROOT, "docs", "nat-lab.md")

@@ -117,7 +117,7 @@ def bulk(engine: str, a_id: Identity, b_id: Identity, size: int) -> float:
         a.sendStream(sid, chunk[:n], fin=sent >= size)
         if sent - sink.received > 4 * 1024 * 1024:
             target = sent - 1024 * 1024
-            net.run(lambda: sink.received >= target)
+            net.run(lambda target=target: sink.received >= target)
     net.run(lambda: sink.fin)
     took = time.perf_counter() - start
     a.close()
@@ -131,8 +131,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     a_id, b_id = Identity.generate(), Identity.generate()
-    print(f"# {platform.python_implementation()} {platform.python_version()}, {platform.machine()}, "
-          f"{platform.processor() or platform.platform()}")
+    print(
+        f"# {platform.python_implementation()} {platform.python_version()}, {platform.machine()}, "
+        f"{platform.processor() or platform.platform()}"
+    )
     for engine in args.engines.split(","):
         try:
             mod = get_engine(engine)
@@ -142,9 +144,11 @@ def main() -> None:
         version = __import__(engine).__version__
         hs = [handshake(mod, a_id, b_id) * 1000 for _ in range(max(args.runs, 5))]
         mbs = [bulk(mod, a_id, b_id, int(args.size * 1e6)) for _ in range(args.runs)]
-        print(f"{engine} {version}: handshake median {statistics.median(hs):.1f} ms "
-              f"(min {min(hs):.1f}), bulk median {statistics.median(mbs):.1f} MB/s "
-              f"(runs: {', '.join(f'{m:.1f}' for m in mbs)})")
+        print(
+            f"{engine} {version}: handshake median {statistics.median(hs):.1f} ms "
+            f"(min {min(hs):.1f}), bulk median {statistics.median(mbs):.1f} MB/s "
+            f"(runs: {', '.join(f'{m:.1f}' for m in mbs)})"
+        )
 
 
 if __name__ == "__main__":

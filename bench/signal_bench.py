@@ -64,7 +64,7 @@ def readline_with(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
         if not line:
             raise RuntimeError(f"process {proc.args} ended before printing {prefix}")
         if line.startswith(prefix):
-            return line[len(prefix):].strip()
+            return line[len(prefix) :].strip()
     raise RuntimeError(f"timed out waiting for {prefix}")
 
 
@@ -89,17 +89,25 @@ def throwaway_certificate(directory: str) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
     with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
@@ -114,14 +122,27 @@ def main() -> int:
     p.add_argument("--log-file", help="let the mediator write its full info-level log here")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--profile", help="profile the mediator (cProfile output file)")
-    p.add_argument("--malloc-trim", action="store_true", help="also report the RSS after glibc malloc_trim(0) "
-                   "(memory the heap holds but no object uses, e.g. left over from TLS handshakes)")
+    p.add_argument(
+        "--malloc-trim",
+        action="store_true",
+        help="also report the RSS after glibc malloc_trim(0) "
+        "(memory the heap holds but no object uses, e.g. left over from TLS handshakes)",
+    )
     p.add_argument("--tls", action="store_true", help="signalling over TLS (a throwaway self-signed certificate)")
     p.add_argument("--gc-stats", action="store_true", help="let the mediator print its garbage-collector pauses")
-    p.add_argument("--gc-freeze", action="store_true", help="experiment: once the peers are registered, the mediator "
-                   "runs gc.collect(); gc.freeze() so full collections no longer walk the 10,000 idle connections")
-    p.add_argument("--nice", type=int, default=0, help="niceness of the mediator and generators, in a session "
-                   "of their own (negative needs root; keeps other load on a shared machine out of the figures)")
+    p.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="experiment: once the peers are registered, the mediator "
+        "runs gc.collect(); gc.freeze() so full collections no longer walk the 10,000 idle connections",
+    )
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of the mediator and generators, in a session "
+        "of their own (negative needs root; keeps other load on a shared machine out of the figures)",
+    )
     a = p.parse_args()
 
     raise_nofile()
@@ -151,7 +172,18 @@ def main() -> int:
         for g in range(a.generators):
             gens.append(
                 subprocess.Popen(
-                    [sys.executable, os.path.join(HERE, "signal_load.py"), "--port", str(port), "--source", f"127.0.0.{g + 2}", "--prefix", f"g{g}", "-n", str(per)]
+                    [
+                        sys.executable,
+                        os.path.join(HERE, "signal_load.py"),
+                        "--port",
+                        str(port),
+                        "--source",
+                        f"127.0.0.{g + 2}",
+                        "--prefix",
+                        f"g{g}",
+                        "-n",
+                        str(per),
+                    ]
                     + (["--tls"] if a.tls else []),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -160,7 +192,11 @@ def main() -> int:
             )
         for gen in gens:
             readline_with(gen, "REGISTERED ", 300)
-        print(f"registered {a.peers} peers in {time.monotonic() - t:.1f} s (at {time.monotonic():.1f})", file=sys.stderr, flush=True)
+        print(
+            f"registered {a.peers} peers in {time.monotonic() - t:.1f} s (at {time.monotonic():.1f})",
+            file=sys.stderr,
+            flush=True,
+        )
         register_s = time.monotonic() - t
         time.sleep(3.0)
         frozen = None
@@ -184,7 +220,9 @@ def main() -> int:
         for gen in gens:
             gen.stdin.write(f"GO {a.rate / a.generators} {a.seconds}\n")
             gen.stdin.flush()
-        print(f"driving {a.rate:g} offers/s for {a.seconds:g} s from {time.monotonic():.1f}", file=sys.stderr, flush=True)
+        print(
+            f"driving {a.rate:g} offers/s for {a.seconds:g} s from {time.monotonic():.1f}", file=sys.stderr, flush=True
+        )
         results = [json.loads(readline_with(gen, "RESULT ", a.seconds + 60)) for gen in gens]
         cpu = cpu_seconds(med.pid) - cpu0
         gen_cpu = [cpu_seconds(g.pid) - c0 for g, c0 in zip(gens, gen_cpu0)]
@@ -199,7 +237,9 @@ def main() -> int:
             "rss_before_kib": rss_before,
             "rss_registered_kib": rss_after,
             "bytes_per_idle_peer": round(per_peer),
-            "bytes_per_idle_peer_after_malloc_trim": None if rss_trimmed is None else round((rss_trimmed - rss_before) * 1024 / peers),
+            "bytes_per_idle_peer_after_malloc_trim": None
+            if rss_trimmed is None
+            else round((rss_trimmed - rss_before) * 1024 / peers),
             "offers_sent": sent,
             "offers_completed": len(full),
             "offer_rate": round(sent / a.seconds, 1),

@@ -4,13 +4,13 @@ mediator from one loopback source address, then, on command, drives offers
 between its own peers at a fixed rate and measures the latencies.
 
 Driven by bench/signal_bench.py over stdin/stdout:
-    stdout: ``REGISTERED n``            once every peer is registered
-    stdin:  ``GO <offers/s> <seconds>`` then stdout ``RESULT <json>``
-    stdin:  ``QUIT``
+    stdout: C{REGISTERED n}            once every peer is registered
+    stdin:  C{GO <offers/s> <seconds>} then stdout C{RESULT <json>}
+    stdin:  C{QUIT}
 
 Peers are minimal (the codec, no ClientService) so the generator costs little
 CPU next to the mediator on the same machine.  Latencies use
-``time.perf_counter`` (this is a measuring tool, not protocol logic).
+C{time.perf_counter} (this is a measuring tool, not protocol logic).
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ Run only the signalling half of the mediator, for the benchmark.
 
     python3 bench/signal_mediator.py --signal tcp:0:interface=127.0.0.1:backlog=4096
 
-Prints ``LISTENING <port>`` once bound.  Limits are off (the load generator
+Prints C{LISTENING <port>} once bound.  Limits are off (the load generator
 opens thousands of connections from one address); logs go to stderr at
-warning level unless ``--log-file`` asks for the full info-level log that
-``twistd`` would write.
+warning level unless C{--log-file} asks for the full info-level log that
+C{twistd} would write.
 """
 
 from __future__ import annotations
@@ -68,14 +68,20 @@ def main() -> None:
             else:
                 pauses[info["generation"]].append(time.perf_counter() - started[0])
                 if info["generation"] == 2:
-                    print(f"gc gen2 at {time.monotonic():.1f}: {pauses[2][-1] * 1000:.0f} ms", file=sys.stderr, flush=True)
+                    print(
+                        f"gc gen2 at {time.monotonic():.1f}: {pauses[2][-1] * 1000:.0f} ms", file=sys.stderr, flush=True
+                    )
 
         gc.callbacks.append(on_gc)
 
         def report() -> None:
             for gen, xs in pauses.items():
                 if xs:
-                    print(f"gc gen{gen}: {len(xs)} runs, total {sum(xs) * 1000:.0f} ms, max {max(xs) * 1000:.1f} ms", file=sys.stderr, flush=True)
+                    print(
+                        f"gc gen{gen}: {len(xs)} runs, total {sum(xs) * 1000:.0f} ms, max {max(xs) * 1000:.1f} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
         reactor.addSystemEventTrigger("after", "shutdown", report)
 

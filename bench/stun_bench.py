@@ -3,7 +3,7 @@
 STUN responder benchmark: valid Binding responses per second on one core.
 
 Each server under test runs alone, in its own process pinned to one core
-(``taskset -c SERVER_CPU``); the load generator runs in this process, pinned
+(C{taskset -c SERVER_CPU}); the load generator runs in this process, pinned
 to another core.  Loopback only (127.0.0.1, and 127.0.0.2 for RFC 5780).
 
 Servers:
@@ -28,7 +28,7 @@ not the bottleneck.
     python3 bench/stun_bench.py --servers natbypass --duration 10
     python3 bench/stun_bench.py --profile /tmp/stun.pstats --servers natbypass
 
-Internal: ``stun_bench.py serve KIND --port P`` runs one server.
+Internal: C{stun_bench.py serve KIND --port P} runs one server.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import resource
 import select
 import shutil
 import signal
-import statistics
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -420,9 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, runs in results.items():
             if kind == "coturn":
                 continue
-            ratios[kind] = [
-                r["valid_per_s"] / c["valid_per_s"] for r, c in zip(runs, results["coturn"])
-            ]
+            ratios[kind] = [r["valid_per_s"] / c["valid_per_s"] for r, c in zip(runs, results["coturn"])]
         print(f"\nrelative to coturn, per round (median [min-max]) over {len(results['coturn'])} rounds:")
         for kind, values in ratios.items():
             print(f"  {kind:16} {statistics.median(values):5.0%}  [{min(values):.0%}-{max(values):.0%}]")

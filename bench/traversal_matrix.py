@@ -21,16 +21,14 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from natbypass.lab import netns  # noqa: E402
 from natbypass.lab.lab import Lab  # noqa: E402
-from natbypass.lab.traversal import PROTOCOLS, TYPES, MatrixCell, Scenario, matrix_spec, run_matrix  # noqa: E402
+from natbypass.lab.traversal import PROTOCOLS, MatrixCell, Scenario, matrix_spec, run_matrix  # noqa: E402
 
 
 def cell_text(cells: list[MatrixCell]) -> str:
     ok = [c for c in cells if c.result.ok]
     if not ok:
         f = cells[0].result.event("failed")
-        reasons = "; ".join(
-            f"{a['protocol']}: {a['reason']}" for a in (f or {}).get("attempts", []) if a.get("reason")
-        )
+        reasons = "; ".join(f"{a['protocol']}: {a['reason']}" for a in (f or {}).get("attempts", []) if a.get("reason"))
         return f"fail ({reasons[:160]})" if reasons else "fail"
     protos = sorted({c.result.connected["protocol"] for c in ok})
     median = statistics.median(c.result.connected["elapsed_ms"] for c in ok)

@@ -1,6 +1,6 @@
 """
 Addresses as people and logs see them, shared by every command, plugin and
-log line: the one ``HOST:PORT`` grammar (with its error messages), the one
+log line: the one C{HOST:PORT} grammar (with its error messages), the one
 way of writing an address back (IPv6 in brackets), and the wildcard hosts.
 Pure; no name resolution, no sockets (those helpers are in L{natbypass.net}).
 """
@@ -40,8 +40,8 @@ def parse_host_port(
     text: str, default_port: int | None = None, *, allow_zero: bool = False, ip_only: bool = False
 ) -> Address:
     """
-    ``HOST[:PORT]`` -> (host, port); IPv6 literals in brackets when a port
-    follows (``[::1]:3478``), bare IPv6 literals taken whole.  ``ip_only``
+    C{HOST[:PORT]} -> (host, port); IPv6 literals in brackets when a port
+    follows (C{[::1]:3478}), bare IPv6 literals taken whole.  C{ip_only}
     refuses host names (an address to bind, or to name in RFC 5780
     responses, must be exact).  Raises ValueError with a message a person
     can act on.
@@ -98,10 +98,7 @@ def _valid_host(host: str) -> bool:
         return False
     labels = host.rstrip(".").split(".")
     return all(
-        0 < len(label) <= 63
-        and label[0] != "-"
-        and label[-1] != "-"
-        and all(c.isalnum() or c == "-" for c in label)
+        0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-" and all(c.isalnum() or c == "-" for c in label)
         for label in labels
     )
 

@@ -28,8 +28,8 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -289,7 +289,7 @@ class Identity:
         names.  Peers never check dates or names: the pinned fingerprint is
         the check.  Make a new one at each start.
         """
-        now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.timezone.utc)
+        now = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(self.fingerprint))])
         return (
             x509.CertificateBuilder()

@@ -1,16 +1,16 @@
 """
 The public API of NATbypass, as zope Interfaces.
 
-An application embeds an :class:`IPeer` service, asks it to ``connect`` to a
-peer (or ``listen`` for peers that connect to it) and receives
-:class:`IPeerConnection` objects.  It attaches an :class:`IPeerReceiver` to
+An application embeds an L{IPeer} service, asks it to C{connect} to a
+peer (or C{listen} for peers that connect to it) and receives
+L{IPeerConnection} objects.  It attaches an L{IPeerReceiver} to
 each connection to be given what arrives and to be told when the path dies.
 
-Why the shape: a connection says what it carries (``delivery``: ``"datagram"``
-over the UDP path, ``"stream"`` over the TCP path) and whether it is already
+Why the shape: a connection says what it carries (C{delivery}: C{"datagram"}
+over the UDP path, C{"stream"} over the TCP path) and whether it is already
 secure and reliable.  A later layer (TLS on the TCP path, QUIC on the UDP path)
-can then wrap an :class:`IPeerConnection` and offer the same interface with
-``secure=True`` -- plus streams through an extra interface -- without changing
+can then wrap an L{IPeerConnection} and offer the same interface with
+C{secure=True} -- plus streams through an extra interface -- without changing
 what existing callers do.
 """
 
@@ -23,22 +23,22 @@ class IPeerReceiver(Interface):
     """
     What the application gives a connection to be handed its data.
 
-    Mirrors ``IProtocol``'s two callbacks so a Twisted programmer knows it.
+    Mirrors C{IProtocol}'s two callbacks so a Twisted programmer knows it.
     """
 
     def dataReceived(data: bytes) -> None:
         """
         Bytes arrived from the peer.
 
-        On a ``"datagram"`` connection each call is exactly one datagram the
-        peer passed to ``send``; on a ``"stream"`` connection calls are
-        arbitrary slices of the byte stream, as with ``IProtocol``.
+        On a C{"datagram"} connection each call is exactly one datagram the
+        peer passed to C{send}; on a C{"stream"} connection calls are
+        arbitrary slices of the byte stream, as with C{IProtocol}.
         """
 
     def connectionLost(reason) -> None:
         """
         The path is gone (closed by either side, or found dead by the
-        liveness check); ``reason`` is a ``Failure`` that says why.
+        liveness check); C{reason} is a C{Failure} that says why.
         """
 
 
@@ -49,8 +49,7 @@ class IPeerConnection(Interface):
     session_id = Attribute("The mediator's id (str) of the session this path belongs to.")
     protocol = Attribute('The transport protocol of the path: "udp" or "tcp".')
     delivery = Attribute(
-        '"datagram" (message boundaries kept, may be lost or reordered) or '
-        '"stream" (an ordered, reliable byte stream).'
+        '"datagram" (message boundaries kept, may be lost or reordered) or "stream" (an ordered, reliable byte stream).'
     )
     secure = Attribute(
         "True when data is encrypted and authenticated end to end.  The bare "
@@ -71,7 +70,7 @@ class IPeerConnection(Interface):
 
     def setReceiver(receiver: IPeerReceiver) -> None:
         """
-        Deliver what arrives from now on to ``receiver``.
+        Deliver what arrives from now on to C{receiver}.
 
         Data that arrives before a receiver is set is kept (up to a bound) and
         delivered when it is set, so nothing sent right after the connection
@@ -80,45 +79,44 @@ class IPeerConnection(Interface):
 
     def send(data: bytes) -> None:
         """
-        Send ``data`` to the peer: one datagram (``delivery == "datagram"``,
-        raising ``ValueError`` when it exceeds ``max_datagram_size``) or more
+        Send C{data} to the peer: one datagram (C{delivery == "datagram"},
+        raising C{ValueError} when it exceeds C{max_datagram_size}) or more
         of the stream.  Sending on a closed connection is ignored.
         """
 
     max_datagram_size = Attribute(
-        "The largest payload one send() carries on a datagram connection, or "
-        "None on a stream connection."
+        "The largest payload one send() carries on a datagram connection, or None on a stream connection."
     )
 
     def close() -> None:
         """
         Close the path (tell the peer when the protocol can), stop its timers,
-        and fire ``connectionLost`` / ``whenLost`` with ``ConnectionDone``.
+        and fire C{connectionLost} / C{whenLost} with C{ConnectionDone}.
         Idempotent.
         """
 
     def whenLost():
         """
         Return a new Deferred that fires (never errbacks) with the loss reason,
-        a ``ConnectionDone`` or ``ConnectionLost`` exception instance, when the
+        a C{ConnectionDone} or C{ConnectionLost} exception instance, when the
         path is gone.  Fires at once if it is already gone.
         """
 
 
 class IIncomingHandler(Interface):
-    """What an application gives ``IPeer.listen`` to be told of peers connecting in."""
+    """What an application gives C{IPeer.listen} to be told of peers connecting in."""
 
     def connectionArrived(connection: IPeerConnection) -> None:
-        """A peer connected to us; ``connection`` is ready for ``setReceiver``."""
+        """A peer connected to us; C{connection} is ready for C{setReceiver}."""
 
 
 class IPeer(Interface):
     """
-    The service an application embeds to reach peers (an ``IService``).
+    The service an application embeds to reach peers (an C{IService}).
 
-    ``connect`` returns a Deferred that fires with an :class:`IPeerConnection`
+    C{connect} returns a Deferred that fires with an L{IPeerConnection}
     or fails with the outcome of every attempt (see
-    ``natbypass.punch.race.AllAttemptsFailed``); cancelling it stops the
+    C{natbypass.punch.race.AllAttemptsFailed}); cancelling it stops the
     attempts.
     """
 
@@ -132,11 +130,11 @@ class IPeer(Interface):
 
     def connect(peer_id: str, protocol: str = "auto"):
         """
-        Open a direct path to ``peer_id``.
+        Open a direct path to C{peer_id}.
 
-        ``protocol`` is ``"auto"``, ``"udp"``, ``"tcp"`` or a sequence of them
-        in order of preference; see ``docs/selection.md``.
+        C{protocol} is C{"auto"}, C{"udp"}, C{"tcp"} or a sequence of them
+        in order of preference; see C{docs/selection.md}.
         """
 
     def listen(handler: IIncomingHandler) -> None:
-        """Hand connections that other peers open to us to ``handler``."""
+        """Hand connections that other peers open to us to C{handler}."""

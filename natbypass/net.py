@@ -5,13 +5,13 @@ reservation: one place that knows how NATbypass sockets share a port.
 Several of our TCP sockets use one local port at once: the reserved
 listening socket, the STUN-over-TCP connection that learns the port's
 mapping, and every simultaneous-open attempt.  Linux lets them bind the same
-address only when *each* of them sets ``SO_REUSEADDR`` and ``SO_REUSEPORT``
+address only when *each* of them sets C{SO_REUSEADDR} and C{SO_REUSEPORT}
 (and they belong to one user), so every such socket is made here.
 
-Not used by ``natbypass.lab.probe``: the lab probes measure NATs with plain
+Not used by C{natbypass.lab.probe}: the lab probes measure NATs with plain
 blocking sockets inside network namespaces, deliberately independently of
 NATbypass's own networking code (a probe that shared these helpers could not
-catch a bug in them), and run as ``python3 -m natbypass.lab.probe`` in a
+catch a bug in them), and run as C{python3 -m natbypass.lab.probe} in a
 namespace where they need nothing but the standard library.
 """
 
@@ -29,16 +29,16 @@ Address = tuple[str, int]
 
 
 def family_of(host: str) -> socket.AddressFamily:
-    """``AF_INET6`` for an IPv6 literal (or ``"::"``), else ``AF_INET``."""
+    """C{AF_INET6} for an IPv6 literal (or C{"::"}), else C{AF_INET}."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def share_port(sock: socket.socket) -> None:
     """
-    Turn on ``SO_REUSEADDR`` and ``SO_REUSEPORT``, so our other sockets that
-    do the same can bind the port of ``sock`` too.  Call before ``bind``, or
-    after a plain ``bind`` that claimed the port exclusively
-    (``natbypass.punch.candidates.reserve_tcp_port``).
+    Turn on C{SO_REUSEADDR} and C{SO_REUSEPORT}, so our other sockets that
+    do the same can bind the port of C{sock} too.  Call before C{bind}, or
+    after a plain C{bind} that claimed the port exclusively
+    (C{natbypass.punch.candidates.reserve_tcp_port}).
     """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -46,9 +46,9 @@ def share_port(sock: socket.socket) -> None:
 
 def reusable_socket(local: Address, listen: bool = False) -> socket.socket:
     """
-    A non-blocking, non-inheritable TCP socket bound to ``local`` that shares
-    the port with our other sockets (see :func:`share_port`); listening when
-    ``listen``.
+    A non-blocking, non-inheritable TCP socket bound to C{local} that shares
+    the port with our other sockets (see L{share_port}); listening when
+    C{listen}.
     """
     sock = socket.socket(family_of(local[0]), socket.SOCK_STREAM)
     try:
@@ -66,10 +66,10 @@ def reusable_socket(local: Address, listen: bool = False) -> socket.socket:
 
 def reusable_binding(local: Address) -> Any:
     """
-    The ``bindAddress`` of a Twisted TCP client endpoint that binds ``local``
-    the way :func:`reusable_socket` does (``SO_REUSEADDR`` + ``SO_REUSEPORT``).
-    On a Twisted without ``makeBinding`` it is the plain tuple, which gets
-    ``SO_REUSEADDR`` only.
+    The C{bindAddress} of a Twisted TCP client endpoint that binds C{local}
+    the way L{reusable_socket} does (C{SO_REUSEADDR} + C{SO_REUSEPORT}).
+    On a Twisted without C{makeBinding} it is the plain tuple, which gets
+    C{SO_REUSEADDR} only.
     """
     if makeBinding is None:
         return local
@@ -78,10 +78,10 @@ def reusable_binding(local: Address) -> Any:
 
 def route_source_address(remote: Address) -> str:
     """
-    The local IP the kernel would use to reach ``remote`` (an IP literal):
-    ``connect()`` an unbound UDP socket, which sends nothing, and read its
+    The local IP the kernel would use to reach C{remote} (an IP literal):
+    C{connect()} an unbound UDP socket, which sends nothing, and read its
     name.  A wildcard bind cannot be compared with a mapped address; this
-    can.  Raises ``OSError`` when there is no route.
+    can.  Raises C{OSError} when there is no route.
     """
     with socket.socket(family_of(remote[0]), socket.SOCK_DGRAM) as s:
         s.connect(remote)

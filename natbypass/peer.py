@@ -1,26 +1,27 @@
 """
-The ``Peer`` service: what an application embeds to reach other peers.
+The C{Peer} service: what an application embeds to reach other peers.
 
 It composes the parts and holds no protocol logic of its own:
 
 - one UDP socket, shared by the STUN client and the punch endpoint through a
-  ``UDPMux``, so the port whose mapping STUN learned is the port that punches;
+  C{UDPMux}, so the port whose mapping STUN learned is the port that punches;
 - one TCP port (a listening socket with SO_REUSEPORT), whose mapping it
   learns by STUN over TCP *from that port*, for TCP simultaneous open;
 - the signalling client, which registers, sends and answers offers;
 - the traversal engines, run in the mediator's order with happy-eyeballs
-  fallback (``natbypass.selection``, ``natbypass.punch.race``).
+  fallback (C{natbypass.selection}, C{natbypass.punch.race}).
 
 Start-up learns the two mapped addresses (one round trip each) and is then
 ready; RFC 5780 behaviour discovery runs on in the background and improves
-later offers, so a first ``connect`` never waits for the filtering tests.
+later offers, so a first C{connect} never waits for the filtering tests.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -31,10 +32,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from natbypass.address import is_wildcard
-from natbypass.stun import discovery
-from natbypass.interfaces import IIncomingHandler, IPeer, IPeerConnection
 from natbypass import selection
+from natbypass._deprecate import deprecated_alias
+from natbypass.address import is_wildcard
+from natbypass.interfaces import IIncomingHandler, IPeer, IPeerConnection
 from natbypass.nat import NatSummary
 from natbypass.punch import candidates, race, tcp
 from natbypass.punch.candidates import PortRange
@@ -43,6 +44,7 @@ from natbypass.punch.session import PunchSession
 from natbypass.punch.udp import ProbeSchedule, punch_udp
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
 from natbypass.signaling.wire import Candidate, Description, Session
+from natbypass.stun import discovery
 from natbypass.stun.client import (
     NETWORK_ERRORS,
     StunUDPProtocol,
@@ -56,7 +58,7 @@ Address = tuple[str, int]
 
 
 def parse_wish(protocol: str | Sequence[str]) -> tuple[str, ...]:
-    """The application's protocol wish as the wire carries it: ``()`` is auto."""
+    """The application's protocol wish as the wire carries it: C{()} is auto."""
     return selection.parse_wish(protocol) or ()
 
 
@@ -100,7 +102,7 @@ class UDPSocket:
         return (host.host, host.port)
 
     async def learn(self, server: Address, timeout: float) -> Address | None:
-        """One Binding request: the public address of this port towards ``server``."""
+        """One Binding request: the public address of this port towards C{server}."""
         policy = self.stun.client.policy.within(timeout)
         response, _ = await self.stun.client.request(binding_request(), server, policy)
         self.mapped = mapped_address(response)
@@ -152,8 +154,8 @@ class Ports:
 @implementer(IPeer)
 class Peer(MultiService):
     """
-    A peer: registers with the mediator, opens direct paths on ``connect``
-    and hands connections that others open to the ``listen`` handler.
+    A peer: registers with the mediator, opens direct paths on C{connect}
+    and hands connections that others open to the C{listen} handler.
     """
 
     log = Logger()
@@ -172,9 +174,9 @@ class Peer(MultiService):
         reserve_tcp_port: Callable[[PortRange | None, str], socket.socket] = candidates.reserve_tcp_port,
     ) -> None:
         """
-        ``reactor`` binds every UDP port and makes every TCP connection;
-        ``reserve_tcp_port`` holds the TCP ports punched from (tests pass an
-        in-memory reactor and its ``reserve_tcp_port``, see natbypass.testing).
+        C{reactor} binds every UDP port and makes every TCP connection;
+        C{reserve_tcp_port} holds the TCP ports punched from (tests pass an
+        in-memory reactor and its C{reserve_tcp_port}, see natbypass.testing).
         """
         super().__init__()
         self.reactor = reactor
@@ -186,8 +188,8 @@ class Peer(MultiService):
         self.config = config
         self.signaling = SignalingClient(mediator, peer_id, clock=self.clock, token=token)
         self.signaling.setServiceParent(self)
-        self.signaling.set_offer_handler(self._offered)
-        self.signaling.set_session_handler(self._accepted_session)
+        self.signaling.setOfferHandler(self._offered)
+        self.signaling.setSessionHandler(self._accepted_session)
         self.nat = NatSummary()
         self.behavior: discovery.NATBehavior | None = None
         self._main: Ports | None = None
@@ -207,7 +209,7 @@ class Peer(MultiService):
 
     def startService(self) -> None:
         self._main = self._bind()
-        self._host_refresh = LoopingCall(self.refresh_host_addresses)
+        self._host_refresh = LoopingCall(self.refreshHostAddresses)
         self._host_refresh.clock = self.clock
         self._host_refresh.start(self.config.host_refresh, now=True)
         super().startService()
@@ -317,7 +319,7 @@ class Peer(MultiService):
     def description(self, wish: tuple[str, ...] | None = None, ports: Ports | None = None) -> Description:
         """
         Our candidates, NAT behaviour and wish, as offers and answers carry
-        them; ``ports`` are what the session will punch from (default: the
+        them; C{ports} are what the session will punch from (default: the
         peer's main ones).
         """
         ports = ports or self._main
@@ -331,15 +333,13 @@ class Peer(MultiService):
         if ports.tcp.mapped is not None:
             cands.append(Candidate("tcp-srflx", *ports.tcp.mapped))
         unique = {(c.protocol, c.host, c.port): c for c in reversed(cands)}
-        return Description(
-            tuple(reversed(unique.values())), self.nat, self.wish if wish is None else wish
-        )
+        return Description(tuple(reversed(unique.values())), self.nat, self.wish if wish is None else wish)
 
-    def refresh_host_addresses(self) -> None:
+    def refreshHostAddresses(self) -> None:
         """
-        Read the interface addresses again (``getifaddrs``: one system call,
+        Read the interface addresses again (C{getifaddrs}: one system call,
         no child process, so it does not hold up the reactor).  Done at start
-        and every ``host_refresh`` seconds, so offers never wait for it.
+        and every C{host_refresh} seconds, so offers never wait for it.
         """
         if not is_wildcard(self.config.bind_host):
             self.host_addresses = [self.config.bind_host]
@@ -351,6 +351,8 @@ class Peer(MultiService):
             self.host_addresses = []
 
     # ------------------------------------------------------------ connect
+
+    refresh_host_addresses = deprecated_alias(refreshHostAddresses, "refresh_host_addresses")
 
     def connect(self, peer_id: str, protocol: str | Sequence[str] | None = None) -> Deferred[IPeerConnection]:
         wish = self.wish if protocol is None else parse_wish(protocol)
@@ -394,7 +396,7 @@ class Peer(MultiService):
         right now: the port the NAT gives the flow to the peer is then the
         next in sequence, which the peer predicts (the long-lived ports'
         mappings are stale after their earlier flows).  Such a NAT counts
-        every new flow, so only the protocols of ``wish`` get fresh ports,
+        every new flow, so only the protocols of C{wish} get fresh ports,
         one after the other, the preferred one last: its next flow is then
         exactly the predicted one.
         """
@@ -484,13 +486,13 @@ class Peer(MultiService):
         order = [p for p in session.order if p in attempts and (not wish or p in wish)]
         outcome = race.Outcome()
         if not order:
-            reason = f"no protocol to try: the mediator's order is {list(session.order)}, candidates for {sorted(attempts)}"
+            reason = (
+                f"no protocol to try: the mediator's order is {list(session.order)}, candidates for {sorted(attempts)}"
+            )
             self._report(session, "failed", None, reason)
             raise race.AllAttemptsFailed(outcome) from ValueError(reason)
         try:
-            conn = await race.race(
-                [(p, attempts[p]) for p in order], self.clock, self.config.head_start, outcome
-            )
+            conn = await race.race([(p, attempts[p]) for p in order], self.clock, self.config.head_start, outcome)
         except Exception as e:
             self._report(session, "failed", None, str(e))
             raise
@@ -544,7 +546,7 @@ class Peer(MultiService):
 
 
 def _follow(d: Deferred[Any] | None) -> Deferred[Any]:
-    """A new Deferred with ``d``'s result, leaving ``d``'s own chain untouched."""
+    """A new Deferred with C{d}'s result, leaving C{d}'s own chain untouched."""
     out: Deferred[Any] = Deferred()
     if d is None:
         out.callback(None)

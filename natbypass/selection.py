@@ -22,6 +22,7 @@ PROTOCOLS = ("udp", "tcp")
 #: How long the first protocol runs alone before the next one starts.
 DEFAULT_HEAD_START = 0.25
 
+
 @dataclass(frozen=True)
 class NetworkFacts:
     """What is known of the path apart from the NATs (from config or past attempts)."""
@@ -127,15 +128,14 @@ _row(
     NatKind.SYMMETRIC_RANDOM,
     NatKind.SYMMETRIC_RANDOM,
     False,
-    "needs port prediction: both NATs pick a random port for each new flow, so neither side "
-    "knows where to send",
+    "needs port prediction: both NATs pick a random port for each new flow, so neither side knows where to send",
 )
 del _a, _b, _k
 assert len(TABLE) == 28, len(TABLE)  # every unordered pair of the 7 kinds
 
 
 def feasibility(local: NatSummary, remote: NatSummary, protocol: str) -> Row:
-    """Look up ``protocol``'s row of the table for this pair of NATs."""
+    """Look up C{protocol}'s row of the table for this pair of NATs."""
     kl, kr = local.kind(protocol), remote.kind(protocol)
     expected, reason = TABLE[frozenset((kl, kr))]
     delta = None
@@ -150,7 +150,7 @@ Wish = str | Sequence[str]
 
 
 def parse_wish(wish: Wish) -> tuple[str, ...] | None:
-    """``"auto"`` -> None; ``"udp"`` -> ("udp",); a sequence -> that order."""
+    """C{"auto"} -> None; C{"udp"} -> ("udp",); a sequence -> that order."""
     items: Sequence[str] = (wish,) if isinstance(wish, str) else wish
     if isinstance(wish, str) and "," in wish:
         items = [w.strip() for w in wish.split(",")]
@@ -213,7 +213,9 @@ def decide(
     return Plan(tuple(usable), rows, why, head_start)
 
 
-def choose_order(offer_nat: NatSummary, answer_nat: NatSummary, wish_a: Sequence[str], wish_b: Sequence[str]) -> list[str]:
+def choose_order(
+    offer_nat: NatSummary, answer_nat: NatSummary, wish_a: Sequence[str], wish_b: Sequence[str]
+) -> list[str]:
     """
     The mediator's order for a session, from both descriptions' NAT
     summaries and wishes (C{()} is auto).  The offering peer plays role 0.

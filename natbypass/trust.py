@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from twisted.logger import Logger
 
@@ -255,8 +255,12 @@ class KnownPeers:
         finally:
             os.close(fd)
         self.reload()
-        self.log.info("recorded key {fingerprint} for {peer_id} in {path}",
-                      fingerprint=str(fingerprint), peer_id=peer_id, path=self.path)
+        self.log.info(
+            "recorded key {fingerprint} for {peer_id} in {path}",
+            fingerprint=str(fingerprint),
+            peer_id=peer_id,
+            path=self.path,
+        )
         return True
 
 

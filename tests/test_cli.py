@@ -14,8 +14,7 @@ from twisted.internet.error import CannotListenError
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
-from natbypass.app import cli
-from natbypass.app import mediator_tap, peer_tap
+from natbypass.app import cli, mediator_tap, peer_tap
 from natbypass.app import run as runner
 from natbypass.stun.server import STUNService
 from natbypass.testing.udp import MemoryUDPReactor
@@ -32,7 +31,9 @@ def fire_shutdown(reactor: MemoryUDPReactor) -> list[object]:
 
 def run(name: str, *argv: str, reactor: MemoryUDPReactor | None = None) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = runner.run(name, list(argv), reactor=reactor if reactor is not None else MemoryUDPReactor(), out=out, err=err)
+    code = runner.run(
+        name, list(argv), reactor=reactor if reactor is not None else MemoryUDPReactor(), out=out, err=err
+    )
     return code, out.getvalue(), err.getvalue()
 
 

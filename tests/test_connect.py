@@ -50,7 +50,7 @@ class UsageTests(SynchronousTestCase):
 
 
 class EchoingConnection:
-    """A path that echoes what is sent at once (or raises ``send_error``, or swallows it)."""
+    """A path that echoes what is sent at once (or raises C{send_error}, or swallows it)."""
 
     protocol = "udp"
     session_id = "s-1"
@@ -77,7 +77,7 @@ class EchoingConnection:
 
 
 class FakePeer:
-    """What ``natbypass connect`` needs of a Peer: connect gives ``result`` (a connection or an exception)."""
+    """What C{natbypass connect} needs of a Peer: connect gives C{result} (a connection or an exception)."""
 
     def __init__(self, result: object) -> None:
         self.result = result
@@ -114,7 +114,9 @@ class RunTests(SynchronousTestCase):
         d, out, peer = self.run_main(conn, "--count", "1", "--json")
         self.successResultOf(d)
         event = json.loads(out.splitlines()[0])
-        self.assertEqual((event["local_address"], event["remote_address"]), ("[2001:db8::1]:40000", "[2001:db8::2]:50000"))
+        self.assertEqual(
+            (event["local_address"], event["remote_address"]), ("[2001:db8::1]:40000", "[2001:db8::2]:50000")
+        )
 
     def test_ipv4_unchanged(self) -> None:
         conn = EchoingConnection(IPv4Address("TCP", "10.0.0.1", 40000), IPv4Address("TCP", "198.51.100.2", 50000))
@@ -148,9 +150,10 @@ class RunTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), connect.EXIT_FAILED)
 
     def test_bug_in_echo_is_not_a_lost_echo(self) -> None:
-        """It used to end the echo loop (``except Exception: break``) and print 0/1 came back."""
-        conn = EchoingConnection(IPv4Address("UDP", "10.0.0.1", 1), IPv4Address("UDP", "10.0.0.2", 2),
-                                 send_error=TypeError("a bug"))
+        """It used to end the echo loop (C{except Exception: break}) and print 0/1 came back."""
+        conn = EchoingConnection(
+            IPv4Address("UDP", "10.0.0.1", 1), IPv4Address("UDP", "10.0.0.2", 2), send_error=TypeError("a bug")
+        )
         d, out, peer = self.run_main(conn, "--count", "1")
         self.failureResultOf(d, TypeError)
         self.assertNotIn("echo:", out)
@@ -169,8 +172,25 @@ class OptionsTests(SynchronousTestCase):
         )
 
     def test_same_as_the_plugin(self) -> None:
-        argv = ["--mediator", "tls:m.example:7443", "--id", "bob", "--stun", "[::1]:4000", "--protocol", "tcp,udp",
-                "--port-range", "40000-40010", "--timeout", "7", "--token", "t", "--ca", "ca.pem", "--no-discovery"]
+        argv = [
+            "--mediator",
+            "tls:m.example:7443",
+            "--id",
+            "bob",
+            "--stun",
+            "[::1]:4000",
+            "--protocol",
+            "tcp,udp",
+            "--port-range",
+            "40000-40010",
+            "--timeout",
+            "7",
+            "--token",
+            "t",
+            "--ca",
+            "ca.pem",
+            "--no-discovery",
+        ]
         tap = peer_tap.Options()
         tap.parseOptions(argv)
         ours = connect.parse_options(argv + ["--peer", "alice"])

@@ -19,7 +19,6 @@ from natbypass.stun import discovery as dv
 from natbypass.testing.stun import FakeTCPBinder, MemoryInternet
 
 
-
 def parse(*argv: str):
     return detect.build_parser().parse_args(list(argv))
 
@@ -46,9 +45,23 @@ class HostPortTests(SynchronousTestCase):
         self.assertEqual(p("::1"), ("::1", 3478))
         self.assertEqual(p("stun.example:19302"), ("stun.example", 19302))
         self.assertEqual(p("0.0.0.0:0", allow_zero=True), ("0.0.0.0", 0))
-        for bad in ("", ":3478", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:65536", "1.2.3.4:x",
-                    "[::1", "[::1]x", "[127.0.0.1]:1", "::g", "a..b", "-a.b", "a b:1",
-                    "127.0.0.1:+1", "127.0.0.1:١٢"):
+        for bad in (
+            "",
+            ":3478",
+            "127.0.0.1:",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "1.2.3.4:x",
+            "[::1",
+            "[::1]x",
+            "[127.0.0.1]:1",
+            "::g",
+            "a..b",
+            "-a.b",
+            "a b:1",
+            "127.0.0.1:+1",
+            "127.0.0.1:١٢",
+        ):
             self.assertRaises(ValueError, p, bad)
 
     @given(st.one_of(ipv4, hostnames), st.integers(1, 65535))
@@ -73,8 +86,14 @@ class HostPortTests(SynchronousTestCase):
 
 class UsageTests(SynchronousTestCase):
     def test_bad_usage_is_2(self) -> None:
-        for argv in ([], ["--stun"], ["--stun", "127.0.0.1:0"], ["--stun", "127.0.0.1", "--timeout", "0"],
-                     ["--stun", "127.0.0.1", "--bogus"], ["--stun", "127.0.0.1", "--local", "x:y"]):
+        for argv in (
+            [],
+            ["--stun"],
+            ["--stun", "127.0.0.1:0"],
+            ["--stun", "127.0.0.1", "--timeout", "0"],
+            ["--stun", "127.0.0.1", "--bogus"],
+            ["--stun", "127.0.0.1", "--local", "x:y"],
+        ):
             code, out, err = run_quietly(argv)
             self.assertEqual(code, 2, argv)
             self.assertIn("usage: natbypass detect", err)
@@ -89,14 +108,16 @@ class UsageTests(SynchronousTestCase):
         self.assertEqual(args.stun, ("127.0.0.1", 3478))
         self.assertEqual((args.tcp, args.json, args.timeout, args.local), (False, False, 3.0, None))
         args = parse("--stun", "[::1]:9", "--tcp", "--json", "--local", "127.0.0.1", "--timeout", "1.5")
-        self.assertEqual((args.stun, args.tcp, args.json, args.local, args.timeout),
-                         (("::1", 9), True, True, ("127.0.0.1", 0), 1.5))
+        self.assertEqual(
+            (args.stun, args.tcp, args.json, args.local, args.timeout), (("::1", 9), True, True, ("127.0.0.1", 0), 1.5)
+        )
 
 
 class OutputTests(SynchronousTestCase):
     def behavior(self, **kw) -> dv.NATBehavior:
-        return MemoryInternet(Mapping.ENDPOINT_INDEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT,
-                            port_preserving=True).discover(**kw)
+        return MemoryInternet(
+            Mapping.ENDPOINT_INDEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT, port_preserving=True
+        ).discover(**kw)
 
     def test_report(self) -> None:
         text = detect.format_report(self.behavior())
@@ -110,7 +131,9 @@ class OutputTests(SynchronousTestCase):
         self.assertNotIn("TCP", text)
 
     def test_report_with_tcp_and_notes(self) -> None:
-        b = MemoryInternet(server_mode="single").discover(tcp_binder=FakeTCPBinder(Mapping.ENDPOINT_INDEPENDENT, other=None))
+        b = MemoryInternet(server_mode="single").discover(
+            tcp_binder=FakeTCPBinder(Mapping.ENDPOINT_INDEPENDENT, other=None)
+        )
         text = detect.format_report(b)
         self.assertIn("TCP mapping:     unknown", text)
         self.assertIn("Note: the server gave no OTHER-ADDRESS", text)
@@ -124,8 +147,13 @@ class OutputTests(SynchronousTestCase):
         out = json.loads(detect.format_json(b))
         self.assertEqual(
             {k: out[k] for k in ("nat_type", "mapping", "filtering", "port_preserving", "tcp_mapping")},
-            {"nat_type": "symmetric", "mapping": "address-dependent", "filtering": "endpoint-independent",
-             "port_preserving": False, "tcp_mapping": "endpoint-independent"},
+            {
+                "nat_type": "symmetric",
+                "mapping": "address-dependent",
+                "filtering": "endpoint-independent",
+                "port_preserving": False,
+                "tcp_mapping": "endpoint-independent",
+            },
         )
         self.assertEqual(out["local_address"], "10.0.0.2:40000")
         self.assertRegex(out["public_address"], r"^198\.51\.100\.7:\d+$")

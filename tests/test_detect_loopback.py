@@ -1,5 +1,5 @@
 """
-Whole ``natbypass detect`` runs on loopback, with the real reactor, against
+Whole C{natbypass detect} runs on loopback, with the real reactor, against
 our responder (natbypass.stun.server), in this process and as a command.
 """
 
@@ -36,9 +36,7 @@ class LoopbackTests(TestCase):
     """Whole detect runs on loopback, in this process, with the real reactor."""
 
     def responder(self, alternate: bool = True):
-        service = STUNService(
-            reactor, ("127.0.0.1", 0), ("127.0.0.2", 0) if alternate else None, stats_interval=0
-        )
+        service = STUNService(reactor, ("127.0.0.1", 0), ("127.0.0.2", 0) if alternate else None, stats_interval=0)
         service.startService()
         self.addCleanup(service.stopService)
         return service.config.primary
@@ -57,8 +55,13 @@ class LoopbackTests(TestCase):
         result = json.loads(out)
         self.assertEqual(
             {k: result[k] for k in ("nat_type", "mapping", "filtering", "tcp_mapping", "port_preserving")},
-            {"nat_type": "open", "mapping": "none", "filtering": "none", "tcp_mapping": "none",
-             "port_preserving": True},
+            {
+                "nat_type": "open",
+                "mapping": "none",
+                "filtering": "none",
+                "tcp_mapping": "none",
+                "port_preserving": True,
+            },
         )
         self.assertEqual(result["public_address"], result["local_address"])
         self.assertTrue(result["local_address"].startswith("127.0.0.1:"))
@@ -72,8 +75,10 @@ class LoopbackTests(TestCase):
         code, out, _ = yield self.detect("--stun", f"{host}:{port}", "--json", "--local", "0.0.0.0")
         result = json.loads(out)
         self.assertEqual(code, 0)
-        self.assertEqual((result["mapping"], result["filtering"], result["nat_type"]),
-                         ("endpoint-independent", "endpoint-independent", "full-cone"))
+        self.assertEqual(
+            (result["mapping"], result["filtering"], result["nat_type"]),
+            ("endpoint-independent", "endpoint-independent", "full-cone"),
+        )
         self.assertEqual(len(result["tests"]), 5)
 
     @defer.inlineCallbacks
@@ -93,14 +98,13 @@ class LoopbackTests(TestCase):
             service = STUNService(reactor, ("::1", 0), None, stats_interval=0)
             service.startService()
         except Exception as e:
-            raise self.skipTest(f"no IPv6 loopback here: {e}")
+            raise self.skipTest(f"no IPv6 loopback here: {e}") from None
         self.addCleanup(service.stopService)
         host, port = service.config.primary
         code, out, _ = yield self.detect("--stun", f"[{host}]:{port}", "--json", "--tcp")
         self.assertEqual(code, 0)
         result = json.loads(out)
-        self.assertEqual((result["mapping"], result["tcp_mapping"], result["filtering"]),
-                         ("none", "none", "unknown"))
+        self.assertEqual((result["mapping"], result["tcp_mapping"], result["filtering"]), ("none", "none", "unknown"))
         self.assertTrue(result["public_address"].startswith("[::1]:"))
         self.assertEqual(result["public_address"], result["local_address"])
 
@@ -128,8 +132,7 @@ class CommandTests(TestCase):
 
     def command(self, *argv: str):
         env = dict(os.environ, PYTHONPATH=ROOT)
-        return getProcessOutputAndValue(sys.executable, ["-m", "natbypass", "detect", *argv],
-                                        env=env, path=ROOT)
+        return getProcessOutputAndValue(sys.executable, ["-m", "natbypass", "detect", *argv], env=env, path=ROOT)
 
     @defer.inlineCallbacks
     def test_exit_statuses(self) -> None:

@@ -27,7 +27,6 @@ from natbypass.testing.stun import (
     MemoryInternet,
 )
 
-
 EIM = EIF = Mapping.ENDPOINT_INDEPENDENT
 ADM = ADF = Mapping.ADDRESS_DEPENDENT
 APDM = APDF = Mapping.ADDRESS_AND_PORT_DEPENDENT
@@ -96,9 +95,7 @@ class UDPDiscoveryTests(SynchronousTestCase):
         for (mapping, filtering), name in CLASSIC.items():
             net = MemoryInternet(mapping, filtering)
             b = net.discover()
-            self.assertEqual(
-                (b.mapping, b.filtering, b.nat_type), (mapping, filtering, name), (mapping, filtering)
-            )
+            self.assertEqual((b.mapping, b.filtering, b.nat_type), (mapping, filtering, name), (mapping, filtering))
             self.assertTrue(b.reachable)
             self.assertEqual(b.public_address, net.mappings[next(iter(net.mappings))])
             self.assertEqual(b.local_address, INSIDE)
@@ -140,7 +137,9 @@ class UDPDiscoveryTests(SynchronousTestCase):
     def test_udp_blocked(self) -> None:
         net = MemoryInternet(blocked=True)
         b = net.discover(policy=RetransmitPolicy.within(3.0, rto=0.25))
-        self.assertEqual((b.nat_type, b.mapping, b.filtering), (ClassicName.UDP_BLOCKED, Mapping.UNKNOWN, Mapping.UNKNOWN))
+        self.assertEqual(
+            (b.nat_type, b.mapping, b.filtering), (ClassicName.UDP_BLOCKED, Mapping.UNKNOWN, Mapping.UNKNOWN)
+        )
         self.assertFalse(b.reachable)
         self.assertIsNone(b.public_address)
         self.assertAlmostEqual(b.elapsed_ms, 3000, delta=1e-6)
@@ -153,9 +152,7 @@ class UDPDiscoveryTests(SynchronousTestCase):
         net = MemoryInternet(EIM, ADF)
         b = net.discover()
         self.assertEqual(b.filtering, ADF)
-        change_tests_end = max(
-            t.elapsed_ms for t in b.tests if t.name.startswith("filtering")
-        ) / 1000
+        change_tests_end = max(t.elapsed_ms for t in b.tests if t.name.startswith("filtering")) / 1000
         to_other = [t for t, dst in net.outbound if dst[0] == OTHER[0]]
         self.assertTrue(to_other)
         self.assertGreaterEqual(min(to_other), change_tests_end)
@@ -220,8 +217,15 @@ class UDPDiscoveryTests(SynchronousTestCase):
     def test_json_shape(self) -> None:
         b = MemoryInternet(EIM, APDF, port_preserving=True).discover()
         out = b.to_json()
-        for key in ("nat_type", "mapping", "filtering", "public_address", "local_address",
-                    "port_preserving", "elapsed_ms"):
+        for key in (
+            "nat_type",
+            "mapping",
+            "filtering",
+            "public_address",
+            "local_address",
+            "port_preserving",
+            "elapsed_ms",
+        ):
             self.assertIn(key, out)
         self.assertEqual(out["public_address"], f"{PUBLIC_IP}:{INSIDE[1]}")
         self.assertEqual(out["local_address"], "10.0.0.2:40000")
@@ -240,9 +244,7 @@ class TCPDiscoveryTests(SynchronousTestCase):
             self.assertEqual(t.mapping, mapping)
             self.assertEqual(t.local_address, ("10.0.0.2", 45000))
             # Every connection after the first leaves from the first one's port.
-            self.assertEqual(
-                [local for _, local in binder.calls[1:]], [("10.0.0.2", 45000)] * 2
-            )
+            self.assertEqual([local for _, local in binder.calls[1:]], [("10.0.0.2", 45000)] * 2)
             self.assertEqual(
                 [remote for remote, _ in binder.calls],
                 [PRIMARY, (OTHER[0], PRIMARY[1]), OTHER],

@@ -24,7 +24,7 @@ LOCAL = ("10.0.0.2", 40000)
 
 
 class ScriptedClient:
-    """An IStunClient whose every request fails with ``error``."""
+    """An IStunClient whose every request fails with C{error}."""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -36,7 +36,7 @@ class ScriptedClient:
     def handle(self, data, address) -> bool:
         return False
 
-    def fail_all(self, reason) -> None:
+    def failAll(self, reason) -> None:
         pass
 
 
@@ -87,7 +87,7 @@ class TCPDiscoveryErrorTests(SynchronousTestCase):
             self.assertIn("no answer from 192.0.2.1:3478 over TCP", behavior.notes[0])
 
     def test_bug_fails_discovery(self) -> None:
-        """It used to be "no answer" (``except Exception``)."""
+        """It used to be "no answer" (C{except Exception})."""
         self.failureResultOf(self.discover(TypeError("a bug")), TypeError)
 
     def test_bug_in_a_later_test_fails_discovery(self) -> None:
@@ -105,8 +105,13 @@ class TCPDiscoveryErrorTests(SynchronousTestCase):
 
     def test_both_at_once(self) -> None:
         """discover() with UDP and TCP: a bug on either side fails the whole."""
-        d = dv.discover(ScriptedClient(StunTimeout(SERVER, 1, 1.0)), SERVER, LOCAL, Clock(),
-                        tcp_binder=lambda remote, local: defer.fail(TypeError("a bug")))
+        d = dv.discover(
+            ScriptedClient(StunTimeout(SERVER, 1, 1.0)),
+            SERVER,
+            LOCAL,
+            Clock(),
+            tcp_binder=lambda remote, local: defer.fail(TypeError("a bug")),
+        )
         self.failureResultOf(d, TypeError)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.internet.error import ConnectionLost
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 

@@ -56,8 +56,14 @@ class FingerprintTests(SynchronousTestCase):
     def test_parse_forgiving_input(self) -> None:
         fp = rfc8032_identity().fingerprint
         text = str(fp)
-        for variant in (text, text.upper(), text.replace("-", ""), text.replace("-", " "),
-                        "  " + text.replace("-", ":") + "\n", "NB1 " + text[4:].upper()):
+        for variant in (
+            text,
+            text.upper(),
+            text.replace("-", ""),
+            text.replace("-", " "),
+            "  " + text.replace("-", ":") + "\n",
+            "NB1 " + text[4:].upper(),
+        ):
             self.assertEqual(Fingerprint.parse(variant), fp, variant)
 
     def test_parse_errors_say_what(self) -> None:
@@ -173,8 +179,11 @@ class KeyFileTests(SynchronousTestCase):
         e = self.assertRaises(IdentityFileError, load_or_create, self.path)
         self.assertIn(self.path, str(e))
         with open(self.path, "wb") as f:
-            f.write(generate_private_key(SECP256R1()).private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            f.write(
+                generate_private_key(SECP256R1()).private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
         e = self.assertRaises(IdentityFileError, load_or_create, self.path)
         self.assertIn("must be Ed25519", str(e))
 
@@ -185,8 +194,11 @@ class KeyFileTests(SynchronousTestCase):
         self.assertRaises(IdentityFileError, load_or_create, link)
 
     def test_default_path(self) -> None:
-        self.assertEqual(default_identity_path({"XDG_CONFIG_HOME": "/x/cfg", "HOME": "/home/u"}),
-                         "/x/cfg/natbypass/identity.pem")
-        self.assertEqual(default_identity_path({"XDG_CONFIG_HOME": "relative", "HOME": "/home/u"}),
-                         "/home/u/.config/natbypass/identity.pem")
+        self.assertEqual(
+            default_identity_path({"XDG_CONFIG_HOME": "/x/cfg", "HOME": "/home/u"}), "/x/cfg/natbypass/identity.pem"
+        )
+        self.assertEqual(
+            default_identity_path({"XDG_CONFIG_HOME": "relative", "HOME": "/home/u"}),
+            "/home/u/.config/natbypass/identity.pem",
+        )
         self.assertEqual(default_identity_path({"HOME": "/home/u"}), "/home/u/.config/natbypass/identity.pem")

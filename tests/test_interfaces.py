@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
@@ -13,8 +13,8 @@ from natbypass.peer import Peer
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchSession
 from natbypass.punch.tcp import TCPPeerConnection, TCPPunchAttempt, _HandshakeProtocol
-from natbypass.testing.udp import MemoryUDPNetwork
 from natbypass.punch.udp import UDPPeerConnection
+from natbypass.testing.udp import MemoryUDPNetwork
 
 KEY = b"k" * 32
 
@@ -24,8 +24,20 @@ class InterfaceShapeTests(SynchronousTestCase):
         """The names the public API promises (issue: 'One API')."""
         names = set(IPeerConnection.names())
         self.assertTrue(
-            {"peer_id", "protocol", "local_address", "remote_address", "send", "close",
-             "setReceiver", "whenLost", "delivery", "secure", "role"} <= names,
+            {
+                "peer_id",
+                "protocol",
+                "local_address",
+                "remote_address",
+                "send",
+                "close",
+                "setReceiver",
+                "whenLost",
+                "delivery",
+                "secure",
+                "role",
+            }
+            <= names,
             names,
         )
         self.assertEqual(set(IPeerReceiver.names()), {"dataReceived", "connectionLost"})
@@ -49,7 +61,9 @@ class ImplementerTests(SynchronousTestCase):
         results = []
         protos = []
         for role in (0, 1):
-            attempt = TCPPunchAttempt(MemoryReactorClock(), PunchSession("s", KEY, role), ("127.0.0.1", 1), [], keepalive_interval=None)
+            attempt = TCPPunchAttempt(
+                MemoryReactorClock(), PunchSession("s", KEY, role), ("127.0.0.1", 1), [], keepalive_interval=None
+            )
             attempt.deferred.addCallback(results.append)
             protos.append(_HandshakeProtocol(attempt, "test"))
         p0, p1 = protos

@@ -4,10 +4,10 @@ in-process on 127.0.0.1 and 127.0.0.2 (RFC 5780: both IPs x both ports, the
 ports chosen by the kernel when the sockets are bound).
 
 The tools come from Debian (coturn's turnutils_stunclient and
-turnutils_natdiscovery; stun-client's ``stun``) and PyPI (pystun3); each test
+turnutils_natdiscovery; stun-client's C{stun}) and PyPI (pystun3); each test
 is skipped, saying which package to install, when its tool is missing.  On
 loopback there is no NAT, so each tool must report exactly that.  Last,
-``natbypass detect`` must say the same through coturn's turnserver as
+C{natbypass detect} must say the same through coturn's turnserver as
 through our responder.
 """
 
@@ -56,9 +56,7 @@ def _can_bind(host: str) -> bool:
 
 def run(tool: str, *args: str):
     """Run C{tool} (bounded by coreutils timeout); Deferred of (output, code)."""
-    d = getProcessOutputAndValue(
-        shutil.which("timeout") or "timeout", (TOOL_TIMEOUT, tool, *args), reactor=reactor
-    )
+    d = getProcessOutputAndValue(shutil.which("timeout") or "timeout", (TOOL_TIMEOUT, tool, *args), reactor=reactor)
     return d.addCallback(lambda r: ((r[0] + r[1]).decode("utf-8", "replace"), r[2]))
 
 
@@ -129,6 +127,7 @@ class RFC5780InteropTests(_Responder):
         if importlib.util.find_spec("stun") is None:
             raise SkipTest("pystun3 (a third-party STUN client) is not installed (pip install pystun3)")
         import stun as pystun3
+
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(sock.close)
         sock.bind(("127.0.0.1", 0))
@@ -169,7 +168,7 @@ def _stun_probe(server: tuple[str, int], timeout: float = 0.3) -> m.Message | No
 
 class DetectAgainstCoturnTests(_Responder):
     """
-    ``natbypass detect`` reports the same behaviour through coturn's
+    C{natbypass detect} reports the same behaviour through coturn's
     turnserver as through ours (on loopback: no NAT at all).
     """
 
@@ -191,9 +190,7 @@ class DetectAgainstCoturnTests(_Responder):
             while answer is None and time.monotonic() < deadline and proc.poll() is None:
                 answer = _stun_probe(("127.0.0.1", port))
             other = answer.get(m.OtherAddress) if answer is not None else None
-            if other is not None and other.address == ("127.0.0.2", port + 1) and _stun_probe(
-                ("127.0.0.2", port + 1)
-            ):
+            if other is not None and other.address == ("127.0.0.2", port + 1) and _stun_probe(("127.0.0.2", port + 1)):
                 self.addCleanup(self._stop, proc)
                 return ("127.0.0.1", port)
             self._stop(proc)

@@ -1,11 +1,11 @@
 """
-Interoperability: ``natbypass detect`` against coturn's ``turnserver``
+Interoperability: C{natbypass detect} against coturn's C{turnserver}
 (an RFC 5780 STUN server on two loopback addresses) gives the same answer
-as against our own responder (``twistd natbypass-mediator``) on the same
+as against our own responder (C{twistd natbypass-mediator}) on the same
 two addresses.
 
 Both servers run as real processes, started as a user would start them.
-Skipped when ``turnserver`` is not installed.  Everything stays on
+Skipped when C{turnserver} is not installed.  Everything stays on
 127.0.0.1 and 127.0.0.2.
 """
 
@@ -104,9 +104,7 @@ class InteropDetectTests(TestCase):
     @defer.inlineCallbacks
     def detect_json(self, port: int, *extra: str):
         out, err = io.StringIO(), io.StringIO()
-        args = detect.build_parser().parse_args(
-            ["--stun", f"{PRIMARY_IP}:{port}", "--json", "--tcp", *extra]
-        )
+        args = detect.build_parser().parse_args(["--stun", f"{PRIMARY_IP}:{port}", "--json", "--tcp", *extra])
         code = yield detect.detect(reactor, args, out, err)
         self.assertEqual(code, 0, err.getvalue())
         return json.loads(out.getvalue())
@@ -126,20 +124,45 @@ class InteropDetectTests(TestCase):
 
         def coturn(port: int) -> list[str]:
             return [
-                TURNSERVER, "--stun-only", "-n", "--no-cli", "--no-tls", "--no-dtls",
-                "-L", PRIMARY_IP, "-L", ALTERNATE_IP,
-                "--listening-port", str(port), "--alt-listening-port", str(port + 1),
-                "--log-file", "stdout", "--simple-log", "--pidfile", "turnserver.pid",
+                TURNSERVER,
+                "--stun-only",
+                "-n",
+                "--no-cli",
+                "--no-tls",
+                "--no-dtls",
+                "-L",
+                PRIMARY_IP,
+                "-L",
+                ALTERNATE_IP,
+                "--listening-port",
+                str(port),
+                "--alt-listening-port",
+                str(port + 1),
+                "--log-file",
+                "stdout",
+                "--simple-log",
+                "--pidfile",
+                "turnserver.pid",
                 "--no-software-attribute",
             ]
 
         def ours(port: int) -> list[str]:
             return [
-                sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", "--logfile=-",
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "--logfile=-",
                 "natbypass-mediator",
-                "--stun", f"{PRIMARY_IP}:{port}", "--stun-alternate", f"{ALTERNATE_IP}:{port + 1}",
-                "--signal", f"tcp:0:interface={PRIMARY_IP}", "--status-interval", "0",
+                "--stun",
+                f"{PRIMARY_IP}:{port}",
+                "--stun-alternate",
+                f"{ALTERNATE_IP}:{port + 1}",
+                "--signal",
+                f"tcp:0:interface={PRIMARY_IP}",
+                "--status-interval",
+                "0",
             ]
 
         coturn_port = yield self.start_on_free_ports(coturn)
@@ -164,9 +187,10 @@ class InteropDetectTests(TestCase):
         self.assertEqual(self.summary(o_plain), self.summary(c_plain))
         self.assertEqual(self.summary(o_all), self.summary(c_all))
         # And the answers are the right ones.
-        self.assertEqual((c_plain["nat_type"], c_plain["mapping"], c_plain["filtering"]),
-                         ("open", "none", "none"))
-        self.assertEqual((c_all["nat_type"], c_all["mapping"], c_all["filtering"]),
-                         ("full-cone", "endpoint-independent", "endpoint-independent"))
+        self.assertEqual((c_plain["nat_type"], c_plain["mapping"], c_plain["filtering"]), ("open", "none", "none"))
+        self.assertEqual(
+            (c_all["nat_type"], c_all["mapping"], c_all["filtering"]),
+            ("full-cone", "endpoint-independent", "endpoint-independent"),
+        )
         self.assertEqual(len(c_all["tests"]), 5)
         self.assertTrue(all(t["answered"] for t in c_all["tests"] + o_all["tests"]))

@@ -1,5 +1,5 @@
 """
-Tests for ``natbypass lab``: argument handling everywhere, and one real
+Tests for C{natbypass lab}: argument handling everywhere, and one real
 up / show / exec / probe / down cycle when the lab can run here.
 """
 
@@ -34,8 +34,15 @@ class ArgumentTests(SynchronousTestCase):
     def test_presets(self) -> None:
         code, out, _ = run("presets")
         self.assertEqual(code, 0)
-        for name in ("full-cone", "restricted-cone", "port-restricted-cone", "symmetric-random",
-                     "symmetric-predictable", "open", "firewall"):
+        for name in (
+            "full-cone",
+            "restricted-cone",
+            "port-restricted-cone",
+            "symmetric-random",
+            "symmetric-predictable",
+            "open",
+            "firewall",
+        ):
             self.assertIn(name, out)
 
     def test_usage_errors(self) -> None:
@@ -53,9 +60,10 @@ class ArgumentTests(SynchronousTestCase):
         self.assertIn("unknown preset 'warp-drive'", err)
 
     def test_dispatch_from_natbypass_command(self) -> None:
-        """``natbypass lab`` reaches this module through the CLI dispatcher."""
-        r = subprocess.run([sys.executable, "-m", "natbypass", "lab", "presets"], capture_output=True, text=True,
-                           env=python_env())
+        """C{natbypass lab} reaches this module through the CLI dispatcher."""
+        r = subprocess.run(
+            [sys.executable, "-m", "natbypass", "lab", "presets"], capture_output=True, text=True, env=python_env()
+        )
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("symmetric-predictable", r.stdout)
 
@@ -78,8 +86,28 @@ class CycleTests(SynchronousTestCase):
         code, out, _ = run("show", "--lab", lab_id, "--json")
         self.assertEqual(json.loads(out)["nodes"], info["nodes"])
 
-        r = subprocess.run([sys.executable, "-m", "natbypass", "lab", "exec", "--lab", lab_id, "a", "--",
-                            "ip", "-4", "-o", "addr", "show", "eth0"], capture_output=True, text=True, env=python_env())
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "natbypass",
+                "lab",
+                "exec",
+                "--lab",
+                lab_id,
+                "a",
+                "--",
+                "ip",
+                "-4",
+                "-o",
+                "addr",
+                "show",
+                "eth0",
+            ],
+            capture_output=True,
+            text=True,
+            env=python_env(),
+        )
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("10.1.0.2/24", r.stdout)
         self.assertEqual(run("exec", "--lab", lab_id, "a", "--", "false")[0], 1)
@@ -87,8 +115,10 @@ class CycleTests(SynchronousTestCase):
         code, out, err = run("probe", "--lab", lab_id, "--json", "a")
         self.assertEqual(code, 0, err)
         got = json.loads(out)["a"]
-        self.assertEqual((got["udp_mapping"], got["filtering"], got["public_ip"]),
-                         ("endpoint-independent", "address-dependent", "198.18.1.1"))
+        self.assertEqual(
+            (got["udp_mapping"], got["filtering"], got["public_ip"]),
+            ("endpoint-independent", "address-dependent", "198.18.1.1"),
+        )
 
         code, out, _ = run("down", lab_id)
         self.assertEqual(code, 0)

@@ -1,6 +1,6 @@
 """
-NAT detection against the lab's ground truth: ``natbypass detect`` (UDP and
-``--tcp``) and coturn's ``turnutils_natdiscovery`` run in every kind of site
+NAT detection against the lab's ground truth: C{natbypass detect} (UDP and
+C{--tcp}) and coturn's C{turnutils_natdiscovery} run in every kind of site
 against the mediator's RFC 5780 responder must report the lab's behaviour.
 
 The real-network tests need root, ip, nft (and coturn for its test); the
@@ -20,7 +20,10 @@ from natbypass.lab.netns import missing_requirements
 from natbypass.lab.spec import parse_spec
 
 SKIP = missing_requirements()
-if not SKIP and (importlib.util.find_spec("natbypass.app.detect") is None or importlib.util.find_spec("natbypass.app.mediator_tap") is None):
+if not SKIP and (
+    importlib.util.find_spec("natbypass.app.detect") is None
+    or importlib.util.find_spec("natbypass.app.mediator_tap") is None
+):
     SKIP = "natbypass.app.detect / natbypass.app.mediator_tap (issue 2) are not in the tree yet"
 
 COTURN_EIM = """
@@ -58,8 +61,10 @@ NAT with Address and Port Dependent Mapping!
 
 class ParseTests(SynchronousTestCase):
     def test_mapping_and_filtering(self) -> None:
-        self.assertEqual(interop.parse_natdiscovery(COTURN_EIM),
-                         {"mapping": "endpoint-independent", "filtering": "address-dependent", "hairpin": None})
+        self.assertEqual(
+            interop.parse_natdiscovery(COTURN_EIM),
+            {"mapping": "endpoint-independent", "filtering": "address-dependent", "hairpin": None},
+        )
 
     def test_hairpin(self) -> None:
         got = interop.parse_natdiscovery(COTURN_HAIRPIN)
@@ -68,14 +73,30 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(interop.parse_natdiscovery(no)["hairpin"], "no")
 
     def test_no_nat(self) -> None:
-        self.assertEqual(interop.parse_natdiscovery("-= Mapping Behavior Discovery =-\nNo NAT! (Endpoint Independent Mapping)\n")["mapping"],
-                         "endpoint-independent")
+        self.assertEqual(
+            interop.parse_natdiscovery("-= Mapping Behavior Discovery =-\nNo NAT! (Endpoint Independent Mapping)\n")[
+                "mapping"
+            ],
+            "endpoint-independent",
+        )
 
-    @given(st.lists(st.sampled_from([
-        "NAT with Endpoint Independent Mapping!", "NAT with Address Dependent Filtering!",
-        "-= Hairpinning Behavior Discovery =-", "Received a request (maybe a successful hairpinning)",
-        "No NAT!", "STUN receive timeout..", "-= Mapping Behavior Discovery =-",
-    ]) | st.text(max_size=30), max_size=12))
+    @given(
+        st.lists(
+            st.sampled_from(
+                [
+                    "NAT with Endpoint Independent Mapping!",
+                    "NAT with Address Dependent Filtering!",
+                    "-= Hairpinning Behavior Discovery =-",
+                    "Received a request (maybe a successful hairpinning)",
+                    "No NAT!",
+                    "STUN receive timeout..",
+                    "-= Mapping Behavior Discovery =-",
+                ]
+            )
+            | st.text(max_size=30),
+            max_size=12,
+        )
+    )
     @settings(deadline=None)
     def test_any_output(self, lines: list[str]) -> None:
         """Any output parses to known values or None, never an exception."""
@@ -92,8 +113,10 @@ class ExpectedTests(SynchronousTestCase):
         e = {s.name: interop.expected(s) for s in spec.sites}
         self.assertEqual((e["open"].mapping, e["open"].filtering), ("none", "none"))
         self.assertEqual((e["fw"].mapping, e["fw"].filtering), ("none", "address-and-port-dependent"))
-        self.assertEqual((e["rc"].mapping, e["rc"].filtering, e["rc"].port_preserving),
-                         ("endpoint-independent", "address-dependent", True))
+        self.assertEqual(
+            (e["rc"].mapping, e["rc"].filtering, e["rc"].port_preserving),
+            ("endpoint-independent", "address-dependent", True),
+        )
         self.assertFalse(e["fcr"].port_preserving)
         self.assertEqual(e["symp"].mapping, "address-and-port-dependent")
         self.assertEqual(e["adm"].mapping, "address-dependent")
@@ -103,8 +126,13 @@ class ExpectedTests(SynchronousTestCase):
     def test_markdown_flags_mismatches(self) -> None:
         spec = parse_spec({"sites": {"fc": "full-cone"}})
         row = interop.Row("fc", "eim-pp/eif drop", interop.expected(spec.sites[0]))
-        row.detect = {"nat_type": "full-cone", "mapping": "endpoint-independent", "filtering": "endpoint-independent",
-                      "tcp_mapping": "endpoint-independent", "port_preserving": True}
+        row.detect = {
+            "nat_type": "full-cone",
+            "mapping": "endpoint-independent",
+            "filtering": "endpoint-independent",
+            "tcp_mapping": "endpoint-independent",
+            "port_preserving": True,
+        }
         row.coturn = {"mapping": "endpoint-independent", "filtering": "address-dependent", "hairpin": "no"}
         self.assertTrue(row.detect_ok)
         self.assertFalse(row.coturn_ok)
@@ -117,7 +145,7 @@ class DetectInLabTests(SynchronousTestCase):
     if SKIP:
         skip = SKIP
 
-    def start(self) -> "interop.Lab":
+    def start(self) -> interop.Lab:
         lab = interop.Lab.start({"sites": interop.TABLE_SITES})
         self.addCleanup(lab.stop)
         interop.start_mediator(lab)

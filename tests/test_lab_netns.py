@@ -2,7 +2,7 @@
 The NAT lab on a real kernel: each behaviour is measured from outside with
 the plain-socket probes, links are timed, and cleanup is checked.
 
-Needs root, ``ip`` and ``nft``; skipped with the reason otherwise.
+Needs root, C{ip} and C{nft}; skipped with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ PORTS = (4000, 4001)
 def start_reflector(lab: Lab) -> None:
     """Start the probe reflector on the mediator's two addresses and wait until it listens."""
     a1, a2 = lab.mediator_addresses
-    proc = lab.spawn("mediator", [PY, "-m", "natbypass.lab.probe", "serve", a1, a2, "--ports", "4000,4001"],
-                     stdout=subprocess.PIPE, text=True)
+    proc = lab.spawn(
+        "mediator",
+        [PY, "-m", "natbypass.lab.probe", "serve", a1, a2, "--ports", "4000,4001"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if line != "ready":
@@ -38,9 +42,11 @@ def start_reflector(lab: Lab) -> None:
 
 
 def probe_all(lab: Lab, jobs: dict[str, tuple[str, list[str]]], timeout: float = 60) -> dict[str, Any]:
-    """Run ``natbypass.lab.probe`` commands in parallel: {key: (node, args)} -> {key: decoded JSON}."""
+    """Run C{natbypass.lab.probe} commands in parallel: {key: (node, args)} -> {key: decoded JSON}."""
     procs = {
-        key: lab.spawn(node, [PY, "-m", "natbypass.lab.probe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        key: lab.spawn(
+            node, [PY, "-m", "natbypass.lab.probe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for key, (node, args) in jobs.items()
     }
     out = {}
@@ -65,7 +71,13 @@ BEHAVIOURS: dict[str, tuple[Any, str, bool, str | None, str]] = {
     "rc": ("restricted-cone", "endpoint-independent", True, None, "address-dependent"),
     "prc": ("port-restricted-cone", "endpoint-independent", True, None, "address-and-port-dependent"),
     "symr": ("symmetric-random", "address-and-port-dependent", False, "random", "address-and-port-dependent"),
-    "symp": ("symmetric-predictable", "address-and-port-dependent", False, "sequential(+1)", "address-and-port-dependent"),
+    "symp": (
+        "symmetric-predictable",
+        "address-and-port-dependent",
+        False,
+        "sequential(+1)",
+        "address-and-port-dependent",
+    ),
     "fcr": ("full-cone-rewrite", "endpoint-independent", False, None, "endpoint-independent"),
     "rcr": ("restricted-cone-rewrite", "endpoint-independent", False, None, "address-dependent"),
     "prcr": ("port-restricted-cone-rewrite", "endpoint-independent", False, None, "address-and-port-dependent"),
@@ -93,10 +105,15 @@ class BehaviourTests(_LabCase):
         self.start({name: spec for name, (spec, *_) in BEHAVIOURS.items()})
         # UDP, then TCP: a sequential NAT has one port counter for all its flows, so probes
         # running at the same time through it would interleave their ports.
-        results = probe_all(self.lab, {(site, "udp"): (site, ["mapping", self.server(0), self.server(1)]) for site in BEHAVIOURS})
-        results.update(probe_all(self.lab, {
-            (site, "tcp"): (site, ["mapping", self.server(0), self.server(1), "--tcp"]) for site in BEHAVIOURS
-        }))
+        results = probe_all(
+            self.lab, {(site, "udp"): (site, ["mapping", self.server(0), self.server(1)]) for site in BEHAVIOURS}
+        )
+        results.update(
+            probe_all(
+                self.lab,
+                {(site, "tcp"): (site, ["mapping", self.server(0), self.server(1), "--tcp"]) for site in BEHAVIOURS},
+            )
+        )
         for (site, proto), got in results.items():
             _, mapping, pp, sequence, _ = BEHAVIOURS[site]
             where = f"{site}/{proto}: {got}"
@@ -115,12 +132,24 @@ class BehaviourTests(_LabCase):
 
     def test_unsolicited_inbound(self) -> None:
         """From outside, a closed port is silent on 'drop' sites and refuses on 'reject' sites."""
-        expect = {"prc": "timeout", "fc": "timeout", "fw": "timeout", "rej": "refused", "fwr": "refused", "open": "refused"}
-        self.start({
-            "prc": "port-restricted-cone", "fc": "full-cone", "fw": "firewall", "open": "open",
-            "rej": {"nat": {"preset": "port-restricted-cone", "inbound": "reject"}},
-            "fwr": {"kind": "firewall", "inbound": "reject"},
-        })
+        expect = {
+            "prc": "timeout",
+            "fc": "timeout",
+            "fw": "timeout",
+            "rej": "refused",
+            "fwr": "refused",
+            "open": "refused",
+        }
+        self.start(
+            {
+                "prc": "port-restricted-cone",
+                "fc": "full-cone",
+                "fw": "firewall",
+                "open": "open",
+                "rej": {"nat": {"preset": "port-restricted-cone", "inbound": "reject"}},
+                "fwr": {"kind": "firewall", "inbound": "reject"},
+            }
+        )
         jobs = {}
         for site in expect:
             target = f"{self.lab.public_address(site)}:9"
@@ -130,8 +159,12 @@ class BehaviourTests(_LabCase):
             self.assertEqual(got["result"], expect[site], f"{site}/{proto}")
 
     def _hairpin(self, site: str, sender: str = "1", listener_host: str = "2") -> tuple[dict[str, Any], list[str]]:
-        listener = self.lab.spawn(f"{site}.{listener_host}", [PY, "-m", "natbypass.lab.probe", "listen", self.server(0), "--seconds", "4"],
-                                  stdout=subprocess.PIPE, text=True)
+        listener = self.lab.spawn(
+            f"{site}.{listener_host}",
+            [PY, "-m", "natbypass.lab.probe", "listen", self.server(0), "--seconds", "4"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert listener.stdout is not None
         public = json.loads(listener.stdout.readline())["public"]
         self.assertTrue(public.startswith(self.lab.public_address(site) + ":"), public)
@@ -166,8 +199,12 @@ class BehaviourTests(_LabCase):
     def test_lan_direct(self) -> None:
         """Two hosts behind one NAT talk directly over the LAN, with private addresses."""
         self.start({"nohp": {"nat": "port-restricted-cone", "hosts": 2}})
-        listener = self.lab.spawn("nohp.2", [PY, "-m", "natbypass.lab.probe", "listen", self.server(0), "--seconds", "3", "--port", "5555"],
-                                  stdout=subprocess.PIPE, text=True)
+        listener = self.lab.spawn(
+            "nohp.2",
+            [PY, "-m", "natbypass.lab.probe", "listen", self.server(0), "--seconds", "3", "--port", "5555"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert listener.stdout is not None
         listener.stdout.readline()
         got = probe_all(self.lab, {"x": ("nohp.1", ["send", f"{self.lab.address('nohp.2')}:5555"])})["x"]
@@ -178,11 +215,13 @@ class BehaviourTests(_LabCase):
 
     def test_mapping_timeout(self) -> None:
         """A 2 s UDP timeout: a reply 1 s after the last packet gets in, one 3.5 s after does not."""
-        self.start({
-            "tmo": {"nat": {"preset": "port-restricted-cone", "udp_timeout": 2}},
-            "tmoe": {"nat": {"preset": "full-cone", "udp_timeout": 2}},
-            "prc": "port-restricted-cone",
-        })
+        self.start(
+            {
+                "tmo": {"nat": {"preset": "port-restricted-cone", "udp_timeout": 2}},
+                "tmoe": {"nat": {"preset": "full-cone", "udp_timeout": 2}},
+                "prc": "port-restricted-cone",
+            }
+        )
         jobs = {}
         for site in ("tmo", "tmoe", "prc"):
             jobs[(site, 1000)] = (site, ["send", self.server(0), "--delay-ms", "1000"])
@@ -222,12 +261,14 @@ class LinkTests(_LabCase):
         skip = TUN_SKIP
 
     def test_delay_jitter_loss(self) -> None:
-        spec = {"sites": {
-            "d": {"nat": "full-cone", "delay_ms": 25},
-            "j": {"kind": "open", "delay_ms": 20, "jitter_ms": 6},
-            "l": {"kind": "open", "loss_pct": 20},
-            "z": "open",
-        }}
+        spec = {
+            "sites": {
+                "d": {"nat": "full-cone", "delay_ms": 25},
+                "j": {"kind": "open", "delay_ms": 20, "jitter_ms": 6},
+                "l": {"kind": "open", "loss_pct": 20},
+                "z": "open",
+            }
+        }
         with Lab.start(spec) as lab:
             start_reflector(lab)
             server = f"{lab.mediator_addresses[0]}:{PORTS[0]}"
@@ -268,7 +309,7 @@ class LifecycleTests(_LabCase):
         with self.assertRaises(ZeroDivisionError):
             with Lab.start("a=open") as lab:
                 holder.append(lab.lab_id)
-                1 / 0
+                raise ZeroDivisionError("a test failing inside the lab")
         self.assertEqual(lab_netns(holder[0]), {})
 
     def test_bad_spec_builds_nothing(self) -> None:
@@ -353,5 +394,7 @@ class RulesetKernelTests(_LabCase):
         with Lab.start("a=full-cone") as lab:
             for m, f, i, h in itertools.product(MappingRule, FilteringRule, Inbound, (False, True)):
                 text = rules.nat_ruleset(NatRules(m, f, i, h, 5), "wan0", "198.18.1.1", "lan0", "10.1.0.0/24")
-                r = lab.exec("a.nat", ["nft", "-c", "-f", "-"], input=text.replace(f"table ip {rules.TABLE}", "table ip nbcheck"))
+                r = lab.exec(
+                    "a.nat", ["nft", "-c", "-f", "-"], input=text.replace(f"table ip {rules.TABLE}", "table ip nbcheck")
+                )
                 self.assertEqual(r.returncode, 0, f"{m}/{f}/{i}/hairpin={h}: {r.stderr}")

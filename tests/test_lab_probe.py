@@ -11,7 +11,6 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab import probe
-from natbypass.testing.udp import MemoryUDPReactor
 from natbypass.lab.probe import (
     Knock,
     KnockTCP,
@@ -23,6 +22,7 @@ from natbypass.lab.probe import (
     decode,
     encode,
 )
+from natbypass.testing.udp import MemoryUDPReactor
 
 txids = st.text("0123456789abcdef", min_size=16, max_size=16)
 requests = st.builds(Request, txids, st.sampled_from(probe.REPLY_FROM), st.integers(0, probe.MAX_DELAY_MS))
@@ -36,10 +36,13 @@ class CodecTests(SynchronousTestCase):
     def test_vector(self) -> None:
         """The exact bytes of one request and one response."""
         self.assertEqual(encode(Request("0123456789abcdef", "addr", 250)), b"NBP1 REQ 0123456789abcdef addr 250\n")
-        self.assertEqual(decode(b"NBP1 RSP 0123456789abcdef 198.18.1.1 4000\n"),
-                         Response("0123456789abcdef", "198.18.1.1", 4000))
-        self.assertEqual(encode(Knock("0123456789abcdef", "addr", "198.18.1.1", 40000)),
-                         b"NBP1 KNK 0123456789abcdef addr 198.18.1.1 40000\n")
+        self.assertEqual(
+            decode(b"NBP1 RSP 0123456789abcdef 198.18.1.1 4000\n"), Response("0123456789abcdef", "198.18.1.1", 4000)
+        )
+        self.assertEqual(
+            encode(Knock("0123456789abcdef", "addr", "198.18.1.1", 40000)),
+            b"NBP1 KNK 0123456789abcdef addr 198.18.1.1 40000\n",
+        )
 
     @given(messages)
     @settings(deadline=None)
@@ -63,18 +66,28 @@ class CodecTests(SynchronousTestCase):
         data = encode(msg)
         at = at % len(data)
         try:
-            decode(data[:at] + junk + data[at + 1:])
+            decode(data[:at] + junk + data[at + 1 :])
         except ProbeDecodeError:
             pass
 
     def test_rejects(self) -> None:
-        for bad in (b"", b"NBP1 REQ 0123456789abcdef same", b"NBP2 REQ 0123456789abcdef same 0",
-                    b"NBP1 REQ 0123456789ABCDEF same 0", b"NBP1 REQ 0123456789abcdef sideways 0",
-                    b"NBP1 REQ 0123456789abcdef same -1", b"NBP1 RSP 0123456789abcdef 1.2.3 80",
-                    b"NBP1 RSP 0123456789abcdef 01.2.3.4 80", b"NBP1 RSP 0123456789abcdef 1.2.3.4 65536",
-                    b"NBP1 REQ 0123456789abcdef same \xd9\xa3", b"\xff",
-                    b"NBP1 KNK 0123456789abcdef addr 1.2.3.4", b"NBP1 KNK 0123456789abcdef same 1.2.3.4 80",
-                    b"NBP1 KNK 0123456789abcdef addr 1.2.3.4 0", b"NBP1 REQ 0123456789abcdef same 0 0"):
+        for bad in (
+            b"",
+            b"NBP1 REQ 0123456789abcdef same",
+            b"NBP2 REQ 0123456789abcdef same 0",
+            b"NBP1 REQ 0123456789ABCDEF same 0",
+            b"NBP1 REQ 0123456789abcdef sideways 0",
+            b"NBP1 REQ 0123456789abcdef same -1",
+            b"NBP1 RSP 0123456789abcdef 1.2.3 80",
+            b"NBP1 RSP 0123456789abcdef 01.2.3.4 80",
+            b"NBP1 RSP 0123456789abcdef 1.2.3.4 65536",
+            b"NBP1 REQ 0123456789abcdef same \xd9\xa3",
+            b"\xff",
+            b"NBP1 KNK 0123456789abcdef addr 1.2.3.4",
+            b"NBP1 KNK 0123456789abcdef same 1.2.3.4 80",
+            b"NBP1 KNK 0123456789abcdef addr 1.2.3.4 0",
+            b"NBP1 REQ 0123456789abcdef same 0 0",
+        ):
             self.assertRaises(ProbeDecodeError, decode, bad)
 
 
@@ -88,8 +101,12 @@ class ClassifyTests(SynchronousTestCase):
     def test_mapping(self) -> None:
         self.assertEqual(probe.classify_mapping(self.observed(5, 5, 5, 5), self.P, self.A), "endpoint-independent")
         self.assertEqual(probe.classify_mapping(self.observed(5, 5, 6, 6), self.P, self.A), "address-dependent")
-        self.assertEqual(probe.classify_mapping(self.observed(5, 6, 7, 8), self.P, self.A), "address-and-port-dependent")
-        self.assertEqual(probe.classify_mapping(self.observed(5, 6, 5, 6), self.P, self.A), "address-and-port-dependent")
+        self.assertEqual(
+            probe.classify_mapping(self.observed(5, 6, 7, 8), self.P, self.A), "address-and-port-dependent"
+        )
+        self.assertEqual(
+            probe.classify_mapping(self.observed(5, 6, 5, 6), self.P, self.A), "address-and-port-dependent"
+        )
 
     def test_sequence(self) -> None:
         self.assertEqual(probe.port_sequence([20000, 20001, 20002, 20003]), "sequential(+1)")
@@ -132,7 +149,9 @@ class ReflectorTests(SynchronousTestCase):
         self.reactor.advance(1.499)
         self.assertEqual(tx.written, [])
         self.reactor.advance(0.001)
-        self.assertEqual(tx.written, [(encode(Response("00000000000000aa", "198.18.1.7", 20001)), ("198.18.1.7", 20001))])
+        self.assertEqual(
+            tx.written, [(encode(Response("00000000000000aa", "198.18.1.7", 20001)), ("198.18.1.7", 20001))]
+        )
         self.assertEqual(rx.written, [])
 
     def test_drops_garbage(self) -> None:
@@ -153,8 +172,10 @@ class ReflectorTests(SynchronousTestCase):
         rx = self.reactor.udp[("198.18.0.2", 4000)]
         rx.protocol.datagramReceived(encode(Knock("00000000000000bb", "addr", "198.18.1.5", 40001)), ("198.18.1.5", 5))
         rx.protocol.datagramReceived(encode(Knock("00000000000000cc", "port", "198.18.1.5", 40001)), ("198.18.1.5", 5))
-        self.assertEqual([(h, p, b) for h, p, _, _, b in self.reactor.tcpClients],
-                         [("198.18.1.5", 40001, ("198.18.0.3", 0)), ("198.18.1.5", 40001, ("198.18.0.2", 0))])
+        self.assertEqual(
+            [(h, p, b) for h, p, _, _, b in self.reactor.tcpClients],
+            [("198.18.1.5", 40001, ("198.18.0.3", 0)), ("198.18.1.5", 40001, ("198.18.0.2", 0))],
+        )
         factory = self.reactor.tcpClients[0][2]
         proto = factory.buildProtocol(IPv4Address("TCP", "198.18.1.5", 40001))  # type: ignore[attr-defined]
         transport = StringTransport(hostAddress=IPv4Address("TCP", "198.18.0.3", 51000))

@@ -23,7 +23,9 @@ def ruleset(**kw: object) -> str:
 class RulesTests(SynchronousTestCase):
     def test_mapping_statements(self) -> None:
         self.assertEqual(rules.snat_statement(NatRules(MappingRule.EIM_PP), "1.2.3.4"), "snat ip to 1.2.3.4")
-        self.assertEqual(rules.snat_statement(NatRules(MappingRule.APDM_RANDOM), "1.2.3.4"), "snat ip to 1.2.3.4 random")
+        self.assertEqual(
+            rules.snat_statement(NatRules(MappingRule.APDM_RANDOM), "1.2.3.4"), "snat ip to 1.2.3.4 random"
+        )
         eim = rules.snat_statement(NatRules(MappingRule.EIM), "1.2.3.4")
         self.assertIn("jhash ip saddr . th sport mod", eim)
         self.assertNotIn("daddr", eim)
@@ -105,7 +107,9 @@ class TopologyTests(SynchronousTestCase):
         for node in p.nodes:
             for a in node.addresses:
                 ip = ipaddress.ip_interface(a).ip
-                self.assertTrue(ip in ipaddress.ip_network("198.18.0.0/15") or ip in ipaddress.ip_network("10.0.0.0/8"), a)
+                self.assertTrue(
+                    ip in ipaddress.ip_network("198.18.0.0/15") or ip in ipaddress.ip_network("10.0.0.0/8"), a
+                )
         self.assertEqual(len({s.public_ip for s in p.sites}), 200)
 
 

@@ -86,12 +86,15 @@ class PresetTests(SynchronousTestCase):
         spec = parse_spec({"sites": {"a": {"nat": {"preset": "full-cone", "hairpin": True, "inbound": "reject"}}}})
         nat = spec.site("a").nat
         assert nat is not None
-        self.assertEqual((nat.mapping, nat.filtering, nat.hairpin, nat.inbound),
-                         (MappingRule.EIM_PP, FilteringRule.EIF, True, Inbound.REJECT))
+        self.assertEqual(
+            (nat.mapping, nat.filtering, nat.hairpin, nat.inbound),
+            (MappingRule.EIM_PP, FilteringRule.EIF, True, Inbound.REJECT),
+        )
 
     def test_short_form(self) -> None:
-        self.assertEqual(loads("a=full-cone, b=symmetric-random"),
-                         parse_spec({"sites": {"a": "full-cone", "b": "symmetric-random"}}))
+        self.assertEqual(
+            loads("a=full-cone, b=symmetric-random"), parse_spec({"sites": {"a": "full-cone", "b": "symmetric-random"}})
+        )
 
     def test_describe(self) -> None:
         self.assertEqual(describe(PRESETS["full-cone"]), "eim-pp/eif drop")  # type: ignore[arg-type]
@@ -123,9 +126,13 @@ class ErrorTests(SynchronousTestCase):
         self.assertRaises(LabSpecError, loads, "a")
         self.assertRaises(LabSpecError, loads, "a=open,a=open")
 
-    @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
-                        max_leaves=12))
+    @given(
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+            max_leaves=12,
+        )
+    )
     @settings(max_examples=300, deadline=None)
     def test_junk_only_raises_spec_error(self, obj: object) -> None:
         """Whatever JSON comes in, the parser either accepts it or raises LabSpecError."""

@@ -15,10 +15,8 @@ Needs root, ip and nft; skipped with the reason otherwise.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -109,9 +107,23 @@ class LabTraversalTests(SynchronousTestCase):
         """
         src, dst = "fc1", f"{TYPES['port-restricted-cone']}2"
         argv = [
-            sys.executable, "-m", "natbypass", "connect", "--json", "--mediator",
-            f"tcp:{self.lab.mediator_addresses[0]}:7000", "--id", "survivor", "--peer", dst,
-            "--protocol", "udp", "--count", "12", "--interval", "0.5",
+            sys.executable,
+            "-m",
+            "natbypass",
+            "connect",
+            "--json",
+            "--mediator",
+            f"tcp:{self.lab.mediator_addresses[0]}:7000",
+            "--id",
+            "survivor",
+            "--peer",
+            dst,
+            "--protocol",
+            "udp",
+            "--count",
+            "12",
+            "--interval",
+            "0.5",
         ]
         proc = self.lab.spawn(src, argv, stdout=subprocess.PIPE, text=True)
         first = proc.stdout.readline()
@@ -136,9 +148,23 @@ class LabTraversalTests(SynchronousTestCase):
         proc = self.lab.spawn(
             src,
             [
-                sys.executable, "-m", "natbypass", "connect", "--json", "--mediator",
-                f"tcp:{self.lab.mediator_addresses[0]}:7000", "--id", "spoofed", "--peer", dst,
-                "--protocol", "udp", "--count", "10", "--interval", "0.3",
+                sys.executable,
+                "-m",
+                "natbypass",
+                "connect",
+                "--json",
+                "--mediator",
+                f"tcp:{self.lab.mediator_addresses[0]}:7000",
+                "--id",
+                "spoofed",
+                "--peer",
+                dst,
+                "--protocol",
+                "udp",
+                "--count",
+                "10",
+                "--interval",
+                "0.3",
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -155,6 +181,7 @@ class LabTraversalTests(SynchronousTestCase):
 def _add_pair_tests() -> None:
     for a, b in pairs(tuple(TYPES)):
         for protocol in PROTOCOLS:
+
             def test(self: LabTraversalTests, a: str = a, b: str = b, protocol: str = protocol) -> None:
                 self.check_pair(a, b, protocol)
 

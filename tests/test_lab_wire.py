@@ -4,6 +4,8 @@ Tests for the delay line of the lab's delaying wire.
 
 from __future__ import annotations
 
+import argparse
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -38,7 +40,7 @@ class DelayLineTests(SynchronousTestCase):
 
     def test_queue_limit(self) -> None:
         line = DelayLine(1.0, 0.0, lambda a, b: 0.0)
-        for i in range(wire.QUEUE_LIMIT + 3):
+        for _ in range(wire.QUEUE_LIMIT + 3):
             line.push(0.0, b"f")
         self.assertEqual(len(line), wire.QUEUE_LIMIT)
         self.assertEqual(line.dropped, 3)
@@ -65,4 +67,4 @@ class DelayLineTests(SynchronousTestCase):
     def test_endpoint_argument(self) -> None:
         self.assertEqual(wire._endpoint("ns:wan0"), ("ns", "wan0"))
         for bad in ("ns", ":x", "ns:", "ns:" + "x" * 16):
-            self.assertRaises(Exception, wire._endpoint, bad)
+            self.assertRaises(argparse.ArgumentTypeError, wire._endpoint, bad)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.nat import ClassicName, Filtering, Mapping, NatKind, NatSummary, classic_name, predictable_delta
@@ -53,8 +54,21 @@ class KindTests(SynchronousTestCase):
         """NATBehavior.summary: the port step from the mapped ports of the tests."""
 
         def behaviour(*ports: int | None) -> NATBehavior:
-            tests = tuple(TestResult(f"t{i}", ("198.18.0.2", 3478), p is not None, ("198.18.0.5", p) if p else None) for i, p in enumerate(ports))
-            return NATBehavior(("198.18.0.2", 3478), True, APD, Filtering.ADDRESS_AND_PORT_DEPENDENT, ClassicName.SYMMETRIC, None, None, False, tests=tests)
+            tests = tuple(
+                TestResult(f"t{i}", ("198.18.0.2", 3478), p is not None, ("198.18.0.5", p) if p else None)
+                for i, p in enumerate(ports)
+            )
+            return NATBehavior(
+                ("198.18.0.2", 3478),
+                True,
+                APD,
+                Filtering.ADDRESS_AND_PORT_DEPENDENT,
+                ClassicName.SYMMETRIC,
+                None,
+                None,
+                False,
+                tests=tests,
+            )
 
         s = behaviour(5000, 5001, None, 5002).summary()
         self.assertEqual((s.kind(), s.port_delta, s.udp_blocked), (NatKind.SYMMETRIC_PREDICTABLE, 1, False))

@@ -50,7 +50,7 @@ class PeerInMemoryTests(SynchronousTestCase):
         self.settle(Deferred(), limit=1.0, check=False)
 
     def settle(self, d: Deferred[Any], limit: float = 30.0, check: bool = True) -> Any:
-        """Move bytes and time (10 ms steps) until ``d`` has a result, then return it."""
+        """Move bytes and time (10 ms steps) until C{d} has a result, then return it."""
         out: list[Any] = []
         d.addBoth(out.append)
         end = self.reactor.seconds() + limit

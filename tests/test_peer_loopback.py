@@ -19,11 +19,11 @@ from zope.interface.verify import verifyObject
 
 from natbypass.app.echo import EchoClient, EchoHandler
 from natbypass.interfaces import IPeer, IPeerConnection
+from natbypass.nat import NatSummary
 from natbypass.peer import Peer, PeerConfig
 from natbypass.punch.race import AllAttemptsFailed
 from natbypass.signaling.client import SignalingClient
 from natbypass.signaling.service import makeSignalingService
-from natbypass.nat import NatSummary
 from natbypass.signaling.wire import Candidate, Description
 from natbypass.stun.server import STUNService
 
@@ -171,7 +171,7 @@ class PeerLoopbackTests(TestCase):
 
         # Bob is only a signalling client: it accepts with those candidates and never punches.
         bob = SignalingClient(TCP4ClientEndpoint(reactor, "127.0.0.1", self.signal_port), "bob", clock=reactor)
-        bob.set_offer_handler(
+        bob.setOfferHandler(
             lambda offer: Description(
                 (
                     Candidate("host", "127.0.0.1", silent_udp.getHost().port),

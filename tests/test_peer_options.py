@@ -4,8 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from natbypass.peer import parse_wish
 from natbypass.app.peer_options import mediator_host, stun_server
+from natbypass.peer import parse_wish
 
 
 class MediatorHostTests(SynchronousTestCase):

@@ -22,8 +22,18 @@ class PeerTapTests(SynchronousTestCase):
         self.assertEqual((o["protocol"], o["timeout"], o["port-range"]), ("auto", 5.0, None))
 
     def test_explicit(self) -> None:
-        o = self.parse("--mediator", "tls:m.example:7443", "--id", "bob", "--stun", "127.0.0.2:4000",
-                       "--protocol", "tcp,udp", "--port-range", "40000-40010")
+        o = self.parse(
+            "--mediator",
+            "tls:m.example:7443",
+            "--id",
+            "bob",
+            "--stun",
+            "127.0.0.2:4000",
+            "--protocol",
+            "tcp,udp",
+            "--port-range",
+            "40000-40010",
+        )
         self.assertEqual(o["stun"], ("127.0.0.2", 4000))
         self.assertEqual(o["port-range"], PortRange(40000, 40010))
 

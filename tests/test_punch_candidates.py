@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.punch.candidates import (
@@ -94,8 +95,11 @@ class HostAddressTests(SynchronousTestCase):
         self.assertEqual(usable_addresses(lo, include_loopback=True), ["192.0.2.53"])
 
     def test_zone_and_duplicates(self) -> None:
-        same = [InterfaceAddress("a", "10.0.0.1", True, False), InterfaceAddress("a:1", "10.0.0.1", True, False),
-                InterfaceAddress("b", "fe80::2%b", True, False)]
+        same = [
+            InterfaceAddress("a", "10.0.0.1", True, False),
+            InterfaceAddress("a:1", "10.0.0.1", True, False),
+            InterfaceAddress("b", "fe80::2%b", True, False),
+        ]
         self.assertEqual(usable_addresses(same, families=("inet", "inet6")), ["10.0.0.1"])
 
     def test_not_an_address(self) -> None:
@@ -116,8 +120,12 @@ class HostAddressTests(SynchronousTestCase):
         flags = {"lo": (True, True), "eth0": (True, False)}
         self.assertEqual(
             read_interface_addresses(lambda: adapters, flags.get),
-            [InterfaceAddress("lo", "127.0.0.1", True, True), InterfaceAddress("lo", "::1", True, True),
-             InterfaceAddress("eth0", "10.1.0.2", True, False), InterfaceAddress("eth0", "fe80::1", True, False)],
+            [
+                InterfaceAddress("lo", "127.0.0.1", True, True),
+                InterfaceAddress("lo", "::1", True, True),
+                InterfaceAddress("eth0", "10.1.0.2", True, False),
+                InterfaceAddress("eth0", "fe80::1", True, False),
+            ],
         )
         self.assertEqual(read_interface_addresses(lambda: adapters, lambda name: None)[0].up, None)
 

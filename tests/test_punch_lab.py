@@ -2,19 +2,19 @@
 The traversal engines across real nftables NATs (the NAT lab), without the
 signalling layer: each side learns its mapping by STUN from the lab mediator,
 the two swap mappings through a shared directory, and punch at an agreed
-time (``natbypass.lab.enginepeer``).  Port prediction is switched on exactly
-where ``select.feasibility`` asks for it.  The full 6x6 matrix is
-``python3 -m natbypass.lab.enginematrix``; these are the cases that matter most.
+time (C{natbypass.lab.enginepeer}).  Port prediction is switched on exactly
+where C{select.feasibility} asks for it.  The full 6x6 matrix is
+C{python3 -m natbypass.lab.enginematrix}; these are the cases that matter most.
 
-Needs root, ``ip`` and ``nft``; skipped with the reason otherwise.
+Needs root, C{ip} and C{nft}; skipped with the reason otherwise.
 """
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from natbypass.lab.netns import missing_requirements
 from natbypass.lab.enginematrix import run_pair, site_spec
+from natbypass.lab.netns import missing_requirements
 
 SKIP = missing_requirements()
 DELAY_MS = 25
@@ -45,7 +45,7 @@ class EngineLabTests(SynchronousTestCase):
         return lab
 
     def pair(self, a: str, b: str, protocol: str, timeout: float = 3.0) -> tuple[dict, dict]:
-        """Punch between the first hosts of sites ``a`` (role 0) and ``b`` (role 1)."""
+        """Punch between the first hosts of sites C{a} (role 0) and C{b} (role 1)."""
         lab = self.start_lab(a, b)
         result = run_pair(lab, SITES[a], SITES[b], a, b, protocol, timeout)
         return result.sides

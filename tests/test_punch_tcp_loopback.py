@@ -182,7 +182,10 @@ class SimultaneousOpenNetnsTests(SynchronousTestCase):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         proc = subprocess.run(
             ["ip", "netns", "exec", ns, sys.executable, "-c", _NETNS_SCRIPT],
-            capture_output=True, text=True, timeout=30, cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=root,
             env={**os.environ, "PYTHONPATH": root},
         )
         self.assertEqual(proc.returncode, 0, proc.stderr)
@@ -192,5 +195,7 @@ class SimultaneousOpenNetnsTests(SynchronousTestCase):
         # (150 ms), not before, and well before a SYN retransmission (1 s).
         self.assertGreater(result["ms"], 150)
         self.assertLess(result["ms"], 1000)
-        listing = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"], capture_output=True, text=True).stdout
+        listing = subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "list", "ruleset"], capture_output=True, text=True
+        ).stdout
         self.assertRegex(listing, r"counter packets [1-9]")  # RSTs were really sent and dropped

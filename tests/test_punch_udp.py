@@ -16,7 +16,6 @@ from natbypass.interfaces import IPeerConnection, IPeerReceiver
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.packet import PacketType, decode, encode
 from natbypass.punch.session import PunchFailed, PunchSession
-from natbypass.testing.udp import MemoryUDPNetwork
 from natbypass.punch.udp import (
     Failed,
     ProbeSchedule,
@@ -27,6 +26,7 @@ from natbypass.punch.udp import (
     UDPPunchMachine,
     punch_udp,
 )
+from natbypass.testing.udp import MemoryUDPNetwork
 
 KEY = b"k" * 32
 A = PunchSession("sess-1", KEY, 0, peer_id="bob")

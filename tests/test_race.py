@@ -43,7 +43,9 @@ class RaceTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertNotIn("tcp", self.pending)
         self.assertEqual(outcome.winner, "udp")
-        self.assertEqual([(a.protocol, a.result) for a in outcome.attempts], [("udp", "connected"), ("tcp", "not-started")])
+        self.assertEqual(
+            [(a.protocol, a.result) for a in outcome.attempts], [("udp", "connected"), ("tcp", "not-started")]
+        )
         self.assertEqual((outcome.attempts[0].started_ms, outcome.attempts[0].ended_ms), (0, 100))
 
     def test_head_start_then_second_wins(self) -> None:

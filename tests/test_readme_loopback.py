@@ -90,7 +90,10 @@ class ReadmeExampleTests(TestCase):
         port = (yield signal.whenListening()).getHost().port
         stun_port = stun.config.primary[1]
         bob = Peer(
-            reactor, "bob", TCP4ClientEndpoint(reactor, "127.0.0.1", port), stun.config.primary,
+            reactor,
+            "bob",
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+            stun.config.primary,
             config=PeerConfig(bind_host="127.0.0.1", loopback_candidates=True),
         )
         bob.startService()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -125,7 +126,9 @@ class IsQuicTests(SynchronousTestCase):
         punch = bytes([0xCE, 0x01, 0x01, 0x00, 0x04]) + b"sess" + bytes(32)
         initial = bytes([0xC3, 0, 0, 0, 1, 8]) + bytes(30)
         short = bytes([0x41]) + bytes(30)
-        self.assertEqual([is_quic(p) for p in (stun, punch, initial, short, b"\xc3")], [False, False, True, True, False])
+        self.assertEqual(
+            [is_quic(p) for p in (stun, punch, initial, short, b"\xc3")], [False, False, True, True, False]
+        )
 
 
 class ChannelTestsMixin:
@@ -140,8 +143,9 @@ class ChannelTestsMixin:
     def make(self, identity, expected, role, addr, remote, engine, clock=None, **kw) -> QuicChannel:
         holder: list = []
         send = self.link.attach(addr, _Late(holder))
-        ch = QuicChannel(identity, expected, role, remote, send, clock or self.clock,
-                         engine=engine_or_skip(engine), **kw)
+        ch = QuicChannel(
+            identity, expected, role, remote, send, clock or self.clock, engine=engine_or_skip(engine), **kw
+        )
         holder.append(ch)
         self.addCleanup(lambda: ch.ready.addErrback(lambda f: None))
         return ch
@@ -221,8 +225,15 @@ class ChannelTestsMixin:
         """Mallory presents Bob's certificate but signs with her own key: the handshake fails."""
         a = self.make(ALICE, BOB.fingerprint, 0, A_ADDR, B_ADDR, self.client_engine)
         try:
-            b = self.make(MALLORY, ALICE.fingerprint, 1, B_ADDR, A_ADDR, self.server_engine,
-                          certificate=BOB.certificate(self.clock))
+            b = self.make(
+                MALLORY,
+                ALICE.fingerprint,
+                1,
+                B_ADDR,
+                A_ADDR,
+                self.server_engine,
+                certificate=BOB.certificate(self.clock),
+            )
         except Exception as e:  # an engine that checks key and certificate refuses at once
             self.assertIn("key", str(e).lower())
             return
@@ -363,9 +374,11 @@ class InteropAioquicClientQh3ServerTests(ChannelTestsMixin, SynchronousTestCase)
     """Two independent QUIC/TLS implementations, one per side, with pinned keys."""
 
     client_engine, server_engine = "aioquic", "qh3"
-    skip = ("qh3 2.1.0 as server with an aioquic 1.7.2 client fails in the server's first flight "
-            "('packet builder capacity exhausted'), with default configurations too: an engine bug, "
-            "not ours; the other direction is tested")
+    skip = (
+        "qh3 2.1.0 as server with an aioquic 1.7.2 client fails in the server's first flight "
+        "('packet builder capacity exhausted'), with default configurations too: an engine bug, "
+        "not ours; the other direction is tested"
+    )
 
 
 class InteropQh3ClientAioquicServerTests(ChannelTestsMixin, SynchronousTestCase):

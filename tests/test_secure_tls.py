@@ -52,8 +52,7 @@ class Adopter(Protocol):
     whatever followed the greeting in the same read handed to TLS.
     """
 
-    def __init__(self, identity: Identity, expected, role: int, clock, app: Protocol,
-                 certificate=None) -> None:
+    def __init__(self, identity: Identity, expected, role: int, clock, app: Protocol, certificate=None) -> None:
         self.args = (identity, expected, role, clock)
         self.certificate = certificate
         self.app = app
@@ -178,16 +177,18 @@ class OpenSSLInteropTests(TestCase):
         # s_client can only pin a whole certificate (-CAfile), so the server
         # uses this one and the tests hand it to s_client.
         self.bob_cert = BOB.certificate(reactor)
-        self.bob_pem = _write_pem(os.path.join(self.dir, "bob.crt"),
-                                  self.bob_cert.public_bytes(serialization.Encoding.PEM))
+        self.bob_pem = _write_pem(
+            os.path.join(self.dir, "bob.crt"), self.bob_cert.public_bytes(serialization.Encoding.PEM)
+        )
         test = self
 
         class Server(Protocol):
             def connectionMade(self) -> None:
                 app = Collect()
                 app.connectionMade = lambda: app.transport.write(b"hello-from-natbypass\n")
-                self.secure = start_tls(self.transport, app, BOB, ALICE.fingerprint, 1, reactor,
-                                        certificate=test.bob_cert)
+                self.secure = start_tls(
+                    self.transport, app, BOB, ALICE.fingerprint, 1, reactor, certificate=test.bob_cert
+                )
                 test.secure.append(self.secure)
 
             def dataReceived(self, data: bytes) -> None:
@@ -201,13 +202,28 @@ class OpenSSLInteropTests(TestCase):
 
     def write_identity(self, name: str, identity: Identity) -> tuple[str, str]:
         cert = identity.certificate(reactor).public_bytes(serialization.Encoding.PEM)
-        return (_write_pem(os.path.join(self.dir, name + ".crt"), cert),
-                _write_pem(os.path.join(self.dir, name + ".key"), identity.private_pem()))
+        return (
+            _write_pem(os.path.join(self.dir, name + ".crt"), cert),
+            _write_pem(os.path.join(self.dir, name + ".key"), identity.private_pem()),
+        )
 
     def s_client(self, cert: str, key: str, ca: str) -> defer.Deferred:
-        args = ["s_client", "-connect", f"127.0.0.1:{self.port.getHost().port}", "-tls1_3",
-                "-alpn", ALPN.decode(), "-cert", cert, "-key", key, "-CAfile", ca,
-                "-verify_return_error", "-ign_eof"]
+        args = [
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{self.port.getHost().port}",
+            "-tls1_3",
+            "-alpn",
+            ALPN.decode(),
+            "-cert",
+            cert,
+            "-key",
+            key,
+            "-CAfile",
+            ca,
+            "-verify_return_error",
+            "-ign_eof",
+        ]
         # stdin closes at once; -ign_eof keeps s_client reading until the server hangs up.
         return getProcessOutputAndValue(self.openssl, args, env=os.environ, reactor=reactor)
 
@@ -218,6 +234,7 @@ class OpenSSLInteropTests(TestCase):
             for secure in self.secure:
                 if secure.handshake.called:
                     secure.protocol.loseConnection()
+
         call = reactor.callLater(1.0, close)
         self.addCleanup(lambda: call.active() and call.cancel())
 

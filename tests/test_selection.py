@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.nat import Mapping, NatKind, NatSummary
@@ -35,6 +36,7 @@ summaries = st.builds(
     udp_blocked=st.booleans(),
 )
 wishes = st.sampled_from(["auto", "udp", "tcp", ("udp", "tcp"), ("tcp", "udp")])
+
 
 class TableTests(SynchronousTestCase):
     def test_every_pair_has_a_row(self) -> None:
@@ -139,5 +141,5 @@ class DocTests(SynchronousTestCase):
         path = os.path.join(os.path.dirname(__file__), "..", "docs", "selection.md")
         with open(path, encoding="utf-8") as f:
             doc = " ".join(f.read().split())
-        for expected, reason in TABLE.values():
+        for _expected, reason in TABLE.values():
             self.assertIn(reason, doc)

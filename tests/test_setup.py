@@ -66,15 +66,21 @@ class SupportedVersionsTests(SynchronousTestCase):
         self.cfg.read(ROOT / "setup.cfg")
 
     def test_classifiers_and_python_requires_agree(self) -> None:
-        versions = re.findall(r"Programming Language :: Python :: (3\.\d+)\s*$", self.cfg["metadata"]["classifiers"], re.M)
+        versions = re.findall(
+            r"Programming Language :: Python :: (3\.\d+)\s*$", self.cfg["metadata"]["classifiers"], re.M
+        )
         self.assertEqual(versions, ["3.11", "3.12", "3.13"])
         self.assertEqual(self.cfg["options"]["python_requires"].strip(), f">={versions[0]}")
         self.assertGreaterEqual(sys.version_info[:2], (3, 11))
 
     def test_manifest_and_build_system(self) -> None:
         manifest = (ROOT / "MANIFEST.in").read_text()
-        for line in ("include twisted/plugins/natbypass_plugins.py", "graft docs", "graft tests",
-                     "global-exclude dropin.cache"):
+        for line in (
+            "include twisted/plugins/natbypass_plugins.py",
+            "graft docs",
+            "graft tests",
+            "global-exclude dropin.cache",
+        ):
             self.assertIn(line, manifest)
         pyproject = (ROOT / "pyproject.toml").read_text()
         self.assertIn('build-backend = "setuptools.build_meta"', pyproject)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectionLost
-from twisted.python.failure import Failure
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from natbypass.nat import NatSummary
 from natbypass.signaling.client import (
     Decline,
     DuplicateId,
@@ -26,11 +27,12 @@ from natbypass.signaling.client import (
 )
 from natbypass.signaling.interfaces import ISignalingClient
 from natbypass.signaling.server import Limits, SignalingFactory, SignalingState, TokenPolicy
-from natbypass.testing.signaling import MemoryNetwork
-from natbypass.nat import NatSummary
 from natbypass.signaling.wire import Candidate, Description, Session
+from natbypass.testing.signaling import MemoryNetwork
 
-DESC_A = Description((Candidate("srflx", "203.0.113.1", 5000),), NatSummary("endpoint-independent", "endpoint-independent", True))
+DESC_A = Description(
+    (Candidate("srflx", "203.0.113.1", 5000),), NatSummary("endpoint-independent", "endpoint-independent", True)
+)
 DESC_B = Description((Candidate("tcp-srflx", "198.51.100.2", 6000),), wish=("tcp",))
 
 
@@ -83,8 +85,8 @@ class ClientTests(SynchronousTestCase):
             offers.append(offer)
             return DESC_B
 
-        b.set_offer_handler(handler)
-        b.set_session_handler(sessions.append)
+        b.setOfferHandler(handler)
+        b.setSessionHandler(sessions.append)
         [sa] = self.settle(a.connect("bob", DESC_A))
         self.assertIsInstance(sa, Session)
         self.assertEqual((offers[0].peer, offers[0].description), ("alice", DESC_A))
@@ -97,7 +99,7 @@ class ClientTests(SynchronousTestCase):
     def test_offer_accepted_later(self) -> None:
         a, b = self.client("alice"), self.client("bob")
         answer: Deferred = Deferred()
-        b.set_offer_handler(lambda offer: answer)
+        b.setOfferHandler(lambda offer: answer)
         result = self.settle(a.connect("bob", DESC_A))
         self.assertEqual(result, [])
         answer.callback(DESC_B)
@@ -110,7 +112,7 @@ class ClientTests(SynchronousTestCase):
         def handler(offer):
             raise Decline("do not disturb")
 
-        b.set_offer_handler(handler)
+        b.setOfferHandler(handler)
         [f] = self.settle(a.connect("bob", DESC_A))
         f.trap(OfferRejected)
         self.assertIn("do not disturb", f.value.reason)
@@ -123,7 +125,7 @@ class ClientTests(SynchronousTestCase):
 
     def test_handler_crash_rejects(self) -> None:
         a, b = self.client("alice"), self.client("bob")
-        b.set_offer_handler(lambda offer: 1 / 0)
+        b.setOfferHandler(lambda offer: 1 / 0)
         [f] = self.settle(a.connect("bob", DESC_A))
         f.trap(OfferRejected)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
@@ -137,7 +139,7 @@ class ClientTests(SynchronousTestCase):
         a, b = self.client("alice"), self.client("bob")
         seen: list[IncomingOffer] = []
         never: Deferred = Deferred()
-        b.set_offer_handler(lambda offer: seen.append(offer) or never)
+        b.setOfferHandler(lambda offer: seen.append(offer) or never)
         result = self.settle(a.connect("bob", DESC_A))
         self.clock.advance(10)
         self.state.sweep()  # the mediator's periodic work expires offers
@@ -152,7 +154,7 @@ class ClientTests(SynchronousTestCase):
     def test_cancel_connect_reports_late_session(self) -> None:
         a, b = self.client("alice"), self.client("bob")
         answer: Deferred = Deferred()
-        b.set_offer_handler(lambda offer: answer)
+        b.setOfferHandler(lambda offer: answer)
         d = a.connect("bob", DESC_A)
         self.net.flush()
         d.cancel()
@@ -179,7 +181,7 @@ class ClientTests(SynchronousTestCase):
 
     def test_report(self) -> None:
         a, b = self.client("alice"), self.client("bob")
-        b.set_offer_handler(lambda offer: DESC_B)
+        b.setOfferHandler(lambda offer: DESC_B)
         [s] = self.settle(a.connect("bob", DESC_A))
         self.assertEqual(self.settle(a.report(s.id, "connected", "udp")), [None])
         self.assertEqual(self.state.status()["counters"]["outcome:connected/udp"], 1)
@@ -217,7 +219,7 @@ class ClientTests(SynchronousTestCase):
         self.clock.advance(1)
         self.net.flush()
         self.assertEqual(self.state.status()["peers"], 2)
-        b.set_offer_handler(lambda offer: DESC_B)
+        b.setOfferHandler(lambda offer: DESC_B)
         [s] = self.settle(a.connect("bob", DESC_A))
         self.assertIsInstance(s, Session)
 
@@ -281,3 +283,19 @@ class EndpointTests(SynchronousTestCase):
         from twisted.internet.testing import MemoryReactor
 
         self.assertRaises(ValueError, client_endpoint, MemoryReactor(), "tcp:127.0.0.1:7000", ca="x.pem")
+
+
+class DeprecatedNamesTests(SynchronousTestCase):
+    def test_old_handler_setters_warn_and_work(self) -> None:
+        """The snake_case setters of 0.1 still work, with a DeprecationWarning."""
+        from natbypass.signaling.client import SignalingClient
+
+        client = SignalingClient.__new__(SignalingClient)
+        handler = object()
+        client.set_offer_handler(handler)
+        client.set_session_handler(handler)
+        self.assertIs(client._offer_handler, handler)
+        self.assertIs(client._session_handler, handler)
+        warnings = self.flushWarnings()
+        self.assertEqual([w["category"] for w in warnings], [DeprecationWarning] * 2)
+        self.assertIn("use setOfferHandler", warnings[0]["message"])

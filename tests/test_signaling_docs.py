@@ -1,6 +1,6 @@
 """
 docs/protocol.md must not drift from the code: every example line in it
-(``C: ...`` from a client, ``S: ...`` from the mediator) decodes in its
+(C{C: ...} from a client, C{S: ...} from the mediator) decodes in its
 direction, and its timing example adds up.
 """
 
@@ -35,7 +35,11 @@ class DocumentExampleTests(SynchronousTestCase):
             self.assertEqual(decoder(wire.encode(msg)), msg)
 
     def test_every_op_has_an_example(self) -> None:
-        ops = {(side, decoder_op) for side, line in examples() for decoder_op in [line.split(b'"op":"')[1].split(b'"')[0].decode()]}
+        ops = {
+            (side, decoder_op)
+            for side, line in examples()
+            for decoder_op in [line.split(b'"op":"')[1].split(b'"')[0].decode()]
+        }
         self.assertEqual({op for side, op in ops if side == "C"}, set(wire.CLIENT_MESSAGES))
         self.assertEqual({op for side, op in ops if side == "S"}, set(wire.SERVER_MESSAGES))
 
@@ -46,7 +50,9 @@ class DocumentExampleTests(SynchronousTestCase):
             self.assertIn(f"| {code} | `{name}` |", doc)
 
     def test_timing_example(self) -> None:
-        sessions = [wire.decode_from_server(line) for side, line in examples() if side == "S" and b'"op":"session"' in line]
+        sessions = [
+            wire.decode_from_server(line) for side, line in examples() if side == "S" and b'"op":"session"' in line
+        ]
         a, b = (s.session for s in sessions)
         da, db = punch_delays(a.rtt_ms / 1000, b.rtt_ms / 1000, Limits().punch_margin)
         self.assertEqual((a.start_in_ms, b.start_in_ms), (round(da * 1000), round(db * 1000)))

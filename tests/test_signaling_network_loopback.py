@@ -29,7 +29,7 @@ DESC = Description((Candidate("host", "127.0.0.1", 40000),))
 def make_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -46,9 +46,11 @@ def make_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def make_server_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, dns: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_server_cert(
+    ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, dns: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
@@ -101,13 +103,20 @@ class TLSTests(TestCase):
         self.other_ca_pem = os.path.join(d, "other-ca.pem")
         self.key_pem = os.path.join(d, "key.pem")
         self.cert_pem = os.path.join(d, "cert.pem")
-        for path, data in [(self.ca_pem, pem_cert(ca)), (self.other_ca_pem, pem_cert(other_ca)), (self.key_pem, pem_key(key)), (self.cert_pem, pem_cert(cert))]:
+        for path, data in [
+            (self.ca_pem, pem_cert(ca)),
+            (self.other_ca_pem, pem_cert(other_ca)),
+            (self.key_pem, pem_key(key)),
+            (self.cert_pem, pem_cert(cert)),
+        ]:
             with open(path, "wb") as f:
                 f.write(data)
 
     @inlineCallbacks
     def start_mediator(self):
-        svc = makeSignalingService(f"ssl:0:interface=127.0.0.1:privateKey={self.key_pem}:certKey={self.cert_pem}", reactor, status_interval=0)
+        svc = makeSignalingService(
+            f"ssl:0:interface=127.0.0.1:privateKey={self.key_pem}:certKey={self.cert_pem}", reactor, status_interval=0
+        )
         svc.startService()
         self.addCleanup(svc.stopService)
         port = yield svc.whenListening()
@@ -130,7 +139,7 @@ class TLSTests(TestCase):
             clients.append(c)
         yield clients[0].whenRegistered()
         yield clients[1].whenRegistered()
-        clients[1].set_offer_handler(lambda offer: DESC)
+        clients[1].setOfferHandler(lambda offer: DESC)
         session = yield clients[0].connect("bob", DESC)
         self.assertIsInstance(session, Session)
         self.assertEqual(session.peer, "bob")
@@ -177,7 +186,9 @@ class RestartTests(TestCase):
         port = (yield svc.whenListening()).getHost().port
         clients = []
         for name in ("alice", "bob"):
-            c = SignalingClient(client_endpoint(reactor, f"tcp:127.0.0.1:{port}"), name, clock=reactor, retry_policy=lambda attempt: 0.1)
+            c = SignalingClient(
+                client_endpoint(reactor, f"tcp:127.0.0.1:{port}"), name, clock=reactor, retry_policy=lambda attempt: 0.1
+            )
             c.startService()
             self.addCleanup(c.stopService)
             clients.append(c)
@@ -193,6 +204,6 @@ class RestartTests(TestCase):
         yield svc2.whenListening()
         yield self.wait_for(lambda: svc2.state.status()["peers"] == 2, "both peers to re-register")
         yield clients[0].whenRegistered()
-        clients[1].set_offer_handler(lambda offer: DESC)
+        clients[1].setOfferHandler(lambda offer: DESC)
         session = yield clients[0].connect("bob", DESC)
         self.assertEqual(session.peer, "bob")

@@ -29,7 +29,6 @@ from natbypass.signaling.server import (
     TokenPolicy,
     punch_delays,
 )
-from natbypass.testing.signaling import FakeChannel
 from natbypass.signaling.wire import (
     Accept,
     Bye,
@@ -51,9 +50,19 @@ from natbypass.signaling.wire import (
     SessionReply,
     WireError,
 )
+from natbypass.testing.signaling import FakeChannel
 
-DESC_A = Description((Candidate("host", "10.0.0.1", 4000), Candidate("srflx", "203.0.113.1", 5000)), NatSummary("endpoint-independent", "address-dependent", True), (), "sha256:aaaa")
-DESC_B = Description((Candidate("tcp-srflx", "198.51.100.2", 6000),), NatSummary("address-and-port-dependent", "address-and-port-dependent", False), ("tcp", "udp"))
+DESC_A = Description(
+    (Candidate("host", "10.0.0.1", 4000), Candidate("srflx", "203.0.113.1", 5000)),
+    NatSummary("endpoint-independent", "address-dependent", True),
+    (),
+    "sha256:aaaa",
+)
+DESC_B = Description(
+    (Candidate("tcp-srflx", "198.51.100.2", 6000),),
+    NatSummary("address-and-port-dependent", "address-and-port-dependent", False),
+    ("tcp", "udp"),
+)
 
 
 def counting_random() -> callable:
@@ -354,7 +363,7 @@ class OfferTests(SynchronousTestCase):
         victim = h.peer("victim")
         h.peer("other")
         attackers = [h.peer(f"x{i}") for i in range(4)]
-        for i, x in enumerate(attackers[:3]):
+        for x in attackers[:3]:
             self.assertEqual(h.send(x, Connect(1, "victim", DESC_A)), [])
         [err] = h.send(attackers[3], Connect(1, "victim", DESC_A))
         self.assertEqual(err.error, "rate-limited")
@@ -590,7 +599,7 @@ class KeepaliveTests(SynchronousTestCase):
         h = Harness()
         h.peer("alice")
         obs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        h.state.log_status()
+        h.state.logStatus()
         [event] = [e for e in obs if e.get("log_format", "").startswith("signalling status")]
         self.assertEqual(event["peers"], 1)
         self.assertEqual(event["counters"]["registrations"], 1)
@@ -668,7 +677,22 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.state.status(), {**self.state.status(), "peers": 0, "connections": 0})
 
     @settings(max_examples=200, deadline=None)
-    @given(st.lists(st.binary(max_size=80) | st.sampled_from([b'{"op":"ping","rid":1}', b'{"op":"register","rid":2,"id":"x"}', b'{"op":"hello","rid":1,"v":1}', b"\xff\n", b"{}", b"y" * 300]), max_size=10))
+    @given(
+        st.lists(
+            st.binary(max_size=80)
+            | st.sampled_from(
+                [
+                    b'{"op":"ping","rid":1}',
+                    b'{"op":"register","rid":2,"id":"x"}',
+                    b'{"op":"hello","rid":1,"v":1}',
+                    b"\xff\n",
+                    b"{}",
+                    b"y" * 300,
+                ]
+            ),
+            max_size=10,
+        )
+    )
     def test_one_bad_client_does_not_disturb_another(self, chunks: list[bytes]) -> None:
         """Whatever one connection sends, the mediator stays up and another peer is served."""
         clock = Clock()
@@ -728,7 +752,9 @@ class StateMachinePropertyTests(SynchronousTestCase):
         offers have timed out, and the tables only point at live connections.
         """
         clock = Clock()
-        state = SignalingState(clock, Limits(offer_timeout=10.0, keepalive=30.0, idle_timeout=1000.0, rate=0), choose_order=udp_first)
+        state = SignalingState(
+            clock, Limits(offer_timeout=10.0, keepalive=30.0, idle_timeout=1000.0, rate=0), choose_order=udp_first
+        )
         chans = [FakeChannel() for _ in range(4)]
         links = [state.open(c, f"192.0.2.{i}") for i, c in enumerate(chans)]
         open_ = [True] * 4
@@ -752,7 +778,7 @@ class StateMachinePropertyTests(SynchronousTestCase):
                 state.sweep()
                 continue
             for j in range(4):  # what each peer has been told so far
-                new, seen[j] = chans[j].sent[seen[j]:], len(chans[j].sent)
+                new, seen[j] = chans[j].sent[seen[j] :], len(chans[j].sent)
                 for m in new:
                     if isinstance(m, Offer):
                         offers[j].append(m.offer)
@@ -798,7 +824,11 @@ class StateMachinePropertyTests(SynchronousTestCase):
         for i in range(4):
             if not open_[i] or chans[i].closed:
                 continue
-            replies = [m.rid for m in chans[i].sent if isinstance(m, (Ok, Registered, SessionReply, Error, Pong)) and m.rid is not None]
+            replies = [
+                m.rid
+                for m in chans[i].sent
+                if isinstance(m, (Ok, Registered, SessionReply, Error, Pong)) and m.rid is not None
+            ]
             self.assertEqual(sorted(replies), sorted(sent[i]), f"connection {i}: {chans[i].sent}")
 
 

@@ -81,7 +81,18 @@ class OptionTests(SynchronousTestCase):
 
 class ServiceTests(SynchronousTestCase):
     def test_limits_passed_on(self) -> None:
-        o = parse("--signal", "tcp:7001:interface=127.0.0.1", "--max-peers", "5", "--max-per-source", "3", "--rate", "7", "--max-line", "1024")
+        o = parse(
+            "--signal",
+            "tcp:7001:interface=127.0.0.1",
+            "--max-peers",
+            "5",
+            "--max-per-source",
+            "3",
+            "--rate",
+            "7",
+            "--max-line",
+            "1024",
+        )
         reactor = MemoryReactorClock()
         svc = makeSignalingServiceFromOptions(o, reactor)
         verifyObject(IService, svc)

@@ -74,11 +74,20 @@ sessions = st.builds(
 )
 reports = st.one_of(
     st.builds(Report, rids, server_ids, st.just("connected"), st.sampled_from(wire.PROTOCOLS), st.none() | texts),
-    st.builds(Report, rids, server_ids, st.sampled_from(["failed", "timeout", "cancelled"]), st.none(), st.none() | texts),
+    st.builds(
+        Report, rids, server_ids, st.sampled_from(["failed", "timeout", "cancelled"]), st.none(), st.none() | texts
+    ),
 )
 client_messages = st.one_of(
     st.builds(Hello, rids, st.integers(0, 1000), st.none() | st.text(max_size=20)),
-    st.builds(Register, rids, peer_ids, st.none() | st.from_regex(wire.TOKEN, fullmatch=True), st.booleans(), st.none() | st.from_regex(wire.SECRET, fullmatch=True)),
+    st.builds(
+        Register,
+        rids,
+        peer_ids,
+        st.none() | st.from_regex(wire.TOKEN, fullmatch=True),
+        st.booleans(),
+        st.none() | st.from_regex(wire.SECRET, fullmatch=True),
+    ),
     st.builds(Connect, rids, peer_ids, descriptions),
     st.builds(Accept, rids, server_ids, descriptions),
     st.builds(Reject, rids, server_ids, st.none() | texts),
@@ -88,7 +97,13 @@ client_messages = st.one_of(
     st.builds(Bye, rids),
 )
 server_messages = st.one_of(
-    st.builds(Greeting, st.lists(st.integers(0, 100), min_size=1, max_size=4).map(tuple), st.booleans(), st.integers(256, 1 << 20), st.none() | st.text(max_size=20)),
+    st.builds(
+        Greeting,
+        st.lists(st.integers(0, 100), min_size=1, max_size=4).map(tuple),
+        st.booleans(),
+        st.integers(256, 1 << 20),
+        st.none() | st.text(max_size=20),
+    ),
     st.builds(Ok, rids),
     st.builds(Registered, rids, peer_ids, st.from_regex(wire.SECRET, fullmatch=True)),
     st.builds(SessionReply, rids, sessions),
@@ -104,7 +119,28 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=20,
 )
-field_names = st.sampled_from(["op", "rid", "id", "peer", "offer", "v", "token", "candidates", "nat", "wish", "fingerprint", "session", "outcome", "protocol", "kind", "host", "port", "proto"])
+field_names = st.sampled_from(
+    [
+        "op",
+        "rid",
+        "id",
+        "peer",
+        "offer",
+        "v",
+        "token",
+        "candidates",
+        "nat",
+        "wish",
+        "fingerprint",
+        "session",
+        "outcome",
+        "protocol",
+        "kind",
+        "host",
+        "port",
+        "proto",
+    ]
+)
 ops = st.sampled_from(sorted(set(wire.CLIENT_MESSAGES) | set(wire.SERVER_MESSAGES) | {"nope"}))
 near_messages = st.builds(
     lambda op, d: {**d, "op": op},
@@ -160,7 +196,17 @@ class ExampleTests(SynchronousTestCase):
 
     def test_greeting(self) -> None:
         obj = json.loads(encode(Greeting((1,), True, 8192, "natbypass/0.1.0")))
-        self.assertEqual(obj, {"op": "hello", "proto": "natbypass-signal", "versions": [1], "auth": True, "max_line": 8192, "server": "natbypass/0.1.0"})
+        self.assertEqual(
+            obj,
+            {
+                "op": "hello",
+                "proto": "natbypass-signal",
+                "versions": [1],
+                "auth": True,
+                "max_line": 8192,
+                "server": "natbypass/0.1.0",
+            },
+        )
 
     def test_error_has_code_and_null_rid(self) -> None:
         obj = json.loads(encode(Error(None, "line-too-long", "too long")))
@@ -262,7 +308,9 @@ class StrictnessTests(SynchronousTestCase):
             self.assertWireError(b'{"op":"register","rid":1,"id":' + pid.encode() + b"}", "bad-request", 1)
 
     def test_report_protocol_only_when_connected(self) -> None:
-        self.assertWireError(b'{"op":"report","rid":1,"session":"s","outcome":"failed","protocol":"udp"}', "bad-request", 1)
+        self.assertWireError(
+            b'{"op":"report","rid":1,"session":"s","outcome":"failed","protocol":"udp"}', "bad-request", 1
+        )
         self.assertWireError(b'{"op":"report","rid":1,"session":"s","outcome":"connected"}', "bad-request", 1)
 
     def test_deep_nesting(self) -> None:
@@ -275,7 +323,12 @@ class StrictnessTests(SynchronousTestCase):
         self.assertRaises(ValueError, Session, "s", b"short", "b", "controlled", Description(), (), 0)
 
     def test_error_name_and_code_agree(self) -> None:
-        self.assertWireError(b'{"op":"error","rid":1,"code":404,"error":"duplicate-id","reason":""}', "bad-request", 1, decode_from_server)
+        self.assertWireError(
+            b'{"op":"error","rid":1,"code":404,"error":"duplicate-id","reason":""}',
+            "bad-request",
+            1,
+            decode_from_server,
+        )
 
 
 class PropertyTests(SynchronousTestCase):

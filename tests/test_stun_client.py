@@ -21,7 +21,6 @@ from zope.interface.verify import verifyObject
 
 from natbypass.punch.mux import UDPMux
 from natbypass.stun import message as m
-from natbypass.testing.udp import MemoryUDPReactor
 from natbypass.stun.client import (
     RECENT_TRANSACTIONS,
     IStunClient,
@@ -38,6 +37,7 @@ from natbypass.stun.client import (
     mapped_address,
     other_address,
 )
+from natbypass.testing.udp import MemoryUDPReactor
 
 SERVER = ("192.0.2.1", 3478)
 
@@ -96,7 +96,7 @@ class RetransmitPolicyTests(SynchronousTestCase):
             self.assertAlmostEqual(c - b, 2 * (b - a), places=6)
         self.assertGreaterEqual(p.rm, 1 - 1e-6)
         # One more doubling would not have left an RTO to wait.
-        self.assertGreater(p.rto * (2 ** p.rc - 1) + p.rto, timeout - 1e-6)
+        self.assertGreater(p.rto * (2**p.rc - 1) + p.rto, timeout - 1e-6)
 
 
 class TransactionTests(SynchronousTestCase):
@@ -244,8 +244,13 @@ class TransactionTests(SynchronousTestCase):
         _, _, client = make()
         req = binding_request()
         d = client.request(req, SERVER)
-        old = m.Message(m.Method.BINDING, m.MessageClass.SUCCESS, req.transaction_id,
-                        (m.MappedAddress("198.51.100.7", 1),), cookie=0x01020304)
+        old = m.Message(
+            m.Method.BINDING,
+            m.MessageClass.SUCCESS,
+            req.transaction_id,
+            (m.MappedAddress("198.51.100.7", 1),),
+            cookie=0x01020304,
+        )
         self.assertFalse(client.handle(old.encode(), SERVER))
         self.assertNoResult(d)
 
@@ -297,7 +302,7 @@ class TransactionTests(SynchronousTestCase):
         _, _, client = make()
         d1 = client.request(binding_request(), SERVER)
         d2 = client.request(binding_request(), SERVER)
-        client.fail_all(Failure(ConnectionDone()))
+        client.failAll(Failure(ConnectionDone()))
         self.failureResultOf(d1, ConnectionDone)
         self.failureResultOf(d2, ConnectionDone)
         self.assertEqual(client.pending, 0)
@@ -312,8 +317,7 @@ class TransactionTests(SynchronousTestCase):
 
     def test_attribute_helpers(self) -> None:
         req = binding_request()
-        plain = req.reply(m.MessageClass.SUCCESS, [m.MappedAddress("192.0.2.5", 7),
-                                                   m.ChangedAddress("192.0.2.6", 8)])
+        plain = req.reply(m.MessageClass.SUCCESS, [m.MappedAddress("192.0.2.5", 7), m.ChangedAddress("192.0.2.6", 8)])
         self.assertEqual(mapped_address(plain), ("192.0.2.5", 7))
         self.assertEqual(other_address(plain), ("192.0.2.6", 8))
         self.assertIsNone(mapped_address(req))
@@ -375,9 +379,7 @@ class UDPProtocolTests(SynchronousTestCase):
 # ------------------------------------------------------------------- TCP
 
 messages = st.builds(
-    lambda txid, n, cls: m.Message(
-        m.Method.BINDING, cls, txid, tuple(m.Software("x" * k) for k in n)
-    ).encode(),
+    lambda txid, n, cls: m.Message(m.Method.BINDING, cls, txid, tuple(m.Software("x" * k) for k in n)).encode(),
     st.binary(min_size=12, max_size=12),
     st.lists(st.integers(0, 40), max_size=3),
     st.sampled_from(list(m.MessageClass)),

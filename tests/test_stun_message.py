@@ -17,9 +17,7 @@ from natbypass.stun import message as m
 
 def h(text: str) -> bytes:
     """Hex dump (whitespace and comments after '#' ignored) to bytes."""
-    return bytes.fromhex(
-        "".join(line.split("#")[0] for line in text.splitlines()).replace(" ", "")
-    )
+    return bytes.fromhex("".join(line.split("#")[0] for line in text.splitlines()).replace(" ", ""))
 
 
 TXID = h("b7 e7 a7 01 bc 34 d6 86 fa 87 df ae")
@@ -159,9 +157,7 @@ class RFC5769Tests(SynchronousTestCase):
             m.XorMappedAddress("2001:db8:1234:5678:11:2233:4455:6677", 32853),
         )
         self.assertTrue(msg.check_integrity(SHORT_TERM_PASSWORD))
-        encoded = m.XorMappedAddress("2001:db8:1234:5678:11:2233:4455:6677", 32853).encode_value(
-            TXID, m.MAGIC_COOKIE
-        )
+        encoded = m.XorMappedAddress("2001:db8:1234:5678:11:2233:4455:6677", 32853).encode_value(TXID, m.MAGIC_COOKIE)
         self.assertEqual(encoded, SAMPLE_IPV6_RESPONSE[40:60])
 
     def test_long_term_request(self) -> None:
@@ -289,10 +285,19 @@ def address(kind: type) -> st.SearchStrategy:
 
 
 attributes = st.one_of(
-    *(address(k) for k in (
-        m.MappedAddress, m.XorMappedAddress, m.ResponseOrigin, m.OtherAddress,
-        m.AlternateServer, m.ChangedAddress, m.SourceAddress, m.ResponseAddress,
-    )),
+    *(
+        address(k)
+        for k in (
+            m.MappedAddress,
+            m.XorMappedAddress,
+            m.ResponseOrigin,
+            m.OtherAddress,
+            m.AlternateServer,
+            m.ChangedAddress,
+            m.SourceAddress,
+            m.ResponseAddress,
+        )
+    ),
     st.builds(m.Username, text),
     st.builds(m.Software, text),
     st.builds(m.Realm, text),

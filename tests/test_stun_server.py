@@ -261,9 +261,7 @@ class ErrorTests(SynchronousTestCase):
         for cls in (m.MessageClass.INDICATION, m.MessageClass.SUCCESS, m.MessageClass.ERROR):
             self.assertIsNone(responder.respond_datagram(request(cls=cls), CLIENT, (A, PA)))
         self.assertIsNone(responder.respond_datagram(request(), (CLIENT[0], 0), (A, PA)))
-        self.assertIsNone(
-            responder.respond_datagram(request(m.Software("x")), (CLIENT[0], 0), (A, PA))
-        )
+        self.assertIsNone(responder.respond_datagram(request(m.Software("x")), (CLIENT[0], 0), (A, PA)))
 
     def test_malformed_raises_only_decode_error(self) -> None:
         responder = BindingResponder(FULL)
@@ -285,8 +283,9 @@ attributes = st.one_of(
     st.builds(m.Padding, st.integers(0, 600)),
     st.builds(m.Software, st.text(max_size=40)),
     st.builds(m.ResponseAddress, ipv4, ports),
-    st.builds(m.UnknownAttribute, st.integers(0x0040, 0xFFFF).filter(
-        lambda t: t not in m.KNOWN_TYPES), st.binary(max_size=16)),  # fmt: skip
+    st.builds(
+        m.UnknownAttribute, st.integers(0x0040, 0xFFFF).filter(lambda t: t not in m.KNOWN_TYPES), st.binary(max_size=16)
+    ),  # fmt: skip
 )
 
 
@@ -329,9 +328,7 @@ class PropertyTests(SynchronousTestCase):
         ports,
         st.booleans(),
     )
-    def test_replies_bounded_and_well_formed(
-        self, config, attrs, cookie, method, cls, host, port, stream
-    ) -> None:
+    def test_replies_bounded_and_well_formed(self, config, attrs, cookie, method, cls, host, port, stream) -> None:
         """Whatever is asked: a decodable reply, to the source IP, small."""
         data = m.Message(method, cls, os.urandom(12), tuple(attrs), cookie).encode()
         responder = BindingResponder(config)
@@ -504,9 +501,7 @@ def stream(config: ResponderConfig = FULL, local=(A, PA), limiter=None):
     clock = Clock()
     server = STUNServer(BindingResponder(config), limiter=limiter)
     proto = STUNStreamFactory(server, clock, idle_timeout=10).buildProtocol(None)
-    transport = StringTransport(
-        hostAddress=IPv4Address("TCP", *local), peerAddress=IPv4Address("TCP", *CLIENT)
-    )
+    transport = StringTransport(hostAddress=IPv4Address("TCP", *local), peerAddress=IPv4Address("TCP", *CLIENT))
     proto.makeConnection(transport)
     return server, proto, transport, clock
 
@@ -639,9 +634,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertNotIn(0, (pa, pb))
         self.assertNotEqual(pa, pb)
         self.assertEqual(set(fake.tcp), set(config.addresses()))
-        self.assertEqual(
-            {k for k, p in fake.udp.items() if p.listening}, set(config.addresses())
-        )
+        self.assertEqual({k for k, p in fake.udp.items() if p.listening}, set(config.addresses()))
 
     def test_busy_fixed_port_fails(self) -> None:
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)

@@ -96,7 +96,7 @@ class IPv6LoopbackTests(TestCase):
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
                 s.bind(("::1", 0))
         except OSError:
-            raise self.skipTest("no IPv6 loopback")
+            raise self.skipTest("no IPv6 loopback") from None
         self.service = STUNService(reactor, ("::1", 0), stats_interval=0)
         self.service.startService()
         self.addCleanup(self.service.stopService)

@@ -41,7 +41,6 @@ class ParseHostPortTests(SynchronousTestCase):
             with self.assertRaises(ValueError, msg=text):
                 tap.parse_host_port(text)
 
-
     @given(st.ip_addresses(), st.integers(1, 65535))
     def test_round_trip(self, ip, port) -> None:
         text = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"

@@ -1,1 +1,1 @@
-"""The ``natbypass`` command and the twistd plugins' options and services."""
+"""The C{natbypass} command and the twistd plugins' options and services."""

@@ -20,9 +20,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "peer": ("natbypass.app.run:peer", "run an echoing peer (twistd natbypass-peer) in the foreground"),
 }
 
-USAGE = "usage: natbypass {" + ",".join(SUBCOMMANDS) + "} [options]\n\n" + "\n".join(
-    f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()
-) + "\n\nRun 'natbypass SUBCOMMAND --help' for the options of each."
+USAGE = (
+    "usage: natbypass {"
+    + ",".join(SUBCOMMANDS)
+    + "} [options]\n\n"
+    + "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items())
+    + "\n\nRun 'natbypass SUBCOMMAND --help' for the options of each."
+)
 
 
 def main(argv: list[str] | None = None) -> int:

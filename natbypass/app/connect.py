@@ -1,9 +1,9 @@
 """
-``natbypass connect``: open a direct path to a peer, exchange echoes, exit.
+C{natbypass connect}: open a direct path to a peer, exchange echoes, exit.
 
 Exit status 0 when the path was made and the echoes came back, 1 when no
 path could be made (or the echoes did not return), 2 on bad usage.  With
-``--json`` it prints one JSON object a line (see ``docs/traversal.md``).
+C{--json} it prints one JSON object a line (see C{docs/traversal.md}).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import argparse
 import json
 import statistics
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionClosed
@@ -102,8 +103,13 @@ async def _main(
             elapsed = round((reactor.seconds() - started) * 1000)
             outcome = getattr(e, "outcome", None)
             emit(
-                {"event": "failed", "peer": target, "elapsed_ms": elapsed, "reason": str(e),
-                 "attempts": _attempts(outcome)},
+                {
+                    "event": "failed",
+                    "peer": target,
+                    "elapsed_ms": elapsed,
+                    "reason": str(e),
+                    "attempts": _attempts(outcome),
+                },
                 f"could not connect to {target}: {e}",
             )
             return EXIT_FAILED
@@ -146,7 +152,9 @@ async def _main(
         emit(
             summary,
             f"echo: {len(rtts)}/{count} came back"
-            + (f", rtt min/median/max {min(rtts):.1f}/{statistics.median(rtts):.1f}/{max(rtts):.1f} ms" if rtts else ""),
+            + (
+                f", rtt min/median/max {min(rtts):.1f}/{statistics.median(rtts):.1f}/{max(rtts):.1f} ms" if rtts else ""
+            ),
         )
         conn.close()
         return EXIT_OK if len(rtts) == count else EXIT_FAILED

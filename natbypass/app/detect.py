@@ -1,10 +1,10 @@
 """
-``natbypass detect``: ask an RFC 5780 STUN server what our NAT does.
+C{natbypass detect}: ask an RFC 5780 STUN server what our NAT does.
 
     natbypass detect --stun 127.0.0.1:3478 [--tcp] [--json]
 
 Exit status: 0 when the server answered, 1 when it could not be reached
-(over UDP, and over TCP too with ``--tcp``), 2 on bad usage.  With ``--json``
+(over UDP, and over TCP too with C{--tcp}), 2 on bad usage.  With C{--json}
 one JSON object goes to stdout (see L{natbypass.stun.discovery.NATBehavior.to_json});
 otherwise a short report.  Errors go to stderr.
 """
@@ -21,10 +21,11 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError, DNSLookupError
 from twisted.logger import Logger
 
-from natbypass.address import format_address, is_ip, parse_host_port as _parse_host_port
+from natbypass.address import format_address, is_ip
+from natbypass.address import parse_host_port as _parse_host_port
 from natbypass.net import route_source_address
-from natbypass.stun.discovery import NATBehavior, discover
 from natbypass.stun.client import Address, RetransmitPolicy, StunUDPProtocol, tcp_binding
+from natbypass.stun.discovery import NATBehavior, discover
 
 log = Logger()
 
@@ -33,7 +34,7 @@ EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
 
 
 def parse_host_port(text: str, default_port: int | None = DEFAULT_PORT, *, allow_zero: bool = False) -> Address:
-    """A STUN server's ``HOST[:PORT]``: port 3478 unless given (see L{natbypass.address})."""
+    """A STUN server's C{HOST[:PORT]}: port 3478 unless given (see L{natbypass.address})."""
     return _parse_host_port(text, default_port, allow_zero=allow_zero)
 
 
@@ -60,20 +61,39 @@ def build_parser() -> argparse.ArgumentParser:
         description="Detect the NAT's mapping and filtering behaviour (RFC 5780) "
         "with the help of a STUN server that has two addresses.",
     )
-    p.add_argument("--stun", required=True, metavar="HOST[:PORT]",
-                   type=_arg(parse_host_port),
-                   help=f"the STUN server (port {DEFAULT_PORT} by default; IPv6 as [ADDR]:PORT)")
-    p.add_argument("--tcp", action="store_true",
-                   help="also measure the TCP mapping behaviour (three connections from one local port)")
+    p.add_argument(
+        "--stun",
+        required=True,
+        metavar="HOST[:PORT]",
+        type=_arg(parse_host_port),
+        help=f"the STUN server (port {DEFAULT_PORT} by default; IPv6 as [ADDR]:PORT)",
+    )
+    p.add_argument(
+        "--tcp",
+        action="store_true",
+        help="also measure the TCP mapping behaviour (three connections from one local port)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
-    p.add_argument("--timeout", type=_arg(_positive), default=3.0, metavar="SECONDS",
-                   help="give up on a Binding after this long (default 3; "
-                   "filtering tests, which expect silence, wait half of it)")
-    p.add_argument("--rto", type=_arg(_positive), default=0.25, metavar="SECONDS",
-                   help="initial retransmission timeout (default 0.25, doubling)")
-    p.add_argument("--local", type=_arg(functools.partial(parse_host_port, default_port=0, allow_zero=True)),
-                   metavar="HOST[:PORT]",
-                   help="local address to bind (default: the address that routes to the server, any port)")
+    p.add_argument(
+        "--timeout",
+        type=_arg(_positive),
+        default=3.0,
+        metavar="SECONDS",
+        help="give up on a Binding after this long (default 3; filtering tests, which expect silence, wait half of it)",
+    )
+    p.add_argument(
+        "--rto",
+        type=_arg(_positive),
+        default=0.25,
+        metavar="SECONDS",
+        help="initial retransmission timeout (default 0.25, doubling)",
+    )
+    p.add_argument(
+        "--local",
+        type=_arg(functools.partial(parse_host_port, default_port=0, allow_zero=True)),
+        metavar="HOST[:PORT]",
+        help="local address to bind (default: the address that routes to the server, any port)",
+    )
     return p
 
 
@@ -101,8 +121,7 @@ def format_report(behavior: NATBehavior) -> str:
     if behavior.tcp is not None:
         lines += [
             f"TCP mapping:     {behavior.tcp.mapping}",
-            f"TCP public:      {addr(behavior.tcp.public_address)} "
-            f"(from {addr(behavior.tcp.local_address)})",
+            f"TCP public:      {addr(behavior.tcp.public_address)} (from {addr(behavior.tcp.local_address)})",
         ]
     other = f" (alternate {addr(behavior.other_address)})" if behavior.other_address else ""
     lines.append(f"STUN server:     {addr(behavior.server)}{other}")

@@ -1,15 +1,16 @@
 """
 The echo application both commands use to show that a path works: the
-``natbypass-peer`` plugin echoes what it receives; ``natbypass connect``
+C{natbypass-peer} plugin echoes what it receives; C{natbypass connect}
 sends numbered lines and times the round trips.
 
-Lines (``\\n``-terminated) make the same code work over datagrams and over a
+Lines (C{\\n}-terminated) make the same code work over datagrams and over a
 byte stream.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -76,7 +77,7 @@ class EchoHandler:
 
 @implementer(IPeerReceiver)
 class EchoClient:
-    """Send numbered lines one at a time; ``ping`` fires when its echo is back."""
+    """Send numbered lines one at a time; C{ping} fires when its echo is back."""
 
     def __init__(self, connection: IPeerConnection, clock: Any) -> None:
         self.connection = connection
@@ -87,7 +88,7 @@ class EchoClient:
         connection.setReceiver(self)
 
     def ping(self, n: int) -> Deferred[float]:
-        """Send line ``n``; fires with the round-trip time in seconds."""
+        """Send line C{n}; fires with the round-trip time in seconds."""
         tag = b"natbypass-echo %d" % n
         d: Deferred[float] = Deferred()
         self._waiting[tag] = d

@@ -1,11 +1,11 @@
 """
-The ``natbypass-mediator`` twistd plugin: options and ``makeService``.
+The C{natbypass-mediator} twistd plugin: options and C{makeService}.
 
-The mediator is two services under one ``MultiService``: the STUN responder
-(``natbypass.stun.server.STUNService``, named ``"stun"``) and the signalling
-service (``natbypass.signaling.service``, named ``"signal"``).  Each half
+The mediator is two services under one C{MultiService}: the STUN responder
+(C{natbypass.stun.server.STUNService}, named C{"stun"}) and the signalling
+service (C{natbypass.signaling.service}, named C{"signal"}).  Each half
 owns its options: the STUN ones are below, the signalling ones come from
-``SIGNAL_OPT_PARAMETERS`` and are checked by ``check_signaling_options``.
+C{SIGNAL_OPT_PARAMETERS} and are checked by C{check_signaling_options}.
 
     twistd -n natbypass-mediator --stun 192.0.2.10:3478 --stun-alternate 192.0.2.11:3479
 """
@@ -17,7 +17,8 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from natbypass.address import is_wildcard, parse_host_port as _parse_host_port
+from natbypass.address import is_wildcard
+from natbypass.address import parse_host_port as _parse_host_port
 from natbypass.signaling.service import (
     SIGNAL_OPT_PARAMETERS,
     check_signaling_options,
@@ -35,14 +36,14 @@ DEFAULT_STUN = "0.0.0.0:3478"
 
 def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
     """
-    An address to listen on: ``IP:PORT`` (``[IPv6]:PORT``), IP literals only:
+    An address to listen on: C{IP:PORT} (C{[IPv6]:PORT}), IP literals only:
     the responder must bind, and name in RFC 5780 responses, exact addresses.
     """
     return _parse_host_port(text, default_port, ip_only=True)
 
 
 class Options(usage.Options):
-    """Options of ``twistd natbypass-mediator``."""
+    """Options of C{twistd natbypass-mediator}."""
 
     synopsis = "[options]"
     longdesc = (
@@ -105,7 +106,7 @@ def makeSTUNService(options: usage.Options, reactor: Any) -> STUNService:
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
-    """The mediator: STUN responder (``"stun"``) and signalling (``"signal"``)."""
+    """The mediator: STUN responder (C{"stun"}) and signalling (C{"signal"})."""
     if reactor is None:
         from twisted.internet import reactor as installed
 

@@ -1,6 +1,6 @@
 """
-Options shared by everything that starts a peer: the ``natbypass-peer``
-twistd plugin (``usage.Options``) and ``natbypass connect`` (``argparse``).
+Options shared by everything that starts a peer: the C{natbypass-peer}
+twistd plugin (C{usage.Options}) and C{natbypass connect} (C{argparse}).
 
 Each option is defined once, as an L{OptionSpec} in L{PEER_OPTIONS}; the two
 front ends build their parsers from the table (L{usage_parameters},
@@ -121,6 +121,7 @@ def make_peer(reactor: Any, options: Mapping[str, Any], **config: Any) -> Peer:
         ),
     )
 
+
 #: The host in a Twisted client endpoint string: positional (tcp:HOST:PORT)
 #: or keyword (tcp:host=HOST:port=PORT); IPv6 hosts escape their colons.
 _POSITIONAL = re.compile(r"^(?:tcp|tls|ssl):((?:\\:|[^:=])+):")
@@ -138,8 +139,7 @@ def mediator_host(endpoint: str) -> str:
 
 
 def stun_server(stun: str | None, mediator: str) -> Address:
-    """``--stun`` or, without it, port 3478 on the mediator's host."""
+    """C{--stun} or, without it, port 3478 on the mediator's host."""
     if stun:
         return parse_host_port(stun, DEFAULT_PORT)
     return (mediator_host(mediator), DEFAULT_PORT)
-

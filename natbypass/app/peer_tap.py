@@ -1,5 +1,5 @@
 """
-The ``natbypass-peer`` twistd plugin: register with a mediator and accept
+The C{natbypass-peer} twistd plugin: register with a mediator and accept
 direct connections, echoing what arrives so reachability can be tested.
 """
 

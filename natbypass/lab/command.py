@@ -1,5 +1,5 @@
 """
-``natbypass lab``: build the NAT lab and use it from a shell.
+C{natbypass lab}: build the NAT lab and use it from a shell.
 
     natbypass lab up 'a=full-cone,b=symmetric-random'   # or JSON, or @spec.json
     natbypass lab list
@@ -10,7 +10,7 @@
     natbypass lab down [ID ...] | --stale | --all
     natbypass lab presets
 
-``--lab`` may be left out when exactly one lab is running.
+C{--lab} may be left out when exactly one lab is running.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Any
 from .lab import Lab, owner_alive, remove_lab, running_labs
 from .netns import LabError, python_env
 from .spec import PRESETS, LabSpecError, SiteKind, describe
-
 
 
 def _read_spec(text: str) -> str:
@@ -51,15 +50,23 @@ def _table(lab: Lab) -> list[dict[str, Any]]:
         behaviour = describe(site.spec.nat, site.spec.kind)
         link = site.spec.link
         impair = ", ".join(
-            f"{k} {v:g}" for k, v in (("delay_ms", link.delay_ms), ("jitter_ms", link.jitter_ms), ("loss_pct", link.loss_pct)) if v
+            f"{k} {v:g}"
+            for k, v in (("delay_ms", link.delay_ms), ("jitter_ms", link.jitter_ms), ("loss_pct", link.loss_pct))
+            if v
         )
         nodes = [site.border] + [h for h in site.hosts if h is not site.border]
         for node in nodes:
-            rows.append({
-                "node": node.name, "site": site.spec.name, "netns": node.netns,
-                "address": node.addresses[0].split("/")[0], "public": site.public_ip,
-                "behaviour": behaviour if node is site.border else "", "link": impair if node is site.border else "",
-            })
+            rows.append(
+                {
+                    "node": node.name,
+                    "site": site.spec.name,
+                    "netns": node.netns,
+                    "address": node.addresses[0].split("/")[0],
+                    "public": site.public_ip,
+                    "behaviour": behaviour if node is site.border else "",
+                    "link": impair if node is site.border else "",
+                }
+            )
     return rows
 
 
@@ -76,7 +83,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _print_table(lab: Lab) -> None:
     print(f"  {'node':<12} {'address':<13} {'public':<13} {'netns':<22} behaviour / link")
-    print(f"  {'mediator':<12} {lab.mediator_addresses[0]:<13} {'+ ' + lab.mediator_addresses[1]:<13} {lab.netns('mediator'):<22}")
+    print(
+        f"  {'mediator':<12} {lab.mediator_addresses[0]:<13} {'+ ' + lab.mediator_addresses[1]:<13} {lab.netns('mediator'):<22}"
+    )
     for r in _table(lab):
         extra = " / ".join(x for x in (r["behaviour"], r["link"]) if x)
         print(f"  {r['node']:<12} {r['address']:<13} {r['public']:<13} {r['netns']:<22} {extra}")
@@ -131,9 +140,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
             p = run_probes(lab, site)
             results[site] = {
                 "configured": describe(spec.nat, spec.kind),
-                "udp_mapping": p["mapping"], "tcp_mapping": p["tcp_mapping"],
-                "port_preserving": p["port_preserving"], "port_sequence": p["port_sequence"],
-                "filtering": p["filtering"], "tcp_filtering": p["tcp_filtering"], "public_ip": p["public_ip"],
+                "udp_mapping": p["mapping"],
+                "tcp_mapping": p["tcp_mapping"],
+                "port_preserving": p["port_preserving"],
+                "port_sequence": p["port_sequence"],
+                "filtering": p["filtering"],
+                "tcp_filtering": p["tcp_filtering"],
+                "public_ip": p["public_ip"],
             }
     finally:
         reflector.kill()
@@ -147,11 +160,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return short.get(x, str(x))
 
     print("  (EI/AD/APD: endpoint-independent / address-dependent / address-and-port-dependent)")
-    print(f"  {'site':<10} {'configured':<26} {'UDP map':<8} {'TCP map':<8} {'UDP filter':<11} {'TCP filter':<11} "
-          f"{'port-pres.':<11} sequence")
+    print(
+        f"  {'site':<10} {'configured':<26} {'UDP map':<8} {'TCP map':<8} {'UDP filter':<11} {'TCP filter':<11} "
+        f"{'port-pres.':<11} sequence"
+    )
     for site, r in results.items():
-        print(f"  {site:<10} {r['configured']:<26} {s(r['udp_mapping']):<8} {s(r['tcp_mapping']):<8} "
-              f"{s(r['filtering']):<11} {s(r['tcp_filtering']):<11} {str(r['port_preserving']):<11} {r['port_sequence'] or ''}")
+        print(
+            f"  {site:<10} {r['configured']:<26} {s(r['udp_mapping']):<8} {s(r['tcp_mapping']):<8} "
+            f"{s(r['filtering']):<11} {s(r['tcp_filtering']):<11} {str(r['port_preserving']):<11} {r['port_sequence'] or ''}"
+        )
     return 0
 
 
@@ -180,13 +197,18 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name, preset in PRESETS.items():
         what = preset.value if isinstance(preset, SiteKind) else describe(preset)
         print(f"  {name:<30} {what}")
-    print("\nNAT fields: mapping " + "|".join(m for m in ("eim-pp", "eim", "adm", "apdm-random", "apdm-sequential"))
-          + ", filtering eif|adf|apdf, inbound drop|reject, hairpin true|false, udp_timeout SECONDS")
+    print(
+        "\nNAT fields: mapping "
+        + "|".join(m for m in ("eim-pp", "eim", "adm", "apdm-random", "apdm-sequential"))
+        + ", filtering eif|adf|apdf, inbound drop|reject, hairpin true|false, udp_timeout SECONDS"
+    )
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="natbypass lab", description="Build and use the NAT lab (network namespaces, nftables).")
+    p = argparse.ArgumentParser(
+        prog="natbypass lab", description="Build and use the NAT lab (network namespaces, nftables)."
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build a lab that stays up until 'down'")
     up.add_argument("spec", help="JSON spec, @FILE.json, or NAME=PRESET,... (see 'presets')")

@@ -3,10 +3,10 @@ The traversal engines across every pair of lab NAT types, without signalling.
 
 For each pair a fresh two-site lab (25 ms per WAN link by default) is built,
 the mediator's STUN responder is started in it, and two
-``natbypass.lab.enginepeer`` processes punch at an agreed time, with port
-prediction switched on where ``natbypass.selection.feasibility`` asks for it.  Prints one
+C{natbypass.lab.enginepeer} processes punch at an agreed time, with port
+prediction switched on where C{natbypass.selection.feasibility} asks for it.  Prints one
 line per case and a summary; exit status 1 when any case disagrees with the
-table in docs/selection.md.  Needs root, ``ip`` and ``nft``::
+table in docs/selection.md.  Needs root, C{ip} and C{nft}::
 
     python3 -m natbypass.lab.enginematrix [--protocols udp,tcp] [--delay-ms 25]
 """
@@ -58,7 +58,7 @@ class CaseResult:
 
 
 def run_pair(lab, a: str, b: str, name_a: str, name_b: str, protocol: str, timeout: float) -> CaseResult:
-    """Punch between the first hosts of sites ``name_a`` (role 0) and ``name_b`` in ``lab``."""
+    """Punch between the first hosts of sites C{name_a} (role 0) and C{name_b} in C{lab}."""
     sa, sb = nat_of(a), nat_of(b)
     rows = (feasibility(sa, sb, protocol), feasibility(sb, sa, protocol))
     rendezvous = tempfile.mkdtemp(prefix="natbypass-labpeer-")
@@ -66,9 +66,25 @@ def run_pair(lab, a: str, b: str, name_a: str, name_b: str, protocol: str, timeo
     procs = []
     for (name, peer, role), row in zip(((name_a, name_b, 0), (name_b, name_a, 1)), rows):
         argv = [
-            sys.executable, "-m", "natbypass.lab.enginepeer", "--name", name, "--peer", peer,
-            "--role", str(role), "--dir", rendezvous, "--stun", STUN, "--protocol", protocol,
-            "--start-at", str(start_at), "--timeout", str(timeout),
+            sys.executable,
+            "-m",
+            "natbypass.lab.enginepeer",
+            "--name",
+            name,
+            "--peer",
+            peer,
+            "--role",
+            str(role),
+            "--dir",
+            rendezvous,
+            "--stun",
+            STUN,
+            "--protocol",
+            protocol,
+            "--start-at",
+            str(start_at),
+            "--timeout",
+            str(timeout),
         ]
         if row.predict_remote_delta:
             argv += ["--predict-delta", str(row.predict_remote_delta)]
@@ -105,8 +121,10 @@ def run(argv: list[str] | None = None) -> int:
             lab.stop()
     bad = [r for r in results if not r.as_expected]
     connected = sum(r.ok for r in results)
-    print(f"{len(results)} cases: {connected} connected, {len(results) - connected} failed, "
-          f"{len(bad)} not as the table expects")
+    print(
+        f"{len(results)} cases: {connected} connected, {len(results) - connected} failed, "
+        f"{len(bad)} not as the table expects"
+    )
     return 1 if bad else 0
 
 

@@ -90,11 +90,11 @@ def main(reactor, argv: list[str]):
     delay = max(0.0, args.start_at - time.time())
     started = reactor.seconds() + delay
     if args.protocol == "udp":
-        d = punch_udp(endpoint, session, targets, reactor, start_delay=delay,
-                      schedule=ProbeSchedule(timeout=args.timeout))
+        d = punch_udp(
+            endpoint, session, targets, reactor, start_delay=delay, schedule=ProbeSchedule(timeout=args.timeout)
+        )
     else:
-        d = punch_tcp(reactor, session, local, targets, start_delay=delay, window=args.timeout,
-                      listener=listener)
+        d = punch_tcp(reactor, session, local, targets, start_delay=delay, window=args.timeout, listener=listener)
     result = {"name": args.name, "mapped": list(mapped), "targets": [list(t) for t in targets]}
     try:
         conn = yield d

@@ -15,19 +15,19 @@ class ILab(Interface):
     mediator_addresses = Attribute("The mediator host's two public addresses (primary, alternate) for RFC 5780.")
 
     def public_address(site):
-        """The public IPv4 address of site ``site`` (its NAT's, or its own for open/firewall sites)."""
+        """The public IPv4 address of site C{site} (its NAT's, or its own for open/firewall sites)."""
 
     def address(node):
-        """The address of node ``node`` on its own interface (private for hosts behind a NAT)."""
+        """The address of node C{node} on its own interface (private for hosts behind a NAT)."""
 
     def netns(node):
-        """The network namespace name of node ``node``."""
+        """The network namespace name of node C{node}."""
 
     def exec(node, argv, timeout=60, check=False, input=None):
-        """Run ``argv`` in ``node``'s namespace and wait; returns a CompletedProcess with text output."""
+        """Run C{argv} in C{node}'s namespace and wait; returns a CompletedProcess with text output."""
 
     def spawn(node, argv, **popen_kwargs):
-        """Start ``argv`` in ``node``'s namespace; returns a Popen, killed at ``stop()``."""
+        """Start C{argv} in C{node}'s namespace; returns a Popen, killed at C{stop()}."""
 
     def stop():
         """Kill everything running in the lab and delete its namespaces; idempotent."""

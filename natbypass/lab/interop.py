@@ -1,11 +1,11 @@
 """
-NAT detection in the lab: run ``natbypass detect`` and coturn's
-``turnutils_natdiscovery`` in every site against the mediator's RFC 5780
+NAT detection in the lab: run C{natbypass detect} and coturn's
+C{turnutils_natdiscovery} in every site against the mediator's RFC 5780
 responder, next to the lab's own plain-socket probes (the ground truth), and
 render the comparison as a markdown table.
 
-Used by ``bench/lab_detect_table.py`` (writes the table in docs/nat-lab.md)
-and by ``tests/test_lab_detect.py``.
+Used by C{bench/lab_detect_table.py} (writes the table in docs/nat-lab.md)
+and by C{tests/test_lab_detect.py}.
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ TABLE_SITES: dict[str, Any] = {
     "hairpin": {"nat": {"preset": "port-restricted-cone", "hairpin": True}},
 }
 
+
 @dataclass(frozen=True)
 class Expected:
     """What correct RFC 5780 clients must report for a site."""
 
-    #: ``natbypass detect``: RFC 5780 mapping and filtering, "none" where there is no NAT (or no filter).
+    #: C{natbypass detect}: RFC 5780 mapping and filtering, "none" where there is no NAT (or no filter).
     mapping: str
     filtering: str
     port_preserving: bool
@@ -86,7 +87,7 @@ _HAIRPIN_OK = "Received a request (maybe a successful hairpinning)"
 
 
 def parse_natdiscovery(text: str) -> dict[str, str | None]:
-    """``turnutils_natdiscovery`` output -> {"mapping": ..., "filtering": ..., "hairpin": ...}, None when absent."""
+    """C{turnutils_natdiscovery} output -> {"mapping": ..., "filtering": ..., "hairpin": ...}, None when absent."""
     out: dict[str, str | None] = {"mapping": None, "filtering": None, "hairpin": None}
     for m in _NATDISCOVERY.finditer(text):
         out[m.group(2).lower()] = m.group(1).lower().replace(" ", "-")
@@ -99,12 +100,20 @@ def parse_natdiscovery(text: str) -> dict[str, str | None]:
 
 
 def start_mediator(lab: Lab) -> subprocess.Popen[str]:
-    """Run ``twistd natbypass-mediator`` on the mediator host (both addresses) and wait for it."""
+    """Run C{twistd natbypass-mediator} on the mediator host (both addresses) and wait for it."""
     a1, a2 = lab.mediator_addresses
     argv = [
-        sys.executable, "-m", "twisted", "--log-format=text", "natbypass-mediator",
-        "--stun", f"{a1}:{STUN_PORT}", "--stun-alternate", f"{a2}:{STUN_ALT_PORT}",
-        "--signal", f"tcp:7000:interface={a1}",
+        sys.executable,
+        "-m",
+        "twisted",
+        "--log-format=text",
+        "natbypass-mediator",
+        "--stun",
+        f"{a1}:{STUN_PORT}",
+        "--stun-alternate",
+        f"{a2}:{STUN_ALT_PORT}",
+        "--signal",
+        f"tcp:7000:interface={a1}",
     ]
     proc = lab.spawn("mediator", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return _wait_for(proc, "STUN responder on", "natbypass-mediator")
@@ -112,7 +121,16 @@ def start_mediator(lab: Lab) -> subprocess.Popen[str]:
 
 def start_reflector(lab: Lab) -> subprocess.Popen[str]:
     a1, a2 = lab.mediator_addresses
-    argv = [sys.executable, "-m", "natbypass.lab.probe", "serve", a1, a2, "--ports", ",".join(map(str, REFLECTOR_PORTS))]
+    argv = [
+        sys.executable,
+        "-m",
+        "natbypass.lab.probe",
+        "serve",
+        a1,
+        a2,
+        "--ports",
+        ",".join(map(str, REFLECTOR_PORTS)),
+    ]
     proc = lab.spawn("mediator", argv, stdout=subprocess.PIPE, text=True)
     return _wait_for(proc, "ready", "probe reflector")
 
@@ -132,7 +150,7 @@ def _wait_for(proc: subprocess.Popen[str], marker: str, what: str) -> subprocess
 
 
 def run_detect(lab: Lab, node: str, tcp: bool = True) -> dict[str, Any]:
-    """``natbypass detect --json [--tcp]`` in ``node``."""
+    """C{natbypass detect --json [--tcp]} in C{node}."""
     argv = [sys.executable, "-m", "natbypass", "detect", "--stun", f"{lab.mediator_addresses[0]}:{STUN_PORT}", "--json"]
     if tcp:
         argv.append("--tcp")
@@ -144,7 +162,7 @@ def run_detect(lab: Lab, node: str, tcp: bool = True) -> dict[str, Any]:
 
 
 def run_natdiscovery(lab: Lab, node: str, hairpin: bool = False) -> dict[str, str | None]:
-    """coturn's ``turnutils_natdiscovery -m -f [-H]`` in ``node``."""
+    """coturn's C{turnutils_natdiscovery -m -f [-H]} in C{node}."""
     flags = ["-m", "-f"] + (["-H"] if hairpin else [])
     r = lab.exec(node, ["turnutils_natdiscovery", *flags, "-p", str(STUN_PORT), lab.mediator_addresses[0]], timeout=90)
     return parse_natdiscovery(r.stdout + r.stderr)
@@ -170,9 +188,15 @@ def run_probes(lab: Lab, node: str) -> dict[str, Any]:
     tcp = probe("mapping", f"{a1}:{p1}", f"{a2}:{p2}", "--tcp")
     filt = probe("filtering", f"{a1}:{p1}")
     tcp_filt = probe("filtering", f"{a1}:{p1}", "--tcp")
-    return {"mapping": udp.get("mapping"), "tcp_mapping": tcp.get("mapping"), "filtering": filt.get("filtering"),
-            "tcp_filtering": tcp_filt.get("filtering"), "port_preserving": udp.get("port_preserving"),
-            "port_sequence": udp.get("port_sequence"), "public_ip": udp.get("public_ip")}
+    return {
+        "mapping": udp.get("mapping"),
+        "tcp_mapping": tcp.get("mapping"),
+        "filtering": filt.get("filtering"),
+        "tcp_filtering": tcp_filt.get("filtering"),
+        "port_preserving": udp.get("port_preserving"),
+        "port_sequence": udp.get("port_sequence"),
+        "public_ip": udp.get("public_ip"),
+    }
 
 
 @dataclass
@@ -188,11 +212,15 @@ class Row:
     def detect_ok(self) -> bool:
         d, e = self.detect, self.expected
         return (d.get("mapping"), d.get("filtering"), d.get("tcp_mapping"), d.get("port_preserving")) == (
-            e.mapping, e.filtering, e.mapping, e.port_preserving)
+            e.mapping,
+            e.filtering,
+            e.mapping,
+            e.port_preserving,
+        )
 
     @property
     def coturn_quirk(self) -> bool:
-        """True where a correct coturn answer differs from the truth (see :func:`expected`)."""
+        """True where a correct coturn answer differs from the truth (see L{expected})."""
         return self.expected.coturn_mapping != self.expected.mapping and self.expected.mapping != "none"
 
     @property
@@ -203,7 +231,7 @@ class Row:
 
 
 def collect(lab: Lab, with_coturn: bool = True, with_probes: bool = True, parallel: int = 1) -> list[Row]:
-    """One row per site: spec, probes, detect and (optionally) coturn; ``parallel`` sites at a time."""
+    """One row per site: spec, probes, detect and (optionally) coturn; C{parallel} sites at a time."""
 
     def one(site: SiteSpec) -> Row:
         row = Row(site.name, describe(site.nat, site.kind), expected(site))
@@ -233,16 +261,27 @@ def _s(x: Any) -> str:
 
 def markdown(rows: list[Row], with_coturn: bool = True) -> str:
     """The comparison table (EI/AD/APD = endpoint-independent / address- / address-and-port-dependent)."""
-    head = ["site", "lab behaviour", "probe UDP map/filter", "probe TCP map/filter", "detect type", "detect UDP map/filter",
-            "detect TCP map", "detect port-pres.", "detect ok"]
+    head = [
+        "site",
+        "lab behaviour",
+        "probe UDP map/filter",
+        "probe TCP map/filter",
+        "detect type",
+        "detect UDP map/filter",
+        "detect TCP map",
+        "detect port-pres.",
+        "detect ok",
+    ]
     if with_coturn:
         head += ["coturn map/filter", "coturn hairpin", "coturn ok"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         p, d, c = r.probe, r.detect, r.coturn
         cells = [
-            r.site, f"`{r.configured}`",
-            f"{_s(p.get('mapping'))} / {_s(p.get('filtering'))}" + (f" {p['port_sequence']}" if p.get("port_sequence") else ""),
+            r.site,
+            f"`{r.configured}`",
+            f"{_s(p.get('mapping'))} / {_s(p.get('filtering'))}"
+            + (f" {p['port_sequence']}" if p.get("port_sequence") else ""),
             f"{_s(p.get('tcp_mapping'))} / {_s(p.get('tcp_filtering'))}",
             d.get("nat_type", d.get("error", "?")),
             f"{_s(d.get('mapping'))} / {_s(d.get('filtering'))}",
@@ -251,8 +290,11 @@ def markdown(rows: list[Row], with_coturn: bool = True) -> str:
             "yes" if r.detect_ok else "**NO**",
         ]
         if with_coturn:
-            cells += [f"{_s(c.get('mapping'))} / {_s(c.get('filtering'))}", c.get("hairpin") or "-",
-                      ("yes" + (" (1)" if r.coturn_quirk else "")) if r.coturn_ok else "**NO**"]
+            cells += [
+                f"{_s(c.get('mapping'))} / {_s(c.get('filtering'))}",
+                c.get("hairpin") or "-",
+                ("yes" + (" (1)" if r.coturn_quirk else "")) if r.coturn_ok else "**NO**",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -5,14 +5,14 @@ sites, read their addresses, tear it down.
     with Lab.start({"sites": {"a": "full-cone", "b": "symmetric-random"}}) as lab:
         lab.exec("a", ["ping", "-c1", lab.mediator_addresses[0]])
 
-Node names: ``mediator``, ``public`` (the bridge), a site name (its first
-host), ``SITE.K`` (host K of a NAT site's LAN) and ``SITE.nat`` (the NAT).
+Node names: C{mediator}, C{public} (the bridge), a site name (its first
+host), C{SITE.K} (host K of a NAT site's LAN) and C{SITE.nat} (the NAT).
 
-Cleanup: a lab removes itself on ``stop()``, on leaving the ``with`` block,
+Cleanup: a lab removes itself on C{stop()}, on leaving the C{with} block,
 at interpreter exit (atexit) and on SIGTERM/SIGHUP; a lab left behind by a
-killed process is removed by ``natbypass lab down --stale`` (its owner is
-gone) or ``--all``.  A lab started with ``persistent=True`` (``natbypass lab
-up``) outlives its process and is removed by ``natbypass lab down ID``.
+killed process is removed by C{natbypass lab down --stale} (its owner is
+gone) or C{--all}.  A lab started with C{persistent=True} (C{natbypass lab
+up}) outlives its process and is removed by C{natbypass lab down ID}.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -37,7 +38,7 @@ from .topology import MEDIATOR_ADDRESSES, LabPlan, new_lab_id, plan
 #: Where each lab records what it needs to be found and removed by another process.
 STATE_DIR = "/run/natbypass-lab"
 
-_live: dict[str, "Lab"] = {}
+_live: dict[str, Lab] = {}
 _live_lock = threading.Lock()
 _handlers_installed = False
 
@@ -95,7 +96,7 @@ def _install_handlers() -> None:
 
 @implementer(ILab)
 class Lab:
-    """A running lab; build one with :meth:`start` (or :meth:`attach` to a running one)."""
+    """A running lab; build one with L{start} (or L{attach} to a running one)."""
 
     log = Logger()
 
@@ -111,10 +112,8 @@ class Lab:
     # -- life cycle ---------------------------------------------------------
 
     @classmethod
-    def start(
-        cls, spec: LabSpec | dict[str, Any] | str, *, lab_id: str | None = None, persistent: bool = False
-    ) -> "Lab":
-        """Build a lab from ``spec`` (LabSpec, JSON-shaped dict, or JSON/preset text)."""
+    def start(cls, spec: LabSpec | dict[str, Any] | str, *, lab_id: str | None = None, persistent: bool = False) -> Lab:
+        """Build a lab from C{spec} (LabSpec, JSON-shaped dict, or JSON/preset text)."""
         why = _netns.missing_requirements()
         if why:
             raise _netns.LabError(why)
@@ -141,8 +140,8 @@ class Lab:
         return lab
 
     @classmethod
-    def attach(cls, lab_id: str) -> "Lab":
-        """The running lab ``lab_id`` (started by another process), from its state file."""
+    def attach(cls, lab_id: str) -> Lab:
+        """The running lab C{lab_id} (started by another process), from its state file."""
         state = read_state(lab_id)
         if state is None:
             raise _netns.LabError(f"no lab {lab_id!r} (no {state_path(lab_id)}); see 'natbypass lab list'")
@@ -196,7 +195,7 @@ class Lab:
             _live.pop(self.lab_id, None)
         self.log.info("lab {lab_id} removed", lab_id=self.lab_id)
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -231,8 +230,13 @@ class Lab:
         self, node: str, argv: Sequence[str], timeout: float = 60, check: bool = False, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            self._argv(node, argv), capture_output=True, text=True, timeout=timeout, check=check,
-            input=input, env=_netns.python_env(),
+            self._argv(node, argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            input=input,
+            env=_netns.python_env(),
         )
 
     def spawn(self, node: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
@@ -266,7 +270,7 @@ def owner_alive(state: dict[str, Any]) -> bool:
 
 
 def remove_lab(lab_id: str) -> None:
-    """Remove lab ``lab_id`` whoever started it (for ``lab down``)."""
+    """Remove lab C{lab_id} whoever started it (for C{lab down})."""
     names = _netns.lab_netns(lab_id).get(lab_id, [])
     _netns.destroy(names)  # the wires live in the public namespace, so this kills them too
     for suffix in (".json", ".log"):

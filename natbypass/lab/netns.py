@@ -1,8 +1,8 @@
 """
 Creating and removing the lab's namespaces, links and rulesets.
 
-The only module that runs ``ip``, ``nft`` and ``sysctl``.  Every command is
-aimed at a lab namespace (``ip -n``, ``ip netns exec``); nothing is changed in
+The only module that runs C{ip}, C{nft} and C{sysctl}.  Every command is
+aimed at a lab namespace (C{ip -n}, C{ip netns exec}); nothing is changed in
 the namespace the lab is started from.
 """
 
@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from twisted.logger import Logger
 
@@ -34,7 +34,7 @@ _capability_checked: str | None | bool = False
 
 
 def missing_requirements(tun: bool = False) -> str | None:
-    """Why a lab cannot be built here (``tun``: one with delayed links), or None if it can."""
+    """Why a lab cannot be built here (C{tun}: one with delayed links), or None if it can."""
     global _capability_checked
     if os.geteuid() != 0:
         return "the NAT lab needs root (network namespaces, nftables)"
@@ -72,19 +72,19 @@ def nft(netns: str, ruleset: str) -> None:
 
 
 def sysctl(netns: str, key: str, value: str | int, **more: str | int) -> None:
-    """Set one or more sysctls inside ``netns`` (one process; ``more`` uses ``__`` for dots)."""
+    """Set one or more sysctls inside C{netns} (one process; C{more} uses C{__} for dots)."""
     pairs = [f"{key}={value}"] + [f"{k.replace('__', '.')}={v}" for k, v in more.items()]
     run(["ip", "netns", "exec", netns, "sysctl", "-qw", *pairs])
 
 
 def list_netns() -> list[str]:
-    """Names of all network namespaces (``ip netns list``)."""
+    """Names of all network namespaces (C{ip netns list})."""
     out = run(["ip", "netns", "list"], check=False)
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 def lab_netns(lab_id: str | None = None) -> dict[str, list[str]]:
-    """Lab namespaces present now, by lab id (only ``lab_id``'s if given)."""
+    """Lab namespaces present now, by lab id (only C{lab_id}'s if given)."""
     labs: dict[str, list[str]] = {}
     for name in list_netns():
         owner = lab_id_of_netns(name)
@@ -99,7 +99,7 @@ def netns_pids(netns: str) -> list[int]:
 
 
 def kill_pids(pids: Sequence[int], grace: float = 1.0) -> None:
-    """SIGTERM ``pids``, then SIGKILL whatever is left after ``grace`` seconds."""
+    """SIGTERM C{pids}, then SIGKILL whatever is left after C{grace} seconds."""
     alive = []
     for pid in pids:
         try:
@@ -131,7 +131,7 @@ def _alive(pid: int) -> bool:
 
 
 def destroy(netns_names: Sequence[str], extra_pids: Sequence[int] = ()) -> None:
-    """Kill every process in the namespaces (and ``extra_pids``), then delete them."""
+    """Kill every process in the namespaces (and C{extra_pids}), then delete them."""
     pids = set(extra_pids)
     for name in netns_names:
         pids.update(netns_pids(name))
@@ -144,7 +144,7 @@ def destroy(netns_names: Sequence[str], extra_pids: Sequence[int] = ()) -> None:
 def _no_bridge_netfilter() -> dict[str, int]:
     """Sysctls that keep bridged frames out of the IP hooks, as on a real switch.
 
-    With ``br_netfilter`` loaded on the machine (e.g. by Docker), bridged
+    With C{br_netfilter} loaded on the machine (e.g. by Docker), bridged
     frames would pass nftables' ip hooks: a NAT's DNAT of a hairpinned packet
     then becomes an L2 redirect that the bridge refuses to send back out of
     its ingress port.  The sysctls are per namespace and only exist when the
@@ -158,16 +158,25 @@ def _no_bridge_netfilter() -> dict[str, int]:
 
 
 def _start_wire(link: WanLink, public_netns: str, log_path: str | None) -> subprocess.Popen[str]:
-    """Start the delaying wire for ``link`` and wait until both TAPs exist."""
+    """Start the delaying wire for C{link} and wait until both TAPs exist."""
     argv = [
-        sys.executable, "-m", "natbypass.lab.wire",
-        f"{link.netns}:{link.iface}", f"{public_netns}:{link.bridge_port}",
-        f"--delay-ms={link.link.delay_ms}", f"--jitter-ms={link.link.jitter_ms}",
+        sys.executable,
+        "-m",
+        "natbypass.lab.wire",
+        f"{link.netns}:{link.iface}",
+        f"{public_netns}:{link.bridge_port}",
+        f"--delay-ms={link.link.delay_ms}",
+        f"--jitter-ms={link.link.jitter_ms}",
     ]
     stderr = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
-        start_new_session=True, env=python_env(),
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        env=python_env(),
     )
     line = proc.stdout.readline() if proc.stdout else ""
     if line.strip() != "ready":
@@ -210,7 +219,7 @@ def _static_neighbours(plan: LabPlan) -> None:
 
 
 def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[str]]:
-    """Create everything in ``plan``; returns the wire processes (killed by the caller at teardown)."""
+    """Create everything in C{plan}; returns the wire processes (killed by the caller at teardown)."""
     if any(w.link.needs_wire for w in plan.wan_links):
         why = missing_requirements(tun=True)
         if why:
@@ -220,8 +229,13 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
         run(["ip", "netns", "add", node.netns])
         ip(node.netns, "link", "set", "lo", "up")
         # IPv6 off (the lab is IPv4 only), bridges as plain switches: one process per namespace.
-        sysctl(node.netns, "net.ipv6.conf.all.disable_ipv6", 1, net__ipv6__conf__default__disable_ipv6=1,
-               **_no_bridge_netfilter())
+        sysctl(
+            node.netns,
+            "net.ipv6.conf.all.disable_ipv6",
+            1,
+            net__ipv6__conf__default__disable_ipv6=1,
+            **_no_bridge_netfilter(),
+        )
     ip(pub, "link", "add", "br0", "type", "bridge")
     ip(pub, "link", "set", "br0", "up")
 

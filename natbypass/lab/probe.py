@@ -15,7 +15,7 @@ optional delay.  Clients run inside a site:
     python3 -m natbypass.lab.probe rtt 198.18.0.2:4000 --count 200      # RTT and loss
 
 Each client prints one JSON object.  The wire format is one text line per
-datagram (see :func:`encode` / :func:`decode`).
+datagram (see L{encode} / L{decode}).
 
 The classification here (mapping, filtering, port sequence) is deliberately
 a second, independent implementation of what L{natbypass.nat} and
@@ -34,8 +34,9 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
@@ -69,7 +70,7 @@ KNOCK_FROM = ("port", "addr")
 
 @dataclass(frozen=True)
 class Knock:
-    """Ask the reflector to open a TCP connection to ``ip:port`` (a TCP filtering test)."""
+    """Ask the reflector to open a TCP connection to C{ip:port} (a TCP filtering test)."""
 
     txid: str
     knock_from: str  # one of KNOCK_FROM
@@ -144,8 +145,10 @@ def new_txid() -> str:
     return secrets.token_hex(8)
 
 
-def reply_socket(received_on: tuple[str, int], reply_from: str, addresses: Sequence[str], ports: Sequence[int]) -> tuple[str, int]:
-    """Which reflector socket answers a request that arrived on ``received_on``."""
+def reply_socket(
+    received_on: tuple[str, int], reply_from: str, addresses: Sequence[str], ports: Sequence[int]
+) -> tuple[str, int]:
+    """Which reflector socket answers a request that arrived on C{received_on}."""
     addr, port = received_on
     other_addr = addresses[1] if addr == addresses[0] else addresses[0]
     other_port = ports[1] if port == ports[0] else ports[0]
@@ -160,7 +163,9 @@ def reply_socket(received_on: tuple[str, int], reply_from: str, addresses: Seque
 # -- classification (pure) -----------------------------------------------------
 
 
-def classify_mapping(observed: dict[tuple[str, int], tuple[str, int]], primary: tuple[str, int], alternate: tuple[str, int]) -> str:
+def classify_mapping(
+    observed: dict[tuple[str, int], tuple[str, int]], primary: tuple[str, int], alternate: tuple[str, int]
+) -> str:
     """RFC 5780 section 4.3: compare the mappings seen by the reflector's sockets."""
     a1, p1 = primary
     a2, p2 = alternate
@@ -173,7 +178,7 @@ def classify_mapping(observed: dict[tuple[str, int], tuple[str, int]], primary: 
 
 
 def port_sequence(ports: Sequence[int]) -> str:
-    """``sequential(+d)`` if successive ports step by one small constant, else ``random``."""
+    """C{sequential(+d)} if successive ports step by one small constant, else C{random}."""
     deltas = {(b - a) % 65536 for a, b in zip(ports, ports[1:])}
     if len(ports) >= 3 and len(deltas) == 1:
         (d,) = deltas
@@ -201,7 +206,7 @@ class ReflectorUDP(DatagramProtocol):
 
     log = Logger()
 
-    def __init__(self, reflector: "Reflector", local: tuple[str, int]) -> None:
+    def __init__(self, reflector: Reflector, local: tuple[str, int]) -> None:
         self.reflector = reflector
         self.local = local
 
@@ -259,7 +264,7 @@ class Reflector:
                 self.reactor.listenTCP(p, factory, interface=a)
 
     def knock(self, local: tuple[str, int], req: Knock) -> None:
-        """Connect to ``req.ip:req.port`` from the other address, or from this one on a new port."""
+        """Connect to C{req.ip:req.port} from the other address, or from this one on a new port."""
         source = local[0] if req.knock_from == "port" else reply_socket(local, "addr", self.addresses, self.ports)[0]
         factory = ClientFactory.forProtocol(lambda: KnockTCP(req.txid))
         self.reactor.connectTCP(req.ip, req.port, factory, timeout=3, bindAddress=(source, 0))
@@ -271,7 +276,7 @@ class Reflector:
 
 
 def serve(addresses: Sequence[str], ports: Sequence[int]) -> None:
-    """Run the reflector until killed; prints ``ready`` once listening."""
+    """Run the reflector until killed; prints C{ready} once listening."""
     from twisted.internet import reactor
 
     Reflector(reactor, addresses, ports).listen()
@@ -300,14 +305,14 @@ def _udp_socket(local_port: int = 0) -> socket.socket:
 
 def messages_until(s: socket.socket, deadline: float) -> Iterator[tuple[Any, tuple[str, int]]]:
     """
-    Decoded probe messages arriving on ``s`` until ``deadline`` (monotonic
+    Decoded probe messages arriving on C{s} until C{deadline} (monotonic
     clock), with their source; ICMP errors and undecodable datagrams skipped.
     """
     while (left := deadline - time.monotonic()) > 0:
         s.settimeout(left)
         try:
             data, addr = s.recvfrom(2048)
-        except socket.timeout:
+        except TimeoutError:
             return
         except ConnectionRefusedError:
             continue
@@ -318,8 +323,10 @@ def messages_until(s: socket.socket, deadline: float) -> Iterator[tuple[Any, tup
         yield msg, addr
 
 
-def udp_ask(s: socket.socket, server: tuple[str, int], reply_from: str = "same", *, tries: int = 3, wait: float = 0.5) -> Response | None:
-    """Send one request (retransmitted ``tries`` times) and return its response, or None."""
+def udp_ask(
+    s: socket.socket, server: tuple[str, int], reply_from: str = "same", *, tries: int = 3, wait: float = 0.5
+) -> Response | None:
+    """Send one request (retransmitted C{tries} times) and return its response, or None."""
     req = Request(new_txid(), reply_from)
     for _ in range(tries):
         s.sendto(encode(req), server)
@@ -331,7 +338,7 @@ def udp_ask(s: socket.socket, server: tuple[str, int], reply_from: str = "same",
 
 
 def tcp_ask(server: tuple[str, int], local_port: int = 0, timeout: float = 2.0) -> tuple[Response | None, int]:
-    """Connect from ``local_port`` (0: any) and read the address the reflector saw."""
+    """Connect from C{local_port} (0: any) and read the address the reflector saw."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.settimeout(timeout)
@@ -380,7 +387,9 @@ def measure_mapping(primary: tuple[str, int], alternate: tuple[str, int], tcp: b
     result["port_preserving"] = observed[(a1, p1)][1] == local_port
     result["ports"] = [observed[d][1] for d in order]
     # Only symmetric mappings open a new port per destination; their order is what predicts the next one.
-    result["port_sequence"] = port_sequence(result["ports"]) if result["mapping"] == "address-and-port-dependent" else None
+    result["port_sequence"] = (
+        port_sequence(result["ports"]) if result["mapping"] == "address-and-port-dependent" else None
+    )
     return result
 
 
@@ -446,7 +455,7 @@ def measure_tcp_filtering(primary: tuple[str, int], wait: float = 1.5) -> dict[s
             listener.settimeout(left)
             try:
                 conn, peer = listener.accept()
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 break
             conn.settimeout(1)
             try:
@@ -460,12 +469,16 @@ def measure_tcp_filtering(primary: tuple[str, int], wait: float = 1.5) -> dict[s
     udp.close()
     listener.close()
     arrived.add("same")  # the outbound connection itself worked
-    return {"filtering": classify_filtering(arrived), "arrived": sorted(arrived - {"same"}),
-            "mapped": f"{mapped.ip}:{mapped.port}", "local_port": port}
+    return {
+        "filtering": classify_filtering(arrived),
+        "arrived": sorted(arrived - {"same"}),
+        "mapped": f"{mapped.ip}:{mapped.port}",
+        "local_port": port,
+    }
 
 
 def listen(server: tuple[str, int], seconds: float, local_port: int = 0) -> int:
-    """Learn this socket's public mapping, print it, then answer anyone for ``seconds``."""
+    """Learn this socket's public mapping, print it, then answer anyone for C{seconds}."""
     s = _udp_socket(local_port)
     me = udp_ask(s, server)
     print(json.dumps({"local_port": s.getsockname()[1], "public": f"{me.ip}:{me.port}" if me else None}), flush=True)
@@ -480,9 +493,9 @@ def listen(server: tuple[str, int], seconds: float, local_port: int = 0) -> int:
 def send(
     target: tuple[str, int], tcp: bool = False, wait: float = 1.0, local_port: int = 0, delay_ms: int = 0
 ) -> dict[str, Any]:
-    """One request to ``target``: did it answer, time out, or refuse (ICMP / RST)?
+    """One request to C{target}: did it answer, time out, or refuse (ICMP / RST)?
 
-    ``delay_ms`` asks a reflector to answer that much later (mapping lifetime tests).
+    C{delay_ms} asks a reflector to answer that much later (mapping lifetime tests).
     """
     if tcp:
         s = socket.socket()
@@ -492,7 +505,7 @@ def send(
             return {"result": "connected"}
         except ConnectionRefusedError:
             return {"result": "refused"}
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return {"result": "timeout"}
         except OSError as e:
             return {"result": "error", "error": errno.errorcode.get(e.errno or 0, str(e))}
@@ -509,7 +522,7 @@ def send(
         return {"result": "reply", "seen_as": seen}
     except ConnectionRefusedError:
         return {"result": "refused"}
-    except socket.timeout:
+    except TimeoutError:
         return {"result": "timeout"}
     except ProbeDecodeError:
         return {"result": "garbage"}
@@ -518,7 +531,7 @@ def send(
 
 
 def rtt(server: tuple[str, int], count: int, interval: float, wait: float = 2.0) -> dict[str, Any]:
-    """Round trips to a reflector: ``count`` requests ``interval`` apart from one socket."""
+    """Round trips to a reflector: C{count} requests C{interval} apart from one socket."""
     s = _udp_socket()
     udp_ask(s, server, tries=10)  # warm up: resolve ARP along the path before timing
     pending: dict[str, float] = {}
@@ -545,7 +558,7 @@ def rtt(server: tuple[str, int], count: int, interval: float, wait: float = 2.0)
         s.settimeout(max(0.0005, (next_send if n_sent < count else stop_at) - now))
         try:
             data, _ = s.recvfrom(2048)
-        except (socket.timeout, ConnectionRefusedError):
+        except (TimeoutError, ConnectionRefusedError):
             continue
         at = time.monotonic()
         try:
@@ -560,7 +573,11 @@ def rtt(server: tuple[str, int], count: int, interval: float, wait: float = 2.0)
 
 def summarize_rtts(sent: int, rtts_ms: Sequence[float]) -> dict[str, Any]:
     """Loss and RTT statistics (milliseconds) of one run."""
-    out: dict[str, Any] = {"sent": sent, "received": len(rtts_ms), "loss_pct": 100 * (sent - len(rtts_ms)) / sent if sent else 0.0}
+    out: dict[str, Any] = {
+        "sent": sent,
+        "received": len(rtts_ms),
+        "loss_pct": 100 * (sent - len(rtts_ms)) / sent if sent else 0.0,
+    }
     if rtts_ms:
         ordered = sorted(rtts_ms)
         mean = sum(ordered) / len(ordered)

@@ -2,29 +2,29 @@
 nftables rulesets for the lab's NATs, firewalls and lossy links.
 
 Pure text generation (no I/O), so each behaviour can be read and unit-tested;
-:mod:`natbypass.lab.netns` loads the text with ``nft -f`` inside a namespace.
+L{natbypass.lab.netns} loads the text with C{nft -f} inside a namespace.
 
 How each behaviour is made (ground truth is measured by the lab probes):
 
 - Mapping.  Linux conntrack NAT allocates a port per *flow* and only needs
-  the whole reply tuple to be unique, so ``snat to W`` keeps the internal
+  the whole reply tuple to be unique, so C{snat to W} keeps the internal
   port for every destination: endpoint-independent with port preservation.
-  ``snat to W : jhash(ip saddr . th sport) map {...}`` gives each internal
+  C{snat to W : jhash(ip saddr . th sport) map {...}} gives each internal
   endpoint one deterministic, rewritten port: endpoint-independent without
-  preservation (adding ``ip daddr`` to the hash makes it address-dependent).
-  ``snat to W random`` draws a random port per flow (symmetric), and
-  ``snat to W : numgen inc map {...}`` takes the next port per flow
+  preservation (adding C{ip daddr} to the hash makes it address-dependent).
+  C{snat to W random} draws a random port per flow (symmetric), and
+  C{snat to W : numgen inc map {...}} takes the next port per flow
   (symmetric, predictable).  The hash/counter go through a map because the
   nat statement reads the port register in network byte order.
 - Filtering.  Conntrack alone only lets replies from the exact remote
   address:port in: address-and-port-dependent filtering.  For the other two,
   every outbound packet records its public port -> internal endpoint in the
-  dynamic map ``natmap`` (and, for address-dependent filtering, the remote
-  address it went to in the set ``contacted``); a new inbound flow to a mapped
+  dynamic map C{natmap} (and, for address-dependent filtering, the remote
+  address it went to in the set C{contacted}); a new inbound flow to a mapped
   port is DNATed to the internal endpoint if anyone may send (EIF) or if the
   internal endpoint has sent to that address (ADF).
 - Hairpinning.  A LAN packet to the NAT's public address is DNATed through
-  ``natmap`` and SNATed to the sender's public mapping.
+  C{natmap} and SNATed to the sender's public mapping.
 - Unsolicited inbound ends in the input chain: dropped, or rejected with an
   ICMP port unreachable / TCP RST.
 """
@@ -52,7 +52,7 @@ _SEQ_MAP = _port_map(SEQ_PORT_COUNT, SEQ_PORT_BASE)
 
 
 def snat_statement(nat: NatRules, public_ip: str) -> str:
-    """The nat statement that allocates public ports for ``nat.mapping``."""
+    """The nat statement that allocates public ports for C{nat.mapping}."""
     if nat.mapping is MappingRule.EIM_PP:
         return f"snat ip to {public_ip}"
     if nat.mapping is MappingRule.EIM:
@@ -76,7 +76,7 @@ def _unsolicited(inbound: Inbound, match: str) -> list[str]:
 
 
 def nat_ruleset(nat: NatRules, wan_if: str, public_ip: str, lan_if: str, lan_net: str) -> str:
-    """The whole ``ip nblab`` table of a NAT namespace."""
+    """The whole C{ip nblab} table of a NAT namespace."""
     t = nat.udp_timeout or 120
     wan, lan = f'oifname "{wan_if}"', f'oifname "{lan_if}"'
     l4 = "meta l4proto { udp, tcp }"
@@ -103,9 +103,7 @@ def nat_ruleset(nat: NatRules, wan_if: str, public_ip: str, lan_if: str, lan_net
     elif nat.filtering is FilteringRule.ADF:
         out.append(f"    {inbound_new} meta l4proto . th dport . ip saddr @contacted {to_internal}")
     if nat.hairpin:
-        out.append(
-            f'    iifname "{lan_if}" ip daddr {public_ip} {l4} meta l4proto . th dport @natmap {to_internal}'
-        )
+        out.append(f'    iifname "{lan_if}" ip daddr {public_ip} {l4} meta l4proto . th dport @natmap {to_internal}')
     out += [
         "  }",
         "  chain postrouting {",
@@ -165,20 +163,23 @@ LOSS_SCALE = 1_000_000
 
 
 def loss_ruleset(loss_pct: float, iface: str) -> str:
-    """Drop ``loss_pct`` percent of the packets arriving on ``iface``.
+    """Drop C{loss_pct} percent of the packets arriving on C{iface}.
 
-    Loaded at both ends of a link (the site's ``wan0`` and its bridge port),
-    so each direction loses ``loss_pct``; dropping on ingress keeps the loss
+    Loaded at both ends of a link (the site's C{wan0} and its bridge port),
+    so each direction loses C{loss_pct}; dropping on ingress keeps the loss
     invisible to senders, as on a real link (an egress drop would return EPERM).
     """
     threshold = round(loss_pct / 100 * LOSS_SCALE)
-    return "\n".join(
-        [
-            f"table netdev {TABLE}loss_{iface} {{",
-            "  chain ingress {",
-            f'    type filter hook ingress device "{iface}" priority 0; policy accept;',
-            f"    numgen random mod {LOSS_SCALE} < {threshold} drop",
-            "  }",
-            "}",
-        ]
-    ) + "\n"
+    return (
+        "\n".join(
+            [
+                f"table netdev {TABLE}loss_{iface} {{",
+                "  chain ingress {",
+                f'    type filter hook ingress device "{iface}" priority 0; policy accept;',
+                f"    numgen random mod {LOSS_SCALE} < {threshold} drop",
+                "  }",
+                "}",
+            ]
+        )
+        + "\n"
+    )

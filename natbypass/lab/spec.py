@@ -2,12 +2,12 @@
 What a NAT lab should look like: a small, strict, JSON-shaped spec.
 
 Pure data and parsing, no I/O: the lab builder, the command line and the
-tests all share these types, and ``parse_spec(spec_to_json(s)) == s`` holds
+tests all share these types, and C{parse_spec(spec_to_json(s)) == s} holds
 for every spec (checked with hypothesis).
 
-A spec is a mapping ``{"sites": {NAME: SITE, ...}}``. A SITE is either a
-preset name (``"open"``, ``"firewall"``, ``"full-cone"``, ...; see
-:data:`PRESETS`) or an object::
+A spec is a mapping C{{"sites": {NAME: SITE, ...}}}. A SITE is either a
+preset name (C{"open"}, C{"firewall"}, C{"full-cone"}, ...; see
+L{PRESETS}) or an object::
 
     {"nat": PRESET-NAME | {"mapping": ..., "filtering": ..., "inbound": ...,
                            "hairpin": bool, "udp_timeout": seconds},
@@ -15,7 +15,7 @@ preset name (``"open"``, ``"firewall"``, ``"full-cone"``, ...; see
      "delay_ms": 20, "jitter_ms": 2,  # one way, each direction of the WAN link
      "loss_pct": 1}                   # each direction of the WAN link
 
-or ``{"kind": "open" | "firewall", "inbound": "drop" | "reject", ...link}``.
+or C{{"kind": "open" | "firewall", "inbound": "drop" | "reject", ...link}}.
 """
 
 from __future__ import annotations
@@ -155,7 +155,9 @@ def _number(value: Any, where: str, low: float, high: float) -> float:
 def _check_keys(obj: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = set(obj) - allowed
     if unknown:
-        raise LabSpecError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+        raise LabSpecError(
+            f"{where}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
+        )
 
 
 def parse_nat(obj: Any, where: str) -> NatRules:
@@ -248,7 +250,7 @@ def parse_spec(obj: Any) -> LabSpec:
 
 
 def loads(text: str) -> LabSpec:
-    """A LabSpec from JSON text, or from a bare preset list like ``a=full-cone,b=open``."""
+    """A LabSpec from JSON text, or from a bare preset list like C{a=full-cone,b=open}."""
     stripped = text.strip()
     if stripped.startswith("{"):
         try:
@@ -292,7 +294,7 @@ def spec_to_json(spec: LabSpec) -> dict[str, Any]:
 
 
 def describe(nat: NatRules | None, kind: SiteKind = SiteKind.NAT) -> str:
-    """A short human label, e.g. ``eim-pp/adf drop hairpin``."""
+    """A short human label, e.g. C{eim-pp/adf drop hairpin}."""
     if kind is not SiteKind.NAT or nat is None:
         return kind.value
     extra = " hairpin" if nat.hairpin else ""

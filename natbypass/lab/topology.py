@@ -1,8 +1,8 @@
 """
 The lab's layout computed from a spec: namespaces, links and addresses.
 
-Pure (no I/O): :func:`plan` turns a :class:`LabSpec` and a lab id into the
-list of nodes and links that :mod:`natbypass.lab.netns` then creates.
+Pure (no I/O): L{plan} turns a L{LabSpec} and a lab id into the
+list of nodes and links that L{natbypass.lab.netns} then creates.
 
 Layout::
 
@@ -33,7 +33,7 @@ MEDIATOR_ADDRESSES = ("198.18.0.2", "198.18.0.3")
 
 
 def new_lab_id() -> str:
-    """A fresh lab id such as ``nbl3fa2c1``."""
+    """A fresh lab id such as C{nbl3fa2c1}."""
     return PREFIX + secrets.token_hex(3)
 
 
@@ -51,7 +51,7 @@ class Node:
     netns: str
     role: str  # "public", "mediator", "host", "nat"
     site: str | None = None
-    #: "ADDR/LEN" on the interface ``iface``.
+    #: "ADDR/LEN" on the interface C{iface}.
     addresses: tuple[str, ...] = ()
     iface: str = ""
     gateway: str | None = None
@@ -63,7 +63,7 @@ class WanLink:
 
     node: str  # node name of the inside end
     netns: str
-    iface: str  # name inside ``netns``
+    iface: str  # name inside C{netns}
     bridge_port: str  # name inside the public namespace
     link: Link
 
@@ -107,7 +107,7 @@ class LabPlan:
         return tuple(out)
 
     def node(self, name: str) -> Node:
-        """The node called ``name``; a bare site name means its first host."""
+        """The node called C{name}; a bare site name means its first host."""
         for n in self.nodes:
             if n.name == name:
                 return n
@@ -125,7 +125,7 @@ class LabPlan:
 
 
 def plan(spec: LabSpec, lab_id: str) -> LabPlan:
-    """Names and addresses for every part of the lab described by ``spec``."""
+    """Names and addresses for every part of the lab described by C{spec}."""
     if not LAB_ID.match(lab_id):
         raise ValueError(f"bad lab id {lab_id!r}")
     public = Node("public", f"{lab_id}-pub", "public")

@@ -1,10 +1,10 @@
 """
 Traversal scenarios in the NAT lab: a real mediator, real peers, real NATs.
 
-Used by the lab tests, ``bench/traversal_matrix.py`` and
-``bench/connect_time.py``.  Each process runs the project's own commands
-(``twistd natbypass-mediator``, ``twistd natbypass-peer``, ``natbypass
-connect``) inside the lab's namespaces, exactly as a user would.
+Used by the lab tests, C{bench/traversal_matrix.py} and
+C{bench/connect_time.py}.  Each process runs the project's own commands
+(C{twistd natbypass-mediator}, C{twistd natbypass-peer}, C{natbypass
+connect}) inside the lab's namespaces, exactly as a user would.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from natbypass.address import parse_host_port
 from natbypass.nat import NatSummary
@@ -49,10 +50,8 @@ def _size(path: str) -> int:
         return 0
 
 
-def _wait_for(
-    path: str, text: str, timeout: float, proc: subprocess.Popen[Any] | None = None, offset: int = 0
-) -> None:
-    """Wait until ``text`` appears in the file at ``path`` past ``offset``."""
+def _wait_for(path: str, text: str, timeout: float, proc: subprocess.Popen[Any] | None = None, offset: int = 0) -> None:
+    """Wait until C{text} appears in the file at C{path} past C{offset}."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -86,10 +85,17 @@ class Scenario:
         proc = self.mediator = self.lab.spawn(
             "mediator",
             [
-                *TWISTD, "-n", "--pidfile=", f"--logfile={self.mediator_log}", "natbypass-mediator",
-                "--stun", stun_address(),
-                "--stun-alternate", f"{MEDIATOR_ADDRESSES[1]}:{STUN_ALT_PORT}",
-                "--signal", f"tcp:{SIGNAL_PORT}:interface={MEDIATOR_ADDRESSES[0]}",
+                *TWISTD,
+                "-n",
+                "--pidfile=",
+                f"--logfile={self.mediator_log}",
+                "natbypass-mediator",
+                "--stun",
+                stun_address(),
+                "--stun-alternate",
+                f"{MEDIATOR_ADDRESSES[1]}:{STUN_ALT_PORT}",
+                "--signal",
+                f"tcp:{SIGNAL_PORT}:interface={MEDIATOR_ADDRESSES[0]}",
                 *extra,
             ],
         )
@@ -109,13 +115,21 @@ class Scenario:
             _wait_for(self.mediator_log, f"peer {peer_id} registered", timeout, None, self._log_offset)
 
     def start_peer(self, node: str, peer_id: str, *extra: str) -> subprocess.Popen[Any]:
-        """A ``natbypass-peer`` echo service in ``node``, registered as ``peer_id``."""
+        """A C{natbypass-peer} echo service in C{node}, registered as C{peer_id}."""
         log = os.path.join(self.workdir, f"peer-{peer_id}.log")
         proc = self.lab.spawn(
             node,
             [
-                *TWISTD, "-n", "--pidfile=", f"--logfile={log}", "natbypass-peer",
-                "--mediator", mediator_endpoint(), "--id", peer_id, *extra,
+                *TWISTD,
+                "-n",
+                "--pidfile=",
+                f"--logfile={log}",
+                "natbypass-peer",
+                "--mediator",
+                mediator_endpoint(),
+                "--id",
+                peer_id,
+                *extra,
             ],
         )
         self.peers[peer_id] = proc
@@ -124,17 +138,36 @@ class Scenario:
         return proc
 
     def connect(
-        self, node: str, my_id: str, peer_id: str, protocol: str = "auto", count: int = 3,
-        timeout: float = 5.0, extra: Sequence[str] = (),
-    ) -> "ConnectResult":
-        """Run ``natbypass connect --json`` in ``node`` and parse its events."""
+        self,
+        node: str,
+        my_id: str,
+        peer_id: str,
+        protocol: str = "auto",
+        count: int = 3,
+        timeout: float = 5.0,
+        extra: Sequence[str] = (),
+    ) -> ConnectResult:
+        """Run C{natbypass connect --json} in C{node} and parse its events."""
         started = time.monotonic()
         done = self.lab.exec(
             node,
             [
-                *NATBYPASS, "connect", "--json", "--mediator", mediator_endpoint(), "--id", my_id,
-                "--peer", peer_id, "--protocol", protocol, "--count", str(count),
-                "--timeout", str(timeout), *extra,
+                *NATBYPASS,
+                "connect",
+                "--json",
+                "--mediator",
+                mediator_endpoint(),
+                "--id",
+                my_id,
+                "--peer",
+                peer_id,
+                "--protocol",
+                protocol,
+                "--count",
+                str(count),
+                "--timeout",
+                str(timeout),
+                *extra,
             ],
             timeout=60 + 4 * timeout,
         )
@@ -254,8 +287,8 @@ def run_matrix(
     repeat: int = 1,
 ) -> list[MatrixCell]:
     """
-    Start a listening peer in every ``*2`` site and connect to it from the
-    ``*1`` site of every other type, for each protocol.  The mediator must
+    Start a listening peer in every C{*2} site and connect to it from the
+    C{*1} site of every other type, for each protocol.  The mediator must
     be running.
     """
     for preset in types:
@@ -295,7 +328,7 @@ print(sent)
 
 
 def spoof(lab: Lab, node: str, target: str, session_id: str, count: int = 50) -> int:
-    """Send forged punch packets from ``node`` to ``target`` ("ip:port"); returns how many."""
+    """Send forged punch packets from C{node} to C{target} ("ip:port"); returns how many."""
     host, port = parse_host_port(target, ip_only=True)
     done = lab.exec(node, [sys.executable, "-c", _SPOOFER, host, str(port), session_id, str(count)], check=True)
     return int(done.stdout.strip())

@@ -2,19 +2,19 @@
 A delaying wire: two TAP devices in two namespaces joined by a userspace
 forwarder that holds every Ethernet frame for a chosen delay and jitter.
 
-Why: this kernel has no ``netem`` qdisc (nor nftables ``queue``), so delay
-cannot be set with ``tc``.  A TAP pair needs no extra dependency, carries
+Why: this kernel has no C{netem} qdisc (nor nftables C{queue}), so delay
+cannot be set with C{tc}.  A TAP pair needs no extra dependency, carries
 ARP and everything else unchanged, and one end can sit in the public bridge.
-Loss is not done here: nftables drops packets on the site's ``wan0`` in the
+Loss is not done here: nftables drops packets on the site's C{wan0} in the
 same way for wired and plain (veth) links.
 
-:class:`DelayLine` is the pure part (a per-direction queue with injected
-time and random source); :func:`main` is the process started by the lab::
+L{DelayLine} is the pure part (a per-direction queue with injected
+time and random source); L{main} is the process started by the lab::
 
     python3 -m natbypass.lab.wire NETNS_A:IFACE_A NETNS_B:IFACE_B --delay-ms 20 --jitter-ms 2
 
-It creates both TAPs (entering each namespace with ``setns``), prints
-``ready`` on stdout, then forwards until killed; the TAPs vanish with it.
+It creates both TAPs (entering each namespace with C{setns}), prints
+C{ready} on stdout, then forwards until killed; the TAPs vanish with it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import signal
 import struct
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -44,7 +44,7 @@ QUEUE_LIMIT = 10_000
 
 class DelayLine:
     """
-    Frames in, frames out after ``delay`` +/- ``jitter`` seconds.
+    Frames in, frames out after C{delay} +/- C{jitter} seconds.
 
     Jitter is uniform in [-jitter, +jitter]; frames never overtake each other
     (like a real link, unlike netem's default), so a frame whose draw would
@@ -62,7 +62,7 @@ class DelayLine:
         self.dropped = 0
 
     def push(self, now: float, frame: bytes) -> None:
-        """Accept ``frame`` arriving at ``now``."""
+        """Accept C{frame} arriving at C{now}."""
         if len(self._queue) >= QUEUE_LIMIT:
             self.dropped += 1
             return
@@ -98,7 +98,7 @@ def _setns(path: str) -> None:
 
 
 def open_tap(netns: str, name: str) -> int:
-    """Create TAP ``name`` inside ``netns`` and return its file descriptor."""
+    """Create TAP C{name} inside C{netns} and return its file descriptor."""
     _setns(f"/run/netns/{netns}")
     fd = os.open("/dev/net/tun", os.O_RDWR)
     fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))

@@ -2,17 +2,17 @@
 Candidates: the addresses a peer offers, and the local ports behind them.
 
 * host addresses: every local interface address (so two peers on one LAN
-  connect directly), read with ``getifaddrs`` through ``ifaddr`` -- a system
+  connect directly), read with C{getifaddrs} through C{ifaddr} -- a system
   call, no child process, nothing that blocks the reactor, no traffic;
 * the STUN-mapped UDP address and the TCP mapped address (learned elsewhere,
-  from the very sockets bound here; carried as ``signaling.wire.Candidate``);
+  from the very sockets bound here; carried as C{signaling.wire.Candidate});
 * predicted ports of a symmetric NAT that allocates in sequence, and the
   order in which the peer's addresses are probed.
 
-Local ports come from an optional ``--port-range LOW-HIGH``.  Each port is
+Local ports come from an optional C{--port-range LOW-HIGH}.  Each port is
 bound once and the socket kept: the UDP one is the socket that does STUN and
 punching, the TCP one holds the port (and listens) while punching sockets
-share it through ``SO_REUSEPORT``.  Nothing binds, closes and rebinds a
+share it through C{SO_REUSEPORT}.  Nothing binds, closes and rebinds a
 number, which would race with other programs.
 """
 
@@ -50,20 +50,18 @@ class CandidateError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class PortRange:
-    """An inclusive range of local ports, from ``--port-range LOW-HIGH``."""
+    """An inclusive range of local ports, from C{--port-range LOW-HIGH}."""
 
     low: int
     high: int
 
     def __post_init__(self) -> None:
         if not (1 <= self.low <= self.high <= 65535):
-            raise CandidateError(
-                f"port range {self.low}-{self.high} is not within 1-65535 with LOW <= HIGH"
-            )
+            raise CandidateError(f"port range {self.low}-{self.high} is not within 1-65535 with LOW <= HIGH")
 
     @classmethod
     def parse(cls, text: str) -> PortRange:
-        """Parse ``"LOW-HIGH"`` (or a single port ``"N"``)."""
+        """Parse C{"LOW-HIGH"} (or a single port C{"N"})."""
         m = _PORT_RANGE.fullmatch(text)
         if m is None:
             raise CandidateError(f"--port-range wants LOW-HIGH (e.g. 40000-40100), not {text!r}")
@@ -85,9 +83,9 @@ class InterfaceAddress:
     """
     One address of one network interface, as the system reports it.
 
-    ``up`` and ``loopback`` are the interface's ``IFF_UP`` and
-    ``IFF_LOOPBACK`` flags, or None where they could not be read (``ifaddr``
-    does not report flags; see :func:`read_interface_addresses`).
+    C{up} and C{loopback} are the interface's C{IFF_UP} and
+    C{IFF_LOOPBACK} flags, or None where they could not be read (C{ifaddr}
+    does not report flags; see L{read_interface_addresses}).
     """
 
     interface: str
@@ -105,11 +103,11 @@ def usable_addresses(
     families: Sequence[str] = ("inet",),
 ) -> list[str]:
     """
-    The host candidates among ``addresses`` (pure): of interfaces that are
-    up (or whose state is unknown), of the ``families`` asked for
-    (``"inet"``, ``"inet6"``), neither link-local nor loopback (a loopback
-    interface and loopback addresses only with ``include_loopback``), each
-    once, in order.  An IPv6 zone (``%eth0``) is dropped with the
+    The host candidates among C{addresses} (pure): of interfaces that are
+    up (or whose state is unknown), of the C{families} asked for
+    (C{"inet"}, C{"inet6"}), neither link-local nor loopback (a loopback
+    interface and loopback addresses only with C{include_loopback}), each
+    once, in order.  An IPv6 zone (C{%eth0}) is dropped with the
     link-local addresses that need one.
     """
     versions = {_FAMILIES[f] for f in families if f in _FAMILIES}
@@ -132,7 +130,7 @@ def usable_addresses(
     return out
 
 
-#: Linux ``ioctl`` that reads an interface's flags, and the flags we use.
+#: Linux C{ioctl} that reads an interface's flags, and the flags we use.
 _SIOCGIFFLAGS = 0x8913
 _IFF_UP, _IFF_LOOPBACK = 0x1, 0x8
 _IFREQ = struct.Struct("16sH22x")
@@ -140,7 +138,7 @@ _IFREQ = struct.Struct("16sH22x")
 
 def interface_flags(name: str) -> tuple[bool, bool] | None:
     """
-    ``(up, loopback)`` of interface ``name`` from the ``SIOCGIFFLAGS``
+    C{(up, loopback)} of interface C{name} from the C{SIOCGIFFLAGS}
     ioctl (Linux; a system call that does not block), or None where that
     is not available.
     """
@@ -160,13 +158,13 @@ def read_interface_addresses(
     flags: Callable[[str], tuple[bool, bool] | None] = interface_flags,
 ) -> list[InterfaceAddress]:
     """
-    Every address of every interface, from ``getifaddrs`` (through
-    ``ifaddr``), with the interface flags from ``flags``.
+    Every address of every interface, from C{getifaddrs} (through
+    C{ifaddr}), with the interface flags from C{flags}.
 
-    ``ifaddr`` reports names and addresses but no flags: without
-    ``SIOCGIFFLAGS`` (not Linux) an interface counts as up, and a loopback
+    C{ifaddr} reports names and addresses but no flags: without
+    C{SIOCGIFFLAGS} (not Linux) an interface counts as up, and a loopback
     interface is recognised only by its loopback addresses.  Raises
-    :class:`CandidateError` when the system refuses the list.
+    L{CandidateError} when the system refuses the list.
     """
     try:
         found = list(adapters())
@@ -190,14 +188,14 @@ def host_addresses(
 ) -> list[str]:
     """
     This machine's interface addresses (IPv4 by default); see
-    :func:`usable_addresses`.  Sends no traffic, runs no command, does not
-    block.  Raises :class:`CandidateError` when they cannot be read.
+    L{usable_addresses}.  Sends no traffic, runs no command, does not
+    block.  Raises L{CandidateError} when they cannot be read.
     """
     return usable_addresses(read(), include_loopback, families)
 
 
 def predicted_ports(mapped: Address, delta: int, span: int) -> list[Address]:
-    """``mapped`` port + delta, + 2*delta, ... (``span`` of them), within 1-65535."""
+    """C{mapped} port + delta, + 2*delta, ... (C{span} of them), within 1-65535."""
     host, port = mapped
     ports = (port + k * delta for k in range(1, span + 1))
     return [(host, p) for p in ports if 1 <= p <= 65535]
@@ -217,7 +215,7 @@ def remote_addresses(
     port for each new destination in the order we first send to them, so
     when both sides are predictable and both probe predicted ports first, in
     ascending order, the i-th flows of both sides meet.  Then the mapped
-    (srflx) addresses, then ``others`` (host addresses).
+    (srflx) addresses, then C{others} (host addresses).
     """
     srflx = list(srflx)
     predicted: list[Address] = []
@@ -234,8 +232,8 @@ def bind_udp(
     interface: str = "",
 ) -> IListeningPort:
     """
-    ``listenUDP`` on the first free port of ``port_range`` (any port without
-    one).  Raises :class:`CandidateError` saying so when every port is taken.
+    C{listenUDP} on the first free port of C{port_range} (any port without
+    one).  Raises L{CandidateError} saying so when every port is taken.
     """
     ports: Iterable[int] = port_range if port_range is not None else (0,)
     last: Exception | None = None
@@ -260,9 +258,9 @@ def reserve_tcp_port(
     punching, and keep it: the returned non-blocking socket holds the port.
 
     The port is claimed with a plain bind (no reuse flags), so a port that
-    anything else uses -- even another NATbypass with ``SO_REUSEPORT`` -- is
-    skipped; only then is ``SO_REUSEADDR``/``SO_REUSEPORT`` turned on, so our
-    own punching sockets (see ``natbypass.net.reusable_socket``) can
+    anything else uses -- even another NATbypass with C{SO_REUSEPORT} -- is
+    skipped; only then is C{SO_REUSEADDR}/C{SO_REUSEPORT} turned on, so our
+    own punching sockets (see C{natbypass.net.reusable_socket}) can
     bind the same port.
     """
     ports: Iterable[int] = port_range if port_range is not None else (0,)
@@ -282,6 +280,5 @@ def reserve_tcp_port(
             sock.listen(16)
         return sock
     raise CandidateError(
-        f"no free TCP port in {port_range} on {interface} ({last}); "
-        "widen --port-range or stop what holds those ports"
+        f"no free TCP port in {port_range} on {interface} ({last}); widen --port-range or stop what holds those ports"
     )

@@ -1,7 +1,7 @@
 """
 What every punched path shares, whatever carries it: the receiver the
 application sets (with what arrived before it did), and the one-time loss
-that reaches the receiver and every ``whenLost`` Deferred.
+that reaches the receiver and every C{whenLost} Deferred.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from natbypass.punch.session import PunchSession
 
 class PathConnection:
     """
-    Base of `UDPPeerConnection` and `TCPPeerConnection`.  Subclasses set
-    ``protocol`` and keep what arrives before a receiver is set, handing it
-    over in `_take_pending`; they call `_notify_lost` once the path is gone.
+    Base of C{UDPPeerConnection} and C{TCPPeerConnection}.  Subclasses set
+    C{protocol} and keep what arrives before a receiver is set, handing it
+    over in C{_take_pending}; they call C{_notify_lost} once the path is gone.
     """
 
     log = Logger()
@@ -30,7 +30,7 @@ class PathConnection:
         self.peer_id = session.peer_id
         self.session_id = session.session_id
         self.role = session.role
-        #: The race that chose this path (``natbypass.punch.race.Outcome``:
+        #: The race that chose this path (C{natbypass.punch.race.Outcome}:
         #: every attempt, with its result and reason), set by whoever ran it.
         self.outcome: Any = None
         self._receiver: IPeerReceiver | None = None

@@ -2,11 +2,11 @@
 One UDP socket, two users: STUN and hole punching.
 
 The port whose NAT mapping STUN learned must be the port that punches, so both
-share one socket.  :class:`UDPMux` is that socket's protocol: it hands STUN
-messages to one ``DatagramProtocol`` and everything else to another, each of
+share one socket.  L{UDPMux} is that socket's protocol: it hands STUN
+messages to one C{DatagramProtocol} and everything else to another, each of
 which writes through the shared transport as if it owned it.
 
-:class:`PunchEndpoint` is the usual "everything else": it decodes punch
+L{PunchEndpoint} is the usual "everything else": it decodes punch
 packets and routes them by session id to the attempt or connection that owns
 the session, so one local port can serve several peers at once.
 """
@@ -30,15 +30,13 @@ class UDPMux(DatagramProtocol):
 
     A datagram is STUN when its first two bits are zero and bytes 4..8 are the
     magic cookie (RFC 8489 section 5 / RFC 7983; see
-    ``natbypass.stun.message.is_stun``); punch packets start with 0xCE, so the
+    C{natbypass.stun.message.is_stun}); punch packets start with 0xCE, so the
     two never collide.
     """
 
     log = Logger()
 
-    def __init__(
-        self, stun: DatagramProtocol | None = None, other: DatagramProtocol | None = None
-    ) -> None:
+    def __init__(self, stun: DatagramProtocol | None = None, other: DatagramProtocol | None = None) -> None:
         self._stun = stun
         self._other = other
 
@@ -47,12 +45,12 @@ class UDPMux(DatagramProtocol):
             child.makeConnection(self.transport)
 
     def setSTUN(self, protocol: DatagramProtocol) -> None:
-        """Hand STUN messages to ``protocol`` (attached to the socket at once if it is open)."""
+        """Hand STUN messages to C{protocol} (attached to the socket at once if it is open)."""
         self._stun = protocol
         self._attach(protocol)
 
     def setOther(self, protocol: DatagramProtocol) -> None:
-        """Hand every non-STUN datagram to ``protocol``."""
+        """Hand every non-STUN datagram to C{protocol}."""
         self._other = protocol
         self._attach(protocol)
 
@@ -74,7 +72,7 @@ class UDPMux(DatagramProtocol):
 
 
 class IPacketHandler(TypingProtocol):
-    """What a :class:`PunchEndpoint` routes a session's packets to."""
+    """What a L{PunchEndpoint} routes a session's packets to."""
 
     def packetReceived(self, packet: PunchPacket, source: Address) -> None: ...
 
@@ -98,11 +96,11 @@ class PunchEndpoint(DatagramProtocol):
         self.unrouted = 0
 
     def register(self, session_id: bytes, handler: IPacketHandler) -> None:
-        """Route ``session_id``'s packets to ``handler`` (replacing any previous one)."""
+        """Route C{session_id}'s packets to C{handler} (replacing any previous one)."""
         self._handlers[session_id] = handler
 
     def unregister(self, session_id: bytes, handler: IPacketHandler) -> None:
-        """Stop routing to ``handler`` (no-op if another handler took over)."""
+        """Stop routing to C{handler} (no-op if another handler took over)."""
         if self._handlers.get(session_id) is handler:
             del self._handlers[session_id]
 

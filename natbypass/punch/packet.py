@@ -1,7 +1,7 @@
 """
 The punch packet codec: the datagrams two peers exchange on the UDP path.
 
-Pure bytes <-> :class:`PunchPacket`, no I/O.  Every packet is authenticated
+Pure bytes <-> L{PunchPacket}, no I/O.  Every packet is authenticated
 with the session key the mediator gave both peers, so a host that does not
 know the key can neither open a path nor divert or inject into one.
 
@@ -10,7 +10,7 @@ Layout (network byte order)::
     offset  size  field
     0       1     MAGIC 0xCE  -- top two bits 11: a STUN message always
                                  starts with 00, so both share one socket
-                                 (``natbypass.stun.message.is_stun`` tells them apart)
+                                 (C{natbypass.stun.message.is_stun} tells them apart)
     1       1     VERSION 1
     2       1     type (PacketType)
     3       1     flags: bit 0 = sender's role (0 or 1); other bits zero
@@ -25,7 +25,7 @@ Layout (network byte order)::
 
 The role bit is inside the MAC, so a packet cannot be reflected back to its
 sender and pass as the peer's.  Decoding is strict (reserved bits zero, exact
-lengths), so each packet has one encoding and ``verify`` can re-encode.
+lengths), so each packet has one encoding and C{verify} can re-encode.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ OVERHEAD = HEADER.size + COUNTERS.size + MAC_SIZE
 MAX_PAYLOAD = 1280 - 48 - OVERHEAD - MAX_SESSION_ID
 
 
-
 class PacketType(enum.IntEnum):
     PROBE = 1
     ACK = 2
@@ -67,7 +66,7 @@ class PunchDecodeError(ValueError):
 
 @dataclass(frozen=True)
 class PunchPacket:
-    """One decoded punch packet; ``mac`` is as received, check it with :func:`verify`."""
+    """One decoded punch packet; C{mac} is as received, check it with L{verify}."""
 
     type: PacketType
     role: int
@@ -78,15 +77,8 @@ class PunchPacket:
     mac: bytes = b""
 
 
-def _body(
-    type_: PacketType, role: int, session_id: bytes, nonce: int, echo: int, payload: bytes
-) -> bytes:
-    return (
-        HEADER.pack(MAGIC, VERSION, type_, role, len(session_id))
-        + session_id
-        + COUNTERS.pack(nonce, echo)
-        + payload
-    )
+def _body(type_: PacketType, role: int, session_id: bytes, nonce: int, echo: int, payload: bytes) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, type_, role, len(session_id)) + session_id + COUNTERS.pack(nonce, echo) + payload
 
 
 def _mac(key: bytes, body: bytes) -> bytes:
@@ -114,7 +106,7 @@ def encode(
 
 
 def decode(data: bytes) -> PunchPacket:
-    """Parse ``data``; raise :class:`PunchDecodeError` for anything malformed."""
+    """Parse C{data}; raise L{PunchDecodeError} for anything malformed."""
     if len(data) < OVERHEAD + 1:
         raise PunchDecodeError(f"too short for a punch packet: {len(data)} bytes")
     magic, version, type_, flags, sid_len = HEADER.unpack_from(data)
@@ -150,8 +142,6 @@ def decode(data: bytes) -> PunchPacket:
 
 
 def verify(packet: PunchPacket, key: bytes) -> bool:
-    """True when ``packet``'s MAC is right for ``key`` (constant-time compare)."""
-    body = _body(
-        packet.type, packet.role, packet.session_id, packet.nonce, packet.echo, packet.payload
-    )
+    """True when C{packet}'s MAC is right for C{key} (constant-time compare)."""
+    body = _body(packet.type, packet.role, packet.session_id, packet.nonce, packet.echo, packet.payload)
     return hmac.compare_digest(_mac(key, body), packet.mac)

@@ -45,7 +45,11 @@ class Outcome:
     def describe(self) -> str:
         return "; ".join(
             f"{a.protocol}: {a.result}"
-            + (f" after {a.ended_ms - a.started_ms:.0f} ms" if a.ended_ms is not None and a.started_ms is not None else "")
+            + (
+                f" after {a.ended_ms - a.started_ms:.0f} ms"
+                if a.ended_ms is not None and a.started_ms is not None
+                else ""
+            )
             + (f" ({a.reason})" if a.reason else "")
             for a in self.attempts
         )
@@ -55,7 +59,7 @@ class Outcome:
 
 
 class AllAttemptsFailed(Exception):
-    """No attempt connected; ``outcome`` has each one's reason."""
+    """No attempt connected; C{outcome} has each one's reason."""
 
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(f"every attempt failed: {outcome.describe()}")
@@ -68,7 +72,7 @@ AttemptFactory = Callable[[], Deferred]
 class HappyEyeballs:
     """
     Race attempt factories (callables returning a Deferred that fires with a
-    connection): the first starts at once, each next one ``head_start``
+    connection): the first starts at once, each next one C{head_start}
     seconds after the previous or at once when nothing else is running.
     The first connection wins and running attempts are cancelled (attempt
     Deferreds must stop their work when cancelled, as punch_udp/punch_tcp do).
@@ -99,7 +103,7 @@ class HappyEyeballs:
         self.deferred: Deferred = Deferred(lambda d: self._cancel())
 
     def start(self) -> Deferred:
-        """Begin the race; returns :attr:`deferred`."""
+        """Begin the race; returns L{deferred}."""
         self._t0 = self._clock.seconds()
         self._launch()
         return self.deferred
@@ -179,8 +183,8 @@ def race(
     outcome: Outcome | None = None,
 ) -> Deferred:
     """
-    Start a :class:`HappyEyeballs` race; returns its Deferred (the winning
-    connection, or :class:`AllAttemptsFailed`).  Pass ``outcome`` to watch
+    Start a L{HappyEyeballs} race; returns its Deferred (the winning
+    connection, or L{AllAttemptsFailed}).  Pass C{outcome} to watch
     the attempts being recorded; it is filled in place.
     """
     return HappyEyeballs(attempts, clock, head_start, outcome).start()

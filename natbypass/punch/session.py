@@ -1,7 +1,7 @@
 """
 What both traversal engines need to know about a mediated session.
 
-The signalling client builds one :class:`PunchSession` from what the mediator
+The signalling client builds one L{PunchSession} from what the mediator
 sent; the UDP and TCP engines only read it.
 """
 
@@ -25,12 +25,12 @@ def decide_role(local_peer_id: str, remote_peer_id: str) -> int:
 
 @dataclass(frozen=True)
 class PunchSession:
-    """The shared facts of one session (both peers hold the same, except ``role``)."""
+    """The shared facts of one session (both peers hold the same, except C{role})."""
 
     session_id: str
     #: The 32-byte session key from the mediator; authenticates every packet.
     key: bytes
-    #: 0 or 1, see :func:`decide_role`.
+    #: 0 or 1, see L{decide_role}.
     role: int
     #: The remote peer's id, for the connection object and logs.
     peer_id: str = ""
@@ -55,9 +55,9 @@ class PunchSession:
 
 class PunchFailed(Exception):
     """
-    A traversal attempt gave up; ``reason`` says why in words a person can act on.
+    A traversal attempt gave up; C{reason} says why in words a person can act on.
 
-    ``protocol`` is ``"udp"`` or ``"tcp"``, so an outcome can say which failed.
+    C{protocol} is C{"udp"} or C{"tcp"}, so an outcome can say which failed.
     """
 
     def __init__(self, protocol: str, reason: str) -> None:

@@ -2,8 +2,8 @@
 TCP simultaneous open, its authentication handshake, and the connection it makes.
 
 Both peers bind the local port whose NAT mapping STUN-over-TCP learned
-(``SO_REUSEADDR`` + ``SO_REUSEPORT``, so several sockets share it) and call
-``connect()`` to each other's candidates at the synchronised time.  Each SYN
+(C{SO_REUSEADDR} + C{SO_REUSEPORT}, so several sockets share it) and call
+C{connect()} to each other's candidates at the synchronised time.  Each SYN
 opens the sender's NAT for the other's SYN, and the two SYNs cross: TCP's
 simultaneous open (RFC 9293 section 3.5) yields one connection.  A failed
 try (RST, ICMP, timeout) is retried from a fresh socket on the same port until
@@ -15,7 +15,7 @@ handshake below before it is handed over; the first that does wins, the rest
 are closed.  Anything that fails is closed and counted, so a third host that
 connects or injects cannot take the path.
 
-Handshake (54-byte frames ``"NBT1" | type | role | nonce[16] | mac[32]``)::
+Handshake (54-byte frames C{"NBT1" | type | role | nonce[16] | mac[32]})::
 
     role 1 -> role 0   HELLO   mac = HMAC(key, "natbypass-tcp" | sid | HELLO | 1 | nonce1)
     role 0 -> role 1   ACCEPT  mac = HMAC(key, "natbypass-tcp" | sid | ACCEPT | 0 | nonce0 | nonce1)
@@ -28,6 +28,7 @@ ACCEPT arrives.  ACCEPT covers role 1's fresh nonce, so it cannot be replayed.
 
 from __future__ import annotations
 
+import enum
 import errno
 import hashlib
 import hmac
@@ -50,9 +51,9 @@ from zope.interface import implementer
 
 from natbypass.address import format_address
 from natbypass.interfaces import IPeerConnection
+from natbypass.net import reusable_socket
 from natbypass.punch.connection import PathConnection
 from natbypass.punch.session import PunchFailed, PunchSession
-from natbypass.net import reusable_socket
 
 Address = tuple[str, int]
 
@@ -104,7 +105,7 @@ def accept_frame(session: PunchSession, nonce: bytes, peer_nonce: bytes) -> byte
 
 
 def parse_frame(data: bytes) -> AuthFrame:
-    """Decode exactly one frame; raise :class:`TCPAuthError` for anything else."""
+    """Decode exactly one frame; raise L{TCPAuthError} for anything else."""
     if len(data) != FRAME.size:
         raise TCPAuthError(f"a handshake frame is {FRAME.size} bytes, not {len(data)}")
     magic, type_, role, nonce, mac = FRAME.unpack(data)
@@ -115,11 +116,20 @@ def parse_frame(data: bytes) -> AuthFrame:
     return AuthFrame(type_, role, nonce, mac)
 
 
+class HandshakeState(enum.StrEnum):
+    """Where a L{TCPHandshake} is."""
+
+    WAITING = "waiting"
+    VERIFIED = "verified"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class TCPHandshake:
     """
     The handshake of one connection, pure: feed it bytes, get bytes to send
-    and a state.  States: ``"waiting"`` -> ``"verified"`` (role 0 saw a valid
-    HELLO and may :meth:`accept`) -> ``"done"``; or ``"failed"``.
+    and a L{HandshakeState}: C{WAITING} -> C{VERIFIED} (role 0 saw a valid
+    HELLO and may L{accept}) -> C{DONE}; or C{FAILED}.
     """
 
     def __init__(self, session: PunchSession, nonce: bytes) -> None:
@@ -127,7 +137,7 @@ class TCPHandshake:
         self._nonce = nonce
         self._buffer = b""
         self._peer_nonce = b""
-        self.state = "waiting"
+        self.state = HandshakeState.WAITING
         self.error = ""
 
     def start(self) -> bytes:
@@ -137,9 +147,9 @@ class TCPHandshake:
     def dataReceived(self, data: bytes) -> bytes:
         """
         Consume handshake bytes; return what follows the handshake (the first
-        application bytes) once it is over, else ``b""``.
+        application bytes) once it is over, else C{b""}.
         """
-        if self.state != "waiting":
+        if self.state is not HandshakeState.WAITING:
             raise RuntimeError(f"handshake is {self.state}")
         self._buffer += data
         if len(self._buffer) < FRAME.size:
@@ -158,17 +168,17 @@ class TCPHandshake:
             if not hmac.compare_digest(expected, frame.mac):
                 raise TCPAuthError("MAC does not verify with the session key")
         except TCPAuthError as e:
-            self.state, self.error = "failed", str(e)
+            self.state, self.error = HandshakeState.FAILED, str(e)
             return b""
         self._peer_nonce = frame.nonce
-        self.state = "verified" if s.role == 0 else "done"
+        self.state = HandshakeState.VERIFIED if s.role == 0 else HandshakeState.DONE
         return rest
 
     def accept(self) -> bytes:
         """Role 0: pick this connection; returns the ACCEPT frame to send."""
-        if self.state != "verified":
+        if self.state is not HandshakeState.VERIFIED:
             raise RuntimeError(f"cannot accept a handshake that is {self.state}")
-        self.state = "done"
+        self.state = HandshakeState.DONE
         return accept_frame(self._session, self._nonce, self._peer_nonce)
 
 
@@ -250,7 +260,7 @@ class _HandshakeProtocol(Protocol):
         if self.connection is not None:
             self.connection._dataReceived(data)
             return
-        if self.handshake.state != "waiting":
+        if self.handshake.state is not HandshakeState.WAITING:
             return  # role 0 holding a verified connection it has not picked: ignore
         rest = self.handshake.dataReceived(data)
         self.attempt._handshakeProgress(self, rest)
@@ -264,8 +274,8 @@ class _HandshakeProtocol(Protocol):
 
 class TCPPunchAttempt:
     """
-    Drives a simultaneous open with a real reactor (``IReactorFDSet``,
-    ``IReactorSocket``, ``IReactorTime``).  Use :func:`punch_tcp`.
+    Drives a simultaneous open with a real reactor (C{IReactorFDSet},
+    C{IReactorSocket}, C{IReactorTime}).  Use L{punch_tcp}.
     """
 
     log = Logger()
@@ -307,8 +317,7 @@ class TCPPunchAttempt:
                 # handshake, so one attempt at a time takes them.  Without the
                 # listener the crossing connects still work.
                 self.log.warn(
-                    "port {port} is already accepting for another attempt; "
-                    "this one only connects out",
+                    "port {port} is already accepting for another attempt; this one only connects out",
                     port=local[1],
                 )
             else:
@@ -404,14 +413,16 @@ class TCPPunchAttempt:
 
     def _handshakeProgress(self, proto: _HandshakeProtocol, rest: bytes) -> None:
         hs = proto.handshake
-        if hs.state == "failed":
+        if hs.state is HandshakeState.FAILED:
             self.invalid += 1
-            self.log.info("rejecting {peer} ({how}): {error}", peer=proto.transport.getPeer(), how=proto.how, error=hs.error)
+            self.log.info(
+                "rejecting {peer} ({how}): {error}", peer=proto.transport.getPeer(), how=proto.how, error=hs.error
+            )
             proto.transport.abortConnection()
             return
-        if hs.state == "verified":  # role 0: the first verified connection is the path
+        if hs.state is HandshakeState.VERIFIED:  # role 0: the first verified connection is the path
             proto.transport.write(hs.accept())
-        if hs.state == "done":
+        if hs.state is HandshakeState.DONE:
             self._win(proto, rest)
 
     def _handshakeLost(self, proto: _HandshakeProtocol, reason: Failure) -> None:
@@ -489,16 +500,16 @@ def punch_tcp(
     keepalive_interval: float | None = 15.0,
 ) -> Deferred:
     """
-    Open an authenticated TCP path to the peer from local address ``local``.
+    Open an authenticated TCP path to the peer from local address C{local}.
 
-    ``start_delay`` seconds from now, connect() to every candidate, retrying
-    every ``retry_interval`` until ``window`` seconds after the start; take
-    inbound connections on ``listener`` (a listening socket on the same port,
-    see ``candidates.reserve_tcp_port``; the caller keeps ownership) meanwhile.
+    C{start_delay} seconds from now, connect() to every candidate, retrying
+    every C{retry_interval} until C{window} seconds after the start; take
+    inbound connections on C{listener} (a listening socket on the same port,
+    see C{candidates.reserve_tcp_port}; the caller keeps ownership) meanwhile.
     One attempt at a time accepts on a given listener; a concurrent attempt
     on the same one only connects out (enough unless the peer's SYNs come
     before ours, e.g. on loopback).
-    Fires with a :class:`TCPPeerConnection` or fails with :class:`PunchFailed`;
+    Fires with a L{TCPPeerConnection} or fails with L{PunchFailed};
     cancelling it closes every socket it opened.
     """
     return TCPPunchAttempt(
@@ -521,7 +532,7 @@ class TCPPeerConnection(PathConnection):
     """
     An authenticated TCP path: an ordered byte stream.
 
-    The kernel's TCP keepalive (every ``keepalive_interval`` seconds, 3 probes)
+    The kernel's TCP keepalive (every C{keepalive_interval} seconds, 3 probes)
     holds the NAT mapping and notices a dead path.
     """
 

@@ -1,12 +1,12 @@
 """
 UDP hole punching: a pure state machine, its driver, and the connection it makes.
 
-:class:`UDPPunchMachine` holds all decisions and no I/O: it is told the time
+L{UDPPunchMachine} holds all decisions and no I/O: it is told the time
 and the packets that arrived, and answers with actions (send these bytes
-there; the path is chosen; give up because ...).  :class:`UDPPunchAttempt`
-runs it on a :class:`~natbypass.punch.mux.PunchEndpoint` with an injected
+there; the path is chosen; give up because ...).  L{UDPPunchAttempt}
+runs it on a L{natbypass.punch.mux.PunchEndpoint} with an injected
 clock, and on success hands the socket's session to a
-:class:`UDPPeerConnection`, which carries DATA frames, answers late probes,
+L{UDPPeerConnection}, which carries DATA frames, answers late probes,
 sends keepalives and notices a dead path.
 
 Why a peer-reflexive address is safe to accept: a PROBE from an address we did
@@ -23,6 +23,7 @@ the traffic anyway; confidentiality is left to the layer above.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -53,9 +54,9 @@ def random_nonce() -> int:
 @dataclass(frozen=True)
 class ProbeSchedule:
     """
-    When probes go out: every ``fast_interval`` for ``fast_period`` (most paths
-    open in one or two round trips), then backing off by ``backoff`` up to
-    ``max_interval``, until ``timeout`` after the start.
+    When probes go out: every C{fast_interval} for C{fast_period} (most paths
+    open in one or two round trips), then backing off by C{backoff} up to
+    C{max_interval}, until C{timeout} after the start.
     """
 
     fast_interval: float = 0.02
@@ -65,7 +66,7 @@ class ProbeSchedule:
     timeout: float = 5.0
 
     def next_interval(self, elapsed: float, last: float | None) -> float:
-        """The wait before the next round, ``elapsed`` seconds after the start."""
+        """The wait before the next round, C{elapsed} seconds after the start."""
         if elapsed < self.fast_period or last is None:
             return self.fast_interval
         return min(max(last, self.fast_interval) * self.backoff, self.max_interval)
@@ -73,7 +74,7 @@ class ProbeSchedule:
 
 @dataclass(frozen=True)
 class Send:
-    """Action: send ``data`` to ``address``."""
+    """Action: send C{data} to C{address}."""
 
     address: Address
     data: bytes
@@ -81,7 +82,7 @@ class Send:
 
 @dataclass(frozen=True)
 class Selected:
-    """Action: the path to ``address`` is verified both ways."""
+    """Action: the path to C{address} is verified both ways."""
 
     address: Address
     rtt: float
@@ -110,12 +111,21 @@ class PunchStats:
     stray_acks: int = 0
 
 
+class PunchState(enum.StrEnum):
+    """Where a L{UDPPunchMachine} is: before the start time, probing, or finished."""
+
+    WAITING = "waiting"
+    PUNCHING = "punching"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
 class UDPPunchMachine:
     """
     The punching logic for one session, clock-injected and I/O-free.
 
-    Feed it :meth:`poll` at :meth:`next_wakeup` and every packet of the session
-    through :meth:`packet_received`; carry out the actions it returns.
+    Feed it L{poll} at L{next_wakeup} and every packet of the session
+    through L{packet_received}; carry out the actions it returns.
     """
 
     def __init__(
@@ -137,7 +147,7 @@ class UDPPunchMachine:
         self._next_round = start_at
         self._last_interval: float | None = None
         self._max_early = max_early_data
-        self.state = "waiting"
+        self.state = PunchState.WAITING
         self.stats = PunchStats()
         #: Verified DATA payloads that arrived before the path was chosen here
         #: (the peer chose first); the connection delivers them.
@@ -154,10 +164,10 @@ class UDPPunchMachine:
 
     @property
     def done(self) -> bool:
-        return self.state in ("succeeded", "failed")
+        return self.state in (PunchState.SUCCEEDED, PunchState.FAILED)
 
     def next_wakeup(self) -> float | None:
-        """When :meth:`poll` must next run, or None when finished."""
+        """When L{poll} must next run, or None when finished."""
         if self.done:
             return None
         return min(self._next_round, self.deadline)
@@ -173,22 +183,22 @@ class UDPPunchMachine:
         return Send(address, self._packet(PacketType.PROBE, nonce))
 
     def poll(self, now: float) -> list[Action]:
-        """Run whatever is due at ``now``."""
+        """Run whatever is due at C{now}."""
         if self.done:
             return []
         if now >= self.deadline:
-            self.state = "failed"
+            self.state = PunchState.FAILED
             return [Failed(self._failure_reason())]
         if now < self._next_round:
             return []
-        self.state = "punching"
+        self.state = PunchState.PUNCHING
         actions: list[Action] = [self._probe(now, a) for a in self._candidates]
         self._last_interval = self._schedule.next_interval(now - self._start_at, self._last_interval)
         self._next_round = now + self._last_interval
         return actions
 
     def packet_received(self, now: float, packet: PunchPacket, source: Address) -> list[Action]:
-        """Handle one packet of our session from ``source``."""
+        """Handle one packet of our session from C{source}."""
         if self.done:
             return []
         s = self._session
@@ -206,10 +216,8 @@ class UDPPunchMachine:
     def _on_probe(self, now: float, packet: PunchPacket, source: Address) -> list[Action]:
         self.stats.verified_probes += 1
         self.stats.acks_sent += 1
-        actions: list[Action] = [
-            Send(source, self._packet(PacketType.ACK, self._nonce(), echo=packet.nonce))
-        ]
-        if self.state == "waiting":
+        actions: list[Action] = [Send(source, self._packet(PacketType.ACK, self._nonce(), echo=packet.nonce))]
+        if self.state is PunchState.WAITING:
             # The peer started first (clock skew): start now, not at start_at.
             self._next_round = now
         if source not in self._known:
@@ -226,7 +234,7 @@ class UDPPunchMachine:
         if sent is None or sent[0] != source:
             self.stats.stray_acks += 1
             return []
-        self.state = "succeeded"
+        self.state = PunchState.SUCCEEDED
         return [Selected(source, now - sent[1])]
 
     def _failure_reason(self) -> str:
@@ -249,7 +257,7 @@ class UDPPunchMachine:
 
 class ReplayWindow:
     """
-    Accept each sequence number once, within ``size`` of the highest seen
+    Accept each sequence number once, within C{size} of the highest seen
     (the IPsec/DTLS anti-replay window), so a captured DATA frame cannot be
     delivered twice.
     """
@@ -285,7 +293,7 @@ class UDPPeerConnection(PathConnection):
 
     DATA frames carry a sequence number and are authenticated with the
     session key (not encrypted); replays are dropped.  Every verified packet
-    from the peer counts as a sign of life; ``liveness_timeout`` without one
+    from the peer counts as a sign of life; C{liveness_timeout} without one
     (default: three keepalive intervals) and the connection is lost.
     """
 
@@ -413,9 +421,9 @@ class UDPPeerConnection(PathConnection):
 
 class UDPPunchAttempt:
     """
-    Runs a :class:`UDPPunchMachine` on a shared socket with an injected clock.
+    Runs a L{UDPPunchMachine} on a shared socket with an injected clock.
 
-    Use :func:`punch_udp`; this class is the packet handler it registers.
+    Use L{punch_udp}; this class is the packet handler it registers.
     """
 
     log = Logger()
@@ -495,16 +503,14 @@ def punch_udp(
     nonce_source: NonceSource = random_nonce,
 ) -> Deferred:
     """
-    Punch a UDP path to the peer from ``endpoint``'s socket.
+    Punch a UDP path to the peer from C{endpoint}'s socket.
 
-    Probing starts ``start_delay`` seconds from now (the mediator's
+    Probing starts C{start_delay} seconds from now (the mediator's
     synchronised start).  Returns a Deferred that fires with a
-    :class:`UDPPeerConnection`, or fails with :class:`PunchFailed` after
-    ``schedule.timeout``; cancelling it stops the probes.
+    L{UDPPeerConnection}, or fails with L{PunchFailed} after
+    C{schedule.timeout}; cancelling it stops the probes.
     """
-    machine = UDPPunchMachine(
-        session, candidates, clock.seconds() + start_delay, schedule, nonce_source
-    )
+    machine = UDPPunchMachine(session, candidates, clock.seconds() + start_delay, schedule, nonce_source)
 
     def make_connection(remote: Address, early: Sequence[bytes]) -> UDPPeerConnection:
         return UDPPeerConnection(

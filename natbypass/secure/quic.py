@@ -42,9 +42,10 @@ import hmac
 import importlib
 import ssl
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from cryptography import x509

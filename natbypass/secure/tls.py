@@ -88,9 +88,7 @@ class PinnedTLS:
         ctx.use_certificate(crypto.X509.from_cryptography(self._certificate))
         ctx.use_privatekey(crypto.PKey.from_cryptography_key(self._identity.private_key))
         ctx.check_privatekey()
-        ctx.set_verify(
-            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE, self._verify
-        )
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE, self._verify)
         if is_client:
             ctx.set_alpn_protos([ALPN])
         else:

@@ -1,10 +1,10 @@
 """
 The peer side of signalling.
 
-`SignalingClientProtocol` speaks the line protocol over one connection: the
-handshake (greeting, hello, register), request/reply matching by ``rid``,
+C{SignalingClientProtocol} speaks the line protocol over one connection: the
+handshake (greeting, hello, register), request/reply matching by C{rid},
 answering the mediator's pings, and handing offers to its owner.
-`SignalingClient` is the long-lived service: a `ClientService` reconnects with
+C{SignalingClient} is the long-lived service: a C{ClientService} reconnects with
 backoff and every new connection re-registers (with the secret from the last
 registration, so a stale session of ours is replaced), and callers get
 Deferreds and events.  See docs/protocol.md.
@@ -12,7 +12,8 @@ Deferreds and events.  See docs/protocol.md.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -28,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
+from .._deprecate import deprecated_alias
 from . import wire
 from .interfaces import ISignalingClient
 from .server import _no_delay
@@ -116,7 +118,7 @@ def error_from_reply(e: Error) -> SignalingError:
 
 
 class IncomingOffer:
-    """An offer delivered to us; ``cancelled`` fires if the mediator withdraws it."""
+    """An offer delivered to us; C{cancelled} fires if the mediator withdraws it."""
 
     def __init__(self, offer: Offer) -> None:
         self.id = offer.offer
@@ -132,7 +134,7 @@ class IncomingOffer:
 class SignalingClientProtocol(LineReceiver):
     """
     One connection to the mediator.  It tells its owner when it is
-    registered (``_ready``) or refused (``_refused``, then it closes, and the
+    registered (C{_ready}) or refused (C{_refused}, then it closes, and the
     owner's ClientService reconnects after a growing delay).
     """
 
@@ -221,7 +223,9 @@ class SignalingClientProtocol(LineReceiver):
             if d is not None:
                 d.errback(error_from_reply(msg))
             else:
-                self.log.warn("mediator says {code} {error}: {reason}", code=msg.code, error=msg.error, reason=msg.reason)
+                self.log.warn(
+                    "mediator says {code} {error}: {reason}", code=msg.code, error=msg.error, reason=msg.reason
+                )
                 if msg.error == "duplicate-id":
                     # Someone authorised took our id over: do not take it back on reconnect.
                     self.owner.secret = None
@@ -271,7 +275,9 @@ class SignalingClientProtocol(LineReceiver):
         owner = self.owner
         hello = self.request(Hello(owner._rid(), max(wire.VERSIONS), AGENT))
         register = self.request(
-            Register(owner._rid(), owner.peer_id, owner.token, owner.take_over or owner.secret is not None, owner.secret)
+            Register(
+                owner._rid(), owner.peer_id, owner.token, owner.take_over or owner.secret is not None, owner.secret
+            )
         )
         both = gatherResults([hello, register], consumeErrors=True)
         both.addCallbacks(lambda replies: self._registered(replies[1]), lambda f: self._fail_ready(f.value.subFailure))
@@ -281,7 +287,11 @@ class SignalingClientProtocol(LineReceiver):
         if not self._handshaking:
             return
         if not any(v in greeting.versions for v in wire.VERSIONS):
-            self._fail_ready(SignalingError("version-unsupported", f"mediator speaks {list(greeting.versions)}, we speak {list(wire.VERSIONS)}"))
+            self._fail_ready(
+                SignalingError(
+                    "version-unsupported", f"mediator speaks {list(greeting.versions)}, we speak {list(wire.VERSIONS)}"
+                )
+            )
             return
         if greeting.auth and self.owner.token is None:
             self.log.warn("the mediator requires a token and none is configured")
@@ -308,20 +318,24 @@ class _ClientFactory(Factory):
 
 def client_endpoint(reactor: Any, description: str, ca: str | None = None) -> IStreamClientEndpoint:
     """
-    A client endpoint for the mediator.  ``description`` is a Twisted client
-    endpoint string (``tcp:HOST:7000``, ``tls:HOST:7443``); with ``ca`` (a PEM
-    file of the private CA) a ``tls:HOST:PORT`` is verified against that CA
+    A client endpoint for the mediator.  C{description} is a Twisted client
+    endpoint string (C{tcp:HOST:7000}, C{tls:HOST:7443}); with C{ca} (a PEM
+    file of the private CA) a C{tls:HOST:PORT} is verified against that CA
     instead of the system roots.  Hostname checks use service-identity.
     """
     if ca is None:
         return clientFromString(reactor, description)
     parts = description.split(":")
     if len(parts) != 3 or parts[0] != "tls":
-        raise ValueError("--ca goes with a plain tls:HOST:PORT endpoint (options other than host and port are not supported)")
+        raise ValueError(
+            "--ca goes with a plain tls:HOST:PORT endpoint (options other than host and port are not supported)"
+        )
     _, host, port = parts
     with open(ca, "rb") as f:
         root = Certificate.loadPEM(f.read())
-    return wrapClientTLS(optionsForClientTLS(host, trustRoot=root), HostnameEndpoint(reactor, host.encode("idna"), int(port)))
+    return wrapClientTLS(
+        optionsForClientTLS(host, trustRoot=root), HostnameEndpoint(reactor, host.encode("idna"), int(port))
+    )
 
 
 @implementer(ISignalingClient)
@@ -329,10 +343,10 @@ class SignalingClient(Service):
     """
     A peer's registration at the mediator, kept alive across reconnections.
 
-    ``endpoint`` is an `IStreamClientEndpoint` (see `client_endpoint`).
+    C{endpoint} is an C{IStreamClientEndpoint} (see C{client_endpoint}).
     Incoming offers go to the offer handler (none set: all are rejected).
     After a reconnection it replaces its own stale registration with the
-    secret the mediator gave it; ``take_over`` asks to replace whoever holds
+    secret the mediator gave it; C{take_over} asks to replace whoever holds
     the id even without that secret (the token must be bound to the id).
     """
 
@@ -352,7 +366,9 @@ class SignalingClient(Service):
         take_over: bool = False,
     ) -> None:
         if not wire.PEER_ID.match(peer_id):
-            raise ValueError(f"{peer_id!r} is not a valid peer id (1-64 of A-Z a-z 0-9 . _ @ : + -, starting alphanumeric)")
+            raise ValueError(
+                f"{peer_id!r} is not a valid peer id (1-64 of A-Z a-z 0-9 . _ @ : + -, starting alphanumeric)"
+            )
         self.peer_id = peer_id
         self.clock = clock
         self.token = token
@@ -446,13 +462,20 @@ class SignalingClient(Service):
         d = self._call(lambda: Connect(self._rid(), peer_id, description))
         return d.addCallback(lambda reply: reply.session)
 
-    def set_offer_handler(self, handler: Callable[[IncomingOffer], Any] | None) -> None:
+    def setOfferHandler(self, handler: Callable[[IncomingOffer], Any] | None) -> None:
+        """Who answers offers: returns a L{Description}, a L{Decline} or a Deferred of one."""
         self._offer_handler = handler
 
-    def set_session_handler(self, handler: Callable[[Session], Any] | None) -> None:
+    def setSessionHandler(self, handler: Callable[[Session], Any] | None) -> None:
+        """Who is told of sessions this peer answered (the target's side)."""
         self._session_handler = handler
 
-    def report(self, session_id: str, outcome: str, protocol: str | None = None, detail: str | None = None) -> Deferred[None]:
+    set_offer_handler = deprecated_alias(setOfferHandler, "set_offer_handler")
+    set_session_handler = deprecated_alias(setSessionHandler, "set_session_handler")
+
+    def report(
+        self, session_id: str, outcome: str, protocol: str | None = None, detail: str | None = None
+    ) -> Deferred[None]:
         msg = lambda: Report(self._rid(), session_id, outcome, protocol, detail)  # noqa: E731
         msg()  # validate now, in the caller's stack
         return self._call(msg).addCallback(lambda _: None)
@@ -494,7 +517,9 @@ class SignalingClient(Service):
     def _orphan(self, proto: SignalingClientProtocol, msg: Message) -> None:
         """A reply to a request we gave up on; a session we no longer want is reported as cancelled."""
         if isinstance(msg, SessionReply):
-            proto.send(Report(self._rid(), msg.session.id, "cancelled", None, "caller cancelled before the session arrived"))
+            proto.send(
+                Report(self._rid(), msg.session.id, "cancelled", None, "caller cancelled before the session arrived")
+            )
 
     def _offered(self, proto: SignalingClientProtocol, offer: IncomingOffer) -> None:
         handler = self._offer_handler
@@ -502,6 +527,7 @@ class SignalingClient(Service):
             d: Deferred[Any] = fail(Decline("this peer accepts no offers"))
         else:
             d = maybeDeferred(handler, offer)
+
         def withdrawn(reason: str) -> str:
             d.cancel()
             return reason
@@ -529,7 +555,9 @@ class SignalingClient(Service):
             return answered(f.value if f.check(Decline) else Decline("the peer failed to handle the offer"))
 
         d.addCallbacks(answered, failed)
-        d.addErrback(lambda f: None if f.check(SignalingError, CancelledError) else self.log.failure("answering offer failed", f))
+        d.addErrback(
+            lambda f: None if f.check(SignalingError, CancelledError) else self.log.failure("answering offer failed", f)
+        )
 
     def _session(self, session: Session) -> Session:
         if self._session_handler is not None:

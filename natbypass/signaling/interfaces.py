@@ -13,7 +13,7 @@ class IChannel(Interface):
     """One client connection as the state machine sees it: a sink for messages."""
 
     def send(message):
-        """Write one `natbypass.signaling.wire.Message` as a line."""
+        """Write one C{natbypass.signaling.wire.Message} as a line."""
 
     def close():
         """Close the connection after pending writes (idempotent)."""
@@ -30,21 +30,21 @@ class ISignalingState(Interface):
     """
     The mediator's signalling state machine: registrations, pending offers,
     sessions, limits and counters.  It never touches sockets; protocols hand
-    it decoded messages and it answers through `IChannel`.
+    it decoded messages and it answers through C{IChannel}.
     """
 
     def open(channel, source):
         """
-        A connection from ``source`` (the peer's IP as a string) arrived.
+        A connection from C{source} (the peer's IP as a string) arrived.
         Returns an opaque link handle for the other calls, or None when it was
         refused (the state has then already sent an error and closed it).
         """
 
     def received(link, message):
-        """Handle one decoded message from the connection ``link``."""
+        """Handle one decoded message from the connection C{link}."""
 
     def malformed(link, error):
-        """The connection sent a line that failed to decode (a `WireError`)."""
+        """The connection sent a line that failed to decode (a C{WireError})."""
 
     def closed(link):
         """The connection is gone; forget it and tidy up what depended on it."""
@@ -72,22 +72,22 @@ class ISignalingClient(Interface):
 
     def connect(peer_id, description):
         """
-        Ask for an introduction to ``peer_id``; a Deferred firing with a
-        `natbypass.signaling.wire.Session`, or failing with a
-        `natbypass.signaling.client.SignalingError` subclass (rejected, unknown
+        Ask for an introduction to C{peer_id}; a Deferred firing with a
+        C{natbypass.signaling.wire.Session}, or failing with a
+        C{natbypass.signaling.client.SignalingError} subclass (rejected, unknown
         peer, timeout, gone).  Cancelling it abandons the attempt.
         """
 
     def set_offer_handler(handler):
         """
-        ``handler(offer: IncomingOffer)`` is called for every offer; it returns
-        (or returns a Deferred of) an `Accept`-like description to accept, or
+        C{handler(offer: IncomingOffer)} is called for every offer; it returns
+        (or returns a Deferred of) an C{Accept}-like description to accept, or
         None / raises to reject.  Sessions created by accepting reach the
         session handler.
         """
 
     def set_session_handler(handler):
-        """``handler(session)`` is called with each session this peer accepted."""
+        """C{handler(session)} is called with each session this peer accepted."""
 
     def report(session_id, outcome, protocol=None, detail=None):
         """Tell the mediator how an attempt ended; Deferred firing with None."""

@@ -1,10 +1,10 @@
 """
 The mediator side of signalling.
 
-`SignalingState` is the whole state machine (registrations, pending offers,
+C{SignalingState} is the whole state machine (registrations, pending offers,
 sessions, limits, counters), driven by decoded messages and an injected clock;
-`SignalingServerProtocol` is a thin `LineReceiver` that decodes lines and
-delegates; `SignalingFactory` ties them together.  The mediator only
+C{SignalingServerProtocol} is a thin C{LineReceiver} that decodes lines and
+delegates; C{SignalingFactory} ties them together.  The mediator only
 introduces peers: it relays descriptions and hands out a session id, a fresh
 key and a common start time, never application data.
 """
@@ -17,8 +17,9 @@ import hmac
 import os
 import socket
 import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
@@ -72,7 +73,7 @@ def punch_delays(rtt_a: float, rtt_b: float, margin: float) -> tuple[float, floa
 
 class BufferedRandom:
     """
-    ``os.urandom`` read in blocks: a system call per offer is measurable at
+    C{os.urandom} read in blocks: a system call per offer is measurable at
     thousands of offers per second.  The bytes are just as unpredictable;
     they only wait in this process's memory until used.
     """
@@ -94,9 +95,9 @@ class BufferedRandom:
 
 class TokenPolicy:
     """
-    Tokens from a token file: ``TOKEN`` alone may register any id;
-    ``TOKEN ID [ID...]`` only those ids, and may replace their sessions.
-    Tokens are compared as SHA-256 digests with `hmac.compare_digest`,
+    Tokens from a token file: C{TOKEN} alone may register any id;
+    C{TOKEN ID [ID...]} only those ids, and may replace their sessions.
+    Tokens are compared as SHA-256 digests with C{hmac.compare_digest},
     against every entry, so timing reveals neither length nor position.
     """
 
@@ -128,7 +129,7 @@ class TokenPolicy:
             return cls.parse(f.read())
 
     def check(self, token: str | None, peer_id: str) -> tuple[bool, bool]:
-        """(may register ``peer_id``, may replace its existing session)."""
+        """(may register C{peer_id}, may replace its existing session)."""
         if token is None:
             return False, False
         digest = hashlib.sha256(token.encode()).digest()
@@ -198,11 +199,13 @@ class _Link:
 
 
 class _PendingOffer:
-    """An offer waiting for its answer; expired by `SignalingState.sweep` (no timer per offer)."""
+    """An offer waiting for its answer; expired by C{SignalingState.sweep} (no timer per offer)."""
 
     __slots__ = ("id", "initiator", "rid", "target", "description", "expires")
 
-    def __init__(self, id: str, initiator: _Link, rid: int, target: _Link, description: Description, expires: float) -> None:
+    def __init__(
+        self, id: str, initiator: _Link, rid: int, target: _Link, description: Description, expires: float
+    ) -> None:
         self.id = id
         self.initiator = initiator
         self.rid = rid
@@ -221,7 +224,7 @@ _OpenSession = tuple[float, str, str, int]
 class SignalingState:
     """
     Registrations, offers and sessions of one mediator.  All time comes from
-    ``clock``; all randomness from ``random_bytes`` (tests inject both).
+    C{clock}; all randomness from C{random_bytes} (tests inject both).
     """
 
     log = Logger()
@@ -281,7 +284,9 @@ class SignalingState:
         limit = self.limits.max_per_source
         if limit and self.sources.get(source, 0) >= limit:
             self.log.warn("refused connection from {source}: already {limit} connections", source=source, limit=limit)
-            self._error(link, None, "too-many-connections", f"at most {limit} connections per address; close some and retry")
+            self._error(
+                link, None, "too-many-connections", f"at most {limit} connections per address; close some and retry"
+            )
             link.open = False
             channel.close()
             return None
@@ -361,7 +366,12 @@ class SignalingState:
 
     def _hello(self, link: _Link, msg: Hello) -> None:
         if msg.v not in wire.VERSIONS:
-            self._error(link, msg.rid, "version-unsupported", f"version {msg.v} is not spoken here; versions: {list(wire.VERSIONS)}")
+            self._error(
+                link,
+                msg.rid,
+                "version-unsupported",
+                f"version {msg.v} is not spoken here; versions: {list(wire.VERSIONS)}",
+            )
             return
         link.version = msg.v
         link.channel.send(Ok(msg.rid))
@@ -374,16 +384,32 @@ class SignalingState:
         if self.tokens is not None:
             allowed, may_replace = self.tokens.check(msg.token, msg.id)
             if not allowed:
-                self.log.warn("refused registration of {peer_id} from {source}: bad token", peer_id=msg.id, source=link.source)
-                self._error(link, msg.rid, "unauthorized", "a valid token for this id is required (register with token=...)")
+                self.log.warn(
+                    "refused registration of {peer_id} from {source}: bad token", peer_id=msg.id, source=link.source
+                )
+                self._error(
+                    link, msg.rid, "unauthorized", "a valid token for this id is required (register with token=...)"
+                )
                 return
         old = self.peers.get(msg.id)
         if old is not None:
             if not msg.replace:
-                self._error(link, msg.rid, "duplicate-id", f"peer id {msg.id} is already registered; send replace=true with your secret to take it over")
+                self._error(
+                    link,
+                    msg.rid,
+                    "duplicate-id",
+                    f"peer id {msg.id} is already registered; send replace=true with your secret to take it over",
+                )
                 return
-            if not may_replace and not (msg.secret is not None and old.secret is not None and hmac.compare_digest(msg.secret, old.secret)):
-                self._error(link, msg.rid, "unauthorized", f"not allowed to replace {msg.id}: the secret does not match and the token is not bound to this id")
+            if not may_replace and not (
+                msg.secret is not None and old.secret is not None and hmac.compare_digest(msg.secret, old.secret)
+            ):
+                self._error(
+                    link,
+                    msg.rid,
+                    "unauthorized",
+                    f"not allowed to replace {msg.id}: the secret does not match and the token is not bound to this id",
+                )
                 return
             self._count("replaced")
             self.log.info("peer {peer_id} replaced its session from {source}", peer_id=msg.id, source=link.source)
@@ -392,7 +418,12 @@ class SignalingState:
             self.closed(old)
         elif self.limits.max_peers and len(self.peers) >= self.limits.max_peers:
             self.log.warn("refused registration of {peer_id}: {n} peers registered", peer_id=msg.id, n=len(self.peers))
-            self._error(link, msg.rid, "too-many-peers", f"the mediator holds its maximum of {self.limits.max_peers} peers; try later")
+            self._error(
+                link,
+                msg.rid,
+                "too-many-peers",
+                f"the mediator holds its maximum of {self.limits.max_peers} peers; try later",
+            )
             return
         link.peer_id = msg.id
         link.secret = self.random_bytes(16).hex()
@@ -425,11 +456,15 @@ class SignalingState:
         made, waiting = self._pending_counts(link), self._pending_counts(target)
         limit = self.limits.max_offers_per_peer
         if limit and made[0] >= limit:
-            self._error(link, msg.rid, "rate-limited", f"at most {limit} of your offers may wait for answers; wait for them")
+            self._error(
+                link, msg.rid, "rate-limited", f"at most {limit} of your offers may wait for answers; wait for them"
+            )
             return
         limit = self.limits.max_offers_to_peer
         if limit and waiting[1] >= limit:
-            self._error(link, msg.rid, "rate-limited", f"peer {msg.peer} has {limit} offers waiting for its answer; try later")
+            self._error(
+                link, msg.rid, "rate-limited", f"peer {msg.peer} has {limit} offers waiting for its answer; try later"
+            )
             return
         now = self.clock.seconds()
         offer = _PendingOffer(self._id(), link, msg.rid, target, msg.description, now + self.limits.offer_timeout)
@@ -439,7 +474,9 @@ class SignalingState:
                 side.offers = set()
             side.offers.add(offer.id)
         self._count("offers")
-        self.log.debug("offer {offer} from {initiator} to {target}", offer=offer.id, initiator=link.peer_id, target=target.peer_id)
+        self.log.debug(
+            "offer {offer} from {initiator} to {target}", offer=offer.id, initiator=link.peer_id, target=target.peer_id
+        )
         target.channel.send(Offer(offer.id, link.peer_id, msg.description, int(self.limits.offer_timeout * 1000)))
         # Keepalive pings keep the RTTs fresh; probe again only if a sample is stale.
         for side in (link, target):
@@ -447,7 +484,7 @@ class SignalingState:
                 self._ping(side, now)
 
     def _pending_counts(self, link: _Link) -> tuple[int, int]:
-        """(offers ``link`` made, offers waiting for ``link``'s answer) still pending; both are small."""
+        """(offers C{link} made, offers waiting for C{link}'s answer) still pending; both are small."""
         made = sum(1 for o in link.offers or () if getattr(self.offers.get(o), "initiator", None) is link)
         return made, len(link.offers or ()) - made
 
@@ -489,13 +526,29 @@ class SignalingState:
         sid = self._id()
         key = self.random_bytes(wire.SESSION_KEY_BYTES)
         ms = lambda s: max(0, min(600_000, round(s * 1000)))  # noqa: E731
-        a.channel.send(SessionReply(offer.rid, Session(sid, key, b.peer_id, "controlling", msg.description, tuple(order), ms(delay_a), ms(rtt_a))))  # type: ignore[arg-type]
-        b.channel.send(SessionReply(msg.rid, Session(sid, key, a.peer_id, "controlled", offer.description, tuple(order), ms(delay_b), ms(rtt_b))))  # type: ignore[arg-type]
+        a.channel.send(
+            SessionReply(
+                offer.rid,
+                Session(sid, key, b.peer_id, "controlling", msg.description, tuple(order), ms(delay_a), ms(rtt_a)),
+            )
+        )  # type: ignore[arg-type]
+        b.channel.send(
+            SessionReply(
+                msg.rid,
+                Session(sid, key, a.peer_id, "controlled", offer.description, tuple(order), ms(delay_b), ms(rtt_b)),
+            )
+        )  # type: ignore[arg-type]
         self.sessions[sid] = (self.clock.seconds() + self.limits.session_ttl, a.peer_id, b.peer_id, 0)  # type: ignore[assignment]
         self._count("sessions")
         self.log.info(
             "offer {offer}: session {session} between {initiator} and {target}: order {order}, start in {delay_a}/{delay_b} ms",
-            offer=offer.id, session=sid, initiator=a.peer_id, target=b.peer_id, order=order, delay_a=ms(delay_a), delay_b=ms(delay_b),
+            offer=offer.id,
+            session=sid,
+            initiator=a.peer_id,
+            target=b.peer_id,
+            order=order,
+            delay_a=ms(delay_a),
+            delay_b=ms(delay_b),
         )
 
     def _reject(self, link: _Link, msg: Reject) -> None:
@@ -516,7 +569,12 @@ class SignalingState:
         self._drop_offer(offer)
         self._count("offers:timeout")
         self.log.info("offer {offer} to {target} expired", offer=offer.id, target=offer.target.peer_id)
-        self._error(offer.initiator, offer.rid, "timeout", f"peer {offer.target.peer_id} did not answer within {self.limits.offer_timeout:g} s")
+        self._error(
+            offer.initiator,
+            offer.rid,
+            "timeout",
+            f"peer {offer.target.peer_id} did not answer within {self.limits.offer_timeout:g} s",
+        )
         if offer.target.open:
             offer.target.channel.send(Cancel(offer.id, "expired"))
 
@@ -543,7 +601,10 @@ class SignalingState:
             self._count("outcome:" + name)
             self.log.info(
                 "session {session}: {peer_id} reports {outcome} {detail}",
-                session=msg.session, peer_id=link.peer_id, outcome=name, detail=msg.detail or "",
+                session=msg.session,
+                peer_id=link.peer_id,
+                outcome=name,
+                detail=msg.detail or "",
             )
             if reported == 3:
                 del self.sessions[msg.session]
@@ -575,7 +636,9 @@ class SignalingState:
         for link in list(self.links):
             if now - link.last_seen > lim.idle_timeout:
                 self._count("idle-timeouts")
-                self.log.info("closing idle connection {peer_id} from {source}", peer_id=link.peer_id or "-", source=link.source)
+                self.log.info(
+                    "closing idle connection {peer_id} from {source}", peer_id=link.peer_id or "-", source=link.source
+                )
                 self._error(link, None, "timeout", f"nothing heard for {lim.idle_timeout:g} s")
                 self._close(link)
                 self.closed(link)
@@ -612,7 +675,7 @@ class SignalingState:
             "counters": dict(sorted(self.counters.items())),
         }
 
-    def log_status(self) -> None:
+    def logStatus(self) -> None:
         """One status line for the operator (called at an interval)."""
         s = self.status()
         self.log.info(
@@ -703,7 +766,7 @@ class SignalingServerProtocol(LineReceiver):
 
 
 class SignalingFactory(Factory):
-    """Builds a `SignalingServerProtocol` per connection, all sharing one state."""
+    """Builds a C{SignalingServerProtocol} per connection, all sharing one state."""
 
     def __init__(self, state: SignalingState) -> None:
         self.state = state

@@ -1,6 +1,6 @@
 """
 The signalling half of the mediator's twistd plugin: options that
-``natbypass.app.mediator_tap`` merges into its own, and the service they build.
+C{natbypass.app.mediator_tap} merges into its own, and the service they build.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.task import LoopingCall
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -22,25 +22,42 @@ from twisted.python.failure import Failure
 from .. import __version__
 from .server import ChooseOrder, Limits, SignalingFactory, SignalingState, TokenPolicy
 
-#: ``optParameters`` rows for ``usage.Options`` (name, short, default, help, coerce).
+#: C{optParameters} rows for C{usage.Options} (name, short, default, help, coerce).
 SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
-    ["signal", None, "tcp:7000", "Signalling listener, any Twisted server endpoint string (e.g. ssl:7443:privateKey=key.pem:certKey=cert.pem)."],
+    [
+        "signal",
+        None,
+        "tcp:7000",
+        "Signalling listener, any Twisted server endpoint string (e.g. ssl:7443:privateKey=key.pem:certKey=cert.pem).",
+    ],
     ["token-file", None, None, "File of tokens (one per line: TOKEN [PEER-ID ...]); turns on authentication."],
     ["max-peers", None, 100_000, "Most peers registered at once (0: no limit).", int],
     ["max-per-source", None, 100, "Most signalling connections from one IP address (0: no limit).", int],
     ["rate", None, 20.0, "Messages per second allowed per connection (bursts of twice that; 0: no limit).", float],
-    ["max-line", None, 8192, "Longest signalling line in bytes; longer ones are refused and the connection closed.", int],
+    [
+        "max-line",
+        None,
+        8192,
+        "Longest signalling line in bytes; longer ones are refused and the connection closed.",
+        int,
+    ],
     ["idle-timeout", None, 90.0, "Close signalling connections silent for this many seconds.", float],
     ["keepalive", None, 30.0, "Ping registered peers after this many seconds (also refreshes the RTT).", float],
     ["offer-timeout", None, 30.0, "Seconds a peer has to answer an offer.", float],
     ["status-interval", None, 60.0, "Seconds between status lines in the log (0: none).", float],
-    ["gc-freeze-interval", None, 0.0, "Every this many seconds collect garbage fully, then gc.freeze() what lives, so "
-     "that the collector's full passes between two of these skip the idle connections (0: off; see docs/performance.md).", float],
+    [
+        "gc-freeze-interval",
+        None,
+        0.0,
+        "Every this many seconds collect garbage fully, then gc.freeze() what lives, so "
+        "that the collector's full passes between two of these skip the idle connections (0: off; see docs/performance.md).",
+        float,
+    ],
 ]
 
 
 def check_signaling_options(options: usage.Options) -> None:
-    """Validate the signalling options (call from ``postOptions``); raises UsageError."""
+    """Validate the signalling options (call from C{postOptions}); raises UsageError."""
     for name in ("max-peers", "max-per-source", "rate", "status-interval", "gc-freeze-interval"):
         if options[name] < 0:
             raise usage.UsageError(f"--{name} must not be negative")
@@ -62,7 +79,7 @@ class SignalingService(MultiService):
     """
     The listener plus the periodic sweep and status line.  Stopping it stops
     listening and closes every signalling connection (peers reconnect to the
-    next mediator).  ``state`` is there for the operator and tests.
+    next mediator).  C{state} is there for the operator and tests.
     """
 
     log = Logger()
@@ -94,7 +111,7 @@ class SignalingService(MultiService):
             w.errback(f)
 
     def whenListening(self) -> Deferred[IListeningPort]:
-        """The listening port, once bound (``getHost()`` tells the address)."""
+        """The listening port, once bound (C{getHost()} tells the address)."""
         if self._port is not None:
             return succeed(self._port)
         d: Deferred[IListeningPort] = Deferred()
@@ -132,7 +149,7 @@ def makeSignalingService(
     choose_order: ChooseOrder | None = None,
 ) -> SignalingService:
     """
-    A service that listens on ``endpoint`` and runs the signalling state.
+    A service that listens on C{endpoint} and runs the signalling state.
     Nothing is bound until the service starts.
     """
     if tokens is None and token_file is not None:
@@ -153,7 +170,7 @@ def makeSignalingService(
     sweeper.clock = reactor
     sweeper.setServiceParent(top)
     if status_interval > 0:
-        status = TimerService(status_interval, state.log_status)
+        status = TimerService(status_interval, state.logStatus)
         status.clock = reactor
         status.setServiceParent(top)
     if gc_freeze_interval > 0:
@@ -203,7 +220,7 @@ class _GCFreezer(Service):
 
 
 def makeSignalingServiceFromOptions(options: usage.Options, reactor: Any) -> IService:
-    """Build the service from options checked by `check_signaling_options`."""
+    """Build the service from options checked by C{check_signaling_options}."""
     return makeSignalingService(
         options["signal"],
         reactor,

@@ -1,13 +1,13 @@
 """
 Line codec of the signalling protocol: one JSON object per line, no I/O.
 
-Every message is a frozen dataclass with a wire name (``op``).  Decoding is
+Every message is a frozen dataclass with a wire name (C{op}).  Decoding is
 strict (duplicate keys, unknown keys, wrong types, NaN, out-of-range numbers
-are all refused) and fails in exactly one way, `WireError`, which carries the
+are all refused) and fails in exactly one way, C{WireError}, which carries the
 error code and reason the server sends back; so a protocol can turn any bad
-line into a reply without a ``try`` around anything else.  The direction
-matters: the same ``op`` may mean different things from client and server
-(``hello``), so there is one registry per direction.  See docs/protocol.md.
+line into a reply without a C{try} around anything else.  The direction
+matters: the same C{op} may mean different things from client and server
+(C{hello}), so there is one registry per direction.  See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import binascii
 import json
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from natbypass.nat import NatSummary
 
@@ -71,8 +72,8 @@ FINGERPRINT = re.compile(r"[A-Za-z0-9:+/=_.-]{1,256}\Z")
 
 class WireError(Exception):
     """
-    A line or value that breaks the protocol.  ``error`` is a key of
-    `ERROR_CODES`; ``rid`` is the request id when it could be read, so the
+    A line or value that breaks the protocol.  C{error} is a key of
+    C{ERROR_CODES}; C{rid} is the request id when it could be read, so the
     error reply still matches its request.
     """
 
@@ -95,7 +96,7 @@ def _check(ok: bool, reason: str) -> None:
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """
-    One address a peer might be reached at.  ``kind`` fixes the transport:
+    One address a peer might be reached at.  C{kind} fixes the transport:
     host/srflx are UDP (local, STUN-mapped), tcp-host/tcp-srflx are TCP.
     """
 
@@ -113,7 +114,7 @@ class Candidate:
 
     @property
     def protocol(self) -> str:
-        """``udp`` or ``tcp``, implied by the kind."""
+        """C{udp} or C{tcp}, implied by the kind."""
         return CANDIDATE_KINDS[self.kind]
 
     def to_wire(self) -> dict[str, Any]:
@@ -122,7 +123,9 @@ class Candidate:
     @classmethod
     def from_wire(cls, obj: Any) -> Candidate:
         # The hot path of an offer (several candidates each way): plain checks, no _Fields.
-        _check(type(obj) is dict and obj.keys() == _CANDIDATE_FIELDS, "a candidate is exactly {kind, proto, host, port}")
+        _check(
+            type(obj) is dict and obj.keys() == _CANDIDATE_FIELDS, "a candidate is exactly {kind, proto, host, port}"
+        )
         kind, proto = obj["kind"], obj["proto"]
         c = cls(kind, obj["host"], obj["port"])
         if proto != c.protocol:
@@ -144,7 +147,11 @@ def _normal_ip(host: str) -> str:
 
 def nat_to_wire(nat: NatSummary) -> dict[str, Any]:
     """The C{nat} object of a description (C{udp_blocked} stays local)."""
-    out: dict[str, Any] = {"mapping": nat.mapping.value, "filtering": nat.filtering.value, "port_preserving": nat.port_preserving}
+    out: dict[str, Any] = {
+        "mapping": nat.mapping.value,
+        "filtering": nat.filtering.value,
+        "port_preserving": nat.port_preserving,
+    }
     if nat.port_delta is not None:
         out["port_delta"] = nat.port_delta
     if nat.tcp_mapping is not None:
@@ -169,7 +176,7 @@ def nat_from_wire(obj: Any) -> NatSummary:
 
 
 def wish_to_wire(wish: tuple[str, ...]) -> str | list[str]:
-    """``()`` means "auto"; one protocol is sent as a plain string."""
+    """C{()} means "auto"; one protocol is sent as a plain string."""
     if not wish:
         return "auto"
     if len(wish) == 1:
@@ -185,7 +192,10 @@ def wish_from_wire(value: Any) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         value = [value]
-    _check(isinstance(value, list) and 0 < len(value) <= len(PROTOCOLS), "wish must be 'auto', 'udp', 'tcp' or a list of them")
+    _check(
+        isinstance(value, list) and 0 < len(value) <= len(PROTOCOLS),
+        "wish must be 'auto', 'udp', 'tcp' or a list of them",
+    )
     if not all(isinstance(p, str) and p in PROTOCOLS for p in value):
         raise ValueError(f"wish {value!r} names an unknown protocol")
     _check(len(set(value)) == len(value), "wish lists a protocol twice")
@@ -196,7 +206,7 @@ def wish_from_wire(value: Any) -> tuple[str, ...]:
 class Description:
     """
     What one side tells the other through the mediator: candidates, NAT
-    behaviour, protocol wish (``()`` = auto) and a public-key fingerprint slot.
+    behaviour, protocol wish (C{()} = auto) and a public-key fingerprint slot.
     """
 
     candidates: tuple[Candidate, ...] = ()
@@ -213,7 +223,8 @@ class Description:
         if type(wish) is not tuple or (wish and wish not in _VALID_WISHES):
             object.__setattr__(self, "wish", wish_from_wire(wish_to_wire(tuple(wish))))
         _check(
-            self.fingerprint is None or (isinstance(self.fingerprint, str) and bool(FINGERPRINT.match(self.fingerprint))),
+            self.fingerprint is None
+            or (isinstance(self.fingerprint, str) and bool(FINGERPRINT.match(self.fingerprint))),
             "fingerprint must be 1-256 characters of [A-Za-z0-9:+/=_.-]",
         )
 
@@ -245,7 +256,7 @@ class Session:
     """
     The mediator's introduction, as one side sees it: who the peer is, how to
     reach it, the key that authenticates punch packets, the protocol order,
-    and when to start: ``start_in_ms`` after this message arrived.
+    and when to start: C{start_in_ms} after this message arrived.
     """
 
     id: str
@@ -265,9 +276,13 @@ class Session:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
         object.__setattr__(self, "order", tuple(self.order))
-        _check(all(p in PROTOCOLS for p in self.order) and len(set(self.order)) == len(self.order), "bad protocol order")
+        _check(
+            all(p in PROTOCOLS for p in self.order) and len(set(self.order)) == len(self.order), "bad protocol order"
+        )
         _check(_is_int(self.start_in_ms) and 0 <= self.start_in_ms <= 600_000, "start_in_ms must be 0..600000")
-        _check(self.rtt_ms is None or (_is_int(self.rtt_ms) and 0 <= self.rtt_ms <= 600_000), "rtt_ms must be 0..600000")
+        _check(
+            self.rtt_ms is None or (_is_int(self.rtt_ms) and 0 <= self.rtt_ms <= 600_000), "rtt_ms must be 0..600000"
+        )
 
     @property
     def controlling(self) -> bool:
@@ -287,7 +302,7 @@ class Session:
 
     @classmethod
     def read(cls, f: _Fields) -> Session:
-        """Read the session fields from ``f`` (the caller checks for leftovers)."""
+        """Read the session fields from C{f} (the caller checks for leftovers)."""
         key_text = f.text("key", required=True)
         try:
             key = base64.b64decode(key_text, validate=True)
@@ -330,7 +345,9 @@ class _Fields:
         self._seen.add(name)
         return self._obj.get(name, default)
 
-    def text(self, name: str, required: bool = False, pattern: re.Pattern[str] | None = None, limit: int = MAX_TEXT) -> Any:
+    def text(
+        self, name: str, required: bool = False, pattern: re.Pattern[str] | None = None, limit: int = MAX_TEXT
+    ) -> Any:
         v = self.get(name)
         if v is None:
             if required:
@@ -377,7 +394,7 @@ M = TypeVar("M", bound="Message")
 
 
 class Message:
-    """Base of all messages; ``op`` is the wire name."""
+    """Base of all messages; C{op} is the wire name."""
 
     op: ClassVar[str]
     __slots__ = ()
@@ -394,7 +411,7 @@ class Message:
 
 
 class Request(Message):
-    """A message that expects a reply with the same ``rid``."""
+    """A message that expects a reply with the same C{rid}."""
 
     __slots__ = ()
     rid: int
@@ -414,12 +431,14 @@ class Hello(Request):
 
     @classmethod
     def read(cls, f: _Fields) -> Hello:
-        return cls(f.integer("rid", required=True), f.integer("v", required=True, high=1000), f.text("agent", limit=128))
+        return cls(
+            f.integer("rid", required=True), f.integer("v", required=True, high=1000), f.text("agent", limit=128)
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Register(Request):
-    """Claim a peer id.  ``secret`` (from an earlier registration) or an id-bound token authorises ``replace``."""
+    """Claim a peer id.  C{secret} (from an earlier registration) or an id-bound token authorises C{replace}."""
 
     op: ClassVar[str] = "register"
     rid: int
@@ -444,7 +463,7 @@ class Register(Request):
 
 @dataclass(frozen=True, slots=True)
 class Connect(Request):
-    """Ask the mediator to introduce us to ``peer``; the reply is a `SessionReply` or an error."""
+    """Ask the mediator to introduce us to C{peer}; the reply is a C{SessionReply} or an error."""
 
     op: ClassVar[str] = "connect"
     rid: int
@@ -461,7 +480,7 @@ class Connect(Request):
 
 @dataclass(frozen=True, slots=True)
 class Accept(Request):
-    """The target's yes to an `Offer`, with its own description; the reply is a `SessionReply`."""
+    """The target's yes to an C{Offer}, with its own description; the reply is a C{SessionReply}."""
 
     op: ClassVar[str] = "accept"
     rid: int
@@ -473,12 +492,14 @@ class Accept(Request):
 
     @classmethod
     def read(cls, f: _Fields) -> Accept:
-        return cls(f.integer("rid", required=True), f.text("offer", required=True, pattern=SERVER_ID), Description.read(f))
+        return cls(
+            f.integer("rid", required=True), f.text("offer", required=True, pattern=SERVER_ID), Description.read(f)
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Reject(Request):
-    """The target's no to an `Offer`."""
+    """The target's no to an C{Offer}."""
 
     op: ClassVar[str] = "reject"
     rid: int
@@ -495,7 +516,7 @@ class Reject(Request):
 
 @dataclass(frozen=True, slots=True)
 class Ping(Request):
-    """Keepalive and RTT probe, sent by either side; answered by `Pong`."""
+    """Keepalive and RTT probe, sent by either side; answered by C{Pong}."""
 
     op: ClassVar[str] = "ping"
     rid: int
@@ -510,7 +531,7 @@ class Ping(Request):
 
 @dataclass(frozen=True, slots=True)
 class Pong(Message):
-    """Reply to `Ping`."""
+    """Reply to C{Ping}."""
 
     op: ClassVar[str] = "pong"
     rid: int
@@ -538,10 +559,19 @@ class Report(Request):
         if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
         _check(self.protocol is None or self.protocol in PROTOCOLS, "protocol must be udp, tcp or null")
-        _check((self.outcome == "connected") == (self.protocol is not None), "protocol is given exactly when the outcome is 'connected'")
+        _check(
+            (self.outcome == "connected") == (self.protocol is not None),
+            "protocol is given exactly when the outcome is 'connected'",
+        )
 
     def body(self) -> dict[str, Any]:
-        return {"rid": self.rid, "session": self.session, "outcome": self.outcome, "protocol": self.protocol, "detail": self.detail}
+        return {
+            "rid": self.rid,
+            "session": self.session,
+            "outcome": self.outcome,
+            "protocol": self.protocol,
+            "detail": self.detail,
+        }
 
     @classmethod
     def read(cls, f: _Fields) -> Report:
@@ -583,15 +613,29 @@ class Greeting(Message):
     server: str | None = None
 
     def body(self) -> dict[str, Any]:
-        return {"proto": PROTOCOL_NAME, "versions": list(self.versions), "auth": self.auth, "max_line": self.max_line, "server": self.server}
+        return {
+            "proto": PROTOCOL_NAME,
+            "versions": list(self.versions),
+            "auth": self.auth,
+            "max_line": self.max_line,
+            "server": self.server,
+        }
 
     @classmethod
     def read(cls, f: _Fields) -> Greeting:
         if f.get("proto") != PROTOCOL_NAME:
             raise ValueError(f"not a {PROTOCOL_NAME} server")
         versions = f.get("versions")
-        _check(isinstance(versions, list) and 0 < len(versions) <= 64 and all(_is_int(v) for v in versions), "versions must be a list of integers")
-        return cls(tuple(versions), bool(f.boolean("auth")), f.integer("max_line", required=True, low=256, high=2**24), f.text("server", limit=128))
+        _check(
+            isinstance(versions, list) and 0 < len(versions) <= 64 and all(_is_int(v) for v in versions),
+            "versions must be a list of integers",
+        )
+        return cls(
+            tuple(versions),
+            bool(f.boolean("auth")),
+            f.integer("max_line", required=True, low=256, high=2**24),
+            f.text("server", limit=128),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,7 +655,7 @@ class Ok(Message):
 
 @dataclass(frozen=True, slots=True)
 class Registered(Message):
-    """Success reply to `Register`; ``secret`` lets this peer replace its own stale session later."""
+    """Success reply to C{Register}; C{secret} lets this peer replace its own stale session later."""
 
     op: ClassVar[str] = "registered"
     rid: int
@@ -623,12 +667,16 @@ class Registered(Message):
 
     @classmethod
     def read(cls, f: _Fields) -> Registered:
-        return cls(f.integer("rid", required=True), f.text("id", required=True, pattern=PEER_ID), f.text("secret", required=True, pattern=SECRET))
+        return cls(
+            f.integer("rid", required=True),
+            f.text("id", required=True, pattern=PEER_ID),
+            f.text("secret", required=True, pattern=SECRET),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class SessionReply(Message):
-    """Success reply to `Connect` (initiator) and `Accept` (target)."""
+    """Success reply to C{Connect} (initiator) and C{Accept} (target)."""
 
     op: ClassVar[str] = "session"
     rid: int
@@ -644,7 +692,7 @@ class SessionReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class Error(Message):
-    """Failure reply; ``rid`` is null when the line could not be matched to a request."""
+    """Failure reply; C{rid} is null when the line could not be matched to a request."""
 
     op: ClassVar[str] = "error"
     rid: int | None
@@ -664,7 +712,12 @@ class Error(Message):
 
     @classmethod
     def read(cls, f: _Fields) -> Error:
-        return cls(f.integer("rid"), f.text("error", required=True), f.text("reason", required=True) or "", f.integer("code", required=True, low=100, high=999))
+        return cls(
+            f.integer("rid"),
+            f.text("error", required=True),
+            f.text("reason", required=True) or "",
+            f.integer("code", required=True, low=100, high=999),
+        )
 
     @classmethod
     def from_exception(cls, e: WireError) -> Error:
@@ -673,7 +726,7 @@ class Error(Message):
 
 @dataclass(frozen=True, slots=True)
 class Offer(Message):
-    """An introduction request delivered to its target, answered with `Accept` or `Reject`."""
+    """An introduction request delivered to its target, answered with C{Accept} or C{Reject}."""
 
     op: ClassVar[str] = "offer"
     offer: str
@@ -682,7 +735,12 @@ class Offer(Message):
     expires_in_ms: int
 
     def body(self) -> dict[str, Any]:
-        return {"offer": self.offer, "peer": self.peer, **self.description.fields(), "expires_in_ms": self.expires_in_ms}
+        return {
+            "offer": self.offer,
+            "peer": self.peer,
+            **self.description.fields(),
+            "expires_in_ms": self.expires_in_ms,
+        }
 
     @classmethod
     def read(cls, f: _Fields) -> Offer:
@@ -696,7 +754,7 @@ class Offer(Message):
 
 @dataclass(frozen=True, slots=True)
 class Cancel(Message):
-    """An earlier `Offer` is void (initiator left, or it expired); forget it."""
+    """An earlier C{Offer} is void (initiator left, or it expired); forget it."""
 
     op: ClassVar[str] = "cancel"
     offer: str
@@ -739,8 +797,8 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 def decode(line: bytes, registry: Mapping[str, type[Message]]) -> Message:
     """
-    Parse one line (without its delimiter) into a message of ``registry``.
-    Raises `WireError` and nothing else.
+    Parse one line (without its delimiter) into a message of C{registry}.
+    Raises C{WireError} and nothing else.
     """
     rid: int | None = None
     try:

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
@@ -47,21 +47,23 @@ from natbypass.address import format_address
 from natbypass.net import reusable_binding, route_source_address  # noqa: F401 (re-exported)
 from natbypass.stun.message import (
     MAGIC_COOKIE,
-    Attribute as StunAttribute,
+    ChangedAddress,
     ErrorCode,
     MappedAddress,
     Message,
     MessageClass,
     Method,
     OtherAddress,
-    ChangedAddress,
     ResponseOrigin,
+    StreamFramer,
     StunDecodeError,
     StunFramingError,
-    StreamFramer,
     XorMappedAddress,
     decode,
     is_stun,
+)
+from natbypass.stun.message import (
+    Attribute as StunAttribute,
 )
 
 Address = tuple[str, int]
@@ -120,9 +122,7 @@ def new_transaction_id() -> bytes:
     return os.urandom(12)
 
 
-def binding_request(
-    attributes: Iterable[StunAttribute] = (), transaction_id: bytes | None = None
-) -> Message:
+def binding_request(attributes: Iterable[StunAttribute] = (), transaction_id: bytes | None = None) -> Message:
     """A Binding request with a fresh transaction id."""
     return Message(
         Method.BINDING,
@@ -177,7 +177,7 @@ class RetransmitPolicy:
         return self.send_times()[-1] + self.rm * self.rto
 
     @classmethod
-    def within(cls, timeout: float, rto: float = 0.5) -> "RetransmitPolicy":
+    def within(cls, timeout: float, rto: float = 0.5) -> RetransmitPolicy:
         """
         The RFC schedule cut to fail after C{timeout} seconds: as many
         doubling retransmissions as leave at least one RTO of waiting after
@@ -188,7 +188,7 @@ class RetransmitPolicy:
             raise ValueError("timeout must be positive")
         rto = min(rto, timeout)
         rc = 1
-        while rto * (2 ** rc - 1) + rto <= timeout + 1e-9:
+        while rto * (2**rc - 1) + rto <= timeout + 1e-9:
             rc += 1
         last = rto * (2 ** (rc - 1) - 1)
         return cls(rto=rto, rc=rc, rm=(timeout - last) / rto, ti=timeout)
@@ -231,7 +231,7 @@ class IStunClient(Interface):
         consumed; False for anything else, which the caller may pass on.
         """
 
-    def fail_all(reason):
+    def failAll(reason):
         """Fail every pending transaction with C{reason} (socket closed)."""
 
 
@@ -335,9 +335,7 @@ class StunClient:
         txn.timer = None
         self._finish(txn)
         self.stats.timeouts += 1
-        txn.deferred.errback(
-            StunTimeout(txn.address, txn.sends, self._clock.seconds() - txn.started)
-        )
+        txn.deferred.errback(StunTimeout(txn.address, txn.sends, self._clock.seconds() - txn.started))
 
     def _cancel(self, txid: bytes) -> None:
         txn = self._pending.get(txid)
@@ -355,7 +353,7 @@ class StunClient:
         while len(self._recent) > RECENT_TRANSACTIONS:
             self._recent.popitem(last=False)
 
-    def fail_all(self, reason: Failure | BaseException) -> None:
+    def failAll(self, reason: Failure | BaseException) -> None:
         for txn in list(self._pending.values()):
             self._finish(txn)
             txn.deferred.errback(reason)
@@ -425,9 +423,7 @@ class StunUDPProtocol(DatagramProtocol):
             raise OSError("the STUN socket is not open")
         self.transport.write(data, address)
 
-    def request(
-        self, message: Message, address: Address, policy: RetransmitPolicy | None = None
-    ) -> defer.Deferred:
+    def request(self, message: Message, address: Address, policy: RetransmitPolicy | None = None) -> defer.Deferred:
         """See L{StunClient.request}."""
         return self.client.request(message, address, policy)
 
@@ -436,7 +432,7 @@ class StunUDPProtocol(DatagramProtocol):
             self.log.debug("ignoring a {size}-byte datagram from {addr}", size=len(data), addr=addr)
 
     def stopProtocol(self) -> None:
-        self.client.fail_all(Failure(ConnectionError("the STUN socket was closed")))
+        self.client.failAll(Failure(ConnectionError("the STUN socket was closed")))
 
 
 # --------------------------------------------------------------------- TCP
@@ -489,7 +485,7 @@ class StunTCPProtocol(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self.connected = 0
-        self.client.fail_all(reason)
+        self.client.failAll(reason)
 
 
 def connect_tcp_from(
@@ -547,9 +543,7 @@ def tcp_binding(
     server) pair is in TIME_WAIT for a while: to ask the same server again
     from the same port, keep a L{connect_tcp_from} connection open instead.
     """
-    proto = yield connect_tcp_from(
-        reactor, remote, local, clock=clock, policy=policy, timeout=timeout
-    )
+    proto = yield connect_tcp_from(reactor, remote, local, clock=clock, policy=policy, timeout=timeout)
     try:
         host = proto.transport.getHost()
         response, _ = yield proto.request(binding_request(attributes))

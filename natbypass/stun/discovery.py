@@ -25,17 +25,19 @@ filtering is reported as measured ("symmetric-firewall").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from natbypass.address import is_wildcard
+from natbypass.nat import ClassicName, Filtering, Mapping, NatSummary, classic_name, predictable_delta
 from natbypass.stun.client import (
-    Address,
     NETWORK_ERRORS,
+    Address,
     IStunClient,
     RetransmitPolicy,
     StunErrorResponse,
@@ -47,7 +49,6 @@ from natbypass.stun.client import (
     other_address,
 )
 from natbypass.stun.message import ChangeRequest
-from natbypass.nat import ClassicName, Filtering, Mapping, NatSummary, classic_name, predictable_delta
 
 log = Logger()
 
@@ -276,8 +277,11 @@ def _udp_test(
         response, source = yield client.request(binding_request(attrs), destination, policy)
     except NETWORK_ERRORS as e:  # no answer; anything else is a bug and fails discovery
         result = TestResult(
-            name, destination, False,
-            elapsed_ms=(clock.seconds() - started) * 1000, error=_describe(e),
+            name,
+            destination,
+            False,
+            elapsed_ms=(clock.seconds() - started) * 1000,
+            error=_describe(e),
         )
     else:
         result = TestResult(
@@ -349,12 +353,19 @@ def discover_udp(
     tests = [first]
     if not first.answered:
         notes.append(
-            f"{first.error} from {format_address(server)} over UDP: "
-            "the server is unreachable or UDP is blocked"
+            f"{first.error} from {format_address(server)} over UDP: the server is unreachable or UDP is blocked"
         )
         return NATBehavior(
-            server, False, Mapping.UNKNOWN, Filtering.UNKNOWN, ClassicName.UDP_BLOCKED, None, local, None,
-            notes=tuple(notes), tests=tuple(tests),
+            server,
+            False,
+            Mapping.UNKNOWN,
+            Filtering.UNKNOWN,
+            ClassicName.UDP_BLOCKED,
+            None,
+            local,
+            None,
+            notes=tuple(notes),
+            tests=tuple(tests),
             elapsed_ms=(clock.seconds() - started) * 1000,
         )
 
@@ -371,10 +382,22 @@ def discover_udp(
     if other is not None:
         both, port_only = yield _all(
             [
-                _udp_test(client, clock, "filtering-change-ip-port", server, filtering_policy,
-                          ChangeRequest(change_ip=True, change_port=True)),
-                _udp_test(client, clock, "filtering-change-port", server, filtering_policy,
-                          ChangeRequest(change_ip=False, change_port=True)),
+                _udp_test(
+                    client,
+                    clock,
+                    "filtering-change-ip-port",
+                    server,
+                    filtering_policy,
+                    ChangeRequest(change_ip=True, change_port=True),
+                ),
+                _udp_test(
+                    client,
+                    clock,
+                    "filtering-change-port",
+                    server,
+                    filtering_policy,
+                    ChangeRequest(change_ip=False, change_port=True),
+                ),
             ]
         )
         tests += [both, port_only]
@@ -439,12 +462,20 @@ def _tcp_test(binder: TCPBinder, clock: IReactorTime, name: str, destination: Ad
         result: TCPBinding = yield binder(destination, local)
     except NETWORK_ERRORS as e:  # refused, timed out, error response, closed: no answer
         out = TestResult(
-            name, destination, False,
-            elapsed_ms=(clock.seconds() - started) * 1000, error=_describe(e),
+            name,
+            destination,
+            False,
+            elapsed_ms=(clock.seconds() - started) * 1000,
+            error=_describe(e),
         )
         return out, None
     out = TestResult(
-        name, destination, True, result.mapped, result.origin, result.other,
+        name,
+        destination,
+        True,
+        result.mapped,
+        result.origin,
+        result.other,
         (clock.seconds() - started) * 1000,
     )
     return out, result.local
@@ -511,14 +542,11 @@ def discover(
     time (they use different sockets and cannot disturb each other).
     """
     started = clock.seconds()
-    udp = discover_udp(
-        client, server, local, clock, policy=policy, filtering_policy=filtering_policy
-    )
+    udp = discover_udp(client, server, local, clock, policy=policy, filtering_policy=filtering_policy)
     if tcp_binder is None:
         behavior = yield udp
     else:
-        tcp = discover_tcp(tcp_binder, tcp_server or server, clock,
-                           local=(local[0], 0) if local is not None else None)
+        tcp = discover_tcp(tcp_binder, tcp_server or server, clock, local=(local[0], 0) if local is not None else None)
         behavior, tcp_behavior = yield _all([udp, tcp])
         behavior = replace(behavior, tcp=tcp_behavior)
     return replace(behavior, elapsed_ms=(clock.seconds() - started) * 1000)

@@ -14,9 +14,10 @@ import hmac
 import socket
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar, Iterable, Iterator, Type, TypeVar
+from typing import ClassVar, TypeVar
 
 MAGIC_COOKIE = 0x2112A442
 MAGIC_COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
@@ -75,11 +76,7 @@ class AttributeType(IntEnum):
 def message_type(method: int, cls: int) -> int:
     """Interleave the 12 method bits and the 2 class bits (RFC 8489 5)."""
     return (
-        ((method & 0xF80) << 2)
-        | ((method & 0x070) << 1)
-        | (method & 0x00F)
-        | ((cls & 0b10) << 7)
-        | ((cls & 0b01) << 4)
+        ((method & 0xF80) << 2) | ((method & 0x070) << 1) | (method & 0x00F) | ((cls & 0b10) << 7) | ((cls & 0b01) << 4)
     )
 
 
@@ -182,7 +179,7 @@ class Attribute:
         raise NotImplementedError
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "Attribute":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> Attribute:
         raise NotImplementedError
 
 
@@ -232,9 +229,7 @@ def _ntop(family: int, raw: bytes) -> str:
 
 
 def _xor_bytes(raw: bytes, pad: bytes) -> bytes:
-    return (int.from_bytes(raw, "big") ^ int.from_bytes(pad[: len(raw)], "big")).to_bytes(
-        len(raw), "big"
-    )
+    return (int.from_bytes(raw, "big") ^ int.from_bytes(pad[: len(raw)], "big")).to_bytes(len(raw), "big")
 
 
 @dataclass(frozen=True)
@@ -249,7 +244,7 @@ class _AddressAttribute(Attribute):
         return _ADDR_HEAD.pack(0, family, self.port) + raw
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "_AddressAttribute":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> _AddressAttribute:
         family, raw, port = _decode_address(value)
         return cls(_ntop(family, raw), port)
 
@@ -305,7 +300,7 @@ class XorMappedAddress(_AddressAttribute):
         return _ADDR_HEAD.pack(0, family, self.port ^ (cookie >> 16)) + _xor_bytes(raw, pad)
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "XorMappedAddress":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> XorMappedAddress:
         family, raw, port = _decode_address(value)
         pad = _U32.pack(cookie) + txid
         return cls(_ntop(family, _xor_bytes(raw, pad)), port ^ (cookie >> 16))
@@ -320,7 +315,7 @@ class _TextAttribute(Attribute):
         return self.text.encode("utf-8")
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "_TextAttribute":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> _TextAttribute:
         if len(value) > cls.MAX:
             raise StunDecodeError(f"{cls.__name__} longer than {cls.MAX} bytes")
         try:
@@ -363,7 +358,7 @@ class ErrorCode(Attribute):
         return struct.pack("!HBB", 0, cls_, number) + self.reason.encode("utf-8")
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "ErrorCode":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> ErrorCode:
         if len(value) < 4:
             raise StunDecodeError("ERROR-CODE too short")
         if len(value) > 4 + MAX_TEXT_BYTES:
@@ -387,7 +382,7 @@ class UnknownAttributes(Attribute):
         return b"".join(_U16.pack(t) for t in self.types)
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "UnknownAttributes":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> UnknownAttributes:
         if len(value) % 2:
             raise StunDecodeError("UNKNOWN-ATTRIBUTES has an odd length")
         return cls(tuple(_U16.unpack_from(value, i)[0] for i in range(0, len(value), 2)))
@@ -405,7 +400,7 @@ class ChangeRequest(Attribute):
         return _U32.pack((0x4 if self.change_ip else 0) | (0x2 if self.change_port else 0))
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "ChangeRequest":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> ChangeRequest:
         if len(value) != 4:
             raise StunDecodeError("CHANGE-REQUEST must be 4 bytes")
         (flags,) = _U32.unpack(value)
@@ -423,7 +418,7 @@ class ResponsePort(Attribute):
         return _U16.pack(self.port) + b"\0\0"
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "ResponsePort":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> ResponsePort:
         if len(value) != 4:
             raise StunDecodeError("RESPONSE-PORT must be 4 bytes")
         return cls(_U16.unpack_from(value)[0])
@@ -440,7 +435,7 @@ class Padding(Attribute):
         return bytes(self.length)
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "Padding":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> Padding:
         return cls(len(value))
 
 
@@ -456,7 +451,7 @@ class MessageIntegrity(Attribute):
         return self.mac
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "MessageIntegrity":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> MessageIntegrity:
         if len(value) != cls.SIZE:
             raise StunDecodeError("MESSAGE-INTEGRITY must be 20 bytes")
         return cls(value)
@@ -473,7 +468,7 @@ class MessageIntegritySha256(Attribute):
         return self.mac
 
     @classmethod
-    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> "MessageIntegritySha256":
+    def decode_value(cls, value: bytes, txid: bytes, cookie: int) -> MessageIntegritySha256:
         if not 16 <= len(value) <= 32 or len(value) % 4:
             raise StunDecodeError("MESSAGE-INTEGRITY-SHA256 must be 16..32 bytes, a multiple of 4")
         return cls(value)
@@ -492,7 +487,7 @@ class Fingerprint(Attribute):
         raise AssertionError("FINGERPRINT is computed by Message.encode")
 
 
-ATTRIBUTES: dict[int, Type[Attribute]] = {
+ATTRIBUTES: dict[int, type[Attribute]] = {
     cls.TYPE: cls
     for cls in (
         MappedAddress,
@@ -552,7 +547,7 @@ class Message:
     def is_rfc3489(self) -> bool:
         return self.cookie != MAGIC_COOKIE
 
-    def get(self, kind: Type[A]) -> A | None:
+    def get(self, kind: type[A]) -> A | None:
         """The first attribute of this type, or None."""
         for attr in self.attributes:
             if type(attr) is kind:
@@ -561,13 +556,9 @@ class Message:
 
     def unknown_required(self) -> tuple[int, ...]:
         """Types of comprehension-required attributes this codec does not know."""
-        return tuple(
-            a.type
-            for a in self.attributes
-            if isinstance(a, UnknownAttribute) and a.comprehension_required
-        )
+        return tuple(a.type for a in self.attributes if isinstance(a, UnknownAttribute) and a.comprehension_required)
 
-    def reply(self, cls: int, attributes: Iterable[Attribute]) -> "Message":
+    def reply(self, cls: int, attributes: Iterable[Attribute]) -> Message:
         """A response to this request: same method, transaction id and cookie."""
         return Message(self.method, cls, self.transaction_id, tuple(attributes), self.cookie)
 
@@ -622,9 +613,9 @@ class Message:
         """
         if self.raw is None:
             raise ValueError("only decoded messages can be checked")
-        for kind, digest, size_of in (
-            (AttributeType.MESSAGE_INTEGRITY_SHA256, hashlib.sha256, None),
-            (AttributeType.MESSAGE_INTEGRITY, hashlib.sha1, 20),
+        for kind, digest in (
+            (AttributeType.MESSAGE_INTEGRITY_SHA256, hashlib.sha256),
+            (AttributeType.MESSAGE_INTEGRITY, hashlib.sha1),
         ):
             found = _find_attribute(self.raw, kind)
             if found is None:
@@ -651,7 +642,7 @@ def _find_attribute(data: bytes, kind: int) -> tuple[int, int] | None:
 
 def long_term_key(username: str, realm: str, password: str) -> bytes:
     """RFC 8489 9.2.2 key for MESSAGE-INTEGRITY: MD5(username:realm:password)."""
-    return hashlib.md5(f"{username}:{realm}:{password}".encode("utf-8")).digest()
+    return hashlib.md5(f"{username}:{realm}:{password}".encode()).digest()
 
 
 def decode(data: bytes) -> Message:

@@ -50,8 +50,9 @@ from __future__ import annotations
 import socket
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -124,9 +125,7 @@ class ResponderConfig:
         if _family(alt_host) != family:
             raise ValueError("the alternate address must be of the same IP family as the primary")
         if is_wildcard(host) or is_wildcard(alt_host):
-            raise ValueError(
-                "RFC 5780 needs specific addresses (a wildcard cannot say which IP answered)"
-            )
+            raise ValueError("RFC 5780 needs specific addresses (a wildcard cannot say which IP answered)")
         if alt_host == host:
             raise ValueError("the alternate IP must differ from the primary IP")
         if alt_port == port and port != 0:  # 0 and 0: both picked at bind time
@@ -176,9 +175,7 @@ class Reply(NamedTuple):
 
 def _attribute_bytes(attr: m.Attribute) -> bytes:
     """One attribute as the codec encodes it (type, length, value, padding)."""
-    return m.Message(m.Method.BINDING, m.MessageClass.SUCCESS, bytes(12), (attr,)).encode()[
-        m.HEADER_SIZE :
-    ]
+    return m.Message(m.Method.BINDING, m.MessageClass.SUCCESS, bytes(12), (attr,)).encode()[m.HEADER_SIZE :]
 
 
 # Fast path: a bare or FINGERPRINT-only Binding request from an IPv4 source.
@@ -284,9 +281,7 @@ class BindingResponder:
 
     # ----------------------------------------------------------- codec path
 
-    def respond(
-        self, request: m.Message, source: Address, local: Address, *, stream: bool = False
-    ) -> Reply | None:
+    def respond(self, request: m.Message, source: Address, local: Address, *, stream: bool = False) -> Reply | None:
         """
         The reply to a decoded message received on C{local} from C{source}
         (over TCP when C{stream}), or None when nothing is to be sent.
@@ -313,9 +308,7 @@ class BindingResponder:
         if unknown:
             return self._error(request, source, local, 420, "Unknown Attribute", unknown)
         if stream and (wants_change or response_port is not None):
-            return self._error(
-                request, source, local, 400, "CHANGE-REQUEST and RESPONSE-PORT need UDP"
-            )
+            return self._error(request, source, local, 400, "CHANGE-REQUEST and RESPONSE-PORT need UDP")
         if response_port is not None and (padding is not None or response_port.port == 0):
             return self._error(request, source, local, 400, "Bad RESPONSE-PORT")
 
@@ -351,9 +344,7 @@ class BindingResponder:
         if padding is not None and not stream:
             # Pad up to the request's size and no further (see module doc).
             size = len(request.raw or b"") - len(data) - 4
-            response = request.reply(
-                m.MessageClass.SUCCESS, attrs + [m.Padding(max(0, size - size % 4))]
-            )
+            response = request.reply(m.MessageClass.SUCCESS, attrs + [m.Padding(max(0, size - size % 4))])
             data = response.encode(fingerprint=fingerprint)
         return Reply(data, origin, destination)
 
@@ -375,9 +366,7 @@ class BindingResponder:
             attrs.append(m.UnknownAttributes(listed))
         if not request.is_rfc3489 and self.config.software:
             attrs.append(m.Software(self.config.software))
-        data = request.reply(m.MessageClass.ERROR, attrs).encode(
-            fingerprint=not request.is_rfc3489
-        )
+        data = request.reply(m.MessageClass.ERROR, attrs).encode(fingerprint=not request.is_rfc3489)
         return Reply(data, local, source)
 
 
@@ -696,9 +685,7 @@ class STUNService(Service):
         return self.server.counters
 
     def startService(self) -> None:
-        ports_are_free = self._primary[1] == 0 or (
-            self._alternate is not None and self._alternate[1] == 0
-        )
+        ports_are_free = self._primary[1] == 0 or (self._alternate is not None and self._alternate[1] == 0)
         for attempt in range(PORT_ATTEMPTS if ports_are_free else 1):
             try:
                 self.config = self._listen()
@@ -793,4 +780,3 @@ class STUNService(Service):
         self._stats = None
         self.logCounters()
         return DeferredList([d for d in self._close() if d is not None])
-

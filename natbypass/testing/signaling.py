@@ -1,7 +1,7 @@
 """
 In-memory fakes for testing signalling without sockets: a recording
-`IChannel` and a `MemoryNetwork` whose client endpoints connect to a server
-factory through `twisted.test.iosim` pumps.  Used by the tests and handy for
+C{IChannel} and a C{MemoryNetwork} whose client endpoints connect to a server
+factory through C{twisted.test.iosim} pumps.  Used by the tests and handy for
 the traversal engine's own tests.
 """
 
@@ -22,7 +22,7 @@ from natbypass.signaling.wire import Message
 
 @implementer(IChannel)
 class FakeChannel:
-    """Records what the state machine sends; ``closed`` once asked to close."""
+    """Records what the state machine sends; C{closed} once asked to close."""
 
     def __init__(self) -> None:
         self.sent: list[Message] = []
@@ -55,9 +55,9 @@ class _MemoryEndpoint:
 
 class MemoryNetwork:
     """
-    Connects client endpoints to ``server_factory`` in memory.  Set ``up`` to
-    False to refuse new connections (a mediator that is down); `drop_all`
-    cuts every live connection; `flush` moves all pending bytes.
+    Connects client endpoints to C{server_factory} in memory.  Set C{up} to
+    False to refuse new connections (a mediator that is down); C{drop_all}
+    cuts every live connection; C{flush} moves all pending bytes.
     """
 
     def __init__(self, server_factory: Any, clock: Any) -> None:

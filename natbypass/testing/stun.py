@@ -1,12 +1,12 @@
 """
-Doubles for RFC 5780 discovery tests, built on :mod:`natbypass.testing.udp`:
+Doubles for RFC 5780 discovery tests, built on L{natbypass.testing.udp}:
 a configurable STUN server on four addresses, one client behind a
-:class:`~natbypass.testing.udp.MemoryNAT` (:class:`MemoryInternet`), and a
+L{natbypass.testing.udp.MemoryNAT} (L{MemoryInternet}), and a
 TCP binder that plays connect-and-bind through a NAT.
 
-The server is not ``natbypass.stun.server`` on purpose: discovery must cope
+The server is not C{natbypass.stun.server} on purpose: discovery must cope
 with servers that ours would never be (no OTHER-ADDRESS, CHANGE-REQUEST
-ignored or refused), so it is scripted by ``mode``.
+ignored or refused), so it is scripted by C{mode}.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ class _ServerSocket(DatagramProtocol):
 
 class FakeSTUNServer:
     """
-    An RFC 5780 server on ``primary`` and ``other`` (and the two mixed
-    addresses).  ``mode``: "rfc5780", "single" (no OTHER-ADDRESS, ignores
+    An RFC 5780 server on C{primary} and C{other} (and the two mixed
+    addresses).  C{mode}: "rfc5780", "single" (no OTHER-ADDRESS, ignores
     CHANGE-REQUEST), "ignore-change" (advertises OTHER-ADDRESS, answers from
     where it was asked), "refuse-change" (420 to CHANGE-REQUEST).
-    ``received`` logs (time, source, destination) of every request.
+    C{received} logs (time, source, destination) of every request.
     """
 
     def __init__(self, network: MemoryUDPNetwork, mode: str = "rfc5780",
@@ -86,9 +86,9 @@ class FakeSTUNServer:
 
 class MemoryInternet:
     """
-    One STUN client at ``INSIDE`` behind one :class:`MemoryNAT` (or none:
-    ``translate=False``, a firewall that only filters), one
-    :class:`FakeSTUNServer`, on a :class:`MemoryUDPReactor` (``clock``).
+    One STUN client at C{INSIDE} behind one L{MemoryNAT} (or none:
+    C{translate=False}, a firewall that only filters), one
+    L{FakeSTUNServer}, on a L{MemoryUDPReactor} (C{clock}).
     """
 
     def __init__(
@@ -121,7 +121,7 @@ class MemoryInternet:
         return [(t, dst) for t, src, dst, _ in self.network.sent if src == INSIDE]
 
     def run(self, d: defer.Deferred[Any], limit: float = 120.0) -> Any:
-        """Advance the clock from event to event until ``d`` fires; its result."""
+        """Advance the clock from event to event until C{d} fires; its result."""
         result: list[Any] = []
         d.addBoth(result.append)
         while not result and self.clock.seconds() < limit:
@@ -141,9 +141,9 @@ class MemoryInternet:
 
 class FakeTCPBinder:
     """
-    A ``tcp_binder`` for ``discovery.discover_tcp``: connect-and-bind through
-    a NAT with ``mapping`` (None: no NAT).  ``refused`` servers refuse;
-    ``calls`` logs (remote, local).
+    A C{tcp_binder} for C{discovery.discover_tcp}: connect-and-bind through
+    a NAT with C{mapping} (None: no NAT).  C{refused} servers refuse;
+    C{calls} logs (remote, local).
     """
 
     def __init__(self, mapping: str | None, refused: Any = (), other: Address | None = OTHER) -> None:

@@ -1,20 +1,20 @@
 """
 In-memory UDP for tests: the one set of datagram doubles that the STUN,
 punch, discovery and peer tests share, on the model of
-``twisted.internet.testing.MemoryReactor`` (whose stock version has no
-``listenUDP``; ``twisted/names/test/test_util.py`` shows the idea).
+C{twisted.internet.testing.MemoryReactor} (whose stock version has no
+C{listenUDP}; C{twisted/names/test/test_util.py} shows the idea).
 
-- :class:`MemoryUDPNetwork` carries datagrams between ports addressed by
-  ``(host, port)`` through a clock, with a fixed one-way latency, an optional
-  drop rule and optional :class:`MemoryNAT` boxes on the way; it logs every
-  datagram in ``sent``.
-- :class:`MemoryUDPPort` is what a protocol's ``transport`` is: it records
-  ``written``, raises ``fail`` when set, and frees its address when closed.
-- :class:`MemoryUDPReactor` is ``MemoryReactorClock`` plus ``IReactorUDP``
+- L{MemoryUDPNetwork} carries datagrams between ports addressed by
+  C{(host, port)} through a clock, with a fixed one-way latency, an optional
+  drop rule and optional L{MemoryNAT} boxes on the way; it logs every
+  datagram in C{sent}.
+- L{MemoryUDPPort} is what a protocol's C{transport} is: it records
+  C{written}, raises C{fail} when set, and frees its address when closed.
+- L{MemoryUDPReactor} is C{MemoryReactorClock} plus C{IReactorUDP}
   over its own network (it is the clock too): port 0 picks a free port, a
-  busy one raises ``CannotListenError``; ``listenTCP`` keeps the same books,
-  and :meth:`MemoryUDPReactor.reserve_tcp_port` stands in for
-  ``natbypass.punch.candidates.reserve_tcp_port``.
+  busy one raises C{CannotListenError}; C{listenTCP} keeps the same books,
+  and L{MemoryUDPReactor.reserve_tcp_port} stands in for
+  C{natbypass.punch.candidates.reserve_tcp_port}.
 
 Nothing here touches a socket; time moves only when the test advances it.
 """
@@ -56,7 +56,7 @@ def _address(kind: str, host: str, port: int) -> IPv4Address | IPv6Address:
 
 
 class MemorySocket:
-    """The ``getHandle()`` of a port of ``MemoryUDPReactor(handles=True)``: ``sendto`` as a socket's."""
+    """The C{getHandle()} of a port of C{MemoryUDPReactor(handles=True)}: C{sendto} as a socket's."""
 
     def __init__(self, port: MemoryUDPPort) -> None:
         self._port = port
@@ -73,7 +73,7 @@ class MemorySocket:
 
 @implementer(IUDPTransport, IListeningPort)
 class MemoryUDPPort:
-    """A bound UDP port on a :class:`MemoryUDPNetwork`; the transport of its protocol."""
+    """A bound UDP port on a L{MemoryUDPNetwork}; the transport of its protocol."""
 
     def __init__(self, network: MemoryUDPNetwork, address: Address, protocol: AbstractDatagramProtocol) -> None:
         self.network = network
@@ -81,12 +81,12 @@ class MemoryUDPPort:
         self.host, self.port = address
         self.protocol = protocol
         self.written: list[tuple[bytes, Address]] = []
-        #: Set to make ``write`` raise it (a full socket buffer, a firewall's EPERM).
+        #: Set to make C{write} raise it (a full socket buffer, a firewall's EPERM).
         self.fail: Exception | None = None
         self.listening = True
         self._broadcast = False
         self._connected: Address | None = None
-        #: The socket of a port that also provides ``ISystemHandle``.
+        #: The socket of a port that also provides C{ISystemHandle}.
         self.handle: MemorySocket | None = None
         #: Called once the port is closed (the reactor frees the number).
         self.closed: list[Callable[[], None]] = []
@@ -134,13 +134,13 @@ class MemoryUDPPort:
 
 class MemoryNAT:
     """
-    A NAT (or, with ``translate=False``, a firewall that only filters) in
-    front of the ``inside`` hosts, with RFC 4787 ``mapping`` and
-    ``filtering`` behaviour.  New mappings take ports ``first_port``,
-    ``first_port + port_step``, ... (a NAT that hands out ports in sequence);
-    with ``port_preserving`` the first mapping of an inside port keeps it.
-    ``blocked`` drops everything both ways.  ``mappings`` maps
-    ``(inside address, key)`` to the public address, in creation order.
+    A NAT (or, with C{translate=False}, a firewall that only filters) in
+    front of the C{inside} hosts, with RFC 4787 C{mapping} and
+    C{filtering} behaviour.  New mappings take ports C{first_port},
+    C{first_port + port_step}, ... (a NAT that hands out ports in sequence);
+    with C{port_preserving} the first mapping of an inside port keeps it.
+    C{blocked} drops everything both ways.  C{mappings} maps
+    C{(inside address, key)} to the public address, in creation order.
     """
 
     def __init__(
@@ -186,7 +186,7 @@ class MemoryNAT:
         return self.mappings[key]
 
     def outbound(self, source: Address, dest: Address) -> Address | None:
-        """The source a datagram from ``source`` to ``dest`` leaves with (None: dropped); opens the filter."""
+        """The source a datagram from C{source} to C{dest} leaves with (None: dropped); opens the filter."""
         if source[0] not in self.inside:
             return source
         if self.blocked:
@@ -199,7 +199,7 @@ class MemoryNAT:
         return dest[0] == self.public_ip if self.translate else dest[0] in self.inside
 
     def inbound(self, source: Address, dest: Address) -> Address | None:
-        """The inside address a datagram from ``source`` to public ``dest`` goes to (None: filtered)."""
+        """The inside address a datagram from C{source} to public C{dest} goes to (None: filtered)."""
         if self.blocked:
             return None
         inside = self._inside_of.get(dest) if self.translate else dest
@@ -211,11 +211,11 @@ class MemoryNAT:
 
 class MemoryUDPNetwork:
     """
-    UDP ports addressed by ``(host, port)``; ``latency`` seconds one way
-    through ``clock``.  ``drop(source, dest, data)`` returning True loses a
-    datagram; ``nats`` translate and filter on the way.  A port bound to a
+    UDP ports addressed by C{(host, port)}; C{latency} seconds one way
+    through C{clock}.  C{drop(source, dest, data)} returning True loses a
+    datagram; C{nats} translate and filter on the way.  A port bound to a
     wildcard host receives what is sent to its port on any host no other
-    port holds, and sends from ``default_host``.
+    port holds, and sends from C{default_host}.
     """
 
     def __init__(
@@ -237,8 +237,8 @@ class MemoryUDPNetwork:
 
     def listen(self, address: Address, protocol: AbstractDatagramProtocol, handle: bool = False) -> MemoryUDPPort:
         """
-        Bind ``protocol`` to ``address`` (OSError EADDRINUSE when it is
-        taken); with ``handle`` the port also provides ``ISystemHandle``.
+        Bind C{protocol} to C{address} (OSError EADDRINUSE when it is
+        taken); with C{handle} the port also provides C{ISystemHandle}.
         """
         address = (address[0], address[1])
         if address in self.ports:
@@ -287,7 +287,7 @@ class MemoryUDPNetwork:
 
 
 class MemoryTCPSocket:
-    """What :meth:`MemoryUDPReactor.reserve_tcp_port` returns: a held TCP port number, no socket."""
+    """What L{MemoryUDPReactor.reserve_tcp_port} returns: a held TCP port number, no socket."""
 
     def __init__(self, reactor: MemoryUDPReactor, host: str, port: int, listening: bool) -> None:
         self.reactor = reactor
@@ -306,7 +306,7 @@ class MemoryTCPSocket:
 
 @implementer(IListeningPort)
 class MemoryTCPPort:
-    """A listening TCP port of :class:`MemoryUDPReactor` (the factory is in ``tcpServers``)."""
+    """A listening TCP port of L{MemoryUDPReactor} (the factory is in C{tcpServers})."""
 
     def __init__(self, reactor: MemoryUDPReactor, host: str, port: int, factory: Any) -> None:
         self.reactor, self.host, self.port, self.factory = reactor, host, port, factory
@@ -327,13 +327,13 @@ class MemoryTCPPort:
 @implementer(IReactorUDP)
 class MemoryUDPReactor(MemoryReactorClock):
     """
-    ``MemoryReactorClock`` (IReactorTime, IReactorTCP, ... recording) plus
-    ``IReactorUDP`` on ``self.network``, a :class:`MemoryUDPNetwork` whose
-    clock is this reactor.  ``udp`` and ``tcp`` map every address ever
-    bound to its port (``listening`` tells whether it still is); ``taken``
-    holds the ``(kind, host, port)`` in use (add to it to play another
-    program holding a port).  ``handles=True``: UDP ports also provide
-    ``ISystemHandle`` (a :class:`MemorySocket`), as ``udp.Port`` does.
+    C{MemoryReactorClock} (IReactorTime, IReactorTCP, ... recording) plus
+    C{IReactorUDP} on C{self.network}, a L{MemoryUDPNetwork} whose
+    clock is this reactor.  C{udp} and C{tcp} map every address ever
+    bound to its port (C{listening} tells whether it still is); C{taken}
+    holds the C{(kind, host, port)} in use (add to it to play another
+    program holding a port).  C{handles=True}: UDP ports also provide
+    C{ISystemHandle} (a L{MemorySocket}), as C{udp.Port} does.
     """
 
     def __init__(
@@ -384,7 +384,7 @@ class MemoryUDPReactor(MemoryReactorClock):
     def reserve_tcp_port(
         self, port_range: PortRange | None = None, interface: str = "0.0.0.0", listen: bool = True
     ) -> MemoryTCPSocket:
-        """``natbypass.punch.candidates.reserve_tcp_port`` in memory: the first free port of ``port_range``."""
+        """C{natbypass.punch.candidates.reserve_tcp_port} in memory: the first free port of C{port_range}."""
         for port in port_range if port_range is not None else (0,):
             try:
                 number = self._take("tcp", interface, port)
@@ -396,7 +396,7 @@ class MemoryUDPReactor(MemoryReactorClock):
         raise CandidateError(f"no free TCP port in {port_range} on {interface}")
 
     def refuse_tcp_connections(self) -> int:
-        """Fail every pending ``connectTCP`` with ConnectionRefusedError (nobody listens in memory); how many."""
+        """Fail every pending C{connectTCP} with ConnectionRefusedError (nobody listens in memory); how many."""
         pending, self.tcpClients = self.tcpClients, []
         for host, port, factory, _timeout, _bind in pending:
             factory.clientConnectionFailed(None, Failure(ConnectionRefusedError(host, port)))
