@@ -52,10 +52,17 @@ class IPeerConnection(Interface):
         '"datagram" (message boundaries kept, may be lost or reordered) or "stream" (an ordered, reliable byte stream).'
     )
     secure = Attribute(
-        "True when data is encrypted and authenticated end to end.  The bare "
-        "punched paths only authenticate their own control packets and frame "
-        "data with the session; a TLS/QUIC layer on top sets this to True."
+        "True: data is encrypted and authenticated end to end (TLS 1.3 on the TCP path, QUIC on the UDP "
+        "path), both sides proven by their pinned identity keys.  Every connection an application is "
+        "handed is secure; there is no public way to send data unencrypted."
     )
+    peer_fingerprint = Attribute(
+        "The L{natbypass.identity.Fingerprint} of the key the peer proved it holds in the handshake."
+    )
+    cipher = Attribute(
+        'What protects the path, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384" or "QUICv1 TLS_AES_128_GCM_SHA256".'
+    )
+    handshake_ms = Attribute("How long the secure handshake took, in ms, from the punched path to both sides proven.")
     role = Attribute(
         "0 or 1, agreed by both sides without a round trip (the lower peer id "
         "is 0).  A layer on top uses it to pick who plays client: role 0 is "
@@ -108,6 +115,22 @@ class IIncomingHandler(Interface):
 
     def connectionArrived(connection: IPeerConnection) -> None:
         """A peer connected to us; C{connection} is ready for C{setReceiver}."""
+
+
+class IPeerApprover(Interface):
+    """
+    Decides which peers may connect to us, before anything is punched.
+
+    An L{IIncomingHandler} may provide it too; C{IPeer.listen} then asks it.
+    """
+
+    def approvePeer(peer_id: str, fingerprint):
+        """
+        May C{peer_id}, whose registered key has C{fingerprint} (a
+        L{natbypass.identity.Fingerprint}), connect?  Return a bool, or a
+        Deferred that fires with one.  The handshake later proves the peer
+        holds that key, so approving a fingerprint approves only its holder.
+        """
 
 
 class IPeer(Interface):
