@@ -1,21 +1,22 @@
 """
-The test matrix: ``nox`` (the README's test command runs it from a venv).
+The test matrix: C{nox} (the README's test command runs it from a venv).
 
-- ``package``: builds the sdist, then the wheel from it (``python -m build``),
+- C{lint}: C{ruff check} and C{ruff format --check} (ruff.toml), with a pinned ruff.
+- C{package}: builds the sdist, then the wheel from it (C{python -m build}),
   checks what each carries, installs the wheel into a clean venv and checks
-  that ``twistd --help`` lists both plugins and ``natbypass mediator --help``
+  that C{twistd --help} lists both plugins and C{natbypass mediator --help}
   shows the plugin's options.
-- ``tests-3.11``, ``tests-3.12``, ``tests-3.13`` (the versions setup.cfg's
+- C{tests-3.11}, C{tests-3.12}, C{tests-3.13} (the versions setup.cfg's
   classifiers name): the suite, with trial from the source tree, in a venv
-  with the wheel and the ``test`` extra.  The NAT-lab tests (root only) run in
-  one of them: the one on the Python that runs nox, i.e. the ``python3`` that
-  made ``.venv``; the others skip those modules.  A version with no interpreter
-  on PATH or under ``$PYENV_ROOT/versions`` is skipped (an error when ``CI`` is
+  with the wheel and the C{test} extra.  The NAT-lab tests (root only) run in
+  one of them: the one on the Python that runs nox, i.e. the C{python3} that
+  made C{.venv}; the others skip those modules.  A version with no interpreter
+  on PATH or under C{$PYENV_ROOT/versions} is skipped (an error when C{CI} is
   set, as nox does by default).
-- ``summary``: one line per version, then ``tests: N passed, N failed, N skipped``
+- C{summary}: one line per version, then C{tests: N passed, N failed, N skipped}
   over all of them.
 
-Interpreters are never downloaded (``download_python = "never"``).
+Interpreters are never downloaded (C{download_python = "never"}).
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ from pathlib import Path
 import nox
 
 HERE = Path(__file__).resolve().parent
-nox.options.sessions = ["package", "tests", "summary"]
+nox.options.sessions = ["lint", "package", "tests", "summary"]
+#: The ruff the tree is formatted and linted with (a newer one may format differently).
+RUFF = "ruff==0.17.6"
 nox.options.default_venv_backend = "venv"
 nox.options.download_python = "never"
 nox.options.reuse_existing_virtualenvs = False
 
 
 def supported_versions() -> list[str]:
-    """``3.X`` for each ``Programming Language :: Python :: 3.X`` classifier in setup.cfg."""
+    """C{3.X} for each C{Programming Language :: Python :: 3.X} classifier in setup.cfg."""
     cfg = configparser.ConfigParser()
     cfg.read(HERE / "setup.cfg")
     return re.findall(r"Programming Language :: Python :: (3\.\d+)\s*$", cfg["metadata"]["classifiers"], re.M)
@@ -72,7 +75,7 @@ def _runs(python: str) -> bool:
 
 def _offer_pyenv_versions() -> None:
     """
-    Put ``pythonX.Y`` of pyenv's installed versions on PATH (through a directory
+    Put C{pythonX.Y} of pyenv's installed versions on PATH (through a directory
     of links, so nothing else of pyenv's comes first) for each supported version
     that PATH does not already run: pyenv's shims only run the selected version.
     """
@@ -110,12 +113,23 @@ def _wheel(session: nox.Session) -> Path:
     return _built["wheel"]
 
 
+@nox.session
+def lint(session: nox.Session) -> None:
+    """The linter and the formatter's check over the whole tree."""
+    session.install(RUFF)
+    session.run("ruff", "check", str(HERE))
+    session.run("ruff", "format", "--check", str(HERE))
+
+
 @nox.session(python=False)
 def package(session: nox.Session) -> None:
     """Build sdist and wheel; install the wheel into a clean venv; twistd must see both plugins."""
     venv = _scratch("natbypass-build-")
     session.run(sys.executable, "-m", "venv", str(venv / "build"))
-    build_env = {"PATH": f"{venv / 'build' / 'bin'}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(venv / "build")}
+    build_env = {
+        "PATH": f"{venv / 'build' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "VIRTUAL_ENV": str(venv / "build"),
+    }
     out = venv / "dist"
     session.run("python", "-m", "pip", "install", "-q", "build", env=build_env, external=True)
     session.run("python", "-m", "build", "--outdir", str(out), str(HERE), env=build_env, external=True)
@@ -131,9 +145,7 @@ def _lab_here(session: nox.Session) -> bool:
 
 
 def _unit_modules() -> list[str]:
-    return sorted(
-        f"tests.{p.stem}" for p in (HERE / "tests").glob("test_*.py") if not p.stem.startswith(LAB_MODULES)
-    )
+    return sorted(f"tests.{p.stem}" for p in (HERE / "tests").glob("test_*.py") if not p.stem.startswith(LAB_MODULES))
 
 
 @nox.session(python=SUPPORTED)
@@ -143,10 +155,18 @@ def tests(session: nox.Session) -> None:
     session.install(f"{_wheel(session)}[test]")
     lab = _lab_here(session)
     names = ["tests"] if lab else _unit_modules()
-    session.log("NAT-lab tests: " + ("included (the Python running nox)" if lab else "skipped (run on the Python running nox)"))
+    session.log(
+        "NAT-lab tests: " + ("included (the Python running nox)" if lab else "skipped (run on the Python running nox)")
+    )
     summary = Path(tempfile.mkstemp(prefix="natbypass-summary-")[1])
-    session.run("bash", str(HERE / ".ci" / "test"), *names, env={"NATBYPASS_TEST_SUMMARY": str(summary)},
-                external=True, success_codes=range(256))
+    session.run(
+        "bash",
+        str(HERE / ".ci" / "test"),
+        *names,
+        env={"NATBYPASS_TEST_SUMMARY": str(summary)},
+        external=True,
+        success_codes=range(256),
+    )
     text = summary.read_text().split()
     summary.unlink()
     passed, failed, skipped, status = (int(n) for n in text) if len(text) == 4 else (0, 1, 0, 1)

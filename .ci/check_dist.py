@@ -32,11 +32,20 @@ def check(sdist: Path, wheel: Path, venv: Path) -> list[str]:
     problems: list[str] = []
     with tarfile.open(sdist) as tar:
         top = tar.getnames()[0].split("/")[0]
-        src = {n[len(top) + 1:] for n in tar.getnames() if n.startswith(top + "/")}
+        src = {n[len(top) + 1 :] for n in tar.getnames() if n.startswith(top + "/")}
     with zipfile.ZipFile(wheel) as whl:
         built = set(whl.namelist())
-    for needed in (PLUGIN, "README.md", "MANIFEST.in", "noxfile.py", "docs/protocol.md", "tests/__init__.py",
-                   "tests/test_cli.py", ".ci/test", "natbypass/app/run.py"):
+    for needed in (
+        PLUGIN,
+        "README.md",
+        "MANIFEST.in",
+        "noxfile.py",
+        "docs/protocol.md",
+        "tests/__init__.py",
+        "tests/test_cli.py",
+        ".ci/test",
+        "natbypass/app/run.py",
+    ):
         if needed not in src:
             problems.append(f"sdist lacks {needed}")
     if not any(n.startswith("docs/") for n in src) or sum(n.startswith("tests/test_") for n in src) < 10:
@@ -63,22 +72,31 @@ def check(sdist: Path, wheel: Path, venv: Path) -> list[str]:
     helped = subprocess.run([str(venv / "bin" / "twistd"), "--help"], **run)
     for plugin in ("natbypass-mediator", "natbypass-peer"):
         if plugin not in helped.stdout:
-            problems.append(f"twistd --help in a clean venv does not list {plugin}: {helped.stdout[-2000:]}{helped.stderr[-2000:]}")
+            problems.append(
+                f"twistd --help in a clean venv does not list {plugin}: {helped.stdout[-2000:]}{helped.stderr[-2000:]}"
+            )
     caches = list((venv / "lib").glob("python3*/site-packages/twisted/plugins/dropin.cache"))
     if len(caches) != 1:
         problems.append(f"no plugin cache next to the installed plugin: {caches}")
     else:
         before = caches[0].stat().st_mtime_ns
         listed = subprocess.run(
-            [str(venv / "bin" / "python"), "-c",
-             "import twisted.plugins as p; from twisted.plugin import getCache; print(sorted(getCache(p)))"], **run)
+            [
+                str(venv / "bin" / "python"),
+                "-c",
+                "import twisted.plugins as p; from twisted.plugin import getCache; print(sorted(getCache(p)))",
+            ],
+            **run,
+        )
         if "natbypass_plugins" not in listed.stdout:
             problems.append(f"the plugin cache does not name natbypass_plugins: {listed.stdout}{listed.stderr}")
         if caches[0].stat().st_mtime_ns != before:
             problems.append("the plugin cache was rewritten by a second lookup (stale after twistd --help)")
     mediator = subprocess.run([str(venv / "bin" / "natbypass"), "mediator", "--help"], **run)
     if mediator.returncode != 0 or "--stun-alternate" not in mediator.stdout:
-        problems.append(f"natbypass mediator --help: {mediator.returncode} {mediator.stdout[-1000:]}{mediator.stderr[-1000:]}")
+        problems.append(
+            f"natbypass mediator --help: {mediator.returncode} {mediator.stdout[-1000:]}{mediator.stderr[-1000:]}"
+        )
     return problems
 
 

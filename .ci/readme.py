@@ -8,9 +8,10 @@ C{check-setup} runs the set-up command with C{bash -c} in CHECKOUT (a fresh
 checkout: C{.ci/run} makes one), with PATH putting the distribution's
 C{/usr/bin/python3} first, in a process group of its own.  Once the mediator
 answers a STUN Binding request on UDP 127.0.0.1:3478 and sends its greeting
-line on TCP 127.0.0.1:7000 (its default ports), the group gets SIGTERM (SIGKILL
-after 20 s); the check fails if the mediator did not stop cleanly (exit
-status 0 or 143, twistd.pid removed) or if any process of the group is left.  It needs the two ports free, and at most
+line on TCP 127.0.0.1:7000 (its default ports), twistd gets SIGTERM (by the pid
+in C{twistd.pid}; the group gets SIGKILL after 20 s).  The check fails if the
+mediator did not stop cleanly (exit status 0 or 143, C{twistd.pid} removed) or
+if any process of the group is left.  It needs the two ports free, and at most
 C{--timeout} seconds (default 600: the command installs from PyPI).
 """
 
@@ -106,8 +107,11 @@ def check_setup(checkout: Path, timeout: float) -> int:
     if not Path("/usr/bin/python3").exists():
         print("readme: no /usr/bin/python3 (the distribution's Python)", file=sys.stderr)
         return 1
-    busy = [f"{n} {a[1]}" for n, k, a in (("UDP", socket.SOCK_DGRAM, STUN), ("TCP", socket.SOCK_STREAM, SIGNAL))
-            if not port_free(k, a)]
+    busy = [
+        f"{n} {a[1]}"
+        for n, k, a in (("UDP", socket.SOCK_DGRAM, STUN), ("TCP", socket.SOCK_STREAM, SIGNAL))
+        if not port_free(k, a)
+    ]
     if busy:
         print(f"readme: ports in use ({', '.join(busy)}): the mediator's defaults must be free", file=sys.stderr)
         return 1
@@ -128,10 +132,15 @@ def check_setup(checkout: Path, timeout: float) -> int:
         if proc.poll() is not None:
             problems.append(f"the command ended with status {proc.returncode} before the mediator answered")
         elif not (stun_ok and hello):
-            problems.append(f"no STUN answer / greeting after {timeout:.0f} s (STUN: {bool(stun_ok)}, greeting: {hello})")
+            problems.append(
+                f"no STUN answer / greeting after {timeout:.0f} s (STUN: {bool(stun_ok)}, greeting: {hello})"
+            )
         else:
-            print(f"readme: after {time.monotonic() - started:.0f} s the mediator answered a STUN Binding request "
-                  f"on UDP 3478 and greeted on TCP 7000: {json.dumps(hello)}", flush=True)
+            print(
+                f"readme: after {time.monotonic() - started:.0f} s the mediator answered a STUN Binding request "
+                f"on UDP 3478 and greeted on TCP 7000: {json.dumps(hello)}",
+                flush=True,
+            )
             if hello.get("op") != "hello":
                 problems.append(f"unexpected greeting {hello}")
     finally:

@@ -2,10 +2,10 @@
 """
 Time to connect through real NATs, measured in the NAT lab.
 
-For each pair of NAT types and each protocol, run C{natbypass connect}
-ROUNDS times and report the median of its C{elapsed_ms} (from the
-command's start to the C{connected} event; interpreter start-up before that
-is reported apart as C{wall}).  Every site link gets DELAY ms each way, so
+For each pair of NAT types and each protocol, run `natbypass connect`
+ROUNDS times and report the median of its `elapsed_ms` (from the
+command's start to the `connected` event; interpreter start-up before that
+is reported apart as `wall`).  Every site link gets DELAY ms each way, so
 with the default 25 ms the mediator RTT is 50 ms and the peer-to-peer RTT
 100 ms.
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """
-Build a NAT lab with every behaviour, run C{natbypass detect} (UDP + --tcp)
-and coturn's C{turnutils_natdiscovery -m -f -H} in each site against the
-mediator's RFC 5780 responder (C{twistd natbypass-mediator}), next to the
+Build a NAT lab with every behaviour, run `natbypass detect` (UDP + --tcp)
+and coturn's `turnutils_natdiscovery -m -f -H` in each site against the
+mediator's RFC 5780 responder (`twistd natbypass-mediator`), next to the
 lab's own plain-socket probes, and print the markdown table.
 
     sudo python3 bench/lab_detect_table.py             # print the table

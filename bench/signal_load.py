@@ -4,13 +4,13 @@ mediator from one loopback source address, then, on command, drives offers
 between its own peers at a fixed rate and measures the latencies.
 
 Driven by bench/signal_bench.py over stdin/stdout:
-    stdout: C{REGISTERED n}            once every peer is registered
-    stdin:  C{GO <offers/s> <seconds>} then stdout C{RESULT <json>}
-    stdin:  C{QUIT}
+    stdout: `REGISTERED n`            once every peer is registered
+    stdin:  `GO <offers/s> <seconds>` then stdout `RESULT <json>`
+    stdin:  `QUIT`
 
 Peers are minimal (the codec, no ClientService) so the generator costs little
 CPU next to the mediator on the same machine.  Latencies use
-C{time.perf_counter} (this is a measuring tool, not protocol logic).
+`time.perf_counter` (this is a measuring tool, not protocol logic).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.protocols.basic import LineReceiver
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from natbypass.identity import Identity  # noqa: E402
 from natbypass.nat import NatSummary  # noqa: E402
 from natbypass.signaling import wire  # noqa: E402
 from natbypass.signaling.wire import (  # noqa: E402
@@ -59,6 +60,9 @@ def _template(msg, **placeholders: str) -> bytes:
         line = line.replace(f'"{marker}"'.encode(), b'"%s"')
     return line
 
+
+#: One identity key for every simulated peer (a key may own many ids); each registration still signs its nonce.
+IDENTITY = Identity.generate()
 
 CONNECT = _template(Connect(0, "PEERMARK", DESC), peer="PEERMARK")
 ACCEPT = _template(Accept(0, "OFFERMARK", DESC), offer="OFFERMARK")
@@ -103,8 +107,13 @@ class BenchPeer(LineReceiver):
         elif op == "session":
             self.gen.session_arrived(self.name if msg["role"] == "controlling" else msg["peer"])
         elif op == "hello":
-            self.send(Hello(1, 1))
-            self.send(Register(2, self.name))
+            nonce = wire.b64url_decode(msg["nonce"], "nonce", *wire.NONCE_RANGE)
+            self.send(Hello(1, max(wire.VERSIONS)))
+            self.send(
+                Register(
+                    2, self.name, IDENTITY.public_bytes(), IDENTITY.sign_registration(nonce, self.name), None, True
+                )
+            )
         elif op == "registered":
             self.gen.registered(self)
         elif op == "error":

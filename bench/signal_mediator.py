@@ -3,10 +3,10 @@ Run only the signalling half of the mediator, for the benchmark.
 
     python3 bench/signal_mediator.py --signal tcp:0:interface=127.0.0.1:backlog=4096
 
-Prints C{LISTENING <port>} once bound.  Limits are off (the load generator
+Prints `LISTENING <port>` once bound.  Limits are off (the load generator
 opens thousands of connections from one address); logs go to stderr at
-warning level unless C{--log-file} asks for the full info-level log that
-C{twistd} would write.
+warning level unless `--log-file` asks for the full info-level log that
+`twistd` would write.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 STUN responder benchmark: valid Binding responses per second on one core.
 
 Each server under test runs alone, in its own process pinned to one core
-(C{taskset -c SERVER_CPU}); the load generator runs in this process, pinned
+(`taskset -c SERVER_CPU`); the load generator runs in this process, pinned
 to another core.  Loopback only (127.0.0.1, and 127.0.0.2 for RFC 5780).
 
 Servers:
@@ -28,7 +28,7 @@ not the bottleneck.
     python3 bench/stun_bench.py --servers natbypass --duration 10
     python3 bench/stun_bench.py --profile /tmp/stun.pstats --servers natbypass
 
-Internal: C{stun_bench.py serve KIND --port P} runs one server.
+Internal: `stun_bench.py serve KIND --port P` runs one server.
 """
 
 from __future__ import annotations

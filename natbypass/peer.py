@@ -35,6 +35,7 @@ from zope.interface import implementer
 from natbypass import selection
 from natbypass._deprecate import deprecated_alias
 from natbypass.address import is_wildcard
+from natbypass.identity import Fingerprint, Identity
 from natbypass.interfaces import IIncomingHandler, IPeer, IPeerConnection
 from natbypass.nat import NatSummary
 from natbypass.punch import candidates, race, tcp
@@ -172,11 +173,17 @@ class Peer(MultiService):
         config: PeerConfig = PeerConfig(),
         clock: IReactorTime | None = None,
         reserve_tcp_port: Callable[[PortRange | None, str], socket.socket] = candidates.reserve_tcp_port,
+        identity: Identity | None = None,
     ) -> None:
         """
         C{reactor} binds every UDP port and makes every TCP connection;
         C{reserve_tcp_port} holds the TCP ports punched from (tests pass an
         in-memory reactor and its C{reserve_tcp_port}, see natbypass.testing).
+
+        @param identity: the key this peer registers its id with (the
+            mediator binds the id to it); None: an ephemeral key made now,
+            so the id is bound to this process only (use
+            L{natbypass.identity.load_or_create} to keep it).
         """
         super().__init__()
         self.reactor = reactor
@@ -186,7 +193,16 @@ class Peer(MultiService):
         self.stun_server = stun_server
         self.wish = parse_wish(protocol)
         self.config = config
-        self.signaling = SignalingClient(mediator, peer_id, clock=self.clock, token=token)
+        if identity is None:
+            identity = Identity.generate()
+            self.log.info(
+                "peer {peer_id}: no identity given, using the ephemeral key {fingerprint}",
+                peer_id=peer_id,
+                fingerprint=str(identity.fingerprint),
+            )
+        #: The identity key this peer registers with and authenticates with.
+        self.identity: Identity = identity
+        self.signaling = SignalingClient(mediator, peer_id, clock=self.clock, token=token, identity=identity)
         self.signaling.setServiceParent(self)
         self.signaling.setOfferHandler(self._offered)
         self.signaling.setSessionHandler(self._accepted_session)
@@ -285,6 +301,11 @@ class Peer(MultiService):
                 d.addCallback(lambda _, udp=ports.udp: udp.close())
         self._offer_ports.clear()
         return d
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        """The fingerprint of this peer's identity key (what the mediator binds its id to)."""
+        return self.identity.fingerprint
 
     def whenReady(self) -> Deferred[None]:
         """Fires once the mapped addresses are known and the mediator registration is up."""

@@ -1,6 +1,6 @@
 """
 Tests for natbypass.app.cli (the dispatcher) and natbypass.app.run
-(``natbypass mediator`` / ``natbypass peer``: a twistd plugin's service in the
+(C{natbypass mediator} / C{natbypass peer}: a twistd plugin's service in the
 foreground).  No sockets: the services run on an in-memory reactor.
 """
 
@@ -39,7 +39,7 @@ def run(name: str, *argv: str, reactor: MemoryUDPReactor | None = None) -> tuple
 
 class DispatchTests(SynchronousTestCase):
     def test_every_subcommand_resolves(self) -> None:
-        """Each entry names an importable module and a callable (``run`` unless ``module:function``)."""
+        """Each entry names an importable module and a callable (C{run} unless C{module:function})."""
         for name, (target, help_) in cli.SUBCOMMANDS.items():
             module_name, _, function = target.partition(":")
             self.assertTrue(callable(getattr(importlib.import_module(module_name), function or "run")), name)
@@ -53,7 +53,7 @@ class DispatchTests(SynchronousTestCase):
 
 class SamePluginTests(SynchronousTestCase):
     def test_the_twistd_plugins_modules(self) -> None:
-        """``natbypass NAME`` uses the module the twistd plugin's ServiceMaker names."""
+        """C{natbypass NAME} uses the module the twistd plugin's ServiceMaker names."""
         makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
         for name, (tapname, module_name) in runner.PLUGINS.items():
             self.assertIn(tapname, makers, name)
@@ -141,7 +141,7 @@ class ServeTests(SynchronousTestCase):
         self.assertFalse(service.running)
 
     def test_stun_service_is_the_plugins(self) -> None:
-        """The service tree is makeService's: STUN as ``stun`` and signalling as ``signal``."""
+        """The service tree is makeService's: STUN as C{stun} and signalling as C{signal}."""
         reactor = MemoryUDPReactor()
         options = runner.parse("mediator", MEDIATOR_ARGS, io.StringIO(), io.StringIO())
         assert not isinstance(options, int)

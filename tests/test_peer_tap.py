@@ -1,11 +1,14 @@
 """The natbypass-peer twistd plugin: options are checked, makeService builds an unstarted Peer."""
 
+import os
+
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from natbypass.app import peer_tap
+from natbypass.identity import read_identity
 from natbypass.interfaces import IPeer
 from natbypass.punch.candidates import PortRange
 
@@ -52,8 +55,19 @@ class PeerTapTests(SynchronousTestCase):
             self.assertIn(message, str(caught.exception), argv)
 
     def test_make_service(self) -> None:
-        o = self.parse("--mediator", "tcp:198.18.0.2:7000", "--id", "bob")
+        path = os.path.join(self.mktemp(), "identity.pem")
+        o = self.parse("--mediator", "tcp:198.18.0.2:7000", "--id", "bob", "--identity", path)
         service = peer_tap.makeService(o, MemoryReactorClock())
         self.assertTrue(verifyObject(IPeer, service))
         self.assertEqual(service.peer_id, "bob")
         self.assertFalse(service.running)
+        # the key is made at --identity, and kept across restarts
+        self.assertEqual(service.fingerprint, read_identity(path).fingerprint)
+        again = peer_tap.makeService(o, MemoryReactorClock())
+        self.assertEqual(again.fingerprint, service.fingerprint)
+        self.assertIs(service.signaling.identity, service.identity)
+
+    def test_identity_defaults_to_none(self) -> None:
+        """Unset, make_peer uses natbypass.identity.default_identity_path() (resolved when the peer is made)."""
+        o = self.parse("--mediator", "tcp:198.18.0.2:7000", "--id", "bob")
+        self.assertIsNone(o["identity"])

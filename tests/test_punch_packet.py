@@ -15,6 +15,7 @@ from natbypass.punch.packet import (
     encode,
     verify,
 )
+from natbypass.secure.quic import is_quic  # the mux's other test
 from natbypass.stun.message import is_stun  # the mux's test, the one both codecs are built around
 
 KEY = bytes(range(32))
@@ -26,15 +27,12 @@ u64 = st.integers(min_value=0, max_value=2**64 - 1)
 
 @st.composite
 def packets(draw):
-    t = draw(types)
-    payload = draw(st.binary(max_size=200)) if t == PacketType.DATA else b""
     return dict(
-        type_=t,
+        type_=draw(types),
         role=draw(st.integers(0, 1)),
         session_id=draw(session_ids),
         nonce=draw(u64),
         echo=draw(u64),
-        payload=payload,
     )
 
 
@@ -44,7 +42,7 @@ class LayoutTests(SynchronousTestCase):
         data = encode(PacketType.PROBE, 1, b"s1", 0x0102030405060708, KEY)
         self.assertEqual(
             data[:-16],
-            bytes([0xCE, 1, 1, 1, 2])  # magic, version, PROBE, role 1, sid length 2
+            bytes([0xCE, 2, 1, 1, 2])  # magic, version 2, PROBE, role 1, sid length 2
             + b"s1"
             + bytes.fromhex("0102030405060708")  # nonce
             + bytes(8),  # echo
@@ -54,7 +52,7 @@ class LayoutTests(SynchronousTestCase):
     def test_first_byte_never_stun(self) -> None:
         """The demux rule: STUN's first two bits are 00, ours are 11."""
         self.assertEqual(MAGIC & 0xC0, 0xC0)
-        self.assertFalse(is_stun(encode(PacketType.DATA, 0, b"x" * 4, 1, KEY, payload=b"\x21\x12\xa4\x42" * 8)))
+        self.assertFalse(is_stun(encode(PacketType.PROBE, 0, b"x" * 4, 0x2112A442, KEY, echo=0x2112A442)))
 
     def test_is_stun(self) -> None:
         binding = bytes.fromhex("0001 0000 2112a442") + bytes(12)
@@ -62,8 +60,22 @@ class LayoutTests(SynchronousTestCase):
         self.assertFalse(is_stun(binding[:19]))
         self.assertFalse(is_stun(bytes.fromhex("0001 0000 2112a443") + bytes(12)))
 
-    def test_payload_only_on_data(self) -> None:
-        self.assertRaises(ValueError, encode, PacketType.PROBE, 0, b"s", 1, KEY, payload=b"x")
+    def test_only_probe_and_ack(self) -> None:
+        """Types 3..6 (keepalives, data, close) are gone: QUIC carries them now."""
+        self.assertEqual(list(PacketType), [PacketType.PROBE, PacketType.ACK])
+        data = bytearray(encode(PacketType.PROBE, 0, b"s", 1, KEY))
+        for old in (3, 4, 5, 6):
+            data[2] = old
+            self.assertRaises(PunchDecodeError, decode, bytes(data))
+
+    def test_version_1_rejected(self) -> None:
+        data = bytearray(encode(PacketType.PROBE, 0, b"s", 1, KEY))
+        data[1] = 1
+        self.assertRaises(PunchDecodeError, decode, bytes(data))
+
+    def test_nonce_range(self) -> None:
+        self.assertRaises(ValueError, encode, PacketType.PROBE, 0, b"s", 2**64, KEY)
+        self.assertRaises(ValueError, encode, PacketType.ACK, 0, b"s", 1, KEY, echo=-1)
 
     def test_bad_role_and_session(self) -> None:
         self.assertRaises(ValueError, encode, PacketType.PROBE, 2, b"s", 1, KEY)
@@ -75,9 +87,11 @@ class LayoutTests(SynchronousTestCase):
         data[3] |= 0x80
         self.assertRaises(PunchDecodeError, decode, bytes(data))
 
-    def test_payload_on_probe_rejected(self) -> None:
+    def test_trailing_bytes_rejected(self) -> None:
         data = encode(PacketType.PROBE, 0, b"s", 1, KEY)
         self.assertRaises(PunchDecodeError, decode, data[:-16] + b"x" + data[-16:])
+        self.assertRaises(PunchDecodeError, decode, data + b"x")
+        self.assertRaises(PunchDecodeError, decode, data[:-1])
 
 
 class PropertyTests(SynchronousTestCase):
@@ -87,10 +101,12 @@ class PropertyTests(SynchronousTestCase):
         data = encode(key=KEY, **fields)
         p = decode(data)
         self.assertEqual(
-            (p.type, p.role, p.session_id, p.nonce, p.echo, p.payload),
-            (fields["type_"], fields["role"], fields["session_id"], fields["nonce"], fields["echo"], fields["payload"]),
+            (p.type, p.role, p.session_id, p.nonce, p.echo),
+            (fields["type_"], fields["role"], fields["session_id"], fields["nonce"], fields["echo"]),
         )
         self.assertTrue(verify(p, KEY))
+        self.assertFalse(is_quic(data), "the mux must never take a punch packet for QUIC")
+        self.assertFalse(is_stun(data))
 
     @settings(deadline=None)  # shared CPUs: timing is not what is tested
     @given(packets(), st.binary(min_size=16, max_size=64))

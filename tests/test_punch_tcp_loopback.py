@@ -8,13 +8,20 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from natbypass.identity import Identity
 from natbypass.interfaces import IPeerReceiver
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.tcp import hello_frame, punch_tcp, reusable_socket
+from natbypass.secure import ChannelSecurity
+from natbypass.trust import pinned
 
 KEY = b"k" * 32
 S0 = PunchSession("sess-7", KEY, 0, peer_id="bob")
 S1 = PunchSession("sess-7", KEY, 1, peer_id="alice")
+ALICE, BOB, MALLORY = Identity.generate(), Identity.generate(), Identity.generate()
+#: Role 0 is alice, role 1 is bob; each pins the other.
+SEC0 = ChannelSecurity(ALICE, pinned(BOB.fingerprint))
+SEC1 = ChannelSecurity(BOB, pinned(ALICE.fingerprint))
 
 
 @implementer(IPeerReceiver)
@@ -66,10 +73,15 @@ class LoopbackTests(TestCase):
         a1 = ("127.0.0.1", _port(l1))
         c0, c1 = yield defer.gatherResults(
             [
-                punch_tcp(reactor, S0, a0, [a1], start_delay=0.01, listener=l0, window=3),
-                punch_tcp(reactor, S1, a1, [a0], start_delay=0.01, listener=l1, window=3),
+                punch_tcp(reactor, S0, a0, [a1], start_delay=0.01, listener=l0, window=3, security=SEC0),
+                punch_tcp(reactor, S1, a1, [a0], start_delay=0.01, listener=l1, window=3, security=SEC1),
             ]
         )
+        self.assertEqual(
+            (c0.secure, c0.peer_fingerprint, c1.peer_fingerprint), (True, BOB.fingerprint, ALICE.fingerprint)
+        )
+        self.assertTrue(c0.cipher.startswith("TLSv1.3 TLS_"), c0.cipher)
+        self.assertGreater(c0.handshake_ms, 0)
         self.assertEqual((c0.local_address.port, c1.local_address.port), (a0[1], a1[1]))
         self.assertEqual((c0.remote_address.port, c1.remote_address.port), (a1[1], a0[1]))
         yield self.exchange(c0, c1)
@@ -83,8 +95,8 @@ class LoopbackTests(TestCase):
         a0, a1 = ("127.0.0.1", _port(l0)), ("127.0.0.1", _port(holder))
         c0, c1 = yield defer.gatherResults(
             [
-                punch_tcp(reactor, S0, a0, [a1], listener=l0, window=3),
-                punch_tcp(reactor, S1, a1, [a0], start_delay=0.2, window=3),
+                punch_tcp(reactor, S0, a0, [a1], listener=l0, window=3, security=SEC0),
+                punch_tcp(reactor, S1, a1, [a0], start_delay=0.2, window=3, security=SEC1),
             ]
         )
         self.assertEqual(c1.local_address.port, a1[1])
@@ -97,9 +109,9 @@ class LoopbackTests(TestCase):
         a0, a1 = ("127.0.0.1", _port(l0)), ("127.0.0.1", _port(l1))
         evil = socket.create_connection(a0)
         self.addCleanup(evil.close)
-        evil.sendall(hello_frame(PunchSession("sess-7", b"e" * 32, 1), b"9" * 16))
-        d0 = punch_tcp(reactor, S0, a0, [a1], start_delay=0.3, listener=l0, window=3)
-        d1 = punch_tcp(reactor, S1, a1, [a0], start_delay=0.3, listener=l1, window=3)
+        evil.sendall(hello_frame(PunchSession("sess-7", b"e" * 32, 1), b"9" * 16, b"0" * 16))
+        d0 = punch_tcp(reactor, S0, a0, [a1], start_delay=0.3, listener=l0, window=3, security=SEC0)
+        d1 = punch_tcp(reactor, S1, a1, [a0], start_delay=0.3, listener=l1, window=3, security=SEC1)
         c0, c1 = yield defer.gatherResults([d0, d1])
         self.assertEqual(c0.remote_address.port, a1[1])
         yield self.exchange(c0, c1)
@@ -109,10 +121,23 @@ class LoopbackTests(TestCase):
         holder = reusable_socket(("127.0.0.1", 0))
         self.addCleanup(holder.close)
         l0 = self.listener()
-        d = punch_tcp(reactor, S0, ("127.0.0.1", _port(l0)), [("127.0.0.1", _port(holder))], window=0.5)
+        d = punch_tcp(reactor, S0, ("127.0.0.1", _port(l0)), [("127.0.0.1", _port(holder))], window=0.5, security=SEC0)
         f = yield self.assertFailure(d, PunchFailed)
         self.assertIn("ECONNREFUSED", f.reason)
         self.assertIn("within 0.5 s", f.reason)
+
+    @defer.inlineCallbacks
+    def test_wrong_key_refused(self):
+        """Over real sockets, a peer with another key than the pinned one fails both attempts, saying why."""
+        l0, l1 = self.listener(), self.listener()
+        a0, a1 = ("127.0.0.1", _port(l0)), ("127.0.0.1", _port(l1))
+        mallory = ChannelSecurity(MALLORY, pinned(ALICE.fingerprint))
+        d0 = punch_tcp(reactor, S0, a0, [a1], start_delay=0.01, listener=l0, window=3, security=SEC0)
+        d1 = punch_tcp(reactor, S1, a1, [a0], start_delay=0.01, listener=l1, window=3, security=mallory)
+        f0 = yield self.assertFailure(d0, PunchFailed)
+        f1 = yield self.assertFailure(d1, PunchFailed)
+        self.assertIn(f"the peer's key is {MALLORY.fingerprint}, expected {BOB.fingerprint}", f0.reason)
+        self.assertIn(str(MALLORY.fingerprint), f1.reason)
 
 
 # Run inside a private network namespace whose loopback drops every TCP RST,
@@ -123,19 +148,26 @@ class LoopbackTests(TestCase):
 _NETNS_SCRIPT = r"""
 import json, sys
 from twisted.internet import defer, reactor, task
+from natbypass.identity import Identity
 from natbypass.punch.candidates import reserve_tcp_port
 from natbypass.punch.session import PunchSession
 from natbypass.punch.tcp import punch_tcp
+from natbypass.secure import ChannelSecurity
+from natbypass.trust import pinned
 
 KEY = b"k" * 32
+ids = [Identity.generate() for _ in range(2)]
+sec0, sec1 = ChannelSecurity(ids[0], pinned(ids[1].fingerprint)), ChannelSecurity(ids[1], pinned(ids[0].fingerprint))
 holders = [reserve_tcp_port(None, "127.0.0.1", listen=False) for _ in range(2)]
 a0, a1 = [("127.0.0.1", h.getsockname()[1]) for h in holders]
 
 @defer.inlineCallbacks
 def main(reactor):
     t0 = reactor.seconds()
-    d0 = punch_tcp(reactor, PunchSession("s", KEY, 0), a0, [a1], start_delay=0.0, window=3, connect_timeout=2)
-    d1 = punch_tcp(reactor, PunchSession("s", KEY, 1), a1, [a0], start_delay=0.15, window=3, connect_timeout=2)
+    d0 = punch_tcp(reactor, PunchSession("s", KEY, 0), a0, [a1], start_delay=0.0, window=3, connect_timeout=2,
+                   security=sec0)
+    d1 = punch_tcp(reactor, PunchSession("s", KEY, 1), a1, [a0], start_delay=0.15, window=3, connect_timeout=2,
+                   security=sec1)
     c0, c1 = yield defer.gatherResults([d0, d1])
     got = defer.Deferred()
     class R:

@@ -1,4 +1,4 @@
-"""natbypass.punch.udp and natbypass.punch.mux on real UDP sockets on 127.0.0.1."""
+"""natbypass.punch.udp and natbypass.punch.mux on real UDP sockets on 127.0.0.1: punching, then QUIC."""
 
 from __future__ import annotations
 
@@ -7,15 +7,36 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from natbypass.identity import Identity
 from natbypass.interfaces import IPeerReceiver
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.packet import PacketType, encode
-from natbypass.punch.session import PunchSession
+from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.udp import punch_udp
+from natbypass.secure import ChannelSecurity
+from natbypass.trust import pinned
 
 KEY = b"k" * 32
 A = PunchSession("sess-1", KEY, 0, peer_id="bob")
 B = PunchSession("sess-1", KEY, 1, peer_id="alice")
+ALICE, BOB = Identity.generate(), Identity.generate()
+SEC_A = ChannelSecurity(ALICE, pinned(BOB.fingerprint))
+SEC_B = ChannelSecurity(BOB, pinned(ALICE.fingerprint))
+
+
+class Recorder(DatagramProtocol):
+    """Every datagram one side's socket received, to check what crossed the wire."""
+
+    def __init__(self, inner: DatagramProtocol) -> None:
+        self.inner = inner
+        self.seen: list[bytes] = []
+
+    def startProtocol(self) -> None:
+        self.inner.makeConnection(self.transport)
+
+    def datagramReceived(self, data, addr) -> None:
+        self.seen.append(data)
+        self.inner.datagramReceived(data, addr)
 
 
 class LoopbackTests(TestCase):
@@ -24,8 +45,9 @@ class LoopbackTests(TestCase):
     @defer.inlineCallbacks
     def test_real_sockets(self):
         ep_a, ep_b = PunchEndpoint(), PunchEndpoint()
+        wire_b = Recorder(UDPMux(other=ep_b))
         port_a = reactor.listenUDP(0, UDPMux(other=ep_a), interface="127.0.0.1")
-        port_b = reactor.listenUDP(0, UDPMux(other=ep_b), interface="127.0.0.1")
+        port_b = reactor.listenUDP(0, wire_b, interface="127.0.0.1")
         self.addCleanup(port_a.stopListening)
         self.addCleanup(port_b.stopListening)
         a_addr = ("127.0.0.1", port_a.getHost().port)
@@ -33,12 +55,14 @@ class LoopbackTests(TestCase):
         start = reactor.seconds()
         a, b = yield defer.gatherResults(
             [
-                punch_udp(ep_a, A, [b_addr], reactor, start_delay=0.02),
-                punch_udp(ep_b, B, [a_addr], reactor, start_delay=0.02),
+                punch_udp(ep_a, A, [b_addr], reactor, start_delay=0.02, security=SEC_A),
+                punch_udp(ep_b, B, [a_addr], reactor, start_delay=0.02, security=SEC_B),
             ]
         )
         elapsed = reactor.seconds() - start
         self.assertLess(elapsed, 2.0)
+        self.assertEqual((a.secure, a.peer_fingerprint, b.peer_fingerprint), (True, BOB.fingerprint, ALICE.fingerprint))
+        self.assertTrue(a.cipher.startswith("QUICv1 TLS_"), a.cipher)
         got = defer.Deferred()
 
         @implementer(IPeerReceiver)
@@ -52,6 +76,7 @@ class LoopbackTests(TestCase):
         b.setReceiver(R())
         a.send(b"hello over a punched path")
         self.assertEqual((yield got), b"hello over a punched path")
+        self.assertFalse(any(b"hello over" in d for d in wire_b.seen), "only ciphertext on the wire")
         a.close()
         b.close()
 
@@ -90,8 +115,8 @@ class SharedPortLoopbackTests(TestCase):
 
         a, b = yield defer.gatherResults(
             [
-                punch_udp(endpoints[0], A, [mapped[1]], reactor, start_delay=0.05),
-                punch_udp(endpoints[1], B, [mapped[0]], reactor, start_delay=0.05),
+                punch_udp(endpoints[0], A, [mapped[1]], reactor, start_delay=0.05, security=SEC_A),
+                punch_udp(endpoints[1], B, [mapped[0]], reactor, start_delay=0.05, security=SEC_B),
             ]
         )
         self.assertEqual((a.remote_address.host, a.remote_address.port), mapped[1])
@@ -99,3 +124,27 @@ class SharedPortLoopbackTests(TestCase):
         self.assertGreater(a.punch_stats.invalid, 0)
         a.close()
         b.close()
+
+
+class RefusedKeyLoopbackTests(TestCase):
+    """Real sockets, the wrong pin: the punch works, the attempt fails naming the keys."""
+
+    @defer.inlineCallbacks
+    def test_wrong_pin(self):
+        ep_a, ep_b = PunchEndpoint(), PunchEndpoint()
+        port_a = reactor.listenUDP(0, UDPMux(other=ep_a), interface="127.0.0.1")
+        port_b = reactor.listenUDP(0, UDPMux(other=ep_b), interface="127.0.0.1")
+        self.addCleanup(port_a.stopListening)
+        self.addCleanup(port_b.stopListening)
+        a_addr = ("127.0.0.1", port_a.getHost().port)
+        b_addr = ("127.0.0.1", port_b.getHost().port)
+        other = Identity.generate()
+        da = punch_udp(ep_a, A, [b_addr], reactor, security=ChannelSecurity(ALICE, pinned(other.fingerprint)))
+        db = punch_udp(ep_b, B, [a_addr], reactor, security=SEC_B, handshake_timeout=1.0)
+        results = yield defer.DeferredList([da, db], consumeErrors=True)
+        (ok_a, fa), (ok_b, fb) = results
+        self.assertFalse(ok_a)
+        fa.trap(PunchFailed)
+        self.assertIn(f"is {BOB.fingerprint}, expected {other.fingerprint}", fa.value.reason)
+        self.assertFalse(ok_b)
+        fb.trap(PunchFailed)

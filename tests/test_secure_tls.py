@@ -12,13 +12,14 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from natbypass.identity import Identity
-from natbypass.secure.tls import ALPN, PinnedTLS, start_tls
+from natbypass.secure.tls import ALPN, CONFIRM, PeerRefusedUs, PinnedTLS, start_tls
 from natbypass.trust import PeerRejected
 
 ALICE, BOB, MALLORY = Identity.generate(), Identity.generate(), Identity.generate()
@@ -110,6 +111,8 @@ class PinnedTLSTests(SynchronousTestCase):
         self.assertTrue(c.app.made and s.app.made)
         self.assertEqual(c.secure.protocol.getHandle().get_protocol_version_name(), "TLSv1.3")
         self.assertEqual(c.secure.protocol.negotiatedProtocol, ALPN)
+        self.assertEqual(c.secure.cipher, s.secure.cipher)
+        self.assertRegex(c.secure.cipher, r"^TLSv1\.3 TLS_")
         c.app.transport.write(b"ping")
         for _ in range(5):
             pump.pump()
@@ -123,7 +126,12 @@ class PinnedTLSTests(SynchronousTestCase):
         failure.trap(PeerRejected)
         self.assertIn(f"is {MALLORY.fingerprint}, expected {ALICE.fingerprint}", failure.getErrorMessage())
         self.assertFalse(s.app.made)
-        self.assertIsNotNone(c.secure.protocol.transport.disconnecting or c.app.lost)
+        # The client finished TLS 1.3 before the server checked its key, but
+        # the server never confirmed it: the client reports the refusal too.
+        refused = result(c.secure.handshake)
+        refused.trap(PeerRefusedUs)
+        self.assertIn(f"our key {MALLORY.fingerprint}", refused.getErrorMessage())
+        self.assertFalse(c.app.made)
 
     def test_client_refuses_wrong_server_key(self) -> None:
         clock = Clock()
@@ -133,7 +141,9 @@ class PinnedTLSTests(SynchronousTestCase):
         self.assertIn(str(MALLORY.fingerprint), failure.getErrorMessage())
         self.assertFalse(c.app.made)
         self.assertFalse(s.app.made)
-        self.assertIsInstance(result(s.secure.handshake), Failure)
+        refused = result(s.secure.handshake)
+        refused.trap(PeerRefusedUs)
+        self.assertIn(f"our key {MALLORY.fingerprint}", refused.getErrorMessage())
 
     def test_stolen_certificate_without_key_is_unusable(self) -> None:
         """
@@ -143,6 +153,48 @@ class PinnedTLSTests(SynchronousTestCase):
         """
         creator = PinnedTLS(MALLORY, ALICE.fingerprint, Clock(), certificate=BOB.certificate(Clock()))
         self.assertRaises(SSL.Error, creator.serverConnectionForTLS, None)
+
+    def test_client_waits_for_the_confirmation(self) -> None:
+        """
+        A TLS server with the right key that does not send L{CONFIRM} first
+        (not a NATbypass peer) is refused by the client, which never connects
+        its application.
+        """
+        clock = Clock()
+        client = Adopter(ALICE, BOB.fingerprint, 0, clock, app=Collect())
+
+        class Plain(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"220 smtp ready\r\n")
+
+        class PlainServer(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"PUNCHED\n")
+                creator = PinnedTLS(BOB, ALICE.fingerprint, clock)
+                factory = TLSMemoryBIOFactory(creator, False, Factory.forProtocol(Plain), clock=clock)
+                self.tls = factory.buildProtocol(None)
+                self.tls.makeConnection(self.transport)
+                self.buffer = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                if self.buffer is not None:
+                    self.buffer += data
+                    if b"\n" not in self.buffer:
+                        return
+                    data, self.buffer = self.buffer.split(b"\n", 1)[1], None
+                if data:
+                    self.tls.dataReceived(data)
+
+        server = PlainServer()
+        pump = iosim.connect(
+            server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False, clock=clock
+        )
+        for _ in range(20):
+            pump.pump()
+        failure = result(client.secure.handshake)
+        failure.trap(PeerRefusedUs)
+        self.assertIn("not the natbypass confirmation", failure.getErrorMessage())
+        self.assertFalse(client.app.made)
 
     def test_peer_check_callable(self) -> None:
         seen = []
@@ -163,7 +215,15 @@ def _write_pem(path: str, data: bytes) -> str:
 
 
 class OpenSSLInteropTests(TestCase):
-    """Our TLS server side against OpenSSL's C{s_client}, over loopback."""
+    """
+    Our TLS server side against OpenSSL's C{s_client}, over loopback.
+
+    The server is made exactly as the TCP path makes role 1's side after the
+    session handshake (C{natbypass.punch.tcp}: C{start_tls(transport, app,
+    identity, security.verify, 1, reactor)}); only the certificate is passed
+    in, so that s_client can pin it with C{-CAfile}.  The session handshake
+    itself is NATbypass's own and covered in C{tests/test_tcp_security.py}.
+    """
 
     timeout = 30
 
@@ -247,6 +307,8 @@ class OpenSSLInteropTests(TestCase):
         fingerprint = yield self.secure[0].handshake
         self.assertEqual(fingerprint, ALICE.fingerprint)
         self.assertIn(b"hello-from-natbypass", out)
+        # The server's confirmation that it accepted the client's key comes first.
+        self.assertIn(CONFIRM + b"hello-from-natbypass", out)
         self.assertIn(b"TLSv1.3", out)
 
     @defer.inlineCallbacks
@@ -270,5 +332,6 @@ class OpenSSLInteropTests(TestCase):
         self.assertNotEqual(code, 0)
         self.assertNotIn(b"hello-from-natbypass", out)
         self.assertIn(b"verify error", out + err)
-        with self.assertRaises(SSL.Error):
+        with self.assertRaises(PeerRefusedUs) as e:
             yield self.secure[0].handshake
+        self.assertIn(str(BOB.fingerprint), str(e.exception))

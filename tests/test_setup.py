@@ -1,8 +1,8 @@
 """
 Tests of the set-up as documented: the README's Quick start commands (as
-``.ci/readme.py`` extracts them for CI), the supported Python versions
-(setup.cfg, as ``noxfile.py`` reads them) and the packaging files.  Reads
-files only; running the commands is ``.ci/run``'s job (it needs root, the
+C{.ci/readme.py} extracts them for CI), the supported Python versions
+(setup.cfg, as C{noxfile.py} reads them) and the packaging files.  Reads
+files only; running the commands is C{.ci/run}'s job (it needs root, the
 distribution's Python and the mediator's default ports).
 """
 

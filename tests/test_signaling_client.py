@@ -6,17 +6,23 @@ cancellation, keepalive and reconnection with re-registration.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from natbypass.identity import Identity
 from natbypass.nat import NatSummary
 from natbypass.signaling.client import (
     Decline,
     DuplicateId,
+    IdBound,
     IncomingOffer,
     OfferRejected,
     OfferTimeout,
@@ -68,10 +74,57 @@ class ClientTests(SynchronousTestCase):
         verifyObject(ISignalingClient, self.client("alice"))
 
     def test_registers(self) -> None:
-        c = self.client("alice")
+        me = Identity.generate()
+        c = self.client("alice", identity=me)
+        self.assertIs(c.identity, me)
         self.assertEqual(self.settle(c.whenRegistered()), ["alice"])
         self.assertEqual(self.state.status()["peers"], 1)
-        self.assertRegex(c.secret, "^[0-9a-f]{32}$")
+        self.assertEqual(self.state.peers["alice"].fingerprint, str(me.fingerprint))
+
+    def test_ephemeral_identity_by_default(self) -> None:
+        obs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        c = self.client("alice")
+        self.assertIsInstance(c.identity, Identity)
+        [event] = [e for e in obs if "ephemeral" in e.get("log_format", "")]
+        self.assertEqual(event["fingerprint"], str(c.identity.fingerprint))
+        self.assertEqual(self.settle(c.whenRegistered()), ["alice"])
+
+    def test_registration_round_trips(self) -> None:
+        """
+        Hello leaves at once, Register as soon as the greeting's nonce is in,
+        and a connect made meanwhile goes right behind it.  Counted in rounds
+        (each round moves what is in flight once, both ways at once: a one-way
+        trip): the greeting and hello cross in round 1, register and connect
+        leave in round 2, registered is back in round 3 and the session in 4.
+        Version 1 sent register with hello and had it back in round 2: waiting
+        for the nonce costs one round trip after the greeting, the least a
+        mediator-chosen nonce allows; nothing else waits.
+        """
+        bob = self.client("bob")
+        bob.setOfferHandler(lambda offer: DESC_B)
+        c = SignalingClient(self.net.endpoint(), "alice", clock=self.clock, retry_policy=lambda a: 1.0)
+        self.clients.append(c)
+        c.startService()
+        registered: list = []
+        session: list = []
+        c.whenRegistered().addBoth(registered.append)
+        c.connect("bob", DESC_A).addBoth(session.append)
+        alice_pump = self.net.pumps[-1]
+        sent: list[list[bytes]] = []
+        rounds = {}
+        for n in range(1, 10):
+            sent.append([line.split(b",")[0] for line in alice_pump.clientIO.stream])
+            for p in list(self.net.pumps):
+                p.pump(advanceClock=False)
+            rounds.setdefault("registered", n) if registered else None
+            if session:
+                rounds["session"] = n
+                break
+        self.assertEqual(sent[0], [b'{"op":"hello"'])  # before the greeting: hello only
+        self.assertEqual(sent[1], [b'{"op":"register"', b'{"op":"connect"'])  # register and connect together
+        self.assertEqual(registered, ["alice"])
+        self.assertIsInstance(session[0], Session)
+        self.assertEqual(rounds, {"registered": 3, "session": 4})
 
     def test_bad_peer_id(self) -> None:
         self.assertRaises(ValueError, SignalingClient, self.net.endpoint(), "no spaces", clock=self.clock)
@@ -89,11 +142,14 @@ class ClientTests(SynchronousTestCase):
         b.setSessionHandler(sessions.append)
         [sa] = self.settle(a.connect("bob", DESC_A))
         self.assertIsInstance(sa, Session)
-        self.assertEqual((offers[0].peer, offers[0].description), ("alice", DESC_A))
+        fp_a, fp_b = str(a.identity.fingerprint), str(b.identity.fingerprint)
+        self.assertEqual((offers[0].peer, offers[0].description), ("alice", replace(DESC_A, fingerprint=fp_a)))
         [sb] = sessions
         self.assertEqual((sa.id, sa.key), (sb.id, sb.key))
         self.assertEqual((sa.role, sb.role), ("controlling", "controlled"))
-        self.assertEqual((sa.description, sb.description), (DESC_B, DESC_A))
+        self.assertEqual(
+            (sa.description, sb.description), (replace(DESC_B, fingerprint=fp_b), replace(DESC_A, fingerprint=fp_a))
+        )
         self.assertEqual(sa.order, ("tcp",))
 
     def test_offer_accepted_later(self) -> None:
@@ -224,7 +280,7 @@ class ClientTests(SynchronousTestCase):
         self.assertIsInstance(s, Session)
 
     def test_replaces_stale_session(self) -> None:
-        """A reconnect while the mediator still holds our old link takes it over with the secret."""
+        """A reconnect while the mediator still holds our old link takes it over: the same key is the proof."""
         a = self.client("alice")
         [old_pump] = self.net.pumps
         # the client side notices a broken link that the mediator has not seen yet
@@ -247,20 +303,73 @@ class ClientTests(SynchronousTestCase):
             self.clock.advance(2)
             self.net.flush()
         self.assertEqual(self.state.status()["counters"]["replaced"], 1)
-        self.assertGreaterEqual(self.state.status()["counters"]["errors:duplicate-id"], 2)
-
-    def test_duplicate_id_retries(self) -> None:
-        self.client("alice")
-        other = self.client("alice", source="192.0.2.2")
-        result = self.settle(other.whenRegistered())
-        self.assertEqual(result, [])  # still waiting: the id is taken
+        # told it was replaced (duplicate-id), then refused: the owning token rebound the id to the newcomer's key
         self.assertEqual(self.state.status()["counters"]["errors:duplicate-id"], 1)
-        self.clients[0].stopService()
+        self.assertGreaterEqual(self.state.status()["counters"]["errors:id-bound"], 2)
+
+    def test_same_key_twice_newest_wins_without_a_fight(self) -> None:
+        """Two processes with one key and one id: the newer replaces the older, which waits for it to leave."""
+        me = Identity.generate()
+        first = self.client("alice", identity=me)
+        second = self.client("alice", source="192.0.2.2", identity=me)
+        self.assertEqual(self.settle(second.whenRegistered()), ["alice"])
+        result = self.settle(first.whenRegistered())
+        for _ in range(5):
+            self.clock.advance(2)
+            self.net.flush()
+        self.assertEqual(result, [])  # still waiting: the id is taken by the newer one
+        self.assertEqual(self.state.status()["counters"]["replaced"], 1)
+        self.assertGreaterEqual(self.state.status()["counters"]["errors:duplicate-id"], 2)
+        second.stopService()
         self.net.flush()
-        self.clock.advance(1)
+        self.clock.advance(2)
         self.net.flush()
         self.assertEqual(result, ["alice"])
         self.flushLoggedErrors(DuplicateId)
+
+    def test_id_bound_to_another_key_surfaces(self) -> None:
+        """Squatting refused: the squatter's whenRegistered and pipelined requests fail with IdBound."""
+        self.client("alice")
+        squatter = SignalingClient(
+            self.net.endpoint("203.0.113.66"), "alice", clock=self.clock, retry_policy=lambda a: 1.0
+        )
+        self.clients.append(squatter)
+        squatter.startService()
+        registered, connect = squatter.whenRegistered(), squatter.connect("bob", DESC_A)
+        self.net.flush()
+        f = self.failureResultOf(registered, IdBound)
+        self.assertEqual(f.value.code, 409)
+        self.assertIn("another identity key", f.value.reason)
+        self.failureResultOf(connect, IdBound)
+        self.assertEqual(self.state.status()["peers"], 1)
+
+    def test_id_held_across_reconnect(self) -> None:
+        """While we reconnect, the mediator holds our id: a stranger cannot slip in."""
+        me = Identity.generate()
+        a = self.client("alice", identity=me)
+        self.net.drop_all()
+        stranger = SignalingClient(self.net.endpoint("203.0.113.66"), "alice", clock=self.clock)
+        stranger.startService()
+        refused = stranger.whenRegistered()
+        self.net.flush()
+        self.failureResultOf(refused, IdBound)
+        stranger.stopService()
+        self.clock.advance(1)
+        self.net.flush()
+        self.assertEqual(self.settle(a.whenRegistered()), ["alice"])
+        self.assertEqual(self.state.peers["alice"].fingerprint, str(me.fingerprint))
+
+    def test_fingerprints_reach_both_sides(self) -> None:
+        ka, kb = Identity.generate(), Identity.generate()
+        a, b = self.client("alice", identity=ka), self.client("bob", identity=kb)
+        offers: list[IncomingOffer] = []
+        sessions: list[Session] = []
+        b.setOfferHandler(lambda offer: offers.append(offer) or DESC_B)
+        b.setSessionHandler(sessions.append)
+        [sa] = self.settle(a.connect("bob", DESC_A))
+        self.assertEqual(offers[0].description.fingerprint, str(ka.fingerprint))
+        self.assertEqual(sa.description.fingerprint, str(kb.fingerprint))
+        self.assertEqual(sessions[0].description.fingerprint, str(ka.fingerprint))
 
     def test_token(self) -> None:
         self.state.tokens = TokenPolicy.parse("t0ken\n")

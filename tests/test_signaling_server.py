@@ -5,6 +5,7 @@ channels and a Clock) and of its LineReceiver (through StringTransport).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -17,6 +18,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from natbypass.identity import Fingerprint, Identity, registration_message
 from natbypass.nat import NatSummary
 from natbypass.selection import choose_order
 from natbypass.signaling import wire
@@ -50,7 +52,18 @@ from natbypass.signaling.wire import (
     SessionReply,
     WireError,
 )
-from natbypass.testing.signaling import FakeChannel
+from natbypass.testing.signaling import FakeChannel, signed_register
+
+#: Keys made once per name (key generation is cheap, but the tests read better with named owners).
+KEYS: dict[str, Identity] = {}
+
+
+def key(name: str) -> Identity:
+    """The identity key of the test owner C{name}."""
+    if name not in KEYS:
+        KEYS[name] = Identity.generate()
+    return KEYS[name]
+
 
 DESC_A = Description(
     (Candidate("host", "10.0.0.1", 4000), Candidate("srflx", "203.0.113.1", 5000)),
@@ -63,6 +76,11 @@ DESC_B = Description(
     NatSummary("address-and-port-dependent", "address-and-port-dependent", False),
     ("tcp", "udp"),
 )
+
+
+def registered(description: Description, name: str) -> Description:
+    """C{description} as the mediator relays it: with the fingerprint C{name} registered."""
+    return dataclasses.replace(description, fingerprint=str(key(name).fingerprint))
 
 
 def counting_random() -> callable:
@@ -87,6 +105,7 @@ class Harness:
         choose = limits.pop("choose_order", None)
         self.state = SignalingState(self.clock, Limits(**limits), tokens, choose, random_bytes=counting_random())
         self._rid = itertools.count(100)
+        self.nonces: dict[int, bytes] = {}
 
     def rid(self) -> int:
         return next(self._rid)
@@ -94,7 +113,21 @@ class Harness:
     def open(self, source: str = "192.0.2.1") -> tuple[FakeChannel, object]:
         ch = FakeChannel()
         link = self.state.open(ch, source)
+        if ch.sent and isinstance(ch.sent[0], Greeting):
+            self.nonces[id(link)] = ch.sent[0].nonce
         return ch, link
+
+    def register(
+        self,
+        c,
+        rid: int,
+        name: str,
+        token: str | None = None,
+        replace: bool = False,
+        identity: Identity | None = None,
+    ) -> Register:
+        """A register for connection C{c}, signed over its nonce by C{identity} (default: C{name}'s own key)."""
+        return signed_register(self.nonces[id(c[1])], identity or key(name), rid, name, token, replace)
 
     def send(self, ch_link, msg) -> list:
         ch, link = ch_link
@@ -104,12 +137,12 @@ class Harness:
     def hello(self, source: str = "192.0.2.1"):
         c = self.open(source)
         c[0].take()
-        assert self.send(c, Hello(1, 1)) == [Ok(1)]
+        assert self.send(c, Hello(1, 2)) == [Ok(1)]
         return c
 
-    def peer(self, name: str, source: str = "192.0.2.1", token: str | None = None):
+    def peer(self, name: str, source: str = "192.0.2.1", token: str | None = None, identity: Identity | None = None):
         c = self.hello(source)
-        out = self.send(c, Register(2, name, token))
+        out = self.send(c, self.register(c, 2, name, token, identity=identity))
         assert isinstance(out[0], Registered), out
         assert isinstance(out[1], Ping), out
         # answer the RTT probe after 20 ms
@@ -128,65 +161,69 @@ class StateTests(SynchronousTestCase):
 
     def test_greeting(self) -> None:
         ch, _ = self.h.open()
-        self.assertEqual(ch.take(), [Greeting((1,), False, 8192, None)])
+        [greeting] = ch.take()
+        self.assertEqual(greeting, Greeting((2,), False, 8192, None, greeting.nonce))
+        self.assertEqual(len(greeting.nonce), wire.NONCE_BYTES)
+
+    def test_nonce_per_connection(self) -> None:
+        """Every connection gets its own nonce, from the injected random source."""
+        nonces = {self.h.open()[0].take()[0].nonce for _ in range(5)}
+        self.assertEqual(len(nonces), 5)
 
     def test_hello_first(self) -> None:
         c = self.h.open()
         c[0].take()
-        [err] = self.h.send(c, Register(5, "alice"))
+        [err] = self.h.send(c, self.h.register(c, 5, "alice"))
         self.assertEqual((err.rid, err.code, err.error), (5, 412, "out-of-order"))
 
     def test_version_unsupported(self) -> None:
         c = self.h.open()
         c[0].take()
-        [err] = self.h.send(c, Hello(1, 7))
+        [err] = self.h.send(c, Hello(1, 1))
         self.assertEqual((err.code, err.error), (505, "version-unsupported"))
-        self.assertIn("[1]", err.reason)
+        self.assertIn("[2]", err.reason)
 
     def test_register(self) -> None:
         c = self.h.hello()
-        registered, ping = self.h.send(c, Register(2, "alice"))
-        self.assertEqual((registered.rid, registered.id), (2, "alice"))
-        self.assertRegex(registered.secret, "^[0-9a-f]{32}$")
+        registered, ping = self.h.send(c, self.h.register(c, 2, "alice"))
+        self.assertEqual(registered, Registered(2, "alice", str(key("alice").fingerprint)))
         self.assertIsInstance(ping, Ping)
         self.assertEqual(self.h.state.status()["peers"], 1)
+        self.assertEqual(self.h.state.status()["bound_ids"], 1)
 
     def test_register_twice_on_one_connection(self) -> None:
         c = self.h.peer("alice")
-        [err] = self.h.send(c, Register(3, "alice2"))
+        [err] = self.h.send(c, self.h.register(c, 3, "alice2"))
         self.assertEqual(err.error, "out-of-order")
 
     def test_duplicate_refused(self) -> None:
+        """The same key on a second live connection must ask to replace the first."""
         self.h.peer("alice")
         c2 = self.h.hello()
-        [err] = self.h.send(c2, Register(2, "alice"))
+        [err] = self.h.send(c2, self.h.register(c2, 2, "alice"))
         self.assertEqual((err.code, err.error), (409, "duplicate-id"))
+        self.assertIn("replace=true", err.reason)
 
-    def test_replace_with_secret(self) -> None:
-        old = self.h.hello()
-        registered, _ = self.h.send(old, Register(2, "alice"))
+    def test_same_key_takes_over_stale_connection(self) -> None:
+        """A reconnecting owner replaces its half-open old connection: the key is the proof."""
+        old = self.h.peer("alice")
         new = self.h.hello("192.0.2.9")
-        out = self.h.send(new, Register(2, "alice", None, True, registered.secret))
+        out = self.h.send(new, self.h.register(new, 2, "alice", replace=True))
         self.assertIsInstance(out[0], Registered)
         [err] = old[0].take()
         self.assertEqual((err.rid, err.error), (None, "duplicate-id"))
         self.assertTrue(old[0].closed)
         self.assertEqual(self.h.state.status()["peers"], 1)
         self.assertEqual(self.h.state.status()["connections"], 1)
-        # the replaced connection's late close does not unregister the new one
+        self.assertEqual(self.h.state.status()["counters"]["replaced"], 1)
+        # the replaced connection's late close does not unregister the new one, nor hold the id
         self.h.state.closed(old[1])
         self.assertEqual(self.h.state.status()["peers"], 1)
-
-    def test_replace_with_wrong_secret(self) -> None:
-        old = self.h.peer("alice")
-        new = self.h.hello()
-        [err] = self.h.send(new, Register(2, "alice", None, True, "0" * 32))
-        self.assertEqual((err.code, err.error), (401, "unauthorized"))
-        self.assertFalse(old[0].closed)
+        self.assertEqual(self.h.state.status()["held_ids"], 0)
 
     def test_replace_when_absent_registers(self) -> None:
         c = self.h.hello()
-        out = self.h.send(c, Register(2, "alice", None, True, "0" * 32))
+        out = self.h.send(c, self.h.register(c, 2, "alice", replace=True))
         self.assertIsInstance(out[0], Registered)
 
     def test_max_peers(self) -> None:
@@ -194,7 +231,7 @@ class StateTests(SynchronousTestCase):
         h.peer("a")
         h.peer("b")
         c = h.hello()
-        [err] = h.send(c, Register(2, "c"))
+        [err] = h.send(c, h.register(c, 2, "c"))
         self.assertEqual((err.code, err.error), (503, "too-many-peers"))
 
     def test_max_per_source(self) -> None:
@@ -246,7 +283,7 @@ class OfferTests(SynchronousTestCase):
 
     def test_offer_carries_description(self) -> None:
         o = self.offer()
-        self.assertEqual((o.peer, o.description, o.expires_in_ms), ("alice", DESC_A, 10000))
+        self.assertEqual((o.peer, o.description, o.expires_in_ms), ("alice", registered(DESC_A, "alice"), 10000))
 
     def test_accept_gives_both_the_session(self) -> None:
         o = self.offer()
@@ -257,8 +294,8 @@ class OfferTests(SynchronousTestCase):
         self.assertEqual(sa.id, sb.id)
         self.assertEqual(sa.key, sb.key)
         self.assertEqual(len(sa.key), 32)
-        self.assertEqual((sa.peer, sa.role, sa.description), ("bob", "controlling", DESC_B))
-        self.assertEqual((sb.peer, sb.role, sb.description), ("alice", "controlled", DESC_A))
+        self.assertEqual((sa.peer, sa.role, sa.description), ("bob", "controlling", registered(DESC_B, "bob")))
+        self.assertEqual((sb.peer, sb.role, sb.description), ("alice", "controlled", registered(DESC_A, "alice")))
         # alice's wish is auto, bob's is tcp-then-udp: the default keeps udp first
         self.assertEqual(sa.order, ("udp", "tcp"))
         self.assertEqual(sa.order, sb.order)
@@ -278,8 +315,8 @@ class OfferTests(SynchronousTestCase):
         """With RTTs of 20 ms and 300 ms both sides start at the same instant."""
         h = Harness(punch_margin=0.05)
         a, b = h.hello(), h.hello()
-        ping_a = h.send(a, Register(2, "alice"))[1]
-        ping_b = h.send(b, Register(2, "bob"))[1]
+        ping_a = h.send(a, h.register(a, 2, "alice"))[1]
+        ping_b = h.send(b, h.register(b, 2, "bob"))[1]
         h.clock.advance(0.02)
         h.send(a, Pong(ping_a.rid))
         h.clock.advance(0.28)
@@ -489,7 +526,13 @@ class ChooseOrderTests(SynchronousTestCase):
 
 class AuthTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.tokens = TokenPolicy.parse("# comment\nopen-token\nbound-token alice bob  # only these\n")
+        self.tokens = TokenPolicy.parse(
+            "# comment\n"
+            "open-token\n"
+            "bound-token alice  # only these ids\n"
+            "bound-token bob\n"
+            f"pinned-token carol {key('carol').fingerprint}\n"
+        )
         self.h = Harness(tokens=self.tokens)
 
     def test_greeting_says_auth(self) -> None:
@@ -498,12 +541,12 @@ class AuthTests(SynchronousTestCase):
 
     def test_no_token(self) -> None:
         c = self.h.hello()
-        [err] = self.h.send(c, Register(2, "alice"))
+        [err] = self.h.send(c, self.h.register(c, 2, "alice"))
         self.assertEqual((err.code, err.error), (401, "unauthorized"))
 
     def test_wrong_token(self) -> None:
         c = self.h.hello()
-        [err] = self.h.send(c, Register(2, "alice", "open-tokeN"))
+        [err] = self.h.send(c, self.h.register(c, 2, "alice", "open-tokeN"))
         self.assertEqual(err.error, "unauthorized")
 
     def test_open_token(self) -> None:
@@ -511,47 +554,310 @@ class AuthTests(SynchronousTestCase):
 
     def test_bound_token_limits_ids(self) -> None:
         self.h.peer("alice", token="bound-token")
+        self.h.peer("bob", token="bound-token")
         c = self.h.hello()
-        [err] = self.h.send(c, Register(2, "carol", "bound-token"))
+        [err] = self.h.send(c, self.h.register(c, 2, "dave", "bound-token"))
         self.assertEqual(err.error, "unauthorized")
 
-    def test_bound_token_may_replace(self) -> None:
-        old = self.h.peer("alice", token="open-token")
-        new = self.h.hello()
-        out = self.h.send(new, Register(2, "alice", "bound-token", True))
-        self.assertIsInstance(out[0], Registered)
-        self.assertTrue(old[0].closed)
+    def test_open_token_cannot_take_a_bound_id(self) -> None:
+        """With an open token ids are first come, first served, as without tokens."""
+        self.h.peer("zed", token="open-token")
+        c = self.h.hello()
+        [err] = self.h.send(c, self.h.register(c, 2, "zed", "open-token", True, identity=key("mallory")))
+        self.assertEqual((err.code, err.error), (409, "id-bound"))
 
-    def test_open_token_may_not_replace_without_secret(self) -> None:
-        self.h.peer("alice", token="bound-token")
+    def test_owning_token_rebinds_and_replaces(self) -> None:
+        """A token bound to the id is the operator's word: it takes the id over, even from another key."""
+        squatter = self.h.peer("alice", token="open-token", identity=key("mallory"))
         new = self.h.hello()
-        [err] = self.h.send(new, Register(2, "alice", "open-token", True))
-        self.assertEqual(err.error, "unauthorized")
+        [err] = self.h.send(new, self.h.register(new, 2, "alice", "bound-token"))
+        self.assertEqual(err.error, "duplicate-id")  # live: replace must be asked for
+        out = self.h.send(new, self.h.register(new, 3, "alice", "bound-token", True))
+        self.assertEqual(out[0], Registered(3, "alice", str(key("alice").fingerprint)))
+        self.assertTrue(squatter[0].closed)
+        self.assertEqual(self.h.state.status()["counters"]["ids:rebound"], 1)
+
+    def test_token_bound_to_fingerprint(self) -> None:
+        """C{TOKEN ID FINGERPRINT} admits only that key."""
+        self.h.peer("carol", token="pinned-token")
+        c = self.h.hello()
+        [err] = self.h.send(c, self.h.register(c, 2, "carol", "pinned-token", True, identity=key("mallory")))
+        self.assertEqual((err.code, err.error), (401, "unauthorized"))
+        self.assertFalse(self.h.state.peers["carol"].channel.closed)
 
     def test_unauthenticated_learn_nothing(self) -> None:
-        """Duplicate or not, without a token the answer is the same; no connect either."""
+        """Bound or not, without a token the answer is the same; no connect either."""
         self.h.peer("alice", token="open-token")
         c = self.h.hello()
-        [e1] = self.h.send(c, Register(2, "alice", "nope", True))
-        [e2] = self.h.send(c, Register(3, "nobody", "nope"))
+        [e1] = self.h.send(c, self.h.register(c, 2, "alice", "nope", True, identity=key("mallory")))
+        [e2] = self.h.send(c, self.h.register(c, 3, "nobody", "nope"))
         self.assertEqual((e1.code, e1.reason), (e2.code, e2.reason))
         [e3] = self.h.send(c, Connect(4, "alice", DESC_A))
         [e4] = self.h.send(c, Connect(5, "nobody", DESC_A))
         self.assertEqual((e3.code, e3.reason), (e4.code, e4.reason))
         self.assertEqual(e3.code, 401)
 
+    def test_token_checked_before_proof(self) -> None:
+        """A bad signature without a valid token gets the token's 401, not a hint about the proof."""
+        c = self.h.hello()
+        msg = self.h.register(c, 2, "alice", "nope")
+        [err] = self.h.send(c, Register(2, "alice", msg.key, bytes(64), "nope"))
+        self.assertEqual(err.error, "unauthorized")
+
     def test_parse_errors(self) -> None:
         self.assertRaises(ValueError, TokenPolicy.parse, "# nothing\n\n")
         with self.assertRaises(ValueError) as cm:
-            TokenPolicy.parse("good\ntok alice b!d\n")
+            TokenPolicy.parse("good\ntok b!d\n")
         self.assertIn("line 2", str(cm.exception))
+        with self.assertRaises(ValueError) as cm:
+            TokenPolicy.parse("tok alice bob carol\n")
+        self.assertIn("TOKEN [ID [FINGERPRINT]]", str(cm.exception))
+        with self.assertRaises(ValueError) as cm:
+            TokenPolicy.parse("tok alice bob\n")  # the old multi-id form: the third word must be a fingerprint
+        self.assertIn("line 1: the third word must be a key fingerprint", str(cm.exception))
+
+    def test_hash_inside_a_token_is_not_a_comment(self) -> None:
+        """Regression: C{TOKEN#x alice} used to become C{TOKEN}, an open token for every id."""
+        policy = TokenPolicy.parse("s3cret#x alice\n#whole line\nother #comment\nlast\t# tab comment\n")
+        fp = key("alice").fingerprint
+        self.assertEqual(policy.check("s3cret#x", "alice", fp), (True, True))
+        self.assertEqual(policy.check("s3cret#x", "bob", fp), (False, False))
+        self.assertEqual(policy.check("s3cret", "bob", fp), (False, False))
+        self.assertEqual(policy.check("other", "bob", fp), (True, False))
+        self.assertEqual(policy.check("last", "bob", fp), (True, False))
+        self.assertEqual(policy.check("#whole", "bob", fp), (False, False))
 
     def test_check(self) -> None:
-        self.assertEqual(self.tokens.check("open-token", "x"), (True, False))
-        self.assertEqual(self.tokens.check("bound-token", "bob"), (True, True))
-        self.assertEqual(self.tokens.check("bound-token", "x"), (False, False))
-        self.assertEqual(self.tokens.check(None, "x"), (False, False))
-        self.assertEqual(self.tokens.check("other", "x"), (False, False))
+        fp, other = key("carol").fingerprint, key("mallory").fingerprint
+        self.assertEqual(self.tokens.check("open-token", "x", fp), (True, False))
+        self.assertEqual(self.tokens.check("bound-token", "bob", fp), (True, True))
+        self.assertEqual(self.tokens.check("bound-token", "x", fp), (False, False))
+        self.assertEqual(self.tokens.check("pinned-token", "carol", fp), (True, True))
+        self.assertEqual(self.tokens.check("pinned-token", "carol", other), (False, False))
+        self.assertEqual(self.tokens.check("pinned-token", "carol", None), (False, False))
+        self.assertEqual(self.tokens.check(None, "x", fp), (False, False))
+        self.assertEqual(self.tokens.check("other", "x", fp), (False, False))
+
+    @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+    def test_parse_any_text(self, text: str) -> None:
+        """Any text parses into a policy or a ValueError naming what is wrong."""
+        try:
+            TokenPolicy.parse(text)
+        except ValueError as e:
+            self.assertTrue(str(e))
+
+
+class IdBindingTests(SynchronousTestCase):
+    """Ids are bound to the key that registered them; nobody else can squat them."""
+
+    def setUp(self) -> None:
+        self.h = Harness(id_hold=3600.0)
+
+    def squat(self, name: str = "alice", replace: bool = True) -> Error:
+        c = self.h.hello("203.0.113.66")
+        [err] = self.h.send(c, self.h.register(c, 2, name, replace=replace, identity=key("mallory")))
+        return err
+
+    def test_squatting_a_connected_id_refused(self) -> None:
+        owner = self.h.peer("alice")
+        err = self.squat()
+        self.assertEqual((err.code, err.error), (409, "id-bound"))
+        self.assertIn("another identity key", err.reason)
+        self.assertIn("3600 s after it leaves", err.reason)
+        self.assertFalse(owner[0].closed)
+        self.assertEqual(self.h.state.status()["counters"]["ids:squat-refused"], 1)
+
+    def test_departed_owners_id_is_held(self) -> None:
+        """Regression (the review's reproduction): after the owner disconnects, a stranger cannot take its id."""
+        owner = self.h.peer("alice")
+        self.h.state.closed(owner[1])
+        self.assertEqual(self.h.state.status()["held_ids"], 1)
+        self.h.clock.advance(3000)
+        self.h.state.sweep()
+        err = self.squat()
+        self.assertEqual((err.code, err.error), (409, "id-bound"))
+        self.assertIn("for another 600 s", err.reason)
+        back = self.h.peer("alice")  # the owner's key is welcome back, and the hold ends
+        self.assertFalse(back[0].closed)
+        self.assertEqual(self.h.state.status()["held_ids"], 0)
+
+    def test_hold_restarts_at_each_departure(self) -> None:
+        owner = self.h.peer("alice")
+        self.h.state.closed(owner[1])
+        self.h.clock.advance(3000)
+        again = self.h.peer("alice")
+        self.h.state.closed(again[1])
+        self.h.clock.advance(3000)
+        self.h.state.sweep()
+        self.assertEqual(self.squat().error, "id-bound")
+
+    def test_hold_expiry_frees_the_id(self) -> None:
+        owner = self.h.peer("alice")
+        self.h.state.closed(owner[1])
+        self.h.clock.advance(3600)
+        self.h.state.sweep()
+        self.assertEqual(self.h.state.status()["bound_ids"], 0)
+        self.h.peer("alice", identity=key("mallory"))
+
+    def test_hold_expiry_without_a_sweep(self) -> None:
+        owner = self.h.peer("alice")
+        self.h.state.closed(owner[1])
+        self.h.clock.advance(3600)
+        self.h.peer("alice", identity=key("mallory"))
+
+    def test_hold_zero_binds_only_while_connected(self) -> None:
+        h = Harness(id_hold=0.0)
+        owner = h.peer("alice")
+        c = h.hello()
+        [err] = h.send(c, h.register(c, 2, "alice", identity=key("mallory")))
+        self.assertEqual(err.error, "id-bound")
+        self.assertIn("while it is connected", err.reason)
+        h.state.closed(owner[1])
+        self.assertEqual(h.state.status()["bound_ids"], 0)
+        h.peer("alice", identity=key("mallory"))
+
+    def test_first_key_wins_a_race(self) -> None:
+        """
+        On an open mediator a free id goes to the first key: the owner, coming
+        second, is told so, and whoever connects to the id learns the squatter's
+        fingerprint, not the owner's (which pinning catches).
+        """
+        self.h.peer("alice", identity=key("mallory"))
+        c = self.h.hello()
+        [err] = self.h.send(c, self.h.register(c, 2, "alice", replace=True))
+        self.assertEqual(err.error, "id-bound")
+        bob = self.h.peer("bob")
+        self.h.send(bob, Connect(3, "alice", DESC_B))
+        [offer] = [m for m in self.h.state.peers["alice"].channel.take() if isinstance(m, Offer)]
+        self.assertEqual(offer.description.fingerprint, str(key("bob").fingerprint))
+        answer = self.h.state.peers["alice"]
+        self.h.state.received(answer, Accept(4, offer.offer, DESC_A))
+        [session] = [m for m in bob[0].take() if isinstance(m, SessionReply)]
+        self.assertEqual(session.session.description.fingerprint, str(key("mallory").fingerprint))
+
+    def test_max_ids(self) -> None:
+        """The table is bounded: new ids are refused when it is full, bound ones keep working."""
+        h = Harness(max_ids=2, id_hold=60.0)
+        a = h.peer("a")
+        h.peer("b")
+        c = h.hello()
+        [err] = h.send(c, h.register(c, 2, "c"))
+        self.assertEqual((err.code, err.error), (503, "too-many-ids"))
+        self.assertIn("maximum of 2 bound ids", err.reason)
+        h.state.closed(a[1])  # held, still counted
+        [err] = h.send(c, h.register(c, 3, "c"))
+        self.assertEqual(err.error, "too-many-ids")
+        a = h.peer("a")  # its owner is not refused
+        h.state.closed(a[1])
+        h.clock.advance(60)
+        h.state.sweep()
+        h.peer("c")
+
+    def test_flood_of_fresh_keys_is_bounded(self) -> None:
+        """Registrations with fresh keys for ever new ids fill the table and stop there."""
+        h = Harness(max_ids=20, max_per_source=0, rate=0)
+        owner = h.peer("owner")
+        refused = 0
+        for i in range(60):
+            c = h.hello("203.0.113.66")
+            out = h.send(c, h.register(c, 2, f"x{i}", identity=Identity.generate()))
+            if isinstance(out[0], Error):
+                self.assertEqual(out[0].error, "too-many-ids")
+                refused += 1
+            h.state.closed(c[1])
+        self.assertEqual(h.state.status()["bound_ids"], 20)
+        self.assertEqual(refused, 41)
+        h.state.closed(owner[1])
+        h.peer("owner")  # the owner still gets its own id back
+        self.assertEqual(h.state.status()["connections"], 1)
+
+
+class RegistrationProofTests(SynchronousTestCase):
+    """Hostile registrations: every way of not holding the key is refused with 401 bad-proof."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def refused(self, c, msg: Register) -> Error:
+        [err] = self.h.send(c, msg)
+        self.assertEqual((err.rid, err.code, err.error), (msg.rid, 401, "bad-proof"))
+        self.assertEqual(self.h.state.status()["peers"], 0)
+        return err
+
+    def test_signature_by_another_key(self) -> None:
+        c = self.h.hello()
+        forged = self.h.register(c, 2, "alice", identity=key("mallory"))
+        self.refused(c, Register(2, "alice", key("alice").public_bytes(), forged.sig))
+
+    def test_signature_over_another_nonce(self) -> None:
+        """A register replayed from another connection fails: the nonce is per connection."""
+        first = self.h.hello()
+        replayed = self.h.register(first, 2, "alice")
+        second = self.h.hello()
+        self.refused(second, replayed)
+        out = self.h.send(first, replayed)  # on its own connection it is good
+        self.assertIsInstance(out[0], Registered)
+
+    def test_replay_after_the_owner_left(self) -> None:
+        owner = self.h.hello()
+        msg = self.h.register(owner, 2, "alice")
+        self.h.send(owner, msg)
+        self.h.state.closed(owner[1])
+        self.refused(self.h.hello("203.0.113.66"), msg)
+
+    def test_signature_for_another_id(self) -> None:
+        c = self.h.hello()
+        for_bob = self.h.register(c, 2, "bob", identity=key("alice"))
+        self.refused(c, Register(2, "alice", for_bob.key, for_bob.sig))
+
+    def test_signature_without_context(self) -> None:
+        """A signature over the bare nonce (another protocol's message) is not a registration proof."""
+        c = self.h.hello()
+        nonce = self.h.nonces[id(c[1])]
+        self.refused(c, Register(2, "alice", key("alice").public_bytes(), key("alice").sign(nonce)))
+        self.assertNotEqual(registration_message(nonce, "alice"), nonce)
+
+    def test_small_order_keys(self) -> None:
+        """Keys nobody holds (small-order points) are refused even when the signature 'verifies'."""
+        c = self.h.hello()
+        for raw in (bytes(32), b"\x01" + bytes(31), bytes.fromhex("ec" + "ff" * 30 + "7f")):
+            err = self.refused(c, Register(2, "alice", raw, bytes(64)))
+            self.assertIn("not a usable Ed25519 public key", err.reason)
+
+    def test_garbage_signature(self) -> None:
+        c = self.h.hello()
+        self.refused(c, Register(2, "alice", key("alice").public_bytes(), b"\xff" * 64))
+
+    def test_connection_stays_usable(self) -> None:
+        c = self.h.hello()
+        self.refused(c, Register(2, "alice", key("alice").public_bytes(), bytes(64)))
+        out = self.h.send(c, self.h.register(c, 3, "alice"))
+        self.assertIsInstance(out[0], Registered)
+
+
+class FingerprintRelayTests(SynchronousTestCase):
+    """The mediator relays each side's registered fingerprint, never a self-declared one."""
+
+    def test_offer_and_sessions_carry_registered_fingerprints(self) -> None:
+        h = Harness(choose_order=udp_first)
+        a, b = h.peer("alice"), h.peer("bob")
+        liar = dataclasses.replace(DESC_A, fingerprint=str(key("carol").fingerprint))
+        h.send(a, Connect(10, "bob", liar))
+        [offer] = [m for m in b[0].take() if isinstance(m, Offer)]
+        self.assertEqual(offer.description.fingerprint, str(key("alice").fingerprint))
+        [sb] = [m for m in h.send(b, Accept(20, offer.offer, DESC_B)) if isinstance(m, SessionReply)]
+        [sa] = [m for m in a[0].take() if isinstance(m, SessionReply)]
+        self.assertEqual(sa.session.description.fingerprint, str(key("bob").fingerprint))
+        self.assertEqual(sb.session.description.fingerprint, str(key("alice").fingerprint))
+        self.assertEqual(h.state.status()["counters"]["fingerprints:replaced"], 1)
+
+    def test_declared_fingerprint_may_be_left_out(self) -> None:
+        h = Harness(choose_order=udp_first)
+        a, b = h.peer("alice"), h.peer("bob")
+        h.send(a, Connect(10, "bob", Description()))
+        [offer] = [m for m in b[0].take() if isinstance(m, Offer)]
+        self.assertEqual(offer.description, Description(fingerprint=str(key("alice").fingerprint)))
+        self.assertNotIn("fingerprints:replaced", h.state.status()["counters"])
 
 
 class KeepaliveTests(SynchronousTestCase):
@@ -627,6 +933,12 @@ def lines(tr: StringTransport) -> list[dict]:
     return out
 
 
+def hello_register(tr: StringTransport, name: str) -> bytes:
+    """The hello and signed register lines of a connection whose greeting is in C{tr}."""
+    greeting = wire.decode_from_server(tr.value().splitlines()[0])
+    return b'{"op":"hello","rid":1,"v":2}\n' + wire.encode(signed_register(greeting, key(name), 2, name)) + b"\n"
+
+
 class ProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -639,8 +951,9 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_greeting_and_hello(self) -> None:
         proto, tr = connect_protocol(self.factory)
+        data = hello_register(tr, "a").replace(b"}\n", b"}\r\n", 1)
         self.assertEqual(lines(tr)[0]["op"], "hello")
-        proto.dataReceived(b'{"op":"hello","rid":1,"v":1}\r\n{"op":"register","rid":2,"id":"a"}\n')
+        proto.dataReceived(data)
         out = lines(tr)
         self.assertEqual([o["op"] for o in out], ["ok", "registered", "ping"])
 
@@ -671,7 +984,7 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_connection_lost_unregisters(self) -> None:
         proto, tr = connect_protocol(self.factory)
-        proto.dataReceived(b'{"op":"hello","rid":1,"v":1}\n{"op":"register","rid":2,"id":"a"}\n')
+        proto.dataReceived(hello_register(tr, "a"))
         self.assertEqual(self.state.status()["peers"], 1)
         proto.connectionLost()
         self.assertEqual(self.state.status(), {**self.state.status(), "peers": 0, "connections": 0})
@@ -684,7 +997,7 @@ class ProtocolTests(SynchronousTestCase):
                 [
                     b'{"op":"ping","rid":1}',
                     b'{"op":"register","rid":2,"id":"x"}',
-                    b'{"op":"hello","rid":1,"v":1}',
+                    b'{"op":"hello","rid":1,"v":2}',
                     b"\xff\n",
                     b"{}",
                     b"y" * 300,
@@ -699,7 +1012,7 @@ class ProtocolTests(SynchronousTestCase):
         state = SignalingState(clock, Limits(max_line=256, rate=0))
         factory = SignalingFactory(state)
         good, gtr = connect_protocol(factory, "192.0.2.1")
-        good.dataReceived(b'{"op":"hello","rid":1,"v":1}\n{"op":"register","rid":2,"id":"good"}\n')
+        good.dataReceived(hello_register(gtr, "good"))
         lines(gtr)
         bad, btr = connect_protocol(factory, "192.0.2.2")
         for chunk in chunks:
@@ -717,7 +1030,7 @@ class ProtocolTests(SynchronousTestCase):
     @given(st.lists(st.binary(min_size=1, max_size=40), max_size=8))
     def test_every_line_gets_exactly_one_reply(self, junk: list[bytes]) -> None:
         proto, tr = connect_protocol(self.factory)
-        proto.dataReceived(b'{"op":"hello","rid":1,"v":1}\n')
+        proto.dataReceived(b'{"op":"hello","rid":1,"v":2}\n')
         lines(tr)
         junk = [j.replace(b"\n", b"").replace(b"\r", b"") for j in junk]
         junk = [j for j in junk if j]
@@ -730,7 +1043,9 @@ class ProtocolTests(SynchronousTestCase):
 _actions = st.lists(
     st.one_of(
         st.tuples(st.just("hello"), st.integers(0, 3)),
-        st.tuples(st.just("register"), st.integers(0, 3), st.sampled_from(["a", "b", "c"]), st.booleans()),
+        st.tuples(
+            st.just("register"), st.integers(0, 3), st.sampled_from(["a", "b", "c"]), st.booleans(), st.booleans()
+        ),
         st.tuples(st.just("connect"), st.integers(0, 3), st.sampled_from(["a", "b", "c", "zz"])),
         st.tuples(st.just("answer"), st.integers(0, 3), st.booleans()),
         st.tuples(st.just("report"), st.integers(0, 3), st.sampled_from(["connected", "failed"])),
@@ -768,9 +1083,14 @@ class StateMachinePropertyTests(SynchronousTestCase):
             sent[i].append(msg.rid)
             state.received(links[i], msg)
 
+        def register(i: int, name: str, replace: bool = False, stranger: bool = False) -> Register:
+            return signed_register(
+                chans[i].sent[0], key("mallory" if stranger else name), next(rid), name, None, replace
+            )
+
         for i, name in enumerate(["a", "b", "c"]):  # three registered peers and a stranger
-            request(i, Hello(next(rid), 1))
-            request(i, Register(next(rid), name))
+            request(i, Hello(next(rid), 2))
+            request(i, register(i, name))
         for action in actions:
             kind, *args = action
             if kind == "wait":
@@ -792,9 +1112,9 @@ class StateMachinePropertyTests(SynchronousTestCase):
             if not open_[i]:
                 continue
             if kind == "hello":
-                request(i, Hello(next(rid), 1))
+                request(i, Hello(next(rid), 2))
             elif kind == "register":
-                request(i, Register(next(rid), args[1], None, args[2]))
+                request(i, register(i, args[1], args[2], args[3]))
             elif kind == "connect":
                 request(i, Connect(next(rid), args[1], DESC_A))
             elif kind == "answer" and offers[i]:
@@ -815,6 +1135,10 @@ class StateMachinePropertyTests(SynchronousTestCase):
             # the tables only point at live connections
             live = {links[j] for j in range(4) if open_[j]}
             self.assertLessEqual(set(state.peers.values()), live)
+            # every registered id is bound to its connection's key, and only squatters' attempts fail
+            self.assertLessEqual(set(state.peers) | set(state.held), set(state.bindings))
+            for name, link in state.peers.items():
+                self.assertEqual(link.fingerprint, str(Fingerprint(state.bindings[name])))
             for offer in state.offers.values():
                 self.assertIn(offer.initiator, live)
                 self.assertIn(offer.target, live)

@@ -5,6 +5,7 @@ hypothesis round trips and fuzzing (any bytes -> a message or WireError).
 
 from __future__ import annotations
 
+import base64
 import json
 
 from hypothesis import given, settings
@@ -84,9 +85,10 @@ client_messages = st.one_of(
         Register,
         rids,
         peer_ids,
+        st.binary(min_size=32, max_size=32),
+        st.binary(min_size=64, max_size=64),
         st.none() | st.from_regex(wire.TOKEN, fullmatch=True),
         st.booleans(),
-        st.none() | st.from_regex(wire.SECRET, fullmatch=True),
     ),
     st.builds(Connect, rids, peer_ids, descriptions),
     st.builds(Accept, rids, server_ids, descriptions),
@@ -103,9 +105,10 @@ server_messages = st.one_of(
         st.booleans(),
         st.integers(256, 1 << 20),
         st.none() | st.text(max_size=20),
+        st.none() | st.binary(min_size=16, max_size=64),
     ),
     st.builds(Ok, rids),
-    st.builds(Registered, rids, peer_ids, st.from_regex(wire.SECRET, fullmatch=True)),
+    st.builds(Registered, rids, peer_ids, st.from_regex(wire.FINGERPRINT, fullmatch=True)),
     st.builds(SessionReply, rids, sessions),
     st.builds(Error, st.none() | rids, st.sampled_from(sorted(wire.ERROR_CODES)), texts),
     st.builds(Offer, server_ids, peer_ids, descriptions, st.integers(0, 3_600_000)),
@@ -128,6 +131,10 @@ field_names = st.sampled_from(
         "offer",
         "v",
         "token",
+        "key",
+        "sig",
+        "nonce",
+        "replace",
         "candidates",
         "nat",
         "wish",
@@ -161,8 +168,13 @@ class ExampleTests(SynchronousTestCase):
     """The examples of docs/protocol.md decode to what the document says."""
 
     def test_register_example(self) -> None:
-        msg = decode_from_client(b'{"op":"register","rid":2,"id":"alice","token":"s3cret"}')
-        self.assertEqual(msg, Register(2, "alice", "s3cret", False, None))
+        key = "A" * 42 + "E"  # 32 bytes: 0x00 * 31 then 0x01
+        sig = "B" * 85 + "A"  # 64 bytes
+        msg = decode_from_client(
+            b'{"op":"register","rid":2,"id":"alice","key":"' + key.encode() + b'","sig":"' + sig.encode() + b'"}'
+        )
+        self.assertEqual(msg, Register(2, "alice", bytes(31) + b"\x01", wire.b64url_decode(sig, "sig", 64)))
+        self.assertEqual(json.loads(encode(msg)), {"op": "register", "rid": 2, "id": "alice", "key": key, "sig": sig})
 
     def test_connect_example(self) -> None:
         line = (
@@ -195,18 +207,26 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(obj["start_in_ms"], 40)
 
     def test_greeting(self) -> None:
-        obj = json.loads(encode(Greeting((1,), True, 8192, "natbypass/0.1.0")))
+        obj = json.loads(encode(Greeting((2,), True, 8192, "natbypass/0.1.0", bytes(range(24)))))
         self.assertEqual(
             obj,
             {
                 "op": "hello",
                 "proto": "natbypass-signal",
-                "versions": [1],
+                "versions": [2],
                 "auth": True,
                 "max_line": 8192,
                 "server": "natbypass/0.1.0",
+                "nonce": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYX",
             },
         )
+
+    def test_old_greeting_still_readable(self) -> None:
+        """A version-1 greeting (no nonce) decodes, so a client can say that the versions do not meet."""
+        msg = decode_from_server(
+            b'{"op":"hello","proto":"natbypass-signal","versions":[1],"auth":false,"max_line":8192}'
+        )
+        self.assertEqual((msg.versions, msg.nonce), ((1,), None))
 
     def test_error_has_code_and_null_rid(self) -> None:
         obj = json.loads(encode(Error(None, "line-too-long", "too long")))
@@ -329,6 +349,96 @@ class StrictnessTests(SynchronousTestCase):
             1,
             decode_from_server,
         )
+
+
+KEY = wire.b64url_encode(bytes(range(32)))
+SIG = wire.b64url_encode(bytes(range(64)))
+
+
+def register_line(**fields) -> bytes:
+    obj = {"op": "register", "rid": 5, "id": "alice", "key": KEY, "sig": SIG, **fields}
+    return json.dumps({k: v for k, v in obj.items() if v is not None}).encode()
+
+
+class HostileRegistrationTests(SynchronousTestCase):
+    """Every new field of version 2, attacked: all are 400 bad-request with the rid kept."""
+
+    def assertRefused(self, line: bytes, why: str, decoder=decode_from_client) -> None:
+        with self.assertRaises(WireError) as cm:
+            decoder(line)
+        self.assertEqual(cm.exception.error, "bad-request")
+        self.assertIn(why, cm.exception.reason)
+
+    def test_good_line(self) -> None:
+        msg = decode_from_client(register_line())
+        self.assertEqual((msg.key, msg.sig), (bytes(range(32)), bytes(range(64))))
+
+    def test_missing_proof(self) -> None:
+        self.assertRefused(register_line(key=None), "needs 'key'")
+        self.assertRefused(register_line(sig=None), "needs 'sig'")
+
+    def test_bad_base64(self) -> None:
+        for bad in ("!" * 43, KEY[:-1] + "*", KEY[:-1] + "=", KEY[:40] + "+/A", " " + KEY[1:], KEY + "\n"):
+            self.assertRefused(register_line(key=bad), "key")
+
+    def test_padding_refused(self) -> None:
+        self.assertRefused(register_line(key=KEY + "="), "base64url")
+
+    def test_non_canonical_refused(self) -> None:
+        """The last character's unused bits must be zero: one key, one spelling."""
+        tweaked = KEY[:-1] + chr(ord(KEY[-1]) + 1)  # same 32 bytes, a low unused bit set
+        self.assertEqual(base64.urlsafe_b64decode(tweaked + "="), bytes(range(32)))
+        self.assertRefused(register_line(key=tweaked), "not canonical")
+
+    def test_wrong_lengths(self) -> None:
+        self.assertRefused(register_line(key=wire.b64url_encode(bytes(31))), "must encode 32 bytes, not 31")
+        self.assertRefused(register_line(key=wire.b64url_encode(bytes(33))), "must encode 32 bytes")
+        self.assertRefused(register_line(sig=wire.b64url_encode(bytes(63))), "must encode 64 bytes")
+        self.assertRefused(register_line(sig=""), "sig")
+
+    def test_huge_fields(self) -> None:
+        """Bounded before decoding: a field limit, then the line limit of the mediator."""
+        self.assertRefused(register_line(key="A" * 5000), "longer than 64")
+        self.assertRefused(register_line(sig="A" * 5000), "longer than 128")
+
+    def test_wrong_types(self) -> None:
+        for bad in (32, ["A"], {"k": 1}, True):
+            self.assertRefused(register_line(key=bad), "'key' must be a string")
+
+    def test_old_fields_refused(self) -> None:
+        """Version 1's secret is gone: an unknown field, like any other."""
+        self.assertRefused(register_line(secret="0" * 32), "unknown field")
+
+    def test_rid_kept(self) -> None:
+        with self.assertRaises(WireError) as cm:
+            decode_from_client(register_line(key="x"))
+        self.assertEqual(cm.exception.rid, 5)
+
+    def test_greeting_nonce(self) -> None:
+        base = {"op": "hello", "proto": "natbypass-signal", "versions": [2], "max_line": 8192}
+        for bad in ("", "A" * 20, "A" * 200, "AB=", 7):
+            self.assertRefused(json.dumps({**base, "nonce": bad}).encode(), "nonce", decode_from_server)
+
+    def test_constructor_checks_lengths(self) -> None:
+        self.assertRaises(ValueError, Register, 1, "a", bytes(31), bytes(64))
+        self.assertRaises(ValueError, Register, 1, "a", bytes(32), bytes(65))
+        self.assertRaises(ValueError, Greeting, (2,), False, 8192, None, bytes(8))
+
+    @given(st.binary(max_size=100))
+    def test_b64url_round_trip(self, data: bytes) -> None:
+        text = wire.b64url_encode(data)
+        self.assertNotIn("=", text)
+        if data:
+            self.assertEqual(wire.b64url_decode(text, "x", 0, 100), data)
+
+    @given(st.text(max_size=100))
+    def test_b64url_any_text(self, text: str) -> None:
+        """Any text decodes to bytes that encode back to exactly it, or is refused with ValueError."""
+        try:
+            data = wire.b64url_decode(text, "x", 0, 100)
+        except ValueError:
+            return
+        self.assertEqual(wire.b64url_encode(data), text)
 
 
 class PropertyTests(SynchronousTestCase):

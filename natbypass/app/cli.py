@@ -1,9 +1,9 @@
 """
-The ``natbypass`` command: a thin dispatcher to one module per subcommand.
+The C{natbypass} command: a thin dispatcher to one module per subcommand.
 
-Each subcommand is ``module`` (which exposes ``run(argv: list[str]) -> int``)
-or ``module:function`` (a function of that signature), only imported when
-asked for, so ``natbypass --help`` stays fast.  ``mediator`` and ``peer`` run
+Each subcommand is C{module} (which exposes C{run(argv: list[str]) -> int})
+or C{module:function} (a function of that signature), only imported when
+asked for, so C{natbypass --help} stays fast.  C{mediator} and C{peer} run
 the twistd plugins' services in the foreground (L{natbypass.app.run}).
 """
 
@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("natbypass.app.detect", "detect the NAT's mapping and filtering behaviour"),
     "connect": ("natbypass.app.connect", "open a direct path to a peer and exchange echoes"),
+    "id": ("natbypass.app.id", "print this peer's identity fingerprint (creating the key if needed)"),
     "lab": ("natbypass.lab.command", "build and use the NAT lab (network namespaces)"),
     "mediator": ("natbypass.app.run:mediator", "run the mediator (twistd natbypass-mediator) in the foreground"),
     "peer": ("natbypass.app.run:peer", "run an echoing peer (twistd natbypass-peer) in the foreground"),

@@ -18,6 +18,7 @@ from typing import Any
 
 from natbypass.address import parse_host_port
 from natbypass.app.detect import DEFAULT_PORT
+from natbypass.identity import default_identity_path, load_or_create
 from natbypass.peer import Peer, PeerConfig, parse_wish
 from natbypass.punch.candidates import PortRange
 from natbypass.signaling.client import client_endpoint
@@ -62,6 +63,9 @@ PEER_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("timeout", "seconds each protocol may try", default=5.0, coerce=float),
     OptionSpec("no-discovery", "skip RFC 5780 NAT behaviour discovery (only learn the mapped address)",
                flag=True),
+    OptionSpec("identity", "identity key file, created (0600) if missing; the mediator binds --id to this key "
+               "(default: $XDG_CONFIG_HOME/natbypass/identity.pem, else ~/.config/natbypass/identity.pem)",
+               metavar="PATH"),
 )  # fmt: skip
 
 
@@ -104,14 +108,21 @@ def check_peer_options(options: dict[str, Any]) -> None:
 def make_peer(reactor: Any, options: Mapping[str, Any], **config: Any) -> Peer:
     """
     A L{natbypass.peer.Peer} (not started) from checked options; C{config}
-    holds further L{natbypass.peer.PeerConfig} fields of one command.
+    holds further L{natbypass.peer.PeerConfig} fields of one command.  The
+    identity key is read from C{--identity} (default
+    L{natbypass.identity.default_identity_path}), and made there first if
+    missing, so a peer keeps its key, and its id, across restarts.
+
+    @raise natbypass.identity.IdentityFileError: when the key file cannot be used.
     """
+    identity = load_or_create(options.get("identity") or default_identity_path())
     return Peer(
         reactor,
         options["id"],
         client_endpoint(reactor, options["mediator"], options["ca"]),
         options["stun"],
         token=options["token"],
+        identity=identity,
         protocol=options["protocol"],
         config=PeerConfig(
             port_range=options["port-range"],

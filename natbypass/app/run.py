@@ -1,18 +1,18 @@
 """
-``natbypass mediator`` and ``natbypass peer``: a twistd plugin's service, run
-in the foreground by the ``natbypass`` command.
+C{natbypass mediator} and C{natbypass peer}: a twistd plugin's service, run
+in the foreground by the C{natbypass} command.
 
     natbypass mediator [options]   runs what   twistd -n --pidfile= natbypass-mediator [options]
     natbypass peer [options]       runs what   twistd -n --pidfile= natbypass-peer [options]
 
-The options are the plugin's own ``usage.Options`` and the service comes from
-the plugin's ``makeService`` (the modules that the ``ServiceMaker`` lines in
-``twisted/plugins/natbypass_plugins.py`` name), so the two front ends cannot
-drift apart.  This is for environments that expose only the ``natbypass``
-script (``pipx``); the twistd plugins stay the primary interface, and twistd's
+The options are the plugin's own C{usage.Options} and the service comes from
+the plugin's C{makeService} (the modules that the C{ServiceMaker} lines in
+C{twisted/plugins/natbypass_plugins.py} name), so the two front ends cannot
+drift apart.  This is for environments that expose only the C{natbypass}
+script (C{pipx}); the twistd plugins stay the primary interface, and twistd's
 own options (daemonising, pid file, log file, uid) are twistd's alone.
 
-The log goes to stdout, as with ``twistd -n``.  SIGINT (Ctrl-C) and SIGTERM stop
+The log goes to stdout, as with C{twistd -n}.  SIGINT (Ctrl-C) and SIGTERM stop
 the reactor, which stops the service first (the same shutdown as twistd's).
 Exit status: 0 after a clean stop, 1 when the service could not start (a port
 already in use), 2 on bad usage.
@@ -32,7 +32,7 @@ log = Logger()
 
 EXIT_OK, EXIT_CANNOT_START, EXIT_USAGE = 0, 1, 2
 
-#: subcommand -> (twistd plugin name, module with ``Options`` and ``makeService``)
+#: subcommand -> (twistd plugin name, module with C{Options} and C{makeService})
 PLUGINS: dict[str, tuple[str, str]] = {
     "mediator": ("natbypass-mediator", "natbypass.app.mediator_tap"),
     "peer": ("natbypass-peer", "natbypass.app.peer_tap"),
@@ -40,13 +40,13 @@ PLUGINS: dict[str, tuple[str, str]] = {
 
 
 class _HelpShown(Exception):
-    """``--help`` printed the usage; the command ends with status 0."""
+    """C{--help} printed the usage; the command ends with status 0."""
 
 
 def command_options(name: str, out: TextIO) -> usage.Options:
     """
-    The ``Options`` of the twistd plugin behind ``natbypass NAME``, with a
-    synopsis that names the command and ``--help`` written to ``out``.
+    The C{Options} of the twistd plugin behind C{natbypass NAME}, with a
+    synopsis that names the command and C{--help} written to C{out}.
     """
     plugin, module_name = PLUGINS[name]
     base: type[usage.Options] = importlib.import_module(module_name).Options
@@ -70,7 +70,7 @@ def command_options(name: str, out: TextIO) -> usage.Options:
 
 
 def parse(name: str, argv: list[str], out: TextIO, err: TextIO) -> usage.Options | int:
-    """Checked options for ``natbypass NAME argv``, or the exit status after ``--help`` / a usage error."""
+    """Checked options for C{natbypass NAME argv}, or the exit status after C{--help} / a usage error."""
     options = command_options(name, out)
     try:
         options.parseOptions(argv)
@@ -114,7 +114,7 @@ def serve(service: IService, reactor: Any) -> int:
 
 
 def run(name: str, argv: list[str], reactor: Any = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """``natbypass NAME argv``: parse with the plugin's options, build its service and serve it."""
+    """C{natbypass NAME argv}: parse with the plugin's options, build its service and serve it."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     options = parse(name, argv, out, err)
@@ -130,10 +130,10 @@ def run(name: str, argv: list[str], reactor: Any = None, out: TextIO | None = No
 
 
 def mediator(argv: list[str]) -> int:
-    """``natbypass mediator``: the ``natbypass-mediator`` twistd plugin in the foreground."""
+    """C{natbypass mediator}: the C{natbypass-mediator} twistd plugin in the foreground."""
     return run("mediator", argv)
 
 
 def peer(argv: list[str]) -> int:
-    """``natbypass peer``: the ``natbypass-peer`` twistd plugin in the foreground."""
+    """C{natbypass peer}: the C{natbypass-peer} twistd plugin in the foreground."""
     return run("peer", argv)

@@ -3,7 +3,9 @@ An engine-only peer for NAT-lab tests of the traversal engines, without the
 mediator's signalling: it learns its mappings by STUN, swaps them with the
 other side through a shared directory (the lab's namespaces share one file
 system), punches at an agreed wall-clock time, exchanges one echo and prints
-one JSON line.
+one JSON line.  Each process makes a fresh identity key and publishes its
+fingerprint with its mapping; the other side pins it, so a TCP path is TLS
+1.3 and a UDP path QUIC between exactly these two processes.
 
 Run inside a lab host::
 
@@ -26,11 +28,14 @@ from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 
 from natbypass.address import parse_host_port
+from natbypass.identity import Fingerprint, Identity
 from natbypass.punch.candidates import remote_addresses, reserve_tcp_port
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.tcp import punch_tcp
 from natbypass.punch.udp import ProbeSchedule, punch_udp
+from natbypass.secure import ChannelSecurity
+from natbypass.trust import pinned
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,6 +77,7 @@ def main(reactor, argv: list[str]):
 
     args = parser().parse_args(argv)
     session = PunchSession("lab-session", bytes.fromhex(args.key), args.role, args.peer)
+    identity = Identity.generate()  # this process only; its fingerprint goes out with the mapping
     endpoint = PunchEndpoint()
     listener = None
     if args.protocol == "udp":
@@ -84,17 +90,33 @@ def main(reactor, argv: list[str]):
         local = ("0.0.0.0", listener.getsockname()[1])
         binding = yield tcp_binding(reactor, args.stun, local, clock=reactor, timeout=5.0)
         mapped = binding.mapped
-    _publish(args.dir, args.name, {"mapped": list(mapped)})
+    _publish(args.dir, args.name, {"mapped": list(mapped), "fingerprint": str(identity.fingerprint)})
     peer = yield _wait_for_peer(reactor, args.dir, args.peer)
+    security = ChannelSecurity(identity, pinned(Fingerprint.parse(peer["fingerprint"])))
     targets = remote_addresses([tuple(peer["mapped"])], predict_delta=args.predict_delta)
     delay = max(0.0, args.start_at - time.time())
     started = reactor.seconds() + delay
     if args.protocol == "udp":
         d = punch_udp(
-            endpoint, session, targets, reactor, start_delay=delay, schedule=ProbeSchedule(timeout=args.timeout)
+            endpoint,
+            session,
+            targets,
+            reactor,
+            start_delay=delay,
+            schedule=ProbeSchedule(timeout=args.timeout),
+            security=security,
         )
     else:
-        d = punch_tcp(reactor, session, local, targets, start_delay=delay, window=args.timeout, listener=listener)
+        d = punch_tcp(
+            reactor,
+            session,
+            local,
+            targets,
+            start_delay=delay,
+            window=args.timeout,
+            listener=listener,
+            security=security,
+        )
     result = {"name": args.name, "mapped": list(mapped), "targets": [list(t) for t in targets]}
     try:
         conn = yield d
@@ -108,7 +130,19 @@ def main(reactor, argv: list[str]):
         remote=[conn.remote_address.host, conn.remote_address.port],
     )
     if args.protocol == "udp":
-        result.update(rtt_ms=round(conn.rtt * 1000, 1), stats=conn.punch_stats.__dict__)
+        result.update(
+            rtt_ms=None if conn.rtt is None else round(conn.rtt * 1000, 1),
+            stats=conn.punch_stats.__dict__,
+            cipher=conn.cipher,
+            handshake_ms=round(conn.handshake_ms, 1),
+            peer_fingerprint=str(conn.peer_fingerprint),
+        )
+    else:
+        result.update(
+            cipher=conn.cipher,
+            handshake_ms=round(conn.handshake_ms, 1),
+            peer_fingerprint=str(conn.peer_fingerprint),
+        )
     got: defer.Deferred = defer.Deferred()
 
     class Receiver:

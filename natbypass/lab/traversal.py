@@ -307,7 +307,10 @@ def run_matrix(
 
 
 #: Run in a lab host: sends forged punch packets (right session id, random
-#: keys, both roles, every type) and random bytes to HOST:PORT.
+#: keys, both roles, every type the codec has: PROBE and ACK), packets of the
+#: old punch types (keepalive, data, close: gone, so undecodable now), forged
+#: QUIC (short-header packets and a padded long-header Initial, from an
+#: address the punch never verified) and random bytes to HOST:PORT.
 _SPOOFER = r"""
 import os, socket, sys
 from natbypass.punch.packet import PacketType, encode
@@ -318,11 +321,16 @@ for i in range(count):
     key = os.urandom(32)
     for t in PacketType:
         for role in (0, 1):
-            payload = b"spoofed\n" if t == PacketType.DATA else b""
-            s.sendto(encode(t, role, sid, i + 1, key, echo=i, payload=payload), (host, port))
+            s.sendto(encode(t, role, sid, i + 1, key, echo=i), (host, port))
             sent += 1
+    probe = encode(PacketType.PROBE, i % 2, sid, i + 1, key)
+    for old in (3, 4, 5, 6):
+        s.sendto(probe[:2] + bytes([old]) + probe[3:], (host, port))
+        sent += 1
+    s.sendto(bytes([0x40 | (i & 0x3F)]) + os.urandom(60), (host, port))
+    s.sendto(bytes([0xC3, 0, 0, 0, 1, 8]) + os.urandom(1194), (host, port))
     s.sendto(os.urandom(64), (host, port))
-    sent += 1
+    sent += 3
 print(sent)
 """
 

@@ -7,8 +7,10 @@ messages to one C{DatagramProtocol} and everything else to another, each of
 which writes through the shared transport as if it owned it.
 
 L{PunchEndpoint} is the usual "everything else": it decodes punch
-packets and routes them by session id to the attempt or connection that owns
-the session, so one local port can serve several peers at once.
+packets and routes them by session id to the attempt that owns the session,
+and routes QUIC packets (the secure channel of a punched path, on the same
+5-tuple) by remote address to that path's channel, so one local port can
+serve several peers at once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from natbypass.punch.packet import PunchDecodeError, PunchPacket, decode
+from natbypass.secure.quic import is_quic
 from natbypass.stun.message import is_stun
 
 Address = tuple[str, int]
@@ -77,23 +80,41 @@ class IPacketHandler(TypingProtocol):
     def packetReceived(self, packet: PunchPacket, source: Address) -> None: ...
 
 
+class IQuicHandler(TypingProtocol):
+    """What a L{PunchEndpoint} routes the QUIC packets of one remote address to (a channel, or an attempt)."""
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None: ...
+
+
 class PunchEndpoint(DatagramProtocol):
     """
-    Decode punch packets and route them by session id.
+    Decode punch packets and route them by session id; route QUIC packets
+    (RFC 9443 first bits, L{natbypass.secure.quic.is_quic}) by remote address.
 
-    Never raises on bad input: undecodable datagrams and packets for sessions
-    nobody registered are logged, counted and dropped.  MAC checks happen in
-    the handler, which holds the key.
+    Punch packets go to the handler of their session (the attempt that
+    punches it).  QUIC packets go only to the handler routed for their exact
+    source address: an attempt registers the addresses its peer proved with
+    the session key (a bounded set), then the one channel of the chosen path.
+    QUIC from any other address is dropped and counted, so nobody can make a
+    peer start a QUIC handshake, or feed one, from an address the punch did
+    not verify.
+
+    Never raises on bad input: undecodable datagrams, packets for sessions
+    nobody registered and unsolicited QUIC are logged, counted and dropped.
+    MAC checks happen in the handler, which holds the key.
     """
 
     log = Logger()
 
     def __init__(self) -> None:
         self._handlers: dict[bytes, IPacketHandler] = {}
+        self._quic: dict[Address, IQuicHandler] = {}
         #: Datagrams that were not punch packets at all.
         self.undecodable = 0
         #: Well-formed packets for a session no handler owns.
         self.unrouted = 0
+        #: QUIC packets from an address nobody routed.
+        self.unsolicited_quic = 0
 
     def register(self, session_id: bytes, handler: IPacketHandler) -> None:
         """Route C{session_id}'s packets to C{handler} (replacing any previous one)."""
@@ -103,6 +124,20 @@ class PunchEndpoint(DatagramProtocol):
         """Stop routing to C{handler} (no-op if another handler took over)."""
         if self._handlers.get(session_id) is handler:
             del self._handlers[session_id]
+
+    def routeQuic(self, addr: Address, handler: IQuicHandler) -> None:
+        """Hand the QUIC packets from C{addr} to C{handler} (replacing any previous one)."""
+        self._quic[(addr[0], addr[1])] = handler
+
+    def unrouteQuic(self, addr: Address, handler: IQuicHandler) -> None:
+        """Stop handing C{addr}'s QUIC packets to C{handler} (no-op if another handler took over)."""
+        key = (addr[0], addr[1])
+        if self._quic.get(key) is handler:
+            del self._quic[key]
+
+    def quicRoutes(self) -> int:
+        """How many remote addresses QUIC is routed for now."""
+        return len(self._quic)
 
     def sendTo(self, data: bytes, addr: Address) -> None:
         """Send one datagram from the shared socket; errors are logged, not raised."""
@@ -121,6 +156,9 @@ class PunchEndpoint(DatagramProtocol):
         return self.transport.getHost()
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:
+        if is_quic(data):
+            self._quicReceived(data, (addr[0], addr[1]))
+            return
         try:
             packet = decode(data)
         except PunchDecodeError as e:
@@ -138,3 +176,11 @@ class PunchEndpoint(DatagramProtocol):
             )
             return
         handler.packetReceived(packet, addr)
+
+    def _quicReceived(self, data: bytes, addr: Address) -> None:
+        handler = self._quic.get(addr)
+        if handler is None:
+            self.unsolicited_quic += 1
+            self.log.debug("dropping unsolicited QUIC ({size} bytes) from {addr}", size=len(data), addr=addr)
+            return
+        handler.datagramReceived(data, addr)

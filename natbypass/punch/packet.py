@@ -3,7 +3,12 @@ The punch packet codec: the datagrams two peers exchange on the UDP path.
 
 Pure bytes <-> L{PunchPacket}, no I/O.  Every packet is authenticated
 with the session key the mediator gave both peers, so a host that does not
-know the key can neither open a path nor divert or inject into one.
+know the key can neither open a path nor divert one.
+
+Only the punch itself uses these packets: a PROBE and the ACK that answers
+it.  Once a path is chosen, everything else (application data, liveness,
+close) is QUIC on the same 5-tuple (C{natbypass.secure.quic}), encrypted and
+authenticated by the peers' identity keys, which the mediator does not know.
 
 Layout (network byte order)::
 
@@ -11,17 +16,14 @@ Layout (network byte order)::
     0       1     MAGIC 0xCE  -- top two bits 11: a STUN message always
                                  starts with 00, so both share one socket
                                  (C{natbypass.stun.message.is_stun} tells them apart)
-    1       1     VERSION 1
+    1       1     VERSION 2   (1 also had DATA/KEEPALIVE/CLOSE; never QUIC's first version byte)
     2       1     type (PacketType)
     3       1     flags: bit 0 = sender's role (0 or 1); other bits zero
     4       1     n = length of the session id (1..64)
     5       n     session id (the mediator's, as bytes)
-    5+n     8     nonce: random for PROBE/ACK/KEEPALIVE/KEEPALIVE_ACK/CLOSE,
-                  the sequence number for DATA
-    13+n    8     echo: the nonce this packet answers (ACK, KEEPALIVE_ACK),
-                  zero otherwise
-    21+n    ...   payload (DATA only; empty for every other type)
-    end-16  16    MAC = HMAC-SHA256(session key, every byte before it)[:16]
+    5+n     8     nonce: fresh and random from the sender (PROBE and ACK)
+    13+n    8     echo: the nonce of the PROBE this ACK answers; zero in a PROBE
+    21+n    16    MAC = HMAC-SHA256(session key, every byte before it)[:16]
 
 The role bit is inside the MAC, so a packet cannot be reflected back to its
 sender and pass as the peer's.  Decoding is strict (reserved bits zero, exact
@@ -37,27 +39,22 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = 0xCE
-VERSION = 1
+VERSION = 2
 MAC_SIZE = 16
 MAX_SESSION_ID = 64
 #: magic, version, type, flags, session id length
 HEADER = struct.Struct("!BBBBB")
 #: nonce, echo
 COUNTERS = struct.Struct("!QQ")
-#: The size of a packet around its session id and payload.
+#: The size of a packet around its session id.
 OVERHEAD = HEADER.size + COUNTERS.size + MAC_SIZE
-#: The largest DATA payload we send: keeps a frame within a 1280-byte IPv6
-#: minimum MTU path with room for IP/UDP headers and a 64-byte session id.
-MAX_PAYLOAD = 1280 - 48 - OVERHEAD - MAX_SESSION_ID
 
 
 class PacketType(enum.IntEnum):
+    """What a punch packet is (types 3..6, keepalives, data and close, are gone: QUIC carries them)."""
+
     PROBE = 1
     ACK = 2
-    KEEPALIVE = 3
-    KEEPALIVE_ACK = 4
-    DATA = 5
-    CLOSE = 6
 
 
 class PunchDecodeError(ValueError):
@@ -73,12 +70,11 @@ class PunchPacket:
     session_id: bytes
     nonce: int
     echo: int = 0
-    payload: bytes = b""
     mac: bytes = b""
 
 
-def _body(type_: PacketType, role: int, session_id: bytes, nonce: int, echo: int, payload: bytes) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, type_, role, len(session_id)) + session_id + COUNTERS.pack(nonce, echo) + payload
+def _body(type_: PacketType, role: int, session_id: bytes, nonce: int, echo: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, type_, role, len(session_id)) + session_id + COUNTERS.pack(nonce, echo)
 
 
 def _mac(key: bytes, body: bytes) -> bytes:
@@ -92,16 +88,15 @@ def encode(
     nonce: int,
     key: bytes,
     echo: int = 0,
-    payload: bytes = b"",
 ) -> bytes:
     """Build and authenticate one packet."""
     if role not in (0, 1):
         raise ValueError(f"role must be 0 or 1, not {role!r}")
     if not 1 <= len(session_id) <= MAX_SESSION_ID:
         raise ValueError(f"session id must be 1..{MAX_SESSION_ID} bytes, not {len(session_id)}")
-    if payload and type_ != PacketType.DATA:
-        raise ValueError(f"only DATA packets carry a payload, not {type_.name}")
-    body = _body(PacketType(type_), role, session_id, nonce, echo, payload)
+    if not 0 <= nonce < 2**64 or not 0 <= echo < 2**64:
+        raise ValueError("nonce and echo are 64-bit unsigned integers")
+    body = _body(PacketType(type_), role, session_id, nonce, echo)
     return body + _mac(key, body)
 
 
@@ -123,25 +118,21 @@ def decode(data: bytes) -> PunchPacket:
     if not 1 <= sid_len <= MAX_SESSION_ID:
         raise PunchDecodeError(f"bad session id length {sid_len}")
     counters_at = HEADER.size + sid_len
-    payload_at = counters_at + COUNTERS.size
-    if len(data) < payload_at + MAC_SIZE:
-        raise PunchDecodeError("truncated packet")
+    mac_at = counters_at + COUNTERS.size
+    if len(data) != mac_at + MAC_SIZE:
+        raise PunchDecodeError(f"a {ptype.name} packet is {mac_at + MAC_SIZE} bytes, not {len(data)}")
     nonce, echo = COUNTERS.unpack_from(data, counters_at)
-    payload = data[payload_at:-MAC_SIZE]
-    if payload and ptype != PacketType.DATA:
-        raise PunchDecodeError(f"{ptype.name} packet with a {len(payload)}-byte payload")
     return PunchPacket(
         type=ptype,
         role=flags & 1,
         session_id=bytes(data[HEADER.size : counters_at]),
         nonce=nonce,
         echo=echo,
-        payload=bytes(payload),
-        mac=bytes(data[-MAC_SIZE:]),
+        mac=bytes(data[mac_at:]),
     )
 
 
 def verify(packet: PunchPacket, key: bytes) -> bool:
     """True when C{packet}'s MAC is right for C{key} (constant-time compare)."""
-    body = _body(packet.type, packet.role, packet.session_id, packet.nonce, packet.echo, packet.payload)
+    body = _body(packet.type, packet.role, packet.session_id, packet.nonce, packet.echo)
     return hmac.compare_digest(_mac(key, body), packet.mac)

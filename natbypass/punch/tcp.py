@@ -11,19 +11,44 @@ the window closes.  When a listening socket on that port is given, inbound
 connections are taken too (an open host or full-cone NAT needs no crossing).
 
 Every connected socket is adopted into the reactor and must pass the
-handshake below before it is handed over; the first that does wins, the rest
-are closed.  Anything that fails is closed and counted, so a third host that
-connects or injects cannot take the path.
+session handshake below; the first that does is the path, the rest are
+closed.  Anything that fails is closed and counted, so a third host that
+connects or injects cannot take the path.  TLS 1.3 then runs over the chosen
+socket (L{natbypass.secure.tls}), each side proving its identity key against
+the other's pin, and only then is the connection handed over: no application
+byte ever crosses this path in plaintext.
 
-Handshake (54-byte frames C{"NBT1" | type | role | nonce[16] | mac[32]})::
+Session handshake (54-byte frames C{"NBT2" | type | role | nonce[16] | mac[32]},
+C{mac = HMAC-SHA256(key, "natbypass-tcp v2" | len(sid) | sid | type | role | nonce | peer nonce)})::
 
-    role 1 -> role 0   HELLO   mac = HMAC(key, "natbypass-tcp" | sid | HELLO | 1 | nonce1)
-    role 0 -> role 1   ACCEPT  mac = HMAC(key, "natbypass-tcp" | sid | ACCEPT | 0 | nonce0 | nonce1)
+    role 0 -> role 1   CHALLENGE  nonce0, mac over nonce0           at once, on every connection
+    role 1 -> role 0   HELLO      nonce1, mac over nonce1 | nonce0  as soon as a valid CHALLENGE arrives
+    role 0 -> role 1   ACCEPT     nonce0, mac over nonce0 | nonce1  on the one connection role 0 picks
+    role 0 -> role 1   TLS ClientHello, in the same flight as ACCEPT
 
-Role 0 only answers HELLO on the one connection it picks, so when several
-connections come up (two candidates, connect and accept) both sides agree on
-the same one without another round trip: role 1 takes the connection on which
-ACCEPT arrives.  ACCEPT covers role 1's fresh nonce, so it cannot be replayed.
+Each side's nonce is fresh for each connection, and each side only accepts a
+HELLO or ACCEPT whose MAC covers its own, so one recorded on one connection is
+refused on every other (the replay the first version allowed: its HELLO
+covered no nonce of role 0's).  A replayed CHALLENGE gains nothing: the HELLO
+it draws is good only on the connection that issued that challenge.  The role byte, fixed per type and covered by the MAC, refuses a
+frame reflected back to its sender.  Role 0 only answers HELLO on the one
+connection it picks, so when several come up (two candidates, connect and
+accept) both sides agree on one without another round trip: role 1 takes the
+connection on which ACCEPT arrives.
+
+Cost: role 0 knows the connection is fresh after one round trip (its
+challenge out, HELLO back) instead of half of one, so TLS starts half a round
+trip later than it would with a HELLO sent blind.  Half a round trip is the
+least any challenge of role 0's can cost; ACCEPT then travels with the
+ClientHello, so it adds nothing.  From the connected socket to both sides
+proven: 1 RTT (session handshake) + 1.5 RTT (TLS 1.3 with client
+certificates) + 0.5 RTT (the server's confirmation, see
+L{natbypass.secure.tls.CONFIRM}) = 3 RTT for role 0 and 2.5 RTT for role 1.
+
+The session key proves only that the other end was introduced by the
+mediator; the mediator knows it too.  The identity keys (TLS) are what
+authenticate the peer, so a connection that passed the session handshake but
+fails TLS fails the attempt with the reason (see C{docs/security.md}).
 """
 
 from __future__ import annotations
@@ -43,25 +68,33 @@ from typing import ClassVar
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReadDescriptor, ITCPTransport, ITransport, IWriteDescriptor
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from natbypass.address import format_address
+from natbypass.identity import Fingerprint
 from natbypass.interfaces import IPeerConnection
 from natbypass.net import reusable_socket
 from natbypass.punch.connection import PathConnection
 from natbypass.punch.session import PunchFailed, PunchSession
+from natbypass.secure import ChannelSecurity
+from natbypass.secure.tls import PeerRefusedUs, SecureTLS, start_tls
+from natbypass.trust import PeerRejected
 
 Address = tuple[str, int]
 
 FRAME = struct.Struct("!4sBB16s32s")
-TCP_MAGIC = b"NBT1"
-HELLO = 1
-ACCEPT = 2
-LABEL = b"natbypass-tcp"
+TCP_MAGIC = b"NBT2"
+CHALLENGE = 1
+HELLO = 2
+ACCEPT = 3
+#: The role that sends each frame type (covered by the MAC).
+SENDER = {CHALLENGE: 0, HELLO: 1, ACCEPT: 0}
+LABEL = b"natbypass-tcp v2"
+NONCE_SIZE = 16
 
 #: errno values after which a retry from a fresh socket makes sense.
 RETRYABLE = {
@@ -82,26 +115,39 @@ class TCPAuthError(ValueError):
 
 @dataclass(frozen=True)
 class AuthFrame:
+    """One decoded handshake frame."""
+
     type: int
     role: int
     nonce: bytes
     mac: bytes
 
 
-def _mac(session: PunchSession, type_: int, role: int, nonce: bytes, peer_nonce: bytes = b"") -> bytes:
+def _mac(session: PunchSession, type_: int, nonce: bytes, peer_nonce: bytes = b"") -> bytes:
     sid = session.sid
-    msg = LABEL + bytes([len(sid)]) + sid + bytes([type_, role]) + nonce + peer_nonce
+    msg = LABEL + bytes([len(sid)]) + sid + bytes([type_, SENDER[type_]]) + nonce + peer_nonce
     return hmac.new(session.key, msg, hashlib.sha256).digest()
 
 
-def hello_frame(session: PunchSession, nonce: bytes) -> bytes:
-    """The frame role 1 sends on every connection it gets."""
-    return FRAME.pack(TCP_MAGIC, HELLO, 1, nonce, _mac(session, HELLO, 1, nonce))
+def _frame(session: PunchSession, type_: int, nonce: bytes, peer_nonce: bytes = b"") -> bytes:
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"a nonce is {NONCE_SIZE} bytes, not {len(nonce)}")
+    return FRAME.pack(TCP_MAGIC, type_, SENDER[type_], nonce, _mac(session, type_, nonce, peer_nonce))
 
 
-def accept_frame(session: PunchSession, nonce: bytes, peer_nonce: bytes) -> bytes:
-    """The frame role 0 sends on the one connection it picks."""
-    return FRAME.pack(TCP_MAGIC, ACCEPT, 0, nonce, _mac(session, ACCEPT, 0, nonce, peer_nonce))
+def challenge_frame(session: PunchSession, nonce0: bytes) -> bytes:
+    """The frame role 0 sends on every connection as soon as it is up."""
+    return _frame(session, CHALLENGE, nonce0)
+
+
+def hello_frame(session: PunchSession, nonce1: bytes, nonce0: bytes) -> bytes:
+    """Role 1's answer to the CHALLENGE carrying C{nonce0}."""
+    return _frame(session, HELLO, nonce1, nonce0)
+
+
+def accept_frame(session: PunchSession, nonce0: bytes, nonce1: bytes) -> bytes:
+    """The frame role 0 sends on the one connection it picks, answering the HELLO carrying C{nonce1}."""
+    return _frame(session, ACCEPT, nonce0, nonce1)
 
 
 def parse_frame(data: bytes) -> AuthFrame:
@@ -110,8 +156,8 @@ def parse_frame(data: bytes) -> AuthFrame:
         raise TCPAuthError(f"a handshake frame is {FRAME.size} bytes, not {len(data)}")
     magic, type_, role, nonce, mac = FRAME.unpack(data)
     if magic != TCP_MAGIC:
-        raise TCPAuthError(f"bad magic {magic!r}: not a NATbypass peer")
-    if type_ not in (HELLO, ACCEPT) or role != {HELLO: 1, ACCEPT: 0}[type_]:
+        raise TCPAuthError(f"bad magic {magic!r}: not a NATbypass peer (or a version without TLS)")
+    if type_ not in SENDER or role != SENDER[type_]:
         raise TCPAuthError(f"bad frame type {type_} / role {role}")
     return AuthFrame(type_, role, nonce, mac)
 
@@ -119,20 +165,44 @@ def parse_frame(data: bytes) -> AuthFrame:
 class HandshakeState(enum.StrEnum):
     """Where a L{TCPHandshake} is."""
 
+    #: Nothing verified yet (role 0 has sent its CHALLENGE; role 1 waits for it).
     WAITING = "waiting"
+    #: Role 1: a valid CHALLENGE arrived and was answered with HELLO; waiting for ACCEPT.
+    ANSWERED = "answered"
+    #: Role 0: a HELLO over our nonce arrived; L{TCPHandshake.accept} picks this connection.
     VERIFIED = "verified"
+    #: This connection is the path; TLS comes next.
     DONE = "done"
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class HandshakeOutput:
+    """What one L{TCPHandshake.dataReceived} produced."""
+
+    #: Frames to write to the connection now.
+    send: bytes = b""
+    #: Bytes that followed the handshake (the start of TLS), once it is C{DONE}.
+    rest: bytes = b""
+
+
 class TCPHandshake:
     """
-    The handshake of one connection, pure: feed it bytes, get bytes to send
-    and a L{HandshakeState}: C{WAITING} -> C{VERIFIED} (role 0 saw a valid
-    HELLO and may L{accept}) -> C{DONE}; or C{FAILED}.
+    The session handshake of one connection, pure: feed it bytes, get bytes
+    to send and a L{HandshakeState}.
+
+    Role 0: C{WAITING} -> C{VERIFIED} (a HELLO over our nonce arrived; we may
+    L{accept}) -> C{DONE}.  Role 1: C{WAITING} -> C{ANSWERED} (HELLO sent)
+    -> C{DONE} (ACCEPT over our nonce arrived).  Either may end C{FAILED},
+    with L{error} saying why.
+
+    @param nonce: this connection's fresh random nonce (16 bytes); never
+        reuse one across connections.
     """
 
     def __init__(self, session: PunchSession, nonce: bytes) -> None:
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError(f"a nonce is {NONCE_SIZE} bytes, not {len(nonce)}")
         self._session = session
         self._nonce = nonce
         self._buffer = b""
@@ -141,38 +211,58 @@ class TCPHandshake:
         self.error = ""
 
     def start(self) -> bytes:
-        """What to send as soon as the connection is up."""
-        return hello_frame(self._session, self._nonce) if self._session.role == 1 else b""
+        """What to send as soon as the connection is up: role 0's CHALLENGE."""
+        return challenge_frame(self._session, self._nonce) if self._session.role == 0 else b""
 
-    def dataReceived(self, data: bytes) -> bytes:
-        """
-        Consume handshake bytes; return what follows the handshake (the first
-        application bytes) once it is over, else C{b""}.
-        """
-        if self.state is not HandshakeState.WAITING:
+    def dataReceived(self, data: bytes) -> HandshakeOutput:
+        """Consume handshake bytes (any slicing); see L{HandshakeOutput}."""
+        if self.state not in (HandshakeState.WAITING, HandshakeState.ANSWERED):
             raise RuntimeError(f"handshake is {self.state}")
         self._buffer += data
-        if len(self._buffer) < FRAME.size:
-            return b""
-        raw, rest = self._buffer[: FRAME.size], self._buffer[FRAME.size :]
-        self._buffer = b""
+        send = b""
+        while self.state in (HandshakeState.WAITING, HandshakeState.ANSWERED) and len(self._buffer) >= FRAME.size:
+            raw, self._buffer = self._buffer[: FRAME.size], self._buffer[FRAME.size :]
+            try:
+                send += self._frameReceived(parse_frame(raw))
+            except TCPAuthError as e:
+                self.state, self.error, self._buffer = HandshakeState.FAILED, str(e), b""
+                return HandshakeOutput()
+        if self.state is HandshakeState.VERIFIED and self._buffer:
+            # Role 1 sends nothing after HELLO until it has our ACCEPT.
+            self.state, self.error, self._buffer = HandshakeState.FAILED, "data after HELLO, before ACCEPT", b""
+            return HandshakeOutput()
+        rest = b""
+        if self.state is HandshakeState.DONE:
+            rest, self._buffer = self._buffer, b""
+        return HandshakeOutput(send, rest)
+
+    def _frameReceived(self, frame: AuthFrame) -> bytes:
         s = self._session
-        try:
-            frame = parse_frame(raw)
-            if frame.role != s.peer_role:
-                raise TCPAuthError("the frame carries our own role: a reflection")
-            if frame.type == HELLO:
-                expected = _mac(s, HELLO, 1, frame.nonce)
-            else:
-                expected = _mac(s, ACCEPT, 0, frame.nonce, self._nonce)
-            if not hmac.compare_digest(expected, frame.mac):
-                raise TCPAuthError("MAC does not verify with the session key")
-        except TCPAuthError as e:
-            self.state, self.error = HandshakeState.FAILED, str(e)
-            return b""
-        self._peer_nonce = frame.nonce
-        self.state = HandshakeState.VERIFIED if s.role == 0 else HandshakeState.DONE
-        return rest
+        if frame.role != s.peer_role:
+            raise TCPAuthError("the frame carries our own role: a reflection")
+        expected_type = {
+            (0, HandshakeState.WAITING): HELLO,
+            (1, HandshakeState.WAITING): CHALLENGE,
+            (1, HandshakeState.ANSWERED): ACCEPT,
+        }[s.role, self.state]
+        if frame.type != expected_type:
+            raise TCPAuthError(f"unexpected frame type {frame.type} (expected {expected_type})")
+        if frame.type == ACCEPT and not hmac.compare_digest(frame.nonce, self._peer_nonce):
+            raise TCPAuthError("ACCEPT names another CHALLENGE than this connection's")
+        mine = b"" if frame.type == CHALLENGE else self._nonce
+        if not hmac.compare_digest(_mac(s, frame.type, frame.nonce, mine), frame.mac):
+            what = "" if frame.type == CHALLENGE else " over our nonce (a replay, or another session key)"
+            raise TCPAuthError(f"MAC does not verify with the session key{what}")
+        if frame.type == CHALLENGE:
+            self._peer_nonce = frame.nonce
+            self.state = HandshakeState.ANSWERED
+            return hello_frame(s, self._nonce, frame.nonce)
+        if frame.type == HELLO:
+            self._peer_nonce = frame.nonce
+            self.state = HandshakeState.VERIFIED
+        else:
+            self.state = HandshakeState.DONE
+        return b""
 
     def accept(self) -> bytes:
         """Role 0: pick this connection; returns the ACCEPT frame to send."""
@@ -184,6 +274,12 @@ class TCPHandshake:
 
 def _address(host: str, port: int) -> IPv4Address | IPv6Address:
     return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+
+
+def _describe(address: object) -> str:
+    """C{HOST:PORT} of a transport's address, for reasons a person reads."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return format_address((host, port)) if isinstance(host, str) and isinstance(port, int) else str(address)
 
 
 @implementer(IWriteDescriptor)
@@ -241,33 +337,42 @@ class _Acceptor:
 
 
 class _HandshakeProtocol(Protocol):
-    """The protocol of an adopted socket: runs the handshake, then relays to the connection."""
+    """
+    The protocol of an adopted socket: runs the session handshake, then (on
+    the chosen connection) hands every byte to TLS.
+    """
 
     def __init__(self, attempt: TCPPunchAttempt, how: str) -> None:
         self.attempt = attempt
         self.how = how
         self.handshake = TCPHandshake(attempt.session, attempt.nonce_source())
-        self.connection: TCPPeerConnection | None = None
+        #: TLS over this connection, once the handshake chose it.
+        self.tls: SecureTLS | None = None
         self.timer = None
+        #: When the socket was connected (the attempt's clock).
+        self.started = 0.0
 
     def connectionMade(self) -> None:
+        self.started = self.attempt.reactor.seconds()
         self.attempt._handshakeStarted(self)
         first = self.handshake.start()
         if first:
             self.transport.write(first)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.connection is not None:
-            self.connection._dataReceived(data)
+        if self.tls is not None:
+            self.tls.protocol.dataReceived(data)
             return
-        if self.handshake.state is not HandshakeState.WAITING:
-            return  # role 0 holding a verified connection it has not picked: ignore
-        rest = self.handshake.dataReceived(data)
-        self.attempt._handshakeProgress(self, rest)
+        if self.handshake.state not in (HandshakeState.WAITING, HandshakeState.ANSWERED):
+            return  # failed and being closed
+        out = self.handshake.dataReceived(data)
+        if out.send:
+            self.transport.write(out.send)
+        self.attempt._handshakeProgress(self, out.rest)
 
     def connectionLost(self, reason: Failure) -> None:
-        if self.connection is not None:
-            self.connection._connectionLost(reason)
+        if self.tls is not None:
+            self.tls.protocol.connectionLost(reason)
         else:
             self.attempt._handshakeLost(self, reason)
 
@@ -295,10 +400,13 @@ class TCPPunchAttempt:
         handshake_timeout: float = 2.0,
         listener: socket.socket | None = None,
         keepalive_interval: float | None = 15.0,
-        nonce_source: Callable[[], bytes] = lambda: os.urandom(16),
+        nonce_source: Callable[[], bytes] = lambda: os.urandom(NONCE_SIZE),
+        *,
+        security: ChannelSecurity,
     ) -> None:
         self.reactor = reactor
         self.session = session
+        self.security = security
         self.local = local
         self.candidates = list(dict.fromkeys(candidates))
         self.nonce_source = nonce_source
@@ -310,6 +418,8 @@ class TCPPunchAttempt:
         self._pending: set[_PendingConnect] = set()
         self._retries: dict[Address, object] = {}
         self._handshakes: set[_HandshakeProtocol] = set()
+        #: The connection the session handshake chose, while TLS runs on it.
+        self._chosen: _HandshakeProtocol | None = None
         self._acceptor = None
         if listener is not None:
             if listener in self._listeners_in_use:
@@ -423,28 +533,84 @@ class TCPPunchAttempt:
         if hs.state is HandshakeState.VERIFIED:  # role 0: the first verified connection is the path
             proto.transport.write(hs.accept())
         if hs.state is HandshakeState.DONE:
-            self._win(proto, rest)
+            self._choose(proto, rest)
 
     def _handshakeLost(self, proto: _HandshakeProtocol, reason: Failure) -> None:
         self._handshakes.discard(proto)
         if proto.timer is not None and proto.timer.active():
             proto.timer.cancel()
 
-    def _win(self, proto: _HandshakeProtocol, rest: bytes) -> None:
+    # -- TLS on the chosen connection
+
+    def _choose(self, proto: _HandshakeProtocol, rest: bytes) -> None:
+        """The session handshake chose C{proto}: close the others, start TLS on it."""
         self._handshakes.discard(proto)
         if proto.timer is not None and proto.timer.active():
             proto.timer.cancel()
-        self._finish()
-        conn = TCPPeerConnection(proto, self.session, keepalive_interval=self._keepalive)
+        self._stopTrying()
+        self._chosen = proto
+        self.log.debug(
+            "session handshake chose {peer} ({how}); starting TLS", peer=proto.transport.getPeer(), how=proto.how
+        )
+        conn = TCPPeerConnection(self.session, proto.transport, keepalive_interval=self._keepalive)
+        proto.timer = self.reactor.callLater(self._handshake_timeout, self._tlsTimeout, proto)
+        sec = self.security
+        proto.tls = start_tls(proto.transport, conn._app, sec.identity, sec.verify, self.session.role, self.reactor)
+        proto.tls.handshake.addCallbacks(
+            self._secured, self._tlsFailed, callbackArgs=(proto, conn), errbackArgs=(proto,)
+        )
+        if rest:
+            proto.tls.protocol.dataReceived(rest)
+
+    def _secured(self, fingerprint: Fingerprint, proto: _HandshakeProtocol, conn: TCPPeerConnection) -> None:
+        if proto.timer is not None and proto.timer.active():
+            proto.timer.cancel()
+        self._chosen = None
+        if self.deferred.called:  # cancelled meanwhile
+            proto.transport.abortConnection()
+            return
+        assert proto.tls is not None
+        conn._secured(proto.tls, (self.reactor.seconds() - proto.started) * 1000)
         self.log.info(
-            "TCP path to {peer_id} via {remote} ({how})",
+            "TCP path to {peer_id} via {remote} ({how}): {cipher}, peer key {fingerprint}, {ms:.1f} ms",
             peer_id=self.session.peer_id,
             remote=proto.transport.getPeer(),
             how=proto.how,
+            cipher=conn.cipher,
+            fingerprint=str(fingerprint),
+            ms=conn.handshake_ms,
         )
         self.deferred.callback(conn)
-        if rest:
-            conn._dataReceived(rest)
+
+    def _tlsFailed(self, failure: Failure, proto: _HandshakeProtocol) -> None:
+        if proto.timer is not None and proto.timer.active():
+            proto.timer.cancel()
+        self._chosen = None
+        proto.transport.abortConnection()
+        if self.deferred.called:
+            return
+        peer = _describe(proto.transport.getPeer())
+        if failure.check(PeerRejected):
+            reason = f"{peer} passed the session handshake, but its identity key was refused: {failure.value}"
+        elif failure.check(PeerRefusedUs):
+            reason = f"{peer} passed the session handshake, but {failure.value}"
+        else:
+            reason = f"TLS with {peer} failed after the session handshake: {failure.getErrorMessage()}"
+        self.log.warn("TCP path to {peer_id} refused: {reason}", peer_id=self.session.peer_id, reason=reason)
+        self.deferred.errback(PunchFailed("tcp", reason))
+
+    def _tlsTimeout(self, proto: _HandshakeProtocol) -> None:
+        proto.timer = None
+        self._chosen = None
+        if not self.deferred.called:
+            self.deferred.errback(
+                PunchFailed(
+                    "tcp",
+                    f"{_describe(proto.transport.getPeer())} passed the session handshake, "
+                    f"but TLS did not complete within {self._handshake_timeout:g} s",
+                )
+            )
+        proto.transport.abortConnection()
 
     # -- ending
 
@@ -464,8 +630,8 @@ class TCPPunchAttempt:
             )
         )
 
-    def _finish(self) -> None:
-        """Stop everything still running; the winner (if any) was removed first."""
+    def _stopTrying(self) -> None:
+        """Stop connecting and accepting, and close every connection not chosen."""
         if self._done:
             return
         self._done = True
@@ -485,6 +651,15 @@ class TCPPunchAttempt:
             self.reactor.removeReader(self._acceptor)
             self._listeners_in_use.discard(self._acceptor.sock)
 
+    def _finish(self) -> None:
+        """Stop everything still running, including TLS on a chosen connection (cancel, expiry)."""
+        self._stopTrying()
+        proto, self._chosen = self._chosen, None
+        if proto is not None:
+            if proto.timer is not None and proto.timer.active():
+                proto.timer.cancel()
+            proto.transport.abortConnection()
+
 
 def punch_tcp(
     reactor,
@@ -498,9 +673,12 @@ def punch_tcp(
     handshake_timeout: float = 2.0,
     listener: socket.socket | None = None,
     keepalive_interval: float | None = 15.0,
+    *,
+    security: ChannelSecurity,
 ) -> Deferred:
     """
-    Open an authenticated TCP path to the peer from local address C{local}.
+    Open a TLS 1.3 path to the peer from local address C{local}, both sides
+    authenticated by their identity keys.
 
     C{start_delay} seconds from now, connect() to every candidate, retrying
     every C{retry_interval} until C{window} seconds after the start; take
@@ -509,7 +687,15 @@ def punch_tcp(
     One attempt at a time accepts on a given listener; a concurrent attempt
     on the same one only connects out (enough unless the peer's SYNs come
     before ours, e.g. on loopback).
-    Fires with a L{TCPPeerConnection} or fails with L{PunchFailed};
+
+    The first connection to pass the session handshake is the path; TLS 1.3
+    then runs over it (role 0 is the client), proving C{security.identity}
+    and checking the peer's key with C{security.verify}, within
+    C{handshake_timeout} seconds.
+
+    Fires with a L{TCPPeerConnection} once both sides are authenticated, or
+    fails with L{PunchFailed} (a refused key: its reason is the
+    L{natbypass.trust.PeerRejected} message, or says the peer refused ours);
     cancelling it closes every socket it opened.
     """
     return TCPPunchAttempt(
@@ -524,37 +710,64 @@ def punch_tcp(
         handshake_timeout=handshake_timeout,
         listener=listener,
         keepalive_interval=keepalive_interval,
+        security=security,
     ).deferred
+
+
+class _StreamApp(Protocol):
+    """The application protocol TLS connects once both sides are proven: feeds the connection."""
+
+    def __init__(self, connection: TCPPeerConnection) -> None:
+        self._connection = connection
+
+    def dataReceived(self, data: bytes) -> None:
+        self._connection._dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._connection._connectionLost(reason)
 
 
 @implementer(IPeerConnection)
 class TCPPeerConnection(PathConnection):
     """
-    An authenticated TCP path: an ordered byte stream.
+    A TCP path secured by TLS 1.3: an ordered byte stream, encrypted and
+    authenticated end to end by both sides' identity keys.
 
-    The kernel's TCP keepalive (every C{keepalive_interval} seconds, 3 probes)
-    holds the NAT mapping and notices a dead path.
+    Made by L{punch_tcp} when TLS starts and handed over only once both
+    sides are proven; C{send} writes only into TLS.  The kernel's TCP
+    keepalive (every C{keepalive_interval} seconds, 3 probes) holds the NAT
+    mapping and notices a dead path.
+
+    @ivar peer_fingerprint: the key the peer proved it holds.
+    @ivar cipher: e.g. C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}.
+    @ivar handshake_ms: from the connected socket to both sides proven
+        (session handshake and TLS), on the attempt's clock.
     """
 
     log = Logger()
     protocol = "tcp"
     delivery = "stream"
-    secure = False
+    secure = True
     max_datagram_size = None
 
     def __init__(
         self,
-        proto: _HandshakeProtocol,
         session: PunchSession,
+        transport: ITCPTransport,
         keepalive_interval: float | None = 15.0,
         max_pending: int = 1 << 20,
     ) -> None:
         super().__init__(session)
-        self._proto = proto
-        self._transport = proto.transport
-        proto.connection = self
-        self.local_address = self._transport.getHost()
-        self.remote_address = self._transport.getPeer()
+        #: The socket's transport: only for keepalive and read flow control.
+        self._raw = transport
+        #: The TLS transport, once secured; the only thing C{send} writes to.
+        self._tls: ITransport | None = None
+        self._app = _StreamApp(self)
+        self.local_address = transport.getHost()
+        self.remote_address = transport.getPeer()
+        self.peer_fingerprint: Fingerprint | None = None
+        self.cipher = ""
+        self.handshake_ms: float | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._max_pending = max_pending
@@ -562,11 +775,18 @@ class TCPPeerConnection(PathConnection):
             self._setKeepalive(keepalive_interval)
 
     def __repr__(self) -> str:
-        return f"<TCPPeerConnection {self.peer_id!r} {self.remote_address}>"
+        return f"<TCPPeerConnection {self.peer_id!r} {self.remote_address} {self.peer_fingerprint}>"
+
+    def _secured(self, tls: SecureTLS, handshake_ms: float) -> None:
+        """TLS proved both sides: from now on the connection carries data."""
+        self._tls = tls.protocol
+        self.peer_fingerprint = tls.peer_fingerprint
+        self.cipher = tls.cipher
+        self.handshake_ms = handshake_ms
 
     def _setKeepalive(self, interval: float) -> None:
-        self._transport.setTcpKeepAlive(True)
-        handle = getattr(self._transport, "getHandle", lambda: None)()
+        self._raw.setTcpKeepAlive(True)
+        handle = getattr(self._raw, "getHandle", lambda: None)()
         secs = max(1, int(interval))
         for opt, value in (("TCP_KEEPIDLE", secs), ("TCP_KEEPINTVL", secs), ("TCP_KEEPCNT", 3)):
             if handle is not None and hasattr(socket, opt):
@@ -575,17 +795,23 @@ class TCPPeerConnection(PathConnection):
     def _take_pending(self) -> list[bytes]:
         pending, self._pending = self._pending, []
         if self._pending_size > self._max_pending:
-            self._transport.resumeProducing()
+            self._raw.resumeProducing()
         self._pending_size = 0
         return pending
 
     def send(self, data: bytes) -> None:
+        if self._tls is None:
+            raise RuntimeError("the TCP path is not secured yet; nothing may be sent")
         if self._lost is None:
-            self._transport.write(data)
+            self._tls.write(data)
 
     def close(self) -> None:
-        if self._lost is None:
-            self._transport.loseConnection()
+        if self._lost is not None:
+            return
+        if self._tls is not None:
+            self._tls.loseConnection()  # TLS close_notify, then the socket
+        else:
+            self._raw.abortConnection()
 
     def _dataReceived(self, data: bytes) -> None:
         if self._receiver is not None:
@@ -595,7 +821,7 @@ class TCPPeerConnection(PathConnection):
         self._pending_size += len(data)
         if self._pending_size > self._max_pending:
             # Nobody reads: stop the peer rather than buffer without bound.
-            self._transport.pauseProducing()
+            self._raw.pauseProducing()
 
     def _connectionLost(self, reason: Failure) -> None:
         self._notify_lost(reason)

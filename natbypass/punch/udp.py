@@ -1,49 +1,67 @@
 """
-UDP hole punching: a pure state machine, its driver, and the connection it makes.
+UDP hole punching, then QUIC on the punched 5-tuple.
 
-L{UDPPunchMachine} holds all decisions and no I/O: it is told the time
+L{UDPPunchMachine} holds all punch decisions and no I/O: it is told the time
 and the packets that arrived, and answers with actions (send these bytes
-there; the path is chosen; give up because ...).  L{UDPPunchAttempt}
-runs it on a L{natbypass.punch.mux.PunchEndpoint} with an injected
-clock, and on success hands the socket's session to a
-L{UDPPeerConnection}, which carries DATA frames, answers late probes,
-sends keepalives and notices a dead path.
+there; this address proved the session key; the path is chosen; give up
+because ...).  L{UDPPunchAttempt} runs it on a
+L{natbypass.punch.mux.PunchEndpoint} with an injected clock, then secures the
+chosen path with a L{natbypass.secure.quic.QuicChannel} on the same socket:
+role 0 is the QUIC client, role 1 the server.  Only when the channel proved
+the peer's identity key (and the key passed the C{ChannelSecurity}'s check)
+does it hand out a L{UDPPeerConnection}: datagrams are QUIC DATAGRAM frames
+(RFC 9221), liveness is QUIC's idle timeout kept open by periodic PINGs,
+close is QUIC's CONNECTION_CLOSE.
 
-Why a peer-reflexive address is safe to accept: a PROBE from an address we did
-not know (the peer's NAT picked a new port, as symmetric NATs do) is only
-answered when its MAC verifies with the session key, which only the two peers
-have; and an address is only *selected* when an ACK from that very address
-echoes a nonce we sent there, so the peer must both receive at and send from
-it.  A third host can replay what it sniffed, but a replayed PROBE only earns
-its sender an ACK that echoes a nonce it already knows, and a replayed ACK
-arrives from the attacker's address, not from the one the echoed probe went
-to, so it selects nothing.  An on-path attacker could always relay (or drop)
-the traffic anyway; confidentiality is left to the layer above.
+What the session key does and does not do.  PROBE and ACK are authenticated
+with the mediator's session key, so a host without it cannot open or divert a
+path.  An ACK is accepted only when it comes from the address our probe went
+to and echoes that probe's fresh nonce; a probe is answered at most once per
+(nonce, source), and at most C{max_learned} addresses we were not told of
+(peer-reflexive: the peer's NAT picked a new port) are learned.  But the
+session key is also the mediator's, and a host on the path can always relay
+packets, so the punch only I{finds} a 5-tuple: it never trusts it.  All that
+is carried on it is QUIC, mutually authenticated by the identity keys, which
+neither the mediator nor a relay has; they see ciphertext, and a replayed
+packet is dropped by QUIC's AEAD and packet numbers (so it delivers nothing
+twice and refreshes no liveness).  See C{docs/security.md}, "UDP path".
 """
 
 from __future__ import annotations
 
 import enum
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from natbypass.address import format_address
+from natbypass.identity import Fingerprint
 from natbypass.interfaces import IPeerConnection
 from natbypass.punch.connection import PathConnection
 from natbypass.punch.mux import Address, PunchEndpoint
-from natbypass.punch.packet import MAX_PAYLOAD, PacketType, PunchPacket, encode, verify
+from natbypass.punch.packet import PacketType, PunchPacket, encode, verify
 from natbypass.punch.session import PunchFailed, PunchSession
+from natbypass.secure import ChannelSecurity
+from natbypass.secure.quic import AUTH_FAILED, QuicChannel, QuicClosed, QuicEngine, warm_up
+from natbypass.trust import PeerRejected
 
 NonceSource = Callable[[], int]
+
+#: How many peer-reflexive addresses an attempt learns at most (default).
+MAX_LEARNED = 8
+#: RFC 9000 section 10.2.3: an application close sent before the handshake is
+#: confirmed travels as a transport APPLICATION_ERROR; a peer that refuses our
+#: key as its handshake completes closes with it.
+APPLICATION_ERROR = 0x0C
 
 
 def random_nonce() -> int:
@@ -81,6 +99,16 @@ class Send:
 
 
 @dataclass(frozen=True)
+class Verified:
+    """
+    Action: a packet from C{address} proved the session key for the first
+    time (a role-1 attempt then accepts the peer's QUIC Initial from it).
+    """
+
+    address: Address
+
+
+@dataclass(frozen=True)
 class Selected:
     """Action: the path to C{address} is verified both ways."""
 
@@ -95,7 +123,7 @@ class Failed:
     reason: str
 
 
-Action = Send | Selected | Failed
+Action = Send | Verified | Selected | Failed
 
 
 @dataclass
@@ -109,6 +137,10 @@ class PunchStats:
     invalid: int = 0
     #: Verified ACKs that echoed no probe we sent to their source.
     stray_acks: int = 0
+    #: Verified probes seen before from the same source (replays): not answered.
+    replayed: int = 0
+    #: Verified probes from new addresses beyond C{max_learned}: not answered, not learned.
+    learned_refused: int = 0
 
 
 class PunchState(enum.StrEnum):
@@ -125,7 +157,13 @@ class UDPPunchMachine:
     The punching logic for one session, clock-injected and I/O-free.
 
     Feed it L{poll} at L{next_wakeup} and every packet of the session
-    through L{packet_received}; carry out the actions it returns.
+    through L{packet_received}; carry out the actions it returns.  Once it
+    succeeded it still answers probes from the addresses it knows (the peer
+    may not have our ACK yet), but learns nothing new.
+
+    @param max_learned: how many peer-reflexive addresses it learns at most.
+    @param max_seen: how many (nonce, source) pairs of answered probes it
+        remembers to recognise replays (oldest forgotten first).
     """
 
     def __init__(
@@ -135,7 +173,8 @@ class UDPPunchMachine:
         start_at: float,
         schedule: ProbeSchedule = ProbeSchedule(),
         nonce_source: NonceSource = random_nonce,
-        max_early_data: int = 16,
+        max_learned: int = MAX_LEARNED,
+        max_seen: int = 4096,
     ) -> None:
         self._session = session
         self._candidates: list[Address] = list(dict.fromkeys(candidates))
@@ -144,15 +183,16 @@ class UDPPunchMachine:
         self._schedule = schedule
         self._nonce = nonce_source
         self._sent: dict[int, tuple[Address, float]] = {}
+        self._seen: OrderedDict[tuple[int, Address], None] = OrderedDict()
+        self._max_seen = max_seen
+        self._max_learned = max_learned
         self._next_round = start_at
         self._last_interval: float | None = None
-        self._max_early = max_early_data
         self.state = PunchState.WAITING
         self.stats = PunchStats()
-        #: Verified DATA payloads that arrived before the path was chosen here
-        #: (the peer chose first); the connection delivers them.
-        self.early_data: list[bytes] = []
         self.prflx: list[Address] = []
+        #: Addresses that sent a packet proving the session key, in order.
+        self.verified: list[Address] = []
 
     @property
     def candidates(self) -> Sequence[Address]:
@@ -197,9 +237,19 @@ class UDPPunchMachine:
         self._next_round = now + self._last_interval
         return actions
 
+    def adopt(self, address: Address) -> None:
+        """
+        The path to C{address} was chosen by other means (the peer's QUIC
+        Initial arrived from it): stop punching.  It must have been verified.
+        """
+        if address not in self.verified:
+            raise ValueError(f"{format_address(address)} never proved the session key")
+        if not self.done:
+            self.state = PunchState.SUCCEEDED
+
     def packet_received(self, now: float, packet: PunchPacket, source: Address) -> list[Action]:
         """Handle one packet of our session from C{source}."""
-        if self.done:
+        if self.state is PunchState.FAILED:
             return []
         s = self._session
         if packet.role != s.peer_role or not verify(packet, s.key):
@@ -207,22 +257,41 @@ class UDPPunchMachine:
             return []
         if packet.type == PacketType.PROBE:
             return self._on_probe(now, packet, source)
-        if packet.type == PacketType.ACK:
+        if packet.type == PacketType.ACK and not self.done:
             return self._on_ack(now, packet, source)
-        if packet.type == PacketType.DATA and len(self.early_data) < self._max_early:
-            self.early_data.append(packet.payload)
         return []
 
+    def _verified(self, source: Address) -> list[Action]:
+        if source in self.verified:
+            return []
+        self.verified.append(source)
+        return [Verified(source)]
+
     def _on_probe(self, now: float, packet: PunchPacket, source: Address) -> list[Action]:
+        seen = (packet.nonce, source)
+        if seen in self._seen:
+            # A replay (the peer never sends one nonce twice): one answer per
+            # captured probe and source, whatever the attacker resends.
+            self.stats.replayed += 1
+            return []
+        learned = source not in self._known
+        if learned and (self.done or len(self.prflx) >= self._max_learned):
+            self.stats.learned_refused += 1
+            return []
+        self._seen[seen] = None
+        if len(self._seen) > self._max_seen:
+            self._seen.popitem(last=False)
         self.stats.verified_probes += 1
         self.stats.acks_sent += 1
         actions: list[Action] = [Send(source, self._packet(PacketType.ACK, self._nonce(), echo=packet.nonce))]
+        actions += self._verified(source)
+        if self.done:
+            return actions
         if self.state is PunchState.WAITING:
             # The peer started first (clock skew): start now, not at start_at.
             self._next_round = now
-        if source not in self._known:
-            # Peer-reflexive: the address its NAT gave this flow.  Safe
-            # because the MAC verified; see the module docstring.
+        if learned:
+            # Peer-reflexive: the address its NAT gave this flow (bounded).
             self._known.add(source)
             self._candidates.append(source)
             self.prflx.append(source)
@@ -235,7 +304,7 @@ class UDPPunchMachine:
             self.stats.stray_acks += 1
             return []
         self.state = PunchState.SUCCEEDED
-        return [Selected(source, now - sent[1])]
+        return [*self._verified(source), Selected(source, now - sent[1])]
 
     def _failure_reason(self) -> str:
         st = self.stats
@@ -247,100 +316,89 @@ class UDPPunchMachine:
             )
         else:
             why = "nothing from the peer reached us"
+        extra = ""
+        if st.replayed or st.learned_refused:
+            extra = (
+                f"; dropped {st.replayed} replayed probes and {st.learned_refused} from new addresses "
+                f"beyond the {self._max_learned} learned ones"
+            )
         return (
             f"no verified UDP path within {self._schedule.timeout:g} s: {why}; "
             f"sent {st.probes_sent} probes to {len(self._candidates)} "
             f"candidate{'s' if len(self._candidates) != 1 else ''} ({tried}), "
-            f"ignored {st.invalid} invalid packets"
+            f"ignored {st.invalid} invalid packets{extra}"
         )
-
-
-class ReplayWindow:
-    """
-    Accept each sequence number once, within C{size} of the highest seen
-    (the IPsec/DTLS anti-replay window), so a captured DATA frame cannot be
-    delivered twice.
-    """
-
-    def __init__(self, size: int = 64) -> None:
-        self._size = size
-        self._highest = 0
-        self._bits = 0  # bit i set: highest - i was seen
-
-    def accept(self, seq: int) -> bool:
-        if seq <= 0:
-            return False
-        if seq > self._highest:
-            shift = seq - self._highest
-            self._bits = ((self._bits << shift) | 1) & ((1 << self._size) - 1)
-            self._highest = seq
-            return True
-        offset = self._highest - seq
-        if offset >= self._size or self._bits >> offset & 1:
-            return False
-        self._bits |= 1 << offset
-        return True
 
 
 def _address(host: str, port: int) -> IPv4Address | IPv6Address:
     return (IPv6Address if ":" in host else IPv4Address)("UDP", host, port)
 
 
+def _is_initial(data: bytes) -> bool:
+    """A QUIC v1 long-header Initial packet (RFC 9000 section 17.2.2)?"""
+    return len(data) >= 1200 and data[0] & 0xF0 == 0xC0 and data[1:5] == b"\x00\x00\x00\x01"
+
+
 @implementer(IPeerConnection)
 class UDPPeerConnection(PathConnection):
     """
-    A punched UDP path: datagrams in DATA frames, keepalives, a liveness check.
+    A punched UDP path secured by QUIC: datagrams are DATAGRAM frames.
 
-    DATA frames carry a sequence number and are authenticated with the
-    session key (not encrypted); replays are dropped.  Every verified packet
-    from the peer counts as a sign of life; C{liveness_timeout} without one
-    (default: three keepalive intervals) and the connection is lost.
+    Made by L{punch_udp} once the channel is ready (both identity keys
+    proven).  Every C{keepalive_interval} it sends a QUIC PING, whose ACK
+    keeps the NAT mapping open and the idle timer of both sides fresh; when
+    nothing authenticated arrives for the channel's idle timeout the path is
+    lost (C{ConnectionLost}).  Replayed packets are dropped by QUIC (AEAD,
+    packet numbers): they deliver nothing and refresh nothing.  Streams the
+    peer opens are not shown (this connection is C{"datagram"}); they are
+    counted in C{ignored_streams}.
     """
 
     log = Logger()
     protocol = "udp"
     delivery = "datagram"
-    secure = False
-    max_datagram_size = MAX_PAYLOAD
+    secure = True
 
     def __init__(
         self,
+        channel: QuicChannel,
         endpoint: PunchEndpoint,
         session: PunchSession,
-        remote: Address,
         clock: IReactorTime,
         keepalive_interval: float = 15.0,
-        liveness_timeout: float | None = None,
-        nonce_source: NonceSource = random_nonce,
-        early_data: Sequence[bytes] = (),
+        idle_timeout: float = 45.0,
+        handshake_ms: float = 0.0,
         max_pending: int = 64,
     ) -> None:
         super().__init__(session)
+        if channel.peer_fingerprint is None:
+            raise ValueError("the QUIC channel is not ready: wait for its .ready")
+        self._channel = channel
         self._endpoint = endpoint
-        self._session = session
-        self._remote = remote
         self._clock = clock
         self._interval = keepalive_interval
-        self._timeout = liveness_timeout if liveness_timeout is not None else 3 * keepalive_interval
-        self._nonce = nonce_source
-        self._pending: list[bytes] = list(early_data)[:max_pending]
+        self._idle = idle_timeout
+        self._remote: Address = channel.remote
+        self._pending: list[bytes] = []
         self._max_pending = max_pending
-        self._seq = 0
-        self._replay = ReplayWindow()
-        self.invalid = 0
-        #: The probe/ACK round trip that chose the path, and what the punch did
-        #: (set by the attempt that made this connection).
+        self.peer_fingerprint: Fingerprint = channel.peer_fingerprint
+        self.cipher = channel.cipher
+        self.handshake_ms = handshake_ms
+        self.max_datagram_size = channel.max_datagram_size
+        self.ignored_streams = 0
+        #: The probe/ACK round trip that chose the path (None when the peer's
+        #: QUIC Initial chose it), and what the punch did (set by the attempt).
         self.rtt: float | None = None
         self.punch_stats: PunchStats | None = None
         host = endpoint.getHost()
         self.local_address = _address(host.host, host.port)
-        self.remote_address = _address(*remote)
-        endpoint.register(session.sid, self)
-        self._keepalive = clock.callLater(self._interval, self._sendKeepalive)
-        self._liveness = clock.callLater(self._timeout, self._dead)
+        self.remote_address = _address(*self._remote)
+        self._ping: IDelayedCall | None = clock.callLater(self._interval, self._sendPing)
+        channel.lost.addCallback(self._channelLost)
+        channel.setReceiver(self)
 
     def __repr__(self) -> str:
-        return f"<UDPPeerConnection {self.peer_id!r} {format_address(self._remote)}>"
+        return f"<UDPPeerConnection {self.peer_id!r} {format_address(self._remote)} {self.peer_fingerprint}>"
 
     # -- IPeerConnection
 
@@ -351,79 +409,77 @@ class UDPPeerConnection(PathConnection):
     def send(self, data: bytes) -> None:
         if self._lost is not None:
             return
-        if len(data) > MAX_PAYLOAD:
-            raise ValueError(f"datagram of {len(data)} bytes exceeds max_datagram_size {MAX_PAYLOAD}")
-        self._seq += 1
-        self._write(PacketType.DATA, self._seq, payload=data)
+        if len(data) > self.max_datagram_size:
+            raise ValueError(f"datagram of {len(data)} bytes exceeds max_datagram_size {self.max_datagram_size}")
+        self._channel.sendDatagram(data)
 
     def close(self) -> None:
         if self._lost is None:
-            self._write(PacketType.CLOSE, self._nonce())
-            self._lose(Failure(ConnectionDone("closed locally")))
+            self._channel.close(0, "closed")
 
-    # -- packets
+    # -- QuicReceiver (the channel's side)
 
-    def _write(self, type_: PacketType, nonce: int, echo: int = 0, payload: bytes = b"") -> None:
-        s = self._session
-        self._endpoint.sendTo(encode(type_, s.role, s.sid, nonce, s.key, echo, payload), self._remote)
-
-    def packetReceived(self, packet: PunchPacket, source: Address) -> None:
-        s = self._session
+    def datagramFrameReceived(self, data: bytes) -> None:
         if self._lost is not None:
             return
-        if packet.role != s.peer_role or not verify(packet, s.key):
-            self.invalid += 1
-            self.log.debug("ignoring an invalid packet from {source}", source=source)
-            return
-        self._liveness.reset(self._timeout)
-        t = packet.type
-        if t == PacketType.PROBE:
-            # The peer has not seen our ACK yet: answer where it asked from.
-            s_ack = encode(PacketType.ACK, s.role, s.sid, self._nonce(), s.key, echo=packet.nonce)
-            self._endpoint.sendTo(s_ack, source)
-        elif t == PacketType.KEEPALIVE:
-            self._write(PacketType.KEEPALIVE_ACK, self._nonce(), echo=packet.nonce)
-        elif t == PacketType.DATA:
-            if self._replay.accept(packet.nonce):
-                self._deliver(packet.payload)
-        elif t == PacketType.CLOSE:
-            self._lose(Failure(ConnectionDone("the peer closed the connection")))
-
-    def _deliver(self, data: bytes) -> None:
         if self._receiver is not None:
             self._receiver.dataReceived(data)
         elif len(self._pending) < self._max_pending:
             self._pending.append(data)
 
-    def _sendKeepalive(self) -> None:
-        self._write(PacketType.KEEPALIVE, self._nonce())
-        self._keepalive = self._clock.callLater(self._interval, self._sendKeepalive)
+    def streamReceived(self, stream_id: int, data: bytes, fin: bool) -> None:
+        self.ignored_streams += 1
+        self.log.debug("ignoring data on QUIC stream {stream_id} of a datagram connection", stream_id=stream_id)
 
-    def _dead(self) -> None:
-        self._lose(
-            Failure(
-                ConnectionLost(
-                    f"no packet from peer {self.peer_id!r} at {format_address(self._remote)} for "
-                    f"{self._timeout:g} s (keepalive every {self._interval:g} s): the path is dead"
+    def connectionLost(self, reason: Failure) -> None:
+        """The channel ended: handled through its C{lost} Deferred (which also covers an end before this)."""
+
+    # -- liveness
+
+    def _sendPing(self) -> None:
+        self._ping = self._clock.callLater(self._interval, self._sendPing)
+        self._channel.ping()
+
+    def _channelLost(self, reason: Exception) -> None:
+        if self._ping is not None and self._ping.active():
+            self._ping.cancel()
+        self._ping = None
+        self._endpoint.unrouteQuic(self._remote, self._channel)
+        self._notify_lost(Failure(self._lossReason(reason)))
+
+    def _lossReason(self, reason: Exception) -> Exception:
+        where = f"peer {self.peer_id!r} at {format_address(self._remote)}"
+        if isinstance(reason, QuicClosed):
+            if reason.local:
+                return ConnectionDone("closed locally")
+            if "idle" in reason.reason.lower():
+                return ConnectionLost(
+                    f"no authenticated packet from {where} for {self._idle:g} s (QUIC idle timeout, "
+                    f"PING every {self._interval:g} s): the path is dead"
                 )
-            )
-        )
+            if reason.code == 0:
+                return ConnectionDone("the peer closed the connection")
+            if reason.code in (AUTH_FAILED, APPLICATION_ERROR):
+                return ConnectionLost(f"{where} refused our identity key and closed the connection ({reason})")
+        return ConnectionLost(f"the QUIC connection to {where} ended: {reason}")
 
-    def _lose(self, reason: Failure) -> None:
-        if self._lost is not None:
-            return
-        for call in (self._keepalive, self._liveness):
-            if call.active():
-                call.cancel()
-        self._endpoint.unregister(self._session.sid, self)
-        self._notify_lost(reason)
+
+class AttemptState(enum.StrEnum):
+    """Where a L{UDPPunchAttempt} is."""
+
+    PUNCHING = "punching"
+    HANDSHAKING = "handshaking"
+    DONE = "done"
 
 
 class UDPPunchAttempt:
     """
-    Runs a L{UDPPunchMachine} on a shared socket with an injected clock.
+    Runs a L{UDPPunchMachine} on a shared socket with an injected clock, then
+    the QUIC handshake on the path it chose.
 
-    Use L{punch_udp}; this class is the packet handler it registers.
+    Use L{punch_udp}; this class is the punch packet handler it registers
+    (and, for role 1, the QUIC handler of the addresses the peer proved with
+    the session key, until the peer's Initial arrives from one of them).
     """
 
     log = Logger()
@@ -434,48 +490,62 @@ class UDPPunchAttempt:
         session: PunchSession,
         machine: UDPPunchMachine,
         clock: IReactorTime,
-        make_connection: Callable[[Address, Sequence[bytes]], UDPPeerConnection],
+        make_channel: Callable[[Address], QuicChannel],
+        make_connection: Callable[[QuicChannel, float], UDPPeerConnection],
+        security: ChannelSecurity,
+        handshake_timeout: float = 5.0,
     ) -> None:
         self._endpoint = endpoint
         self._session = session
         self._machine = machine
         self._clock = clock
+        self._make_channel = make_channel
         self._make_connection = make_connection
-        self._timer = None
-        self.deferred: Deferred = Deferred(lambda d: self._stop())
+        self._security = security
+        self._handshake_timeout = handshake_timeout
+        self._timer: IDelayedCall | None = None
+        self._handshake_timer: IDelayedCall | None = None
+        self._routes: list[Address] = []
+        self._channel: QuicChannel | None = None
+        self._remote: Address | None = None
+        self._rtt: float | None = None
+        self._punched_at: float | None = None
+        self.state = AttemptState.PUNCHING
+        #: QUIC packets from a verified address that were not an Initial (before the channel).
+        self.stray_quic = 0
+        self.deferred: Deferred[UDPPeerConnection] = Deferred(lambda d: self._cancel())
         endpoint.register(session.sid, self)
         self._run([])
+
+    # -- punch packets
 
     def _poll(self) -> None:
         self._timer = None
         self._run(self._machine.poll(self._clock.seconds()))
 
     def packetReceived(self, packet: PunchPacket, source: Address) -> None:
-        self._run(self._machine.packet_received(self._clock.seconds(), packet, source))
+        if self.state is not AttemptState.DONE:
+            self._run(self._machine.packet_received(self._clock.seconds(), packet, source))
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
+            if self.state is AttemptState.DONE:
+                return
             if isinstance(action, Send):
                 self._endpoint.sendTo(action.data, action.address)
+            elif isinstance(action, Verified):
+                if self._session.role == 1 and self._channel is None:
+                    # Bounded: candidates plus at most max_learned addresses.
+                    self._routes.append(action.address)
+                    self._endpoint.routeQuic(action.address, self)
             elif isinstance(action, Selected):
-                self._stop()
-                self.log.info(
-                    "UDP path to {peer_id} via {address} (rtt {rtt_ms:.1f} ms)",
-                    peer_id=self._session.peer_id,
-                    address=format_address(action.address),
-                    rtt_ms=action.rtt * 1000,
-                )
-                conn = self._make_connection(action.address, self._machine.early_data)
-                conn.rtt = action.rtt
-                conn.punch_stats = self._machine.stats
-                self.deferred.callback(conn)
-                return
+                self._selected(action.address, action.rtt)
             elif isinstance(action, Failed):
-                self._stop()
-                self.deferred.errback(PunchFailed("udp", action.reason))
+                self._fail(action.reason)
                 return
         wake = self._machine.next_wakeup()
         if wake is None:
+            self._stopTimer()
             return
         # A packet may have moved the next round earlier (the peer started first).
         delay = max(0.0, wake - self._clock.seconds())
@@ -484,11 +554,140 @@ class UDPPunchAttempt:
         else:
             self._timer.reset(delay)
 
-    def _stop(self) -> None:
+    def _selected(self, address: Address, rtt: float) -> None:
+        self._stopTimer()
+        self._rtt = rtt
+        self.log.info(
+            "UDP path to {peer_id} via {address} (rtt {rtt_ms:.1f} ms); securing it with QUIC",
+            peer_id=self._session.peer_id,
+            address=format_address(address),
+            rtt_ms=rtt * 1000,
+        )
+        if self._session.role == 0:
+            # The QUIC client starts at the first authenticated ACK: no further punch step.
+            self._adopt(address)
+        else:
+            # The server follows the client's choice: it waits for the Initial
+            # (from this or another verified address), within the handshake timeout.
+            self._punched_at = self._clock.seconds()
+            self._startHandshakeTimer()
+
+    # -- QUIC, before the channel exists (role 1)
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        """A QUIC packet from an address the peer proved (role 1, before the channel)."""
+        if self.state is AttemptState.DONE:
+            return
+        if self._channel is None:
+            if not _is_initial(data):
+                self.stray_quic += 1
+                return
+            self._machine.adopt(addr)
+            self._stopTimer()
+            self._adopt(addr)
+        if self._channel is not None and self._remote == addr:
+            self._channel.datagramReceived(data, addr)
+
+    def _adopt(self, address: Address) -> None:
+        """Run QUIC on the path to C{address}: role 0 connects, role 1 answers."""
+        self.state = AttemptState.HANDSHAKING
+        self._remote = address
+        if self._punched_at is None:
+            self._punched_at = self._clock.seconds()
+        channel = self._channel = self._make_channel(address)
+        self._unroute()
+        self._endpoint.routeQuic(address, channel)
+        self._startHandshakeTimer()
+        channel.ready.addCallbacks(self._ready, self._refused)
+        channel.start()
+
+    def _startHandshakeTimer(self) -> None:
+        if self._handshake_timer is None:
+            self._handshake_timer = self._clock.callLater(self._handshake_timeout, self._handshakeTimedOut)
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshake_timer = None
+        where = format_address(self._remote) if self._remote is not None else "the punched path"
+        waited = (
+            "the peer's QUIC Initial did not arrive" if self._channel is None else "the QUIC handshake did not finish"
+        )
+        self._fail(f"the path to {where} was punched but {waited} within {self._handshake_timeout:g} s")
+
+    def _ready(self, fingerprint: Fingerprint) -> None:
+        if self.state is AttemptState.DONE or self._channel is None:
+            return
+        channel = self._channel
+        handshake_ms = (self._clock.seconds() - (self._punched_at or 0.0)) * 1000
+        self._finish()
+        conn = self._make_connection(channel, handshake_ms)
+        conn.rtt = self._rtt
+        conn.punch_stats = self._machine.stats
+        self.log.info(
+            "UDP path to {peer_id} secured: {cipher}, peer key {fingerprint}, handshake {ms:.1f} ms",
+            peer_id=self._session.peer_id,
+            cipher=conn.cipher,
+            fingerprint=str(fingerprint),
+            ms=handshake_ms,
+        )
+        self.deferred.callback(conn)
+
+    def _refused(self, failure: Failure) -> None:
+        if self.state is AttemptState.DONE:
+            return
+        self._fail(self._why(failure.value))
+
+    def _why(self, error: BaseException) -> str:
+        where = f"the peer at {format_address(self._remote)}" if self._remote is not None else "the peer"
+        if isinstance(error, PeerRejected):
+            return f"{where} failed authentication: {error}"
+        if isinstance(error, QuicClosed) and not error.local and error.code in (AUTH_FAILED, APPLICATION_ERROR):
+            return (
+                f"{where} refused our identity key {self._security.identity.fingerprint} "
+                f"(it closed the QUIC handshake: {error})"
+            )
+        return f"the QUIC handshake with {where} failed: {error}"
+
+    # -- the end
+
+    def _stopTimer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _unroute(self) -> None:
+        for address in self._routes:
+            self._endpoint.unrouteQuic(address, self)
+        self._routes = []
+
+    def _finish(self) -> None:
+        """Stop every timer and route of the attempt (the channel, if ready, lives on)."""
+        self.state = AttemptState.DONE
+        self._stopTimer()
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        self._unroute()
         self._endpoint.unregister(self._session.sid, self)
+
+    def _abandonChannel(self) -> None:
+        channel = self._channel
+        if channel is not None:
+            self._endpoint.unrouteQuic(channel.remote, channel)
+            channel.ready.addErrback(lambda f: None)
+            channel.close(0, "punch attempt abandoned")
+
+    def _fail(self, reason: str) -> None:
+        if self.state is AttemptState.DONE:
+            return
+        self._finish()
+        self._abandonChannel()
+        self.deferred.errback(PunchFailed("udp", reason))
+
+    def _cancel(self) -> None:
+        if self.state is AttemptState.DONE:
+            return
+        self._finish()
+        self._abandonChannel()
 
 
 def punch_udp(
@@ -501,27 +700,73 @@ def punch_udp(
     keepalive_interval: float = 15.0,
     liveness_timeout: float | None = None,
     nonce_source: NonceSource = random_nonce,
-) -> Deferred:
+    *,
+    security: ChannelSecurity,
+    handshake_timeout: float = 5.0,
+    max_learned: int = MAX_LEARNED,
+    engine: str | QuicEngine | None = None,
+) -> Deferred[UDPPeerConnection]:
     """
-    Punch a UDP path to the peer from C{endpoint}'s socket.
+    Punch a UDP path to the peer from C{endpoint}'s socket and secure it with QUIC.
 
     Probing starts C{start_delay} seconds from now (the mediator's
-    synchronised start).  Returns a Deferred that fires with a
-    L{UDPPeerConnection}, or fails with L{PunchFailed} after
-    C{schedule.timeout}; cancelling it stops the probes.
-    """
-    machine = UDPPunchMachine(session, candidates, clock.seconds() + start_delay, schedule, nonce_source)
+    synchronised start).  When the punch chose a path, role 0 starts a QUIC
+    client to it at once on the same socket and role 1 answers the first
+    Initial that arrives from an address its peer proved with the session
+    key; both prove their identity keys inside the channel
+    (L{natbypass.secure.quic}).  The client is ready one QUIC round trip
+    after the punch, the server half a round trip later.
 
-    def make_connection(remote: Address, early: Sequence[bytes]) -> UDPPeerConnection:
-        return UDPPeerConnection(
-            endpoint,
-            session,
+    @param security: our identity, and the check the peer's proven key must
+        pass (raising L{natbypass.trust.PeerRejected} refuses it).
+    @param keepalive_interval: seconds between QUIC PINGs on the connection.
+    @param liveness_timeout: QUIC's idle timeout (default three keepalive
+        intervals): the path is lost after that long without an
+        authenticated packet from the peer.
+    @param handshake_timeout: how long the QUIC handshake may take after the
+        punch chose a path.
+    @param max_learned: how many peer-reflexive addresses the punch learns.
+    @param engine: the QUIC engine ("qh3", "aioquic", None: the preferred one).
+        It is loaded and warmed up (L{natbypass.secure.quic.warm_up}) now,
+        while the punch waits for its start time, not when the path is found.
+
+    @return: a Deferred that fires with a secure L{UDPPeerConnection}, or
+        fails with L{PunchFailed} (no path within C{schedule.timeout}, or the
+        handshake failed: its reason then names the fingerprint problem);
+        cancelling it stops everything.
+    """
+    idle_timeout = liveness_timeout if liveness_timeout is not None else 3 * keepalive_interval
+    machine = UDPPunchMachine(
+        session, candidates, clock.seconds() + start_delay, schedule, nonce_source, max_learned=max_learned
+    )
+    certificate = security.identity.certificate(clock)
+    quic_engine = warm_up(engine)
+
+    def make_channel(remote: Address) -> QuicChannel:
+        return QuicChannel(
+            security.identity,
+            security.verify,
+            session.role,
             remote,
+            endpoint.sendTo,
             clock,
-            keepalive_interval=keepalive_interval,
-            liveness_timeout=liveness_timeout,
-            nonce_source=nonce_source,
-            early_data=early,
+            idle_timeout=idle_timeout,
+            engine=quic_engine,
+            certificate=certificate,
         )
 
-    return UDPPunchAttempt(endpoint, session, machine, clock, make_connection).deferred
+    def make_connection(channel: QuicChannel, handshake_ms: float) -> UDPPeerConnection:
+        return UDPPeerConnection(
+            channel,
+            endpoint,
+            session,
+            clock,
+            keepalive_interval=keepalive_interval,
+            idle_timeout=idle_timeout,
+            handshake_ms=handshake_ms,
+        )
+
+    attempt = UDPPunchAttempt(
+        endpoint, session, machine, clock, make_channel, make_connection, security, handshake_timeout
+    )
+    return attempt.deferred

@@ -13,21 +13,28 @@ and check a client certificate through a public API, and aioquic does not
 show the client the server's certificate either.  So each side proves its key
 I{inside} the channel, bound to it:
 
-  1. When the handshake completes, each side derives a channel binding from
-     the connection's own 1-RTT traffic secrets (read from the engine's
-     C{secrets_log_file} hook, held in memory only)::
+  1. Each side derives a channel binding from the connection's server 1-RTT
+     traffic secret (read from the engine's C{secrets_log_file} hook, held in
+     memory only)::
 
-       binding = HMAC-SHA256(client_ap_secret || server_ap_secret,
-                             "natbypass quic channel binding v1" 0x00 || client_random)
+       binding = HMAC-SHA256(server_ap_secret,
+                             "natbypass quic channel binding v2" 0x00 || client_random)
 
-     Only the two endpoints of this one QUIC connection know it.
-  2. The client sends, on bidirectional stream 0, an AUTH message: its raw
-     Ed25519 public key and a signature over
-     C{"natbypass quic auth v1" 0x00 || role || binding}.
-  3. The server checks the signature with I{its} binding, the key's
-     fingerprint with its L{PeerCheck}, then answers with its own AUTH.
-  4. The client checks the server's AUTH the same way (and, with qh3, that
-     the TLS certificate carries the same key).
+     The secret comes from the (EC)DHE key schedule over the transcript up to
+     the server's Finished: only the two endpoints of this one QUIC connection
+     know it.  The server has it as soon as it sends its first flight, the
+     client once it reads that flight.
+  2. The server sends, as 0.5-RTT data on its first bidirectional stream
+     (1), an AUTH message: its raw Ed25519 public key and a signature over
+     C{"natbypass quic auth v2" 0x00 || role || binding}.
+  3. The client, when its handshake completes, checks the server's AUTH
+     (signature against I{its} binding, the fingerprint with its
+     L{PeerCheck}, and with qh3 that the TLS certificate carries the same
+     key); only if it passes does it send its own AUTH on stream 0 (with its
+     Finished) and is ready: one round trip.  A client never shows its proof
+     to a server it refused.
+  4. The server checks the client's AUTH the same way and is ready: one and
+     a half round trips.
 
 A relay in the middle holds two connections with two different bindings, so
 it can neither forward one side's proof to the other nor make its own without
@@ -67,6 +74,7 @@ __all__ = [
     "QuicReceiver",
     "get_engine",
     "is_quic",
+    "warm_up",
 ]
 
 Address = tuple[str, int]
@@ -75,22 +83,28 @@ Address = tuple[str, int]
 ALPN = "natbypass/1"
 #: Engines in order of preference (measured: see C{bench/quic_bench.py}).
 ENGINES = ("qh3", "aioquic")
-#: The stream that carries the AUTH messages; never shown to the application.
+#: The streams that carry the AUTH messages (the client's first bidirectional
+#: stream, the server's first); never shown to the application.
 AUTH_STREAM = 0
+SERVER_AUTH_STREAM = 1
+AUTH_STREAMS = (AUTH_STREAM, SERVER_AUTH_STREAM)
 AUTH_MAGIC = b"NBQA"
-AUTH_VERSION = 1
+AUTH_VERSION = 2
 AUTH = struct.Struct("!4sBB32s64s")
-BINDING_CONTEXT = b"natbypass quic channel binding v1\x00"
-PROOF_CONTEXT = b"natbypass quic auth v1\x00"
+BINDING_CONTEXT = b"natbypass quic channel binding v2\x00"
+PROOF_CONTEXT = b"natbypass quic auth v2\x00"
 #: Application error code of a close because the peer failed authentication.
 AUTH_FAILED = 0x4E42
-#: Largest DATAGRAM frame payload we send or accept: fits a 1200-byte QUIC
-#: packet (RFC 9000 minimum) with header, AEAD tag and frame header to spare.
-MAX_DATAGRAM = 1100
+#: An upper bound on the DATAGRAM frame payload of a channel; each channel's
+#: own C{max_datagram_size} (what one packet of its engine's configuration
+#: holds, see L{QuicEngine.max_datagram_payload}) is the one that counts.
+MAX_DATAGRAM = 1168
 #: What may arrive before the channel is ready (bytes of stream data, datagrams).
 MAX_EARLY_BYTES = 256 * 1024
 MAX_EARLY_DATAGRAMS = 64
 
+#: The one QUIC version we speak (RFC 9000), so C{cipher} can name it.
+QUIC_V1 = 0x00000001
 _QUIC_VERSIONS = (b"\x00\x00\x00\x00", b"\x00\x00\x00\x01", b"\x6b\x33\x43\xcf")
 
 
@@ -99,8 +113,9 @@ def is_quic(data: bytes) -> bool:
     Is C{data} a QUIC packet (RFC 9443), as opposed to STUN or a punch packet?
 
     Short headers start 0b01; long headers 0b11 and then a version.  Punch
-    packets (C{0xCE 0x01 ...}) also start 0b11, but their second byte is 1, so
-    no QUIC version (0, v1, v2) matches them.
+    packets (C{0xCE 0x02 ...}) also start 0b11, but their second byte is
+    their version (2; 1 before), never the first byte of a QUIC version (0,
+    v1, v2), so no QUIC version matches them.
     """
     if len(data) < 5:
         return False
@@ -135,9 +150,9 @@ class QuicReceiver(TypingProtocol):
 
 
 class _KeyLog:
-    """A C{secrets_log_file} that keeps the 1-RTT traffic secrets in memory."""
+    """A C{secrets_log_file} that keeps the server's 1-RTT traffic secret in memory."""
 
-    WANTED = ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
+    WANTED = ("SERVER_TRAFFIC_SECRET_0",)
 
     def __init__(self) -> None:
         self.secrets: dict[str, bytes] = {}
@@ -153,9 +168,10 @@ class _KeyLog:
         pass
 
     def binding(self) -> bytes | None:
-        if len(self.secrets) < 2:
+        """The channel binding, or None while the server's 1-RTT secret is unknown."""
+        key = self.secrets.get("SERVER_TRAFFIC_SECRET_0")
+        if key is None:
             return None
-        key = self.secrets["CLIENT_TRAFFIC_SECRET_0"] + self.secrets["SERVER_TRAFFIC_SECRET_0"]
         return hmac.new(key, BINDING_CONTEXT + self.client_random, hashlib.sha256).digest()
 
 
@@ -190,6 +206,7 @@ class QuicEngine:
             alpn_protocols=[ALPN],
             idle_timeout=idle_timeout,
             max_datagram_frame_size=65536,
+            supported_versions=[QUIC_V1],
             verify_mode=ssl.CERT_NONE,
             secrets_log_file=keylog,
         )
@@ -215,6 +232,28 @@ class QuicEngine:
         if header.version is None or header.packet_type != self._packet.QuicPacketType.INITIAL:
             return None
         return header.destination_cid
+
+    def cipher_name(self, connection: Any) -> str | None:
+        """The negotiated TLS cipher suite (e.g. C{"TLS_AES_128_GCM_SHA256"}), or None before the handshake."""
+        if self.name == "qh3":
+            suite = connection.get_cipher()
+        else:
+            schedule = getattr(getattr(connection, "tls", None), "key_schedule", None)
+            suite = getattr(schedule, "cipher_suite", None)
+        if suite is None:
+            return None
+        name = getattr(suite, "name", None) or f"0x{int(suite):04x}"
+        return name if name.startswith("TLS_") else f"TLS_{name}"
+
+    def max_datagram_payload(self, configuration: Any) -> int:
+        """
+        The largest DATAGRAM frame payload that fits one QUIC packet of the
+        configuration's C{max_datagram_size} (1200 by default, the RFC 9000
+        minimum every path carries): that size less a short header (1 + the
+        connection id + a 4-byte packet number), the AEAD tag (16) and the
+        frame's type and length (1 + 2).
+        """
+        return configuration.max_datagram_size - (1 + configuration.connection_id_length + 4) - 16 - 3
 
     def peer_certificate_der(self, connection: Any) -> bytes | None:
         """The peer's TLS certificate where the engine shows it publicly (qh3), else None."""
@@ -249,6 +288,43 @@ def get_engine(name: str | None = None) -> QuicEngine:
     raise ImportError("no QUIC engine: pip install qh3 (or aioquic); " + "; ".join(errors))
 
 
+_warm: set[str] = set()
+
+
+def warm_up(engine: str | QuicEngine | None = None) -> QuicEngine:
+    """
+    Make the engine ready for a fast first handshake, and return it.
+
+    The first connection of a process pays for the engine's lazy set-up
+    (imports, and in qh3 the first key-share generation: about 40 ms on a
+    2-vCPU VM, against 3 ms for a whole in-memory handshake afterwards).  Call
+    this before the handshake is on the clock (when a punch starts, or when a
+    peer starts); later calls do nothing.  It builds one throwaway client
+    connection with a throwaway key and sends nothing.
+    """
+    quic = engine if isinstance(engine, QuicEngine) else get_engine(engine)
+    if quic.name in _warm:
+        return quic
+    _warm.add(quic.name)
+    throwaway = Identity.generate()
+    config = quic.config(True, throwaway, throwaway.certificate(_EPOCH), 1.0, _KeyLog())
+    connection = quic.connection(configuration=config)
+    connection.connect(("192.0.2.1", 9), now=0.0)
+    connection.datagrams_to_send(now=0.0)
+    return quic
+
+
+class _Epoch:
+    """An C{IReactorTime.seconds} at the epoch, for the throwaway certificate of L{warm_up}."""
+
+    @staticmethod
+    def seconds() -> float:
+        return 0.0
+
+
+_EPOCH: Any = _Epoch()
+
+
 class QuicChannel:
     """
     One QUIC connection over a punched UDP path, mutually authenticated.
@@ -269,10 +345,10 @@ class QuicChannel:
         L{QuicClosed}.
     @ivar lost: fires (never fails) with the reason, an exception instance
         (L{QuicClosed} or L{PeerRejected}), once the connection ended.
+    @ivar max_datagram_size: the largest payload L{sendDatagram} takes.
     """
 
     log = Logger()
-    max_datagram_size = MAX_DATAGRAM
 
     def __init__(
         self,
@@ -298,10 +374,12 @@ class QuicChannel:
         self._keylog = _KeyLog()
         cert = certificate if certificate is not None else identity.certificate(clock)
         self._config = self.engine.config(role == 0, identity, cert, idle_timeout, self._keylog)
+        self.max_datagram_size = min(MAX_DATAGRAM, self.engine.max_datagram_payload(self._config))
         self._conn: Any = None
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
         self._auth_buffer = b""
+        self._pings = 0
         self._handshake_done = False
         self._proof_sent = False
         self._receiver: QuicReceiver | None = None
@@ -367,6 +445,10 @@ class QuicChannel:
             if event is None:
                 break
             self._event(event)
+        if self.role == 1 and self._ended is None:
+            # 0.5-RTT: the server knows the binding once it has answered the
+            # client's first flight, so its proof leaves with that answer.
+            self._sendProof()
         now = self._clock.seconds()
         for data, addr in conn.datagrams_to_send(now=now):
             try:
@@ -391,11 +473,12 @@ class QuicChannel:
         ev = self.engine.events
         if isinstance(event, ev.HandshakeCompleted):
             self._handshake_done = True
-            if self.role == 0:
-                self._sendProof()
             self._tryAuth()
         elif isinstance(event, ev.StreamDataReceived):
-            if event.stream_id == AUTH_STREAM:
+            if event.stream_id in AUTH_STREAMS:
+                if event.stream_id != self._peerAuthStream():
+                    self._fail(PeerRejected(f"the peer wrote on our AUTH stream {event.stream_id}"))
+                    return
                 self._auth_buffer += event.data
                 if len(self._auth_buffer) > AUTH.size:
                     self._fail(PeerRejected("the peer's AUTH message is too long"))
@@ -412,18 +495,24 @@ class QuicChannel:
                 reason = QuicClosed(event.error_code, event.reason_phrase, local=False)
             self._end(reason)
 
+    def _peerAuthStream(self) -> int:
+        return SERVER_AUTH_STREAM if self.role == 0 else AUTH_STREAM
+
     def _sendProof(self) -> None:
+        """Send our AUTH on our first bidirectional stream, once the binding is known (once)."""
+        if self._proof_sent:
+            return
         binding = self._keylog.binding()
-        if binding is None or self._proof_sent:
+        if binding is None:
             return
         signature = self._identity.sign(proof_message(self.role, binding))
         message = AUTH.pack(AUTH_MAGIC, AUTH_VERSION, self.role, self._identity.public_bytes(), signature)
-        if self.role == 0:
-            stream = self._conn.get_next_available_stream_id()
-            if stream != AUTH_STREAM:
-                self._fail(PeerRejected(f"internal: the AUTH stream is {stream}, not {AUTH_STREAM}"))
-                return
-        self._conn.send_stream_data(AUTH_STREAM, message, end_stream=self.role == 1)
+        ours = AUTH_STREAMS[self.role]
+        stream = self._conn.get_next_available_stream_id()
+        if stream != ours:
+            self._fail(PeerRejected(f"internal: the AUTH stream is {stream}, not {ours}"))
+            return
+        self._conn.send_stream_data(ours, message, end_stream=True)
         self._proof_sent = True
 
     def _tryAuth(self) -> None:
@@ -443,8 +532,8 @@ class QuicChannel:
             self._fail(PeerRejected(f"the key check failed: {e!r}"))
             return
         self.peer_fingerprint = fingerprint
-        if self.role == 1:
-            self._sendProof()
+        # The client proves its key only to a server that proved the expected one.
+        self._sendProof()
         self.log.info("QUIC peer authenticated as {fingerprint}", fingerprint=str(fingerprint))
         self.ready.callback(fingerprint)
         self._flushEarly()
@@ -534,8 +623,8 @@ class QuicChannel:
     def sendStream(self, stream_id: int, data: bytes, fin: bool = False) -> None:
         """Send C{data} on a stream, with C{fin} to end our side of it."""
         self._checkOpen()
-        if stream_id == AUTH_STREAM:
-            raise ValueError("stream 0 carries authentication; use openStream()")
+        if stream_id in AUTH_STREAMS:
+            raise ValueError(f"stream {stream_id} carries authentication; use openStream()")
         self._conn.send_stream_data(stream_id, data, end_stream=fin)
         self._pump()
 
@@ -553,6 +642,26 @@ class QuicChannel:
         if len(data) > self.max_datagram_size:
             raise ValueError(f"a datagram holds at most {self.max_datagram_size} bytes, not {len(data)}")
         self._conn.send_datagram_frame(data)
+        self._pump()
+
+    @property
+    def cipher(self) -> str | None:
+        """What protects the channel, e.g. C{"QUICv1 TLS_AES_128_GCM_SHA256"}; None before the handshake."""
+        if self._conn is None:
+            return None
+        suite = self.engine.cipher_name(self._conn)
+        return None if suite is None else f"QUICv1 {suite}"
+
+    def ping(self) -> None:
+        """
+        Send a PING (ack-eliciting): the peer's ACK proves the path is alive and
+        refreshes the idle timeout on both sides, and the traffic keeps NAT
+        mappings open.  Ignored once the channel has ended.
+        """
+        if self._ended is not None or self._conn is None:
+            return
+        self._pings += 1
+        self._conn.send_ping(self._pings)
         self._pump()
 
     def close(self, error_code: int = 0, reason: str = "") -> None:

@@ -13,6 +13,14 @@ no host name, no dates: the pin is the check.  TLS 1.3's CertificateVerify
 then proves the peer holds that key, over a transcript that includes both
 sides' key shares, so nobody without the key -- not even whoever knows the
 punch session key -- can stand in the middle.  Role 0 is the TLS client.
+
+In TLS 1.3 the client finishes its handshake before the server has checked the
+client's certificate.  So that I{both} sides know both keys were accepted
+before either reports success, the server's first bytes inside the channel
+are L{CONFIRM}, sent only once it has checked the client; the client reports
+success (and connects its application) only when they arrive.  A client whose
+key the server refused sees an alert or a close instead, and fails with
+L{PeerRefusedUs}.
 """
 
 from __future__ import annotations
@@ -39,10 +47,22 @@ from zope.interface import implementer
 from natbypass.identity import Fingerprint, Identity
 from natbypass.trust import PeerCheck, PeerRejected, as_check
 
-__all__ = ["ALPN", "PinnedTLS", "SecureTLS", "start_tls"]
+__all__ = ["ALPN", "CONFIRM", "PeerRefusedUs", "PinnedTLS", "SecureTLS", "start_tls"]
 
 #: The ALPN protocol both sides offer.
 ALPN = b"natbypass/1"
+
+#: What the server sends first inside TLS, once it has accepted the client's
+#: key; the client strips it and only then reports success.
+CONFIRM = b"natbypass/1 ok\n"
+
+
+class PeerRefusedUs(Exception):
+    """
+    The peer ended the TLS handshake (an alert, or a close before it
+    confirmed): almost always because it does not accept our key.  The
+    message names our fingerprint, so the user can check it with the peer.
+    """
 
 
 @implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
@@ -133,13 +153,17 @@ class PinnedTLS:
 class _Gate(Protocol):
     """
     Sits between TLS and the application: connects the application only once
-    the handshake authenticated the peer, and fires the handshake Deferred.
+    both sides are authenticated (on the client: once the server's L{CONFIRM}
+    arrived), and fires the handshake Deferred.
     """
 
-    def __init__(self, secure: SecureTLS, app: IProtocol) -> None:
+    def __init__(self, secure: SecureTLS, app: IProtocol, is_client: bool) -> None:
         self._secure = secure
         self._app = app
+        self._is_client = is_client
         self._open = False
+        #: The client's buffer for L{CONFIRM}; None until its handshake is done.
+        self._confirm: bytes | None = None
 
     def handshakeCompleted(self) -> None:
         tls = self.transport
@@ -152,18 +176,41 @@ class _Gate(Protocol):
         if not proved.matches(creator.peer_fingerprint):
             tls.abortConnection()
             return
+        self._secure.peer_fingerprint = proved
+        if self._is_client:
+            self._confirm = b""  # authenticated the server; wait until it accepts us
+            return
+        tls.write(CONFIRM)
+        self._openApp()
+
+    def _openApp(self, rest: bytes = b"") -> None:
         self._open = True
-        self._app.makeConnection(tls)
-        self._secure._handshakeDone(proved)
+        self._app.makeConnection(self.transport)
+        self._secure._handshakeDone()
+        if rest:
+            self._app.dataReceived(rest)
 
     def dataReceived(self, data: bytes) -> None:
         if self._open:
             self._app.dataReceived(data)
+            return
+        if self._confirm is None:
+            return  # TLS hands over no data before the handshake is done
+        self._confirm += data
+        got = self._confirm[: len(CONFIRM)]
+        if not CONFIRM.startswith(got):
+            self._secure._refused = PeerRefusedUs(
+                f"the TLS server's first bytes are {got!r}, not the natbypass confirmation: not a NATbypass peer"
+            )
+            self.transport.abortConnection()
+        elif len(self._confirm) >= len(CONFIRM):
+            rest, self._confirm = self._confirm[len(CONFIRM) :], None
+            self._openApp(rest)
 
     def connectionLost(self, reason: Failure) -> None:
         if self._open:
             self._app.connectionLost(reason)
-        self._secure._lost(reason)
+        self._secure._lost(reason, confirming=self._confirm is not None)
 
 
 class SecureTLS:
@@ -172,32 +219,64 @@ class SecureTLS:
 
     @ivar protocol: the C{TLSMemoryBIOProtocol}; route the transport's
         C{dataReceived} and C{connectionLost} to it.
-    @ivar handshake: fires with the peer's L{Fingerprint} once it is
-        authenticated (the application protocol is connected just before), or
-        fails with L{PeerRejected} (its key was refused) or the TLS error.
+    @ivar handshake: fires with the peer's L{Fingerprint} once both sides
+        are authenticated (the application protocol is connected just
+        before), or fails with L{PeerRejected} (we refused its key),
+        L{PeerRefusedUs} (it ended the handshake: it refused ours), or the
+        connection's loss.
     @ivar creator: the L{PinnedTLS} of this path.
+    @ivar peer_fingerprint: the key the peer proved, once it did.
     """
 
     log = Logger()
 
-    def __init__(self, creator: PinnedTLS, app: IProtocol, is_client: bool, clock: IReactorTime) -> None:
+    def __init__(
+        self, creator: PinnedTLS, app: IProtocol, is_client: bool, clock: IReactorTime, our: Fingerprint
+    ) -> None:
         self.creator = creator
         self.handshake: Deferred[Fingerprint] = Deferred()
         self.peer_fingerprint: Fingerprint | None = None
+        self._our = our
+        self._refused: PeerRefusedUs | None = None
         factory = TLSMemoryBIOFactory(creator, is_client, Factory(), clock=clock)
-        self.protocol: TLSMemoryBIOProtocol = factory.protocol(factory, _Gate(self, app))
+        self.protocol: TLSMemoryBIOProtocol = factory.protocol(factory, _Gate(self, app, is_client))
 
-    def _handshakeDone(self, fingerprint: Fingerprint) -> None:
-        self.peer_fingerprint = fingerprint
-        self.log.info("TLS peer authenticated as {fingerprint}", fingerprint=str(fingerprint))
+    @property
+    def cipher(self) -> str:
+        """
+        The protocol version and cipher suite in use, e.g. C{"TLSv1.3
+        TLS_AES_256_GCM_SHA384"}, from the OpenSSL connection (C{""} before
+        the handshake chose them).
+        """
+        conn = self.protocol.getHandle()
+        name = conn.get_cipher_name() if conn is not None else None
+        return f"{conn.get_protocol_version_name()} {name}" if name else ""
+
+    def _handshakeDone(self) -> None:
+        self.log.info("TLS peer authenticated as {fingerprint}", fingerprint=str(self.peer_fingerprint))
         if not self.handshake.called:
-            self.handshake.callback(fingerprint)
+            self.handshake.callback(self.peer_fingerprint)
 
-    def _lost(self, reason: Failure) -> None:
+    def _lost(self, reason: Failure, confirming: bool = False) -> None:
         if self.handshake.called:
             return
         if self.creator.rejection is not None:
             self.handshake.errback(Failure(self.creator.rejection))
+        elif self._refused is not None:
+            self.handshake.errback(Failure(self._refused))
+        elif confirming or (reason.check(SSL.Error) and "alert" in reason.getErrorMessage()):
+            # We accepted the peer (or got its alert), and it hung up before
+            # accepting us: the usual cause is that it refused our key.
+            what = "before confirming it accepts" if confirming else "with an alert; it probably refused"
+            detail = reason.getErrorMessage()
+            self.handshake.errback(
+                Failure(
+                    PeerRefusedUs(
+                        f"the peer ended TLS {what} our key {self._our} ({detail}); "
+                        f"check that it pins or allows {self._our}"
+                    )
+                )
+            )
         else:
             self.handshake.errback(reason)
 
@@ -215,7 +294,7 @@ def start_tls(
     Start TLS on an already-connected stream C{transport}.
 
     @param app: the application protocol; connected to the TLS transport once
-        the peer is authenticated, never before.
+        both sides are authenticated, never before.
     @param expected: the peer's pinned fingerprint or a L{PeerCheck}.
     @param role: the path's role; 0 is the TLS client, 1 the server.
     @param clock: the reactor's clock (TLS write batching, certificate dates).
@@ -225,6 +304,7 @@ def start_tls(
     """
     if role not in (0, 1):
         raise ValueError("role is 0 (TLS client) or 1 (TLS server)")
-    secure = SecureTLS(PinnedTLS(identity, expected, clock, certificate), app, role == 0, clock)
+    creator = PinnedTLS(identity, expected, clock, certificate)
+    secure = SecureTLS(creator, app, role == 0, clock, identity.fingerprint)
     secure.protocol.makeConnection(transport)
     return secure

@@ -5,9 +5,10 @@ C{SignalingClientProtocol} speaks the line protocol over one connection: the
 handshake (greeting, hello, register), request/reply matching by C{rid},
 answering the mediator's pings, and handing offers to its owner.
 C{SignalingClient} is the long-lived service: a C{ClientService} reconnects with
-backoff and every new connection re-registers (with the secret from the last
-registration, so a stale session of ours is replaced), and callers get
-Deferreds and events.  See docs/protocol.md.
+backoff and every new connection re-registers, proving possession of the
+peer's identity key by signing the greeting's nonce (the same key takes over a
+stale session of ours), and callers get Deferreds and events.  See
+docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -30,6 +31,7 @@ from zope.interface import implementer
 
 from .. import __version__
 from .._deprecate import deprecated_alias
+from ..identity import Identity
 from . import wire
 from .interfaces import ISignalingClient
 from .server import _no_delay
@@ -92,6 +94,18 @@ class DuplicateId(SignalingError):
     """Another live session holds our id and we may not replace it."""
 
 
+class IdBound(SignalingError):
+    """
+    The mediator binds our id to another identity key (its owner is
+    connected, or left less than the hold time ago): use another id or the
+    owner's key.  The reason says how long the id is held.
+    """
+
+
+class BadProof(SignalingError):
+    """The mediator could not verify our registration signature."""
+
+
 class Disconnected(SignalingError):
     """The connection to the mediator broke before the reply came."""
 
@@ -110,6 +124,8 @@ _ERRORS: dict[str, type[SignalingError]] = {
     "gone": PeerGone,
     "unauthorized": Unauthorized,
     "duplicate-id": DuplicateId,
+    "id-bound": IdBound,
+    "bad-proof": BadProof,
 }
 
 
@@ -149,6 +165,8 @@ class SignalingClientProtocol(LineReceiver):
         self._offers: dict[str, IncomingOffer] = {}
         self._watchdog: Any = None
         self._handshaking = True
+        #: Requests failed with the handshake's refusal; their late replies are dropped quietly.
+        self._abandoned: set[int] = set()
 
     # -- connection events
 
@@ -156,7 +174,6 @@ class SignalingClientProtocol(LineReceiver):
         _no_delay(self.transport)
         self._watchdog = self.clock.callLater(self.owner.request_timeout, self._handshake_timeout)
         self._handshake()
-        self.owner._handshake_sent(self)
 
     def _handshake_timeout(self) -> None:
         self._watchdog = None
@@ -195,6 +212,11 @@ class SignalingClientProtocol(LineReceiver):
         self._handshaking = False
         if isinstance(err, Failure):
             err = err.value
+        # Requests pipelined behind the registration fail with its refusal (the mediator answers them 412).
+        pending, self._pending = self._pending, {}
+        self._abandoned.update(pending)
+        for d in pending.values():
+            d.errback(err)
         self.owner._refused(self, err)
         if self.transport is not None and self.connected:
             self.transport.loseConnection()
@@ -216,19 +238,21 @@ class SignalingClientProtocol(LineReceiver):
             d = self._pending.pop(msg.rid, None)
             if d is not None:
                 d.callback(msg)
-            else:
+            elif msg.rid not in self._abandoned:
                 self.owner._orphan(self, msg)
         elif isinstance(msg, Error):
             d = self._pending.pop(msg.rid, None) if msg.rid is not None else None
             if d is not None:
                 d.errback(error_from_reply(msg))
+            elif msg.rid is not None and msg.rid in self._abandoned:
+                pass
             else:
                 self.log.warn(
                     "mediator says {code} {error}: {reason}", code=msg.code, error=msg.error, reason=msg.reason
                 )
                 if msg.error == "duplicate-id":
-                    # Someone authorised took our id over: do not take it back on reconnect.
-                    self.owner.secret = None
+                    # A newer registration took our id over: do not take it back on reconnect.
+                    self.owner._replaced = True
         elif isinstance(msg, Ping):
             self.send(Pong(msg.rid))
         elif isinstance(msg, Offer):
@@ -266,24 +290,21 @@ class SignalingClientProtocol(LineReceiver):
 
     def _handshake(self) -> None:
         """
-        Send Hello and Register at once, without waiting for the greeting or
-        each other's replies: the mediator handles lines in order, so
-        registration completes one round trip after the TCP handshake instead
-        of three (greeting, hello, register).  An error reply to either fails
-        the handshake.
+        Send Hello at once, without waiting for the greeting; Register follows
+        as soon as the greeting brings the nonce it must sign (the greeting is
+        the mediator's first line, sent when it accepts the connection).
+        Requests made meanwhile pipeline right behind Register: the mediator
+        handles lines in order, so they wait for no further round trip.  An
+        error reply to either fails the handshake.
         """
-        owner = self.owner
-        hello = self.request(Hello(owner._rid(), max(wire.VERSIONS), AGENT))
-        register = self.request(
-            Register(
-                owner._rid(), owner.peer_id, owner.token, owner.take_over or owner.secret is not None, owner.secret
-            )
-        )
-        both = gatherResults([hello, register], consumeErrors=True)
-        both.addCallbacks(lambda replies: self._registered(replies[1]), lambda f: self._fail_ready(f.value.subFailure))
+        hello = self.request(Hello(self.owner._rid(), max(wire.VERSIONS), AGENT))
+        hello.addErrback(self._handshake_failed)
+
+    def _handshake_failed(self, f: Failure) -> None:
+        self._fail_ready(f.value)
 
     def _greeted(self, greeting: Greeting) -> None:
-        """The greeting arrives while Hello is on its way: only check that we can talk."""
+        """Check that we can talk, then register: sign this connection's nonce."""
         if not self._handshaking:
             return
         if not any(v in greeting.versions for v in wire.VERSIONS):
@@ -293,16 +314,41 @@ class SignalingClientProtocol(LineReceiver):
                 )
             )
             return
-        if greeting.auth and self.owner.token is None:
+        if greeting.nonce is None:
+            self._fail_ready(SignalingError("bad-request", "the mediator's greeting carries no nonce to sign"))
+            return
+        owner = self.owner
+        if greeting.auth and owner.token is None:
             self.log.warn("the mediator requires a token and none is configured")
+        identity = owner.identity
+        register = self.request(
+            Register(
+                owner._rid(),
+                owner.peer_id,
+                identity.public_bytes(),
+                identity.sign_registration(greeting.nonce, owner.peer_id),
+                owner.token,
+                owner.take_over or not owner._replaced,
+            )
+        )
+        register.addCallbacks(self._registered, self._handshake_failed)
+        owner._handshake_sent(self)
 
     def _registered(self, reply: Registered) -> None:
+        if not self._handshaking:
+            return
         self._handshaking = False
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
         self._alive()
-        self.owner.secret = reply.secret
+        if reply.fingerprint != str(self.owner.identity.fingerprint):
+            self.log.warn(
+                "the mediator says it registered key {theirs}, ours is {ours}",
+                theirs=reply.fingerprint,
+                ours=str(self.owner.identity.fingerprint),
+            )
+        self.owner._replaced = False
         self.owner._ready(self)
 
 
@@ -345,9 +391,14 @@ class SignalingClient(Service):
 
     C{endpoint} is an C{IStreamClientEndpoint} (see C{client_endpoint}).
     Incoming offers go to the offer handler (none set: all are rejected).
-    After a reconnection it replaces its own stale registration with the
-    secret the mediator gave it; C{take_over} asks to replace whoever holds
-    the id even without that secret (the token must be bound to the id).
+
+    It registers with C{identity}'s key (None: a fresh key for this process
+    only, which the mediator then binds the id to until the hold time after
+    we leave; pass a stored L{natbypass.identity.Identity} to keep the id).
+    It takes the id over from a stale connection of the same key (after a
+    reconnection), but not back from a newer registration that replaced it;
+    C{take_over} asks to replace whoever holds the id even then (with a token
+    that owns the id, even another key).
     """
 
     log = Logger()
@@ -364,6 +415,7 @@ class SignalingClient(Service):
         max_line: int = wire.DEFAULT_MAX_LINE,
         retry_policy: Callable[[int], float] | None = None,
         take_over: bool = False,
+        identity: Identity | None = None,
     ) -> None:
         if not wire.PEER_ID.match(peer_id):
             raise ValueError(
@@ -375,8 +427,18 @@ class SignalingClient(Service):
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self.max_line = max_line
-        self.secret: str | None = None
+        if identity is None:
+            identity = Identity.generate()
+            self.log.info(
+                "no identity key given: {peer_id} registers with an ephemeral key {fingerprint}",
+                peer_id=peer_id,
+                fingerprint=str(identity.fingerprint),
+            )
+        #: The identity key this peer registers with.
+        self.identity = identity
         self.take_over = take_over
+        #: A newer registration replaced ours: do not take the id back until we hold it again.
+        self._replaced = False
         self.rtt: float | None = None
         self._next_rid = 0
         #: A connection whose Hello and Register are on their way (requests pipeline behind them).
@@ -503,6 +565,17 @@ class SignalingClient(Service):
         self._forget_handshake(proto)
         self._failures += 1
         self.log.warn("registration as {peer_id} failed: {err}; retrying later", peer_id=self.peer_id, err=err)
+        if isinstance(err, IdBound):
+            # Retrying will not help for a long while: tell whoever waits (the Peer) now.
+            self.log.error(
+                "the mediator binds {peer_id} to another key (ours is {fingerprint}): {reason}",
+                peer_id=self.peer_id,
+                fingerprint=str(self.identity.fingerprint),
+                reason=err.reason,
+            )
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                w.errback(err)
 
     def _forget_handshake(self, proto: SignalingClientProtocol) -> None:
         if self._pending_handshake is proto:

@@ -66,6 +66,10 @@ class ISignalingClient(Interface):
     """
 
     peer_id = Attribute("The id this peer registers under.")
+    identity = Attribute(
+        "The C{natbypass.identity.Identity} whose key this peer registers with: the mediator binds"
+        " C{peer_id} to it and tells the other side of each session its fingerprint."
+    )
 
     def whenRegistered():
         """Deferred that fires (with the peer id) once registered, now or after the next (re)connection."""

@@ -12,9 +12,11 @@ key and a common start time, never application data.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import os
+import re
 import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +30,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from natbypass import selection
+from natbypass.identity import BadSignature, Fingerprint, FingerprintError, load_public_key, verify_registration
 from natbypass.nat import NatSummary
 
 from . import wire
@@ -93,32 +96,83 @@ class BufferedRandom:
         return out
 
 
+#: Encodings of the Ed25519 points of small order (libsodium's list; the sign bit is ignored).  A "public key"
+#: among them has no private key behind it, and signatures with it verify for many messages: refused.
+_SMALL_ORDER = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    )
+)
+
+
+def small_order_key(raw: bytes) -> bool:
+    """Is C{raw} (32 bytes) the encoding of a small-order point, a key nobody holds?"""
+    return raw[:31] + bytes([raw[31] & 0x7F]) in _SMALL_ORDER
+
+
+#: A comment starts with C{#} at the start of a line or after whitespace (so C{TOKEN#x} stays one word).
+_COMMENT = re.compile(r"(?:^|(?<=\s))#.*")
+
+
 class TokenPolicy:
     """
-    Tokens from a token file: C{TOKEN} alone may register any id;
-    C{TOKEN ID [ID...]} only those ids, and may replace their sessions.
-    Tokens are compared as SHA-256 digests with C{hmac.compare_digest},
-    against every entry, so timing reveals neither length nor position.
+    Tokens from a token file, one entry a line: C{TOKEN [ID [FINGERPRINT]]}.
+
+      - C{TOKEN} alone may register any id (ids are then bound to keys first
+        come, first served, like without tokens);
+      - C{TOKEN ID} may register only C{ID}, with any key, and I{owns} it: it
+        may take the id over from another key (rebinding it) and replace a
+        live session of it;
+      - C{TOKEN ID FINGERPRINT} the same, but only with the key of that
+        fingerprint.
+
+    The same token may appear on several lines (one per id).  C{#} starts a
+    comment at the start of a line or after whitespace.  Tokens are compared
+    as SHA-256 digests with C{hmac.compare_digest}, against every entry, so
+    timing reveals neither length nor position.
     """
 
-    def __init__(self, entries: Iterable[tuple[str, frozenset[str] | None]]) -> None:
-        self._entries = [(hashlib.sha256(t.encode()).digest(), ids) for t, ids in entries]
+    def __init__(self, entries: Iterable[tuple[str, str | None, Fingerprint | None]]) -> None:
+        self._entries = [
+            (hashlib.sha256(t.encode()).digest(), peer_id, None if fp is None else fp.digest)
+            for t, peer_id, fp in entries
+        ]
 
     @classmethod
     def parse(cls, text: str) -> TokenPolicy:
-        """Parse token-file text; raises ValueError naming the bad line."""
-        entries = []
+        """
+        Parse token-file text.
+
+        @raise ValueError: naming the bad line and what is wrong with it.
+        """
+        entries: list[tuple[str, str | None, Fingerprint | None]] = []
         for n, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
+            words = _COMMENT.sub("", line).split()
+            if not words:
                 continue
-            token, *ids = line.split()
+            if len(words) > 3:
+                raise ValueError(
+                    f"line {n}: a line is TOKEN [ID [FINGERPRINT]]; for several ids repeat the token on one line each"
+                )
+            token, peer_id, fp_text = (words + [None, None])[:3]
             if not wire.TOKEN.match(token):
                 raise ValueError(f"line {n}: a token is 1-256 printable ASCII characters without spaces")
-            for i in ids:
-                if not wire.PEER_ID.match(i):
-                    raise ValueError(f"line {n}: {i!r} is not a valid peer id")
-            entries.append((token, frozenset(ids) if ids else None))
+            if peer_id is not None and not wire.PEER_ID.match(peer_id):
+                raise ValueError(f"line {n}: {peer_id[:80]!r} is not a valid peer id")
+            fp = None
+            if fp_text is not None:
+                try:
+                    fp = Fingerprint.parse(fp_text)
+                except FingerprintError as e:
+                    raise ValueError(f"line {n}: the third word must be a key fingerprint (nb1-...): {e}") from None
+            entries.append((token, peer_id, fp))
         if not entries:
             raise ValueError("the token file holds no tokens; authentication would refuse everybody")
         return cls(entries)
@@ -128,19 +182,23 @@ class TokenPolicy:
         with open(path, encoding="utf-8") as f:
             return cls.parse(f.read())
 
-    def check(self, token: str | None, peer_id: str) -> tuple[bool, bool]:
-        """(may register C{peer_id}, may replace its existing session)."""
+    def check(self, token: str | None, peer_id: str, fingerprint: Fingerprint | None) -> tuple[bool, bool]:
+        """
+        (may register C{peer_id} with the key of C{fingerprint}, owns the id:
+        may take it over from another key or live session).
+        """
         if token is None:
             return False, False
         digest = hashlib.sha256(token.encode()).digest()
-        allowed = bound = False
-        for d, ids in self._entries:
+        fp = fingerprint.digest if fingerprint is not None else b""
+        allowed = owns = False
+        for d, ids, key in self._entries:
             if hmac.compare_digest(d, digest):
                 if ids is None:
                     allowed = True
-                elif peer_id in ids:
-                    allowed = bound = True
-        return allowed, bound
+                elif ids == peer_id and (key is None or hmac.compare_digest(key, fp)):
+                    allowed = owns = True
+        return allowed, owns
 
 
 @dataclass
@@ -161,6 +219,10 @@ class Limits:
     punch_margin: float = 0.015
     unknown_rtt: float = 0.2
     rtt_refresh: float = 45.0
+    #: How long an id stays bound to its key after its last connection left (0: only while connected).
+    id_hold: float = 86_400.0
+    #: Most ids bound at once, connected or held (0: no limit); beyond it new ids get 503 too-many-ids.
+    max_ids: int = 250_000
 
 
 class _Link:
@@ -171,7 +233,8 @@ class _Link:
         "source",
         "version",
         "peer_id",
-        "secret",
+        "fingerprint",
+        "nonce",
         "rtt",
         "last_seen",
         "ping_rid",
@@ -182,12 +245,15 @@ class _Link:
         "open",
     )
 
-    def __init__(self, channel: IChannel, source: str, now: float, burst: float) -> None:
+    def __init__(self, channel: IChannel, source: str, now: float, burst: float, nonce: bytes) -> None:
         self.channel = channel
         self.source = source
         self.version: int | None = None
         self.peer_id: str | None = None
-        self.secret: str | None = None
+        #: The registered key's fingerprint, as the wire shows it.
+        self.fingerprint: str | None = None
+        #: This connection's greeting nonce, until registration uses it.
+        self.nonce: bytes | None = nonce
         self.rtt: float | None = None
         self.last_seen = now
         self.ping_rid: int | None = None
@@ -246,6 +312,11 @@ class SignalingState:
         self.server_name = server_name
         self.links: set[_Link] = set()
         self.peers: dict[str, _Link] = {}
+        #: Every bound id (connected or held) -> the SHA-256-based digest of its key's fingerprint.
+        self.bindings: dict[str, bytes] = {}
+        #: Bound ids whose owner is not connected -> when the binding expires.  One hold time for all, so
+        #: insertion order is expiry order and the sweep only looks at the front.
+        self.held: dict[str, float] = {}
         self.offers: dict[str, _PendingOffer] = {}
         self.sessions: dict[str, _OpenSession] = {}  # in creation order, so expiry only looks at the front
         self.sources: dict[str, int] = {}
@@ -279,7 +350,7 @@ class SignalingState:
 
     def open(self, channel: IChannel, source: str) -> _Link | None:
         now = self.clock.seconds()
-        link = _Link(channel, source, now, self.limits.burst)
+        link = _Link(channel, source, now, self.limits.burst, self.random_bytes(wire.NONCE_BYTES))
         self._count("connections")
         limit = self.limits.max_per_source
         if limit and self.sources.get(source, 0) >= limit:
@@ -292,7 +363,9 @@ class SignalingState:
             return None
         self.sources[source] = self.sources.get(source, 0) + 1
         self.links.add(link)
-        channel.send(Greeting(wire.VERSIONS, self.tokens is not None, self.limits.max_line, self.server_name))
+        channel.send(
+            Greeting(wire.VERSIONS, self.tokens is not None, self.limits.max_line, self.server_name, link.nonce)
+        )
         return link
 
     def closed(self, link: _Link | None) -> None:
@@ -307,6 +380,7 @@ class SignalingState:
             self.sources.pop(link.source, None)
         if link.peer_id is not None and self.peers.get(link.peer_id) is link:
             del self.peers[link.peer_id]
+            self._hold(link.peer_id)
             self.log.info("peer {peer_id} left", peer_id=link.peer_id)
         for offer_id in list(link.offers or ()):
             offer = self.offers.pop(offer_id, None)
@@ -377,38 +451,76 @@ class SignalingState:
         link.channel.send(Ok(msg.rid))
 
     def _register(self, link: _Link, msg: Register) -> None:
-        if link.peer_id is not None:
+        """
+        Checks, in order: one registration per connection; the token (so a
+        connection without a valid one learns nothing about ids); the proof
+        of possession of the key; the id's binding to a key; a live session
+        of the id; capacity.
+        """
+        if link.peer_id is not None or link.nonce is None:
             self._error(link, msg.rid, "out-of-order", f"this connection is already registered as {link.peer_id}")
             return
-        may_replace = False
+        try:
+            if small_order_key(msg.key):
+                raise ValueError("a small-order point")
+            public_key = load_public_key(msg.key)
+            fp: Fingerprint | None = Fingerprint.of_public_key(public_key)
+        except ValueError:
+            public_key, fp = None, None
+        owns = False
         if self.tokens is not None:
-            allowed, may_replace = self.tokens.check(msg.token, msg.id)
+            allowed, owns = self.tokens.check(msg.token, msg.id, fp)
             if not allowed:
                 self.log.warn(
                     "refused registration of {peer_id} from {source}: bad token", peer_id=msg.id, source=link.source
                 )
                 self._error(
-                    link, msg.rid, "unauthorized", "a valid token for this id is required (register with token=...)"
+                    link,
+                    msg.rid,
+                    "unauthorized",
+                    "a valid token for this id (and key) is required (register with token=...)",
                 )
                 return
+        try:
+            if public_key is None or fp is None:
+                raise BadSignature("not an Ed25519 public key")
+            verify_registration(public_key, msg.sig, link.nonce, msg.id)
+        except BadSignature:
+            self.log.warn(
+                "refused registration of {peer_id} from {source}: bad proof", peer_id=msg.id, source=link.source
+            )
+            self._error(
+                link,
+                msg.rid,
+                "bad-proof",
+                "the signature does not verify for this key, this connection's greeting nonce and this id"
+                if public_key is not None
+                else "the key is not a usable Ed25519 public key",
+            )
+            return
+        now = self.clock.seconds()
+        self._expire_binding(msg.id, now)
+        bound = self.bindings.get(msg.id)
+        same_key = bound is not None and hmac.compare_digest(bound, fp.digest)
         old = self.peers.get(msg.id)
+        if bound is not None and not same_key and not owns:
+            self._count("ids:squat-refused")
+            self.log.warn(
+                "refused registration of {peer_id} from {source}: the id is bound to another key",
+                peer_id=msg.id,
+                source=link.source,
+            )
+            self._error(link, msg.rid, "id-bound", self._bound_reason(msg.id, old is not None, now))
+            return
         if old is not None:
             if not msg.replace:
                 self._error(
                     link,
                     msg.rid,
                     "duplicate-id",
-                    f"peer id {msg.id} is already registered; send replace=true with your secret to take it over",
-                )
-                return
-            if not may_replace and not (
-                msg.secret is not None and old.secret is not None and hmac.compare_digest(msg.secret, old.secret)
-            ):
-                self._error(
-                    link,
-                    msg.rid,
-                    "unauthorized",
-                    f"not allowed to replace {msg.id}: the secret does not match and the token is not bound to this id",
+                    f"peer id {msg.id} is registered by another live connection with "
+                    + ("your key" if same_key else "another key (your token owns the id)")
+                    + "; send replace=true to take it over",
                 )
                 return
             self._count("replaced")
@@ -416,22 +528,72 @@ class SignalingState:
             self._error(old, None, "duplicate-id", "replaced by a newer registration of this id")
             self._close(old)
             self.closed(old)
-        elif self.limits.max_peers and len(self.peers) >= self.limits.max_peers:
-            self.log.warn("refused registration of {peer_id}: {n} peers registered", peer_id=msg.id, n=len(self.peers))
-            self._error(
-                link,
-                msg.rid,
-                "too-many-peers",
-                f"the mediator holds its maximum of {self.limits.max_peers} peers; try later",
-            )
-            return
+        else:
+            limit = self.limits.max_ids
+            if bound is None and limit and len(self.bindings) >= limit:
+                self.log.warn("refused registration of {peer_id}: {n} ids bound", peer_id=msg.id, n=len(self.bindings))
+                self._error(
+                    link,
+                    msg.rid,
+                    "too-many-ids",
+                    f"the mediator holds its maximum of {limit} bound ids (connected or held for departed peers); "
+                    "ids already bound to your key still work; try a new id later",
+                )
+                return
+            if self.limits.max_peers and len(self.peers) >= self.limits.max_peers:
+                self.log.warn(
+                    "refused registration of {peer_id}: {n} peers registered", peer_id=msg.id, n=len(self.peers)
+                )
+                self._error(
+                    link,
+                    msg.rid,
+                    "too-many-peers",
+                    f"the mediator holds its maximum of {self.limits.max_peers} peers; try later",
+                )
+                return
+        if bound is not None and not same_key:
+            self._count("ids:rebound")
+            self.log.info("peer id {peer_id} rebound to a new key by its token", peer_id=msg.id)
+        self.held.pop(msg.id, None)
+        self.bindings[msg.id] = fp.digest
         link.peer_id = msg.id
-        link.secret = self.random_bytes(16).hex()
+        link.fingerprint = str(fp)
+        link.nonce = None
         self.peers[msg.id] = link
         self._count("registrations")
-        self.log.info("peer {peer_id} registered from {source}", peer_id=msg.id, source=link.source)
-        link.channel.send(Registered(msg.rid, msg.id, link.secret))
-        self._ping(link, self.clock.seconds())
+        self.log.info(
+            "peer {peer_id} registered from {source} with key {fingerprint}",
+            peer_id=msg.id,
+            source=link.source,
+            fingerprint=link.fingerprint,
+        )
+        link.channel.send(Registered(msg.rid, msg.id, link.fingerprint))
+        self._ping(link, now)
+
+    def _bound_reason(self, peer_id: str, live: bool, now: float) -> str:
+        hold = self.limits.id_hold
+        if live:
+            after = f"and for {hold:.0f} s after it leaves" if hold > 0 else "while it is connected"
+            held = f"its owner is connected; the mediator holds the id for that key {after}"
+        else:
+            held = (
+                f"its owner left; the mediator holds the id for that key for another {self.held[peer_id] - now:.0f} s"
+            )
+        return f"peer id {peer_id} belongs to another identity key: {held}. Use another id, or the owner's key"
+
+    def _hold(self, peer_id: str) -> None:
+        """The id's last connection left: keep the binding for the hold time, or drop it."""
+        if self.limits.id_hold > 0:
+            self.held.pop(peer_id, None)
+            self.held[peer_id] = self.clock.seconds() + self.limits.id_hold
+        else:
+            self.bindings.pop(peer_id, None)
+
+    def _expire_binding(self, peer_id: str, now: float) -> None:
+        expires = self.held.get(peer_id)
+        if expires is not None and expires <= now:
+            del self.held[peer_id]
+            self.bindings.pop(peer_id, None)
 
     def _need_registration(self, link: _Link, rid: int) -> bool:
         if link.peer_id is None:
@@ -467,7 +629,8 @@ class SignalingState:
             )
             return
         now = self.clock.seconds()
-        offer = _PendingOffer(self._id(), link, msg.rid, target, msg.description, now + self.limits.offer_timeout)
+        description = self._registered_fingerprint(link, msg.description)
+        offer = _PendingOffer(self._id(), link, msg.rid, target, description, now + self.limits.offer_timeout)
         self.offers[offer.id] = offer
         for side in (link, target):
             if side.offers is None:
@@ -477,11 +640,28 @@ class SignalingState:
         self.log.debug(
             "offer {offer} from {initiator} to {target}", offer=offer.id, initiator=link.peer_id, target=target.peer_id
         )
-        target.channel.send(Offer(offer.id, link.peer_id, msg.description, int(self.limits.offer_timeout * 1000)))
+        target.channel.send(Offer(offer.id, link.peer_id, description, int(self.limits.offer_timeout * 1000)))
         # Keepalive pings keep the RTTs fresh; probe again only if a sample is stale.
         for side in (link, target):
             if side.ping_rid is None and now - side.ping_sent > self.limits.rtt_refresh:
                 self._ping(side, now)
+
+    def _registered_fingerprint(self, link: _Link, description: Description) -> Description:
+        """
+        C{description} with the fingerprint C{link} registered: what a peer
+        declares itself is never passed on.
+        """
+        if description.fingerprint == link.fingerprint:
+            return description
+        if description.fingerprint is not None:
+            self._count("fingerprints:replaced")
+            self.log.debug(
+                "peer {peer_id} declared fingerprint {declared}; relaying its registered {fingerprint}",
+                peer_id=link.peer_id,
+                declared=description.fingerprint,
+                fingerprint=link.fingerprint,
+            )
+        return dataclasses.replace(description, fingerprint=link.fingerprint)
 
     def _pending_counts(self, link: _Link) -> tuple[int, int]:
         """(offers C{link} made, offers waiting for C{link}'s answer) still pending; both are small."""
@@ -511,7 +691,8 @@ class SignalingState:
         if offer is None:
             return
         a, b = offer.initiator, link
-        nats, wishes = (offer.description.nat, msg.description.nat), (offer.description.wish, msg.description.wish)
+        answer = self._registered_fingerprint(b, msg.description)
+        nats, wishes = (offer.description.nat, answer.nat), (offer.description.wish, answer.wish)
         order = list(dict.fromkeys(p for p in self.choose_order(*nats, *wishes) if p in wire.PROTOCOLS))
         if not order:
             reason = "the two peers' protocol wishes have nothing in common"
@@ -529,7 +710,7 @@ class SignalingState:
         a.channel.send(
             SessionReply(
                 offer.rid,
-                Session(sid, key, b.peer_id, "controlling", msg.description, tuple(order), ms(delay_a), ms(rtt_a)),
+                Session(sid, key, b.peer_id, "controlling", answer, tuple(order), ms(delay_a), ms(rtt_a)),
             )
         )  # type: ignore[arg-type]
         b.channel.send(
@@ -658,6 +839,13 @@ class SignalingState:
             expired.append(sid)
         for sid in expired:
             del self.sessions[sid]
+        held = self.held
+        while held:
+            peer_id, expires = next(iter(held.items()))
+            if expires > now:
+                break
+            del held[peer_id]
+            self.bindings.pop(peer_id, None)
 
     def shutdown(self) -> None:
         """The mediator is stopping: tell every connection and close it."""
@@ -669,6 +857,8 @@ class SignalingState:
     def status(self) -> dict[str, Any]:
         return {
             "peers": len(self.peers),
+            "bound_ids": len(self.bindings),
+            "held_ids": len(self.held),
             "connections": len(self.links),
             "pending_offers": len(self.offers),
             "open_sessions": len(self.sessions),
@@ -679,7 +869,8 @@ class SignalingState:
         """One status line for the operator (called at an interval)."""
         s = self.status()
         self.log.info(
-            "signalling status: {peers} peers, {connections} connections, {pending_offers} pending offers, "
+            "signalling status: {peers} peers, {bound_ids} bound ids ({held_ids} held), {connections} connections, "
+            "{pending_offers} pending offers, "
             "{open_sessions} open sessions; totals {counters}",
             **s,
         )

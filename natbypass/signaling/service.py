@@ -30,7 +30,21 @@ SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
         "tcp:7000",
         "Signalling listener, any Twisted server endpoint string (e.g. ssl:7443:privateKey=key.pem:certKey=cert.pem).",
     ],
-    ["token-file", None, None, "File of tokens (one per line: TOKEN [PEER-ID ...]); turns on authentication."],
+    [
+        "token-file",
+        None,
+        None,
+        "File of tokens (one per line: TOKEN [PEER-ID [FINGERPRINT]]); turns on authentication.",
+    ],
+    [
+        "id-hold",
+        None,
+        86_400.0,
+        "Seconds a peer id stays bound to its key after its owner disconnects, so nobody else can take it "
+        "(0: only while connected).",
+        float,
+    ],
+    ["max-ids", None, 250_000, "Most peer ids bound at once, connected or held (0: no limit).", int],
     ["max-peers", None, 100_000, "Most peers registered at once (0: no limit).", int],
     ["max-per-source", None, 100, "Most signalling connections from one IP address (0: no limit).", int],
     ["rate", None, 20.0, "Messages per second allowed per connection (bursts of twice that; 0: no limit).", float],
@@ -58,7 +72,7 @@ SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
 
 def check_signaling_options(options: usage.Options) -> None:
     """Validate the signalling options (call from C{postOptions}); raises UsageError."""
-    for name in ("max-peers", "max-per-source", "rate", "status-interval", "gc-freeze-interval"):
+    for name in ("max-peers", "max-per-source", "rate", "status-interval", "gc-freeze-interval", "id-hold", "max-ids"):
         if options[name] < 0:
             raise usage.UsageError(f"--{name} must not be negative")
     if not 256 <= options["max-line"] <= 1 << 24:
@@ -143,6 +157,8 @@ def makeSignalingService(
     idle_timeout: float = 90.0,
     keepalive: float = 30.0,
     offer_timeout: float = 30.0,
+    id_hold: float = 86_400.0,
+    max_ids: int = 250_000,
     status_interval: float = 60.0,
     sweep_interval: float = 1.0,
     gc_freeze_interval: float = 0.0,
@@ -163,6 +179,8 @@ def makeSignalingService(
         idle_timeout=idle_timeout,
         keepalive=keepalive,
         offer_timeout=offer_timeout,
+        id_hold=id_hold,
+        max_ids=max_ids,
     )
     state = SignalingState(reactor, limits, tokens, choose_order, server_name=f"natbypass/{__version__}")
     top = SignalingService(serverFromString(reactor, endpoint), state)
@@ -232,6 +250,8 @@ def makeSignalingServiceFromOptions(options: usage.Options, reactor: Any) -> ISe
         idle_timeout=options["idle-timeout"],
         keepalive=options["keepalive"],
         offer_timeout=options["offer-timeout"],
+        id_hold=options["id-hold"],
+        max_ids=options["max-ids"],
         status_interval=options["status-interval"],
         gc_freeze_interval=options["gc-freeze-interval"],
     )

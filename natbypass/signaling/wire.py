@@ -24,30 +24,42 @@ from typing import Any, ClassVar, TypeVar
 from natbypass.nat import NatSummary
 
 PROTOCOL_NAME = "natbypass-signal"
-VERSIONS: tuple[int, ...] = (1,)
+#: Version 2 (issue 9): the greeting carries a nonce, C{register} proves possession of an identity key, ids are
+#: bound to keys, and offers and sessions carry the registered fingerprint.  Version 1 is no longer spoken.
+VERSIONS: tuple[int, ...] = (2,)
 DEFAULT_MAX_LINE = 8192
 MAX_RID = 2**53 - 1
 MAX_CANDIDATES = 32
 MAX_TEXT = 512
 SESSION_KEY_BYTES = 32
+#: Bytes of the greeting's per-connection nonce (base64url: 32 characters).
+NONCE_BYTES = 24
+#: Accepted nonce lengths when decoding a greeting (bytes).
+NONCE_RANGE = (16, 64)
+#: A raw Ed25519 public key (base64url: 43 characters) and signature (86 characters).
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
 
 #: Error names and their numeric codes (HTTP-like, so people can guess them).
 ERROR_CODES: Mapping[str, int] = {
     "bad-request": 400,
     "unknown-op": 400,
     "unauthorized": 401,
+    "bad-proof": 401,
     "rejected": 403,
     "unknown-peer": 404,
     "unknown-offer": 404,
     "unknown-session": 404,
     "timeout": 408,
     "duplicate-id": 409,
+    "id-bound": 409,
     "gone": 410,
     "out-of-order": 412,
     "line-too-long": 413,
     "rate-limited": 429,
     "internal-error": 500,
     "too-many-peers": 503,
+    "too-many-ids": 503,
     "too-many-connections": 503,
     "shutting-down": 503,
     "version-unsupported": 505,
@@ -66,8 +78,9 @@ OUTCOMES = ("connected", "failed", "timeout", "cancelled")
 PEER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,63}\Z")
 SERVER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 TOKEN = re.compile(r"[!-~]{1,256}\Z")  # printable ASCII, no spaces
-SECRET = re.compile(r"[0-9a-f]{32}\Z")
 FINGERPRINT = re.compile(r"[A-Za-z0-9:+/=_.-]{1,256}\Z")
+#: Unpadded base64url (RFC 4648 section 5), as nonces, keys and signatures travel.
+B64URL = re.compile(r"[A-Za-z0-9_-]{1,172}\Z")
 
 
 class WireError(Exception):
@@ -88,6 +101,34 @@ class WireError(Exception):
 def _check(ok: bool, reason: str) -> None:
     if not ok:
         raise ValueError(reason)
+
+
+def b64url_encode(data: bytes) -> str:
+    """C{data} as unpadded base64url text (how nonces, keys and signatures travel)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str, name: str, low: int, high: int | None = None) -> bytes:
+    """
+    Strictly decode unpadded base64url: only the alphabet, no padding, and
+    the canonical form (the unused low bits of the last character are zero,
+    so one value has exactly one spelling); C{low}..C{high} bytes.
+
+    @raise ValueError: naming C{name} and what is wrong.
+    """
+    high = low if high is None else high
+    if not (isinstance(text, str) and B64URL.match(text)):
+        raise ValueError(f"{name!r} must be unpadded base64url (A-Z a-z 0-9 - _)")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{name!r} is not valid base64url") from None
+    if b64url_encode(data) != text:
+        raise ValueError(f"{name!r} is not canonical base64url")
+    if not low <= len(data) <= high:
+        size = f"{low}" if low == high else f"{low}..{high}"
+        raise ValueError(f"{name!r} must encode {size} bytes, not {len(data)}")
+    return data
 
 
 # -- values ------------------------------------------------------------------
@@ -206,7 +247,13 @@ def wish_from_wire(value: Any) -> tuple[str, ...]:
 class Description:
     """
     What one side tells the other through the mediator: candidates, NAT
-    behaviour, protocol wish (C{()} = auto) and a public-key fingerprint slot.
+    behaviour, protocol wish (C{()} = auto) and a public-key fingerprint.
+
+    In an C{Offer} and a C{Session}, C{fingerprint} is the B{registered}
+    fingerprint of the other side's identity key, written by the mediator (in
+    C{connect} and C{accept} a peer may leave it out; whatever it sends there
+    is replaced, never passed on).  It is the mediator's claim: the secure
+    channel's handshake checks it (see docs/security.md).
     """
 
     candidates: tuple[Candidate, ...] = ()
@@ -438,26 +485,47 @@ class Hello(Request):
 
 @dataclass(frozen=True, slots=True)
 class Register(Request):
-    """Claim a peer id.  C{secret} (from an earlier registration) or an id-bound token authorises C{replace}."""
+    """
+    Claim a peer id with an identity key.
+
+    C{key} is the raw 32-byte Ed25519 public key; C{sig} its signature over
+    L{natbypass.identity.registration_message}C{(nonce, id)}, the nonce being
+    this connection's greeting's.  C{replace} takes the id over from another
+    live connection registered with the same key (a stale one of ours), or,
+    with a token bound to the id, with any key.
+    """
 
     op: ClassVar[str] = "register"
     rid: int
     id: str
+    key: bytes
+    sig: bytes
     token: str | None = None
     replace: bool = False
-    secret: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.key, bytes) and len(self.key) == PUBLIC_KEY_BYTES, "key must be 32 bytes")
+        _check(isinstance(self.sig, bytes) and len(self.sig) == SIGNATURE_BYTES, "sig must be 64 bytes")
 
     def body(self) -> dict[str, Any]:
-        return {"rid": self.rid, "id": self.id, "token": self.token, "replace": self.replace, "secret": self.secret}
+        return {
+            "rid": self.rid,
+            "id": self.id,
+            "key": b64url_encode(self.key),
+            "sig": b64url_encode(self.sig),
+            "token": self.token,
+            "replace": self.replace or None,
+        }
 
     @classmethod
     def read(cls, f: _Fields) -> Register:
         return cls(
             f.integer("rid", required=True),
             f.text("id", required=True, pattern=PEER_ID),
+            b64url_decode(f.text("key", required=True, limit=64), "key", PUBLIC_KEY_BYTES),
+            b64url_decode(f.text("sig", required=True, limit=128), "sig", SIGNATURE_BYTES),
             f.text("token", pattern=TOKEN),
             bool(f.boolean("replace")),
-            f.text("secret", pattern=SECRET),
         )
 
 
@@ -604,13 +672,26 @@ class Bye(Request):
 
 @dataclass(frozen=True, slots=True)
 class Greeting(Message):
-    """First line from the mediator: protocol name and the versions it speaks."""
+    """
+    First line from the mediator: protocol name, the versions it speaks, and
+    (version 2) this connection's fresh C{nonce}, which C{register} signs.
+    The nonce is optional when decoding, so a client can still read an older
+    mediator's greeting and say which versions do not meet.
+    """
 
     op: ClassVar[str] = "hello"
     versions: tuple[int, ...] = VERSIONS
     auth: bool = False
     max_line: int = DEFAULT_MAX_LINE
     server: str | None = None
+    nonce: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.nonce is None
+            or (isinstance(self.nonce, bytes) and NONCE_RANGE[0] <= len(self.nonce) <= NONCE_RANGE[1]),
+            f"nonce must be {NONCE_RANGE[0]}..{NONCE_RANGE[1]} bytes",
+        )
 
     def body(self) -> dict[str, Any]:
         return {
@@ -619,6 +700,7 @@ class Greeting(Message):
             "auth": self.auth,
             "max_line": self.max_line,
             "server": self.server,
+            "nonce": None if self.nonce is None else b64url_encode(self.nonce),
         }
 
     @classmethod
@@ -635,6 +717,7 @@ class Greeting(Message):
             bool(f.boolean("auth")),
             f.integer("max_line", required=True, low=256, high=2**24),
             f.text("server", limit=128),
+            None if (nonce := f.text("nonce", limit=128)) is None else b64url_decode(nonce, "nonce", *NONCE_RANGE),
         )
 
 
@@ -655,22 +738,22 @@ class Ok(Message):
 
 @dataclass(frozen=True, slots=True)
 class Registered(Message):
-    """Success reply to C{Register}; C{secret} lets this peer replace its own stale session later."""
+    """Success reply to C{Register}: the id is now bound to the key whose C{fingerprint} is given."""
 
     op: ClassVar[str] = "registered"
     rid: int
     id: str
-    secret: str
+    fingerprint: str
 
     def body(self) -> dict[str, Any]:
-        return {"rid": self.rid, "id": self.id, "secret": self.secret}
+        return {"rid": self.rid, "id": self.id, "fingerprint": self.fingerprint}
 
     @classmethod
     def read(cls, f: _Fields) -> Registered:
         return cls(
             f.integer("rid", required=True),
             f.text("id", required=True, pattern=PEER_ID),
-            f.text("secret", required=True, pattern=SECRET),
+            f.text("fingerprint", required=True, pattern=FINGERPRINT),
         )
 
 

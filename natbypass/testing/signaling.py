@@ -16,8 +16,9 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.test import iosim
 from zope.interface import implementer
 
+from natbypass.identity import Identity
 from natbypass.signaling.interfaces import IChannel
-from natbypass.signaling.wire import Message
+from natbypass.signaling.wire import Greeting, Message, Register
 
 
 @implementer(IChannel)
@@ -41,6 +42,24 @@ class FakeChannel:
         """The messages sent since the last call."""
         out, self.sent = self.sent, []
         return out
+
+
+def signed_register(
+    greeting: Greeting | bytes,
+    identity: Identity,
+    rid: int,
+    peer_id: str,
+    token: str | None = None,
+    replace: bool = False,
+) -> Register:
+    """
+    A C{register} that proves possession of C{identity}'s key: its signature
+    over the nonce of C{greeting} (or a nonce given as bytes) and C{peer_id}.
+    """
+    nonce = greeting if isinstance(greeting, bytes) else greeting.nonce
+    if nonce is None:
+        raise ValueError("the greeting carries no nonce")
+    return Register(rid, peer_id, identity.public_bytes(), identity.sign_registration(nonce, peer_id), token, replace)
 
 
 @implementer(IStreamClientEndpoint)
