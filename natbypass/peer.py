@@ -35,14 +35,16 @@ from zope.interface import implementer
 from natbypass import selection
 from natbypass._deprecate import deprecated_alias
 from natbypass.address import is_wildcard
-from natbypass.identity import Fingerprint, Identity
-from natbypass.interfaces import IIncomingHandler, IPeer, IPeerConnection
+from natbypass.identity import Fingerprint, FingerprintError, Identity
+from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerConnection
 from natbypass.nat import NatSummary
 from natbypass.punch import candidates, race, tcp
 from natbypass.punch.candidates import PortRange
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchSession
 from natbypass.punch.udp import ProbeSchedule, punch_udp
+from natbypass.secure import ChannelSecurity
+from natbypass.secure.quic import warm_up
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
 from natbypass.signaling.wire import Candidate, Description, Session
 from natbypass.stun import discovery
@@ -54,6 +56,7 @@ from natbypass.stun.client import (
     route_source_address,
     tcp_binding,
 )
+from natbypass.trust import AllowList, KnownPeers, PeerCheck, PeerRejected, pinned
 
 Address = tuple[str, int]
 
@@ -174,6 +177,8 @@ class Peer(MultiService):
         clock: IReactorTime | None = None,
         reserve_tcp_port: Callable[[PortRange | None, str], socket.socket] = candidates.reserve_tcp_port,
         identity: Identity | None = None,
+        known_peers: KnownPeers | None = None,
+        allow: AllowList | None = None,
     ) -> None:
         """
         C{reactor} binds every UDP port and makes every TCP connection;
@@ -184,6 +189,13 @@ class Peer(MultiService):
             mediator binds the id to it); None: an ephemeral key made now,
             so the id is bound to this process only (use
             L{natbypass.identity.load_or_create} to keep it).
+        @param known_peers: trust on first use for C{connect} without a
+            fingerprint: the first key a peer proves is recorded, a later
+            different one refused.  None: such a connect trusts the key the
+            mediator says the peer registered (see C{docs/security.md}).
+        @param allow: which peers may connect to us, when the C{listen}
+            handler is not an L{IPeerApprover} itself; None: everyone (each
+            still proves the key the mediator bound its id to).
         """
         super().__init__()
         self.reactor = reactor
@@ -202,6 +214,8 @@ class Peer(MultiService):
             )
         #: The identity key this peer registers with and authenticates with.
         self.identity: Identity = identity
+        self.known_peers = known_peers
+        self.allow = allow
         self.signaling = SignalingClient(mediator, peer_id, clock=self.clock, token=token, identity=identity)
         self.signaling.setServiceParent(self)
         self.signaling.setOfferHandler(self._offered)
@@ -211,6 +225,8 @@ class Peer(MultiService):
         self._main: Ports | None = None
         #: Per-session ports of sessions offered to us, by offering peer, until the session arrives.
         self._offer_ports: dict[str, Ports] = {}
+        #: The fingerprint we approved for each offering peer, until its session arrives.
+        self._approved: dict[str, Fingerprint] = {}
         #: This machine's interface addresses (host candidates), read at start and then periodically.
         self.host_addresses: list[str] = []
         self._host_refresh: LoopingCall | None = None
@@ -224,6 +240,9 @@ class Peer(MultiService):
     # ------------------------------------------------------------ service
 
     def startService(self) -> None:
+        # The QUIC engine's one-off set-up (imports, first key share) costs
+        # tens of ms: pay it now rather than in the first punch.
+        warm_up()
         self._main = self._bind()
         self._host_refresh = LoopingCall(self.refreshHostAddresses)
         self._host_refresh.clock = self.clock
@@ -300,6 +319,7 @@ class Peer(MultiService):
                 ports.tcp.close()
                 d.addCallback(lambda _, udp=ports.udp: udp.close())
         self._offer_ports.clear()
+        self._approved.clear()
         return d
 
     @property
@@ -375,17 +395,27 @@ class Peer(MultiService):
 
     refresh_host_addresses = deprecated_alias(refreshHostAddresses, "refresh_host_addresses")
 
-    def connect(self, peer_id: str, protocol: str | Sequence[str] | None = None) -> Deferred[IPeerConnection]:
-        wish = self.wish if protocol is None else parse_wish(protocol)
-        return defer.ensureDeferred(self._connect(peer_id, wish))
+    def connect(
+        self, peer_id: str, protocol: str | Sequence[str] | None = None, fingerprint: Fingerprint | str | None = None
+    ) -> Deferred[IPeerConnection]:
+        """
+        Open a secure direct path to C{peer_id}.
 
-    async def _connect(self, peer_id: str, wish: tuple[str, ...]) -> IPeerConnection:
+        The peer must prove the key C{fingerprint} (a pin); without one, the
+        key on record in C{known_peers} (trust on first use), or else the key
+        the mediator says C{peer_id} registered.
+        """
+        wish = self.wish if protocol is None else parse_wish(protocol)
+        pin = Fingerprint.parse(fingerprint) if isinstance(fingerprint, str) else fingerprint
+        return defer.ensureDeferred(self._connect(peer_id, wish, pin))
+
+    async def _connect(self, peer_id: str, wish: tuple[str, ...], pin: Fingerprint | None = None) -> IPeerConnection:
         # Only the mappings of the protocols we may use: a UDP-only connect
         # does not wait for STUN over TCP (two round trips).
         await defer.gatherResults([_follow(self._learned[p]) for p in (wish or selection.PROTOCOLS)])
         offered = self.nat
         try:
-            return await self._introduce(peer_id, wish)
+            return await self._introduce(peer_id, wish, pin)
         except race.AllAttemptsFailed:
             # A first connect does not wait for the filtering tests; if what
             # discovery then found could change the plan (a predictable
@@ -399,16 +429,43 @@ class Peer(MultiService):
                 mapping=self.nat.mapping,
                 filtering=self.nat.filtering,
             )
-            return await self._introduce(peer_id, wish)
+            return await self._introduce(peer_id, wish, pin)
 
-    async def _introduce(self, peer_id: str, wish: tuple[str, ...]) -> IPeerConnection:
+    async def _introduce(self, peer_id: str, wish: tuple[str, ...], pin: Fingerprint | None) -> IPeerConnection:
         ports = await self._session_ports(wish)
         try:
             session = await self.signaling.connect(peer_id, self.description(wish, ports))
         except BaseException:
             self._release(ports)
             raise
-        return await self._traverse(session, wish, ports)
+        verify, first_use = self._outgoing_check(session, pin)
+        conn = await self._traverse(session, wish, ports, verify)
+        if first_use and self.known_peers is not None:
+            self.known_peers.record(peer_id, conn.peer_fingerprint)
+            self.log.info(
+                "first contact with {peer}: recorded its key {fingerprint} in {path}",
+                peer=peer_id,
+                fingerprint=str(conn.peer_fingerprint),
+                path=self.known_peers.path,
+            )
+        return conn
+
+    def _outgoing_check(self, session: Session, pin: Fingerprint | None) -> tuple[PeerCheck, bool]:
+        """
+        What the peer we connect to must prove: our pin, else the key on
+        record for it, else the key the mediator says it registered.  The
+        second value says whether a success is a first contact to record.
+        """
+        if pin is not None:
+            return pinned(pin), False
+        if self.known_peers is not None:
+            known = self.known_peers
+
+            def check(presented: Fingerprint) -> None:
+                known.check(session.peer, presented)
+
+            return check, known.get(session.peer) is None
+        return pinned(_claimed(session.description, session.peer)), False
 
     async def _session_ports(self, wish: tuple[str, ...]) -> Ports:
         """
@@ -452,7 +509,31 @@ class Peer(MultiService):
             raise Decline(f"{self.peer_id} accepts no connections")
         return defer.ensureDeferred(self._answer(offer))
 
+    async def _approve(self, offer: IncomingOffer) -> Fingerprint:
+        """
+        Ask the application (an L{IPeerApprover} handler) or the allow list
+        whether the offering peer may connect, before anything is punched.
+        """
+        try:
+            fingerprint = _claimed(offer.description, offer.peer)
+        except PeerRejected as e:
+            raise Decline(str(e)) from None
+        approver = IPeerApprover(self._handler, None)
+        if approver is not None:
+            approved = await defer.maybeDeferred(approver.approvePeer, offer.peer, fingerprint)
+            why = f"{self.peer_id}'s application refused {offer.peer} (key {fingerprint})"
+        elif self.allow is not None:
+            approved = self.allow.allows(offer.peer, fingerprint)
+            why = f"{offer.peer} with key {fingerprint} is not in {self.peer_id}'s allow list"
+        else:
+            approved = True
+        if not approved:
+            self.log.info("refused {peer} (key {fingerprint})", peer=offer.peer, fingerprint=str(fingerprint))
+            raise Decline(why)
+        return fingerprint
+
     async def _answer(self, offer: IncomingOffer) -> Description:
+        self._approved[offer.peer] = await self._approve(offer)
         # Unlike a connect, an answer waits for discovery when it is still
         # running (only in the peer's first seconds): the offering side may
         # need our NAT's port step to predict where our probes come from.
@@ -468,7 +549,15 @@ class Peer(MultiService):
     def _accepted_session(self, session: Session) -> None:
         ports = self._offer_ports.pop(session.peer, self._main)
         assert ports is not None
-        d = defer.ensureDeferred(self._traverse(session, self.wish, ports))
+        approved = self._approved.pop(session.peer, None)
+        if approved is None:
+            self.log.warn(
+                "session {session} from {peer}, which we never approved", session=session.id, peer=session.peer
+            )
+            self._release(ports)
+            return
+        # The key we approved is the one the peer must prove.
+        d = defer.ensureDeferred(self._traverse(session, self.wish, ports, pinned(approved)))
 
         def arrived(conn: IPeerConnection) -> None:
             if self._handler is not None:
@@ -484,7 +573,9 @@ class Peer(MultiService):
             ),
         )
 
-    async def _traverse(self, session: Session, wish: tuple[str, ...], ports: Ports) -> IPeerConnection:
+    async def _traverse(
+        self, session: Session, wish: tuple[str, ...], ports: Ports, verify: PeerCheck
+    ) -> IPeerConnection:
         """
         Run the attempts in the mediator's order and report the outcome to
         it.  A session's own ports are closed once the race is over, except
@@ -492,7 +583,7 @@ class Peer(MultiService):
         is an adopted socket of its own).
         """
         try:
-            conn = await self._race(session, wish, ports)
+            conn = await self._race(session, wish, ports, ChannelSecurity(self.identity, verify))
         except BaseException:
             self._release(ports)
             raise
@@ -502,8 +593,10 @@ class Peer(MultiService):
             conn.whenLost().addBoth(lambda _: ports.udp.close())
         return conn
 
-    async def _race(self, session: Session, wish: tuple[str, ...], ports: Ports) -> IPeerConnection:
-        attempts = self._attempts(session, ports)
+    async def _race(
+        self, session: Session, wish: tuple[str, ...], ports: Ports, security: ChannelSecurity
+    ) -> IPeerConnection:
+        attempts = self._attempts(session, ports, security)
         order = [p for p in session.order if p in attempts and (not wish or p in wish)]
         outcome = race.Outcome()
         if not order:
@@ -523,7 +616,9 @@ class Peer(MultiService):
         self._report(session, "connected", conn.protocol, outcome.describe())
         return conn
 
-    def _attempts(self, session: Session, ports: Ports) -> dict[str, Callable[[], Deferred[IPeerConnection]]]:
+    def _attempts(
+        self, session: Session, ports: Ports, security: ChannelSecurity
+    ) -> dict[str, Callable[[], Deferred[IPeerConnection]]]:
         """One attempt factory per protocol the peer gave us candidates for."""
         start_delay = session.start_in_ms / 1000.0
         psession = PunchSession(session.id, session.key, 0 if session.controlling else 1, session.peer)
@@ -547,6 +642,7 @@ class Peer(MultiService):
                 schedule=ProbeSchedule(timeout=self.config.punch_timeout),
                 keepalive_interval=self.config.keepalive_interval,
                 liveness_timeout=self.config.liveness_timeout,
+                security=security,
             )
         if tcp_targets and ports.tcp.socket is not None:
             attempts["tcp"] = lambda: tcp.punch_tcp(
@@ -558,12 +654,23 @@ class Peer(MultiService):
                 window=self.config.punch_timeout,
                 listener=ports.tcp.socket,
                 keepalive_interval=self.config.keepalive_interval,
+                security=security,
             )
         return attempts
 
     def _report(self, session: Session, outcome: str, protocol: str | None, detail: str | None) -> None:
         d = self.signaling.report(session.id, outcome, protocol, (detail or "")[:500] or None)
         d.addErrback(lambda f: self.log.debug("report to the mediator failed: {f.value}", f=f))
+
+
+def _claimed(description: Description, peer_id: str) -> Fingerprint:
+    """The fingerprint the mediator says C{peer_id} registered (it overwrites what peers declare)."""
+    if description.fingerprint is None:
+        raise PeerRejected(f"the mediator gave no key for {peer_id}: nothing to check its identity against")
+    try:
+        return Fingerprint.parse(description.fingerprint)
+    except FingerprintError as e:
+        raise PeerRejected(f"the mediator gave a malformed key for {peer_id}: {e}") from None
 
 
 def _follow(d: Deferred[Any] | None) -> Deferred[Any]:

@@ -49,6 +49,18 @@ class DocumentExampleTests(SynchronousTestCase):
         for name, code in wire.ERROR_CODES.items():
             self.assertIn(f"| {code} | `{name}` |", doc)
 
+    def test_register_example_verifies(self) -> None:
+        """The documented register is a real proof over the documented greeting's nonce."""
+        from natbypass.identity import load_public_key, verify_registration
+
+        greeting = next(
+            wire.decode_from_server(line) for side, line in examples() if side == "S" and b'"nonce"' in line
+        )
+        register = next(wire.decode_from_client(line) for side, line in examples() if b'"op":"register"' in line)
+        registered = next(wire.decode_from_server(line) for side, line in examples() if b'"registered"' in line)
+        fp = verify_registration(load_public_key(register.key), register.sig, greeting.nonce, register.id)
+        self.assertEqual(str(fp), registered.fingerprint)
+
     def test_timing_example(self) -> None:
         sessions = [
             wire.decode_from_server(line) for side, line in examples() if side == "S" and b'"op":"session"' in line
