@@ -308,19 +308,27 @@ class Identity:
         return self.certificate(clock).public_bytes(serialization.Encoding.PEM)
 
 
-def default_identity_path(environ: Mapping[str, str] | None = None) -> str:
+def config_path(name: str, environ: Mapping[str, str] | None = None) -> str:
     """
-    Where a user's identity key lives by default.
-
-    C{$XDG_CONFIG_HOME/natbypass/identity.pem} when C{XDG_CONFIG_HOME} is an
-    absolute path, else C{~/.config/natbypass/identity.pem}.
+    C{$XDG_CONFIG_HOME/natbypass/NAME} when C{XDG_CONFIG_HOME} is an
+    absolute path, else C{~/.config/natbypass/NAME}.
     """
     env = os.environ if environ is None else environ
     base = env.get("XDG_CONFIG_HOME", "")
     if not os.path.isabs(base):
         home = env.get("HOME") or os.path.expanduser("~")
         base = os.path.join(home, ".config")
-    return os.path.join(base, "natbypass", "identity.pem")
+    return os.path.join(base, "natbypass", name)
+
+
+def default_identity_path(environ: Mapping[str, str] | None = None) -> str:
+    """Where a user's identity key lives by default (L{config_path} C{identity.pem})."""
+    return config_path("identity.pem", environ)
+
+
+def default_known_peers_path(environ: Mapping[str, str] | None = None) -> str:
+    """Where a user's known peers (trust on first use) are kept by default (L{config_path} C{known_peers})."""
+    return config_path("known_peers", environ)
 
 
 def _check_permissions(path: str, st: os.stat_result) -> None:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import sys
 
 from twisted.internet import defer
@@ -11,9 +12,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.app import connect, peer_tap
 from natbypass.app.peer_options import PEER_OPTIONS
+from natbypass.identity import Fingerprint, Identity
 from natbypass.punch.candidates import PortRange
-from natbypass.punch.race import AllAttemptsFailed, Outcome
+from natbypass.punch.race import AllAttemptsFailed, AttemptRecord, Outcome
 from natbypass.signaling.client import UnknownPeer
+from natbypass.trust import FingerprintMismatch, KnownPeers
+
+ALICE, BOB = Identity.generate(), Identity.generate()
 
 
 class UsageTests(SynchronousTestCase):
@@ -34,6 +39,7 @@ class UsageTests(SynchronousTestCase):
             (("--port-range", "5-1"), "port range"),
             (("--count", "-1"), "--count and --interval must be 0 or more"),
             (("--stun", "127.0.0.1:99999"), "the port must be a number"),
+            (("--peer-fingerprint", "nb1-not-a-key"), "--peer-fingerprint"),
         ):
             code, err = self.run_captured(*base, *extra)
             self.assertEqual(code, 2, extra)
@@ -56,6 +62,10 @@ class EchoingConnection:
     session_id = "s-1"
     peer_id = "bob"
     outcome = None
+    secure = True
+    peer_fingerprint = BOB.fingerprint
+    cipher = "QUICv1 TLS_AES_128_GCM_SHA256"
+    handshake_ms = 101.26
 
     def __init__(self, local: object, remote: object, send_error: Exception | None = None, echo: bool = True) -> None:
         self.local_address, self.remote_address = local, remote
@@ -82,6 +92,7 @@ class FakePeer:
     def __init__(self, result: object) -> None:
         self.result = result
         self.running = False
+        self.pins: list[object] = []
 
     def startService(self) -> None:
         self.running = True
@@ -89,7 +100,8 @@ class FakePeer:
     def stopService(self) -> None:
         self.running = False
 
-    def connect(self, peer_id: str):
+    def connect(self, peer_id: str, fingerprint: object = None):
+        self.pins.append(fingerprint)
         if isinstance(self.result, Exception):
             return defer.fail(self.result)
         return defer.succeed(self.result)
@@ -99,9 +111,17 @@ class RunTests(SynchronousTestCase):
     """connect's _main with a fake peer on a Clock: what it prints and returns."""
 
     def run_main(self, result: object, *extra: str) -> tuple[defer.Deferred, str, FakePeer]:
-        options = connect.parse_options(["--mediator", "tcp:127.0.0.1:7000", "--id", "alice", "--peer", "bob", *extra])
+        known = os.path.join(self.mktemp(), "known_peers")
+        argv = ["--mediator", "tcp:127.0.0.1:7000", "--id", "alice", "--peer", "bob", "--known-peers", known, *extra]
+        options = connect.parse_options(argv)
         peer, out, clock = FakePeer(result), io.StringIO(), Clock()
-        d = defer.ensureDeferred(connect._main(clock, options, out, make=lambda reactor, options: peer))
+        self.made: list[dict] = []
+
+        def make(reactor, options, **kwargs):
+            self.made.append(kwargs)
+            return peer
+
+        d = defer.ensureDeferred(connect._main(clock, options, out, make=make))
         self.clock = clock
         return d, out.getvalue(), peer
 
@@ -126,6 +146,38 @@ class RunTests(SynchronousTestCase):
         self.assertIn("echo: 2/2 came back", out)
         self.assertTrue(conn.closed)
         self.assertFalse(peer.running)
+
+    def test_connected_event_says_how_it_is_secured(self) -> None:
+        conn = EchoingConnection(IPv4Address("UDP", "10.0.0.1", 40000), IPv4Address("UDP", "198.51.100.2", 50000))
+        d, out, peer = self.run_main(conn, "--count", "1", "--json")
+        self.assertEqual(self.successResultOf(d), connect.EXIT_OK)
+        event = json.loads(out.splitlines()[0])
+        self.assertEqual(
+            (event["secure"], event["peer_fingerprint"], event["cipher"], event["handshake_ms"]),
+            (True, str(BOB.fingerprint), "QUICv1 TLS_AES_128_GCM_SHA256", 101.3),
+        )
+        # without a pin, trust on first use in the known-peers file
+        self.assertEqual(peer.pins, [None])
+        self.assertIsInstance(self.made[0]["known_peers"], KnownPeers)
+
+    def test_pinned_fingerprint_is_passed_and_needs_no_record(self) -> None:
+        conn = EchoingConnection(IPv4Address("UDP", "10.0.0.1", 40000), IPv4Address("UDP", "198.51.100.2", 50000))
+        d, out, peer = self.run_main(conn, "--count", "0", "--peer-fingerprint", str(BOB.fingerprint).upper())
+        self.assertEqual(self.successResultOf(d), connect.EXIT_OK)
+        self.assertEqual(peer.pins, [BOB.fingerprint])
+        self.assertIsNone(self.made[0]["known_peers"])
+
+    def test_changed_identity_fails_with_its_reason(self) -> None:
+        """A peer whose key changed: exit 1 and a failed event that names the mismatch and how to accept it."""
+        known = Fingerprint.parse(str(ALICE.fingerprint))
+        mismatch = FingerprintMismatch("bob", known, BOB.fingerprint, "/home/u/.config/natbypass/known_peers", 3)
+        outcome = Outcome([AttemptRecord("udp", "failed", 0.0, 120.0, f"udp: {mismatch}")])
+        d, out, peer = self.run_main(AllAttemptsFailed(outcome), "--json")
+        self.assertEqual(self.successResultOf(d), connect.EXIT_FAILED)
+        event = json.loads(out.splitlines()[0])
+        self.assertEqual(event["event"], "failed")
+        self.assertIn("Someone may be impersonating 'bob'", event["reason"])
+        self.assertIn("delete line 3", event["reason"])
 
     def test_no_path_is_reported(self) -> None:
         d, out, peer = self.run_main(AllAttemptsFailed(Outcome()), "--json")

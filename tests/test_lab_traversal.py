@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from natbypass.identity import read_identity
 from natbypass.lab import netns
 from natbypass.lab.traversal import (
     LAN_SITE,
@@ -82,6 +82,13 @@ class LabTraversalTests(SynchronousTestCase):
             self.assertTrue(result.ok, context)
             if protocol != "auto":
                 self.assertEqual(result.connected["protocol"], protocol, context)
+            # secure on either path, with the key dst's process proved
+            connected = result.connected
+            self.assertTrue(connected["secure"], context)
+            self.assertEqual(
+                connected["peer_fingerprint"], str(read_identity(self.scenario.identity_path(dst)).fingerprint)
+            )
+            self.assertTrue(connected["cipher"].startswith("QUICv1" if connected["protocol"] == "udp" else "TLSv1.3"))
         elif expected is False:
             self.assertEqual(result.returncode, 1, context)
             failed = result.event("failed")
@@ -106,25 +113,7 @@ class LabTraversalTests(SynchronousTestCase):
         working while the mediator is stopped one second in.
         """
         src, dst = "fc1", f"{TYPES['port-restricted-cone']}2"
-        argv = [
-            sys.executable,
-            "-m",
-            "natbypass",
-            "connect",
-            "--json",
-            "--mediator",
-            f"tcp:{self.lab.mediator_addresses[0]}:7000",
-            "--id",
-            "survivor",
-            "--peer",
-            dst,
-            "--protocol",
-            "udp",
-            "--count",
-            "12",
-            "--interval",
-            "0.5",
-        ]
+        argv = self.scenario.connect_argv("survivor", dst, "udp", count=12, extra=("--interval", "0.5"))
         proc = self.lab.spawn(src, argv, stdout=subprocess.PIPE, text=True)
         first = proc.stdout.readline()
         self.assertEqual(json.loads(first)["event"], "connected", first)
@@ -141,31 +130,14 @@ class LabTraversalTests(SynchronousTestCase):
     def test_spoofed_punch_packets_ignored(self) -> None:
         """
         A third lab host that knows the session id (it travels in clear) but
-        not the key floods the full-cone side with forged probes, acks,
-        keepalives and data: the path neither moves nor loses an echo.
+        not the key floods the full-cone side with forged probes and acks,
+        packets of the old keepalive/data types, forged QUIC and random
+        bytes: the path neither moves nor loses an echo.
         """
         src, dst = "rc1", "fc2"
         proc = self.lab.spawn(
             src,
-            [
-                sys.executable,
-                "-m",
-                "natbypass",
-                "connect",
-                "--json",
-                "--mediator",
-                f"tcp:{self.lab.mediator_addresses[0]}:7000",
-                "--id",
-                "spoofed",
-                "--peer",
-                dst,
-                "--protocol",
-                "udp",
-                "--count",
-                "10",
-                "--interval",
-                "0.3",
-            ],
+            self.scenario.connect_argv("spoofed", dst, "udp", count=10, extra=("--interval", "0.3")),
             stdout=subprocess.PIPE,
             text=True,
         )

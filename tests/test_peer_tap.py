@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from natbypass.app import peer_tap
-from natbypass.identity import read_identity
+from natbypass.identity import Identity, read_identity
 from natbypass.interfaces import IPeer
 from natbypass.punch.candidates import PortRange
 
@@ -71,3 +71,27 @@ class PeerTapTests(SynchronousTestCase):
         """Unset, make_peer uses natbypass.identity.default_identity_path() (resolved when the peer is made)."""
         o = self.parse("--mediator", "tcp:198.18.0.2:7000", "--id", "bob")
         self.assertIsNone(o["identity"])
+
+    def test_allow(self) -> None:
+        """--allow FILE: only the listed keys may connect; --allow-any (the default): everyone."""
+        key = os.path.join(self.mktemp(), "identity.pem")
+        base = ("--mediator", "tcp:198.18.0.2:7000", "--id", "bob", "--identity", key)
+        alice, carol = Identity.generate(), Identity.generate()
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"# who may reach bob\n{alice.fingerprint} alice\n")
+        o = self.parse(*base, "--allow", path)
+        self.assertTrue(o["allow"].allows("alice", alice.fingerprint))
+        self.assertFalse(o["allow"].allows("carol", carol.fingerprint))
+        self.assertFalse(o["allow"].allows("alice", carol.fingerprint))
+        service = peer_tap.makeService(o, MemoryReactorClock())
+        self.assertIs(service.allow, o["allow"])
+        self.assertIsNone(self.parse(*base)["allow"])
+        self.assertIsNone(self.parse(*base, "--allow-any")["allow"])
+        for argv, message in (
+            ((*base, "--allow", path, "--allow-any"), "not both"),
+            ((*base, "--allow", path + ".missing"), path + ".missing"),
+        ):
+            with self.assertRaises(usage.UsageError, msg=argv) as caught:
+                self.parse(*argv)
+            self.assertIn(message, str(caught.exception))

@@ -30,11 +30,13 @@ from natbypass.app.peer_options import (
     make_peer,
     namespace_options,
 )
+from natbypass.identity import Fingerprint, FingerprintError, default_known_peers_path
 from natbypass.interfaces import IPeer
 from natbypass.net import route_source_address
 from natbypass.punch.candidates import CandidateError
 from natbypass.punch.race import AllAttemptsFailed
 from natbypass.signaling.client import SignalingError
+from natbypass.trust import KnownPeers, TrustFileError
 
 log = Logger()
 
@@ -46,7 +48,20 @@ CONNECT_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("count", "echo round trips after connecting", default=3, coerce=int),
     OptionSpec("interval", "seconds between echo round trips", default=0.0, coerce=float),
     OptionSpec("json", "print JSON events, one a line", flag=True),
-)
+    OptionSpec("peer-fingerprint", "the key the peer must prove (pinned; see natbypass id)", metavar="FP",
+               coerce=lambda text: _fingerprint(text)),
+    OptionSpec("known-peers", "trust on first use: record a peer's key at first contact, refuse a different one "
+               "later (default: $XDG_CONFIG_HOME/natbypass/known_peers, else ~/.config/natbypass/known_peers)",
+               metavar="PATH"),
+)  # fmt: skip
+
+
+def _fingerprint(text: str) -> Fingerprint:
+    try:
+        return Fingerprint.parse(text)
+    except FingerprintError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 #: Why a connect can fail without a bug: every attempt failed, the mediator
 #: said no or could not be reached, no local port was free.
@@ -81,7 +96,7 @@ async def _main(
     reactor: Any,
     options: dict[str, Any],
     out: Any,
-    make: Callable[[Any, dict[str, Any]], IPeer] = make_peer,
+    make: Callable[..., IPeer] = make_peer,
 ) -> int:
     """
     Connect, echo, report; C{options} are checked (L{check_peer_options}).
@@ -89,7 +104,7 @@ async def _main(
     is raised.
     """
     started = reactor.seconds()
-    peer = make(reactor, options)
+    peer = make(reactor, options, known_peers=options["known-peers"])
     peer.startService()
     target = options["peer"]
 
@@ -98,7 +113,7 @@ async def _main(
 
     try:
         try:
-            conn = await peer.connect(target)
+            conn = await peer.connect(target, fingerprint=options["peer-fingerprint"])
         except CONNECT_FAILURES as e:
             elapsed = round((reactor.seconds() - started) * 1000)
             outcome = getattr(e, "outcome", None)
@@ -127,9 +142,14 @@ async def _main(
                 "local_address": local_text,
                 "remote_address": remote_text,
                 "elapsed_ms": elapsed,
+                "secure": conn.secure,
+                "peer_fingerprint": str(conn.peer_fingerprint),
+                "cipher": conn.cipher,
+                "handshake_ms": round(conn.handshake_ms, 1),
                 "attempts": _attempts(conn.outcome),
             },
-            f"connected to {target} over {conn.protocol}: {local_text} -> {remote_text} in {elapsed} ms",
+            f"connected to {target} over {conn.protocol}: {local_text} -> {remote_text} in {elapsed} ms\n"
+            f"  {target} proved key {conn.peer_fingerprint}; {conn.cipher}, handshake {conn.handshake_ms:.0f} ms",
         )
         echo = EchoClient(conn, reactor)
         count = options["count"]
@@ -174,7 +194,12 @@ def parse_options(argv: list[str]) -> dict[str, Any]:
         check_peer_options(options)
         if options["count"] < 0 or options["interval"] < 0:
             raise ValueError("--count and --interval must be 0 or more")
-    except ValueError as e:
+        # A pinned key needs no record; otherwise trust on first use.
+        if options["peer-fingerprint"] is None:
+            options["known-peers"] = KnownPeers(options["known-peers"] or default_known_peers_path())
+        else:
+            options["known-peers"] = None
+    except (ValueError, TrustFileError) as e:
         print(f"natbypass connect: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     return options

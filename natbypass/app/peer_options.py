@@ -22,6 +22,7 @@ from natbypass.identity import default_identity_path, load_or_create
 from natbypass.peer import Peer, PeerConfig, parse_wish
 from natbypass.punch.candidates import PortRange
 from natbypass.signaling.client import client_endpoint
+from natbypass.trust import AllowList, KnownPeers
 
 Address = tuple[str, int]
 
@@ -105,7 +106,14 @@ def check_peer_options(options: dict[str, Any]) -> None:
     options["stun"] = stun_server(options["stun"], options["mediator"])
 
 
-def make_peer(reactor: Any, options: Mapping[str, Any], **config: Any) -> Peer:
+def make_peer(
+    reactor: Any,
+    options: Mapping[str, Any],
+    *,
+    known_peers: KnownPeers | None = None,
+    allow: AllowList | None = None,
+    **config: Any,
+) -> Peer:
     """
     A L{natbypass.peer.Peer} (not started) from checked options; C{config}
     holds further L{natbypass.peer.PeerConfig} fields of one command.  The
@@ -123,6 +131,8 @@ def make_peer(reactor: Any, options: Mapping[str, Any], **config: Any) -> Peer:
         options["stun"],
         token=options["token"],
         identity=identity,
+        known_peers=known_peers,
+        allow=allow,
         protocol=options["protocol"],
         config=PeerConfig(
             port_range=options["port-range"],

@@ -13,9 +13,17 @@ from natbypass.app.echo import EchoHandler
 from natbypass.app.peer_options import PEER_OPTIONS, OptionSpec, check_peer_options, make_peer, usage_parameters
 from natbypass.peer import Peer
 from natbypass.signaling.wire import PEER_ID
+from natbypass.trust import AllowList, TrustFileError
 
 #: natbypass-peer's own options, besides the shared ones.
-TAP_OPTIONS = (OptionSpec("keepalive", "seconds between UDP keepalives", default=15.0, coerce=float),)
+TAP_OPTIONS = (
+    OptionSpec("keepalive", "seconds between keepalives on a path (QUIC PING, TCP keepalive)", default=15.0,
+               coerce=float),
+    OptionSpec("allow", "only peers listed in FILE may connect: one fingerprint a line, optionally with the id "
+               "(a known_peers file works)", metavar="FILE"),
+    OptionSpec("allow-any", "any peer may connect (the default; each still proves the key its id is bound to)",
+               flag=True),
+)  # fmt: skip
 
 _PARAMETERS, _FLAGS = usage_parameters(PEER_OPTIONS + TAP_OPTIONS)
 
@@ -34,9 +42,12 @@ class Options(usage.Options):
             raise usage.UsageError("--mediator ENDPOINT is required (e.g. tcp:mediator.example:7000)")
         if not self["id"] or not PEER_ID.match(self["id"]):
             raise usage.UsageError("--id NAME is required: 1-64 of A-Z a-z 0-9 . _ @ : + -, starting alphanumeric")
+        if self["allow"] and self["allow-any"]:
+            raise usage.UsageError("give --allow FILE or --allow-any, not both")
         try:
             check_peer_options(self)
-        except ValueError as e:
+            self["allow"] = AllowList.load(self["allow"]) if self["allow"] else None
+        except (ValueError, TrustFileError) as e:
             raise usage.UsageError(str(e)) from None
 
 
@@ -45,6 +56,6 @@ def makeService(options: Options, reactor: Any = None) -> Peer:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    peer = make_peer(reactor, options, keepalive_interval=options["keepalive"])
+    peer = make_peer(reactor, options, allow=options["allow"], keepalive_interval=options["keepalive"])
     peer.listen(EchoHandler())
     return peer

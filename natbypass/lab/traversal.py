@@ -114,6 +114,10 @@ class Scenario:
         for peer_id in peer_ids:
             _wait_for(self.mediator_log, f"peer {peer_id} registered", timeout, None, self._log_offset)
 
+    def identity_path(self, peer_id: str) -> str:
+        """Each peer id's key, kept for the scenario (the mediator binds the id to it), never the user's own."""
+        return os.path.join(self.workdir, f"identity-{peer_id}.pem")
+
     def start_peer(self, node: str, peer_id: str, *extra: str) -> subprocess.Popen[Any]:
         """A C{natbypass-peer} echo service in C{node}, registered as C{peer_id}."""
         log = os.path.join(self.workdir, f"peer-{peer_id}.log")
@@ -129,6 +133,8 @@ class Scenario:
                 mediator_endpoint(),
                 "--id",
                 peer_id,
+                "--identity",
+                self.identity_path(peer_id),
                 *extra,
             ],
         )
@@ -136,6 +142,39 @@ class Scenario:
         _wait_for(self.mediator_log, f"peer {peer_id} registered", 20, proc, self._log_offset)
         _wait_for(log, "NAT is", 20, proc)  # background discovery done: what a long-running peer has
         return proc
+
+    def connect_argv(
+        self,
+        my_id: str,
+        peer_id: str,
+        protocol: str = "auto",
+        count: int = 3,
+        timeout: float = 5.0,
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        """The C{natbypass connect --json} command line of C{my_id} (its own key and known-peers file)."""
+        return [
+            *NATBYPASS,
+            "connect",
+            "--json",
+            "--mediator",
+            mediator_endpoint(),
+            "--id",
+            my_id,
+            "--peer",
+            peer_id,
+            "--protocol",
+            protocol,
+            "--count",
+            str(count),
+            "--timeout",
+            str(timeout),
+            "--identity",
+            self.identity_path(my_id),
+            "--known-peers",
+            os.path.join(self.workdir, f"known_peers-{my_id}"),
+            *extra,
+        ]
 
     def connect(
         self,
@@ -149,28 +188,8 @@ class Scenario:
     ) -> ConnectResult:
         """Run C{natbypass connect --json} in C{node} and parse its events."""
         started = time.monotonic()
-        done = self.lab.exec(
-            node,
-            [
-                *NATBYPASS,
-                "connect",
-                "--json",
-                "--mediator",
-                mediator_endpoint(),
-                "--id",
-                my_id,
-                "--peer",
-                peer_id,
-                "--protocol",
-                protocol,
-                "--count",
-                str(count),
-                "--timeout",
-                str(timeout),
-                *extra,
-            ],
-            timeout=60 + 4 * timeout,
-        )
+        argv = self.connect_argv(my_id, peer_id, protocol, count, timeout, extra)
+        done = self.lab.exec(node, argv, timeout=60 + 4 * timeout)
         events = []
         for line in done.stdout.splitlines():
             try:
