@@ -28,7 +28,7 @@ from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 
 from natbypass.address import parse_host_port
-from natbypass.identity import Fingerprint, Identity
+from natbypass.identity import Fingerprint, Identity, load_or_create
 from natbypass.punch.candidates import remote_addresses, reserve_tcp_port
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchFailed, PunchSession
@@ -50,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--predict-delta", type=int, default=None)
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--key", default="6b" * 32, help="session key, hex")
+    p.add_argument("--identity", help="identity key file (default: a key made for this process)")
+    p.add_argument("--pin", help="the fingerprint the peer must prove (default: the one it published)")
+    p.add_argument("--message", default="echo?", help="what role 0 sends (role 1 echoes it)")
     return p
 
 
@@ -77,7 +80,8 @@ def main(reactor, argv: list[str]):
 
     args = parser().parse_args(argv)
     session = PunchSession("lab-session", bytes.fromhex(args.key), args.role, args.peer)
-    identity = Identity.generate()  # this process only; its fingerprint goes out with the mapping
+    # This process's key (or --identity's); its fingerprint goes out with the mapping.
+    identity = load_or_create(args.identity) if args.identity else Identity.generate()
     endpoint = PunchEndpoint()
     listener = None
     if args.protocol == "udp":
@@ -92,7 +96,7 @@ def main(reactor, argv: list[str]):
         mapped = binding.mapped
     _publish(args.dir, args.name, {"mapped": list(mapped), "fingerprint": str(identity.fingerprint)})
     peer = yield _wait_for_peer(reactor, args.dir, args.peer)
-    security = ChannelSecurity(identity, pinned(Fingerprint.parse(peer["fingerprint"])))
+    security = ChannelSecurity(identity, pinned(Fingerprint.parse(args.pin or peer["fingerprint"])))
     targets = remote_addresses([tuple(peer["mapped"])], predict_delta=args.predict_delta)
     delay = max(0.0, args.start_at - time.time())
     started = reactor.seconds() + delay
@@ -160,7 +164,7 @@ def main(reactor, argv: list[str]):
     if args.role == 0:
         sent = reactor.seconds()
         # Datagrams may be lost on the lab's links: resend until echoed.
-        loop = task.LoopingCall(conn.send, b"echo?")
+        loop = task.LoopingCall(conn.send, args.message.encode())
         loop.start(0.2)
         data = yield got
         loop.stop()
