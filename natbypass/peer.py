@@ -236,6 +236,8 @@ class Peer(MultiService):
         self._learned: dict[str, Deferred[None]] = {}
         self._discovery: Deferred[Any] | None = None
         self._connections: set[IPeerConnection] = set()
+        #: Traversals under way (ours and those peers started), cancelled at stop.
+        self._traversals: set[Deferred[IPeerConnection]] = set()
 
     # ------------------------------------------------------------ service
 
@@ -311,6 +313,8 @@ class Peer(MultiService):
             self._host_refresh.stop()
         if self._discovery is not None:
             self._discovery.cancel()
+        for traversal in list(self._traversals):
+            traversal.cancel()
         for conn in list(self._connections):
             conn.close()
         d = defer.maybeDeferred(super().stopService)
@@ -336,6 +340,11 @@ class Peer(MultiService):
     def whenDiscovered(self) -> Deferred[None]:
         """Fires once background NAT discovery has finished (at once when it is not run)."""
         return _follow(self._discovery).addCallback(lambda _: None)
+
+    @property
+    def traversals(self) -> int:
+        """How many traversals (ours and those peers started) are under way."""
+        return len(self._traversals)
 
     @property
     def udp_mapped(self) -> Address | None:
@@ -582,8 +591,11 @@ class Peer(MultiService):
         the UDP socket of a UDP path, which closes with the path (a TCP path
         is an adopted socket of its own).
         """
+        attempt = defer.ensureDeferred(self._race(session, wish, ports, ChannelSecurity(self.identity, verify)))
+        self._traversals.add(attempt)
+        attempt.addBoth(lambda result: (self._traversals.discard(attempt), result)[1])
         try:
-            conn = await self._race(session, wish, ports, ChannelSecurity(self.identity, verify))
+            conn = await attempt
         except BaseException:
             self._release(ports)
             raise

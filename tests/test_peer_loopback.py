@@ -8,35 +8,45 @@ fallback, and that a path survives the mediator going away.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from natbypass.app.echo import EchoClient, EchoHandler
-from natbypass.interfaces import IPeer, IPeerConnection
+from natbypass.identity import Fingerprint, Identity
+from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerConnection
 from natbypass.nat import NatSummary
 from natbypass.peer import Peer, PeerConfig
 from natbypass.punch.race import AllAttemptsFailed
-from natbypass.signaling.client import SignalingClient
+from natbypass.signaling.client import OfferRejected, SignalingClient
 from natbypass.signaling.service import makeSignalingService
 from natbypass.signaling.wire import Candidate, Description
 from natbypass.stun.server import STUNService
+from natbypass.trust import KnownPeers, parse_allow
 
 
-class PeerLoopbackTests(TestCase):
+class LoopbackMediator(TestCase):
+    """A real mediator (STUN on 127.0.0.1 + 127.0.0.2, signalling on 127.0.0.1) and peers made against it."""
+
     timeout = 60
+    #: The mediator's --id-hold.
+    id_hold = 86_400.0
 
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         self.stun = STUNService(reactor, ("127.0.0.1", 0), ("127.0.0.2", 0), stats_interval=0)
         self.stun.startService()
         self.addCleanup(self._stop, self.stun)
-        self.signal = makeSignalingService("tcp:0:interface=127.0.0.1", reactor, status_interval=0)
+        self.signal = makeSignalingService(
+            "tcp:0:interface=127.0.0.1", reactor, status_interval=0, id_hold=self.id_hold
+        )
         self.signal.startService()
         self.addCleanup(self._stop, self.signal)
         port = yield self.signal.whenListening()
@@ -47,7 +57,7 @@ class PeerLoopbackTests(TestCase):
         return defer.maybeDeferred(service.stopService) if service.running else None
 
     @defer.inlineCallbacks
-    def peer(self, name: str, protocol: str = "auto", **config: Any) -> Any:
+    def peer(self, name: str, protocol: str = "auto", peer_args: dict | None = None, **config: Any) -> Any:
         config.setdefault("loopback_candidates", True)
         config.setdefault("bind_host", "127.0.0.1")
         config.setdefault("punch_timeout", 3.0)
@@ -58,12 +68,22 @@ class PeerLoopbackTests(TestCase):
             self.stun_address,
             protocol=protocol,
             config=PeerConfig(**config),
+            **(peer_args or {}),
         )
         p.startService()
         self.addCleanup(self._stop, p)
         yield p.whenReady()
         return p
 
+    @defer.inlineCallbacks
+    def assertEchoes(self, conn: Any, n: int = 3) -> Any:
+        client = EchoClient(conn, reactor)
+        for i in range(n):
+            rtt = yield client.ping(i).addTimeout(5, reactor)
+            self.assertGreaterEqual(rtt, 0)
+
+
+class PeerLoopbackTests(LoopbackMediator):
     @defer.inlineCallbacks
     def pair(self, protocol: str) -> Any:
         b = yield self.peer("bob")
@@ -72,13 +92,6 @@ class PeerLoopbackTests(TestCase):
         conn = yield a.connect("bob")
         self.addCleanup(conn.close)
         return a, b, conn
-
-    @defer.inlineCallbacks
-    def assertEchoes(self, conn: Any, n: int = 3) -> Any:
-        client = EchoClient(conn, reactor)
-        for i in range(n):
-            rtt = yield client.ping(i).addTimeout(5, reactor)
-            self.assertGreaterEqual(rtt, 0)
 
     def test_interfaces(self) -> None:
         p = Peer(reactor, "x", TCP4ClientEndpoint(reactor, "127.0.0.1", 1), ("127.0.0.1", 3478))
@@ -190,3 +203,116 @@ class PeerLoopbackTests(TestCase):
         for r in attempts:
             self.assertEqual(r.result, "failed")
             self.assertTrue(r.reason)
+
+
+@implementer(IIncomingHandler, IPeerApprover)
+class Gatekeeper(EchoHandler):
+    """An echoing handler that asks the application (a Deferred it answers later) who may connect."""
+
+    def __init__(self, answer: bool) -> None:
+        super().__init__()
+        self.answer = answer
+        self.asked: list[tuple[str, Fingerprint]] = []
+
+    def approvePeer(self, peer_id: str, fingerprint: Fingerprint) -> defer.Deferred:
+        self.asked.append((peer_id, fingerprint))
+        return task.deferLater(reactor, 0.01, lambda: self.answer)
+
+
+class PeerSecurityLoopbackTests(LoopbackMediator):
+    """Identities end to end: approval, pins and trust on first use, on both protocols."""
+
+    #: Released at once, so a test can bring back an id with another key (as an operator could).
+    id_hold = 0.0
+
+    @defer.inlineCallbacks
+    def test_every_path_is_secure_and_pinned_to_the_registered_key(self) -> Any:
+        bob = yield self.peer("bob")
+        bob.listen(EchoHandler())
+        alice = yield self.peer("alice")
+        for protocol in ("udp", "tcp"):
+            conn = yield alice.connect("bob", protocol, fingerprint=bob.fingerprint)
+            self.addCleanup(conn.close)
+            self.assertEqual((conn.protocol, conn.secure, conn.peer_fingerprint), (protocol, True, bob.fingerprint))
+            self.assertTrue(conn.cipher.startswith("QUICv1" if protocol == "udp" else "TLSv1.3"), conn.cipher)
+            self.assertGreater(conn.handshake_ms, 0)
+            yield self.assertEchoes(conn, 1)
+
+    @defer.inlineCallbacks
+    def test_wrong_pin_fails_naming_both_keys(self) -> Any:
+        bob = yield self.peer("bob")
+        bob.listen(EchoHandler())
+        alice = yield self.peer("alice", punch_timeout=2.0)
+        wrong = Identity.generate().fingerprint
+        for protocol in ("udp", "tcp"):
+            failure = yield self.assertFailure(alice.connect("bob", protocol, fingerprint=wrong), AllAttemptsFailed)
+            self.assertIn(str(wrong), str(failure), protocol)
+            self.assertIn(str(bob.fingerprint), str(failure), protocol)
+            # bob is told at once (the refusal closes the handshake), not after its handshake timeout
+            yield task.deferLater(reactor, 0.5, lambda: None)
+            self.assertEqual(bob.traversals, 0, protocol)
+
+    @defer.inlineCallbacks
+    def test_approval_is_asked_and_a_refusal_reaches_the_caller(self) -> Any:
+        for answer in (True, False):
+            name = f"bob-{answer}".lower()
+            bob = yield self.peer(name)
+            keeper = Gatekeeper(answer)
+            bob.listen(keeper)
+            alice = yield self.peer(f"alice-{answer}".lower())
+            d = alice.connect(name, "udp")
+            if answer:
+                conn = yield d
+                self.addCleanup(conn.close)
+                yield self.assertEchoes(conn, 1)
+            else:
+                failure = yield self.assertFailure(d, OfferRejected)
+                self.assertIn("refused", str(failure))
+                self.assertIn(str(alice.fingerprint), str(failure))
+            # asked once, with the offering peer's registered key, before anything was punched
+            self.assertEqual(keeper.asked, [(alice.peer_id, alice.fingerprint)])
+
+    @defer.inlineCallbacks
+    def test_allow_list(self) -> Any:
+        alice_key, carol_key = Identity.generate(), Identity.generate()
+        allow = parse_allow(f"{alice_key.fingerprint} alice\n")
+        bob = yield self.peer("bob", peer_args={"allow": allow})
+        bob.listen(EchoHandler())
+        alice = yield self.peer("alice", peer_args={"identity": alice_key})
+        conn = yield alice.connect("bob", "tcp")
+        self.addCleanup(conn.close)
+        carol = yield self.peer("carol", peer_args={"identity": carol_key})
+        failure = yield self.assertFailure(carol.connect("bob", "tcp"), OfferRejected)
+        self.assertIn("not in bob's allow list", str(failure))
+
+    @defer.inlineCallbacks
+    def test_trust_on_first_use(self) -> Any:
+        """First contact records bob's key; a bob with another key later is refused, saying how to accept it."""
+        path = os.path.join(self.mktemp(), "known_peers")
+        os.makedirs(os.path.dirname(path))
+        bob = yield self.peer("bob")
+        bob.listen(EchoHandler())
+        alice = yield self.peer("alice", peer_args={"known_peers": KnownPeers(path)})
+        conn = yield alice.connect("bob", "udp")
+        conn.close()
+        with open(path) as f:
+            self.assertIn(f"bob {bob.fingerprint}", f.read())
+        # the same key again: fine
+        conn = yield alice.connect("bob", "udp")
+        conn.close()
+        # bob comes back with another key (its old binding released by the mediator's operator: --id-hold 0 here)
+        yield bob.stopService()
+        yield self._wait_unregistered("bob")
+        impostor = yield self.peer("bob")
+        impostor.listen(EchoHandler())
+        failure = yield self.assertFailure(alice.connect("bob", "udp"), AllAttemptsFailed)
+        self.assertIn("Someone may be impersonating 'bob'", str(failure))
+        self.assertIn(str(impostor.fingerprint), str(failure))
+
+    @defer.inlineCallbacks
+    def _wait_unregistered(self, peer_id: str) -> Any:
+        for _ in range(100):
+            if peer_id not in self.signal.state.peers:
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.fail(f"{peer_id} still registered")
