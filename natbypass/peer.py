@@ -44,7 +44,7 @@ from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchSession
 from natbypass.punch.udp import ProbeSchedule, punch_udp
 from natbypass.secure import ChannelSecurity
-from natbypass.secure.quic import warm_up
+from natbypass.secure.quic import get_engine, warm_up
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
 from natbypass.signaling.wire import Candidate, Description, Session
 from natbypass.stun import discovery
@@ -59,6 +59,9 @@ from natbypass.stun.client import (
 from natbypass.trust import AllowList, KnownPeers, PeerCheck, PeerRejected, pinned
 
 Address = tuple[str, int]
+
+# Import the QUIC engine with the rest of the program, not in the first connect.
+get_engine()
 
 
 def parse_wish(protocol: str | Sequence[str]) -> tuple[str, ...]:
@@ -238,13 +241,11 @@ class Peer(MultiService):
         self._connections: set[IPeerConnection] = set()
         #: Traversals under way (ours and those peers started), cancelled at stop.
         self._traversals: set[Deferred[IPeerConnection]] = set()
+        self._warm_up: Any = None
 
     # ------------------------------------------------------------ service
 
     def startService(self) -> None:
-        # The QUIC engine's one-off set-up (imports, first key share) costs
-        # tens of ms: pay it now rather than in the first punch.
-        warm_up()
         self._main = self._bind()
         self._host_refresh = LoopingCall(self.refreshHostAddresses)
         self._host_refresh.clock = self.clock
@@ -256,6 +257,10 @@ class Peer(MultiService):
         }
         self._learned["udp"].addCallback(self._start_discovery)
         self._ready = defer.ensureDeferred(self._learn())
+        # The QUIC engine's one-off set-up (its first key share: tens of ms of
+        # CPU that holds the GIL) runs once the first requests are out, while
+        # the mediator's answers are on their way, not in the first punch.
+        self._warm_up = self.clock.callLater(0, warm_up)
 
     async def _learn(self) -> None:
         """Wait for both mapped addresses (learned at once, in parallel) and log them."""
@@ -309,6 +314,8 @@ class Peer(MultiService):
         return d
 
     def stopService(self) -> Deferred[None]:
+        if self._warm_up is not None and self._warm_up.active():
+            self._warm_up.cancel()
         if self._host_refresh is not None and self._host_refresh.running:
             self._host_refresh.stop()
         if self._discovery is not None:
