@@ -89,30 +89,25 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(event["fingerprint"], str(c.identity.fingerprint))
         self.assertEqual(self.settle(c.whenRegistered()), ["alice"])
 
-    def test_registration_round_trips(self) -> None:
+    def rounds_to_session(self, client: SignalingClient) -> tuple[list[list[bytes]], list, list, dict[str, int]]:
         """
-        Hello leaves at once, Register as soon as the greeting's nonce is in,
-        and a connect made meanwhile goes right behind it.  Counted in rounds
-        (each round moves what is in flight once, both ways at once: a one-way
-        trip): the greeting and hello cross in round 1, register and connect
-        leave in round 2, registered is back in round 3 and the session in 4.
-        Version 1 sent register with hello and had it back in round 2: waiting
-        for the nonce costs one round trip after the greeting, the least a
-        mediator-chosen nonce allows; nothing else waits.
+        Start C{client}, connect to bob at once, and pump the network in
+        rounds (each moves what is in flight once, both ways: a one-way trip):
+        what alice sent before each round, and the round registration and
+        the session came back in.
         """
         bob = self.client("bob")
         bob.setOfferHandler(lambda offer: DESC_B)
-        c = SignalingClient(self.net.endpoint(), "alice", clock=self.clock, retry_policy=lambda a: 1.0)
-        self.clients.append(c)
-        c.startService()
+        self.clients.append(client)
+        client.startService()
         registered: list = []
         session: list = []
-        c.whenRegistered().addBoth(registered.append)
-        c.connect("bob", DESC_A).addBoth(session.append)
+        client.whenRegistered().addBoth(registered.append)
+        client.connect("bob", DESC_A).addBoth(session.append)
         alice_pump = self.net.pumps[-1]
         sent: list[list[bytes]] = []
-        rounds = {}
-        for n in range(1, 10):
+        rounds: dict[str, int] = {}
+        for n in range(1, 12):
             sent.append([line.split(b",")[0] for line in alice_pump.clientIO.stream])
             for p in list(self.net.pumps):
                 p.pump(advanceClock=False)
@@ -120,10 +115,47 @@ class ClientTests(SynchronousTestCase):
             if session:
                 rounds["session"] = n
                 break
-        self.assertEqual(sent[0], [b'{"op":"hello"'])  # before the greeting: hello only
-        self.assertEqual(sent[1], [b'{"op":"register"', b'{"op":"connect"'])  # register and connect together
+        return sent, registered, session, rounds
+
+    def test_registration_round_trips(self) -> None:
+        """
+        Hello, a Register with a timed proof (our clock and a random nonce,
+        signed) and a connect made meanwhile all leave at once: registered
+        is back in round 2 and the session in round 3, as in version 1 --
+        proving the key costs no round trip.
+        """
+        c = SignalingClient(self.net.endpoint(), "alice", clock=self.clock, retry_policy=lambda a: 1.0)
+        sent, registered, session, rounds = self.rounds_to_session(c)
+        self.assertEqual(sent[0], [b'{"op":"hello"', b'{"op":"register"', b'{"op":"connect"'])
         self.assertEqual(registered, ["alice"])
         self.assertIsInstance(session[0], Session)
+        self.assertEqual(rounds, {"registered": 2, "session": 3})
+
+    def test_clock_skew_falls_back_to_the_greeting_nonce(self) -> None:
+        """
+        A client whose clock is two minutes off: the mediator refuses the timed
+        proof (stale-proof), the client signs the greeting's nonce instead and
+        resends the connect that was behind it; the caller sees only success,
+        a round trip later.
+        """
+        skewed = Clock()
+        skewed.advance(self.clock.seconds() + 120)
+        c = SignalingClient(self.net.endpoint(), "alice", clock=skewed, retry_policy=lambda a: 1.0)
+        sent, registered, session, rounds = self.rounds_to_session(c)
+        self.assertEqual(sent[0], [b'{"op":"hello"', b'{"op":"register"', b'{"op":"connect"'])
+        self.assertEqual(sent[2], [b'{"op":"register"', b'{"op":"connect"'])  # nonce proof, connect resent
+        self.assertEqual(registered, ["alice"])
+        self.assertIsInstance(session[0], Session)
+        self.assertEqual(rounds, {"registered": 4, "session": 5})
+
+    def test_greeting_nonce_only(self) -> None:
+        """With timed proofs off, Register waits for the greeting's nonce: one round trip more."""
+        c = SignalingClient(
+            self.net.endpoint(), "alice", clock=self.clock, retry_policy=lambda a: 1.0, timed_proofs=False
+        )
+        sent, registered, session, rounds = self.rounds_to_session(c)
+        self.assertEqual(sent[0], [b'{"op":"hello"'])
+        self.assertEqual(sent[1], [b'{"op":"register"', b'{"op":"connect"'])
         self.assertEqual(rounds, {"registered": 3, "session": 4})
 
     def test_bad_peer_id(self) -> None:

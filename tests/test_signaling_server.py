@@ -647,6 +647,88 @@ class AuthTests(SynchronousTestCase):
             self.assertTrue(str(e))
 
 
+def timed_register(identity: Identity, rid: int, name: str, time_s: float, cnonce: bytes = b"n" * 16) -> Register:
+    """A register with a timed proof: signed over our clock (C{time_s}) and C{cnonce}, no greeting needed."""
+    time_ms = int(time_s * 1000)
+    sig = identity.sign_registration(wire.timed_nonce(time_ms, cnonce), name)
+    return Register(rid, name, identity.public_bytes(), sig, None, False, time_ms, cnonce)
+
+
+class TimedProofTests(SynchronousTestCase):
+    """Registration without waiting for the greeting: a signature over the client's clock and a fresh nonce."""
+
+    def setUp(self) -> None:
+        self.h = Harness(proof_window=30.0, max_recent_proofs=3)
+
+    def register(self, name: str, time_s: float, cnonce: bytes = b"n" * 16, source: str = "192.0.2.1") -> list:
+        c = self.h.hello(source)
+        return self.h.send(c, timed_register(key(name), 2, name, time_s, cnonce))
+
+    def test_fresh_proof_registers(self) -> None:
+        now = self.h.clock.seconds()
+        for i, skew in enumerate((0.0, -29.0, 29.0)):
+            out = self.register(f"p{i}", now + skew, bytes([i]) * 16)
+            self.assertIsInstance(out[0], Registered, (skew, out))
+            self.assertEqual(out[0].fingerprint, str(key(f"p{i}").fingerprint))
+
+    def test_stale_proof_asks_for_the_nonce(self) -> None:
+        now = self.h.clock.seconds()
+        for when in (now - 31.0, now + 120.0, 0.0):
+            [err] = self.register("alice", when)
+            self.assertEqual((err.code, err.error), (401, "stale-proof"), when)
+            self.assertIn("sign this connection's greeting nonce", err.reason)
+
+    def test_replayed_proof_refused(self) -> None:
+        """A register line recorded and replayed on another connection within the window is refused."""
+        now = self.h.clock.seconds()
+        first = self.register("alice", now)
+        self.assertIsInstance(first[0], Registered)
+        c = self.h.hello("198.51.100.9")
+        [err] = self.h.send(c, timed_register(key("alice"), 2, "alice", now))
+        self.assertEqual((err.code, err.error), (401, "bad-proof"))
+        self.assertIn("used already", err.reason)
+        self.assertEqual(self.h.state.status()["counters"]["proofs:replayed"], 1)
+
+    def test_forged_proof_is_not_remembered(self) -> None:
+        """A bad signature is refused and does not use up the owner's nonce."""
+        now = self.h.clock.seconds()
+        c = self.h.hello()
+        good = timed_register(key("alice"), 2, "alice", now)
+        forged = dataclasses.replace(good, sig=bytes(64))
+        [err] = self.h.send(c, forged)
+        self.assertEqual(err.error, "bad-proof")
+        self.assertEqual(self.h.state.recent_proofs, {})
+        self.assertIsInstance(self.register("alice", now)[0], Registered)
+
+    def test_recent_proofs_bounded_and_expired(self) -> None:
+        now = self.h.clock.seconds()
+        for i in range(3):
+            self.assertIsInstance(self.register(f"p{i}", now, bytes([i]) * 16)[0], Registered)
+        [err] = self.register("p9", now, b"9" * 16)
+        self.assertEqual(
+            (err.error, err.reason), ("stale-proof", "too many recent registrations: sign the greeting nonce instead")
+        )
+        # twice the window later they are forgotten, and a proof that old would fail the window anyway
+        self.h.clock.advance(61)
+        self.h.state.sweep()
+        self.assertEqual(self.h.state.recent_proofs, {})
+        self.assertIsInstance(self.register("p9", self.h.clock.seconds(), b"9" * 16)[0], Registered)
+
+    @given(st.integers(), st.binary(max_size=40))
+    def test_hostile_time_and_cnonce_fields(self, time_ms: int, cnonce: bytes) -> None:
+        """Any time and cnonce on the wire: a clean decode or a bad-request error, never anything else."""
+        line = json.dumps(
+            {"op": "register", "rid": 2, "id": "alice", "key": wire.b64url_encode(bytes(32)),
+             "sig": wire.b64url_encode(bytes(64)), "time": time_ms, "cnonce": wire.b64url_encode(cnonce)}
+        ).encode()  # fmt: skip
+        try:
+            msg = wire.decode_from_client(line)
+        except WireError as e:
+            self.assertEqual(e.error, "bad-request")
+        else:
+            self.assertTrue(0 <= msg.time <= wire.MAX_RID and len(msg.cnonce) == wire.CNONCE_BYTES)
+
+
 class IdBindingTests(SynchronousTestCase):
     """Ids are bound to the key that registered them; nobody else can squat them."""
 

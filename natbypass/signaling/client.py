@@ -13,6 +13,7 @@ docs/protocol.md.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,10 @@ class IdBound(SignalingError):
     """
 
 
+class StaleProof(SignalingError):
+    """The mediator did not take a timed registration proof (clocks apart, or busy): sign its nonce instead."""
+
+
 class BadProof(SignalingError):
     """The mediator could not verify our registration signature."""
 
@@ -126,6 +131,7 @@ _ERRORS: dict[str, type[SignalingError]] = {
     "duplicate-id": DuplicateId,
     "id-bound": IdBound,
     "bad-proof": BadProof,
+    "stale-proof": StaleProof,
 }
 
 
@@ -167,6 +173,15 @@ class SignalingClientProtocol(LineReceiver):
         self._handshaking = True
         #: Requests failed with the handshake's refusal; their late replies are dropped quietly.
         self._abandoned: set[int] = set()
+        #: This connection's greeting nonce, once the greeting came.
+        self._nonce: bytes | None = None
+        #: While a timed Register is unanswered: the requests sent behind it, to resend if it is refused.
+        self._behind: dict[int, Message] | None = None
+        #: Requests resent after a refused timed Register: their first (error) reply is dropped.
+        self._resent: set[int] = set()
+        #: A refused timed Register waits for the greeting's nonce to register again.
+        self._nonce_wanted = False
+        self._resend: list[Message] = []
 
     # -- connection events
 
@@ -241,6 +256,10 @@ class SignalingClientProtocol(LineReceiver):
             elif msg.rid not in self._abandoned:
                 self.owner._orphan(self, msg)
         elif isinstance(msg, Error):
+            if msg.rid in self._resent:
+                # A request that was behind a refused timed Register: resent, its answer comes later.
+                self._resent.discard(msg.rid)
+                return
             d = self._pending.pop(msg.rid, None) if msg.rid is not None else None
             if d is not None:
                 d.errback(error_from_reply(msg))
@@ -280,6 +299,8 @@ class SignalingClientProtocol(LineReceiver):
 
         d: Deferred[Message] = Deferred(cancel)
         self._pending[rid] = d
+        if self._behind is not None:
+            self._behind[rid] = msg
         self.send(msg)
         return d
 
@@ -290,15 +311,69 @@ class SignalingClientProtocol(LineReceiver):
 
     def _handshake(self) -> None:
         """
-        Send Hello at once, without waiting for the greeting; Register follows
-        as soon as the greeting brings the nonce it must sign (the greeting is
-        the mediator's first line, sent when it accepts the connection).
-        Requests made meanwhile pipeline right behind Register: the mediator
-        handles lines in order, so they wait for no further round trip.  An
-        error reply to either fails the handshake.
+        Send Hello at once, without waiting for the greeting, and Register
+        with a timed proof (our clock and a fresh random nonce, signed), so
+        registration costs no round trip of its own.  If the mediator does not
+        take it (clocks too far apart), Register again signing the greeting's
+        nonce.  Requests made meanwhile pipeline right behind Register: the
+        mediator handles lines in order, so they wait for no further round
+        trip (and are resent if the timed Register was refused).  Any other
+        error reply to Hello or Register fails the handshake.
         """
         hello = self.request(Hello(self.owner._rid(), max(wire.VERSIONS), AGENT))
         hello.addErrback(self._handshake_failed)
+        if not self.owner.timed_proofs:
+            return
+        owner, identity = self.owner, self.owner.identity
+        time_ms, cnonce = int(self.clock.seconds() * 1000), os.urandom(wire.CNONCE_BYTES)
+        register = self.request(
+            Register(
+                owner._rid(),
+                owner.peer_id,
+                identity.public_bytes(),
+                identity.sign_registration(wire.timed_nonce(time_ms, cnonce), owner.peer_id),
+                owner.token,
+                owner.take_over or not owner._replaced,
+                time_ms,
+                cnonce,
+            )
+        )
+        self._behind = {}
+        register.addCallbacks(self._registered, self._timed_refused)
+        owner._handshake_sent(self)
+
+    def _timed_refused(self, f: Failure) -> None:
+        behind, self._behind = self._behind or {}, None
+        if not f.check(StaleProof) or not self._handshaking:
+            self._handshake_failed(f)
+            return
+        self.log.info("the mediator did not take a timed proof ({reason}); signing its nonce", reason=f.value.reason)
+        self._resent.update(rid for rid in behind if rid in self._pending)
+        self._nonce_wanted = True
+        self._resend = [msg for rid, msg in behind.items() if rid in self._pending]
+        if self._nonce is not None:
+            self._register_with_nonce()
+
+    def _register_with_nonce(self) -> None:
+        """Register signing this connection's greeting nonce, then resend what was behind a refused timed proof."""
+        self._nonce_wanted = False
+        owner = self.owner
+        assert self._nonce is not None
+        register = self.request(
+            Register(
+                owner._rid(),
+                owner.peer_id,
+                owner.identity.public_bytes(),
+                owner.identity.sign_registration(self._nonce, owner.peer_id),
+                owner.token,
+                owner.take_over or not owner._replaced,
+            )
+        )
+        register.addCallbacks(self._registered, self._handshake_failed)
+        for msg in self._resend:
+            self.send(msg)
+        self._resend = []
+        owner._handshake_sent(self)
 
     def _handshake_failed(self, f: Failure) -> None:
         self._fail_ready(f.value)
@@ -317,24 +392,14 @@ class SignalingClientProtocol(LineReceiver):
         if greeting.nonce is None:
             self._fail_ready(SignalingError("bad-request", "the mediator's greeting carries no nonce to sign"))
             return
-        owner = self.owner
-        if greeting.auth and owner.token is None:
+        if greeting.auth and self.owner.token is None:
             self.log.warn("the mediator requires a token and none is configured")
-        identity = owner.identity
-        register = self.request(
-            Register(
-                owner._rid(),
-                owner.peer_id,
-                identity.public_bytes(),
-                identity.sign_registration(greeting.nonce, owner.peer_id),
-                owner.token,
-                owner.take_over or not owner._replaced,
-            )
-        )
-        register.addCallbacks(self._registered, self._handshake_failed)
-        owner._handshake_sent(self)
+        self._nonce = greeting.nonce
+        if not self.owner.timed_proofs or self._nonce_wanted:
+            self._register_with_nonce()
 
     def _registered(self, reply: Registered) -> None:
+        self._behind = None
         if not self._handshaking:
             return
         self._handshaking = False
@@ -416,6 +481,7 @@ class SignalingClient(Service):
         retry_policy: Callable[[int], float] | None = None,
         take_over: bool = False,
         identity: Identity | None = None,
+        timed_proofs: bool = True,
     ) -> None:
         if not wire.PEER_ID.match(peer_id):
             raise ValueError(
@@ -437,6 +503,8 @@ class SignalingClient(Service):
         #: The identity key this peer registers with.
         self.identity = identity
         self.take_over = take_over
+        #: Register at once with a timed proof (no round trip for the greeting's nonce); False: always sign the nonce.
+        self.timed_proofs = timed_proofs
         #: A newer registration replaced ours: do not take the id back until we hold it again.
         self._replaced = False
         self.rtt: float | None = None

@@ -223,6 +223,10 @@ class Limits:
     id_hold: float = 86_400.0
     #: Most ids bound at once, connected or held (0: no limit); beyond it new ids get 503 too-many-ids.
     max_ids: int = 250_000
+    #: How far a timed registration proof's clock may be from ours, in seconds (0: timed proofs refused).
+    proof_window: float = 30.0
+    #: Timed proofs remembered (for twice the window) so none is used twice; beyond it they get stale-proof.
+    max_recent_proofs: int = 100_000
 
 
 class _Link:
@@ -317,6 +321,8 @@ class SignalingState:
         #: Bound ids whose owner is not connected -> when the binding expires.  One hold time for all, so
         #: insertion order is expiry order and the sweep only looks at the front.
         self.held: dict[str, float] = {}
+        #: Timed registration proofs seen (key + cnonce), until they could no longer pass the window.
+        self.recent_proofs: dict[bytes, float] = {}
         self.offers: dict[str, _PendingOffer] = {}
         self.sessions: dict[str, _OpenSession] = {}  # in creation order, so expiry only looks at the front
         self.sources: dict[str, int] = {}
@@ -481,10 +487,12 @@ class SignalingState:
                     "a valid token for this id (and key) is required (register with token=...)",
                 )
                 return
+        if msg.time is not None and not self._timed_proof_usable(link, msg):
+            return
         try:
             if public_key is None or fp is None:
                 raise BadSignature("not an Ed25519 public key")
-            verify_registration(public_key, msg.sig, link.nonce, msg.id)
+            verify_registration(public_key, msg.sig, msg.proof_nonce(link.nonce), msg.id)
         except BadSignature:
             self.log.warn(
                 "refused registration of {peer_id} from {source}: bad proof", peer_id=msg.id, source=link.source
@@ -493,12 +501,16 @@ class SignalingState:
                 link,
                 msg.rid,
                 "bad-proof",
-                "the signature does not verify for this key, this connection's greeting nonce and this id"
+                "the signature does not verify for this key, this id and this connection's greeting nonce "
+                "(or the register's time and cnonce)"
                 if public_key is not None
                 else "the key is not a usable Ed25519 public key",
             )
             return
         now = self.clock.seconds()
+        if msg.time is not None:
+            # Remembered only once it verified: nobody can spend someone else's proof in advance.
+            self.recent_proofs[msg.key + (msg.cnonce or b"")] = now + 2 * self.limits.proof_window
         self._expire_binding(msg.id, now)
         bound = self.bindings.get(msg.id)
         same_key = bound is not None and hmac.compare_digest(bound, fp.digest)
@@ -645,6 +657,35 @@ class SignalingState:
         for side in (link, target):
             if side.ping_rid is None and now - side.ping_sent > self.limits.rtt_refresh:
                 self._ping(side, now)
+
+    def _timed_proof_usable(self, link: _Link, msg: Register) -> bool:
+        """
+        A timed proof (signed without the greeting's nonce, to save a round
+        trip) is fresh when its time is within the proof window of our clock
+        and it was not used before; otherwise the client is told to sign the
+        greeting's nonce (stale-proof), or that it replays one (bad-proof).
+        """
+        lim = self.limits
+        skew = (msg.time or 0) / 1000.0 - self.clock.seconds()
+        if not lim.proof_window or abs(skew) > lim.proof_window:
+            self._count("proofs:stale")
+            self._error(
+                link,
+                msg.rid,
+                "stale-proof",
+                f"the proof's time is {skew:+.0f} s from the mediator's clock (window {lim.proof_window:g} s): "
+                "sign this connection's greeting nonce instead",
+            )
+            return False
+        if msg.key + (msg.cnonce or b"") in self.recent_proofs:
+            self._count("proofs:replayed")
+            self._error(link, msg.rid, "bad-proof", "this registration proof was used already")
+            return False
+        if lim.max_recent_proofs and len(self.recent_proofs) >= lim.max_recent_proofs:
+            self._count("proofs:busy")
+            self._error(link, msg.rid, "stale-proof", "too many recent registrations: sign the greeting nonce instead")
+            return False
+        return True
 
     def _registered_fingerprint(self, link: _Link, description: Description) -> Description:
         """
@@ -846,6 +887,12 @@ class SignalingState:
                 break
             del held[peer_id]
             self.bindings.pop(peer_id, None)
+        proofs = self.recent_proofs
+        while proofs:
+            expires = next(iter(proofs.values()))
+            if expires > now:
+                break
+            del proofs[next(iter(proofs))]
 
     def shutdown(self) -> None:
         """The mediator is stopping: tell every connection and close it."""

@@ -45,6 +45,14 @@ SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
         float,
     ],
     ["max-ids", None, 250_000, "Most peer ids bound at once, connected or held (0: no limit).", int],
+    [
+        "proof-window",
+        None,
+        30.0,
+        "Seconds a timed registration proof's clock may differ from ours (0: peers always sign the greeting's "
+        "nonce, one round trip more).",
+        float,
+    ],
     ["max-peers", None, 100_000, "Most peers registered at once (0: no limit).", int],
     ["max-per-source", None, 100, "Most signalling connections from one IP address (0: no limit).", int],
     ["rate", None, 20.0, "Messages per second allowed per connection (bursts of twice that; 0: no limit).", float],
@@ -72,7 +80,16 @@ SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
 
 def check_signaling_options(options: usage.Options) -> None:
     """Validate the signalling options (call from C{postOptions}); raises UsageError."""
-    for name in ("max-peers", "max-per-source", "rate", "status-interval", "gc-freeze-interval", "id-hold", "max-ids"):
+    for name in (
+        "max-peers",
+        "max-per-source",
+        "rate",
+        "status-interval",
+        "gc-freeze-interval",
+        "id-hold",
+        "max-ids",
+        "proof-window",
+    ):
         if options[name] < 0:
             raise usage.UsageError(f"--{name} must not be negative")
     if not 256 <= options["max-line"] <= 1 << 24:
@@ -159,6 +176,7 @@ def makeSignalingService(
     offer_timeout: float = 30.0,
     id_hold: float = 86_400.0,
     max_ids: int = 250_000,
+    proof_window: float = 30.0,
     status_interval: float = 60.0,
     sweep_interval: float = 1.0,
     gc_freeze_interval: float = 0.0,
@@ -181,6 +199,7 @@ def makeSignalingService(
         offer_timeout=offer_timeout,
         id_hold=id_hold,
         max_ids=max_ids,
+        proof_window=proof_window,
     )
     state = SignalingState(reactor, limits, tokens, choose_order, server_name=f"natbypass/{__version__}")
     top = SignalingService(serverFromString(reactor, endpoint), state)
@@ -252,6 +271,7 @@ def makeSignalingServiceFromOptions(options: usage.Options, reactor: Any) -> ISe
         offer_timeout=options["offer-timeout"],
         id_hold=options["id-hold"],
         max_ids=options["max-ids"],
+        proof_window=options["proof-window"],
         status_interval=options["status-interval"],
         gc_freeze_interval=options["gc-freeze-interval"],
     )

@@ -17,6 +17,7 @@ import binascii
 import json
 import re
 import socket
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -34,6 +35,8 @@ MAX_TEXT = 512
 SESSION_KEY_BYTES = 32
 #: Bytes of the greeting's per-connection nonce (base64url: 32 characters).
 NONCE_BYTES = 24
+#: Bytes of the client's random part of a timed registration proof (L{timed_nonce}).
+CNONCE_BYTES = 16
 #: Accepted nonce lengths when decoding a greeting (bytes).
 NONCE_RANGE = (16, 64)
 #: A raw Ed25519 public key (base64url: 43 characters) and signature (86 characters).
@@ -46,6 +49,7 @@ ERROR_CODES: Mapping[str, int] = {
     "unknown-op": 400,
     "unauthorized": 401,
     "bad-proof": 401,
+    "stale-proof": 401,
     "rejected": 403,
     "unknown-peer": 404,
     "unknown-offer": 404,
@@ -490,7 +494,10 @@ class Register(Request):
 
     C{key} is the raw 32-byte Ed25519 public key; C{sig} its signature over
     L{natbypass.identity.registration_message}C{(nonce, id)}, the nonce being
-    this connection's greeting's.  C{replace} takes the id over from another
+    this connection's greeting's -- or, to register without waiting for the
+    greeting, L{timed_nonce}C{(time, cnonce)}: the client's clock in ms and 16
+    fresh random bytes, which the mediator accepts within its proof window
+    and once (L{proof_nonce}).  C{replace} takes the id over from another
     live connection registered with the same key (a stale one of ours), or,
     with a token bound to the id, with any key.
     """
@@ -502,10 +509,19 @@ class Register(Request):
     sig: bytes
     token: str | None = None
     replace: bool = False
+    #: The client's clock (ms since the epoch) of a timed proof, with its C{cnonce}.
+    time: int | None = None
+    cnonce: bytes | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.key, bytes) and len(self.key) == PUBLIC_KEY_BYTES, "key must be 32 bytes")
         _check(isinstance(self.sig, bytes) and len(self.sig) == SIGNATURE_BYTES, "sig must be 64 bytes")
+        _check((self.time is None) == (self.cnonce is None), "time and cnonce go together")
+        _check(self.time is None or (_is_int(self.time) and 0 <= self.time <= MAX_RID), "time must be ms since 1970")
+        _check(
+            self.cnonce is None or (isinstance(self.cnonce, bytes) and len(self.cnonce) == CNONCE_BYTES),
+            f"cnonce must be {CNONCE_BYTES} bytes",
+        )
 
     def body(self) -> dict[str, Any]:
         return {
@@ -515,10 +531,13 @@ class Register(Request):
             "sig": b64url_encode(self.sig),
             "token": self.token,
             "replace": self.replace or None,
+            "time": self.time,
+            "cnonce": None if self.cnonce is None else b64url_encode(self.cnonce),
         }
 
     @classmethod
     def read(cls, f: _Fields) -> Register:
+        cnonce = f.text("cnonce", limit=32)
         return cls(
             f.integer("rid", required=True),
             f.text("id", required=True, pattern=PEER_ID),
@@ -526,7 +545,22 @@ class Register(Request):
             b64url_decode(f.text("sig", required=True, limit=128), "sig", SIGNATURE_BYTES),
             f.text("token", pattern=TOKEN),
             bool(f.boolean("replace")),
+            f.integer("time"),
+            None if cnonce is None else b64url_decode(cnonce, "cnonce", CNONCE_BYTES),
         )
+
+    def proof_nonce(self, greeting_nonce: bytes) -> bytes:
+        """What C{sig} signs: the timed nonce when C{time} is given, else the greeting's."""
+        return greeting_nonce if self.time is None else timed_nonce(self.time, self.cnonce or b"")
+
+
+def timed_nonce(time_ms: int, cnonce: bytes) -> bytes:
+    """
+    The nonce a timed registration proof signs: C{T}, the time (8 bytes, ms),
+    the client's random C{cnonce}.  Never the length of a greeting nonce, so
+    the two kinds of proof cannot stand in for each other.
+    """
+    return b"T" + struct.pack("!Q", time_ms) + cnonce
 
 
 @dataclass(frozen=True, slots=True)
