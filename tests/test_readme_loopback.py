@@ -107,7 +107,9 @@ class ReadmeExampleTests(TestCase):
         code = code.replace('"tcp:mediator.example:7000"', f'"tcp:127.0.0.1:{port}"')
         code = code.replace('("mediator.example", 3478)', f'("127.0.0.1", {stun_port})')
         proto = _Collect(until="got b'hi bob'")
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # The example keeps its key and known peers under XDG_CONFIG_HOME: a scratch one, not the user's.
+        config = os.path.abspath(self.mktemp())
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), XDG_CONFIG_HOME=config)
         process = reactor.spawnProcess(proto, sys.executable, [sys.executable, "-u", "-c", code], env=env, path=ROOT)
 
         def stop(_: Any = None) -> defer.Deferred[None]:
@@ -122,4 +124,8 @@ class ReadmeExampleTests(TestCase):
             out = yield proto.matched.addTimeout(30, reactor)
         except defer.TimeoutError:
             self.fail(f"the example did not print {proto.until!r} within 30 s:\n{proto.out.decode(errors='replace')}")
-        self.assertRegex(out, r"direct path over (udp|tcp) to ")
+        self.assertRegex(out, r"secure path over (udp|tcp) to .* key nb1-")
+        # the example made its key (0600) and recorded bob's at first contact
+        self.assertEqual(os.stat(os.path.join(config, "natbypass", "identity.pem")).st_mode & 0o777, 0o600)
+        with open(os.path.join(config, "natbypass", "known_peers")) as f:
+            self.assertIn(f"bob {bob.fingerprint}", f.read())

@@ -1,8 +1,8 @@
 """
 TLS 1.3 over a punched TCP path, both sides authenticated by pinned keys.
 
-The TCP path exists before TLS does (simultaneous open, then the session
-handshake of L{natbypass.punch.tcp}), so TLS starts on an already-connected
+The TCP path exists before TLS does (simultaneous open, or an accept on the
+punching port: L{natbypass.punch.tcp}), so TLS starts on an already-connected
 transport: L{start_tls} builds a C{TLSMemoryBIOProtocol} over it and the
 caller routes the transport's later C{dataReceived}/C{connectionLost} to
 L{SecureTLS.protocol} (or sets C{transport.protocol} to it).
@@ -14,13 +14,20 @@ then proves the peer holds that key, over a transcript that includes both
 sides' key shares, so nobody without the key -- not even whoever knows the
 punch session key -- can stand in the middle.  Role 0 is the TLS client.
 
-In TLS 1.3 the client finishes its handshake before the server has checked the
-client's certificate.  So that I{both} sides know both keys were accepted
-before either reports success, the server's first bytes inside the channel
-are L{CONFIRM}, sent only once it has checked the client; the client reports
-success (and connects its application) only when they arrive.  A client whose
-key the server refused sees an alert or a close instead, and fails with
-L{PeerRefusedUs}.
+The client checks the server's certificate (the verify callback) while it
+processes the server's flight, before it sends its own certificate: a client
+shows its certificate only to a server that proved the pinned key.  The
+server shows its certificate to any client that sends a ClientHello.
+
+Each side reports success (and connects its application) when I{its} TLS
+handshake completes: the client once the server proved its key (one round
+trip), the server once the client did (half a round trip later).  In TLS 1.3
+the client completes before the server has checked the client's certificate,
+so a server that refuses the client's key does so on a channel the client
+already counts as ready: the server sends an alert and never connects its
+application, so nothing the client sent is delivered, and the client's
+application loses the connection with a L{PeerRefusedUs} reason that names
+its key.
 """
 
 from __future__ import annotations
@@ -47,21 +54,18 @@ from zope.interface import implementer
 from natbypass.identity import Fingerprint, Identity
 from natbypass.trust import PeerCheck, PeerRejected, as_check
 
-__all__ = ["ALPN", "CONFIRM", "PeerRefusedUs", "PinnedTLS", "SecureTLS", "start_tls"]
+__all__ = ["ALPN", "PeerRefusedUs", "PinnedTLS", "SecureTLS", "start_tls"]
 
 #: The ALPN protocol both sides offer.
 ALPN = b"natbypass/1"
 
-#: What the server sends first inside TLS, once it has accepted the client's
-#: key; the client strips it and only then reports success.
-CONFIRM = b"natbypass/1 ok\n"
-
 
 class PeerRefusedUs(Exception):
     """
-    The peer ended the TLS handshake (an alert, or a close before it
-    confirmed): almost always because it does not accept our key.  The
-    message names our fingerprint, so the user can check it with the peer.
+    The peer ended TLS with an alert, during the handshake or (on the client)
+    before it sent any application data: almost always because it does not
+    accept our key.  The message names our fingerprint, so the user can
+    check it with the peer.
     """
 
 
@@ -149,12 +153,20 @@ class PinnedTLS:
         return conn
 
 
+def _alert(reason: Failure) -> str | None:
+    """The TLS alert that ended a connection, if one did: OpenSSL's words for it."""
+    if not reason.check(SSL.Error):
+        return None
+    message = reason.getErrorMessage()
+    return message if "alert" in message else None
+
+
 @implementer(IHandshakeListener)
 class _Gate(Protocol):
     """
     Sits between TLS and the application: connects the application only once
-    both sides are authenticated (on the client: once the server's L{CONFIRM}
-    arrived), and fires the handshake Deferred.
+    TLS has authenticated the peer (the verify callback passed and the
+    handshake completed), and fires the handshake Deferred.
     """
 
     def __init__(self, secure: SecureTLS, app: IProtocol, is_client: bool) -> None:
@@ -162,8 +174,9 @@ class _Gate(Protocol):
         self._app = app
         self._is_client = is_client
         self._open = False
-        #: The client's buffer for L{CONFIRM}; None until its handshake is done.
-        self._confirm: bytes | None = None
+        #: Whether the peer sent any application data (which a server only
+        #: does once it accepted our key).
+        self._heard = False
 
     def handshakeCompleted(self) -> None:
         tls = self.transport
@@ -177,40 +190,22 @@ class _Gate(Protocol):
             tls.abortConnection()
             return
         self._secure.peer_fingerprint = proved
-        if self._is_client:
-            self._confirm = b""  # authenticated the server; wait until it accepts us
-            return
-        tls.write(CONFIRM)
-        self._openApp()
-
-    def _openApp(self, rest: bytes = b"") -> None:
         self._open = True
-        self._app.makeConnection(self.transport)
+        self._app.makeConnection(tls)
         self._secure._handshakeDone()
-        if rest:
-            self._app.dataReceived(rest)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._open:
+        if self._open:  # TLS hands over no data before the handshake is done
+            self._heard = True
             self._app.dataReceived(data)
-            return
-        if self._confirm is None:
-            return  # TLS hands over no data before the handshake is done
-        self._confirm += data
-        got = self._confirm[: len(CONFIRM)]
-        if not CONFIRM.startswith(got):
-            self._secure._refused = PeerRefusedUs(
-                f"the TLS server's first bytes are {got!r}, not the natbypass confirmation: not a NATbypass peer"
-            )
-            self.transport.abortConnection()
-        elif len(self._confirm) >= len(CONFIRM):
-            rest, self._confirm = self._confirm[len(CONFIRM) :], None
-            self._openApp(rest)
 
     def connectionLost(self, reason: Failure) -> None:
         if self._open:
+            alert = _alert(reason)
+            if self._is_client and not self._heard and alert is not None:
+                reason = Failure(self._secure._refusedUs(f"after the handshake, with the TLS alert {alert!r}"))
             self._app.connectionLost(reason)
-        self._secure._lost(reason, confirming=self._confirm is not None)
+        self._secure._lost(reason)
 
 
 class SecureTLS:
@@ -219,11 +214,12 @@ class SecureTLS:
 
     @ivar protocol: the C{TLSMemoryBIOProtocol}; route the transport's
         C{dataReceived} and C{connectionLost} to it.
-    @ivar handshake: fires with the peer's L{Fingerprint} once both sides
-        are authenticated (the application protocol is connected just
-        before), or fails with L{PeerRejected} (we refused its key),
-        L{PeerRefusedUs} (it ended the handshake: it refused ours), or the
-        connection's loss.
+    @ivar handshake: fires with the peer's L{Fingerprint} once TLS has
+        authenticated the peer (the application protocol is connected just
+        before): on the client, once the server proved its key, before the
+        server has checked ours; or fails with L{PeerRejected} (we refused
+        its key), L{PeerRefusedUs} (it ended the handshake with an alert: it
+        refused ours), or the connection's loss.
     @ivar creator: the L{PinnedTLS} of this path.
     @ivar peer_fingerprint: the key the peer proved, once it did.
     """
@@ -237,7 +233,6 @@ class SecureTLS:
         self.handshake: Deferred[Fingerprint] = Deferred()
         self.peer_fingerprint: Fingerprint | None = None
         self._our = our
-        self._refused: PeerRefusedUs | None = None
         factory = TLSMemoryBIOFactory(creator, is_client, Factory(), clock=clock)
         self.protocol: TLSMemoryBIOProtocol = factory.protocol(factory, _Gate(self, app, is_client))
 
@@ -252,31 +247,47 @@ class SecureTLS:
         name = conn.get_cipher_name() if conn is not None else None
         return f"{conn.get_protocol_version_name()} {name}" if name else ""
 
+    def exporter(self, label: bytes, length: int = 32) -> bytes:
+        """
+        The TLS exporter value (RFC 8446 section 7.5, no context) for
+        C{label}: derived from this connection's handshake secret and
+        transcript, so known only to its two endpoints and unique to it.
+        Usable once the handshake is done.
+        """
+        if not self.handshake.called:
+            raise RuntimeError("the TLS exporter is defined only once the handshake is done")
+        value = self.protocol.getHandle().export_keying_material(label, length)
+        if value is None:
+            raise RuntimeError("OpenSSL exported no keying material")
+        return bytes(value)
+
+    def send_now(self, data: bytes) -> None:
+        """
+        Encrypt C{data} and hand it to the transport at once.
+
+        C{TLSMemoryBIOProtocol.write} (as Twisted sets it up) gathers small
+        writes until the next reactor turn; this one goes out right behind
+        whatever TLS has just produced, e.g. in the same flight as the
+        client's Finished when called from the handshake callback.
+        """
+        TLSMemoryBIOProtocol.write(self.protocol, data)
+
     def _handshakeDone(self) -> None:
         self.log.info("TLS peer authenticated as {fingerprint}", fingerprint=str(self.peer_fingerprint))
         if not self.handshake.called:
             self.handshake.callback(self.peer_fingerprint)
 
-    def _lost(self, reason: Failure, confirming: bool = False) -> None:
+    def _refusedUs(self, how: str) -> PeerRefusedUs:
+        return PeerRefusedUs(f"the peer refused our key {self._our} ({how}); check that it pins or allows {self._our}")
+
+    def _lost(self, reason: Failure) -> None:
         if self.handshake.called:
             return
+        alert = _alert(reason)
         if self.creator.rejection is not None:
             self.handshake.errback(Failure(self.creator.rejection))
-        elif self._refused is not None:
-            self.handshake.errback(Failure(self._refused))
-        elif confirming or (reason.check(SSL.Error) and "alert" in reason.getErrorMessage()):
-            # We accepted the peer (or got its alert), and it hung up before
-            # accepting us: the usual cause is that it refused our key.
-            what = "before confirming it accepts" if confirming else "with an alert; it probably refused"
-            detail = reason.getErrorMessage()
-            self.handshake.errback(
-                Failure(
-                    PeerRefusedUs(
-                        f"the peer ended TLS {what} our key {self._our} ({detail}); "
-                        f"check that it pins or allows {self._our}"
-                    )
-                )
-            )
+        elif alert is not None:
+            self.handshake.errback(Failure(self._refusedUs(f"it ended the TLS handshake with the alert {alert!r}")))
         else:
             self.handshake.errback(reason)
 
@@ -294,13 +305,12 @@ def start_tls(
     Start TLS on an already-connected stream C{transport}.
 
     @param app: the application protocol; connected to the TLS transport once
-        both sides are authenticated, never before.
+        TLS authenticated the peer, never before (see L{SecureTLS.handshake}).
     @param expected: the peer's pinned fingerprint or a L{PeerCheck}.
     @param role: the path's role; 0 is the TLS client, 1 the server.
     @param clock: the reactor's clock (TLS write batching, certificate dates).
     @return: the L{SecureTLS}; route the transport's later events to its
-        C{protocol}.  Bytes that arrived with the last plaintext frame go to
-        C{protocol.dataReceived} right away.
+        C{protocol}.
     """
     if role not in (0, 1):
         raise ValueError("role is 0 (TLS client) or 1 (TLS server)")
