@@ -91,6 +91,7 @@ class ImplementerTests(SynchronousTestCase):
             attempt.deferred.addCallback(results.append)
             protos.append(_HandshakeProtocol(attempt, "test"))
         p0, p1 = protos
+        # TLS on the connection, role 0 selects it; both sides are handed the same one.
         iosim.connect(p0, iosim.FakeTransport(p0, True), p1, iosim.FakeTransport(p1, False), clock=clock)
         self.assertEqual(len(results), 2)
         for conn in results:

@@ -1,4 +1,4 @@
-"""Tests for natbypass.punch.tcp: TCP simultaneous open and its handshake."""
+"""Tests for natbypass.punch.tcp: TLS on every connection, SELECT, and the attempt that picks one."""
 
 from __future__ import annotations
 
@@ -17,27 +17,25 @@ from natbypass.identity import Identity
 from natbypass.interfaces import IPeerConnection, IPeerReceiver
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.tcp import (
-    FRAME,
-    HandshakeState,
-    TCPAuthError,
-    TCPHandshake,
+    SELECT,
+    SelectError,
     TCPPeerConnection,
     TCPPunchAttempt,
     _HandshakeProtocol,
-    accept_frame,
-    challenge_frame,
-    hello_frame,
-    parse_frame,
+    check_select,
     reusable_socket,
+    select_record,
 )
 from natbypass.secure import ChannelSecurity
+from natbypass.secure.tls import PeerRefusedUs, start_tls
 from natbypass.trust import pinned
 
 KEY = b"k" * 32
 S0 = PunchSession("sess-7", KEY, 0, peer_id="bob")
 S1 = PunchSession("sess-7", KEY, 1, peer_id="alice")
-N0, N1 = b"0" * 16, b"1" * 16
-ALICE, BOB = Identity.generate(), Identity.generate()
+#: Two exporter values (two TLS connections).
+X1, X2 = b"1" * 32, b"2" * 32
+ALICE, BOB, MALLORY = Identity.generate(), Identity.generate(), Identity.generate()
 #: Role 0 is alice (S0 talks to bob), role 1 is bob.
 SEC0 = ChannelSecurity(ALICE, pinned(BOB.fingerprint))
 SEC1 = ChannelSecurity(BOB, pinned(ALICE.fingerprint))
@@ -60,125 +58,32 @@ class Receiver:
         self.lost.append(reason)
 
 
-class HandshakeTests(SynchronousTestCase):
-    def test_exchange(self) -> None:
-        h0, h1 = TCPHandshake(S0, N0), TCPHandshake(S1, N1)
-        self.assertEqual(h1.start(), b"")
-        challenge = h0.start()
-        self.assertEqual(len(challenge), FRAME.size)
-        # CHALLENGE arrives in two pieces; role 1 answers with HELLO at once.
-        self.assertEqual(h1.dataReceived(challenge[:10]).send, b"")
-        self.assertEqual(h1.state, HandshakeState.WAITING)
-        hello = h1.dataReceived(challenge[10:]).send
-        self.assertEqual((len(hello), h1.state), (FRAME.size, HandshakeState.ANSWERED))
-        out = h0.dataReceived(hello)
-        self.assertEqual((out.send, out.rest, h0.state), (b"", b"", HandshakeState.VERIFIED))
-        accept = h0.accept()
-        self.assertEqual(h0.state, HandshakeState.DONE)
-        # ACCEPT followed by the first TLS bytes.
-        out = h1.dataReceived(accept + b"\x16\x03\x01 ClientHello")
-        self.assertEqual((out.send, out.rest, h1.state), (b"", b"\x16\x03\x01 ClientHello", HandshakeState.DONE))
+class SelectTests(SynchronousTestCase):
+    """The SELECT record: pure, strict, bound to the session and to one TLS channel."""
 
-    def test_frames_cover_both_nonces(self) -> None:
-        self.assertEqual(parse_frame(hello_frame(S1, N1, N0)).nonce, N1)
-        self.assertNotEqual(hello_frame(S1, N1, N0), hello_frame(S1, N1, b"2" * 16))
-        self.assertNotEqual(accept_frame(S0, N0, N1), accept_frame(S0, N0, b"2" * 16))
+    def test_round_trip(self) -> None:
+        record = select_record(S0, X1)
+        self.assertEqual((len(record), record[:4]), (SELECT.size, b"NBT3"))
+        check_select(S1, X1, record)  # both roles hold the same session
 
-    def test_wrong_key(self) -> None:
-        h0 = TCPHandshake(S0, N0)
-        other = PunchSession("sess-7", b"x" * 32, 1)
-        h0.dataReceived(hello_frame(other, N1, N0))
-        self.assertEqual(h0.state, HandshakeState.FAILED)
-        self.assertIn("MAC", h0.error)
+    def test_bound_to_the_channel(self) -> None:
+        """A SELECT made for one TLS connection (exporter) is refused on any other."""
+        self.assertRaises(SelectError, check_select, S1, X2, select_record(S0, X1))
 
-    def test_role_1_ignores_unauthenticated_challenge(self) -> None:
-        """Role 1 MACs nothing for a host that does not know the session key."""
-        h1 = TCPHandshake(S1, N1)
-        out = h1.dataReceived(challenge_frame(PunchSession("sess-7", b"x" * 32, 0), N0))
-        self.assertEqual((out.send, h1.state), (b"", HandshakeState.FAILED))
+    def test_bound_to_the_session(self) -> None:
+        for other in (PunchSession("sess-8", KEY, 0), PunchSession("sess-7", b"x" * 32, 0)):
+            e = self.assertRaises(SelectError, check_select, S1, X1, select_record(other, X1))
+            self.assertIn("another session", str(e))
 
-    def test_wrong_session(self) -> None:
-        h0 = TCPHandshake(S0, N0)
-        h0.dataReceived(hello_frame(PunchSession("sess-8", KEY, 1), N1, N0))
-        self.assertEqual(h0.state, HandshakeState.FAILED)
-
-    def test_hello_must_cover_our_nonce(self) -> None:
-        """A HELLO made for another connection's CHALLENGE (a replay) is refused."""
-        h0 = TCPHandshake(S0, N0)
-        h0.dataReceived(hello_frame(S1, N1, b"2" * 16))
-        self.assertEqual(h0.state, HandshakeState.FAILED)
-        self.assertIn("replay", h0.error)
-
-    def test_accept_must_cover_our_nonce(self) -> None:
-        """An ACCEPT recorded on another connection (other nonce) is refused."""
-        h1 = TCPHandshake(S1, N1)
-        h1.dataReceived(challenge_frame(S0, N0))
-        h1.dataReceived(accept_frame(S0, N0, b"2" * 16))
-        self.assertEqual(h1.state, HandshakeState.FAILED)
-
-    def test_accept_must_name_this_challenge(self) -> None:
-        h1 = TCPHandshake(S1, N1)
-        h1.dataReceived(challenge_frame(S0, N0))
-        h1.dataReceived(accept_frame(S0, b"2" * 16, N1))
-        self.assertEqual(h1.state, HandshakeState.FAILED)
-        self.assertIn("another CHALLENGE", h1.error)
-
-    def test_reflection_refused(self) -> None:
-        """Role 0's CHALLENGE, and role 1's HELLO, echoed back to their sender do not pass."""
-        h0 = TCPHandshake(S0, N0)
-        h0.dataReceived(h0.start())
-        self.assertEqual(h0.state, HandshakeState.FAILED)
-        self.assertIn("reflection", h0.error)
-        h1 = TCPHandshake(S1, N1)
-        hello = h1.dataReceived(challenge_frame(S0, N0)).send
-        h1.dataReceived(hello)
-        self.assertEqual(h1.state, HandshakeState.FAILED)
-        self.assertIn("reflection", h1.error)
-
-    def test_out_of_order_refused(self) -> None:
-        """ACCEPT before any CHALLENGE, or bytes after HELLO before ACCEPT, fail."""
-        h1 = TCPHandshake(S1, N1)
-        h1.dataReceived(accept_frame(S0, N0, N1))
-        self.assertEqual(h1.state, HandshakeState.FAILED)
-        h0 = TCPHandshake(S0, N0)
-        h0.dataReceived(hello_frame(S1, N1, N0) + b"x")
-        self.assertEqual(h0.state, HandshakeState.FAILED)
-
-    def test_not_a_peer(self) -> None:
-        h0 = TCPHandshake(S0, N0)
-        h0.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 40)
-        self.assertEqual(h0.state, HandshakeState.FAILED)
-        self.assertIn("magic", h0.error)
-
-    def test_nonce_size(self) -> None:
-        self.assertRaises(ValueError, TCPHandshake, S0, b"short")
+    def test_strict(self) -> None:
+        record = select_record(S0, X1)
+        for bad in (record[:-1], record + b"x", b"NBT2" + record[4:], b""):
+            self.assertRaises(SelectError, check_select, S1, X1, bad)
 
     @settings(deadline=None)  # shared CPUs: timing is not what is tested
-    @given(st.binary(max_size=120))
-    def test_parse_arbitrary_bytes(self, raw: bytes) -> None:
-        try:
-            frame = parse_frame(raw)
-        except TCPAuthError:
-            return
-        self.assertEqual(len(raw), FRAME.size)
-        self.assertIn((frame.type, frame.role), [(1, 0), (2, 1), (3, 0)])
-
-    @settings(deadline=None)  # shared CPUs: timing is not what is tested
-    @given(st.binary(max_size=200), st.booleans())
-    def test_arbitrary_bytes_never_verify(self, raw: bytes, as_role_1: bool) -> None:
-        h = TCPHandshake(S1 if as_role_1 else S0, N1 if as_role_1 else N0)
-        h.dataReceived(raw)
-        self.assertIn(h.state, (HandshakeState.WAITING, HandshakeState.FAILED))
-
-    @settings(deadline=None)  # shared CPUs: timing is not what is tested
-    @given(st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16), st.integers(1, 60))
-    def test_round_trip_verifies(self, n0: bytes, n1: bytes, cut: int) -> None:
-        h0, h1 = TCPHandshake(S0, n0), TCPHandshake(S1, n1)
-        challenge = h0.start()
-        hello = h1.dataReceived(challenge[:cut]).send + h1.dataReceived(challenge[cut:]).send
-        h0.dataReceived(hello)
-        h1.dataReceived(h0.accept())
-        self.assertEqual((h0.state, h1.state), (HandshakeState.DONE, HandshakeState.DONE))
+    @given(st.binary(max_size=80))
+    def test_arbitrary_bytes_never_verify(self, raw: bytes) -> None:
+        self.assertRaises(SelectError, check_select, S1, X1, raw)
 
 
 def attempt(clock, session, security=None, **kw):
@@ -212,8 +117,18 @@ class Sender(Protocol):
         self.received += data
 
 
+class Silent(Protocol):
+    """A host that completes TCP and never speaks TLS; records what it gets."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
 class AttemptWithFakeTransportTests(SynchronousTestCase):
-    """The attempt's handshake bookkeeping over iosim, no sockets."""
+    """The attempt over iosim, no sockets: TLS on every connection, SELECT on one."""
 
     def test_authenticated_pair(self) -> None:
         clock = MemoryReactorClock()
@@ -243,45 +158,91 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         self.assertIsInstance(self.successResultOf(lost), ConnectionDone)
         self.assertEqual(clock.getDelayedCalls(), [])
 
-    def test_handshake_ms_on_the_attempt_clock(self) -> None:
-        """handshake_ms runs from the connected socket to both sides proven, on the injected clock."""
+    def test_one_rtt_for_role_0_and_a_half_more_for_role_1(self) -> None:
+        """
+        From the connected socket, on the injected clock, one flight every 10 ms
+        (half a round trip): ClientHello; the server's flight, after which role 0
+        is ready (1 RTT); role 0's Finished with SELECT, after which role 1 is
+        ready (1.5 RTT).  handshake_ms says the same.
+        """
         clock = MemoryReactorClock()
         a0, r0 = attempt(clock, S0)
         a1, r1 = attempt(clock, S1)
         p0, p1 = _HandshakeProtocol(a0, "test"), _HandshakeProtocol(a1, "test")
         pump = join(clock, p0, p1, flush=False)
+        ready: dict[int, int] = {}
         flights = 0
-        while not (r0 and r1):
-            clock.advance(0.010)  # every flight takes 10 ms
+        while len(ready) < 2 and flights < 10:
+            clock.advance(0.010)
             pump.pump()
             flights += 1
+            for role, results in ((0, r0), (1, r1)):
+                if results and role not in ready:
+                    ready[role] = flights
+        self.assertEqual(ready, {0: 2, 1: 3})
         (conn0,), (conn1,) = r0, r1
-        # Session handshake 2 flights, TLS 3, confirmation 1: 6 flights (3 RTT) for role 0, 5 for role 1.
-        self.assertEqual(flights, 6)
-        self.assertAlmostEqual(conn0.handshake_ms, 60, delta=1)
-        self.assertLess(conn1.handshake_ms, conn0.handshake_ms)
+        self.assertAlmostEqual(conn0.handshake_ms, 20, delta=1)
+        self.assertAlmostEqual(conn1.handshake_ms, 30, delta=1)
 
-    def test_impostor_rejected_then_real_peer_wins(self) -> None:
+    def test_real_peer_wins_over_an_impostor(self) -> None:
+        """
+        Each side has two connections at once: one to a host that completes TCP
+        but not TLS, one to the real peer.  The real one wins on both sides, the
+        impostors are closed, and both sides hold the same connection.
+        """
         clock = MemoryReactorClock()
         a0, r0 = attempt(clock, S0)
-        evil = PunchSession("sess-7", b"e" * 32, 1)
-        p0, pe = _HandshakeProtocol(a0, "accepted"), Sender(hello_frame(evil, N1, N0))
+        a1, r1 = attempt(clock, S1)
+        imp0, imp1 = Silent(), Silent()
+        q0, q1 = _HandshakeProtocol(a0, "to impostor"), _HandshakeProtocol(a1, "to impostor")
+        t_imp0, t_imp1 = iosim.FakeTransport(q0, True), iosim.FakeTransport(q1, False)
+        pump_imp0 = join(clock, q0, imp0, t0=t_imp0, flush=False)
+        pump_imp1 = join(clock, imp1, q1, t1=t_imp1, flush=False)
+        p0, p1 = _HandshakeProtocol(a0, "to peer"), _HandshakeProtocol(a1, "to peer")
+        t0, t1 = iosim.FakeTransport(p0, True), iosim.FakeTransport(p1, False)
+        pump = join(clock, p0, p1, t0=t0, t1=t1, flush=False)
+        for _ in range(5):
+            for each in (pump_imp0, pump_imp1, pump):
+                each.pump()
+        (conn0,), (conn1,) = r0, r1
+        self.assertTrue(t_imp0.disconnecting and t_imp1.disconnecting)
+        self.assertFalse(t0.disconnecting or t1.disconnecting)
+        self.assertEqual(imp0.received[:1], b"\x16")  # it got role 0's ClientHello, nothing after
+        self.assertEqual(imp1.received, b"")  # role 1 (TLS server) says nothing to a silent client
+        self.assertEqual((conn0.local_address, conn1.local_address), (t0.getHost(), t1.getHost()))
+        rec = Receiver()
+        conn1.setReceiver(rec)
+        conn0.send(b"the same connection")
+        pump.flush()
+        self.assertEqual(rec.data, b"the same connection")
+
+    def test_impostor_tls_peers_refused(self) -> None:
+        """
+        While the real peer's connection is in its handshake, a host that sends
+        junk, and a NATbypass peer with another identity key (holding the session
+        key), each fail TLS and are counted; the attempt goes on, and the real
+        peer wins.
+        """
+        clock = MemoryReactorClock()
+        a0, r0 = attempt(clock, S0)
+        a1, r1 = attempt(clock, S1)
+        q0, q1 = _HandshakeProtocol(a0, "test"), _HandshakeProtocol(a1, "test")
+        real = join(clock, q0, q1, flush=False)
+        p0, junk = _HandshakeProtocol(a0, "accepted"), Sender(b"\x16\x03\x01\x00\x05junk!" * 4)
         t0 = iosim.FakeTransport(p0, True)
-        join(clock, p0, pe, t0=t0)
+        join(clock, p0, junk, t0=t0)
         self.assertEqual((r0, a0.invalid), ([], 1))
         self.assertTrue(t0.disconnecting)
-        # A peer with another key, running the real handshake, gets no HELLO out of role 1 either.
-        a1, r1 = attempt(clock, S1)
-        ae, _ = attempt(clock, PunchSession("sess-7", b"e" * 32, 0))
-        q1, qe = _HandshakeProtocol(a1, "accepted"), _HandshakeProtocol(ae, "evil")
-        t1 = iosim.FakeTransport(q1, True)
-        join(clock, q1, qe, t0=t1)
+        ae, re_ = attempt(clock, S0, ChannelSecurity(MALLORY, pinned(BOB.fingerprint)))
+        p1, pe = _HandshakeProtocol(a1, "accepted"), _HandshakeProtocol(ae, "evil")
+        join(clock, p1, pe)
         self.assertEqual((r1, a1.invalid), ([], 1))
-        self.assertTrue(t1.disconnecting)
-        q0, q1 = _HandshakeProtocol(a0, "test"), _HandshakeProtocol(a1, "test")
-        join(clock, q0, q1)
+        # Mallory's client finished TLS (role 1 proved Bob's key), so it is "ready"; role 1 refused her.
+        self.assertIsInstance(self.successResultOf(re_[0].whenLost()), PeerRefusedUs)
+        real.flush()
         self.assertIsInstance(r0[0], TCPPeerConnection)
         self.assertIsInstance(r1[0], TCPPeerConnection)
+        self.assertEqual(r1[0].peer_fingerprint, ALICE.fingerprint)
 
     def test_silent_connection_times_out(self) -> None:
         clock = MemoryReactorClock()
@@ -293,31 +254,85 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         self.assertFalse(t.disconnecting)
         clock.advance(0.2)
         self.assertTrue(t.disconnecting)
-        self.assertEqual(a0.invalid, 1)
+        self.assertEqual((a0.invalid, r0), (1, []))
+
+    def test_select_with_another_session_key_refused(self) -> None:
+        """Role 0 with the right identity key but another session key: role 1 refuses its SELECT."""
+        clock = MemoryReactorClock()
+        a0, r0 = attempt(clock, PunchSession("sess-7", b"x" * 32, 0, peer_id="bob"))
+        a1, r1 = attempt(clock, S1, window=3.0)
+        p0, p1 = _HandshakeProtocol(a0, "test"), _HandshakeProtocol(a1, "test")
+        t1 = iosim.FakeTransport(p1, False)
+        join(clock, p0, p1, t1=t1)
+        self.assertEqual(len(r0), 1)  # role 0's TLS authenticated role 1
+        self.assertEqual((r1, a1.invalid), ([], 1))
+        self.assertTrue(t1.disconnecting)
+        self.successResultOf(r0[0].whenLost())
+        clock.advance(3.1)
+        r1[0].trap(PunchFailed)
+
+    def test_role_1_waits_for_select(self) -> None:
+        """A TLS client with role 0's key that sends no SELECT gets nothing, and is closed at handshake_timeout."""
+        clock = MemoryReactorClock()
+
+        class TLSOnly(Protocol):
+            def connectionMade(self) -> None:
+                self.tls = start_tls(self.transport, Protocol(), ALICE, BOB.fingerprint, 0, clock)
+
+            def dataReceived(self, data: bytes) -> None:
+                self.tls.protocol.dataReceived(data)
+
+            def connectionLost(self, reason) -> None:
+                self.tls.protocol.connectionLost(reason)
+
+        a1, r1 = attempt(clock, S1, handshake_timeout=2.0)
+        p1, client = _HandshakeProtocol(a1, "test"), TLSOnly()
+        t1 = iosim.FakeTransport(p1, True)
+        pump = join(clock, p1, client, t0=t1)
+        self.assertEqual(self.successResultOf(client.tls.handshake), BOB.fingerprint)
+        self.assertTrue(p1.tls.handshake.called)
+        clock.advance(1.9)
+        self.assertFalse(t1.disconnecting)
+        clock.advance(0.2)
+        self.assertTrue(t1.disconnecting)
+        pump.flush()
+        self.assertEqual((r1, a1.invalid), ([], 1))
 
     def test_only_one_connection_picked(self) -> None:
-        """Role 0 answers HELLO on the first connection only and closes the second."""
+        """
+        Two connections to the real peer (a connect and an accept): role 0 selects
+        the first that authenticated role 1, role 1 adopts that one, and both close
+        the other.
+        """
         clock = MemoryReactorClock()
         a0, r0 = attempt(clock, S0)
         a1, r1 = attempt(clock, S1)
-        first, second = _HandshakeProtocol(a0, "one"), _HandshakeProtocol(a0, "two")
-        t_second = iosim.FakeTransport(second, True)
-        second.makeConnection(t_second)
-        q1 = _HandshakeProtocol(a1, "one")
-        join(clock, first, q1)
-        self.assertEqual(len(r0), 1)
-        self.assertTrue(t_second.disconnecting)
+        first0, first1 = _HandshakeProtocol(a0, "one"), _HandshakeProtocol(a1, "one")
+        second0, second1 = _HandshakeProtocol(a0, "two"), _HandshakeProtocol(a1, "two")
+        t_second0, t_second1 = iosim.FakeTransport(second0, True), iosim.FakeTransport(second1, False)
+        pump2 = join(clock, second0, second1, t0=t_second0, t1=t_second1, flush=False)
+        pump2.pump()  # the second connection's ClientHello reaches role 1 ...
+        pump1 = join(clock, first0, first1)  # ... but the first connection completes first
+        (conn0,), (conn1,) = r0, r1
+        self.assertTrue(t_second0.disconnecting)
+        pump2.flush()
+        self.assertTrue(t_second1.disconnecting)
+        rec = Receiver()
+        conn0.setReceiver(rec)
+        conn1.send(b"over the first")
+        pump1.flush()
+        self.assertEqual(rec.data, b"over the first")
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_cancel_during_tls(self) -> None:
-        """Cancelling after the session handshake chose a connection aborts it and leaves no timer."""
+        """Cancelling while TLS runs aborts every connection and leaves no timer."""
         clock = MemoryReactorClock()
         a0, r0 = attempt(clock, S0)
         a1, r1 = attempt(clock, S1)
         p0, p1 = _HandshakeProtocol(a0, "test"), _HandshakeProtocol(a1, "test")
         t0 = iosim.FakeTransport(p0, True)
         pump = join(clock, p0, p1, t0=t0, flush=False)
-        pump.pump()  # CHALLENGE
-        pump.pump()  # HELLO: role 0 chose, sends ACCEPT + ClientHello; TLS runs
+        pump.pump()  # ClientHello
         self.assertIsNotNone(p0.tls)
         self.assertEqual(r0, [])
         a0.deferred.cancel()
@@ -325,23 +340,64 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         pump.flush()
         r0[0].trap(defer.CancelledError)
         self.assertEqual(len(r0), 1)
+        a1.deferred.cancel()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
-    def test_tls_timeout(self) -> None:
-        """A peer that passes the session handshake, then stalls TLS, fails the attempt in handshake_timeout."""
+    def test_refused_key_fails_once_nothing_is_left(self) -> None:
+        """With nothing else under way, a refused key fails both attempts at once, each naming it."""
         clock = MemoryReactorClock()
-        a0, r0 = attempt(clock, S0, handshake_timeout=2.0)
-        a1, _ = attempt(clock, S1)
+        a0, r0 = attempt(clock, S0, ChannelSecurity(ALICE, pinned(MALLORY.fingerprint)))
+        a1, r1 = attempt(clock, S1)
+        join(clock, _HandshakeProtocol(a0, "test"), _HandshakeProtocol(a1, "test"))
+        f0, f1 = r0[0].value, r1[0].value
+        self.assertIsInstance(f0, PunchFailed)
+        self.assertIn("nothing left to try", f0.reason)
+        self.assertIn(f"the peer's key is {BOB.fingerprint}, expected {MALLORY.fingerprint}", f0.reason)
+        self.assertIn(f"the peer refused our key {BOB.fingerprint}", f1.reason)
+
+    def test_refused_key_ends_nothing_while_another_connection_runs(self) -> None:
+        """
+        A refused key does not end the attempt while another connection is in its
+        handshake (a stranger at a candidate must not be able to end it); once
+        that one is gone too, the attempt fails naming the key.
+        """
+        clock = MemoryReactorClock()
+        a0, r0 = attempt(clock, S0, window=3.0, handshake_timeout=2.0)
+        other = _HandshakeProtocol(a0, "silent")
+        silent = join(clock, other, Silent(), flush=False)
+        a1, r1 = attempt(clock, S1, ChannelSecurity(MALLORY, pinned(ALICE.fingerprint)))
+        join(clock, _HandshakeProtocol(a0, "stranger"), _HandshakeProtocol(a1, "test"))
+        self.assertEqual((r0, a0.invalid), ([], 1))
+        clock.advance(2.1)  # the silent connection's handshake timeout
+        silent.flush()
+        (f0,) = r0
+        f0.trap(PunchFailed)
+        self.assertIn(f"the peer's key is {MALLORY.fingerprint}, expected {BOB.fingerprint}", f0.value.reason)
+        self.assertIn("2 connections failed the handshake", f0.value.reason)
+
+    def test_role_1_refuses_role_0(self) -> None:
+        """
+        Role 0 is ready after one round trip, before role 1 checked its key; role 1
+        refuses it: role 0's connection is lost saying so, nothing it sent is
+        delivered, and role 1's attempt fails naming the key.
+        """
+        clock = MemoryReactorClock()
+        a0, r0 = attempt(clock, S0)
+        a1, r1 = attempt(clock, S1, ChannelSecurity(BOB, pinned(MALLORY.fingerprint)))
         p0, p1 = _HandshakeProtocol(a0, "test"), _HandshakeProtocol(a1, "test")
-        t0 = iosim.FakeTransport(p0, True)
-        pump = join(clock, p0, p1, t0=t0, flush=False)
-        pump.pump()  # CHALLENGE
-        pump.pump()  # HELLO: role 0 chose
-        self.assertIsNotNone(p0.tls)
-        clock.advance(2.1)  # role 1's ServerHello never delivered (nothing pumped)
-        self.assertTrue(t0.disconnecting)
-        f = r0[0]
-        f.trap(PunchFailed)
-        self.assertIn("TLS did not complete within 2 s", f.value.reason)
+        pump = join(clock, p0, p1, flush=False)
+        pump.pump()
+        pump.pump()
+        (conn0,) = r0
+        rec = Receiver()
+        conn0.setReceiver(rec)
+        conn0.send(b"never delivered")
+        pump.flush()
+        (reason,) = rec.lost
+        reason.trap(PeerRefusedUs)
+        self.assertIn(f"the peer refused our key {ALICE.fingerprint}", reason.getErrorMessage())
+        r1[0].trap(PunchFailed)
+        self.assertIn(f"the peer's key is {ALICE.fingerprint}, expected {MALLORY.fingerprint}", r1[0].value.reason)
 
     def test_window_expires_with_reason(self) -> None:
         clock = MemoryReactorClock()

@@ -11,8 +11,9 @@ from zope.interface import implementer
 from natbypass.identity import Identity
 from natbypass.interfaces import IPeerReceiver
 from natbypass.punch.session import PunchFailed, PunchSession
-from natbypass.punch.tcp import hello_frame, punch_tcp, reusable_socket
+from natbypass.punch.tcp import punch_tcp, reusable_socket
 from natbypass.secure import ChannelSecurity
+from natbypass.secure.tls import PeerRefusedUs
 from natbypass.trust import pinned
 
 KEY = b"k" * 32
@@ -104,12 +105,14 @@ class LoopbackTests(TestCase):
 
     @defer.inlineCallbacks
     def test_impostor_on_listener_ignored(self):
-        """A third party connecting first with a bad HELLO does not take the path."""
+        """Third parties connecting first (one sends junk, one stays silent) do not take the path."""
         l0, l1 = self.listener(), self.listener()
         a0, a1 = ("127.0.0.1", _port(l0)), ("127.0.0.1", _port(l1))
         evil = socket.create_connection(a0)
         self.addCleanup(evil.close)
-        evil.sendall(hello_frame(PunchSession("sess-7", b"e" * 32, 1), b"9" * 16, b"0" * 16))
+        evil.sendall(b"\x16\x03\x01\x00\x05junk!")
+        silent = socket.create_connection(a1)
+        self.addCleanup(silent.close)
         d0 = punch_tcp(reactor, S0, a0, [a1], start_delay=0.3, listener=l0, window=3, security=SEC0)
         d1 = punch_tcp(reactor, S1, a1, [a0], start_delay=0.3, listener=l1, window=3, security=SEC1)
         c0, c1 = yield defer.gatherResults([d0, d1])
@@ -128,16 +131,37 @@ class LoopbackTests(TestCase):
 
     @defer.inlineCallbacks
     def test_wrong_key_refused(self):
-        """Over real sockets, a peer with another key than the pinned one fails both attempts, saying why."""
+        """
+        Over real sockets, a peer with another key than the pinned one fails both
+        attempts when the window closes, each saying why.
+        """
         l0, l1 = self.listener(), self.listener()
         a0, a1 = ("127.0.0.1", _port(l0)), ("127.0.0.1", _port(l1))
         mallory = ChannelSecurity(MALLORY, pinned(ALICE.fingerprint))
-        d0 = punch_tcp(reactor, S0, a0, [a1], start_delay=0.01, listener=l0, window=3, security=SEC0)
-        d1 = punch_tcp(reactor, S1, a1, [a0], start_delay=0.01, listener=l1, window=3, security=mallory)
+        d0 = punch_tcp(reactor, S0, a0, [a1], start_delay=0.01, listener=l0, window=1.5, security=SEC0)
+        d1 = punch_tcp(reactor, S1, a1, [a0], start_delay=0.01, listener=l1, window=1.5, security=mallory)
         f0 = yield self.assertFailure(d0, PunchFailed)
         f1 = yield self.assertFailure(d1, PunchFailed)
         self.assertIn(f"the peer's key is {MALLORY.fingerprint}, expected {BOB.fingerprint}", f0.reason)
-        self.assertIn(str(MALLORY.fingerprint), f1.reason)
+        self.assertIn(f"the peer refused our key {MALLORY.fingerprint}", f1.reason)
+
+    @defer.inlineCallbacks
+    def test_role_1_refuses_role_0(self):
+        """
+        Role 0 is ready before role 1 checked its key; role 1 refuses it: role 0's
+        connection is then lost saying so, and role 1's attempt fails naming it.
+        """
+        l0, l1 = self.listener(), self.listener()
+        a0, a1 = ("127.0.0.1", _port(l0)), ("127.0.0.1", _port(l1))
+        bob = ChannelSecurity(BOB, pinned(MALLORY.fingerprint))
+        d0 = punch_tcp(reactor, S0, a0, [a1], start_delay=0.01, listener=l0, window=1.5, security=SEC0)
+        d1 = punch_tcp(reactor, S1, a1, [a0], start_delay=0.01, listener=l1, window=1.5, security=bob)
+        c0 = yield d0
+        reason = yield c0.whenLost()
+        self.assertIsInstance(reason, PeerRefusedUs)
+        self.assertIn(f"the peer refused our key {ALICE.fingerprint}", str(reason))
+        f1 = yield self.assertFailure(d1, PunchFailed)
+        self.assertIn(f"the peer's key is {ALICE.fingerprint}, expected {MALLORY.fingerprint}", f1.reason)
 
 
 # Run inside a private network namespace whose loopback drops every TCP RST,

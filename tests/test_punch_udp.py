@@ -22,6 +22,8 @@ from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.packet import PacketType, decode, encode
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.udp import (
+    MAX_HANDSHAKES,
+    SPECULATIVE_BUDGET,
     Failed,
     ProbeSchedule,
     Selected,
@@ -32,8 +34,8 @@ from natbypass.punch.udp import (
     punch_udp,
 )
 from natbypass.secure import ChannelSecurity
-from natbypass.secure.quic import is_quic
-from natbypass.testing.udp import MemoryUDPNetwork
+from natbypass.secure.quic import QuicChannel, is_quic, long_header_cids
+from natbypass.testing.udp import ADDRESS_AND_PORT_DEPENDENT, MemoryNAT, MemoryUDPNetwork
 from natbypass.trust import pinned
 
 KEY = b"k" * 32
@@ -333,23 +335,25 @@ class Pair:
 
 
 class AttemptTests(SynchronousTestCase):
-    def test_connects_in_two_rtt(self) -> None:
+    def test_connects_in_one_rtt(self) -> None:
         """
-        One round trip of punching, then one of QUIC for the client (role 0);
-        the server (role 1) is ready half a round trip later.
+        The client (role 0) sends its first flight right after its first
+        probe, at the start time: the server (role 1), which verified that
+        probe just before, answers at once, and the client is ready one round
+        trip after the start; the server half a round trip later.
         """
         p = Pair(latency=0.025, start_delay=0.1)
-        advance(p, 0.195)
+        advance(p, 0.145)
         self.assertEqual(p.results, {})
-        advance(p, 0.015)  # two 50 ms round trips after the start
+        advance(p, 0.015)  # one 50 ms round trip after the start
         a = p.results["a"]
         self.assertIsInstance(a, UDPPeerConnection)
         self.assertNotIn("b", p.results)
         advance(p, 0.03)
         b = p.results["b"]
         # (The clock moves in 1 ms steps: a few ms of slack.)
-        self.assertTrue(0.1 <= p.at["a"] - 0.1 < 0.11, p.at)
-        self.assertTrue(0.125 <= p.at["b"] - 0.1 < 0.135, p.at)
+        self.assertTrue(0.05 <= p.at["a"] - 0.1 < 0.055, p.at)
+        self.assertTrue(0.075 <= p.at["b"] - 0.1 < 0.08, p.at)
         self.assertEqual((a.remote_address.host, a.remote_address.port), B_ADDR)
         self.assertEqual((b.remote_address.host, b.remote_address.port), A_ADDR)
         self.assertEqual(
@@ -357,11 +361,32 @@ class AttemptTests(SynchronousTestCase):
         )
         self.assertEqual((a.peer_fingerprint, b.peer_fingerprint), (BOB.fingerprint, ALICE.fingerprint))
         self.assertRegex(a.cipher, r"^QUICv1 TLS_")
+        # Each from the start of its QUIC connection: the client's first
+        # flight, the server's Initial (which came before any ACK: no rtt).
         self.assertTrue(50 <= a.handshake_ms < 55, a.handshake_ms)
-        self.assertTrue(75 <= b.handshake_ms < 85, b.handshake_ms)
+        self.assertTrue(50 <= b.handshake_ms < 55, b.handshake_ms)
         self.assertTrue(0.05 <= a.rtt < 0.055, a.rtt)
+        self.assertIsNone(b.rtt)
         verifyObject(IPeerConnection, a)
         verifyObject(IPeerConnection, b)
+
+    def test_without_speculation_one_and_a_half_rtt(self) -> None:
+        """
+        Without the speculative flight the client starts at the peer's first
+        verified probe (half a round trip after the start), not at the first
+        ACK: ready after one and a half round trips, the server after two.
+        """
+        p = Pair(latency=0.025, start_delay=0.1, speculate=False)
+        advance(p, 0.21)
+        self.assertTrue(0.075 <= p.at["a"] - 0.1 < 0.08, p.at)
+        self.assertTrue(0.1 <= p.at["b"] - 0.1 < 0.105, p.at)
+        self.assertTrue(50 <= p.results["a"].handshake_ms < 55, p.results["a"].handshake_ms)
+
+    def test_speculative_target_must_be_a_candidate(self) -> None:
+        clock = Clock()
+        self.assertRaises(
+            ValueError, punch_udp, PunchEndpoint(), A, (B_ADDR,), clock, security=SEC_A, speculate=("10.9.9.9", 1)
+        )
 
     def test_data_both_ways_as_ciphertext(self) -> None:
         p = Pair()
@@ -473,6 +498,208 @@ class AttemptTests(SynchronousTestCase):
         self.assertNotIn(evil, [addr for _, addr in p.ep_a.transport.written])
 
 
+#: Two sites behind port-restricted cone NATs (endpoint-independent mapping,
+#: address-and-port-dependent filtering), port preserving: the peers'
+#: server-reflexive addresses are known before they send.
+A_INSIDE, B_INSIDE = ("10.0.1.10", 40000), ("10.0.2.10", 50000)
+A_SRFLX, B_SRFLX = ("203.0.113.1", 40000), ("203.0.113.2", 50000)
+#: A candidate nobody holds any more (a stale mapping).
+DEAD = ("198.51.100.7", 50000)
+
+
+class ConePair:
+    """Two peers behind cone NATs, 100 ms round trip (50 ms one way), punching at a synchronised start."""
+
+    START = 0.1
+
+    def __init__(self, a_cands=(B_SRFLX,), b_cands=(A_SRFLX,), b_late=0.0, **kw) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.net = MemoryUDPNetwork(self.clock, latency=0.05)
+        for inside, public in ((A_INSIDE, A_SRFLX), (B_INSIDE, B_SRFLX)):
+            self.net.nats.append(
+                MemoryNAT([inside[0]], public[0], filtering=ADDRESS_AND_PORT_DEPENDENT, port_preserving=True)
+            )
+        self.ep_a, self.ep_b = PunchEndpoint(), PunchEndpoint()
+        self.net.listen(A_INSIDE, UDPMux(other=self.ep_a))
+        self.net.listen(B_INSIDE, UDPMux(other=self.ep_b))
+        self.started = self.clock.seconds()
+        self.results: dict = {}
+        self.at: dict = {}
+        for name, ep, session, cands, sec, delay in (
+            ("a", self.ep_a, A, a_cands, SEC_A, self.START),
+            ("b", self.ep_b, B, b_cands, SEC_B, self.START + b_late),
+        ):
+            d = punch_udp(ep, session, cands, self.clock, delay, nonce_source=counter(), security=sec, **kw)
+            d.addBoth(self._keep, name)
+
+    def _keep(self, result, name):
+        self.results[name] = result
+        self.at[name] = self.clock.seconds() - self.started - self.START
+
+    def run(self, seconds: float) -> None:
+        self.clock.pump([0.001] * round(seconds / 0.001))
+
+    def quic_to(self, dest) -> list[tuple[float, bytes]]:
+        """QUIC datagrams A sent to C{dest}: (seconds after the start, data)."""
+        t0 = self.started + self.START
+        return [(t - t0, d) for t, s, to, d in self.net.sent if s == A_INSIDE and to == dest and is_quic(d)]
+
+
+class ConeNATTimingTests(SynchronousTestCase):
+    """
+    The handshake overlaps the punch: between cone NATs at 100 ms RTT the
+    client is ready 1 RTT after the synchronised start (1.5 without the
+    speculative flight, or when its target is dead), the server 0.5 RTT later.
+    """
+
+    def test_speculative_flight_ready_in_one_rtt(self) -> None:
+        p = ConePair()
+        p.run(0.4)
+        a, b = p.results["a"], p.results["b"]
+        self.assertTrue(0.1 <= p.at["a"] < 0.105, p.at)
+        self.assertTrue(0.15 <= p.at["b"] < 0.155, p.at)
+        self.assertEqual((a.remote_address.host, a.remote_address.port), B_SRFLX)
+        self.assertEqual((b.remote_address.host, b.remote_address.port), A_SRFLX)
+        # One first flight, at the start, right after the first probe; nothing resent.
+        sent = [d for _, d in p.quic_to(B_SRFLX)]
+        flight = [d for t, d in p.quic_to(B_SRFLX) if t < 0.002]
+        self.assertTrue(flight)
+        self.assertLessEqual(sum(map(len, flight)), SPECULATIVE_BUDGET)
+        self.assertEqual(len(set(sent)), len(sent))
+
+    def test_first_proof_ready_in_one_and_a_half_rtt(self) -> None:
+        p = ConePair(speculate=False)
+        p.run(0.4)
+        self.assertTrue(0.15 <= p.at["a"] < 0.155, p.at)
+        self.assertTrue(0.2 <= p.at["b"] < 0.205, p.at)
+        first = p.quic_to(B_SRFLX)[0][0]
+        self.assertTrue(0.05 <= first < 0.055, first)  # the peer's first probe, not its ACK
+
+    def test_dead_speculative_target_falls_back(self) -> None:
+        """
+        The first candidate is stale: its flight is lost; at the peer's first
+        probe (from the second candidate) the client drops that connection
+        without a word and starts on the proven address: 1.5 RTT.
+        """
+        p = ConePair(a_cands=(DEAD, B_SRFLX))
+        p.run(0.4)
+        a = p.results["a"]
+        self.assertTrue(0.15 <= p.at["a"] < 0.155, p.at)
+        self.assertTrue(0.2 <= p.at["b"] < 0.205, p.at)
+        self.assertEqual((a.remote_address.host, a.remote_address.port), B_SRFLX)
+        # The dead address got one first flight within the budget, never more.
+        p.run(6.0)
+        to_dead = p.quic_to(DEAD)
+        self.assertTrue(to_dead)
+        self.assertTrue(all(t < 0.002 for t, _ in to_dead), to_dead)
+        self.assertLessEqual(sum(len(d) for _, d in to_dead), SPECULATIVE_BUDGET)
+        # Only the live channel is routed; closing both leaves no timer behind.
+        self.assertEqual((p.ep_a.quicRoutes(), p.ep_b.quicRoutes()), (1, 1))
+        a.close()
+        p.run(3.0)
+        self.assertEqual((p.ep_a.quicRoutes(), p.ep_b.quicRoutes()), (0, 0))
+        self.assertEqual(p.clock.getDelayedCalls(), [])
+
+    def test_flight_dropped_by_the_late_peers_nat_is_resent(self) -> None:
+        """
+        The peer starts 80 ms late: its NAT drops our first two probes and
+        the speculative flight.  The first ACK echoes our third probe (sent at
+        40 ms, after the flight), so the flight goes again at once (QUIC's own
+        retransmission would wait for its PTO, 0.7 s with qh3): ready one
+        round trip after that ACK.
+        """
+        p = ConePair(b_late=0.08)
+        p.run(0.6)
+        self.assertTrue(0.24 <= p.at["a"] < 0.25, p.at)
+        sent = p.quic_to(B_SRFLX)
+        flight = [d for t, d in sent if t < 0.002]
+        resent = [d for t, d in sent if 0.14 <= t < 0.15]
+        self.assertEqual(resent, flight)
+        self.assertIsInstance(p.results["b"], UDPPeerConnection)
+
+
+class ServerRestartTests(SynchronousTestCase):
+    """Role 1 follows the client to a new connection (the client dropped an unanswered one)."""
+
+    A2_ADDR = ("198.18.1.11", 40001)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.cut: set = set()
+        self.net = MemoryUDPNetwork(self.clock, latency=0.025, drop=lambda s, d, data: d in self.cut and is_quic(data))
+        self.ep_b = PunchEndpoint()
+        self.net.listen(B_ADDR, UDPMux(other=self.ep_b))
+        self.results: list = []
+        d = punch_udp(self.ep_b, B, (A_ADDR, self.A2_ADDR), self.clock, nonce_source=counter(), security=SEC_B)
+        d.addBoth(self.results.append)
+        self.clients: dict = {}
+        for nonce, addr in enumerate((A_ADDR, self.A2_ADDR), 1):
+            self.net.listen(addr, Recorder())
+            self.net.send(addr, B_ADDR, encode(PacketType.PROBE, 0, b"sess-1", nonce, KEY))
+        self.wait(0.03)
+
+    def wait(self, seconds: float) -> None:
+        self.clock.pump([0.001] * round(seconds / 0.001))
+
+    def client(self, addr) -> QuicChannel:
+        c = QuicChannel(ALICE, BOB.fingerprint, 0, B_ADDR, lambda d, to: self.net.send(addr, to, d), self.clock)
+        c.ready.addErrback(lambda f: None)
+        self.net.ports[addr].protocol = _Feed(c)
+        c.start()
+        return c
+
+    def test_new_connection_from_another_proven_address(self) -> None:
+        self.cut.add(A_ADDR)  # the server's answers to the first connection are lost
+        first = self.client(A_ADDR)
+        self.wait(0.1)
+        self.assertFalse(first.answered)
+        second = self.client(self.A2_ADDR)
+        self.wait(0.2)
+        (b,) = self.results
+        self.assertIsInstance(b, UDPPeerConnection)
+        self.assertEqual((b.remote_address.host, b.remote_address.port), self.A2_ADDR)
+        self.assertEqual(second.peer_fingerprint, BOB.fingerprint)
+        self.assertEqual(self.ep_b.quicRoutes(), 1)
+        first.abandon()
+
+    def test_new_connection_from_the_same_address(self) -> None:
+        self.cut.add(A_ADDR)
+        first = self.client(A_ADDR)
+        self.wait(0.1)
+        self.cut.clear()
+        second = self.client(A_ADDR)
+        self.wait(0.2)
+        (b,) = self.results
+        self.assertIsInstance(b, UDPPeerConnection)
+        self.assertEqual(second.peer_fingerprint, BOB.fingerprint)
+        self.assertIsNone(first.peer_fingerprint)
+        first.abandon()
+
+    def test_handshakes_bounded(self) -> None:
+        """A session-key holder at a proven address starting connection after connection gets a few answers."""
+        self.cut.add(A_ADDR)
+        clients = []
+        for _ in range(MAX_HANDSHAKES + 3):
+            clients.append(self.client(A_ADDR))
+            self.wait(0.05)
+        answered = {
+            long_header_cids(d)[0] for _, s, _, d in self.net.sent if s == B_ADDR and long_header_cids(d) is not None
+        }
+        self.assertEqual(len(answered), MAX_HANDSHAKES)
+        for c in clients:
+            c.abandon()
+
+
+class _Feed(DatagramProtocol):
+    def __init__(self, channel: QuicChannel) -> None:
+        self.channel = channel
+
+    def datagramReceived(self, data, addr) -> None:
+        self.channel.datagramReceived(data, addr)
+
+
 class ConnectionTests(SynchronousTestCase):
     def connected(self, **kw):
         p = Pair(keepalive_interval=15.0, **kw)
@@ -529,11 +756,11 @@ class ConnectionTests(SynchronousTestCase):
     def test_late_probe_not_answered_after_ready(self) -> None:
         """Once QUIC is up the punch is over: probes of the session are dropped as unrouted."""
         p, a, b = self.connected()
-        n = len(p.ep_a.transport.written)
+        n, unrouted = len(p.ep_a.transport.written), p.ep_a.unrouted
         p.net.send(B_ADDR, A_ADDR, encode(PacketType.PROBE, 1, b"sess-1", 4242, KEY))
         advance(p, 0.03)
         self.assertEqual(len(p.ep_a.transport.written), n)
-        self.assertEqual(p.ep_a.unrouted, 1)
+        self.assertEqual(p.ep_a.unrouted, unrouted + 1)
 
     def test_peer_streams_ignored(self) -> None:
         p, a, b = self.connected()

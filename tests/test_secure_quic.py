@@ -18,6 +18,7 @@ from natbypass.secure.quic import (
     _KeyLog,
     get_engine,
     is_quic,
+    long_header_cids,
     proof_message,
 )
 from natbypass.trust import PeerRejected
@@ -130,6 +131,17 @@ class IsQuicTests(SynchronousTestCase):
         self.assertEqual(
             [is_quic(p) for p in (stun, punch, initial, short, b"\xc3")], [False, False, True, True, False]
         )
+
+
+class LongHeaderTests(SynchronousTestCase):
+    def test_connection_ids(self) -> None:
+        # first byte, version 1, DCID length 8 + id, SCID length 3 + id, then the rest
+        packet = bytes([0xC3, 0, 0, 0, 1, 8]) + b"D" * 8 + bytes([3]) + b"SSS" + bytes(20)
+        self.assertEqual(long_header_cids(packet), (b"D" * 8, b"SSS"))
+        self.assertEqual(long_header_cids(bytes([0x41]) + bytes(30)), None)  # short header
+        self.assertEqual(long_header_cids(bytes([0xC3, 0, 0, 0, 1, 21]) + bytes(40)), None)  # id too long
+        self.assertEqual(long_header_cids(bytes([0xC3, 0, 0, 0, 1, 8]) + b"D" * 8 + bytes([3]) + b"S"), None)
+        self.assertEqual(long_header_cids(b"\xc3"), None)
 
 
 class ChannelTestsMixin:
@@ -256,6 +268,56 @@ class ChannelTestsMixin:
         # (The link moves in 1 ms steps: a few ms of slack.)
         self.assertTrue(0.100 <= when["a"] < 0.105, when)
         self.assertTrue(0.150 <= when["b"] < 0.155, when)
+
+    def test_answered(self) -> None:
+        """The client knows the server answered once its hello arrived (before the handshake completes)."""
+        self.link.delay = 0.05
+        a = self.make(ALICE, BOB.fingerprint, 0, A_ADDR, B_ADDR, self.client_engine)
+        self.make(BOB, ALICE.fingerprint, 1, B_ADDR, A_ADDR, self.server_engine)
+        a.start()
+        self.link.run(0.09)
+        self.assertFalse(a.answered)
+        self.link.run(0.02)
+        self.assertTrue(a.answered)
+
+    def test_abandon_sends_nothing(self) -> None:
+        """An abandoned client says nothing, keeps no timer, and its Deferreds report it."""
+        a = self.make(ALICE, BOB.fingerprint, 0, A_ADDR, ("192.0.2.9", 9), self.client_engine)
+        a.start()
+        sent = self.link.sent
+        a.abandon()
+        a.abandon()
+        self.link.run(5.0)
+        self.assertEqual(self.link.sent, sent)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(outcome(a.ready).check(QuicClosed))
+        self.assertTrue(outcome(a.lost).local)
+
+    def test_new_connection_recognised(self) -> None:
+        """A server tells a client's new connection (a new source id) from the one it answers."""
+        flights: dict = {0: [], 1: []}
+        clients = []
+        for i in (0, 1):
+            c = QuicChannel(
+                ALICE,
+                BOB.fingerprint,
+                0,
+                B_ADDR,
+                lambda d, a, i=i: flights[i].append(d),
+                self.clock,
+                engine=engine_or_skip(self.client_engine),
+            )
+            c.ready.addErrback(lambda f: None)
+            c.start()
+            clients.append(c)
+        b = self.make(BOB, ALICE.fingerprint, 1, B_ADDR, A_ADDR, self.server_engine)
+        self.assertFalse(b.isNewConnection(flights[1][0]))  # nothing answered yet
+        b.datagramReceived(flights[0][0], A_ADDR)
+        self.assertFalse(b.isNewConnection(flights[0][-1]))
+        self.assertTrue(b.isNewConnection(flights[1][0]))
+        self.assertFalse(b.isNewConnection(bytes([0x41]) + bytes(40)))
+        for c in (*clients, b):
+            c.abandon()
 
     def test_stolen_certificate_without_key(self) -> None:
         """Mallory presents Bob's certificate but signs with her own key: the handshake fails."""

@@ -12,14 +12,14 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from natbypass.identity import Identity
-from natbypass.secure.tls import ALPN, CONFIRM, PeerRefusedUs, PinnedTLS, start_tls
+from natbypass.punch.tcp import EXPORTER_LABEL
+from natbypass.secure.tls import ALPN, PeerRefusedUs, PinnedTLS, start_tls
 from natbypass.trust import PeerRejected
 
 ALICE, BOB, MALLORY = Identity.generate(), Identity.generate(), Identity.generate()
@@ -48,9 +48,10 @@ class Collect(Protocol):
 
 class Adopter(Protocol):
     """
-    Stands for the punched TCP path: a plaintext greeting first (as the
-    punch session handshake does), then TLS on the same transport, with
-    whatever followed the greeting in the same read handed to TLS.
+    Stands for an adopted TCP path: a plaintext line first (bytes before TLS,
+    which the TCP punch no longer sends but which must not confuse TLS), then
+    TLS on the same transport, with whatever followed the line in the same
+    read handed to TLS.
     """
 
     def __init__(self, identity: Identity, expected, role: int, clock, app: Protocol, certificate=None) -> None:
@@ -77,6 +78,18 @@ class Adopter(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         if self.secure is not None:
             self.secure.protocol.connectionLost(reason)
+
+
+class Wire(iosim.FakeTransport):
+    """A fake TCP transport that keeps a copy of every byte written to it."""
+
+    def __init__(self, protocol: Protocol, isServer: bool) -> None:
+        super().__init__(protocol, isServer)
+        self.sent = b""
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+        super().write(data)
 
 
 def pair(client: tuple, server: tuple, clock: Clock):
@@ -119,6 +132,11 @@ class PinnedTLSTests(SynchronousTestCase):
         self.assertEqual((s.app.data, c.app.data), (b"ping", b"ping"))
 
     def test_server_refuses_wrong_client_key(self) -> None:
+        """
+        The client is ready once the server proved its key (TLS 1.3: before the
+        server checked the client's); the server refuses, delivers nothing, and
+        the client's application loses the connection saying its key was refused.
+        """
         clock = Clock()
         c, s, pump = pair((MALLORY, BOB.fingerprint, 0), (BOB, ALICE.fingerprint, 1), clock)
         failure = result(s.secure.handshake)
@@ -126,12 +144,12 @@ class PinnedTLSTests(SynchronousTestCase):
         failure.trap(PeerRejected)
         self.assertIn(f"is {MALLORY.fingerprint}, expected {ALICE.fingerprint}", failure.getErrorMessage())
         self.assertFalse(s.app.made)
-        # The client finished TLS 1.3 before the server checked its key, but
-        # the server never confirmed it: the client reports the refusal too.
-        refused = result(c.secure.handshake)
-        refused.trap(PeerRefusedUs)
-        self.assertIn(f"our key {MALLORY.fingerprint}", refused.getErrorMessage())
-        self.assertFalse(c.app.made)
+        self.assertEqual(result(c.secure.handshake), BOB.fingerprint)
+        self.assertTrue(c.app.made)
+        c.app.lost.trap(PeerRefusedUs)
+        self.assertIn(f"the peer refused our key {MALLORY.fingerprint}", c.app.lost.getErrorMessage())
+        self.assertIn("alert", c.app.lost.getErrorMessage())
+        self.assertEqual(s.app.data, b"")
 
     def test_client_refuses_wrong_server_key(self) -> None:
         clock = Clock()
@@ -143,7 +161,7 @@ class PinnedTLSTests(SynchronousTestCase):
         self.assertFalse(s.app.made)
         refused = result(s.secure.handshake)
         refused.trap(PeerRefusedUs)
-        self.assertIn(f"our key {MALLORY.fingerprint}", refused.getErrorMessage())
+        self.assertIn(f"the peer refused our key {MALLORY.fingerprint}", refused.getErrorMessage())
 
     def test_stolen_certificate_without_key_is_unusable(self) -> None:
         """
@@ -154,47 +172,66 @@ class PinnedTLSTests(SynchronousTestCase):
         creator = PinnedTLS(MALLORY, ALICE.fingerprint, Clock(), certificate=BOB.certificate(Clock()))
         self.assertRaises(SSL.Error, creator.serverConnectionForTLS, None)
 
-    def test_client_waits_for_the_confirmation(self) -> None:
+    def records(self, data: bytes) -> list[tuple[int, int]]:
+        """The (content type, length) of each TLS record in C{data}."""
+        out = []
+        while data:
+            out.append((data[0], int.from_bytes(data[3:5], "big")))
+            data = data[5 + out[-1][1] :]
+        return out
+
+    def test_client_checks_server_before_sending_its_certificate(self) -> None:
         """
-        A TLS server with the right key that does not send L{CONFIRM} first
-        (not a NATbypass peer) is refused by the client, which never connects
-        its application.
+        OpenSSL runs the client's verify callback (our pin check) while it reads
+        the server's flight, before it writes its own certificate: when the check
+        runs, the client has sent nothing but its ClientHello.
         """
         clock = Clock()
-        client = Adopter(ALICE, BOB.fingerprint, 0, clock, app=Collect())
+        sent_at_check: list[bytes] = []
 
-        class Plain(Protocol):
-            def connectionMade(self) -> None:
-                self.transport.write(b"220 smtp ready\r\n")
+        def check(fingerprint) -> None:
+            sent_at_check.append(client_wire.sent)
+            if fingerprint != BOB.fingerprint:
+                raise PeerRejected("not bob")
 
-        class PlainServer(Protocol):
-            def connectionMade(self) -> None:
-                self.transport.write(b"PUNCHED\n")
-                creator = PinnedTLS(BOB, ALICE.fingerprint, clock)
-                factory = TLSMemoryBIOFactory(creator, False, Factory.forProtocol(Plain), clock=clock)
-                self.tls = factory.buildProtocol(None)
-                self.tls.makeConnection(self.transport)
-                self.buffer = b""
-
-            def dataReceived(self, data: bytes) -> None:
-                if self.buffer is not None:
-                    self.buffer += data
-                    if b"\n" not in self.buffer:
-                        return
-                    data, self.buffer = self.buffer.split(b"\n", 1)[1], None
-                if data:
-                    self.tls.dataReceived(data)
-
-        server = PlainServer()
-        pump = iosim.connect(
-            server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False, clock=clock
-        )
+        client = Adopter(ALICE, check, 0, clock, app=Collect())
+        server = Adopter(BOB, ALICE.fingerprint, 1, clock, app=Collect())
+        client_wire = Wire(client, isServer=False)
+        pump = iosim.connect(server, Wire(server, isServer=True), client, client_wire, greet=False, clock=clock)
         for _ in range(20):
             pump.pump()
-        failure = result(client.secure.handshake)
-        failure.trap(PeerRefusedUs)
-        self.assertIn("not the natbypass confirmation", failure.getErrorMessage())
-        self.assertFalse(client.app.made)
+        self.assertEqual(result(server.secure.handshake), ALICE.fingerprint)
+        # The callback runs more than once for the one certificate; every time, before our certificate.
+        before = sent_at_check[0]
+        self.assertEqual(set(sent_at_check), {before})
+        self.assertEqual(self.records(before[len(b"PUNCHED\n") :]), [(0x16, len(before) - len(b"PUNCHED\n") - 5)])
+        self.assertGreater(
+            len(client_wire.sent), len(before) + 300
+        )  # then its Certificate, CertificateVerify, Finished
+
+    def test_client_certificate_never_shown_to_wrong_server(self) -> None:
+        """
+        A server with another key than the pinned one never gets the client's
+        certificate: its own check is never called, and after its ClientHello the
+        client sends only an alert (one short record), far too small for a
+        certificate.
+        """
+        clock = Clock()
+        seen: list = []
+        client = Adopter(ALICE, BOB.fingerprint, 0, clock, app=Collect())
+        server = Adopter(MALLORY, seen.append, 1, clock, app=Collect())
+        client_wire = Wire(client, isServer=False)
+        pump = iosim.connect(server, Wire(server, isServer=True), client, client_wire, greet=False, clock=clock)
+        for _ in range(20):
+            pump.pump()
+        result(client.secure.handshake).trap(PeerRejected)
+        result(server.secure.handshake).trap(PeerRefusedUs)
+        self.assertEqual(seen, [])
+        self.assertIsNone(server.secure.creator.peer_fingerprint)
+        (hello, *after) = self.records(client_wire.sent[len(b"PUNCHED\n") :])
+        self.assertEqual(hello[0], 0x16)
+        self.assertEqual(len(after), 1)
+        self.assertLess(after[0][1], 64)
 
     def test_peer_check_callable(self) -> None:
         seen = []
@@ -218,11 +255,14 @@ class OpenSSLInteropTests(TestCase):
     """
     Our TLS server side against OpenSSL's C{s_client}, over loopback.
 
-    The server is made exactly as the TCP path makes role 1's side after the
-    session handshake (C{natbypass.punch.tcp}: C{start_tls(transport, app,
-    identity, security.verify, 1, reactor)}); only the certificate is passed
-    in, so that s_client can pin it with C{-CAfile}.  The session handshake
-    itself is NATbypass's own and covered in C{tests/test_tcp_security.py}.
+    The server is made exactly as the TCP path makes role 1's side of every
+    connection (C{natbypass.punch.tcp}: C{start_tls(transport, app, identity,
+    security.verify, 1, reactor, certificate=...)}); the certificate is passed
+    in so that s_client can pin it with C{-CAfile}.  s_client cannot send the
+    TCP path's SELECT (a MAC with the session key over the TLS exporter), so
+    these tests stop at the TLS layer; they check that the exporter SELECT
+    covers is the standard one (s_client C{-keymatexport}).  SELECT itself is
+    covered in C{tests/test_punch_tcp.py} and C{tests/test_tcp_security.py}.
     """
 
     timeout = 30
@@ -234,6 +274,7 @@ class OpenSSLInteropTests(TestCase):
         self.dir = self.mktemp()
         os.makedirs(self.dir)
         self.secure: list = []
+        self.exported: list[bytes] = []
         # s_client can only pin a whole certificate (-CAfile), so the server
         # uses this one and the tests hand it to s_client.
         self.bob_cert = BOB.certificate(reactor)
@@ -250,6 +291,11 @@ class OpenSSLInteropTests(TestCase):
                     self.transport, app, BOB, ALICE.fingerprint, 1, reactor, certificate=test.bob_cert
                 )
                 test.secure.append(self.secure)
+                self.secure.handshake.addCallback(self.export)
+
+            def export(self, fingerprint):
+                test.exported.append(self.secure.exporter(EXPORTER_LABEL))
+                return fingerprint
 
             def dataReceived(self, data: bytes) -> None:
                 self.secure.protocol.dataReceived(data)
@@ -283,6 +329,10 @@ class OpenSSLInteropTests(TestCase):
             ca,
             "-verify_return_error",
             "-ign_eof",
+            "-keymatexport",
+            EXPORTER_LABEL.decode(),
+            "-keymatexportlen",
+            "32",
         ]
         # stdin closes at once; -ign_eof keeps s_client reading until the server hangs up.
         return getProcessOutputAndValue(self.openssl, args, env=os.environ, reactor=reactor)
@@ -306,10 +356,11 @@ class OpenSSLInteropTests(TestCase):
         self.assertEqual(len(self.secure), 1)
         fingerprint = yield self.secure[0].handshake
         self.assertEqual(fingerprint, ALICE.fingerprint)
-        self.assertIn(b"hello-from-natbypass", out)
-        # The server's confirmation that it accepted the client's key comes first.
-        self.assertIn(CONFIRM + b"hello-from-natbypass", out)
+        # The server's application speaks first, once it accepted the client's key.
+        self.assertIn(b"\nhello-from-natbypass", out)
         self.assertIn(b"TLSv1.3", out)
+        # The TLS exporter the TCP path's SELECT covers is RFC 8446's, as OpenSSL computes it.
+        self.assertIn(b"Keying material: " + self.exported[0].hex().upper().encode(), out)
 
     @defer.inlineCallbacks
     def test_wrong_client_key_refused(self):

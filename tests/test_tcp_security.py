@@ -1,7 +1,8 @@
 """
-Security of the TCP path: the session handshake's freshness (replay,
-reflection) and TLS 1.3 with pinned identity keys over the chosen socket, in
-memory (iosim).  See C{docs/security.md}, "TCP path".
+Security of the TCP path: TLS 1.3 with pinned identity keys on every
+connection, SELECT on the one both keep; replay, reflection, wrong keys, a
+session-key holder in the middle, and no plaintext on the wire, in memory
+(iosim).  See C{docs/security.md}, "TCP path".
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from zope.interface import implementer
 from natbypass.identity import Identity
 from natbypass.interfaces import IPeerReceiver
 from natbypass.punch.session import PunchFailed, PunchSession
-from natbypass.punch.tcp import TCP_MAGIC, TCPPeerConnection, TCPPunchAttempt, _HandshakeProtocol
+from natbypass.punch.tcp import SELECT_MAGIC, TCPPeerConnection, TCPPunchAttempt, _HandshakeProtocol
 from natbypass.secure import ChannelSecurity
+from natbypass.secure.tls import PeerRefusedUs
 from natbypass.trust import pinned
 
 KEY = b"k" * 32
@@ -73,6 +75,15 @@ class Replayer(Protocol):
         self.transport.write(self.recorded)
 
 
+class ReplayAndRecord(Replayer):
+    """Eve's end of a connection: sends recorded bytes as soon as it is up, and records the answer."""
+
+    answer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.answer += data
+
+
 class Reflector(Protocol):
     """Sends every byte back to where it came from."""
 
@@ -93,9 +104,21 @@ class Receiver:
         self.lost.append(reason)
 
 
+#: The attempts' window: a refused key is reported when it closes.
+WINDOW = 3.0
+
+
 def attempt(clock, session: PunchSession, security: ChannelSecurity, keepalive_interval: float | None = None):
     """An attempt with no candidates (the tests connect its protocols by hand) and its results."""
-    a = TCPPunchAttempt(clock, session, ("127.0.0.1", 1), [], keepalive_interval=keepalive_interval, security=security)
+    a = TCPPunchAttempt(
+        clock,
+        session,
+        ("127.0.0.1", 1),
+        [],
+        window=WINDOW,
+        keepalive_interval=keepalive_interval,
+        security=security,
+    )
     results: list = []
     a.deferred.addBoth(results.append)
     return a, results
@@ -110,33 +133,42 @@ def join(clock, server: Protocol, client: Protocol, flush: bool = True) -> tuple
 
 class ReplayRegressionTests(SynchronousTestCase):
     """
-    The review's finding: role 1's HELLO covered no nonce of role 0's, so a
-    HELLO captured anywhere was taken by role 0 on any connection.  Both tests
-    failed on the first version of the handshake (role 0 took Eve's
-    connection as the peer).
+    The review's finding against the first version: role 1's HELLO covered no
+    nonce of role 0's, so a HELLO captured anywhere (role 1 sent it to every
+    candidate, some of which may be someone else's machine) was taken by role
+    0 on any connection.  There are no HELLOs any more: what role 1 shows a
+    stranger is its TLS server flight, and a TLS flight is bound to the
+    transcript of its own connection (both randoms, both key shares).  These
+    tests replay each side's recorded flights on another connection.
     """
 
-    def test_hello_sent_to_a_stranger_replayed_to_role_0(self) -> None:
+    def test_server_flight_sent_to_a_stranger_replayed_to_role_0(self) -> None:
         """
-        Role 1 connects to a host candidate that is Eve's machine; Eve replays
-        what she got to role 0, which must not take her connection.
+        Role 1 connects to a host candidate that is Eve's machine; Eve plays TLS
+        client with a ClientHello role 0 once sent her, records role 1's answer and
+        replays it to role 0 on another connection: role 0 refuses it.
         """
         clock = MemoryReactorClock()
-        a1, _ = attempt(clock, S1, SEC1)
-        p1, eve = _HandshakeProtocol(a1, "to eve"), Recorder()
+        earlier0, _ = attempt(clock, S0, SEC0)
+        p, eve_sees_hello = _HandshakeProtocol(earlier0, "to eve"), Recorder()
+        join(clock, p, eve_sees_hello)
+        self.assertEqual(eve_sees_hello.data[:1], b"\x16")  # role 0's ClientHello, all Eve got
+        a1, r1 = attempt(clock, S1, SEC1)
+        p1, eve = _HandshakeProtocol(a1, "to eve"), ReplayAndRecord(eve_sees_hello.data)
         join(clock, eve, p1)
-        self.assertEqual(eve.data, b"")  # role 1 says nothing to a host that does not challenge it
+        self.assertTrue(eve.answer)  # role 1's ServerHello ... Finished
         a0, r0 = attempt(clock, S0, SEC0)
-        p0, replay = _HandshakeProtocol(a0, "from eve"), Replayer(eve.data)
+        p0, replay = _HandshakeProtocol(a0, "from eve"), Replayer(eve.answer)
         _, t0, _ = join(clock, p0, replay)
-        clock.advance(2.1)  # role 0's handshake timeout closes the silent connection
-        self.assertEqual(r0, [])
+        self.assertEqual((r0, a0.invalid), ([], 1))
         self.assertTrue(t0.disconnecting)
+        clock.advance(2.1)  # role 1 never got a Finished from Eve: closed at its handshake timeout
+        self.assertEqual((r1, a1.invalid), ([], 1))
 
     def test_recorded_transcript_replayed_on_another_connection(self) -> None:
         """
-        Eve recorded role 1's side of a complete handshake; replayed on another
-        connection to role 0 (fresh challenge), it is refused at once.
+        Eve recorded role 1's side of a complete exchange; replayed on another
+        connection to role 0 (a fresh ClientHello), it is refused at once.
         """
         clock = MemoryReactorClock()
         old0, _ = attempt(clock, S0, SEC0)
@@ -150,8 +182,26 @@ class ReplayRegressionTests(SynchronousTestCase):
         self.assertEqual((r0, a0.invalid), ([], 1))
         self.assertTrue(t0.disconnecting)
 
+    def test_role_0_flights_replayed_to_role_1(self) -> None:
+        """
+        Eve recorded role 0's side of a complete exchange (ClientHello; then
+        Certificate, CertificateVerify, Finished and SELECT) and replays it to
+        role 1 on another connection: role 1 answers the old ClientHello with a
+        fresh flight, so the old Finished fails, and no SELECT is ever read.
+        """
+        clock = MemoryReactorClock()
+        a0, _ = attempt(clock, S0, SEC0)
+        old1, _ = attempt(clock, S1, SEC1)
+        q0, q1 = _HandshakeProtocol(a0, "earlier"), _HandshakeProtocol(old1, "earlier")
+        _, t0, _ = join(clock, q0, q1)
+        a1, r1 = attempt(clock, S1, SEC1)
+        p1, replay = _HandshakeProtocol(a1, "from eve"), Replayer(t0.sent)
+        _, _, t1 = join(clock, replay, p1)
+        self.assertEqual((r1, a1.invalid), ([], 1))
+        self.assertTrue(t1.disconnecting)
+
     def test_reflection_refused(self) -> None:
-        """A host that echoes role 0's CHALLENGE back is refused as a reflection."""
+        """A host that echoes role 0's ClientHello back is refused (a client does not take a ClientHello)."""
         clock = MemoryReactorClock()
         a0, r0 = attempt(clock, S0, SEC0)
         p0, mirror = _HandshakeProtocol(a0, "mirror"), Reflector()
@@ -161,14 +211,17 @@ class ReplayRegressionTests(SynchronousTestCase):
 
 
 class TLSPathTests(SynchronousTestCase):
-    """TLS 1.3 over the socket the session handshake chose."""
+    """TLS 1.3 with pinned keys: what authenticates the path, and all that flows on it."""
 
     def pair(self, sec0: ChannelSecurity, sec1: ChannelSecurity, s0: PunchSession = S0, s1: PunchSession = S1):
+        """Connect two attempts; run until quiet, then past the window unless both have a result."""
         clock = MemoryReactorClock()
         a0, r0 = attempt(clock, s0, sec0)
         a1, r1 = attempt(clock, s1, sec1)
         p0, p1 = _HandshakeProtocol(a0, "test"), _HandshakeProtocol(a1, "test")
         pump, t0, t1 = join(clock, p0, p1)
+        if not (r0 and r1):
+            clock.advance(WINDOW + 0.1)
         return clock, pump, (t0, t1), (r0, r1)
 
     def test_right_keys_encrypted_round_trip(self) -> None:
@@ -188,10 +241,14 @@ class TLSPathTests(SynchronousTestCase):
         wire = t0.sent + t1.sent
         self.assertNotIn(SECRET, wire)
         self.assertNotIn(SECRET[::-1], wire)
-        # After the 54-byte session frames (CHALLENGE; HELLO; ACCEPT) each side sends only TLS records.
-        self.assertEqual((t0.sent[:4], t1.sent[:4]), (TCP_MAGIC, TCP_MAGIC))
-        self.assertEqual(t0.sent[54 * 2 : 54 * 2 + 1], b"\x16")  # role 0 (iosim server end): ClientHello
-        self.assertEqual(t1.sent[54 : 54 + 1], b"\x16")  # role 1: ServerHello
+        self.assertNotIn(SELECT_MAGIC, wire)  # SELECT travels inside TLS
+        # Each side sends only TLS records, from the first byte: ClientHello (role 0), ServerHello (role 1).
+        for sent in (t0.sent, t1.sent):
+            self.assertEqual(sent[:1], b"\x16")
+            while sent:
+                self.assertIn(sent[0], (0x14, 0x15, 0x16, 0x17))  # TLS record content types
+                self.assertIn(sent[1:3], (b"\x03\x01", b"\x03\x03"))  # legacy record versions
+                sent = sent[5 + int.from_bytes(sent[3:5], "big") :]
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def assertRefused(self, result: list, *needles: str) -> PunchFailed:
@@ -207,18 +264,25 @@ class TLSPathTests(SynchronousTestCase):
         self.assertRefused(
             r0, "identity key was refused", f"the peer's key is {BOB.fingerprint}, expected {MALLORY.fingerprint}"
         )
-        self.assertRefused(r1, f"probably refused our key {BOB.fingerprint}")
+        self.assertRefused(r1, f"the peer refused our key {BOB.fingerprint}")
 
     def test_role_1_pins_another_key(self) -> None:
-        """Role 1 refuses role 0's key; role 0, whose TLS 1.3 client side finished first, still fails."""
-        _, _, _, (r0, r1) = self.pair(SEC0, ChannelSecurity(BOB, pinned(MALLORY.fingerprint)))
+        """
+        Role 1 refuses role 0's key.  Role 0 (TLS 1.3 client) was ready after one
+        round trip, before role 1 checked it: its connection is then lost saying
+        its key was refused, and role 1 delivered nothing.
+        """
+        _, pump, _, (r0, r1) = self.pair(SEC0, ChannelSecurity(BOB, pinned(MALLORY.fingerprint)))
         self.assertRefused(r1, f"the peer's key is {ALICE.fingerprint}, expected {MALLORY.fingerprint}")
-        self.assertRefused(r0, f"before confirming it accepts our key {ALICE.fingerprint}")
+        (c0,) = r0
+        lost = self.successResultOf(c0.whenLost())
+        self.assertIsInstance(lost, PeerRefusedUs)
+        self.assertIn(f"the peer refused our key {ALICE.fingerprint}", str(lost))
 
     def test_session_key_holder_cannot_be_role_1(self) -> None:
         """
-        Mallory knows the session key (she runs the mediator): she passes the
-        session handshake with Alice, but not TLS -- Alice pins Bob.
+        Mallory knows the session key (she runs the mediator) but not Bob's
+        identity key: Alice's TLS refuses her, whatever she knows.
         """
         mallory = ChannelSecurity(MALLORY, pinned(ALICE.fingerprint))
         _, _, _, (r0, r1) = self.pair(SEC0, mallory)
@@ -226,16 +290,17 @@ class TLSPathTests(SynchronousTestCase):
         self.assertRefused(r1)
 
     def test_session_key_holder_cannot_be_role_0(self) -> None:
+        """As role 0, Mallory's client finishes TLS (Bob proved his key), but Bob refuses hers and selects nothing."""
         mallory = ChannelSecurity(MALLORY, pinned(BOB.fingerprint))
         _, _, _, (r0, r1) = self.pair(mallory, SEC1)
         self.assertRefused(r1, f"the peer's key is {MALLORY.fingerprint}, expected {ALICE.fingerprint}")
-        self.assertRefused(r0)
+        self.assertIsInstance(self.successResultOf(r0[0].whenLost()), PeerRefusedUs)
 
     def test_mediator_in_the_middle(self) -> None:
         """
         Mallory stands between Alice and Bob with the session key, terminating
-        the session handshake and TLS on each side with her own key: both
-        refuse her, and no application byte flows.
+        TLS on each side with her own key: both refuse her, and no application
+        byte reaches either.
         """
         clock = MemoryReactorClock()
         a0, r0 = attempt(clock, S0, SEC0)  # Alice
@@ -244,6 +309,7 @@ class TLSPathTests(SynchronousTestCase):
         a1, r1 = attempt(clock, S1, SEC1)  # Bob
         join(clock, _HandshakeProtocol(a0, "to mallory"), _HandshakeProtocol(m1, "from alice"))
         join(clock, _HandshakeProtocol(m0, "to bob"), _HandshakeProtocol(a1, "from mallory"))
+        clock.advance(WINDOW + 0.1)
         self.assertRefused(r0, str(MALLORY.fingerprint))
         self.assertRefused(r1, str(MALLORY.fingerprint))
 
@@ -286,7 +352,7 @@ class TLSPathTests(SynchronousTestCase):
 
     def test_backpressure_and_keepalive(self) -> None:
         """
-        As before TLS: without a receiver, more than 1 MiB of early data pauses
+        Without a receiver, more than 1 MiB of early data pauses
         reading from the socket until a receiver takes it; the kernel's TCP
         keepalive is on.
         """

@@ -24,7 +24,7 @@ from natbypass.interfaces import IPeerReceiver
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.packet import PacketType, decode, encode
 from natbypass.punch.session import PunchFailed, PunchSession
-from natbypass.punch.udp import MAX_LEARNED, UDPPeerConnection, UDPPunchMachine, punch_udp
+from natbypass.punch.udp import MAX_LEARNED, SPECULATIVE_BUDGET, UDPPeerConnection, UDPPunchMachine, punch_udp
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import QuicChannel, get_engine, is_quic
 from natbypass.testing.udp import MemoryUDPNetwork
@@ -360,6 +360,58 @@ class LivenessReplayAioquicTests(LivenessReplayTests):
             get_engine("aioquic")
         except ImportError as e:
             raise self.skipTest(f"aioquic is not installed ({e})") from None
+
+
+class SpeculationTests(SynchronousTestCase):
+    """
+    Role 0 sends its QUIC first flight at the start time to one candidate
+    that has not proved anything yet.  That must not make it a traffic
+    source against whoever holds that address, nor let anyone without the
+    session key get a QUIC answer from role 1.
+    """
+
+    def quic_to(self, n: Net, dest) -> list[tuple[float, bytes]]:
+        return [(t, d) for t, s, to, d in n.net.sent if s == A_ADDR and to == dest and is_quic(d)]
+
+    def test_victim_gets_one_flight_while_the_peer_connects(self) -> None:
+        """The first candidate is a third host's address: one first flight, within the budget, never more."""
+        n = Net()
+        n.net.listen(E_ADDR, DatagramProtocol())  # it only listens
+        ep_a, ep_b = n.endpoint(A_ADDR), n.endpoint(B_ADDR)
+        n.punch("a", ep_a, A, (E_ADDR, B_ADDR), SEC_A)
+        n.punch("b", ep_b, B, (A_ADDR,), SEC_B)
+        n.run(6.0)
+        self.assertIsInstance(n.results["a"], UDPPeerConnection)
+        sent = self.quic_to(n, E_ADDR)
+        self.assertTrue(sent)
+        self.assertEqual(len({t for t, _ in sent}), 1)  # all at the start time
+        self.assertLessEqual(sum(len(d) for _, d in sent), SPECULATIVE_BUDGET)
+
+    def test_no_retransmission_to_an_unproven_address(self) -> None:
+        """Nobody answers for the whole punch: QUIC's retransmissions never reach the speculative target."""
+        n = Net()
+        ep_a = n.endpoint(A_ADDR)
+        n.punch("a", ep_a, A, (B_ADDR,), SEC_A)
+        n.run(6.0)
+        n.results["a"].trap(PunchFailed)
+        sent = self.quic_to(n, B_ADDR)
+        self.assertEqual(len({t for t, _ in sent}), 1)  # all at the start time
+        self.assertLessEqual(sum(len(d) for _, d in sent), SPECULATIVE_BUDGET)
+        # The abandoned connection left no timer and no route, and said nothing on its way out.
+        self.assertEqual(n.clock.getDelayedCalls(), [])
+        self.assertEqual(ep_a.quicRoutes(), 0)
+
+    def test_speculative_initial_without_the_session_key_unanswered(self) -> None:
+        """A client whose probes fail the MAC sends its flight in vain: role 1 answers only proven addresses."""
+        n = Net()
+        ep_a, ep_b = n.endpoint(A_ADDR), n.endpoint(B_ADDR)
+        n.punch("a", ep_a, PunchSession("sess-1", b"x" * 32, 0, peer_id="bob"), (B_ADDR,), SEC_A)
+        n.punch("b", ep_b, B, (A_ADDR,), SEC_B, handshake_timeout=1.0)
+        n.run(6.0)
+        n.results["a"].trap(PunchFailed)
+        n.results["b"].trap(PunchFailed)
+        self.assertGreater(ep_b.unsolicited_quic, 0)
+        self.assertEqual([d for d in n.sent_by(B_ADDR) if is_quic(d)], [])
 
 
 class MuxRoutingTests(SynchronousTestCase):

@@ -1,5 +1,5 @@
 """
-TCP simultaneous open, its authentication handshake, and the connection it makes.
+TCP simultaneous open, TLS on every connection it makes, and the one both pick.
 
 Both peers bind the local port whose NAT mapping STUN-over-TCP learned
 (C{SO_REUSEADDR} + C{SO_REUSEPORT}, so several sockets share it) and call
@@ -10,50 +10,48 @@ try (RST, ICMP, timeout) is retried from a fresh socket on the same port until
 the window closes.  When a listening socket on that port is given, inbound
 connections are taken too (an open host or full-cone NAT needs no crossing).
 
-Every connected socket is adopted into the reactor and must pass the
-session handshake below; the first that does is the path, the rest are
-closed.  Anything that fails is closed and counted, so a third host that
-connects or injects cannot take the path.  TLS 1.3 then runs over the chosen
-socket (L{natbypass.secure.tls}), each side proving its identity key against
-the other's pin, and only then is the connection handed over: no application
-byte ever crosses this path in plaintext.
+Every connected socket, whichever way it connected, is adopted into the
+reactor and runs TLS 1.3 at once (L{natbypass.secure.tls}; role 0 is the
+client), each side proving its identity key and checking the other's with
+C{security.verify}.  TLS is what authenticates the path: a connection to
+anyone else (someone else's machine at a host candidate, a replayer, a party
+holding only the session key) fails its handshake and is closed and counted,
+without disturbing the others.  Both sides then agree on one connection::
 
-Session handshake (54-byte frames C{"NBT2" | type | role | nonce[16] | mac[32]},
-C{mac = HMAC-SHA256(key, "natbypass-tcp v2" | len(sid) | sid | type | role | nonce | peer nonce)})::
+    role 0 -> role 1   ClientHello                                    at once, on every connection
+    role 1 -> role 0   ServerHello ... Certificate, CertificateVerify, Finished
+                       role 0 takes the first connection whose handshake authenticated role 1:
+    role 0 -> role 1   Certificate, CertificateVerify, Finished, SELECT   role 0 ready; closes the others
+                       role 1 adopts the connection on which a valid SELECT arrives: ready; closes the others
 
-    role 0 -> role 1   CHALLENGE  nonce0, mac over nonce0           at once, on every connection
-    role 1 -> role 0   HELLO      nonce1, mac over nonce1 | nonce0  as soon as a valid CHALLENGE arrives
-    role 0 -> role 1   ACCEPT     nonce0, mac over nonce0 | nonce1  on the one connection role 0 picks
-    role 0 -> role 1   TLS ClientHello, in the same flight as ACCEPT
+SELECT is role 0's first application record, sent in the same flight as its
+Finished (L{select_record})::
 
-Each side's nonce is fresh for each connection, and each side only accepts a
-HELLO or ACCEPT whose MAC covers its own, so one recorded on one connection is
-refused on every other (the replay the first version allowed: its HELLO
-covered no nonce of role 0's).  A replayed CHALLENGE gains nothing: the HELLO
-it draws is good only on the connection that issued that challenge.  The role byte, fixed per type and covered by the MAC, refuses a
-frame reflected back to its sender.  Role 0 only answers HELLO on the one
-connection it picks, so when several come up (two candidates, connect and
-accept) both sides agree on one without another round trip: role 1 takes the
-connection on which ACCEPT arrives.
+    "NBT3" | HMAC-SHA256(session key, "natbypass-tcp select v3" | len(sid) | sid | exporter)
 
-Cost: role 0 knows the connection is fresh after one round trip (its
-challenge out, HELLO back) instead of half of one, so TLS starts half a round
-trip later than it would with a HELLO sent blind.  Half a round trip is the
-least any challenge of role 0's can cost; ACCEPT then travels with the
-ClientHello, so it adds nothing.  From the connected socket to both sides
-proven: 1 RTT (session handshake) + 1.5 RTT (TLS 1.3 with client
-certificates) + 0.5 RTT (the server's confirmation, see
-L{natbypass.secure.tls.CONFIRM}) = 3 RTT for role 0 and 2.5 RTT for role 1.
+with C{exporter} the connection's TLS exporter value (RFC 8446 section 7.5)
+for L{EXPORTER_LABEL}.  Inside TLS only role 0 can send it on this
+connection, and it is good on no other (the exporter differs); the MAC ties
+the mediator's session (its id and key) to this TLS channel, at no cost in
+round trips.  Role 1 delivers nothing before a valid SELECT, which it can
+only read once it has checked role 0's key.
 
-The session key proves only that the other end was introduced by the
-mediator; the mediator knows it too.  The identity keys (TLS) are what
-authenticate the peer, so a connection that passed the session handshake but
-fails TLS fails the attempt with the reason (see C{docs/security.md}).
+From the connected socket: role 0 is ready after 1 RTT, role 1 after 1.5
+RTT.  As in TLS 1.3 itself, role 0 is ready before role 1 has checked role
+0's key: a role 1 that refuses it answers with an alert, delivers nothing
+role 0 sent, and role 0's connection is lost with a
+L{natbypass.secure.tls.PeerRefusedUs} reason naming its key (see
+C{docs/security.md}, "TCP path").
+
+A connection that fails (a refused key, not TLS, no SELECT within
+C{handshake_timeout}) never fails the attempt while anything else is under
+way, or a stranger at a candidate could end it: the attempt fails when its
+window closes, or earlier once a key was refused and no connect, retry or
+handshake is left, and the reason names every key problem seen.
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import hashlib
 import hmac
@@ -62,11 +60,9 @@ import socket
 import struct
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import ClassVar
 
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReadDescriptor, ITCPTransport, ITransport, IWriteDescriptor
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -86,15 +82,12 @@ from natbypass.trust import PeerRejected
 
 Address = tuple[str, int]
 
-FRAME = struct.Struct("!4sBB16s32s")
-TCP_MAGIC = b"NBT2"
-CHALLENGE = 1
-HELLO = 2
-ACCEPT = 3
-#: The role that sends each frame type (covered by the MAC).
-SENDER = {CHALLENGE: 0, HELLO: 1, ACCEPT: 0}
-LABEL = b"natbypass-tcp v2"
-NONCE_SIZE = 16
+#: SELECT: magic and the MAC; role 0's first application bytes inside TLS.
+SELECT = struct.Struct("!4s32s")
+SELECT_MAGIC = b"NBT3"
+SELECT_LABEL = b"natbypass-tcp select v3"
+#: The TLS exporter label whose value SELECT's MAC covers.
+EXPORTER_LABEL = b"EXPORTER-natbypass-tcp-select"
 
 #: errno values after which a retry from a fresh socket makes sense.
 RETRYABLE = {
@@ -109,171 +102,37 @@ RETRYABLE = {
 }
 
 
-class TCPAuthError(ValueError):
-    """A handshake frame is malformed or fails verification (the one error type)."""
+class SelectError(ValueError):
+    """A SELECT record is malformed or does not verify (the one error type)."""
 
 
-@dataclass(frozen=True)
-class AuthFrame:
-    """One decoded handshake frame."""
-
-    type: int
-    role: int
-    nonce: bytes
-    mac: bytes
-
-
-def _mac(session: PunchSession, type_: int, nonce: bytes, peer_nonce: bytes = b"") -> bytes:
+def _select_mac(session: PunchSession, exporter: bytes) -> bytes:
     sid = session.sid
-    msg = LABEL + bytes([len(sid)]) + sid + bytes([type_, SENDER[type_]]) + nonce + peer_nonce
-    return hmac.new(session.key, msg, hashlib.sha256).digest()
+    return hmac.new(session.key, SELECT_LABEL + bytes([len(sid)]) + sid + exporter, hashlib.sha256).digest()
 
 
-def _frame(session: PunchSession, type_: int, nonce: bytes, peer_nonce: bytes = b"") -> bytes:
-    if len(nonce) != NONCE_SIZE:
-        raise ValueError(f"a nonce is {NONCE_SIZE} bytes, not {len(nonce)}")
-    return FRAME.pack(TCP_MAGIC, type_, SENDER[type_], nonce, _mac(session, type_, nonce, peer_nonce))
-
-
-def challenge_frame(session: PunchSession, nonce0: bytes) -> bytes:
-    """The frame role 0 sends on every connection as soon as it is up."""
-    return _frame(session, CHALLENGE, nonce0)
-
-
-def hello_frame(session: PunchSession, nonce1: bytes, nonce0: bytes) -> bytes:
-    """Role 1's answer to the CHALLENGE carrying C{nonce0}."""
-    return _frame(session, HELLO, nonce1, nonce0)
-
-
-def accept_frame(session: PunchSession, nonce0: bytes, nonce1: bytes) -> bytes:
-    """The frame role 0 sends on the one connection it picks, answering the HELLO carrying C{nonce1}."""
-    return _frame(session, ACCEPT, nonce0, nonce1)
-
-
-def parse_frame(data: bytes) -> AuthFrame:
-    """Decode exactly one frame; raise L{TCPAuthError} for anything else."""
-    if len(data) != FRAME.size:
-        raise TCPAuthError(f"a handshake frame is {FRAME.size} bytes, not {len(data)}")
-    magic, type_, role, nonce, mac = FRAME.unpack(data)
-    if magic != TCP_MAGIC:
-        raise TCPAuthError(f"bad magic {magic!r}: not a NATbypass peer (or a version without TLS)")
-    if type_ not in SENDER or role != SENDER[type_]:
-        raise TCPAuthError(f"bad frame type {type_} / role {role}")
-    return AuthFrame(type_, role, nonce, mac)
-
-
-class HandshakeState(enum.StrEnum):
-    """Where a L{TCPHandshake} is."""
-
-    #: Nothing verified yet (role 0 has sent its CHALLENGE; role 1 waits for it).
-    WAITING = "waiting"
-    #: Role 1: a valid CHALLENGE arrived and was answered with HELLO; waiting for ACCEPT.
-    ANSWERED = "answered"
-    #: Role 0: a HELLO over our nonce arrived; L{TCPHandshake.accept} picks this connection.
-    VERIFIED = "verified"
-    #: This connection is the path; TLS comes next.
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class HandshakeOutput:
-    """What one L{TCPHandshake.dataReceived} produced."""
-
-    #: Frames to write to the connection now.
-    send: bytes = b""
-    #: Bytes that followed the handshake (the start of TLS), once it is C{DONE}.
-    rest: bytes = b""
-
-
-class TCPHandshake:
+def select_record(session: PunchSession, exporter: bytes) -> bytes:
     """
-    The session handshake of one connection, pure: feed it bytes, get bytes
-    to send and a L{HandshakeState}.
+    The SELECT role 0 sends inside TLS on the one connection it picks.
 
-    Role 0: C{WAITING} -> C{VERIFIED} (a HELLO over our nonce arrived; we may
-    L{accept}) -> C{DONE}.  Role 1: C{WAITING} -> C{ANSWERED} (HELLO sent)
-    -> C{DONE} (ACCEPT over our nonce arrived).  Either may end C{FAILED},
-    with L{error} saying why.
-
-    @param nonce: this connection's fresh random nonce (16 bytes); never
-        reuse one across connections.
+    @param exporter: that connection's TLS exporter value for
+        L{EXPORTER_LABEL} (L{SecureTLS.exporter}).
     """
-
-    def __init__(self, session: PunchSession, nonce: bytes) -> None:
-        if len(nonce) != NONCE_SIZE:
-            raise ValueError(f"a nonce is {NONCE_SIZE} bytes, not {len(nonce)}")
-        self._session = session
-        self._nonce = nonce
-        self._buffer = b""
-        self._peer_nonce = b""
-        self.state = HandshakeState.WAITING
-        self.error = ""
-
-    def start(self) -> bytes:
-        """What to send as soon as the connection is up: role 0's CHALLENGE."""
-        return challenge_frame(self._session, self._nonce) if self._session.role == 0 else b""
-
-    def dataReceived(self, data: bytes) -> HandshakeOutput:
-        """Consume handshake bytes (any slicing); see L{HandshakeOutput}."""
-        if self.state not in (HandshakeState.WAITING, HandshakeState.ANSWERED):
-            raise RuntimeError(f"handshake is {self.state}")
-        self._buffer += data
-        send = b""
-        while self.state in (HandshakeState.WAITING, HandshakeState.ANSWERED) and len(self._buffer) >= FRAME.size:
-            raw, self._buffer = self._buffer[: FRAME.size], self._buffer[FRAME.size :]
-            try:
-                send += self._frameReceived(parse_frame(raw))
-            except TCPAuthError as e:
-                self.state, self.error, self._buffer = HandshakeState.FAILED, str(e), b""
-                return HandshakeOutput()
-        if self.state is HandshakeState.VERIFIED and self._buffer:
-            # Role 1 sends nothing after HELLO until it has our ACCEPT.
-            self.state, self.error, self._buffer = HandshakeState.FAILED, "data after HELLO, before ACCEPT", b""
-            return HandshakeOutput()
-        rest = b""
-        if self.state is HandshakeState.DONE:
-            rest, self._buffer = self._buffer, b""
-        return HandshakeOutput(send, rest)
-
-    def _frameReceived(self, frame: AuthFrame) -> bytes:
-        s = self._session
-        if frame.role != s.peer_role:
-            raise TCPAuthError("the frame carries our own role: a reflection")
-        expected_type = {
-            (0, HandshakeState.WAITING): HELLO,
-            (1, HandshakeState.WAITING): CHALLENGE,
-            (1, HandshakeState.ANSWERED): ACCEPT,
-        }[s.role, self.state]
-        if frame.type != expected_type:
-            raise TCPAuthError(f"unexpected frame type {frame.type} (expected {expected_type})")
-        if frame.type == ACCEPT and not hmac.compare_digest(frame.nonce, self._peer_nonce):
-            raise TCPAuthError("ACCEPT names another CHALLENGE than this connection's")
-        mine = b"" if frame.type == CHALLENGE else self._nonce
-        if not hmac.compare_digest(_mac(s, frame.type, frame.nonce, mine), frame.mac):
-            what = "" if frame.type == CHALLENGE else " over our nonce (a replay, or another session key)"
-            raise TCPAuthError(f"MAC does not verify with the session key{what}")
-        if frame.type == CHALLENGE:
-            self._peer_nonce = frame.nonce
-            self.state = HandshakeState.ANSWERED
-            return hello_frame(s, self._nonce, frame.nonce)
-        if frame.type == HELLO:
-            self._peer_nonce = frame.nonce
-            self.state = HandshakeState.VERIFIED
-        else:
-            self.state = HandshakeState.DONE
-        return b""
-
-    def accept(self) -> bytes:
-        """Role 0: pick this connection; returns the ACCEPT frame to send."""
-        if self.state is not HandshakeState.VERIFIED:
-            raise RuntimeError(f"cannot accept a handshake that is {self.state}")
-        self.state = HandshakeState.DONE
-        return accept_frame(self._session, self._nonce, self._peer_nonce)
+    return SELECT.pack(SELECT_MAGIC, _select_mac(session, exporter))
 
 
-def _address(host: str, port: int) -> IPv4Address | IPv6Address:
-    return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+def check_select(session: PunchSession, exporter: bytes, data: bytes) -> None:
+    """
+    Check that C{data} is exactly the SELECT of C{session} for the TLS
+    channel whose exporter value is C{exporter}; raise L{SelectError} if not.
+    """
+    if len(data) != SELECT.size:
+        raise SelectError(f"a SELECT is {SELECT.size} bytes, not {len(data)}")
+    magic, mac = SELECT.unpack(data)
+    if magic != SELECT_MAGIC:
+        raise SelectError(f"bad SELECT magic {magic!r}: not a NATbypass peer of this version")
+    if not hmac.compare_digest(mac, _select_mac(session, exporter)):
+        raise SelectError("the SELECT does not verify with this session's id and key (another session?)")
 
 
 def _describe(address: object) -> str:
@@ -336,45 +195,68 @@ class _Acceptor:
         return "TCPPunchAccept"
 
 
+class _TLSApp(Protocol):
+    """What TLS connects on one adopted socket once it authenticated the peer."""
+
+    def __init__(self, proto: _HandshakeProtocol) -> None:
+        self._proto = proto
+
+    def dataReceived(self, data: bytes) -> None:
+        self._proto._appData(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._proto._appLost(reason)
+
+
 class _HandshakeProtocol(Protocol):
     """
-    The protocol of an adopted socket: runs the session handshake, then (on
-    the chosen connection) hands every byte to TLS.
+    The protocol of an adopted socket: runs TLS over it at once (role 1
+    then waits for SELECT) and, once this socket is the path, feeds its
+    L{TCPPeerConnection}.
     """
 
     def __init__(self, attempt: TCPPunchAttempt, how: str) -> None:
         self.attempt = attempt
         self.how = how
-        self.handshake = TCPHandshake(attempt.session, attempt.nonce_source())
-        #: TLS over this connection, once the handshake chose it.
+        #: TLS over this socket, from the moment it connected.
         self.tls: SecureTLS | None = None
         self.timer = None
         #: When the socket was connected (the attempt's clock).
         self.started = 0.0
+        #: Already refused and counted (closing).
+        self.refused = False
+        #: Role 1: the first application bytes, until they make a SELECT.
+        self.select = b""
+        #: The path, once this socket is it.
+        self.connection: TCPPeerConnection | None = None
 
     def connectionMade(self) -> None:
         self.started = self.attempt.reactor.seconds()
-        self.attempt._handshakeStarted(self)
-        first = self.handshake.start()
-        if first:
-            self.transport.write(first)
+        self.tls = self.attempt._handshakeStarted(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self.tls is not None:
             self.tls.protocol.dataReceived(data)
-            return
-        if self.handshake.state not in (HandshakeState.WAITING, HandshakeState.ANSWERED):
-            return  # failed and being closed
-        out = self.handshake.dataReceived(data)
-        if out.send:
-            self.transport.write(out.send)
-        self.attempt._handshakeProgress(self, out.rest)
 
     def connectionLost(self, reason: Failure) -> None:
         if self.tls is not None:
             self.tls.protocol.connectionLost(reason)
-        else:
-            self.attempt._handshakeLost(self, reason)
+        if self.connection is None:
+            self.attempt._handshakeLost(self)
+
+    def _appData(self, data: bytes) -> None:
+        if self.connection is not None:
+            self.connection._dataReceived(data)
+        elif self.attempt.session.role == 1 and not self.refused:
+            self.select += data
+            if len(self.select) >= SELECT.size:
+                record, rest, self.select = self.select[: SELECT.size], self.select[SELECT.size :], b""
+                self.attempt._selectReceived(self, record, rest)
+        # Role 0 picks a connection as its handshake completes, before any data: the rest are closing.
+
+    def _appLost(self, reason: Failure) -> None:
+        if self.connection is not None:
+            self.connection._connectionLost(reason)
 
 
 class TCPPunchAttempt:
@@ -400,7 +282,6 @@ class TCPPunchAttempt:
         handshake_timeout: float = 2.0,
         listener: socket.socket | None = None,
         keepalive_interval: float | None = 15.0,
-        nonce_source: Callable[[], bytes] = lambda: os.urandom(NONCE_SIZE),
         *,
         security: ChannelSecurity,
     ) -> None:
@@ -409,7 +290,6 @@ class TCPPunchAttempt:
         self.security = security
         self.local = local
         self.candidates = list(dict.fromkeys(candidates))
-        self.nonce_source = nonce_source
         self._window = window
         self._retry = retry_interval
         self._connect_timeout = connect_timeout
@@ -417,14 +297,17 @@ class TCPPunchAttempt:
         self._keepalive = keepalive_interval
         self._pending: set[_PendingConnect] = set()
         self._retries: dict[Address, object] = {}
+        #: Adopted sockets whose TLS (or, on role 1, SELECT) is under way.
         self._handshakes: set[_HandshakeProtocol] = set()
-        #: The connection the session handshake chose, while TLS runs on it.
-        self._chosen: _HandshakeProtocol | None = None
+        #: Our certificate, made once for every connection of the attempt.
+        self._certificate = security.identity.certificate(reactor)
+        #: What refused connections said about keys, for the failure reason.
+        self.refusals: list[str] = []
         self._acceptor = None
         if listener is not None:
             if listener in self._listeners_in_use:
-                # Accepted sockets cannot be told apart by session before the
-                # handshake, so one attempt at a time takes them.  Without the
+                # Accepted sockets cannot be told apart by session before
+                # SELECT, so one attempt at a time takes them.  Without the
                 # listener the crossing connects still work.
                 self.log.warn(
                     "port {port} is already accepting for another attempt; this one only connects out",
@@ -495,9 +378,12 @@ class TCPPunchAttempt:
             return
         if code not in RETRYABLE:
             self.log.warn("not retrying {target}: {error}", target=format_address(target), error=os.strerror(code))
+            self._settle()
             return
         if self.reactor.seconds() + self._retry < self._deadline:
             self._retries[target] = self.reactor.callLater(self._retry, self._try, target)
+        else:
+            self._settle()
 
     def _adopt(self, sock: socket.socket, how: str) -> None:
         try:
@@ -509,123 +395,146 @@ class TCPPunchAttempt:
         finally:
             sock.close()  # the reactor holds its own duplicate
 
-    # -- handshakes
+    # -- TLS on every connection
 
-    def _handshakeStarted(self, proto: _HandshakeProtocol) -> None:
+    def _handshakeStarted(self, proto: _HandshakeProtocol) -> SecureTLS | None:
+        """C{proto} connected: start TLS on it at once (role 0 sends its ClientHello)."""
+        if self._done:
+            proto.refused = True
+            proto.transport.abortConnection()
+            return None
         self._handshakes.add(proto)
         proto.timer = self.reactor.callLater(self._handshake_timeout, self._handshakeTimeout, proto)
+        sec = self.security
+        tls = start_tls(
+            proto.transport,
+            _TLSApp(proto),
+            sec.identity,
+            sec.verify,
+            self.session.role,
+            self.reactor,
+            certificate=self._certificate,
+        )
+        tls.handshake.addCallbacks(self._authenticated, self._tlsFailed, callbackArgs=(proto,), errbackArgs=(proto,))
+        return tls
 
-    def _handshakeTimeout(self, proto: _HandshakeProtocol) -> None:
-        proto.timer = None
-        self.invalid += 1
-        self.log.info("no handshake from {peer} ({how}); closing it", peer=proto.transport.getPeer(), how=proto.how)
-        proto.transport.abortConnection()
-
-    def _handshakeProgress(self, proto: _HandshakeProtocol, rest: bytes) -> None:
-        hs = proto.handshake
-        if hs.state is HandshakeState.FAILED:
-            self.invalid += 1
-            self.log.info(
-                "rejecting {peer} ({how}): {error}", peer=proto.transport.getPeer(), how=proto.how, error=hs.error
-            )
+    def _authenticated(self, fingerprint: Fingerprint, proto: _HandshakeProtocol) -> None:
+        """TLS on C{proto} proved the peer's key (on role 1: and the peer's SELECT comes next)."""
+        if self._done or proto.refused:
             proto.transport.abortConnection()
             return
-        if hs.state is HandshakeState.VERIFIED:  # role 0: the first verified connection is the path
-            proto.transport.write(hs.accept())
-        if hs.state is HandshakeState.DONE:
-            self._choose(proto, rest)
+        if self.session.role == 1:
+            self.log.debug(
+                "{peer} ({how}) proved {fingerprint}; waiting for SELECT",
+                peer=proto.transport.getPeer(),
+                how=proto.how,
+                fingerprint=str(fingerprint),
+            )
+            return
+        # Role 0: the first connection that authenticated role 1 is the path.
+        assert proto.tls is not None
+        proto.tls.send_now(select_record(self.session, proto.tls.exporter(EXPORTER_LABEL)))
+        self._choose(proto, b"")
 
-    def _handshakeLost(self, proto: _HandshakeProtocol, reason: Failure) -> None:
-        self._handshakes.discard(proto)
-        if proto.timer is not None and proto.timer.active():
-            proto.timer.cancel()
-
-    # -- TLS on the chosen connection
+    def _selectReceived(self, proto: _HandshakeProtocol, record: bytes, rest: bytes) -> None:
+        """Role 1: the first application bytes on C{proto}, after TLS proved role 0's key."""
+        assert proto.tls is not None
+        try:
+            check_select(self.session, proto.tls.exporter(EXPORTER_LABEL), record)
+        except SelectError as e:
+            self._refuse(proto, str(e))
+            return
+        if self._done:
+            proto.transport.abortConnection()
+            return
+        self._choose(proto, rest)
 
     def _choose(self, proto: _HandshakeProtocol, rest: bytes) -> None:
-        """The session handshake chose C{proto}: close the others, start TLS on it."""
+        """C{proto} is the path: close every other connection and hand it over."""
         self._handshakes.discard(proto)
         if proto.timer is not None and proto.timer.active():
             proto.timer.cancel()
+        proto.timer = None
         self._stopTrying()
-        self._chosen = proto
-        self.log.debug(
-            "session handshake chose {peer} ({how}); starting TLS", peer=proto.transport.getPeer(), how=proto.how
-        )
-        conn = TCPPeerConnection(self.session, proto.transport, keepalive_interval=self._keepalive)
-        proto.timer = self.reactor.callLater(self._handshake_timeout, self._tlsTimeout, proto)
-        sec = self.security
-        proto.tls = start_tls(proto.transport, conn._app, sec.identity, sec.verify, self.session.role, self.reactor)
-        proto.tls.handshake.addCallbacks(
-            self._secured, self._tlsFailed, callbackArgs=(proto, conn), errbackArgs=(proto,)
-        )
-        if rest:
-            proto.tls.protocol.dataReceived(rest)
-
-    def _secured(self, fingerprint: Fingerprint, proto: _HandshakeProtocol, conn: TCPPeerConnection) -> None:
-        if proto.timer is not None and proto.timer.active():
-            proto.timer.cancel()
-        self._chosen = None
-        if self.deferred.called:  # cancelled meanwhile
-            proto.transport.abortConnection()
-            return
         assert proto.tls is not None
+        conn = TCPPeerConnection(self.session, proto.transport, keepalive_interval=self._keepalive)
         conn._secured(proto.tls, (self.reactor.seconds() - proto.started) * 1000)
+        proto.connection = conn
+        if rest:
+            conn._dataReceived(rest)
         self.log.info(
             "TCP path to {peer_id} via {remote} ({how}): {cipher}, peer key {fingerprint}, {ms:.1f} ms",
             peer_id=self.session.peer_id,
             remote=proto.transport.getPeer(),
             how=proto.how,
             cipher=conn.cipher,
-            fingerprint=str(fingerprint),
+            fingerprint=str(conn.peer_fingerprint),
             ms=conn.handshake_ms,
         )
         self.deferred.callback(conn)
 
+    def _refuse(self, proto: _HandshakeProtocol, reason: str, key_problem: bool = False) -> None:
+        """Count C{proto} as failed, remember a key problem, close it; the attempt goes on."""
+        proto.refused = True
+        self.invalid += 1
+        described = f"{_describe(proto.transport.getPeer())} ({proto.how}): {reason}"
+        if key_problem and described not in self.refusals:
+            self.refusals.append(described)
+        self.log.info("dropping {what}", what=described)
+        proto.transport.abortConnection()
+
     def _tlsFailed(self, failure: Failure, proto: _HandshakeProtocol) -> None:
+        """TLS on C{proto} failed (it is lost): count it, and keep what it says about keys."""
+        if self._done or proto.refused:
+            return
+        if failure.check(PeerRejected):
+            self._refuse(proto, f"its identity key was refused: {failure.value}", key_problem=True)
+        elif failure.check(PeerRefusedUs):
+            self._refuse(proto, str(failure.value), key_problem=True)
+        else:
+            self._refuse(proto, f"TLS failed: {failure.getErrorMessage()}")
+
+    def _handshakeTimeout(self, proto: _HandshakeProtocol) -> None:
+        proto.timer = None
+        waiting = "SELECT" if proto.tls is not None and proto.tls.handshake.called else "TLS handshake"
+        self._refuse(proto, f"no {waiting} within {self._handshake_timeout:g} s")
+
+    def _handshakeLost(self, proto: _HandshakeProtocol) -> None:
+        self._handshakes.discard(proto)
         if proto.timer is not None and proto.timer.active():
             proto.timer.cancel()
-        self._chosen = None
-        proto.transport.abortConnection()
-        if self.deferred.called:
-            return
-        peer = _describe(proto.transport.getPeer())
-        if failure.check(PeerRejected):
-            reason = f"{peer} passed the session handshake, but its identity key was refused: {failure.value}"
-        elif failure.check(PeerRefusedUs):
-            reason = f"{peer} passed the session handshake, but {failure.value}"
-        else:
-            reason = f"TLS with {peer} failed after the session handshake: {failure.getErrorMessage()}"
-        self.log.warn("TCP path to {peer_id} refused: {reason}", peer_id=self.session.peer_id, reason=reason)
-        self.deferred.errback(PunchFailed("tcp", reason))
-
-    def _tlsTimeout(self, proto: _HandshakeProtocol) -> None:
         proto.timer = None
-        self._chosen = None
-        if not self.deferred.called:
-            self.deferred.errback(
-                PunchFailed(
-                    "tcp",
-                    f"{_describe(proto.transport.getPeer())} passed the session handshake, "
-                    f"but TLS did not complete within {self._handshake_timeout:g} s",
-                )
-            )
-        proto.transport.abortConnection()
+        self._settle()
 
     # -- ending
 
     def _expire(self) -> None:
         self._timeout = None
-        if self._done:
+        if not self._done:
+            self._fail(f"no authenticated TCP connection within {self._window:g} s from local port {self.local[1]}")
+
+    def _settle(self) -> None:
+        """
+        Fail before the window closes when a key was refused and nothing else
+        is under way: connects started, none pending or due for a retry, no
+        connection in its handshake.  While anything is, a refusal (which a
+        stranger at a candidate can cause) ends nothing.
+        """
+        if self._done or not self.refusals or self._start_call is not None:
             return
+        if self._pending or self._retries or self._handshakes:
+            return
+        self._fail(f"no authenticated TCP connection from local port {self.local[1]}, and nothing left to try")
+
+    def _fail(self, headline: str) -> None:
         self._finish()
         tried = ", ".join(f"{format_address(t)} x{self.tries[t]}" for t in self.candidates) or "none"
         errors = ", ".join(f"{k} x{v}" for k, v in sorted(self.errors.items())) or "none"
+        keys = "".join(f"{r}; " for r in self.refusals)
         self.deferred.errback(
             PunchFailed(
                 "tcp",
-                f"no authenticated TCP connection within {self._window:g} s from local port "
-                f"{self.local[1]}: connect tries {tried}; errors {errors}; "
+                f"{headline}: {keys}connect tries {tried}; errors {errors}; "
                 f"{self.invalid} connections failed the handshake",
             )
         )
@@ -646,19 +555,15 @@ class TCPPunchAttempt:
                 pending.timer.cancel()
             pending.sock.close()
         for proto in list(self._handshakes):
+            self._handshakeLost(proto)
             proto.transport.abortConnection()
         if self._acceptor is not None:
             self.reactor.removeReader(self._acceptor)
             self._listeners_in_use.discard(self._acceptor.sock)
 
     def _finish(self) -> None:
-        """Stop everything still running, including TLS on a chosen connection (cancel, expiry)."""
+        """Stop everything still running (cancel, expiry)."""
         self._stopTrying()
-        proto, self._chosen = self._chosen, None
-        if proto is not None:
-            if proto.timer is not None and proto.timer.active():
-                proto.timer.cancel()
-            proto.transport.abortConnection()
 
 
 def punch_tcp(
@@ -688,15 +593,21 @@ def punch_tcp(
     on the same one only connects out (enough unless the peer's SYNs come
     before ours, e.g. on loopback).
 
-    The first connection to pass the session handshake is the path; TLS 1.3
-    then runs over it (role 0 is the client), proving C{security.identity}
-    and checking the peer's key with C{security.verify}, within
-    C{handshake_timeout} seconds.
+    TLS 1.3 runs on every connection (role 0 is the client), proving
+    C{security.identity} and checking the peer's key with
+    C{security.verify}; a connection must authenticate the peer (on role 1:
+    and bring role 0's SELECT) within C{handshake_timeout} seconds of
+    connecting, or it is closed.  Role 0 takes the first connection whose
+    handshake authenticated role 1 and selects it; role 1 the one selected.
 
-    Fires with a L{TCPPeerConnection} once both sides are authenticated, or
-    fails with L{PunchFailed} (a refused key: its reason is the
-    L{natbypass.trust.PeerRejected} message, or says the peer refused ours);
-    cancelling it closes every socket it opened.
+    Fires with a L{TCPPeerConnection} once TLS authenticated the peer on the
+    chosen connection (on role 0 before role 1 has checked our key: if it
+    refuses it, the connection is then lost with a
+    L{natbypass.secure.tls.PeerRefusedUs} reason); or fails with
+    L{PunchFailed} when the window closes, its reason naming every refused
+    key (the L{natbypass.trust.PeerRejected} message, or that the peer
+    refused ours); earlier once a key was refused and nothing else is under
+    way.  Cancelling it closes every socket it opened.
     """
     return TCPPunchAttempt(
         reactor,
@@ -714,34 +625,22 @@ def punch_tcp(
     ).deferred
 
 
-class _StreamApp(Protocol):
-    """The application protocol TLS connects once both sides are proven: feeds the connection."""
-
-    def __init__(self, connection: TCPPeerConnection) -> None:
-        self._connection = connection
-
-    def dataReceived(self, data: bytes) -> None:
-        self._connection._dataReceived(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._connection._connectionLost(reason)
-
-
 @implementer(IPeerConnection)
 class TCPPeerConnection(PathConnection):
     """
     A TCP path secured by TLS 1.3: an ordered byte stream, encrypted and
     authenticated end to end by both sides' identity keys.
 
-    Made by L{punch_tcp} when TLS starts and handed over only once both
-    sides are proven; C{send} writes only into TLS.  The kernel's TCP
+    Made by L{punch_tcp} once TLS authenticated the peer on the chosen
+    socket; C{send} writes only into TLS.  The kernel's TCP
     keepalive (every C{keepalive_interval} seconds, 3 probes) holds the NAT
     mapping and notices a dead path.
 
     @ivar peer_fingerprint: the key the peer proved it holds.
     @ivar cipher: e.g. C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}.
-    @ivar handshake_ms: from the connected socket to both sides proven
-        (session handshake and TLS), on the attempt's clock.
+    @ivar handshake_ms: from the connected socket to this side ready (TLS
+        authenticated the peer and, on role 1, SELECT arrived), on the
+        attempt's clock.
     """
 
     log = Logger()
@@ -762,7 +661,6 @@ class TCPPeerConnection(PathConnection):
         self._raw = transport
         #: The TLS transport, once secured; the only thing C{send} writes to.
         self._tls: ITransport | None = None
-        self._app = _StreamApp(self)
         self.local_address = transport.getHost()
         self.remote_address = transport.getPeer()
         self.peer_fingerprint: Fingerprint | None = None
@@ -778,7 +676,7 @@ class TCPPeerConnection(PathConnection):
         return f"<TCPPeerConnection {self.peer_id!r} {self.remote_address} {self.peer_fingerprint}>"
 
     def _secured(self, tls: SecureTLS, handshake_ms: float) -> None:
-        """TLS proved both sides: from now on the connection carries data."""
+        """TLS proved the peer and this socket is the path: from now on it carries data."""
         self._tls = tls.protocol
         self.peer_fingerprint = tls.peer_fingerprint
         self.cipher = tls.cipher

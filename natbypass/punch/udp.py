@@ -5,9 +5,12 @@ L{UDPPunchMachine} holds all punch decisions and no I/O: it is told the time
 and the packets that arrived, and answers with actions (send these bytes
 there; this address proved the session key; the path is chosen; give up
 because ...).  L{UDPPunchAttempt} runs it on a
-L{natbypass.punch.mux.PunchEndpoint} with an injected clock, then secures the
-chosen path with a L{natbypass.secure.quic.QuicChannel} on the same socket:
-role 0 is the QUIC client, role 1 the server.  Only when the channel proved
+L{natbypass.punch.mux.PunchEndpoint} with an injected clock and secures the
+path with a L{natbypass.secure.quic.QuicChannel} on the same socket: role 0
+is the QUIC client, role 1 the server.  The handshake overlaps the punch:
+role 0 sends its first flight at the start time to one candidate (a bounded
+speculation) and moves to the first address that proves the session key if
+that one does not answer; role 1 answers only addresses that proved it.  Only when the channel proved
 the peer's identity key (and the key passed the C{ChannelSecurity}'s check)
 does it hand out a L{UDPPeerConnection}: datagrams are QUIC DATAGRAM frames
 (RFC 9221), liveness is QUIC's idle timeout kept open by periodic PINGs,
@@ -58,6 +61,14 @@ NonceSource = Callable[[], int]
 
 #: How many peer-reflexive addresses an attempt learns at most (default).
 MAX_LEARNED = 8
+#: What role 0 may send to its speculative QUIC target before that address
+#: proved the session key: one first flight, once (qh3 2.1: two 1,280-byte
+#: datagrams, its ClientHello carries an X25519MLKEM768 key share; aioquic:
+#: one of 1,200).  QUIC's retransmissions to it wait for the proof.
+SPECULATIVE_BUDGET = 2 * 1280
+#: How many QUIC connections role 1 answers in one attempt: a client starts at
+#: most three (speculative, at the first proof, at the first ACK).
+MAX_HANDSHAKES = 4
 #: RFC 9000 section 10.2.3: an application close sent before the handshake is
 #: confirmed travels as a transport APPLICATION_ERROR; a peer that refuses our
 #: key as its handshake completes closes with it.
@@ -472,14 +483,76 @@ class AttemptState(enum.StrEnum):
     DONE = "done"
 
 
+class _ChannelSend:
+    """
+    The C{send} of one QUIC channel of an attempt: the endpoint's C{sendTo}
+    behind the speculative budget.
+
+    To an address that has not proved the session key (the speculative
+    target of role 0), and before the peer answered, at most C{budget} bytes
+    go out: the first flight, once; QUIC's retransmissions are dropped
+    (counted in C{withheld}) until the address is proven, when
+    L{UDPPunchAttempt} resends the recorded first flight itself.
+    """
+
+    def __init__(self, endpoint: PunchEndpoint, proven: Callable[[Address], bool], budget: int) -> None:
+        self._endpoint = endpoint
+        self._proven = proven
+        self._budget = budget
+        self.channel: QuicChannel | None = None
+        self.recording = False
+        #: The datagrams of the first flight (what C{channel.start()} sent).
+        self.flight: list[bytes] = []
+        #: Bytes sent to the address before it proved the session key.
+        self.unproven_bytes = 0
+        #: Datagrams not sent because the budget was spent.
+        self.withheld = 0
+
+    def __call__(self, data: bytes, addr: Address) -> None:
+        if self.recording:
+            self.flight.append(data)
+        answered = self.channel is not None and self.channel.answered
+        if not answered and not self._proven(addr):
+            if self.unproven_bytes + len(data) > self._budget:
+                self.withheld += 1
+                return
+            self.unproven_bytes += len(data)
+        self._endpoint.sendTo(data, addr)
+
+
 class UDPPunchAttempt:
     """
-    Runs a L{UDPPunchMachine} on a shared socket with an injected clock, then
-    the QUIC handshake on the path it chose.
+    Runs a L{UDPPunchMachine} on a shared socket with an injected clock, and
+    the QUIC handshake alongside it.
 
-    Use L{punch_udp}; this class is the punch packet handler it registers
-    (and, for role 1, the QUIC handler of the addresses the peer proved with
-    the session key, until the peer's Initial arrives from one of them).
+    Role 0 (the QUIC client) does not wait for the punch to finish: it
+    starts its client as soon as it has evidence of a path, and moves it
+    when better evidence shows the first guess was wrong:
+
+      1. I{speculative} (with C{speculate}): at the start time, right after
+         the first probe to that candidate, with at most one first flight
+         (L{SPECULATIVE_BUDGET}) sent there before it proves the session key;
+      2. at the first address that proved the session key (the peer's first
+         probe, half a round trip after a synchronised start; or an ACK);
+      3. at the address of the first ACK (proven both ways).
+
+    A client that has not been answered moves to newer evidence (it is
+    abandoned silently, its route removed and its timer cancelled); one that
+    was answered, or that runs on a proven address while the evidence is
+    only a probe, stays.  When the first ACK from the speculative target
+    echoes a probe sent I{after} the speculative flight (so the probe sent
+    with it was lost: the peer's NAT dropped that first round, before the
+    peer's own first probe opened it), the flight is sent there once more,
+    at once, rather than after QUIC's probe timeout.
+
+    Role 1 (the server) routes QUIC from every address that proved the
+    session key to this attempt until its channel is ready, answers the
+    first Initial from one of them, and, if the client starts a new
+    connection (an Initial with a new source connection id, from the same
+    or another proven address), drops the pending one and answers the new
+    one, at most L{MAX_HANDSHAKES} times.
+
+    Use L{punch_udp}; this class is the punch packet handler it registers.
     """
 
     log = Logger()
@@ -490,10 +563,12 @@ class UDPPunchAttempt:
         session: PunchSession,
         machine: UDPPunchMachine,
         clock: IReactorTime,
-        make_channel: Callable[[Address], QuicChannel],
+        make_channel: Callable[[Address, Callable[[bytes, Address], None]], QuicChannel],
         make_connection: Callable[[QuicChannel, float], UDPPeerConnection],
         security: ChannelSecurity,
         handshake_timeout: float = 5.0,
+        speculate: Address | None = None,
+        speculative_budget: int = SPECULATIVE_BUDGET,
     ) -> None:
         self._endpoint = endpoint
         self._session = session
@@ -503,16 +578,24 @@ class UDPPunchAttempt:
         self._make_connection = make_connection
         self._security = security
         self._handshake_timeout = handshake_timeout
+        self._speculate = speculate if session.role == 0 else None
+        self._speculated = False
+        self._budget = speculative_budget
         self._timer: IDelayedCall | None = None
         self._handshake_timer: IDelayedCall | None = None
         self._routes: list[Address] = []
         self._channel: QuicChannel | None = None
+        self._send: _ChannelSend | None = None
         self._remote: Address | None = None
+        self._resend = False
+        self._flight_at = 0.0
         self._rtt: float | None = None
         self._punched_at: float | None = None
         self.state = AttemptState.PUNCHING
-        #: QUIC packets from a verified address that were not an Initial (before the channel).
+        #: QUIC packets from a verified address that were neither for the channel nor a new Initial.
         self.stray_quic = 0
+        #: QUIC connections started (role 0) or answered (role 1).
+        self.handshakes = 0
         self.deferred: Deferred[UDPPeerConnection] = Deferred(lambda d: self._cancel())
         endpoint.register(session.sid, self)
         self._run([])
@@ -534,15 +617,22 @@ class UDPPunchAttempt:
             if isinstance(action, Send):
                 self._endpoint.sendTo(action.data, action.address)
             elif isinstance(action, Verified):
-                if self._session.role == 1 and self._channel is None:
-                    # Bounded: candidates plus at most max_learned addresses.
-                    self._routes.append(action.address)
-                    self._endpoint.routeQuic(action.address, self)
+                self._verified(action.address)
             elif isinstance(action, Selected):
                 self._selected(action.address, action.rtt)
             elif isinstance(action, Failed):
+                if self._handshake_timer is not None:
+                    # A handshake on a proven path is under way: its timeout decides.
+                    continue
                 self._fail(action.reason)
                 return
+        if self.state is AttemptState.DONE:
+            return
+        if not self._speculated and self._machine.state is not PunchState.WAITING:
+            # Right after the first round of probes, so the target has our probe first.
+            self._speculated = True
+            if self._speculate is not None and self._channel is None:
+                self._startClient(self._speculate)
         wake = self._machine.next_wakeup()
         if wake is None:
             self._stopTimer()
@@ -554,55 +644,122 @@ class UDPPunchAttempt:
         else:
             self._timer.reset(delay)
 
+    def _verified(self, address: Address) -> None:
+        if self._session.role == 1:
+            # Bounded: candidates plus at most max_learned addresses.
+            self._routes.append(address)
+            self._endpoint.routeQuic(address, self)
+        else:
+            self._proven(address)
+
     def _selected(self, address: Address, rtt: float) -> None:
         self._stopTimer()
         self._rtt = rtt
         self.log.info(
-            "UDP path to {peer_id} via {address} (rtt {rtt_ms:.1f} ms); securing it with QUIC",
+            "UDP path to {peer_id} via {address} (rtt {rtt_ms:.1f} ms)",
             peer_id=self._session.peer_id,
             address=format_address(address),
             rtt_ms=rtt * 1000,
         )
         if self._session.role == 0:
-            # The QUIC client starts at the first authenticated ACK: no further punch step.
-            self._adopt(address)
+            self._proven(address, probe_sent=self._clock.seconds() - rtt)
         else:
             # The server follows the client's choice: it waits for the Initial
             # (from this or another verified address), within the handshake timeout.
-            self._punched_at = self._clock.seconds()
+            if self._punched_at is None:
+                self._punched_at = self._clock.seconds()
             self._startHandshakeTimer()
 
-    # -- QUIC, before the channel exists (role 1)
+    # -- QUIC: role 0 starts clients where the evidence points
 
-    def datagramReceived(self, data: bytes, addr: Address) -> None:
-        """A QUIC packet from an address the peer proved (role 1, before the channel)."""
-        if self.state is AttemptState.DONE:
-            return
-        if self._channel is None:
-            if not _is_initial(data):
-                self.stray_quic += 1
-                return
-            self._machine.adopt(addr)
-            self._stopTimer()
-            self._adopt(addr)
-        if self._channel is not None and self._remote == addr:
-            self._channel.datagramReceived(data, addr)
+    def _proven(self, address: Address, probe_sent: float | None = None) -> None:
+        """
+        Role 0: C{address} proved the session key: by a probe, or by an ACK
+        echoing our probe sent at C{probe_sent} (proven both ways).
+        """
+        channel = self._channel
+        both_ways = probe_sent is not None
+        if channel is not None and self._remote == address:
+            if probe_sent is not None and self._resend:
+                self._resend = False
+                # (A microsecond of slack for the float arithmetic of the round trip.)
+                if probe_sent > self._flight_at + 1e-6 and not channel.answered and self._send is not None:
+                    # Our probe sent with the speculative flight was not
+                    # answered, a later one was: the peer's NAT dropped that
+                    # first round (the peer started late).  Once more, now.
+                    for data in self._send.flight:
+                        self._endpoint.sendTo(data, address)
+        elif channel is None or not (channel.answered or (self._remote in self._machine.verified and not both_ways)):
+            if channel is not None:
+                self.log.info(
+                    "no QUIC answer from {old}; starting again on {new}, which proved the session key",
+                    old=format_address(self._remote),
+                    new=format_address(address),
+                )
+                self._dropChannel()
+            self._startClient(address)
+        self._startHandshakeTimer()
 
-    def _adopt(self, address: Address) -> None:
-        """Run QUIC on the path to C{address}: role 0 connects, role 1 answers."""
+    def _startClient(self, address: Address) -> None:
+        self._newChannel(address)
+        self._resend = address not in self._machine.verified
+        assert self._channel is not None and self._send is not None
+        self._endpoint.routeQuic(address, self._channel)
+        self._punched_at = self._flight_at = self._clock.seconds()
+        self._send.recording = True
+        try:
+            self._channel.start()
+        finally:
+            self._send.recording = False
+
+    def _newChannel(self, address: Address) -> None:
         self.state = AttemptState.HANDSHAKING
         self._remote = address
+        send = self._send = _ChannelSend(self._endpoint, self._machine.verified.__contains__, self._budget)
+        channel = self._channel = send.channel = self._make_channel(address, send)
+        self.handshakes += 1
+        channel.ready.addCallbacks(self._ready, self._refused, callbackArgs=(channel,), errbackArgs=(channel,))
+
+    def _dropChannel(self) -> None:
+        """Forget the pending channel without a word to the peer (its route and timer go)."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            self._endpoint.unrouteQuic(channel.remote, channel)
+            channel.abandon()
+
+    # -- QUIC: role 1 answers Initials from proven addresses
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        """A QUIC packet from an address the peer proved (role 1, until the channel is ready)."""
+        if self.state is AttemptState.DONE:
+            return
+        channel = self._channel
+        if channel is not None and addr == self._remote and not channel.isNewConnection(data):
+            channel.datagramReceived(data, addr)
+            return
+        if not _is_initial(data) or self.handshakes >= MAX_HANDSHAKES:
+            self.stray_quic += 1
+            return
+        if channel is not None:
+            self.log.info(
+                "the peer started a new QUIC connection from {new}; dropping the one from {old}",
+                new=format_address(addr),
+                old=format_address(self._remote),
+            )
+            self._dropChannel()
+        self._machine.adopt(addr)
+        self._stopTimer()
         if self._punched_at is None:
             self._punched_at = self._clock.seconds()
-        channel = self._channel = self._make_channel(address)
-        self._unroute()
-        self._endpoint.routeQuic(address, channel)
+        self._newChannel(addr)
         self._startHandshakeTimer()
-        channel.ready.addCallbacks(self._ready, self._refused)
-        channel.start()
+        assert self._channel is not None
+        self._channel.datagramReceived(data, addr)
+
+    # -- both
 
     def _startHandshakeTimer(self) -> None:
-        if self._handshake_timer is None:
+        if self._handshake_timer is None and self.state is not AttemptState.DONE:
             self._handshake_timer = self._clock.callLater(self._handshake_timeout, self._handshakeTimedOut)
 
     def _handshakeTimedOut(self) -> None:
@@ -613,12 +770,13 @@ class UDPPunchAttempt:
         )
         self._fail(f"the path to {where} was punched but {waited} within {self._handshake_timeout:g} s")
 
-    def _ready(self, fingerprint: Fingerprint) -> None:
-        if self.state is AttemptState.DONE or self._channel is None:
+    def _ready(self, fingerprint: Fingerprint, channel: QuicChannel) -> None:
+        if self.state is AttemptState.DONE or channel is not self._channel:
             return
-        channel = self._channel
         handshake_ms = (self._clock.seconds() - (self._punched_at or 0.0)) * 1000
         self._finish()
+        # From now on the channel gets its packets straight from the endpoint.
+        self._endpoint.routeQuic(channel.remote, channel)
         conn = self._make_connection(channel, handshake_ms)
         conn.rtt = self._rtt
         conn.punch_stats = self._machine.stats
@@ -631,9 +789,9 @@ class UDPPunchAttempt:
         )
         self.deferred.callback(conn)
 
-    def _refused(self, failure: Failure) -> None:
-        if self.state is AttemptState.DONE:
-            return
+    def _refused(self, failure: Failure, channel: QuicChannel) -> None:
+        if self.state is AttemptState.DONE or channel is not self._channel:
+            return  # over, or a channel we dropped
         self._fail(self._why(failure.value))
 
     def _why(self, error: BaseException) -> str:
@@ -671,10 +829,13 @@ class UDPPunchAttempt:
 
     def _abandonChannel(self) -> None:
         channel = self._channel
-        if channel is not None:
+        if channel is None:
+            return
+        if channel.answered or self._remote in self._machine.verified:
             self._endpoint.unrouteQuic(channel.remote, channel)
-            channel.ready.addErrback(lambda f: None)
             channel.close(0, "punch attempt abandoned")
+        else:
+            self._dropChannel()  # nothing to tell an address that never answered
 
     def _fail(self, reason: str) -> None:
         if self.state is AttemptState.DONE:
@@ -705,17 +866,23 @@ def punch_udp(
     handshake_timeout: float = 5.0,
     max_learned: int = MAX_LEARNED,
     engine: str | QuicEngine | None = None,
+    speculate: bool | Address = True,
 ) -> Deferred[UDPPeerConnection]:
     """
     Punch a UDP path to the peer from C{endpoint}'s socket and secure it with QUIC.
 
     Probing starts C{start_delay} seconds from now (the mediator's
-    synchronised start).  When the punch chose a path, role 0 starts a QUIC
-    client to it at once on the same socket and role 1 answers the first
-    Initial that arrives from an address its peer proved with the session
-    key; both prove their identity keys inside the channel
-    (L{natbypass.secure.quic}).  The client is ready one QUIC round trip
-    after the punch, the server half a round trip later.
+    synchronised start).  Role 0, the QUIC client, overlaps its handshake
+    with the punch (L{UDPPunchAttempt}): with C{speculate} it sends its
+    first flight at the start time, right after its first probe, to one
+    candidate; otherwise, or when that candidate does not answer, it starts
+    at the first address that proves the session key.  Role 1 answers the
+    first Initial that arrives from an address whose punch packets proved
+    the session key.  Both then prove their identity keys inside the channel
+    (L{natbypass.secure.quic}).  Between cone NATs, after a synchronised
+    start, the client is ready one round trip after the start when the
+    speculation works (one and a half when it starts on the peer's first
+    probe), the server half a round trip after the client.
 
     @param security: our identity, and the check the peer's proven key must
         pass (raising L{natbypass.trust.PeerRejected} refuses it).
@@ -724,11 +891,15 @@ def punch_udp(
         intervals): the path is lost after that long without an
         authenticated packet from the peer.
     @param handshake_timeout: how long the QUIC handshake may take after the
-        punch chose a path.
+        punch proved the path it runs on.
     @param max_learned: how many peer-reflexive addresses the punch learns.
     @param engine: the QUIC engine ("qh3", "aioquic", None: the preferred one).
         It is loaded and warmed up (L{natbypass.secure.quic.warm_up}) now,
         while the punch waits for its start time, not when the path is found.
+    @param speculate: role 0 only: the candidate to send the speculative
+        first flight to (one of C{candidates}: the peer's server-reflexive
+        address, or its host address on a shared LAN), True for the first
+        candidate, False for none (start at the first proven address).
 
     @return: a Deferred that fires with a secure L{UDPPeerConnection}, or
         fails with L{PunchFailed} (no path within C{schedule.timeout}, or the
@@ -739,16 +910,23 @@ def punch_udp(
     machine = UDPPunchMachine(
         session, candidates, clock.seconds() + start_delay, schedule, nonce_source, max_learned=max_learned
     )
+    target: Address | None = None
+    if speculate is True:
+        target = machine.candidates[0] if machine.candidates else None
+    elif speculate is not False:
+        target = (speculate[0], speculate[1])
+        if target not in machine.candidates:
+            raise ValueError(f"the speculative target {format_address(target)} is not a candidate")
     certificate = security.identity.certificate(clock)
     quic_engine = warm_up(engine)
 
-    def make_channel(remote: Address) -> QuicChannel:
+    def make_channel(remote: Address, send: Callable[[bytes, Address], None]) -> QuicChannel:
         return QuicChannel(
             security.identity,
             security.verify,
             session.role,
             remote,
-            endpoint.sendTo,
+            send,
             clock,
             idle_timeout=idle_timeout,
             engine=quic_engine,
@@ -767,6 +945,14 @@ def punch_udp(
         )
 
     attempt = UDPPunchAttempt(
-        endpoint, session, machine, clock, make_channel, make_connection, security, handshake_timeout
+        endpoint,
+        session,
+        machine,
+        clock,
+        make_channel,
+        make_connection,
+        security,
+        handshake_timeout,
+        speculate=target,
     )
     return attempt.deferred

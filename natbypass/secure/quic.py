@@ -74,6 +74,7 @@ __all__ = [
     "QuicReceiver",
     "get_engine",
     "is_quic",
+    "long_header_cids",
     "warm_up",
 ]
 
@@ -125,6 +126,24 @@ def is_quic(data: bytes) -> bool:
     return first & 0xC0 == 0xC0 and data[1:5] in _QUIC_VERSIONS
 
 
+def long_header_cids(data: bytes) -> tuple[bytes, bytes] | None:
+    """
+    The destination and source connection ids of a QUIC long-header packet
+    (RFC 9000 section 17.2: first byte, version, then each id after its
+    one-byte length, at most 20 bytes each), or None for anything else.
+    """
+    if len(data) < 7 or data[0] & 0x80 == 0:
+        return None
+    dcid_len = data[5]
+    scid_at = 6 + dcid_len
+    if dcid_len > 20 or len(data) <= scid_at:
+        return None
+    scid_len = data[scid_at]
+    if scid_len > 20 or len(data) < scid_at + 1 + scid_len:
+        return None
+    return bytes(data[6:scid_at]), bytes(data[scid_at + 1 : scid_at + 1 + scid_len])
+
+
 class QuicClosed(Exception):
     """
     The QUIC connection ended; C{code} and C{reason} say how (the peer's
@@ -157,9 +176,13 @@ class _KeyLog:
     def __init__(self) -> None:
         self.secrets: dict[str, bytes] = {}
         self.client_random = b""
+        #: The labels of every secret the engine derived so far (no secrets).
+        self.labels: set[str] = set()
 
     def write(self, line: str) -> None:
         parts = line.split()
+        if parts:
+            self.labels.add(parts[0])
         if len(parts) == 3 and parts[0] in self.WANTED and parts[0] not in self.secrets:
             self.client_random = bytes.fromhex(parts[1])
             self.secrets[parts[0]] = bytes.fromhex(parts[2])
@@ -376,6 +399,7 @@ class QuicChannel:
         self._config = self.engine.config(role == 0, identity, cert, idle_timeout, self._keylog)
         self.max_datagram_size = min(MAX_DATAGRAM, self.engine.max_datagram_payload(self._config))
         self._conn: Any = None
+        self._peer_cid: bytes | None = None
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
         self._auth_buffer = b""
@@ -412,9 +436,11 @@ class QuicChannel:
             if self.role == 0:
                 return
             cid = self.engine.destination_cid(data, self._config.connection_id_length)
-            if cid is None:
+            cids = long_header_cids(data)
+            if cid is None or cids is None:
                 self.log.debug("dropped a non-Initial packet before the QUIC handshake from {addr}", addr=addr)
                 return
+            self._peer_cid = cids[1]
             self._conn = self.engine.connection(configuration=self._config, original_destination_connection_id=cid)
         try:
             self._conn.receive_datagram(data, addr, now=self._clock.seconds())
@@ -422,6 +448,38 @@ class QuicChannel:
             self.log.failure("QUIC engine failed on a datagram from {addr}", addr=addr)
             return
         self._pump()
+
+    @property
+    def answered(self) -> bool:
+        """
+        Client: did the server answer our first flight?  True once the engine
+        derived the handshake keys from a ServerHello, sealed with the Initial
+        keys of I{our} random connection id, which a host that never saw our
+        Initial cannot make.  (A server: once it read the client's hello.)
+        """
+        return "SERVER_HANDSHAKE_TRAFFIC_SECRET" in self._keylog.labels
+
+    def isNewConnection(self, data: bytes) -> bool:
+        """
+        Server: is C{data} a client's Initial of another connection than the
+        one this channel answers (its source connection id differs: the
+        client gave up that connection and started a new one)?  False for
+        anything that is not a long-header packet, and before the first one.
+        """
+        cids = long_header_cids(data)
+        return self.role == 1 and self._peer_cid is not None and cids is not None and cids[1] != self._peer_cid
+
+    def abandon(self) -> None:
+        """
+        End the connection without telling the peer (no packet is sent):
+        for a client connection whose first flight went to an address that
+        never answered.  Its timer is cancelled; C{ready} fails and C{lost}
+        fires with a local L{QuicClosed}.  Idempotent.
+        """
+        if self._ended is not None:
+            return
+        self._end(QuicClosed(0, "abandoned", local=True))
+        self._rearm(None)
 
     def _onTimer(self) -> None:
         self._timer = None

@@ -154,9 +154,14 @@ class PinnedTLS:
 
 
 def _alert(reason: Failure) -> str | None:
-    """The TLS alert that ended a connection, if one did: OpenSSL's words for it."""
+    """The TLS alert that ended a connection, if one did, in OpenSSL's words (e.g. C{"tlsv1 alert unknown ca"})."""
     if not reason.check(SSL.Error):
         return None
+    errors = reason.value.args[0] if reason.value.args and isinstance(reason.value.args[0], list) else []
+    for error in errors:
+        text = str(error[-1]) if isinstance(error, tuple) and error else str(error)
+        if "alert" in text:
+            return text
     message = reason.getErrorMessage()
     return message if "alert" in message else None
 
@@ -203,7 +208,7 @@ class _Gate(Protocol):
         if self._open:
             alert = _alert(reason)
             if self._is_client and not self._heard and alert is not None:
-                reason = Failure(self._secure._refusedUs(f"after the handshake, with the TLS alert {alert!r}"))
+                reason = Failure(self._secure._refusedUs(f"TLS alert after the handshake: {alert}"))
             self._app.connectionLost(reason)
         self._secure._lost(reason)
 
@@ -254,9 +259,10 @@ class SecureTLS:
         transcript, so known only to its two endpoints and unique to it.
         Usable once the handshake is done.
         """
-        if not self.handshake.called:
-            raise RuntimeError("the TLS exporter is defined only once the handshake is done")
-        value = self.protocol.getHandle().export_keying_material(label, length)
+        conn = self.protocol.getHandle()
+        if not self.handshake.called or conn is None:
+            raise RuntimeError("the TLS exporter is defined only once the handshake is done, while connected")
+        value = conn.export_keying_material(label, length)
         if value is None:
             raise RuntimeError("OpenSSL exported no keying material")
         return bytes(value)
@@ -287,7 +293,7 @@ class SecureTLS:
         if self.creator.rejection is not None:
             self.handshake.errback(Failure(self.creator.rejection))
         elif alert is not None:
-            self.handshake.errback(Failure(self._refusedUs(f"it ended the TLS handshake with the alert {alert!r}")))
+            self.handshake.errback(Failure(self._refusedUs(f"it ended the TLS handshake: {alert}")))
         else:
             self.handshake.errback(reason)
 
