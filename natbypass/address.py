@@ -104,6 +104,10 @@ def _valid_host(host: str) -> bool:
 
 
 def is_ip(host: str) -> bool:
+    """
+    Whether C{host} is an IP address literal (v4 or v6), not a name: a name
+    must be resolved before it can be used as a datagram destination.
+    """
     try:
         ipaddress.ip_address(host)
         return True

@@ -47,6 +47,12 @@ class Row:
 
 @dataclass(frozen=True)
 class Plan:
+    """
+    What L{decide} returns: the protocols in the order to try them, each one's
+    L{Row}, why this order, and how long each attempt runs alone before the
+    next one starts (C{head_start}).
+    """
+
     order: tuple[str, ...]
     rows: dict[str, Row]
     why: str

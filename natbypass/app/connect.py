@@ -80,6 +80,10 @@ ECHO_FAILURES: tuple[type[BaseException], ...] = (defer.TimeoutError, Connection
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """
+    The argument parser of C{natbypass connect}: the shared peer options
+    (L{PEER_OPTIONS}) and its own (L{CONNECT_OPTIONS}).
+    """
     p = argparse.ArgumentParser(
         prog="natbypass connect",
         description="Open a direct UDP or TCP path to a peer through its NAT, then exchange echo round trips.",
@@ -206,6 +210,11 @@ def parse_options(argv: list[str]) -> dict[str, Any]:
 
 
 def run(argv: list[str]) -> int:
+    """
+    Entry point of C{natbypass connect} for L{natbypass.app.cli}: run under
+    C{react} and return the exit status (L{EXIT_OK}, L{EXIT_FAILED},
+    L{EXIT_USAGE}) instead of exiting, so the dispatcher decides.
+    """
     try:
         options = parse_options(argv)
     except SystemExit as e:

@@ -56,6 +56,11 @@ def _positive(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """
+    The argument parser of C{natbypass detect}.  Values are converted and
+    checked here, so a bad address or timeout is a usage error (status 2) with
+    a message, not a traceback.
+    """
     p = argparse.ArgumentParser(
         prog="natbypass detect",
         description="Detect the NAT's mapping and filtering behaviour (RFC 5780) "
@@ -135,6 +140,10 @@ def format_report(behavior: NATBehavior) -> str:
 
 
 def format_json(behavior: NATBehavior) -> str:
+    """
+    The result for C{--json}: one JSON object (L{NATBehavior.to_json}) with
+    sorted keys, so scripts get stable output.
+    """
     return json.dumps(behavior.to_json(), sort_keys=True)
 
 

@@ -29,6 +29,12 @@ _PARAMETERS, _FLAGS = usage_parameters(PEER_OPTIONS + TAP_OPTIONS)
 
 
 class Options(usage.Options):
+    """
+    Options of C{twistd natbypass-peer}: the shared peer options plus
+    keepalive and who may connect.  C{postOptions} checks them and loads the
+    C{--allow} file, so mistakes are usage errors before anything starts.
+    """
+
     synopsis = "--mediator ENDPOINT --id NAME [options]"
     longdesc = (
         "Register NAME with the mediator and accept direct connections from other peers, "
@@ -52,6 +58,11 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> Peer:
+    """
+    The service twistd runs: a L{Peer} that echoes what every direct
+    connection sends (L{EchoHandler}), so reachability can be tested end to
+    end.  C{reactor} is for tests; by default the installed one.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 

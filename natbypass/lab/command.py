@@ -71,6 +71,10 @@ def _table(lab: Lab) -> list[dict[str, Any]]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """
+    C{lab up}: build a persistent lab, one that outlives this command until
+    C{lab down}, and print how to reach its nodes.
+    """
     lab = Lab.start(_read_spec(args.spec), persistent=True)
     if args.json:
         print(json.dumps({"lab_id": lab.lab_id, "mediator": list(lab.mediator_addresses), "nodes": _table(lab)}))
@@ -92,6 +96,10 @@ def _print_table(lab: Lab) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """
+    C{lab list}: every lab on this machine, whether it is persistent or owned
+    by a process, and which are stale (their owner is gone).
+    """
     labs = running_labs()
     if not labs:
         print("no labs running")
@@ -108,6 +116,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """C{lab show}: the nodes, namespaces, addresses and NAT behaviours of one running lab (C{--json} for scripts)."""
     lab = _pick_lab(args.lab)
     if args.json:
         print(json.dumps({"lab_id": lab.lab_id, "mediator": list(lab.mediator_addresses), "nodes": _table(lab)}))
@@ -118,6 +127,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    """
+    C{lab exec}: run a command in a node's namespace (a shell when none is
+    given) with this natbypass importable; returns the command's exit status.
+    """
     lab = _pick_lab(args.lab)
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:  # a shell inside the node, for people
@@ -126,6 +139,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    """
+    C{lab probe}: measure each site's mapping and filtering from outside with
+    the independent plain-socket probes, next to what its spec configured, so
+    a lab NAT can be checked against its spec.
+    """
     from .interop import run_probes, start_reflector
 
     lab = _pick_lab(args.lab)
@@ -173,6 +191,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """
+    C{lab down}: remove the named labs, the stale ones, all of them, or the
+    only one running; with several running and none named it refuses to guess.
+    """
     labs = running_labs()
     if args.all:
         targets = list(labs)
@@ -194,6 +216,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    """C{lab presets}: the named NAT types a spec may use, and the NAT fields for building other ones."""
     for name, preset in PRESETS.items():
         what = preset.value if isinstance(preset, SiteKind) else describe(preset)
         print(f"  {name:<30} {what}")
@@ -206,6 +229,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The C{natbypass lab} argument parser; each subcommand sets C{func} to its C{cmd_*} handler."""
     p = argparse.ArgumentParser(
         prog="natbypass lab", description="Build and use the NAT lab (network namespaces, nftables)."
     )
@@ -240,6 +264,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
+    """
+    Entry point of C{natbypass lab}: run the chosen subcommand; lab and spec
+    errors become a one-line message and exit status 1, not a traceback.
+    """
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

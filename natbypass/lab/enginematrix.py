@@ -32,6 +32,12 @@ STUN = "198.18.0.2:3478"
 
 @dataclass
 class CaseResult:
+    """
+    One case of the matrix: a pair of lab NAT types over one protocol, each
+    side's JSON result line, and what the selection table expected, so a
+    disagreement with the table stands out.
+    """
+
     protocol: str
     a: str
     b: str
@@ -98,6 +104,11 @@ def run_pair(lab, a: str, b: str, name_a: str, name_b: str, protocol: str, timeo
 
 
 def run(argv: list[str] | None = None) -> int:
+    """
+    Entry point: a fresh lab for each unordered pair of NAT types (a type
+    meets itself too) and a punch over each protocol; returns 1 when any case
+    disagrees with the selection table.
+    """
     from natbypass.lab.interop import start_mediator
     from natbypass.lab.lab import Lab
 

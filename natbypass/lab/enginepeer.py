@@ -39,6 +39,11 @@ from natbypass.trust import pinned
 
 
 def parser() -> argparse.ArgumentParser:
+    """
+    The command line of one engine peer.  The defaults (a fixed session key, a
+    fresh identity, pinning whatever key the other side published) suit a
+    one-off lab run.
+    """
     p = argparse.ArgumentParser(prog="python -m natbypass.lab.enginepeer")
     p.add_argument("--name", required=True)
     p.add_argument("--peer", required=True)
@@ -76,6 +81,11 @@ def _wait_for_peer(reactor, directory: str, peer: str, timeout: float = 20.0):
 
 @defer.inlineCallbacks
 def main(reactor, argv: list[str]):
+    """
+    One lab run: learn this side's mapping by STUN, swap it (and the key
+    fingerprint) through C{--dir}, punch at C{--start-at}, exchange one echo
+    (role 0 sends, role 1 echoes) and print the result as one JSON line.
+    """
     from natbypass.stun.client import StunUDPProtocol, binding_request, mapped_address, tcp_binding
 
     args = parser().parse_args(argv)

@@ -120,6 +120,11 @@ def start_mediator(lab: Lab) -> subprocess.Popen[str]:
 
 
 def start_reflector(lab: Lab) -> subprocess.Popen[str]:
+    """
+    Run the probe reflector (C{natbypass.lab.probe serve}) on the mediator
+    host, on both its addresses and L{REFLECTOR_PORTS}, and wait until it is
+    ready: L{run_probes} measures against it.  The caller stops it.
+    """
     a1, a2 = lab.mediator_addresses
     argv = [
         sys.executable,
@@ -201,6 +206,12 @@ def run_probes(lab: Lab, node: str) -> dict[str, Any]:
 
 @dataclass
 class Row:
+    """
+    One site's line of the comparison table: the configured behaviour, the
+    ground truth (L{Expected}) and what the probes, C{natbypass detect} and
+    coturn each reported.
+    """
+
     site: str
     configured: str
     expected: Expected
@@ -300,4 +311,8 @@ def markdown(rows: list[Row], with_coturn: bool = True) -> str:
 
 
 def have_coturn() -> bool:
+    """
+    Whether coturn's C{turnutils_natdiscovery} is installed: the coturn
+    columns and tests need it and are left out without it.
+    """
     return shutil.which("turnutils_natdiscovery") is not None

@@ -52,10 +52,16 @@ def _as_spec(spec: LabSpec | dict[str, Any] | str) -> LabSpec:
 
 
 def state_path(lab_id: str) -> str:
+    """The state file of lab C{lab_id}: how another process (C{natbypass lab}) finds a lab it did not start."""
     return os.path.join(STATE_DIR, f"{lab_id}.json")
 
 
 def read_state(lab_id: str) -> dict[str, Any] | None:
+    """
+    The recorded state of lab C{lab_id}, or None when its state file is
+    missing, unreadable or not JSON, so such a lab can still be listed and
+    removed.
+    """
     try:
         with open(state_path(lab_id)) as f:
             return json.load(f)

@@ -64,10 +64,18 @@ def run(argv: Sequence[str], *, input: str | None = None, check: bool = True, ti
 
 
 def ip(netns: str, *args: str) -> str:
+    """
+    Run C{ip -n NETNS ...}: aimed at the lab namespace without entering it;
+    returns the output, raises L{LabError} if it fails.
+    """
     return run(["ip", "-n", netns, *args])
 
 
 def nft(netns: str, ruleset: str) -> None:
+    """
+    Load an nftables C{ruleset} in C{netns}, fed to C{nft -f -} on stdin (no
+    temporary file); raises L{LabError} with nft's message if it fails.
+    """
     run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=ruleset)
 
 
@@ -94,6 +102,10 @@ def lab_netns(lab_id: str | None = None) -> dict[str, list[str]]:
 
 
 def netns_pids(netns: str) -> list[int]:
+    """
+    The PIDs of the processes running in C{netns}, so L{destroy} can kill them
+    before deleting it; empty when there are none (or no such namespace).
+    """
     out = run(["ip", "netns", "pids", netns], check=False)
     return [int(p) for p in out.split() if p.isdigit()]
 

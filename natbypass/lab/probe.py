@@ -52,6 +52,12 @@ class ProbeDecodeError(ValueError):
 
 @dataclass(frozen=True)
 class Request:
+    """
+    Ask the reflector for the source address it sees, answered from the socket
+    C{reply_from} names (L{reply_socket}) after C{delay_ms}: the mapping,
+    filtering and mapping-lifetime tests differ only in these fields.
+    """
+
     txid: str  # 16 hex digits
     reply_from: str = "same"  # one of REPLY_FROM
     delay_ms: int = 0
@@ -59,6 +65,11 @@ class Request:
 
 @dataclass(frozen=True)
 class Response:
+    """
+    The reflector's answer: the source address:port it saw (the mapping the
+    NAT made), matched to its request by C{txid}.
+    """
+
     txid: str
     ip: str  # the source address the reflector saw
     port: int
@@ -82,6 +93,7 @@ Message = Request | Response | Knock
 
 
 def encode(msg: Message) -> bytes:
+    """One probe message as one ASCII line (the inverse of L{decode})."""
     if isinstance(msg, Request):
         return f"{MAGIC} REQ {msg.txid} {msg.reply_from} {msg.delay_ms}\n".encode()
     if isinstance(msg, Knock):
@@ -142,6 +154,10 @@ def decode(data: bytes) -> Message:
 
 
 def new_txid() -> str:
+    """
+    A random 16-hex-digit transaction id, so each answer is matched to its own
+    request and late answers to earlier ones are told apart.
+    """
     return secrets.token_hex(8)
 
 
@@ -593,6 +609,10 @@ def summarize_rtts(sent: int, rtts_ms: Sequence[float]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """
+    Entry point of C{python3 -m natbypass.lab.probe}: run the reflector, or
+    run one client measurement and print its single JSON object.
+    """
     p = argparse.ArgumentParser(prog="python3 -m natbypass.lab.probe", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("serve", help="run the reflector (on the mediator host)")

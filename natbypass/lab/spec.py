@@ -59,6 +59,11 @@ class Inbound(enum.StrEnum):
 
 
 class SiteKind(enum.StrEnum):
+    """
+    What stands between a site's hosts and the public segment: nothing (open),
+    a stateful firewall without NAT, or a NAT.
+    """
+
     OPEN = "open"  # a host directly on the public segment
     FIREWALL = "firewall"  # a public host behind a stateful firewall, no NAT
     NAT = "nat"  # one or more hosts behind their own NAT
@@ -96,6 +101,12 @@ class Link:
 
 @dataclass(frozen=True)
 class SiteSpec:
+    """
+    One site of the lab, as checked by L{parse_site}: its kind, its NAT rules
+    (NAT sites only), its LAN hosts, its link impairments and, for firewalls,
+    what happens to unsolicited packets.
+    """
+
     name: str
     kind: SiteKind
     nat: NatRules | None = None
@@ -107,6 +118,8 @@ class SiteSpec:
 
 @dataclass(frozen=True)
 class LabSpec:
+    """A whole lab: its sites, in the order given.  What L{parse_spec} returns and L{spec_to_json} writes back."""
+
     sites: tuple[SiteSpec, ...]
 
     def site(self, name: str) -> SiteSpec:
@@ -269,6 +282,10 @@ def loads(text: str) -> LabSpec:
 
 
 def nat_to_json(nat: NatRules) -> dict[str, Any]:
+    """
+    One NAT's rules as JSON with every field spelled out (presets expanded),
+    the form L{spec_to_json} writes and L{parse_nat} reads back.
+    """
     return {
         "mapping": nat.mapping.value,
         "filtering": nat.filtering.value,

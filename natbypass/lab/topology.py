@@ -79,6 +79,12 @@ class LanLink:
 
 @dataclass(frozen=True)
 class SitePlan:
+    """
+    Where one site lives: its public IP, the border node that holds it (its
+    NAT, or the host itself), its hosts and, for NAT sites, the LAN behind the
+    NAT.
+    """
+
     spec: SiteSpec
     index: int
     public_ip: str
@@ -90,6 +96,12 @@ class SitePlan:
 
 @dataclass(frozen=True)
 class LabPlan:
+    """
+    The whole layout of one lab as L{plan} computes it: the nodes and links
+    L{natbypass.lab.netns} creates, and the lookups by name that the lab
+    commands use.
+    """
+
     lab_id: str
     public: Node
     mediator: Node

@@ -36,10 +36,15 @@ NATBYPASS = [sys.executable, "-m", "natbypass"]
 
 
 def mediator_endpoint() -> str:
+    """
+    The client endpoint string of the lab mediator's signalling port, as the
+    peers and C{natbypass connect} are given it.
+    """
     return f"tcp:{MEDIATOR_ADDRESSES[0]}:{SIGNAL_PORT}"
 
 
 def stun_address() -> str:
+    """C{HOST:PORT} of the lab mediator's primary STUN responder."""
     return f"{MEDIATOR_ADDRESSES[0]}:{STUN_PORT}"
 
 
@@ -201,6 +206,12 @@ class Scenario:
 
 @dataclass
 class ConnectResult:
+    """
+    What one C{natbypass connect --json} run in the lab produced: its exit
+    status, its JSON events, stderr and wall time.  L{ok} only when it
+    connected and every echo came back.
+    """
+
     returncode: int
     events: list[dict[str, Any]]
     stderr: str
@@ -290,6 +301,11 @@ def nat_of(preset: str) -> NatSummary:
 
 @dataclass
 class MatrixCell:
+    """
+    One case of the traversal matrix: a pair of lab NAT types and a protocol,
+    what happened, and what the selection table expected and why.
+    """
+
     a: str
     b: str
     protocol: str

@@ -140,6 +140,10 @@ def _endpoint(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """
+    The wire process the lab starts: open both TAPs, print C{ready}, then
+    forward frames through one L{DelayLine} per direction until killed.
+    """
     p = argparse.ArgumentParser(prog="python3 -m natbypass.lab.wire", description=__doc__.split("\n\n")[0])
     p.add_argument("a", type=_endpoint, help="NETNS:IFACE of one end")
     p.add_argument("b", type=_endpoint, help="NETNS:IFACE of the other end")

@@ -136,6 +136,11 @@ _ERRORS: dict[str, type[SignalingError]] = {
 
 
 def error_from_reply(e: Error) -> SignalingError:
+    """
+    The L{SignalingError} subclass for an C{error} reply (the base class for
+    an error name we do not know), so callers can catch the failures they
+    handle.
+    """
     return _ERRORS.get(e.error, SignalingError)(e.error, e.reason, e.code)
 
 

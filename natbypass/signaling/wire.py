@@ -233,6 +233,11 @@ _VALID_WISHES = frozenset({("udp",), ("tcp",), ("udp", "tcp"), ("tcp", "udp")})
 
 
 def wish_from_wire(value: Any) -> tuple[str, ...]:
+    """
+    The inverse of L{wish_to_wire}: C{()} for C{"auto"}.  Raises C{ValueError}
+    for anything but a valid wish (an unknown or repeated protocol, an empty
+    or too long list).
+    """
     if value == "auto":
         return ()
     if isinstance(value, str):
@@ -944,10 +949,15 @@ def decode(line: bytes, registry: Mapping[str, type[Message]]) -> Message:
 
 
 def decode_from_client(line: bytes) -> Message:
+    """
+    Decode a line a peer sent to the mediator: only L{CLIENT_MESSAGES} are
+    accepted, so a peer cannot send the mediator's own replies.
+    """
     return decode(line, CLIENT_MESSAGES)
 
 
 def decode_from_server(line: bytes) -> Message:
+    """Decode a line the mediator sent to a peer: only L{SERVER_MESSAGES} are accepted."""
     return decode(line, SERVER_MESSAGES)
 
 

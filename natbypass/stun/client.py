@@ -145,6 +145,7 @@ def other_address(response: Message) -> Address | None:
 
 
 def response_origin(response: Message) -> Address | None:
+    """RESPONSE-ORIGIN (RFC 5780): the server address the response was sent from, or None."""
     attr = response.get(ResponseOrigin)
     return attr.address if attr is not None else None
 

@@ -40,6 +40,8 @@ class StunDecodeError(ValueError):
 
 
 class MessageClass(IntEnum):
+    """The class bits of a message type (RFC 8489 5): request, indication, success or error response."""
+
     REQUEST = 0b00
     INDICATION = 0b01
     SUCCESS = 0b10
@@ -47,10 +49,14 @@ class MessageClass(IntEnum):
 
 
 class Method(IntEnum):
+    """STUN methods: RFC 8489 defines only Binding, the one that NAT discovery and traversal need."""
+
     BINDING = 0x001
 
 
 class AttributeType(IntEnum):
+    """Type codes of the attributes this codec has classes for (RFC 8489, RFC 5780 and RFC 3489; see L{ATTRIBUTES})."""
+
     MAPPED_ADDRESS = 0x0001
     RESPONSE_ADDRESS = 0x0002
     CHANGE_REQUEST = 0x0003
@@ -255,36 +261,65 @@ class _AddressAttribute(Attribute):
 
 @dataclass(frozen=True)
 class MappedAddress(_AddressAttribute):
+    """
+    MAPPED-ADDRESS: the reflexive address, not XORed.  What RFC 3489 servers
+    answer with; RFC 5780 servers send it next to XOR-MAPPED-ADDRESS.
+    """
+
     TYPE = AttributeType.MAPPED_ADDRESS
 
 
 @dataclass(frozen=True)
 class ResponseAddress(_AddressAttribute):
+    """
+    RESPONSE-ADDRESS (RFC 3489): send the response to another address.  The
+    responder refuses it with 420: it would reflect traffic at third parties.
+    """
+
     TYPE = AttributeType.RESPONSE_ADDRESS
 
 
 @dataclass(frozen=True)
 class SourceAddress(_AddressAttribute):
+    """SOURCE-ADDRESS (RFC 3489): the server address the response was sent from (RESPONSE-ORIGIN in RFC 5780)."""
+
     TYPE = AttributeType.SOURCE_ADDRESS
 
 
 @dataclass(frozen=True)
 class ChangedAddress(_AddressAttribute):
+    """
+    CHANGED-ADDRESS (RFC 3489): the server's other IP and port, for the
+    change-request tests (OTHER-ADDRESS in RFC 5780).
+    """
+
     TYPE = AttributeType.CHANGED_ADDRESS
 
 
 @dataclass(frozen=True)
 class AlternateServer(_AddressAttribute):
+    """ALTERNATE-SERVER (RFC 8489 14.15): the server that a 300 (Try Alternate) error response points to."""
+
     TYPE = AttributeType.ALTERNATE_SERVER
 
 
 @dataclass(frozen=True)
 class ResponseOrigin(_AddressAttribute):
+    """
+    RESPONSE-ORIGIN (RFC 5780 7.3): the server address the response was sent
+    from, so a client can tell which of the server's addresses answered.
+    """
+
     TYPE = AttributeType.RESPONSE_ORIGIN
 
 
 @dataclass(frozen=True)
 class OtherAddress(_AddressAttribute):
+    """
+    OTHER-ADDRESS (RFC 5780 7.4): the server's alternate IP and port, where
+    the mapping and filtering tests send their requests.
+    """
+
     TYPE = AttributeType.OTHER_ADDRESS
 
 
@@ -326,27 +361,40 @@ class _TextAttribute(Attribute):
 
 @dataclass(frozen=True)
 class Username(_TextAttribute):
+    """USERNAME (RFC 8489 14.3): at most 513 bytes, a tighter bound than the other text attributes."""
+
     TYPE = AttributeType.USERNAME
     MAX = MAX_USERNAME_BYTES
 
 
 @dataclass(frozen=True)
 class Software(_TextAttribute):
+    """SOFTWARE (RFC 8489 14.14): what software sent the message; for diagnostics only."""
+
     TYPE = AttributeType.SOFTWARE
 
 
 @dataclass(frozen=True)
 class Realm(_TextAttribute):
+    """REALM (RFC 8489 14.9): names the long-term credentials to use (see L{long_term_key})."""
+
     TYPE = AttributeType.REALM
 
 
 @dataclass(frozen=True)
 class Nonce(_TextAttribute):
+    """NONCE (RFC 8489 14.10): the server's nonce for long-term credential authentication."""
+
     TYPE = AttributeType.NONCE
 
 
 @dataclass(frozen=True)
 class ErrorCode(Attribute):
+    """
+    ERROR-CODE (RFC 8489 14.8): the code (300..699) and reason phrase of an
+    error response; encoding refuses codes outside that range.
+    """
+
     TYPE = AttributeType.ERROR_CODE
     code: int
     reason: str = ""
@@ -375,6 +423,11 @@ class ErrorCode(Attribute):
 
 @dataclass(frozen=True)
 class UnknownAttributes(Attribute):
+    """
+    UNKNOWN-ATTRIBUTES (RFC 8489 14.13): in a 420 response, the
+    comprehension-required attribute types the server did not understand.
+    """
+
     TYPE = AttributeType.UNKNOWN_ATTRIBUTES
     types: tuple[int, ...]
 
