@@ -91,7 +91,8 @@ def serve(kind: str, port: int, profile: str | None) -> None:
         from natbypass.stun.server import STUNService
 
         alternate = (ALTERNATE, port + 1) if kind == "natbypass" else None
-        service = STUNService(reactor, (PRIMARY, port), alternate, stats_interval=0)
+        # rate=0: the load comes from one IP, which the default rate limit would throttle.
+        service = STUNService(reactor, (PRIMARY, port), alternate, stats_interval=0, rate=0)
         service.startService()
     profiler = None
     if profile:

@@ -18,7 +18,10 @@ later offers, so a first C{connect} never waits for the filtering tests.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import socket
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +29,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,7 +42,7 @@ from natbypass.identity import Fingerprint, FingerprintError, Identity
 from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerConnection
 from natbypass.nat import NatSummary
 from natbypass.punch import candidates, race, tcp
-from natbypass.punch.candidates import PortRange
+from natbypass.punch.candidates import LocalNetworks, PortRange, ProbeBudget, TokenBucket
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchSession
 from natbypass.punch.udp import ProbeSchedule, punch_udp
@@ -62,6 +65,10 @@ Address = tuple[str, int]
 
 # Import the QUIC engine with the rest of the program, not in the first connect.
 get_engine()
+
+#: How long an answered offer's ports wait for its session (the mediator
+#: replies to our accept in one round trip); then they are closed.
+ANSWER_HOLD = 30.0
 
 
 def parse_wish(protocol: str | Sequence[str]) -> tuple[str, ...]:
@@ -89,6 +96,30 @@ class PeerConfig:
     stun_timeout: float = 3.0
     #: Seconds between re-reads of the interface addresses.
     host_refresh: float = 60.0
+    #: Publish our interface addresses (host candidates): in our own
+    #: offers, and in answers to offers the application approved (never
+    #: before).  False: never (only the mapped addresses; two peers on one
+    #: LAN then meet through their NAT, if it hairpins).
+    reveal_host_candidates: bool = True
+
+
+@dataclass(frozen=True)
+class PeerStats:
+    """
+    What a peer has done since it was made, as L{Peer.stats} reads it (for
+    L{natbypass.metrics}): a snapshot, not updated afterwards.
+    """
+
+    #: Direct paths open now, by protocol.
+    connections: dict[str, int]
+    #: Traversals under way (ours and those peers started).
+    traversals: int
+    #: Finished traversals by (outcome, protocol) as reported to the mediator; protocol "" when none connected.
+    outcomes: dict[tuple[str, str], int]
+    #: Race attempts of finished traversals by (protocol, result): connected, failed, cancelled, not-started.
+    attempts: dict[tuple[str, str], int]
+    #: Secure-channel handshakes (QUIC on udp, TLS 1.3 on tcp) by protocol: (count, total seconds).
+    handshakes: dict[str, tuple[int, float]]
 
 
 class UDPSocket:
@@ -156,6 +187,19 @@ class Ports:
 
     udp: UDPSocket
     tcp: TCPPort
+
+
+@dataclass
+class _Answer:
+    """
+    An offer we approved, until its session arrives or it is over: the key
+    the peer must prove, the ports we answered from (once bound) and the
+    timer that closes them if the session never comes.
+    """
+
+    fingerprint: Fingerprint
+    ports: Ports | None = None
+    expiry: IDelayedCall | None = None
 
 
 @implementer(IPeer)
@@ -226,12 +270,17 @@ class Peer(MultiService):
         self.nat = NatSummary()
         self.behavior: discovery.NATBehavior | None = None
         self._main: Ports | None = None
-        #: Per-session ports of sessions offered to us, by offering peer, until the session arrives.
-        self._offer_ports: dict[str, Ports] = {}
-        #: The fingerprint we approved for each offering peer, until its session arrives.
-        self._approved: dict[str, Fingerprint] = {}
+        #: Offers we approved, by offering peer, until the session arrives (or never does).
+        self._answers: dict[str, _Answer] = {}
+        #: Answers under way (approval, ports, mappings), cancelled at stop.
+        self._answering: set[Deferred[Description]] = set()
         #: This machine's interface addresses (host candidates), read at start and then periodically.
         self.host_addresses: list[str] = []
+        #: Our interfaces' networks, which screen the peers' candidates (L{candidates.refusal}).
+        self.local_networks = LocalNetworks()
+        #: The pace every attempt shares (UDP probes and flights to unproven
+        #: addresses, TCP connects): L{candidates.PEER_RATE} bytes a second.
+        self.pace = TokenBucket(self.clock, candidates.PEER_RATE, candidates.PEER_BURST)
         self._host_refresh: LoopingCall | None = None
         self._handler: IIncomingHandler | None = None
         self._ready: Deferred[None] | None = None
@@ -242,6 +291,9 @@ class Peer(MultiService):
         #: Traversals under way (ours and those peers started), cancelled at stop.
         self._traversals: set[Deferred[IPeerConnection]] = set()
         self._warm_up: Any = None
+        self._outcomes: Counter[tuple[str, str]] = Counter()
+        self._attempt_results: Counter[tuple[str, str]] = Counter()
+        self._handshakes: dict[str, tuple[int, float]] = {}
 
     # ------------------------------------------------------------ service
 
@@ -322,15 +374,16 @@ class Peer(MultiService):
             self._discovery.cancel()
         for traversal in list(self._traversals):
             traversal.cancel()
+        for answering in list(self._answering):
+            answering.cancel()
         for conn in list(self._connections):
             conn.close()
+        for peer in list(self._answers):
+            self._dropAnswer(peer)
         d = defer.maybeDeferred(super().stopService)
-        for ports in [self._main, *self._offer_ports.values()]:
-            if ports is not None:
-                ports.tcp.close()
-                d.addCallback(lambda _, udp=ports.udp: udp.close())
-        self._offer_ports.clear()
-        self._approved.clear()
+        if self._main is not None:
+            self._main.tcp.close()
+            d.addCallback(lambda _, udp=self._main.udp: udp.close())
         return d
 
     @property
@@ -352,6 +405,18 @@ class Peer(MultiService):
     def traversals(self) -> int:
         """How many traversals (ours and those peers started) are under way."""
         return len(self._traversals)
+
+    @property
+    def stats(self) -> PeerStats:
+        """A snapshot of this peer's paths, traversals and handshakes (read-only)."""
+        open_paths = Counter(conn.protocol for conn in self._connections)
+        return PeerStats(
+            dict(open_paths),
+            len(self._traversals),
+            dict(self._outcomes),
+            dict(self._attempt_results),
+            dict(self._handshakes),
+        )
 
     @property
     def udp_mapped(self) -> Address | None:
@@ -382,7 +447,7 @@ class Peer(MultiService):
         ports = ports or self._main
         assert ports is not None, "start the service first"
         cands: list[Candidate] = []
-        hosts = self.host_addresses
+        hosts = self.host_addresses if self.config.reveal_host_candidates else []
         cands += [Candidate("host", h, ports.udp.local[1]) for h in hosts]
         if ports.udp.mapped is not None:
             cands.append(Candidate("srflx", *ports.udp.mapped))
@@ -398,14 +463,19 @@ class Peer(MultiService):
         no child process, so it does not hold up the reactor).  Done at start
         and every C{host_refresh} seconds, so offers never wait for it.
         """
-        if not is_wildcard(self.config.bind_host):
-            self.host_addresses = [self.config.bind_host]
-            return
+        cfg = self.config
+        wildcard = is_wildcard(cfg.bind_host)
         try:
-            self.host_addresses = candidates.host_addresses(include_loopback=self.config.loopback_candidates)
+            entries = candidates.read_interface_addresses()
+            hosts = candidates.usable_addresses(entries, include_loopback=cfg.loopback_candidates)
         except candidates.CandidateError as e:
-            self.log.warn("no host candidates: {error}", error=e)
-            self.host_addresses = []
+            if wildcard:
+                self.log.warn("no host candidates: {error}", error=e)
+            entries, hosts = [], []
+        self.host_addresses = hosts if wildcard else [cfg.bind_host]
+        self.local_networks = LocalNetworks.of(
+            entries, None if wildcard else cfg.bind_host, loopback=cfg.loopback_candidates
+        )
 
     # ------------------------------------------------------------ connect
 
@@ -499,15 +569,20 @@ class Peer(MultiService):
         if self.nat.port_delta is None:
             return main
         cfg = self.config
-        udp, tcp_ = main.udp, main.tcp
-        for protocol in reversed(wish or ("udp", "tcp")):
-            if protocol == "tcp":
-                tcp_ = TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host, self._reserve_tcp_port)
-                await self._learn_one(tcp_, "TCP")
-            else:
-                udp = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host)
-                await self._learn_one(udp, "UDP")
-        return Ports(udp, tcp_)
+        ports = Ports(main.udp, main.tcp)
+        try:
+            for protocol in reversed(wish or ("udp", "tcp")):
+                if protocol == "tcp":
+                    ports.tcp = TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host, self._reserve_tcp_port)
+                    await self._learn_one(ports.tcp, "TCP")
+                else:
+                    ports.udp = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host)
+                    await self._learn_one(ports.udp, "UDP")
+        except BaseException:
+            # Cancelled (a withdrawn offer, a cancelled connect, stop) or failed: close what we bound.
+            self._release(ports)
+            raise
+        return ports
 
     def _release(self, ports: Ports, keep_udp: bool = False) -> None:
         """Close a session's own ports (never the main ones)."""
@@ -523,7 +598,10 @@ class Peer(MultiService):
     def _offered(self, offer: IncomingOffer) -> Deferred[Description]:
         if self._handler is None:
             raise Decline(f"{self.peer_id} accepts no connections")
-        return defer.ensureDeferred(self._answer(offer))
+        d = defer.ensureDeferred(self._answer(offer))
+        self._answering.add(d)
+        d.addBoth(lambda result: (self._answering.discard(d), result)[1])
+        return d
 
     async def _approve(self, offer: IncomingOffer) -> Fingerprint:
         """
@@ -549,29 +627,53 @@ class Peer(MultiService):
         return fingerprint
 
     async def _answer(self, offer: IncomingOffer) -> Description:
-        self._approved[offer.peer] = await self._approve(offer)
-        # Unlike a connect, an answer waits for discovery when it is still
-        # running (only in the peer's first seconds): the offering side may
-        # need our NAT's port step to predict where our probes come from.
-        await _follow(self._ready)
-        await self.whenDiscovered()
-        ports = await self._session_ports(offer.description.wish or self.wish)
-        stale = self._offer_ports.pop(offer.peer, None)
-        if stale is not None:
-            self._release(stale)
-        self._offer_ports[offer.peer] = ports
-        return self.description(ports=ports)
+        answer = _Answer(await self._approve(offer))
+        # A newer offer from the same peer replaces an older one (sessions name only the peer).
+        self._dropAnswer(offer.peer)
+        self._answers[offer.peer] = answer
+        try:
+            # Unlike a connect, an answer waits for discovery when it is still
+            # running (only in the peer's first seconds): the offering side may
+            # need our NAT's port step to predict where our probes come from.
+            await _follow(self._ready)
+            await self.whenDiscovered()
+            answer.ports = await self._session_ports(offer.description.wish or self.wish)
+        except BaseException:
+            # Withdrawn (the offerer left, the offer expired), our mediator
+            # connection lost, or stopped: nothing of it may stay open.
+            self._dropAnswer(offer.peer, answer)
+            raise
+        if self._answers.get(offer.peer) is not answer:  # replaced meanwhile
+            self._release(answer.ports)
+            raise Decline(f"a newer offer from {offer.peer} replaced this one")
+        # The session comes back one round trip after our accept, or never (the
+        # accept failed, the mediator went away): then the ports close.
+        answer.expiry = self.clock.callLater(ANSWER_HOLD, self._dropAnswer, offer.peer, answer)
+        return self.description(ports=answer.ports)
+
+    def _dropAnswer(self, peer: str, answer: _Answer | None = None) -> None:
+        """Forget the answered offer of C{peer} (only if it is still C{answer}) and close its ports."""
+        current = self._answers.get(peer)
+        if current is None or (answer is not None and current is not answer):
+            return
+        del self._answers[peer]
+        if current.expiry is not None and current.expiry.active():
+            current.expiry.cancel()
+        if current.ports is not None:
+            self._release(current.ports)
 
     def _accepted_session(self, session: Session) -> None:
-        ports = self._offer_ports.pop(session.peer, self._main)
-        assert ports is not None
-        approved = self._approved.pop(session.peer, None)
-        if approved is None:
+        answer = self._answers.pop(session.peer, None)
+        if answer is None or answer.ports is None:
             self.log.warn(
                 "session {session} from {peer}, which we never approved", session=session.id, peer=session.peer
             )
-            self._release(ports)
+            if answer is not None:
+                self._answers[session.peer] = answer  # still being answered: not this session's
             return
+        if answer.expiry is not None and answer.expiry.active():
+            answer.expiry.cancel()
+        ports, approved = answer.ports, answer.fingerprint
         # The key we approved is the one the peer must prove.
         d = defer.ensureDeferred(self._traverse(session, self.wish, ports, pinned(approved)))
 
@@ -627,8 +729,12 @@ class Peer(MultiService):
         try:
             conn = await race.race([(p, attempts[p]) for p in order], self.clock, self.config.head_start, outcome)
         except Exception as e:
+            self._attempt_results.update((a.protocol, a.result) for a in outcome.attempts)
             self._report(session, "failed", None, str(e))
             raise
+        self._attempt_results.update((a.protocol, a.result) for a in outcome.attempts)
+        count, total = self._handshakes.get(conn.protocol, (0, 0.0))
+        self._handshakes[conn.protocol] = (count + 1, total + (conn.handshake_ms or 0.0) / 1000)
         self._connections.add(conn)
         conn.whenLost().addBoth(lambda _: self._connections.discard(conn))
         conn.outcome = outcome
@@ -644,13 +750,34 @@ class Peer(MultiService):
         remote = session.description
         delta = remote.nat.port_delta
 
+        refused: list[str] = []
+        over_cap = 0
+        local = self._screening_networks()
+
         def targets(protocol: str) -> list[Address]:
+            nonlocal over_cap
             srflx = [(c.host, c.port) for c in remote.candidates if c.protocol == protocol and c.kind.endswith("srflx")]
             hosts = [(c.host, c.port) for c in remote.candidates if c.protocol == protocol and c.kind.endswith("host")]
-            return candidates.remote_addresses(srflx, hosts, predict_delta=delta)
+            kept = candidates.screen(srflx, hosts, local)
+            refused.extend(f"{protocol} {host!a} port {port}: {why}" for (host, port), why in kept.refused)
+            over_cap += kept.over_cap
+            return candidates.remote_addresses(
+                kept.srflx, kept.hosts, predict_delta=delta, max_predicted=candidates.MAX_PREDICTED
+            )
 
         attempts: dict[str, Callable[[], Deferred[IPeerConnection]]] = {}
         udp_targets, tcp_targets = targets("udp"), targets("tcp")
+        if refused or over_cap:
+            # Once per session, whatever the peer (or the mediator) listed.
+            self.log.warn(
+                "{peer_id}'s candidates: refused {refused_count} ({refused}); left out {over_cap} beyond "
+                "{limit} per protocol",
+                peer_id=ascii(session.peer),
+                refused_count=len(refused),
+                refused="; ".join(refused) or "none",
+                over_cap=over_cap,
+                limit=candidates.MAX_CANDIDATES_PER_PROTOCOL,
+            )
         if udp_targets:
             attempts["udp"] = lambda: punch_udp(
                 ports.udp.punch,
@@ -662,6 +789,7 @@ class Peer(MultiService):
                 keepalive_interval=self.config.keepalive_interval,
                 liveness_timeout=self.config.liveness_timeout,
                 security=security,
+                budget=ProbeBudget(self.clock, self.pace),
             )
         if tcp_targets and ports.tcp.socket is not None:
             attempts["tcp"] = lambda: tcp.punch_tcp(
@@ -674,10 +802,24 @@ class Peer(MultiService):
                 listener=ports.tcp.socket,
                 keepalive_interval=self.config.keepalive_interval,
                 security=security,
+                pace=self.pace,
             )
         return attempts
 
+    def _screening_networks(self) -> LocalNetworks:
+        """
+        What screens the peers' candidates: our interfaces' networks, and
+        loopback when configured, bound there, or when the STUN server saw
+        us at a loopback address (the mediator runs on this machine).
+        """
+        local = self.local_networks
+        mapped = [a for a in (self.udp_mapped, self.tcp_mapped) if a is not None]
+        if not local.loopback and any(_is_loopback(host) for host, _ in mapped):
+            local = dataclasses.replace(local, loopback=True)
+        return local
+
     def _report(self, session: Session, outcome: str, protocol: str | None, detail: str | None) -> None:
+        self._outcomes[(outcome, protocol or "")] += 1
         d = self.signaling.report(session.id, outcome, protocol, (detail or "")[:500] or None)
         d.addErrback(lambda f: self.log.debug("report to the mediator failed: {f.value}", f=f))
 
@@ -690,6 +832,14 @@ def _claimed(description: Description, peer_id: str) -> Fingerprint:
         return Fingerprint.parse(description.fingerprint)
     except FingerprintError as e:
         raise PeerRejected(f"the mediator gave a malformed key for {peer_id}: {e}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether C{host} is a loopback address (False for anything else, a name included)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _follow(d: Deferred[Any] | None) -> Deferred[Any]:

@@ -160,3 +160,39 @@ class PeerInMemoryTests(SynchronousTestCase):
         self.settle(a.whenReady())
         self.assertRaises(AllAttemptsFailed, self.settle, a.connect("bob"))
         self.assertEqual(len(offers), 1)
+
+    def test_host_candidates_revealed_by_default(self) -> None:
+        """Our own offers and answers to approved offers carry our interface addresses (a LAN meets directly)."""
+        a = self.peer("alice", "127.0.0.1", discover=False)
+        self.settle(a.whenReady())
+        kinds = {c.kind for c in a.description().candidates}
+        self.assertTrue({"host", "tcp-host"} <= kinds, kinds)
+
+    def test_host_candidates_never_revealed(self) -> None:
+        """PeerConfig.reveal_host_candidates=False (--no-host-candidates): only the mapped addresses."""
+        offers = self.mute_bob()
+        a = self.peer("alice", "127.0.0.1", discover=False, reveal_host_candidates=False)
+        self.settle(a.whenReady())
+        self.assertEqual({c.kind for c in a.description().candidates}, {"srflx"})
+        self.assertRaises(AllAttemptsFailed, self.settle, a.connect("bob"))
+        self.assertEqual({c.kind for c in offers[0].candidates}, {"srflx"})
+
+    def test_no_host_candidates_option(self) -> None:
+        from twisted.internet import reactor
+
+        from natbypass.app.peer_options import PEER_OPTIONS, make_peer
+
+        self.assertIn("no-host-candidates", [s.name for s in PEER_OPTIONS if s.flag])
+        options = {s.name: s.default for s in PEER_OPTIONS}
+        options.update(
+            {
+                "mediator": "tcp:127.0.0.1:7000",
+                "id": "x",
+                "stun": STUN,
+                "identity": self.mktemp(),
+                "no-discovery": False,
+            }
+        )
+        for flag, reveal in ((False, True), (True, False)):
+            options["no-host-candidates"] = flag
+            self.assertIs(make_peer(reactor, options).config.reveal_host_candidates, reveal)

@@ -163,3 +163,158 @@ class OrderTests(SynchronousTestCase):
             remote_addresses([("198.18.2.1", 61000)], [("10.2.0.5", 5000)], predict_delta=1, span=2),
             [("198.18.2.1", 61001), ("198.18.2.1", 61002), ("198.18.2.1", 61000), ("10.2.0.5", 5000)],
         )
+
+
+# ---------------------------------------------------------------- screening and budgets
+
+from ipaddress import IPv4Address, IPv4Network  # noqa: E402
+
+from twisted.internet.task import Clock  # noqa: E402
+
+from natbypass.punch.candidates import (  # noqa: E402
+    MAX_CANDIDATES_PER_PROTOCOL,
+    LocalNetworks,
+    ProbeBudget,
+    TokenBucket,
+    refusal,
+    screen,
+)
+
+LAN = LocalNetworks.of([InterfaceAddress("eth0", "192.168.1.20", True, False, 24)])
+
+
+def _v4_in(network: str) -> st.SearchStrategy[str]:
+    net = IPv4Network(network)
+    return st.integers(int(net.network_address), int(net.broadcast_address)).map(lambda i: str(IPv4Address(i)))
+
+
+class RefusalTests(SynchronousTestCase):
+    @given(
+        _v4_in("127.0.0.0/8")
+        | _v4_in("224.0.0.0/4")
+        | _v4_in("240.0.0.0/4")
+        | _v4_in("0.0.0.0/8")
+        | _v4_in("169.254.0.0/16")
+        | st.ip_addresses(v=6, network="ff00::/8").map(str)
+        | st.ip_addresses(v=6, network="fe80::/10").map(str)
+        | st.ip_addresses(v=6, network="::ffff:0:0/96").map(str)
+    )
+    def test_refused_off_their_network(self, host: str) -> None:
+        """Loopback, multicast, reserved, unspecified, link-local, IPv4-mapped: refused on a LAN peer."""
+        self.assertIsNotNone(refusal(host, LAN))
+
+    @given(
+        _v4_in("198.18.0.0/15")
+        | _v4_in("10.0.0.0/8")
+        | _v4_in("100.64.0.0/10")
+        | _v4_in("192.0.2.0/24")
+        | _v4_in("8.0.0.0/8")
+        | st.ip_addresses(v=6, network="2000::/3").map(str)
+    )
+    def test_peers_addresses_allowed(self, host: str) -> None:
+        """The NAT lab (198.18/15), LANs, CGN, documentation, public: allowed."""
+        if host not in ("100.100.100.200",):
+            self.assertIsNone(refusal(host, LAN))
+
+    def test_on_their_network(self) -> None:
+        self.assertIsNotNone(refusal("127.0.0.1", LocalNetworks()))
+        self.assertIsNone(refusal("127.0.0.1", LocalNetworks(loopback=True)))
+        self.assertIsNone(refusal("127.0.0.5", LocalNetworks.of([], bind_host="127.0.0.1")))
+        link = LocalNetworks.of([InterfaceAddress("eth1", "169.254.7.7", True, False, 16)])
+        self.assertIsNone(refusal("169.254.3.3", link))
+        self.assertIsNotNone(refusal("fe80::1", link))  # no zone on the wire
+
+    def test_metadata_always(self) -> None:
+        link = LocalNetworks.of([InterfaceAddress("eth1", "169.254.7.7", True, False, 16)], loopback=True)
+        for host in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"):
+            self.assertEqual(refusal(host, link), "a cloud metadata service")
+
+    def test_broadcast(self) -> None:
+        self.assertEqual(refusal("255.255.255.255", LAN), "broadcast")
+        self.assertIn("broadcast address of our network 192.168.1.0/24", refusal("192.168.1.255", LAN))
+        self.assertIsNone(refusal("192.168.1.255", LocalNetworks()))  # not ours: another network's host
+        self.assertIsNone(refusal("192.168.1.21", LAN))
+
+    def test_bound_address_only(self) -> None:
+        """Bound to one address: only its network counts (another interface's is not reachable from it)."""
+        both = [
+            InterfaceAddress("eth0", "192.168.1.20", True, False, 24),
+            InterfaceAddress("eth1", "169.254.7.7", True, False, 16),
+        ]
+        local = LocalNetworks.of(both, bind_host="192.168.1.20")
+        self.assertIsNotNone(refusal("169.254.3.3", local))
+        self.assertIsNotNone(refusal("192.168.1.255", local))
+
+    @given(st.text(max_size=20))
+    def test_never_raises(self, host: str) -> None:
+        refusal(host, LAN)
+
+
+addresses = st.tuples(
+    st.ip_addresses(v=4).map(str) | st.sampled_from(["127.0.0.1", "224.0.0.1", "10.0.0.1", "198.18.1.2"]),
+    st.integers(1, 65535),
+)
+
+
+class ScreenTests(SynchronousTestCase):
+    @given(st.lists(addresses, max_size=40), st.lists(addresses, max_size=40), st.integers(0, 12))
+    def test_bounded_and_partitioned(self, srflx: list, hosts: list, limit: int) -> None:
+        out = screen(srflx, hosts, LAN, limit)
+        kept = [*out.srflx, *out.hosts]
+        self.assertLessEqual(len(kept), limit)
+        self.assertEqual(len(kept), len(set(kept)))
+        self.assertTrue(set(out.srflx) <= set(srflx))
+        self.assertTrue(all(refusal(h, LAN) is None for h, _ in kept))
+        self.assertTrue(all(refusal(h, LAN) is not None for (h, _), _ in out.refused))
+        self.assertEqual(len(set(srflx) | set(hosts)), len(kept) + len(out.refused) + out.over_cap)
+
+    def test_srflx_first(self) -> None:
+        hosts = [("10.0.0.1", p) for p in range(1, 10)]
+        out = screen(hosts, [("198.18.0.9", 1)], LAN, MAX_CANDIDATES_PER_PROTOCOL)
+        self.assertEqual(len(out.srflx), 8)
+        self.assertEqual(out.hosts, ())
+        self.assertEqual(out.over_cap, 2)
+
+    @given(st.lists(addresses, max_size=32), st.integers(-16, 16).filter(bool))
+    def test_predicted_bounded(self, srflx: list, delta: int) -> None:
+        out = remote_addresses(srflx, predict_delta=delta, max_predicted=8)
+        self.assertLessEqual(len(out), 8 + len(set(srflx)))
+
+
+class BudgetTests(SynchronousTestCase):
+    @given(st.lists(st.tuples(st.floats(0, 2), st.integers(1, 3000)), max_size=300))
+    def test_bucket_never_exceeds_its_rate(self, steps: list) -> None:
+        clock = Clock()
+        bucket = TokenBucket(clock, rate=100.0, burst=500.0)
+        taken = 0
+        for dt, n in steps:
+            clock.advance(dt)
+            if bucket.take(n):
+                taken += n
+        self.assertLessEqual(taken, 500.0 + 100.0 * clock.seconds() + 1e-6)
+
+    @given(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 1500)), max_size=400))
+    def test_offer_budget_totals(self, sends: list) -> None:
+        clock = Clock()
+        budget = ProbeBudget(clock, TokenBucket(clock, 16384.0, 32768.0))
+        for dt, size in sends:
+            clock.advance(dt)
+            budget.spend(size)
+        self.assertLessEqual(budget.bytes, budget.max_bytes)
+        self.assertLessEqual(budget.packets, budget.max_packets)
+        self.assertLessEqual(budget.packets, 40 + 16 * clock.seconds() + 1e-6)
+        self.assertEqual(budget.packets + budget.withheld, len(sends))
+
+    def test_peer_wide_pace_shared(self) -> None:
+        clock = Clock()
+        pace = TokenBucket(clock, 1000.0, 1000.0)
+        a, b = ProbeBudget(clock, pace), ProbeBudget(clock, pace)
+        self.assertTrue(a.spend(600))
+        self.assertFalse(b.spend(600))
+        clock.advance(0.2)
+        self.assertTrue(b.spend(600))
+
+    def test_prefix_read(self) -> None:
+        adapter = SimpleNamespace(name="eth0", ips=[SimpleNamespace(ip="192.168.1.20", network_prefix=24)])
+        (entry,) = read_interface_addresses(lambda: [adapter], flags=lambda _: (True, False))
+        self.assertEqual(entry.prefix, 24)

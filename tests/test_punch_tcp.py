@@ -15,8 +15,11 @@ from zope.interface.verify import verifyObject
 
 from natbypass.identity import Identity
 from natbypass.interfaces import IPeerConnection, IPeerReceiver
+from natbypass.punch.candidates import SYN_BYTES, TokenBucket
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.tcp import (
+    MAX_TRIES,
+    MAX_TRIES_PER_CANDIDATE,
     SELECT,
     SelectError,
     TCPPeerConnection,
@@ -430,3 +433,42 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         a.deferred.cancel()
         self.failureResultOf(a.deferred, defer.CancelledError)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ConnectBoundTests(SynchronousTestCase):
+    """
+    How many connect()s an attempt makes to candidates that refuse at once
+    (here: a connect timeout of 1 ms on the Clock, so each try fails at
+    once, like a closed port's RST).  The review counted 66 per closed
+    candidate in a 5 s window (one every 75 ms).
+    """
+
+    def run_attempt(self, n: int, **kw) -> TCPPunchAttempt:
+        clock = MemoryReactorClock()
+        targets = [("127.0.0.1", 9 + i) for i in range(n)]
+        a = TCPPunchAttempt(
+            clock, S0, ("127.0.0.1", 0), targets, window=5.0, connect_timeout=0.001, security=SEC0, **kw
+        )
+        for _ in range(560):
+            clock.advance(0.01)
+        self.failureResultOf(a.deferred, PunchFailed)
+        return a
+
+    def test_tries_per_candidate_bounded(self) -> None:
+        a = self.run_attempt(1)
+        self.assertEqual(a.tries[("127.0.0.1", 9)], MAX_TRIES_PER_CANDIDATE)
+        self.assertGreater(a.capped, 0)
+
+    def test_tries_in_all_bounded(self) -> None:
+        a = self.run_attempt(8)
+        self.assertEqual(a.tries.total(), MAX_TRIES)
+        self.assertTrue(all(n <= MAX_TRIES_PER_CANDIDATE for n in a.tries.values()))
+        self.assertTrue(all(n >= MAX_TRIES // 8 - 1 for n in a.tries.values()))  # spread over all of them
+
+    def test_peer_wide_pace(self) -> None:
+        """A shared pace with room for three SYNs: three tries, the rest wait (and the window closes)."""
+        clock = MemoryReactorClock()
+        pace = TokenBucket(clock, rate=0.0, burst=3 * SYN_BYTES)
+        a = self.run_attempt(2, pace=pace)
+        self.assertEqual(a.tries.total(), 3)
+        self.assertGreater(a.paced, 0)

@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 
 from natbypass.identity import Identity
 from natbypass.interfaces import IPeerConnection, IPeerReceiver
+from natbypass.punch.candidates import MAX_OFFER_BYTES, ProbeBudget
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.packet import PacketType, decode, encode
 from natbypass.punch.session import PunchFailed, PunchSession
@@ -769,3 +770,70 @@ class ConnectionTests(SynchronousTestCase):
         b._channel.sendStream(b._channel.openStream(), b"not for a datagram connection", fin=True)
         advance(p, 0.1)
         self.assertEqual((ra.data, a.ignored_streams), ([], 1))
+
+
+class ProbeBudgetTests(SynchronousTestCase):
+    """What an attempt may send to addresses that never proved the session key (natbypass.punch.candidates)."""
+
+    def lone_attempt(self, candidates, budget, role=A):
+        clock = Clock()
+        clock.advance(1000)
+        net = MemoryUDPNetwork(clock, latency=0.025)
+        ep = PunchEndpoint()
+        net.listen(A_ADDR, UDPMux(other=ep))
+        d = punch_udp(ep, role, candidates, clock, nonce_source=counter(), security=SEC_A, budget=budget)
+        d.addErrback(lambda f: f.trap(PunchFailed))
+        for _ in range(700):
+            clock.advance(0.01)
+        return net
+
+    def test_whole_failed_attempt_within_budget(self) -> None:
+        """Role 0, sixteen dead candidates: probes and the speculative flight together stay within the budget."""
+        cands = [("198.51.100.7", 1000 + i) for i in range(16)]
+        clock = Clock()
+        budget = ProbeBudget(clock)
+        net = self.lone_attempt(cands, budget)
+        sent = [data for _, source, _, data in net.sent if source == A_ADDR]
+        self.assertLessEqual(sum(map(len, sent)), MAX_OFFER_BYTES)
+        self.assertEqual(sum(map(len, sent)), budget.bytes)
+        self.assertTrue(any(is_quic(d) for d in sent))  # the flight went out, and was counted
+        self.assertGreaterEqual(budget.bytes, sum(len(d) for d in sent if is_quic(d)))
+        self.assertGreater(budget.withheld, 0)
+        # Every candidate got probes, however short the budget ran.
+        self.assertEqual({dest for _, source, dest, _ in net.sent if source == A_ADDR}, set(cands))
+
+    def test_unbounded_without_budget(self) -> None:
+        """The same attempt without a budget: every candidate, every round (what the review measured)."""
+        cands = [("198.51.100.7", 1000 + i) for i in range(16)]
+        net = self.lone_attempt(cands, None)
+        self.assertGreater(sum(len(d) for _, s, _, d in net.sent if s == A_ADDR), 2 * MAX_OFFER_BYTES)
+
+    def test_machine_round_robin(self) -> None:
+        """A budget that runs short goes to the least-probed candidates first."""
+        clock = Clock()
+        budget = ProbeBudget(clock, max_packets=6, burst=6, rate=0)
+        m = UDPPunchMachine(A, [("198.51.100.7", p) for p in (1, 2, 3, 4)], 0.0, nonce_source=counter(), budget=budget)
+        first = [a.address for a in m.poll(0.0) if isinstance(a, Send)]
+        second = [a.address for a in m.poll(0.05) if isinstance(a, Send)]
+        self.assertEqual(len(first), 4)
+        self.assertEqual(len(second), 2)
+        self.assertEqual(m.stats.budget_withheld, 2)
+        self.assertEqual(m.poll(0.1), [])
+
+    def test_proven_addresses_free(self) -> None:
+        """Probes to an address that proved the session key cost nothing: it is the peer's."""
+        clock = Clock()
+        budget = ProbeBudget(clock, max_packets=1, burst=1, rate=0)
+        m = UDPPunchMachine(B, [A_ADDR, ("198.51.100.7", 9)], 0.0, nonce_source=counter(), budget=budget)
+        probe = decode(encode(PacketType.PROBE, 0, A.sid, 99, KEY))
+        m.packet_received(0.0, probe, A_ADDR)
+        for t in (0.02, 0.04, 0.06):
+            sent = [a.address for a in m.poll(t) if isinstance(a, Send)]
+            self.assertIn(A_ADDR, sent)
+        self.assertEqual(budget.packets, 1)
+
+    def test_connects_in_one_rtt_with_a_budget(self) -> None:
+        """The fast path is not slowed by the budget."""
+        p = Pair(latency=0.025, start_delay=0.1, budget=ProbeBudget(Clock()))
+        advance(p, 0.16)
+        self.assertIsInstance(p.results["a"], UDPPeerConnection)

@@ -311,6 +311,34 @@ class ClientTests(SynchronousTestCase):
         [s] = self.settle(a.connect("bob", DESC_A))
         self.assertIsInstance(s, Session)
 
+    def test_shutting_down_fails_requests_at_once_and_reconnects(self) -> None:
+        """
+        A stopping mediator says shutting-down: pending requests fail with
+        it at once (the caller may retry elsewhere), and the client
+        reconnects without growing its backoff.
+        """
+        from natbypass.signaling import client as client_module
+
+        a, b = self.client("alice"), self.client("bob")
+        never: Deferred = Deferred()
+        b.setOfferHandler(lambda offer: never)
+        result = self.settle(a.connect("bob", DESC_A))
+        self.assertEqual(result, [])
+        obs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.state.shutdown()
+        self.net.flush()
+        [f] = result
+        f.trap(client_module.MediatorShuttingDown)
+        self.assertEqual(a._failures, 0)
+        self.assertTrue(any("shutting down" in e.get("log_format", "") for e in obs))
+        # the replacement mediator is up: both come back within a retry
+        self.state = SignalingState(self.clock)
+        self.net.server_factory = SignalingFactory(self.state)
+        self.clock.advance(1)
+        self.net.flush()
+        self.assertEqual(self.state.status()["peers"], 2)
+        self.flushLoggedErrors(CancelledError)
+
     def test_replaces_stale_session(self) -> None:
         """A reconnect while the mediator still holds our old link takes it over: the same key is the proof."""
         a = self.client("alice")

@@ -69,3 +69,21 @@ class DocumentExampleTests(SynchronousTestCase):
         da, db = punch_delays(a.rtt_ms / 1000, b.rtt_ms / 1000, Limits().punch_margin)
         self.assertEqual((a.start_in_ms, b.start_in_ms), (round(da * 1000), round(db * 1000)))
         self.assertEqual((a.id, a.key), (b.id, b.key))
+
+
+class LimitsDocumentedTests(SynchronousTestCase):
+    def test_every_signalling_option_documented(self) -> None:
+        """Each signalling option of `twistd natbypass-mediator` is in docs/protocol.md."""
+        from natbypass.signaling.service import SIGNAL_OPT_PARAMETERS
+
+        with open(DOC, encoding="utf-8") as f:
+            doc = f.read()
+        missing = [
+            row[0]
+            for row in SIGNAL_OPT_PARAMETERS
+            if f"--{row[0]}" not in doc and row[0] not in ("status-interval", "gc-freeze-interval")
+        ]
+        self.assertEqual(missing, [])
+        for field in ("lines_per_turn", "max_rate_limited", "max_offers_per_pair", "close_linger"):
+            self.assertTrue(hasattr(Limits(), field))
+            self.assertIn(f"`{field}`", doc)

@@ -1266,3 +1266,22 @@ class KernelRTTTests(SynchronousTestCase):
         from natbypass.signaling.server import kernel_rtt
 
         self.assertIsNone(kernel_rtt(StringTransport()))
+
+
+class NatPairCountTests(SynchronousTestCase):
+    """Outcomes are counted by the pair of NAT kinds too, for the traversal metrics."""
+
+    def test_sessions_and_outcomes_by_nat_pair(self) -> None:
+        h = Harness(choose_order=udp_first)
+        a, b = h.peer("alice"), h.peer("bob")
+        h.send(a, Connect(10, "bob", DESC_A))
+        offer = [m for m in b[0].take() if isinstance(m, Offer)][0]
+        [reply] = [m for m in h.send(b, Accept(20, offer.offer, DESC_B)) if isinstance(m, SessionReply)]
+        a[0].take()
+        h.send(a, Report(11, reply.session.id, "connected", "udp"))
+        h.send(b, Report(21, reply.session.id, "failed", None, "nothing came back"))
+        counters = h.state.status()["counters"]
+        pair = "restricted-cone,symmetric-random"  # DESC_A's and DESC_B's NATs, as the selection table names them
+        self.assertEqual(counters[f"sessions-by-nat:{pair}"], 1)
+        self.assertEqual(counters[f"outcome-by-nat:{pair}:connected/udp"], 1)
+        self.assertEqual(counters[f"outcome-by-nat:{pair}:failed"], 1)

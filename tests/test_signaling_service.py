@@ -158,6 +158,26 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(policy.check("Zq#9carol", "carol", None), (False, False))
 
 
+class HardeningOptionTests(SynchronousTestCase):
+    def test_defaults_and_validation(self) -> None:
+        o = parse()
+        self.assertEqual((o["max-connections"], o["fd-reserve"], o["shutdown-grace"]), (10_000, 64, 5.0))
+        for name in ("max-connections", "fd-reserve", "shutdown-grace"):
+            with self.assertRaises(usage.UsageError):
+                parse(f"--{name}", "-1")
+
+    def test_options_reach_the_service(self) -> None:
+        o = parse("--max-connections", "50", "--shutdown-grace", "2")
+        svc = makeSignalingServiceFromOptions(o, MemoryReactorClock())
+        self.assertEqual(svc.state.limits.max_connections, 50)
+        self.assertEqual(svc.grace, 2.0)
+
+    def test_help_names_them(self) -> None:
+        text = str(Options())
+        for name in ("--max-connections", "--fd-reserve", "--shutdown-grace", "/64"):
+            self.assertIn(name, text)
+
+
 class GCFreezeTests(SynchronousTestCase):
     def test_off_by_default(self) -> None:
         self.assertEqual(parse()["gc-freeze-interval"], 0.0)

@@ -366,31 +366,28 @@ class RateLimiterTests(SynchronousTestCase):
         clock.advance(1)
         self.assertTrue(limiter.allow("a"))
 
-    def test_table_bounded(self) -> None:
-        limiter = RateLimiter(1, Clock(), max_sources=2)
-        self.assertTrue(limiter.allow("a"))
-        self.assertTrue(limiter.allow("b"))
-        self.assertFalse(limiter.allow("c"))
+    def test_table_fixed(self) -> None:
+        """A fixed number of buckets, whatever the number of sources (tests/test_stun_abuse.py floods it)."""
+        limiter = RateLimiter(1, Clock(), buckets=4)
+        self.assertEqual(limiter.buckets, 4)
+        self.assertTrue(all(0 <= limiter.bucket(f"10.0.0.{i}") < 4 for i in range(100)))
 
     @given(
         st.integers(1, 5),
         st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([0, 0, 0, 0.3, 1.0])),
                  max_size=60),
     )  # fmt: skip
-    def test_never_more_than_rate_per_window(self, rate, events) -> None:
-        clock = Clock()
-        limiter = RateLimiter(rate, clock)
-        allowed: dict[tuple[int, str], int] = {}
-        asked: dict[tuple[int, str], int] = {}
+    def test_sources_do_not_share_budgets(self, rate, events) -> None:
+        """Sources in different buckets: each gets exactly what it would get alone."""
+        clock, alone_clock = Clock(), {h: Clock() for h in "abc"}
+        limiter = RateLimiter(rate, clock, salt=b"fixed")
+        self.assertEqual(len({limiter.bucket(h) for h in "abc"}), 3)
+        alone = {h: RateLimiter(rate, alone_clock[h]) for h in "abc"}
         for host, advance in events:
             clock.advance(advance)
-            key = (int(clock.seconds()), host)
-            asked[key] = asked.get(key, 0) + 1
-            if limiter.allow(host):
-                allowed[key] = allowed.get(key, 0) + 1
-        for key, n in asked.items():
-            # Exactly min(asked, rate) per source and second: the others are not starved.
-            self.assertEqual(allowed.get(key, 0), min(n, rate))
+            for c in alone_clock.values():
+                c.advance(advance)
+            self.assertEqual(limiter.allow(host), alone[host].allow(host))
 
     def test_rate_must_be_positive(self) -> None:
         self.assertRaises(ValueError, RateLimiter, 0, Clock())
@@ -669,4 +666,4 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(counters.snapshot()["received"], 3)
         self.assertEqual(set(counters.snapshot()), {
             "received", "answered", "malformed", "rate_limited", "ignored", "send_failed",
-            "tcp_refused", "errors"})  # fmt: skip
+            "tcp_refused", "tcp_idle_closed", "tcp_connections", "errors"})  # fmt: skip

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from natbypass.app import mediator_tap as tap
-from natbypass.stun.server import DEFAULT_SOFTWARE, STUNService
+from natbypass.stun.server import DEFAULT_BURST, DEFAULT_RATE, DEFAULT_SOFTWARE, STUNService
 
 
 def parse(*argv: str) -> tap.Options:
@@ -62,7 +62,8 @@ class OptionsTests(SynchronousTestCase):
         options = parse()
         self.assertEqual(options["stun-address"], ("0.0.0.0", 3478))
         self.assertIsNone(options["stun-alternate-address"])
-        self.assertEqual(options["stun-rate"], 0)
+        self.assertEqual(options["stun-rate"], DEFAULT_RATE)
+        self.assertEqual(options["stun-burst"], DEFAULT_BURST)
         self.assertEqual(options["software"], DEFAULT_SOFTWARE)
         self.assertEqual(options["signal"], "tcp:7000")
 
@@ -96,7 +97,7 @@ class OptionsTests(SynchronousTestCase):
             ("--stun", "127.0.0.1:65535", "--stun-alternate", "127.0.0.2"): "a port is needed",
             ("--stun", "127.0.0.1:3478", "--stun-alternate", "[::2]:3479"): "same IP family",
             ("--stun-rate", "-1",): "--stun-rate must be 0",
-            ("--software", "x" * 200,): "SOFTWARE text longer than 128 bytes",
+            ("--software", "x" * 200,): "--software: at most 64 bytes of UTF-8, not 200",
         }  # fmt: skip
         for argv, message in cases.items():
             with self.assertRaises(usage.UsageError, msg=argv) as caught:
@@ -125,8 +126,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(stun.server.limiter.rate, 7)
         self.assertEqual(reactor.tcpServers, [])
 
-    def test_no_rate_limit_by_default(self) -> None:
+    def test_rate_limit_by_default(self) -> None:
         top = tap.makeService(parse(), MemoryReactorClock())
+        limiter = top.getServiceNamed("stun").server.limiter
+        self.assertEqual((limiter.rate, limiter.burst), (DEFAULT_RATE, DEFAULT_BURST))
+
+    def test_no_rate_limit_on_request(self) -> None:
+        top = tap.makeService(parse("--stun-rate", "0"), MemoryReactorClock())
         self.assertIsNone(top.getServiceNamed("stun").server.limiter)
 
 

@@ -19,13 +19,17 @@ from twisted.python import usage
 
 from natbypass.address import is_wildcard
 from natbypass.address import parse_host_port as _parse_host_port
+from natbypass.metrics import METRICS_OPT_PARAMETER, check_metrics_option, mediator_metrics
 from natbypass.signaling.service import (
     SIGNAL_OPT_PARAMETERS,
     check_signaling_options,
     makeSignalingServiceFromOptions,
 )
 from natbypass.stun.server import (
+    DEFAULT_BURST,
+    DEFAULT_RATE,
     DEFAULT_SOFTWARE,
+    DEFAULT_TCP_PER_SOURCE,
     MAX_SOFTWARE_BYTES,
     ResponderConfig,
     STUNService,
@@ -57,11 +61,21 @@ class Options(usage.Options):
         ["stun-alternate", None, None,
          "Second IP[:PORT] for RFC 5780 (port defaults to the --stun port + 1). Needs a "
          "specific --stun IP; the responder then listens on both IPs x both ports."],
-        ["stun-rate", None, 0,
-         "Most STUN requests per second answered per source IP (0: no limit).", int],
+        ["stun-rate", None, DEFAULT_RATE,
+         "Most STUN requests per second answered per source IP, IPv6 per /64 (0: no limit, "
+         "which lets anyone reflect traffic at spoofed addresses). High enough for a NAT with "
+         "many users behind one IP: one NAT detection takes about 20 requests.", int],
+        ["stun-burst", None, DEFAULT_BURST,
+         "Requests a source may send at once on top of --stun-rate (a token bucket's size).", int],
+        ["stun-tcp-per-source", None, DEFAULT_TCP_PER_SOURCE,
+         "Most STUN/TCP connections open at once per source IP, IPv6 per /64.", int],
+        ["stun-tcp-max", None, None,
+         "Most STUN/TCP connections open at once in all (default: 1000, or half the open-file "
+         "limit left after a reserve of 64 when that is less).", int],
         ["software", None, DEFAULT_SOFTWARE,
-         f"SOFTWARE attribute of STUN responses (at most {MAX_SOFTWARE_BYTES} bytes; empty: none)."],
-    ] + SIGNAL_OPT_PARAMETERS  # fmt: skip
+         f"SOFTWARE attribute of STUN responses, for diagnostics (at most {MAX_SOFTWARE_BYTES} "
+         "bytes of UTF-8, since it makes every response larger; empty: none)."],
+    ] + SIGNAL_OPT_PARAMETERS + [METRICS_OPT_PARAMETER]  # fmt: skip
 
     def postOptions(self) -> None:
         try:
@@ -85,6 +99,17 @@ class Options(usage.Options):
                 )
         if self["stun-rate"] < 0:
             raise usage.UsageError("--stun-rate must be 0 (no limit) or a positive number")
+        for name in ("stun-burst", "stun-tcp-per-source"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
+        if self["stun-tcp-max"] is not None and self["stun-tcp-max"] < 1:
+            raise usage.UsageError("--stun-tcp-max must be at least 1")
+        software = len(self["software"].encode("utf-8", "surrogatepass"))
+        if software > MAX_SOFTWARE_BYTES:
+            raise usage.UsageError(
+                f"--software: at most {MAX_SOFTWARE_BYTES} bytes of UTF-8, not {software}: every "
+                "STUN response carries it, so a long one makes the responder a better amplifier"
+            )
         try:
             ResponderConfig(primary, alternate, self["software"])
         except ValueError as e:
@@ -92,6 +117,7 @@ class Options(usage.Options):
         self["stun-address"] = primary
         self["stun-alternate-address"] = alternate
         check_signaling_options(self)
+        check_metrics_option(self)
 
 
 def makeSTUNService(options: usage.Options, reactor: Any) -> STUNService:
@@ -102,11 +128,14 @@ def makeSTUNService(options: usage.Options, reactor: Any) -> STUNService:
         options["stun-alternate-address"],
         software=options["software"],
         rate=options["stun-rate"],
+        burst=options["stun-burst"],
+        tcp_per_source=options["stun-tcp-per-source"],
+        tcp_max=options["stun-tcp-max"],
     )
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
-    """The mediator: STUN responder (C{"stun"}) and signalling (C{"signal"})."""
+    """The mediator: STUN responder (C{"stun"}), signalling (C{"signal"}), with C{--metrics} C{"metrics"}."""
     if reactor is None:
         from twisted.internet import reactor as installed
 
@@ -118,4 +147,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     signal = makeSignalingServiceFromOptions(options, reactor)
     signal.setName("signal")
     signal.setServiceParent(top)
+    if options["metrics"] is not None:
+        metrics = mediator_metrics(options["metrics"], reactor, stun, signal)
+        metrics.setName("metrics")
+        metrics.setServiceParent(top)
     return top

@@ -21,7 +21,7 @@ from natbypass.app.detect import DEFAULT_PORT
 from natbypass.identity import default_identity_path, load_or_create
 from natbypass.peer import Peer, PeerConfig, parse_wish
 from natbypass.punch.candidates import PortRange
-from natbypass.signaling.client import client_endpoint
+from natbypass.signaling.client import check_mediator_endpoint, client_endpoint
 from natbypass.trust import AllowList, KnownPeers
 
 Address = tuple[str, int]
@@ -64,6 +64,8 @@ PEER_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("timeout", "seconds each protocol may try", default=5.0, coerce=float),
     OptionSpec("no-discovery", "skip RFC 5780 NAT behaviour discovery (only learn the mapped address)",
                flag=True),
+    OptionSpec("no-host-candidates", "never publish our interface addresses (by default approved peers, "
+               "and peers we connect to, get them, so two peers on one LAN meet directly)", flag=True),
     OptionSpec("identity", "identity key file, created (0600) if missing; the mediator binds --id to this key "
                "(default: $XDG_CONFIG_HOME/natbypass/identity.pem, else ~/.config/natbypass/identity.pem)",
                metavar="PATH"),
@@ -102,6 +104,7 @@ def check_peer_options(options: dict[str, Any]) -> None:
     Raises ValueError with a message a person can act on.
     """
     parse_wish(options["protocol"])
+    check_mediator_endpoint(options["mediator"], options["ca"])
     options["port-range"] = PortRange.parse(options["port-range"]) if options["port-range"] else None
     options["stun"] = stun_server(options["stun"], options["mediator"])
 
@@ -138,6 +141,7 @@ def make_peer(
             port_range=options["port-range"],
             punch_timeout=options["timeout"],
             discover=not options["no-discovery"],
+            reveal_host_candidates=not options.get("no-host-candidates", False),
             **config,
         ),
     )

@@ -11,7 +11,9 @@ from twisted.python import usage
 
 from natbypass.app.echo import EchoHandler
 from natbypass.app.peer_options import PEER_OPTIONS, OptionSpec, check_peer_options, make_peer, usage_parameters
+from natbypass.metrics import check_metrics_option, peer_metrics
 from natbypass.peer import Peer
+from natbypass.signaling.client import check_mediator_endpoint
 from natbypass.signaling.wire import PEER_ID
 from natbypass.trust import AllowList, TrustFileError
 
@@ -21,6 +23,8 @@ TAP_OPTIONS = (
                coerce=float),
     OptionSpec("allow", "only peers listed in FILE may connect: one fingerprint a line, optionally with the id "
                "(a known_peers file works)", metavar="FILE"),
+    OptionSpec("metrics", "serve Prometheus metrics on /metrics and a health check on /healthz at this Twisted "
+               "server endpoint (e.g. tcp:9101:interface=127.0.0.1; no authentication)", metavar="ENDPOINT"),
     OptionSpec("allow-any", "any peer may connect (the default; each still proves the key its id is bound to)",
                flag=True),
 )  # fmt: skip
@@ -51,7 +55,9 @@ class Options(usage.Options):
         if self["allow"] and self["allow-any"]:
             raise usage.UsageError("give --allow FILE or --allow-any, not both")
         try:
+            check_mediator_endpoint(self["mediator"], self["ca"])
             check_peer_options(self)
+            check_metrics_option(self)
             self["allow"] = AllowList.load(self["allow"]) if self["allow"] else None
         except (ValueError, TrustFileError) as e:
             raise usage.UsageError(str(e)) from None
@@ -69,4 +75,6 @@ def makeService(options: Options, reactor: Any = None) -> Peer:
         reactor = default_reactor
     peer = make_peer(reactor, options, allow=options["allow"], keepalive_interval=options["keepalive"])
     peer.listen(EchoHandler())
+    if options["metrics"] is not None:
+        peer_metrics(options["metrics"], reactor, peer).setServiceParent(peer)
     return peer

@@ -92,6 +92,8 @@ class InterfaceAddress:
     address: str
     up: bool | None = None
     loopback: bool | None = None
+    #: The network prefix length (C{24} for a /24), where reported.
+    prefix: int | None = None
 
 
 _FAMILIES = {"inet": 4, "inet6": 6}
@@ -177,7 +179,8 @@ def read_interface_addresses(
         for ip in adapter.ips:
             # IPv4: "a.b.c.d"; IPv6: (address, flowinfo, scope_id).
             address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            out.append(InterfaceAddress(adapter.name, address, up, loopback))
+            prefix = getattr(ip, "network_prefix", None)
+            out.append(InterfaceAddress(adapter.name, address, up, loopback, prefix))
     return out
 
 
@@ -206,6 +209,7 @@ def remote_addresses(
     others: Iterable[Address] = (),
     predict_delta: int | None = None,
     span: int = 8,
+    max_predicted: int | None = None,
 ) -> list[Address]:
     """
     The peer's addresses to punch (one transport), in the order the first
@@ -215,14 +219,257 @@ def remote_addresses(
     port for each new destination in the order we first send to them, so
     when both sides are predictable and both probe predicted ports first, in
     ascending order, the i-th flows of both sides meet.  Then the mapped
-    (srflx) addresses, then C{others} (host addresses).
+    (srflx) addresses, then C{others} (host addresses).  At most
+    C{max_predicted} predicted ports in all (None: C{span} per srflx).
     """
     srflx = list(srflx)
     predicted: list[Address] = []
     if predict_delta:
         for address in srflx:
             predicted += predicted_ports(address, predict_delta, span)
+    if max_predicted is not None:
+        predicted = predicted[:max_predicted]
     return list(dict.fromkeys([*predicted, *srflx, *others]))
+
+
+# ------------------------------------------------------------------ screening
+
+#: At most this many of a peer's candidates are punched per protocol (after
+#: the refused ones are dropped; server-reflexive ones first).  A peer has one
+#: server-reflexive address and a host address per interface.
+MAX_CANDIDATES_PER_PROTOCOL = 8
+#: At most this many predicted ports per protocol (a symmetric NAT's next
+#: ports: C{span} 8 from the first server-reflexive candidate).
+MAX_PREDICTED = 8
+
+#: Cloud metadata services (AWS, GCP, Azure, ECS, Alibaba): never a peer,
+#: whatever network we are on.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200")
+)
+_V4_RESERVED = ipaddress.ip_network("240.0.0.0/4")
+_V4_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_V4_BROADCAST = ipaddress.ip_address("255.255.255.255")
+
+Network = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+@dataclass(frozen=True)
+class LocalNetworks:
+    """
+    What the screening of a peer's candidates knows of this peer: the
+    networks of its interfaces (address and prefix), and whether loopback
+    candidates are allowed (two peers on one machine).
+    """
+
+    networks: tuple[Network, ...] = ()
+    loopback: bool = False
+
+    @classmethod
+    def of(
+        cls, addresses: Iterable[InterfaceAddress], bind_host: str | None = None, loopback: bool = False
+    ) -> LocalNetworks:
+        """
+        The networks of the interfaces that are up (or whose state is
+        unknown) among C{addresses}; with C{bind_host} (a socket bound to one
+        address sends only from it) just that address's (with its
+        interface's prefix when listed, else alone).  Loopback is allowed
+        with C{loopback} or when C{bind_host} is a loopback address.
+        """
+        nets: list[Network] = []
+        for entry in addresses:
+            if entry.up is False:
+                continue
+            try:
+                nets.append(
+                    ipaddress.ip_interface(f"{entry.address.partition('%')[0]}/{entry.prefix or ''}".rstrip("/"))
+                )
+            except ValueError:
+                continue
+        if bind_host is not None:
+            try:
+                bound = ipaddress.ip_address(bind_host)
+            except ValueError:
+                return cls((), loopback)
+            nets = [n for n in nets if n.ip == bound] or [ipaddress.ip_interface(bound)]
+            loopback = loopback or bound.is_loopback
+        return cls(tuple(dict.fromkeys(nets)), loopback)
+
+
+def refusal(host: str, local: LocalNetworks = LocalNetworks()) -> str | None:
+    """
+    Why a peer's candidate address C{host} must not be probed (pure), or
+    None when it may be.
+
+    Refused always: not an IP; unspecified (C{0.0.0.0/8}, C{::}); multicast;
+    the limited broadcast and the broadcast address of one of C{local}'s
+    IPv4 networks; C{240.0.0.0/4} and IPv6's reserved blocks; IPv4-mapped
+    IPv6 (C{::ffff:a.b.c.d}: another spelling of an IPv4 address); IPv6
+    link-local (the wire carries no zone, without which it cannot be sent
+    to); cloud metadata services (L{METADATA_ADDRESSES}).  Refused unless
+    this peer is on that network: loopback (C{local.loopback}), IPv4
+    link-local (C{169.254.0.0/16}: one of C{local}'s networks is
+    link-local).  Private, shared (C{100.64.0.0/10}), benchmarking
+    (C{198.18.0.0/15}, the NAT lab) and documentation ranges are allowed:
+    peers live there.
+    """
+    try:
+        addr = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return "not an IP address"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return "an IPv4-mapped IPv6 address"
+    if addr.is_unspecified or addr in _V4_THIS_NETWORK:
+        return "unspecified"
+    if addr.is_multicast:
+        return "multicast"
+    if addr == _V4_BROADCAST:
+        return "broadcast"
+    if addr in METADATA_ADDRESSES:
+        return "a cloud metadata service"
+    if addr.is_loopback:
+        return None if local.loopback else "loopback (only with loopback candidates, or bound to loopback)"
+    if addr in _V4_RESERVED or (addr.version == 6 and addr.is_reserved):
+        return "reserved"
+    if addr.is_link_local:
+        if addr.version == 6:
+            return "IPv6 link-local (no zone)"
+        if not any(n.version == 4 and n.ip.is_link_local for n in local.networks):
+            return "link-local, and no interface of ours is"
+    for net in local.networks:
+        if net.version == 4 and net.network.prefixlen <= 30 and addr == net.network.broadcast_address:
+            return f"the broadcast address of our network {net.network}"
+    return None
+
+
+@dataclass(frozen=True)
+class Screened:
+    """What L{screen} kept of one protocol's candidates, and what it refused and why."""
+
+    srflx: tuple[Address, ...]
+    hosts: tuple[Address, ...]
+    refused: tuple[tuple[Address, str], ...] = ()
+    #: Good candidates beyond the cap, left out.
+    over_cap: int = 0
+
+
+def screen(
+    srflx: Iterable[Address],
+    hosts: Iterable[Address],
+    local: LocalNetworks = LocalNetworks(),
+    limit: int = MAX_CANDIDATES_PER_PROTOCOL,
+) -> Screened:
+    """
+    A peer's candidates of one protocol, screened (pure): the refused ones
+    (L{refusal}) dropped, duplicates dropped, at most C{limit} kept,
+    server-reflexive ones first.
+    """
+    kept: dict[Address, bool] = {}
+    refused: list[tuple[Address, str]] = []
+    seen: set[Address] = set()
+    over = 0
+    for is_srflx, group in ((True, srflx), (False, hosts)):
+        for address in group:
+            if address in seen:
+                continue
+            seen.add(address)
+            why = refusal(address[0], local)
+            if why is not None:
+                refused.append((address, why))
+            elif len(kept) >= limit:
+                over += 1
+            else:
+                kept[address] = is_srflx
+    return Screened(
+        tuple(a for a, s in kept.items() if s), tuple(a for a, s in kept.items() if not s), tuple(refused), over
+    )
+
+
+# ------------------------------------------------------------------ budgets
+
+#: What one attempt (one protocol of one offer) may send to addresses that
+#: have not proved the session key, in bytes, over the whole attempt: UDP
+#: probes and the speculative QUIC first flight (C{udp.SPECULATIVE_BUDGET},
+#: 2,560) together.  Probes are 53 bytes: about 100 besides the flight.
+MAX_OFFER_BYTES = 8 * 1024
+#: ... and in datagrams.
+MAX_OFFER_PACKETS = 128
+#: The attempt's own pace (RFC 8445's Ta, one check per 1/rate s) once its
+#: first rounds (C{burst} datagrams: every candidate, predicted ports too,
+#: twice or more) are out.
+OFFER_RATE, OFFER_BURST = 16.0, 40.0
+#: The peer-wide pace shared by every attempt, UDP and TCP, in bytes per
+#: second and burst bytes: a peer sends at most this to addresses that did
+#: not prove a session key, however many offers it answers.
+PEER_RATE, PEER_BURST = 16 * 1024.0, 32 * 1024.0
+#: What a TCP connect attempt is charged (a SYN with its options, IPv4).
+SYN_BYTES = 64
+
+
+class TokenBucket:
+    """
+    C{rate} tokens a second up to C{burst}, on an injected clock (anything
+    with C{seconds()}); starts full.
+    """
+
+    def __init__(self, clock, rate: float, burst: float) -> None:
+        self._clock = clock
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at = clock.seconds()
+
+    def take(self, n: float = 1.0) -> bool:
+        """Take C{n} tokens if there are that many (True), else take none (False)."""
+        now = self._clock.seconds()
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < n:
+            return False
+        self._tokens -= n
+        return True
+
+
+class ProbeBudget:
+    """
+    What one attempt may send to addresses that have not proved the
+    session key: at most C{max_packets} datagrams and C{max_bytes} bytes
+    in all, paced by its own bucket (C{rate}, C{burst}, in datagrams) and
+    by the peer-wide C{pace} (bytes) it shares with every other attempt.
+    A send the budget refuses is not made (counted in C{withheld}).
+    """
+
+    def __init__(
+        self,
+        clock,
+        pace: TokenBucket | None = None,
+        max_packets: int = MAX_OFFER_PACKETS,
+        max_bytes: int = MAX_OFFER_BYTES,
+        rate: float = OFFER_RATE,
+        burst: float = OFFER_BURST,
+    ) -> None:
+        self.pace = pace
+        self.max_packets = max_packets
+        self.max_bytes = max_bytes
+        self._own = TokenBucket(clock, rate, burst)
+        self.packets = 0
+        self.bytes = 0
+        self.withheld = 0
+
+    def spend(self, size: int) -> bool:
+        """May one datagram (or connect) of C{size} bytes go out now?  If so, it is counted."""
+        ok = (
+            self.packets < self.max_packets
+            and self.bytes + size <= self.max_bytes
+            and self._own.take()
+            and (self.pace is None or self.pace.take(size))
+        )
+        if not ok:
+            self.withheld += 1
+            return False
+        self.packets += 1
+        self.bytes += size
+        return True
 
 
 def bind_udp(

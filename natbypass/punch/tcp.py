@@ -74,6 +74,7 @@ from natbypass.address import format_address
 from natbypass.identity import Fingerprint
 from natbypass.interfaces import IPeerConnection
 from natbypass.net import reusable_socket
+from natbypass.punch.candidates import SYN_BYTES, TokenBucket
 from natbypass.punch.connection import PathConnection
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.secure import ChannelSecurity
@@ -100,6 +101,15 @@ RETRYABLE = {
     errno.EADDRNOTAVAIL,  # 4-tuple still held by a socket of ours (accepted on the listener)
     errno.EADDRINUSE,
 }
+
+#: connect() tries per candidate in one attempt: every C{retry_interval} at
+#: first, then backing off by L{RETRY_BACKOFF} up to L{MAX_RETRY_INTERVAL},
+#: so the tries cover a 5 s window without a SYN every 75 ms to a closed port.
+MAX_TRIES_PER_CANDIDATE = 12
+#: connect() tries in all, in one attempt.
+MAX_TRIES = 48
+#: Tries at C{retry_interval} before backing off, the backoff factor, and its cap (s).
+FAST_TRIES, RETRY_BACKOFF, MAX_RETRY_INTERVAL = 4, 1.5, 1.0
 
 
 class SelectError(ValueError):
@@ -284,8 +294,18 @@ class TCPPunchAttempt:
         keepalive_interval: float | None = 15.0,
         *,
         security: ChannelSecurity,
+        max_tries_per_candidate: int = MAX_TRIES_PER_CANDIDATE,
+        max_tries: int = MAX_TRIES,
+        pace: TokenBucket | None = None,
     ) -> None:
         self.reactor = reactor
+        self._max_tries_per_candidate = max_tries_per_candidate
+        self._max_tries = max_tries
+        self._pace = pace
+        #: Tries not made: the per-candidate or total bound was reached.
+        self.capped = 0
+        #: Tries put off because the peer-wide pace had no room.
+        self.paced = 0
         self.session = session
         self.security = security
         self.local = local
@@ -338,6 +358,14 @@ class TCPPunchAttempt:
         self._retries.pop(target, None)
         if self._done:
             return
+        if self.tries[target] >= self._max_tries_per_candidate or self.tries.total() >= self._max_tries:
+            self.capped += 1
+            self._settle()
+            return
+        if self._pace is not None and not self._pace.take(SYN_BYTES):
+            self.paced += 1
+            self._schedule_retry(target)
+            return
         self.tries[target] += 1
         sock = None
         try:
@@ -380,8 +408,14 @@ class TCPPunchAttempt:
             self.log.warn("not retrying {target}: {error}", target=format_address(target), error=os.strerror(code))
             self._settle()
             return
-        if self.reactor.seconds() + self._retry < self._deadline:
-            self._retries[target] = self.reactor.callLater(self._retry, self._try, target)
+        self._schedule_retry(target)
+
+    def _schedule_retry(self, target: Address) -> None:
+        """Try C{target} again after the retry interval (backing off after L{FAST_TRIES}), within the window."""
+        slow = max(0, self.tries[target] - FAST_TRIES)
+        delay = min(self._retry * RETRY_BACKOFF**slow, max(self._retry, MAX_RETRY_INTERVAL))
+        if self.reactor.seconds() + delay < self._deadline:
+            self._retries[target] = self.reactor.callLater(delay, self._try, target)
         else:
             self._settle()
 
@@ -580,6 +614,9 @@ def punch_tcp(
     keepalive_interval: float | None = 15.0,
     *,
     security: ChannelSecurity,
+    max_tries_per_candidate: int = MAX_TRIES_PER_CANDIDATE,
+    max_tries: int = MAX_TRIES,
+    pace: TokenBucket | None = None,
 ) -> Deferred:
     """
     Open a TLS 1.3 path to the peer from local address C{local}, both sides
@@ -608,6 +645,11 @@ def punch_tcp(
     key (the L{natbypass.trust.PeerRejected} message, or that the peer
     refused ours); earlier once a key was refused and nothing else is under
     way.  Cancelling it closes every socket it opened.
+
+    At most C{max_tries_per_candidate} connects go to one candidate and
+    C{max_tries} in all (L{MAX_TRIES_PER_CANDIDATE}, L{MAX_TRIES}); each
+    takes L{natbypass.punch.candidates.SYN_BYTES} from the peer-wide C{pace}
+    when one is given, and waits for a retry when it has no room.
     """
     return TCPPunchAttempt(
         reactor,
@@ -622,6 +664,9 @@ def punch_tcp(
         listener=listener,
         keepalive_interval=keepalive_interval,
         security=security,
+        max_tries_per_candidate=max_tries_per_candidate,
+        max_tries=max_tries,
+        pace=pace,
     ).deferred
 
 

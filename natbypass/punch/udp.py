@@ -49,6 +49,7 @@ from zope.interface import implementer
 from natbypass.address import format_address
 from natbypass.identity import Fingerprint
 from natbypass.interfaces import IPeerConnection
+from natbypass.punch.candidates import ProbeBudget
 from natbypass.punch.connection import PathConnection
 from natbypass.punch.mux import Address, PunchEndpoint
 from natbypass.punch.packet import PacketType, PunchPacket, encode, verify
@@ -152,6 +153,8 @@ class PunchStats:
     replayed: int = 0
     #: Verified probes from new addresses beyond C{max_learned}: not answered, not learned.
     learned_refused: int = 0
+    #: Probes to unproven addresses the attempt's L{ProbeBudget} held back.
+    budget_withheld: int = 0
 
 
 class PunchState(enum.StrEnum):
@@ -175,6 +178,10 @@ class UDPPunchMachine:
     @param max_learned: how many peer-reflexive addresses it learns at most.
     @param max_seen: how many (nonce, source) pairs of answered probes it
         remembers to recognise replays (oldest forgotten first).
+    @param budget: what probes to addresses that have not proved the
+        session key may cost (None: no bound).  With one, each round
+        offers the least-probed unproven candidates first, so a budget that
+        runs short spreads over all of them.
     """
 
     def __init__(
@@ -186,8 +193,11 @@ class UDPPunchMachine:
         nonce_source: NonceSource = random_nonce,
         max_learned: int = MAX_LEARNED,
         max_seen: int = 4096,
+        budget: ProbeBudget | None = None,
     ) -> None:
         self._session = session
+        self.budget = budget
+        self._probed: dict[Address, int] = {}
         self._candidates: list[Address] = list(dict.fromkeys(candidates))
         self._known = set(self._candidates)
         self._start_at = start_at
@@ -231,7 +241,25 @@ class UDPPunchMachine:
         nonce = self._nonce()
         self._sent[nonce] = (address, now)
         self.stats.probes_sent += 1
+        self._probed[address] = self._probed.get(address, 0) + 1
         return Send(address, self._packet(PacketType.PROBE, nonce))
+
+    def _round(self, now: float) -> list[Action]:
+        """One probe to every candidate, those to unproven addresses within the budget."""
+        if self.budget is None:
+            return [self._probe(now, a) for a in self._candidates]
+        out: list[Action] = []
+        # Stable: the first round goes in candidate order (predicted ports first).
+        for address in sorted(self._candidates, key=lambda a: self._probed.get(a, 0)):
+            if address in self.verified or self.budget.spend(self._probe_size):
+                out.append(self._probe(now, address))
+            else:
+                self.stats.budget_withheld += 1
+        return out
+
+    @property
+    def _probe_size(self) -> int:
+        return len(self._packet(PacketType.PROBE, 0))
 
     def poll(self, now: float) -> list[Action]:
         """Run whatever is due at C{now}."""
@@ -243,7 +271,7 @@ class UDPPunchMachine:
         if now < self._next_round:
             return []
         self.state = PunchState.PUNCHING
-        actions: list[Action] = [self._probe(now, a) for a in self._candidates]
+        actions: list[Action] = self._round(now)
         self._last_interval = self._schedule.next_interval(now - self._start_at, self._last_interval)
         self._next_round = now + self._last_interval
         return actions
@@ -333,6 +361,8 @@ class UDPPunchMachine:
                 f"; dropped {st.replayed} replayed probes and {st.learned_refused} from new addresses "
                 f"beyond the {self._max_learned} learned ones"
             )
+        if st.budget_withheld:
+            extra += f"; held back {st.budget_withheld} probes to unproven addresses (the attempt's probe budget)"
         return (
             f"no verified UDP path within {self._schedule.timeout:g} s: {why}; "
             f"sent {st.probes_sent} probes to {len(self._candidates)} "
@@ -495,10 +525,17 @@ class _ChannelSend:
     L{UDPPunchAttempt} resends the recorded first flight itself.
     """
 
-    def __init__(self, endpoint: PunchEndpoint, proven: Callable[[Address], bool], budget: int) -> None:
+    def __init__(
+        self,
+        endpoint: PunchEndpoint,
+        proven: Callable[[Address], bool],
+        budget: int,
+        probe_budget: ProbeBudget | None = None,
+    ) -> None:
         self._endpoint = endpoint
         self._proven = proven
         self._budget = budget
+        self._probe_budget = probe_budget
         self.channel: QuicChannel | None = None
         self.recording = False
         #: The datagrams of the first flight (what C{channel.start()} sent).
@@ -514,6 +551,10 @@ class _ChannelSend:
         answered = self.channel is not None and self.channel.answered
         if not answered and not self._proven(addr):
             if self.unproven_bytes + len(data) > self._budget:
+                self.withheld += 1
+                return
+            if self._probe_budget is not None and not self._probe_budget.spend(len(data)):
+                # The flight counts in the attempt's budget with its probes.
                 self.withheld += 1
                 return
             self.unproven_bytes += len(data)
@@ -715,7 +756,9 @@ class UDPPunchAttempt:
     def _newChannel(self, address: Address) -> None:
         self.state = AttemptState.HANDSHAKING
         self._remote = address
-        send = self._send = _ChannelSend(self._endpoint, self._machine.verified.__contains__, self._budget)
+        send = self._send = _ChannelSend(
+            self._endpoint, self._machine.verified.__contains__, self._budget, self._machine.budget
+        )
         channel = self._channel = send.channel = self._make_channel(address, send)
         self.handshakes += 1
         channel.ready.addCallbacks(self._ready, self._refused, callbackArgs=(channel,), errbackArgs=(channel,))
@@ -867,6 +910,7 @@ def punch_udp(
     max_learned: int = MAX_LEARNED,
     engine: str | QuicEngine | None = None,
     speculate: bool | Address = True,
+    budget: ProbeBudget | None = None,
 ) -> Deferred[UDPPeerConnection]:
     """
     Punch a UDP path to the peer from C{endpoint}'s socket and secure it with QUIC.
@@ -900,6 +944,10 @@ def punch_udp(
         first flight to (one of C{candidates}: the peer's server-reflexive
         address, or its host address on a shared LAN), True for the first
         candidate, False for none (start at the first proven address).
+    @param budget: what the attempt may send to addresses that have not
+        proved the session key (probes and the speculative flight, see
+        L{natbypass.punch.candidates.ProbeBudget}); None: no bound beyond
+        L{SPECULATIVE_BUDGET} (a L{natbypass.peer.Peer} always gives one).
 
     @return: a Deferred that fires with a secure L{UDPPeerConnection}, or
         fails with L{PunchFailed} (no path within C{schedule.timeout}, or the
@@ -908,7 +956,13 @@ def punch_udp(
     """
     idle_timeout = liveness_timeout if liveness_timeout is not None else 3 * keepalive_interval
     machine = UDPPunchMachine(
-        session, candidates, clock.seconds() + start_delay, schedule, nonce_source, max_learned=max_learned
+        session,
+        candidates,
+        clock.seconds() + start_delay,
+        schedule,
+        nonce_source,
+        max_learned=max_learned,
+        budget=budget,
     )
     target: Address | None = None
     if speculate is True:

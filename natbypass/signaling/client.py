@@ -17,12 +17,15 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
@@ -33,6 +36,7 @@ from zope.interface import implementer
 from .. import __version__
 from .._deprecate import deprecated_alias
 from ..identity import Identity
+from ..logsafe import escape
 from . import wire
 from .interfaces import ISignalingClient
 from .server import _no_delay
@@ -118,6 +122,15 @@ class Disconnected(SignalingError):
         super().__init__("disconnected", reason, 0)
 
 
+class MediatorShuttingDown(SignalingError):
+    """
+    The mediator is stopping (C{503 shutting-down}, rid null): requests
+    pending on that connection fail with this at once, and the client
+    reconnects straight away (to another mediator where the endpoint leads
+    to several), without counting it as a failure.
+    """
+
+
 class Decline(Exception):
     """Raise from an offer handler to reject with a reason."""
 
@@ -132,6 +145,7 @@ _ERRORS: dict[str, type[SignalingError]] = {
     "id-bound": IdBound,
     "bad-proof": BadProof,
     "stale-proof": StaleProof,
+    "shutting-down": MediatorShuttingDown,
 }
 
 
@@ -249,7 +263,7 @@ class SignalingClientProtocol(LineReceiver):
         try:
             msg = wire.decode_from_server(line)
         except WireError as e:
-            self.log.warn("dropping a bad line from the mediator: {reason}", reason=e.reason)
+            self.log.warn("dropping a bad line from the mediator: {reason}", reason=escape(e.reason))
             return
         self._alive()
         if isinstance(msg, Greeting):
@@ -270,9 +284,11 @@ class SignalingClientProtocol(LineReceiver):
                 d.errback(error_from_reply(msg))
             elif msg.rid is not None and msg.rid in self._abandoned:
                 pass
+            elif msg.error == "shutting-down":
+                self._going_away(msg)
             else:
                 self.log.warn(
-                    "mediator says {code} {error}: {reason}", code=msg.code, error=msg.error, reason=msg.reason
+                    "mediator says {code} {error}: {reason}", code=msg.code, error=msg.error, reason=escape(msg.reason)
                 )
                 if msg.error == "duplicate-id":
                     # A newer registration took our id over: do not take it back on reconnect.
@@ -287,6 +303,17 @@ class SignalingClientProtocol(LineReceiver):
             offer = self._offers.pop(msg.offer, None)
             if offer is not None:
                 offer.cancelled.callback(msg.reason)
+
+    def _going_away(self, msg: Error) -> None:
+        """The mediator is stopping: fail what waits on it now, and hang up so the client reconnects."""
+        self.log.info("the mediator is shutting down ({reason}); reconnecting", reason=escape(msg.reason))
+        err = error_from_reply(msg)
+        self._fail_ready(err)
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(err)
+        if self.transport is not None and self.connected:
+            self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.log.warn("the mediator sent a line over {n} bytes; reconnecting", n=self.MAX_LENGTH)
@@ -352,7 +379,9 @@ class SignalingClientProtocol(LineReceiver):
         if not f.check(StaleProof) or not self._handshaking:
             self._handshake_failed(f)
             return
-        self.log.info("the mediator did not take a timed proof ({reason}); signing its nonce", reason=f.value.reason)
+        self.log.info(
+            "the mediator did not take a timed proof ({reason}); signing its nonce", reason=escape(f.value.reason)
+        )
         self._resent.update(rid for rid in behind if rid in self._pending)
         self._nonce_wanted = True
         self._resend = [msg for rid, msg in behind.items() if rid in self._pending]
@@ -432,25 +461,151 @@ class _ClientFactory(Factory):
         return p
 
 
+#: What to tell someone whose mediator string would not check the mediator's certificate.
+_USE_TLS = (
+    "give the mediator as tls:HOST:PORT (its certificate is then checked against the system's roots, "
+    "or against a private CA with --ca ca.pem, and must name HOST in its subjectAltName)"
+)
+
+
+def _endpoint_fields(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    The positional and keyword fields of a Twisted endpoint string after its
+    type: fields are separated by C{:}, the first unescaped C{=} makes a
+    keyword, and a backslash escapes the next character (C{tls:\\:\\:1:7443}).
+    """
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    fields: list[list[tuple[str, bool]]] = [[]]  # (character, escaped)
+    escaped = False
+    for char in description.partition(":")[2]:
+        if escaped or char not in "\\:":
+            fields[-1].append((char, escaped))
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        else:
+            fields.append([])
+    for field in fields:
+        split = next((i for i, (char, esc) in enumerate(field) if char == "=" and not esc), None)
+        if split is None:
+            args.append("".join(char for char, _ in field))
+        else:
+            kwargs["".join(c for c, _ in field[:split])] = "".join(c for c, _ in field[split + 1 :])
+    return args, kwargs
+
+
+def _tls_address(description: str) -> tuple[str, int, float]:
+    """
+    Host, port and connect timeout of a C{tls:HOST:PORT[:timeout=SECONDS]}
+    mediator string (host and port may be keywords too); ValueError otherwise.
+    """
+    args, kwargs = _endpoint_fields(description)
+    host = kwargs.pop("host", None) or (args.pop(0) if args else None)
+    port = kwargs.pop("port", None) or (args.pop(0) if args else None)
+    timeout = kwargs.pop("timeout", "30")
+    if not host or not port:
+        raise ValueError(f"{description!r} names no host and port: {_USE_TLS}")
+    if args or kwargs:
+        extra = ", ".join(args + sorted(kwargs))
+        raise ValueError(
+            f"{description!r}: a tls: mediator takes a host, a port and optionally timeout=SECONDS, not {extra} "
+            "(a private CA is given with --ca ca.pem)"
+        )
+    try:
+        return host, int(port), float(timeout)
+    except ValueError:
+        raise ValueError(f"{description!r}: the port and timeout must be numbers") from None
+
+
+def check_mediator_endpoint(description: str, ca: str | None = None) -> None:
+    """
+    Refuse a mediator client string whose certificate would not be checked,
+    with a message that says what to give instead (for option parsers: this
+    is what L{client_endpoint} refuses, without building anything).
+
+    @raise ValueError: C{ssl:} strings (Twisted's C{ssl:} client endpoint
+        checks neither the chain nor the name), C{tls:} strings with options
+        other than host, port and timeout, and C{--ca} with anything but
+        C{tls:}.
+    """
+    kind = description.partition(":")[0]
+    if kind == "ssl":
+        raise ValueError(f"{description!r} would not check the mediator's certificate at all: {_USE_TLS}")
+    if kind == "tls":
+        _tls_address(description)
+    elif ca is not None:
+        raise ValueError(f"--ca checks a TLS mediator, and {description!r} is not one: {_USE_TLS}")
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifiedTLS:
+    """
+    Twisted's C{optionsForClientTLS} (system roots or C{trust_root}, SNI),
+    with a certificate check that fails closed: Twisted's own verify callback
+    only fails the handshake on service-identity's C{VerificationError} and
+    merely logs anything else, so a certificate without subjectAltName
+    (a C{CertificateError}) passed for any host.
+    """
+
+    def __init__(self, host: str, trust_root: Any) -> None:
+        self._host = host
+        self._is_ip = isIPAddress(host) or isIPv6Address(host)
+        self._options = optionsForClientTLS(host, trustRoot=trust_root)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """Twisted's connection, its verify callback replaced by L{_verifier}'s."""
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verifier(tlsProtocol))
+        return connection
+
+    def _verifier(self, tls_protocol: Any) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
+        holder = [tls_protocol]  # dropped after the leaf: no cycle connection -> callback -> protocol
+
+        def verify(connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+            if depth != 0 or not ok:
+                return bool(ok)  # the chain: OpenSSL's verdict
+            protocol = holder.pop() if holder else None
+            try:
+                leaf = cert.to_cryptography()
+                if self._is_ip:
+                    verify_certificate_ip_address(leaf, self._host)
+                else:
+                    verify_certificate_hostname(leaf, self._host)
+            except Exception:  # VerificationError, CertificateError (no subjectAltName), anything: refuse
+                if protocol is not None:
+                    try:
+                        protocol.failVerification(Failure())
+                    except Exception:
+                        pass  # the handshake fails anyway; an exception must not escape into OpenSSL
+                return False
+            return True
+
+        return verify
+
+
 def client_endpoint(reactor: Any, description: str, ca: str | None = None) -> IStreamClientEndpoint:
     """
     A client endpoint for the mediator.  C{description} is a Twisted client
-    endpoint string (C{tcp:HOST:7000}, C{tls:HOST:7443}); with C{ca} (a PEM
-    file of the private CA) a C{tls:HOST:PORT} is verified against that CA
-    instead of the system roots.  Hostname checks use service-identity.
+    endpoint string: C{tcp:HOST:7000}, or C{tls:HOST:7443} (optionally
+    C{:timeout=SECONDS}), whose certificate is checked against the system's
+    roots or, with C{ca} (a PEM file of a private CA), against that CA, and
+    must name HOST in its subjectAltName (service-identity); any failure
+    fails the connection.
+
+    @raise ValueError: see L{check_mediator_endpoint} (C{ssl:} is refused: it
+        checks nothing).
     """
-    if ca is None:
+    check_mediator_endpoint(description, ca)
+    if not description.startswith("tls:"):
         return clientFromString(reactor, description)
-    parts = description.split(":")
-    if len(parts) != 3 or parts[0] != "tls":
-        raise ValueError(
-            "--ca goes with a plain tls:HOST:PORT endpoint (options other than host and port are not supported)"
-        )
-    _, host, port = parts
-    with open(ca, "rb") as f:
-        root = Certificate.loadPEM(f.read())
+    host, port, timeout = _tls_address(description)
+    root = None
+    if ca is not None:
+        with open(ca, "rb") as f:
+            root = Certificate.loadPEM(f.read())
     return wrapClientTLS(
-        optionsForClientTLS(host, trustRoot=root), HostnameEndpoint(reactor, host.encode("idna"), int(port))
+        _VerifiedTLS(host, root), HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
     )
 
 
@@ -636,15 +791,16 @@ class SignalingClient(Service):
 
     def _refused(self, proto: SignalingClientProtocol, err: Exception) -> None:
         self._forget_handshake(proto)
-        self._failures += 1
-        self.log.warn("registration as {peer_id} failed: {err}; retrying later", peer_id=self.peer_id, err=err)
+        if not isinstance(err, MediatorShuttingDown):  # not our fault: reconnect without a longer wait
+            self._failures += 1
+        self.log.warn("registration as {peer_id} failed: {err}; retrying later", peer_id=self.peer_id, err=escape(err))
         if isinstance(err, IdBound):
             # Retrying will not help for a long while: tell whoever waits (the Peer) now.
             self.log.error(
                 "the mediator binds {peer_id} to another key (ours is {fingerprint}): {reason}",
                 peer_id=self.peer_id,
                 fingerprint=str(self.identity.fingerprint),
-                reason=err.reason,
+                reason=escape(err.reason),
             )
             waiters, self._waiters = self._waiters, []
             for w in waiters:

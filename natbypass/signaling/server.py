@@ -15,15 +15,18 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -31,6 +34,7 @@ from zope.interface import implementer
 
 from natbypass import selection
 from natbypass.identity import BadSignature, Fingerprint, FingerprintError, load_public_key, verify_registration
+from natbypass.logsafe import escape
 from natbypass.nat import NatSummary
 
 from . import wire
@@ -61,6 +65,24 @@ from .wire import (
 #: The mediator's protocol-order policy: both sides' NAT summaries and
 #: wishes in, the order out (C{[]}: no common protocol).
 ChooseOrder = Callable[[NatSummary, NatSummary, tuple[str, ...], tuple[str, ...]], Sequence[str]]
+
+
+def source_group(host: str) -> str:
+    """
+    The group a connection's source address counts against for the
+    per-source limits: an IPv4 address itself, an IPv6 address its /64 (one
+    subscriber usually holds a whole /64), an IPv4-mapped IPv6 address its
+    IPv4 address.  Anything else (a Unix socket's C{"?"}) is its own group.
+    """
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
 
 
 def punch_delays(rtt_a: float, rtt_b: float, margin: float) -> tuple[float, float]:
@@ -206,7 +228,10 @@ class Limits:
     """Operator-set limits; 0 means unlimited for the counts."""
 
     max_peers: int = 100_000
+    #: Connections from one source group (an IPv4 address, an IPv6 /64; see C{source_group}).
     max_per_source: int = 100
+    #: Signalling connections at once, all sources (0: no limit); the service keeps it below the descriptor limit.
+    max_connections: int = 10_000
     rate: float = 20.0
     burst: float = 40.0
     max_line: int = wire.DEFAULT_MAX_LINE
@@ -216,6 +241,19 @@ class Limits:
     session_ttl: float = 120.0
     max_offers_per_peer: int = 16  # offers a peer has made that still wait for their answer
     max_offers_to_peer: int = 64  # offers waiting for one target's answer (a flood of them is refused)
+    #: Of those, at most this many from one initiator ...
+    max_offers_per_pair: int = 4
+    #: ... and from initiators of one source group, so a few registrations cannot fill a target's slots.
+    max_offers_per_source_to_peer: int = 8
+    #: Lines handled per connection in one reactor turn; the rest wait for the next turn (fairness).
+    lines_per_turn: int = 32
+    #: Rate-limited lines within C{abuse_window} seconds that get a 429 reply each; later ones none.
+    rate_limited_replies: int = 5
+    #: Rate-limited lines within C{abuse_window} seconds after which the connection is closed (0: never).
+    max_rate_limited: int = 100
+    abuse_window: float = 10.0
+    #: Seconds a closing connection may take to flush its last lines before it is aborted.
+    close_linger: float = 10.0
     punch_margin: float = 0.015
     unknown_rtt: float = 0.2
     rtt_refresh: float = 45.0
@@ -235,6 +273,7 @@ class _Link:
     __slots__ = (
         "channel",
         "source",
+        "group",
         "version",
         "peer_id",
         "fingerprint",
@@ -247,11 +286,16 @@ class _Link:
         "bucket_at",
         "offers",
         "open",
+        "limited",
+        "limited_since",
+        "errors",
+        "paused",
     )
 
     def __init__(self, channel: IChannel, source: str, now: float, burst: float, nonce: bytes) -> None:
         self.channel = channel
         self.source = source
+        self.group = source_group(source)
         self.version: int | None = None
         self.peer_id: str | None = None
         #: The registered key's fingerprint, as the wire shows it.
@@ -266,6 +310,13 @@ class _Link:
         self.bucket_at = now
         self.offers: set[str] | None = None
         self.open = True
+        #: Rate-limited lines since C{limited_since} (the abuse window's start).
+        self.limited = 0
+        self.limited_since = now
+        #: Errors sent to this connection (a request that got one made no progress).
+        self.errors = 0
+        #: Reading is paused because replies pile up unread.
+        self.paused = False
 
 
 class _PendingOffer:
@@ -284,10 +335,14 @@ class _PendingOffer:
         self.expires = expires
 
 
+#: The reason of the C{shutting-down} notice.
+_SHUTDOWN_REASON = "the mediator is shutting down; reconnect now (to another mediator if you know one)"
+
 #: An open session awaiting reports: (expires, initiator id, target id, who reported: bit 1 initiator, bit 2
 #: target).  A tuple of strings and numbers, so the garbage collector stops tracking it: at 1,000 offers/s
 #: the table holds many thousands, and tracked objects would make full collections ever longer.
-_OpenSession = tuple[float, str, str, int]
+#: (expiry, initiator id, target id, which sides reported (bits), the two NATs' kinds "initiator,target")
+_OpenSession = tuple[float, str, str, int, str]
 
 
 @implementer(ISignalingState)
@@ -325,20 +380,30 @@ class SignalingState:
         self.recent_proofs: dict[bytes, float] = {}
         self.offers: dict[str, _PendingOffer] = {}
         self.sessions: dict[str, _OpenSession] = {}  # in creation order, so expiry only looks at the front
+        #: Connections per source group (C{source_group}).
         self.sources: dict[str, int] = {}
         self.counters: dict[str, int] = {}
         self._next_rid = 0
+        #: Connections whose reading is paused because their replies pile up unread.
+        self.paused = 0
+        #: C{shutdown} was called: new connections are refused.
+        self.shutting_down = False
 
     # -- bookkeeping helpers
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Add C{n} to the counter C{name} (for the service's own events, e.g. connections cut at shutdown)."""
+        self._count(name, n)
+
     def _id(self) -> str:
         return base64.urlsafe_b64encode(self.random_bytes(12)).decode("ascii")
 
     def _error(self, link: _Link, rid: int | None, error: str, reason: str) -> None:
         self._count("errors:" + error)
+        link.errors += 1
         link.channel.send(Error(rid, error, reason))
 
     def _close(self, link: _Link) -> None:
@@ -358,32 +423,69 @@ class SignalingState:
         now = self.clock.seconds()
         link = _Link(channel, source, now, self.limits.burst, self.random_bytes(wire.NONCE_BYTES))
         self._count("connections")
+        group = link.group
         limit = self.limits.max_per_source
-        if limit and self.sources.get(source, 0) >= limit:
-            self.log.warn("refused connection from {source}: already {limit} connections", source=source, limit=limit)
-            self._error(
-                link, None, "too-many-connections", f"at most {limit} connections per address; close some and retry"
+        total = self.limits.max_connections
+        if self.shutting_down:
+            return self._refuse(link, "shutting-down", "shutting-down", _SHUTDOWN_REASON)
+        if total and len(self.links) >= total:
+            self.log.warn("refused connection from {source}: already {limit} connections", source=source, limit=total)
+            return self._refuse(
+                link,
+                "max-connections",
+                "too-many-connections",
+                f"the mediator holds its maximum of {total} connections; retry later or use another mediator",
             )
-            link.open = False
-            channel.close()
-            return None
-        self.sources[source] = self.sources.get(source, 0) + 1
+        if limit and self.sources.get(group, 0) >= limit:
+            self.log.warn(
+                "refused connection from {source}: already {limit} connections from {group}",
+                source=source,
+                limit=limit,
+                group=group,
+            )
+            return self._refuse(
+                link,
+                "per-source",
+                "too-many-connections",
+                f"at most {limit} connections per address (per /64 for IPv6); close some and retry",
+            )
+        self.sources[group] = self.sources.get(group, 0) + 1
         self.links.add(link)
         channel.send(
             Greeting(wire.VERSIONS, self.tokens is not None, self.limits.max_line, self.server_name, link.nonce)
         )
         return link
 
+    def _refuse(self, link: _Link, why: str, error: str, reason: str) -> None:
+        self._count("refused:" + why)
+        self._error(link, None, error, reason)
+        link.open = False
+        link.channel.close()
+        return None
+
+    def flow(self, link: _Link | None, paused: bool) -> None:
+        """
+        The connection's protocol stopped (C{paused}) or resumed reading
+        because its replies pile up unread; counted for the operator.
+        """
+        if link is None or link.paused == paused or link not in self.links:
+            return
+        link.paused = paused
+        self.paused += 1 if paused else -1
+        if paused:
+            self._count("paused")
+
     def closed(self, link: _Link | None) -> None:
         if link is None or link not in self.links:
             return
         link.open = False
+        self.flow(link, False)
         self.links.discard(link)
-        n = self.sources.get(link.source, 1) - 1
+        n = self.sources.get(link.group, 1) - 1
         if n:
-            self.sources[link.source] = n
+            self.sources[link.group] = n
         else:
-            self.sources.pop(link.source, None)
+            self.sources.pop(link.group, None)
         if link.peer_id is not None and self.peers.get(link.peer_id) is link:
             del self.peers[link.peer_id]
             self._hold(link.peer_id)
@@ -393,6 +495,8 @@ class SignalingState:
             if offer is None:
                 continue
             self._drop_offer(offer)
+            if self.shutting_down:  # the other side was told already
+                continue
             if offer.initiator is link and offer.target.open:
                 offer.target.channel.send(Cancel(offer.id, f"peer {link.peer_id} disconnected"))
             elif offer.target is link and offer.initiator.open:
@@ -419,28 +523,59 @@ class SignalingState:
         if link.version is None and not isinstance(message, (Hello, Ping, Pong, Bye)):
             self._error(link, message.rid, "out-of-order", "send hello first (see the greeting for versions)")  # type: ignore[attr-defined]
             return
+        errors, version, peer_id = link.errors, link.version, link.peer_id
         try:
             handler(self, link, message)
         except Exception:
             self.log.failure("signalling handler failed on {op}", op=message.op)
             self._error(link, getattr(message, "rid", None), "internal-error", "the mediator failed on this request")
+        # Only progress keeps a connection alive: a request handled without an error, and before registration
+        # only a step towards it (hello, register); not junk, not refused requests, not pings of a stranger.
+        if link.errors == errors and (peer_id is not None or link.version != version or link.peer_id is not None):
+            link.last_seen = self.clock.seconds()
 
     def _admit(self, link: _Link, rid: int | None) -> bool:
-        """Liveness and the per-connection token bucket."""
+        """
+        The per-connection token bucket.  Over the rate, the first few lines
+        in an abuse window get a 429 each, later ones none; too many and the
+        connection is closed with a last notice.
+        """
         if not link.open:
             return False
-        now = self.clock.seconds()
-        link.last_seen = now
         rate = self.limits.rate
         if rate <= 0:
             return True
+        now = self.clock.seconds()
         link.tokens = min(self.limits.burst, link.tokens + (now - link.bucket_at) * rate)
         link.bucket_at = now
-        if link.tokens < 1:
+        if link.tokens >= 1:
+            link.tokens -= 1
+            return True
+        lim = self.limits
+        self._count("rate-limited")
+        if now - link.limited_since > lim.abuse_window:
+            link.limited, link.limited_since = 0, now
+        link.limited += 1
+        if lim.max_rate_limited and link.limited > lim.max_rate_limited:
+            self._count("closed:abusive")
+            self.log.warn(
+                "closing connection {peer_id} from {source}: {n} lines over the rate limit in {window:g} s",
+                peer_id=link.peer_id or "-",
+                source=link.source,
+                n=link.limited,
+                window=lim.abuse_window,
+            )
+            self._error(
+                link,
+                None,
+                "rate-limited",
+                f"more than {lim.max_rate_limited} lines over the rate limit of {rate:g}/s; closing",
+            )
+            self._close(link)
+            self.closed(link)
+        elif link.limited <= lim.rate_limited_replies:
             self._error(link, rid, "rate-limited", f"more than {rate:g} messages per second; slow down")
-            return False
-        link.tokens -= 1
-        return True
+        return False
 
     # -- handlers
 
@@ -636,9 +771,15 @@ class SignalingState:
             return
         limit = self.limits.max_offers_to_peer
         if limit and waiting[1] >= limit:
+            self._count("offers:refused-full")
             self._error(
                 link, msg.rid, "rate-limited", f"peer {msg.peer} has {limit} offers waiting for its answer; try later"
             )
+            return
+        refusal = self._fair_share(link, target)
+        if refusal is not None:
+            self._count("offers:refused-fair-share")
+            self._error(link, msg.rid, "rate-limited", refusal)
             return
         now = self.clock.seconds()
         description = self._registered_fingerprint(link, msg.description)
@@ -709,6 +850,32 @@ class SignalingState:
         made = sum(1 for o in link.offers or () if getattr(self.offers.get(o), "initiator", None) is link)
         return made, len(link.offers or ()) - made
 
+    def _fair_share(self, link: _Link, target: _Link) -> str | None:
+        """
+        Why C{link} may not add an offer to C{target}'s pending ones (its
+        share is used up), or None.  Each initiator, and all initiators of
+        one source group together, get a small share of a target's slots, so
+        a few registrations cannot fill them and keep genuine offers out.
+        """
+        lim = self.limits
+        pair, share = lim.max_offers_per_pair, lim.max_offers_per_source_to_peer
+        if not (pair or share) or not target.offers:
+            return None
+        mine = ours = 0
+        for offer_id in target.offers:  # at most max_offers_to_peer + max_offers_per_peer
+            o = self.offers.get(offer_id)
+            if o is None or o.target is not target:
+                continue
+            if o.initiator is link:
+                mine += 1
+            if o.initiator.group == link.group:
+                ours += 1
+        if pair and mine >= pair:
+            return f"at most {pair} of your offers may wait for peer {target.peer_id}'s answer; wait for them"
+        if share and ours >= share:
+            return f"at most {share} offers from your network may wait for peer {target.peer_id}'s answer; try later"
+        return None
+
     def _take_offer(self, link: _Link, rid: int, offer_id: str) -> _PendingOffer | None:
         offer = self.offers.get(offer_id)
         if offer is None or offer.target is not link:
@@ -760,8 +927,11 @@ class SignalingState:
                 Session(sid, key, a.peer_id, "controlled", offer.description, tuple(order), ms(delay_b), ms(rtt_b)),
             )
         )  # type: ignore[arg-type]
-        self.sessions[sid] = (self.clock.seconds() + self.limits.session_ttl, a.peer_id, b.peer_id, 0)  # type: ignore[assignment]
+        # The NAT pair (selection-table rows) labels the outcomes peers report, for the metrics.
+        pair = sys.intern(f"{nats[0].kind()},{nats[1].kind()}")
+        self.sessions[sid] = (self.clock.seconds() + self.limits.session_ttl, a.peer_id, b.peer_id, 0, pair)
         self._count("sessions")
+        self._count("sessions-by-nat:" + pair)
         self.log.info(
             "offer {offer}: session {session} between {initiator} and {target}: order {order}, start in {delay_a}/{delay_b} ms",
             offer=offer.id,
@@ -821,17 +991,18 @@ class SignalingState:
             reported = s[3] | bit
             name = msg.outcome + (f"/{msg.protocol}" if msg.protocol else "")
             self._count("outcome:" + name)
+            self._count(f"outcome-by-nat:{s[4]}:{name}")
             self.log.info(
                 "session {session}: {peer_id} reports {outcome} {detail}",
                 session=msg.session,
                 peer_id=link.peer_id,
                 outcome=name,
-                detail=msg.detail or "",
+                detail=escape(msg.detail),
             )
             if reported == 3:
                 del self.sessions[msg.session]
             else:
-                self.sessions[msg.session] = (s[0], s[1], s[2], reported)
+                self.sessions[msg.session] = (s[0], s[1], s[2], reported, s[4])
         link.channel.send(Ok(msg.rid))
 
     def _bye(self, link: _Link, msg: Bye) -> None:
@@ -895,18 +1066,37 @@ class SignalingState:
             del proofs[next(iter(proofs))]
 
     def shutdown(self) -> None:
-        """The mediator is stopping: tell every connection and close it."""
-        for link in list(self.links):
-            self._error(link, None, "shutting-down", "the mediator is shutting down; reconnect later")
+        """
+        The mediator is stopping: refuse new connections, tell every
+        connection to reconnect (elsewhere) and close it.
+        """
+        self.shutting_down = True
+        links = list(self.links)
+        for link in links:  # everybody hears it before any pending offer fails as "gone"
+            self._count("closed:shutdown")
+            self._error(link, None, "shutting-down", _SHUTDOWN_REASON)
+        for link in links:
             self._close(link)
             self.closed(link)
 
     def status(self) -> dict[str, Any]:
+        """
+        Gauges and counters, a plain dict for the status line and the
+        metrics layer: C{connections} (now), C{connections_total},
+        C{paused_connections} (not read because their replies pile up),
+        C{max_connections} (the cap in force, 0: none), C{shutting_down},
+        and C{counters} (refusals by reason C{refused:*}, C{rate-limited},
+        C{closed:abusive}, C{closed:shutdown}, errors by name, ...).
+        """
         return {
             "peers": len(self.peers),
             "bound_ids": len(self.bindings),
             "held_ids": len(self.held),
             "connections": len(self.links),
+            "connections_total": self.counters.get("connections", 0),
+            "paused_connections": self.paused,
+            "max_connections": self.limits.max_connections,
+            "shutting_down": self.shutting_down,
             "pending_offers": len(self.offers),
             "open_sessions": len(self.sessions),
             "counters": dict(sorted(self.counters.items())),
@@ -951,28 +1141,113 @@ def kernel_rtt(transport: Any) -> float | None:
     return None
 
 
-@implementer(IChannel)
+@implementer(IChannel, IPushProducer)
 class SignalingServerProtocol(LineReceiver):
-    """One client connection: decode each line and hand it to the state."""
+    """
+    One client connection: decode each line and hand it to the state.
+
+    It does bounded work per client: it is the transport's streaming
+    producer, so when its replies pile up unread (the transport's write
+    buffer is full and Twisted calls C{pauseProducing}) it stops reading the
+    socket until they drain; and it handles at most C{lines_per_turn} lines
+    per reactor turn, pausing the transport and going on in the next turn
+    (C{callLater(0)}), so one busy client cannot keep the reactor from the
+    others.
+    """
 
     delimiter = b"\n"
 
-    def __init__(self, state: SignalingState, max_line: int) -> None:
+    def __init__(self, state: SignalingState, max_line: int, lines_per_turn: int | None = None) -> None:
         self.state = state
+        self.clock = state.clock
         self.MAX_LENGTH = max_line
+        self.lines_per_turn = state.limits.lines_per_turn if lines_per_turn is None else lines_per_turn
         self._link: _Link | None = None
+        #: Why reading is paused: "writes" (replies pile up), "turn" (this turn's lines are used up).
+        self._holds: set[str] = set()
+        self._turn_lines = 0
+        self._next_turn: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
+        self._registered = False
+        #: This protocol paused the transport's reading.
+        self._reading_paused = False
+        #: Unhandled bytes kept before reading stops (while paused).
+        self.read_ahead = max(max_line, 16_384)
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        self.transport.registerProducer(self, True)
+        self._registered = True
         self._link = self.state.open(self, getattr(self.transport.getPeer(), "host", "?"))
 
     def kernel_rtt(self) -> float | None:
         return kernel_rtt(self.transport)
 
+    # -- flow control
+
+    def _hold(self, why: str) -> None:
+        self._holds.add(why)
+        self.paused = True  # LineReceiver leaves the remaining lines in its buffer
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        """
+        Stop reading the socket once more than C{read_ahead} bytes wait
+        unhandled (not at once: TLS must go on reading its handshake while
+        the greeting waits for it).
+        """
+        t = self.transport
+        if self._reading_paused or t is None or t.disconnecting or len(self._buffer) <= self.read_ahead:
+            return
+        self._reading_paused = True
+        t.pauseProducing()
+
+    def _release(self, why: str) -> None:
+        self._holds.discard(why)
+        if self._holds or not self.paused:
+            return
+        self.paused = False
+        self._turn_lines = 0
+        if self.transport is None or self.transport.disconnecting:
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self.dataReceived(b"")  # the lines that waited in the buffer
+
+    def _new_turn(self) -> None:
+        self._next_turn = None
+        self._release("turn")
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: the client does not read its replies."""
+        self.state.flow(self._link, True)
+        self._hold("writes")
+
+    def resumeProducing(self) -> None:
+        """The client read its replies: read it again."""
+        self.state.flow(self._link, False)
+        self._release("writes")
+
+    def stopProducing(self) -> None:
+        """The transport is going away; nothing to do (C{connectionLost} tidies up)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if data and not self.paused:
+            self._turn_lines = 0
+        super().dataReceived(data)
+        if self.paused:
+            self._stop_reading()
+
     def lineReceived(self, line: bytes) -> None:
         link = self._link
         if link is None:
             return
+        self._turn_lines += 1
+        if self.lines_per_turn and self._turn_lines >= self.lines_per_turn and self._next_turn is None:
+            # This line is the turn's last: the rest wait for the next reactor turn, the socket unread.
+            self._hold("turn")
+            self._next_turn = self.clock.callLater(0, self._new_turn)
         if line.endswith(b"\r"):
             line = line[:-1]
         try:
@@ -990,7 +1265,14 @@ class SignalingServerProtocol(LineReceiver):
 
     def connectionLost(self, reason: Any = None) -> None:
         link, self._link = self._link, None
+        for call in (self._next_turn, self._linger):
+            if call is not None and call.active():
+                call.cancel()
+        self._next_turn = self._linger = None
         self.state.closed(link)
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.gone(self)
 
     # IChannel
 
@@ -999,17 +1281,67 @@ class SignalingServerProtocol(LineReceiver):
             self.sendLine(wire.encode(message))
 
     def close(self) -> None:
+        """
+        Close after the pending lines are written, but within C{close_linger}
+        seconds: a client that does not read them is then cut off.
+        """
+        t = self.transport
+        if t is None or t.disconnecting:
+            return
+        # A registered producer keeps loseConnection from completing (TLS waits for it to go; TCP, once it
+        # was paused, resumes it instead of closing).
+        if self._registered:
+            self._registered = False
+            t.unregisterProducer()
+        t.loseConnection()
+        linger = self.state.limits.close_linger
+        if linger > 0 and self._linger is None:
+            self._linger = self.clock.callLater(linger, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is still unwritten."""
+        self._linger = None
         if self.transport is not None:
-            self.transport.loseConnection()
+            self.transport.abortConnection()
 
 
 class SignalingFactory(Factory):
-    """Builds a C{SignalingServerProtocol} per connection, all sharing one state."""
+    """
+    Builds a C{SignalingServerProtocol} per connection, all sharing one
+    state; it knows the live ones so a stopping service can wait for them
+    (C{whenIdle}) or cut them off (C{abortAll}).
+    """
 
     def __init__(self, state: SignalingState) -> None:
         self.state = state
+        self.protocols: set[SignalingServerProtocol] = set()
+        self._idle_waiters: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> SignalingServerProtocol:
         p = SignalingServerProtocol(self.state, self.state.limits.max_line)
         p.factory = self
+        self.protocols.add(p)
         return p
+
+    def gone(self, protocol: SignalingServerProtocol) -> None:
+        """C{protocol}'s connection is closed."""
+        self.protocols.discard(protocol)
+        if not self.protocols:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def whenIdle(self) -> Deferred[None]:
+        """A Deferred that fires once no connection is left."""
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def abortAll(self) -> int:
+        """Abort every connection still open; how many there were."""
+        lingering = list(self.protocols)
+        for p in lingering:
+            p.abort()
+        return len(lingering)

@@ -6,12 +6,14 @@ C{natbypass.app.mediator_tap} merges into its own, and the service they build.
 from __future__ import annotations
 
 import gc
+import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
@@ -54,7 +56,35 @@ SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
         float,
     ],
     ["max-peers", None, 100_000, "Most peers registered at once (0: no limit).", int],
-    ["max-per-source", None, 100, "Most signalling connections from one IP address (0: no limit).", int],
+    [
+        "max-per-source",
+        None,
+        100,
+        "Most signalling connections from one IPv4 address or one IPv6 /64 (0: no limit).",
+        int,
+    ],
+    [
+        "max-connections",
+        None,
+        10_000,
+        "Most signalling connections at once (0: as many as file descriptors allow); lowered at start to the "
+        "descriptor limit (ulimit -n) minus --fd-reserve.",
+        int,
+    ],
+    [
+        "fd-reserve",
+        None,
+        64,
+        "File descriptors kept free of signalling connections (listeners, STUN sockets, logs).",
+        int,
+    ],
+    [
+        "shutdown-grace",
+        None,
+        5.0,
+        "Seconds a stopping mediator gives its peers to take the shutting-down notice before it cuts them off.",
+        float,
+    ],
     ["rate", None, 20.0, "Messages per second allowed per connection (bursts of twice that; 0: no limit).", float],
     [
         "max-line",
@@ -83,6 +113,9 @@ def check_signaling_options(options: usage.Options) -> None:
     for name in (
         "max-peers",
         "max-per-source",
+        "max-connections",
+        "fd-reserve",
+        "shutdown-grace",
         "rate",
         "status-interval",
         "gc-freeze-interval",
@@ -106,26 +139,81 @@ def check_signaling_options(options: usage.Options) -> None:
             raise usage.UsageError(f"--token-file {options['token-file']}: {e}") from None
 
 
+#: Descriptors a process holds besides connections, at least (stdio, the listener, the reactor's waker).
+_FD_FLOOR = 16
+
+
+def connection_cap(
+    requested: int,
+    reserve: int,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+) -> int:
+    """
+    The signalling connection cap to use: C{requested} (0: none asked for),
+    but below the soft descriptor limit (C{RLIMIT_NOFILE}) minus C{reserve}
+    descriptors for everything else, so the mediator never runs out of
+    descriptors and can still refuse a connection with a message.  Logged.
+
+    @param requested: C{--max-connections}.
+    @param reserve: C{--fd-reserve}.
+    @param getrlimit: C{resource.getrlimit} (tests inject one).
+    @return: the cap, at least 1.
+    """
+    soft, _hard = getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return requested
+    room = max(1, soft - max(reserve, _FD_FLOOR))
+    if requested and requested <= room:
+        SignalingService.log.info(
+            "signalling: at most {cap} connections ({limit} file descriptors, {reserve} reserved)",
+            cap=requested,
+            limit=soft,
+            reserve=reserve,
+        )
+        return requested
+    SignalingService.log.warn(
+        "signalling: at most {cap} connections, not {requested}: the file descriptor limit is {limit} "
+        "({reserve} reserved); raise it (ulimit -n, LimitNOFILE=) for more",
+        cap=room,
+        requested=requested or "unlimited",
+        limit=soft,
+        reserve=reserve,
+    )
+    return room
+
+
 class SignalingService(MultiService):
     """
     The listener plus the periodic sweep and status line.  Stopping it stops
-    listening and closes every signalling connection (peers reconnect to the
-    next mediator).  C{state} is there for the operator and tests.
+    listening, tells every signalling peer that the mediator shuts down
+    (they reconnect, to the next mediator) and closes the connections,
+    cutting off those still open after C{grace} seconds; the Deferred
+    C{stopService} returns fires once all are gone.  C{state} is there for
+    the operator and tests.
     """
 
     log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint, state: SignalingState) -> None:
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        state: SignalingState,
+        clock: Any = None,
+        grace: float = 5.0,
+    ) -> None:
         super().__init__()
         self.endpoint = endpoint
         self.state = state
+        self.clock = clock if clock is not None else state.clock
+        self.grace = grace
+        self.factory = SignalingFactory(state)
         self._listening: Deferred[IListeningPort] | None = None
         self._port: IListeningPort | None = None
         self._waiters: list[Deferred[IListeningPort]] = []
 
     def startService(self) -> None:
         super().startService()
-        self._listening = self.endpoint.listen(SignalingFactory(self.state))
+        self._listening = self.endpoint.listen(self.factory)
         self._listening.addCallbacks(self._listened, self._failed)
 
     def _listened(self, port: IListeningPort) -> None:
@@ -155,10 +243,39 @@ class SignalingService(MultiService):
         if self._listening is not None and not self._listening.called:
             self._listening.cancel()
         self._listening = None
+        n = len(self.state.links)
         self.state.shutdown()
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
+        if n:
+            self.log.info(
+                "signalling stopping: told {n} connections to reconnect elsewhere; waiting up to {grace:g} s",
+                n=n,
+                grace=self.grace,
+            )
+        stopped = succeed(None) if port is None else maybeDeferred(port.stopListening)
+        return DeferredList([stopped, self._drain()], fireOnOneErrback=True, consumeErrors=True).addCallback(
+            lambda _: None
+        )
+
+    def _drain(self) -> Deferred[None]:
+        """Fires when every connection is gone; those left after the grace period are aborted."""
+        idle = self.factory.whenIdle()
+        if idle.called:
+            return idle
+
+        def cut() -> None:
+            n = self.factory.abortAll()
+            if n:
+                self.state.count("closed:shutdown-aborted", n)
+                self.log.warn("signalling: cut off {n} connections still open after {grace:g} s", n=n, grace=self.grace)
+
+        timer = self.clock.callLater(self.grace, cut)
+
+        def done(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return idle.addCallback(done)
 
 
 def makeSignalingService(
@@ -169,6 +286,10 @@ def makeSignalingService(
     tokens: TokenPolicy | None = None,
     max_peers: int = 100_000,
     max_per_source: int = 100,
+    max_connections: int = 10_000,
+    fd_reserve: int = 64,
+    shutdown_grace: float = 5.0,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
     rate: float = 20.0,
     max_line: int = 8192,
     idle_timeout: float = 90.0,
@@ -191,6 +312,7 @@ def makeSignalingService(
     limits = Limits(
         max_peers=max_peers,
         max_per_source=max_per_source,
+        max_connections=connection_cap(max_connections, fd_reserve, getrlimit),
         rate=rate,
         burst=max(2 * rate, 10.0),
         max_line=max_line,
@@ -202,7 +324,7 @@ def makeSignalingService(
         proof_window=proof_window,
     )
     state = SignalingState(reactor, limits, tokens, choose_order, server_name=f"natbypass/{__version__}")
-    top = SignalingService(serverFromString(reactor, endpoint), state)
+    top = SignalingService(serverFromString(reactor, endpoint), state, reactor, shutdown_grace)
     sweeper = TimerService(sweep_interval, state.sweep)
     sweeper.clock = reactor
     sweeper.setServiceParent(top)
@@ -264,6 +386,9 @@ def makeSignalingServiceFromOptions(options: usage.Options, reactor: Any) -> ISe
         tokens=options.get("signal-tokens"),
         max_peers=options["max-peers"],
         max_per_source=options["max-per-source"],
+        max_connections=options["max-connections"],
+        fd_reserve=options["fd-reserve"],
+        shutdown_grace=options["shutdown-grace"],
         rate=options["rate"],
         max_line=options["max-line"],
         idle_timeout=options["idle-timeout"],

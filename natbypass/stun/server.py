@@ -11,7 +11,8 @@ Layers, bottom up:
     L{BindingResponder.respond_datagram} adds a fast path for the common bare
     Binding request that builds the response from bytes precomputed with the
     codec; tests check it byte for byte against the codec path.
-  - L{RateLimiter}: a per-source-IP budget per second, on an injected clock.
+  - L{RateLimiter}: a token bucket per source (IPv6: per /64), in a
+    fixed-size table indexed by a salted hash, on an injected clock.
   - L{STUNServer}: what all of the responder's sockets share (responder,
     counters, limiter, and the table of UDP sockets so that a CHANGE-REQUEST
     can be answered from another socket).
@@ -43,13 +44,59 @@ Policy decisions, and why:
     nothing and is ignored.
   - Over TCP the source cannot change and responses cannot be redirected, so
     CHANGE-REQUEST with a flag set and RESPONSE-PORT get 400.
+
+Abuse and load (all of it measured by tests/test_stun_abuse.py):
+
+  - Rate limit on by default: L{DEFAULT_RATE} requests per second per
+    source with bursts of L{DEFAULT_BURST}.  Generous on purpose: a
+    carrier-grade NAT puts thousands of users behind one IPv4 address, and
+    one NAT detection costs a client about twenty requests (more with
+    retransmissions), so a few users starting at once must all pass.  Yet it
+    caps what a spoofer can aim at one victim at about 50 x 192 bytes a
+    second, and IPv6 sources are grouped by /64 (one host usually owns one).
+  - The limiter cannot be filled: it is L{RATE_BUCKETS} token buckets
+    indexed by a hash of the source salted with a secret drawn at start, so
+    its memory never grows, a new source always finds a bucket, and a
+    spoofer, who cannot compute the hash, can only drain buckets at random:
+    a flood of F requests a second takes F / L{RATE_BUCKETS} tokens a second
+    from each bucket, which refills at the rate, so locking genuine sources
+    out takes F above L{RATE_BUCKETS} x rate (3.3 million a second at the
+    default), fifty times what the responder can process on one core
+    (docs/performance.md).  A source that shares a bucket with a heavy one
+    shares its budget: the price of the fixed memory, small while active
+    sources are far fewer than buckets.  (A table of sources that refuses
+    new ones when full can be filled by a spoofer in a second; one that
+    evicts old entries lets a spoofer reset the budget of the victim it
+    reflects at.)
+  - Amplification (response bytes / request bytes) of a 20-byte bare
+    Binding: 4.8 over IPv4 and 7.2 over IPv6 with RFC 5780 and the default
+    SOFTWARE; 3.0 and 3.6 as a plain server.  SOFTWARE is capped at
+    L{MAX_SOFTWARE_BYTES} bytes (9.6 at most, RFC 5780 over IPv6).
+    RESPONSE-ORIGIN, OTHER-ADDRESS and MAPPED-ADDRESS stay in every RFC
+    5780 response even though they make most of its size: RFC 5780 has the
+    server include RESPONSE-ORIGIN and OTHER-ADDRESS (section 6), the
+    client learns that the server supports discovery from the OTHER-ADDRESS
+    of a plain Binding response (section 4.2: its first test is a bare
+    Binding, indistinguishable from any other), and MAPPED-ADDRESS next to
+    XOR-MAPPED-ADDRESS is how clients detect address-rewriting ALGs
+    (section 4.6).  Without a second address none of them is sent.
+  - STUN over TCP: at most L{DEFAULT_TCP_PER_SOURCE} connections per source
+    (IPv6: per /64) and a global cap kept well below the descriptor limit
+    (L{tcp_connection_limit}).  A connection that has had no request
+    answered for C{idle_timeout} seconds is aborted, not closed gracefully:
+    a client that does not read cannot keep it open with unsent responses,
+    and reading stops while responses wait (C{IPushProducer}), so it cannot
+    make us buffer without bound either.  Rate-limited, malformed or ignored
+    messages do not count as activity.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import zlib
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -57,10 +104,11 @@ from typing import NamedTuple
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError, MessageLengthError
-from twisted.internet.interfaces import IReactorTime, ISystemHandle
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ISystemHandle
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from natbypass import __version__
 from natbypass.address import is_wildcard
@@ -70,8 +118,9 @@ from natbypass.stun.message import StreamFramer, StunDecodeError, StunFramingErr
 Address = tuple[str, int]
 
 DEFAULT_SOFTWARE = f"NATbypass {__version__}"
-#: SOFTWARE text is bounded so that every response stays small.
-MAX_SOFTWARE_BYTES = 128
+#: SOFTWARE text is bounded so that every response stays small (at most
+#: 9.6 times a bare Binding request, RFC 5780 over IPv6; see the module doc).
+MAX_SOFTWARE_BYTES = 64
 #: At most this many attribute types are listed in a 420's UNKNOWN-ATTRIBUTES.
 MAX_UNKNOWN_LISTED = 16
 #: The largest STUN message accepted on a TCP connection (header included).
@@ -79,9 +128,21 @@ MAX_STREAM_MESSAGE = 4096
 #: Bound on any response but a PADDING one (which is bounded by the request):
 #: header, four IPv6 address attributes, SOFTWARE and FINGERPRINT.
 MAX_RESPONSE_SIZE = 20 + 4 * 24 + 4 + MAX_SOFTWARE_BYTES + 8
-#: TCP connections open at once, over all STUN listeners (each costs a file
-#: descriptor until it goes idle for C{idle_timeout}); more are refused.
+#: Most TCP connections open at once, over all STUN listeners (each costs a
+#: file descriptor until it goes idle for C{idle_timeout}); more are refused.
+#: The default is lower when the descriptor limit is (L{tcp_connection_limit}).
 MAX_TCP_CONNECTIONS = 1000
+#: Most STUN/TCP connections open at once from one source (IPv6: one /64).
+DEFAULT_TCP_PER_SOURCE = 16
+#: Descriptors left to the rest of the process (listeners, signalling, logs)
+#: before the STUN/TCP connections take at most half of the others.
+FD_RESERVE = 64
+#: Default rate limit: requests per second per source, and the burst allowed
+#: on top (see the module doc for why these values).
+DEFAULT_RATE = 50
+DEFAULT_BURST = 200
+#: Token buckets of the rate limiter (a power of two); 16 bytes each.
+RATE_BUCKETS = 1 << 16
 #: How many times port-0 configurations look for ports free on all sockets.
 PORT_ATTEMPTS = 20
 
@@ -100,6 +161,52 @@ def _family(host: str) -> int:
         except (OSError, ValueError):
             pass
     raise ValueError(f"not an IP address: {host!r}")
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def source_key(host: str) -> str:
+    """
+    The key that rate limits and connection caps count a source under: an
+    IPv4 address itself (also when IPv4-mapped, C{::ffff:a.b.c.d}), the /64
+    prefix of an IPv6 address (one host or site usually owns a whole /64,
+    so counting single IPv6 addresses would give it billions of budgets),
+    and anything else, as given.
+    """
+    if ":" not in host:
+        return host
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+    except (OSError, ValueError):
+        return host
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return packed[:8].hex() + "/64"
+
+
+def tcp_connection_limit(descriptors: int, ceiling: int = MAX_TCP_CONNECTIONS) -> int:
+    """
+    How many STUN/TCP connections to allow at once under a limit of
+    C{descriptors} open files (the soft C{RLIMIT_NOFILE}; negative: none):
+    half of what is left after L{FD_RESERVE}, at most C{ceiling}, at least
+    one.  The other half and the reserve stay for the rest of the mediator,
+    so a flood of STUN connections cannot starve the signalling service of
+    descriptors (or make accept() fail in a loop).
+    """
+    if descriptors < 0:
+        return ceiling
+    return max(1, min(ceiling, (descriptors - FD_RESERVE) // 2))
+
+
+def descriptor_limit() -> int:
+    """The soft limit on open files of this process (-1: none or unknown)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return -1
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return -1 if soft == resource.RLIM_INFINITY else soft
 
 
 @dataclass(frozen=True)
@@ -375,32 +482,66 @@ class BindingResponder:
 
 class RateLimiter:
     """
-    At most C{rate} requests per source IP in each one-second window of
-    C{clock}.  The table of sources is bounded: when C{max_sources} distinct
-    sources are already counted in the current window, new ones are refused
-    until it ends (a spoofed flood costs memory, never unbounded).
+    A token bucket per source: C{rate} requests per second of C{clock}, and
+    up to C{burst} at once (default: one second's worth).  Sources are
+    grouped by L{source_key} (IPv6 by /64).
+
+    Memory is fixed: C{buckets} buckets (a power of two), and a source's
+    bucket is chosen by a hash of its key salted with C{salt} (default: 16
+    random bytes, drawn here).  Sources that share a bucket share its budget;
+    a spoofer who does not know the salt cannot choose whom it shares with,
+    and a flood of spoofed sources only drains buckets at random, never
+    refuses a new source for want of room (see the module doc).
+
+    The hash is Python's own (SipHash, keyed with the interpreter's secret)
+    over the salt and the key: about a tenth of the cost of a keyed blake2b
+    per datagram, and still secret when C{PYTHONHASHSEED} is fixed, thanks
+    to the salt.
     """
 
-    def __init__(self, rate: int, clock: IReactorTime, max_sources: int = 65536) -> None:
+    def __init__(
+        self,
+        rate: float,
+        clock: IReactorTime,
+        burst: float | None = None,
+        *,
+        buckets: int = RATE_BUCKETS,
+        salt: bytes | None = None,
+    ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
+        if burst is None:
+            burst = max(1, rate)
+        if burst < 1:
+            raise ValueError("burst must be at least 1")
+        if buckets < 1 or buckets & (buckets - 1):
+            raise ValueError("buckets must be a power of two")
         self.rate = rate
+        self.burst = burst
+        self.buckets = buckets
         self._clock = clock
-        self._max_sources = max_sources
-        self._window = -1
-        self._counts: dict[str, int] = {}
+        self._mask = buckets - 1
+        self._salt = (salt if salt is not None else os.urandom(16)).hex()
+        self._tokens = array("d", [float(burst)]) * buckets
+        self._stamps = array("d", [float("-inf")]) * buckets
+
+    def bucket(self, host: str) -> int:
+        """The index of the bucket that counts C{host}'s requests."""
+        return hash(self._salt + source_key(host)) & self._mask
 
     def allow(self, host: str) -> bool:
-        """Count one request from C{host}; False when it is over budget."""
-        window = int(self._clock.seconds())
-        counts = self._counts
-        if window != self._window:
-            self._window = window
-            counts.clear()
-        seen = counts.get(host, 0)
-        if seen >= self.rate or (seen == 0 and len(counts) >= self._max_sources):
+        """Take one token from C{host}'s bucket; False when there is none."""
+        index = hash(self._salt + source_key(host)) & self._mask
+        now = self._clock.seconds()
+        tokens = self._tokens[index]
+        elapsed = now - self._stamps[index]
+        if elapsed > 0:
+            tokens = min(self.burst, tokens + elapsed * self.rate)
+        self._stamps[index] = now
+        if tokens < 1:
+            self._tokens[index] = tokens
             return False
-        counts[host] = seen + 1
+        self._tokens[index] = tokens - 1
         return True
 
 
@@ -409,19 +550,35 @@ class RateLimiter:
 
 @dataclass
 class Counters:
-    """What the responder has done since it started; read by tests and logs."""
+    """
+    What the responder has done since it started, as plain integers:
+    L{snapshot} is what logs and the metrics layer read.  Every field is a
+    counter (it only grows) but C{tcp_connections}, a gauge.
+    """
 
+    #: STUN messages received (UDP datagrams and TCP frames), whatever they held.
     received: int = 0
+    #: Responses sent (success and error).
     answered: int = 0
+    #: Messages that were not well-formed STUN (and TCP framing errors).
     malformed: int = 0
+    #: Messages dropped because their source was over its rate limit.
     rate_limited: int = 0
+    #: Well-formed messages that call for no answer (indications, responses).
     ignored: int = 0
+    #: Responses the socket would not send.
     send_failed: int = 0
+    #: TCP connections refused: the global or the per-source cap was reached.
     tcp_refused: int = 0
+    #: TCP connections aborted after C{idle_timeout} with no request answered.
+    tcp_idle_closed: int = 0
+    #: TCP connections open now (a gauge).
+    tcp_connections: int = 0
     #: Requests on which the responder itself failed (a bug, logged with its traceback).
     errors: int = 0
 
     def snapshot(self) -> dict[str, int]:
+        """Every field by name: a new plain dict."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
@@ -533,13 +690,19 @@ class STUNDatagramProtocol(DatagramProtocol):
             server.send(reply)
 
 
+@implementer(IPushProducer)
 class STUNStreamProtocol(Protocol):
     """
     STUN over one TCP connection (RFC 8489 framing: each message is
     self-delimiting through its length field).  A framing error closes the
     connection, since the stream cannot be resynchronised; a well-framed but
-    malformed message is counted and skipped.  Idle connections are closed
-    after C{idle_timeout} seconds without a complete message.
+    malformed message is counted and skipped.
+
+    A connection that has had no request answered for C{idle_timeout}
+    seconds is aborted (whatever responses are still unsent: a client that
+    does not read must not keep it open).  The protocol is its transport's
+    producer: when responses pile up unsent, it stops reading requests until
+    they drain.
     """
 
     log = Logger()
@@ -550,33 +713,54 @@ class STUNStreamProtocol(Protocol):
         self._idle_timeout = idle_timeout
         self._framer = StreamFramer(require_cookie=False, max_size=MAX_STREAM_MESSAGE)
         self._timer = None
+        self._open = False
+        #: The L{source_key} this connection counts under (set by the factory).
+        self.source: str | None = None
         self.local: Address | None = None
         self.peer: Address | None = None
 
     def connectionMade(self) -> None:
+        self._open = True
+        self.server.counters.tcp_connections += 1
         if self.factory is not None:
-            self.factory.connections.add(self)
+            self.factory.track(self)
         host, peer = self.transport.getHost(), self.transport.getPeer()
         self.local, self.peer = (host.host, host.port), (peer.host, peer.port)
+        self.transport.registerProducer(self, True)
         self._timer = self._clock.callLater(self._idle_timeout, self._idle)
 
     def _idle(self) -> None:
         self._timer = None
-        self.log.debug("closing idle STUN/TCP connection from {peer}", peer=self.peer)
-        self.transport.loseConnection()
+        self.server.counters.tcp_idle_closed += 1
+        self.log.debug("aborting idle STUN/TCP connection from {peer}", peer=self.peer)
+        self.transport.abortConnection()
 
     def connectionLost(self, reason: object = None) -> None:
-        if self.factory is not None:
-            self.factory.connections.discard(self)
+        if self._open:
+            self._open = False
+            self.server.counters.tcp_connections -= 1
+            if self.factory is not None:
+                self.factory.untrack(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
+    # IPushProducer: the transport says when its write buffer is full.
+
+    def pauseProducing(self) -> None:
+        """Responses wait unsent: stop reading requests."""
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """Responses drained: read requests again."""
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; C{connectionLost} cleans up."""
+
     def dataReceived(self, data: bytes) -> None:
         try:
             for frame in self._framer.frames(data):
-                if self._timer is not None and self._timer.active():
-                    self._timer.reset(self._idle_timeout)
                 self._message(frame)
         except StunFramingError:
             self.server.counters.malformed += 1
@@ -607,12 +791,21 @@ class STUNStreamProtocol(Protocol):
             return
         self.transport.write(reply.data)
         counters.answered += 1
+        # Only an answered request is activity: junk, indications and
+        # requests over the rate limit do not keep the connection open.
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
 
 
 class STUNStreamFactory(Factory):
-    """Makes a L{STUNStreamProtocol} per TCP connection."""
+    """
+    Makes a L{STUNStreamProtocol} per TCP connection, at most
+    C{max_connections} at once and C{per_source} from one source
+    (L{source_key}: IPv6 by /64); past either, connections are refused.
+    """
 
     noisy = False
+    log = Logger()
 
     def __init__(
         self,
@@ -620,21 +813,49 @@ class STUNStreamFactory(Factory):
         clock: IReactorTime,
         idle_timeout: float = 30.0,
         max_connections: int = MAX_TCP_CONNECTIONS,
+        per_source: int = DEFAULT_TCP_PER_SOURCE,
     ) -> None:
         self.server = server
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.per_source = per_source
         self.connections: set[STUNStreamProtocol] = set()
+        self._by_source: dict[str, int] = {}
+
+    def open_from(self, host: str) -> int:
+        """How many connections are open from C{host}'s source (L{source_key})."""
+        return self._by_source.get(source_key(host), 0)
 
     def buildProtocol(self, addr: object) -> STUNStreamProtocol | None:
         """A protocol, or None (Twisted then closes the socket) when full."""
-        if len(self.connections) >= self.max_connections:
+        host = getattr(addr, "host", "")
+        if len(self.connections) >= self.max_connections or self.open_from(host) >= self.per_source:
             self.server.counters.tcp_refused += 1
+            self.log.debug("refusing STUN/TCP connection from {host}: full", host=host)
             return None
         proto = STUNStreamProtocol(self.server, self.clock, self.idle_timeout)
         proto.factory = self
         return proto
+
+    def track(self, proto: STUNStreamProtocol) -> None:
+        """Count an open connection (called by the protocol)."""
+        self.connections.add(proto)
+        key = source_key(proto.transport.getPeer().host)
+        proto.source = key
+        self._by_source[key] = self._by_source.get(key, 0) + 1
+
+    def untrack(self, proto: STUNStreamProtocol) -> None:
+        """Forget a closed connection (called by the protocol)."""
+        self.connections.discard(proto)
+        key = proto.source
+        if key is None:
+            return
+        left = self._by_source.get(key, 0) - 1
+        if left > 0:
+            self._by_source[key] = left
+        else:
+            self._by_source.pop(key, None)
 
 
 # ------------------------------------------------------------------- service
@@ -661,10 +882,13 @@ class STUNService(Service):
         alternate: Address | None = None,
         *,
         software: str = DEFAULT_SOFTWARE,
-        rate: int = 0,
+        rate: float = DEFAULT_RATE,
+        burst: float = DEFAULT_BURST,
         tcp: bool = True,
         stats_interval: float = 300.0,
         idle_timeout: float = 30.0,
+        tcp_per_source: int = DEFAULT_TCP_PER_SOURCE,
+        tcp_max: int | None = None,
     ) -> None:
         # Validate now (raises ValueError), with the ports as requested.
         ResponderConfig(primary, alternate, software)
@@ -675,7 +899,11 @@ class STUNService(Service):
         self._tcp = tcp
         self._stats_interval = stats_interval
         self._idle_timeout = idle_timeout
-        self.server = STUNServer(limiter=RateLimiter(rate, reactor) if rate > 0 else None)
+        self._tcp_per_source = tcp_per_source
+        #: The global cap on STUN/TCP connections (default: L{tcp_connection_limit}).
+        self.tcp_max = tcp_max if tcp_max is not None else tcp_connection_limit(descriptor_limit())
+        limiter = RateLimiter(rate, reactor, max(1, burst)) if rate > 0 else None
+        self.server = STUNServer(limiter=limiter)
         self.config: ResponderConfig | None = None
         self._ports: list = []
         self._stats: LoopingCall | None = None
@@ -725,8 +953,23 @@ class STUNService(Service):
             )
         if self.server.limiter is not None:
             self.log.info(
-                "STUN rate limit: {rate} requests per second per source IP",
+                "STUN rate limit: {rate} requests per second per source IP (IPv6: per /64), bursts of {burst}",
                 rate=self.server.limiter.rate,
+                burst=self.server.limiter.burst,
+            )
+        else:
+            self.log.warn(
+                "STUN rate limit off (--stun-rate 0): every request is answered, spoofed ones "
+                "included, so the responder can be used to reflect traffic at others",
+                rate=0,
+            )
+        if self._tcp:
+            self.log.info(
+                "STUN/TCP: at most {tcp_max} connections, {per_source} per source IP (IPv6: per /64), "
+                "aborted after {idle_timeout} s with no request answered",
+                tcp_max=self.tcp_max,
+                per_source=self._tcp_per_source,
+                idle_timeout=self._idle_timeout,
             )
         if self._stats_interval > 0:
             self._stats = LoopingCall(self.logCounters)
@@ -755,7 +998,9 @@ class STUNService(Service):
             alternate = (alt_host, alt_port)
         config = ResponderConfig((host, port), alternate, self._software)
         if self._tcp:
-            factory = STUNStreamFactory(self.server, self._reactor, self._idle_timeout)
+            factory = STUNStreamFactory(
+                self.server, self._reactor, self._idle_timeout, self.tcp_max, self._tcp_per_source
+            )
             for tcp_host, tcp_port in config.addresses():
                 self._ports.append(self._reactor.listenTCP(tcp_port, factory, interface=tcp_host))
         return config
@@ -769,7 +1014,8 @@ class STUNService(Service):
         self.log.info(
             "STUN counters: {received} received, {answered} answered, {malformed} malformed, "
             "{rate_limited} rate-limited, {ignored} ignored, {send_failed} send failures, "
-            "{tcp_refused} TCP connections refused, {errors} responder errors",
+            "{tcp_refused} TCP connections refused, {tcp_idle_closed} aborted idle, "
+            "{tcp_connections} open, {errors} responder errors",
             **self.counters.snapshot(),
         )
 
