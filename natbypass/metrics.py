@@ -28,7 +28,7 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
@@ -39,6 +39,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from . import __version__
+from .listening import EndpointListener
 
 #: The C{optParameters} row of C{--metrics}, shared by the mediator's and the peer's plugins.
 METRICS_OPT_PARAMETER: list[Any] = [
@@ -447,56 +448,29 @@ class MetricsService(Service):
         health: HealthCheck,
         lag: EventLoopLag | None = None,
     ) -> None:
-        self.endpoint = endpoint
+        self.listener = EndpointListener(endpoint, "metrics (/metrics, /healthz)")
         self.registry = registry
         self.health = health
         self.lag = lag
         self.resource = MetricsResource(registry, health)
-        self._listening: Deferred[IListeningPort] | None = None
-        self._port: IListeningPort | None = None
-        self._waiters: list[Deferred[IListeningPort]] = []
 
     def startService(self) -> None:
         """Listen, and start measuring the lag."""
         super().startService()
         if self.lag is not None:
             self.lag.start()
-        self._listening = self.endpoint.listen(_QuietSite(self.resource))
-        self._listening.addCallbacks(self._listened, self._failed)
-
-    def _listened(self, port: IListeningPort) -> None:
-        self._port = port
-        self.log.info("metrics on http://{address.host}:{address.port}/metrics", address=port.getHost())
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            w.callback(port)
-
-    def _failed(self, f: Failure) -> None:
-        self.log.failure("metrics cannot listen", f)
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            w.errback(f)
+        self.listener.listen(_QuietSite(self.resource))
 
     def whenListening(self) -> Deferred[IListeningPort]:
         """The listening port, once bound (C{getHost()} tells the address)."""
-        if self._port is not None:
-            return succeed(self._port)
-        d: Deferred[IListeningPort] = Deferred()
-        self._waiters.append(d)
-        return d
+        return self.listener.whenListening()
 
     def stopService(self) -> Deferred[None]:
         """Stop listening and measuring."""
         super().stopService()
         if self.lag is not None:
             self.lag.stop()
-        port, self._port = self._port, None
-        if self._listening is not None and not self._listening.called:
-            self._listening.cancel()
-        self._listening = None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
+        return self.listener.stop()
 
 
 def make_registry(collectors: Iterable[Any]) -> CollectorRegistry:

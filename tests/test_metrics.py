@@ -26,17 +26,17 @@ from natbypass.app import mediator_tap, peer_tap
 from natbypass.app.echo import EchoHandler
 from natbypass.identity import Identity
 from natbypass.nat import NatSummary
-from natbypass.peer import Peer, PeerConfig, PeerStats
+from natbypass.peer import Peer, PeerStats
 from natbypass.punch.race import AllAttemptsFailed
 from natbypass.signaling.client import SignalingClient
-from natbypass.signaling.server import Limits, SignalingFactory, SignalingState
+from natbypass.signaling.server import Limits, SignalingState
 from natbypass.signaling.wire import Candidate, Connect, Description, Greeting, Hello
 from natbypass.stun.server import STUNService
-from natbypass.testing.signaling import FakeChannel, MemoryNetwork, signed_register
-from natbypass.testing.udp import MemoryUDPReactor
+from natbypass.testing.mediator import MemoryMediator
+from natbypass.testing.signaling import FakeChannel, signed_register
 
-STUN = ("127.0.0.1", 3478)
-STUN_ALTERNATE = ("127.0.0.2", 3479)
+STUN = MemoryMediator.stun_address
+STUN_ALTERNATE = MemoryMediator.stun_alternate
 NOWHERE = Description((Candidate("host", "127.0.0.9", 9),))
 
 
@@ -326,50 +326,15 @@ class InMemoryNetworkTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.reactor = MemoryUDPReactor(latency=0.02)
-        self.stun = STUNService(self.reactor, STUN, STUN_ALTERNATE, stats_interval=0)
-        self.stun.startService()
-        self.addCleanup(self.stun.stopService)
-        self.state = SignalingState(self.reactor, Limits(offer_timeout=10.0))
-        self.mediator = MemoryNetwork(SignalingFactory(self.state), self.reactor)
-        self.peers: list[Peer] = []
-        self.addCleanup(self.stop_all)
+        self.m = MemoryMediator()
+        self.addCleanup(self.m.stop)
+        self.reactor, self.stun, self.state, self.mediator = self.m.reactor, self.m.stun, self.m.state, self.m.network
+        self.settle = self.m.settle
         collector = metrics.MediatorCollector(self.state, self.stun)
         self.mediator_resource = metrics.MetricsResource(metrics.make_registry([collector]), lambda: [])
 
-    def stop_all(self) -> None:
-        for p in self.peers:
-            if p.running:
-                p.stopService()
-        self.settle(Deferred(), limit=1.0, check=False)
-
-    def settle(self, d: Deferred[Any], limit: float = 30.0, check: bool = True) -> Any:
-        out: list[Any] = []
-        d.addBoth(out.append)
-        end = self.reactor.seconds() + limit
-        while not out and self.reactor.seconds() < end:
-            self.mediator.flush()
-            self.reactor.refuse_tcp_connections()
-            self.reactor.advance(0.01)
-        if check:
-            self.assertTrue(out, "did not finish")
-            if isinstance(out[0], Failure):
-                out[0].raiseException()
-            return out[0]
-        return None
-
     def peer(self, name: str, host: str, protocol: str = "udp") -> tuple[Peer, metrics.MetricsResource]:
-        p = Peer(
-            self.reactor,
-            name,
-            self.mediator.endpoint(host),
-            STUN,
-            protocol=protocol,
-            config=PeerConfig(bind_host=host, punch_timeout=1.0, stun_timeout=1.0, discover=False),
-            reserve_tcp_port=self.reactor.reserve_tcp_port,
-        )
-        p.startService()
-        self.peers.append(p)
+        p = self.m.peer(name, host, protocol, discover=False)
         return p, metrics.MetricsResource(metrics.make_registry([metrics.PeerCollector(p)]), metrics.peer_health(p))
 
     def test_a_path_made(self) -> None:

@@ -11,88 +11,43 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.app.echo import EchoHandler
 from natbypass.nat import NatSummary
-from natbypass.peer import Peer, PeerConfig
+from natbypass.peer import Peer
 from natbypass.punch.race import AllAttemptsFailed
 from natbypass.signaling.client import SignalingClient
-from natbypass.signaling.server import Limits, SignalingFactory, SignalingState
 from natbypass.signaling.wire import Candidate, Description
-from natbypass.stun.server import STUNService
-from natbypass.testing.signaling import MemoryNetwork
-from natbypass.testing.udp import MemoryUDPReactor
+from natbypass.testing.mediator import MemoryMediator
 
-STUN = ("127.0.0.1", 3478)
-STUN_ALTERNATE = ("127.0.0.2", 3479)
+STUN = MemoryMediator.stun_address
+STUN_ALTERNATE = MemoryMediator.stun_alternate
 #: Candidates nobody answers at: every attempt towards them fails.
 NOWHERE = Description((Candidate("host", "127.0.0.9", 9),))
 
 
 class PeerInMemoryTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = MemoryUDPReactor(latency=0.02)
-        self.stun = STUNService(self.reactor, STUN, STUN_ALTERNATE, stats_interval=0)
-        self.stun.startService()
-        self.addCleanup(self.stun.stopService)
-        self.stun_ports = set(self.reactor.open_udp_ports())
-        state = SignalingState(self.reactor, Limits(offer_timeout=10.0))
-        self.mediator = MemoryNetwork(SignalingFactory(state), self.reactor)
-        self.peers: list[Any] = []
-        self.addCleanup(self.stop_all)
-
-    def stop_all(self) -> None:
-        for p in self.peers:
-            if p.running:
-                p.stopService()
-        self.settle(Deferred(), limit=1.0, check=False)
-
-    def settle(self, d: Deferred[Any], limit: float = 30.0, check: bool = True) -> Any:
-        """Move bytes and time (10 ms steps) until C{d} has a result, then return it."""
-        out: list[Any] = []
-        d.addBoth(out.append)
-        end = self.reactor.seconds() + limit
-        while not out and self.reactor.seconds() < end:
-            self.mediator.flush()
-            self.reactor.refuse_tcp_connections()  # STUN over TCP: nobody listens in memory
-            self.reactor.advance(0.01)
-        if check:
-            self.assertTrue(out, "did not finish")
-            if isinstance(out[0], Failure):
-                out[0].raiseException()
-            return out[0]
-        return None
+        self.m = MemoryMediator()
+        self.addCleanup(self.m.stop)
+        self.reactor, self.mediator, self.settle = self.m.reactor, self.m.network, self.m.settle
 
     def peer(self, name: str, host: str, protocol: str = "udp", **config: Any) -> Peer:
-        config.setdefault("punch_timeout", 1.0)
-        config.setdefault("stun_timeout", 1.0)
-        p = Peer(
-            self.reactor,
-            name,
-            self.mediator.endpoint(host),
-            STUN,
-            protocol=protocol,
-            config=PeerConfig(bind_host=host, **config),
-            reserve_tcp_port=self.reactor.reserve_tcp_port,
-        )
-        p.startService()
-        self.peers.append(p)
-        return p
+        return self.m.peer(name, host, protocol, **config)
 
     def mute_bob(self) -> list[Description]:
         """Bob is only a signalling client: he accepts every offer with NOWHERE and records it."""
         offers: list[Description] = []
         bob = SignalingClient(self.mediator.endpoint("127.0.0.3"), "bob", clock=self.reactor)
-        bob.set_offer_handler(lambda offer: offers.append(offer.description) or NOWHERE)
+        bob.setOfferHandler(lambda offer: offers.append(offer.description) or NOWHERE)
         bob.startService()
         self.addCleanup(bob.stopService)
         self.settle(bob.whenRegistered())
         return offers
 
     def own_ports(self) -> set[tuple[str, int]]:
-        return set(self.reactor.open_udp_ports()) - self.stun_ports
+        return self.m.peer_ports()
 
     def test_ports_bound_once_and_closed_at_stop(self) -> None:
         a = self.peer("alice", "127.0.0.1", discover=False)

@@ -13,22 +13,18 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.app.echo import EchoHandler
 from natbypass.nat import NatSummary
-from natbypass.peer import Peer, PeerConfig
+from natbypass.peer import Peer
 from natbypass.punch.candidates import MAX_OFFER_BYTES
 from natbypass.signaling.client import SignalingClient
-from natbypass.signaling.server import Limits, SignalingFactory, SignalingState
 from natbypass.signaling.wire import MAX_CANDIDATES, Candidate, Connect, Description, encode
-from natbypass.stun.server import STUNService
-from natbypass.testing.signaling import MemoryNetwork
-from natbypass.testing.udp import MemoryUDPReactor
+from natbypass.testing.mediator import MemoryMediator
 
-STUN = ("127.0.0.1", 3478)
-STUN_ALTERNATE = ("127.0.0.2", 3479)
+STUN = MemoryMediator.stun_address
+STUN_ALTERNATE = MemoryMediator.stun_alternate
 BOB = "10.0.0.3"
 MALLORY = "198.51.100.66"
 #: The victim of the reflection: a third party's address.
@@ -59,61 +55,20 @@ ODD = Description(
 
 class AbuseTestCase(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = MemoryUDPReactor(latency=0.02)
-        self.stun = STUNService(self.reactor, STUN, STUN_ALTERNATE, stats_interval=0)
-        self.stun.startService()
-        self.addCleanup(self.stun.stopService)
-        self.stun_ports = set(self.reactor.open_udp_ports())
-        state = SignalingState(self.reactor, Limits(offer_timeout=10.0))
-        self.mediator = MemoryNetwork(SignalingFactory(state), self.reactor)
-        self.services: list[Any] = []
-        self.addCleanup(self.stop_all)
-
-    def stop_all(self) -> None:
-        for s in self.services:
-            if s.running:
-                s.stopService()
-        self.settle(Deferred(), limit=1.0, check=False)
-
-    def settle(self, d: Deferred[Any], limit: float = 30.0, check: bool = True) -> Any:
-        """Move bytes and time (10 ms steps) until C{d} has a result, then return it."""
-        out: list[Any] = []
-        d.addBoth(out.append)
-        end = self.reactor.seconds() + limit
-        while not out and self.reactor.seconds() < end:
-            self.mediator.flush()
-            self.reactor.refuse_tcp_connections()
-            self.reactor.advance(0.01)
-        if check:
-            self.assertTrue(out, "did not finish")
-            if isinstance(out[0], Failure):
-                out[0].raiseException()
-            return out[0]
-        return None
+        self.m = MemoryMediator()
+        self.addCleanup(self.m.stop)
+        self.reactor, self.mediator, self.settle = self.m.reactor, self.m.network, self.m.settle
 
     def bob(self, **config: Any) -> Peer:
         config.setdefault("punch_timeout", 5.0)
-        config.setdefault("stun_timeout", 1.0)
         config.setdefault("discover", False)
-        p = Peer(
-            self.reactor,
-            "bob",
-            self.mediator.endpoint(BOB),
-            STUN,
-            protocol="udp",
-            config=PeerConfig(bind_host=BOB, **config),
-            reserve_tcp_port=self.reactor.reserve_tcp_port,
-        )
+        p = self.m.peer("bob", BOB, "udp", **config)
         p.listen(EchoHandler())
-        p.startService()
-        self.services.append(p)
         self.settle(p.whenReady())
         return p
 
     def mallory(self) -> SignalingClient:
-        m = SignalingClient(self.mediator.endpoint(MALLORY), "mallory", clock=self.reactor)
-        m.startService()
-        self.services.append(m)
+        m = self.m.start(SignalingClient(self.mediator.endpoint(MALLORY), "mallory", clock=self.reactor))
         self.settle(m.whenRegistered())
         return m
 
@@ -126,7 +81,7 @@ class AbuseTestCase(SynchronousTestCase):
         ]
 
     def own_ports(self) -> set[tuple[str, int]]:
-        return set(self.reactor.open_udp_ports()) - self.stun_ports
+        return self.m.peer_ports()
 
 
 class ReflectionTests(AbuseTestCase):

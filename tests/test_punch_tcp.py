@@ -10,11 +10,10 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from natbypass.identity import Identity
-from natbypass.interfaces import IPeerConnection, IPeerReceiver
+from natbypass.interfaces import IPeerConnection
 from natbypass.punch.candidates import SYN_BYTES, TokenBucket
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.tcp import (
@@ -31,6 +30,7 @@ from natbypass.punch.tcp import (
 )
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.tls import PeerRefusedUs, start_tls
+from natbypass.testing.connection import RecordingReceiver
 from natbypass.trust import pinned
 
 KEY = b"k" * 32
@@ -43,22 +43,6 @@ ALICE, BOB, MALLORY = Identity.generate(), Identity.generate(), Identity.generat
 SEC0 = ChannelSecurity(ALICE, pinned(BOB.fingerprint))
 SEC1 = ChannelSecurity(BOB, pinned(ALICE.fingerprint))
 SECURITY = {0: SEC0, 1: SEC1}
-
-
-@implementer(IPeerReceiver)
-class Receiver:
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost = []
-        self.got = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if not self.got.called:
-            self.got.callback(None)
-
-    def connectionLost(self, reason) -> None:
-        self.lost.append(reason)
 
 
 class SelectTests(SynchronousTestCase):
@@ -146,7 +130,7 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         self.assertEqual((conn0.peer_fingerprint, conn1.peer_fingerprint), (BOB.fingerprint, ALICE.fingerprint))
         self.assertRegex(conn0.cipher, r"^TLSv1\.3 TLS_")
         self.assertEqual(conn0.cipher, conn1.cipher)
-        rec0, rec1 = Receiver(), Receiver()
+        rec0, rec1 = RecordingReceiver(), RecordingReceiver()
         conn1.send(b"before the receiver")
         pump.flush()
         conn0.setReceiver(rec0)
@@ -213,7 +197,7 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         self.assertEqual(imp0.received[:1], b"\x16")  # it got role 0's ClientHello, nothing after
         self.assertEqual(imp1.received, b"")  # role 1 (TLS server) says nothing to a silent client
         self.assertEqual((conn0.local_address, conn1.local_address), (t0.getHost(), t1.getHost()))
-        rec = Receiver()
+        rec = RecordingReceiver()
         conn1.setReceiver(rec)
         conn0.send(b"the same connection")
         pump.flush()
@@ -320,7 +304,7 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         self.assertTrue(t_second0.disconnecting)
         pump2.flush()
         self.assertTrue(t_second1.disconnecting)
-        rec = Receiver()
+        rec = RecordingReceiver()
         conn0.setReceiver(rec)
         conn1.send(b"over the first")
         pump1.flush()
@@ -392,7 +376,7 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         pump.pump()
         pump.pump()
         (conn0,) = r0
-        rec = Receiver()
+        rec = RecordingReceiver()
         conn0.setReceiver(rec)
         conn0.send(b"never delivered")
         pump.flush()

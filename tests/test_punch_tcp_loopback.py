@@ -6,14 +6,13 @@ import socket
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
 
 from natbypass.identity import Identity
-from natbypass.interfaces import IPeerReceiver
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.tcp import punch_tcp, reusable_socket
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.tls import PeerRefusedUs
+from natbypass.testing.connection import RecordingReceiver
 from natbypass.trust import pinned
 
 KEY = b"k" * 32
@@ -23,22 +22,6 @@ ALICE, BOB, MALLORY = Identity.generate(), Identity.generate(), Identity.generat
 #: Role 0 is alice, role 1 is bob; each pins the other.
 SEC0 = ChannelSecurity(ALICE, pinned(BOB.fingerprint))
 SEC1 = ChannelSecurity(BOB, pinned(ALICE.fingerprint))
-
-
-@implementer(IPeerReceiver)
-class Receiver:
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost = []
-        self.got = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if not self.got.called:
-            self.got.callback(None)
-
-    def connectionLost(self, reason) -> None:
-        self.lost.append(reason)
 
 
 def _port(sock: socket.socket) -> int:
@@ -55,7 +38,7 @@ class LoopbackTests(TestCase):
 
     @defer.inlineCallbacks
     def exchange(self, c0, c1):
-        r0, r1 = Receiver(), Receiver()
+        r0, r1 = RecordingReceiver(), RecordingReceiver()
         c0.setReceiver(r0)
         c1.setReceiver(r1)
         c0.send(b"from role 0")

@@ -13,11 +13,10 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from natbypass.identity import Identity
-from natbypass.interfaces import IPeerConnection, IPeerReceiver
+from natbypass.interfaces import IPeerConnection
 from natbypass.punch.candidates import MAX_OFFER_BYTES, ProbeBudget
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.packet import PacketType, decode, encode
@@ -36,6 +35,7 @@ from natbypass.punch.udp import (
 )
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import QuicChannel, is_quic, long_header_cids
+from natbypass.testing.connection import RecordingReceiver
 from natbypass.testing.udp import ADDRESS_AND_PORT_DEPENDENT, MemoryNAT, MemoryUDPNetwork
 from natbypass.trust import pinned
 
@@ -53,19 +53,6 @@ SEC_B = ChannelSecurity(BOB, pinned(ALICE.fingerprint))
 def counter():
     it = itertools.count(1)
     return lambda: next(it)
-
-
-@implementer(IPeerReceiver)
-class Receiver:
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.lost = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def connectionLost(self, reason) -> None:
-        self.lost.append(reason)
 
 
 class ScheduleTests(SynchronousTestCase):
@@ -393,7 +380,7 @@ class AttemptTests(SynchronousTestCase):
         p = Pair()
         advance(p, 1)
         a, b = p.results["a"], p.results["b"]
-        ra, rb = Receiver(), Receiver()
+        ra, rb = RecordingReceiver(datagrams=True), RecordingReceiver(datagrams=True)
         a.send(b"early")  # before b has a receiver: kept
         advance(p, 0.1)
         b.setReceiver(rb)
@@ -722,7 +709,7 @@ class ConnectionTests(SynchronousTestCase):
     def test_dead_path_reported(self) -> None:
         cut = []
         p, a, b = self.connected(drop=lambda s, d, data: bool(cut))
-        ra = Receiver()
+        ra = RecordingReceiver(datagrams=True)
         a.setReceiver(ra)
         cut.append(True)
         p.clock.pump([1.0] * 44)
@@ -739,7 +726,7 @@ class ConnectionTests(SynchronousTestCase):
 
     def test_close_tells_the_peer(self) -> None:
         p, a, b = self.connected()
-        ra, rb = Receiver(), Receiver()
+        ra, rb = RecordingReceiver(datagrams=True), RecordingReceiver(datagrams=True)
         a.setReceiver(ra)
         b.setReceiver(rb)
         d = b.whenLost()
@@ -765,7 +752,7 @@ class ConnectionTests(SynchronousTestCase):
 
     def test_peer_streams_ignored(self) -> None:
         p, a, b = self.connected()
-        ra = Receiver()
+        ra = RecordingReceiver(datagrams=True)
         a.setReceiver(ra)
         b._channel.sendStream(b._channel.openStream(), b"not for a datagram connection", fin=True)
         advance(p, 0.1)

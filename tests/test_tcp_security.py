@@ -12,14 +12,13 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from natbypass.identity import Identity
-from natbypass.interfaces import IPeerReceiver
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.tcp import SELECT_MAGIC, TCPPeerConnection, TCPPunchAttempt, _HandshakeProtocol
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.tls import PeerRefusedUs
+from natbypass.testing.connection import RecordingReceiver
 from natbypass.trust import pinned
 
 KEY = b"k" * 32
@@ -89,19 +88,6 @@ class Reflector(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
-
-
-@implementer(IPeerReceiver)
-class Receiver:
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost: list = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason) -> None:
-        self.lost.append(reason)
 
 
 #: The attempts' window: a refused key is reported when it closes.
@@ -231,7 +217,7 @@ class TLSPathTests(SynchronousTestCase):
         self.assertEqual((c0.peer_fingerprint, c1.peer_fingerprint), (BOB.fingerprint, ALICE.fingerprint))
         self.assertRegex(c0.cipher, r"^TLSv1\.3 TLS_(AES_(128|256)_GCM_SHA(256|384)|CHACHA20_POLY1305_SHA256)$")
         self.assertGreaterEqual(c0.handshake_ms, 0)
-        rec0, rec1 = Receiver(), Receiver()
+        rec0, rec1 = RecordingReceiver(), RecordingReceiver()
         c0.setReceiver(rec0)
         c1.setReceiver(rec1)
         c0.send(SECRET)
@@ -341,7 +327,7 @@ class TLSPathTests(SynchronousTestCase):
             pump_b.pump()
         (c0,), (c1,) = r0, r1
         self.assertEqual(c0.peer_fingerprint, BOB.fingerprint)
-        rec = Receiver()
+        rec = RecordingReceiver()
         c1.setReceiver(rec)
         c0.send(SECRET)
         for _ in range(5):
@@ -368,7 +354,7 @@ class TLSPathTests(SynchronousTestCase):
             c1.send(chunk)
             pump.flush()
         self.assertFalse(t0.reading)
-        rec = Receiver()
+        rec = RecordingReceiver()
         c0.setReceiver(rec)
         self.assertTrue(t0.reading)
         self.assertEqual(len(rec.data), 17 * len(chunk))
@@ -376,7 +362,7 @@ class TLSPathTests(SynchronousTestCase):
     def test_close_and_when_lost(self) -> None:
         """close() ends TLS cleanly: both sides see ConnectionDone, once, on whenLost and the receiver."""
         _, pump, _, ((c0,), (c1,)) = self.pair(SEC0, SEC1)
-        rec0, rec1 = Receiver(), Receiver()
+        rec0, rec1 = RecordingReceiver(), RecordingReceiver()
         c0.setReceiver(rec0)
         c1.setReceiver(rec1)
         lost0, lost1 = c0.whenLost(), c1.whenLost()

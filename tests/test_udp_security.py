@@ -17,16 +17,15 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from natbypass.identity import Identity
-from natbypass.interfaces import IPeerReceiver
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.packet import PacketType, decode, encode
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.udp import MAX_LEARNED, SPECULATIVE_BUDGET, UDPPeerConnection, UDPPunchMachine, punch_udp
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import QuicChannel, get_engine, is_quic
+from natbypass.testing.connection import RecordingReceiver
 from natbypass.testing.udp import MemoryUDPNetwork
 from natbypass.trust import pinned
 
@@ -50,19 +49,6 @@ def anyone(fingerprint) -> None:
 def counter():
     it = itertools.count(1)
     return lambda: next(it)
-
-
-@implementer(IPeerReceiver)
-class Receiver:
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.lost: list = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def connectionLost(self, reason) -> None:
-        self.lost.append(reason)
 
 
 class Net:
@@ -131,7 +117,7 @@ class ForwarderTests(SynchronousTestCase):
         # proved their keys end to end through it ...
         self.assertEqual((a.remote_address.host, a.remote_address.port), E_ADDR)
         self.assertEqual((a.peer_fingerprint, b.peer_fingerprint), (BOB.fingerprint, ALICE.fingerprint))
-        rb = Receiver()
+        rb = RecordingReceiver(datagrams=True)
         b.setReceiver(rb)
         a.send(b"secret payload")
         n.run(0.2)
@@ -261,7 +247,7 @@ class ReplayTests(SynchronousTestCase):
                 n.net.send(A_ADDR, B_ADDR, data)
         n.run(0.5)
         b = n.results["b"]
-        rb = Receiver()
+        rb = RecordingReceiver(datagrams=True)
         b.setReceiver(rb)
         for _ in range(3):  # and again once it is ready
             for data in captured:
@@ -330,7 +316,7 @@ class LivenessReplayTests(SynchronousTestCase):
         n.punch("b", ep_b, B, (A_ADDR,), SEC_B, **kw)
         n.run(1.0)
         a = n.results["a"]
-        ra = Receiver()
+        ra = RecordingReceiver(datagrams=True)
         a.setReceiver(ra)
         n.clock.pump([1.0] * 60)  # a minute of PINGs and ACKs to capture
         captured = [d for d in n.sent_by(B_ADDR) if is_quic(d)]
@@ -476,7 +462,7 @@ class MuxRoutingTests(SynchronousTestCase):
         n.punch("b", ep_b, B, (A_ADDR,), SEC_B)
         n.run(1.0)
         a, b = n.results["a"], n.results["b"]
-        rb = Receiver()
+        rb = RecordingReceiver(datagrams=True)
         b.setReceiver(rb)
         before = len(n.net.sent)
         a.send(b"from a")

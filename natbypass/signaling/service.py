@@ -13,15 +13,15 @@ from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from .. import __version__
+from ..listening import EndpointListener
 from .server import ChooseOrder, Limits, SignalingFactory, SignalingState, TokenPolicy
 
 #: C{optParameters} rows for C{usage.Options} (name, short, default, help, coerce).
@@ -202,47 +202,23 @@ class SignalingService(MultiService):
         grace: float = 5.0,
     ) -> None:
         super().__init__()
-        self.endpoint = endpoint
+        self.listener = EndpointListener(endpoint, "signalling")
         self.state = state
         self.clock = clock if clock is not None else state.clock
         self.grace = grace
         self.factory = SignalingFactory(state)
-        self._listening: Deferred[IListeningPort] | None = None
-        self._port: IListeningPort | None = None
-        self._waiters: list[Deferred[IListeningPort]] = []
 
     def startService(self) -> None:
         super().startService()
-        self._listening = self.endpoint.listen(self.factory)
-        self._listening.addCallbacks(self._listened, self._failed)
-
-    def _listened(self, port: IListeningPort) -> None:
-        self._port = port
-        self.log.info("signalling listening on {address}", address=port.getHost())
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            w.callback(port)
-
-    def _failed(self, f: Failure) -> None:
-        self.log.failure("signalling cannot listen", f)
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            w.errback(f)
+        self.listener.listen(self.factory)
 
     def whenListening(self) -> Deferred[IListeningPort]:
         """The listening port, once bound (C{getHost()} tells the address)."""
-        if self._port is not None:
-            return succeed(self._port)
-        d: Deferred[IListeningPort] = Deferred()
-        self._waiters.append(d)
-        return d
+        return self.listener.whenListening()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        port, self._port = self._port, None
-        if self._listening is not None and not self._listening.called:
-            self._listening.cancel()
-        self._listening = None
+        stopped = self.listener.stop()
         n = len(self.state.links)
         self.state.shutdown()
         if n:
@@ -251,7 +227,6 @@ class SignalingService(MultiService):
                 n=n,
                 grace=self.grace,
             )
-        stopped = succeed(None) if port is None else maybeDeferred(port.stopListening)
         return DeferredList([stopped, self._drain()], fireOnOneErrback=True, consumeErrors=True).addCallback(
             lambda _: None
         )
