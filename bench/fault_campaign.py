@@ -119,6 +119,7 @@ class Runner:
     def __init__(self, sc: Scenario, limit: float) -> None:
         self.sc, self.limit = sc, limit
         self.n = 0
+        self.hung_sockets = ""
 
     def spawn_connect(
         self, node: str, peer: str, protocol: str, count: int = 1, interval: float = 0.0, timeout: float = 5.0
@@ -127,6 +128,7 @@ class Runner:
         argv = self.sc.connect_argv(node, peer, protocol, count, timeout)  # the node's own id and key
         argv += ["--interval", str(interval)]
         proc = self.sc.lab.spawn(node, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.node = node
         return proc, time.monotonic()
 
     def finish(self, proc: subprocess.Popen, t0: float) -> dict:
@@ -135,11 +137,16 @@ class Runner:
             out, err = proc.communicate(timeout=max(1.0, self.limit - (time.monotonic() - t0)))
         except subprocess.TimeoutExpired:
             hung = True
+            node = getattr(proc, "node", None)
+            if node:  # what the hung command's sockets were doing, for the report
+                self.hung_sockets = self.sc.lab.exec(node, ["ss", "-tanup"], timeout=10).stdout
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
         r = brief(events_of(out), proc.returncode, time.monotonic() - t0, hung)
         if not r.get("connected") and not r.get("failed"):
             r["stderr_tail"] = err[-600:]
+        if hung:
+            r["sockets_when_hung"] = [ln for ln in self.hung_sockets.splitlines() if "python" in ln]
         return r
 
     def connect(self, node: str, peer: str, protocol: str, **kw) -> dict:
@@ -157,6 +164,7 @@ def main() -> int:
     p.add_argument("--only", default="baseline,mediator_kill,peer_kill,loss,conntrack,drain")
     p.add_argument("--json")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop what we started
     why = netns.missing_requirements()
     if why:
         print(f"fault_campaign: {why}", file=sys.stderr)

@@ -57,6 +57,7 @@ import os
 import random
 import selectors
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -470,7 +471,7 @@ def mutate_line(rng: random.Random, seeds_: list[dict]) -> bytes:
     elif t == 10:
         text = text.replace(",", ", ").replace(":", " : ")
     out = text.encode("utf-8", "surrogatepass").replace(b"\n", b"\\n")
-    if len(out) > 8000 and rng.random() < 0.95:  # over-long lines end the connection (413): keep them rare
+    if len(out) > 8000 and rng.random() < 0.995:  # over-long lines end the connection (413): keep them rare
         out = out[:8000]
     return out
 
@@ -811,6 +812,7 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop what we started
     rc.raise_nofile()
     rng = random.Random(a.seed)
     from natbypass.identity import Identity

@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--keep", action="store_true")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop what we started
     rc.raise_nofile(1 << 17)
     tmp = tempfile.mkdtemp(prefix="nb-load-")
     gcfile = os.path.join(tmp, "gc.txt")

@@ -189,7 +189,7 @@ class Mediator(Proc):
             "--stun",
             f"127.0.0.1:{base}",
             "--signal",
-            f"tcp:{self.signal_port}:interface=127.0.0.1:backlog=1024",
+            f"tcp:{self.signal_port}:interface=127.0.0.1:backlog=4096",
             "--metrics",
             f"tcp:{self.metrics_port}:interface=127.0.0.1",
             "--status-interval",

@@ -395,6 +395,9 @@ class Peer(MultiService):
         """Fires once the mapped addresses are known and the mediator registration is up."""
         assert self._ready is not None, "start the service first"
         both = defer.gatherResults([_follow(self._ready), self.signaling.whenRegistered()], consumeErrors=True)
+        # Fail with the first failure itself (an IdBound, a CancelledError when
+        # the caller cancels or times out), not a FirstError wrapping it.
+        both.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
         return both.addCallback(lambda _: None)
 
     def whenDiscovered(self) -> Deferred[None]:

@@ -89,10 +89,14 @@ class EchoingConnection:
 class FakePeer:
     """What C{natbypass connect} needs of a Peer: connect gives C{result} (a connection or an exception)."""
 
-    def __init__(self, result: object) -> None:
+    def __init__(self, result: object, ready: defer.Deferred | None = None) -> None:
         self.result = result
         self.running = False
         self.pins: list[object] = []
+        self.ready = ready
+
+    def whenReady(self) -> defer.Deferred:
+        return self.ready if self.ready is not None else defer.succeed(None)
 
     def startService(self) -> None:
         self.running = True
@@ -178,6 +182,26 @@ class RunTests(SynchronousTestCase):
         self.assertEqual(event["event"], "failed")
         self.assertIn("Someone may be impersonating 'bob'", event["reason"])
         self.assertIn("delete line 3", event["reason"])
+
+    def test_unreachable_mediator_is_reported(self) -> None:
+        """
+        Regression (the reliability campaign): with no mediator listening, the
+        command used to wait silently; now it fails after MEDIATOR_TIMEOUT,
+        saying which mediator it could not register at.
+        """
+        known = os.path.join(self.mktemp(), "known_peers")
+        argv = ["--mediator", "tcp:127.0.0.1:23799", "--id", "a", "--peer", "b", "--known-peers", known, "--json"]
+        options = connect.parse_options(argv)
+        peer, out, clock = FakePeer(None, ready=defer.Deferred()), io.StringIO(), Clock()
+        d = defer.ensureDeferred(connect._main(clock, options, out, make=lambda reactor, options, **kw: peer))
+        self.assertNoResult(d)
+        clock.advance(connect.MEDIATOR_TIMEOUT)
+        self.assertEqual(self.successResultOf(d), connect.EXIT_FAILED)
+        event = json.loads(out.getvalue().splitlines()[0])
+        self.assertEqual(event["event"], "failed")
+        self.assertIn("not registered at the mediator tcp:127.0.0.1:23799 within 10 s", event["reason"])
+        self.assertEqual(peer.pins, [])  # no offer was made
+        self.assertFalse(peer.running)
 
     def test_no_path_is_reported(self) -> None:
         d, out, peer = self.run_main(AllAttemptsFailed(Outcome()), "--json")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.app.echo import EchoHandler
@@ -151,3 +151,10 @@ class PeerInMemoryTests(SynchronousTestCase):
         for flag, reveal in ((False, True), (True, False)):
             options["no-host-candidates"] = flag
             self.assertIs(make_peer(reactor, options).config.reveal_host_candidates, reveal)
+
+    def test_when_ready_cancels_cleanly(self) -> None:
+        """Cancelling (or timing out) whenReady fails it with CancelledError, not a FirstError around it."""
+        a = self.peer("alice", "127.0.0.1", discover=False)
+        d = a.whenReady()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)

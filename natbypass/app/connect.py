@@ -63,9 +63,18 @@ def _fingerprint(text: str) -> Fingerprint:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class MediatorUnreachable(Exception):
+    """The mediator did not register us in time: not running, not reachable, or refusing us silently."""
+
+
+#: How long C{natbypass connect} waits to be registered at the mediator before it gives up and says so.
+MEDIATOR_TIMEOUT = 10.0
+
+
 #: Why a connect can fail without a bug: every attempt failed, the mediator
 #: said no or could not be reached, no local port was free.
 CONNECT_FAILURES: tuple[type[BaseException], ...] = (
+    MediatorUnreachable,
     AllAttemptsFailed,
     SignalingError,
     CandidateError,
@@ -117,6 +126,7 @@ async def _main(
 
     try:
         try:
+            await _registered(peer, options["mediator"], reactor)
             conn = await peer.connect(target, fingerprint=options["peer-fingerprint"])
         except CONNECT_FAILURES as e:
             elapsed = round((reactor.seconds() - started) * 1000)
@@ -184,6 +194,21 @@ async def _main(
         return EXIT_OK if len(rtts) == count else EXIT_FAILED
     finally:
         await defer.maybeDeferred(peer.stopService)
+
+
+async def _registered(peer: IPeer, mediator: str, reactor: Any) -> None:
+    """
+    Wait until the peer is registered at the mediator, at most
+    L{MEDIATOR_TIMEOUT}: the signalling client retries a mediator it cannot
+    reach for ever, which a one-shot command must not do silently.
+    """
+    try:
+        await peer.whenReady().addTimeout(MEDIATOR_TIMEOUT, reactor)
+    except defer.TimeoutError:
+        raise MediatorUnreachable(
+            f"not registered at the mediator {mediator} within {MEDIATOR_TIMEOUT:g} s: is it running, and is "
+            "its signalling port reachable from here?"
+        ) from None
 
 
 def parse_options(argv: list[str]) -> dict[str, Any]:
