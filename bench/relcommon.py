@@ -49,6 +49,7 @@ def machine() -> str:
 
 
 def raise_nofile(want: int = 1 << 16) -> int:
+    """Raise RLIMIT_NOFILE as far as allowed (the hard limit too, when root may); returns the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, hard), max(want, hard)))

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from relcommon import raise_nofile  # noqa: E402  (bench/ is on sys.path when run as a script)
 from stun_bench import prioritise  # noqa: E402  (one way to take the CPUs: a session of our own)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,16 +66,6 @@ def readline_with(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
         if line.startswith(prefix):
             return line[len(prefix) :].strip()
     raise RuntimeError(f"timed out waiting for {prefix}")
-
-
-def raise_nofile(want: int = 1 << 16) -> int:
-    """Raise RLIMIT_NOFILE as far as allowed (the hard limit too, when root may); returns the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, hard), max(want, hard)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def throwaway_certificate(directory: str) -> tuple[str, str]:

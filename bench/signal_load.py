@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import sys
 import time
 from typing import Any
@@ -29,6 +28,8 @@ from twisted.internet.task import LoopingCall
 from twisted.protocols.basic import LineReceiver
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from relcommon import raise_nofile  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from natbypass.identity import Identity  # noqa: E402
 from natbypass.nat import NatSummary  # noqa: E402
 from natbypass.signaling import wire  # noqa: E402
@@ -251,16 +252,6 @@ class Control(LineReceiver):
     def connectionLost(self, reason=None) -> None:
         if reactor.running:
             reactor.stop()
-
-
-def raise_nofile(want: int = 1 << 16) -> int:
-    """Raise RLIMIT_NOFILE as far as allowed (the hard limit too, when root may); returns the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, hard), max(want, hard)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def main() -> None:

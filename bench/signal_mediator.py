@@ -12,7 +12,6 @@ warning level unless `--log-file` asks for the full info-level log that
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 
 from twisted.internet import reactor
@@ -26,17 +25,9 @@ from twisted.logger import (
 )
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from relcommon import raise_nofile  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from natbypass.signaling.service import makeSignalingService  # noqa: E402
-
-
-def raise_nofile(want: int = 1 << 16) -> int:
-    """Raise RLIMIT_NOFILE as far as allowed (the hard limit too, when root may); returns the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, hard), max(want, hard)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def main() -> None:

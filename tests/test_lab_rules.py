@@ -12,8 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from natbypass.lab import rules
 from natbypass.lab.spec import FilteringRule, Inbound, LabSpec, MappingRule, NatRules, loads, parse_spec
 from natbypass.lab.topology import LAB_ID, lab_id_of_netns, new_lab_id, plan
-
-from .test_lab_spec import specs
+from natbypass.testing.labspec import specs
 
 
 def ruleset(**kw: object) -> str:

@@ -16,52 +16,15 @@ from natbypass.lab.spec import (
     Inbound,
     LabSpec,
     LabSpecError,
-    Link,
     MappingRule,
     NatRules,
     SiteKind,
-    SiteSpec,
     describe,
     loads,
     parse_spec,
     spec_to_json,
 )
-
-names = st.from_regex(r"[a-z][a-z0-9]{0,9}", fullmatch=True).filter(
-    lambda n: n not in {"mediator", "public", "med", "pub", "all"}
-)
-nats = st.builds(
-    NatRules,
-    mapping=st.sampled_from(MappingRule),
-    filtering=st.sampled_from(FilteringRule),
-    inbound=st.sampled_from(Inbound),
-    hairpin=st.booleans(),
-    udp_timeout=st.none() | st.integers(1, 86400),
-)
-delays = st.integers(0, 5000).map(float)
-
-
-@st.composite
-def links(draw: st.DrawFn) -> Link:
-    delay = draw(delays)
-    jitter = draw(st.integers(0, int(delay)).map(float))
-    return Link(delay, jitter, float(draw(st.integers(0, 100))))
-
-
-@st.composite
-def sites(draw: st.DrawFn, name: str) -> SiteSpec:
-    kind = draw(st.sampled_from(SiteKind))
-    link = draw(links())
-    if kind is SiteKind.NAT:
-        return SiteSpec(name, kind, nat=draw(nats), hosts=draw(st.integers(1, 8)), link=link)
-    inbound = Inbound.DROP if kind is SiteKind.OPEN else draw(st.sampled_from(Inbound))
-    return SiteSpec(name, kind, link=link, inbound=inbound)
-
-
-@st.composite
-def specs(draw: st.DrawFn) -> LabSpec:
-    site_names = draw(st.lists(names, min_size=1, max_size=6, unique=True))
-    return LabSpec(tuple(draw(sites(n)) for n in site_names))
+from natbypass.testing.labspec import specs
 
 
 class PresetTests(SynchronousTestCase):

@@ -20,9 +20,23 @@ from zope.interface.verify import verifyObject
 from natbypass.signaling import server, service
 from natbypass.signaling.server import SignalingFactory, SignalingState
 from natbypass.signaling.service import makeSignalingService
-from natbypass.signaling.wire import Accept, Connect, Error, Offer, Ping, Pong, Reject, Report, WireError
+from natbypass.signaling.wire import (
+    Accept,
+    Candidate,
+    Connect,
+    Description,
+    Error,
+    Offer,
+    Ping,
+    Pong,
+    Reject,
+    Report,
+    WireError,
+)
+from natbypass.testing.signaling import Harness, udp_first
 
-from .test_signaling_server import DESC_A, Harness, udp_first
+#: A description an offer or answer carries (its contents do not matter to these tests).
+DESC_A = Description((Candidate("host", "10.0.0.1", 4000), Candidate("srflx", "203.0.113.1", 5000)))
 
 
 class PushBackTransport(StringTransport):

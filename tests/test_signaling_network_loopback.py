@@ -5,89 +5,21 @@ wrong CA, wrong hostname) and a mediator restart that the peers survive.
 
 from __future__ import annotations
 
-import datetime
 import os
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from service_identity import VerificationError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from natbypass.signaling.client import SignalingClient, client_endpoint
 from natbypass.signaling.service import makeSignalingService
 from natbypass.signaling.wire import Candidate, Description, Session
+from natbypass.testing.tls import Greeted, make_ca, make_server_cert, pem_cert, pem_key
 
 DESC = Description((Candidate("host", "127.0.0.1", 40000),))
-
-
-def make_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def make_server_cert(
-    ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, dns: str
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def pem_cert(c: x509.Certificate) -> bytes:
-    return c.public_bytes(serialization.Encoding.PEM)
-
-
-def pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
-    return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-class _Greeted(Protocol):
-    """Records the first bytes and how the connection ended."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost: Deferred = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.lost.callback(reason.value)  # the exception, not the Failure (which would errback)
 
 
 class TLSTests(TestCase):
@@ -124,7 +56,7 @@ class TLSTests(TestCase):
 
     @inlineCallbacks
     def probe(self, description: str, ca: str) -> Deferred:
-        proto = yield client_endpoint(reactor, description, ca=ca).connect(Factory.forProtocol(_Greeted))
+        proto = yield client_endpoint(reactor, description, ca=ca).connect(Factory.forProtocol(Greeted))
         reason = yield proto.lost
         return proto.data, reason
 

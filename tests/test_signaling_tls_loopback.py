@@ -9,14 +9,10 @@ through.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from service_identity import CertificateError, VerificationError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -29,30 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from natbypass.app import peer_tap
 from natbypass.signaling.client import check_mediator_endpoint, client_endpoint
 from natbypass.signaling.service import makeSignalingService
-
-from .test_signaling_network_loopback import _Greeted, make_ca, pem_cert, pem_key
-
-
-def make_leaf(
-    ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_name: str, names: list[x509.GeneralName] | None
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A server certificate signed by C{ca}: C{names} as its subjectAltName, None: no subjectAltName at all."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-    )
-    if names is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
+from natbypass.testing.tls import Greeted, make_ca, make_server_cert, pem_cert, pem_key
 
 
 class CertificateCheckTests(TestCase):
@@ -73,7 +46,7 @@ class CertificateCheckTests(TestCase):
     @inlineCallbacks
     def mediator(self, names: list[x509.GeneralName] | None, common_name: str = "localhost"):
         """A signalling service on 127.0.0.1 whose certificate has C{names} as subjectAltName; its port."""
-        cert, key = make_leaf(self.ca, self.ca_key, common_name, names)
+        cert, key = make_server_cert(self.ca, self.ca_key, common_name, names if names is not None else [])
         tag = str(len(os.listdir(self.dir)))
         cert_pem, key_pem = self.write(f"cert{tag}.pem", pem_cert(cert)), self.write(f"key{tag}.pem", pem_key(key))
         svc = makeSignalingService(
@@ -87,7 +60,7 @@ class CertificateCheckTests(TestCase):
     @inlineCallbacks
     def probe(self, description: str, ca: str | None) -> Deferred:
         """Connect, read the greeting (if TLS lets any through); the bytes and why the connection ended."""
-        proto = yield client_endpoint(reactor, description, ca=ca).connect(Factory.forProtocol(_Greeted))
+        proto = yield client_endpoint(reactor, description, ca=ca).connect(Factory.forProtocol(Greeted))
         reason = yield proto.lost
         return proto.data, reason
 

@@ -7,18 +7,21 @@ the traversal engine's own tests.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
 from twisted.test import iosim
 from zope.interface import implementer
 
 from natbypass.identity import Identity
 from natbypass.signaling.interfaces import IChannel
-from natbypass.signaling.wire import Greeting, Message, Register
+from natbypass.signaling.server import Limits, SignalingState
+from natbypass.signaling.wire import Greeting, Hello, Message, Ok, Ping, Pong, Register, Registered
 
 
 @implementer(IChannel)
@@ -120,3 +123,83 @@ class MemoryNetwork:
         for p in self.pumps:
             p.serverIO.loseConnection()
         self.flush()
+
+
+#: Keys made once per name (key generation is cheap, but the tests read better with named owners).
+KEYS: dict[str, Identity] = {}
+
+
+def key(name: str) -> Identity:
+    """The identity key of the test owner C{name}."""
+    if name not in KEYS:
+        KEYS[name] = Identity.generate()
+    return KEYS[name]
+
+
+def counting_random() -> callable:
+    """Deterministic but distinct 'random' bytes."""
+    counter = itertools.count(1)
+    return lambda n: next(counter).to_bytes(4, "big") * (n // 4) + b"\0" * (n % 4)
+
+
+def udp_first(offer_nat, answer_nat, wish_a, wish_b) -> list[str]:
+    """A fixed policy for tests of the state machine: UDP then TCP, narrowed by the wishes."""
+    order = list(wish_a) if wish_a else ["udp", "tcp"]
+    return [p for p in order if not wish_b or p in wish_b]
+
+
+class Harness:
+    """A mediator's signalling state on a Clock, with helpers that open fake connections and register peers."""
+
+    def __init__(self, **limits) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        tokens = limits.pop("tokens", None)
+        choose = limits.pop("choose_order", None)
+        self.state = SignalingState(self.clock, Limits(**limits), tokens, choose, random_bytes=counting_random())
+        self._rid = itertools.count(100)
+        self.nonces: dict[int, bytes] = {}
+
+    def rid(self) -> int:
+        """A fresh request id."""
+        return next(self._rid)
+
+    def open(self, source: str = "192.0.2.1") -> tuple[FakeChannel, object]:
+        ch = FakeChannel()
+        link = self.state.open(ch, source)
+        if ch.sent and isinstance(ch.sent[0], Greeting):
+            self.nonces[id(link)] = ch.sent[0].nonce
+        return ch, link
+
+    def register(
+        self,
+        c,
+        rid: int,
+        name: str,
+        token: str | None = None,
+        replace: bool = False,
+        identity: Identity | None = None,
+    ) -> Register:
+        """A register for connection C{c}, signed over its nonce by C{identity} (default: C{name}'s own key)."""
+        return signed_register(self.nonces[id(c[1])], identity or key(name), rid, name, token, replace)
+
+    def send(self, ch_link, msg) -> list:
+        ch, link = ch_link
+        self.state.received(link, msg)
+        return ch.take()
+
+    def hello(self, source: str = "192.0.2.1"):
+        c = self.open(source)
+        c[0].take()
+        assert self.send(c, Hello(1, 2)) == [Ok(1)]
+        return c
+
+    def peer(self, name: str, source: str = "192.0.2.1", token: str | None = None, identity: Identity | None = None):
+        c = self.hello(source)
+        out = self.send(c, self.register(c, 2, name, token, identity=identity))
+        assert isinstance(out[0], Registered), out
+        assert isinstance(out[1], Ping), out
+        # answer the RTT probe after 20 ms
+        self.clock.advance(0.02)
+        assert self.send(c, Pong(out[1].rid)) == []
+        return c
