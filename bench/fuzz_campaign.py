@@ -41,7 +41,7 @@ probe's p50/p99/failures, each process's RSS, and every log line with
 "Traceback", "Unhandled", "failed on", "internal-error".
 
 --profile throughput (the default) starts the mediator with `--rate 0
---max-per-source 0` (signalling lines all processed) and the STUN limit at
+--max-per-source 0 --accept-rate 0` (signalling lines all processed) and the STUN limit at
 its default; --profile defaults keeps every default (then most signalling
 lines are refused 429, which is the point: the defaults stay healthy).
 """
@@ -819,7 +819,7 @@ def main() -> None:
 
     identity = Identity.generate()
     tmp = tempfile.mkdtemp(prefix="nb-fuzz-")
-    extra = ["--rate", "0", "--max-per-source", "0"] if a.profile == "throughput" else []
+    extra = ["--rate", "0", "--max-per-source", "0", "--accept-rate", "0"] if a.profile == "throughput" else []
     result: dict = {
         "machine": rc.machine(),
         "profile": a.profile,

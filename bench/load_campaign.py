@@ -17,7 +17,8 @@ and gauges over time, and whether every offer was answered.
   table must stay flat).
 - the mediator runs under bench/twistd_gcstats.py (twistd plus a thread
   counting gc-tracked objects every 10 s) with `--max-per-source 0
-  --max-connections 30000` (the held peers come from few loopback addresses);
+  --accept-rate 0 --max-connections 30000` (the held peers come from few
+  loopback addresses, 2,500 each within seconds);
   every other limit is its default.
 """
 
@@ -178,7 +179,7 @@ def main() -> None:
     try:
         med = rc.Mediator(
             tmp,
-            ["--max-per-source", "0", "--max-connections", "30000", "--status-interval", "30"],
+            ["--max-per-source", "0", "--accept-rate", "0", "--max-connections", "30000", "--status-interval", "30"],
             alternate=False,
             gc_stats=gcfile,
         )

@@ -78,6 +78,12 @@ class Sink:
     def datagramFrameReceived(self, data):
         pass
 
+    def streamReset(self, stream_id, code):
+        pass
+
+    def pumped(self):
+        pass
+
     def connectionLost(self, reason):
         pass
 

@@ -49,7 +49,8 @@ class IPeerConnection(Interface):
     session_id = Attribute("The mediator's id (str) of the session this path belongs to.")
     protocol = Attribute('The transport protocol of the path: "udp" or "tcp".')
     delivery = Attribute(
-        '"datagram" (message boundaries kept, may be lost or reordered) or "stream" (an ordered, reliable byte stream).'
+        'What C{send} carries: "datagram" (message boundaries kept; unreliable QUIC DATAGRAM frames on the UDP '
+        "path, reliable ordered messages on the TCP path).  Byte streams are opened with C{openStream}."
     )
     secure = Attribute(
         "True: data is encrypted and authenticated end to end (TLS 1.3 on the TCP path, QUIC on the UDP "
@@ -109,6 +110,36 @@ class IPeerConnection(Interface):
         path is gone.  Fires at once if it is already gone.
         """
 
+    def openStream(service: str, factory):
+        """
+        Open a new bidirectional stream to the peer's C{service} and run a
+        protocol of C{factory} (an C{IProtocolFactory}) over it.
+
+        Returns a Deferred that fires with the protocol once the peer accepted
+        the stream (its C{connectionMade} has run), or fails with
+        L{natbypass.streams.StreamRefused} (the peer's reason) or
+        C{ConnectionLost}.  Cancelling it abandons the stream.  The protocol's
+        transport is a L{natbypass.streams.StreamTransport}.
+        """
+
+    def setStreamHandler(handler: IStreamHandler | None) -> None:
+        """Hand the streams the peer opens to us to C{handler} (None: refuse them all)."""
+
+    streams = Attribute("How many streams are open on this connection (int).")
+
+
+class IStreamHandler(Interface):
+    """Decides what serves a stream a peer opened to us."""
+
+    def streamRequested(connection: IPeerConnection, address):
+        """
+        The peer behind C{connection} opened a stream to C{address.service}
+        (C{address} is the L{natbypass.streams.PeerAddress} the stream's
+        C{getPeer} returns).  Return the C{IProtocol} to run over it, or raise
+        L{natbypass.streams.StreamRefused} with a reason the opener is told;
+        C{None} refuses with a generic reason.
+        """
+
 
 class IIncomingHandler(Interface):
     """What an application gives C{IPeer.listen} to be told of peers connecting in."""
@@ -161,3 +192,21 @@ class IPeer(Interface):
 
     def listen(handler: IIncomingHandler) -> None:
         """Hand connections that other peers open to us to C{handler}."""
+
+    def serve(service: str, factory):
+        """
+        Serve streams that approved peers open to C{service} with protocols
+        of C{factory} (an C{IProtocolFactory}; C{buildProtocol} is given the
+        stream's L{natbypass.streams.PeerAddress}; returning None refuses).
+        Returns an C{IListeningPort} whose C{stopListening} stops serving.
+        Peers are approved as for C{listen} (an approver, or the allow list).
+        """
+
+    def openStream(peer_id: str, service: str, factory, protocol=None, fingerprint=None):
+        """
+        Open a stream to C{peer_id}'s C{service}: over the live connection to
+        that peer when there is one (proven with the same pin), else over a new
+        one (concurrent calls share it).  Fires like
+        L{IPeerConnection.openStream}; fails like C{connect} when no path can
+        be made.
+        """

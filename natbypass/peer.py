@@ -29,7 +29,8 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,7 +40,7 @@ from natbypass import selection
 from natbypass._deprecate import deprecated_alias
 from natbypass.address import is_wildcard
 from natbypass.identity import Fingerprint, FingerprintError, Identity
-from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerConnection
+from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerConnection, IStreamHandler
 from natbypass.nat import NatSummary
 from natbypass.punch import candidates, race, tcp
 from natbypass.punch.candidates import LocalNetworks, PortRange, ProbeBudget, TokenBucket
@@ -50,6 +51,7 @@ from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import get_engine, warm_up
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
 from natbypass.signaling.wire import Candidate, Description, Session
+from natbypass.streams import PeerAddress, StreamRefused, frames
 from natbypass.stun import discovery
 from natbypass.stun.client import (
     NETWORK_ERRORS,
@@ -288,6 +290,14 @@ class Peer(MultiService):
         self._learned: dict[str, Deferred[None]] = {}
         self._discovery: Deferred[Any] | None = None
         self._connections: set[IPeerConnection] = set()
+        #: The live connection to each peer (the latest), which C{openStream} reuses.
+        self._by_peer: dict[str, IPeerConnection] = {}
+        #: Connections other peers opened to us, approved before anything was punched.
+        self._approved: set[IPeerConnection] = set()
+        #: C{openStream} connects under way, shared by concurrent callers.
+        self._stream_connects: dict[tuple[str, str | None], Deferred[IPeerConnection]] = {}
+        #: Stream services by name (L{serve}).
+        self._services: dict[str, Any] = {}
         #: Traversals under way (ours and those peers started), cancelled at stop.
         self._traversals: set[Deferred[IPeerConnection]] = set()
         self._warm_up: Any = None
@@ -598,8 +608,99 @@ class Peer(MultiService):
     def listen(self, handler: IIncomingHandler) -> None:
         self._handler = handler
 
+    # ------------------------------------------------------------ streams
+
+    def _adopt(self, conn: IPeerConnection) -> None:
+        """A new path: count it, name our end of its streams, serve its streams, reuse it for C{openStream}."""
+        self._connections.add(conn)
+        conn.local_id = self.peer_id  # type: ignore[attr-defined]
+        conn.local_fingerprint = self.fingerprint  # type: ignore[attr-defined]
+        conn.setStreamHandler(_PeerServices(self))
+        self._by_peer[conn.peer_id] = conn
+
+        def gone(_: Any) -> None:
+            self._connections.discard(conn)
+            self._approved.discard(conn)
+            if self._by_peer.get(conn.peer_id) is conn:
+                del self._by_peer[conn.peer_id]
+
+        conn.whenLost().addBoth(gone)
+
+    def connectionTo(self, peer_id: str) -> IPeerConnection | None:
+        """The live connection to C{peer_id} that C{openStream} would use, if any."""
+        return self._by_peer.get(peer_id)
+
+    def serve(self, service: str, factory: Any) -> ServicePort:
+        frames.valid_service(service)
+        if service in self._services:
+            raise CannotListenError(None, service, ValueError(f"the service {service!r} is already served"))
+        port = ServicePort(self, service, factory)
+        self._services[service] = port
+        factory.doStart()
+        return port
+
+    def _unserve(self, port: ServicePort) -> None:
+        if self._services.get(port.service) is port:
+            del self._services[port.service]
+            port.factory.doStop()
+
+    def openStream(
+        self,
+        peer_id: str,
+        service: str,
+        factory: Any,
+        protocol: str | Sequence[str] | None = None,
+        fingerprint: Fingerprint | str | None = None,
+    ) -> Deferred[Any]:
+        frames.valid_service(service)
+        pin = Fingerprint.parse(fingerprint) if isinstance(fingerprint, str) else fingerprint
+        return defer.ensureDeferred(self._openStream(peer_id, service, factory, protocol, pin))
+
+    async def _openStream(
+        self,
+        peer_id: str,
+        service: str,
+        factory: Any,
+        protocol: str | Sequence[str] | None,
+        pin: Fingerprint | None,
+    ) -> Any:
+        conn = self._by_peer.get(peer_id)
+        if conn is None or (pin is not None and conn.peer_fingerprint != pin):
+            key = (peer_id, None if pin is None else str(pin))
+            connecting = self._stream_connects.get(key)
+            if connecting is None:
+                connecting = self.connect(peer_id, protocol, pin)
+                self._stream_connects[key] = connecting
+                connecting.addBoth(lambda result: (self._stream_connects.pop(key, None), result)[1])
+            conn = await _follow(connecting)
+        return await conn.openStream(service, factory)
+
+    def streamRequested(self, connection: IPeerConnection, address: Any) -> Any:
+        """Which protocol serves a stream a peer opened (see L{_PeerServices})."""
+        port = self._services.get(address.service)
+        if port is None:
+            raise StreamRefused(f"{self.peer_id} has no service {address.service!r}")
+        if connection not in self._approved:
+            # A path we opened: the peer was not approved as a caller; it must pass now.
+            fingerprint = connection.peer_fingerprint
+            approver = IPeerApprover(self._handler, None)
+            if approver is not None:
+                approved = approver.approvePeer(connection.peer_id, fingerprint)
+                if not isinstance(approved, bool):
+                    approved = False  # a decision that waits cannot gate a stream: ask at connect time
+            elif self.allow is not None:
+                approved = self.allow.allows(connection.peer_id, fingerprint)
+            else:
+                approved = True
+            if not approved:
+                raise StreamRefused(f"{connection.peer_id} (key {fingerprint}) may not open streams to {self.peer_id}")
+        protocol = port.factory.buildProtocol(address)
+        if protocol is None:
+            raise StreamRefused(f"the service {address.service!r} refused the stream")
+        return protocol
+
     def _offered(self, offer: IncomingOffer) -> Deferred[Description]:
-        if self._handler is None:
+        if self._handler is None and not self._services:
             raise Decline(f"{self.peer_id} accepts no connections")
         d = defer.ensureDeferred(self._answer(offer))
         self._answering.add(d)
@@ -681,6 +782,7 @@ class Peer(MultiService):
         d = defer.ensureDeferred(self._traverse(session, self.wish, ports, pinned(approved)))
 
         def arrived(conn: IPeerConnection) -> None:
+            self._approved.add(conn)
             if self._handler is not None:
                 self._handler.connectionArrived(conn)
 
@@ -738,8 +840,7 @@ class Peer(MultiService):
         self._attempt_results.update((a.protocol, a.result) for a in outcome.attempts)
         count, total = self._handshakes.get(conn.protocol, (0, 0.0))
         self._handshakes[conn.protocol] = (count + 1, total + (conn.handshake_ms or 0.0) / 1000)
-        self._connections.add(conn)
-        conn.whenLost().addBoth(lambda _: self._connections.discard(conn))
+        self._adopt(conn)
         conn.outcome = outcome
         self._report(session, "connected", conn.protocol, outcome.describe())
         return conn
@@ -858,3 +959,34 @@ def _follow(d: Deferred[Any] | None) -> Deferred[Any]:
 
     d.addBoth(passthrough)
     return out
+
+
+@implementer(IStreamHandler)
+class _PeerServices:
+    """Each connection's stream handler: the peer's services."""
+
+    def __init__(self, peer: Peer) -> None:
+        self._peer = peer
+
+    def streamRequested(self, connection: IPeerConnection, address: Any) -> Any:
+        return self._peer.streamRequested(connection, address)
+
+
+@implementer(IListeningPort)
+class ServicePort:
+    """What L{Peer.serve} returns: C{stopListening} stops serving the service."""
+
+    def __init__(self, peer: Peer, service: str, factory: Any) -> None:
+        self.peer = peer
+        self.service = service
+        self.factory = factory
+
+    def startListening(self) -> None:
+        """Already serving (L{Peer.serve} started it)."""
+
+    def stopListening(self) -> Deferred[None]:
+        self.peer._unserve(self)
+        return defer.succeed(None)
+
+    def getHost(self) -> PeerAddress:
+        return PeerAddress(self.peer.peer_id, self.peer.fingerprint, self.service, "natbypass", None, 0)

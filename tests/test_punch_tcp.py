@@ -126,7 +126,7 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         (conn0,), (conn1,) = r0, r1
         self.assertIsInstance(conn0, TCPPeerConnection)
         verifyObject(IPeerConnection, conn0)
-        self.assertEqual((conn0.role, conn1.role, conn0.delivery, conn0.secure), (0, 1, "stream", True))
+        self.assertEqual((conn0.role, conn1.role, conn0.delivery, conn0.secure), (0, 1, "datagram", True))
         self.assertEqual((conn0.peer_fingerprint, conn1.peer_fingerprint), (BOB.fingerprint, ALICE.fingerprint))
         self.assertRegex(conn0.cipher, r"^TLSv1\.3 TLS_")
         self.assertEqual(conn0.cipher, conn1.cipher)

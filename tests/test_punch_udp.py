@@ -10,7 +10,7 @@ import itertools
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -35,7 +35,9 @@ from natbypass.punch.udp import (
 )
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import QuicChannel, is_quic, long_header_cids
+from natbypass.streams import StreamRefused
 from natbypass.testing.connection import RecordingReceiver
+from natbypass.testing.streams import Collect, Echo, Services
 from natbypass.testing.udp import ADDRESS_AND_PORT_DEPENDENT, MemoryNAT, MemoryUDPNetwork
 from natbypass.trust import pinned
 
@@ -750,13 +752,30 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(len(p.ep_a.transport.written), n)
         self.assertEqual(p.ep_a.unrouted, unrouted + 1)
 
-    def test_peer_streams_ignored(self) -> None:
+    def test_streams_over_quic(self) -> None:
+        """
+        Streams ride QUIC's own streams: refused with a reason without a
+        handler, served by one, and datagrams are unaffected.
+        """
         p, a, b = self.connected()
         ra = RecordingReceiver(datagrams=True)
         a.setReceiver(ra)
-        b._channel.sendStream(b._channel.openStream(), b"not for a datagram connection", fin=True)
+        refused = b.openStream("echo", Factory.forProtocol(Protocol))
         advance(p, 0.1)
-        self.assertEqual((ra.data, a.ignored_streams), ([], 1))
+        self.failureResultOf(refused, StreamRefused)
+        a.setStreamHandler(Services(echo=Echo))
+        opened = b.openStream("echo", Factory.forProtocol(Collect))
+        advance(p, 0.1)
+        proto = self.successResultOf(opened)
+        proto.transport.write(b"hello over a stream")
+        proto.transport.loseWriteConnection()
+        advance(p, 0.1)
+        self.assertEqual(proto.data, b"hello over a stream")
+        self.assertTrue(proto.eof)
+        self.assertEqual(proto.transport.getPeer().path, "udp")
+        b.send(b"a datagram")
+        advance(p, 0.1)
+        self.assertEqual(ra.data, [b"a datagram"])
 
 
 class ProbeBudgetTests(SynchronousTestCase):

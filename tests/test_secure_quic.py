@@ -88,6 +88,7 @@ class Receiver:
         self.streams: dict[int, bytes] = {}
         self.fins: set[int] = set()
         self.datagrams: list[bytes] = []
+        self.resets: dict[int, int] = {}
         self.lost: Failure | None = None
         self.channel = channel
         self.echo = echo
@@ -103,6 +104,12 @@ class Receiver:
         self.datagrams.append(data)
         if self.echo:
             self.channel.sendDatagram(data.upper())
+
+    def streamReset(self, stream_id: int, code: int) -> None:
+        self.resets[stream_id] = code
+
+    def pumped(self) -> None:
+        pass
 
     def connectionLost(self, reason: Failure) -> None:
         self.lost = reason

@@ -337,6 +337,102 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertEqual(svc.state.limits.max_connections, 1000)
 
 
+def attempt(factory: SignalingFactory, host: str, port: int = 5555):
+    """One accepted TCP connection from host: (protocol or None, its transport)."""
+    addr = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+    proto = factory.buildProtocol(addr)
+    tr = StringTransport(peerAddress=addr)
+    if proto is not None:
+        proto.makeConnection(tr)
+    return proto, tr
+
+
+class AcceptRateTests(SynchronousTestCase):
+    """
+    Campaign finding 2 (docs/reliability.md, phases C{conns} and
+    C{globalcap}): each connection refused at a cap cost an accept, a 503
+    line, a log line and a close in Python, 4,800 a second from one address,
+    and that took the mediator's core.  Excess connections from one source
+    are now closed as they are accepted, with no reply and no state.
+    """
+
+    def factory(self, **limits) -> tuple[SignalingFactory, Clock]:
+        clock = Clock()
+        state = SignalingState(clock, server.Limits(**limits))
+        return SignalingFactory(state), clock
+
+    def test_connection_flood_from_one_source_is_dropped_cheaply(self) -> None:
+        """1,000 connections at once from one address, as the campaign's attacker opens them."""
+        factory, clock = self.factory()
+        results = [attempt(factory, "192.0.2.1", 1000 + i) for i in range(1000)]
+        built = [p for p, _ in results if p is not None]
+        replied = [tr for _, tr in results if tr.value()]
+        refusals = [tr for tr in replied if b"too-many-connections" in tr.value()]
+        self.assertLessEqual(len(built), 100)  # the accept burst
+        self.assertLessEqual(len(refusals), 10)
+        self.assertEqual(len(factory.protocols), len(built))
+        status = factory.state.status()
+        self.assertEqual(status["connections_total"], len(built))
+        self.assertGreaterEqual(status["counters"]["refused:accept-rate"], 1000 - len(built))
+        self.assertLessEqual(status["connections"], 100)
+
+    def test_other_sources_unaffected(self) -> None:
+        factory, clock = self.factory()
+        for i in range(500):
+            attempt(factory, "192.0.2.1", 1000 + i)
+        proto, tr = attempt(factory, "198.51.100.7")
+        self.assertIsNotNone(proto)
+        self.assertIn(b'"hello"', tr.value())
+
+    def test_budget_refills_at_the_rate(self) -> None:
+        factory, clock = self.factory(accept_rate=10, accept_burst=20, max_per_source=0)
+        self.assertEqual(sum(attempt(factory, "192.0.2.1", i)[0] is not None for i in range(100)), 20)
+        clock.advance(1)
+        self.assertEqual(sum(attempt(factory, "192.0.2.1", i)[0] is not None for i in range(100)), 10)
+
+    def test_refusal_at_a_cap_costs_more(self) -> None:
+        """At its per-source cap a source gets a few 503s (cost 10 each), then silence."""
+        factory, clock = self.factory(max_per_source=2, accept_burst=100)
+        results = [attempt(factory, "192.0.2.1", i) for i in range(200)]
+        refused = sum(b"too-many-connections" in tr.value() for _, tr in results)
+        self.assertEqual(refused, (100 - 2) // 10)
+        self.assertEqual(len(factory.state.links), 2)
+
+    def test_peers_behind_one_nat_reconnect_at_once(self) -> None:
+        """A full per-source share of peers (100) reconnecting after a restart all get in."""
+        factory, clock = self.factory()
+        results = [attempt(factory, "192.0.2.1", i) for i in range(100)]
+        self.assertTrue(all(p is not None and b'"hello"' in tr.value() for p, tr in results))
+
+    def test_ipv6_grouped_by_64(self) -> None:
+        factory, clock = self.factory(accept_burst=5, max_per_source=0)
+        self.assertEqual(sum(attempt(factory, f"2001:db8:0:1::{i:x}")[0] is not None for i in range(1, 50)), 5)
+        self.assertIsNotNone(attempt(factory, "2001:db8:0:2::1")[0])
+
+    def test_wrapped_transports_get_an_abort(self) -> None:
+        """TLS wraps the factory and cannot take None: the refused connection is aborted instead."""
+        state = SignalingState(Clock(), server.Limits(accept_burst=1))
+        factory = SignalingFactory(state, drop_by_none=False)
+        attempt(factory, "192.0.2.1")
+        proto, tr = attempt(factory, "192.0.2.1")
+        self.assertIsNotNone(proto)
+        self.assertTrue(tr.disconnected)
+        self.assertEqual(tr.value(), b"")
+        self.assertEqual(len(factory.protocols), 1)
+
+    def test_off(self) -> None:
+        factory, clock = self.factory(accept_rate=0, max_per_source=0)
+        self.assertTrue(all(attempt(factory, "192.0.2.1", i)[0] is not None for i in range(300)))
+
+    def test_service_options(self) -> None:
+        svc = makeSignalingService("tcp:7000", MemoryReactorClock(), accept_rate=3, accept_burst=7)
+        self.assertEqual((svc.state.limits.accept_rate, svc.state.limits.accept_burst), (3, 7))
+        self.assertIsNotNone(svc.factory.accepts)
+        self.assertTrue(svc.factory.drop_by_none)
+        unix = makeSignalingService("unix:/nonexistent/sock", MemoryReactorClock())
+        self.assertFalse(unix.factory.drop_by_none)
+
+
 class OfferSlotTests(SynchronousTestCase):
     """Finding 7: a few registrations cannot fill a target's offer slots."""
 

@@ -286,7 +286,8 @@ class ClientTests(SynchronousTestCase):
 
     def test_silent_mediator_triggers_reconnect(self) -> None:
         self.client("alice")
-        self.clock.advance(91)  # no pings from the mediator: the client gives up on the link
+        for _ in range(91):  # nothing moves (not even the answer to the client's ping): it gives up on the link
+            self.clock.advance(1)
         self.net.flush()
         self.clock.advance(1)
         self.net.flush()
@@ -468,3 +469,118 @@ class DeprecatedNamesTests(SynchronousTestCase):
         warnings = self.flushWarnings()
         self.assertEqual([w["category"] for w in warnings], [DeprecationWarning] * 2)
         self.assertIn("use setOfferHandler", warnings[0]["message"])
+
+
+class LivenessTests(SynchronousTestCase):
+    """
+    Campaign finding 4 (docs/reliability.md): after a NAT mapping loss a
+    listening peer's signalling connection was dead through the NAT, yet
+    neither side noticed for 90 s.  The client now pings the mediator when
+    it has heard nothing for a while and reconnects when no answer comes.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.state = SignalingState(self.clock, Limits(offer_timeout=10.0, keepalive=30.0, idle_timeout=90.0))
+        self.net = MemoryNetwork(SignalingFactory(self.state), self.clock)
+        self.clients: list[SignalingClient] = []
+        self.dead: list = []
+        self.addCleanup(self.stop_all)
+
+    def stop_all(self) -> None:
+        for c in self.clients:
+            if c.running:
+                c.stopService()
+        self.step(0)
+
+    def client(self, name: str, **kw) -> SignalingClient:
+        kw.setdefault("retry_policy", lambda attempt: 1.0)
+        c = SignalingClient(self.net.endpoint("192.0.2.1"), name, clock=self.clock, **kw)
+        c.startService()
+        self.clients.append(c)
+        self.net.flush()
+        return c
+
+    def blackhole(self) -> None:
+        """The NAT loses the mappings of every connection: nothing gets through either way, not even a FIN."""
+        self.dead += self.net.pumps
+        self.net.pumps[:] = []
+
+    def step(self, seconds: float) -> None:
+        """Let C{seconds} pass, the mediator's sweep running each second, the network moving what it can."""
+        for p in self.dead:
+            p.clientIO.getOutBuffer()  # lost on the way
+            p.serverIO.getOutBuffer()
+            if p.clientIO.disconnecting and not p.clientIO.disconnected:
+                p.clientIO.disconnected = True
+                p.clientIO.reportDisconnect()  # the peer's own socket closes; the mediator hears nothing
+        self.net.flush()
+        whole = int(seconds)
+        for _ in range(whole):
+            self.clock.advance(1)
+            self.state.sweep()
+            self.step(0)
+        if seconds > whole:
+            self.clock.advance(seconds - whole)
+            self.step(0)
+
+    def test_dead_connection_noticed_within_30_s(self) -> None:
+        alice = self.client("alice")
+        bob = self.client("bob")
+        bob.setOfferHandler(lambda offer: DESC_B)
+        self.step(7)  # somewhere in the middle of the client's quiet timer
+        self.blackhole()
+        self.step(30)
+        status = self.state.status()
+        self.assertEqual(status["counters"]["connections"], 4)  # both reconnected
+        out: list = []
+        alice.connect("bob", DESC_A).addBoth(out.append)
+        self.step(1)
+        [session] = out
+        self.assertIsInstance(session, Session)
+
+    def test_healthy_connection_kept(self) -> None:
+        self.client("alice")
+        self.step(600)
+        self.assertEqual(self.state.status()["counters"]["connections"], 1)
+
+    def test_defaults_bound_detection(self) -> None:
+        c = SignalingClient(self.net.endpoint(), "alice", clock=self.clock)
+        self.assertLessEqual(c.ping_interval + c.pong_timeout, 30)
+        self.assertGreaterEqual(c.ping_interval, 10)  # 10,000 peers: at most 1,000 pings a second at the mediator
+
+    def test_off(self) -> None:
+        self.client("alice", ping_interval=0)
+        self.step(3)
+        self.blackhole()
+        self.step(80)
+        self.assertEqual(self.state.status()["counters"]["connections"], 1)
+        self.step(15)  # the 90 s watchdog of silence remains
+        self.assertEqual(self.state.status()["counters"]["connections"], 2)
+
+
+class UnreachableAtStartTests(SynchronousTestCase):
+    """
+    Campaign finding 1, "still to explain": a client that starts while the
+    mediator is down must go on trying, and register once it is back.
+    """
+
+    def test_registers_once_the_mediator_is_back(self) -> None:
+        clock = Clock()
+        state = SignalingState(clock)
+        net = MemoryNetwork(SignalingFactory(state), clock)
+        net.up = False
+        c = SignalingClient(net.endpoint(), "alice", clock=clock)
+        c.startService()
+        self.addCleanup(c.stopService)
+        registered: list = []
+        c.whenRegistered().addBoth(registered.append)
+        for _ in range(5):
+            clock.advance(1)
+            net.flush()
+        self.assertEqual(registered, [])
+        net.up = True
+        for _ in range(30):
+            clock.advance(1)
+            net.flush()
+        self.assertEqual(registered, ["alice"])

@@ -68,7 +68,8 @@ class SpoofedFloodTests(SynchronousTestCase):
         from natbypass.testing.udp import MemoryUDPReactor
 
         fake = MemoryUDPReactor()
-        service = s.STUNService(fake, (A, PA), (B, PB), stats_interval=0)
+        # The per-source table is what is tested: no global limit (it is tested apart, GlobalLimitTests).
+        service = s.STUNService(fake, (A, PA), (B, PB), stats_interval=0, global_rate=0)
         service.startService()
         self.addCleanup(service.stopService)
         proto = service.server.sockets[(A, PA)]
@@ -298,6 +299,8 @@ class ConnectionSlotTests(SynchronousTestCase):
     def factory(self, **kw):
         self.clock = Clock()
         self.server = s.STUNServer(s.BindingResponder(s.ResponderConfig((A, PA), (B, PB), "")))
+        # The idle timeout alone (the shorter deadline for the first request: SlotHoldingTests).
+        kw.setdefault("first_timeout", 10)
         return s.STUNStreamFactory(self.server, self.clock, idle_timeout=10, **kw)
 
     def test_one_source_cannot_take_every_slot(self) -> None:
@@ -381,6 +384,194 @@ class ConnectionSlotTests(SynchronousTestCase):
             {"received": 2, "answered": 1, "malformed": 1, "tcp_refused": 1, "tcp_connections": 1},
         )
         self.assertTrue(all(type(v) is int for v in snapshot.values()))
+
+
+class SlotHoldingTests(SynchronousTestCase):
+    """
+    Campaign finding 3 (docs/reliability.md, phase C{stuntcp}): about 63
+    addresses holding 16 silent connections each filled the global cap and
+    every other client's STUN/TCP was refused.
+    """
+
+    def factory(self, **kw):
+        self.clock = Clock()
+        self.server = s.STUNServer(s.BindingResponder(s.ResponderConfig((A, PA), (B, PB), "")))
+        return s.STUNStreamFactory(self.server, self.clock, **kw)
+
+    def test_63_sources_cannot_lock_out_a_newcomer(self) -> None:
+        factory = self.factory(max_connections=1000)
+        for host in spoofed(63):
+            for port in range(20):
+                connect(factory, host, 1000 + port)
+        proto = connect(factory, "203.0.113.9")
+        self.assertIsNotNone(proto)
+        proto.dataReceived(bare())
+        self.assertEqual(self.server.counters.answered, 1)
+
+    def test_campaign_attack_cannot_lock_out_a_newcomer(self) -> None:
+        """200 addresses x 20 silent slots against the default caps, reconnecting as they are cut."""
+        factory = self.factory(max_connections=1000)
+        hosts = spoofed(200)
+        for _ in range(3):
+            for host in hosts:
+                for port in range(20):
+                    connect(factory, host, 1000 + port)
+            self.clock.advance(1)
+        self.assertEqual(len(factory.connections), 1000)
+        for k in range(20):
+            proto = connect(factory, "203.0.113.9", 2000 + k)
+            self.assertIsNotNone(proto, k)
+            proto.dataReceived(bare())
+            proto.connectionLost(None)
+        self.assertEqual(self.server.counters.answered, 20)
+
+    def test_default_per_source_cap_is_lower(self) -> None:
+        self.assertLessEqual(s.DEFAULT_TCP_PER_SOURCE, 8)
+        self.assertGreaterEqual(s.DEFAULT_TCP_PER_SOURCE, 2)
+
+    def test_eviction_takes_the_oldest_of_the_biggest_source(self) -> None:
+        factory = self.factory(max_connections=6, per_source=8)
+        big = [connect(factory, "198.51.100.1", 1000 + i) for i in range(4)]
+        small = [connect(factory, "198.51.100.2", 1000 + i) for i in range(2)]
+        newcomer = connect(factory, "203.0.113.9")
+        self.assertIsNotNone(newcomer)
+        self.assertNotIn(big[0], factory.connections)
+        self.assertTrue(big[0].transport.disconnecting)
+        self.assertTrue(all(p in factory.connections for p in big[1:] + small))
+        self.assertEqual(self.server.counters.tcp_evicted, 1)
+        self.assertEqual(self.server.counters.tcp_connections, 6)
+        big[0].connectionLost(None)  # the transport's report of the abort: counted once
+        self.assertEqual(self.server.counters.tcp_connections, 6)
+        self.assertEqual(factory.open_from("198.51.100.1"), 3)
+
+    def test_no_eviction_for_a_source_as_big(self) -> None:
+        """A source that would then hold as many as the biggest one is refused: filling the table buys nothing."""
+        factory = self.factory(max_connections=4, per_source=8)
+        for i in range(2):
+            connect(factory, "198.51.100.1", 1000 + i)
+            connect(factory, "198.51.100.2", 1000 + i)
+        self.assertIsNone(connect(factory, "198.51.100.1", 2000))
+        self.assertIsNotNone(connect(factory, "203.0.113.9"))  # 0 + 1 < 2: evicts
+        self.assertIsNone(connect(factory, "203.0.113.9", 2001))  # 1 + 1 = 2: refused
+        self.assertEqual(self.server.counters.tcp_refused, 2)
+
+    def test_silent_connection_cut_after_the_first_request_deadline(self) -> None:
+        factory = self.factory(idle_timeout=30)
+        connect(factory, transport_class=_Unflushed)
+        self.clock.advance(s.FIRST_REQUEST_TIMEOUT + 0.01)
+        self.assertEqual(len(factory.connections), 0)
+        self.assertEqual(self.server.counters.tcp_silent_closed, 1)
+        self.assertLessEqual(s.FIRST_REQUEST_TIMEOUT, 3)
+
+    def test_answered_connection_gets_the_idle_timeout(self) -> None:
+        factory = self.factory(idle_timeout=30)
+        proto = connect(factory, transport_class=_Unflushed)
+        self.clock.advance(1)
+        proto.dataReceived(bare())
+        self.clock.advance(20)
+        self.assertEqual(len(factory.connections), 1)
+        self.clock.advance(11)
+        self.assertEqual(len(factory.connections), 0)
+        self.assertEqual(self.server.counters.tcp_idle_closed, 1)
+
+    def test_junk_first_does_not_buy_time(self) -> None:
+        factory = self.factory(idle_timeout=30)
+        proto = connect(factory, transport_class=_Unflushed)
+        proto.dataReceived(m.Message(m.Method.BINDING, m.MessageClass.INDICATION, os.urandom(12)).encode())
+        self.clock.advance(s.FIRST_REQUEST_TIMEOUT + 0.01)
+        self.assertEqual(len(factory.connections), 0)
+
+    @given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), max_size=200))
+    def test_bookkeeping_matches_the_open_connections(self, steps) -> None:
+        """Whatever opens and closes: per-source counts and the gauge match the connections that are open."""
+        factory = self.factory(max_connections=5, per_source=3)
+        live: list = []
+        for host_index, close in steps:
+            if close and live:
+                live.pop(host_index % len(live)).connectionLost(None)
+                continue
+            proto = connect(factory, f"198.51.100.{host_index}", 1000 + len(live))
+            if proto is not None:
+                live.append(proto)
+            live = [p for p in live if p in factory.connections]
+            self.assertLessEqual(len(factory.connections), 5)
+            self.assertEqual(self.server.counters.tcp_connections, len(factory.connections))
+            for i in range(6):
+                host = f"198.51.100.{i}"
+                self.assertEqual(factory.open_from(host), sum(p.peer[0] == host for p in factory.connections))
+                self.assertLessEqual(factory.open_from(host), 3)
+
+
+class GlobalLimitTests(SynchronousTestCase):
+    """
+    Campaign phase C{stunflood}: 4,000 sources, each under its own limit,
+    took the reactor signalling shares (offer p99 63x idle).
+    """
+
+    def service(self, **kw):
+        from natbypass.testing.udp import MemoryUDPReactor
+
+        self.fake = MemoryUDPReactor()
+        service = s.STUNService(self.fake, (A, PA), (B, PB), stats_interval=0, **kw)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def test_flood_from_many_sources_is_bounded(self) -> None:
+        service = self.service(global_rate=1000)
+        proto = service.server.sockets[(A, PA)]
+        hosts = spoofed(4000)
+        for _ in range(3):
+            for host in hosts:
+                proto.datagramReceived(bare(), (host, 5000))
+            self.fake.advance(1)
+        answered = len(self.fake.udp[(A, PA)].written)
+        self.assertLessEqual(answered, 1000 + 3 * 1000)
+        self.assertGreaterEqual(answered, 3000)
+        counters = service.counters
+        self.assertEqual(counters.rate_limited_global, 12000 - answered)
+        self.assertEqual(counters.rate_limited, counters.rate_limited_global)
+
+    def test_on_by_default(self) -> None:
+        stun = tap.makeService(_parse(), MemoryReactorClock()).getServiceNamed("stun")
+        glob = stun.server.global_limiter
+        self.assertIsNotNone(glob)
+        self.assertEqual(glob.rate, s.DEFAULT_GLOBAL_RATE)
+        self.assertGreaterEqual(glob.rate, 1000)  # a thousand clients' detections a second and more
+        off = tap.makeService(_parse("--stun-global-rate", "0"), MemoryReactorClock()).getServiceNamed("stun")
+        self.assertIsNone(off.server.global_limiter)
+        five = tap.makeService(_parse("--stun-global-rate", "500"), MemoryReactorClock()).getServiceNamed("stun")
+        self.assertEqual(five.server.global_limiter.rate, 500)
+        self.assertRaises(usage.UsageError, _parse, "--stun-global-rate", "-1")
+
+    def test_tcp_counts_too(self) -> None:
+        server = s.STUNServer(
+            s.BindingResponder(s.ResponderConfig((A, PA), (B, PB), "")),
+            global_limiter=s.TokenBucket(5, Clock(), 5),
+        )
+        factory = s.STUNStreamFactory(server, Clock())
+        proto = connect(factory)
+        proto.dataReceived(bare() * 8)
+        self.assertEqual(server.counters.answered, 5)
+        self.assertEqual(server.counters.rate_limited_global, 3)
+
+    def test_work_per_reactor_turn_bounded(self) -> None:
+        """Twisted's UDP port reads up to maxThroughput bytes a turn (256 KiB: 13,000 Bindings)."""
+        self.service()
+        for port in self.fake.udp.values():
+            self.assertEqual(port.maxThroughput, s.UDP_READ_BUDGET)
+        self.assertLessEqual(s.UDP_READ_BUDGET, 16384)
+
+    @given(st.floats(1, 1e5), st.floats(1, 1e5), st.lists(st.floats(0, 2), max_size=50))
+    def test_bucket_never_more_than_burst_plus_rate(self, rate, burst, advances) -> None:
+        clock = Clock()
+        bucket = s.TokenBucket(rate, clock, burst)
+        allowed = 0
+        for dt in advances:
+            clock.advance(dt)
+            while bucket.allow():
+                allowed += 1
+        self.assertLessEqual(allowed, bucket.burst + rate * clock.seconds() + 1e-6 * rate)
 
 
 class TapTests(SynchronousTestCase):

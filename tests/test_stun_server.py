@@ -497,7 +497,8 @@ class DatagramProtocolTests(SynchronousTestCase):
 def stream(config: ResponderConfig = FULL, local=(A, PA), limiter=None):
     clock = Clock()
     server = STUNServer(BindingResponder(config), limiter=limiter)
-    proto = STUNStreamFactory(server, clock, idle_timeout=10).buildProtocol(None)
+    # first_timeout: the idle timeout alone here (the first-request deadline: test_stun_abuse.SlotHoldingTests).
+    proto = STUNStreamFactory(server, clock, idle_timeout=10, first_timeout=10).buildProtocol(None)
     transport = StringTransport(hostAddress=IPv4Address("TCP", *local), peerAddress=IPv4Address("TCP", *CLIENT))
     proto.makeConnection(transport)
     return server, proto, transport, clock
@@ -577,19 +578,23 @@ class StreamProtocolTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_connection_cap(self) -> None:
-        """Past max_connections, buildProtocol refuses; a closed one frees a place."""
+        """
+        Past max_connections, buildProtocol refuses a source that would hold as
+        many as the biggest (eviction: test_stun_abuse.SlotHoldingTests); a
+        closed one frees a place.
+        """
         server = STUNServer(BindingResponder(FULL))
         factory = STUNStreamFactory(server, Clock(), idle_timeout=10, max_connections=2)
+        client = IPv4Address("TCP", *CLIENT)
         protos = []
         for _ in range(2):
-            proto = factory.buildProtocol(None)
-            proto.makeConnection(StringTransport(hostAddress=IPv4Address("TCP", A, PA),
-                                                 peerAddress=IPv4Address("TCP", *CLIENT)))  # fmt: skip
+            proto = factory.buildProtocol(client)
+            proto.makeConnection(StringTransport(hostAddress=IPv4Address("TCP", A, PA), peerAddress=client))
             protos.append(proto)
-        self.assertIsNone(factory.buildProtocol(None))
+        self.assertIsNone(factory.buildProtocol(client))
         self.assertEqual(server.counters.tcp_refused, 1)
         protos[0].connectionLost(None)
-        self.assertIsNotNone(factory.buildProtocol(None))
+        self.assertIsNotNone(factory.buildProtocol(client))
 
     def test_rate_limited(self) -> None:
         server, proto, transport, clock = stream(limiter=RateLimiter(1, Clock()))
@@ -666,4 +671,5 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(counters.snapshot()["received"], 3)
         self.assertEqual(set(counters.snapshot()), {
             "received", "answered", "malformed", "rate_limited", "ignored", "send_failed",
-            "tcp_refused", "tcp_idle_closed", "tcp_connections", "errors"})  # fmt: skip
+            "tcp_refused", "tcp_idle_closed", "tcp_connections", "errors",
+            "rate_limited_global", "tcp_silent_closed", "tcp_evicted"})  # fmt: skip

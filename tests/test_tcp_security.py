@@ -338,8 +338,8 @@ class TLSPathTests(SynchronousTestCase):
 
     def test_backpressure_and_keepalive(self) -> None:
         """
-        Without a receiver, more than 1 MiB of early data pauses
-        reading from the socket until a receiver takes it; the kernel's TCP
+        Without a receiver, more than 1 MiB of early messages pauses
+        reading from the socket until a receiver takes them; the kernel's TCP
         keepalive is on.
         """
         clock = MemoryReactorClock()
@@ -349,7 +349,7 @@ class TLSPathTests(SynchronousTestCase):
         pump, t0, _ = join(clock, p0, p1)
         (c0,), (c1,) = r0, r1
         self.assertTrue(t0.keepalive)
-        chunk = b"x" * 65536
+        chunk = b"x" * c1.max_datagram_size
         for _ in range(17):
             c1.send(chunk)
             pump.flush()

@@ -27,6 +27,7 @@ from natbypass.signaling.service import (
 )
 from natbypass.stun.server import (
     DEFAULT_BURST,
+    DEFAULT_GLOBAL_RATE,
     DEFAULT_RATE,
     DEFAULT_SOFTWARE,
     DEFAULT_TCP_PER_SOURCE,
@@ -67,6 +68,10 @@ class Options(usage.Options):
          "many users behind one IP: one NAT detection takes about 20 requests.", int],
         ["stun-burst", None, DEFAULT_BURST,
          "Requests a source may send at once on top of --stun-rate (a token bucket's size).", int],
+        ["stun-global-rate", None, DEFAULT_GLOBAL_RATE,
+         "Most STUN requests per second answered from all sources together, bursts of one "
+         "second's worth (0: no limit). Keeps a flood from many sources, each under "
+         "--stun-rate, from starving the signalling service of the same process.", int],
         ["stun-tcp-per-source", None, DEFAULT_TCP_PER_SOURCE,
          "Most STUN/TCP connections open at once per source IP, IPv6 per /64.", int],
         ["stun-tcp-max", None, None,
@@ -97,8 +102,9 @@ class Options(usage.Options):
                     "--stun-alternate needs --stun with a specific IP (e.g. --stun 192.0.2.10:3478), "
                     f"not {primary[0]}: RFC 5780 responses name the IP that answered"
                 )
-        if self["stun-rate"] < 0:
-            raise usage.UsageError("--stun-rate must be 0 (no limit) or a positive number")
+        for name in ("stun-rate", "stun-global-rate"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must be 0 (no limit) or a positive number")
         for name in ("stun-burst", "stun-tcp-per-source"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
@@ -131,6 +137,7 @@ def makeSTUNService(options: usage.Options, reactor: Any) -> STUNService:
         burst=options["stun-burst"],
         tcp_per_source=options["stun-tcp-per-source"],
         tcp_max=options["stun-tcp-max"],
+        global_rate=options["stun-global-rate"],
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -36,6 +36,36 @@ class PathConnection:
         self._receiver: IPeerReceiver | None = None
         self._lost: Failure | None = None
         self._waiters: list[Deferred] = []
+        #: Streams (L{natbypass.streams.session.StreamSession}), once the path is secured.
+        self.stream_session: Any = None
+        self._stream_handler: Any = None
+        #: Our own id and key, for the C{getHost} of streams (set by the C{Peer}).
+        self.local_id = ""
+        self.local_fingerprint: Any = None
+
+    # -- streams
+
+    def _startStreams(self, carrier: Any, clock: Any) -> None:
+        """The path is secured: streams run over C{carrier} from now on."""
+        from natbypass.streams.session import StreamSession
+
+        self.stream_session = StreamSession(carrier, self.role, clock, self, connection=self)
+        self.stream_session.handler = self._stream_handler
+        carrier.session = self.stream_session
+
+    def openStream(self, service: str, factory: Any) -> Deferred:
+        if self.stream_session is None:
+            return fail(RuntimeError("the path is not secured yet: no streams"))
+        return self.stream_session.open(service, factory)
+
+    def setStreamHandler(self, handler: Any) -> None:
+        self._stream_handler = handler
+        if self.stream_session is not None:
+            self.stream_session.handler = handler
+
+    @property
+    def streams(self) -> int:
+        return 0 if self.stream_session is None else len(self.stream_session)
 
     def _take_pending(self) -> list[bytes]:
         """What arrived before the receiver was set, in order (and forget it)."""
@@ -60,6 +90,8 @@ class PathConnection:
         if self._lost is not None:
             return False
         self._lost = reason
+        if self.stream_session is not None:
+            self.stream_session.lost(reason)
         self.log.info(
             "{protocol} path to {peer_id} lost: {reason}",
             protocol=self.protocol.upper(),

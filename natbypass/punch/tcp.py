@@ -64,7 +64,8 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReadDescriptor, ITCPTransport, ITransport, IWriteDescriptor
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IReactorTime, IReadDescriptor, ITCPTransport, ITransport, IWriteDescriptor
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -79,6 +80,8 @@ from natbypass.punch.connection import PathConnection
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.tls import PeerRefusedUs, SecureTLS, start_tls
+from natbypass.streams import frames
+from natbypass.streams.mux import MuxCarrier
 from natbypass.trust import PeerRejected
 
 Address = tuple[str, int]
@@ -492,7 +495,7 @@ class TCPPunchAttempt:
         self._stopTrying()
         assert proto.tls is not None
         conn = TCPPeerConnection(self.session, proto.transport, keepalive_interval=self._keepalive)
-        conn._secured(proto.tls, (self.reactor.seconds() - proto.started) * 1000)
+        conn._secured(proto.tls, (self.reactor.seconds() - proto.started) * 1000, self.reactor)
         proto.connection = conn
         if rest:
             conn._dataReceived(rest)
@@ -673,13 +676,16 @@ def punch_tcp(
 @implementer(IPeerConnection)
 class TCPPeerConnection(PathConnection):
     """
-    A TCP path secured by TLS 1.3: an ordered byte stream, encrypted and
-    authenticated end to end by both sides' identity keys.
+    A TCP path secured by TLS 1.3, carrying streams and messages in frames
+    (L{natbypass.streams.mux}), encrypted and authenticated end to end by
+    both sides' identity keys.
 
     Made by L{punch_tcp} once TLS authenticated the peer on the chosen
-    socket; C{send} writes only into TLS.  The kernel's TCP
-    keepalive (every C{keepalive_interval} seconds, 3 probes) holds the NAT
-    mapping and notices a dead path.
+    socket; everything is written into TLS.  C{send} carries one message in a
+    DATAGRAM frame (reliable and ordered on this path).  A frame PING every
+    C{keepalive_interval} seconds proves the peer alive (nothing heard for
+    three intervals ends the path), and the kernel's TCP keepalive holds
+    the NAT mapping.
 
     @ivar peer_fingerprint: the key the peer proved it holds.
     @ivar cipher: e.g. C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}.
@@ -690,9 +696,9 @@ class TCPPeerConnection(PathConnection):
 
     log = Logger()
     protocol = "tcp"
-    delivery = "stream"
+    delivery = "datagram"
     secure = True
-    max_datagram_size = None
+    max_datagram_size = frames.MAX_DATAGRAM
 
     def __init__(
         self,
@@ -704,8 +710,10 @@ class TCPPeerConnection(PathConnection):
         super().__init__(session)
         #: The socket's transport: only for keepalive and read flow control.
         self._raw = transport
-        #: The TLS transport, once secured; the only thing C{send} writes to.
+        #: The TLS transport, once secured; the only thing anything writes to.
         self._tls: ITransport | None = None
+        self._mux: MuxCarrier | None = None
+        self._interval = keepalive_interval
         self.local_address = transport.getHost()
         self.remote_address = transport.getPeer()
         self.peer_fingerprint: Fingerprint | None = None
@@ -714,18 +722,31 @@ class TCPPeerConnection(PathConnection):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._max_pending = max_pending
+        self._dead: str | None = None
         if keepalive_interval is not None:
             self._setKeepalive(keepalive_interval)
 
     def __repr__(self) -> str:
         return f"<TCPPeerConnection {self.peer_id!r} {self.remote_address} {self.peer_fingerprint}>"
 
-    def _secured(self, tls: SecureTLS, handshake_ms: float) -> None:
-        """TLS proved the peer and this socket is the path: from now on it carries data."""
+    def _secured(self, tls: SecureTLS, handshake_ms: float, clock: IReactorTime) -> None:
+        """TLS proved the peer and this socket is the path: from now on it carries frames."""
         self._tls = tls.protocol
         self.peer_fingerprint = tls.peer_fingerprint
         self.cipher = tls.cipher
         self.handshake_ms = handshake_ms
+        interval = self._interval
+        self._mux = MuxCarrier(
+            self._tls.write,
+            self.role,
+            clock,
+            self._messageReceived,
+            self._muxDead,
+            keepalive_interval=interval,
+            dead_after=None if interval is None else 3 * interval,
+        )
+        self._tls.registerProducer(self._mux, True)
+        self._startStreams(self._mux, clock)
 
     def _setKeepalive(self, interval: float) -> None:
         self._raw.setTcpKeepAlive(True)
@@ -743,20 +764,29 @@ class TCPPeerConnection(PathConnection):
         return pending
 
     def send(self, data: bytes) -> None:
-        if self._tls is None:
+        if self._mux is None:
             raise RuntimeError("the TCP path is not secured yet; nothing may be sent")
+        if len(data) > self.max_datagram_size:
+            raise ValueError(f"a message holds at most {self.max_datagram_size} bytes, not {len(data)}")
         if self._lost is None:
-            self._tls.write(data)
+            self._mux.sendDatagram(data)
 
     def close(self) -> None:
         if self._lost is not None:
             return
         if self._tls is not None:
+            # A registered producer would hold the close until it unregisters.
+            self._tls.unregisterProducer()
             self._tls.loseConnection()  # TLS close_notify, then the socket
         else:
             self._raw.abortConnection()
 
     def _dataReceived(self, data: bytes) -> None:
+        """Bytes out of TLS: frames."""
+        if self._mux is not None:
+            self._mux.dataReceived(data)
+
+    def _messageReceived(self, data: bytes) -> None:
         if self._receiver is not None:
             self._receiver.dataReceived(data)
             return
@@ -766,5 +796,13 @@ class TCPPeerConnection(PathConnection):
             # Nobody reads: stop the peer rather than buffer without bound.
             self._raw.pauseProducing()
 
+    def _muxDead(self, why: str) -> None:
+        self._dead = why
+        self._raw.abortConnection()
+
     def _connectionLost(self, reason: Failure) -> None:
+        if self._mux is not None:
+            self._mux.stop()
+        if self._dead is not None:
+            reason = Failure(ConnectionLost(f"the TCP path to {self.peer_id!r}: {self._dead}"))
         self._notify_lost(reason)

@@ -56,6 +56,7 @@ from natbypass.punch.packet import PacketType, PunchPacket, encode, verify
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import AUTH_FAILED, QuicChannel, QuicClosed, QuicEngine, warm_up
+from natbypass.streams.quic import QuicCarrier
 from natbypass.trust import PeerRejected
 
 NonceSource = Callable[[], int]
@@ -74,6 +75,8 @@ MAX_HANDSHAKES = 4
 #: confirmed travels as a transport APPLICATION_ERROR; a peer that refuses our
 #: key as its handshake completes closes with it.
 APPLICATION_ERROR = 0x0C
+#: QUIC's PROTOCOL_VIOLATION: we close with it when the peer broke the stream layer's rules.
+PROTOCOL_VIOLATION = 0x0A
 
 
 def random_nonce() -> int:
@@ -390,9 +393,8 @@ class UDPPeerConnection(PathConnection):
     keeps the NAT mapping open and the idle timer of both sides fresh; when
     nothing authenticated arrives for the channel's idle timeout the path is
     lost (C{ConnectionLost}).  Replayed packets are dropped by QUIC (AEAD,
-    packet numbers): they deliver nothing and refresh nothing.  Streams the
-    peer opens are not shown (this connection is C{"datagram"}); they are
-    counted in C{ignored_streams}.
+    packet numbers): they deliver nothing and refresh nothing.  Streams are
+    QUIC streams (L{natbypass.streams.quic.QuicCarrier}).
     """
 
     log = Logger()
@@ -426,7 +428,6 @@ class UDPPeerConnection(PathConnection):
         self.cipher = channel.cipher
         self.handshake_ms = handshake_ms
         self.max_datagram_size = channel.max_datagram_size
-        self.ignored_streams = 0
         #: The probe/ACK round trip that chose the path (None when the peer's
         #: QUIC Initial chose it), and what the punch did (set by the attempt).
         self.rtt: float | None = None
@@ -436,6 +437,8 @@ class UDPPeerConnection(PathConnection):
         self.remote_address = _address(*self._remote)
         self._ping: IDelayedCall | None = clock.callLater(self._interval, self._sendPing)
         channel.lost.addCallback(self._channelLost)
+        self._carrier = QuicCarrier(channel, self.role, self._streamLayerBroken)
+        self._startStreams(self._carrier, clock)
         channel.setReceiver(self)
 
     def __repr__(self) -> str:
@@ -469,8 +472,17 @@ class UDPPeerConnection(PathConnection):
             self._pending.append(data)
 
     def streamReceived(self, stream_id: int, data: bytes, fin: bool) -> None:
-        self.ignored_streams += 1
-        self.log.debug("ignoring data on QUIC stream {stream_id} of a datagram connection", stream_id=stream_id)
+        self._carrier.streamReceived(stream_id, data, fin)
+
+    def streamReset(self, stream_id: int, code: int) -> None:
+        self._carrier.streamReset(stream_id, code)
+
+    def pumped(self) -> None:
+        self._carrier.pumped()
+
+    def _streamLayerBroken(self, why: str) -> None:
+        self.log.warn("closing the UDP path to {peer}: {why}", peer=self.peer_id, why=why)
+        self._channel.close(PROTOCOL_VIOLATION, why)
 
     def connectionLost(self, reason: Failure) -> None:
         """The channel ended: handled through its C{lost} Deferred (which also covers an end before this)."""
@@ -492,7 +504,9 @@ class UDPPeerConnection(PathConnection):
         where = f"peer {self.peer_id!r} at {format_address(self._remote)}"
         if isinstance(reason, QuicClosed):
             if reason.local:
-                return ConnectionDone("closed locally")
+                if reason.code == 0:
+                    return ConnectionDone("closed locally")
+                return ConnectionLost(f"we closed the path to {where}: {reason.reason}")
             if "idle" in reason.reason.lower():
                 return ConnectionLost(
                     f"no authenticated packet from {where} for {self._idle:g} s (QUIC idle timeout, "

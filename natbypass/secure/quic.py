@@ -81,7 +81,7 @@ __all__ = [
 Address = tuple[str, int]
 
 #: The ALPN protocol both sides offer.
-ALPN = "natbypass/1"
+ALPN = "natbypass/2"
 #: Engines in order of preference (measured: see C{bench/quic_bench.py}).
 ENGINES = ("qh3", "aioquic")
 #: The streams that carry the AUTH messages (the client's first bidirectional
@@ -164,6 +164,10 @@ class QuicReceiver(TypingProtocol):
     def streamReceived(self, stream_id: int, data: bytes, fin: bool) -> None: ...
 
     def datagramFrameReceived(self, data: bytes) -> None: ...
+
+    def streamReset(self, stream_id: int, code: int) -> None: ...
+
+    def pumped(self) -> None: ...
 
     def connectionLost(self, reason: Failure) -> None: ...
 
@@ -277,6 +281,11 @@ class QuicEngine:
         frame's type and length (1 + 2).
         """
         return configuration.max_datagram_size - (1 + configuration.connection_id_length + 4) - 16 - 3
+
+    def send_buffer(self, connection: Any, stream_id: int) -> int:
+        """Bytes of a stream the engine holds unsent (0 where the engine cannot say: aioquic)."""
+        size = getattr(connection, "get_send_buffer_size", None)
+        return 0 if size is None else int(size(stream_id))
 
     def peer_certificate_der(self, connection: Any) -> bytes | None:
         """The peer's TLS certificate where the engine shows it publicly (qh3), else None."""
@@ -514,6 +523,8 @@ class QuicChannel:
             except Exception:
                 self.log.failure("sending a QUIC datagram to {addr} failed", addr=addr)
         self._rearm(None if self._ended is not None else conn.get_timer())
+        if self._receiver is not None and self._ended is None:
+            self._receiver.pumped()
 
     def _rearm(self, when: float | None) -> None:
         if when == self._timer_at and self._timer is not None:
@@ -544,6 +555,11 @@ class QuicChannel:
                 self._tryAuth()
             else:
                 self._deliver("stream", event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, (ev.StreamReset, ev.StopSendingReceived)):
+            if event.stream_id not in AUTH_STREAMS and self._receiver is not None and self.peer_fingerprint is not None:
+                if isinstance(event, ev.StopSendingReceived):
+                    self._resetQuietly(event.stream_id, event.error_code)
+                self._receiver.streamReset(event.stream_id, event.error_code)
         elif isinstance(event, ev.DatagramFrameReceived):
             self._deliver("datagram", 0, event.data, False)
         elif isinstance(event, ev.ConnectionTerminated):
@@ -685,6 +701,29 @@ class QuicChannel:
             raise ValueError(f"stream {stream_id} carries authentication; use openStream()")
         self._conn.send_stream_data(stream_id, data, end_stream=fin)
         self._pump()
+
+    def resetStream(self, stream_id: int, code: int) -> None:
+        """Abort a stream both ways (RESET_STREAM and STOP_SENDING with C{code})."""
+        if self._ended is not None or self._conn is None:
+            return
+        self._resetQuietly(stream_id, code)
+        try:
+            self._conn.stop_stream(stream_id, code)
+        except Exception:
+            pass  # the peer already finished sending
+        self._pump()
+
+    def _resetQuietly(self, stream_id: int, code: int) -> None:
+        try:
+            self._conn.reset_stream(stream_id, code)
+        except Exception:
+            pass  # already finished or reset: nothing left to abort
+
+    def sendBuffer(self, stream_id: int) -> int:
+        """Bytes of C{stream_id} the engine holds unsent (backpressure for the stream layer)."""
+        if self._ended is not None or self._conn is None:
+            return 0
+        return self.engine.send_buffer(self._conn, stream_id)
 
     def closeStream(self, stream_id: int) -> None:
         """End our side of a stream (a FIN with no more data)."""

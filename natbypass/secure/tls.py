@@ -57,7 +57,7 @@ from natbypass.trust import PeerCheck, PeerRejected, as_check
 __all__ = ["ALPN", "PeerRefusedUs", "PinnedTLS", "SecureTLS", "start_tls"]
 
 #: The ALPN protocol both sides offer.
-ALPN = b"natbypass/1"
+ALPN = b"natbypass/2"
 
 
 class PeerRefusedUs(Exception):

@@ -189,6 +189,8 @@ class SignalingClientProtocol(LineReceiver):
         self._pending: dict[int, Deferred[Message]] = {}
         self._offers: dict[str, IncomingOffer] = {}
         self._watchdog: Any = None
+        #: The liveness ping is out, unanswered.
+        self._pinged = False
         self._handshaking = True
         #: Requests failed with the handshake's refusal; their late replies are dropped quietly.
         self._abandoned: set[int] = set()
@@ -214,17 +216,37 @@ class SignalingClientProtocol(LineReceiver):
         self._fail_ready(SignalingError("timeout", "the mediator did not complete the handshake in time"))
 
     def _alive(self) -> None:
-        """Something arrived: push back the idle watchdog."""
+        """
+        Something arrived: push back the watchdog.  After C{ping_interval}
+        seconds of silence we ping the mediator; if nothing arrives within
+        C{pong_timeout} more the connection is taken for dead (a NAT that
+        lost its mapping drops everything silently: no FIN, no RST) and
+        aborted, so the client service reconnects.  Without C{ping_interval},
+        C{idle_timeout} seconds of silence (the mediator pings every 30 s).
+        """
         if self._handshaking:
             return
+        self._pinged = False
+        owner = self.owner
+        delay = owner.ping_interval or owner.idle_timeout
         if self._watchdog is not None and self._watchdog.active():
-            self._watchdog.reset(self.owner.idle_timeout)
+            self._watchdog.reset(delay)
         else:
-            self._watchdog = self.clock.callLater(self.owner.idle_timeout, self._idle)
+            self._watchdog = self.clock.callLater(delay, self._quiet)
 
-    def _idle(self) -> None:
+    def _quiet(self) -> None:
         self._watchdog = None
-        self.log.warn("nothing heard from the mediator for {t} s; reconnecting", t=self.owner.idle_timeout)
+        owner = self.owner
+        if owner.ping_interval and not self._pinged:
+            self._pinged = True
+            self.send(Ping(owner._rid()))  # its pong, or any other line, proves the path (see _alive)
+            self._watchdog = self.clock.callLater(owner.pong_timeout, self._quiet)
+            return
+        silent = owner.ping_interval + owner.pong_timeout if owner.ping_interval else owner.idle_timeout
+        self.log.warn(
+            "nothing heard from the mediator for {t:g} s (a ping unanswered); the connection is dead, reconnecting",
+            t=silent,
+        )
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -615,6 +637,12 @@ class SignalingClient(Service):
     A peer's registration at the mediator, kept alive across reconnections.
 
     C{endpoint} is an C{IStreamClientEndpoint} (see C{client_endpoint}).
+
+    A connection that has gone dead without a word (a NAT or firewall on
+    the way dropped its mapping) is noticed within C{ping_interval} +
+    C{pong_timeout} seconds (30 by default): after C{ping_interval} seconds
+    with nothing from the mediator we ping it, and abort and reconnect when
+    nothing comes back within C{pong_timeout}.
     Incoming offers go to the offer handler (none set: all are rejected).
 
     It registers with C{identity}'s key (None: a fresh key for this process
@@ -637,6 +665,8 @@ class SignalingClient(Service):
         token: str | None = None,
         request_timeout: float = 60.0,
         idle_timeout: float = 90.0,
+        ping_interval: float = 20.0,
+        pong_timeout: float = 10.0,
         max_line: int = wire.DEFAULT_MAX_LINE,
         retry_policy: Callable[[int], float] | None = None,
         take_over: bool = False,
@@ -652,6 +682,10 @@ class SignalingClient(Service):
         self.token = token
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
+        #: Seconds of silence from the mediator after which we ping it (0: only C{idle_timeout} applies) ...
+        self.ping_interval = ping_interval
+        #: ... and seconds its answer may take before the connection is taken for dead and replaced.
+        self.pong_timeout = pong_timeout
         self.max_line = max_line
         if identity is None:
             identity = Identity.generate()

@@ -27,7 +27,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
@@ -36,6 +36,7 @@ from natbypass import selection
 from natbypass.identity import BadSignature, Fingerprint, FingerprintError, load_public_key, verify_registration
 from natbypass.logsafe import escape
 from natbypass.nat import NatSummary
+from natbypass.stun.server import RateLimiter
 
 from . import wire
 from .interfaces import IChannel, ISignalingState
@@ -265,6 +266,13 @@ class Limits:
     proof_window: float = 30.0
     #: Timed proofs remembered (for twice the window) so none is used twice; beyond it they get stale-proof.
     max_recent_proofs: int = 100_000
+    #: New connections per second per source group (0: no limit), bursts of C{accept_burst}; over it a
+    #: connection is closed as it is accepted, with no reply and no state (see C{SignalingFactory}).
+    accept_rate: float = 10.0
+    #: Enough for a full per-source share (C{max_per_source}) of peers reconnecting at once.
+    accept_burst: float = 100.0
+    #: A connection refused at a cap (with its 503 line) costs the source this many accepts' worth.
+    refusal_cost: float = 10.0
 
 
 class _Link:
@@ -418,6 +426,20 @@ class SignalingState:
         link.channel.send(Ping(self._next_rid))
 
     # -- ISignalingState
+
+    def admits(self, source: str) -> bool:
+        """
+        Would a connection from C{source} be taken now (not refused at a cap
+        or while shutting down)?  Cheap: the factory asks before it builds
+        anything, to charge refusals more of the source's accept budget.
+        """
+        total = self.limits.max_connections
+        limit = self.limits.max_per_source
+        return not (
+            self.shutting_down
+            or (total and len(self.links) >= total)
+            or (limit and self.sources.get(source_group(source), 0) >= limit)
+        )
 
     def open(self, channel: IChannel, source: str) -> _Link | None:
         now = self.clock.seconds()
@@ -1305,19 +1327,60 @@ class SignalingServerProtocol(LineReceiver):
             self.transport.abortConnection()
 
 
+class _Drop(Protocol):
+    """
+    A connection refused before anything is made for it: aborted at once.
+    For transports that wrap the factory (TLS), which cannot take a None
+    from C{buildProtocol}; one instance serves every such connection.
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.abortConnection()
+
+
+_DROP = _Drop()
+
+
 class SignalingFactory(Factory):
     """
     Builds a C{SignalingServerProtocol} per connection, all sharing one
     state; it knows the live ones so a stopping service can wait for them
     (C{whenIdle}) or cut them off (C{abortAll}).
+
+    Accepting costs the reactor: a refused connection's C{503} line, close
+    and log line cost about what a served one does, so refusing at the caps
+    alone does not bound CPU (docs/reliability.md, finding 2).  So each
+    source group (IPv6: /64) has an accept budget, a token bucket of
+    C{accept_rate} connections a second and C{accept_burst} at once in a
+    fixed-size hashed table (L{natbypass.stun.server.RateLimiter}); a
+    connection that would be refused at a cap costs C{refusal_cost} tokens.
+    A connection over the budget is closed as it is accepted: no reply, no
+    protocol, no log line (C{buildProtocol} returns None, or an abort for
+    wrapping transports: C{drop_by_none=False}); counted as
+    C{refused:accept-rate}.
     """
 
-    def __init__(self, state: SignalingState) -> None:
+    def __init__(self, state: SignalingState, *, drop_by_none: bool = True, salt: bytes | None = None) -> None:
         self.state = state
         self.protocols: set[SignalingServerProtocol] = set()
         self._idle_waiters: list[Deferred[None]] = []
+        lim = state.limits
+        self.accepts = (
+            RateLimiter(lim.accept_rate, state.clock, max(1.0, lim.accept_burst), salt=salt)
+            if lim.accept_rate > 0
+            else None
+        )
+        #: Refuse by returning None from C{buildProtocol} (plain TCP ports), else by an aborting protocol.
+        self.drop_by_none = drop_by_none
 
-    def buildProtocol(self, addr: Any) -> SignalingServerProtocol:
+    def buildProtocol(self, addr: Any) -> SignalingServerProtocol | Protocol | None:
+        accepts = self.accepts
+        if accepts is not None:
+            host = getattr(addr, "host", "?")
+            state = self.state
+            if not accepts.allow(host, 1.0 if state.admits(host) else state.limits.refusal_cost):
+                state.count("refused:accept-rate")
+                return None if self.drop_by_none else _DROP
         p = SignalingServerProtocol(self.state, self.state.limits.max_line)
         p.factory = self
         self.protocols.add(p)

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -85,6 +85,23 @@ SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
         "Seconds a stopping mediator gives its peers to take the shutting-down notice before it cuts them off.",
         float,
     ],
+    [
+        "accept-rate",
+        None,
+        10.0,
+        "New signalling connections per second per IPv4 address or IPv6 /64 (0: no limit); over it (and "
+        "--accept-burst) a connection is closed as it is accepted, without a reply. A connection refused at "
+        "--max-per-source or --max-connections costs 10 of them.",
+        float,
+    ],
+    [
+        "accept-burst",
+        None,
+        100.0,
+        "New connections one address may open at once on top of --accept-rate (e.g. the peers behind one NAT "
+        "reconnecting after a restart).",
+        float,
+    ],
     ["rate", None, 20.0, "Messages per second allowed per connection (bursts of twice that; 0: no limit).", float],
     [
         "max-line",
@@ -117,6 +134,8 @@ def check_signaling_options(options: usage.Options) -> None:
         "fd-reserve",
         "shutdown-grace",
         "rate",
+        "accept-rate",
+        "accept-burst",
         "status-interval",
         "gc-freeze-interval",
         "id-hold",
@@ -206,7 +225,10 @@ class SignalingService(MultiService):
         self.state = state
         self.clock = clock if clock is not None else state.clock
         self.grace = grace
-        self.factory = SignalingFactory(state)
+        # A plain TCP port closes a connection its factory returns None for; wrapping factories (TLS) cannot.
+        self.factory = SignalingFactory(
+            state, drop_by_none=isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint))
+        )
 
     def startService(self) -> None:
         super().startService()
@@ -266,6 +288,8 @@ def makeSignalingService(
     shutdown_grace: float = 5.0,
     getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
     rate: float = 20.0,
+    accept_rate: float = 10.0,
+    accept_burst: float = 100.0,
     max_line: int = 8192,
     idle_timeout: float = 90.0,
     keepalive: float = 30.0,
@@ -290,6 +314,8 @@ def makeSignalingService(
         max_connections=connection_cap(max_connections, fd_reserve, getrlimit),
         rate=rate,
         burst=max(2 * rate, 10.0),
+        accept_rate=accept_rate,
+        accept_burst=accept_burst,
         max_line=max_line,
         idle_timeout=idle_timeout,
         keepalive=keepalive,
@@ -365,6 +391,8 @@ def makeSignalingServiceFromOptions(options: usage.Options, reactor: Any) -> ISe
         fd_reserve=options["fd-reserve"],
         shutdown_grace=options["shutdown-grace"],
         rate=options["rate"],
+        accept_rate=options["accept-rate"],
+        accept_burst=options["accept-burst"],
         max_line=options["max-line"],
         idle_timeout=options["idle-timeout"],
         keepalive=options["keepalive"],

@@ -87,7 +87,18 @@ Abuse and load (all of it measured by tests/test_stun_abuse.py):
     a client that does not read cannot keep it open with unsent responses,
     and reading stops while responses wait (C{IPushProducer}), so it cannot
     make us buffer without bound either.  Rate-limited, malformed or ignored
-    messages do not count as activity.
+    messages do not count as activity.  A new connection must get its first
+    request answered within L{FIRST_REQUEST_TIMEOUT} (2 s), so holding a slot
+    silently costs a reconnection every 2 s; and when the global cap is
+    reached a newcomer evicts the oldest connection of the source holding
+    the most slots (when that source holds more than the newcomer's would),
+    so a few hundred addresses cannot lock everyone else out.
+  - A global answer rate (L{DEFAULT_GLOBAL_RATE}) on top of the per-source
+    one, and at most L{UDP_READ_BUDGET} bytes read from a UDP socket per
+    reactor turn: the responder shares the reactor with signalling, and a
+    flood from thousands of sources, each under its own limit, must not
+    starve it.  Requests over the global rate are dropped and counted
+    (C{rate_limited}, and C{rate_limited_global} of them).
 """
 
 from __future__ import annotations
@@ -133,7 +144,24 @@ MAX_RESPONSE_SIZE = 20 + 4 * 24 + 4 + MAX_SOFTWARE_BYTES + 8
 #: The default is lower when the descriptor limit is (L{tcp_connection_limit}).
 MAX_TCP_CONNECTIONS = 1000
 #: Most STUN/TCP connections open at once from one source (IPv6: one /64).
-DEFAULT_TCP_PER_SOURCE = 16
+#: A client needs one at a time (it closes it once answered); 8 leave room for
+#: a few clients behind one NAT, and 1000 / 8 = 125 sources to fill the table
+#: (which then evicts them, see L{STUNStreamFactory}).
+DEFAULT_TCP_PER_SOURCE = 8
+#: Seconds a new STUN/TCP connection has to get its first request answered
+#: before it is cut: a client sends its request as soon as it is connected,
+#: so only slot holders wait longer (then C{idle_timeout} applies).
+FIRST_REQUEST_TIMEOUT = 2.0
+#: Requests answered per second over all sources, UDP and TCP (0: no limit),
+#: and the burst on top: what a flood from many sources, each under its own
+#: limit, may take from the reactor that signalling shares (1000 NAT
+#: detections a second; see docs/reliability.md for what it protects).
+DEFAULT_GLOBAL_RATE = 20_000
+#: Bytes read from one UDP socket per reactor turn (Twisted's C{maxThroughput},
+#: 256 KiB by default: 13,000 bare Bindings, a stall of 100 ms and more for
+#: every other connection of the reactor under a flood); about 400 bare
+#: Bindings or 6 full-size datagrams.
+UDP_READ_BUDGET = 8192
 #: Descriptors left to the rest of the process (listeners, signalling, logs)
 #: before the STUN/TCP connections take at most half of the others.
 FD_RESERVE = 64
@@ -529,8 +557,8 @@ class RateLimiter:
         """The index of the bucket that counts C{host}'s requests."""
         return hash(self._salt + source_key(host)) & self._mask
 
-    def allow(self, host: str) -> bool:
-        """Take one token from C{host}'s bucket; False when there is none."""
+    def allow(self, host: str, cost: float = 1.0) -> bool:
+        """Take C{cost} tokens (one request's worth by default) from C{host}'s bucket; False when there are fewer."""
         index = hash(self._salt + source_key(host)) & self._mask
         now = self._clock.seconds()
         tokens = self._tokens[index]
@@ -538,10 +566,41 @@ class RateLimiter:
         if elapsed > 0:
             tokens = min(self.burst, tokens + elapsed * self.rate)
         self._stamps[index] = now
-        if tokens < 1:
+        if tokens < cost:
             self._tokens[index] = tokens
             return False
-        self._tokens[index] = tokens - 1
+        self._tokens[index] = tokens - cost
+        return True
+
+
+class TokenBucket:
+    """
+    One token bucket: C{rate} tokens a second of C{clock}, at most C{burst}
+    held (default: one second's worth).  The responder's global limit, on
+    top of the per-source L{RateLimiter}.
+    """
+
+    def __init__(self, rate: float, clock: IReactorTime, burst: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = max(1.0, rate if burst is None else burst)
+        self._clock = clock
+        self._tokens = self.burst
+        self._stamp = clock.seconds()
+
+    def allow(self) -> bool:
+        """Take one token; False when there is none."""
+        now = self._clock.seconds()
+        tokens = self._tokens
+        elapsed = now - self._stamp
+        if elapsed > 0:
+            tokens = min(self.burst, tokens + elapsed * self.rate)
+            self._stamp = now
+        if tokens < 1:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1
         return True
 
 
@@ -562,8 +621,10 @@ class Counters:
     answered: int = 0
     #: Messages that were not well-formed STUN (and TCP framing errors).
     malformed: int = 0
-    #: Messages dropped because their source was over its rate limit.
+    #: Messages dropped because their source was over its rate limit, or all sources over the global one.
     rate_limited: int = 0
+    #: Of those, the ones dropped by the global limit (C{--stun-global-rate}).
+    rate_limited_global: int = 0
     #: Well-formed messages that call for no answer (indications, responses).
     ignored: int = 0
     #: Responses the socket would not send.
@@ -572,6 +633,10 @@ class Counters:
     tcp_refused: int = 0
     #: TCP connections aborted after C{idle_timeout} with no request answered.
     tcp_idle_closed: int = 0
+    #: Of those, the ones that never had a request answered (cut L{FIRST_REQUEST_TIMEOUT} after connecting).
+    tcp_silent_closed: int = 0
+    #: TCP connections aborted to make room for a newcomer at the global cap (the source held the most).
+    tcp_evicted: int = 0
     #: TCP connections open now (a gauge).
     tcp_connections: int = 0
     #: Requests on which the responder itself failed (a bug, logged with its traceback).
@@ -598,11 +663,25 @@ class STUNServer:
         *,
         counters: Counters | None = None,
         limiter: RateLimiter | None = None,
+        global_limiter: TokenBucket | None = None,
     ) -> None:
         self.responder = responder
         self.counters = counters if counters is not None else Counters()
         self.limiter = limiter
+        #: All sources together (None: no global limit).
+        self.global_limiter = global_limiter
         self.sockets: dict[Address, STUNDatagramProtocol] = {}
+
+    def admit(self, host: str) -> bool:
+        """Within both the per-source and the global rate?  Counts the refusals."""
+        if self.limiter is not None and not self.limiter.allow(host):
+            self.counters.rate_limited += 1
+            return False
+        if self.global_limiter is not None and not self.global_limiter.allow():
+            self.counters.rate_limited += 1
+            self.counters.rate_limited_global += 1
+            return False
+        return True
 
     def send(self, reply: Reply) -> bool:
         """Send C{reply} from the UDP socket of C{reply.origin}."""
@@ -660,6 +739,11 @@ class STUNDatagramProtocol(DatagramProtocol):
         if limiter is not None and not limiter.allow(addr[0]):
             counters.rate_limited += 1
             return
+        glob = server.global_limiter
+        if glob is not None and not glob.allow():
+            counters.rate_limited += 1
+            counters.rate_limited_global += 1
+            return
         responder = server.responder
         local = self.local
         if responder is None or local is None:
@@ -698,22 +782,32 @@ class STUNStreamProtocol(Protocol):
     connection, since the stream cannot be resynchronised; a well-framed but
     malformed message is counted and skipped.
 
-    A connection that has had no request answered for C{idle_timeout}
-    seconds is aborted (whatever responses are still unsent: a client that
-    does not read must not keep it open).  The protocol is its transport's
-    producer: when responses pile up unsent, it stops reading requests until
-    they drain.
+    A new connection that has had no request answered within
+    C{first_timeout} seconds, or a later one for C{idle_timeout} seconds, is
+    aborted (whatever responses are still unsent: a client that does not
+    read must not keep it open).  The protocol is its transport's producer:
+    when responses pile up unsent, it stops reading requests until they
+    drain.
     """
 
     log = Logger()
 
-    def __init__(self, server: STUNServer, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        server: STUNServer,
+        clock: IReactorTime,
+        idle_timeout: float,
+        first_timeout: float | None = None,
+    ) -> None:
         self.server = server
         self._clock = clock
         self._idle_timeout = idle_timeout
+        self._first_timeout = idle_timeout if first_timeout is None else min(first_timeout, idle_timeout)
         self._framer = StreamFramer(require_cookie=False, max_size=MAX_STREAM_MESSAGE)
         self._timer = None
         self._open = False
+        #: No request answered yet.
+        self._silent = True
         #: The L{source_key} this connection counts under (set by the factory).
         self.source: str | None = None
         self.local: Address | None = None
@@ -727,15 +821,27 @@ class STUNStreamProtocol(Protocol):
         host, peer = self.transport.getHost(), self.transport.getPeer()
         self.local, self.peer = (host.host, host.port), (peer.host, peer.port)
         self.transport.registerProducer(self, True)
-        self._timer = self._clock.callLater(self._idle_timeout, self._idle)
+        self._timer = self._clock.callLater(self._first_timeout, self._idle)
 
     def _idle(self) -> None:
         self._timer = None
         self.server.counters.tcp_idle_closed += 1
+        if self._silent:
+            self.server.counters.tcp_silent_closed += 1
         self.log.debug("aborting idle STUN/TCP connection from {peer}", peer=self.peer)
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: object = None) -> None:
+    def evict(self) -> None:
+        """
+        Make room for another connection: forget this one now (the slot is
+        free at once) and abort it (the transport reports the loss later).
+        """
+        self.server.counters.tcp_evicted += 1
+        self._forget()
+        self.log.debug("evicting STUN/TCP connection from {peer}", peer=self.peer)
+        self.transport.abortConnection()
+
+    def _forget(self) -> None:
         if self._open:
             self._open = False
             self.server.counters.tcp_connections -= 1
@@ -744,6 +850,9 @@ class STUNStreamProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def connectionLost(self, reason: object = None) -> None:
+        self._forget()
 
     # IPushProducer: the transport says when its write buffer is full.
 
@@ -759,6 +868,8 @@ class STUNStreamProtocol(Protocol):
         """The connection is going away; C{connectionLost} cleans up."""
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._open:
+            return  # evicted: its transport is going away
         try:
             for frame in self._framer.frames(data):
                 self._message(frame)
@@ -771,8 +882,7 @@ class STUNStreamProtocol(Protocol):
         counters = server.counters
         counters.received += 1
         assert self.peer is not None and self.local is not None
-        if server.limiter is not None and not server.limiter.allow(self.peer[0]):
-            counters.rate_limited += 1
+        if not server.admit(self.peer[0]):
             return
         if server.responder is None:
             counters.ignored += 1
@@ -793,6 +903,7 @@ class STUNStreamProtocol(Protocol):
         counters.answered += 1
         # Only an answered request is activity: junk, indications and
         # requests over the rate limit do not keep the connection open.
+        self._silent = False
         if self._timer is not None and self._timer.active():
             self._timer.reset(self._idle_timeout)
 
@@ -801,7 +912,13 @@ class STUNStreamFactory(Factory):
     """
     Makes a L{STUNStreamProtocol} per TCP connection, at most
     C{max_connections} at once and C{per_source} from one source
-    (L{source_key}: IPv6 by /64); past either, connections are refused.
+    (L{source_key}: IPv6 by /64).  Past the per-source cap a connection is
+    refused.  At the global cap a newcomer evicts the oldest connection of
+    the source that holds the most, as long as that source holds more than
+    the newcomer's source would with it; otherwise it is refused.  So
+    whoever fills the table loses its own slots first, and a source with
+    few connections always gets one.  (Refusing means C{buildProtocol}
+    returns None: Twisted closes the socket, no protocol is made.)
     """
 
     noisy = False
@@ -814,48 +931,75 @@ class STUNStreamFactory(Factory):
         idle_timeout: float = 30.0,
         max_connections: int = MAX_TCP_CONNECTIONS,
         per_source: int = DEFAULT_TCP_PER_SOURCE,
+        first_timeout: float = FIRST_REQUEST_TIMEOUT,
     ) -> None:
         self.server = server
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.first_timeout = first_timeout
         self.max_connections = max_connections
         self.per_source = per_source
         self.connections: set[STUNStreamProtocol] = set()
-        self._by_source: dict[str, int] = {}
+        #: Open connections by source key, oldest first.
+        self._by_source: dict[str, dict[STUNStreamProtocol, None]] = {}
+        #: Source keys by how many connections they hold (1 .. per_source), to find the biggest at once.
+        self._by_count: dict[int, dict[str, None]] = {}
 
     def open_from(self, host: str) -> int:
         """How many connections are open from C{host}'s source (L{source_key})."""
-        return self._by_source.get(source_key(host), 0)
+        return len(self._by_source.get(source_key(host), ()))
 
     def buildProtocol(self, addr: object) -> STUNStreamProtocol | None:
         """A protocol, or None (Twisted then closes the socket) when full."""
         host = getattr(addr, "host", "")
-        if len(self.connections) >= self.max_connections or self.open_from(host) >= self.per_source:
+        held = self.open_from(host)
+        if held >= self.per_source or (len(self.connections) >= self.max_connections and not self._evict_for(held)):
             self.server.counters.tcp_refused += 1
             self.log.debug("refusing STUN/TCP connection from {host}: full", host=host)
             return None
-        proto = STUNStreamProtocol(self.server, self.clock, self.idle_timeout)
+        proto = STUNStreamProtocol(self.server, self.clock, self.idle_timeout, self.first_timeout)
         proto.factory = self
         return proto
+
+    def _evict_for(self, held: int) -> bool:
+        """Evict the oldest connection of the biggest source if it holds more than C{held} + 1; done?"""
+        for count in range(max(self._by_count, default=0), held + 1, -1):
+            sources = self._by_count.get(count)
+            if sources:
+                victim = next(iter(self._by_source[next(iter(sources))]))
+                victim.evict()
+                return True
+        return False
+
+    def _recount(self, key: str, before: int, after: int) -> None:
+        if before:
+            sources = self._by_count[before]
+            del sources[key]
+            if not sources:
+                del self._by_count[before]
+        if after:
+            self._by_count.setdefault(after, {})[key] = None
 
     def track(self, proto: STUNStreamProtocol) -> None:
         """Count an open connection (called by the protocol)."""
         self.connections.add(proto)
         key = source_key(proto.transport.getPeer().host)
         proto.source = key
-        self._by_source[key] = self._by_source.get(key, 0) + 1
+        mine = self._by_source.setdefault(key, {})
+        mine[proto] = None
+        self._recount(key, len(mine) - 1, len(mine))
 
     def untrack(self, proto: STUNStreamProtocol) -> None:
         """Forget a closed connection (called by the protocol)."""
         self.connections.discard(proto)
         key = proto.source
-        if key is None:
+        mine = self._by_source.get(key) if key is not None else None
+        if mine is None or proto not in mine:
             return
-        left = self._by_source.get(key, 0) - 1
-        if left > 0:
-            self._by_source[key] = left
-        else:
-            self._by_source.pop(key, None)
+        del mine[proto]
+        self._recount(key, len(mine) + 1, len(mine))
+        if not mine:
+            del self._by_source[key]
 
 
 # ------------------------------------------------------------------- service
@@ -889,6 +1033,10 @@ class STUNService(Service):
         idle_timeout: float = 30.0,
         tcp_per_source: int = DEFAULT_TCP_PER_SOURCE,
         tcp_max: int | None = None,
+        global_rate: float = DEFAULT_GLOBAL_RATE,
+        global_burst: float | None = None,
+        first_timeout: float = FIRST_REQUEST_TIMEOUT,
+        udp_read_budget: int = UDP_READ_BUDGET,
     ) -> None:
         # Validate now (raises ValueError), with the ports as requested.
         ResponderConfig(primary, alternate, software)
@@ -900,10 +1048,13 @@ class STUNService(Service):
         self._stats_interval = stats_interval
         self._idle_timeout = idle_timeout
         self._tcp_per_source = tcp_per_source
+        self._first_timeout = first_timeout
+        self._udp_read_budget = udp_read_budget
         #: The global cap on STUN/TCP connections (default: L{tcp_connection_limit}).
         self.tcp_max = tcp_max if tcp_max is not None else tcp_connection_limit(descriptor_limit())
         limiter = RateLimiter(rate, reactor, max(1, burst)) if rate > 0 else None
-        self.server = STUNServer(limiter=limiter)
+        glob = TokenBucket(global_rate, reactor, global_burst) if global_rate > 0 else None
+        self.server = STUNServer(limiter=limiter, global_limiter=glob)
         self.config: ResponderConfig | None = None
         self._ports: list = []
         self._stats: LoopingCall | None = None
@@ -963,12 +1114,21 @@ class STUNService(Service):
                 "included, so the responder can be used to reflect traffic at others",
                 rate=0,
             )
+        glob = self.server.global_limiter
+        if glob is not None:
+            self.log.info(
+                "STUN global rate limit: {global_rate} requests per second from all sources, bursts of {global_burst}",
+                global_rate=glob.rate,
+                global_burst=glob.burst,
+            )
         if self._tcp:
             self.log.info(
-                "STUN/TCP: at most {tcp_max} connections, {per_source} per source IP (IPv6: per /64), "
-                "aborted after {idle_timeout} s with no request answered",
+                "STUN/TCP: at most {tcp_max} connections (then the source holding most loses its oldest), "
+                "{per_source} per source IP (IPv6: per /64), aborted {first_timeout} s after connecting with no "
+                "request answered, {idle_timeout} s after the last answer",
                 tcp_max=self.tcp_max,
                 per_source=self._tcp_per_source,
+                first_timeout=self._first_timeout,
                 idle_timeout=self._idle_timeout,
             )
         if self._stats_interval > 0:
@@ -984,6 +1144,8 @@ class STUNService(Service):
             listening = self._reactor.listenUDP(
                 port, STUNDatagramProtocol(self.server), interface=host, maxPacketSize=65535
             )
+            # Bounded work per reactor turn (udp.Port reads up to maxThroughput bytes per turn).
+            listening.maxThroughput = self._udp_read_budget
             self._ports.append(listening)
             return listening.getHost().port
 
@@ -999,7 +1161,7 @@ class STUNService(Service):
         config = ResponderConfig((host, port), alternate, self._software)
         if self._tcp:
             factory = STUNStreamFactory(
-                self.server, self._reactor, self._idle_timeout, self.tcp_max, self._tcp_per_source
+                self.server, self._reactor, self._idle_timeout, self.tcp_max, self._tcp_per_source, self._first_timeout
             )
             for tcp_host, tcp_port in config.addresses():
                 self._ports.append(self._reactor.listenTCP(tcp_port, factory, interface=tcp_host))
@@ -1013,8 +1175,9 @@ class STUNService(Service):
         """Log the counters (also done every C{stats_interval} seconds)."""
         self.log.info(
             "STUN counters: {received} received, {answered} answered, {malformed} malformed, "
-            "{rate_limited} rate-limited, {ignored} ignored, {send_failed} send failures, "
-            "{tcp_refused} TCP connections refused, {tcp_idle_closed} aborted idle, "
+            "{rate_limited} rate-limited ({rate_limited_global} by the global limit), {ignored} ignored, "
+            "{send_failed} send failures, {tcp_refused} TCP connections refused, {tcp_idle_closed} aborted idle "
+            "({tcp_silent_closed} silent from the start), {tcp_evicted} evicted, "
             "{tcp_connections} open, {errors} responder errors",
             **self.counters.snapshot(),
         )

@@ -1,0 +1,148 @@
+"""
+Streams between two real peers on loopback (a real mediator, real UDP and
+TCP paths, QUIC and TLS): services, refusal, many concurrent streams with
+their bytes intact, backpressure, and streams ending with the connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory
+from zope.interface.verify import verifyObject
+
+from natbypass.interfaces import IPeer
+from natbypass.streams import PeerAddress, StreamRefused, StreamTransport
+from natbypass.testing.loopback import LoopbackMediator
+from natbypass.testing.streams import Collect, Echo
+
+
+def _sink(into: dict[int, Collect]) -> Factory:
+    class Sink(Factory):
+        def buildProtocol(self, addr: PeerAddress) -> Collect:
+            proto = Collect()
+            into[addr.stream_id] = proto
+            return proto
+
+    return Sink()
+
+
+class StreamsLoopbackMixin:
+    protocol = "udp"
+
+    @defer.inlineCallbacks
+    def pair(self: Any) -> Any:
+        bob = yield self.peer("bob", self.protocol)
+        bob.serve("echo", Factory.forProtocol(Echo))
+        alice = yield self.peer("alice", self.protocol)
+        return alice, bob
+
+    @defer.inlineCallbacks
+    def test_echo_stream(self: Any) -> Any:
+        """A stream to a served service echoes and ends cleanly; its addresses name peers, service and path."""
+        alice, bob = yield self.pair()
+        self.assertTrue(verifyObject(IPeer, alice))
+        proto = yield alice.openStream("bob", "echo", Factory.forProtocol(Collect)).addTimeout(10, reactor)
+        self.assertIsInstance(proto.transport, StreamTransport)
+        peer, host = proto.transport.getPeer(), proto.transport.getHost()
+        self.assertEqual((peer.peer_id, peer.service, peer.path), ("bob", "echo", self.protocol))
+        self.assertEqual(peer.fingerprint, bob.fingerprint)
+        self.assertEqual((host.peer_id, host.fingerprint), ("alice", alice.fingerprint))
+        payload = os.urandom(300_000)
+        proto.transport.write(payload)
+        proto.transport.loseWriteConnection()
+        for _ in range(200):
+            if proto.lost is not None:
+                break
+            yield deferLater(0.05)
+        self.assertEqual(hashlib.sha256(proto.data).hexdigest(), hashlib.sha256(payload).hexdigest())
+        self.assertTrue(proto.eof)
+        self.assertEqual(alice.connectionTo("bob").protocol, self.protocol)
+
+    @defer.inlineCallbacks
+    def test_refused_service(self: Any) -> Any:
+        """A service nobody serves is refused with the peer's reason; the connection stays usable."""
+        alice, bob = yield self.pair()
+        d = alice.openStream("bob", "nothing-here", Factory.forProtocol(Collect))
+        failure = yield self.assertFailure(d.addTimeout(10, reactor), StreamRefused)
+        self.assertIn("no service 'nothing-here'", str(failure))
+        proto = yield alice.openStream("bob", "echo", Factory.forProtocol(Collect)).addTimeout(10, reactor)
+        proto.transport.write(b"still fine")
+        yield waitFor(lambda: proto.data == b"still fine")
+
+    @defer.inlineCallbacks
+    def test_concurrent_streams_share_one_connection(self: Any) -> Any:
+        """Twenty streams at once, each 200 kB, each echoed intact, over one connection."""
+        alice, bob = yield self.pair()
+        protos = yield defer.gatherResults(
+            [alice.openStream("bob", "echo", Factory.forProtocol(Collect)) for _ in range(20)]
+        ).addTimeout(20, reactor)
+        self.assertEqual(len(alice._connections), 1)
+        payloads = [os.urandom(200_000) for _ in protos]
+        for proto, payload in zip(protos, payloads):
+            proto.transport.write(payload)
+            proto.transport.loseWriteConnection()
+        yield waitFor(lambda: all(p.lost is not None for p in protos), 60)
+        for proto, payload in zip(protos, payloads):
+            self.assertEqual(hashlib.sha256(proto.data).digest(), hashlib.sha256(payload).digest())
+
+    @defer.inlineCallbacks
+    def test_paused_reader_stalls_only_its_stream(self: Any) -> Any:
+        """
+        A receiver that pauses stops its sender at the window (bounded
+        memory), while another stream on the same connection flows.
+        """
+        alice, bob = yield self.pair()
+        sinks: dict[int, Collect] = {}
+        bob.serve("sink", _sink(sinks))
+        slow = yield alice.openStream("bob", "sink", Factory.forProtocol(Collect))
+        yield waitFor(lambda: len(sinks) == 1)
+        (slow_sink,) = sinks.values()
+        slow_sink.transport.pauseProducing()
+        slow.transport.write(b"s" * 8_000_000)
+        fast = yield alice.openStream("bob", "echo", Factory.forProtocol(Collect))
+        fast.transport.write(b"f" * 100_000)
+        yield waitFor(lambda: len(fast.data) == 100_000, 20)
+        yield deferLater(0.3)
+        # The paused stream holds at most its window at bob, the rest waits at alice.
+        self.assertLessEqual(len(slow_sink.data), 0)
+        self.assertLessEqual(len(slow_sink.transport._rx), 1 << 20)
+        slow_sink.transport.resumeProducing()
+        yield waitFor(lambda: len(slow_sink.data) == 8_000_000, 60)
+
+    @defer.inlineCallbacks
+    def test_streams_end_when_the_connection_dies(self: Any) -> Any:
+        """Closing the connection ends its streams with ConnectionLost naming the path."""
+        alice, bob = yield self.pair()
+        proto = yield alice.openStream("bob", "echo", Factory.forProtocol(Collect))
+        alice.connectionTo("bob").close()
+        yield waitFor(lambda: proto.lost is not None)
+        proto.lost.trap(ConnectionLost)
+        self.assertIn("bob", proto.lost.getErrorMessage())
+
+
+def deferLater(seconds: float) -> defer.Deferred:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def waitFor(condition: Any, timeout: float = 10.0) -> Any:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        yield deferLater(0.02)
+    raise AssertionError("timed out waiting for a condition")
+
+
+class UDPStreamsTests(StreamsLoopbackMixin, LoopbackMediator):
+    protocol = "udp"
+
+
+class TCPStreamsTests(StreamsLoopbackMixin, LoopbackMediator):
+    protocol = "tcp"
