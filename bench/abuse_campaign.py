@@ -105,10 +105,13 @@ def victim_main(argv: list[str]) -> None:
         # register on a fresh connection
         conn = None
         try:
+            t_conn = time.perf_counter()
             conn = rc.LineConn(host, a.signal, VICTIM, timeout=5)
             reg, reply = rc.register(conn, ident, "victim-reg", timeout=5)
             if reply.get("op") == "registered":
                 s["register_ms"] = reg * 1000
+                # TCP connect until the greeting: the wait in the accept queue, which `register` leaves out.
+                s["greeting_ms"] = (time.perf_counter() - t_conn - reg) * 1000
             else:
                 s["register_err"] = f"{reply.get('code')} {reply.get('error')}"
         except (OSError, ValueError, TimeoutError, ConnectionError) as e:
@@ -173,7 +176,7 @@ def victim_main(argv: list[str]) -> None:
 
 def summarise(samples: list[dict]) -> dict:
     out: dict = {"samples": len(samples)}
-    for key in ("register", "offer", "stun", "stun_tcp"):
+    for key in ("register", "offer", "stun", "stun_tcp", "greeting"):
         xs = [s[key + "_ms"] for s in samples if key + "_ms" in s]
         errs = [str(s[key + "_err"]) for s in samples if key + "_err" in s]
         out[key] = {
@@ -371,6 +374,37 @@ def attack_stunflood(a, host, stop, stats, ident) -> None:
 # ------------------------------------------------------------------------------------------- orchestration
 
 
+def syn_meter_rules(table: str, ports: list[int], rate: int, burst: int) -> str:
+    """
+    The operator's SYN rate limit of docs/reliability.md (finding 2), for the
+    campaign: new TCP connections to PORTS on loopback over RATE/s (bursts of
+    BURST) per source address are dropped in the kernel, before the accept
+    queue.  Its own table, deleted after the run.
+    """
+    rules = "".join(
+        f"    iifname lo tcp dport {port} tcp flags & (fin|syn|rst|ack) == syn "
+        f"meter {table}_{port} {{ ip saddr timeout 60s limit rate over {rate}/second burst {burst} packets }} drop\n"
+        for port in ports
+    )
+    return f"table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n{rules}  }}\n}}\n"
+
+
+@contextlib.contextmanager
+def syn_meter(ports: list[int], spec: str | None):
+    """Install the SYN meter (RATE/BURST) for the run, or nothing when SPEC is None; always removed."""
+    if not spec:
+        yield None
+        return
+    rate, _, burst = spec.partition("/")
+    table = f"natbypass_abuse_{os.getpid()}"
+    text = syn_meter_rules(table, ports, int(rate), int(burst or rate))
+    subprocess.run(["nft", "-f", "-"], input=text, text=True, check=True)
+    try:
+        yield text
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=30)
@@ -382,6 +416,26 @@ def main() -> None:
         default=10,
         help="the attacker runs flat out but at this niceness, so that on a 2-CPU machine the measuring "
         "client is not queued behind it (a real attacker is on another machine)",
+    )
+    p.add_argument(
+        "--syn-meter",
+        metavar="RATE/BURST",
+        help="root: drop new TCP connections to the mediator's signalling and STUN ports over RATE/s per source "
+        "(bursts of BURST) in the kernel, with an nftables meter (the operator rule of docs/reliability.md), "
+        "for the whole run; the rule is removed at the end",
+    )
+    p.add_argument(
+        "--backlog",
+        type=int,
+        default=4096,
+        help="listen backlog of the signalling endpoint (0: Twisted's default, 50); the campaigns use 4096 so "
+        "that thousands of peers can connect at once (docs/reliability.md section 4)",
+    )
+    p.add_argument(
+        "--mediator-args",
+        default="",
+        help="extra options for the mediator, one string (e.g. '--stun-global-rate 0'): every limit is at its "
+        "default otherwise",
     )
     p.add_argument("--json")
     p.add_argument("--keep", action="store_true")
@@ -406,9 +460,11 @@ def main() -> None:
             rss.append((round(time.time() - t_begin, 1), rc.rss_kib(med.pid)))
             time.sleep(1)
 
+    meter = contextlib.ExitStack()
     try:
-        med = rc.Mediator(tmp, ["--offer-timeout", "10"], alternate=False)
+        med = rc.Mediator(tmp, ["--offer-timeout", "10", *a.mediator_args.split()], alternate=False, backlog=a.backlog)
         result["mediator_cmd"] = " ".join(med.cmd)
+        result["syn_meter"] = meter.enter_context(syn_meter([med.signal_port, med.stun_port], a.syn_meter))
         for phase in ["idle", *a.attacks.split(",")]:
             out = os.path.join(tmp, f"victim-{phase}.json")
             victim = subprocess.Popen(
@@ -499,6 +555,7 @@ def main() -> None:
             if k.startswith("natbypass_mediator_") and "_total" not in k and "{" not in k
         }
     finally:
+        meter.close()
         for proc in (attacker, victim):
             if proc is not None and proc.poll() is None:
                 proc.kill()
@@ -519,9 +576,9 @@ def main() -> None:
     print(f"\nmachine: {result['machine']}")
     print(
         "| phase | register p50/p99 ms (fail) | offer p50/p99 ms (fail) | STUN UDP p50/p99 (fail) | STUN TCP p50/p99 (fail) "
-        "| p99 / idle (reg, offer, udp, tcp) | RSS start -> end MiB |"
+        "| connect-to-greeting p50/p99 | p99 / idle (reg, offer, udp, tcp) | RSS start -> end MiB |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for phase, ph in result["phases"].items():
         v = ph["victim"]
         cells, ratios = [], []
@@ -532,6 +589,8 @@ def main() -> None:
             )
             base = idle.get(key, {}).get("p99_ms")
             ratios.append(f"{x.get('p99_ms', float('nan')) / base:.1f}" if base else "-")
+        g = v.get("greeting", {})
+        cells.append(f"{g.get('p50_ms')} / {g.get('p99_ms')}")
         print(
             f"| {phase} | " + " | ".join(cells) + f" | {', '.join(ratios)} | "
             f"{ph['rss_kib_start'] / 1024:.1f} -> {ph['rss_kib_end'] / 1024:.1f} |"

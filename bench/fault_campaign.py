@@ -13,9 +13,12 @@ listen as b, lb, mb.  Every `natbypass connect` runs with a hard limit
 
 1. baseline: a -> b over udp and tcp.
 2. mediator SIGKILLed mid-offer: `connect a -> b` started, the mediator
-   killed K ms after the command started (a sweep of K), then restarted; the
+   killed K ms after the command started (a sweep of K), then restarted once
+   the command has ended (--restart-during: at once, while it runs); the
    connect's events and exit, the time until b has registered again, and a
    connect after it.
+2b. mediator SIGKILLed at the instant it relays the offer to b (its debug
+   log line, polled every 2 ms), --relay-rounds times, then restarted.
 3. peer killed mid-punch: `connect a -> b` started, b's natbypass-peer
    SIGKILLed K ms later (a sweep), then restarted.
 4. loss: --loss-rounds connects la -> lb and ma -> mb, udp and tcp
@@ -23,7 +26,12 @@ listen as b, lb, mb.  Every `natbypass connect` runs with a hard limit
    links: about 19% and 36% end to end).
 5. NAT mappings flushed: `connect a -> b --count 30 --interval 0.5`, and
    two seconds after `connected`, `conntrack -F` in a's and b's NAT
-   namespaces; over udp and over tcp: the echoes that came back, the exit.
+   namespaces; over udp and over tcp: the echoes that came back, the exit,
+   and when b (whose signalling connection died with the mapping) was
+   registered again.
+5b. b's signalling path silently dead (nftables drops everything to and
+   from the signalling port in b's host) for --blackhole-s: when b notices
+   and reconnects, and when it is registered again once the path is back.
 6. stale state: the mediator's status line (pending offers, open sessions)
    read until both are 0 (sessions are forgotten after both reports or 2 min).
 """
@@ -47,7 +55,7 @@ import relcommon as rc  # noqa: E402
 
 from natbypass.lab import netns  # noqa: E402
 from natbypass.lab.lab import Lab  # noqa: E402
-from natbypass.lab.traversal import Scenario, _wait_for  # noqa: E402
+from natbypass.lab.traversal import SIGNAL_PORT, Scenario, _wait_for  # noqa: E402
 
 STATUS = re.compile(r"signalling status: (\d+) peers, .*?(\d+) connections, (\d+) pending offers, (\d+) open sessions")
 
@@ -161,7 +169,15 @@ def main() -> int:
     p.add_argument("--kill-offsets", default="0.5,0.7,0.9,1.1,1.4", help="seconds after `connect` started")
     p.add_argument("--connect-limit", type=float, default=60)
     p.add_argument("--drain-limit", type=float, default=150)
-    p.add_argument("--only", default="baseline,mediator_kill,peer_kill,loss,conntrack,drain")
+    p.add_argument(
+        "--restart-during",
+        action="store_true",
+        help="mediator_kill: restart the mediator right after the kill, while the command runs (by default it is "
+        "restarted once the command has ended, so the command sees no mediator at all)",
+    )
+    p.add_argument("--relay-rounds", type=int, default=3)
+    p.add_argument("--blackhole-s", type=float, default=60, help="how long b's signalling path drops everything")
+    p.add_argument("--only", default="baseline,mediator_kill,relay_kill,peer_kill,loss,conntrack,blackhole,drain")
     p.add_argument("--json")
     a = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop what we started
@@ -180,7 +196,9 @@ def main() -> int:
         with Lab.start(spec(a.delay)) as lab:
             sc = Scenario(lab)
             sc.start_mediator("--status-interval", "1")
-            for peer_id in ("b", "lb", "mb"):
+            # The lossy sites' peers only when the loss phase runs (their discovery is slow over 20% loss).
+            listeners = ("b", "lb", "mb") if "loss" in only else ("b",)
+            for peer_id in listeners:
                 sc.start_peer(peer_id, peer_id)
             run = Runner(sc, a.connect_limit)
             if "baseline" in only:
@@ -195,12 +213,15 @@ def main() -> int:
                     sc.mediator.kill()  # SIGKILL: no shutting-down notice
                     sc.mediator.wait(10)
                     killed_at = time.monotonic() - t0
+                    if a.restart_during:  # back while the command still runs (else only once it has ended)
+                        sc.start_mediator("--status-interval", "1")
                     r = run.finish(proc, t0)
                     r["killed_at_s"] = round(killed_at, 2)
                     t1 = time.monotonic()
-                    sc.start_mediator("--status-interval", "1")
+                    if not a.restart_during:
+                        sc.start_mediator("--status-interval", "1")
                     try:
-                        sc.wait_registered("b", "lb", "mb", timeout=60)
+                        sc.wait_registered(*listeners, timeout=60)
                         r["peers_reregistered_s"] = round(time.monotonic() - t1, 2)
                     except TimeoutError as e:
                         r["peers_reregistered_s"] = f"not within 60 s: {e}"
@@ -208,6 +229,39 @@ def main() -> int:
                     rows.append(r)
                     show("mediator_kill", r)
                 res["mediator_kill"] = rows
+
+            if "relay_kill" in only:
+                # The mediator SIGKILLed at the instant it relays the offer to b (its debug line "offer X from a
+                # to b", polled every 2 ms): the moment between offer and session that the sweep above misses.
+                rows = []
+                for _ in range(a.relay_rounds):
+                    offset = rc_size(sc.mediator_log)
+                    proc, t0 = run.spawn_connect("a", "b", "udp")
+                    seen = None
+                    while time.monotonic() - t0 < 15:
+                        with open(sc.mediator_log, errors="replace") as f:
+                            f.seek(offset)
+                            if re.search(r"offer \S+ from a to b", f.read()):
+                                seen = time.monotonic() - t0
+                                break
+                        time.sleep(0.002)
+                    sc.mediator.kill()
+                    sc.mediator.wait(10)
+                    killed_at = time.monotonic() - t0
+                    r = run.finish(proc, t0)
+                    r["relay_seen_at_s"] = seen and round(seen, 3)
+                    r["killed_at_s"] = round(killed_at, 3)
+                    t1 = time.monotonic()
+                    sc.start_mediator("--status-interval", "1")
+                    try:
+                        sc.wait_registered(*listeners, timeout=60)
+                        r["peers_reregistered_s"] = round(time.monotonic() - t1, 2)
+                    except TimeoutError as e:
+                        r["peers_reregistered_s"] = f"not within 60 s: {e}"
+                    r["connect_after"] = run.connect("a", "b", "udp")
+                    rows.append(r)
+                    show("relay_kill", r)
+                res["relay_kill"] = rows
 
             if "peer_kill" in only:
                 rows = []
@@ -251,6 +305,7 @@ def main() -> int:
             if "conntrack" in only:
                 rows = []
                 for proto in ("udp", "tcp"):
+                    med_offset = rc_size(sc.mediator_log)
                     proc, t0 = run.spawn_connect("a", "b", proto, count=30, interval=0.5)
                     connected_at = None
                     deadline = time.monotonic() + 30
@@ -276,9 +331,49 @@ def main() -> int:
                     r["flush"] = flushed
                     r["protocol"] = proto
                     r["first_line"] = line.strip()[:300]
+                    if flushed is not None:
+                        # b's signalling connection died with its NAT mapping too (finding 4): when is b
+                        # registered again (its own liveness check), from the flush?
+                        try:
+                            _wait_for(sc.mediator_log, "peer b re", 90, None, med_offset)  # registered or replaced
+                            r["b_reregistered_after_flush_s"] = round(time.monotonic() - t0 - flushed["at_s"], 1)
+                        except TimeoutError:
+                            r["b_reregistered_after_flush_s"] = "not within 90 s"
                     rows.append(r)
                     show("conntrack", r)
                 res["conntrack"] = rows
+
+            if "blackhole" in only:
+                # Finding 4: b's signalling connection goes dead without a word (a NAT or firewall on the way
+                # drops everything: no FIN, no RST), for --blackhole-s seconds.  When does b notice, and when is it
+                # registered again once the path is back?
+                rules = (
+                    "table inet nb_blackhole {\n"
+                    f"  chain out {{ type filter hook output priority -10; tcp dport {SIGNAL_PORT} drop; }}\n"
+                    f"  chain in {{ type filter hook input priority -10; tcp sport {SIGNAL_PORT} drop; }}\n"
+                    "}\n"
+                )
+                b_log = os.path.join(sc.workdir, "peer-b.log")
+                b_off, med_off = rc_size(b_log), rc_size(sc.mediator_log)
+                lab.exec("b", ["nft", "-f", "-"], input=rules, check=True)
+                t0 = time.monotonic()
+                row: dict = {"blackhole_s": a.blackhole_s}
+                try:
+                    _wait_for(b_log, "signalling connection lost", a.blackhole_s, None, b_off)
+                    row["b_noticed_s"] = round(time.monotonic() - t0, 1)
+                except TimeoutError:
+                    row["b_noticed_s"] = f"not within {a.blackhole_s:g} s"
+                time.sleep(max(0.0, a.blackhole_s - (time.monotonic() - t0)))
+                lab.exec("b", ["nft", "delete", "table", "inet", "nb_blackhole"], check=True)
+                t1 = time.monotonic()
+                try:
+                    _wait_for(sc.mediator_log, "peer b re", 120, None, med_off)  # registered or replaced its session
+                    row["b_reregistered_after_lift_s"] = round(time.monotonic() - t1, 1)
+                except TimeoutError:
+                    row["b_reregistered_after_lift_s"] = "not within 120 s"
+                row["connect_after"] = run.connect("a", "b", "udp")
+                res["blackhole"] = row
+                show("blackhole", row)
 
             if "drain" in only:
                 t1 = time.monotonic()
@@ -292,7 +387,7 @@ def main() -> int:
                 res["drain"] = {"seconds": round(time.monotonic() - t1, 1), "last": series[-1], "series": series[::3]}
                 show("drain", res["drain"])
             problems = rc.log_problems(sc.mediator_log)
-            for peer_id in ("b", "lb", "mb"):
+            for peer_id in listeners:
                 problems += rc.log_problems(os.path.join(sc.workdir, f"peer-{peer_id}.log"))
             res["problem_lines"] = problems[:30]
             res["workdir"] = sc.workdir

@@ -180,6 +180,7 @@ class Mediator(Proc):
         alternate: bool = True,
         tag: str = "mediator",
         gc_stats: str | None = None,
+        backlog: int = 4096,
     ) -> None:
         hosts = ("127.0.0.1", "127.0.0.2") if alternate else ("127.0.0.1",)
         base = pick_ports(hosts, 4)
@@ -190,7 +191,7 @@ class Mediator(Proc):
             "--stun",
             f"127.0.0.1:{base}",
             "--signal",
-            f"tcp:{self.signal_port}:interface=127.0.0.1:backlog=4096",
+            f"tcp:{self.signal_port}:interface=127.0.0.1" + (f":backlog={backlog}" if backlog else ""),
             "--metrics",
             f"tcp:{self.metrics_port}:interface=127.0.0.1",
             "--status-interval",

@@ -295,7 +295,7 @@ class Peer(MultiService):
         #: Connections other peers opened to us, approved before anything was punched.
         self._approved: set[IPeerConnection] = set()
         #: C{openStream} connects under way, shared by concurrent callers.
-        self._stream_connects: dict[tuple[str, str | None], Deferred[IPeerConnection]] = {}
+        self._stream_connects: dict[tuple[str, str | None], list[Deferred[IPeerConnection]]] = {}
         #: Stream services by name (L{serve}).
         self._services: dict[str, Any] = {}
         #: Traversals under way (ours and those peers started), cancelled at stop.
@@ -386,6 +386,8 @@ class Peer(MultiService):
             traversal.cancel()
         for answering in list(self._answering):
             answering.cancel()
+        for port in list(self._services.values()):
+            port.stopListening()
         for conn in list(self._connections):
             conn.close()
         for peer in list(self._answers):
@@ -667,12 +669,23 @@ class Peer(MultiService):
         conn = self._by_peer.get(peer_id)
         if conn is None or (pin is not None and conn.peer_fingerprint != pin):
             key = (peer_id, None if pin is None else str(pin))
-            connecting = self._stream_connects.get(key)
-            if connecting is None:
-                connecting = self.connect(peer_id, protocol, pin)
-                self._stream_connects[key] = connecting
-                connecting.addBoth(lambda result: (self._stream_connects.pop(key, None), result)[1])
-            conn = await _follow(connecting)
+            # Every caller waits on a Deferred of its own; the shared connect's
+            # result is handed to them all and consumed (never left unhandled).
+            waiter: Deferred[IPeerConnection] = Deferred()
+            waiters = self._stream_connects.get(key)
+            if waiters is not None:
+                waiters.append(waiter)
+            else:
+                waiters = self._stream_connects[key] = [waiter]
+
+                def done(result: Any, key: tuple[str, str | None] = key, waiters: list = waiters) -> None:
+                    self._stream_connects.pop(key, None)
+                    for each in waiters:
+                        if not each.called:  # a caller may have cancelled its own wait
+                            (each.errback if isinstance(result, Failure) else each.callback)(result)
+
+                self.connect(peer_id, protocol, pin).addBoth(done)
+            conn = await waiter
         return await conn.openStream(service, factory)
 
     def streamRequested(self, connection: IPeerConnection, address: Any) -> Any:

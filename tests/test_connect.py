@@ -16,6 +16,7 @@ from natbypass.identity import Fingerprint, Identity
 from natbypass.punch.candidates import PortRange
 from natbypass.punch.race import AllAttemptsFailed, AttemptRecord, Outcome
 from natbypass.signaling.client import UnknownPeer
+from natbypass.streams import StreamRefused
 from natbypass.trust import FingerprintMismatch, KnownPeers
 
 ALICE, BOB = Identity.generate(), Identity.generate()
@@ -55,8 +56,26 @@ class UsageTests(SynchronousTestCase):
 # -------------------------------------------------------------- the run
 
 
+class EchoingStream:
+    """A stream transport that echoes what is written at once (or raises C{send_error}, or swallows it)."""
+
+    def __init__(self, connection: "EchoingConnection") -> None:
+        self.connection = connection
+        self.protocol = None
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if self.connection.send_error is not None:
+            raise self.connection.send_error
+        if self.connection.echo:
+            self.protocol.dataReceived(data)
+
+    def loseConnection(self) -> None:
+        self.closed = True
+
+
 class EchoingConnection:
-    """A path that echoes what is sent at once (or raises C{send_error}, or swallows it)."""
+    """A path whose streams to C{echo} echo (or refuse with C{refuse}); records the services opened."""
 
     protocol = "udp"
     session_id = "s-1"
@@ -67,20 +86,30 @@ class EchoingConnection:
     cipher = "QUICv1 TLS_AES_128_GCM_SHA256"
     handshake_ms = 101.26
 
-    def __init__(self, local: object, remote: object, send_error: Exception | None = None, echo: bool = True) -> None:
+    def __init__(
+        self,
+        local: object,
+        remote: object,
+        send_error: Exception | None = None,
+        echo: bool = True,
+        refuse: str | None = None,
+    ) -> None:
         self.local_address, self.remote_address = local, remote
-        self.send_error, self.echo = send_error, echo
-        self.receiver = None
+        self.send_error, self.echo, self.refuse = send_error, echo, refuse
+        self.services: list[str] = []
+        self.streams: list[EchoingStream] = []
         self.closed = False
 
-    def setReceiver(self, receiver) -> None:
-        self.receiver = receiver
-
-    def send(self, data: bytes) -> None:
-        if self.send_error is not None:
-            raise self.send_error
-        if self.echo:
-            self.receiver.dataReceived(data)
+    def openStream(self, service: str, factory) -> defer.Deferred:
+        self.services.append(service)
+        if self.refuse is not None:
+            return defer.fail(StreamRefused(self.refuse))
+        transport = EchoingStream(self)
+        proto = factory.buildProtocol(None)
+        transport.protocol = proto
+        proto.makeConnection(transport)
+        self.streams.append(transport)
+        return defer.succeed(proto)
 
     def close(self) -> None:
         self.closed = True
@@ -148,6 +177,9 @@ class RunTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), connect.EXIT_OK)
         self.assertIn(": 10.0.0.1:40000 -> 198.51.100.2:50000 in 0 ms", out)
         self.assertIn("echo: 2/2 came back", out)
+        # one stream to the echo service carried them, closed at the end
+        self.assertEqual(conn.services, ["echo"])
+        self.assertTrue(conn.streams[0].closed)
         self.assertTrue(conn.closed)
         self.assertFalse(peer.running)
 
@@ -224,6 +256,25 @@ class RunTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.clock.advance(5)
         self.assertEqual(self.successResultOf(d), connect.EXIT_FAILED)
+
+    def test_refused_echo_stream_is_reported(self) -> None:
+        """A peer without the echo service: the path was made, but exit 1 and the echo event says why."""
+        conn = EchoingConnection(
+            IPv4Address("UDP", "10.0.0.1", 1), IPv4Address("UDP", "10.0.0.2", 2), refuse="bob has no service 'echo'"
+        )
+        d, out, peer = self.run_main(conn, "--count", "2", "--json")
+        self.assertEqual(self.successResultOf(d), connect.EXIT_FAILED)
+        events = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([e["event"] for e in events], ["connected", "echo"])
+        self.assertEqual((events[1]["sent"], events[1]["received"]), (2, 0))
+        self.assertIn("bob has no service 'echo'", events[1]["error"])
+        self.assertTrue(conn.closed)
+
+    def test_no_echo_stream_without_count(self) -> None:
+        conn = EchoingConnection(IPv4Address("UDP", "10.0.0.1", 1), IPv4Address("UDP", "10.0.0.2", 2))
+        d, out, peer = self.run_main(conn, "--count", "0")
+        self.assertEqual(self.successResultOf(d), connect.EXIT_OK)
+        self.assertEqual(conn.services, [])
 
     def test_bug_in_echo_is_not_a_lost_echo(self) -> None:
         """It used to end the echo loop (C{except Exception: break}) and print 0/1 came back."""

@@ -7,8 +7,11 @@ All in memory: fake channels, StringTransport and a Clock.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
@@ -321,6 +324,26 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertEqual(server.source_group("2001:db8:0:1:dead:beef:1:3"), "2001:db8:0:1::/64")
         self.assertEqual(server.source_group("::ffff:192.0.2.7"), "192.0.2.7")
         self.assertEqual(server.source_group("?"), "?")
+
+    @given(st.one_of(st.ip_addresses(v=4).map(str), st.text(alphabet="0123456789.", max_size=20), st.text()))
+    def test_source_group_of_ipv4_and_junk_is_itself(self, host) -> None:
+        """The IPv4 fast path (no parsing) agrees with the parser: a dotted quad parses only to itself."""
+        if ":" in host:
+            return
+        self.assertEqual(server.source_group(host), host)
+        try:
+            parsed = str(ipaddress.ip_address(host))
+        except ValueError:
+            return
+        self.assertEqual(parsed, host)
+
+    @given(st.ip_addresses(v=6))
+    def test_source_group_of_ipv6_is_its_64(self, addr) -> None:
+        group = server.source_group(str(addr))
+        if addr.ipv4_mapped is not None:
+            self.assertEqual(group, str(addr.ipv4_mapped))
+        else:
+            self.assertEqual(group, str(ipaddress.IPv6Network((addr, 64), strict=False)))
 
     def test_cap_below_descriptor_limit(self) -> None:
         obs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)

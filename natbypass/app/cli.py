@@ -15,6 +15,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("natbypass.app.detect", "detect the NAT's mapping and filtering behaviour"),
     "connect": ("natbypass.app.connect", "open a direct path to a peer and exchange echoes"),
+    "forward": ("natbypass.app.forward", "forward local TCP ports to what a peer exposes (like ssh -L)"),
+    "pipe": ("natbypass.app.pipe", "pipe stdin to a peer and its data to stdout (like nc)"),
     "id": ("natbypass.app.id", "print this peer's identity fingerprint (creating the key if needed)"),
     "lab": ("natbypass.lab.command", "build and use the NAT lab (network namespaces)"),
     "mediator": ("natbypass.app.run:mediator", "run the mediator (twistd natbypass-mediator) in the foreground"),

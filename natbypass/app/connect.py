@@ -1,5 +1,6 @@
 """
-C{natbypass connect}: open a direct path to a peer, exchange echoes, exit.
+C{natbypass connect}: open a direct path to a peer, exchange echoes over a
+stream to its C{echo} service, exit.
 
 Exit status 0 when the path was made and the echoes came back, 1 when no
 path could be made (or the echoes did not return), 2 on bad usage.  With
@@ -17,50 +18,39 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater, react
 from twisted.logger import Logger
 
 from natbypass.address import format_address, is_wildcard
-from natbypass.app.echo import EchoClient
+from natbypass.app.echo import ECHO_SERVICE, EchoStreamClient
 from natbypass.app.peer_options import (
     PEER_OPTIONS,
+    TARGET_OPTIONS,
     OptionSpec,
     add_arguments,
     check_peer_options,
+    check_target_options,
     make_peer,
     namespace_options,
 )
-from natbypass.identity import Fingerprint, FingerprintError, default_known_peers_path
 from natbypass.interfaces import IPeer
 from natbypass.net import route_source_address
 from natbypass.punch.candidates import CandidateError
 from natbypass.punch.race import AllAttemptsFailed
 from natbypass.signaling.client import SignalingError
-from natbypass.trust import KnownPeers, TrustFileError
+from natbypass.trust import TrustFileError
 
 log = Logger()
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-#: natbypass connect's own options, besides the shared ones.
-CONNECT_OPTIONS: tuple[OptionSpec, ...] = (
-    OptionSpec("peer", "the id of the peer to connect to", required=True),
+#: natbypass connect's own options, besides the shared ones (the peer's, L{TARGET_OPTIONS}, among them).
+CONNECT_OPTIONS: tuple[OptionSpec, ...] = TARGET_OPTIONS + (
     OptionSpec("count", "echo round trips after connecting", default=3, coerce=int),
     OptionSpec("interval", "seconds between echo round trips", default=0.0, coerce=float),
     OptionSpec("json", "print JSON events, one a line", flag=True),
-    OptionSpec("peer-fingerprint", "the key the peer must prove (pinned; see natbypass id)", metavar="FP",
-               coerce=lambda text: _fingerprint(text)),
-    OptionSpec("known-peers", "trust on first use: record a peer's key at first contact, refuse a different one "
-               "later (default: $XDG_CONFIG_HOME/natbypass/known_peers, else ~/.config/natbypass/known_peers)",
-               metavar="PATH"),
-)  # fmt: skip
-
-
-def _fingerprint(text: str) -> Fingerprint:
-    try:
-        return Fingerprint.parse(text)
-    except FingerprintError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+)
 
 
 class MediatorUnreachable(Exception):
@@ -126,7 +116,7 @@ async def _main(
 
     try:
         try:
-            await _registered(peer, options["mediator"], reactor)
+            await registered(peer, options["mediator"], reactor)
             conn = await peer.connect(target, fingerprint=options["peer-fingerprint"])
         except CONNECT_FAILURES as e:
             elapsed = round((reactor.seconds() - started) * 1000)
@@ -165,10 +155,18 @@ async def _main(
             f"connected to {target} over {conn.protocol}: {local_text} -> {remote_text} in {elapsed} ms\n"
             f"  {target} proved key {conn.peer_fingerprint}; {conn.cipher}, handshake {conn.handshake_ms:.0f} ms",
         )
-        echo = EchoClient(conn, reactor)
         count = options["count"]
         rtts: list[float] = []
-        for n in range(count):
+        error: str | None = None
+        echo: EchoStreamClient | None = None
+        if count:
+            try:
+                echo = await conn.openStream(ECHO_SERVICE, _EchoFactory(reactor)).addTimeout(
+                    max(2.0, options["timeout"]), reactor
+                )
+            except ECHO_FAILURES as e:
+                error = f"no echo stream: {e}"
+        for n in range(count if echo is not None else 0):
             try:
                 rtt = await echo.ping(n).addTimeout(max(2.0, options["timeout"]), reactor)
             except ECHO_FAILURES:
@@ -183,20 +181,33 @@ async def _main(
                 "median": round(statistics.median(rtts), 3),
                 "max": round(max(rtts), 3),
             }
+        if error is not None:
+            summary["error"] = error
         emit(
             summary,
             f"echo: {len(rtts)}/{count} came back"
-            + (
-                f", rtt min/median/max {min(rtts):.1f}/{statistics.median(rtts):.1f}/{max(rtts):.1f} ms" if rtts else ""
-            ),
+            + (f", rtt min/median/max {min(rtts):.1f}/{statistics.median(rtts):.1f}/{max(rtts):.1f} ms" if rtts else "")
+            + (f" ({error})" if error is not None else ""),
         )
+        if echo is not None and echo.transport is not None:
+            echo.transport.loseConnection()
         conn.close()
         return EXIT_OK if len(rtts) == count else EXIT_FAILED
     finally:
         await defer.maybeDeferred(peer.stopService)
 
 
-async def _registered(peer: IPeer, mediator: str, reactor: Any) -> None:
+class _EchoFactory(Factory):
+    """Makes the stream side of the echo round trips, timed on C{clock}."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> EchoStreamClient:
+        return EchoStreamClient(self.clock)
+
+
+async def registered(peer: IPeer, mediator: str, reactor: Any) -> None:
     """
     Wait until the peer is registered at the mediator, at most
     L{MEDIATOR_TIMEOUT}: the signalling client retries a mediator it cannot
@@ -223,11 +234,7 @@ def parse_options(argv: list[str]) -> dict[str, Any]:
         check_peer_options(options)
         if options["count"] < 0 or options["interval"] < 0:
             raise ValueError("--count and --interval must be 0 or more")
-        # A pinned key needs no record; otherwise trust on first use.
-        if options["peer-fingerprint"] is None:
-            options["known-peers"] = KnownPeers(options["known-peers"] or default_known_peers_path())
-        else:
-            options["known-peers"] = None
+        check_target_options(options)
     except (ValueError, TrustFileError) as e:
         print(f"natbypass connect: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -76,7 +76,9 @@ class Options(usage.Options):
          "Most STUN/TCP connections open at once per source IP, IPv6 per /64.", int],
         ["stun-tcp-max", None, None,
          "Most STUN/TCP connections open at once in all (default: 1000, or half the open-file "
-         "limit left after a reserve of 64 when that is less).", int],
+         "limit left after a reserve of 64 when that is less); at the cap a newcomer evicts the "
+         "oldest connection of the address holding the most. A connection must have a request "
+         "answered within 2 s of connecting, then within 30 s of the last answer.", int],
         ["software", None, DEFAULT_SOFTWARE,
          f"SOFTWARE attribute of STUN responses, for diagnostics (at most {MAX_SOFTWARE_BYTES} "
          "bytes of UTF-8, since it makes every response larger; empty: none)."],

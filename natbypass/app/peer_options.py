@@ -1,6 +1,8 @@
 """
 Options shared by everything that starts a peer: the C{natbypass-peer}
-twistd plugin (C{usage.Options}) and C{natbypass connect} (C{argparse}).
+twistd plugin (C{usage.Options}) and C{natbypass connect}, C{forward} and
+C{pipe} (C{argparse}; the options naming the peer to reach are
+L{TARGET_OPTIONS}).
 
 Each option is defined once, as an L{OptionSpec} in L{PEER_OPTIONS}; the two
 front ends build their parsers from the table (L{usage_parameters},
@@ -18,7 +20,13 @@ from typing import Any
 
 from natbypass.address import parse_host_port
 from natbypass.app.detect import DEFAULT_PORT
-from natbypass.identity import default_identity_path, load_or_create
+from natbypass.identity import (
+    Fingerprint,
+    FingerprintError,
+    default_identity_path,
+    default_known_peers_path,
+    load_or_create,
+)
 from natbypass.peer import Peer, PeerConfig, parse_wish
 from natbypass.punch.candidates import PortRange
 from natbypass.signaling.client import check_mediator_endpoint, client_endpoint
@@ -70,6 +78,35 @@ PEER_OPTIONS: tuple[OptionSpec, ...] = (
                "(default: $XDG_CONFIG_HOME/natbypass/identity.pem, else ~/.config/natbypass/identity.pem)",
                metavar="PATH"),
 )  # fmt: skip
+
+
+def _fingerprint(text: str) -> Fingerprint:
+    try:
+        return Fingerprint.parse(text)
+    except FingerprintError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+#: The options of every command that reaches one peer (connect, forward, pipe).
+TARGET_OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("peer", "the id of the peer to connect to", required=True),
+    OptionSpec("peer-fingerprint", "the key the peer must prove (pinned; see natbypass id)", metavar="FP",
+               coerce=_fingerprint),
+    OptionSpec("known-peers", "trust on first use: record a peer's key at first contact, refuse a different one "
+               "later (default: $XDG_CONFIG_HOME/natbypass/known_peers, else ~/.config/natbypass/known_peers)",
+               metavar="PATH"),
+)  # fmt: skip
+
+
+def check_target_options(options: dict[str, Any]) -> None:
+    """
+    Turn C{known-peers} into the L{KnownPeers} to trust on first use with,
+    or None when C{--peer-fingerprint} pins the key (a pin needs no record).
+    """
+    if options["peer-fingerprint"] is None:
+        options["known-peers"] = KnownPeers(options["known-peers"] or default_known_peers_path())
+    else:
+        options["known-peers"] = None
 
 
 def usage_parameters(specs: Iterable[OptionSpec]) -> tuple[list[list[Any]], list[list[Any]]]:

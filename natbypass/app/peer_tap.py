@@ -1,6 +1,8 @@
 """
 The C{natbypass-peer} twistd plugin: register with a mediator and accept
-direct connections, echoing what arrives so reachability can be tested.
+direct connections, serving the stream service C{echo} (and echoing
+datagrams) so reachability can be tested, and forwarding streams to the TCP
+targets it C{--expose}s (the serving side of C{natbypass forward}).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from typing import Any
 
 from twisted.python import usage
 
-from natbypass.app.echo import EchoHandler
+from natbypass.app.echo import ECHO_SERVICE, EchoHandler, echo_factory
+from natbypass.app.forward import parse_expose, serve_exposed
 from natbypass.app.peer_options import PEER_OPTIONS, OptionSpec, check_peer_options, make_peer, usage_parameters
 from natbypass.metrics import check_metrics_option, peer_metrics
 from natbypass.peer import Peer
@@ -47,6 +50,20 @@ class Options(usage.Options):
     optParameters = _PARAMETERS
     optFlags = _FLAGS
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["expose"] = []
+
+    def opt_expose(self, value: str) -> None:
+        """
+        forward streams to this TCP target, [NAME=]HOST:PORT (repeatable; needs --allow FILE or an explicit
+        --allow-any); natbypass forward -L PORT:HOST:PORT (or -L PORT:NAME) reaches it
+        """
+        try:
+            self["expose"].append(parse_expose(value))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self) -> None:
         if not self["mediator"]:
             raise usage.UsageError("--mediator ENDPOINT is required (e.g. tcp:mediator.example:7000)")
@@ -54,6 +71,10 @@ class Options(usage.Options):
             raise usage.UsageError("--id NAME is required: 1-64 of A-Z a-z 0-9 . _ @ : + -, starting alphanumeric")
         if self["allow"] and self["allow-any"]:
             raise usage.UsageError("give --allow FILE or --allow-any, not both")
+        if self["expose"] and not (self["allow"] or self["allow-any"]):
+            raise usage.UsageError(
+                "--expose forwards into your network: say who may use it with --allow FILE (or --allow-any)"
+            )
         try:
             check_mediator_endpoint(self["mediator"], self["ca"])
             check_peer_options(self)
@@ -65,9 +86,11 @@ class Options(usage.Options):
 
 def makeService(options: Options, reactor: Any = None) -> Peer:
     """
-    The service twistd runs: a L{Peer} that echoes what every direct
-    connection sends (L{EchoHandler}), so reachability can be tested end to
-    end.  C{reactor} is for tests; by default the installed one.
+    The service twistd runs: a L{Peer} that serves the C{echo} stream
+    service (and echoes the datagrams of every direct connection,
+    L{EchoHandler}) so reachability can be tested end to end, and forwards
+    streams to what C{--expose} names.  C{reactor} is for tests; by default
+    the installed one.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -75,6 +98,8 @@ def makeService(options: Options, reactor: Any = None) -> Peer:
         reactor = default_reactor
     peer = make_peer(reactor, options, allow=options["allow"], keepalive_interval=options["keepalive"])
     peer.listen(EchoHandler())
+    peer.serve(ECHO_SERVICE, echo_factory())
+    serve_exposed(peer, options["expose"], reactor)
     if options["metrics"] is not None:
         peer_metrics(options["metrics"], reactor, peer).setServiceParent(peer)
     return peer

@@ -428,7 +428,10 @@ class TCPPunchAttempt:
                 return
             sock.setblocking(False)
             factory = Factory.forProtocol(lambda: _HandshakeProtocol(self, how))
-            self.reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+            try:
+                self.reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+            except OSError as e:  # reset before we got to it (getpeername: ENOTCONN)
+                self.log.debug("{how} connection gone before it was adopted: {error}", how=how, error=e)
         finally:
             sock.close()  # the reactor holds its own duplicate
 

@@ -75,6 +75,8 @@ def source_group(host: str) -> str:
     subscriber usually holds a whole /64), an IPv4-mapped IPv6 address its
     IPv4 address.  Anything else (a Unix socket's C{"?"}) is its own group.
     """
+    if ":" not in host:  # IPv4 (or not an address): strict dotted quads parse only to themselves
+        return host
     try:
         addr = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -1378,7 +1380,10 @@ class SignalingFactory(Factory):
         if accepts is not None:
             host = getattr(addr, "host", "?")
             state = self.state
-            if not accepts.allow(host, 1.0 if state.admits(host) else state.limits.refusal_cost):
+            # One token now (a flood is dropped here, at the least cost); a refusal at a cap takes the rest of its cost.
+            if not accepts.allow(host) or (
+                not state.admits(host) and not accepts.allow(host, state.limits.refusal_cost - 1)
+            ):
                 state.count("refused:accept-rate")
                 return None if self.drop_by_none else _DROP
         p = SignalingServerProtocol(self.state, self.state.limits.max_line)

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
 
 
 class StreamError(ConnectionLost):
     """A stream ended abnormally (a C{ConnectionLost}, so Twisted code treats it as one)."""
+
+    def __str__(self) -> str:
+        return " ".join(str(a) for a in self.args) or "the stream ended abnormally"
+
+
+def plain(error: BaseException) -> str:
+    """An error's own words, without the boilerplate Twisted's connection errors put first."""
+    if isinstance(error, ConnectionLost | ConnectionDone) and error.args:
+        return " ".join(str(a) for a in error.args)
+    return str(error)
 
 
 class StreamRefused(StreamError):

@@ -121,21 +121,22 @@ class MuxCarrier:
         except frames.FrameError as e:
             self._die(f"the peer broke the stream framing: {e}")
             return
-        session = self.session
         for frame in decoded:
-            if self._ended or session is None:
+            if self._ended:
                 return
-            if frame.type == frames.DATA:
-                if frame.flags & frames.RST:
-                    session.streamReset(frame.stream_id, frame.length)
-                else:
-                    session.streamData(frame.stream_id, frame.payload, bool(frame.flags & frames.FIN))
-            elif frame.type == frames.DATAGRAM:
+            if frame.type == frames.DATAGRAM:
                 self._on_datagram(frame.payload)
             elif frame.type == frames.PING:
                 self._pinged(frame)
+            elif self.session is None:
+                continue  # no stream layer (yet): nothing to give stream frames to
+            elif frame.type == frames.DATA:
+                if frame.flags & frames.RST:
+                    self.session.streamReset(frame.stream_id, frame.length)
+                else:
+                    self.session.streamData(frame.stream_id, frame.payload, bool(frame.flags & frames.FIN))
             else:
-                session.control(frame)
+                self.session.control(frame)
 
     def _pinged(self, frame: frames.Frame) -> None:
         if frame.flags & frames.SYN:

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,7 +36,7 @@ from natbypass.identity import Fingerprint
 from natbypass.logsafe import escape
 from natbypass.streams import frames
 from natbypass.streams.address import PeerAddress
-from natbypass.streams.errors import StreamError, StreamRefused, StreamReset
+from natbypass.streams.errors import StreamError, StreamRefused, StreamReset, plain
 
 #: Credit each direction of a new stream starts with.
 INITIAL_WINDOW = 256 * 1024
@@ -234,9 +233,9 @@ class StreamSession:
         if self._lost is not None:
             return
         self._lost = reason
-        why = reason.getErrorMessage()
+        why = plain(reason.value)
         for transport in list(self._streams.values()):
-            transport.connectionGone(Failure(ConnectionLost(f"the path to {self.ends.peer_id} was lost: {why}")))
+            transport.connectionGone(Failure(StreamError(f"the path to {self.ends.peer_id} was lost: {why}")))
         self._streams.clear()
 
     # --- bookkeeping for the transports ---------------------------------------------

@@ -22,6 +22,7 @@ The semantics are TCP's, as Twisted programs expect them:
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -106,7 +107,9 @@ class StreamTransport:
         self._rx_fin = False
         self._eof_delivered = False
         self._paused = False
-        self._tx = bytearray()
+        #: What the application wrote and the path has not taken yet (views: taking a chunk copies only it).
+        self._tx: deque[memoryview] = deque()
+        self._tx_size = 0
         self._write_closing = False
         self._fin_sent = False
         self._close_wanted = False
@@ -125,7 +128,8 @@ class StreamTransport:
     def write(self, data: bytes) -> None:
         if self.state in (CLOSED, LINGERING) or self._write_closing or not data:
             return
-        self._tx += data
+        self._tx.append(memoryview(bytes(data)))
+        self._tx_size += len(data)
         if self.state == OPEN:
             self.bytes_sent += len(data)
         self.flush()
@@ -205,16 +209,14 @@ class StreamTransport:
         if self.state in (CLOSED,) or self._fin_sent:
             return
         carrier = self.session.carrier
-        while self._tx and self._send_credit > 0 and carrier.writable(self.stream_id):
-            n = min(len(self._tx), self._send_credit, CHUNK)
-            chunk = bytes(self._tx[:n])
-            del self._tx[:n]
-            self._send_credit -= n
-            fin = self._write_closing and not self._tx
+        while self._tx_size and self._send_credit > 0 and carrier.writable(self.stream_id):
+            chunk = self._take(min(self._send_credit, CHUNK))
+            self._send_credit -= len(chunk)
+            fin = self._write_closing and not self._tx_size
             carrier.writeStream(self.stream_id, chunk, fin)
             if fin:
                 self._fin_sent = True
-        if self._write_closing and not self._tx and not self._fin_sent:
+        if self._write_closing and not self._tx_size and not self._fin_sent:
             carrier.writeStream(self.stream_id, b"", True)
             self._fin_sent = True
         if self._fin_sent:
@@ -222,14 +224,31 @@ class StreamTransport:
             return
         self._checkLow()
 
+    def _take(self, n: int) -> bytes:
+        """Up to C{n} bytes from the front of the queue."""
+        pieces = []
+        while n and self._tx:
+            head = self._tx[0]
+            if len(head) <= n:
+                pieces.append(head)
+                self._tx.popleft()
+                n -= len(head)
+            else:
+                pieces.append(head[:n])
+                self._tx[0] = head[n:]
+                n = 0
+        chunk = b"".join(pieces)
+        self._tx_size -= len(chunk)
+        return chunk
+
     def _checkHigh(self) -> None:
         if self._producer is not None and self._streaming and not self._producer_paused:
-            if len(self._tx) > HIGH_WATER:
+            if self._tx_size > HIGH_WATER:
                 self._producer_paused = True
                 self._producer.pauseProducing()
 
     def _checkLow(self) -> None:
-        if self._producer is None or len(self._tx) >= LOW_WATER:
+        if self._producer is None or self._tx_size >= LOW_WATER:
             return
         if self._streaming:
             if self._producer_paused:
@@ -244,10 +263,10 @@ class StreamTransport:
 
     def _pullMore(self) -> None:
         self._pull = None
-        if self._producer is not None and not self._streaming and len(self._tx) < LOW_WATER:
+        if self._producer is not None and not self._streaming and self._tx_size < LOW_WATER:
             self._producer.resumeProducing()
             # More is pulled when the queue drains below the low water mark again (see _checkLow).
-            if len(self._tx) < LOW_WATER and self._producer is not None:
+            if self._tx_size < LOW_WATER and self._producer is not None:
                 self._schedulePull()
 
     def credit(self, delta: int) -> None:
@@ -323,14 +342,17 @@ class StreamTransport:
             return
         self.state = OPEN
         self.protocol = protocol
-        self._tx[:0] = frames.answer()
+        self._tx.appendleft(memoryview(frames.answer()))
+        self._tx_size += len(frames.answer())
         self.flush()
         protocol.makeConnection(self)
 
     def refuse(self, reason: str) -> None:
         """Answer the open request with a refusal and FIN (called by the session)."""
         self.state = REFUSED
-        self._tx += frames.answer(reason)
+        refusal = frames.answer(reason)
+        self._tx.append(memoryview(refusal))
+        self._tx_size += len(refusal)
         self._write_closing = True
         self._giveBack(len(self._rx))
         self._rx.clear()
@@ -476,6 +498,7 @@ class StreamTransport:
             return
         was = self.state
         self._tx.clear()
+        self._tx_size = 0
         if reset and was != LINGERING:
             self.session.carrier.resetStream(self.stream_id, code)
         elif fin and not self._fin_sent:

@@ -159,9 +159,10 @@ FIRST_REQUEST_TIMEOUT = 2.0
 DEFAULT_GLOBAL_RATE = 20_000
 #: Bytes read from one UDP socket per reactor turn (Twisted's C{maxThroughput},
 #: 256 KiB by default: 13,000 bare Bindings, a stall of 100 ms and more for
-#: every other connection of the reactor under a flood); about 400 bare
-#: Bindings or 6 full-size datagrams.
-UDP_READ_BUDGET = 8192
+#: every other connection of the reactor under a flood); about 100 bare
+#: Bindings (1 ms of the reactor's time per socket and turn) or one full-size
+#: datagram.
+UDP_READ_BUDGET = 2048
 #: Descriptors left to the rest of the process (listeners, signalling, logs)
 #: before the STUN/TCP connections take at most half of the others.
 FD_RESERVE = 64

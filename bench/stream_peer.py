@@ -1,0 +1,414 @@
+#!/usr/bin/env python3
+"""
+One end of a stream benchmark, run by C{bench/stream_bench.py} inside a lab namespace.
+
+Each mode prints JSON lines on stdout (one C{result} line at the end):
+
+    serve     a natbypass Peer serving the stream services C{sink} (hash what
+              arrives; at the writer's FIN answer one JSON line: bytes,
+              sha256, seconds, CPU) and C{idle} (hold the stream, do nothing)
+    send      open C{--streams} streams to a peer's C{sink}, write C{--bytes}
+              each (or for C{--seconds}), check every answer's sha256
+    idle      open C{--streams} idle streams; report our RSS before and after
+    watch     open one idle stream, report when and why it ends
+    tcp-sink  plain kernel TCP: the same C{sink}, one connection after another
+    tcp-send  plain kernel TCP: the same C{send}, one connection
+
+CPU is this process's user + system time (C{os.times}) over the transfer, so
+it includes everything the process does for the bytes: QUIC or TLS, framing,
+Twisted, hashing.  The payload is a random 1 MiB block repeated: hashing it
+costs the same at both ends and no compression anywhere can shrink it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from twisted.internet import defer  # noqa: E402
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer  # noqa: E402
+from twisted.internet.protocol import Factory, Protocol  # noqa: E402
+from twisted.internet.task import deferLater, react  # noqa: E402
+from zope.interface import implementer  # noqa: E402
+
+from natbypass.identity import load_or_create  # noqa: E402
+from natbypass.peer import Peer, PeerConfig  # noqa: E402
+from natbypass.signaling.client import client_endpoint  # noqa: E402
+
+BLOCK = os.urandom(1 << 20)
+CHUNK = 64 * 1024
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def rss_kb(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def payload(offset: int, n: int) -> bytes:
+    """C{n} bytes of the repeated block from C{offset} (n <= CHUNK)."""
+    start = offset % len(BLOCK)
+    chunk = BLOCK[start : start + n]
+    return chunk if len(chunk) == n else chunk + BLOCK[: n - len(chunk)]
+
+
+# ------------------------------------------------------------------ receiving
+
+
+class SinkCounter:
+    """What a sink saw: bytes, sha256, first byte to FIN in wall and CPU time."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.bytes = 0
+        self.t0 = self.c0 = 0.0
+
+    def feed(self, data: bytes) -> None:
+        if not self.bytes:
+            self.t0, self.c0 = time.monotonic(), cpu()
+        self.bytes += len(data)
+        self.hash.update(data)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "bytes": self.bytes,
+            "sha256": self.hash.hexdigest(),
+            "seconds": round(time.monotonic() - self.t0, 4) if self.bytes else 0.0,
+            "cpu_s": round(cpu() - self.c0, 4) if self.bytes else 0.0,
+        }
+
+
+@implementer(IHalfCloseableProtocol)
+class Sink(Protocol):
+    """Hash what arrives; at the peer's FIN answer a JSON line and close."""
+
+    def connectionMade(self) -> None:
+        self.counter = SinkCounter()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.counter.feed(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(json.dumps(self.counter.summary()).encode() + b"\n")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class Idle(Protocol):
+    """Hold the stream open and do nothing."""
+
+
+# ------------------------------------------------------------------ sending
+
+
+@implementer(IPushProducer)
+class Sender(Protocol):
+    """
+    Write C{total} bytes (or until C{deadline}) as a push producer, so the
+    stream's backpressure paces us; then FIN and wait for the sink's answer.
+    """
+
+    def __init__(self, total: int | None, deadline: float | None) -> None:
+        self.total, self.deadline = total, deadline
+        self.sent = 0
+        self.hash = hashlib.sha256()
+        self.paused = False
+        self.done = False
+        self.answer = b""
+        self.finished: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.lost_reason: str | None = None
+
+    def start(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and not self.done:
+            n = CHUNK if self.total is None else min(CHUNK, self.total - self.sent)
+            if n <= 0 or (self.deadline is not None and time.monotonic() >= self.deadline):
+                self.done = True
+                self.transport.unregisterProducer()
+                self.transport.loseWriteConnection()
+                return
+            data = payload(self.sent, n)
+            self.hash.update(data)
+            self.sent += n
+            self.transport.write(data)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.done = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.answer += data
+        if self.answer.endswith(b"\n") and not self.finished.called:
+            # The answer is one line: done, whether or not the stream's end has arrived yet.
+            self.finished.callback(json.loads(self.answer.decode()))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.finished.called:
+            return
+        try:
+            answer = json.loads(self.answer.decode())
+        except ValueError:
+            self.finished.errback(reason)
+            return
+        self.finished.callback(answer)
+
+
+async def started_peer(reactor: Any, args: argparse.Namespace) -> Peer:
+    peer = Peer(
+        reactor,
+        args.id,
+        client_endpoint(reactor, args.mediator, None),
+        (args.stun_host, args.stun_port),
+        identity=load_or_create(args.identity),
+        protocol=args.protocol,
+        config=PeerConfig(keepalive_interval=args.keepalive),
+    )
+    peer.startService()
+    await peer.whenReady().addTimeout(20, reactor)
+    await peer.whenDiscovered().addTimeout(20, reactor)
+    return peer
+
+
+async def serve(reactor: Any, args: argparse.Namespace) -> None:
+    peer = await started_peer(reactor, args)
+    peer.serve("sink", Factory.forProtocol(Sink))
+    peer.serve("idle", Factory.forProtocol(Idle))
+    emit("ready", id=args.id, pid=os.getpid())
+    await defer.Deferred()  # until killed
+
+
+async def send(reactor: Any, args: argparse.Namespace) -> None:
+    peer = await started_peer(reactor, args)
+    t_connect = time.monotonic()
+    first = await peer.openStream(args.peer, "idle", Factory.forProtocol(Idle)).addTimeout(30, reactor)
+    connect_s = time.monotonic() - t_connect
+    conn = peer.connectionTo(args.peer)
+    first.transport.loseConnection()
+    deadline = None if args.seconds is None else time.monotonic() + args.seconds
+    total = None if args.seconds is not None else args.bytes
+    opened = await defer.gatherResults(
+        [
+            peer.openStream(args.peer, "sink", Factory.forProtocol(lambda: Sender(total, deadline)))
+            for _ in range(args.streams)
+        ]
+    ).addTimeout(60, reactor)
+    gc.collect()
+    t0, c0 = time.monotonic(), cpu()
+    if deadline is not None:
+        deadline = time.monotonic() + args.seconds
+        for s in opened:
+            s.deadline = deadline
+    for s in opened:
+        s.start()
+    try:
+        answers = await defer.gatherResults([s.finished for s in opened], consumeErrors=True).addTimeout(
+            args.timeout, reactor
+        )
+    except defer.FirstError:
+        for s in opened[:3]:
+            print(
+                f"stalled: sent {s.sent} done {s.done} paused {s.paused} answer {s.answer[:200]!r} {s.transport!r}",
+                file=sys.stderr,
+            )
+        raise
+    seconds, cpu_s = time.monotonic() - t0, cpu() - c0
+    intact = sum(a["sha256"] == s.hash.hexdigest() and a["bytes"] == s.sent for s, a in zip(opened, answers))
+    received = sum(a["bytes"] for a in answers)
+    emit(
+        "result",
+        path=conn.protocol if conn is not None else None,
+        streams=len(opened),
+        bytes=received,
+        seconds=round(seconds, 4),
+        mb_s=round(received / seconds / 1e6, 3),
+        cpu_s=round(cpu_s, 4),
+        peer_cpu_s=round(max(a["cpu_s"] for a in answers), 4),
+        intact=intact,
+        sha256=answers[0]["sha256"] if len(answers) == 1 else None,
+        connect_s=round(connect_s, 3),
+    )
+    await defer.maybeDeferred(peer.stopService)
+
+
+async def idle(reactor: Any, args: argparse.Namespace) -> None:
+    peer = await started_peer(reactor, args)
+    keep = [await peer.openStream(args.peer, "idle", Factory.forProtocol(Idle)).addTimeout(30, reactor)]
+    await deferLater(reactor, 1.0)
+    gc.collect()
+    before = rss_kb()
+    emit("baseline", rss_kb=before)
+    await deferLater(reactor, args.hold)
+    for start in range(0, args.streams, 100):
+        batch = [
+            peer.openStream(args.peer, "idle", Factory.forProtocol(Idle)) for _ in range(min(100, args.streams - start))
+        ]
+        keep += await defer.gatherResults(batch).addTimeout(60, reactor)
+    await deferLater(reactor, 1.0)
+    gc.collect()
+    after = rss_kb()
+    alive = sum(1 for p in keep if p.transport is not None and not getattr(p.transport, "disconnecting", False))
+    emit(
+        "opened",
+        streams=len(keep) - 1,
+        alive=alive,
+        rss_kb=after,
+        per_stream_bytes=round((after - before) * 1024 / max(1, len(keep) - 1)),
+    )
+    await deferLater(reactor, args.hold)
+    emit("result", streams=len(keep) - 1, rss_before_kb=before, rss_after_kb=after)
+    await defer.maybeDeferred(peer.stopService)
+
+
+async def watch(reactor: Any, args: argparse.Namespace) -> None:
+    peer = await started_peer(reactor, args)
+    lost: defer.Deferred[Any] = defer.Deferred()
+
+    class Watch(Protocol):
+        def connectionLost(self, reason: Any = None) -> None:
+            lost.callback(reason)
+
+    await peer.openStream(args.peer, "idle", Factory.forProtocol(Watch)).addTimeout(30, reactor)
+    conn = peer.connectionTo(args.peer)
+    emit("open", path=conn.protocol if conn is not None else None, t=time.time())
+    reason = await lost.addTimeout(args.timeout, reactor)
+    emit("result", lost_at=time.time(), reason=f"{reason.type.__name__}: {reason.value}")
+    await defer.maybeDeferred(peer.stopService)
+
+
+# ------------------------------------------------------------------ kernel TCP
+
+
+def tcp_sink(args: argparse.Namespace) -> None:
+    host, _, port = args.listen.rpartition(":")
+    srv = socket.create_server((host, int(port)), reuse_port=True)
+    emit("ready", pid=os.getpid())
+    buf = bytearray(CHUNK * 4)
+    while True:
+        conn, _ = srv.accept()
+        counter = SinkCounter()
+        with conn:
+            while True:
+                n = conn.recv_into(buf)
+                if not n:
+                    break
+                counter.feed(memoryview(buf)[:n])
+            conn.sendall(json.dumps(counter.summary()).encode() + b"\n")
+
+
+def tcp_send(args: argparse.Namespace) -> None:
+    host, _, port = args.connect.rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=args.timeout)
+    t0, c0 = time.monotonic(), cpu()
+    deadline = None if args.seconds is None else t0 + args.seconds
+    digest, sent = hashlib.sha256(), 0
+    while True:
+        n = CHUNK if deadline is not None else min(CHUNK, args.bytes - sent)
+        if n <= 0 or (deadline is not None and time.monotonic() >= deadline):
+            break
+        data = payload(sent, n)
+        digest.update(data)
+        sock.sendall(data)
+        sent += n
+    sock.shutdown(socket.SHUT_WR)
+    answer = b""
+    while not answer.endswith(b"\n"):
+        more = sock.recv(4096)
+        if not more:
+            break
+        answer += more
+    seconds, cpu_s = time.monotonic() - t0, cpu() - c0
+    a = json.loads(answer)
+    emit(
+        "result",
+        path="kernel-tcp",
+        streams=1,
+        bytes=a["bytes"],
+        seconds=round(seconds, 4),
+        mb_s=round(a["bytes"] / seconds / 1e6, 3),
+        cpu_s=round(cpu_s, 4),
+        peer_cpu_s=a["cpu_s"],
+        intact=int(a["sha256"] == digest.hexdigest() and a["bytes"] == sent),
+        sha256=a["sha256"],
+    )
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["serve", "send", "idle", "watch", "tcp-sink", "tcp-send"])
+    p.add_argument("--mediator", help="signalling endpoint, e.g. tcp:198.18.0.2:7000")
+    p.add_argument("--stun", default=None, help="STUN HOST:PORT (default: the mediator's host, 3478)")
+    p.add_argument("--id")
+    p.add_argument("--identity")
+    p.add_argument("--peer")
+    p.add_argument("--protocol", default="auto")
+    p.add_argument("--keepalive", type=float, default=15.0, help="keepalive interval; liveness bound is 3x")
+    p.add_argument("--streams", type=int, default=1)
+    p.add_argument("--bytes", type=int, default=100_000_000)
+    p.add_argument("--seconds", type=float, default=None, help="send for this long instead of --bytes")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--hold", type=float, default=2.0, help="idle: seconds to hold before and after opening")
+    p.add_argument("--listen", help="tcp-sink: HOST:PORT")
+    p.add_argument("--connect", help="tcp-send: HOST:PORT")
+    p.add_argument("--profile", help="write a cProfile of the run here")
+    args = p.parse_args()
+    if args.mode == "tcp-sink":
+        tcp_sink(args)
+        return 0
+    if args.mode == "tcp-send":
+        tcp_send(args)
+        return 0
+    if args.stun:
+        host, _, port = args.stun.rpartition(":")
+        args.stun_host, args.stun_port = host, int(port)
+    else:
+        args.stun_host, args.stun_port = args.mediator.split(":")[1], 3478
+    run = {"serve": serve, "send": send, "idle": idle, "watch": watch}[args.mode]
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
