@@ -14,6 +14,6 @@ from setuptools import find_packages, setup
 
 setup(
     packages=find_packages(include=["natbypass", "natbypass.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/natbypass_plugins.py"]},
+    package_data={"twisted": ["plugins/natbypass_plugins.py", "plugins/natbypass_endpoints.py"]},
     exclude_package_data={"": ["dropin.cache", "*.pyc"], "twisted.plugins": ["dropin.cache"]},
 )

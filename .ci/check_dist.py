@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 PLUGIN = "twisted/plugins/natbypass_plugins.py"
+ENDPOINT_PLUGIN = "twisted/plugins/natbypass_endpoints.py"
 
 
 def check(sdist: Path, wheel: Path, venv: Path) -> list[str]:
@@ -37,6 +38,7 @@ def check(sdist: Path, wheel: Path, venv: Path) -> list[str]:
         built = set(whl.namelist())
     for needed in (
         PLUGIN,
+        ENDPOINT_PLUGIN,
         "README.md",
         "MANIFEST.in",
         "noxfile.py",
@@ -56,8 +58,9 @@ def check(sdist: Path, wheel: Path, venv: Path) -> list[str]:
         for bad in ("twisted/__init__.py", "twisted/plugins/__init__.py"):
             if bad in members:
                 problems.append(f"{name} carries {bad}")
-    if PLUGIN not in built:
-        problems.append(f"wheel lacks {PLUGIN}")
+    for plugin in (PLUGIN, ENDPOINT_PLUGIN):
+        if plugin not in built:
+            problems.append(f"wheel lacks {plugin}")
     stale = sorted(m for m in built if m.endswith(".py") and m not in src)
     if stale:
         problems.append(f"wheel holds modules the sdist does not (stale build/?): {stale}")
@@ -88,8 +91,9 @@ def check(sdist: Path, wheel: Path, venv: Path) -> list[str]:
             ],
             **run,
         )
-        if "natbypass_plugins" not in listed.stdout:
-            problems.append(f"the plugin cache does not name natbypass_plugins: {listed.stdout}{listed.stderr}")
+        for name in ("natbypass_plugins", "natbypass_endpoints"):
+            if name not in listed.stdout:
+                problems.append(f"the plugin cache does not name {name}: {listed.stdout}{listed.stderr}")
         if caches[0].stat().st_mtime_ns != before:
             problems.append("the plugin cache was rewritten by a second lookup (stale after twistd --help)")
     mediator = subprocess.run([str(venv / "bin" / "natbypass"), "mediator", "--help"], **run)

@@ -139,6 +139,23 @@ class EndpointsLoopbackMixin:
         self.assertIn("no service 'nothing'", str(failure))
 
 
+    @defer.inlineCallbacks
+    def test_pinned_key(self: Any) -> Any:
+        """A fingerprint= pin that is not bob's key fails the connect; bob's own key connects."""
+        port = yield self.serve("echo", Factory.forProtocol(Collect)).addTimeout(20, reactor)
+        from natbypass.identity import Identity
+
+        wrong = client_string("bob", "echo", fingerprint=str(Identity.generate().fingerprint), **self.options("alice"))
+        yield self.assertFailure(
+            clientFromString(reactor, wrong).connect(Factory.forProtocol(Collect)).addTimeout(20, reactor), Exception
+        )
+        right = client_string("bob", "echo", fingerprint=str(port.peer.fingerprint), **self.options("alice"))
+        proto = yield clientFromString(reactor, right).connect(Factory.forProtocol(Collect)).addTimeout(20, reactor)
+        self.assertEqual(proto.transport.getPeer().fingerprint, port.peer.fingerprint)
+
+
+
+
 class UDPEndpointsTests(EndpointsLoopbackMixin, LoopbackMediator):
     protocol = "udp"
 

@@ -77,6 +77,7 @@ class SupportedVersionsTests(SynchronousTestCase):
         manifest = (ROOT / "MANIFEST.in").read_text()
         for line in (
             "include twisted/plugins/natbypass_plugins.py",
+            "include twisted/plugins/natbypass_endpoints.py",
             "graft docs",
             "graft tests",
             "global-exclude dropin.cache",
