@@ -90,7 +90,7 @@ def read_event(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
         if ready:
             line = proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"process {proc.args[-1]!r} ended (exit {proc.wait()})")
+                raise RuntimeError(f"process {proc.args[4:6]} ended (exit {proc.wait()}); see its .err file")
             try:
                 return json.loads(line)
             except ValueError:
@@ -314,6 +314,7 @@ def idle_memory(bench: Bench, args: argparse.Namespace, results: dict[str, Any],
             server_after = proc_rss_kb(server_pid)
             res = {
                 "streams": opened["streams"],
+                "limit": opened["error"],
                 "opener_rss_before_kb": base["rss_kb"],
                 "opener_rss_after_kb": opened["rss_kb"],
                 "opener_bytes_per_stream": opened["per_stream_bytes"],
@@ -470,8 +471,10 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="natbypass-streambench-")
     log(f"stream_bench: logs in {workdir}")
     started = time.monotonic()
+    lab_ids: list[str] = []
     if only & {"throughput", "many", "idle", "integrity", "liveness", "profile"}:
         with Lab.start({"sites": {"a": "full-cone", "b": "full-cone"}}) as lab:
+            lab_ids.append(lab.lab_id)
             bench = Bench(lab, os.path.join(workdir, "plain"), args.keepalive)
             _, server_pid = bench.serve("bob")
             if "throughput" in only:
@@ -489,10 +492,11 @@ def main() -> int:
     if "impaired" in only:
         spec = {"sites": {"a": "full-cone", "b": {"nat": "full-cone", "delay_ms": args.delay}}}
         with Lab.start(spec) as lab:
+            lab_ids.append(lab.lab_id)
             bench = Bench(lab, os.path.join(workdir, "impaired"), args.keepalive)
             bench.serve("bob")
             impaired(bench, args, results)
-    left = netns.lab_netns()
+    left = {k: v for k, v in netns.lab_netns().items() if k in lab_ids}
     results["elapsed_s"] = round(time.monotonic() - started)
     print(f"\nMachine: {results['machine']}; Python {platform.python_version()}; {results['elapsed_s']} s in all.")
     if "throughput" in results:
@@ -510,7 +514,7 @@ def main() -> int:
             f"{args.seconds:g} s of sending per run\n"
         )
         print("\n".join(summarize_impaired(results["impaired"])))
-    print(f"\nlab namespaces left: {sum(len(v) for v in left.values())}")
+    print(f"\nnamespaces of this run's labs ({', '.join(lab_ids)}) left: {sum(len(v) for v in left.values())}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

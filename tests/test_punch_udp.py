@@ -754,13 +754,18 @@ class ConnectionTests(SynchronousTestCase):
 
     def test_streams_over_quic(self) -> None:
         """
-        Streams ride QUIC's own streams: refused with a reason without a
-        handler, served by one, and datagrams are unaffected.
+        Streams ride QUIC's own streams: held until the owner sets a handler,
+        refused with a reason without one, served by one; datagrams are
+        unaffected.
         """
         p, a, b = self.connected()
         ra = RecordingReceiver(datagrams=True)
         a.setReceiver(ra)
-        refused = b.openStream("echo", Factory.forProtocol(Protocol))
+        waiting = b.openStream("echo", Factory.forProtocol(Protocol))
+        advance(p, 0.1)
+        self.assertNoResult(waiting)  # a's owner has not said who serves streams yet
+        a.setStreamHandler(None)
+        refused = waiting
         advance(p, 0.1)
         self.failureResultOf(refused, StreamRefused)
         a.setStreamHandler(Services(echo=Echo))

@@ -68,6 +68,31 @@ class OpeningTests(SynchronousTestCase):
         f = self.failureResultOf(opened(self.p), StreamRefused)
         self.assertIn("accepts no streams", str(f.value))
 
+    def test_streams_wait_for_the_handler(self) -> None:
+        """A stream that arrives before the connection's owner set a handler is decided when it does."""
+        p = MemoryPair()
+        d = opened(p)
+        self.assertNoResult(d)
+        p.b.handler = Services(echo=Echo)
+        p.pump()
+        self.assertEqual(self.successResultOf(d).transport.getPeer().service, "echo")
+
+    def test_opens_wait_for_the_path_stream_limit(self) -> None:
+        """Past the path's stream limit (QUIC's), opens wait in order and go on as streams end."""
+        self.p.ca.max_streams = 4  # ids 8 and 12 only
+        first, second = (self.successResultOf(opened(self.p)) for _ in range(2))
+        third = opened(self.p)
+        fourth = opened(self.p)
+        self.assertNoResult(third)
+        fourth.cancel()
+        self.failureResultOf(fourth, CancelledError)
+        first.transport.loseConnection()
+        self.p.ca.max_streams = 5
+        self.p.b.writable()
+        self.p.a.writable()
+        self.p.pump()
+        self.assertEqual(self.successResultOf(third).transport.stream_id, 16)
+
     def test_handler_exception_refuses_without_breaking_the_session(self) -> None:
         class Broken:
             def streamRequested(self, connection: Any, address: Any) -> Any:
@@ -149,6 +174,22 @@ class DataTests(SynchronousTestCase):
         self.p.pump()
         lost[0].trap(ConnectionDone)
         self.assertTrue(proto.eof)
+
+    def test_plain_protocol_that_sent_fin_first_closes_on_peer_fin(self) -> None:
+        """A protocol without IHalfCloseableProtocol that half-closed first loses the connection at the peer's FIN."""
+        lost: list[Failure] = []
+
+        class Plain(Protocol):
+            def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+                lost.append(reason)
+
+        proto = self.successResultOf(opened(self.p, "echo", Factory.forProtocol(Plain)))
+        proto.transport.write(b"x")
+        proto.transport.loseWriteConnection()
+        self.p.pump()
+        self.assertEqual(len(lost), 1)
+        lost[0].trap(ConnectionDone)
+        self.assertEqual(len(self.p.a), 0)
 
     def test_abort_resets_the_peer(self) -> None:
         proto = self.successResultOf(opened(self.p, "sink"))

@@ -15,10 +15,12 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from zope.interface.verify import verifyObject
 
+from natbypass.identity import Identity
 from natbypass.interfaces import IPeer
 from natbypass.streams import PeerAddress, StreamRefused, StreamTransport
 from natbypass.testing.loopback import LoopbackMediator
 from natbypass.testing.streams import Collect, Echo
+from natbypass.trust import parse_allow
 
 
 def _sink(into: dict[int, Collect]) -> Factory:
@@ -123,6 +125,27 @@ class StreamsLoopbackMixin:
         yield waitFor(lambda: proto.lost is not None)
         proto.lost.trap(ConnectionLost)
         self.assertIn("bob", proto.lost.getErrorMessage())
+
+
+    @defer.inlineCallbacks
+    def test_streams_back_on_a_path_we_opened_pass_our_allow_list(self: Any) -> Any:
+        """
+        Bob did not approve alice as a caller when *he* connected to her: her
+        streams to his services pass his allow list, so one that omits her is
+        refused, with a reason naming her key.
+        """
+        carol = Identity.generate()
+        bob = yield self.peer("bob", self.protocol, peer_args={"allow": parse_allow(f"{carol.fingerprint} carol")})
+        bob.serve("echo", Factory.forProtocol(Echo))
+        alice = yield self.peer("alice", self.protocol)
+        alice.serve("echo", Factory.forProtocol(Echo))
+        mine = yield bob.openStream("alice", "echo", Factory.forProtocol(Collect)).addTimeout(10, reactor)
+        mine.transport.write(b"bob to alice")
+        yield waitFor(lambda: mine.data == b"bob to alice")
+        conn = alice.connectionTo("bob")
+        d = conn.openStream("echo", Factory.forProtocol(Collect))
+        failure = yield self.assertFailure(d.addTimeout(10, reactor), StreamRefused)
+        self.assertIn(f"alice (key {alice.fingerprint}) may not open streams to bob", str(failure))
 
 
 def deferLater(seconds: float) -> defer.Deferred:

@@ -88,14 +88,15 @@ class _Counting(Relay):
 class Pipe:
     """
     One piped stream: the stdio side and the stream side, joined once the
-    stream is open; C{done} fires with the stream's end reason once stdout
-    has drained (or at once when the stream failed).
+    stream is open; C{done} fires with the stream's end reason (an
+    exception: C{ConnectionDone} when clean) once stdout has drained, or at
+    once when the stream failed.
     """
 
     def __init__(self, make_stdio: Callable[[Protocol], Any], progress: Any = None) -> None:
         self._make_stdio = make_stdio
         self.progress = progress
-        self.done: Deferred[Failure] = Deferred()
+        self.done: Deferred[BaseException] = Deferred()
         self.stdio = _Counting(self._sent, self._stdioLost)
         self.stream = _Counting(self._received, self._streamLost)
         self.stream.whenMade().addCallback(self._start)
@@ -126,8 +127,8 @@ class Pipe:
 
     def _streamLost(self, side: Relay, reason: Failure) -> None:
         if reason.check(ConnectionDone) and self.stdio.transport is not None:
-            self._drained.addCallback(lambda _: reason)
-            self._drained.addCallback(self._finish)
+            # (a Failure returned from a callback would be an error: pass it by closure)
+            self._drained.addCallback(lambda _: self._finish(reason))
         else:
             self._finish(reason)
 
@@ -137,7 +138,7 @@ class Pipe:
         if self.progress is not None:
             self.progress.close()
         if not self.done.called:
-            self.done.callback(reason)
+            self.done.callback(reason.value)
 
 
 class _ListenFactory(Factory):
@@ -244,8 +245,8 @@ async def _main(
             print(f"natbypass pipe: could not reach {options['peer']}: {e}", file=err, flush=True)
             return EXIT_FAILED
         reason = await pipe.done
-        if not reason.check(ConnectionDone):
-            print(f"natbypass pipe: the stream failed: {reason.getErrorMessage()}", file=err, flush=True)
+        if not isinstance(reason, ConnectionDone):
+            print(f"natbypass pipe: the stream failed: {reason}", file=err, flush=True)
             return EXIT_FAILED
         return EXIT_OK
     finally:

@@ -39,6 +39,7 @@ class PathConnection:
         #: Streams (L{natbypass.streams.session.StreamSession}), once the path is secured.
         self.stream_session: Any = None
         self._stream_handler: Any = None
+        self._stream_handler_set = False
         #: Our own id and key, for the C{getHost} of streams (set by the C{Peer}).
         self.local_id = ""
         self.local_fingerprint: Any = None
@@ -50,7 +51,8 @@ class PathConnection:
         from natbypass.streams.session import StreamSession
 
         self.stream_session = StreamSession(carrier, self.role, clock, self, connection=self)
-        self.stream_session.handler = self._stream_handler
+        if self._stream_handler_set:
+            self.stream_session.handler = self._stream_handler
         carrier.session = self.stream_session
 
     def openStream(self, service: str, factory: Any) -> Deferred:
@@ -60,6 +62,7 @@ class PathConnection:
 
     def setStreamHandler(self, handler: Any) -> None:
         self._stream_handler = handler
+        self._stream_handler_set = True
         if self.stream_session is not None:
             self.stream_session.handler = handler
 

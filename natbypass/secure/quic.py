@@ -424,6 +424,11 @@ class QuicChannel:
         self.lost: Deferred[Exception] = Deferred()
         self._closing_reason: Exception | None = None
         self._pumping = False
+        self._repump = False
+        #: Datagrams were fed since the last pump: the timer fires now, to pump once.
+        self._pump_soon = False
+        #: When the engine's own timer is due.
+        self._due: float | None = None
 
     def __repr__(self) -> str:
         return f"<QuicChannel role={self.role} {self.remote} {self.engine.name}>"
@@ -456,7 +461,14 @@ class QuicChannel:
         except Exception:
             self.log.failure("QUIC engine failed on a datagram from {addr}", addr=addr)
             return
-        self._pump()
+        if self.peer_fingerprint is None:
+            self._pump()  # the handshake: answer at once
+        elif not self._pump_soon:
+            # Established: the reactor reads a burst of datagrams in one go; handle
+            # them with one pump after the burst (one send), by pulling the one
+            # timer forward to now rather than pumping for each datagram.
+            self._pump_soon = True
+            self._rearm(self._due)
 
     @property
     def answered(self) -> bool:
@@ -494,18 +506,38 @@ class QuicChannel:
         self._timer = None
         self._timer_at = None
         if self._conn is not None and self._ended is None:
-            self._conn.handle_timer(now=self._clock.seconds())
+            now = self._clock.seconds()
+            if self._due is not None and now >= self._due:
+                self._conn.handle_timer(now=now)
             self._pump()
 
     def _pump(self) -> None:
-        """Handle the engine's events, send what it wants sent, rearm the one timer."""
+        """
+        Handle the engine's events, send what it wants sent, rearm the one timer.
+
+        Not re-entrant: an application that writes from inside an event (an
+        echo) only asks for another pass, which the running pump makes once
+        the event is handled; events stay in order and the stack flat however
+        many a burst of datagrams queued.
+        """
+        if self._pumping:
+            # Written from inside an event: send it now, handle further events later.
+            self._repump = True
+            if self._conn is not None and self._ended is None:
+                self._transmit()
+            return
         self._pumping = True
         try:
-            self._pumpOnce()
+            while True:
+                self._repump = False
+                self._pumpOnce()
+                if not self._repump or self._ended is not None:
+                    break
         finally:
             self._pumping = False
 
     def _pumpOnce(self) -> None:
+        self._pump_soon = False
         conn = self._conn
         while self._ended is None:
             event = conn.next_event()
@@ -516,17 +548,25 @@ class QuicChannel:
             # 0.5-RTT: the server knows the binding once it has answered the
             # client's first flight, so its proof leaves with that answer.
             self._sendProof()
-        now = self._clock.seconds()
-        for data, addr in conn.datagrams_to_send(now=now):
+        self._transmit()
+        if self._receiver is not None and self._ended is None:
+            self._receiver.pumped()
+
+    def _transmit(self) -> None:
+        """Send what the engine has to send; rearm the one timer."""
+        conn = self._conn
+        for data, addr in conn.datagrams_to_send(now=self._clock.seconds()):
             try:
                 self._send(data, addr)
             except Exception:
                 self.log.failure("sending a QUIC datagram to {addr} failed", addr=addr)
         self._rearm(None if self._ended is not None else conn.get_timer())
-        if self._receiver is not None and self._ended is None:
-            self._receiver.pumped()
 
     def _rearm(self, when: float | None) -> None:
+        """Keep the one timer: at the engine's due time C{when}, or now when a pump is owed."""
+        self._due = when
+        if self._pump_soon and self._ended is None:
+            when = self._clock.seconds()
         if when == self._timer_at and self._timer is not None:
             return
         if self._timer is not None and self._timer.active():
@@ -670,6 +710,7 @@ class QuicChannel:
             return
         self._ended = Failure(reason)
         self._early = []
+
         if not self.ready.called:
             self.ready.errback(self._ended)
         if self._receiver is not None:
@@ -718,6 +759,13 @@ class QuicChannel:
             self._conn.reset_stream(stream_id, code)
         except Exception:
             pass  # already finished or reset: nothing left to abort
+
+    def canOpenStream(self) -> bool:
+        """May another bidirectional stream be opened now (QUIC's cumulative stream limit from the peer)?"""
+        if self._ended is not None or self._conn is None:
+            return False
+        limit = getattr(self._conn, "max_concurrent_bidi_streams", None)  # qh3; aioquic raises when over
+        return limit is None or self._conn.get_next_available_stream_id() // 4 < limit
 
     def sendBuffer(self, stream_id: int) -> int:
         """Bytes of C{stream_id} the engine holds unsent (backpressure for the stream layer)."""

@@ -89,6 +89,9 @@ class MuxCarrier:
     def writable(self, stream_id: int) -> bool:
         return not self._paused and not self._ended
 
+    def canOpen(self) -> bool:
+        return not self._ended
+
     def sendDatagram(self, payload: bytes) -> None:
         self._send(frames.datagram(payload))
 

@@ -67,6 +67,12 @@ class QuicCarrier:
         self._blocked = True
         return False
 
+    def canOpen(self) -> bool:
+        if self._channel.canOpenStream():
+            return True
+        self._blocked = True  # look again after the next packets (the peer raises the limit as streams end)
+        return False
+
     # --- from the channel -----------------------------------------------------------
 
     def streamReceived(self, stream_id: int, data: bytes, fin: bool) -> None:

@@ -25,6 +25,7 @@ streams).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -72,6 +73,8 @@ class Carrier(Protocol):
 
     def writable(self, stream_id: int) -> bool: ...
 
+    def canOpen(self) -> bool: ...
+
 
 class Ends(Protocol):
     """
@@ -106,8 +109,13 @@ class StreamSession:
         self.clock = clock
         self.ends = ends
         self.connection = connection
-        self.handler: Any = None
+        self._handler: Any = None
+        #: False until the connection's owner said who serves streams (None included):
+        #: streams the peer opens before then wait, instead of being refused.
+        self.handler_known = False
         self._streams: dict[int, Any] = {}
+        #: Opens waiting for the path to allow another stream (QUIC's stream limit).
+        self._waiting: deque[tuple[str, IProtocolFactory, Deferred[IProtocol]]] = deque()
         self._highest_peer_stream = -1
         self._lost: Failure | None = None
         self._going_away = False
@@ -118,20 +126,47 @@ class StreamSession:
     def __len__(self) -> int:
         return len(self._streams)
 
+    @property
+    def handler(self) -> Any:
+        """The L{natbypass.interfaces.IStreamHandler} deciding the streams the peer opens."""
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: Any) -> None:
+        self._handler = handler
+        self.handler_known = True
+        for transport in [t for t in self._streams.values() if t.state == "deciding"]:
+            transport._process()
+
     # --- opening --------------------------------------------------------------------
 
     def open(self, service: str, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """Open a stream to the peer's C{service} (see C{IPeerConnection.openStream})."""
-        from natbypass.streams.transport import StreamTransport
 
         request = frames.open_request(service)  # ValueError for a bad name, before anything is sent
         if self._lost is not None:
             return _failed(self._lost)
         if self._going_away:
             return _failed(Failure(StreamError("the connection is closing: no new streams")))
-        mine = sum(1 for s in self._streams.values() if s.outgoing)
+        mine = sum(1 for s in self._streams.values() if s.outgoing) + len(self._waiting)
         if mine >= MAX_STREAMS:
             return _failed(Failure(StreamError(f"{mine} streams are already open to this peer (the limit)")))
+        if self._waiting or not self.carrier.canOpen():
+            # The path allows no more streams at once (QUIC's limit, raised as streams end): wait in order.
+            entry: tuple[str, IProtocolFactory, Deferred[IProtocol]]
+
+            def dequeue(d: Deferred[IProtocol]) -> None:
+                if entry in self._waiting:
+                    self._waiting.remove(entry)
+
+            entry = (service, factory, Deferred(dequeue))
+            self._waiting.append(entry)
+            return entry[2]
+        return self._open(service, factory, request)
+
+    def _open(self, service: str, factory: IProtocolFactory, request: bytes) -> Deferred[IProtocol]:
+        from natbypass.streams.transport import StreamTransport
+
         stream_id = self.carrier.openStream()
         transport = StreamTransport(self, stream_id, service, outgoing=True)
         self._streams[stream_id] = transport
@@ -224,7 +259,10 @@ class StreamSession:
             self._going_away = True
 
     def writable(self) -> None:
-        """The carrier has room again: send what waits, round-robin."""
+        """The carrier has room again (or allows more streams): open and send what waits, round-robin."""
+        while self._waiting and self._lost is None and self.carrier.canOpen():
+            service, factory, waiting = self._waiting.popleft()
+            self._open(service, factory, frames.open_request(service)).chainDeferred(waiting)
         for transport in list(self._streams.values()):
             transport.flush()
 
@@ -233,6 +271,9 @@ class StreamSession:
         if self._lost is not None:
             return
         self._lost = reason
+        waiting, self._waiting = self._waiting, deque()
+        for _, _, d in waiting:
+            d.errback(reason)
         why = plain(reason.value)
         for transport in list(self._streams.values()):
             transport.connectionGone(Failure(StreamError(f"the path to {self.ends.peer_id} was lost: {why}")))

@@ -147,7 +147,10 @@ class StreamTransport:
         self.disconnecting = True
         self._close_wanted = True
         self._write_closing = True
-        self.flush()
+        if self._fin_sent:  # half-closed earlier: nothing more to send, close now
+            self._afterFin()
+        else:
+            self.flush()
 
     def loseWriteConnection(self) -> None:
         """Half-close: FIN after what is queued; we can still read."""
@@ -333,6 +336,8 @@ class StreamTransport:
             if self._rx_fin:
                 self._end(Failure(StreamError("the peer closed the stream before naming a service")), reset=False)
             return
+        if not self.session.handler_known:
+            return  # the connection's owner has not set a handler yet: decide when it does
         service, used = parsed
         del self._rx[:used]
         self._consume(used)

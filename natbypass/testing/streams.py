@@ -90,6 +90,8 @@ class MemoryCarrier:
         self._next = FIRST_STREAM + role
         self.out: list[tuple[str, Any]] = []
         self.room: int | None = None
+        #: Like QUIC's stream limit: streams with ids below 4 x this may be opened.
+        self.max_streams: int | None = None
         self.queued = 0
         self.session: StreamSession | None = None
 
@@ -109,6 +111,9 @@ class MemoryCarrier:
 
     def writable(self, stream_id: int) -> bool:
         return self.room is None or self.queued < self.room
+
+    def canOpen(self) -> bool:
+        return self.max_streams is None or self._next // 4 < self.max_streams
 
 
 class MemoryPair:
