@@ -138,7 +138,6 @@ class EndpointsLoopbackMixin:
                                            StreamRefused)  # fmt: skip
         self.assertIn("no service 'nothing'", str(failure))
 
-
     @defer.inlineCallbacks
     def test_pinned_key(self: Any) -> Any:
         """A fingerprint= pin that is not bob's key fails the connect; bob's own key connects."""
@@ -152,8 +151,6 @@ class EndpointsLoopbackMixin:
         right = client_string("bob", "echo", fingerprint=str(port.peer.fingerprint), **self.options("alice"))
         proto = yield clientFromString(reactor, right).connect(Factory.forProtocol(Collect)).addTimeout(20, reactor)
         self.assertEqual(proto.transport.getPeer().fingerprint, port.peer.fingerprint)
-
-
 
 
 class UDPEndpointsTests(EndpointsLoopbackMixin, LoopbackMediator):

@@ -126,7 +126,6 @@ class StreamsLoopbackMixin:
         proto.lost.trap(ConnectionLost)
         self.assertIn("bob", proto.lost.getErrorMessage())
 
-
     @defer.inlineCallbacks
     def test_streams_back_on_a_path_we_opened_pass_our_allow_list(self: Any) -> Any:
         """
