@@ -127,6 +127,19 @@ class StreamsLoopbackMixin:
         self.assertIn("bob", proto.lost.getErrorMessage())
 
     @defer.inlineCallbacks
+    def test_streams_survive_the_mediator_going_away(self: Any) -> Any:
+        """With the mediator stopped, a stream keeps flowing and new streams open on the same connection."""
+        alice, bob = yield self.pair()
+        proto = yield alice.openStream("bob", "echo", Factory.forProtocol(Collect))
+        yield self.signal.stopService()
+        yield self.stun.stopService()
+        proto.transport.write(b"after the mediator")
+        yield waitFor(lambda: proto.data == b"after the mediator")
+        again = yield alice.openStream("bob", "echo", Factory.forProtocol(Collect)).addTimeout(10, reactor)
+        again.transport.write(b"a new stream")
+        yield waitFor(lambda: again.data == b"a new stream")
+
+    @defer.inlineCallbacks
     def test_streams_back_on_a_path_we_opened_pass_our_allow_list(self: Any) -> Any:
         """
         Bob did not approve alice as a caller when *he* connected to her: her
