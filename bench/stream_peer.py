@@ -213,20 +213,24 @@ async def send(reactor: Any, args: argparse.Namespace) -> None:
     connect_s = time.monotonic() - t_connect
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     total = None if args.seconds is not None else args.bytes
-    opened = await defer.gatherResults(
-        [
-            peer.openStream(args.peer, "sink", Factory.forProtocol(lambda: Sender(total, deadline)))
-            for _ in range(args.streams)
-        ]
-    ).addTimeout(60, reactor)
+    # Each stream starts sending as soon as it is open: on the UDP path at most 98 are open at once (QUIC's
+    # stream limit), the rest open as earlier ones end, so waiting for all before sending would never end.
     gc.collect()
     t0, c0 = time.monotonic(), cpu()
     if deadline is not None:
         deadline = time.monotonic() + args.seconds
-        for s in opened:
-            s.deadline = deadline
-    for s in opened:
+
+    def start(s: Any) -> Any:
+        s.deadline = deadline
         s.start()
+        return s
+
+    opened = await defer.gatherResults(
+        [
+            peer.openStream(args.peer, "sink", Factory.forProtocol(lambda: Sender(total, deadline))).addCallback(start)
+            for _ in range(args.streams)
+        ]
+    ).addTimeout(args.timeout, reactor)
     try:
         answers = await defer.gatherResults([s.finished for s in opened], consumeErrors=True).addTimeout(
             args.timeout, reactor

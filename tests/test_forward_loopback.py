@@ -31,9 +31,11 @@ class Digest(Protocol):
         self.hash = hashlib.sha256()
 
     def dataReceived(self, data: bytes) -> None:
+        open("/tmp/dbg.log","a").write(repr(("DIGEST DATA", len(data)))+"\n")
         self.hash.update(data)
 
     def readConnectionLost(self) -> None:
+        open("/tmp/dbg.log","a").write(repr(("DIGEST EOF"))+"\n")
         self.transport.write(self.hash.hexdigest().encode())
         self.transport.loseConnection()
 
