@@ -452,7 +452,7 @@ def main() -> int:
     p.add_argument("--losses", default="1,5", help="impaired link: loss percentages each way (0 is always run)")
     p.add_argument("--seconds", type=float, default=15.0, help="impaired link: seconds each sender sends")
     p.add_argument("--impaired-rounds", type=int, default=1)
-    p.add_argument("--idle", type=int, default=1000, help="idle streams for the memory figure")
+    p.add_argument("--idle", type=int, default=250, help="idle streams for the memory figure")
     p.add_argument("--fault-bytes", type=int, default=100_000_000, help="bytes across the 5%% loss link")
     p.add_argument("--fault-timeout", type=float, default=600.0)
     p.add_argument("--keepalive", type=float, default=5.0, help="peers' keepalive interval (liveness bound 3x)")

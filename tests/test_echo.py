@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from natbypass.app.echo import EchoClient, EchoHandler, EchoReceiver, LineBuffer
+from natbypass.app.echo import (
+    EchoClient,
+    EchoHandler,
+    EchoReceiver,
+    EchoStream,
+    EchoStreamClient,
+    LineBuffer,
+    echo_factory,
+)
 from natbypass.interfaces import IIncomingHandler, IPeerReceiver
 
 
@@ -85,3 +95,31 @@ class EchoTests(SynchronousTestCase):
         self.assertNoResult(d)
         client.connectionLost(Failure(ConnectionLost("gone")))
         self.failureResultOf(d, ConnectionLost)
+
+
+class StreamEchoTests(SynchronousTestCase):
+    def test_echo_stream_service(self) -> None:
+        proto = echo_factory().buildProtocol(None)
+        self.assertIsInstance(proto, EchoStream)
+        self.assertTrue(verifyObject(IHalfCloseableProtocol, proto))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"any bytes, no lines needed")
+        self.assertEqual(transport.value(), b"any bytes, no lines needed")
+        self.assertFalse(transport.disconnecting)
+        proto.readConnectionLost()  # the peer is done: close after what is echoed
+        self.assertTrue(transport.disconnecting)
+
+    def test_stream_client_times_and_fails_on_loss(self) -> None:
+        clock = Clock()
+        client = EchoStreamClient(clock)
+        transport = StringTransport()
+        client.makeConnection(transport)
+        d = client.ping(3)
+        self.assertEqual(transport.value(), b"natbypass-echo 3\n")
+        clock.advance(0.5)
+        client.dataReceived(b"natbypass-echo 3\n")
+        self.assertEqual(self.successResultOf(d), 0.5)
+        waiting = client.ping(4)
+        client.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(waiting, ConnectionDone)

@@ -31,11 +31,9 @@ class Digest(Protocol):
         self.hash = hashlib.sha256()
 
     def dataReceived(self, data: bytes) -> None:
-        open("/tmp/dbg.log","a").write(repr(("DIGEST DATA", len(data)))+"\n")
         self.hash.update(data)
 
     def readConnectionLost(self) -> None:
-        open("/tmp/dbg.log","a").write(repr(("DIGEST EOF"))+"\n")
         self.transport.write(self.hash.hexdigest().encode())
         self.transport.loseConnection()
 
@@ -60,7 +58,7 @@ class Client(Protocol):
         self.answer += data
 
     def readConnectionLost(self) -> None:
-        pass
+        self.transport.loseConnection()  # both halves done: Twisted leaves closing to us
 
     def writeConnectionLost(self) -> None:
         pass

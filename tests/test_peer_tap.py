@@ -95,3 +95,25 @@ class PeerTapTests(SynchronousTestCase):
             with self.assertRaises(usage.UsageError, msg=argv) as caught:
                 self.parse(*argv)
             self.assertIn(message, str(caught.exception))
+
+
+class ExposeTests(SynchronousTestCase):
+    def test_expose_serves_forward_and_echo(self) -> None:
+        key = os.path.join(self.mktemp(), "identity.pem")
+        base = ("--mediator", "tcp:198.18.0.2:7000", "--id", "bob", "--identity", key, "--allow-any")
+        o = PeerTapTests.parse(self, *base, "--expose", "web=127.0.0.1:8080", "--expose", "[::1]:22")
+        service = peer_tap.makeService(o, MemoryReactorClock())
+        self.assertEqual(
+            sorted(service._services),
+            ["echo", "forward:127.0.0.1:8080", "forward:[::1]:22", "forward:web"],
+        )
+
+    def test_expose_needs_a_say_on_who(self) -> None:
+        base = ("--mediator", "tcp:198.18.0.2:7000", "--id", "bob")
+        for argv, message in (
+            ((*base, "--expose", "127.0.0.1:22"), "--allow FILE (or --allow-any)"),
+            ((*base, "--allow-any", "--expose", "nope"), "expected [NAME=]HOST:PORT"),
+        ):
+            with self.assertRaises(usage.UsageError) as caught:
+                PeerTapTests.parse(self, *argv)
+            self.assertIn(message, str(caught.exception))

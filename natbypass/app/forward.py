@@ -261,12 +261,10 @@ class Relay(Protocol):
         return self._made
 
     def connectionMade(self) -> None:
-        open("/tmp/dbg.log","a").write(repr(("MADE", id(self), type(self.transport).__name__))+"\n")
         self.transport.pauseProducing()
         self._made.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
-        open("/tmp/dbg.log","a").write(repr(("DATA", id(self), type(self.transport).__name__, len(data), self.other and type(self.other.transport).__name__))+"\n")
         self.bytes += len(data)
         if self.other is not None and self.other.lost is None:
             self.other.transport.write(data)
@@ -274,7 +272,6 @@ class Relay(Protocol):
     def readConnectionLost(self) -> None:
         """Our side sent all it will: end the other side's writing (after what is queued)."""
         self.read_done = True
-        open("/tmp/dbg.log","a").write(repr(("RCL", id(self), type(self.transport).__name__, self.other and type(self.other.transport).__name__))+"\n")
         other = self.other
         if other is not None and other.lost is None:
             other.transport.unregisterProducer()
@@ -283,7 +280,6 @@ class Relay(Protocol):
 
     def writeConnectionLost(self) -> None:
         self.write_done = True
-        open("/tmp/dbg.log","a").write(repr(("WCL", id(self), type(self.transport).__name__))+"\n")
         self._closeIfDone()
 
     def _closeIfDone(self) -> None:
@@ -294,7 +290,6 @@ class Relay(Protocol):
         if not isinstance(reason, Failure):
             reason = Failure(reason)
         self.lost = reason
-        open("/tmp/dbg.log","a").write(repr(("LOST", id(self), type(self.transport).__name__, reason.value))+"\n")
         other = self.other
         if other is not None and other.lost is None:
             other.transport.unregisterProducer()
@@ -311,7 +306,6 @@ def join(a: Relay, b: Relay) -> None:
     a.other, b.other = b, a
     a.transport.registerProducer(_Pausing(b.transport), True)
     b.transport.registerProducer(_Pausing(a.transport), True)
-    open("/tmp/dbg.log","a").write(repr(("JOIN", id(a), id(b)))+"\n")
     for side in (a, b):
         side.transport.resumeProducing()
 
