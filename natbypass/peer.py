@@ -641,6 +641,11 @@ class Peer(MultiService):
         factory.doStart()
         return port
 
+    @property
+    def served(self) -> list[str]:
+        """The names of the services served now (L{serve}), sorted."""
+        return sorted(self._services)
+
     def _unserve(self, port: ServicePort) -> None:
         if self._services.get(port.service) is port:
             del self._services[port.service]

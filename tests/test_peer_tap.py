@@ -104,7 +104,7 @@ class ExposeTests(SynchronousTestCase):
         o = PeerTapTests.parse(self, *base, "--expose", "web=127.0.0.1:8080", "--expose", "[::1]:22")
         service = peer_tap.makeService(o, MemoryReactorClock())
         self.assertEqual(
-            sorted(service._services),
+            service.served,
             ["echo", "forward:127.0.0.1:8080", "forward:[::1]:22", "forward:web"],
         )
 
