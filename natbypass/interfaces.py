@@ -6,12 +6,12 @@ peer (or C{listen} for peers that connect to it) and receives
 L{IPeerConnection} objects.  It attaches an L{IPeerReceiver} to
 each connection to be given what arrives and to be told when the path dies.
 
-Why the shape: a connection says what it carries (C{delivery}: C{"datagram"}
-over the UDP path, C{"stream"} over the TCP path) and whether it is already
-secure and reliable.  A later layer (TLS on the TCP path, QUIC on the UDP path)
-can then wrap an L{IPeerConnection} and offer the same interface with
-C{secure=True} -- plus streams through an extra interface -- without changing
-what existing callers do.
+Why the shape: one connection to a peer, whichever protocol won, carries
+messages (C{send}/C{IPeerReceiver}) and any number of byte streams
+(C{openStream}, L{IStreamHandler}; each stream a Twisted transport for an
+ordinary C{IProtocol}), always encrypted and authenticated by both sides'
+keys.  L{IPeer.serve} and L{IPeer.openStream} (and the C{natbypass:}
+endpoints built on them) are the usual way in.
 """
 
 from __future__ import annotations
@@ -28,11 +28,8 @@ class IPeerReceiver(Interface):
 
     def dataReceived(data: bytes) -> None:
         """
-        Bytes arrived from the peer.
-
-        On a C{"datagram"} connection each call is exactly one datagram the
-        peer passed to C{send}; on a C{"stream"} connection calls are
-        arbitrary slices of the byte stream, as with C{IProtocol}.
+        One message arrived from the peer: exactly what it passed to one
+        C{send} (streams go to their own protocols, not here).
         """
 
     def connectionLost(reason) -> None:
@@ -87,13 +84,14 @@ class IPeerConnection(Interface):
 
     def send(data: bytes) -> None:
         """
-        Send C{data} to the peer: one datagram (C{delivery == "datagram"},
-        raising C{ValueError} when it exceeds C{max_datagram_size}) or more
-        of the stream.  Sending on a closed connection is ignored.
+        Send C{data} to the peer as one message (raising C{ValueError} when it
+        exceeds C{max_datagram_size}): unreliable on the UDP path (a QUIC
+        DATAGRAM frame), reliable and ordered on the TCP path.  Sending on a
+        closed connection is ignored.
         """
 
     max_datagram_size = Attribute(
-        "The largest payload one send() carries on a datagram connection, or None on a stream connection."
+        "The largest message one send() carries on this path (bytes)."
     )
 
     def close() -> None:

@@ -96,7 +96,7 @@ class ImplementerTests(SynchronousTestCase):
         self.assertEqual(len(results), 2)
         for conn in results:
             verifyObject(IPeerConnection, conn)
-            self.assertEqual((conn.protocol, conn.delivery, conn.max_datagram_size), ("tcp", "stream", None))
+            self.assertEqual((conn.protocol, conn.delivery, conn.max_datagram_size), ("tcp", "datagram", 65524))
             self.assertTrue(conn.secure)
 
     def test_peer_service(self) -> None:

@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import react
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -50,6 +51,7 @@ from natbypass.app.peer_options import (
     make_peer,
     namespace_options,
 )
+from natbypass.logsafe import escape
 from natbypass.streams import StreamRefused
 from natbypass.trust import TrustFileError
 
@@ -62,6 +64,12 @@ SERVICE_PREFIX = "forward:"
 
 #: The address -L listens on when it names none (like ssh: this machine only).
 DEFAULT_BIND = "127.0.0.1"
+
+#: The control service of -R: C{forward-listen:BIND:PORT} asks a peer to listen there.
+LISTEN_PREFIX = "forward-listen:"
+
+#: Where -R's streams come back: C{forward-back:HOST:PORT}, served by the requester for its own -R targets only.
+BACK_PREFIX = "forward-back:"
 
 
 # ----------------------------------------------------------------- the grammar
@@ -170,11 +178,12 @@ def _name(text: str) -> str:
     return text
 
 
-def parse_forward(text: str) -> ForwardSpec:
+def parse_forward(text: str, option: str = "-L") -> ForwardSpec:
     """
     C{-L}'s value: C{[BIND:]PORT:HOST:HOSTPORT} or C{[BIND:]PORT:NAME}
     (IPv6 addresses in brackets).  BIND defaults to L{DEFAULT_BIND}; PORT 0
-    lets the system choose.  Raises ValueError with a message a person can act on.
+    lets the system choose.  Raises ValueError with a message a person can act on
+    (naming C{option}).
     """
     parts = _split(text.strip())
     # The target ends with a port (HOST:HOSTPORT) or is a name; what precedes it is [BIND:]PORT.
@@ -187,9 +196,10 @@ def parse_forward(text: str) -> ForwardSpec:
     else:
         head, target = [], None
     if target is None or len(head) not in (1, 2):
-        raise ValueError(f"-L {text!r}: expected [BIND:]PORT:HOST:HOSTPORT or [BIND:]PORT:NAME")
+        raise ValueError(f"{option} {text!r}: expected [BIND:]PORT:HOST:HOSTPORT or [BIND:]PORT:NAME")
     bind = DEFAULT_BIND if len(head) == 1 else _bind(head[0])
-    return ForwardSpec(bind, _port(head[-1], "the local port", allow_zero=True), target)
+    what = "the local port" if option == "-L" else "the port to listen on"
+    return ForwardSpec(bind, _port(head[-1], what, allow_zero=True), target)
 
 
 def _bind(text: str) -> str:
@@ -210,6 +220,125 @@ def parse_expose(text: str) -> Exposure:
     if len(parts) != 2:
         raise ValueError(f"--expose {text!r}: expected [NAME=]HOST:PORT (IPv6 addresses in brackets)")
     return Exposure(_name(name) if sep else None, _host(parts[0], "the exposed host"), _port(parts[1], "the port"))
+
+
+def parse_remote(text: str) -> ForwardSpec:
+    """
+    C{-R}'s value: C{[BIND:]PORT:HOST:HOSTPORT}.  The peer listens on
+    BIND:PORT (BIND defaults to L{DEFAULT_BIND}, on the peer; PORT 0 lets the
+    peer's system choose) and we connect what it accepts to HOST:HOSTPORT on
+    our side, which is named by address (names are the serving side's).
+    """
+    spec = parse_forward(text, "-R")
+    if spec.target.name is not None:
+        raise ValueError(f"-R {text!r}: expected [BIND:]PORT:HOST:HOSTPORT (the target on this side, by address)")
+    return spec
+
+
+def listen_service(bind: str, port: int) -> str:
+    """The control service that asks a peer to listen on C{bind:port}: C{forward-listen:BIND:PORT}."""
+    return LISTEN_PREFIX + format_address((bind, port))
+
+
+def back_service(target: Target) -> str:
+    """The service a -R requester serves for its target, which the listening peer opens streams to."""
+    return BACK_PREFIX + format_address((target.host or "", target.port or 0))
+
+
+@dataclass(frozen=True)
+class ListenAllowance:
+    """One C{--allow-remote-listen [BIND:]PORT} (or C{[BIND:]LOW-HIGH}): where peers may make us listen."""
+
+    bind: str
+    low: int
+    high: int
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The control services it takes: one per port (a peer names exactly where it wants us to listen)."""
+        return tuple(listen_service(self.bind, port) for port in range(self.low, self.high + 1))
+
+
+#: The most ports one --allow-remote-listen range may allow (each is a served control service).
+MAX_ALLOWED_PORTS = 1024
+
+
+def parse_allow_listen(text: str) -> ListenAllowance:
+    """
+    C{--allow-remote-listen}'s value: C{[BIND:]PORT} or C{[BIND:]LOW-HIGH}
+    (BIND defaults to L{DEFAULT_BIND}; a lone port 0 lets requesters have the
+    system choose a port).  Raises ValueError with a message a person can act on.
+    """
+    parts = _split(text.strip())
+    if len(parts) not in (1, 2) or not parts[-1]:
+        raise ValueError(f"--allow-remote-listen {text!r}: expected [BIND:]PORT or [BIND:]LOW-HIGH")
+    bind = DEFAULT_BIND if len(parts) == 1 else _bind(parts[0])
+    low_text, dash, high_text = parts[-1].partition("-")
+    low = _port(low_text, "the port", allow_zero=not dash)
+    high = _port(high_text, "the range's last port") if dash else low
+    if high < low:
+        raise ValueError(f"--allow-remote-listen {text!r}: the range {low}-{high} is empty (LOW-HIGH, LOW <= HIGH)")
+    if high - low + 1 > MAX_ALLOWED_PORTS:
+        raise ValueError(f"--allow-remote-listen {text!r}: at most {MAX_ALLOWED_PORTS} ports a range")
+    return ListenAllowance(bind, low, high)
+
+
+# ----------------------------------------------------------------- the -R control stream's lines
+#
+# The requester opens a stream to C{forward-listen:BIND:PORT} and sends one
+# line naming its target (C{HOST:PORT}: the listening peer opens every
+# accepted connection's stream to C{forward-back:HOST:PORT}); the peer answers
+# one line, C{listening HOST:PORT} or C{error REASON}, and listens while the
+# stream stays open.
+
+#: The longest control line either side accepts (a target is at most 253 + 8 bytes).
+MAX_CONTROL_LINE = 512
+
+
+def encode_request(target: Target) -> bytes:
+    """The requester's line (without the newline): the target the streams are for."""
+    assert target.host is not None and target.port is not None
+    return format_address((target.host, target.port)).encode("ascii")
+
+
+def parse_request(line: bytes) -> Target:
+    """The target a requester named.  Raises ValueError when it is no C{HOST:PORT}."""
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError("the forward request is not ASCII") from None
+    parts = _split(text)
+    if len(parts) != 2:
+        raise ValueError(f"the forward request {text!r} is no HOST:PORT")
+    return Target(_host(parts[0], "the target host"), _port(parts[1], "the target port"))
+
+
+@dataclass(frozen=True)
+class ListenStatus:
+    """The listening peer's answer: where it listens (C{address}), or why it cannot (C{error})."""
+
+    address: str | None = None
+    error: str | None = None
+
+    def encode(self) -> bytes:
+        """The answer line (without the newline); an error is cut to one line of at most 400 characters."""
+        if self.error is not None:
+            return b"error " + " ".join(self.error.split())[:400].encode("utf-8", "replace")
+        assert self.address is not None
+        return b"listening " + self.address.encode("ascii")
+
+
+def parse_status(line: bytes) -> ListenStatus:
+    """The peer's answer line.  Raises ValueError when it is neither C{listening ADDRESS} nor C{error REASON}."""
+    word, _, rest = line.partition(b" ")
+    if word == b"error":
+        return ListenStatus(error=escape(rest.decode("utf-8", "replace")) or "no reason given")
+    if word == b"listening":
+        text = rest.decode("ascii", "replace")
+        parts = _split(text)
+        if len(parts) == 2:
+            return ListenStatus(address=format_address((_host(parts[0], "the address"), _port(parts[1], "the port"))))
+    raise ValueError(f"not a forward-listen answer: {escape(line.decode('utf-8', 'replace'), 80)!r}")
 
 
 # ----------------------------------------------------------------- relaying
@@ -325,57 +454,128 @@ class _OneProtocol(Factory):
 
 class _TargetFactory(Factory):
     """
-    Serves the streams to one exposed target: each becomes a TCP connection
-    to it, relayed both ways.  The stream's data waits (paused: its sender
-    stalls on credit) until the target accepts; a target that refuses resets
-    the stream.
+    Serves the streams to one target: each becomes a TCP connection to it,
+    relayed both ways (L{_Reaching}).  The stream's data waits (paused: its
+    sender stalls on credit) until the target accepts; a target that refuses
+    resets the stream.  C{gate}, when given, says which streams may be served
+    (the others are refused); C{events}, when given, hears of each one.
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, exposure: Exposure) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        exposure: Exposure,
+        events: Events | None = None,
+        gate: Callable[[Any], str | None] | None = None,
+    ) -> None:
         self.reactor = reactor
         self.exposure = exposure
+        self.events = events
+        self.gate = gate
 
     def buildProtocol(self, addr: Any) -> Protocol:
-        stream = Relay(self._ended)
-        stream.whenMade().addCallback(self._connect, addr)
-        return stream
+        if self.gate is not None:
+            refusal = self.gate(addr)
+            if refusal is not None:
+                raise StreamRefused(refusal)
+        return _Reaching(self, addr).stream
 
-    def _connect(self, stream: Relay, addr: Any) -> None:
-        target = Relay()
-        endpoint = HostnameEndpoint(self.reactor, self.exposure.host, self.exposure.port)
-        connecting = endpoint.connect(_OneProtocol(target))
-        stream.connecting = connecting  # type: ignore[attr-defined]
 
-        def connected(_: Any) -> None:
-            if stream.lost is None:
-                self.log.info(
-                    "forwarding {peer} to {target} (stream {stream_id})",
-                    peer=addr.peer_id,
-                    target=str(Target(self.exposure.host, self.exposure.port)),
-                    stream_id=addr.stream_id,
-                )
-                join(stream, target)
-            else:
-                target.transport.loseConnection()
+class _Reaching:
+    """One stream served by a L{_TargetFactory}: it and its TCP connection to the target, and what is said of them."""
 
-        def failed(reason: Failure) -> None:
-            if not reason.check(CancelledError):
-                self.log.warn(
-                    "forward from {peer} to {target} failed: {reason}",
-                    peer=addr.peer_id,
-                    target=f"{self.exposure.host}:{self.exposure.port}",
-                    reason=reason.getErrorMessage(),
-                )
-                stream.transport.abortConnection()
+    def __init__(self, factory: _TargetFactory, addr: Any) -> None:
+        self.factory, self.addr = factory, addr
+        self.target_text = str(Target(factory.exposure.host, factory.exposure.port))
+        self.stream = Relay(self._lost)
+        self.target = Relay(self._lost)
+        self.connecting: Deferred[Any] | None = None
+        self.opened = False
+        self.number = 0
+        self.started = factory.reactor.seconds()
+        self.stream.whenMade().addCallback(self._connect)
 
-        connecting.addCallbacks(connected, failed)
+    def _connect(self, _: Any) -> None:
+        f = self.factory
+        endpoint = HostnameEndpoint(f.reactor, f.exposure.host, f.exposure.port)
+        self.connecting = endpoint.connect(_OneProtocol(self.target))
+        self.connecting.addCallbacks(self._connected, self._failed)
 
-    def _ended(self, stream: Relay, reason: Failure) -> None:
-        connecting = getattr(stream, "connecting", None)
-        if connecting is not None and not connecting.called:
-            connecting.cancel()
+    def _connected(self, _: Any) -> None:
+        self.connecting = None
+        if self.stream.lost is not None:
+            self.target.transport.loseConnection()
+            return
+        self.opened = True
+        f, addr = self.factory, self.addr
+        f.log.info(
+            "forwarding {peer} to {target} (stream {stream_id})",
+            peer=addr.peer_id,
+            target=self.target_text,
+            stream_id=addr.stream_id,
+        )
+        if f.events is not None:
+            self.number = f.events.number()
+            f.events.emit(
+                {
+                    "event": "opened",
+                    "connection": self.number,
+                    "remote": True,
+                    "from": addr.peer_id,
+                    "service": addr.service,
+                    "target": self.target_text,
+                    "path": addr.path,
+                    "stream_id": addr.stream_id,
+                },
+                f"#{self.number} {addr.peer_id} -> {self.target_text} (stream {addr.stream_id} over {addr.path})",
+            )
+        join(self.stream, self.target)
+
+    def _failed(self, reason: Failure) -> None:
+        self.connecting = None
+        if reason.check(CancelledError):
+            return
+        f = self.factory
+        why = f"forward from {self.addr.peer_id} to {self.target_text} failed: {reason.getErrorMessage()}"
+        f.log.warn("{why}", why=why)
+        if f.events is not None:
+            number = f.events.number()
+            f.events.emit(
+                {"event": "error", "connection": number, "service": self.addr.service, "reason": why},
+                f"#{number} error: {why}",
+            )
+        self.stream.transport.abortConnection()
+
+    def _lost(self, side: Relay, reason: Failure) -> None:
+        if side is self.stream and self.connecting is not None:
+            self.connecting.cancel()
+        events = self.factory.events
+        if not self.opened or events is None or self.stream.lost is None or self.target.lost is None:
+            return
+        _closed(events, self.number, self.addr.service, self.target, self.stream, self.factory.reactor, self.started)
+
+
+def _closed(events: Events, number: int, service: str, ours: Relay, theirs: Relay, clock: Any, started: float) -> None:
+    """Say that a forwarded connection ended: bytes each way (C{ours}: read on our side, sent), duration, why."""
+    ends = [r for r in (ours.lost, theirs.lost) if r is not None and not r.check(ConnectionDone)]
+    duration = round((clock.seconds() - started) * 1000)
+    event: dict[str, Any] = {
+        "event": "closed",
+        "connection": number,
+        "service": service,
+        "bytes_sent": ours.bytes,
+        "bytes_received": theirs.bytes,
+        "duration_ms": duration,
+    }
+    if ends:
+        event["reason"] = ends[0].getErrorMessage()
+    events.emit(
+        event,
+        f"#{number} closed: {ours.bytes} bytes sent, {theirs.bytes} received in {duration} ms"
+        + (f" ({event['reason']})" if ends else ""),
+    )
 
 
 def serve_exposed(peer: Any, exposures: list[Exposure], reactor: Any) -> list[Any]:
@@ -435,9 +635,7 @@ class Forwarded:
     def _open(self, _: Any) -> None:
         f = self.forwarder
         self.source = format_address(self.local.transport.getPeer())
-        self.opening = f.peer.openStream(
-            f.peer_id, self.spec.target.service, _OneProtocol(self.stream), f.protocol, f.fingerprint
-        )
+        self.opening = f.peer.openStream(f.peer_id, f.service, _OneProtocol(self.stream), f.protocol, f.fingerprint)
         self.opening.addCallbacks(self._opened, self._failed)
 
     def _opened(self, _: Any) -> None:
@@ -452,11 +650,11 @@ class Forwarded:
                 "event": "opened",
                 "connection": self.number,
                 "from": self.source,
-                "service": self.spec.target.service,
+                "service": self.forwarder.service,
                 "path": address.path,
                 "stream_id": address.stream_id,
             },
-            f"#{self.number} {self.source} -> {self.forwarder.peer_id} {self.spec.target} "
+            f"#{self.number} {self.source} -> {self.forwarder.peer_id} {self.forwarder.label} "
             f"(stream {address.stream_id} over {address.path})",
         )
         join(self.local, self.stream)
@@ -468,10 +666,7 @@ class Forwarded:
         f = self.forwarder
         why = reason.getErrorMessage()
         if reason.check(StreamRefused):
-            why = (
-                f"{f.peer_id} refused {self.spec.target}: {reason.value.reason} "  # type: ignore[union-attr]
-                f"(a peer forwards only to what it exposes: twistd natbypass-peer --expose [NAME=]HOST:PORT)"
-            )
+            why = f"{f.peer_id} refused {f.label}: {reason.value.reason} {f.hint}"  # type: ignore[union-attr]
         self.error(why)
         if self.local.lost is None:
             self.local.transport.loseConnection()
@@ -480,7 +675,7 @@ class Forwarded:
         self._reported = True
         self.forwarder.errors += 1
         self.forwarder.events.emit(
-            {"event": "error", "connection": self.number, "service": self.spec.target.service, "reason": why},
+            {"event": "error", "connection": self.number, "service": self.forwarder.service, "reason": why},
             f"#{self.number} error: {why}",
         )
 
@@ -494,31 +689,19 @@ class Forwarded:
         if self.local.lost is None or self.stream.lost is None:
             return
         self._reported = True
-        ends = [r for r in (self.local.lost, self.stream.lost) if not r.check(ConnectionDone)]
-        duration = round((self.forwarder.clock.seconds() - self.started) * 1000)
-        event: dict[str, Any] = {
-            "event": "closed",
-            "connection": self.number,
-            "service": self.spec.target.service,
-            "bytes_sent": self.local.bytes,
-            "bytes_received": self.stream.bytes,
-            "duration_ms": duration,
-        }
-        if ends:
-            event["reason"] = ends[0].getErrorMessage()
-        self.forwarder.events.emit(
-            event,
-            f"#{self.number} closed: {self.local.bytes} bytes sent, {self.stream.bytes} received in {duration} ms"
-            + (f" ({event['reason']})" if ends else ""),
-        )
+        f = self.forwarder
+        _closed(f.events, self.number, f.service, self.local, self.stream, f.clock, self.started)
         self.forwarder.done(self)
 
 
 class Forwarder(Factory):
     """
     The listening side of one C{-L}: each accepted TCP connection becomes a
-    L{Forwarded} stream to the peer.
+    L{Forwarded} stream to the peer's C{service} (by default the target's).
     """
+
+    #: What a refusal's message adds: how the peer would allow it.
+    hint = "(a peer forwards only to what it exposes: twistd natbypass-peer --expose [NAME=]HOST:PORT)"
 
     def __init__(
         self,
@@ -532,6 +715,8 @@ class Forwarder(Factory):
     ) -> None:
         self.peer, self.peer_id, self.spec, self.events, self.clock = peer, peer_id, spec, events, clock
         self.protocol, self.fingerprint = protocol, fingerprint
+        self.service = spec.target.service
+        self.label = str(spec.target)
         self.active: set[Forwarded] = set()
         self.count = 0
         self.errors = 0
@@ -551,6 +736,314 @@ def listen_endpoint(reactor: Any, spec: ForwardSpec) -> Any:
     if ":" in spec.bind:
         return TCP6ServerEndpoint(reactor, spec.port, interface=spec.bind)
     return TCP4ServerEndpoint(reactor, spec.port, interface=spec.bind)
+
+
+# ----------------------------------------------------------------- -R, serving: --allow-remote-listen
+
+
+class LogEvents:
+    """L{Events} for the serving side (a twistd service): each goes to the log."""
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    def number(self) -> int:
+        self.connections += 1
+        return self.connections
+
+    def emit(self, event: dict[str, Any], text: str) -> None:
+        self.log.info("remote forward: {text}", text=text, forward_event=event)
+
+
+class _BackForwarder(Forwarder):
+    """The peer's listener for one -R: each accepted connection becomes a stream back to the requester."""
+
+    hint = "(the requester serves only the targets of its own -R)"
+
+    def __init__(self, peer: Any, requester: Any, bind: str, port: int, target: Target, clock: Any) -> None:
+        # Pinned to the key that asked: a stream back never reaches anyone else under that id.
+        super().__init__(
+            peer, requester.peer_id, ForwardSpec(bind, port, target), LogEvents(), clock, None, requester.fingerprint
+        )
+        self.service = back_service(target)
+        self.label = f"{target} (its -R)"
+
+
+class _ListenControl(LineReceiver):
+    """
+    The serving peer's end of one -R control stream: listens where the
+    requester asked (an allowed BIND:PORT) once it named its target, answers
+    one line, and stops listening when the stream ends, whoever ends it.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_CONTROL_LINE
+    log = Logger()
+
+    def __init__(self, peer: Any, reactor: Any, bind: str, port: int, requester: Any) -> None:
+        self.peer, self.reactor, self.requester = peer, reactor, requester
+        self.bind, self.port_number = bind, port
+        self.requested = False
+        self.gone = False
+        self.port: Any = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.requested:
+            return  # one request a stream; the requester has nothing more to say
+        self.requested = True
+        where = format_address((self.bind, self.port_number))
+        try:
+            target = parse_request(line.rstrip(b"\r"))
+        except ValueError as e:
+            self._refuse(str(e))
+            return
+        factory = _BackForwarder(self.peer, self.requester, self.bind, self.port_number, target, self.reactor)
+        listening = listen_endpoint(self.reactor, ForwardSpec(self.bind, self.port_number, target)).listen(factory)
+        listening.addCallbacks(self._listening, lambda f: self._refuse(f"cannot listen on {where}: {f.getErrorMessage()}"))
+
+    def _listening(self, port: Any) -> None:
+        if self.gone:
+            port.stopListening()
+            return
+        self.port = port
+        host = port.getHost()
+        address = format_address((host.host, host.port))
+        self.log.info(
+            "listening on {address} for {peer} (key {fingerprint}), forwarding back to its {service}",
+            address=address,
+            peer=self.requester.peer_id,
+            fingerprint=str(self.requester.fingerprint),
+            service=port.factory.service,
+        )
+        self.sendLine(ListenStatus(address=address).encode())
+
+    def _refuse(self, why: str) -> None:
+        self.log.warn("remote forward for {peer} refused: {why}", peer=self.requester.peer_id, why=why)
+        if not self.gone:
+            self.sendLine(ListenStatus(error=why).encode())
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.gone = True
+        if self.port is not None:
+            port, self.port = self.port, None
+            self.log.info(
+                "stopped listening on {address} for {peer}: its control stream ended",
+                address=format_address((port.getHost().host, port.getHost().port)),
+                peer=self.requester.peer_id,
+            )
+            port.stopListening()
+
+
+class _ListenFactory(Factory):
+    """The control services of every --allow-remote-listen: each stream is a L{_ListenControl} for its BIND:PORT."""
+
+    def __init__(self, peer: Any, reactor: Any, where: dict[str, tuple[str, int]]) -> None:
+        self.peer, self.reactor, self.where = peer, reactor, where
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        bind, port = self.where[addr.service]
+        return _ListenControl(self.peer, self.reactor, bind, port, addr)
+
+
+def serve_remote_listen(peer: Any, allowances: list[ListenAllowance], reactor: Any) -> list[Any]:
+    """
+    Serve the C{forward-listen:} control services of C{allowances} on C{peer}
+    (which decides who may open streams at all: its allow list); returns
+    their ports.  A request for any other address is refused by the peer (no
+    such service), so nothing listens that was not allowed.
+    """
+    where: dict[str, tuple[str, int]] = {}
+    for allowance in allowances:
+        for port in range(allowance.low, allowance.high + 1):
+            where[listen_service(allowance.bind, port)] = (allowance.bind, port)
+    factory = _ListenFactory(peer, reactor, where)
+    return [peer.serve(service, factory) for service in where]
+
+
+# ----------------------------------------------------------------- -R, requesting
+
+#: Seconds before a lost remote listener is asked for again, doubling up to the second figure.
+RETRY_FIRST, RETRY_MOST = 1.0, 60.0
+
+
+class RemoteForwardFailed(Exception):
+    """A -R could not be set up (refused, unreachable, cannot listen); the error event said why."""
+
+
+class _RemoteControl(LineReceiver):
+    """Our end of a -R's control stream: names the target, reads the answer, and keeps the listener open."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_CONTROL_LINE
+
+    def __init__(self, remote: RemoteForward) -> None:
+        self.remote = remote
+        self.answered = False
+
+    def connectionMade(self) -> None:
+        self.sendLine(encode_request(self.remote.spec.target))
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        try:
+            status = parse_status(line.rstrip(b"\r"))
+        except ValueError as e:
+            status = ListenStatus(error=str(e))
+        if status.error is not None:
+            self.transport.loseConnection()
+        self.remote.answered(self, status)
+
+    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.remote.lost(self, reason)
+
+
+class RemoteForward:
+    """
+    One C{-R} at the requester: a control stream asking the peer to listen,
+    kept open while we run (the peer listens exactly as long), asked for again
+    after a loss (1 s, doubling to a minute).  L{refusal} is the gate of our
+    C{forward-back:} service: only the peer and key now listening for us may
+    open streams to it.
+    """
+
+    def __init__(
+        self,
+        peer: Any,
+        peer_id: str,
+        spec: ForwardSpec,
+        events: Events,
+        clock: Any,
+        protocol: Any = None,
+        fingerprint: Any = None,
+    ) -> None:
+        self.peer, self.peer_id, self.spec, self.events, self.clock = peer, peer_id, spec, events, clock
+        self.protocol, self.fingerprint = protocol, fingerprint
+        self.service = listen_service(spec.bind, spec.port)
+        self.where = format_address((spec.bind, spec.port))
+        #: Where the peer listens for us, and the key it proved, while it does.
+        self.address: str | None = None
+        self.key: Any = None
+        self.control: _RemoteControl | None = None
+        self.stopped = False
+        self._opening: Deferred[Any] | None = None
+        self._first: Deferred[str] | None = None
+        self._retry: Any = None
+        self._delay = RETRY_FIRST
+
+    def start(self) -> Deferred[str]:
+        """Ask the peer to listen: fires with where it does, or fails with L{RemoteForwardFailed}."""
+        self._first = Deferred()
+        self._request()
+        return self._first
+
+    def _request(self) -> None:
+        self._retry = None
+        self._opening = self.peer.openStream(
+            self.peer_id, self.service, _OneProtocol(_RemoteControl(self)), self.protocol, self.fingerprint
+        )
+        self._opening.addCallbacks(self._opened, self._failed)
+
+    def _opened(self, _: Any) -> None:
+        self._opening = None
+
+    def _failed(self, reason: Failure) -> None:
+        self._opening = None
+        if reason.check(CancelledError):
+            return
+        why = reason.getErrorMessage()
+        if reason.check(StreamRefused):
+            why = (
+                f"{self.peer_id} refused to listen on {self.where}: {reason.value.reason} "  # type: ignore[union-attr]
+                f"(a peer listens only where it allows it, for peers it allows: natbypass peer "
+                f"--allow-remote-listen [BIND:]PORT with --allow FILE)"
+            )
+        self._error(why)
+
+    def _error(self, why: str) -> None:
+        self.events.emit(
+            {"event": "error", "remote": self.where, "service": self.service, "reason": why},
+            f"-R {self.where}: error: {why}",
+        )
+        if self._first is not None:
+            first, self._first = self._first, None
+            first.errback(RemoteForwardFailed(why))
+        elif not self.stopped:
+            self._retry = self.clock.callLater(self._delay, self._request)
+            self._delay = min(self._delay * 2, RETRY_MOST)
+
+    def answered(self, control: _RemoteControl, status: ListenStatus) -> None:
+        """The peer's answer on C{control}: it listens at C{status.address}, or it cannot."""
+        if status.error is not None:
+            self._error(f"{self.peer_id} cannot listen on {self.where}: {status.error}")
+            return
+        self.control, self.address, self._delay = control, status.address, RETRY_FIRST
+        self.key = control.transport.getPeer().fingerprint
+        target = self.spec.target
+        self.events.emit(
+            {
+                "event": "listening",
+                "remote": True,
+                "address": status.address,
+                "peer": self.peer_id,
+                "target": str(target),
+                "service": back_service(target),
+            },
+            f"{self.peer_id} listening on {status.address} -> {target}",
+        )
+        if self._first is not None:
+            first, self._first = self._first, None
+            first.callback(status.address)
+
+    def lost(self, control: _RemoteControl, reason: Failure) -> None:
+        """C{control} ended: the peer no longer listens for it."""
+        if control is not self.control:
+            if not control.answered and not self.stopped:
+                self._error(f"{self.peer_id} ended the -R control stream before answering: {reason.getErrorMessage()}")
+            return
+        self.control, self.address, self.key = None, None, None
+        if not self.stopped:
+            self._error(f"{self.peer_id} stopped listening on {self.where}: {reason.getErrorMessage()}; asking again")
+
+    def refusal(self, addr: Any) -> str | None:
+        """Why a stream to our C{forward-back:} service may not be served, or None when it may."""
+        if self.control is not None and addr.peer_id == self.peer_id and addr.fingerprint == self.key:
+            return None
+        return f"{addr.service} takes streams only from the peer listening for this forward's -R"
+
+    def stopListening(self) -> Deferred[None]:
+        """Stop: the peer stops listening as the control stream closes."""
+        self.stopped = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._opening is not None:
+            self._opening.cancel()
+        if self.control is not None:
+            self.control.transport.loseConnection()
+        return defer.succeed(None)
+
+
+def serve_back(peer: Any, remotes: list[RemoteForward], reactor: Any, events: Events) -> list[Any]:
+    """
+    Serve the C{forward-back:} service of each -R target (once per target):
+    a stream to it is connected to that target, only when one of C{remotes}
+    for it has the stream's peer and key listening for us.
+    """
+    ports = []
+    for target in dict.fromkeys(r.spec.target for r in remotes):
+        mine = [r for r in remotes if r.spec.target == target]
+
+        def gate(addr: Any, mine: list[RemoteForward] = mine) -> str | None:
+            refusals = [r.refusal(addr) for r in mine]
+            return None if None in refusals else refusals[0]
+
+        factory = _TargetFactory(reactor, Exposure(None, target.host or "", target.port or 0), events, gate)
+        ports.append(peer.serve(back_service(target), factory))
+    return ports
 
 
 # ----------------------------------------------------------------- the command
