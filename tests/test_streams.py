@@ -93,6 +93,17 @@ class OpeningTests(SynchronousTestCase):
         self.p.pump()
         self.assertEqual(self.successResultOf(third).transport.stream_id, 16)
 
+    def test_cancel_a_waiting_open_after_it_started(self) -> None:
+        self.p.ca.max_streams = 3  # id 8 only
+        self.successResultOf(opened(self.p))
+        waiting = self.p.a.open("echo", Factory.forProtocol(Collect))
+        self.p.ca.max_streams = 4
+        self.p.a.writable()  # the open starts: its request is on its way
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.p.pump()
+        self.assertEqual((len(self.p.a), len(self.p.b)), (1, 1))
+
     def test_handler_exception_refuses_without_breaking_the_session(self) -> None:
         class Broken:
             def streamRequested(self, connection: Any, address: Any) -> Any:

@@ -13,9 +13,18 @@ C{twisted.protocols.portforward} does, so a slow reader stops its writer
 instead of growing a buffer; half-close travels both ways.  Every forwarded
 connection is its own stream: one failing never touches the others.
 
+Each C{-R [BIND:]PORT:HOST:HOSTPORT} (like C{ssh -R}) opens a control stream
+to the peer's C{forward-listen:BIND:PORT}; a peer that allows it
+(C{natbypass peer --allow-remote-listen [BIND:]PORT}, L{serve_remote_listen})
+listens there while that stream is open, and opens a stream back to our
+C{forward-back:HOST:HOSTPORT} for every connection it accepts, which we
+connect to HOST:HOSTPORT (L{serve_back}: only our own -R targets, only from
+the peer and key listening for us).
+
 Exit status 0 after Ctrl-C, 1 when the peer could not be set up (mediator,
-listening port), 2 on bad usage.  C{--json} prints one JSON object a line:
-C{listening}, C{opened}, C{closed} (bytes each way, duration), C{error}.
+listening port, a refused -R), 2 on bad usage.  C{--json} prints one JSON
+object a line: C{listening} (C{"remote": true} for -R), C{opened}, C{closed}
+(bytes each way, duration), C{error}.
 """
 
 from __future__ import annotations
@@ -801,7 +810,9 @@ class _ListenControl(LineReceiver):
             return
         factory = _BackForwarder(self.peer, self.requester, self.bind, self.port_number, target, self.reactor)
         listening = listen_endpoint(self.reactor, ForwardSpec(self.bind, self.port_number, target)).listen(factory)
-        listening.addCallbacks(self._listening, lambda f: self._refuse(f"cannot listen on {where}: {f.getErrorMessage()}"))
+        listening.addCallbacks(
+            self._listening, lambda f: self._refuse(f"cannot listen on {where}: {f.getErrorMessage()}")
+        )
 
     def _listening(self, port: Any) -> None:
         if self.gone:
@@ -1056,7 +1067,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of C{natbypass forward}."""
     p = argparse.ArgumentParser(
         prog="natbypass forward",
-        description="Forward local TCP ports to targets a peer exposes (like ssh -L), over one secure connection.",
+        description="Forward local TCP ports to targets a peer exposes (-L, like ssh -L), and ports a peer allows "
+        "to targets on this side (-R, like ssh -R), over one secure connection.",
+        epilog="Exit status: 0 after Ctrl-C; 1 when the peer could not be set up (mediator, a local port, a -R "
+        "the peer refused or could not listen on); 2 on bad usage.",
     )
     add_arguments(p, PEER_OPTIONS + TARGET_OPTIONS + FORWARD_OPTIONS)
     p.add_argument(
@@ -1074,8 +1088,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="remote",
         action="append",
         default=[],
+        type=_argument(parse_remote),
         metavar="[BIND:]PORT:HOST:HOSTPORT",
-        help="not implemented yet: ask the peer to listen and forward back to us",
+        help="ask the peer to listen on BIND:PORT on its side (default bind 127.0.0.1; PORT 0: the peer chooses) "
+        "and forward each connection back to HOST:HOSTPORT on this side, while this command runs; the peer must "
+        "allow it (natbypass peer --allow-remote-listen [BIND:]PORT); repeatable",
     )
     return p
 
@@ -1097,10 +1114,8 @@ def parse_options(argv: list[str]) -> dict[str, Any]:
     options = namespace_options(args, PEER_OPTIONS + TARGET_OPTIONS + FORWARD_OPTIONS)
     options["local"], options["remote"] = args.local, args.remote
     try:
-        if options["remote"]:
-            raise ValueError("-R (remote forwarding) is not implemented yet; use -L on the other side")
-        if not options["local"]:
-            raise ValueError("give at least one -L [BIND:]PORT:HOST:HOSTPORT")
+        if not options["local"] and not options["remote"]:
+            raise ValueError("give at least one -L [BIND:]PORT:HOST:HOSTPORT or -R [BIND:]PORT:HOST:HOSTPORT")
         check_peer_options(options)
         check_target_options(options)
     except (ValueError, TrustFileError) as e:
@@ -1109,15 +1124,22 @@ def parse_options(argv: list[str]) -> dict[str, Any]:
     return options
 
 
-async def start(reactor: Any, options: dict[str, Any], events: Events, peer: Any) -> list[Any]:
+async def start(reactor: Any, options: dict[str, Any], events: Events, peer: Any, ports: list[Any]) -> None:
     """
     Listen on every C{-L} (the peer is connected to on the first forwarded
-    connection, and again after a lost path); returns the listening ports.
+    connection, and again after a lost path), then ask the peer to listen for
+    every C{-R}; what listens is added to C{ports} as it starts.
+
+    @raise RemoteForwardFailed: when a C{-R} was refused (the error event said why).
     """
     from natbypass.app.connect import registered
 
     await registered(peer, options["mediator"], reactor)
-    ports = []
+    remotes = [
+        RemoteForward(peer, options["peer"], spec, events, reactor, options["protocol"], options["peer-fingerprint"])
+        for spec in options["remote"]
+    ]
+    ports.extend(serve_back(peer, remotes, reactor, events))
     for spec in options["local"]:
         factory = Forwarder(
             peer, options["peer"], spec, events, reactor, options["protocol"], options["peer-fingerprint"]
@@ -1135,7 +1157,9 @@ async def start(reactor: Any, options: dict[str, Any], events: Events, peer: Any
             },
             f"listening on {format_address((host.host, host.port))} -> {options['peer']} {spec.target}",
         )
-    return ports
+    for remote in remotes:
+        ports.append(remote)
+        await remote.start()
 
 
 async def _main(reactor: Any, options: dict[str, Any], out: Any, make: Callable[..., Any] = make_peer) -> int:
@@ -1154,7 +1178,9 @@ async def _main(reactor: Any, options: dict[str, Any], out: Any, make: Callable[
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     try:
-        stopping.extend(await start(reactor, options, events, peer))
+        await start(reactor, options, events, peer, stopping)
+    except RemoteForwardFailed:
+        return EXIT_FAILED  # the error event said why
     except (*CONNECT_FAILURES, CannotListenError) as e:
         events.emit({"event": "failed", "reason": str(e)}, f"natbypass forward: {e}")
         return EXIT_FAILED

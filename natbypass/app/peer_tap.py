@@ -2,7 +2,9 @@
 The C{natbypass-peer} twistd plugin: register with a mediator and accept
 direct connections, serving the stream service C{echo} (and echoing
 datagrams) so reachability can be tested, and forwarding streams to the TCP
-targets it C{--expose}s (the serving side of C{natbypass forward}).
+targets it C{--expose}s (the serving side of C{natbypass forward -L}), and
+listening where it C{--allow-remote-listen}s for peers that ask (the serving
+side of C{natbypass forward -R}).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 from twisted.python import usage
 
 from natbypass.app.echo import ECHO_SERVICE, EchoHandler, echo_factory
-from natbypass.app.forward import parse_expose, serve_exposed
+from natbypass.app.forward import parse_allow_listen, parse_expose, serve_exposed, serve_remote_listen
 from natbypass.app.peer_options import PEER_OPTIONS, OptionSpec, check_peer_options, make_peer, usage_parameters
 from natbypass.metrics import check_metrics_option, peer_metrics
 from natbypass.peer import Peer
@@ -53,6 +55,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["expose"] = []
+        self["allow-remote-listen"] = []
 
     def opt_expose(self, value: str) -> None:
         """
@@ -61,6 +64,17 @@ class Options(usage.Options):
         """
         try:
             self["expose"].append(parse_expose(value))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def opt_allow_remote_listen(self, value: str) -> None:
+        """
+        let peers make us listen on this TCP port, [BIND:]PORT or [BIND:]LOW-HIGH (default bind 127.0.0.1;
+        repeatable; needs --allow FILE or an explicit --allow-any): natbypass forward -R PORT:HOST:HOSTPORT
+        listens here while it runs and forwards each connection back to its side
+        """
+        try:
+            self["allow-remote-listen"].append(parse_allow_listen(value))
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -74,6 +88,11 @@ class Options(usage.Options):
         if self["expose"] and not (self["allow"] or self["allow-any"]):
             raise usage.UsageError(
                 "--expose forwards into your network: say who may use it with --allow FILE (or --allow-any)"
+            )
+        if self["allow-remote-listen"] and not (self["allow"] or self["allow-any"]):
+            raise usage.UsageError(
+                "--allow-remote-listen opens ports here for other peers: say who may use it with --allow FILE "
+                "(or --allow-any)"
             )
         try:
             check_mediator_endpoint(self["mediator"], self["ca"])
@@ -89,7 +108,8 @@ def makeService(options: Options, reactor: Any = None) -> Peer:
     The service twistd runs: a L{Peer} that serves the C{echo} stream
     service (and echoes the datagrams of every direct connection,
     L{EchoHandler}) so reachability can be tested end to end, and forwards
-    streams to what C{--expose} names.  C{reactor} is for tests; by default
+    streams to what C{--expose} names, and listens where
+    C{--allow-remote-listen} allows for the peers that ask.  C{reactor} is for tests; by default
     the installed one.
     """
     if reactor is None:
@@ -100,6 +120,7 @@ def makeService(options: Options, reactor: Any = None) -> Peer:
     peer.listen(EchoHandler())
     peer.serve(ECHO_SERVICE, echo_factory())
     serve_exposed(peer, options["expose"], reactor)
+    serve_remote_listen(peer, options["allow-remote-listen"], reactor)
     if options["metrics"] is not None:
         peer_metrics(options["metrics"], reactor, peer).setServiceParent(peer)
     return peer

@@ -115,7 +115,7 @@ class StreamSession:
         self.handler_known = False
         self._streams: dict[int, Any] = {}
         #: Opens waiting for the path to allow another stream (QUIC's stream limit).
-        self._waiting: deque[tuple[str, IProtocolFactory, Deferred[IProtocol]]] = deque()
+        self._waiting: deque[_WaitingOpen] = deque()
         self._highest_peer_stream = -1
         self._lost: Failure | None = None
         self._going_away = False
@@ -142,7 +142,6 @@ class StreamSession:
 
     def open(self, service: str, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """Open a stream to the peer's C{service} (see C{IPeerConnection.openStream})."""
-
         request = frames.open_request(service)  # ValueError for a bad name, before anything is sent
         if self._lost is not None:
             return _failed(self._lost)
@@ -153,15 +152,9 @@ class StreamSession:
             return _failed(Failure(StreamError(f"{mine} streams are already open to this peer (the limit)")))
         if self._waiting or not self.carrier.canOpen():
             # The path allows no more streams at once (QUIC's limit, raised as streams end): wait in order.
-            entry: tuple[str, IProtocolFactory, Deferred[IProtocol]]
-
-            def dequeue(d: Deferred[IProtocol]) -> None:
-                if entry in self._waiting:
-                    self._waiting.remove(entry)
-
-            entry = (service, factory, Deferred(dequeue))
-            self._waiting.append(entry)
-            return entry[2]
+            waiting = _WaitingOpen(self, service, factory)
+            self._waiting.append(waiting)
+            return waiting.deferred
         return self._open(service, factory, request)
 
     def _open(self, service: str, factory: IProtocolFactory, request: bytes) -> Deferred[IProtocol]:
@@ -261,8 +254,7 @@ class StreamSession:
     def writable(self) -> None:
         """The carrier has room again (or allows more streams): open and send what waits, round-robin."""
         while self._waiting and self._lost is None and self.carrier.canOpen():
-            service, factory, waiting = self._waiting.popleft()
-            self._open(service, factory, frames.open_request(service)).chainDeferred(waiting)
+            self._waiting.popleft().start()
         for transport in list(self._streams.values()):
             transport.flush()
 
@@ -272,8 +264,8 @@ class StreamSession:
             return
         self._lost = reason
         waiting, self._waiting = self._waiting, deque()
-        for _, _, d in waiting:
-            d.errback(reason)
+        for each in waiting:
+            each.deferred.errback(reason)
         why = plain(reason.value)
         for transport in list(self._streams.values()):
             transport.connectionGone(Failure(StreamError(f"the path to {self.ends.peer_id} was lost: {why}")))
@@ -295,6 +287,31 @@ class StreamSession:
     def violation(self, transport: Any, why: str) -> None:
         self.stats["flow_violations"] += 1
         self.log.warn("peer {peer} broke stream flow control: {why}", peer=self.ends.peer_id, why=why)
+
+
+class _WaitingOpen:
+    """An open that waits for the path to allow another stream; cancelling it cancels whichever stage it is in."""
+
+    def __init__(self, session: StreamSession, service: str, factory: IProtocolFactory) -> None:
+        self.session = session
+        self.service = service
+        self.factory = factory
+        self.started: Deferred[IProtocol] | None = None
+        self.deferred: Deferred[IProtocol] = Deferred(self._cancel)
+
+    def start(self) -> None:
+        self.started = self.session._open(self.service, self.factory, frames.open_request(self.service))
+        self.started.addBoth(self._done)
+
+    def _done(self, result: Any) -> None:
+        if not self.deferred.called:
+            (self.deferred.errback if isinstance(result, Failure) else self.deferred.callback)(result)
+
+    def _cancel(self, d: Deferred[IProtocol]) -> None:
+        if self.started is not None:
+            self.started.cancel()
+        elif self in self.session._waiting:
+            self.session._waiting.remove(self)
 
 
 def _failed(reason: Failure) -> Deferred[Any]:
