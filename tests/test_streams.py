@@ -347,6 +347,18 @@ class HostilePeerTests(SynchronousTestCase):
         (transport,) = self.p.b._streams.values()
         self.assertEqual(len(transport._rx), 202)
 
+    def test_data_before_acceptance_resets(self) -> None:
+        """The opener must wait for the answer: data pipelined after the request is refused unbuffered."""
+        self.p.b.streamData(8, frames.open_request("sink") + b"x" * 100_000, False)
+        self.assertEqual(len(self.p.b), 0)
+        self.assertIn(("reset", (8, frames.PROTOCOL_ERROR)), self.p.cb.out)
+
+    def test_streams_waiting_for_a_handler_hold_only_their_request(self) -> None:
+        p = MemoryPair()
+        p.b.streamData(8, frames.open_request("sink"), False)
+        p.b.streamData(8, b"more", False)
+        self.assertEqual(len(p.b), 0)
+
     def test_huge_credit_is_a_protocol_error(self) -> None:
         proto = self.successResultOf(opened(self.p, "sink"))
         self.p.a.control(frames.Frame(frames.WINDOW_UPDATE, 0, 8, 0xFFFFFFFF))

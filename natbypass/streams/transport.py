@@ -332,6 +332,10 @@ class StreamTransport:
         except frames.OpenError as e:
             self._protocolError(f"bad open request: {e}")
             return
+        if parsed is not None and len(self._rx) > parsed[1]:
+            # The opener waits for our answer before it sends data: an unanswered stream holds 257 bytes at most.
+            self._protocolError("the opener sent data before the stream was accepted")
+            return
         if parsed is None:
             if self._rx_fin:
                 self._end(Failure(StreamError("the peer closed the stream before naming a service")), reset=False)
