@@ -164,12 +164,12 @@ def deferLater(seconds: float) -> defer.Deferred:
 
 
 @defer.inlineCallbacks
-def waitFor(condition: Any, timeout: float = 10.0) -> Any:
+def waitFor(condition: Any, timeout: float = 10.0, out: Any = None) -> Any:
     for _ in range(int(timeout / 0.02)):
         if condition():
             return
         yield deferLater(0.02)
-    raise AssertionError("timed out waiting for a condition")
+    raise AssertionError("timed out waiting for a condition" + (f"; events:\n{out.getvalue()}" if out else ""))
 
 
 class RemoteForwardMixin:
@@ -183,6 +183,7 @@ class RemoteForwardMixin:
         target = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(EchoTarget))
         self.addCleanup(target.stopListening)
         bob = yield self.peer("bob", self.protocol)
+        bob.serve("echo", Factory.forProtocol(EchoTarget))  # as natbypass-peer does: it takes connections
         if allow is not None:
             self.addCleanup(lambda: [p.stopListening() for p in bob_ports])
             bob_ports = serve_remote_listen(bob, [parse_allow_listen(allow)], reactor)
@@ -209,7 +210,7 @@ class RemoteForwardMixin:
         self.assertEqual(
             [hashlib.sha256(a).hexdigest() for a in answers], [hashlib.sha256(p).hexdigest() for p in payloads]
         )
-        yield waitFor(lambda: len([e for e in self.events(out) if e["event"] == "closed"]) == 5)
+        yield waitFor(lambda: len([e for e in self.events(out) if e["event"] == "closed"]) == 5, out=out)
         events = self.events(out)
         self.assertEqual(events[0]["event"], "listening")
         self.assertEqual((events[0]["remote"], events[0]["address"]), (True, address))

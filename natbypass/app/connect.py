@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.protocol import Factory
-from twisted.internet.task import deferLater, react
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from natbypass.address import format_address, is_wildcard
@@ -34,6 +34,7 @@ from natbypass.app.peer_options import (
     make_peer,
     namespace_options,
 )
+from natbypass.app.run import react_command
 from natbypass.interfaces import IPeer
 from natbypass.net import route_source_address
 from natbypass.punch.candidates import CandidateError
@@ -243,22 +244,8 @@ def parse_options(argv: list[str]) -> dict[str, Any]:
 
 def run(argv: list[str]) -> int:
     """
-    Entry point of C{natbypass connect} for L{natbypass.app.cli}: run under
-    C{react} and return the exit status (L{EXIT_OK}, L{EXIT_FAILED},
-    L{EXIT_USAGE}) instead of exiting, so the dispatcher decides.
+    Entry point of C{natbypass connect} for L{natbypass.app.cli}: the exit
+    status (L{EXIT_OK}, L{EXIT_FAILED}, L{EXIT_USAGE}) is returned, not exited
+    with, so the dispatcher decides.
     """
-    try:
-        options = parse_options(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    result: list[int] = []
-
-    async def main(reactor: Any) -> None:
-        result.append(await _main(reactor, options, sys.stdout))
-
-    try:
-        react(lambda reactor: defer.ensureDeferred(main(reactor)))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return EXIT_FAILED
-    return result[0] if result else EXIT_FAILED
+    return react_command(argv, parse_options, lambda reactor, options: _main(reactor, options, sys.stdout))

@@ -26,7 +26,6 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import react
 from twisted.python.failure import Failure
 
 from natbypass.app.forward import Relay, join
@@ -40,6 +39,7 @@ from natbypass.app.peer_options import (
     make_peer,
     namespace_options,
 )
+from natbypass.app.run import react_command
 from natbypass.streams import StreamRefused
 from natbypass.trust import AllowList, TrustFileError
 
@@ -262,24 +262,14 @@ class _OneStream(Factory):
 
 
 def run(argv: list[str]) -> int:
-    """Entry point of C{natbypass pipe} for L{natbypass.app.cli}."""
-    try:
-        options = parse_options(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    result: list[int] = []
+    """Entry point of C{natbypass pipe} for L{natbypass.app.cli}: returns the exit status."""
 
-    async def main(reactor: Any) -> None:
+    def main(reactor: Any, options: Any) -> Any:
         from twisted.internet.stdio import StandardIO
 
         def stdio(protocol: Protocol) -> Any:
             return StandardIO(protocol, reactor=reactor)
 
-        result.append(await _main(reactor, options, sys.stderr, stdio))
+        return _main(reactor, options, sys.stderr, stdio)
 
-    try:
-        react(lambda reactor: defer.ensureDeferred(main(reactor)))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return EXIT_FAILED
-    return result[0] if result else EXIT_FAILED
+    return react_command(argv, parse_options, main)

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from twisted.application.service import IService
+from twisted.internet import defer
+from twisted.internet.task import react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python import usage
 
@@ -137,3 +140,31 @@ def mediator(argv: list[str]) -> int:
 def peer(argv: list[str]) -> int:
     """C{natbypass peer}: the C{natbypass-peer} twistd plugin in the foreground."""
     return run("peer", argv)
+
+
+def react_command(
+    argv: list[str],
+    parse_options: Callable[[list[str]], Any],
+    main: Callable[[Any, Any], Awaitable[int]],
+) -> int:
+    """
+    Run a one-shot command (C{connect}, C{pipe}, C{forward}) under C{react}:
+    parse C{argv} (argparse's C{SystemExit} becomes the status), run
+    C{main(reactor, options)} and return its exit status instead of exiting,
+    so the dispatcher decides.  A command that ends without a status failed (1).
+    """
+    try:
+        options = parse_options(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    result: list[int] = []
+
+    async def body(reactor: Any) -> None:
+        result.append(await main(reactor, options))
+
+    try:
+        react(lambda reactor: defer.ensureDeferred(body(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return EXIT_CANNOT_START
+    return result[0] if result else EXIT_CANNOT_START
