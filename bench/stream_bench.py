@@ -56,6 +56,9 @@ TCP_PORT = 15201  # kernel TCP sink on b, DNAT'd
 SSH_PORT = 2222  # sshd on b, DNAT'd
 SSH_SINK = 15202  # the sink ssh -L forwards to, on b's loopback
 SSH_LOCAL = 15203  # ssh -L's listening port on a's loopback
+FWD_SINK = 15204  # the sink `natbypass peer --expose` forwards to, on b's loopback
+FWD_LOCAL = {"udp": 15205, "tcp": 15206}  # `natbypass forward -L` listening ports on a's loopback, per path
+NATBYPASS = [sys.executable, "-m", "natbypass"]
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -112,6 +115,8 @@ class Bench:
         self.scenario.start_mediator()
         self.runs = 0
         self.ssh_pid: int | None = None
+        self.fwd_peer: subprocess.Popen[bytes] | None = None
+        self.forwarders: dict[str, subprocess.Popen[bytes]] = {}
 
     def peer_argv(self, mode: str, peer_id: str, *extra: str) -> list[str]:
         return [
@@ -133,6 +138,12 @@ class Bench:
     def spawn(self, node: str, argv: list[str], name: str) -> subprocess.Popen[str]:
         err = open(os.path.join(self.workdir, f"{name}.err"), "ab")
         return self.lab.spawn(node, argv, stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def spawn_logged(self, node: str, argv: list[str], name: str) -> tuple[subprocess.Popen[bytes], str]:
+        """Start a chatty process with stdout and stderr in one file (a pipe nobody drains would stall it)."""
+        path = os.path.join(self.workdir, f"{name}.out")
+        out = open(path, "ab")
+        return self.lab.spawn(node, argv, stdout=out, stderr=subprocess.STDOUT), path
 
     def serve(self, peer_id: str, *extra: str) -> tuple[subprocess.Popen[str], int]:
         proc = self.spawn("b", self.peer_argv("serve", peer_id, *extra), f"serve-{peer_id}")
@@ -210,6 +221,53 @@ class Bench:
             time.sleep(0.1)
         return None
 
+    def start_exposing(self) -> None:
+        """On b: a sink on loopback and C{natbypass peer --expose} of it (the far end of C{natbypass forward})."""
+        sink = self.spawn("b", [*PEER, "tcp-sink", "--listen", f"127.0.0.1:{FWD_SINK}"], "fwd-sink")
+        read_event(sink, 20)
+        argv = [
+            *NATBYPASS, "peer", "--mediator", mediator_endpoint(), "--stun", stun_address(), "--id", "fwdbob",
+            "--identity", os.path.join(self.workdir, "id-fwdbob.pem"), "--keepalive", str(self.keepalive),
+            "--expose", f"127.0.0.1:{FWD_SINK}", "--allow-any",
+        ]  # fmt: skip
+        self.fwd_peer, _ = self.spawn_logged("b", argv, "fwd-peer")
+
+    def start_forward(self, protocol: str) -> str | None:
+        """
+        C{natbypass forward -L} in a over the C{protocol} path to b's exposed
+        sink; returns the local address to send to once a 1 MB warm-up went
+        through intact (the path is then open), or None.
+        """
+        port = FWD_LOCAL[protocol]
+        argv = [
+            *NATBYPASS, "forward", "--mediator", mediator_endpoint(), "--stun", stun_address(),
+            "--id", f"fwd{protocol}", "--identity", os.path.join(self.workdir, f"id-fwd{protocol}.pem"),
+            "--known-peers", os.path.join(self.workdir, f"known-{protocol}"), "--peer", "fwdbob",
+            "--protocol", protocol, "--json", "-L", f"127.0.0.1:{port}:127.0.0.1:{FWD_SINK}",
+        ]  # fmt: skip
+        proc, out = self.spawn_logged("a", argv, f"forward-{protocol}")
+        self.forwarders[protocol] = proc
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            with open(out) as f:
+                if '"listening"' in f.read():
+                    break
+            time.sleep(0.2)
+        else:
+            return None
+        target = f"127.0.0.1:{port}"
+        for _ in range(5):
+            warm = self.tcp_send(target, bytes=1_000_000, timeout=60)
+            if warm.get("intact"):
+                return target
+            log(f"forward {protocol} warm-up: {json.dumps(warm)}")
+            time.sleep(2)
+        return None
+
+    def forward_cpu(self, protocol: str) -> tuple[float, float]:
+        """CPU seconds so far of C{natbypass forward} (in a) and of C{natbypass peer --expose} (in b)."""
+        return proc_cpu(self.forwarders[protocol].pid), proc_cpu(self.fwd_peer.pid)
+
     def ssh_cpu(self) -> tuple[float, float]:
         """CPU seconds so far of ssh (in a) and of every sshd process (in b)."""
         a = proc_cpu(self.ssh_pid) if self.ssh_pid else 0.0
@@ -228,6 +286,31 @@ class Bench:
         return self.run([*PEER, "tcp-send", "--connect", target, f"--timeout={timeout}", *extra], timeout + 30)
 
 
+def add_relay_cpu(res: dict[str, Any], near: str, near_s: float, far: str, far_s: float) -> None:
+    """Count a relay's CPU (ssh/sshd, forward/peer) with its end's sender or sink, keeping each part."""
+    res["app_cpu_s"], res["app_peer_cpu_s"] = res.get("cpu_s", 0), res.get("peer_cpu_s", 0)
+    res[f"{near}_cpu_s"], res[f"{far}_cpu_s"] = round(near_s, 3), round(far_s, 3)
+    if "cpu_s" in res:
+        res["cpu_s"] += round(near_s, 3)
+        res["peer_cpu_s"] += round(far_s, 3)
+
+
+def forward_targets(bench: Bench) -> dict[str, str | None]:
+    """Start (once) the exposing peer on b and a C{natbypass forward -L} per path in a; their local addresses."""
+    if bench.fwd_peer is None:
+        bench.start_exposing()
+        time.sleep(2)  # its registration with the mediator
+    targets = {}
+    for protocol in ("udp", "tcp"):
+        if protocol not in bench.forwarders:
+            targets[protocol] = bench.start_forward(protocol)
+            if targets[protocol] is None:
+                log(f"natbypass forward over {protocol} could not be set up; see the workdir's forward-{protocol}.out")
+        else:
+            targets[protocol] = f"127.0.0.1:{FWD_LOCAL[protocol]}"
+    return targets
+
+
 def per_mb(cpu_s: float, nbytes: int) -> float:
     return cpu_s / (nbytes / 1e6) if nbytes else float("nan")
 
@@ -237,24 +320,36 @@ def throughput(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) 
     ssh_target = None if args.no_ssh else bench.start_ssh()
     if not args.no_ssh and ssh_target is None:
         log("ssh -L could not be set up; see the workdir's ssh.err / sshd.err")
-    rows: dict[str, list[dict[str, Any]]] = {"natbypass-udp": [], "natbypass-tcp": [], "kernel-tcp": [], "ssh -L": []}
+    fwd = forward_targets(bench)
+    rows: dict[str, list[dict[str, Any]]] = {
+        "natbypass-udp": [],
+        "natbypass-tcp": [],
+        "forward -L udp": [],
+        "forward -L tcp": [],
+        "ssh -L": [],
+        "kernel-tcp": [],
+    }
     for r in range(args.rounds):
         for method in rows:
             if method.startswith("natbypass"):
                 res = bench.send("bob", method.split("-")[1], bytes=args.bytes)
             elif method == "kernel-tcp":
                 res = bench.tcp_send(tcp_target, bytes=args.bytes)
+            elif method.startswith("forward"):
+                protocol = method.split()[-1]
+                if fwd.get(protocol) is None:
+                    continue
+                a0, b0 = bench.forward_cpu(protocol)
+                res = bench.tcp_send(fwd[protocol], bytes=args.bytes)
+                a1, b1 = bench.forward_cpu(protocol)
+                add_relay_cpu(res, "forward", a1 - a0, "expose", b1 - b0)
             else:
                 if ssh_target is None:
                     continue
                 a0, b0 = bench.ssh_cpu()
                 res = bench.tcp_send(ssh_target, bytes=args.bytes)
                 a1, b1 = bench.ssh_cpu()
-                res["app_cpu_s"], res["app_peer_cpu_s"] = res.get("cpu_s", 0), res.get("peer_cpu_s", 0)
-                res["ssh_cpu_s"], res["sshd_cpu_s"] = round(a1 - a0, 3), round(b1 - b0, 3)
-                if "cpu_s" in res:
-                    res["cpu_s"] += res["ssh_cpu_s"]
-                    res["peer_cpu_s"] += res["sshd_cpu_s"]
+                add_relay_cpu(res, "ssh", a1 - a0, "sshd", b1 - b0)
             res["round"] = r
             rows[method].append(res)
             log(f"throughput {method} round {r}: {json.dumps(res)}")
@@ -289,6 +384,13 @@ def many_streams(bench: Bench, args: argparse.Namespace, results: dict[str, Any]
         res = bench.send("bob", path, streams=100, bytes=1_000_000, timeout=180)
         log(f"many streams {path}: {json.dumps(res)}")
         results[f"many_{path}"] = res
+    for path, target in forward_targets(bench).items():
+        if target is None:
+            continue
+        # 100 kernel-TCP connections at once into natbypass forward, each its own stream, each 1 MB hashed.
+        res = bench.tcp_send(target, streams=100, bytes=1_000_000, timeout=180)
+        log(f"many forwarded connections {path}: {json.dumps(res)}")
+        results[f"many_forward_{path}"] = res
 
 
 def idle_memory(bench: Bench, args: argparse.Namespace, results: dict[str, Any], server_pid: int) -> None:
@@ -331,12 +433,20 @@ def idle_memory(bench: Bench, args: argparse.Namespace, results: dict[str, Any],
 
 
 def integrity(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    targets = forward_targets(bench)
     labextra.set_loss(bench.lab, "b", 5)
     try:
         for path in ("udp", "tcp"):
             res = bench.send("bob", path, bytes=args.fault_bytes, timeout=args.fault_timeout)
             log(f"integrity {path} 5% loss: {json.dumps(res)}")
             results[f"integrity_{path}"] = res
+        for path, target in targets.items():
+            if target is None:
+                continue
+            res = bench.tcp_send(target, bytes=args.fault_bytes, timeout=args.fault_timeout)
+            res["link"] = labextra.loss_counters(bench.lab, "b")
+            log(f"integrity forward {path} 5% loss: {json.dumps(res)}")
+            results[f"integrity_forward_{path}"] = res
     finally:
         labextra.set_loss(bench.lab, "b", 0)
 
@@ -370,19 +480,41 @@ def liveness(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) ->
         results[f"liveness_{path}"] = res
 
 
+def tcp_snmp(lab: Lab, node: str) -> dict[str, int]:
+    """The Tcp: line of /proc/net/snmp in C{node}'s namespace (OutSegs, RetransSegs, ...)."""
+    lines = [line.split() for line in lab.exec(node, ["cat", "/proc/net/snmp"]).stdout.splitlines()]
+    names, values = [x for x in lines if x[0] == "Tcp:"][:2]
+    return {k: int(v) for k, v in zip(names[1:], values[1:])}
+
+
 def impaired(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) -> None:
     tcp_target = bench.start_tcp()
     labextra.set_rate(bench.lab, "b", args.rate)
+    for node in ("a", "b"):  # per namespace: kernel TCP and natbypass's TLS/TCP path alike
+        bench.lab.exec(node, ["sysctl", "-qw", f"net.ipv4.tcp_congestion_control={args.cc}"], check=True)
+    results["cc"] = args.cc
+    results["offloads"] = labextra.set_offloads(bench.lab, "b", args.offloads == "on")
+    log(f"impaired link offloads: {json.dumps(results['offloads'])}")
     rows = []
-    for loss in [0.0] + [float(x) for x in args.losses.split(",")]:
-        labextra.set_loss(bench.lab, "b", loss)
+    for loss in [0.0] + [float(x) for x in args.losses.split(",") if x]:
         for r in range(args.impaired_rounds):
             cell: dict[str, Any] = {"loss_pct": loss, "round": r}
-            for method in ("kernel-tcp", "natbypass-udp", "natbypass-tcp"):
-                if method == "kernel-tcp":
-                    res = bench.tcp_send(tcp_target, seconds=args.seconds, timeout=args.seconds * 20)
+            for method in ("kernel-tcp", "kernel-tcp-bbr", "natbypass-udp", "natbypass-tcp"):
+                labextra.set_loss(bench.lab, "b", loss)  # fresh counters for each run
+                before = tcp_snmp(bench.lab, "a")
+                if method.startswith("kernel-tcp"):
+                    cc = "bbr" if method.endswith("bbr") else None
+                    res = bench.tcp_send(tcp_target, seconds=args.seconds, timeout=args.seconds * 20, cc=cc)
                 else:
-                    res = bench.send("bob", method.split("-")[1], seconds=args.seconds, timeout=args.seconds * 20)
+                    stats = {"quic_stats": 0.5} if args.quic_stats and method == "natbypass-udp" else {}
+                    res = bench.send(
+                        "bob", method.split("-")[1], seconds=args.seconds, timeout=args.seconds * 20, **stats
+                    )
+                after = tcp_snmp(bench.lab, "a")
+                res["link"] = labextra.loss_counters(bench.lab, "b")
+                if method != "natbypass-udp":
+                    res["tcp_out_segs"] = after["OutSegs"] - before["OutSegs"]
+                    res["tcp_retrans_segs"] = after["RetransSegs"] - before["RetransSegs"]
                 cell[method] = res
                 log(f"impaired loss {loss}% {method}: {json.dumps(res)}")
             rows.append(cell)
@@ -392,18 +524,30 @@ def impaired(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) ->
 
 def summarize_impaired(rows: list[dict[str, Any]]) -> list[str]:
     out = [
-        "| loss each way | kernel TCP MB/s | natbypass udp MB/s | udp / kernel | natbypass tcp MB/s | tcp / kernel | intact |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| loss each way | packets dropped / seen (data way) | kernel TCP MB/s [range] | natbypass udp MB/s [range] "
+        "| udp / kernel | natbypass tcp MB/s [range] | tcp / kernel | kernel TCP bbr MB/s | intact |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for loss in sorted({c["loss_pct"] for c in rows}):
         cells = [c for c in rows if c["loss_pct"] == loss]
 
+        methods = ("kernel-tcp", "natbypass-udp", "natbypass-tcp", "kernel-tcp-bbr")
+
         def med(method: str, cells: list[dict[str, Any]] = cells) -> float | None:
-            xs = [c[method]["mb_s"] for c in cells if "mb_s" in c[method]]
+            xs = [c[method]["mb_s"] for c in cells if "mb_s" in c.get(method, {})]
             return statistics.median(xs) if xs else None
 
+        def rng(method: str, cells: list[dict[str, Any]] = cells) -> str:
+            xs = [c[method]["mb_s"] for c in cells if "mb_s" in c.get(method, {})]
+            return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]" if xs else "-"
+
         k, u, t = med("kernel-tcp"), med("natbypass-udp"), med("natbypass-tcp")
-        intact = sum(c[m].get("intact", 0) for c in cells for m in ("kernel-tcp", "natbypass-udp", "natbypass-tcp"))
+        intact = sum(c.get(m, {}).get("intact", 0) for c in cells for m in methods)
+        seen = sum(c[m].get("link", {}).get("in", {}).get("seen_packets", 0) for c in cells for m in methods if m in c)
+        lost = sum(
+            c[m].get("link", {}).get("in", {}).get("dropped_packets", 0) for c in cells for m in methods if m in c
+        )
+        drop = f"{lost}/{seen} = {100 * lost / seen:.2f}%" if seen else "-"
 
         def fmt(x: float | None) -> str:
             return "-" if x is None else f"{x:.2f}"
@@ -412,7 +556,8 @@ def summarize_impaired(rows: list[dict[str, Any]]) -> list[str]:
             return "-" if x is None or not k else f"{x / k:.2f}x"
 
         out.append(
-            f"| {loss:g}% | {fmt(k)} | {fmt(u)} | {ratio(u)} | {fmt(t)} | {ratio(t)} | {intact}/{3 * len(cells)} |"
+            f"| {loss:g}% | {drop} | {rng('kernel-tcp')} | {rng('natbypass-udp')} | {ratio(u)} | {rng('natbypass-tcp')} "
+            f"| {ratio(t)} | {fmt(med('kernel-tcp-bbr'))} | {intact}/{len(methods) * len(cells)} |"
         )
     return out
 
@@ -450,8 +595,21 @@ def main() -> int:
     p.add_argument("--delay", type=float, default=25.0, help="impaired link: one-way delay, ms")
     p.add_argument("--rate", type=float, default=20.0, help="impaired link: Mbit/s each way")
     p.add_argument("--losses", default="1,5", help="impaired link: loss percentages each way (0 is always run)")
-    p.add_argument("--seconds", type=float, default=15.0, help="impaired link: seconds each sender sends")
-    p.add_argument("--impaired-rounds", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=10.0, help="impaired link: seconds each sender sends")
+    p.add_argument("--impaired-rounds", type=int, default=3)
+    p.add_argument(
+        "--offloads",
+        choices=["off", "on"],
+        default="off",
+        help="TSO/GSO/GRO on the impaired link's devices (off: every protocol loses MTU-sized packets)",
+    )
+    p.add_argument(
+        "--cc",
+        default="cubic",
+        help="impaired link: TCP congestion control in both sites' hosts (Linux's default cubic; this "
+        "machine's own default is bbr, which ignores random loss); kernel-tcp-bbr runs with bbr anyway",
+    )
+    p.add_argument("--quic-stats", action="store_true", help="debug: sample qh3's recovery state in udp runs")
     p.add_argument("--idle", type=int, default=250, help="idle streams for the memory figure")
     p.add_argument("--fault-bytes", type=int, default=100_000_000, help="bytes across the 5%% loss link")
     p.add_argument("--fault-timeout", type=float, default=600.0)
@@ -502,7 +660,18 @@ def main() -> int:
     if "throughput" in results:
         print(f"\n### Throughput of one stream, {args.bytes / 1e6:g} MB, no added delay, {args.rounds} rounds\n")
         print("\n".join(summarize_throughput(results["throughput"])))
-    for key in ("many_udp", "many_tcp", "idle_udp", "idle_tcp", "integrity_udp", "integrity_tcp"):
+    for key in (
+        "many_udp",
+        "many_tcp",
+        "many_forward_udp",
+        "many_forward_tcp",
+        "idle_udp",
+        "idle_tcp",
+        "integrity_udp",
+        "integrity_tcp",
+        "integrity_forward_udp",
+        "integrity_forward_tcp",
+    ):
         if key in results:
             print(f"\n{key}: {json.dumps(results[key])}")
     for key in ("liveness_udp", "liveness_tcp"):

@@ -11,8 +11,9 @@ Each mode prints JSON lines on stdout (one C{result} line at the end):
               each (or for C{--seconds}), check every answer's sha256
     idle      open C{--streams} idle streams; report our RSS before and after
     watch     open one idle stream, report when and why it ends
-    tcp-sink  plain kernel TCP: the same C{sink}, one connection after another
-    tcp-send  plain kernel TCP: the same C{send}, one connection
+    tcp-sink  plain kernel TCP: the same C{sink}, a thread per connection
+    tcp-send  plain kernel TCP: the same C{send}, C{--streams} connections at
+              once (also the client of C{natbypass forward} and C{ssh -L})
 
 CPU is this process's user + system time (C{os.times}) over the transfer, so
 it includes everything the process does for the bytes: QUIC or TLS, framing,
@@ -28,7 +29,9 @@ import hashlib
 import json
 import os
 import socket
+import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -37,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from twisted.internet import defer  # noqa: E402
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer  # noqa: E402
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
-from twisted.internet.task import deferLater, react  # noqa: E402
+from twisted.internet.task import LoopingCall, deferLater, react  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
 from natbypass.identity import load_or_create  # noqa: E402
@@ -135,6 +138,8 @@ class Sender(Protocol):
         self.sent = 0
         self.hash = hashlib.sha256()
         self.paused = False
+        self.paused_s = 0.0
+        self._paused_at: float | None = None
         self.done = False
         self.answer = b""
         self.finished: defer.Deferred[dict[str, Any]] = defer.Deferred()
@@ -145,6 +150,9 @@ class Sender(Protocol):
         self.resumeProducing()
 
     def resumeProducing(self) -> None:
+        if self._paused_at is not None:
+            self.paused_s += time.monotonic() - self._paused_at
+            self._paused_at = None
         self.paused = False
         while not self.paused and not self.done:
             n = CHUNK if self.total is None else min(CHUNK, self.total - self.sent)
@@ -160,6 +168,7 @@ class Sender(Protocol):
 
     def pauseProducing(self) -> None:
         self.paused = True
+        self._paused_at = time.monotonic()
 
     def stopProducing(self) -> None:
         self.done = True
@@ -206,11 +215,81 @@ async def serve(reactor: Any, args: argparse.Namespace) -> None:
     await defer.Deferred()  # until killed
 
 
+class QuicStats:
+    """
+    Debug only (C{--quic-stats}): samples the QUIC engine's own recovery
+    state -- congestion window, bytes in flight, smoothed RTT, packets lost,
+    PTOs -- and counts the datagrams we hand the socket.  It reaches into
+    private attributes (C{QuicChannel._conn._core}, C{._send}) because qh3
+    exposes them nowhere else; nothing but this diagnostic may do so.
+    """
+
+    def __init__(self, reactor: Any, interval: float) -> None:
+        from natbypass.secure.quic import QuicChannel
+
+        channels = [o for o in gc.get_objects() if isinstance(o, QuicChannel)]
+        self.channel = channels[-1] if channels else None
+        self.samples: list[dict[str, Any]] = []
+        self.sent = 0
+        self.t0 = time.monotonic()
+        if self.channel is None:
+            return
+        send = self.channel._send
+
+        def counting(data: bytes, addr: Any) -> object:
+            self.sent += 1
+            return send(data, addr)
+
+        self.channel._send = counting
+        self.loop = LoopingCall(self.sample)
+        self.loop.clock = reactor
+        self.loop.start(interval)
+
+    def sample(self) -> None:
+        core = self.channel._conn._core if self.channel is not None and self.channel._conn is not None else None
+        if core is None:
+            return
+        self.samples.append(
+            {
+                "t": round(time.monotonic() - self.t0, 2),
+                "cwnd": core.congestion_window,
+                "in_flight": core.bytes_in_flight,
+                "srtt_ms": round((core.smoothed_rtt or 0) * 1000, 1),
+                "lost": core.loss_total,
+                "pto": core.pto_total,
+                "sent": self.sent,
+            }
+        )
+
+    def summary(self) -> dict[str, Any]:
+        if self.channel is None:
+            return {"error": "no QUIC channel (tcp path?)"}
+        self.sample()
+        if self.loop.running:
+            self.loop.stop()
+        s = self.samples
+        busy = [x for x in s[1:]]
+        return {
+            "datagrams_sent": self.sent,
+            "lost": s[-1]["lost"],
+            "loss_rate": round(s[-1]["lost"] / max(1, self.sent), 4),
+            "pto": s[-1]["pto"],
+            "cwnd_median": statistics.median(x["cwnd"] for x in busy) if busy else None,
+            "in_flight_median": statistics.median(x["in_flight"] for x in busy) if busy else None,
+            "cwnd_limited_share": round(
+                sum(x["in_flight"] >= x["cwnd"] - 2 * 1500 for x in busy) / max(1, len(busy)), 3
+            ),
+            "srtt_ms_median": statistics.median(x["srtt_ms"] for x in busy) if busy else None,
+            "samples": s,
+        }
+
+
 async def send(reactor: Any, args: argparse.Namespace) -> None:
     peer = await started_peer(reactor, args)
     t_connect = time.monotonic()
     conn = await peer.connect(args.peer).addTimeout(30, reactor)
     connect_s = time.monotonic() - t_connect
+    stats = QuicStats(reactor, args.quic_stats) if args.quic_stats else None
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     total = None if args.seconds is not None else args.bytes
     # Each stream starts sending as soon as it is open: on the UDP path at most 98 are open at once (QUIC's
@@ -257,6 +336,8 @@ async def send(reactor: Any, args: argparse.Namespace) -> None:
         intact=intact,
         sha256=answers[0]["sha256"] if len(answers) == 1 else None,
         connect_s=round(connect_s, 3),
+        paused_s=round(max(s.paused_s for s in opened), 3),
+        **({"quic": stats.summary()} if stats is not None else {}),
     )
     await defer.maybeDeferred(peer.stopService)
 
@@ -318,57 +399,91 @@ async def watch(reactor: Any, args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ kernel TCP
 
 
-def tcp_sink(args: argparse.Namespace) -> None:
-    host, _, port = args.listen.rpartition(":")
-    srv = socket.create_server((host, int(port)), reuse_port=True)
-    emit("ready", pid=os.getpid())
+def _sink_one(conn: socket.socket) -> None:
+    """Hash one connection to its FIN, answer the JSON line."""
     buf = bytearray(CHUNK * 4)
+    counter = SinkCounter()
+    with conn:
+        while True:
+            n = conn.recv_into(buf)
+            if not n:
+                break
+            counter.feed(memoryview(buf)[:n])
+        conn.sendall(json.dumps(counter.summary()).encode() + b"\n")
+
+
+def tcp_sink(args: argparse.Namespace) -> None:
+    """Plain TCP sink: a thread per connection, so forwarded connections can arrive at once."""
+    host, _, port = args.listen.rpartition(":")
+    srv = socket.create_server((host, int(port)), reuse_port=True, backlog=256)
+    emit("ready", pid=os.getpid())
     while True:
         conn, _ = srv.accept()
-        counter = SinkCounter()
-        with conn:
+        threading.Thread(target=_sink_one, args=(conn,), daemon=True).start()
+
+
+def _send_one(args: argparse.Namespace, total: int | None, deadline: float | None) -> dict[str, Any]:
+    """One connection: write C{total} bytes (or until C{deadline}), FIN, read the sink's answer."""
+    host, _, port = args.connect.rpartition(":")
+    digest, sent = hashlib.sha256(), 0
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=args.timeout)
+        if args.cc:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, args.cc.encode())
+        with sock:
             while True:
-                n = conn.recv_into(buf)
-                if not n:
+                n = CHUNK if total is None else min(CHUNK, total - sent)
+                if n <= 0 or (deadline is not None and time.monotonic() >= deadline):
                     break
-                counter.feed(memoryview(buf)[:n])
-            conn.sendall(json.dumps(counter.summary()).encode() + b"\n")
+                data = payload(sent, n)
+                digest.update(data)
+                sock.sendall(data)
+                sent += n
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while not answer.endswith(b"\n"):
+                more = sock.recv(4096)
+                if not more:
+                    break
+                answer += more
+        a = json.loads(answer)
+    except (OSError, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}", "sent": sent}
+    return {**a, "intact": int(a["sha256"] == digest.hexdigest() and a["bytes"] == sent)}
 
 
 def tcp_send(args: argparse.Namespace) -> None:
-    host, _, port = args.connect.rpartition(":")
-    sock = socket.create_connection((host, int(port)), timeout=args.timeout)
+    """Plain TCP sender: C{--streams} connections at once (threads), each C{--bytes} or C{--seconds}."""
     t0, c0 = time.monotonic(), cpu()
     deadline = None if args.seconds is None else t0 + args.seconds
-    digest, sent = hashlib.sha256(), 0
-    while True:
-        n = CHUNK if deadline is not None else min(CHUNK, args.bytes - sent)
-        if n <= 0 or (deadline is not None and time.monotonic() >= deadline):
-            break
-        data = payload(sent, n)
-        digest.update(data)
-        sock.sendall(data)
-        sent += n
-    sock.shutdown(socket.SHUT_WR)
-    answer = b""
-    while not answer.endswith(b"\n"):
-        more = sock.recv(4096)
-        if not more:
-            break
-        answer += more
+    total = None if args.seconds is not None else args.bytes
+    answers: list[dict[str, Any]] = [{} for _ in range(args.streams)]
+
+    def one(i: int) -> None:
+        answers[i] = _send_one(args, total, deadline)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(args.streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     seconds, cpu_s = time.monotonic() - t0, cpu() - c0
-    a = json.loads(answer)
+    ok = [a for a in answers if "bytes" in a]
+    received = sum(a["bytes"] for a in ok)
+    errors = [a["error"] for a in answers if "error" in a]
     emit(
         "result",
         path="kernel-tcp",
-        streams=1,
-        bytes=a["bytes"],
+        streams=args.streams,
+        bytes=received,
         seconds=round(seconds, 4),
-        mb_s=round(a["bytes"] / seconds / 1e6, 3),
+        mb_s=round(received / seconds / 1e6, 3),
         cpu_s=round(cpu_s, 4),
-        peer_cpu_s=a["cpu_s"],
-        intact=int(a["sha256"] == digest.hexdigest() and a["bytes"] == sent),
-        sha256=a["sha256"],
+        peer_cpu_s=max((a["cpu_s"] for a in ok), default=0.0),
+        intact=sum(a["intact"] for a in ok),
+        sha256=ok[0]["sha256"] if args.streams == 1 and ok else None,
+        errors=len(errors),
+        first_error=errors[0] if errors else None,
     )
 
 
@@ -392,7 +507,9 @@ def main() -> int:
     p.add_argument("--hold", type=float, default=2.0, help="idle: seconds to hold before and after opening")
     p.add_argument("--listen", help="tcp-sink: HOST:PORT")
     p.add_argument("--connect", help="tcp-send: HOST:PORT")
+    p.add_argument("--cc", help="tcp-send: this congestion control (cubic, reno, bbr), not the namespace's default")
     p.add_argument("--profile", help="write a cProfile of the run here")
+    p.add_argument("--quic-stats", type=float, default=0.0, help="send, debug: sample qh3's recovery state every S s")
     args = p.parse_args()
     if args.mode == "tcp-sink":
         tcp_sink(args)

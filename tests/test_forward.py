@@ -9,16 +9,30 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from natbypass.app import forward
-from natbypass.app.forward import Exposure, ForwardSpec, Relay, Target, join, parse_expose, parse_forward
+from natbypass.app.forward import (
+    Exposure,
+    ForwardSpec,
+    ListenAllowance,
+    ListenStatus,
+    Relay,
+    Target,
+    join,
+    parse_allow_listen,
+    parse_expose,
+    parse_forward,
+    parse_remote,
+)
+from natbypass.identity import Identity
 from natbypass.streams import PeerAddress, StreamRefused
 
 ports = st.integers(1, 65535)
@@ -280,16 +294,275 @@ class OptionsTests(SynchronousTestCase):
 
     def test_usage_errors(self) -> None:
         for argv, message in (
-            ((), "give at least one -L"),
+            ((), "give at least one -L [BIND:]PORT:HOST:HOSTPORT or -R"),
             (("-L", "80"), "expected [BIND:]PORT"),
-            (("-L", "1:web", "-R", "2:h:3"), "-R (remote forwarding) is not implemented"),
+            (("-R", "2:web"), "-R '2:web': expected [BIND:]PORT:HOST:HOSTPORT (the target on this side"),
+            (("-R", "99999:h:3"), "the port to listen on must be a number"),
         ):
             code, _, err = self.parse(*argv)
             self.assertEqual(code, 2, argv)
             self.assertIn(message, err, argv)
+
+    def test_remote_forwards(self) -> None:
+        _, options, _ = self.parse("-R", "8080:127.0.0.1:80", "-R", "*:0:[::1]:22")
+        self.assertEqual(
+            options["remote"],
+            [ForwardSpec("127.0.0.1", 8080, Target("127.0.0.1", 80)), ForwardSpec("0.0.0.0", 0, Target("::1", 22))],
+        )
+        self.assertEqual(options["local"], [])
 
     def test_subcommand_registered(self) -> None:
         from natbypass.app.cli import SUBCOMMANDS
 
         self.assertEqual(SUBCOMMANDS["forward"][0], "natbypass.app.forward")
         self.assertEqual(SUBCOMMANDS["pipe"][0], "natbypass.app.pipe")
+
+
+class RemoteGrammarTests(SynchronousTestCase):
+    @given(bind=st.one_of(st.none(), ipv4, ipv6), port=st.integers(0, 65535), host=hosts, hostport=ports)
+    def test_remote_round_trip(self, bind: str | None, port: int, host: str, hostport: int) -> None:
+        spec = parse_remote((f"{bracket(bind)}:" if bind else "") + f"{port}:{bracket(host)}:{hostport}")
+        self.assertEqual(spec, ForwardSpec(bind or "127.0.0.1", port, Target(host, hostport)))
+        self.assertEqual(forward.back_service(spec.target), f"forward-back:{bracket(host)}:{hostport}")
+        # what -R asks for is what --allow-remote-listen serves, for the same address
+        allowed = parse_allow_listen(f"{bracket(spec.bind)}:{port}")
+        self.assertEqual(allowed.services, (forward.listen_service(spec.bind, port),))
+
+    @given(bind=st.one_of(st.none(), ipv4), low=st.integers(1, 65535), width=st.integers(0, 1023))
+    def test_allow_range(self, bind: str | None, low: int, width: int) -> None:
+        high = min(low + width, 65535)
+        allowance = parse_allow_listen((f"{bind}:" if bind else "") + f"{low}-{high}")
+        self.assertEqual(allowance, ListenAllowance(bind or "127.0.0.1", low, high))
+        self.assertEqual(len(allowance.services), high - low + 1)
+
+    @given(host=hosts, port=ports)
+    def test_request_round_trip(self, host: str, port: int) -> None:
+        self.assertEqual(forward.parse_request(forward.encode_request(Target(host, port))), Target(host, port))
+
+    @given(st.one_of(st.builds(ListenStatus, address=st.builds(lambda h, p: f"{bracket(h)}:{p}", ipv4 | ipv6, ports)),
+                     st.builds(ListenStatus, error=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters='\\'),
+                                                           min_size=1, max_size=100))))  # fmt: skip
+    def test_status_round_trip(self, status: ListenStatus) -> None:
+        self.assertEqual(forward.parse_status(status.encode()), status)
+
+    @given(st.binary(max_size=80))
+    def test_control_parsers_never_crash(self, line: bytes) -> None:
+        for parse in (forward.parse_request, forward.parse_status):
+            try:
+                parse(line)
+            except ValueError:
+                pass
+
+    @given(st.text(max_size=40))
+    def test_option_parsers_never_crash(self, text: str) -> None:
+        for parse in (parse_remote, parse_allow_listen):
+            try:
+                parse(text)
+            except ValueError:
+                pass
+
+    def test_status_error_is_one_safe_line(self) -> None:
+        line = ListenStatus(error="no\nway\r\x1b[31m").encode()
+        self.assertNotIn(b"\n", line)
+        self.assertEqual(forward.parse_status(line).error, "no way \\x1b[31m")
+
+    def test_errors(self) -> None:
+        for text, message in (
+            ("8080", "expected [BIND:]PORT or [BIND:]LOW-HIGH"),
+            ("1:2:3", "expected [BIND:]PORT"),
+            ("x:80", "must be an IP address"),
+            ("9-1", "is empty"),
+            ("0-10", "the port must be a number 1-65535"),
+            ("1000-3000", "at most 1024 ports"),
+        ):
+            if text == "8080":
+                continue  # a lone port is fine
+            with self.assertRaises(ValueError, msg=text) as caught:
+                parse_allow_listen(text)
+            self.assertIn(message, str(caught.exception), text)
+        self.assertEqual(parse_allow_listen("0"), ListenAllowance("127.0.0.1", 0, 0))
+        self.assertEqual(
+            parse_allow_listen("*:8000-8001").services, ("forward-listen:0.0.0.0:8000", "forward-listen:0.0.0.0:8001")
+        )
+        for line, message in ((b"web", "no HOST:PORT"), (b"h:0", "must be a number"), (b"\xff:1", "not ASCII")):
+            with self.assertRaises(ValueError, msg=line) as caught:
+                forward.parse_request(line)
+            self.assertIn(message, str(caught.exception))
+        with self.assertRaises(ValueError):
+            forward.parse_status(b"listening nowhere")
+
+
+class ControlStream(HalfCloseTransport):
+    """A stream transport to a control service, as the peer's stream layer gives it."""
+
+    def __init__(self, peer: PeerAddress) -> None:
+        super().__init__()
+        self.peer = peer
+
+    def getPeer(self) -> PeerAddress:
+        return self.peer
+
+
+ALICE_KEY = Identity.generate().fingerprint
+CAROL_KEY = Identity.generate().fingerprint
+
+
+class ServingTests(SynchronousTestCase):
+    """The serving peer's end: --allow-remote-listen's services, one control stream each."""
+
+    def setUp(self) -> None:
+        self.reactor = RecordingReactor()
+        self.peer = ServingPeer()
+        forward.serve_remote_listen(self.peer, [parse_allow_listen("8000-8001")], self.reactor)
+
+    def control(self, service: str = "forward-listen:127.0.0.1:8000") -> tuple[object, ControlStream]:
+        addr = PeerAddress("alice", ALICE_KEY, service, "udp", None, 4)
+        proto = self.peer.served[service].buildProtocol(addr)
+        transport = ControlStream(addr)
+        transport.protocol = proto
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_serves_exactly_the_allowed_addresses(self) -> None:
+        self.assertEqual(sorted(self.peer.served), ["forward-listen:127.0.0.1:8000", "forward-listen:127.0.0.1:8001"])
+
+    def test_listens_while_the_control_stream_is_open(self) -> None:
+        proto, transport = self.control()
+        self.assertEqual(self.reactor.tcpServers, [])  # nothing until the requester names its target
+        proto.dataReceived(b"127.0.0.1:5000\n")
+        ((port, factory, _, interface),) = self.reactor.tcpServers
+        self.assertEqual((port, interface), (8000, "127.0.0.1"))
+        self.assertEqual(transport.value(), b"listening 127.0.0.1:8000\n")
+        # each connection accepted there is a stream back to alice's forward-back service, pinned to her key
+        self.assertEqual(
+            (factory.peer_id, factory.fingerprint, factory.service), ("alice", ALICE_KEY, "forward-back:127.0.0.1:5000")
+        )
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.reactor.ports[0].stopped)  # the control stream's end is the listener's
+
+    def test_bad_request_is_answered_and_closed(self) -> None:
+        proto, transport = self.control()
+        proto.dataReceived(b"web\n")
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.assertEqual(transport.value(), b"error the forward request 'web' is no HOST:PORT\n")
+        self.assertTrue(transport.disconnecting)
+
+
+class RecordingPort:
+    def __init__(self, interface: str, port: int) -> None:
+        self.address = IPv4Address("TCP", interface, port)
+        self.stopped = False
+
+    def getHost(self) -> IPv4Address:
+        return self.address
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+class RecordingReactor(MemoryReactorClock):
+    """A MemoryReactorClock whose TCP ports say where they listen and whether they were stopped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[RecordingPort] = []
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        super().listenTCP(port, factory, backlog, interface)
+        self.ports.append(RecordingPort(interface, port))
+        return self.ports[-1]
+
+
+class ServingPeer:
+    """Peer.serve and nothing else: the services by name."""
+
+    def __init__(self) -> None:
+        self.served: dict = {}
+
+    def serve(self, service: str, factory: object) -> str:
+        self.served[service] = factory
+        return service
+
+
+class RemoteForwardTests(SynchronousTestCase):
+    """The requester's end of -R, on a fake peer and a Clock."""
+
+    def remote(self, result: object) -> tuple[forward.RemoteForward, io.StringIO, FakeControlPeer, Clock]:
+        out, peer, clock = io.StringIO(), FakeControlPeer(result), Clock()
+        remote = forward.RemoteForward(peer, "bob", parse_remote("0:127.0.0.1:5000"), forward.Events(out, True), clock)
+        return remote, out, peer, clock
+
+    def events(self, out: io.StringIO) -> list[dict]:
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    def test_refused_is_an_error_and_a_failure(self) -> None:
+        remote, out, peer, clock = self.remote(StreamRefused("bob has no service 'forward-listen:127.0.0.1:0'"))
+        failure = self.failureResultOf(remote.start(), forward.RemoteForwardFailed)
+        self.assertIn("bob refused to listen on 127.0.0.1:0", str(failure.value))
+        (event,) = self.events(out)
+        self.assertEqual((event["event"], event["service"]), ("error", "forward-listen:127.0.0.1:0"))
+        self.assertIn("--allow-remote-listen", event["reason"])
+        self.assertEqual(clock.getDelayedCalls(), [])  # refused at start: the command exits, no retry
+
+    def test_listening_then_lost_asks_again(self) -> None:
+        remote, out, peer, clock = self.remote(None)
+        d = remote.start()
+        control, transport = peer.controls[-1]
+        self.assertEqual(transport.value(), b"127.0.0.1:5000\n")  # the request names our target
+        control.dataReceived(b"listening 127.0.0.1:41000\n")
+        self.assertEqual(self.successResultOf(d), "127.0.0.1:41000")
+        listening = self.events(out)[0]
+        self.assertEqual(
+            (listening["event"], listening["remote"], listening["service"]),
+            ("listening", True, "forward-back:127.0.0.1:5000"),
+        )
+        # the gate: only bob, with the key that answered, while it listens
+        self.assertIsNone(remote.refusal(PeerAddress("bob", ALICE_KEY, "forward-back:127.0.0.1:5000", "udp", None, 5)))
+        self.assertIsNotNone(
+            remote.refusal(PeerAddress("bob", CAROL_KEY, "forward-back:127.0.0.1:5000", "udp", None, 5))
+        )
+        self.assertIsNotNone(
+            remote.refusal(PeerAddress("carol", ALICE_KEY, "forward-back:127.0.0.1:5000", "udp", None, 5))
+        )
+        control.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(
+            remote.refusal(PeerAddress("bob", ALICE_KEY, "forward-back:127.0.0.1:5000", "udp", None, 5))
+        )
+        self.assertIn("stopped listening", self.events(out)[-1]["reason"])
+        self.assertEqual(len(peer.controls), 1)
+        clock.advance(1)
+        self.assertEqual(len(peer.controls), 2)  # asked again
+        peer.controls[-1][0].dataReceived(b"error cannot listen on 127.0.0.1:0: in use\n")
+        clock.advance(1.5)
+        self.assertEqual(len(peer.controls), 2)  # the second retry waits twice as long
+        clock.advance(0.5)
+        self.assertEqual(len(peer.controls), 3)
+        remote.stopListening()
+        self.assertTrue(peer.controls[-1][1].disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_error_answer_fails_start(self) -> None:
+        remote, out, peer, clock = self.remote(None)
+        d = remote.start()
+        peer.controls[-1][0].dataReceived(b"error cannot listen on 127.0.0.1:0: in use\n")
+        self.assertIn("bob cannot listen on 127.0.0.1:0: cannot listen", str(self.failureResultOf(d).value))
+        self.assertTrue(peer.controls[-1][1].disconnecting)
+        self.assertEqual([e["event"] for e in self.events(out)], ["error"])
+
+
+class FakeControlPeer:
+    """openStream to a control service: fails with C{result}, or connects the control protocol to a ControlStream."""
+
+    def __init__(self, result: object) -> None:
+        self.result = result
+        self.controls: list = []
+
+    def openStream(self, peer_id, service, factory, protocol=None, fingerprint=None):
+        if isinstance(self.result, Exception):
+            return defer.fail(self.result)
+        proto = factory.buildProtocol(None)
+        transport = ControlStream(PeerAddress(peer_id, ALICE_KEY, service, "udp", None, 4))
+        transport.protocol = proto
+        proto.makeConnection(transport)
+        self.controls.append((proto, transport))
+        return defer.succeed(proto)

@@ -117,3 +117,33 @@ class ExposeTests(SynchronousTestCase):
             with self.assertRaises(usage.UsageError) as caught:
                 PeerTapTests.parse(self, *argv)
             self.assertIn(message, str(caught.exception))
+
+
+class AllowRemoteListenTests(SynchronousTestCase):
+    def test_serves_the_control_services(self) -> None:
+        key = os.path.join(self.mktemp(), "identity.pem")
+        base = ("--mediator", "tcp:198.18.0.2:7000", "--id", "bob", "--identity", key, "--allow-any")
+        o = PeerTapTests.parse(self, *base, "--allow-remote-listen", "8000", "--allow-remote-listen", "*:9000-9001")
+        service = peer_tap.makeService(o, MemoryReactorClock())
+        self.assertEqual(
+            service.served,
+            [
+                "echo",
+                "forward-listen:0.0.0.0:9000",
+                "forward-listen:0.0.0.0:9001",
+                "forward-listen:127.0.0.1:8000",
+            ],
+        )
+
+    def test_refused_by_default_and_needs_a_say_on_who(self) -> None:
+        key = os.path.join(self.mktemp(), "identity.pem")
+        base = ("--mediator", "tcp:198.18.0.2:7000", "--id", "bob", "--identity", key)
+        service = peer_tap.makeService(PeerTapTests.parse(self, *base), MemoryReactorClock())
+        self.assertFalse([s for s in service.served if s.startswith("forward-listen:")])
+        for argv, message in (
+            ((*base, "--allow-remote-listen", "8000"), "--allow FILE (or --allow-any)"),
+            ((*base, "--allow-any", "--allow-remote-listen", "9-1"), "is empty"),
+        ):
+            with self.assertRaises(usage.UsageError) as caught:
+                PeerTapTests.parse(self, *argv)
+            self.assertIn(message, str(caught.exception))

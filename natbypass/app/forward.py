@@ -563,6 +563,7 @@ class _Reaching:
         events = self.factory.events
         if not self.opened or events is None or self.stream.lost is None or self.target.lost is None:
             return
+        self.opened = False  # said once
         _closed(events, self.number, self.addr.service, self.target, self.stream, self.factory.reactor, self.started)
 
 
@@ -808,7 +809,9 @@ class _ListenControl(LineReceiver):
         except ValueError as e:
             self._refuse(str(e))
             return
-        factory = _BackForwarder(self.peer, self.requester, self.bind, self.port_number, target, self.reactor)
+        factory = self.forwarder = _BackForwarder(
+            self.peer, self.requester, self.bind, self.port_number, target, self.reactor
+        )
         listening = listen_endpoint(self.reactor, ForwardSpec(self.bind, self.port_number, target)).listen(factory)
         listening.addCallbacks(
             self._listening, lambda f: self._refuse(f"cannot listen on {where}: {f.getErrorMessage()}")
@@ -826,7 +829,7 @@ class _ListenControl(LineReceiver):
             address=address,
             peer=self.requester.peer_id,
             fingerprint=str(self.requester.fingerprint),
-            service=port.factory.service,
+            service=self.forwarder.service,
         )
         self.sendLine(ListenStatus(address=address).encode())
 
@@ -942,20 +945,22 @@ class RemoteForward:
         self.control: _RemoteControl | None = None
         self.stopped = False
         self._opening: Deferred[Any] | None = None
+        self._pending: _RemoteControl | None = None
         self._first: Deferred[str] | None = None
         self._retry: Any = None
         self._delay = RETRY_FIRST
 
     def start(self) -> Deferred[str]:
         """Ask the peer to listen: fires with where it does, or fails with L{RemoteForwardFailed}."""
-        self._first = Deferred()
+        first = self._first = Deferred()
         self._request()
-        return self._first
+        return first
 
     def _request(self) -> None:
         self._retry = None
+        self._pending = _RemoteControl(self)
         self._opening = self.peer.openStream(
-            self.peer_id, self.service, _OneProtocol(_RemoteControl(self)), self.protocol, self.fingerprint
+            self.peer_id, self.service, _OneProtocol(self._pending), self.protocol, self.fingerprint
         )
         self._opening.addCallbacks(self._opened, self._failed)
 
@@ -989,6 +994,10 @@ class RemoteForward:
 
     def answered(self, control: _RemoteControl, status: ListenStatus) -> None:
         """The peer's answer on C{control}: it listens at C{status.address}, or it cannot."""
+        self._pending = None
+        if self.stopped:
+            control.transport.loseConnection()
+            return
         if status.error is not None:
             self._error(f"{self.peer_id} cannot listen on {self.where}: {status.error}")
             return
@@ -1033,8 +1042,9 @@ class RemoteForward:
             self._retry.cancel()
         if self._opening is not None:
             self._opening.cancel()
-        if self.control is not None:
-            self.control.transport.loseConnection()
+        for control in (self.control, self._pending):
+            if control is not None and control.transport is not None:
+                control.transport.loseConnection()
         return defer.succeed(None)
 
 

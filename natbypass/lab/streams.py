@@ -323,6 +323,7 @@ class StreamScenario(Scenario):
         size: int,
         back: int = 0,
         timeout: float = 90,
+        listener_grace: float = 10,
     ) -> PipeResult:
         """
         C{natbypass pipe --listen} in C{dst} (id C{TAG-dst}, only from C{TAG-src}),
@@ -358,7 +359,7 @@ class StreamScenario(Scenario):
                     sender.kill()
                     _, sender_err = sender.communicate()
             try:
-                listener_code = listener.wait(timeout=20)
+                listener_code = listener.wait(timeout=listener_grace)
             except subprocess.TimeoutExpired:
                 listener.kill()
                 listener_code = listener.wait()
@@ -468,9 +469,7 @@ def web_serve(args: argparse.Namespace) -> None:
             return body
 
     async def main(reactor: Any) -> None:
-        string = server_string(
-            "web", mediator=args.mediator, id=args.id, identity=args.identity, allow=args.allow
-        )
+        string = server_string("web", mediator=args.mediator, id=args.id, identity=args.identity, allow=args.allow)
         await serverFromString(reactor, string).listen(Site(Body()))
         ready = {"event": "ready", "sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
         print(json.dumps(ready), flush=True)

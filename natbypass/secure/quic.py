@@ -144,6 +144,10 @@ def long_header_cids(data: bytes) -> tuple[bytes, bytes] | None:
     return bytes(data[6:scid_at]), bytes(data[scid_at + 1 : scid_at + 1 + scid_len])
 
 
+#: What the engines raise for a write on a connection the peer has just closed (qh3, aioquic).
+_CLOSED_ERRORS = frozenset({"QuicConnectionError"})
+
+
 class QuicClosed(Exception):
     """
     The QUIC connection ended; C{code} and C{reason} say how (the peer's
@@ -740,7 +744,14 @@ class QuicChannel:
         self._checkOpen()
         if stream_id in AUTH_STREAMS:
             raise ValueError(f"stream {stream_id} carries authentication; use openStream()")
-        self._conn.send_stream_data(stream_id, data, end_stream=fin)
+        try:
+            self._conn.send_stream_data(stream_id, data, end_stream=fin)
+        except Exception as e:
+            if type(e).__name__ not in _CLOSED_ERRORS:
+                raise
+            # The peer closed the connection in the burst being handled: its
+            # ConnectionTerminated event, still queued, ends the channel and its streams.
+            return
         self._pump()
 
     def resetStream(self, stream_id: int, code: int) -> None:
