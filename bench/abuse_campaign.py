@@ -26,7 +26,8 @@ Phases, each --seconds long, in order: `idle` (no attack), then each attack
              (--max-connections; by design new clients are then refused)
   offerslots 6 registrations from one IP offering to B flat out (B never answers them)
   stunflood  STUN Binding requests flat out from 4000 addresses 127.6.x.y
-  stuntcp    STUN/TCP connections held open silently from 200 addresses (cap 16 per source, 1000 in all)
+  stuntcp    STUN/TCP connections held open silently from 200 addresses, 20 slots each, reconnecting when
+             cut (caps: 8 per source, 1000 in all)
 
 Attackers run at nice 10 (--attacker-nice): on a 2-CPU machine the
 mediator, the attacker and the measuring client share the cores, and the
@@ -35,6 +36,13 @@ The mediator's RSS is read every second.  Printed per phase: p50/p99/max and
 failures of each sample kind, the ratio of p99 to idle's, RSS at start/end,
 and the mediator's refusal counters.  Aim: p99 under attack within 5x idle,
 RSS bounded.
+
+The victim also records connect-to-greeting (TCP connect until the greeting:
+the wait in the accept queue, which `register` leaves out).  --syn-meter
+RATE/BURST (root) installs the operator's nftables SYN meter of
+docs/reliability.md in front of the signalling and STUN ports for the run;
+--backlog and --mediator-args change the mediator's listen backlog and
+options (every limit is at its default otherwise).
 """
 
 from __future__ import annotations

@@ -90,9 +90,7 @@ class IPeerConnection(Interface):
         closed connection is ignored.
         """
 
-    max_datagram_size = Attribute(
-        "The largest message one send() carries on this path (bytes)."
-    )
+    max_datagram_size = Attribute("The largest message one send() carries on this path (bytes).")
 
     def close() -> None:
         """

@@ -18,20 +18,19 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from natbypass.app import forward
+from natbypass.app import forward, relay, remote_forward
 from natbypass.app.forward import (
     Exposure,
     ForwardSpec,
     ListenAllowance,
-    ListenStatus,
-    Relay,
     Target,
-    join,
     parse_allow_listen,
     parse_expose,
     parse_forward,
     parse_remote,
 )
+from natbypass.app.relay import Relay, join
+from natbypass.app.remote_forward import ListenStatus
 from natbypass.identity import Identity
 from natbypass.streams import PeerAddress, StreamRefused
 
@@ -138,7 +137,7 @@ def pair() -> tuple[Relay, Relay, HalfCloseTransport, HalfCloseTransport, list]:
 class RelayTests(SynchronousTestCase):
     def test_interfaces(self) -> None:
         self.assertTrue(verifyObject(IHalfCloseableProtocol, Relay()))
-        self.assertTrue(verifyObject(IPushProducer, forward._Pausing(StringTransport())))
+        self.assertTrue(verifyObject(IPushProducer, relay._Pausing(StringTransport())))
 
     def test_paused_until_joined_then_both_ways(self) -> None:
         a, b, ta, tb, _ = pair()
@@ -337,17 +336,19 @@ class RemoteGrammarTests(SynchronousTestCase):
 
     @given(host=hosts, port=ports)
     def test_request_round_trip(self, host: str, port: int) -> None:
-        self.assertEqual(forward.parse_request(forward.encode_request(Target(host, port))), Target(host, port))
+        self.assertEqual(
+            remote_forward.parse_request(remote_forward.encode_request(Target(host, port))), Target(host, port)
+        )
 
     @given(st.one_of(st.builds(ListenStatus, address=st.builds(lambda h, p: f"{bracket(h)}:{p}", ipv4 | ipv6, ports)),
                      st.builds(ListenStatus, error=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters='\\'),
                                                            min_size=1, max_size=100))))  # fmt: skip
     def test_status_round_trip(self, status: ListenStatus) -> None:
-        self.assertEqual(forward.parse_status(status.encode()), status)
+        self.assertEqual(remote_forward.parse_status(status.encode()), status)
 
     @given(st.binary(max_size=80))
     def test_control_parsers_never_crash(self, line: bytes) -> None:
-        for parse in (forward.parse_request, forward.parse_status):
+        for parse in (remote_forward.parse_request, remote_forward.parse_status):
             try:
                 parse(line)
             except ValueError:
@@ -364,7 +365,7 @@ class RemoteGrammarTests(SynchronousTestCase):
     def test_status_error_is_one_safe_line(self) -> None:
         line = ListenStatus(error="no\nway\r\x1b[31m").encode()
         self.assertNotIn(b"\n", line)
-        self.assertEqual(forward.parse_status(line).error, "no way \\x1b[31m")
+        self.assertEqual(remote_forward.parse_status(line).error, "no way \\x1b[31m")
 
     def test_errors(self) -> None:
         for text, message in (
@@ -386,10 +387,10 @@ class RemoteGrammarTests(SynchronousTestCase):
         )
         for line, message in ((b"web", "no HOST:PORT"), (b"h:0", "must be a number"), (b"\xff:1", "not ASCII")):
             with self.assertRaises(ValueError, msg=line) as caught:
-                forward.parse_request(line)
+                remote_forward.parse_request(line)
             self.assertIn(message, str(caught.exception))
         with self.assertRaises(ValueError):
-            forward.parse_status(b"listening nowhere")
+            remote_forward.parse_status(b"listening nowhere")
 
 
 class ControlStream(HalfCloseTransport):
@@ -413,7 +414,7 @@ class ServingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = RecordingReactor()
         self.peer = ServingPeer()
-        forward.serve_remote_listen(self.peer, [parse_allow_listen("8000-8001")], self.reactor)
+        remote_forward.serve_remote_listen(self.peer, [parse_allow_listen("8000-8001")], self.reactor)
 
     def control(self, service: str = "forward-listen:127.0.0.1:8000") -> tuple[object, ControlStream]:
         addr = PeerAddress("alice", ALICE_KEY, service, "udp", None, 4)
@@ -487,9 +488,11 @@ class ServingPeer:
 class RemoteForwardTests(SynchronousTestCase):
     """The requester's end of -R, on a fake peer and a Clock."""
 
-    def remote(self, result: object) -> tuple[forward.RemoteForward, io.StringIO, FakeControlPeer, Clock]:
+    def remote(self, result: object) -> tuple[remote_forward.RemoteForward, io.StringIO, FakeControlPeer, Clock]:
         out, peer, clock = io.StringIO(), FakeControlPeer(result), Clock()
-        remote = forward.RemoteForward(peer, "bob", parse_remote("0:127.0.0.1:5000"), forward.Events(out, True), clock)
+        remote = remote_forward.RemoteForward(
+            peer, "bob", parse_remote("0:127.0.0.1:5000"), forward.Events(out, True), clock
+        )
         return remote, out, peer, clock
 
     def events(self, out: io.StringIO) -> list[dict]:

@@ -25,17 +25,15 @@ from natbypass.app import forward
 from natbypass.app.forward import (
     Events,
     Forwarder,
-    RemoteForward,
     RemoteForwardFailed,
     back_service,
     parse_allow_listen,
     parse_expose,
     parse_forward,
     parse_remote,
-    serve_back,
     serve_exposed,
-    serve_remote_listen,
 )
+from natbypass.app.remote_forward import RemoteForward, serve_back, serve_remote_listen
 from natbypass.peer import Peer, PeerConfig
 from natbypass.streams import StreamRefused
 from natbypass.testing.loopback import LoopbackMediator

@@ -14,8 +14,9 @@ from typing import Any
 from twisted.python import usage
 
 from natbypass.app.echo import ECHO_SERVICE, EchoHandler, echo_factory
-from natbypass.app.forward import parse_allow_listen, parse_expose, serve_exposed, serve_remote_listen
+from natbypass.app.forward import parse_allow_listen, parse_expose, serve_exposed
 from natbypass.app.peer_options import PEER_OPTIONS, OptionSpec, check_peer_options, make_peer, usage_parameters
+from natbypass.app.remote_forward import serve_remote_listen
 from natbypass.metrics import check_metrics_option, peer_metrics
 from natbypass.peer import Peer
 from natbypass.signaling.client import check_mediator_endpoint

@@ -7,7 +7,7 @@ C{natbypass pipe --peer bob < backup.tar} sends the file; C{natbypass pipe
 C{--allow} permits) and writes what arrives.  Both directions flow at once
 and end separately: end of stdin half-closes the stream, the peer's end of
 data closes stdout.  Stdin and stdout are Twisted's C{StandardIO}, each the
-stream's producer or consumer (L{natbypass.app.forward.join}), so a big file
+stream's producer or consumer (L{natbypass.app.relay.join}), so a big file
 is never held in memory.
 
 C{--progress} (on by default when stderr is a terminal) draws bytes, rate and
@@ -28,7 +28,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from natbypass.app.forward import Relay, join
 from natbypass.app.peer_options import (
     PEER_OPTIONS,
     TARGET_OPTIONS,
@@ -39,6 +38,7 @@ from natbypass.app.peer_options import (
     make_peer,
     namespace_options,
 )
+from natbypass.app.relay import Relay, join
 from natbypass.app.run import react_command
 from natbypass.streams import StreamRefused
 from natbypass.trust import AllowList, TrustFileError

@@ -146,12 +146,15 @@ def react_command(
     argv: list[str],
     parse_options: Callable[[list[str]], Any],
     main: Callable[[Any, Any], Awaitable[int]],
+    stopped: int = EXIT_CANNOT_START,
 ) -> int:
     """
-    Run a one-shot command (C{connect}, C{pipe}, C{forward}) under C{react}:
-    parse C{argv} (argparse's C{SystemExit} becomes the status), run
-    C{main(reactor, options)} and return its exit status instead of exiting,
-    so the dispatcher decides.  A command that ends without a status failed (1).
+    Run a command (C{connect}, C{pipe}, C{forward}) under C{react}: parse
+    C{argv} (argparse's C{SystemExit} becomes the status), run C{main(reactor,
+    options)} and return its exit status instead of exiting, so the dispatcher
+    decides.  A command stopped before C{main} returned (Ctrl-C, SIGTERM)
+    ends with C{stopped}: a failure for a one-shot command, 0 for one that
+    runs until it is stopped.
     """
     try:
         options = parse_options(argv)
@@ -167,4 +170,4 @@ def react_command(
     except SystemExit as e:
         if e.code not in (0, None):
             return EXIT_CANNOT_START
-    return result[0] if result else EXIT_CANNOT_START
+    return result[0] if result else stopped

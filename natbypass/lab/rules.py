@@ -183,3 +183,79 @@ def loss_ruleset(loss_pct: float, iface: str) -> str:
         )
         + "\n"
     )
+
+
+# ---------------------------------------------------------- port-mapping gateway
+
+#: The table and chains miniupnpd (nftables build) fills with its mappings.
+GATEWAY_TABLE = "nbupnp"
+STUN_PORTS = (3478, 3479)
+
+
+def gateway_ruleset(public_ip: str, wan_if: str) -> str:
+    """
+    What a NAT that runs miniupnpd needs besides L{nat_ruleset} (load it
+    after that): the empty chains miniupnpd fills (its DNAT runs before the
+    NAT's own prerouting, and the NAT's forward chain already admits DNATed
+    flows), and two rules in the NAT's table.  miniupnpd learns its public
+    address by STUN and refuses to map when that STUN test sees a rewritten
+    port or a filtered change-request answer; so the NAT box's own packets
+    leave unrewritten and STUN answers reach it.
+    """
+    return (
+        "\n".join(
+            [
+                f"table inet {GATEWAY_TABLE} {{",
+                "  chain forward {",
+                "    type filter hook forward priority filter - 10; policy accept;",
+                "    jump miniupnpd",
+                "  }",
+                "  chain miniupnpd {",
+                "  }",
+                "  chain prerouting {",
+                "    type nat hook prerouting priority dstnat - 10; policy accept;",
+                "    jump prerouting_miniupnpd",
+                "  }",
+                "  chain postrouting {",
+                "    type nat hook postrouting priority srcnat - 10; policy accept;",
+                "    jump postrouting_miniupnpd",
+                "  }",
+                "  chain prerouting_miniupnpd {",
+                "  }",
+                "  chain postrouting_miniupnpd {",
+                "  }",
+                "}",
+                f'insert rule ip {TABLE} postrouting oifname "{wan_if}" ip saddr {public_ip} accept',
+                f'insert rule ip {TABLE} input iifname "{wan_if}" udp sport {{ {", ".join(map(str, STUN_PORTS))} }} accept',
+            ]
+        )
+        + "\n"
+    )
+
+
+def miniupnpd_config(wan_if: str, lan_if: str, lan_net: str, stun: tuple[str, int]) -> str:
+    """miniupnpd's configuration: UPnP-IGD, NAT-PMP and PCP on C{lan_if}, mappings for C{lan_net} only."""
+    return (
+        "\n".join(
+            [
+                f"ext_ifname={wan_if}",
+                f"listening_ip={lan_if}",
+                "enable_upnp=yes",
+                "enable_natpmp=yes",  # NAT-PMP and PCP
+                "ext_perform_stun=yes",
+                f"ext_stun_host={stun[0]}",
+                f"ext_stun_port={stun[1]}",
+                "secure_mode=yes",
+                "system_uptime=yes",
+                f"upnp_table_name={GATEWAY_TABLE}",
+                f"upnp_nat_table_name={GATEWAY_TABLE}",
+                "upnp_forward_chain=miniupnpd",
+                "upnp_nat_chain=prerouting_miniupnpd",
+                "upnp_nat_postrouting_chain=postrouting_miniupnpd",
+                "uuid=4e61744a-6279-7061-7373-000000000001",
+                f"allow 1024-65535 {lan_net} 1024-65535",
+                "deny 0-65535 0.0.0.0/0 0-65535",
+            ]
+        )
+        + "\n"
+    )

@@ -10,7 +10,8 @@ preset name (C{"open"}, C{"firewall"}, C{"full-cone"}, ...; see
 L{PRESETS}) or an object::
 
     {"nat": PRESET-NAME | {"mapping": ..., "filtering": ..., "inbound": ...,
-                           "hairpin": bool, "udp_timeout": seconds},
+                           "hairpin": bool, "udp_timeout": seconds,
+                           "portmap": bool},  # a UPnP/NAT-PMP/PCP gateway
      "hosts": 2,                      # hosts on the LAN behind the NAT
      "delay_ms": 20, "jitter_ms": 2,  # one way, each direction of the WAN link
      "loss_pct": 1}                   # each direction of the WAN link
@@ -83,6 +84,8 @@ class NatRules:
     hairpin: bool = False
     #: UDP mapping lifetime in seconds (conntrack timeout in the NAT); None keeps the kernel's.
     udp_timeout: int | None = 30
+    #: The NAT is a port-mapping gateway (miniupnpd: UPnP-IGD, NAT-PMP, PCP; see natbypass.portmap.labgateway).
+    portmap: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ def parse_nat(obj: Any, where: str) -> NatRules:
         return preset
     if not isinstance(obj, dict):
         raise LabSpecError(f"{where}: expected a preset name or an object")
-    _check_keys(obj, {"preset", "mapping", "filtering", "inbound", "hairpin", "udp_timeout"}, where)
+    _check_keys(obj, {"preset", "mapping", "filtering", "inbound", "hairpin", "udp_timeout", "portmap"}, where)
     base = parse_nat(obj["preset"], f"{where}.preset") if "preset" in obj else NatRules()
     changes: dict[str, Any] = {}
     if "mapping" in obj:
@@ -196,6 +199,10 @@ def parse_nat(obj: Any, where: str) -> NatRules:
         if not isinstance(obj["hairpin"], bool):
             raise LabSpecError(f"{where}.hairpin: expected true or false")
         changes["hairpin"] = obj["hairpin"]
+    if "portmap" in obj:
+        if not isinstance(obj["portmap"], bool):
+            raise LabSpecError(f"{where}.portmap: expected true or false")
+        changes["portmap"] = obj["portmap"]
     if "udp_timeout" in obj:
         t = obj["udp_timeout"]
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 86400):
@@ -286,13 +293,16 @@ def nat_to_json(nat: NatRules) -> dict[str, Any]:
     One NAT's rules as JSON with every field spelled out (presets expanded),
     the form L{spec_to_json} writes and L{parse_nat} reads back.
     """
-    return {
+    out: dict[str, Any] = {
         "mapping": nat.mapping.value,
         "filtering": nat.filtering.value,
         "inbound": nat.inbound.value,
         "hairpin": nat.hairpin,
         "udp_timeout": nat.udp_timeout,
     }
+    if nat.portmap:  # only when set, so specs without a gateway keep their canonical form
+        out["portmap"] = True
+    return out
 
 
 def spec_to_json(spec: LabSpec) -> dict[str, Any]:
@@ -314,7 +324,7 @@ def describe(nat: NatRules | None, kind: SiteKind = SiteKind.NAT) -> str:
     """A short human label, e.g. C{eim-pp/adf drop hairpin}."""
     if kind is not SiteKind.NAT or nat is None:
         return kind.value
-    extra = " hairpin" if nat.hairpin else ""
+    extra = (" hairpin" if nat.hairpin else "") + (" portmap" if nat.portmap else "")
     return f"{nat.mapping.value}/{nat.filtering.value} {nat.inbound.value}{extra}"
 
 
