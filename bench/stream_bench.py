@@ -487,12 +487,21 @@ def tcp_snmp(lab: Lab, node: str) -> dict[str, int]:
     return {k: int(v) for k, v in zip(names[1:], values[1:])}
 
 
+def tcp_default_cc(lab: Lab, node: str) -> str:
+    return lab.exec(node, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).stdout.strip()
+
+
 def impaired(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) -> None:
     tcp_target = bench.start_tcp()
     labextra.set_rate(bench.lab, "b", args.rate)
-    for node in ("a", "b"):  # per namespace: kernel TCP and natbypass's TLS/TCP path alike
-        bench.lab.exec(node, ["sysctl", "-qw", f"net.ipv4.tcp_congestion_control={args.cc}"], check=True)
-    results["cc"] = args.cc
+    # The namespaces' default (natbypass's TLS/TCP path): a child namespace may only pick an allowed one
+    # (here reno or bbr), so cubic falls back to reno; the kernel-TCP sender sets its own with setsockopt.
+    for node in ("a", "b"):
+        for cc in (args.cc, "reno"):
+            if bench.lab.exec(node, ["sysctl", "-qw", f"net.ipv4.tcp_congestion_control={cc}"]).returncode == 0:
+                break
+    results["cc"] = {node: tcp_default_cc(bench.lab, node) for node in ("a", "b")}
+    log(f"impaired: congestion control kernel-tcp {args.cc}, namespaces {json.dumps(results['cc'])}")
     results["offloads"] = labextra.set_offloads(bench.lab, "b", args.offloads == "on")
     log(f"impaired link offloads: {json.dumps(results['offloads'])}")
     rows = []
@@ -503,7 +512,7 @@ def impaired(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) ->
                 labextra.set_loss(bench.lab, "b", loss)  # fresh counters for each run
                 before = tcp_snmp(bench.lab, "a")
                 if method.startswith("kernel-tcp"):
-                    cc = "bbr" if method.endswith("bbr") else None
+                    cc = "bbr" if method.endswith("bbr") else args.cc
                     res = bench.tcp_send(tcp_target, seconds=args.seconds, timeout=args.seconds * 20, cc=cc)
                 else:
                     stats = {"quic_stats": 0.5} if args.quic_stats and method == "natbypass-udp" else {}
