@@ -42,6 +42,7 @@ from natbypass.address import is_wildcard
 from natbypass.identity import Fingerprint, FingerprintError, Identity
 from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerConnection, IStreamHandler
 from natbypass.nat import NatSummary
+from natbypass.portmap import MappingError, PortMapper, PortMapping
 from natbypass.punch import candidates, race, tcp
 from natbypass.punch.candidates import LocalNetworks, PortRange, ProbeBudget, TokenBucket
 from natbypass.punch.mux import PunchEndpoint, UDPMux
@@ -50,7 +51,7 @@ from natbypass.punch.udp import ProbeSchedule, punch_udp
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import get_engine, warm_up
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
-from natbypass.signaling.wire import Candidate, Description, Session
+from natbypass.signaling.wire import CANDIDATE_KINDS, Candidate, Description, Session
 from natbypass.streams import PeerAddress, StreamRefused, frames
 from natbypass.stun import discovery
 from natbypass.stun.client import (
@@ -71,6 +72,24 @@ get_engine()
 #: How long an answered offer's ports wait for its session (the mediator
 #: replies to our accept in one round trip); then they are closed.
 ANSWER_HOLD = 30.0
+#: With port mapping on, readiness waits at most this long for the mappings (they go on in the background).
+PORTMAP_READY_WAIT = 2.0
+#: A peer whose gateway maps its port lets the other side's probes arrive
+#: through the mapping first: Linux maps inbound only, and our own packets
+#: to the peer, sent first, would take a conntrack entry that the inbound
+#: flow then clashes with.  The first probe that arrives starts us at once.
+PORTMAP_HOLD = 0.0
+
+
+def portmap_kind(protocol: str) -> str:
+    """
+    The candidate kind of a gateway mapping: C{portmap}/C{tcp-portmap} once
+    the wire knows them, the server-reflexive kinds until then.
+    """
+    kind = "portmap" if protocol == "udp" else "tcp-portmap"
+    if kind in CANDIDATE_KINDS:
+        return kind
+    return "srflx" if protocol == "udp" else "tcp-srflx"
 
 
 def parse_wish(protocol: str | Sequence[str]) -> tuple[str, ...]:
@@ -103,6 +122,11 @@ class PeerConfig:
     #: before).  False: never (only the mapped addresses; two peers on one
     #: LAN then meet through their NAT, if it hairpins).
     reveal_host_candidates: bool = True
+    #: Ask the gateway for inbound mappings of the main ports (PCP, NAT-PMP,
+    #: UPnP-IGD) and publish them.  Off by default: it sends to the gateway.
+    port_mapping: bool = False
+    #: The gateway to ask; None: the default route's.
+    port_mapping_gateway: str | None = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +328,11 @@ class Peer(MultiService):
         self._outcomes: Counter[tuple[str, str]] = Counter()
         self._attempt_results: Counter[tuple[str, str]] = Counter()
         self._handshakes: dict[str, tuple[int, float]] = {}
+        #: The gateway's mappings of the main ports, by protocol (port mapping on).
+        self.port_mappings: dict[str, PortMapping] = {}
+        self.port_mapper: PortMapper | None = None
+        self._mapped: Deferred[Any] | None = None
+        self._mapped_wait: IDelayedCall | None = None
 
     # ------------------------------------------------------------ service
 
@@ -312,6 +341,8 @@ class Peer(MultiService):
         self._host_refresh = LoopingCall(self.refreshHostAddresses)
         self._host_refresh.clock = self.clock
         self._host_refresh.start(self.config.host_refresh, now=True)
+        if self.config.port_mapping:
+            self._start_port_mapping()
         super().startService()
         self._learned = {
             "udp": defer.ensureDeferred(self._learn_one(self._main.udp, "UDP")),
@@ -326,7 +357,7 @@ class Peer(MultiService):
 
     async def _learn(self) -> None:
         """Wait for both mapped addresses (learned at once, in parallel) and log them."""
-        await defer.gatherResults([_follow(d) for d in self._learned.values()])
+        await defer.gatherResults([_follow(d) for d in self._learned.values()] + [self._mappings_ready()])
         self.log.info(
             "peer {peer_id}: udp {udp} mapped to {udp_mapped}, tcp {tcp} mapped to {tcp_mapped}",
             peer_id=self.peer_id,
@@ -382,6 +413,8 @@ class Peer(MultiService):
             self._host_refresh.stop()
         if self._discovery is not None:
             self._discovery.cancel()
+        if self._mapped_wait is not None and self._mapped_wait.active():
+            self._mapped_wait.cancel()
         for traversal in list(self._traversals):
             traversal.cancel()
         for answering in list(self._answering):
@@ -464,13 +497,74 @@ class Peer(MultiService):
         cands: list[Candidate] = []
         hosts = self.host_addresses if self.config.reveal_host_candidates else []
         cands += [Candidate("host", h, ports.udp.local[1]) for h in hosts]
+        cands += self._mapping_candidates(ports, "udp")
         if ports.udp.mapped is not None:
             cands.append(Candidate("srflx", *ports.udp.mapped))
         cands += [Candidate("tcp-host", h, ports.tcp.local[1]) for h in hosts]
+        cands += self._mapping_candidates(ports, "tcp")
         if ports.tcp.mapped is not None:
             cands.append(Candidate("tcp-srflx", *ports.tcp.mapped))
         unique = {(c.protocol, c.host, c.port): c for c in reversed(cands)}
         return Description(tuple(reversed(unique.values())), self.nat, self.wish if wish is None else wish)
+
+    # ------------------------------------------------------- port mapping
+
+    def _start_port_mapping(self) -> None:
+        """Ask the gateway for mappings of the main ports, in the background; deleted when the peer stops."""
+        assert self._main is not None
+        mapper = PortMapper(self.reactor, self.config.port_mapping_gateway, clock=self.clock)
+        mapper.changed.append(self._mapping_changed)
+        mapper.setServiceParent(self)  # stopped with the peer: its stopService deletes the mappings
+        self.port_mapper = mapper
+        wanted = {"udp": self._main.udp.local[1], "tcp": self._main.tcp.local[1]}
+        asks = [
+            mapper.map(protocol, port).addCallbacks(
+                lambda m: self._mapping_changed(m.protocol, m),
+                lambda f, p=protocol: self.log.warn(
+                    "peer {peer_id}: no {protocol} port mapping: {error}",
+                    peer_id=self.peer_id,
+                    protocol=p,
+                    error=f.value.reason if f.check(MappingError) else f.getErrorMessage(),
+                ),
+            )
+            for protocol, port in wanted.items()
+        ]
+        self._mapped = defer.DeferredList(asks, consumeErrors=True)
+
+    def _mapping_changed(self, protocol: str, mapping: PortMapping | None) -> None:
+        if mapping is None:
+            self.port_mappings.pop(protocol, None)
+        else:
+            self.port_mappings[protocol] = mapping
+
+    def _mappings_ready(self) -> Deferred[None]:
+        """Fires when the first mappings are settled, or after L{PORTMAP_READY_WAIT} (they go on)."""
+        ready: Deferred[None] = Deferred()
+        if self._mapped is None:
+            ready.callback(None)
+            return ready
+        self._mapped_wait = self.clock.callLater(PORTMAP_READY_WAIT, lambda: ready.called or ready.callback(None))
+
+        def settled(_: Any) -> None:
+            if self._mapped_wait is not None and self._mapped_wait.active():
+                self._mapped_wait.cancel()
+            if not ready.called:
+                ready.callback(None)
+
+        self._mapped.addBoth(settled)
+        return ready
+
+    def _mapping_candidates(self, ports: Ports, protocol: str) -> list[Candidate]:
+        """The gateway's mapping of C{protocol} as a candidate, for the main ports only (the ones mapped)."""
+        mapping = self.port_mappings.get(protocol)
+        main = self._main
+        if mapping is None or main is None or getattr(ports, protocol) is not getattr(main, protocol):
+            return []
+        return [Candidate(portmap_kind(protocol), *mapping.external)]
+
+    def _hold(self, protocol: str, ports: Ports) -> float:
+        """How long to let the peer's packets come through our mapping first (L{PORTMAP_HOLD})."""
+        return PORTMAP_HOLD if self._mapping_candidates(ports, protocol) else 0.0
 
     def refreshHostAddresses(self) -> None:
         """
@@ -878,7 +972,11 @@ class Peer(MultiService):
 
         def targets(protocol: str) -> list[Address]:
             nonlocal over_cap
-            srflx = [(c.host, c.port) for c in remote.candidates if c.protocol == protocol and c.kind.endswith("srflx")]
+            srflx = [
+                (c.host, c.port)
+                for c in remote.candidates
+                if c.protocol == protocol and c.kind.endswith(("srflx", "portmap"))
+            ]
             hosts = [(c.host, c.port) for c in remote.candidates if c.protocol == protocol and c.kind.endswith("host")]
             kept = candidates.screen(srflx, hosts, local)
             refused.extend(f"{protocol} {host!a} port {port}: {why}" for (host, port), why in kept.refused)
@@ -906,7 +1004,7 @@ class Peer(MultiService):
                 psession,
                 udp_targets,
                 self.clock,
-                start_delay=start_delay,
+                start_delay=start_delay + self._hold("udp", ports),
                 schedule=ProbeSchedule(timeout=self.config.punch_timeout),
                 keepalive_interval=self.config.keepalive_interval,
                 liveness_timeout=self.config.liveness_timeout,
@@ -919,7 +1017,7 @@ class Peer(MultiService):
                 psession,
                 ports.tcp.local,
                 tcp_targets,
-                start_delay=start_delay,
+                start_delay=start_delay + self._hold("tcp", ports),
                 window=self.config.punch_timeout,
                 listener=ports.tcp.socket,
                 keepalive_interval=self.config.keepalive_interval,

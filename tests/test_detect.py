@@ -158,3 +158,68 @@ class OutputTests(SynchronousTestCase):
         self.assertEqual(out["local_address"], "10.0.0.2:40000")
         self.assertRegex(out["public_address"], r"^198\.51\.100\.7:\d+$")
         self.assertIsInstance(out["elapsed_ms"], int)
+
+
+class PortMappingTests(SynchronousTestCase):
+    """C{--port-mapping}: options, the probe through an injected PortMapper, the report."""
+
+    def mapper(self, answers: dict):
+        from twisted.internet import defer as _defer
+        from twisted.internet.task import Clock
+
+        from natbypass.portmap import MappingError, PortMapper, PortMapping
+
+        clock = Clock()
+
+        class Scripted:
+            def __init__(self, method: str) -> None:
+                self.method = method
+                self.unmapped: list = []
+
+            def map(self, protocol, internal_port, lifetime, previous=None):
+                external = answers[self.method]
+                if external is None:
+                    return _defer.fail(MappingError(self.method, "no answer from 10.1.0.1 in 1.5 s"))
+                return _defer.succeed(PortMapping(self.method, protocol, internal_port, external, lifetime))
+
+            def unmap(self, mapping):
+                self.unmapped.append(mapping)
+                return _defer.succeed(None)
+
+        clients = [Scripted(m) for m in answers]
+        return PortMapper(clock, "10.1.0.1", clients=clients), clients
+
+    def test_usage(self) -> None:
+        args = parse("--port-mapping")
+        self.assertEqual((args.stun, args.port_mapping, args.gateway), (None, True, None))
+        self.assertEqual(parse("--stun", "127.0.0.1").port_mapping, False)  # off by default
+        for argv in (["--port-mapping", "--gateway", "::1"], ["--port-mapping", "--gateway", "gw.example"], ["--json"]):
+            code, _, err = run_quietly(argv)
+            self.assertEqual(code, 2, argv)
+        self.assertIn("--stun (or --port-mapping)", run_quietly(["--json"])[2])
+
+    def test_probe_and_report(self) -> None:
+        mapper, clients = self.mapper({"pcp": None, "natpmp": ("198.18.1.1", 40000), "upnp": ("198.18.1.1", 40001)})
+        results = []
+        detect._port_mapping(None, parse("--port-mapping"), 5000, mapper).addBoth(results.append)
+        info = results[0]
+        self.assertEqual(info["gateway"], "10.1.0.1")
+        self.assertEqual(info["protocols"], ["natpmp", "upnp"])
+        self.assertEqual(info["mapped_address"], "198.18.1.1:40000")
+        self.assertEqual(info["results"]["pcp"], {"error": "no answer from 10.1.0.1 in 1.5 s"})
+        self.assertEqual(info["results"]["upnp"]["external"], "198.18.1.1:40001")
+        self.assertEqual([len(c.unmapped) for c in clients], [0, 1, 1])  # every probe mapping deleted
+        text = detect.format_port_mapping(info)
+        self.assertIn("Port mapping:    natpmp, upnp", text)
+        self.assertIn("Mapped address:  198.18.1.1:40000", text)
+        self.assertIn("pcp     no: no answer", text)
+        self.assertIn("natpmp  udp port 5000 -> 198.18.1.1:40000", text)
+        out = json.loads(detect.format_json(None, info))
+        self.assertEqual(out["port_mapping"]["protocols"], ["natpmp", "upnp"])
+
+    def test_nothing_answers(self) -> None:
+        mapper, _ = self.mapper({"pcp": None, "natpmp": None, "upnp": None})
+        results = []
+        detect._port_mapping(None, parse("--port-mapping"), 5000, mapper).addBoth(results.append)
+        self.assertEqual((results[0]["protocols"], results[0]["mapped_address"]), ([], None))
+        self.assertIn("Port mapping:    none", detect.format_port_mapping(results[0]))

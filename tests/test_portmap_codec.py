@@ -172,7 +172,9 @@ class PcpPropertyTests(SynchronousTestCase):
         st.integers(0, 255), u32, u32, st.binary(min_size=12, max_size=12), protocols,
         st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), ips, options,
     )  # fmt: skip
-    def test_response_round_trip(self, result, lifetime, epoch, nonce, protocol, internal, external, addr, opts) -> None:
+    def test_response_round_trip(
+        self, result, lifetime, epoch, nonce, protocol, internal, external, addr, opts
+    ) -> None:
         r = pcp.MapResponse(result, lifetime, epoch, nonce, protocol, internal, external, addr, opts)
         self.assertEqual(pcp.decode_response(r.encode()), r)
 

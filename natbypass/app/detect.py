@@ -1,10 +1,14 @@
 """
 C{natbypass detect}: ask an RFC 5780 STUN server what our NAT does.
 
-    natbypass detect --stun 127.0.0.1:3478 [--tcp] [--json]
+    natbypass detect --stun 127.0.0.1:3478 [--tcp] [--json] [--port-mapping [--gateway IP]]
 
 Exit status: 0 when the server answered, 1 when it could not be reached
-(over UDP, and over TCP too with C{--tcp}), 2 on bad usage.  With C{--json}
+(over UDP, and over TCP too with C{--tcp}), 2 on bad usage.  With
+C{--port-mapping} it also asks the gateway for a mapping by PCP, NAT-PMP
+and UPnP-IGD (each deleted at once) and reports which protocols answered
+and the mapped address; without C{--stun} only that (status 1 when no
+protocol mapped).  With C{--json}
 one JSON object goes to stdout (see L{natbypass.stun.discovery.NATBehavior.to_json});
 otherwise a short report.  Errors go to stderr.
 """
@@ -24,6 +28,8 @@ from twisted.logger import Logger
 from natbypass.address import format_address, is_ip
 from natbypass.address import parse_host_port as _parse_host_port
 from natbypass.net import route_source_address
+from natbypass.portmap import PortMapper, PortMapping
+from natbypass.portmap.gateway import default_gateway
 from natbypass.stun.client import Address, RetransmitPolicy, StunUDPProtocol, tcp_binding
 from natbypass.stun.discovery import NATBehavior, discover
 
@@ -68,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stun",
-        required=True,
         metavar="HOST[:PORT]",
         type=_arg(parse_host_port),
         help=f"the STUN server (port {DEFAULT_PORT} by default; IPv6 as [ADDR]:PORT)",
@@ -99,7 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST[:PORT]",
         help="local address to bind (default: the address that routes to the server, any port)",
     )
+    p.add_argument(
+        "--port-mapping",
+        action="store_true",
+        help="also ask the gateway for a UDP mapping by PCP, NAT-PMP and UPnP-IGD (deleted at once) and report "
+        "which protocols answered and the mapped address; off by default: it sends to the gateway",
+    )
+    p.add_argument(
+        "--gateway",
+        type=_arg(_ipv4),
+        metavar="IPV4",
+        help="the gateway to ask with --port-mapping (default: the default route's gateway)",
+    )
     return p
+
+
+def _ipv4(text: str) -> str:
+    if not is_ip(text) or ":" in text:
+        raise ValueError(f"{text!r} is not an IPv4 address")
+    return text
 
 
 # ---------------------------------------------------------------- output
@@ -139,12 +162,49 @@ def format_report(behavior: NATBehavior) -> str:
     return "\n".join(lines)
 
 
-def format_json(behavior: NATBehavior) -> str:
+def format_json(behavior: NATBehavior | None, port_mapping: dict | None = None) -> str:
     """
-    The result for C{--json}: one JSON object (L{NATBehavior.to_json}) with
-    sorted keys, so scripts get stable output.
+    The result for C{--json}: one JSON object (L{NATBehavior.to_json}, and
+    C{port_mapping} from L{port_mapping_json}) with sorted keys, so scripts
+    get stable output.
     """
-    return json.dumps(behavior.to_json(), sort_keys=True)
+    out = behavior.to_json() if behavior is not None else {}
+    if port_mapping is not None:
+        out["port_mapping"] = port_mapping
+    return json.dumps(out, sort_keys=True)
+
+
+def port_mapping_json(gateway: str | None, results: dict[str, PortMapping | str]) -> dict:
+    """
+    What C{--port-mapping} found: the gateway, the protocols that mapped
+    (in the order tried), each protocol's mapping or error, and the mapped
+    address of the first that answered.
+    """
+    mapped = [m for m in results.values() if isinstance(m, PortMapping)]
+    return {
+        "gateway": gateway,
+        "protocols": [m.method for m in mapped],
+        "mapped_address": format_address(mapped[0].external) if mapped else None,
+        "results": {k: v.to_json() if isinstance(v, PortMapping) else {"error": v} for k, v in results.items()},
+    }
+
+
+def format_port_mapping(info: dict) -> str:
+    """The C{--port-mapping} part of the report."""
+    lines = [
+        f"Gateway:         {info['gateway'] or 'none (no default route)'}",
+        f"Port mapping:    {', '.join(info['protocols']) or 'none'}",
+    ]
+    if info["mapped_address"]:
+        lines.append(f"Mapped address:  {info['mapped_address']}")
+    for method, r in info["results"].items():
+        if "error" in r:
+            lines.append(f"  {method:<7} no: {r['error']}")
+        else:
+            lines.append(
+                f"  {method:<7} {r['protocol']} port {r['internal_port']} -> {r['external']} ({r['lifetime']:g} s)"
+            )
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------- the work
@@ -160,6 +220,16 @@ def detect(reactor, args: argparse.Namespace, out: TextIO | None = None, err: Te
     """Run the detection the parsed C{args} ask for; fires with the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
+    mapping_info = None
+    if args.stun is None:
+        mapping_info = yield _port_mapping(reactor, args, None)
+        if args.json:
+            print(format_json(None, mapping_info), file=out)
+        else:
+            print(format_port_mapping(mapping_info), file=out)
+        if not mapping_info["protocols"]:
+            return _fail(err, "the gateway mapped no port by PCP, NAT-PMP or UPnP-IGD")
+        return EXIT_OK
     host, port = args.stun
     if not is_ip(host):
         try:
@@ -197,13 +267,17 @@ def detect(reactor, args: argparse.Namespace, out: TextIO | None = None, err: Te
             policy=policy,
             filtering_policy=filtering_policy,
         )
+        if args.port_mapping:
+            mapping_info = yield _port_mapping(reactor, args, bound.port)
     finally:
         yield listening.stopListening()
     reached = behavior.reachable or behavior.tcp_reachable
     if args.json:
-        print(format_json(behavior), file=out)
+        print(format_json(behavior, mapping_info), file=out)
     else:
         print(format_report(behavior), file=out)
+        if mapping_info is not None:
+            print(format_port_mapping(mapping_info), file=out)
     if not reached:
         via = "UDP or TCP" if args.tcp else "UDP"
         return _fail(
@@ -215,10 +289,39 @@ def detect(reactor, args: argparse.Namespace, out: TextIO | None = None, err: Te
     return EXIT_OK
 
 
+@defer.inlineCallbacks
+def _port_mapping(reactor, args: argparse.Namespace, port: int | None, mapper: PortMapper | None = None):
+    """
+    Ask the gateway for a UDP mapping of C{port} (the STUN socket's; None:
+    a port bound for the purpose) by every protocol; fires with
+    L{port_mapping_json}.
+    """
+    gateway = args.gateway or default_gateway()
+    if gateway is None and mapper is None:
+        return port_mapping_json(None, {})
+    listening = None
+    if port is None:
+        from twisted.internet.protocol import DatagramProtocol
+
+        local = args.local[0] if args.local else route_source_address((gateway, 5351))
+        listening = reactor.listenUDP(0, DatagramProtocol(), interface=local)
+        port = listening.getHost().port
+    mapper = mapper or PortMapper(reactor, gateway)
+    try:
+        results = yield defer.ensureDeferred(mapper.probe("udp", port))
+    finally:
+        if listening is not None:
+            yield listening.stopListening()
+    return port_mapping_json(mapper.gateway, results)
+
+
 def run(argv: list[str]) -> int:
     """Entry point of C{natbypass detect}; returns the exit status."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.stun is None and not args.port_mapping:
+            parser.error("the following arguments are required: --stun (or --port-mapping)")
     except SystemExit as e:  # argparse: 0 for --help, 2 for bad usage
         return int(e.code or 0)
     from twisted.internet.task import react

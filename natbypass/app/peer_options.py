@@ -74,6 +74,8 @@ PEER_OPTIONS: tuple[OptionSpec, ...] = (
                flag=True),
     OptionSpec("no-host-candidates", "never publish our interface addresses (by default approved peers, "
                "and peers we connect to, get them, so two peers on one LAN meet directly)", flag=True),
+    OptionSpec("port-mapping", "ask the gateway (the default route's) for inbound mappings of our ports by PCP, "
+               "NAT-PMP or UPnP-IGD and publish them; off by default, as it sends to the gateway", flag=True),
     OptionSpec("identity", "identity key file, created (0600) if missing; the mediator binds --id to this key "
                "(default: $XDG_CONFIG_HOME/natbypass/identity.pem, else ~/.config/natbypass/identity.pem)",
                metavar="PATH"),
@@ -179,6 +181,7 @@ def make_peer(
             punch_timeout=options["timeout"],
             discover=not options["no-discovery"],
             reveal_host_candidates=not options.get("no-host-candidates", False),
+            port_mapping=options.get("port-mapping", False),
             **config,
         ),
     )

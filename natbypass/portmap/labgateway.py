@@ -39,7 +39,7 @@ def start_gateway(lab: Any, site: str, stun: tuple[str, int] | None = None) -> s
         raise _netns.LabError(why)
     plan = lab.plan.site(site)
     if plan.spec.nat is None or not plan.spec.nat.portmap or plan.lan_net is None:
-        raise _netns.LabError(f"site {site} is not a port-mapping gateway (its nat needs \"portmap\": true)")
+        raise _netns.LabError(f'site {site} is not a port-mapping gateway (its nat needs "portmap": true)')
     border = plan.border.netns
     _netns.nft(border, rules.gateway_ruleset(plan.public_ip, "wan0"))
     stun = stun or (lab.mediator_addresses[0], 3478)

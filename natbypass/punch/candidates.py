@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 
 from natbypass.net import family_of, share_port
+from natbypass.ratelimit import TokenBucket
 
 try:
     import fcntl
@@ -404,30 +405,6 @@ OFFER_RATE, OFFER_BURST = 16.0, 40.0
 PEER_RATE, PEER_BURST = 16 * 1024.0, 32 * 1024.0
 #: What a TCP connect attempt is charged (a SYN with its options, IPv4).
 SYN_BYTES = 64
-
-
-class TokenBucket:
-    """
-    C{rate} tokens a second up to C{burst}, on an injected clock (anything
-    with C{seconds()}); starts full.
-    """
-
-    def __init__(self, clock, rate: float, burst: float) -> None:
-        self._clock = clock
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._at = clock.seconds()
-
-    def take(self, n: float = 1.0) -> bool:
-        """Take C{n} tokens if there are that many (True), else take none (False)."""
-        now = self._clock.seconds()
-        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
-        self._at = now
-        if self._tokens < n:
-            return False
-        self._tokens -= n
-        return True
 
 
 class ProbeBudget:

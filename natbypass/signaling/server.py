@@ -36,7 +36,7 @@ from natbypass import selection
 from natbypass.identity import BadSignature, Fingerprint, FingerprintError, load_public_key, verify_registration
 from natbypass.logsafe import escape
 from natbypass.nat import NatSummary
-from natbypass.stun.server import RateLimiter
+from natbypass.ratelimit import RateLimiter
 
 from . import wire
 from .interfaces import IChannel, ISignalingState

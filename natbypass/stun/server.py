@@ -103,11 +103,9 @@ Abuse and load (all of it measured by tests/test_stun_abuse.py):
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import zlib
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -123,6 +121,7 @@ from zope.interface import implementer
 
 from natbypass import __version__
 from natbypass.address import is_wildcard
+from natbypass.ratelimit import RateLimiter, TokenBucket, source_key
 from natbypass.stun import message as m
 from natbypass.stun.message import StreamFramer, StunDecodeError, StunFramingError
 
@@ -171,7 +170,6 @@ FD_RESERVE = 64
 DEFAULT_RATE = 50
 DEFAULT_BURST = 200
 #: Token buckets of the rate limiter (a power of two); 16 bytes each.
-RATE_BUCKETS = 1 << 16
 #: How many times port-0 configurations look for ports free on all sockets.
 PORT_ATTEMPTS = 20
 
@@ -190,28 +188,6 @@ def _family(host: str) -> int:
         except (OSError, ValueError):
             pass
     raise ValueError(f"not an IP address: {host!r}")
-
-
-_V4_MAPPED = bytes(10) + b"\xff\xff"
-
-
-def source_key(host: str) -> str:
-    """
-    The key that rate limits and connection caps count a source under: an
-    IPv4 address itself (also when IPv4-mapped, C{::ffff:a.b.c.d}), the /64
-    prefix of an IPv6 address (one host or site usually owns a whole /64,
-    so counting single IPv6 addresses would give it billions of budgets),
-    and anything else, as given.
-    """
-    if ":" not in host:
-        return host
-    try:
-        packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
-    except (OSError, ValueError):
-        return host
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return packed[:8].hex() + "/64"
 
 
 def tcp_connection_limit(descriptors: int, ceiling: int = MAX_TCP_CONNECTIONS) -> int:
@@ -506,105 +482,6 @@ class BindingResponder:
         return Reply(data, local, source)
 
 
-# ------------------------------------------------------------- rate limiting
-
-
-class RateLimiter:
-    """
-    A token bucket per source: C{rate} requests per second of C{clock}, and
-    up to C{burst} at once (default: one second's worth).  Sources are
-    grouped by L{source_key} (IPv6 by /64).
-
-    Memory is fixed: C{buckets} buckets (a power of two), and a source's
-    bucket is chosen by a hash of its key salted with C{salt} (default: 16
-    random bytes, drawn here).  Sources that share a bucket share its budget;
-    a spoofer who does not know the salt cannot choose whom it shares with,
-    and a flood of spoofed sources only drains buckets at random, never
-    refuses a new source for want of room (see the module doc).
-
-    The hash is Python's own (SipHash, keyed with the interpreter's secret)
-    over the salt and the key: about a tenth of the cost of a keyed blake2b
-    per datagram, and still secret when C{PYTHONHASHSEED} is fixed, thanks
-    to the salt.
-    """
-
-    def __init__(
-        self,
-        rate: float,
-        clock: IReactorTime,
-        burst: float | None = None,
-        *,
-        buckets: int = RATE_BUCKETS,
-        salt: bytes | None = None,
-    ) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        if burst is None:
-            burst = max(1, rate)
-        if burst < 1:
-            raise ValueError("burst must be at least 1")
-        if buckets < 1 or buckets & (buckets - 1):
-            raise ValueError("buckets must be a power of two")
-        self.rate = rate
-        self.burst = burst
-        self.buckets = buckets
-        self._clock = clock
-        self._mask = buckets - 1
-        self._salt = (salt if salt is not None else os.urandom(16)).hex()
-        self._tokens = array("d", [float(burst)]) * buckets
-        self._stamps = array("d", [float("-inf")]) * buckets
-
-    def bucket(self, host: str) -> int:
-        """The index of the bucket that counts C{host}'s requests."""
-        return hash(self._salt + source_key(host)) & self._mask
-
-    def allow(self, host: str, cost: float = 1.0) -> bool:
-        """Take C{cost} tokens (one request's worth by default) from C{host}'s bucket; False when there are fewer."""
-        index = hash(self._salt + source_key(host)) & self._mask
-        now = self._clock.seconds()
-        tokens = self._tokens[index]
-        elapsed = now - self._stamps[index]
-        if elapsed > 0:
-            tokens = min(self.burst, tokens + elapsed * self.rate)
-        self._stamps[index] = now
-        if tokens < cost:
-            self._tokens[index] = tokens
-            return False
-        self._tokens[index] = tokens - cost
-        return True
-
-
-class TokenBucket:
-    """
-    One token bucket: C{rate} tokens a second of C{clock}, at most C{burst}
-    held (default: one second's worth).  The responder's global limit, on
-    top of the per-source L{RateLimiter}.
-    """
-
-    def __init__(self, rate: float, clock: IReactorTime, burst: float | None = None) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = rate
-        self.burst = max(1.0, rate if burst is None else burst)
-        self._clock = clock
-        self._tokens = self.burst
-        self._stamp = clock.seconds()
-
-    def allow(self) -> bool:
-        """Take one token; False when there is none."""
-        now = self._clock.seconds()
-        tokens = self._tokens
-        elapsed = now - self._stamp
-        if elapsed > 0:
-            tokens = min(self.burst, tokens + elapsed * self.rate)
-            self._stamp = now
-        if tokens < 1:
-            self._tokens = tokens
-            return False
-        self._tokens = tokens - 1
-        return True
-
-
 # ------------------------------------------------------------------- sockets
 
 
@@ -678,7 +555,7 @@ class STUNServer:
         if self.limiter is not None and not self.limiter.allow(host):
             self.counters.rate_limited += 1
             return False
-        if self.global_limiter is not None and not self.global_limiter.allow():
+        if self.global_limiter is not None and not self.global_limiter.take():
             self.counters.rate_limited += 1
             self.counters.rate_limited_global += 1
             return False
@@ -741,7 +618,7 @@ class STUNDatagramProtocol(DatagramProtocol):
             counters.rate_limited += 1
             return
         glob = server.global_limiter
-        if glob is not None and not glob.allow():
+        if glob is not None and not glob.take():
             counters.rate_limited += 1
             counters.rate_limited_global += 1
             return
@@ -1054,7 +931,7 @@ class STUNService(Service):
         #: The global cap on STUN/TCP connections (default: L{tcp_connection_limit}).
         self.tcp_max = tcp_max if tcp_max is not None else tcp_connection_limit(descriptor_limit())
         limiter = RateLimiter(rate, reactor, max(1, burst)) if rate > 0 else None
-        glob = TokenBucket(global_rate, reactor, global_burst) if global_rate > 0 else None
+        glob = TokenBucket(reactor, global_rate, global_burst) if global_rate > 0 else None
         self.server = STUNServer(limiter=limiter, global_limiter=glob)
         self.config: ResponderConfig | None = None
         self._ports: list = []
