@@ -78,7 +78,7 @@ PORTMAP_READY_WAIT = 2.0
 #: through the mapping first: Linux maps inbound only, and our own packets
 #: to the peer, sent first, would take a conntrack entry that the inbound
 #: flow then clashes with.  The first probe that arrives starts us at once.
-PORTMAP_HOLD = 0.0
+PORTMAP_HOLD = 0.5
 
 
 def portmap_kind(protocol: str) -> str:
