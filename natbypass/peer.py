@@ -74,11 +74,6 @@ get_engine()
 ANSWER_HOLD = 30.0
 #: With port mapping on, readiness waits at most this long for the mappings (they go on in the background).
 PORTMAP_READY_WAIT = 2.0
-#: A peer whose gateway maps its port lets the other side's probes arrive
-#: through the mapping first: Linux maps inbound only, and our own packets
-#: to the peer, sent first, would take a conntrack entry that the inbound
-#: flow then clashes with.  The first probe that arrives starts us at once.
-PORTMAP_HOLD = 0.5
 
 
 def portmap_kind(protocol: str) -> str:
@@ -562,10 +557,6 @@ class Peer(MultiService):
             return []
         return [Candidate(portmap_kind(protocol), *mapping.external)]
 
-    def _hold(self, protocol: str, ports: Ports) -> float:
-        """How long to let the peer's packets come through our mapping first (L{PORTMAP_HOLD})."""
-        return PORTMAP_HOLD if self._mapping_candidates(ports, protocol) else 0.0
-
     def refreshHostAddresses(self) -> None:
         """
         Read the interface addresses again (C{getifaddrs}: one system call,
@@ -1004,7 +995,7 @@ class Peer(MultiService):
                 psession,
                 udp_targets,
                 self.clock,
-                start_delay=start_delay + self._hold("udp", ports),
+                start_delay=start_delay,
                 schedule=ProbeSchedule(timeout=self.config.punch_timeout),
                 keepalive_interval=self.config.keepalive_interval,
                 liveness_timeout=self.config.liveness_timeout,
@@ -1017,7 +1008,7 @@ class Peer(MultiService):
                 psession,
                 ports.tcp.local,
                 tcp_targets,
-                start_delay=start_delay + self._hold("tcp", ports),
+                start_delay=start_delay,
                 window=self.config.punch_timeout,
                 listener=ports.tcp.socket,
                 keepalive_interval=self.config.keepalive_interval,

@@ -83,3 +83,11 @@ class LabPortMappingTests(SynchronousTestCase):
                 print(f"gw -> {target} {protocol}: {result.connected['elapsed_ms']} ms, wall {result.wall_s:.1f} s")
                 # The peer's mappings went with it.
                 self.assertEqual(self.mappings_in_gateway(), "")
+        # The other way round: a listening peer behind the gateway, reached from both.
+        self.scenario.start_peer("gw", "gwpeer", "--port-mapping")
+        self.assertEqual(len(self.mappings_in_gateway().splitlines()), 2)  # its UDP and TCP ports
+        for source in ("prc", "sym"):
+            for protocol in ("udp", "tcp"):
+                result = self.scenario.connect(source, f"{source}-gw-{protocol}", "gwpeer", protocol, timeout=4.0)
+                self.assertTrue(result.ok, f"{source} -> gw over {protocol}: {result.summary()}")
+                print(f"{source} -> gw {protocol}: {result.connected['elapsed_ms']} ms, wall {result.wall_s:.1f} s")

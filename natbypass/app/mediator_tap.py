@@ -17,7 +17,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from natbypass.address import is_wildcard
+from natbypass.address import is_ip, is_wildcard
 from natbypass.address import parse_host_port as _parse_host_port
 from natbypass.metrics import METRICS_OPT_PARAMETER, check_metrics_option, mediator_metrics
 from natbypass.signaling.service import (
@@ -35,6 +35,7 @@ from natbypass.stun.server import (
     ResponderConfig,
     STUNService,
 )
+from natbypass.stun.worker import MAX_WORKERS, STUNWorkers
 
 DEFAULT_STUN = "0.0.0.0:3478"
 
@@ -79,10 +80,31 @@ class Options(usage.Options):
          "limit left after a reserve of 64 when that is less); at the cap a newcomer evicts the "
          "oldest connection of the address holding the most. A connection must have a request "
          "answered within 2 s of connecting, then within 30 s of the last answer.", int],
+        ["stun-workers", None, 1,
+         "Processes answering STUN over UDP, sharing the ports with SO_REUSEPORT (the kernel spreads "
+         "flows among them; one per core). 1: this process answers. With more, this process starts "
+         "and supervises them (restarting one that dies) and keeps STUN/TCP, signalling and metrics; "
+         "--stun-rate applies per worker (a source's flows may reach several), --stun-global-rate is "
+         "split among them.", int],
         ["software", None, DEFAULT_SOFTWARE,
          f"SOFTWARE attribute of STUN responses, for diagnostics (at most {MAX_SOFTWARE_BYTES} "
          "bytes of UTF-8, since it makes every response larger; empty: none)."],
     ] + SIGNAL_OPT_PARAMETERS + [METRICS_OPT_PARAMETER]  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["stun-advertise"] = []
+
+    def opt_stun_advertise(self, value: str) -> None:
+        """
+        PUBLIC=LOCAL: behind a 1:1 NAT (a cloud VM's external IPs), the public IP the NAT maps onto
+        the local IP LOCAL of --stun or --stun-alternate; RFC 5780 responses name PUBLIC. Repeat it
+        for each address.
+        """
+        try:
+            self["stun-advertise"].append(parse_advertise(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--stun-advertise {value!r}: {e}") from None
 
     def postOptions(self) -> None:
         try:
@@ -118,29 +140,56 @@ class Options(usage.Options):
                 f"--software: at most {MAX_SOFTWARE_BYTES} bytes of UTF-8, not {software}: every "
                 "STUN response carries it, so a long one makes the responder a better amplifier"
             )
+        if self["stun-workers"] < 1:
+            raise usage.UsageError("--stun-workers must be at least 1 (1: no worker processes)")
+        if self["stun-workers"] > MAX_WORKERS:
+            raise usage.UsageError(f"--stun-workers: at most {MAX_WORKERS} (one per core is enough)")
+        advertise = tuple(self["stun-advertise"])
         try:
-            ResponderConfig(primary, alternate, self["software"])
+            ResponderConfig(primary, alternate, self["software"], advertise)
         except ValueError as e:
             raise usage.UsageError(f"STUN options: {e}") from None
+        self["stun-advertise"] = advertise
         self["stun-address"] = primary
         self["stun-alternate-address"] = alternate
         check_signaling_options(self)
         check_metrics_option(self)
 
 
-def makeSTUNService(options: usage.Options, reactor: Any) -> STUNService:
-    """The STUN responder from checked options (nothing is bound until it starts)."""
-    return STUNService(
-        reactor,
-        options["stun-address"],
-        options["stun-alternate-address"],
+def parse_advertise(text: str) -> tuple[str, str]:
+    """C{PUBLIC=LOCAL} (two IP literals) -> (public, local); ValueError otherwise."""
+    public, sep, local = text.partition("=")
+    if not sep:
+        raise ValueError("expected PUBLIC=LOCAL, two IP addresses (e.g. 203.0.113.5=10.128.0.2)")
+    addresses = []
+    for part in (public, local):
+        part = part.strip().removeprefix("[").removesuffix("]")
+        if not is_ip(part):
+            raise ValueError(f"{part!r} is not an IP address (PUBLIC=LOCAL takes IPs, no ports: a 1:1 NAT keeps them)")
+        addresses.append(part)
+    return addresses[0], addresses[1]
+
+
+def makeSTUNService(options: usage.Options, reactor: Any) -> STUNService | STUNWorkers:
+    """
+    The STUN responder from checked options (nothing is bound until it
+    starts): this process's own, or with C{--stun-workers} above 1 a
+    L{STUNWorkers} that runs the UDP side in worker processes.
+    """
+    kwargs = dict(
         software=options["software"],
         rate=options["stun-rate"],
         burst=options["stun-burst"],
         tcp_per_source=options["stun-tcp-per-source"],
         tcp_max=options["stun-tcp-max"],
         global_rate=options["stun-global-rate"],
+        advertise=options["stun-advertise"],
     )
+    if options["stun-workers"] > 1:
+        return STUNWorkers(
+            reactor, options["stun-address"], options["stun-alternate-address"], options["stun-workers"], **kwargs
+        )
+    return STUNService(reactor, options["stun-address"], options["stun-alternate-address"], **kwargs)
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:

@@ -225,12 +225,19 @@ class ResponderConfig:
     primary: Address
     alternate: Address | None = None
     software: str = DEFAULT_SOFTWARE
+    #: (public IP, local IP) pairs: behind a 1:1 NAT (clouds), the public IP
+    #: that the NAT maps onto each local one; responses name the public IP in
+    #: RESPONSE-ORIGIN, OTHER-ADDRESS (and RFC 3489's SOURCE-ADDRESS,
+    #: CHANGED-ADDRESS), since that is what clients see and can reach.
+    #: Ports are the same on both sides of a 1:1 NAT.
+    advertise: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         host, port = self.primary
         family = _family(host)
         if len(self.software.encode("utf-8")) > MAX_SOFTWARE_BYTES:
             raise ValueError(f"SOFTWARE text longer than {MAX_SOFTWARE_BYTES} bytes")
+        self._check_advertise(family)
         if self.alternate is None:
             return
         alt_host, alt_port = self.alternate
@@ -242,6 +249,30 @@ class ResponderConfig:
             raise ValueError("the alternate IP must differ from the primary IP")
         if alt_port == port and port != 0:  # 0 and 0: both picked at bind time
             raise ValueError("the alternate port must differ from the primary port")
+
+    def _check_advertise(self, family: int) -> None:
+        ips = {self.primary[0]} | ({self.alternate[0]} if self.alternate is not None else set())
+        publics: set[str] = set()
+        locals_: set[str] = set()
+        for public, local in self.advertise:
+            if _family(public) != family or _family(local) != family:
+                raise ValueError(f"advertised {public}={local}: both must be of the responder's IP family")
+            if is_wildcard(public) or is_wildcard(local):
+                raise ValueError(f"advertised {public}={local}: a wildcard address cannot be advertised")
+            if local not in ips:
+                listed = " or ".join(sorted(ips))
+                raise ValueError(f"advertised {public}={local}: {local} is not an address the responder binds ({listed})")
+            if public in publics or local in locals_:
+                raise ValueError(f"advertised {public}={local}: each public and each local IP may appear once")
+            publics.add(public)
+            locals_.add(local)
+
+    def public(self, address: Address) -> Address:
+        """How clients see the local C{address}: its advertised public IP (L{advertise}), same port."""
+        for public, local in self.advertise:
+            if local == address[0]:
+                return (public, address[1])
+        return address
 
     @property
     def rfc5780(self) -> bool:
@@ -332,8 +363,8 @@ class BindingResponder:
                 other = config.other(local)
                 assert other is not None
                 tail = (
-                    _attribute_bytes(m.ResponseOrigin(*local))
-                    + _attribute_bytes(m.OtherAddress(*other))
+                    _attribute_bytes(m.ResponseOrigin(*config.public(local)))
+                    + _attribute_bytes(m.OtherAddress(*config.public(other)))
                     + self._software
                 )
                 packer = struct.Struct(f"!4s16s6sHI6sH4s{len(tail)}s")
@@ -434,19 +465,22 @@ class BindingResponder:
             origin = changed
         destination = source if response_port is None else (source[0], response_port.port)
         other = config.other(local)
+        if other is not None:
+            other = config.public(other)
+        advertised_origin = config.public(origin)
         host, port = source
 
         attrs: list[m.Attribute]
         if request.is_rfc3489:
             attrs = [m.MappedAddress(host, port)]
             if not is_wildcard(origin[0]):
-                attrs.append(m.SourceAddress(*origin))
+                attrs.append(m.SourceAddress(*advertised_origin))
             if other is not None:
                 attrs.append(m.ChangedAddress(*other))
         else:
             attrs = [m.XorMappedAddress(host, port)]
             if other is not None:
-                attrs += [m.MappedAddress(host, port), m.ResponseOrigin(*origin),
+                attrs += [m.MappedAddress(host, port), m.ResponseOrigin(*advertised_origin),
                           m.OtherAddress(*other)]  # fmt: skip
             if config.software:
                 attrs.append(m.Software(config.software))
@@ -883,6 +917,28 @@ class STUNStreamFactory(Factory):
 # ------------------------------------------------------------------- service
 
 
+def _listen_udp_reuseport(reactor, host: str, port: int, protocol: DatagramProtocol):
+    """
+    C{listenUDP} with C{SO_REUSEPORT}: bind a socket of our own and hand it
+    to the reactor (C{IReactorSocket.adoptDatagramPort}, which duplicates the
+    descriptor).  Every process that binds the port this way, as the same
+    user, gets a share of its flows: the kernel hashes each datagram's
+    4-tuple onto one of the sockets, so one source port always reaches the
+    same process.  Raises C{CannotListenError} as C{listenUDP} does.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind((host, port))
+        return reactor.adoptDatagramPort(sock.fileno(), family, protocol, maxPacketSize=65535)
+    except OSError as e:
+        raise CannotListenError(host, port, e) from None
+    finally:
+        sock.close()
+
+
 class STUNService(Service):
     """
     Opens the responder's sockets when started: UDP and (unless C{tcp} is
@@ -915,9 +971,17 @@ class STUNService(Service):
         global_burst: float | None = None,
         first_timeout: float = FIRST_REQUEST_TIMEOUT,
         udp_read_budget: int = UDP_READ_BUDGET,
+        advertise: tuple[tuple[str, str], ...] = (),
+        reuse_port: bool = False,
     ) -> None:
         # Validate now (raises ValueError), with the ports as requested.
-        ResponderConfig(primary, alternate, software)
+        ResponderConfig(primary, alternate, software, advertise)
+        self._advertise = advertise
+        #: Bind the UDP sockets with SO_REUSEPORT, so that other processes
+        #: (L{natbypass.stun.worker}) can bind the same ports and the kernel
+        #: spreads the flows among them.
+        self.reuse_port = reuse_port
+        self._udp_ports: list = []
         self._reactor = reactor
         self._primary = primary
         self._alternate = alternate
@@ -1018,13 +1082,18 @@ class STUNService(Service):
         """Open every socket; returns the config with the ports now bound."""
         self._ports = []
 
+        self._udp_ports = []
+
         def udp(host: str, port: int) -> int:
-            listening = self._reactor.listenUDP(
-                port, STUNDatagramProtocol(self.server), interface=host, maxPacketSize=65535
-            )
+            protocol = STUNDatagramProtocol(self.server)
+            if self.reuse_port:
+                listening = _listen_udp_reuseport(self._reactor, host, port, protocol)
+            else:
+                listening = self._reactor.listenUDP(port, protocol, interface=host, maxPacketSize=65535)
             # Bounded work per reactor turn (udp.Port reads up to maxThroughput bytes per turn).
             listening.maxThroughput = self._udp_read_budget
             self._ports.append(listening)
+            self._udp_ports.append(listening)
             return listening.getHost().port
 
         host, port = self._primary
@@ -1036,7 +1105,7 @@ class STUNService(Service):
             udp(alt_host, port)
             udp(alt_host, alt_port)
             alternate = (alt_host, alt_port)
-        config = ResponderConfig((host, port), alternate, self._software)
+        config = ResponderConfig((host, port), alternate, self._software, self._advertise)
         if self._tcp:
             factory = STUNStreamFactory(
                 self.server, self._reactor, self._idle_timeout, self.tcp_max, self._tcp_per_source, self._first_timeout
@@ -1047,7 +1116,20 @@ class STUNService(Service):
 
     def _close(self) -> list:
         ports, self._ports = self._ports, []
+        self._udp_ports = []
         return [p.stopListening() for p in ports]
+
+    def stopUDP(self) -> Deferred:
+        """
+        Close the UDP sockets and keep the rest (TCP) running: once STUN
+        workers share the ports (SO_REUSEPORT), this process leaves the UDP
+        answering to them.
+        """
+        closing, self._udp_ports = self._udp_ports, []
+        self._ports = [p for p in self._ports if p not in closing]
+        for p in closing:
+            self.server.sockets.pop((p.getHost().host, p.getHost().port), None)
+        return DeferredList([d for d in (p.stopListening() for p in closing) if d is not None])
 
     def logCounters(self) -> None:
         """Log the counters (also done every C{stats_interval} seconds)."""
