@@ -11,17 +11,23 @@ sender) and C{b} (the receiver) and the lab's mediator:
   1. plain links (no delay: CPU is the limit):
      - throughput of one stream: natbypass udp, natbypass tcp, kernel TCP to a
        DNAT'd port on b, and the same bytes through C{ssh -L} (sshd on b's
-       host behind a DNAT'd port, ssh in a); MB/s and CPU s/MB at each end;
-     - 100 concurrent streams of 1 MB, every sha256 checked;
-     - memory per idle stream: RSS of both peers with 1,000 idle streams;
-     - integrity: C{--fault-bytes} across 5% loss each way on b's link;
+       host behind a DNAT'd port, ssh in a) and through C{natbypass forward -L}
+       on each path (to C{natbypass peer --expose} in b); MB/s and CPU s/MB;
+     - 100 concurrent streams of 1 MB, and 100 concurrent kernel-TCP
+       connections of 1 MB through C{natbypass forward}, every sha256 checked;
+     - memory per idle stream: RSS of both peers with C{--idle} idle streams;
+     - integrity: C{--fault-bytes} across 5% loss each way on b's link, on a
+       stream and through C{natbypass forward}, on each path;
      - liveness: the serving peer SIGKILLed under an open stream, seconds
        until the opener's stream ends (bound: 3 keepalive intervals);
   2. b's link impaired: C{--delay} ms each way (the lab's wire), C{--rate}
-     Mbit/s each way (tc tbf, L{labextra.set_rate}), 0/1/5% loss each way;
-     goodput of natbypass udp/tcp and kernel TCP sending for C{--seconds}.
+     Mbit/s each way (tc tbf, L{labextra.set_rate}), 0/1/5% loss each way
+     (counted per packet), TSO/GSO/GRO off on the link; goodput of natbypass
+     udp/tcp and kernel TCP (C{--cc}, and BBR) sending for C{--seconds}, with
+     the senders' TCP retransmits and, with C{--quic-stats}, qh3's own
+     congestion window, bytes in flight, RTT and losses.
 
-Needs root, the lab's tools and OpenSSH (installed with apt if missing).
+Needs root, the lab's tools, OpenSSH and ethtool (installed with apt if missing).
 Every process runs in the lab's namespaces, which are removed at the end.
 """
 
@@ -483,8 +489,10 @@ def liveness(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) ->
 def tcp_snmp(lab: Lab, node: str) -> dict[str, int]:
     """The Tcp: line of /proc/net/snmp in C{node}'s namespace (OutSegs, RetransSegs, ...)."""
     lines = [line.split() for line in lab.exec(node, ["cat", "/proc/net/snmp"]).stdout.splitlines()]
-    names, values = [x for x in lines if x[0] == "Tcp:"][:2]
-    return {k: int(v) for k, v in zip(names[1:], values[1:])}
+    tcp = [x for x in lines if x and x[0] == "Tcp:"]
+    if len(tcp) < 2:
+        return {}
+    return {k: int(v) for k, v in zip(tcp[0][1:], tcp[1][1:])}
 
 
 def tcp_default_cc(lab: Lab, node: str) -> str:
@@ -508,7 +516,7 @@ def impaired(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) ->
     for loss in [0.0] + [float(x) for x in args.losses.split(",") if x]:
         for r in range(args.impaired_rounds):
             cell: dict[str, Any] = {"loss_pct": loss, "round": r}
-            for method in ("kernel-tcp", "kernel-tcp-bbr", "natbypass-udp", "natbypass-tcp"):
+            for method in args.impaired_methods.split(","):
                 labextra.set_loss(bench.lab, "b", loss)  # fresh counters for each run
                 before = tcp_snmp(bench.lab, "a")
                 if method.startswith("kernel-tcp"):
@@ -521,7 +529,7 @@ def impaired(bench: Bench, args: argparse.Namespace, results: dict[str, Any]) ->
                     )
                 after = tcp_snmp(bench.lab, "a")
                 res["link"] = labextra.loss_counters(bench.lab, "b")
-                if method != "natbypass-udp":
+                if method != "natbypass-udp" and before and after:
                     res["tcp_out_segs"] = after["OutSegs"] - before["OutSegs"]
                     res["tcp_retrans_segs"] = after["RetransSegs"] - before["RetransSegs"]
                 cell[method] = res
@@ -566,7 +574,7 @@ def summarize_impaired(rows: list[dict[str, Any]]) -> list[str]:
 
         out.append(
             f"| {loss:g}% | {drop} | {rng('kernel-tcp')} | {rng('natbypass-udp')} | {ratio(u)} | {rng('natbypass-tcp')} "
-            f"| {ratio(t)} | {fmt(med('kernel-tcp-bbr'))} | {intact}/{len(methods) * len(cells)} |"
+            f"| {ratio(t)} | {fmt(med('kernel-tcp-bbr'))} | {intact}/{sum(m in c for c in cells for m in methods)} |"
         )
     return out
 
@@ -606,6 +614,7 @@ def main() -> int:
     p.add_argument("--losses", default="1,5", help="impaired link: loss percentages each way (0 is always run)")
     p.add_argument("--seconds", type=float, default=10.0, help="impaired link: seconds each sender sends")
     p.add_argument("--impaired-rounds", type=int, default=3)
+    p.add_argument("--impaired-methods", default="kernel-tcp,kernel-tcp-bbr,natbypass-udp,natbypass-tcp")
     p.add_argument(
         "--offloads",
         choices=["off", "on"],

@@ -15,6 +15,17 @@ Servers:
                    XOR-MAPPED-ADDRESS only (the floor Twisted itself sets)
   coturn           coturn's turnserver --stun-only with two addresses (the
                    same six attributes), when installed
+  natbypass-twistedread  natbypass with Twisted's own udp.Port.doRead instead
+                   of STUNPort's read loop (the A/B of that loop)
+  natbypass-1w     natbypass with --stun-workers 1 and 2: STUNWorkers, the UDP
+  natbypass-2w     side in worker processes on SO_REUSEPORT sockets (RFC 5780)
+
+The one-process servers are pinned to --server-cpu and the generator to
+--client-cpu: a per-core figure.  The worker servers and the generator all
+share --multi-cpus (default both cores of a 2-core machine; there is no third
+core for the generator), so 2 workers / 1 worker is what this machine allows,
+not the scaling with the generator elsewhere; the server CPU per response
+(summed over the workers) says how the work itself scales.
 
 The generator keeps a fixed window of requests outstanding on several
 sockets (closed loop, so the server's socket buffer never overflows and
@@ -27,6 +38,7 @@ not the bottleneck.
     python3 bench/stun_bench.py                       # all servers, 5 s each
     python3 bench/stun_bench.py --servers natbypass --duration 10
     python3 bench/stun_bench.py --profile /tmp/stun.pstats --servers natbypass
+    python3 bench/stun_bench.py --servers natbypass,coturn,natbypass-1w,natbypass-2w --rounds 5
 
 Internal: `stun_bench.py serve KIND --port P` runs one server.
 """
@@ -54,7 +66,10 @@ sys.path.insert(0, ROOT)
 
 from natbypass.stun import message as m  # noqa: E402
 
-SERVERS = ("natbypass", "natbypass-plain", "twisted-bare", "coturn")
+SERVERS = ("natbypass", "natbypass-plain", "twisted-bare", "coturn", "natbypass-1w", "natbypass-2w",
+           "natbypass-twistedread")  # fmt: skip
+#: Servers that run the responder in worker processes (--stun-workers N): how many.
+WORKERS = {"natbypass-1w": 1, "natbypass-2w": 2}
 PRIMARY, ALTERNATE = "127.0.0.1", "127.0.0.2"
 SAMPLE = 512
 
@@ -87,12 +102,35 @@ def serve(kind: str, port: int, profile: str | None) -> None:
                     )  # fmt: skip
 
         reactor.listenUDP(port, Bare(), interface=PRIMARY, maxPacketSize=65535)
-    else:
-        from natbypass.stun.server import STUNService
+    elif kind in WORKERS:
+        from twisted.internet.task import LoopingCall
 
-        alternate = (ALTERNATE, port + 1) if kind == "natbypass" else None
-        # rate=0: the load comes from one IP, which the default rate limit would throttle.
-        service = STUNService(reactor, (PRIMARY, port), alternate, stats_interval=0, rate=0)
+        from natbypass.stun.worker import STUNWorkers
+
+        # As `natbypass mediator --stun-workers N --stun-rate 0 --stun-global-rate 0`.
+        pool = STUNWorkers(reactor, (PRIMARY, port), (ALTERNATE, port + 1), WORKERS[kind], rate=0, global_rate=0,
+                           stats_interval=0)  # fmt: skip
+        pool.startService()
+
+        def ready() -> None:  # tell the bench once every worker answers (it reads our stdout)
+            if pool.workers_ready() == pool.workers:
+                os.write(1, b"ready\n")
+                announce.stop()
+
+        announce = LoopingCall(ready)
+        announce.start(0.05)
+        reactor.addSystemEventTrigger("before", "shutdown", pool.stopService)
+    else:
+        from natbypass.stun.server import STUNPort, STUNService
+
+        if kind == "natbypass-twistedread":
+            # The A/B of STUNPort's read loop: Twisted's own, one datagramReceived call per datagram.
+            from twisted.internet import udp
+
+            STUNPort.doRead = udp.Port.doRead
+        alternate = (ALTERNATE, port + 1) if kind in ("natbypass", "natbypass-twistedread") else None
+        # rate=0, global_rate=0: the load comes from one IP at a high rate, which the default limits would throttle.
+        service = STUNService(reactor, (PRIMARY, port), alternate, stats_interval=0, rate=0, global_rate=0)
         service.startService()
     profiler = None
     if profile:
@@ -108,7 +146,7 @@ def serve(kind: str, port: int, profile: str | None) -> None:
         profiler.dump_stats(profile)
 
 
-def server_command(kind: str, port: int, cpu: int, profile: str | None) -> list[str]:
+def server_command(kind: str, port: int, cpu: int | str, profile: str | None) -> list[str]:
     pin = ["taskset", "-c", str(cpu)]
     if kind == "coturn":
         return pin + [
@@ -142,11 +180,49 @@ def wait_ready(port: int, timeout: float = 10.0) -> bool:
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process and its threads, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    """(user, system) CPU seconds of a process and its threads, and of its live child processes, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    user = system = 0.0
+    for one in [pid, *children(pid)]:
+        try:
+            with open(f"/proc/{one}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) / tick
+        system += int(fields[12]) / tick
+    return user, system
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of C{pid} (the STUN workers of a natbypass-Nw server)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def wait_line(stream, text: bytes, timeout: float) -> bool:
+    """True once C{stream} (a pipe) gives a line equal to C{text} within C{timeout} seconds."""
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(stream.fileno(), 4096)
+        if not chunk:
+            return False
+        buffer += chunk
+        if text in buffer.split(b"\n"):
+            return True
+    return False
 
 
 # ------------------------------------------------------------------ generator
@@ -275,17 +351,34 @@ def generate(port: int, duration: float, warmup: float, sockets: int, window: in
     }
 
 
-def build_blaster() -> str | None:
-    """Compile bench/stun_blaster.c (once) when a C compiler is there."""
+#: The generator's poll; the sleeping build waits in epoll_wait instead of spinning.
+_BUSY_POLL = "epoll_wait(ep, events, MAXSOCK, 0)"
+
+
+def build_blaster(sleeping: bool = False) -> str | None:
+    """
+    Compile bench/stun_blaster.c (once) when a C compiler is there.  With
+    C{sleeping}, a build that blocks in C{epoll_wait} (1 ms at most) instead
+    of busy-polling: for runs where the generator shares its cores with the
+    server (the worker runs), where a spinning generator would take a core's
+    share from the server for nothing.
+    """
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stun_blaster.c")
     out_dir = os.path.join(tempfile.gettempdir(), "natbypass-bench")
     os.makedirs(out_dir, exist_ok=True)
-    binary = os.path.join(out_dir, "stun_blaster")
+    binary = os.path.join(out_dir, "stun_blaster-sleeping" if sleeping else "stun_blaster")
     if not os.path.exists(binary) or os.path.getmtime(binary) < os.path.getmtime(source):
-        done = subprocess.run([compiler, "-O2", "-o", binary, source], capture_output=True)
+        with open(source) as f:
+            text = f.read()
+        if sleeping:
+            if _BUSY_POLL not in text:
+                print("the C generator's poll changed: no sleeping build", file=sys.stderr)
+                return None
+            text = text.replace(_BUSY_POLL, _BUSY_POLL.replace(", 0)", ", 1)"))
+        done = subprocess.run([compiler, "-O2", "-o", binary, "-x", "c", "-"], input=text.encode(), capture_output=True)
         if done.returncode != 0:
             print(f"could not build the C generator:\n{done.stderr.decode()}", file=sys.stderr)
             return None
@@ -293,7 +386,7 @@ def build_blaster() -> str | None:
 
 
 def generate_c(blaster: str, port: int, duration: float, warmup: float, sockets: int,
-               window: int, full: bool, cpu: int) -> dict:  # fmt: skip
+               window: int, full: bool, cpu: int | str) -> dict:  # fmt: skip
     """The C generator's run, its sampled responses decoded with our codec."""
     done = subprocess.run(
         ["taskset", "-c", str(cpu), blaster, PRIMARY, str(port), str(sockets), str(window),
@@ -330,21 +423,31 @@ def run_one(kind: str, args) -> dict | None:
     profile = args.profile if kind == "natbypass" else None
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     errors = tempfile.TemporaryFile()
+    # One-process servers: the server on its core, the generator on the other (a per-core figure).
+    # Worker servers, and the single process they are compared with (natbypass-1w): all of them and the
+    # generator share --multi-cpus (this machine has no third core for the generator).
+    server_cpu = args.multi_cpus if kind in WORKERS else args.server_cpu
+    client_cpu = args.multi_cpus if kind in WORKERS else args.client_cpu
     proc = subprocess.Popen(
-        server_command(kind, args.port, args.server_cpu, profile),
-        stdout=subprocess.DEVNULL, stderr=errors, env=env,
+        server_command(kind, args.port, server_cpu, profile),
+        stdout=subprocess.PIPE if kind in WORKERS else subprocess.DEVNULL, stderr=errors, env=env,
     )  # fmt: skip
     try:
-        if not wait_ready(args.port):
+        ready = wait_ready(args.port)
+        if ready and kind in WORKERS:
+            ready = wait_line(proc.stdout, b"ready", 20)
+        if not ready:
             errors.seek(0)
             tail = errors.read().decode("utf-8", "replace")[-800:]
             print(f"{kind}: did not answer on {PRIMARY}:{args.port}\n{tail}", file=sys.stderr)
             return None
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
-        full = kind in ("natbypass", "coturn")
-        if args.blaster:
-            result = generate_c(args.blaster, args.port, args.duration, args.warmup,
-                                args.sockets, args.window, full, args.client_cpu)  # fmt: skip
+        full = kind in ("natbypass", "coturn", "natbypass-twistedread") or kind in WORKERS
+        blaster = args.sleeping_blaster if kind in WORKERS and args.sleeping_blaster else args.blaster
+        if blaster:
+            result = generate_c(blaster, args.port, args.duration, args.warmup,
+                                args.sockets, args.window, full, client_cpu)  # fmt: skip
+            result["generator"] = "sleeping" if blaster == args.sleeping_blaster else "busy-polling"
         else:
             result = generate(args.port, args.duration, args.warmup, args.sockets, args.window,
                               full)  # fmt: skip
@@ -383,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
                         "or the generator's own sockets may take it")  # fmt: skip
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
+    p.add_argument("--multi-cpus", default="0,1",
+                   help="cores shared by the worker servers (natbypass-1w, natbypass-2w) and the generator "
+                        "during their runs (taskset list)")  # fmt: skip
     p.add_argument("--sockets", type=int, default=8)
     p.add_argument("--window", type=int, default=32, help="requests outstanding per socket")
     p.add_argument("--profile", help="cProfile the natbypass server into this file")
@@ -394,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: the C generator (bench/stun_blaster.c) when it compiles")  # fmt: skip
     args = p.parse_args(argv)
     args.blaster = build_blaster() if args.generator != "python" else None
+    args.sleeping_blaster = build_blaster(sleeping=True) if args.blaster else None
     if args.generator == "c" and args.blaster is None:
         p.error("no C compiler: use --generator python")
     print(f"generator: {'C (recvmmsg/sendmmsg)' if args.blaster else 'Python'}", flush=True)
@@ -425,13 +532,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrelative to coturn, per round (median [min-max]) over {len(results['coturn'])} rounds:")
         for kind, values in ratios.items():
             print(f"  {kind:16} {statistics.median(values):5.0%}  [{min(values):.0%}-{max(values):.0%}]")
-    print("\nmedian valid responses/s: " + ", ".join(f"{k} {v:.0f}" for k, v in median.items()))
+    scaling: list[float] = []
+    if "natbypass-1w" in results and "natbypass-2w" in results:
+        # Same placement (--multi-cpus for servers and generator), one worker against two, per round.
+        scaling = [two["valid_per_s"] / one["valid_per_s"]
+                   for one, two in zip(results["natbypass-1w"], results["natbypass-2w"])]  # fmt: skip
+        print(f"\n2 workers / 1 worker, per round (median [min-max]): {statistics.median(scaling):.2f}x "
+              f"[{min(scaling):.2f}-{max(scaling):.2f}]")  # fmt: skip
+    cpu_us = {k: statistics.median(1e6 * r["server_cpu"] / r["valid_per_s"] for r in rs) for k, rs in results.items()}
+    print("\nmedian server CPU per response: " + ", ".join(f"{k} {v:.1f} us" for k, v in cpu_us.items()))
+    print("median valid responses/s: " + ", ".join(f"{k} {v:.0f}" for k, v in median.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
                                    "kernel": platform.release(), "python": platform.python_version()},
                        "args": vars(args), "results": results, "best": best, "median": median,
-                       "ratios_to_coturn": ratios}, f, indent=2)  # fmt: skip
+                       "ratios_to_coturn": ratios, "workers_2_over_1": scaling,
+                       "server_cpu_us_per_response": cpu_us}, f, indent=2)  # fmt: skip
     return 0
 
 

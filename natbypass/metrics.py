@@ -115,6 +115,8 @@ class MediatorCollector:
             yield from self._signalling(self.state.status())
         if self.stun is not None:
             yield from self._stun(self.stun.counters.snapshot())
+            if hasattr(self.stun, "per_worker"):  # --stun-workers: a natbypass.stun.worker.STUNWorkers
+                yield from self._stun_workers(self.stun)
 
     def _signalling(self, status: dict[str, Any]) -> Iterator[Metric]:
         gauges = [
@@ -195,6 +197,34 @@ class MediatorCollector:
             yield CounterMetricFamily(
                 f"natbypass_stun_{name}", f"STUN responder: {field.replace('_', ' ')} (Counters.{field}).", value=value
             )
+
+    def _stun_workers(self, stun: Any) -> Iterator[Metric]:
+        """Each worker's counters (since that process started), how many answer, how many restarts."""
+        names = {"received": "requests", "answered": "answers"}
+        per_worker = stun.per_worker()
+        families: dict[str, CounterMetricFamily] = {}
+        for worker, snapshot in sorted(per_worker.items()):
+            for field, value in snapshot.items():
+                if field.startswith("tcp_"):
+                    continue  # workers serve UDP only
+                if field not in families:
+                    name = _NOT_NAME.sub("_", names.get(field, field))
+                    families[field] = CounterMetricFamily(
+                        f"natbypass_stun_worker_{name}",
+                        f"STUN responder: {field.replace('_', ' ')}, per worker process (since it started).",
+                        labels=["worker"],
+                    )
+                families[field].add_metric([str(worker)], value)
+        yield from families.values()
+        yield GaugeMetricFamily(
+            "natbypass_stun_workers_ready", "STUN worker processes answering now.", value=stun.workers_ready()
+        )
+        yield GaugeMetricFamily("natbypass_stun_workers", "STUN worker processes configured.", value=stun.workers)
+        yield CounterMetricFamily(
+            "natbypass_stun_worker_restarts",
+            "STUN worker processes started again after they ended.",
+            value=stun.restarts,
+        )
 
 
 def _outcome_labels(text: str) -> list[str]:

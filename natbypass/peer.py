@@ -223,6 +223,10 @@ class _Answer:
     expiry: IDelayedCall | None = None
 
 
+#: How long stopping waits for the connections to close cleanly (a UDP path's drain is bounded by 5 s).
+CLOSE_WAIT = 6.0
+
+
 @implementer(IPeer)
 class Peer(MultiService):
     """
@@ -416,15 +420,27 @@ class Peer(MultiService):
             answering.cancel()
         for port in list(self._services.values()):
             port.stopListening()
+        # Connections close cleanly: a UDP path first delivers what its streams
+        # wrote (QUIC drains, see QuicChannel.close), so the sockets stay open
+        # until every path is closed, or CLOSE_WAIT has passed.
+        closing = [conn.whenLost() for conn in list(self._connections)]
         for conn in list(self._connections):
             conn.close()
         for peer in list(self._answers):
             self._dropAnswer(peer)
-        d = defer.maybeDeferred(super().stopService)
+        drained: Deferred[Any] = defer.DeferredList(closing, consumeErrors=True)
+        drained.addTimeout(CLOSE_WAIT, self.clock)
+        drained.addErrback(lambda f: f.trap(defer.TimeoutError))
+        drained.addCallback(lambda _: super(Peer, self).stopService())
         if self._main is not None:
-            self._main.tcp.close()
-            d.addCallback(lambda _, udp=self._main.udp: udp.close())
-        return d
+            main = self._main
+
+            def release(result: Any) -> Any:
+                main.tcp.close()
+                return main.udp.close()
+
+            drained.addCallback(release)
+        return drained
 
     @property
     def fingerprint(self) -> Fingerprint:

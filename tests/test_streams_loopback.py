@@ -140,6 +140,26 @@ class StreamsLoopbackMixin:
         yield waitFor(lambda: again.data == b"a new stream")
 
     @defer.inlineCallbacks
+    def test_data_delivered_when_the_writer_stops_at_once(self: Any) -> Any:
+        """
+        What a stream wrote reaches the peer even when its writer stops its
+        peer the moment the stream ended cleanly (as natbypass pipe does): on
+        UDP the QUIC close waits for the data to be acknowledged.
+        """
+        payload = os.urandom(2_000_000)
+        bob = yield self.peer("bob", self.protocol)
+        got = ReadOnly()
+        bob.serve("sink", Factory.forProtocol(lambda: got))
+        alice = yield self.peer("alice", self.protocol)
+        writer = WriteAndFinish(payload)
+        yield alice.openStream("bob", "sink", Factory.forProtocol(lambda: writer)).addTimeout(10, reactor)
+        yield waitFor(lambda: writer.lost is not None, 30)
+        yield alice.stopService()
+        yield waitFor(lambda: got.eof or got.lost is not None, 10)
+        self.assertEqual(len(got.data), len(payload))
+        self.assertTrue(got.eof, got.lost)
+
+    @defer.inlineCallbacks
     def test_streams_back_on_a_path_we_opened_pass_our_allow_list(self: Any) -> Any:
         """
         Bob did not approve alice as a caller when *he* connected to her: her
@@ -158,6 +178,25 @@ class StreamsLoopbackMixin:
         d = conn.openStream("echo", Factory.forProtocol(Collect))
         failure = yield self.assertFailure(d.addTimeout(10, reactor), StreamRefused)
         self.assertIn(f"alice (key {alice.fingerprint}) may not open streams to bob", str(failure))
+
+
+class ReadOnly(Collect):
+    """Ends its own side at once (a pipe listener with nothing to send), keeps what arrives."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseWriteConnection()
+
+
+class WriteAndFinish(Collect):
+    """Writes its payload, half-closes, and notes how the stream ended."""
+
+    def __init__(self, payload: bytes) -> None:
+        super().__init__()
+        self.payload = payload
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+        self.transport.loseWriteConnection()
 
 
 def deferLater(seconds: float) -> defer.Deferred:

@@ -136,6 +136,67 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsNone(top.getServiceNamed("stun").server.limiter)
 
 
+class WorkersAndAdvertiseOptionTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        options = parse()
+        self.assertEqual(options["stun-workers"], 1)
+        self.assertEqual(options["stun-advertise"], ())
+
+    def test_advertise_repeatable(self) -> None:
+        options = parse("--stun", "10.0.0.2:3478", "--stun-alternate", "10.0.0.3",
+                        "--stun-advertise", "203.0.113.5=10.0.0.2",
+                        "--stun-advertise", " 203.0.113.6 = 10.0.0.3 ")  # fmt: skip
+        self.assertEqual(options["stun-advertise"], (("203.0.113.5", "10.0.0.2"), ("203.0.113.6", "10.0.0.3")))
+
+    def test_errors(self) -> None:
+        cases = {
+            ("--stun-workers", "0"): "--stun-workers must be at least 1",
+            ("--stun-workers", "1000"): "--stun-workers: at most",
+            ("--stun-advertise", "203.0.113.5"): "expected PUBLIC=LOCAL",
+            ("--stun-advertise", "203.0.113.5:3478=10.0.0.2"): "is not an IP address",
+            ("--stun-advertise", "example.com=10.0.0.2"): "is not an IP address",
+            ("--stun", "10.0.0.2:3478", "--stun-advertise", "203.0.113.5=10.0.0.9"):
+                "10.0.0.9 is not an address the responder binds",
+        }  # fmt: skip
+        for argv, message in cases.items():
+            with self.assertRaises(usage.UsageError, msg=argv) as caught:
+                parse(*argv)
+            self.assertIn(message, str(caught.exception), argv)
+
+    @given(st.ip_addresses(), st.ip_addresses())
+    def test_parse_advertise_round_trip(self, public, local) -> None:
+        text = f"{public}={local}" if public.version == 4 else f"[{public}]={local}"
+        self.assertEqual(tap.parse_advertise(text), (str(public), str(local)))
+
+    @given(st.text(max_size=40))
+    def test_parse_advertise_any_text(self, text) -> None:
+        """Any text gives two IP addresses or ValueError, never another exception."""
+        try:
+            public, local = tap.parse_advertise(text)
+        except ValueError:
+            return
+        ipaddress.ip_address(public)
+        ipaddress.ip_address(local)
+
+    def test_workers_service(self) -> None:
+        from natbypass.stun.worker import STUNWorkers
+
+        reactor = MemoryReactorClock()
+        options = parse("--stun", "10.0.0.2:3478", "--stun-workers", "3", "--stun-global-rate", "300",
+                        "--stun-advertise", "203.0.113.5=10.0.0.2")  # fmt: skip
+        stun = tap.makeService(options, reactor).getServiceNamed("stun")
+        self.assertIsInstance(stun, STUNWorkers)
+        self.assertTrue(verifyObject(IService, stun))
+        self.assertEqual(stun.workers, 3)
+        self.assertFalse(stun.running)
+        self.assertEqual(reactor.tcpServers, [])
+        self.assertIsNone(stun.config)
+
+    def test_one_worker_is_this_process(self) -> None:
+        stun = tap.makeService(parse("--stun-workers", "1"), MemoryReactorClock()).getServiceNamed("stun")
+        self.assertIsInstance(stun, STUNService)
+
+
 class PluginTests(SynchronousTestCase):
     def test_plugin_points_here(self) -> None:
         from twisted.application.service import IServiceMaker

@@ -60,7 +60,8 @@ class OptionSpec:
 
 #: The options of every command that starts a peer.
 PEER_OPTIONS: tuple[OptionSpec, ...] = (
-    OptionSpec("mediator", "the mediator's signalling endpoint: tcp:HOST:7000 or tls:HOST:7443",
+    OptionSpec("mediator", "the mediator's signalling endpoint: tcp:HOST:7000 or tls:HOST:7443; several of one "
+               "cluster separated by commas (the peer moves to the next when its mediator dies)",
                metavar="ENDPOINT", short="m", required=True),
     OptionSpec("id", "our peer id at the mediator", metavar="NAME", required=True),
     OptionSpec("stun", "STUN server HOST[:PORT] (default: port 3478 on the mediator's host)",

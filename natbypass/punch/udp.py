@@ -459,7 +459,11 @@ class UDPPeerConnection(PathConnection):
 
     def close(self) -> None:
         if self._lost is None:
-            self._channel.close(0, "closed")
+            # Deliver what the streams wrote first (bounded), as a TCP close would
+            # (messages are unreliable anyway: a path that only carried them closes at once).
+            streams = self.stream_session
+            used = streams is not None and (streams.stats["opened"] or streams.stats["accepted"])
+            self._channel.close(0, "closed", drain=bool(used))
 
     # -- QuicReceiver (the channel's side)
 

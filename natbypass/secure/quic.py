@@ -144,6 +144,9 @@ def long_header_cids(data: bytes) -> tuple[bytes, bytes] | None:
     return bytes(data[6:scid_at]), bytes(data[scid_at + 1 : scid_at + 1 + scid_len])
 
 
+#: The longest a clean close waits for written stream data to be acknowledged.
+DRAIN_TIMEOUT = 5.0
+
 #: What the engines raise for a write on a connection the peer has just closed (qh3, aioquic).
 _CLOSED_ERRORS = frozenset({"QuicConnectionError"})
 
@@ -286,10 +289,18 @@ class QuicEngine:
         """
         return configuration.max_datagram_size - (1 + configuration.connection_id_length + 4) - 16 - 3
 
-    def send_buffer(self, connection: Any, stream_id: int) -> int:
-        """Bytes of a stream the engine holds unsent (0 where the engine cannot say: aioquic)."""
+    def send_buffer(self, connection: Any, stream_id: int | None) -> int:
+        """Bytes of a stream (None: of all) the engine holds unsent (0 where the engine cannot say: aioquic)."""
         size = getattr(connection, "get_send_buffer_size", None)
         return 0 if size is None else int(size(stream_id))
+
+    def in_flight(self, connection: Any) -> int:
+        """Bytes sent and not yet acknowledged (the engines keep it privately: read where each keeps it)."""
+        core = getattr(connection, "_core", None)  # qh3
+        if core is not None:
+            return int(core.bytes_in_flight)
+        loss = getattr(connection, "_loss", None)  # aioquic
+        return int(getattr(loss, "bytes_in_flight", 0))
 
     def peer_certificate_der(self, connection: Any) -> bytes | None:
         """The peer's TLS certificate where the engine shows it publicly (qh3), else None."""
@@ -429,6 +440,9 @@ class QuicChannel:
         self._closing_reason: Exception | None = None
         self._pumping = False
         self._repump = False
+        #: A clean close waiting for the streams' data to be delivered: (code, reason).
+        self._draining: tuple[int, str] | None = None
+        self._drain_until = 0.0
         #: Datagrams were fed since the last pump: the timer fires now, to pump once.
         self._pump_soon = False
         #: When the engine's own timer is due.
@@ -527,8 +541,8 @@ class QuicChannel:
         if self._pumping:
             # Written from inside an event: send it now, handle further events later.
             self._repump = True
-            if self._conn is not None and self._ended is None:
-                self._transmit()
+            if self._conn is not None:
+                self._transmit()  # also a CONNECTION_CLOSE just made, and the timer's end
             return
         self._pumping = True
         try:
@@ -553,6 +567,9 @@ class QuicChannel:
             # client's first flight, so its proof leaves with that answer.
             self._sendProof()
         self._transmit()
+        if self._draining is not None:
+            self._checkDrained()
+            return
         if self._receiver is not None and self._ended is None:
             self._receiver.pumped()
 
@@ -571,6 +588,8 @@ class QuicChannel:
         self._due = when
         if self._pump_soon and self._ended is None:
             when = self._clock.seconds()
+        elif self._draining is not None and self._ended is None and (when is None or when > self._drain_until):
+            when = self._drain_until
         if when == self._timer_at and self._timer is not None:
             return
         if self._timer is not None and self._timer.active():
@@ -714,6 +733,7 @@ class QuicChannel:
             return
         self._ended = Failure(reason)
         self._early = []
+        self._draining = None
 
         if not self.ready.called:
             self.ready.errback(self._ended)
@@ -820,14 +840,42 @@ class QuicChannel:
         self._conn.send_ping(self._pings)
         self._pump()
 
-    def close(self, error_code: int = 0, reason: str = "") -> None:
-        """Close the connection (tell the peer); idempotent."""
-        if self._ended is not None:
+    def close(self, error_code: int = 0, reason: str = "", drain: bool = False) -> None:
+        """
+        Close the connection (tell the peer); idempotent.
+
+        With C{drain}, a clean close (C{error_code} 0) of a ready channel first
+        lets what the streams wrote reach the peer: QUIC's CONNECTION_CLOSE
+        would discard it, unlike a TCP close.  The channel drains until nothing
+        is unsent or unacknowledged, for at most L{DRAIN_TIMEOUT} seconds, then
+        closes; C{lost} fires then.
+        """
+        if self._ended is not None or self._draining is not None:
             return
         if self._conn is None:
             self._end(QuicClosed(error_code, reason or "closed before it started", local=True))
             return
+        if drain and error_code == 0 and self.peer_fingerprint is not None and self._unfinished():
+            self._draining = (error_code, reason)
+            self._drain_until = self._clock.seconds() + DRAIN_TIMEOUT
+            self._rearm(self._due)
+            return
+        self._closeNow(error_code, reason)
+
+    def _closeNow(self, error_code: int, reason: str) -> None:
+        self._draining = None
         self._closing_reason = QuicClosed(error_code, reason, local=True)
         self._conn.close(error_code=error_code, reason_phrase=reason)
         self._end(self._closing_reason)
         self._pump()
+
+    def _unfinished(self) -> bool:
+        """Is stream data still unsent or unacknowledged?"""
+        try:
+            return self.engine.send_buffer(self._conn, None) > 0 or self.engine.in_flight(self._conn) > 0
+        except Exception:
+            return False
+
+    def _checkDrained(self) -> None:
+        if self._draining is not None and (not self._unfinished() or self._clock.seconds() >= self._drain_until):
+            self._closeNow(*self._draining)

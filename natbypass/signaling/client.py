@@ -551,6 +551,13 @@ def check_mediator_endpoint(description: str, ca: str | None = None) -> None:
         other than host, port and timeout, and C{--ca} with anything but
         C{tls:}.
     """
+    if "," in description:
+        parts = [p.strip() for p in description.split(",")]
+        if not all(parts):
+            raise ValueError(f"{description!r}: an empty mediator endpoint in the comma-separated list")
+        for part in parts:
+            check_mediator_endpoint(part, ca)
+        return
     kind = description.partition(":")[0]
     if kind == "ssl":
         raise ValueError(f"{description!r} would not check the mediator's certificate at all: {_USE_TLS}")
@@ -619,6 +626,8 @@ def client_endpoint(reactor: Any, description: str, ca: str | None = None) -> IS
         checks nothing).
     """
     check_mediator_endpoint(description, ca)
+    if "," in description:
+        return FailoverEndpoint([client_endpoint(reactor, p.strip(), ca) for p in description.split(",")])
     if not description.startswith("tls:"):
         return clientFromString(reactor, description)
     host, port, timeout = _tls_address(description)
@@ -629,6 +638,65 @@ def client_endpoint(reactor: Any, description: str, ca: str | None = None) -> IS
     return wrapClientTLS(
         _VerifiedTLS(host, root), HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
     )
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """
+    Several mediators of one cluster (C{--mediator EP1,EP2,...}).  Each
+    connection attempt starts with the mediator after the one the last
+    connection went to, and tries every one once before it fails: a peer
+    whose mediator died (or shut down) re-registers at the next one, and
+    one that cannot be reached costs only its connect error.  Established
+    peer connections never pass through here, so they are unaffected.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoints: list[IStreamClientEndpoint]) -> None:
+        if not endpoints:
+            raise ValueError("no mediator endpoints")
+        self.endpoints = list(endpoints)
+        #: The index the last connection went to (-1: none yet, so the first attempt starts at 0).
+        self.current = -1
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        n = len(self.endpoints)
+        order = [(self.current + 1 + i) % n for i in range(n)]
+        inner: list[Deferred[Any]] = []
+        result: Deferred[Any] = Deferred(lambda _: inner[-1].cancel() if inner and not inner[-1].called else None)
+
+        def attempt(i: int, why: Failure | None) -> None:
+            if result.called:
+                return
+            if i == n:
+                result.errback(why)
+                return
+            index = order[i]
+            d = self.endpoints[index].connect(protocolFactory)
+            inner.append(d)
+
+            def ok(proto: Any) -> None:
+                self.current = index
+                if not result.called:
+                    result.callback(proto)
+
+            def failed(f: Failure) -> None:
+                if f.check(CancelledError) and result.called:
+                    return
+                if n > 1:
+                    self.log.info(
+                        "mediator {index} of {n} unreachable ({err}); trying the next",
+                        index=index + 1,
+                        n=n,
+                        err=f.value,
+                    )
+                attempt(i + 1, f)
+
+            d.addCallbacks(ok, failed)
+
+        attempt(0, None)
+        return result
 
 
 @implementer(ISignalingClient)

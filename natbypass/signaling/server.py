@@ -300,6 +300,7 @@ class _Link:
         "limited_since",
         "errors",
         "paused",
+        "queued",
     )
 
     def __init__(self, channel: IChannel, source: str, now: float, burst: float, nonce: bytes) -> None:
@@ -327,6 +328,8 @@ class _Link:
         self.errors = 0
         #: Reading is paused because replies pile up unread.
         self.paused = False
+        #: While the cluster's directory answers this connection's registration: its next lines, in order.
+        self.queued: list[Message | WireError] | None = None
 
 
 class _PendingOffer:
@@ -372,6 +375,7 @@ class SignalingState:
         choose_order: ChooseOrder | None = None,
         random_bytes: Callable[[int], bytes] | None = None,
         server_name: str | None = None,
+        cluster: Any = None,
     ) -> None:
         self.clock = clock
         self.limits = limits or Limits()
@@ -398,6 +402,12 @@ class SignalingState:
         self.paused = 0
         #: C{shutdown} was called: new connections are refused.
         self.shutting_down = False
+        #: The cluster's directory (an C{IClusterDirectory}), or None: this mediator alone, in memory.
+        self.cluster = None
+        if cluster is not None:
+            from .cluster import ClusterRouting
+
+            self.cluster = ClusterRouting(self, cluster)
 
     # -- bookkeeping helpers
 
@@ -513,6 +523,8 @@ class SignalingState:
         if link.peer_id is not None and self.peers.get(link.peer_id) is link:
             del self.peers[link.peer_id]
             self._hold(link.peer_id)
+            if self.cluster is not None:
+                self.cluster.leave(link.peer_id)
             self.log.info("peer {peer_id} left", peer_id=link.peer_id)
         for offer_id in list(link.offers or ()):
             offer = self.offers.pop(offer_id, None)
@@ -535,11 +547,41 @@ class SignalingState:
             return
         if not self._admit(link, error.rid):
             return
+        if link.queued is not None:
+            self._queue(link, error)
+            return
         self._error(link, error.rid, error.error, error.reason)
+
+    def _queue(self, link: _Link, item: Message | WireError) -> None:
+        """A line that arrived while the cluster checks this connection's registration: handled after it."""
+        assert link.queued is not None
+        if len(link.queued) >= self.limits.lines_per_turn:
+            self._error(link, getattr(item, "rid", None), "rate-limited", "too many lines while registering")
+            return
+        link.queued.append(item)
+
+    def release(self, link: _Link) -> None:
+        """The registration's answer came: handle the lines that waited for it, in order."""
+        queued, link.queued = link.queued, None
+        for item in queued or ():
+            if not link.open:
+                return
+            if link.queued is not None:  # a queued register started another wait
+                link.queued.append(item)
+            elif isinstance(item, WireError):
+                self._error(link, item.rid, item.error, item.reason)
+            else:
+                self._dispatch(link, item)
 
     def received(self, link: _Link, message: Message) -> None:
         if not self._admit(link, getattr(message, "rid", None)):
             return
+        if link.queued is not None:
+            self._queue(link, message)
+            return
+        self._dispatch(link, message)
+
+    def _dispatch(self, link: _Link, message: Message) -> None:
         handler = self._handlers.get(type(message))
         if handler is None:  # pragma: no cover - every client message has one
             self._error(link, getattr(message, "rid", None), "unknown-op", f"op {message.op!r} is not handled")
@@ -670,8 +712,23 @@ class SignalingState:
         if msg.time is not None:
             # Remembered only once it verified: nobody can spend someone else's proof in advance.
             self.recent_proofs[msg.key + (msg.cnonce or b"")] = now + 2 * self.limits.proof_window
+        if self.cluster is not None:  # the binding is the cluster's: ask Redis, then go on
+            self.cluster.claim(link, msg, fp, owns)
+            return
+        self._register_checked(link, msg, fp, owns, now)
+
+    def _register_checked(
+        self, link: _Link, msg: Register, fp: Fingerprint, owns: bool, now: float, claimed: bool = False
+    ) -> bool:
+        """
+        The rest of C{register} once the proof is good: the binding (here,
+        or C{claimed} already by the cluster), a live session of the id,
+        capacity.  Whether the id is now registered on C{link}.
+        """
         self._expire_binding(msg.id, now)
         bound = self.bindings.get(msg.id)
+        if claimed:
+            bound = None  # the cluster's directory decided; ours is only a cache
         same_key = bound is not None and hmac.compare_digest(bound, fp.digest)
         old = self.peers.get(msg.id)
         if bound is not None and not same_key and not owns:
@@ -682,7 +739,7 @@ class SignalingState:
                 source=link.source,
             )
             self._error(link, msg.rid, "id-bound", self._bound_reason(msg.id, old is not None, now))
-            return
+            return False
         if old is not None:
             if not msg.replace:
                 self._error(
@@ -693,7 +750,7 @@ class SignalingState:
                     + ("your key" if same_key else "another key (your token owns the id)")
                     + "; send replace=true to take it over",
                 )
-                return
+                return False
             self._count("replaced")
             self.log.info("peer {peer_id} replaced its session from {source}", peer_id=msg.id, source=link.source)
             self._error(old, None, "duplicate-id", "replaced by a newer registration of this id")
@@ -701,7 +758,7 @@ class SignalingState:
             self.closed(old)
         else:
             limit = self.limits.max_ids
-            if bound is None and limit and len(self.bindings) >= limit:
+            if bound is None and not claimed and limit and len(self.bindings) >= limit:
                 self.log.warn("refused registration of {peer_id}: {n} ids bound", peer_id=msg.id, n=len(self.bindings))
                 self._error(
                     link,
@@ -710,7 +767,7 @@ class SignalingState:
                     f"the mediator holds its maximum of {limit} bound ids (connected or held for departed peers); "
                     "ids already bound to your key still work; try a new id later",
                 )
-                return
+                return False
             if self.limits.max_peers and len(self.peers) >= self.limits.max_peers:
                 self.log.warn(
                     "refused registration of {peer_id}: {n} peers registered", peer_id=msg.id, n=len(self.peers)
@@ -721,7 +778,7 @@ class SignalingState:
                     "too-many-peers",
                     f"the mediator holds its maximum of {self.limits.max_peers} peers; try later",
                 )
-                return
+                return False
         if bound is not None and not same_key:
             self._count("ids:rebound")
             self.log.info("peer id {peer_id} rebound to a new key by its token", peer_id=msg.id)
@@ -740,6 +797,7 @@ class SignalingState:
         )
         link.channel.send(Registered(msg.rid, msg.id, link.fingerprint))
         self._ping(link, now)
+        return True
 
     def _bound_reason(self, peer_id: str, live: bool, now: float) -> str:
         hold = self.limits.id_hold
@@ -782,46 +840,76 @@ class SignalingState:
             self._error(link, msg.rid, "bad-request", "cannot connect to yourself")
             return
         target = self.peers.get(msg.peer)
-        if target is None:
+        if target is None and self.cluster is None:
             self._count("offers:unknown-peer")
             self._error(link, msg.rid, "unknown-peer", f"no peer {msg.peer} is registered")
             return
-        made, waiting = self._pending_counts(link), self._pending_counts(target)
         limit = self.limits.max_offers_per_peer
-        if limit and made[0] >= limit:
+        if limit and self._pending_counts(link)[0] >= limit:
             self._error(
                 link, msg.rid, "rate-limited", f"at most {limit} of your offers may wait for answers; wait for them"
             )
             return
+        description = self._registered_fingerprint(link, msg.description)
+        if self.cluster is not None:
+            self.cluster.published(link, description)
+            if target is None:  # registered on another mediator, or nowhere: the cluster finds out
+                self.cluster.offer(link, msg.rid, msg.peer, description)
+                return
+        self._offer_to(link, msg.rid, target, description)
+
+    def _offer_to(
+        self,
+        link: _Link,
+        rid: int,
+        target: _Link,
+        description: Description,
+        offer_id: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """
+        Offer C{link}'s C{description} to C{target} within the target's
+        limits (its slots, each initiator's and each source's share).
+        C{link} is a local connection, or the stand-in of an initiator on
+        another mediator (its errors and session travel back there).
+        """
+        waiting = self._pending_counts(target)
         limit = self.limits.max_offers_to_peer
         if limit and waiting[1] >= limit:
             self._count("offers:refused-full")
             self._error(
-                link, msg.rid, "rate-limited", f"peer {msg.peer} has {limit} offers waiting for its answer; try later"
+                link, rid, "rate-limited", f"peer {target.peer_id} has {limit} offers waiting for its answer; try later"
             )
             return
         refusal = self._fair_share(link, target)
         if refusal is not None:
             self._count("offers:refused-fair-share")
-            self._error(link, msg.rid, "rate-limited", refusal)
+            self._error(link, rid, "rate-limited", refusal)
             return
         now = self.clock.seconds()
-        description = self._registered_fingerprint(link, msg.description)
-        offer = _PendingOffer(self._id(), link, msg.rid, target, description, now + self.limits.offer_timeout)
+        timeout = self.limits.offer_timeout if timeout is None else timeout
+        offer = self.add_offer(offer_id or self._id(), link, rid, target, description, now + timeout)
+        self.log.debug(
+            "offer {offer} from {initiator} to {target}", offer=offer.id, initiator=link.peer_id, target=target.peer_id
+        )
+        target.channel.send(Offer(offer.id, link.peer_id, description, int(timeout * 1000)))
+        # Keepalive pings keep the RTTs fresh; probe again only if a sample is stale.
+        for side in (link, target):
+            if side.ping_rid is None and now - side.ping_sent > self.limits.rtt_refresh:
+                self._ping(side, now)
+
+    def add_offer(
+        self, offer_id: str, link: _Link, rid: int, target: _Link, description: Description, expires: float
+    ) -> _PendingOffer:
+        """Record a pending offer between C{link} and C{target} (either may be a remote stand-in)."""
+        offer = _PendingOffer(offer_id, link, rid, target, description, expires)
         self.offers[offer.id] = offer
         for side in (link, target):
             if side.offers is None:
                 side.offers = set()
             side.offers.add(offer.id)
         self._count("offers")
-        self.log.debug(
-            "offer {offer} from {initiator} to {target}", offer=offer.id, initiator=link.peer_id, target=target.peer_id
-        )
-        target.channel.send(Offer(offer.id, link.peer_id, description, int(self.limits.offer_timeout * 1000)))
-        # Keepalive pings keep the RTTs fresh; probe again only if a sample is stale.
-        for side in (link, target):
-            if side.ping_rid is None and now - side.ping_sent > self.limits.rtt_refresh:
-                self._ping(side, now)
+        return offer
 
     def _timed_proof_usable(self, link: _Link, msg: Register) -> bool:
         """
@@ -890,7 +978,7 @@ class SignalingState:
             o = self.offers.get(offer_id)
             if o is None or o.target is not target:
                 continue
-            if o.initiator is link:
+            if o.initiator is link or o.initiator.peer_id == link.peer_id:  # a remote initiator has stand-ins
                 mine += 1
             if o.initiator.group == link.group:
                 ours += 1
@@ -924,6 +1012,11 @@ class SignalingState:
             return
         a, b = offer.initiator, link
         answer = self._registered_fingerprint(b, msg.description)
+        if self.cluster is not None:
+            self.cluster.published(b, answer)
+            rtt_hop = self.cluster.hop() if getattr(a.channel, "remote", False) else 0.0
+        else:
+            rtt_hop = 0.0
         nats, wishes = (offer.description.nat, answer.nat), (offer.description.wish, answer.wish)
         order = list(dict.fromkeys(p for p in self.choose_order(*nats, *wishes) if p in wire.PROTOCOLS))
         if not order:
@@ -933,7 +1026,7 @@ class SignalingState:
             self._error(b, msg.rid, "rejected", reason)
             return
         unknown = self.limits.unknown_rtt
-        rtt_a = a.rtt if a.rtt is not None else (a.channel.kernel_rtt() or unknown)
+        rtt_a = (a.rtt if a.rtt is not None else (a.channel.kernel_rtt() or unknown)) + rtt_hop
         rtt_b = b.rtt if b.rtt is not None else (b.channel.kernel_rtt() or unknown)
         delay_a, delay_b = punch_delays(rtt_a, rtt_b, self.limits.punch_margin)
         sid = self._id()
@@ -1050,6 +1143,8 @@ class SignalingState:
     def sweep(self) -> None:
         now = self.clock.seconds()
         lim = self.limits
+        if self.cluster is not None:
+            self.cluster.tick(now)
         for link in list(self.links):
             if now - link.last_seen > lim.idle_timeout:
                 self._count("idle-timeouts")
@@ -1124,6 +1219,7 @@ class SignalingState:
             "pending_offers": len(self.offers),
             "open_sessions": len(self.sessions),
             "counters": dict(sorted(self.counters.items())),
+            **({} if self.cluster is None else self.cluster.status()),
         }
 
     def logStatus(self) -> None:

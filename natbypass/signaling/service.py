@@ -113,6 +113,14 @@ SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
     ["idle-timeout", None, 90.0, "Close signalling connections silent for this many seconds.", float],
     ["keepalive", None, 30.0, "Ping registered peers after this many seconds (also refreshes the RTT).", float],
     ["offer-timeout", None, 30.0, "Seconds a peer has to answer an offer.", float],
+    [
+        "redis",
+        None,
+        None,
+        "Run as one of a cluster of mediators sharing a Redis: redis://[:PASSWORD@]HOST:PORT/DB, rediss://... "
+        "(TLS) or unix:///PATH (docs/cluster.md). Without it the mediator keeps everything in memory.",
+    ],
+    ["redis-password-file", None, None, "File holding the Redis password (instead of one in the --redis URL)."],
     ["status-interval", None, 60.0, "Seconds between status lines in the log (0: none).", float],
     [
         "gc-freeze-interval",
@@ -151,6 +159,21 @@ def check_signaling_options(options: usage.Options) -> None:
             raise usage.UsageError(f"--{name} must be positive")
     if options["keepalive"] >= options["idle-timeout"]:
         raise usage.UsageError("--keepalive must be shorter than --idle-timeout, or live peers would be dropped")
+    if options.get("redis") is not None:
+        from .resp import RedisURL
+
+        try:
+            RedisURL(options["redis"])
+        except ValueError as e:
+            raise usage.UsageError(f"--redis: {e}") from None
+        if options.get("redis-password-file") is not None:
+            try:
+                with open(options["redis-password-file"], encoding="utf-8") as f:
+                    options["redis-password"] = f.read().strip()
+            except OSError as e:
+                raise usage.UsageError(f"--redis-password-file: {e}") from None
+    elif options.get("redis-password-file") is not None:
+        raise usage.UsageError("--redis-password-file needs --redis")
     if options["token-file"] is not None:
         try:
             options["signal-tokens"] = TokenPolicy.from_file(options["token-file"])
@@ -301,6 +324,8 @@ def makeSignalingService(
     sweep_interval: float = 1.0,
     gc_freeze_interval: float = 0.0,
     choose_order: ChooseOrder | None = None,
+    redis: str | None = None,
+    redis_password: str | None = None,
 ) -> SignalingService:
     """
     A service that listens on C{endpoint} and runs the signalling state.
@@ -324,8 +349,17 @@ def makeSignalingService(
         max_ids=max_ids,
         proof_window=proof_window,
     )
-    state = SignalingState(reactor, limits, tokens, choose_order, server_name=f"natbypass/{__version__}")
+    directory = None
+    if redis is not None:
+        from .cluster import directory_from_url
+
+        directory = directory_from_url(reactor, redis, redis_password)
+    state = SignalingState(
+        reactor, limits, tokens, choose_order, server_name=f"natbypass/{__version__}", cluster=directory
+    )
     top = SignalingService(serverFromString(reactor, endpoint), state, reactor, shutdown_grace)
+    if directory is not None:
+        directory.setServiceParent(top)
     sweeper = TimerService(sweep_interval, state.sweep)
     sweeper.clock = reactor
     sweeper.setServiceParent(top)
@@ -402,4 +436,6 @@ def makeSignalingServiceFromOptions(options: usage.Options, reactor: Any) -> ISe
         proof_window=options["proof-window"],
         status_interval=options["status-interval"],
         gc_freeze_interval=options["gc-freeze-interval"],
+        redis=options.get("redis"),
+        redis_password=options.get("redis-password"),
     )

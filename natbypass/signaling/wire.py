@@ -66,6 +66,7 @@ ERROR_CODES: Mapping[str, int] = {
     "too-many-ids": 503,
     "too-many-connections": 503,
     "shutting-down": 503,
+    "cluster-unavailable": 503,
     "version-unsupported": 505,
 }
 

@@ -111,9 +111,11 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from twisted.application.service import Service
+from twisted.internet import udp
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError, MessageLengthError
 from twisted.internet.interfaces import IPushProducer, IReactorTime, ISystemHandle
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -261,7 +263,9 @@ class ResponderConfig:
                 raise ValueError(f"advertised {public}={local}: a wildcard address cannot be advertised")
             if local not in ips:
                 listed = " or ".join(sorted(ips))
-                raise ValueError(f"advertised {public}={local}: {local} is not an address the responder binds ({listed})")
+                raise ValueError(
+                    f"advertised {public}={local}: {local} is not an address the responder binds ({listed})"
+                )
             if public in publics or local in locals_:
                 raise ValueError(f"advertised {public}={local}: each public and each local IP may appear once")
             publics.add(public)
@@ -656,6 +660,12 @@ class STUNDatagramProtocol(DatagramProtocol):
             counters.rate_limited += 1
             counters.rate_limited_global += 1
             return
+        self.answer(data, addr)
+
+    def answer(self, data: bytes, addr: Address) -> None:
+        """Answer one admitted datagram (counted as received and within the rate limits)."""
+        server = self.server
+        counters = server.counters
         responder = server.responder
         local = self.local
         if responder is None or local is None:
@@ -917,26 +927,98 @@ class STUNStreamFactory(Factory):
 # ------------------------------------------------------------------- service
 
 
-def _listen_udp_reuseport(reactor, host: str, port: int, protocol: DatagramProtocol):
+class STUNPort(udp.Port):
     """
-    C{listenUDP} with C{SO_REUSEPORT}: bind a socket of our own and hand it
-    to the reactor (C{IReactorSocket.adoptDatagramPort}, which duplicates the
-    descriptor).  Every process that binds the port this way, as the same
-    user, gets a share of its flows: the kernel hashes each datagram's
-    4-tuple onto one of the sockets, so one source port always reaches the
-    same process.  Raises C{CannotListenError} as C{listenUDP} does.
+    A UDP port of the responder on a file-descriptor reactor (epoll, poll,
+    select): Twisted's C{udp.Port} with two changes.
+
+      - C{reusePort}: the socket is bound with C{SO_REUSEPORT}, so that
+        other processes (L{natbypass.stun.worker}) can bind the same address
+        and the kernel spreads the flows among them: it hashes each
+        datagram's 4-tuple onto one of the sockets, so one source port
+        always reaches the same process.
+      - C{doRead} answers bare Binding requests (the fast path) in its own
+        loop, with everything it needs in local variables and the counters
+        added once per read: C{udp.Port.doRead} calls C{datagramReceived}
+        per datagram, which looks up the counters, limiters and responder
+        again each time (measured in docs/performance.md).  Everything
+        else goes to the protocol (L{STUNDatagramProtocol.answer}).  The read
+        budget (C{maxThroughput}), the rate limits and the counters are the
+        protocol's.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setblocking(False)
-        sock.bind((host, port))
-        return reactor.adoptDatagramPort(sock.fileno(), family, protocol, maxPacketSize=65535)
-    except OSError as e:
-        raise CannotListenError(host, port, e) from None
-    finally:
-        sock.close()
+
+    reusePort = False
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = super().createInternetSocket()
+        if self.reusePort:
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return skt
+
+    def doRead(self) -> None:
+        protocol = self.protocol
+        server = protocol.server
+        responder = server.responder
+        local = protocol.local
+        if responder is None or local is None or self.addressFamily != socket.AF_INET:
+            return super().doRead()
+        recvfrom, sendto = self.socket.recvfrom, self.socket.sendto
+        fast, answer = responder.fast_response, protocol.answer
+        allow = server.limiter.allow if server.limiter is not None else None
+        take = server.global_limiter.take if server.global_limiter is not None else None
+        size, budget = self.maxPacketSize, self.maxThroughput
+        read = received = answered = limited = limited_global = failed = 0
+        try:
+            while read < budget:
+                try:
+                    data, addr = recvfrom(size)
+                except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+                    return
+                read += len(data)
+                received += 1
+                if allow is not None and not allow(addr[0]):
+                    limited += 1
+                    continue
+                if take is not None and not take():
+                    limited += 1
+                    limited_global += 1
+                    continue
+                try:
+                    reply = fast(data, addr, local)
+                except Exception:
+                    reply = None  # the protocol's path logs and counts what went wrong
+                if reply is None:
+                    answer(data, addr)
+                    continue
+                try:
+                    sendto(reply, addr)
+                except OSError:
+                    failed += 1
+                else:
+                    answered += 1
+        finally:
+            counters = server.counters
+            counters.received += received
+            counters.answered += answered
+            counters.rate_limited += limited
+            counters.rate_limited_global += limited_global
+            counters.send_failed += failed
+
+
+def _listen_udp(reactor, host: str, port: int, protocol: DatagramProtocol, reuse_port: bool):
+    """
+    A L{STUNPort} on C{reactor} when it is one of Twisted's POSIX reactors
+    (epoll, poll, select: what C{listenUDP} itself makes a C{udp.Port} on),
+    else (an in-memory test reactor) C{listenUDP}, which cannot share ports.
+    """
+    if not isinstance(reactor, PosixReactorBase):
+        if reuse_port:
+            raise CannotListenError(host, port, OSError("SO_REUSEPORT needs a file-descriptor reactor"))
+        return reactor.listenUDP(port, protocol, interface=host, maxPacketSize=65535)
+    listening = STUNPort(port, protocol, host, 65535, reactor)
+    listening.reusePort = reuse_port
+    listening.startListening()
+    return listening
 
 
 class STUNService(Service):
@@ -1085,11 +1167,7 @@ class STUNService(Service):
         self._udp_ports = []
 
         def udp(host: str, port: int) -> int:
-            protocol = STUNDatagramProtocol(self.server)
-            if self.reuse_port:
-                listening = _listen_udp_reuseport(self._reactor, host, port, protocol)
-            else:
-                listening = self._reactor.listenUDP(port, protocol, interface=host, maxPacketSize=65535)
+            listening = _listen_udp(self._reactor, host, port, STUNDatagramProtocol(self.server), self.reuse_port)
             # Bounded work per reactor turn (udp.Port reads up to maxThroughput bytes per turn).
             listening.maxThroughput = self._udp_read_budget
             self._ports.append(listening)
