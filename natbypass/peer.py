@@ -51,7 +51,7 @@ from natbypass.punch.udp import ProbeSchedule, punch_udp
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import get_engine, warm_up
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
-from natbypass.signaling.wire import CANDIDATE_KINDS, Candidate, Description, Session
+from natbypass.signaling.wire import Candidate, Description, Session
 from natbypass.streams import PeerAddress, StreamRefused, frames
 from natbypass.stun import discovery
 from natbypass.stun.client import (
@@ -77,14 +77,8 @@ PORTMAP_READY_WAIT = 2.0
 
 
 def portmap_kind(protocol: str) -> str:
-    """
-    The candidate kind of a gateway mapping: C{portmap}/C{tcp-portmap} once
-    the wire knows them, the server-reflexive kinds until then.
-    """
-    kind = "portmap" if protocol == "udp" else "tcp-portmap"
-    if kind in CANDIDATE_KINDS:
-        return kind
-    return "srflx" if protocol == "udp" else "tcp-srflx"
+    """The candidate kind of a gateway mapping: C{portmap} or C{tcp-portmap}."""
+    return "portmap" if protocol == "udp" else "tcp-portmap"
 
 
 def parse_wish(protocol: str | Sequence[str]) -> tuple[str, ...]:

@@ -9,7 +9,10 @@ import os
 import socket
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from natbypass.stun import message as m
@@ -115,3 +118,69 @@ class IPv6LoopbackTests(TestCase):
             self.assertEqual(response.get(m.XorMappedAddress).address, ("::1", port.getHost().port))
             self.assertIsNone(response.get(m.OtherAddress))
         self.assertEqual(self.service.counters.answered, 2)
+
+
+class _Count(DatagramProtocol):
+    def __init__(self) -> None:
+        self.responses: list[bytes] = []
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.responses.append(data)
+
+
+class ReadLoopTests(TestCase):
+    """STUNPort's own read loop (the service on the real reactor): every kind of datagram, counted once."""
+
+    @defer.inlineCallbacks
+    def until(self, condition):
+        for _ in range(200):
+            if condition():
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_mixed_traffic_counted(self):
+        service = STUNService(reactor, ("127.0.0.1", 0), stats_interval=0, rate=0.001, burst=30)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertIsInstance(reactor, PosixReactorBase)  # so the service listens with STUNPort
+        client = _Count()
+        port = reactor.listenUDP(0, client, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        target = service.config.primary
+        bare = [m.Message(1, 0, os.urandom(12)).encode(fingerprint=True) for _ in range(10)]
+        slow = [request(m.ChangeRequest(True, False)) for _ in range(5)]  # a plain server: 420, codec path
+        junk = [b"\x00\x01\x00\x00junk" * 3 for _ in range(5)]
+        indications = [m.Message(1, m.MessageClass.INDICATION, os.urandom(12)).encode() for _ in range(5)]
+        over = [m.Message(1, 0, os.urandom(12)).encode() for _ in range(10)]  # past the burst of 30
+        for data in bare + slow + junk + indications + over:
+            port.write(data, target)
+        yield self.until(lambda: service.counters.received >= 35)
+        yield deferLater(reactor, 0.05, lambda: None)
+        c = service.counters
+        self.assertEqual(c.received, 35)
+        self.assertEqual((c.answered, c.malformed, c.ignored, c.rate_limited), (15, 5, 5, 10))
+        self.assertEqual(len(client.responses), 15)
+        classes = sorted(m.decode(r).cls for r in client.responses)
+        self.assertEqual(classes.count(m.MessageClass.ERROR), 5)
+
+    @defer.inlineCallbacks
+    def test_reuse_port_shares_the_port(self):
+        first = STUNService(reactor, ("127.0.0.1", 0), stats_interval=0, rate=0, tcp=False, reuse_port=True)
+        first.startService()
+        self.addCleanup(first.stopService)
+        second = STUNService(reactor, first.config.primary, stats_interval=0, rate=0, tcp=False, reuse_port=True)
+        second.startService()  # the same port: allowed with SO_REUSEPORT on both
+        self.addCleanup(second.stopService)
+        plain = STUNService(reactor, first.config.primary, stats_interval=0, tcp=False)
+        self.assertRaises(CannotListenError, plain.startService)  # without it: refused
+        clients = [_Count() for _ in range(32)]
+        ports = [reactor.listenUDP(0, c, interface="127.0.0.1") for c in clients]
+        for p in ports:
+            self.addCleanup(p.stopListening)
+            p.write(m.Message(1, 0, os.urandom(12)).encode(), first.config.primary)
+        yield self.until(lambda: all(c.responses for c in clients))
+        self.assertTrue(all(c.responses for c in clients))
+        self.assertEqual(first.counters.answered + second.counters.answered, 32)
+        self.assertGreater(first.counters.answered, 0)  # 32 flows hashed onto two sockets
+        self.assertGreater(second.counters.answered, 0)

@@ -75,6 +75,9 @@ CANDIDATE_KINDS: Mapping[str, str] = {
     "srflx": "udp",
     "tcp-host": "tcp",
     "tcp-srflx": "tcp",
+    # A port mapping the peer's gateway made (PCP, NAT-PMP, UPnP-IGD): docs/portmap.md.
+    "portmap": "udp",
+    "tcp-portmap": "tcp",
 }
 PROTOCOLS = ("udp", "tcp")
 ROLES = ("controlling", "controlled")

@@ -20,6 +20,7 @@ nats = st.builds(
     inbound=st.sampled_from(Inbound),
     hairpin=st.booleans(),
     udp_timeout=st.none() | st.integers(1, 86400),
+    portmap=st.booleans(),
 )
 delays = st.integers(0, 5000).map(float)
 
