@@ -152,15 +152,16 @@ class ReadLoopTests(TestCase):
         slow = [request(m.ChangeRequest(True, False)) for _ in range(5)]  # a plain server: 420, codec path
         junk = [b"\x00\x01\x00\x00junk" * 3 for _ in range(5)]
         indications = [m.Message(1, m.MessageClass.INDICATION, os.urandom(12)).encode() for _ in range(5)]
-        over = [m.Message(1, 0, os.urandom(12)).encode() for _ in range(10)]  # past the burst of 30
+        # 25 so far; of these 15, 5 fit in the burst of 30 and 10 are over the limit
+        over = [m.Message(1, 0, os.urandom(12)).encode() for _ in range(15)]
         for data in bare + slow + junk + indications + over:
             port.write(data, target)
-        yield self.until(lambda: service.counters.received >= 35)
+        yield self.until(lambda: service.counters.received >= 40 and len(client.responses) >= 20)
         yield deferLater(reactor, 0.05, lambda: None)
         c = service.counters
-        self.assertEqual(c.received, 35)
-        self.assertEqual((c.answered, c.malformed, c.ignored, c.rate_limited), (15, 5, 5, 10))
-        self.assertEqual(len(client.responses), 15)
+        self.assertEqual(c.received, 40)
+        self.assertEqual((c.answered, c.malformed, c.ignored, c.rate_limited), (20, 5, 5, 10))
+        self.assertEqual(len(client.responses), 20)
         classes = sorted(m.decode(r).cls for r in client.responses)
         self.assertEqual(classes.count(m.MessageClass.ERROR), 5)
 
