@@ -39,6 +39,7 @@ not the bottleneck.
     python3 bench/stun_bench.py --servers natbypass --duration 10
     python3 bench/stun_bench.py --profile /tmp/stun.pstats --servers natbypass
     python3 bench/stun_bench.py --servers natbypass,coturn,natbypass-1w,natbypass-2w --rounds 5
+    python3 bench/stun_bench.py readloop              # STUNPort's read loop against Twisted's
 
 Internal: `stun_bench.py serve KIND --port P` runs one server.
 """
@@ -465,8 +466,75 @@ def run_one(kind: str, args) -> dict | None:
         errors.close()
 
 
+def readloop(count: int, rounds: int) -> None:
+    """
+    The A/B of STUNPort's read loop, Python side only: the responder's
+    socket is replaced by a stand-in whose C{recvfrom} returns C{count}
+    Binding requests (from 1024 source ports) and whose C{sendto} discards,
+    so what is timed (this thread's CPU time) is the loop, the limiter
+    checks, the fast path and the counters; the kernel's work is the same
+    for both loops and left out.  STUNPort.doRead and Twisted's
+    udp.Port.doRead alternate; medians over C{rounds}.
+    """
+    import errno
+
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor, udp
+
+    from natbypass.stun.server import STUNPort, STUNService
+
+    service = STUNService(reactor, (PRIMARY, 0), (ALTERNATE, 0), stats_interval=0, rate=0, global_rate=0,
+                          tcp=False, udp_read_budget=1 << 30)  # fmt: skip
+    service.startService()
+    target = service.config.primary
+    port = next(p for p in reactor.getReaders() if isinstance(p, STUNPort) and p.getHost().port == target[1]
+                and p.getHost().host == PRIMARY)  # fmt: skip
+    request = m.Message(1, 0, os.urandom(12)).encode(fingerprint=True)
+
+    class Socket:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+            if self.n >= count:
+                raise BlockingIOError(errno.EAGAIN, "empty")
+            self.n += 1
+            return request, ("198.51.100.7", 40000 + (self.n & 1023))
+
+        def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+            return len(data)
+
+    real = port.socket
+    loops = {"STUNPort.doRead": STUNPort.doRead, "udp.Port.doRead": udp.Port.doRead}
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(rounds):
+        for name, loop in loops.items():
+            stand_in = Socket()
+            port.socket = stand_in
+            port.protocol._sendto = stand_in.sendto
+            answered0 = service.counters.answered
+            t0 = time.thread_time()
+            loop(port)
+            times[name].append(1e6 * (time.thread_time() - t0) / count)
+            if service.counters.answered - answered0 != count:
+                raise RuntimeError(f"{name}: not every request answered")
+    port.socket = real
+    for name, values in times.items():
+        print(f"{name:16} {statistics.median(values):5.2f} us of Python per datagram (median of {rounds}; "
+              f"{min(values):.2f}-{max(values):.2f})")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["readloop"]:
+        p = argparse.ArgumentParser(prog="stun_bench.py readloop")
+        p.add_argument("--count", type=int, default=200000)
+        p.add_argument("--rounds", type=int, default=9)
+        a = p.parse_args(argv[1:])
+        readloop(a.count, a.rounds)
+        return 0
     if argv[:1] == ["serve"]:
         p = argparse.ArgumentParser(prog="stun_bench.py serve")
         p.add_argument("kind", choices=[k for k in SERVERS if k != "coturn"])

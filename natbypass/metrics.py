@@ -130,6 +130,7 @@ class MediatorCollector:
         for key, name, doc in gauges:
             if key in status:
                 yield GaugeMetricFamily(f"natbypass_mediator_{name}", doc, value=status[key])
+        yield from _cluster(status)
         counters: dict[str, int] = status.get("counters", {})
         yield CounterMetricFamily(
             "natbypass_mediator_connections", "Signalling connections accepted.", value=counters.get("connections", 0)
@@ -225,6 +226,31 @@ class MediatorCollector:
             "STUN worker processes started again after they ended.",
             value=stun.restarts,
         )
+
+
+def _cluster(status: dict[str, Any]) -> Iterator[Metric]:
+    """
+    The cluster's fields of C{status()} (C{--redis} only: a mediator alone
+    has none, so it exports none rather than a misleading 0).
+    """
+    if "cluster_available" not in status:
+        return
+    yield GaugeMetricFamily(
+        "natbypass_mediator_cluster_available",
+        "1 while the cluster's shared directory (Redis) is reachable, else 0 (offers across mediators are refused).",
+        value=1 if status["cluster_available"] else 0,
+    )
+    if status.get("cluster_rtt_ms") is not None:
+        yield GaugeMetricFamily(
+            "natbypass_mediator_cluster_rtt_ms",
+            "The last Redis round trip (PING), in milliseconds: about the hop an offer across mediators adds.",
+            value=status["cluster_rtt_ms"],
+        )
+    yield CounterMetricFamily(
+        "natbypass_mediator_cluster_reconnects",
+        "Times the connection to Redis was made again after it was lost.",
+        value=status.get("cluster_reconnects", 0),
+    )
 
 
 def _outcome_labels(text: str) -> list[str]:

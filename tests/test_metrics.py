@@ -386,3 +386,37 @@ class InMemoryNetworkTests(SynchronousTestCase):
         self.assertEqual(
             value(mediator, "natbypass_mediator_traversal_reports_total", outcome="failed", protocol="none"), 1
         )
+
+
+class ClusterMetricsTests(SynchronousTestCase):
+    """The cluster's gauges come from status()'s cluster fields, and only when there are some (--redis)."""
+
+    def scrape_state(self, state: Any) -> dict:
+        collector = metrics.MediatorCollector(state, None)
+        return scrape(metrics.MetricsResource(metrics.make_registry([collector]), lambda: []))
+
+    def test_alone_no_cluster_metrics(self) -> None:
+        samples = self.scrape_state(SignalingState(Clock(), Limits()))
+        self.assertEqual([name for name, _ in samples if "cluster" in name], [])
+
+    def test_available_and_rtt_follow_the_directory(self) -> None:
+        from tests.test_cluster import FakeDirectory, FakeRedis
+
+        clock = Clock()
+        directory = FakeDirectory(FakeRedis(clock), "node0")
+        state = SignalingState(clock, Limits(), cluster=directory)
+        up = self.scrape_state(state)
+        self.assertEqual(value(up, "natbypass_mediator_cluster_available"), 1)
+        self.assertEqual(value(up, "natbypass_mediator_cluster_rtt_ms"), 1.0)
+        self.assertEqual(value(up, "natbypass_mediator_cluster_reconnects_total"), 0)
+        directory.available = False
+        down = self.scrape_state(state)
+        self.assertEqual(value(down, "natbypass_mediator_cluster_available"), 0)
+
+    def test_rtt_unknown_yet_is_absent(self) -> None:
+        samples = self.scrape_state(
+            _Status({"cluster_node": "n", "cluster_available": False, "cluster_rtt_ms": None, "cluster_reconnects": 3})
+        )
+        self.assertEqual(value(samples, "natbypass_mediator_cluster_available"), 0)
+        self.assertEqual(value(samples, "natbypass_mediator_cluster_reconnects_total"), 3)
+        self.assertNotIn(("natbypass_mediator_cluster_rtt_ms", ()), samples)

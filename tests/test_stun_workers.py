@@ -280,6 +280,19 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 2)  # nothing restarted after stop
         self.assertTrue(all(p.closed for p in self.reactor.udp + self.reactor.tcp))
 
+    def test_status_log_totals_and_shares(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.report(0, answered=5)
+        self.report(1, answered=7)
+        self.end(0)  # worker 1's answers stay in its share after it ends
+        self.pool.logCounters()
+        status = [e for e in events if "per_worker" in e][-1]
+        self.assertEqual((status["answered"], status["per_worker"], status["restarts"]), (12, "1: 5, 2: 7", 1))
+
     def test_stop_cancels_a_pending_restart(self) -> None:
         self.end(0)
         stopped = self.pool.stopService()

@@ -18,6 +18,10 @@ Layers, bottom up:
     can be answered from another socket).
   - L{STUNDatagramProtocol} / L{STUNStreamProtocol}: thin; decode, delegate,
     send.  Malformed input is counted and dropped, never raised.
+  - L{STUNPort}: the UDP port on a real reactor: Twisted's C{udp.Port}
+    with C{SO_REUSEPORT} on request (worker processes share the ports,
+    L{natbypass.stun.worker}) and a read loop that answers bare Bindings
+    without a call per datagram into the protocol (docs/performance.md).
   - L{STUNService}: opens the sockets in C{startService}.
 
 Policy decisions, and why:
@@ -44,6 +48,10 @@ Policy decisions, and why:
     nothing and is ignored.
   - Over TCP the source cannot change and responses cannot be redirected, so
     CHANGE-REQUEST with a flag set and RESPONSE-PORT get 400.
+  - Behind a 1:1 NAT (a cloud VM), C{ResponderConfig.advertise} maps each
+    local IP to the public one clients reach: responses name the public
+    addresses, and a CHANGE-REQUEST is answered from the local socket that
+    the NAT shows as the requested public address and port.
 
 Abuse and load (all of it measured by tests/test_stun_abuse.py):
 

@@ -366,6 +366,8 @@ class _Slot:
         self.failures = 0
         self.restart: Any = None  # an IDelayedCall while a restart waits
         self.ended: Deferred[None] | None = None
+        #: Answers of this position's processes that ended (for the status log's per-worker share).
+        self.answered_before = 0
 
 
 class WorkerCounters:
@@ -537,6 +539,7 @@ class STUNWorkers(Service):
         for name, value in slot.counters.items():
             if name not in _GAUGES:
                 self.retired[name] += value
+        slot.answered_before += slot.counters.get("answered", 0)
         slot.protocol, slot.counters, slot.ready = None, {}, False
         ended, slot.ended = slot.ended, None
         if ended is not None:
@@ -597,7 +600,10 @@ class STUNWorkers(Service):
             "{tcp_connections} TCP open, {errors} responder errors; answered per worker: {per_worker}; "
             "{restarts} restarts",
             workers=self.workers,
-            per_worker=", ".join(f"{i}: {c.get('answered', 0)}" for i, c in self.per_worker().items()),
+            per_worker=", ".join(
+                f"{i}: {slot.answered_before + slot.counters.get('answered', 0)}"
+                for i, slot in enumerate(self.slots, start=1)
+            ),
             restarts=self.restarts,
             **self.counters.snapshot(),
         )
