@@ -400,7 +400,7 @@ class ClusterMetricsTests(SynchronousTestCase):
         self.assertEqual([name for name, _ in samples if "cluster" in name], [])
 
     def test_available_and_rtt_follow_the_directory(self) -> None:
-        from tests.test_cluster import FakeDirectory, FakeRedis
+        from natbypass.testing.cluster import FakeDirectory, FakeRedis
 
         clock = Clock()
         directory = FakeDirectory(FakeRedis(clock), "node0")
