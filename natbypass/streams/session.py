@@ -278,12 +278,6 @@ class StreamSession:
         if transport is not None:
             self.window_total -= transport.window
 
-    def goAway(self) -> None:
-        """Open no more streams (we are closing), and tell the peer."""
-        if not self._going_away and self._lost is None:
-            self._going_away = True
-            self.carrier.writeControl(frames.go_away(frames.NO_ERROR))
-
     def violation(self, transport: Any, why: str) -> None:
         self.stats["flow_violations"] += 1
         self.log.warn("peer {peer} broke stream flow control: {why}", peer=self.ends.peer_id, why=why)

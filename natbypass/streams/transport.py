@@ -434,10 +434,11 @@ class StreamTransport:
             self.window *= 2
         self._consumed = 0
         self._last_grant = now
-        self._giveBack(delta, count=False)
+        self._giveBack(delta)
 
-    def _giveBack(self, n: int, count: bool = True) -> None:
-        if n <= 0 or self.session.carrier is None:
+    def _giveBack(self, n: int) -> None:
+        """Grant the peer C{n} more bytes of credit."""
+        if n <= 0:
             return
         self._recv_credit += n
         self.session.carrier.writeControl(frames.window_update(self.stream_id, n))
