@@ -9,7 +9,7 @@ is reported apart as `wall`).  Every site link gets DELAY ms each way, so
 with the default 25 ms the mediator RTT is 50 ms and the peer-to-peer RTT
 100 ms.
 
-    sudo python3 bench/connect_time.py [--delay 25] [--rounds 7] [--json OUT]
+    sudo python3 bench/connect_time.py [--delay 25] [--rounds 7] [--pairs all|cones|symmetric] [--json OUT]
 
 Needs root (network namespaces).  Prints a markdown table.
 """
@@ -50,13 +50,16 @@ def main() -> int:
     p.add_argument("--delay", type=float, default=25.0, help="one-way delay on each site link, ms")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--protocols", default="udp,tcp,auto")
+    p.add_argument(
+        "--pairs", choices=("all", "cones", "symmetric"), default="all", help="which NAT pairs (default: all)"
+    )
     p.add_argument("--json", metavar="OUT", help="also write the raw results here")
     args = p.parse_args()
     why = netns.missing_requirements()
     if why:
         print(f"connect_time: {why}", file=sys.stderr)
         return 2
-    pairs = CONE_PAIRS + SYMMETRIC_PAIRS
+    pairs = {"all": CONE_PAIRS + SYMMETRIC_PAIRS, "cones": CONE_PAIRS, "symmetric": SYMMETRIC_PAIRS}[args.pairs]
     types = sorted({t for pair in pairs for t in pair}, key=list(TYPES).index)
     rows = []
     with Lab.start(matrix_spec(delay_ms=args.delay, types=types)) as lab:

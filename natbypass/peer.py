@@ -51,7 +51,7 @@ from natbypass.punch.udp import ProbeSchedule, punch_udp
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import get_engine, warm_up
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
-from natbypass.signaling.wire import Candidate, Description, Session
+from natbypass.signaling.wire import MAX_PUBLISHED, PUBLISHABLE_KINDS, Candidate, Description, Session
 from natbypass.streams import PeerAddress, StreamRefused, frames
 from natbypass.stun import discovery
 from natbypass.stun.client import (
@@ -116,6 +116,10 @@ class PeerConfig:
     port_mapping: bool = False
     #: The gateway to ask; None: the default route's.
     port_mapping_gateway: str | None = None
+    #: Publish our mapped candidates (never host ones), NAT summary and wish
+    #: with the registration, so a connect to us takes one mediator round trip
+    #: (docs/protocol.md 5.1); we still approve every peer before we punch.
+    publish_candidates: bool = True
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,8 @@ class Peer(MultiService):
         self.port_mapper: PortMapper | None = None
         self._mapped: Deferred[Any] | None = None
         self._mapped_wait: IDelayedCall | None = None
+        #: What we last published at the mediator (L{_publish}).
+        self._published: Description | None = None
 
     # ------------------------------------------------------------ service
 
@@ -342,6 +348,8 @@ class Peer(MultiService):
             "tcp": defer.ensureDeferred(self._learn_one(self._main.tcp, "TCP")),
         }
         self._learned["udp"].addCallback(self._start_discovery)
+        for learned in self._learned.values():
+            learned.addCallback(lambda _: self._publish())
         self._ready = defer.ensureDeferred(self._learn())
         # The QUIC engine's one-off set-up (its first key share: tens of ms of
         # CPU that holds the GIL) runs once the first requests are out, while
@@ -394,6 +402,7 @@ class Peer(MultiService):
                 mapping=behavior.mapping,
                 filtering=behavior.filtering,
             )
+            self._publish()
 
         d.addCallback(found)
         d.addErrback(lambda f: None if f.check(defer.CancelledError) else self.log.failure("discovery failed", f))
@@ -541,6 +550,34 @@ class Peer(MultiService):
             self.port_mappings.pop(protocol, None)
         else:
             self.port_mappings[protocol] = mapping
+        self._publish()
+
+    def publication(self) -> Description:
+        """
+        What we publish at the mediator: the main ports' mapped candidates
+        (server-reflexive and port mappings; host addresses go only to
+        peers we approved), our NAT summary and wish.  No candidates behind
+        a NAT whose ports are predicted per session (they are not the main
+        ports'), so such a peer is introduced in two round trips.
+        """
+        main = self._main
+        cands: list[Candidate] = []
+        if main is not None and self.nat.port_delta is None:
+            for protocol, port in (("udp", main.udp), ("tcp", main.tcp)):
+                cands += self._mapping_candidates(main, protocol)
+                if port.mapped is not None:  # what STUN saw, even where it is our own (public) address
+                    cands.append(Candidate("srflx" if protocol == "udp" else "tcp-srflx", *port.mapped))
+        unique = tuple({(c.protocol, c.host, c.port): c for c in cands if c.kind in PUBLISHABLE_KINDS}.values())
+        return Description(unique[:MAX_PUBLISHED], self.nat, self.wish)
+
+    def _publish(self) -> None:
+        """Publish when what we would publish changed (the client sends it again on reconnection)."""
+        if not self.config.publish_candidates or not self.running:
+            return
+        publication = self.publication()
+        if publication != self._published:
+            self._published = publication
+            self.signaling.publish(publication)
 
     def _mappings_ready(self) -> Deferred[None]:
         """Fires when the first mappings are settled, or after L{PORTMAP_READY_WAIT} (they go on)."""
@@ -635,7 +672,21 @@ class Peer(MultiService):
             self._release(ports)
             raise
         verify, first_use = self._outgoing_check(session, pin)
-        conn = await self._traverse(session, wish, ports, verify)
+        # Introduced in one round trip, the target may still refuse us: then
+        # the attempt stops and the connect fails with its reason.
+        revoked = self.signaling.whenRevoked(session.id)
+        attempt = defer.ensureDeferred(self._traverse(session, wish, ports, verify))
+        why: list[Exception] = []
+        revoked.addCallback(lambda err: (why.append(err), attempt.cancel()))
+        revoked.addErrback(lambda f: f.trap(defer.CancelledError))
+        try:
+            conn = await attempt
+        except BaseException:
+            if why:
+                raise why[0] from None
+            raise
+        finally:
+            revoked.cancel()
         if first_use and self.known_peers is not None:
             self.known_peers.record(peer_id, conn.peer_fingerprint)
             self.log.info(
@@ -815,7 +866,10 @@ class Peer(MultiService):
     def _offered(self, offer: IncomingOffer) -> Deferred[Description]:
         if self._handler is None and not self._services:
             raise Decline(f"{self.peer_id} accepts no connections")
-        d = defer.ensureDeferred(self._answer(offer))
+        if offer.session is not None:
+            d = defer.ensureDeferred(self._introduced(offer, offer.session, self.clock.seconds()))
+        else:
+            d = defer.ensureDeferred(self._answer(offer))
         self._answering.add(d)
         d.addBoth(lambda result: (self._answering.discard(d), result)[1])
         return d
@@ -868,6 +922,25 @@ class Peer(MultiService):
         answer.expiry = self.clock.callLater(ANSWER_HOLD, self._dropAnswer, offer.peer, answer)
         return self.description(ports=answer.ports)
 
+    async def _introduced(self, offer: IncomingOffer, session: Session, received: float) -> Description:
+        """
+        An introduction in one round trip: the initiator has its session
+        already, but nothing of ours moves until the application approved
+        it (a refusal is our C{reject}, which revokes the initiator's
+        session).  Then we punch from the main ports, whose mappings we
+        published, and say yes (with no description: host candidates are
+        not sent after the fact).
+        """
+        approved = await self._approve(offer)
+        main = self._main
+        if main is None:
+            raise Decline(f"{self.peer_id} is stopping")
+        late = round((self.clock.seconds() - received) * 1000)
+        if late:  # approval took a while: the common start time is sooner now
+            session = dataclasses.replace(session, start_in_ms=max(0, session.start_in_ms - late))
+        self._incoming(session, self._traverse(session, self.wish, main, pinned(approved)))
+        return Description()
+
     def _dropAnswer(self, peer: str, answer: _Answer | None = None) -> None:
         """Forget the answered offer of C{peer} (only if it is still C{answer}) and close its ports."""
         current = self._answers.get(peer)
@@ -892,7 +965,11 @@ class Peer(MultiService):
             answer.expiry.cancel()
         ports, approved = answer.ports, answer.fingerprint
         # The key we approved is the one the peer must prove.
-        d = defer.ensureDeferred(self._traverse(session, self.wish, ports, pinned(approved)))
+        self._incoming(session, self._traverse(session, self.wish, ports, pinned(approved)))
+
+    def _incoming(self, session: Session, traversal: Any) -> None:
+        """Hand the path a peer we approved opens to the handler, or log why it failed."""
+        d = defer.ensureDeferred(traversal)
 
         def arrived(conn: IPeerConnection) -> None:
             self._approved.add(conn)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -456,3 +460,182 @@ class ConnectBoundTests(SynchronousTestCase):
         a = self.run_attempt(2, pace=pace)
         self.assertEqual(a.tries.total(), 3)
         self.assertGreater(a.paced, 0)
+
+
+class ScriptedSockets:
+    """
+    The attempt's C{make_socket}: sockets whose connect() answers what
+    C{script(now)} says, no network; records when each connect() was made
+    and how many sockets were open at most.
+    """
+
+    def __init__(self, clock, script) -> None:
+        self.clock, self.script = clock, script
+        self.connects: list[float] = []
+        self.open = 0
+        self.max_open = 0
+
+    def __call__(self, local):
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
+        return _ScriptedSocket(self)
+
+
+class _ScriptedSocket:
+    def __init__(self, owner: ScriptedSockets) -> None:
+        self.owner = owner
+        self.closed = False
+
+    def connect_ex(self, target) -> int:
+        self.owner.connects.append(self.owner.clock.seconds())
+        return self.owner.script(self.owner.clock.seconds())
+
+    def fileno(self) -> int:
+        return -1
+
+    def getsockopt(self, level: int, option: int) -> int:
+        return 0  # SO_ERROR: connected
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    family = 2  # AF_INET
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.owner.open -= 1
+
+
+PEER = ("198.18.1.6", 52749)
+
+
+class LossTests(SynchronousTestCase):
+    """
+    Retries under loss (issue 12): a lost SYN or SYN-ACK is retried within
+    about a connect timeout, and EADDRNOTAVAIL (the peer's SYN reached our
+    listener, so the kernel holds the 4-tuple) is waited out, not hammered.
+    """
+
+    def run_attempt(self, script, seconds: float = 5.0, **kw) -> tuple[TCPPunchAttempt, ScriptedSockets, list]:
+        clock = MemoryReactorClock()
+        sockets = ScriptedSockets(clock, script)
+        a = TCPPunchAttempt(clock, S0, ("0.0.0.0", 40000), [PEER], window=5.0, make_socket=sockets, security=SEC0, **kw)
+        results: list = []
+        a.deferred.addBoth(results.append)
+        for _ in range(int(seconds / 0.005)):
+            clock.advance(0.005)
+        return a, sockets, results
+
+    def test_eaddrnotavail_is_not_a_storm(self) -> None:
+        """The 4-tuple forming in the kernel for the whole window: a look every connect timeout, no try spent."""
+        a, sockets, results = self.run_attempt(lambda now: errno.EADDRNOTAVAIL, seconds=5.1)
+        self.assertLessEqual(len([t for t in sockets.connects if t < 1.0]), 3)  # today: 8 in the first second
+        self.assertLessEqual(len(sockets.connects), 11)
+        self.assertEqual((a.tries[PEER], a.capped), (0, 0))
+        self.assertEqual(a.forming, len(sockets.connects))
+        self.assertEqual(a.errors["EADDRNOTAVAIL"], len(sockets.connects))
+        self.assertIn("EADDRNOTAVAIL", results[0].value.reason)
+
+    def test_forming_spends_no_tries(self) -> None:
+        """After 4 s of EADDRNOTAVAIL (the listener's connection did not complete) a SYN still goes out."""
+        a, sockets, results = self.run_attempt(lambda now: errno.EADDRNOTAVAIL if now < 4.0 else errno.EINPROGRESS)
+        self.assertEqual(a.capped, 0)
+        self.assertTrue(any(t >= 4.0 for t in sockets.connects), sockets.connects)
+        self.assertGreaterEqual(a.tries[PEER], 1)
+
+    def test_lost_syns_retried_at_once_after_a_forming_spell(self) -> None:
+        """
+        SYNs lost (connect() in progress, never answered) after 2 s of
+        EADDRNOTAVAIL: each is retried a connect timeout plus the retry
+        interval later, not at a backed-off second (the kernel's own SYN
+        backoff is 1 s, 3 s); never two sockets at once.
+        """
+        a, sockets, results = self.run_attempt(lambda now: errno.EADDRNOTAVAIL if now < 2.0 else errno.EINPROGRESS)
+        syns = [t for t in sockets.connects if t >= 2.0]
+        self.assertGreaterEqual(len(syns), 5)
+        gaps = [b - a for a, b in zip(syns, syns[1:])]
+        self.assertLessEqual(max(gaps), 0.5 + 0.075 + 0.011, gaps)
+        self.assertEqual(sockets.max_open, 1)
+        self.assertEqual(a.errors["ETIMEDOUT"], len(syns) - (0 if results else 1))
+
+    def test_refusals_still_back_off(self) -> None:
+        """A closed port (RST at once) is not hit every 75 ms for the whole window."""
+        a, sockets, results = self.run_attempt(lambda now: errno.ECONNREFUSED)
+        self.assertLessEqual(len(sockets.connects), MAX_TRIES_PER_CANDIDATE)
+        gaps = [b - a for a, b in zip(sockets.connects, sockets.connects[1:])]
+        self.assertGreater(max(gaps), 0.5)
+
+    def test_no_connect_while_an_accepted_connection_from_the_peer_handshakes(self) -> None:
+        """
+        The peer's SYN came in through our listener: while that connection
+        runs TLS, a connect() to the peer could only fail (the 4-tuple is
+        taken), so none is made; once it is gone, connecting resumes.
+        """
+        clock = MemoryReactorClock()
+        sockets = ScriptedSockets(clock, lambda now: errno.EADDRNOTAVAIL)
+        a = TCPPunchAttempt(
+            clock,
+            S0,
+            ("0.0.0.0", 40000),
+            [PEER],
+            window=5.0,
+            handshake_timeout=2.0,
+            make_socket=sockets,
+            security=SEC0,
+        )
+        clock.advance(0)  # the first connect(): EADDRNOTAVAIL
+        proto = _HandshakeProtocol(a, "accepted")
+        transport = iosim.FakeTransport(proto, True, peerAddress=IPv4Address("TCP", *PEER))
+        proto.makeConnection(transport)
+        before = len(sockets.connects)
+        for _ in range(205):
+            clock.advance(0.01)
+        self.assertEqual(len(sockets.connects), before)  # 2 s of TLS: no connect()
+        self.assertTrue(transport.disconnecting)  # the handshake timed out at 2 s
+        proto.connectionLost(Failure(ConnectionDone()))
+        for _ in range(60):
+            clock.advance(0.01)
+        self.assertGreater(len(sockets.connects), before)
+        a.deferred.cancel()
+        self.failureResultOf(a.deferred, defer.CancelledError)
+
+    def test_connection_lost_mid_handshake_retries_the_candidate(self) -> None:
+        """Our connection to the peer reset before TLS finished: the candidate is tried again."""
+        clock = MemoryReactorClock()
+        sockets = ScriptedSockets(clock, lambda now: errno.EINPROGRESS)
+        a = TCPPunchAttempt(clock, S0, ("0.0.0.0", 40000), [PEER], window=5.0, make_socket=sockets, security=SEC0)
+        clock.advance(0)
+        self.assertEqual(len(sockets.connects), 1)
+        # It connected: the reactor finds the socket writable, the attempt adopts it.
+        (pending,) = clock.getWriters()
+        pending.doWrite()
+        ((_, _, factory),) = clock.adoptedStreamConnections
+        proto = factory.buildProtocol(None)
+        transport = iosim.FakeTransport(proto, False, peerAddress=IPv4Address("TCP", *PEER))
+        proto.makeConnection(transport)
+        proto.connectionLost(Failure(ConnectionDone()))
+        clock.advance(0.1)
+        self.assertEqual(len(sockets.connects), 2)
+        a.deferred.cancel()
+        self.failureResultOf(a.deferred, defer.CancelledError)
+
+    def test_slow_handshake_kept_while_bytes_come(self) -> None:
+        """
+        TLS over a lossy path: each flight a TCP retransmission timeout late
+        (1.5 s apart).  The connection is not dropped at the handshake
+        timeout while bytes keep coming; a silent one is.
+        """
+        clock = MemoryReactorClock()
+        a0, r0 = attempt(clock, S0, handshake_timeout=2.0, window=10.0)
+        p0 = _HandshakeProtocol(a0, "accepted")
+        t = iosim.FakeTransport(p0, True)
+        p0.makeConnection(t)
+        for _ in range(2):
+            clock.advance(1.5)
+            p0.dataReceived(b"\x16\x03\x03")  # the start of a TLS record, the rest still on its way
+        clock.advance(1.9)
+        self.assertFalse(t.disconnecting)  # 4.9 s after connecting, 1.9 s after the last bytes
+        clock.advance(0.2)
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(a0.invalid, 1)

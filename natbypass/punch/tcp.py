@@ -7,7 +7,15 @@ C{connect()} to each other's candidates at the synchronised time.  Each SYN
 opens the sender's NAT for the other's SYN, and the two SYNs cross: TCP's
 simultaneous open (RFC 9293 section 3.5) yields one connection.  A failed
 try (RST, ICMP, timeout) is retried from a fresh socket on the same port until
-the window closes.  When a listening socket on that port is given, inbound
+the window closes: after a timeout (a SYN or SYN-ACK lost) at once, so a loss
+costs C{connect_timeout} rather than the kernel's 1 s / 3 s SYN backoff; after
+a refusal backing off.  A connect() refused with C{EADDRNOTAVAIL} means a
+connection for that 4-tuple is already forming in the kernel (the peer's SYN
+reached our listener: a SYN_RECV entry, or the accept queue) or is ours in
+its TLS handshake: the kernel and the listener finish it, so the attempt
+waits a connect timeout before it looks again, without counting a try, and
+makes no connect() to an address whose accepted connection is in its
+handshake.  When a listening socket on that port is given, inbound
 connections are taken too (an open host or full-cone NAT needs no crossing).
 
 Every connected socket, whichever way it connected, is adopted into the
@@ -44,8 +52,9 @@ L{natbypass.secure.tls.PeerRefusedUs} reason naming its key (see
 C{docs/security.md}, "TCP path").
 
 A connection that fails (a refused key, not TLS, no SELECT within
-C{handshake_timeout}) never fails the attempt while anything else is under
-way, or a stranger at a candidate could end it: the attempt fails when its
+C{handshake_timeout} of connecting or of the last bytes it brought) never
+fails the attempt while anything else is under way, or a stranger at a
+candidate could end it: the attempt fails when its
 window closes, or earlier once a key was refused and no connect, retry or
 handshake is left, and the reason names every key problem seen.
 """
@@ -60,7 +69,7 @@ import socket
 import struct
 import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 from twisted.internet.defer import Deferred
@@ -104,10 +113,17 @@ RETRYABLE = {
     errno.EADDRNOTAVAIL,  # 4-tuple still held by a socket of ours (accepted on the listener)
     errno.EADDRINUSE,
 }
+#: errno values that say a connection for the 4-tuple is forming or formed
+#: in the kernel (our listener holds the peer's SYN, or one of our sockets
+#: has the tuple): no SYN left, so not a try; wait, don't hammer.
+FORMING = {errno.EADDRNOTAVAIL}
+#: errno values after which the wait was the connect timeout itself: retry at once.
+TIMED_OUT = {errno.ETIMEDOUT}
 
-#: connect() tries per candidate in one attempt: every C{retry_interval} at
-#: first, then backing off by L{RETRY_BACKOFF} up to L{MAX_RETRY_INTERVAL},
-#: so the tries cover a 5 s window without a SYN every 75 ms to a closed port.
+#: connect() tries per candidate in one attempt.  After a refusal (RST, ICMP):
+#: every C{retry_interval} at first, then backing off by L{RETRY_BACKOFF} up to
+#: L{MAX_RETRY_INTERVAL}, so the tries cover a 5 s window without a SYN every
+#: 75 ms to a closed port; after a timeout, C{retry_interval} (the timeout paced it).
 MAX_TRIES_PER_CANDIDATE = 12
 #: connect() tries in all, in one attempt.
 MAX_TRIES = 48
@@ -146,6 +162,12 @@ def check_select(session: PunchSession, exporter: bytes, data: bytes) -> None:
         raise SelectError(f"bad SELECT magic {magic!r}: not a NATbypass peer of this version")
     if not hmac.compare_digest(mac, _select_mac(session, exporter)):
         raise SelectError("the SELECT does not verify with this session's id and key (another session?)")
+
+
+def _address_of(address: object) -> Address | None:
+    """C{(host, port)} of a transport's address, None if it has none."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return (host, port) if isinstance(host, str) and isinstance(port, int) else None
 
 
 def _describe(address: object) -> str:
@@ -238,6 +260,8 @@ class _HandshakeProtocol(Protocol):
         self.started = 0.0
         #: Already refused and counted (closing).
         self.refused = False
+        #: Refused for what it said about keys (the peer's key, or ours refused).
+        self.key_problem = False
         #: Role 1: the first application bytes, until they make a SELECT.
         self.select = b""
         #: The path, once this socket is it.
@@ -248,6 +272,8 @@ class _HandshakeProtocol(Protocol):
         self.tls = self.attempt._handshakeStarted(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.connection is None:
+            self.attempt._handshakeProgress(self)
         if self.tls is not None:
             self.tls.protocol.dataReceived(data)
 
@@ -300,8 +326,10 @@ class TCPPunchAttempt:
         max_tries_per_candidate: int = MAX_TRIES_PER_CANDIDATE,
         max_tries: int = MAX_TRIES,
         pace: TokenBucket | None = None,
+        make_socket: Callable[[Address], socket.socket] = reusable_socket,
     ) -> None:
         self.reactor = reactor
+        self._make_socket = make_socket
         self._max_tries_per_candidate = max_tries_per_candidate
         self._max_tries = max_tries
         self._pace = pace
@@ -309,6 +337,11 @@ class TCPPunchAttempt:
         self.capped = 0
         #: Tries put off because the peer-wide pace had no room.
         self.paced = 0
+        #: Tries put off because a connection for the 4-tuple was forming
+        #: (EADDRNOTAVAIL, or our accepted connection from it in its handshake).
+        self.forming = 0
+        #: Refusals (RST, ICMP) per candidate: what the retry backs off on.
+        self._refused: Counter[Address] = Counter()
         self.session = session
         self.security = security
         self.local = local
@@ -361,23 +394,31 @@ class TCPPunchAttempt:
         self._retries.pop(target, None)
         if self._done:
             return
+        if self._handshaking(target):
+            # Our accepted connection from the peer holds this 4-tuple: its TLS decides, a connect() cannot.
+            self.forming += 1
+            self._schedule_retry(target, self._connect_timeout)
+            return
         if self.tries[target] >= self._max_tries_per_candidate or self.tries.total() >= self._max_tries:
             self.capped += 1
             self._settle()
             return
         if self._pace is not None and not self._pace.take(SYN_BYTES):
             self.paced += 1
-            self._schedule_retry(target)
+            self._schedule_retry(target, self._backoff(target))
             return
-        self.tries[target] += 1
         sock = None
         try:
-            sock = reusable_socket(self.local)
+            sock = self._make_socket(self.local)
             code = sock.connect_ex(target)
         except OSError as e:
             if sock is not None:
                 sock.close()
-            self._failedTry(target, e.errno or 0)
+            code = e.errno or 0
+        if code not in FORMING:
+            self.tries[target] += 1  # a SYN went out, or could have
+        if sock is None:
+            self._failedTry(target, code)
             return
         if code not in (0, errno.EINPROGRESS):
             sock.close()
@@ -411,12 +452,30 @@ class TCPPunchAttempt:
             self.log.warn("not retrying {target}: {error}", target=format_address(target), error=os.strerror(code))
             self._settle()
             return
-        self._schedule_retry(target)
+        if code in FORMING:
+            # The kernel is forming a connection for this 4-tuple (the peer's SYN reached our listener), or
+            # one of our sockets has it: the listener path completes it (the peer's next SYN makes our
+            # kernel resend its SYN-ACK).  Look again a connect timeout later; no SYN went out.
+            self.forming += 1
+            delay = self._connect_timeout
+        elif code in TIMED_OUT:
+            delay = self._retry  # the SYN or SYN-ACK was lost: the timeout was the wait
+        else:
+            self._refused[target] += 1
+            delay = self._backoff(target)
+        self._schedule_retry(target, delay)
 
-    def _schedule_retry(self, target: Address) -> None:
-        """Try C{target} again after the retry interval (backing off after L{FAST_TRIES}), within the window."""
-        slow = max(0, self.tries[target] - FAST_TRIES)
-        delay = min(self._retry * RETRY_BACKOFF**slow, max(self._retry, MAX_RETRY_INTERVAL))
+    def _backoff(self, target: Address) -> float:
+        """The wait before the next try after a refusal: C{retry_interval}, backing off after L{FAST_TRIES}."""
+        slow = max(0, self._refused[target] - FAST_TRIES)
+        return min(self._retry * RETRY_BACKOFF**slow, max(self._retry, MAX_RETRY_INTERVAL))
+
+    def _handshaking(self, target: Address) -> bool:
+        """Whether an adopted connection with C{target} as its peer is in its handshake."""
+        return any(_address_of(proto.transport.getPeer()) == target for proto in self._handshakes)
+
+    def _schedule_retry(self, target: Address, delay: float) -> None:
+        """Try C{target} again C{delay} seconds from now, within the window."""
         if self.reactor.seconds() + delay < self._deadline:
             self._retries[target] = self.reactor.callLater(delay, self._try, target)
         else:
@@ -516,6 +575,7 @@ class TCPPunchAttempt:
     def _refuse(self, proto: _HandshakeProtocol, reason: str, key_problem: bool = False) -> None:
         """Count C{proto} as failed, remember a key problem, close it; the attempt goes on."""
         proto.refused = True
+        proto.key_problem = key_problem
         self.invalid += 1
         described = f"{_describe(proto.transport.getPeer())} ({proto.how}): {reason}"
         if key_problem and described not in self.refusals:
@@ -534,6 +594,17 @@ class TCPPunchAttempt:
         else:
             self._refuse(proto, f"TLS failed: {failure.getErrorMessage()}")
 
+    def _handshakeProgress(self, proto: _HandshakeProtocol) -> None:
+        """
+        Bytes came on C{proto} before it was chosen: its handshake is moving,
+        if slowly (a lost segment costs TCP a retransmission timeout, 1 s
+        before it has a round-trip sample), so its timeout counts from now.
+        Bounded by the window; a silent connection still goes after
+        C{handshake_timeout}.
+        """
+        if proto.timer is not None and proto.timer.active():
+            proto.timer.reset(self._handshake_timeout)
+
     def _handshakeTimeout(self, proto: _HandshakeProtocol) -> None:
         proto.timer = None
         waiting = "SELECT" if proto.tls is not None and proto.tls.handshake.called else "TLS handshake"
@@ -544,6 +615,17 @@ class TCPPunchAttempt:
         if proto.timer is not None and proto.timer.active():
             proto.timer.cancel()
         proto.timer = None
+        target = _address_of(proto.transport.getPeer()) if proto.transport is not None else None
+        if (
+            not self._done
+            and not proto.key_problem
+            and target in self.candidates
+            and target not in self._retries
+            and not any(p.target == target for p in self._pending)
+        ):
+            # Lost before TLS finished (reset, timed out on a lossy path), not for its key: try it again.
+            assert target is not None
+            self._schedule_retry(target, self._retry)
         self._settle()
 
     # -- ending

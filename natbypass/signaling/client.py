@@ -48,21 +48,29 @@ from .wire import (
     Error,
     Greeting,
     Hello,
+    Introduce,
     Message,
     Offer,
     Ok,
     Ping,
     Pong,
+    Publish,
     Register,
     Registered,
     Reject,
     Report,
+    Revoke,
     Session,
     SessionReply,
     WireError,
 )
 
 AGENT = f"natbypass/{__version__}"
+#: How long a session we got before its target approved may still be revoked (the mediator's offer
+#: timeout, 30 s by default, and a margin); after that its watch is forgotten.
+REVOKE_WATCH = 45.0
+#: Seconds between republications of an unchanged publication (the mediator uses one for 300 s).
+PUBLISH_REFRESH = 120.0
 
 
 class SignalingError(Exception):
@@ -159,12 +167,22 @@ def error_from_reply(e: Error) -> SignalingError:
 
 
 class IncomingOffer:
-    """An offer delivered to us; C{cancelled} fires if the mediator withdraws it."""
+    """
+    An offer delivered to us; C{cancelled} fires if the mediator withdraws
+    it.  An introduction (we published) comes with its C{session}: the
+    initiator has it already, and our answer decides whether we punch.
+    """
 
-    def __init__(self, offer: Offer) -> None:
+    def __init__(self, offer: Offer | Introduce) -> None:
         self.id = offer.offer
-        self.peer = offer.peer
-        self.description: Description = offer.description
+        self.session: Session | None = None
+        if isinstance(offer, Introduce):
+            self.session = offer.session
+            self.peer = offer.session.peer
+            self.description: Description = offer.session.description
+        else:
+            self.peer = offer.peer
+            self.description = offer.description
         self.expires_in_ms = offer.expires_in_ms
         self.cancelled: Deferred[str] = Deferred()
 
@@ -317,10 +335,12 @@ class SignalingClientProtocol(LineReceiver):
                     self.owner._replaced = True
         elif isinstance(msg, Ping):
             self.send(Pong(msg.rid))
-        elif isinstance(msg, Offer):
+        elif isinstance(msg, (Offer, Introduce)):
             offer = IncomingOffer(msg)
             self._offers[offer.id] = offer
             self.owner._offered(self, offer)
+        elif isinstance(msg, Revoke):
+            self.owner._revoked(msg)
         elif isinstance(msg, Cancel):
             offer = self._offers.pop(msg.offer, None)
             if offer is not None:
@@ -774,6 +794,14 @@ class SignalingClient(Service):
         #: A connection whose Hello and Register are on their way (requests pipeline behind them).
         self._pending_handshake: SignalingClientProtocol | None = None
         self._offer_handler: Callable[[IncomingOffer], Any] | None = None
+        #: What we publish (L{publish}), sent again on every new connection; and the connection it went on.
+        self._publication: Description | None = None
+        self._published_on: SignalingClientProtocol | None = None
+        self._republish: Any = None
+        #: False once the mediator refused C{publish} as unknown (it predates introductions in one round trip).
+        self.can_publish = True
+        #: Sessions that may still be revoked (their target had not approved): a Deferred and its expiry.
+        self._revocations: dict[str, tuple[Deferred[SignalingError], Any]] = {}
         self._session_handler: Callable[[Session], Any] | None = None
         self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
         self._failures = 0  # handshakes refused in a row; ClientService only counts failed connects
@@ -802,6 +830,12 @@ class SignalingClient(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self._republish is not None and self._republish.active():
+            self._republish.cancel()
+        for _, expiry in self._revocations.values():
+            if expiry.active():
+                expiry.cancel()
+        self._revocations.clear()
         waiters, self._waiters = self._waiters + self._link_waiters, []
         self._link_waiters = []
         for w in waiters:
@@ -846,13 +880,85 @@ class SignalingClient(Service):
 
     def _call(self, make: Callable[[], Message], timeout: float | None = None) -> Deferred[Message]:
         d = self._request_protocol()
-        d.addCallback(lambda proto: proto.request(make()))
+        d.addCallback(self._send_call, make)
         d.addTimeout(timeout or self.request_timeout, self.clock)
         return d
 
+    def _send_call(self, proto: SignalingClientProtocol, make: Callable[[], Message]) -> Deferred[Message]:
+        msg = make()
+        if isinstance(msg, Publish):
+            self._published_on = proto
+        elif self._publication is not None and self.can_publish and self._published_on is not proto:
+            # A new connection: our publication goes first, so this request (a connect) finds it there.
+            self._published_on = proto
+            proto.request(self._send_publication()).addErrback(self._publish_failed)
+        return proto.request(msg)
+
     def connect(self, peer_id: str, description: Description = Description()) -> Deferred[Session]:
         d = self._call(lambda: Connect(self._rid(), peer_id, description))
-        return d.addCallback(lambda reply: reply.session)
+        return d.addCallback(lambda reply: self._watch(reply.session))
+
+    def _watch(self, session: Session) -> Session:
+        """Keep a session revocable for a while: its target may still say no (see L{whenRevoked})."""
+        expiry = self.clock.callLater(REVOKE_WATCH, self._revocations.pop, session.id, None)
+        self._revocations[session.id] = (Deferred(), expiry)
+        return session
+
+    def whenRevoked(self, session_id: str) -> Deferred[SignalingError]:
+        """
+        Fires with the reason (an L{OfferRejected}, L{OfferTimeout} or
+        L{PeerGone}) if the mediator revokes the session of one of our
+        connects: it was handed out before its target approved us (an
+        introduction in one round trip), and the target said no, never
+        answered or left.  Never fires otherwise; cancel it when done.
+        """
+        out: Deferred[SignalingError] = Deferred()
+        entry = self._revocations.get(session_id)
+        if entry is not None:
+            entry[0].addCallback(lambda err: (out.called or out.callback(err), err)[1])
+        return out
+
+    def _revoked(self, msg: Revoke) -> None:
+        entry = self._revocations.pop(msg.session, None)
+        if entry is None:
+            return  # long finished, or never ours
+        self.log.info("session {session} revoked: {reason}", session=msg.session, reason=escape(msg.reason))
+        if entry[1].active():
+            entry[1].cancel()
+        entry[0].callback(error_from_reply(Error(None, msg.error, msg.reason)))
+
+    def publish(self, description: Description) -> None:
+        """
+        Publish our mapped candidates, NAT summary and wish at the mediator
+        (mapped kinds only, at most L{wire.MAX_PUBLISHED}; an empty list
+        publishes nothing but still tells the mediator we take
+        introductions and revocations), so a connect to us is answered in
+        one round trip.  Kept, and sent again on every new connection and
+        every L{PUBLISH_REFRESH} seconds; call again when it changes.
+        """
+        Publish(0, description)  # validate now, in the caller's stack
+        self._publication = description
+        if self.can_publish:
+            self._call(lambda: self._send_publication()).addErrback(self._publish_failed)
+
+    def _send_publication(self) -> Message:
+        assert self._publication is not None
+        if self._republish is not None and self._republish.active():
+            self._republish.cancel()
+        self._republish = self.clock.callLater(PUBLISH_REFRESH, self._refresh_publication)
+        return Publish(self._rid(), self._publication)
+
+    def _refresh_publication(self) -> None:
+        self._republish = None
+        if self._publication is not None and self.can_publish and self._proto is not None:
+            self.publish(self._publication)
+
+    def _publish_failed(self, f: Failure) -> None:
+        if f.check(SignalingError) and f.value.error == "unknown-op":
+            self.can_publish = False
+            self.log.info("the mediator does not take publications: introductions take two round trips")
+        elif not f.check(CancelledError, Disconnected, MediatorShuttingDown):
+            self.log.warn("publishing our candidates failed: {error}", error=escape(f.getErrorMessage()))
 
     def setOfferHandler(self, handler: Callable[[IncomingOffer], Any] | None) -> None:
         """Who answers offers: returns a L{Description}, a L{Decline} or a Deferred of one."""
@@ -887,6 +993,8 @@ class SignalingClient(Service):
         self._failures = 0
         self._proto = proto
         self.log.info("registered at the mediator as {peer_id}", peer_id=self.peer_id)
+        if self._publication is not None and self.can_publish and self._published_on is not proto:
+            self.publish(self._publication)
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             w.callback(proto)
@@ -943,6 +1051,11 @@ class SignalingClient(Service):
                 return None  # withdrawn or connection gone meanwhile
             if result is None:
                 result = Decline("declined")
+            if isinstance(result, Description) and offer.session is not None:
+                # An introduction: the session is ours already (the handler started on it); say yes.
+                r = proto.request(Accept(self._rid(), offer.id, result))
+                r.addErrback(lambda f: self.log.warn("approving {offer} failed: {f.value}", offer=offer.id, f=f))
+                return r
             if isinstance(result, Description):
                 r = proto.request(Accept(self._rid(), offer.id, result))
                 r.addCallback(lambda reply: self._session(reply.session))

@@ -96,5 +96,11 @@ class ISignalingClient(Interface):
     def report(session_id, outcome, protocol=None, detail=None):
         """Tell the mediator how an attempt ended; Deferred firing with None."""
 
+    def publish(description):
+        """Publish our mapped candidates, NAT summary and wish (kept, re-sent on reconnection): introductions in one round trip."""
+
+    def whenRevoked(session_id):
+        """A Deferred that fires with the SignalingError if the mediator revokes a connect's session (the target refused)."""
+
     def ping():
         """Measure the round-trip time to the mediator; Deferred firing with seconds."""

@@ -49,15 +49,18 @@ from .wire import (
     Error,
     Greeting,
     Hello,
+    Introduce,
     Message,
     Offer,
     Ok,
     Ping,
     Pong,
+    Publish,
     Register,
     Registered,
     Reject,
     Report,
+    Revoke,
     Session,
     SessionReply,
     WireError,
@@ -268,6 +271,11 @@ class Limits:
     proof_window: float = 30.0
     #: Timed proofs remembered (for twice the window) so none is used twice; beyond it they get stale-proof.
     max_recent_proofs: int = 100_000
+    #: Seconds a peer's C{publish} is used to introduce it in one round trip; older, two round trips
+    #: (the client republishes on every change and every C{publish_refresh} seconds).
+    publish_ttl: float = 300.0
+    #: Introductions in one round trip (C{publish}); False: every connect takes two (publish is still accepted).
+    introductions: bool = True
     #: New connections per second per source group (0: no limit), bursts of C{accept_burst}; over it a
     #: connection is closed as it is accepted, with no reply and no state (see C{SignalingFactory}).
     accept_rate: float = 10.0
@@ -301,6 +309,8 @@ class _Link:
         "errors",
         "paused",
         "queued",
+        "published",
+        "published_at",
     )
 
     def __init__(self, channel: IChannel, source: str, now: float, burst: float, nonce: bytes) -> None:
@@ -330,15 +340,26 @@ class _Link:
         self.paused = False
         #: While the cluster's directory answers this connection's registration: its next lines, in order.
         self.queued: list[Message | WireError] | None = None
+        #: What the peer published (mapped candidates, NAT, wish), or None; C{published_at} is None
+        #: until it published at all (it then understands C{introduce} and C{revoke}).
+        self.published: Description | None = None
+        self.published_at: float | None = None
 
 
 class _PendingOffer:
     """An offer waiting for its answer; expired by C{SignalingState.sweep} (no timer per offer)."""
 
-    __slots__ = ("id", "initiator", "rid", "target", "description", "expires")
+    __slots__ = ("id", "initiator", "rid", "target", "description", "expires", "session")
 
     def __init__(
-        self, id: str, initiator: _Link, rid: int, target: _Link, description: Description, expires: float
+        self,
+        id: str,
+        initiator: _Link,
+        rid: int,
+        target: _Link,
+        description: Description,
+        expires: float,
+        session: str | None = None,
     ) -> None:
         self.id = id
         self.initiator = initiator
@@ -346,6 +367,8 @@ class _PendingOffer:
         self.target = target
         self.description = description
         self.expires = expires
+        #: An introduction in one round trip: the session the initiator has already (revoked on a no).
+        self.session = session
 
 
 #: The reason of the C{shutting-down} notice.
@@ -537,7 +560,7 @@ class SignalingState:
                 offer.target.channel.send(Cancel(offer.id, f"peer {link.peer_id} disconnected"))
             elif offer.target is link and offer.initiator.open:
                 self._count("offers:gone")
-                self._error(offer.initiator, offer.rid, "gone", f"peer {link.peer_id} disconnected before answering")
+                self._fail_initiator(offer, "gone", f"peer {link.peer_id} disconnected before answering")
         link.offers = None
 
     def malformed(self, link: _Link, error: WireError) -> None:
@@ -856,7 +879,34 @@ class SignalingState:
             if target is None:  # registered on another mediator, or nowhere: the cluster finds out
                 self.cluster.offer(link, msg.rid, msg.peer, description)
                 return
-        self._offer_to(link, msg.rid, target, description)
+        assert target is not None
+        published = self._publication(link, target)
+        self._offer_to(link, msg.rid, target, description, published=published)
+
+    def _publication(self, link: _Link, target: _Link) -> Description | None:
+        """
+        What C{target} published, when C{link}'s connect to it can be
+        answered at once: both sides published (so both know C{introduce}
+        and C{revoke}), the target's publication is fresh and names a
+        candidate.  Otherwise None: the offer goes the two-round-trip way.
+        """
+        if not self.limits.introductions or link.published_at is None:
+            return None
+        pub, at = target.published, target.published_at
+        if pub is None or at is None or not pub.candidates:
+            return None
+        if self.clock.seconds() - at > self.limits.publish_ttl:
+            self._count("introductions:stale")
+            return None
+        return dataclasses.replace(pub, fingerprint=target.fingerprint)
+
+    def _publish(self, link: _Link, msg: Publish) -> None:
+        if self._need_registration(link, msg.rid):
+            return
+        link.published = msg.description if msg.description.candidates else None
+        link.published_at = self.clock.seconds()
+        self._count("publications")
+        link.channel.send(Ok(msg.rid))
 
     def _offer_to(
         self,
@@ -866,12 +916,15 @@ class SignalingState:
         description: Description,
         offer_id: str | None = None,
         timeout: float | None = None,
+        published: Description | None = None,
     ) -> None:
         """
         Offer C{link}'s C{description} to C{target} within the target's
         limits (its slots, each initiator's and each source's share).
         C{link} is a local connection, or the stand-in of an initiator on
-        another mediator (its errors and session travel back there).
+        another mediator (its errors and session travel back there).  With
+        C{published} (the target's publication) the initiator gets its
+        session at once and the target an C{introduce}: one round trip.
         """
         waiting = self._pending_counts(target)
         limit = self.limits.max_offers_to_peer
@@ -888,6 +941,17 @@ class SignalingState:
             return
         now = self.clock.seconds()
         timeout = self.limits.offer_timeout if timeout is None else timeout
+        if published is not None:
+            sessions = self._session(link, description, rid, target, published, None)
+            if sessions is None:
+                return
+            offer = self.add_offer(offer_id or self._id(), link, rid, target, description, now + timeout)
+            offer.session = sessions[0].session.id
+            self._count("introductions")
+            self._log_session(offer.id, sessions[0].session, sessions[1])
+            link.channel.send(sessions[0])
+            target.channel.send(Introduce(offer.id, sessions[1], int(timeout * 1000)))
+            return
         offer = self.add_offer(offer_id or self._id(), link, rid, target, description, now + timeout)
         self.log.debug(
             "offer {offer} from {initiator} to {target}", offer=offer.id, initiator=link.peer_id, target=target.peer_id
@@ -1010,6 +1074,16 @@ class SignalingState:
         offer = self._take_offer(link, msg.rid, msg.offer)
         if offer is None:
             return
+        if offer.session is not None:  # an introduction: the sessions are out; the target approved
+            self._count("introductions:accepted")
+            self.log.info(
+                "introduction {offer}: {target} approved {initiator}",
+                offer=offer.id,
+                target=link.peer_id,
+                initiator=offer.initiator.peer_id,
+            )
+            link.channel.send(Ok(msg.rid))
+            return
         a, b = offer.initiator, link
         answer = self._registered_fingerprint(b, msg.description)
         if self.cluster is not None:
@@ -1017,14 +1091,38 @@ class SignalingState:
             rtt_hop = self.cluster.hop() if getattr(a.channel, "remote", False) else 0.0
         else:
             rtt_hop = 0.0
-        nats, wishes = (offer.description.nat, answer.nat), (offer.description.wish, answer.wish)
+        sessions = self._session(a, offer.description, offer.rid, b, answer, msg.rid, rtt_hop)
+        if sessions is None:
+            return
+        a.channel.send(sessions[0])
+        b.channel.send(sessions[1])
+        self._log_session(offer.id, sessions[0].session, sessions[1])
+
+    def _session(
+        self,
+        a: _Link,
+        offer: Description,
+        rid_a: int,
+        b: _Link,
+        answer: Description,
+        rid_b: int | None,
+        rtt_hop: float = 0.0,
+    ) -> tuple[SessionReply, Session] | None:
+        """
+        The session between initiator C{a} and target C{b}: the initiator's
+        reply and the target's side (its reply to C{rid_b}, or the session
+        of an introduction), recorded for reports; None when the wishes do
+        not meet (both told).
+        """
+        nats, wishes = (offer.nat, answer.nat), (offer.wish, answer.wish)
         order = list(dict.fromkeys(p for p in self.choose_order(*nats, *wishes) if p in wire.PROTOCOLS))
         if not order:
             reason = "the two peers' protocol wishes have nothing in common"
             self._count("offers:no-common-protocol")
-            self._error(a, offer.rid, "rejected", reason)
-            self._error(b, msg.rid, "rejected", reason)
-            return
+            self._error(a, rid_a, "rejected", reason)
+            if rid_b is not None:
+                self._error(b, rid_b, "rejected", reason)
+            return None
         unknown = self.limits.unknown_rtt
         rtt_a = (a.rtt if a.rtt is not None else (a.channel.kernel_rtt() or unknown)) + rtt_hop
         rtt_b = b.rtt if b.rtt is not None else (b.channel.kernel_rtt() or unknown)
@@ -1032,33 +1130,36 @@ class SignalingState:
         sid = self._id()
         key = self.random_bytes(wire.SESSION_KEY_BYTES)
         ms = lambda s: max(0, min(600_000, round(s * 1000)))  # noqa: E731
-        a.channel.send(
-            SessionReply(
-                offer.rid,
-                Session(sid, key, b.peer_id, "controlling", answer, tuple(order), ms(delay_a), ms(rtt_a)),
-            )
-        )  # type: ignore[arg-type]
-        b.channel.send(
-            SessionReply(
-                msg.rid,
-                Session(sid, key, a.peer_id, "controlled", offer.description, tuple(order), ms(delay_b), ms(rtt_b)),
-            )
-        )  # type: ignore[arg-type]
+        mine = Session(sid, key, b.peer_id, "controlling", answer, tuple(order), ms(delay_a), ms(rtt_a))  # type: ignore[arg-type]
+        theirs = Session(sid, key, a.peer_id, "controlled", offer, tuple(order), ms(delay_b), ms(rtt_b))  # type: ignore[arg-type]
         # The NAT pair (selection-table rows) labels the outcomes peers report, for the metrics.
         pair = sys.intern(f"{nats[0].kind()},{nats[1].kind()}")
-        self.sessions[sid] = (self.clock.seconds() + self.limits.session_ttl, a.peer_id, b.peer_id, 0, pair)
+        self.sessions[sid] = (self.clock.seconds() + self.limits.session_ttl, a.peer_id, b.peer_id, 0, pair)  # type: ignore[assignment]
         self._count("sessions")
         self._count("sessions-by-nat:" + pair)
+        return SessionReply(rid_a, mine), (SessionReply(rid_b, theirs) if rid_b is not None else theirs)  # type: ignore[return-value]
+
+    def _log_session(self, offer_id: str, mine: Session, theirs: Any) -> None:
+        other = theirs.session if isinstance(theirs, SessionReply) else theirs
         self.log.info(
             "offer {offer}: session {session} between {initiator} and {target}: order {order}, start in {delay_a}/{delay_b} ms",
-            offer=offer.id,
-            session=sid,
-            initiator=a.peer_id,
-            target=b.peer_id,
-            order=order,
-            delay_a=ms(delay_a),
-            delay_b=ms(delay_b),
+            offer=offer_id,
+            session=mine.id,
+            initiator=other.peer,
+            target=mine.peer,
+            order=list(mine.order),
+            delay_a=mine.start_in_ms,
+            delay_b=other.start_in_ms,
         )
+
+    def _fail_initiator(self, offer: _PendingOffer, error: str, reason: str) -> None:
+        """The offer will not become a path: an error reply to its connect, or the revoke of its session."""
+        if offer.session is None:
+            self._error(offer.initiator, offer.rid, error, reason)
+            return
+        self._count("introductions:" + error)
+        offer.initiator.channel.send(Revoke(offer.session, error, reason))
+        self.sessions.pop(offer.session, None)
 
     def _reject(self, link: _Link, msg: Reject) -> None:
         if self._need_registration(link, msg.rid):
@@ -1069,7 +1170,7 @@ class SignalingState:
         self._count("offers:rejected")
         self.log.info("offer {offer} rejected by {target}", offer=offer.id, target=link.peer_id)
         why = f": {msg.reason}" if msg.reason else ""
-        self._error(offer.initiator, offer.rid, "rejected", f"peer {link.peer_id} rejected the offer{why}")
+        self._fail_initiator(offer, "rejected", f"peer {link.peer_id} rejected the offer{why}")
         link.channel.send(Ok(msg.rid))
 
     def _expire(self, offer: _PendingOffer) -> None:
@@ -1078,11 +1179,8 @@ class SignalingState:
         self._drop_offer(offer)
         self._count("offers:timeout")
         self.log.info("offer {offer} to {target} expired", offer=offer.id, target=offer.target.peer_id)
-        self._error(
-            offer.initiator,
-            offer.rid,
-            "timeout",
-            f"peer {offer.target.peer_id} did not answer within {self.limits.offer_timeout:g} s",
+        self._fail_initiator(
+            offer, "timeout", f"peer {offer.target.peer_id} did not answer within {self.limits.offer_timeout:g} s"
         )
         if offer.target.open:
             offer.target.channel.send(Cancel(offer.id, "expired"))
@@ -1129,6 +1227,7 @@ class SignalingState:
     _handlers: dict[type, Callable[..., None]] = {
         Hello: _hello,
         Register: _register,
+        Publish: _publish,
         Connect: _connect,
         Accept: _accept,
         Reject: _reject,

@@ -70,6 +70,14 @@ ERROR_CODES: Mapping[str, int] = {
     "version-unsupported": 505,
 }
 
+#: At most this many candidates in a C{publish} (a peer's mapped addresses: one or two a protocol).
+MAX_PUBLISHED = 8
+#: What a C{publish} may carry: mapped addresses only.  Host candidates reveal a peer's LAN to whoever
+#: connects; they go only to peers the application approved (docs/security.md, "Candidates").
+PUBLISHABLE_KINDS = frozenset(("srflx", "portmap", "tcp-srflx", "tcp-portmap"))
+#: Errors a C{revoke} may name (why an introduced session will not form).
+REVOKE_ERRORS = ("rejected", "timeout", "gone")
+
 CANDIDATE_KINDS: Mapping[str, str] = {
     "host": "udp",
     "srflx": "udp",
@@ -626,6 +634,40 @@ class Reject(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Publish(Request):
+    """
+    A registered peer's mapped candidates, NAT summary and wish, kept at the
+    mediator for this connection, so a C{connect} to it is answered at once
+    (an introduction in one round trip; docs/protocol.md 5.1).  At most
+    L{MAX_PUBLISHED} candidates, mapped kinds only; no fingerprint (the
+    mediator adds the registered one).  No candidates: nothing to offer
+    early (the peer still takes introductions, and C{revoke}s).
+    """
+
+    op: ClassVar[str] = "publish"
+    rid: int
+    description: Description
+
+    def __post_init__(self) -> None:
+        d = self.description
+        _check(isinstance(d, Description), "publish carries a Description")
+        if len(d.candidates) > MAX_PUBLISHED:
+            raise ValueError(f"more than {MAX_PUBLISHED} published candidates")
+        hosts = sorted({c.kind for c in d.candidates} - PUBLISHABLE_KINDS)
+        _check(not hosts, f"only mapped candidates are published, not {', '.join(hosts)}")
+        _check(d.fingerprint is None, "publish carries no fingerprint (the registered one is used)")
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, **self.description.fields()}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Publish:
+        cands = f.get("candidates", [])
+        _check(not isinstance(cands, list) or len(cands) <= MAX_PUBLISHED, f"more than {MAX_PUBLISHED} candidates")
+        return cls(f.integer("rid", required=True), Description.read(f))
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Request):
     """Keepalive and RTT probe, sent by either side; answered by C{Pong}."""
 
@@ -879,6 +921,65 @@ class Offer(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Introduce(Message):
+    """
+    An introduction in one round trip, delivered to a target that published:
+    the offer (C{offer}, the initiator's description) and the session the
+    initiator already has.  The target punches only after its application
+    approved the initiator, then answers C{accept} (the reply is C{ok}); or
+    it answers C{reject}, and the initiator's session is revoked.
+    """
+
+    op: ClassVar[str] = "introduce"
+    offer: str
+    session: Session
+    expires_in_ms: int
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.session, Session), "introduce carries a Session")
+
+    def body(self) -> dict[str, Any]:
+        return {"offer": self.offer, **self.session.to_wire(), "expires_in_ms": self.expires_in_ms}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Introduce:
+        return cls(
+            f.text("offer", required=True, pattern=SERVER_ID),
+            Session.read(f),
+            f.integer("expires_in_ms", required=True, high=3_600_000),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke(Message):
+    """
+    A session handed out before the target approved will not form: the
+    target rejected it, did not answer in time, or left.  Sent only to
+    initiators that published (they know the event).
+    """
+
+    op: ClassVar[str] = "revoke"
+    session: str
+    error: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.error not in REVOKE_ERRORS:
+            raise ValueError(f"a revoke's error is one of {', '.join(REVOKE_ERRORS)}")
+
+    def body(self) -> dict[str, Any]:
+        return {"session": self.session, "error": self.error, "reason": self.reason}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Revoke:
+        return cls(
+            f.text("session", required=True, pattern=SERVER_ID),
+            f.text("error", required=True),
+            f.text("reason", required=True) or "",
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Cancel(Message):
     """An earlier C{Offer} is void (initiator left, or it expired); forget it."""
 
@@ -895,10 +996,10 @@ class Cancel(Message):
 
 
 CLIENT_MESSAGES: Mapping[str, type[Message]] = {
-    m.op: m for m in (Hello, Register, Connect, Accept, Reject, Ping, Pong, Report, Bye)
+    m.op: m for m in (Hello, Register, Publish, Connect, Accept, Reject, Ping, Pong, Report, Bye)
 }
 SERVER_MESSAGES: Mapping[str, type[Message]] = {
-    m.op: m for m in (Greeting, Ok, Registered, SessionReply, Error, Offer, Cancel, Ping, Pong)
+    m.op: m for m in (Greeting, Ok, Registered, SessionReply, Error, Offer, Introduce, Revoke, Cancel, Ping, Pong)
 }
 
 
