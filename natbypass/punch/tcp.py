@@ -8,8 +8,8 @@ opens the sender's NAT for the other's SYN, and the two SYNs cross: TCP's
 simultaneous open (RFC 9293 section 3.5) yields one connection.  A failed
 try (RST, ICMP, timeout) is retried from a fresh socket on the same port until
 the window closes: after a timeout (a SYN or SYN-ACK lost) at once, so a loss
-costs C{connect_timeout} rather than the kernel's 1 s / 3 s SYN backoff; after
-a refusal backing off.  A connect() refused with C{EADDRNOTAVAIL} means a
+costs C{connect_timeout} rather than the kernel's 1 s / 3 s SYN backoff, and
+the peer's SYNs find a socket of ours to cross; after a refusal backing off.  A connect() refused with C{EADDRNOTAVAIL} means a
 connection for that 4-tuple is already forming in the kernel (the peer's SYN
 reached our listener: a SYN_RECV entry, or the accept queue) or is ours in
 its TLS handshake: the kernel and the listener finish it, so the attempt
@@ -162,6 +162,28 @@ def check_select(session: PunchSession, exporter: bytes, data: bytes) -> None:
         raise SelectError(f"bad SELECT magic {magic!r}: not a NATbypass peer of this version")
     if not hmac.compare_digest(mac, _select_mac(session, exporter)):
         raise SelectError("the SELECT does not verify with this session's id and key (another session?)")
+
+
+#: SO_LINGER on, 0 s: close() resets the connection and frees the socket at once.
+ABORT_LINGER = struct.pack("ii", 1, 0)
+
+
+def _abort(sock: socket.socket) -> None:
+    """
+    Close a connect() socket we give up on so that it frees its 4-tuple now.
+
+    A plain close() of a socket that the peer's crossing SYN has moved to
+    SYN_RECV (simultaneous open, our SYN-ACK lost) leaves an orphan in
+    FIN_WAIT1 holding the 4-tuple for many seconds: every later connect()
+    from the port to the peer fails with EADDRNOTAVAIL (the storm of issue
+    12).  With SO_LINGER 0 the kernel sends a RST instead, which also clears
+    the peer's half of it; a socket still in SYN_SENT goes silently.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORT_LINGER)
+    except OSError:
+        pass  # already reset or closed by the kernel: nothing to linger
+    sock.close()
 
 
 def _address_of(address: object) -> Address | None:
@@ -439,7 +461,7 @@ class TCPPunchAttempt:
         if code == 0:
             self._adopt(pending.sock, f"connected to {format_address(pending.target)}")
             return
-        pending.sock.close()
+        _abort(pending.sock)
         self._failedTry(pending.target, code)
 
     def _failedTry(self, target: Address, code: int) -> None:
@@ -459,7 +481,11 @@ class TCPPunchAttempt:
             self.forming += 1
             delay = self._connect_timeout
         elif code in TIMED_OUT:
-            delay = self._retry  # the SYN or SYN-ACK was lost: the timeout was the wait
+            # The SYN or SYN-ACK was lost and the timeout was the wait: a new SYN at once.  A gap with no
+            # socket of ours on the tuple would let the peer's next SYN land on our listener instead of
+            # crossing ours: a SYN_RECV entry there whose SYN-ACK the peer's NAT drops as out of window
+            # once the peer has moved to a fresh socket, holding the tuple (EADDRNOTAVAIL) for many seconds.
+            delay = 0.0
         else:
             self._refused[target] += 1
             delay = self._backoff(target)
@@ -675,7 +701,7 @@ class TCPPunchAttempt:
             self.reactor.removeWriter(pending)
             if pending.timer is not None and pending.timer.active():
                 pending.timer.cancel()
-            pending.sock.close()
+            _abort(pending.sock)
         for proto in list(self._handshakes):
             self._handshakeLost(proto)
             proto.transport.abortConnection()
