@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from natbypass.identity import Identity
 from natbypass.secure.quic import (
     AUTH,
     AUTH_FAILED,
+    MIN_INITIAL_RTT,
     QuicChannel,
     QuicClosed,
     _KeyLog,
@@ -138,6 +140,18 @@ class IsQuicTests(SynchronousTestCase):
         self.assertEqual(
             [is_quic(p) for p in (stun, punch, initial, short, b"\xc3")], [False, False, True, True, False]
         )
+
+
+class InitialRttTests(SynchronousTestCase):
+    def test_measured_round_trip_replaces_the_engines_guess(self) -> None:
+        """The punch's round trip sets the engine's first timers (floored at MIN_INITIAL_RTT); unknown: the engine's own."""
+        cert = ALICE.certificate(Clock())
+        for name in ("qh3", "aioquic"):
+            engine = get_engine(name)
+            default = engine.config(True, ALICE, cert, 30.0, io.StringIO()).initial_rtt
+            self.assertEqual(engine.config(True, ALICE, cert, 30.0, io.StringIO(), 0.05).initial_rtt, 0.05)
+            self.assertEqual(engine.config(True, ALICE, cert, 30.0, io.StringIO(), 0.001).initial_rtt, MIN_INITIAL_RTT)
+            self.assertGreater(default, 0.05)
 
 
 class LongHeaderTests(SynchronousTestCase):

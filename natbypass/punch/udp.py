@@ -622,7 +622,7 @@ class UDPPunchAttempt:
         session: PunchSession,
         machine: UDPPunchMachine,
         clock: IReactorTime,
-        make_channel: Callable[[Address, Callable[[bytes, Address], None]], QuicChannel],
+        make_channel: Callable[..., QuicChannel],
         make_connection: Callable[[QuicChannel, float], UDPPeerConnection],
         security: ChannelSecurity,
         handshake_timeout: float = 5.0,
@@ -777,7 +777,8 @@ class UDPPunchAttempt:
         send = self._send = _ChannelSend(
             self._endpoint, self._machine.verified.__contains__, self._budget, self._machine.budget
         )
-        channel = self._channel = send.channel = self._make_channel(address, send)
+        # The probes' round trip, when known, replaces QUIC's guess (qh3: 333 ms) for its first retransmissions.
+        channel = self._channel = send.channel = self._make_channel(address, send, self._rtt)
         self.handshakes += 1
         channel.ready.addCallbacks(self._ready, self._refused, callbackArgs=(channel,), errbackArgs=(channel,))
 
@@ -992,7 +993,7 @@ def punch_udp(
     certificate = security.identity.certificate(clock)
     quic_engine = warm_up(engine)
 
-    def make_channel(remote: Address, send: Callable[[bytes, Address], None]) -> QuicChannel:
+    def make_channel(remote: Address, send: Callable[[bytes, Address], None], rtt: float | None = None) -> QuicChannel:
         return QuicChannel(
             security.identity,
             security.verify,
@@ -1003,6 +1004,7 @@ def punch_udp(
             idle_timeout=idle_timeout,
             engine=quic_engine,
             certificate=certificate,
+            initial_rtt=rtt,
         )
 
     def make_connection(channel: QuicChannel, handshake_ms: float) -> UDPPeerConnection:

@@ -144,6 +144,9 @@ def long_header_cids(data: bytes) -> tuple[bytes, bytes] | None:
     return bytes(data[6:scid_at]), bytes(data[scid_at + 1 : scid_at + 1 + scid_len])
 
 
+#: The least round trip a channel's engine is told to assume (one fast probe is not the whole story).
+MIN_INITIAL_RTT = 0.02
+
 #: The longest a clean close waits for written stream data to be acknowledged.
 DRAIN_TIMEOUT = 5.0
 
@@ -233,8 +236,14 @@ class QuicEngine:
         certificate: x509.Certificate,
         idle_timeout: float,
         keylog: _KeyLog,
+        initial_rtt: float | None = None,
     ) -> Any:
-        """A configuration with our certificate, no CA checks, DATAGRAM frames on."""
+        """
+        A configuration with our certificate, no CA checks, DATAGRAM frames on;
+        C{initial_rtt}: the path's round trip when the punch measured it (the
+        engines otherwise assume 100-333 ms, which makes a lost handshake packet
+        wait that long for its first retransmission).
+        """
         cfg = self.configuration(
             is_client=is_client,
             alpn_protocols=[ALPN],
@@ -244,6 +253,8 @@ class QuicEngine:
             verify_mode=ssl.CERT_NONE,
             secrets_log_file=keylog,
         )
+        if initial_rtt is not None:
+            cfg.initial_rtt = max(MIN_INITIAL_RTT, initial_rtt)
         if self.name == "qh3":
             cfg.verify_hostname = False
             cfg.certificate = self._tls.load_pem_x509_certificates(
@@ -386,6 +397,7 @@ class QuicChannel:
     @param idle_timeout: seconds without a packet before the connection dies.
     @param engine: "aioquic", "qh3" or None (the preferred one installed).
     @param certificate: our certificate, if already made (else a new one).
+    @param initial_rtt: the path's round trip if known (the punch's probes), for the engine's first timers.
 
     @ivar ready: fires with the peer's L{Fingerprint} once both sides are
         authenticated, or fails with L{PeerRejected} (we refused the peer) or
@@ -408,6 +420,7 @@ class QuicChannel:
         idle_timeout: float = 30.0,
         engine: str | QuicEngine | None = None,
         certificate: x509.Certificate | None = None,
+        initial_rtt: float | None = None,
     ) -> None:
         if role not in (0, 1):
             raise ValueError("role is 0 (QUIC client) or 1 (QUIC server)")
@@ -420,7 +433,7 @@ class QuicChannel:
         self.engine = engine if isinstance(engine, QuicEngine) else get_engine(engine)
         self._keylog = _KeyLog()
         cert = certificate if certificate is not None else identity.certificate(clock)
-        self._config = self.engine.config(role == 0, identity, cert, idle_timeout, self._keylog)
+        self._config = self.engine.config(role == 0, identity, cert, idle_timeout, self._keylog, initial_rtt)
         self.max_datagram_size = min(MAX_DATAGRAM, self.engine.max_datagram_payload(self._config))
         self._conn: Any = None
         self._peer_cid: bytes | None = None
