@@ -48,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import relcommon as rc  # noqa: E402  (bench/ is on sys.path when run as a script)
+from signal_bench import pct, readline_with  # noqa: E402
 
 REDIS = shutil.which("redis-server")
 
@@ -216,22 +217,6 @@ def gen_main(argv: list[str]) -> None:
 
 
 # ------------------------------------------------------------------ the driver
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs) or [float("nan")]
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * len(xs))) - 1))]
-
-
-def readline_with(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"process {proc.args} ended before printing {prefix}")
-        if line.startswith(prefix):
-            return line[len(prefix) :].strip()
-    raise RuntimeError(f"timed out waiting for {prefix}")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -123,6 +123,19 @@ def rc_size(path: str) -> int:
         return 0
 
 
+def recover(sc: Scenario, run: Runner, listeners: tuple[str, ...], r: dict, restart: bool) -> None:
+    """After a mediator kill: (re)start it, time the peers' re-registration into C{r}, and connect once more."""
+    t1 = time.monotonic()
+    if restart:
+        sc.start_mediator("--status-interval", "1")
+    try:
+        sc.wait_registered(*listeners, timeout=60)
+        r["peers_reregistered_s"] = round(time.monotonic() - t1, 2)
+    except TimeoutError as e:
+        r["peers_reregistered_s"] = f"not within 60 s: {e}"
+    r["connect_after"] = run.connect("a", "b", "udp")
+
+
 class Runner:
     def __init__(self, sc: Scenario, limit: float) -> None:
         self.sc, self.limit = sc, limit
@@ -217,15 +230,7 @@ def main() -> int:
                         sc.start_mediator("--status-interval", "1")
                     r = run.finish(proc, t0)
                     r["killed_at_s"] = round(killed_at, 2)
-                    t1 = time.monotonic()
-                    if not a.restart_during:
-                        sc.start_mediator("--status-interval", "1")
-                    try:
-                        sc.wait_registered(*listeners, timeout=60)
-                        r["peers_reregistered_s"] = round(time.monotonic() - t1, 2)
-                    except TimeoutError as e:
-                        r["peers_reregistered_s"] = f"not within 60 s: {e}"
-                    r["connect_after"] = run.connect("a", "b", "udp")
+                    recover(sc, run, listeners, r, restart=not a.restart_during)
                     rows.append(r)
                     show("mediator_kill", r)
                 res["mediator_kill"] = rows
@@ -251,14 +256,7 @@ def main() -> int:
                     r = run.finish(proc, t0)
                     r["relay_seen_at_s"] = seen and round(seen, 3)
                     r["killed_at_s"] = round(killed_at, 3)
-                    t1 = time.monotonic()
-                    sc.start_mediator("--status-interval", "1")
-                    try:
-                        sc.wait_registered(*listeners, timeout=60)
-                        r["peers_reregistered_s"] = round(time.monotonic() - t1, 2)
-                    except TimeoutError as e:
-                        r["peers_reregistered_s"] = f"not within 60 s: {e}"
-                    r["connect_after"] = run.connect("a", "b", "udp")
+                    recover(sc, run, listeners, r, restart=True)
                     rows.append(r)
                     show("relay_kill", r)
                 res["relay_kill"] = rows
