@@ -43,11 +43,11 @@ from natbypass.identity import Fingerprint, FingerprintError, Identity
 from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerConnection, IStreamHandler
 from natbypass.nat import NatSummary
 from natbypass.portmap import MappingError, PortMapper, PortMapping
-from natbypass.punch import candidates, race, tcp
+from natbypass.punch import birthday, candidates, race, tcp
 from natbypass.punch.candidates import LocalNetworks, PortRange, ProbeBudget, TokenBucket
 from natbypass.punch.mux import PunchEndpoint, UDPMux
-from natbypass.punch.session import PunchSession
-from natbypass.punch.udp import ProbeSchedule, punch_udp
+from natbypass.punch.session import PunchFailed, PunchSession
+from natbypass.punch.udp import ProbeSchedule, QuicSetup, punch_udp
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.quic import get_engine, warm_up
 from natbypass.signaling.client import Decline, IncomingOffer, SignalingClient
@@ -120,6 +120,12 @@ class PeerConfig:
     #: with the registration, so a connect to us takes one mediator round trip
     #: (docs/protocol.md 5.1); we still approve every peer before we punch.
     publish_candidates: bool = True
+    #: Birthday punching (port-restricted cone x random symmetric NAT, UDP;
+    #: docs/traversal.md): extra sockets we open on the symmetric side (0:
+    #: off), probes a second and in all that we spray on the cone side.
+    birthday_sockets: int = birthday.BIRTHDAY_SOCKETS
+    birthday_rate: float = birthday.BIRTHDAY_RATE
+    birthday_probes: int = birthday.BIRTHDAY_PROBES
 
 
 @dataclass(frozen=True)
@@ -304,6 +310,11 @@ class Peer(MultiService):
         #: The pace every attempt shares (UDP probes and flights to unproven
         #: addresses, TCP connects): L{candidates.PEER_RATE} bytes a second.
         self.pace = TokenBucket(self.clock, candidates.PEER_RATE, candidates.PEER_BURST)
+        #: One birthday punch at a time (docs/security.md): its own bounds are far above the pace's.
+        self.birthday = birthday.BirthdayLimiter()
+        self._birthday_config = birthday.BirthdayConfig(
+            config.birthday_sockets, config.birthday_rate, config.birthday_probes
+        )
         self._host_refresh: LoopingCall | None = None
         self._handler: IIncomingHandler | None = None
         self._ready: Deferred[None] | None = None
@@ -1047,6 +1058,7 @@ class Peer(MultiService):
         refused: list[str] = []
         over_cap = 0
         local = self._screening_networks()
+        srflx_kept: dict[str, list[Address]] = {}
 
         def targets(protocol: str) -> list[Address]:
             nonlocal over_cap
@@ -1057,6 +1069,7 @@ class Peer(MultiService):
             ]
             hosts = [(c.host, c.port) for c in remote.candidates if c.protocol == protocol and c.kind.endswith("host")]
             kept = candidates.screen(srflx, hosts, local)
+            srflx_kept[protocol] = list(kept.srflx)
             refused.extend(f"{protocol} {host!a} port {port}: {why}" for (host, port), why in kept.refused)
             over_cap += kept.over_cap
             return candidates.remote_addresses(
@@ -1065,6 +1078,7 @@ class Peer(MultiService):
 
         attempts: dict[str, Callable[[], Deferred[IPeerConnection]]] = {}
         udp_targets, tcp_targets = targets("udp"), targets("tcp")
+        srflx = srflx_kept
         if refused or over_cap:
             # Once per session, whatever the peer (or the mediator) listed.
             self.log.warn(
@@ -1077,17 +1091,8 @@ class Peer(MultiService):
                 limit=candidates.MAX_CANDIDATES_PER_PROTOCOL,
             )
         if udp_targets:
-            attempts["udp"] = lambda: punch_udp(
-                ports.udp.punch,
-                psession,
-                udp_targets,
-                self.clock,
-                start_delay=start_delay,
-                schedule=ProbeSchedule(timeout=self.config.punch_timeout),
-                keepalive_interval=self.config.keepalive_interval,
-                liveness_timeout=self.config.liveness_timeout,
-                security=security,
-                budget=ProbeBudget(self.clock, self.pace),
+            attempts["udp"] = self._udp_attempt(
+                psession, ports, udp_targets, srflx["udp"], remote, security, start_delay
             )
         if tcp_targets and ports.tcp.socket is not None:
             attempts["tcp"] = lambda: tcp.punch_tcp(
@@ -1102,7 +1107,67 @@ class Peer(MultiService):
                 security=security,
                 pace=self.pace,
             )
+        for protocol in attempts:
+            row = selection.feasibility(self.nat, remote.nat, protocol)
+            if row.fail_fast and not self._port_mapped(protocol, remote):
+                # No punch can work on this pair: fail at once with the table's reason.
+                attempts[protocol] = lambda p=protocol, why=row.reason: defer.fail(PunchFailed(p, why))
         return attempts
+
+    def _port_mapped(self, protocol: str, remote: Description) -> bool:
+        """Does either side have a port mapping for C{protocol} (a full-cone address: no guessing needed)?"""
+        return protocol in self.port_mappings or any(
+            c.protocol == protocol and c.kind.endswith("portmap") for c in remote.candidates
+        )
+
+    def _udp_attempt(
+        self,
+        psession: PunchSession,
+        ports: Ports,
+        targets: list[Address],
+        srflx: list[Address],
+        remote: Description,
+        security: ChannelSecurity,
+        start_delay: float,
+    ) -> Callable[[], Deferred[IPeerConnection]]:
+        """The UDP attempt: a plain punch, or our part of a birthday punch (docs/traversal.md)."""
+        cfg = self.config
+        schedule = ProbeSchedule(timeout=cfg.punch_timeout)
+        part = selection.feasibility(self.nat, remote.nat, "udp").birthday
+        if part is None or not srflx or not self._birthday_config.enabled or self._port_mapped("udp", remote):
+            return lambda: punch_udp(
+                ports.udp.punch,
+                psession,
+                targets,
+                self.clock,
+                start_delay=start_delay,
+                schedule=schedule,
+                keepalive_interval=cfg.keepalive_interval,
+                liveness_timeout=cfg.liveness_timeout,
+                security=security,
+                budget=ProbeBudget(self.clock, self.pace),
+            )
+
+        def start() -> Deferred[Any]:
+            quic = QuicSetup.make(security, self.clock, cfg.keepalive_interval, cfg.liveness_timeout)
+            budget = ProbeBudget(self.clock, self.pace)
+            if part == "probe":
+                return birthday.punch_birthday_probe(
+                    ports.udp.punch, psession, targets, self.clock, srflx[0][0], quic,
+                    start_delay=start_delay, schedule=schedule, config=self._birthday_config, budget=budget,
+                )  # fmt: skip
+            return birthday.punch_birthday_open(
+                self.reactor, self.clock, ports.udp.punch, psession, targets, srflx[0], quic,
+                start_delay=start_delay, schedule=schedule, config=self._birthday_config,
+                bind_host=cfg.bind_host, port_range=cfg.port_range, budget=budget,
+            )  # fmt: skip
+
+        self.log.info(
+            "birthday punch with {peer}: we {what}",
+            peer=psession.peer_id,
+            what="probe random ports of its IP" if part == "probe" else "open extra sockets towards its address",
+        )
+        return lambda: self.birthday.run(start)
 
     def _screening_networks(self) -> LocalNetworks:
         """

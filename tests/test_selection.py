@@ -7,7 +7,16 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.nat import Mapping, NatKind, NatSummary
-from natbypass.selection import TABLE, NetworkFacts, NoCommonProtocol, choose_order, decide, feasibility, parse_wish
+from natbypass.selection import (
+    TABLE,
+    TCP_NO_BIRTHDAY,
+    NetworkFacts,
+    NoCommonProtocol,
+    choose_order,
+    decide,
+    feasibility,
+    parse_wish,
+)
 
 EI, AD, APD = Mapping.ENDPOINT_INDEPENDENT, Mapping.ADDRESS_DEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT
 NONE, UNKNOWN = Mapping.NONE, Mapping.UNKNOWN
@@ -46,10 +55,10 @@ class TableTests(SynchronousTestCase):
                 self.assertTrue(reason)
 
     def test_lab_matrix(self) -> None:
-        """The issue's claim: all pairs work except PRC x symmetric and symmetric x symmetric,
-        which need port prediction (done here for predictable symmetric NATs)."""
+        """The issue's claim: all pairs work except symmetric x symmetric with a random side,
+        which needs port prediction (done here for predictable symmetric NATs) or a port
+        mapping; PRC x random symmetric works by birthday punching."""
         failing = {
-            frozenset(("port-restricted-cone", "symmetric-random")),
             frozenset(("symmetric-random",)),
             frozenset(("symmetric-predictable", "symmetric-random")),
         }
@@ -57,8 +66,23 @@ class TableTests(SynchronousTestCase):
             for b, sb in LAB.items():
                 row = feasibility(sa, sb, "udp")
                 self.assertEqual(row.expected, frozenset((a, b)) not in failing, (a, b, row.reason))
+                self.assertEqual(row.fail_fast, frozenset((a, b)) in failing, (a, b))
+                self.assertEqual(row.birthday is not None, {a, b} == {"port-restricted-cone", "symmetric-random"})
                 if row.expected is False:
                     self.assertIn("port prediction", row.reason)
+                    self.assertIn("--port-mapping", row.reason)
+                    self.assertIn("fails at once", row.reason)
+
+    def test_birthday_roles(self) -> None:
+        """The random symmetric side opens sockets, the port-restricted side probes; TCP is not birthday-punched."""
+        self.assertEqual(feasibility(SYM_RANDOM, PORT_RESTRICTED, "udp").birthday, "open")
+        self.assertEqual(feasibility(PORT_RESTRICTED, SYM_RANDOM, "udp").birthday, "probe")
+        tcp = feasibility(PORT_RESTRICTED, SYM_RANDOM, "tcp")
+        self.assertEqual((tcp.expected, tcp.birthday, tcp.fail_fast), (False, None, False))
+        self.assertIn("TCP is not birthday-punched", tcp.reason)
+        # Cones that need no guessing get a plain punch.
+        for easy in (FULL, RESTRICTED, OPEN):
+            self.assertIsNone(feasibility(easy, SYM_RANDOM, "udp").birthday)
 
     def test_prediction_requested_only_where_needed(self) -> None:
         self.assertEqual(feasibility(PORT_RESTRICTED, SYM_PRED, "udp").predict_remote_delta, 1)
@@ -82,7 +106,9 @@ class DecideTests(SynchronousTestCase):
         remote = NatSummary(APD, APD, tcp_mapping=EI)  # symmetric for UDP only
         plan = decide(local, remote)
         self.assertEqual(plan.order, ("tcp", "udp"))
-        self.assertFalse(plan.rows["udp"].expected)
+        # UDP would take a birthday punch: a TCP path that opens plainly is cheaper.
+        self.assertEqual(plan.rows["udp"].birthday, "probe")
+        self.assertIn("birthday", plan.why)
 
     def test_udp_blocked(self) -> None:
         self.assertEqual(decide(FULL, FULL, facts=NetworkFacts(udp_blocked=True)).order, ("tcp",))
@@ -143,3 +169,4 @@ class DocTests(SynchronousTestCase):
             doc = " ".join(f.read().split())
         for _expected, reason in TABLE.values():
             self.assertIn(reason, doc)
+        self.assertIn(TCP_NO_BIRTHDAY, doc)

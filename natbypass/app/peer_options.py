@@ -28,6 +28,7 @@ from natbypass.identity import (
     load_or_create,
 )
 from natbypass.peer import Peer, PeerConfig, parse_wish
+from natbypass.punch.birthday import BIRTHDAY_PROBES, BIRTHDAY_RATE, BIRTHDAY_SOCKETS, BirthdayConfig
 from natbypass.punch.candidates import PortRange
 from natbypass.signaling.client import check_mediator_endpoint, client_endpoint
 from natbypass.trust import AllowList, KnownPeers
@@ -77,6 +78,13 @@ PEER_OPTIONS: tuple[OptionSpec, ...] = (
                "and peers we connect to, get them, so two peers on one LAN meet directly)", flag=True),
     OptionSpec("port-mapping", "ask the gateway (the default route's) for inbound mappings of our ports by PCP, "
                "NAT-PMP or UPnP-IGD and publish them; off by default, as it sends to the gateway", flag=True),
+    OptionSpec("birthday-sockets", "birthday punching (port-restricted cone x random symmetric NAT, UDP): extra "
+               "sockets to open on the symmetric side; 0 turns it off", default=BIRTHDAY_SOCKETS, coerce=int,
+               metavar="N"),
+    OptionSpec("birthday-rate", "birthday punching: probes a second to spray on the cone side",
+               default=BIRTHDAY_RATE, coerce=float, metavar="N"),
+    OptionSpec("birthday-probes", "birthday punching: probes to spray at most in one attempt; 0 turns it off",
+               default=BIRTHDAY_PROBES, coerce=int, metavar="N"),
     OptionSpec("identity", "identity key file, created (0600) if missing; the mediator binds --id to this key "
                "(default: $XDG_CONFIG_HOME/natbypass/identity.pem, else ~/.config/natbypass/identity.pem)",
                metavar="PATH"),
@@ -147,6 +155,16 @@ def check_peer_options(options: dict[str, Any]) -> None:
     check_mediator_endpoint(options["mediator"], options["ca"])
     options["port-range"] = PortRange.parse(options["port-range"]) if options["port-range"] else None
     options["stun"] = stun_server(options["stun"], options["mediator"])
+    BirthdayConfig(*_birthday(options))
+
+
+def _birthday(options: Mapping[str, Any]) -> tuple[int, float, int]:
+    """C{--birthday-sockets}, C{--birthday-rate}, C{--birthday-probes} (their defaults when a front end lacks them)."""
+    return (
+        options.get("birthday-sockets", BIRTHDAY_SOCKETS),
+        options.get("birthday-rate", BIRTHDAY_RATE),
+        options.get("birthday-probes", BIRTHDAY_PROBES),
+    )
 
 
 def make_peer(
@@ -183,6 +201,7 @@ def make_peer(
             discover=not options["no-discovery"],
             reveal_host_candidates=not options.get("no-host-candidates", False),
             port_mapping=options.get("port-mapping", False),
+            **dict(zip(("birthday_sockets", "birthday_rate", "birthday_probes"), _birthday(options), strict=True)),
             **config,
         ),
     )

@@ -973,7 +973,6 @@ def punch_udp(
         handshake failed: its reason then names the fingerprint problem);
         cancelling it stops everything.
     """
-    idle_timeout = liveness_timeout if liveness_timeout is not None else 3 * keepalive_interval
     machine = UDPPunchMachine(
         session,
         candidates,
@@ -990,43 +989,86 @@ def punch_udp(
         target = (speculate[0], speculate[1])
         if target not in machine.candidates:
             raise ValueError(f"the speculative target {format_address(target)} is not a candidate")
-    certificate = security.identity.certificate(clock)
-    quic_engine = warm_up(engine)
+    quic = QuicSetup.make(security, clock, keepalive_interval, liveness_timeout, handshake_timeout, engine)
+    return quic.attempt(endpoint, session, machine, clock, speculate=target).deferred
 
-    def make_channel(remote: Address, send: Callable[[bytes, Address], None], rtt: float | None = None) -> QuicChannel:
-        return QuicChannel(
-            security.identity,
-            security.verify,
-            session.role,
-            remote,
-            send,
-            clock,
-            idle_timeout=idle_timeout,
-            engine=quic_engine,
-            certificate=certificate,
-            initial_rtt=rtt,
-        )
 
-    def make_connection(channel: QuicChannel, handshake_ms: float) -> UDPPeerConnection:
-        return UDPPeerConnection(
-            channel,
+@dataclass(frozen=True)
+class QuicSetup:
+    """
+    What every attempt of one session needs to run QUIC on its punched
+    path: our identity and the check of the peer's key, the certificate (made
+    once), the engine (loaded and warmed up once) and the timers.  A birthday
+    punch (L{natbypass.punch.birthday}) shares one among hundreds of sockets.
+    """
+
+    security: ChannelSecurity
+    certificate: object
+    engine: QuicEngine
+    keepalive_interval: float
+    idle_timeout: float
+    handshake_timeout: float
+
+    @classmethod
+    def make(
+        cls,
+        security: ChannelSecurity,
+        clock: IReactorTime,
+        keepalive_interval: float = 15.0,
+        liveness_timeout: float | None = None,
+        handshake_timeout: float = 5.0,
+        engine: str | QuicEngine | None = None,
+    ) -> QuicSetup:
+        """The certificate made and the engine warmed up now, while the punch waits for its start time."""
+        idle = liveness_timeout if liveness_timeout is not None else 3 * keepalive_interval
+        certificate = security.identity.certificate(clock)
+        return cls(security, certificate, warm_up(engine), keepalive_interval, idle, handshake_timeout)
+
+    def attempt(
+        self,
+        endpoint: PunchEndpoint,
+        session: PunchSession,
+        machine: UDPPunchMachine,
+        clock: IReactorTime,
+        speculate: Address | None = None,
+    ) -> UDPPunchAttempt:
+        """Run C{machine} on C{endpoint}'s socket, QUIC on the path it finds (see L{UDPPunchAttempt})."""
+
+        def make_channel(
+            remote: Address, send: Callable[[bytes, Address], None], rtt: float | None = None
+        ) -> QuicChannel:
+            return QuicChannel(
+                self.security.identity,
+                self.security.verify,
+                session.role,
+                remote,
+                send,
+                clock,
+                idle_timeout=self.idle_timeout,
+                engine=self.engine,
+                certificate=self.certificate,
+                initial_rtt=rtt,
+            )
+
+        def make_connection(channel: QuicChannel, handshake_ms: float) -> UDPPeerConnection:
+            return UDPPeerConnection(
+                channel,
+                endpoint,
+                session,
+                clock,
+                keepalive_interval=self.keepalive_interval,
+                idle_timeout=self.idle_timeout,
+                handshake_ms=handshake_ms,
+            )
+
+        return UDPPunchAttempt(
             endpoint,
             session,
+            machine,
             clock,
-            keepalive_interval=keepalive_interval,
-            idle_timeout=idle_timeout,
-            handshake_ms=handshake_ms,
+            make_channel,
+            make_connection,
+            self.security,
+            self.handshake_timeout,
+            speculate=speculate,
         )
-
-    attempt = UDPPunchAttempt(
-        endpoint,
-        session,
-        machine,
-        clock,
-        make_channel,
-        make_connection,
-        security,
-        handshake_timeout,
-        speculate=target,
-    )
-    return attempt.deferred
