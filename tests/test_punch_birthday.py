@@ -121,7 +121,7 @@ class ProberTests(SynchronousTestCase):
         sprayed += [a.address[1] for a in sent if a.address[1] != 50000]
         self.assertEqual(len(sprayed), 100)  # the bound, whatever the time
         self.assertEqual(len(set(sprayed)), 100)
-        self.assertEqual(m.sprayed, 100)
+        self.assertEqual(m.stats.sprayed, 100)
         # Every probe is authenticated like any other.
         self.assertTrue(all(decode(a.data).type == PacketType.PROBE for a in sent))
 
@@ -142,7 +142,7 @@ class ProberTests(SynchronousTestCase):
         self.drive(m, 3.0)
         reason = m.poll(3.0) or None
         self.assertIsNone(reason)  # already failed
-        self.assertEqual(m.sprayed, 10)
+        self.assertEqual(m.stats.sprayed, 10)
         self.assertIn("birthday: sprayed 10 probes at random ports of 198.18.2.1", m._failure_reason())
 
     def test_hostile_acks_do_not_select(self) -> None:

@@ -152,8 +152,6 @@ class BirthdayProber(UDPPunchMachine):
         self._spray = spray
         self._next_spray = start_at
         self._spraying = True
-        #: Probes sent to guessed ports.
-        self.sprayed = 0
 
     def next_wakeup(self) -> float | None:
         wake = super().next_wakeup()
@@ -177,14 +175,14 @@ class BirthdayProber(UDPPunchMachine):
             port = next(self._ports, None)
             if port is None:
                 break
-            self.sprayed += 1
+            self.stats.sprayed += 1
             out.append(self._probe(now, (self.host, port)))
         self._spraying = False
         return out
 
     def _failure_reason(self) -> str:
         return (
-            f"{super()._failure_reason()}; birthday: sprayed {self.sprayed} probes at random ports of "
+            f"{super()._failure_reason()}; birthday: sprayed {self.stats.sprayed} probes at random ports of "
             f"{self.host} (at most {self._spray.max_packets}) and none was answered"
         )
 

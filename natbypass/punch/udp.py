@@ -158,6 +158,8 @@ class PunchStats:
     learned_refused: int = 0
     #: Probes to unproven addresses the attempt's L{ProbeBudget} held back.
     budget_withheld: int = 0
+    #: Probes to guessed ports of a birthday punch (L{natbypass.punch.birthday}), among C{probes_sent}.
+    sprayed: int = 0
 
 
 class PunchState(enum.StrEnum):

@@ -1,0 +1,110 @@
+"""
+A long-running connecting peer for birthday-punching runs in the NAT lab
+(C{tests/test_lab_birthday.py}, C{bench/birthday_campaign.py}).
+
+C{natbypass connect} is a fresh process: its first offer goes out before
+discovery has classified its own NAT, so the pair's row is "unknown" and a
+birthday punch only starts on the retry after discovery.  A peer that runs
+for a while (a daemon, C{natbypass-peer}) knows its NAT; this one waits for
+discovery once, then connects C{--count} times over UDP to the same peer,
+closing each path, and prints one JSON line per attempt::
+
+    {"n": 0, "ok": true, "elapsed_ms": 812, "remote": "198.18.1.2:40123",
+     "sprayed": 301, "probes_sent": 305}
+    {"n": 1, "ok": false, "elapsed_ms": 5003, "reason": "..."}
+
+Run inside a lab host::
+
+    python -m natbypass.lab.birthdaypeer --mediator tcp:198.18.0.2:7000 --stun 198.18.0.2:3478 \\
+        --id prc-driver --identity /tmp/x.pem --peer symr --count 20 [--timeout 5] [--birthday-sockets 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import clientFromString
+
+from natbypass.address import format_address, parse_host_port
+from natbypass.identity import load_or_create
+from natbypass.peer import Peer, PeerConfig
+from natbypass.punch.birthday import BIRTHDAY_PROBES, BIRTHDAY_RATE, BIRTHDAY_SOCKETS
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m natbypass.lab.birthdaypeer")
+    p.add_argument("--mediator", required=True)
+    p.add_argument("--stun", required=True)
+    p.add_argument("--id", required=True)
+    p.add_argument("--identity", required=True)
+    p.add_argument("--peer", required=True)
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--pause", type=float, default=0.3, help="seconds between attempts")
+    p.add_argument("--birthday-sockets", type=int, default=BIRTHDAY_SOCKETS)
+    p.add_argument("--birthday-rate", type=float, default=BIRTHDAY_RATE)
+    p.add_argument("--birthday-probes", type=int, default=BIRTHDAY_PROBES)
+    return p
+
+
+def emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+async def run(reactor: Any, args: argparse.Namespace) -> None:
+    config = PeerConfig(
+        punch_timeout=args.timeout,
+        birthday_sockets=args.birthday_sockets,
+        birthday_rate=args.birthday_rate,
+        birthday_probes=args.birthday_probes,
+    )
+    peer = Peer(
+        reactor,
+        args.id,
+        clientFromString(reactor, args.mediator),
+        parse_host_port(args.stun, 3478),
+        identity=load_or_create(args.identity),
+        protocol="udp",
+        config=config,
+    )
+    peer.startService()
+    try:
+        await peer.whenReady()
+        await peer.whenDiscovered()
+        emit({"event": "discovered", "nat": peer.nat.kind("udp").value})
+        for n in range(args.count):
+            started = reactor.seconds()
+            try:
+                conn = await peer.connect(args.peer, "udp")
+            except Exception as e:  # every failure is a data point
+                emit({"n": n, "ok": False, "elapsed_ms": round((reactor.seconds() - started) * 1000), "reason": str(e)})
+            else:
+                stats = getattr(conn, "punch_stats", None)
+                remote = conn.remote_address
+                emit(
+                    {
+                        "n": n,
+                        "ok": True,
+                        "elapsed_ms": round((reactor.seconds() - started) * 1000),
+                        "remote": format_address((remote.host, remote.port)),
+                        "sprayed": stats.sprayed if stats is not None else None,
+                        "probes_sent": stats.probes_sent if stats is not None else None,
+                    }
+                )
+                conn.close()
+            await task.deferLater(reactor, args.pause)
+    finally:
+        await peer.stopService()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
