@@ -36,6 +36,7 @@ from natbypass.punch.birthday import BIRTHDAY_PROBES, BIRTHDAY_RATE, BIRTHDAY_SO
 
 
 def parser() -> argparse.ArgumentParser:
+    """The driver's command line; the birthday bounds default to the peer's."""
     p = argparse.ArgumentParser(prog="python -m natbypass.lab.birthdaypeer")
     p.add_argument("--mediator", required=True)
     p.add_argument("--stun", required=True)
@@ -52,10 +53,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def emit(event: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed (the harness reads it as it comes)."""
     print(json.dumps(event), flush=True)
 
 
 async def run(reactor: Any, args: argparse.Namespace) -> None:
+    """Start the peer, wait for discovery, connect C{args.count} times; every outcome is printed."""
     config = PeerConfig(
         punch_timeout=args.timeout,
         birthday_sockets=args.birthday_sockets,
@@ -102,6 +105,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run L{run} on the global reactor."""
     args = parser().parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
 
