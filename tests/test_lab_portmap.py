@@ -7,7 +7,8 @@ NAT of a symmetric-random lab site.
 - A peer there with C{--port-mapping} connects to a peer behind a
   port-restricted cone and to one behind another symmetric-random NAT,
   over UDP and TCP: pairs the selection table says fail without a mapping
-  (checked once, without).  Its mappings are deleted when it exits.
+  (checked once, without), but for port-restricted x symmetric over UDP,
+  which birthday punching opens without one.  Its mappings are deleted when it exits.
 - A listening peer there with C{--port-mapping} is reached from both.
 
 Needs root, ip, nft and miniupnpd; skipped with the reason otherwise.
@@ -71,11 +72,13 @@ class LabPortMappingTests(SynchronousTestCase):
         # The pairs that fail without a mapping connect with one, over UDP and TCP.
         self.scenario.start_peer("prc", "prc")
         self.scenario.start_peer("sym", "sym")
-        without = self.scenario.connect("gw", "gw-control", "prc", "udp", timeout=2.0)
+        without = self.scenario.connect("gw", "gw-control", "sym", "udp", timeout=2.0)
         self.assertFalse(without.ok, f"without a mapping: {without.summary()}")
         for target, preset in (("prc", "port-restricted-cone"), ("sym", "symmetric-random")):
             for protocol in ("udp", "tcp"):
-                self.assertEqual(expectation("symmetric-random", preset, protocol)[0], False)
+                # (port-restricted x random symmetric over UDP works without a mapping too: birthday punching)
+                if (preset, protocol) != ("port-restricted-cone", "udp"):
+                    self.assertEqual(expectation("symmetric-random", preset, protocol)[0], False)
                 result = self.scenario.connect(
                     "gw", f"gw-{target}-{protocol}", target, protocol, timeout=4.0, extra=["--port-mapping"]
                 )
