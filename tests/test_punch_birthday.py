@@ -134,6 +134,7 @@ class ProberTests(SynchronousTestCase):
         actions = m.packet_received(1.06, ack, (HARD_PUB_IP, 2005))
         selected = [a for a in actions if isinstance(a, Selected)]
         self.assertEqual([s.address for s in selected], [(HARD_PUB_IP, 2005)])
+        self.assertEqual(m.stats.landed_at, 6)  # the 6th guess (2000, 2001, ... 2005)
         self.assertEqual(m.next_wakeup(), None)  # done: the spray stops
         self.assertEqual(m.poll(2.0), [])
 

@@ -10,7 +10,7 @@ discovery once, then connects C{--count} times over UDP to the same peer,
 closing each path, and prints one JSON line per attempt::
 
     {"n": 0, "ok": true, "elapsed_ms": 812, "remote": "198.18.1.2:40123",
-     "sprayed": 301, "probes_sent": 305}
+     "sprayed": 301, "landed_at": 262, "probes_sent": 305}
     {"n": 1, "ok": false, "elapsed_ms": 5003, "reason": "..."}
 
 Run inside a lab host::
@@ -95,6 +95,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
                         "elapsed_ms": round((reactor.seconds() - started) * 1000),
                         "remote": format_address((remote.host, remote.port)),
                         "sprayed": stats.sprayed if stats is not None else None,
+                        "landed_at": stats.landed_at if stats is not None else None,
                         "probes_sent": stats.probes_sent if stats is not None else None,
                     }
                 )

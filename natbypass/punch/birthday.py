@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from natbypass.address import format_address
 from natbypass.punch.candidates import CandidateError, PortRange, ProbeBudget, bind_udp
 from natbypass.punch.mux import Address, PunchEndpoint
+from natbypass.punch.packet import PunchPacket
 from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.punch.udp import (
     Action,
@@ -58,6 +59,7 @@ from natbypass.punch.udp import (
     UDPPeerConnection,
     UDPPunchAttempt,
     UDPPunchMachine,
+    Verified,
     random_nonce,
 )
 
@@ -152,6 +154,8 @@ class BirthdayProber(UDPPunchMachine):
         self._spray = spray
         self._next_spray = start_at
         self._spraying = True
+        #: Each guessed address and its place in the spray (bounded by the spray budget).
+        self._index: dict[Address, int] = {}
 
     def next_wakeup(self) -> float | None:
         wake = super().next_wakeup()
@@ -176,9 +180,16 @@ class BirthdayProber(UDPPunchMachine):
             if port is None:
                 break
             self.stats.sprayed += 1
+            self._index[(self.host, port)] = self.stats.sprayed
             out.append(self._probe(now, (self.host, port)))
         self._spraying = False
         return out
+
+    def packet_received(self, now: float, packet: PunchPacket, source: Address) -> list[Action]:
+        actions = super().packet_received(now, packet, source)
+        if self.stats.landed_at is None and any(isinstance(a, Verified) for a in actions):
+            self.stats.landed_at = self._index.get(source)
+        return actions
 
     def _failure_reason(self) -> str:
         return (

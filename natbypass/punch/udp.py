@@ -158,8 +158,10 @@ class PunchStats:
     learned_refused: int = 0
     #: Probes to unproven addresses the attempt's L{ProbeBudget} held back.
     budget_withheld: int = 0
-    #: Probes to guessed ports of a birthday punch (L{natbypass.punch.birthday}), among C{probes_sent}.
+    #: Probes to guessed ports of a birthday punch (L{natbypass.punch.birthday}), among C{probes_sent},
+    #: and which of them (1-based) reached the peer first (None: none did).
     sprayed: int = 0
+    landed_at: int | None = None
 
 
 class PunchState(enum.StrEnum):
