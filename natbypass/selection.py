@@ -154,9 +154,10 @@ _row(
 )
 #: The TCP row of the birthday pair: TCP is not birthday-punched.
 TCP_NO_BIRTHDAY = (
-    "TCP is not birthday-punched: each guess would be a SYN from a socket of its own (hundreds of "
-    "half-open connections through both NATs) and a SYN that lands on a wrong port is answered with a RST "
-    "that can close the mapping, so the pair is left to UDP"
+    "TCP is not birthday-punched: every guess is a connect() with its own SYN retransmission timers (hundreds of "
+    "half-open connections in both NATs' tables), and the symmetric side's SYNs reach the other NAT unsolicited: one "
+    "that rejects them answers with a RST that closes the socket and its mapping, so the open ports do not stay "
+    "open; the pair is left to UDP"
 )
 _HOPELESS = (
     frozenset((NatKind.SYMMETRIC_PREDICTABLE, NatKind.SYMMETRIC_RANDOM)),
