@@ -1134,6 +1134,8 @@ class Peer(MultiService):
         cfg = self.config
         schedule = ProbeSchedule(timeout=cfg.punch_timeout)
         part = selection.feasibility(self.nat, remote.nat, "udp").birthday
+        # A host without NAT (a stateful firewall) lists no srflx apart from its host address.
+        srflx = srflx or targets[:1]
         if part is None or not srflx or not self._birthday_config.enabled or self._port_mapped("udp", remote):
             return lambda: punch_udp(
                 ports.udp.punch,
