@@ -7,7 +7,10 @@ A lab with a port-restricted-cone site and a symmetric-random site (nftables
 C{snat random}, ports 1024-65535), DELAY ms each way on both links; a
 C{natbypass-peer} listens behind the symmetric NAT and
 L{natbypass.lab.birthdaypeer} (a long-running peer that has finished
-discovery) connects to it ATTEMPTS times over UDP, closing each path.
+discovery) connects to it ATTEMPTS times over UDP, closing each path; between
+attempts both NATs' UDP connection tracking is deleted (C{conntrack -D -p
+udp}), so each attempt is an independent draw (C{--keep-state} keeps it: the
+earlier guesses' open filter entries then help later attempts).
 
     sudo python3 bench/birthday_campaign.py [--attempts 100] [--delay 20] [--sockets 256]
         [--rate 400] [--probes 2048] [--timeout 5] [--json OUT]
@@ -31,6 +34,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from natbypass.lab import netns  # noqa: E402
+from natbypass.lab.birthdaypeer import campaign  # noqa: E402
 from natbypass.lab.lab import Lab  # noqa: E402
 from natbypass.lab.traversal import Scenario, mediator_endpoint, stun_address  # noqa: E402
 from natbypass.punch.birthday import success_probability  # noqa: E402
@@ -58,6 +62,11 @@ def main() -> int:
     p.add_argument("--probes", type=int, default=2048)
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--json", metavar="OUT", help="also write every attempt here")
+    p.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="keep the NATs' UDP state between attempts (by default it is deleted: independent draws)",
+    )
     args = p.parse_args()
     why = netns.missing_requirements()
     if why:
@@ -80,18 +89,17 @@ def main() -> int:
             "natbypass.lab.birthdaypeer",
             *("--mediator", mediator_endpoint(), "--stun", stun_address()),
             *("--id", "driver", "--identity", os.path.join(scenario.workdir, "driver.pem"), "--peer", "symr"),
-            *("--count", str(args.attempts), "--timeout", str(args.timeout)),
-            *("--birthday-rate", str(args.rate), "--birthday-probes", str(args.probes)),
+            *("--timeout", str(args.timeout), "--birthday-rate", str(args.rate), "--birthday-probes", str(args.probes)),
         ]
         started = time.monotonic()
-        done = lab.exec("prc", argv, timeout=120 + args.attempts * (args.timeout + 3))
+        forget = [] if args.keep_state else ["prc.nat", "symr.nat"]
+        events = campaign(lab, "prc", argv, args.attempts, forget, timeout=60 + args.timeout)
         wall = time.monotonic() - started
     finally:
         lab.stop()
-    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     results = [e for e in events if "n" in e]
     if not results:
-        print(done.stderr[-3000:], file=sys.stderr)
+        print("birthday_campaign: the driver reported nothing", file=sys.stderr)
         return 1
     ok = [r for r in results if r["ok"]]
     times = [r["elapsed_ms"] for r in ok]
@@ -99,7 +107,8 @@ def main() -> int:
     print(f"# Birthday punching: {n} attempts, port-restricted-cone -> symmetric-random, {args.delay:g} ms links")
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        f"sockets {args.sockets}, rate {args.rate:g}/s, probes <= {args.probes}, timeout {args.timeout:g} s; "
+        f"sockets {args.sockets}, rate {args.rate:g}/s, probes <= {args.probes}, timeout {args.timeout:g} s, "
+        f"NAT state {'kept' if args.keep_state else 'deleted'} between attempts; "
         f"wall {wall:.0f} s"
     )
     print(f"\nconnected: {len(ok)}/{n} ({100 * len(ok) / n:.1f}%)")

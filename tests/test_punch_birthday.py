@@ -46,11 +46,6 @@ EASY_SEC = ChannelSecurity(ALICE, pinned(BOB.fingerprint))
 HARD_SEC = ChannelSecurity(BOB, pinned(ALICE.fingerprint))
 
 
-def counter():
-    it = itertools.count(1)
-    return lambda: next(it)
-
-
 def session(role: int) -> PunchSession:
     return PunchSession("sess-b", KEY, role, peer_id="peer")
 
@@ -99,7 +94,7 @@ class ProberTests(SynchronousTestCase):
             ports,
             spray,
             ProbeSchedule(timeout=timeout),
-            counter(),
+            itertools.count(1).__next__,
         )
 
     def drive(self, m, until: float) -> list[Send]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.threads import deferToThread
 
 from natbypass.address import format_address, parse_host_port
 from natbypass.identity import load_or_create
@@ -46,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--pause", type=float, default=0.3, help="seconds between attempts")
+    p.add_argument("--step", action="store_true", help="before each attempt after the first, wait for a line on stdin")
     p.add_argument("--birthday-sockets", type=int, default=BIRTHDAY_SOCKETS)
     p.add_argument("--birthday-rate", type=float, default=BIRTHDAY_RATE)
     p.add_argument("--birthday-probes", type=int, default=BIRTHDAY_PROBES)
@@ -80,6 +82,8 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         await peer.whenDiscovered()
         emit({"event": "discovered", "nat": peer.nat.kind("udp").value})
         for n in range(args.count):
+            if args.step and n:
+                await deferToThread(sys.stdin.readline)
             started = reactor.seconds()
             try:
                 conn = await peer.connect(args.peer, "udp")
@@ -103,6 +107,42 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
             await task.deferLater(reactor, args.pause)
     finally:
         await peer.stopService()
+
+
+def campaign(
+    lab: Any, node: str, argv: list[str], count: int, forget: list[str], timeout: float = 60.0
+) -> list[dict[str, Any]]:
+    """
+    Run the driver (C{argv}, with C{--step}) in C{node} for C{count}
+    attempts and return its events.  Before each attempt after the first, the
+    UDP connection tracking of the NAT nodes C{forget} is deleted: the
+    previous attempts' guesses left filter entries open in the cone's NAT
+    (for its UDP timeout) that a new attempt's random ports could hit, so
+    without it later attempts would not be independent draws.
+    """
+    import subprocess
+
+    proc = lab.spawn(node, [*argv, "--count", str(count), "--step"], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+    events: list[dict[str, Any]] = []
+    try:
+        while len([e for e in events if "n" in e]) < count:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if not line.startswith("{"):
+                continue
+            events.append(json.loads(line))
+            if "n" in events[-1] and len([e for e in events if "n" in e]) < count:
+                for nat in forget:
+                    lab.exec(nat, ["conntrack", "-D", "-p", "udp"], timeout=timeout)
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return events
 
 
 def main(argv: list[str] | None = None) -> None:
