@@ -168,7 +168,7 @@ class Birthday:
     given, one in C{hit_after} of them right).
     """
 
-    def __init__(self, sockets=16, guesses=None, hard_role=1, timeout=3.0, latency=0.02):
+    def __init__(self, sockets=16, guesses=None, hard_role=1, timeout=3.0, latency=0.02, easy_sec=EASY_SEC):
         self.reactor = MemoryUDPReactor(latency=latency)
         self.reactor.advance(1000)
         net = self.reactor.network
@@ -191,13 +191,15 @@ class Birthday:
         config = BirthdayConfig(sockets=sockets, rate=400, probes=400)
         easy_role = 1 - hard_role
         self.results: dict = {}
+        self.at: dict = {}
+        self.started = self.reactor.seconds()
         self.easy = punch_birthday_probe(
             self.easy_ep,
             session(easy_role),
             [(HARD_PUB_IP, 60000)],
             self.reactor,
             HARD_PUB_IP,
-            QuicSetup.make(EASY_SEC, self.reactor),
+            QuicSetup.make(easy_sec, self.reactor),
             start_delay=0.1,
             schedule=schedule,
             config=config,
@@ -221,6 +223,7 @@ class Birthday:
 
     def _keep(self, result, name):
         self.results[name] = result
+        self.at[name] = self.reactor.seconds() - self.started
 
     def run(self, seconds: float) -> None:
         self.reactor.pump([0.002] * round(seconds / 0.002))
@@ -270,6 +273,21 @@ class BirthdayPairTests(SynchronousTestCase):
         self.assertIn("birthday: opened 16 extra sockets towards 198.18.1.1:40000", b.results["hard"].value.reason)
         self.assertIn("none was reached", b.results["hard"].value.reason)
         self.assertIn("birthday: sprayed", b.results["easy"].value.reason)
+        self.assertEqual(b.extra_ports_open(), 0)
+
+    def test_landed_guess_that_fails_ends_the_punch_at_once(self) -> None:
+        """
+        A guess landed but its QUIC handshake failed (the peer proved a key
+        we do not accept): the punch fails then, with that reason, not at
+        the end of the main socket's punch timeout.
+        """
+        wrong = ChannelSecurity(Identity.generate(), pinned(BOB.fingerprint))
+        b = Birthday(guesses=self.guesses(10, 61000 + 7 * 3), hard_role=1, timeout=3.0, easy_sec=wrong)
+        b.run(4.0)
+        failure = b.results["hard"].value
+        self.assertIsInstance(failure, PunchFailed)
+        self.assertIn("the peer's probe reached one, then:", failure.reason)
+        self.assertLess(b.at["hard"], 1.0)
         self.assertEqual(b.extra_ports_open(), 0)
 
     def test_all_sockets_closed_on_cancel(self) -> None:

@@ -7,9 +7,11 @@ discovery has classified its own NAT, so the pair's row is "unknown" and a
 birthday punch only starts on the retry after discovery.  A peer that runs
 for a while (a daemon, C{natbypass-peer}) knows its NAT; this one waits for
 discovery once, then connects C{--count} times over UDP to the same peer,
-closing each path, and prints one JSON line per attempt::
+sends a line through its echo (so the listener's side is up too), closes the
+path, and prints one JSON line per attempt (C{ok}: connected and echoed;
+C{elapsed_ms}: to the secured path)::
 
-    {"n": 0, "ok": true, "elapsed_ms": 812, "remote": "198.18.1.2:40123",
+    {"n": 0, "ok": true, "echo": true, "elapsed_ms": 812, "remote": "198.18.1.2:40123",
      "sprayed": 301, "landed_at": 262, "probes_sent": 305}
     {"n": 1, "ok": false, "elapsed_ms": 5003, "reason": "..."}
 
@@ -90,13 +92,16 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
             except Exception as e:  # every failure is a data point
                 emit({"n": n, "ok": False, "elapsed_ms": round((reactor.seconds() - started) * 1000), "reason": str(e)})
             else:
+                elapsed = round((reactor.seconds() - started) * 1000)
                 stats = getattr(conn, "punch_stats", None)
                 remote = conn.remote_address
+                echoed = await echo(reactor, conn)
                 emit(
                     {
                         "n": n,
-                        "ok": True,
-                        "elapsed_ms": round((reactor.seconds() - started) * 1000),
+                        "ok": echoed,
+                        "echo": echoed,
+                        "elapsed_ms": elapsed,
                         "remote": format_address((remote.host, remote.port)),
                         "sprayed": stats.sprayed if stats is not None else None,
                         "landed_at": stats.landed_at if stats is not None else None,
@@ -143,6 +148,39 @@ def campaign(
         if proc.poll() is None:
             proc.kill()
     return events
+
+
+class _Echoes:
+    """The connection's receiver: fires C{got} at the first line back."""
+
+    def __init__(self) -> None:
+        self.got: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.got.called:
+            self.got.callback(None)
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+async def echo(reactor: Any, conn: Any, tries: int = 3, wait: float = 1.0) -> bool:
+    """
+    One line through the listener's echo (a datagram, resent up to C{tries}
+    times): the path works both ways and the listener's side of the secure
+    channel is ready too, not only ours.
+    """
+    receiver = _Echoes()
+    conn.setReceiver(receiver)
+    for _ in range(tries):
+        conn.send(b"birthday?\n")
+        pause = task.deferLater(reactor, wait)
+        pause.addErrback(lambda _: None)  # cancelled below when the echo came first
+        await defer.DeferredList([receiver.got, pause], fireOnOneCallback=True)
+        pause.cancel()
+        if receiver.got.called:
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -275,6 +275,7 @@ def open_sockets(
     out: list[tuple[PunchEndpoint, IListeningPort]] = []
     for _ in range(count):
         endpoint = PunchEndpoint()
+        endpoint.noisy = False  # no "starting on" / "stopping" log line for each of hundreds
         try:
             port = bind_udp(reactor, endpoint, port_range, bind_host)
         except (CandidateError, OSError):
@@ -308,7 +309,7 @@ class BirthdayOpen:
         self._target = target
         self._budget = budget
         self._attempts: list[tuple[UDPPunchAttempt, IListeningPort | None]] = [(main, None)]
-        self._main_reason = "the plain punch did not finish"
+        self._main_reason = ""
         self._landed_reason: str | None = None
         self._done = False
         #: The extra socket the easy side's probe reached first, if any.
@@ -360,7 +361,12 @@ class BirthdayOpen:
         if attempt is self._main:
             self._main_reason = reason
         elif port is self.landed:
+            # The guess that landed failed afterwards (its QUIC handshake): the
+            # other extra sockets are gone, so the birthday punch is over now.
             self._landed_reason = reason
+            self._stop(None)
+            self.deferred.errback(PunchFailed("udp", self._why()))
+            return
         self._attempts = [(a, p) for a, p in self._attempts if a is not attempt]
         if any(not a.deferred.called for a, _ in self._attempts):
             return
@@ -368,15 +374,13 @@ class BirthdayOpen:
         self.deferred.errback(PunchFailed("udp", self._why()))
 
     def _why(self) -> str:
-        tail = (
-            f"the peer's probe reached one, then: {self._landed_reason}"
-            if self._landed_reason is not None
-            else "none was reached by the peer's probes"
+        opened = (
+            f"birthday: opened {self.opened} extra sockets towards {format_address(self._target)} "
+            f"and sent {self._budget.packets} probes from them"
         )
-        return (
-            f"{self._main_reason}; birthday: opened {self.opened} extra sockets towards "
-            f"{format_address(self._target)} and sent {self._budget.packets} probes from them; {tail}"
-        )
+        if self._landed_reason is not None:
+            return f"{opened}; the peer's probe reached one, then: {self._landed_reason}"
+        return f"{self._main_reason}; {opened}; none was reached by the peer's probes"
 
     def _stop(self, keep: IListeningPort | None) -> None:
         """Everything but the winner goes: attempts cancelled, extra sockets closed."""
