@@ -115,7 +115,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
 
 
 def campaign(
-    lab: Any, node: str, argv: list[str], count: int, forget: list[str], timeout: float = 60.0
+    lab: Any, node: str, argv: list[str], count: int, forget: list[str], timeout: float = 60.0, settle: float = 0.5
 ) -> list[dict[str, Any]]:
     """
     Run the driver (C{argv}, with C{--step}) in C{node} for C{count}
@@ -126,6 +126,7 @@ def campaign(
     without it later attempts would not be independent draws.
     """
     import subprocess
+    import time
 
     proc = lab.spawn(node, [*argv, "--count", str(count), "--step"], stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -139,6 +140,8 @@ def campaign(
                 continue
             events.append(json.loads(line))
             if "n" in events[-1] and len([e for e in events if "n" in e]) < count:
+                # Let the closing path's last packets (the QUIC close) through the NATs first.
+                time.sleep(settle)
                 for nat in forget:
                     lab.exec(nat, ["conntrack", "-D", "-p", "udp"], timeout=timeout)
                 proc.stdin.write("\n")
