@@ -251,6 +251,15 @@ def _cluster(status: dict[str, Any]) -> Iterator[Metric]:
         "Times the connection to Redis was made again after it was lost.",
         value=status.get("cluster_reconnects", 0),
     )
+    failures = CounterMetricFamily(
+        "natbypass_mediator_cluster_connect_failures",
+        "Connections to Redis that could not be set up, by reason: auth (user or password refused), "
+        "tls (certificate not trusted or not naming the host), closed (the log says more).",
+        labels=["reason"],
+    )
+    for reason, count in sorted({"auth": 0, "tls": 0, "closed": 0, **status.get("cluster_connect_failures", {})}.items()):
+        failures.add_metric([reason], count)
+    yield failures
 
 
 def _outcome_labels(text: str) -> list[str]:

@@ -35,7 +35,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -190,14 +190,38 @@ class _Receiver(Protocol):
     def cluster_down(self, reason: str) -> None: ...
 
 
-def redis_endpoint(reactor: Any, url: RedisURL, connect_timeout: float = 5.0) -> IStreamClientEndpoint:
-    """A client endpoint for C{url}: TCP, TLS checked against the system's roots, or a Unix socket."""
+def load_ca(path: str) -> Any:
+    """
+    The trust root in the PEM file C{path} (C{--redis-ca}): every certificate
+    in it.  Raises ValueError when it holds none, OSError when unreadable.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+    if not blocks:
+        raise ValueError(f"{path} holds no PEM certificate")
+    try:
+        return trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
+    except Exception as e:
+        raise ValueError(f"{path}: not a PEM certificate ({e})") from None
+
+
+def redis_endpoint(
+    reactor: Any, url: RedisURL, connect_timeout: float = 5.0, ca: Any = None
+) -> IStreamClientEndpoint:
+    """
+    A client endpoint for C{url}: TCP, TLS, or a Unix socket.  TLS checks
+    the server's certificate against C{ca} (a trust root, L{load_ca}) or,
+    without one, the system's roots, and that it names the URL's host (a DNS
+    name or an IP address in its subjectAltName).
+    """
     if url.path is not None:
         return UNIXClientEndpoint(reactor, url.path, timeout=connect_timeout)
     assert url.host is not None and url.port is not None
     ep = HostnameEndpoint(reactor, url.host.encode("idna"), url.port, timeout=connect_timeout)
     if url.tls:
-        return wrapClientTLS(optionsForClientTLS(url.host), ep)
+        return wrapClientTLS(optionsForClientTLS(url.host, trustRoot=ca), ep)
     return ep
 
 
@@ -242,10 +266,17 @@ class RedisDirectory(Service):
         self.reconnects = 0
         self._ping_call: Any = None
         self._ping_out: float | None = None
+        #: Connections that could not be set up, by kind (auth, tls, closed), and the last reason.
+        self.connect_failures: dict[str, int] = {}
+        self.last_error: str | None = None
         policy = backoffPolicy(initialDelay=0.2, maxDelay=5.0)
         self._cmd_service = ClientService(
             endpoint,
-            _Factory(lambda: RespProtocol(db=db, on_ready=self._cmd_ready, on_lost=self._lost, **self._auth)),
+            _Factory(
+                lambda: RespProtocol(
+                    db=db, on_ready=self._cmd_ready, on_lost=self._lost, on_failed=self._setup_failed, **self._auth
+                )
+            ),
             retryPolicy=policy,
             clock=clock,
         )
@@ -253,7 +284,11 @@ class RedisDirectory(Service):
             endpoint,
             _Factory(
                 lambda: RespProtocol(
-                    on_ready=self._sub_ready, on_message=self._message, on_lost=self._lost, **self._auth
+                    on_ready=self._sub_ready,
+                    on_message=self._message,
+                    on_lost=self._lost,
+                    on_failed=self._setup_failed,
+                    **self._auth,
                 )
             ),
             retryPolicy=policy,
@@ -296,9 +331,32 @@ class RedisDirectory(Service):
 
         proto.execute("SUBSCRIBE", self.channel).addCallbacks(subscribed, lambda f: proto.transport.abortConnection())
 
+    _HINTS = {
+        "auth": "check the user and password (the --redis URL or --redis-password-file)",
+        "tls": "check --redis-ca (the CA that signed Redis' certificate) and that the certificate names the "
+        "URL's host in its subjectAltName",
+    }
+
+    def _setup_failed(self, kind: str, text: str) -> None:
+        """A connection to Redis could not be set up: count it, say why (once per new reason)."""
+        if not self.running:
+            return
+        self.connect_failures[kind] = self.connect_failures.get(kind, 0) + 1
+        if text != self.last_error:
+            hint = self._HINTS.get(kind, "retrying with backoff")
+            self.log.error(
+                "cluster: cannot use {where}: {reason}; {hint} (refusing registrations until it works)",
+                where=self.where,
+                reason=text,
+                hint=hint,
+                kind=kind,
+            )
+        self.last_error = text
+
     def _check_up(self) -> None:
         if self._cmd is not None and self._sub is not None and self._subscribed and not self.available:
             self.available = True
+            self.last_error = None
             self.log.info("cluster: node {node} connected to {where}", node=self.node, where=self.where)
             if self._receiver is not None:
                 self._receiver.cluster_up()
@@ -406,6 +464,8 @@ class RedisDirectory(Service):
             "available": self.available,
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
             "reconnects": self.reconnects,
+            "connect_failures": dict(self.connect_failures),
+            "last_error": self.last_error,
         }
 
     def _log_failure(self, f: Failure, what: str) -> None:
@@ -419,11 +479,14 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def directory_from_url(reactor: Any, url: str, password: str | None = None) -> RedisDirectory:
-    """A L{RedisDirectory} for C{--redis URL} (C{password}: C{--redis-password-file}'s, over the URL's)."""
+def directory_from_url(reactor: Any, url: str, password: str | None = None, ca: str | None = None) -> RedisDirectory:
+    """
+    A L{RedisDirectory} for C{--redis URL} (C{password}: C{--redis-password-file}'s, over the URL's;
+    C{ca}: C{--redis-ca}'s PEM file, the CA a C{rediss://} server's certificate must chain to).
+    """
     u = RedisURL(url)
     return RedisDirectory(
-        redis_endpoint(reactor, u),
+        redis_endpoint(reactor, u, ca=load_ca(ca) if ca is not None else None),
         reactor,
         password=password if password is not None else u.password,
         username=u.username,
@@ -516,6 +579,8 @@ class ClusterRouting:
             "cluster_available": bool(s.get("available")),
             "cluster_rtt_ms": s.get("rtt_ms"),
             "cluster_reconnects": s.get("reconnects", 0),
+            "cluster_connect_failures": s.get("connect_failures", {}),
+            "cluster_last_error": s.get("last_error"),
         }
 
     # -- registration

@@ -1,0 +1,250 @@
+"""
+The cluster's Redis over TLS with a password, for real on loopback: a
+redis-server of our own with C{--tls-port}, a certificate from a test CA
+(made here with C{cryptography}) naming 127.0.0.1, and an ACL user; the
+mediator's directory connects with C{rediss://USER:PASSWORD@127.0.0.1:PORT/0}
+and C{--redis-ca}.  A wrong CA and a wrong password are refused, each with a
+logged reason and a counted metric.  Skipped when redis-server is missing or
+built without TLS.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.python import usage
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from natbypass.metrics import MediatorCollector
+from natbypass.signaling.cluster import ClusterRouting, directory_from_url
+from natbypass.signaling.server import SignalingState
+from natbypass.app.mediator_tap import Options as MediatorOptions
+
+REDIS = shutil.which("redis-server")
+USER, PASSWORD = "natbypass", "s3cret pass/word"
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ip: str
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("redis"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def write_pem(path: str, *objs: Any) -> str:
+    with open(path, "wb") as f:
+        for o in objs:
+            if isinstance(o, x509.Certificate):
+                f.write(o.public_bytes(serialization.Encoding.PEM))
+            else:
+                f.write(
+                    o.private_bytes(
+                        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                    )
+                )
+    os.chmod(path, 0o600)
+    return path
+
+
+def redis_has_tls() -> bool:
+    if REDIS is None:
+        return False
+    out = subprocess.run([REDIS, "--version"], capture_output=True, text=True).stdout
+    # Debian builds with TLS in the binary; a build without it refuses --tls-port at start (checked below too).
+    return "v=" in out
+
+
+def start_tls_redis(directory: str, cert: str, key: str, ca: str) -> tuple[subprocess.Popen, int]:
+    """redis-server on a TLS port only (tries a few random ports), default user off, one ACL user."""
+    for _ in range(10):
+        port = random.randrange(20000, 60000)
+        log = os.path.join(directory, f"redis-{port}.log")
+        p = subprocess.Popen(
+            [REDIS, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+             "--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no",
+             "--user", "default", "off", "--user", USER, "on", f">{PASSWORD}", "~*", "&*", "+@all",
+             "--save", "", "--appendonly", "no", "--logfile", log, "--dir", directory],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = open(log).read() if os.path.exists(log) else ""
+            if "Ready to accept connections" in text:
+                return p, port
+            if p.poll() is not None:
+                if "TLS" in text and "not supported" in text:
+                    raise SkipTest("redis-server was built without TLS")
+                break
+            time.sleep(0.02)
+        p.kill()
+        p.wait()
+    raise RuntimeError("redis-server with TLS did not start")
+
+
+class RedisTLSTests(TestCase):
+    """A real TLS Redis with an ACL user; the directory as the mediator builds it from its options."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        if not redis_has_tls():
+            raise SkipTest("redis-server is not installed (apt-get install redis-server)")
+        self.dir = tempfile.mkdtemp()
+        ca_key, ca = make_ca("natbypass test CA")
+        key, cert = make_server_cert(ca_key, ca, "127.0.0.1")
+        self.ca = write_pem(os.path.join(self.dir, "ca.pem"), ca)
+        self.wrong_ca = write_pem(os.path.join(self.dir, "wrong-ca.pem"), make_ca("another CA")[1])
+        self.redis, self.port = start_tls_redis(
+            self.dir,
+            write_pem(os.path.join(self.dir, "cert.pem"), cert),
+            write_pem(os.path.join(self.dir, "key.pem"), key),
+            self.ca,
+        )
+        self.services: list[Any] = []
+
+    @defer.inlineCallbacks
+    def tearDown(self) -> Any:
+        for s in self.services:
+            yield s.stopService()
+        self.redis.terminate()
+        self.redis.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def url(self, password: str = PASSWORD) -> str:
+        from urllib.parse import quote
+
+        return f"rediss://{USER}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
+
+    def start(self, url: str, ca: str) -> tuple[Any, SignalingState]:
+        """The directory and the signalling state, built from the mediator's own options."""
+        opts = MediatorOptions()
+        opts.parseOptions(["--redis", url, "--redis-ca", ca])
+        directory = directory_from_url(reactor, opts["redis"], opts.get("redis-password"), opts["redis-ca"])
+        state = SignalingState(reactor, cluster=directory)
+        directory.startService()
+        self.services.append(directory)
+        return directory, state
+
+    @defer.inlineCallbacks
+    def wait_for(self, condition: Any, seconds: float = 10.0) -> Any:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail("timed out")
+            yield deferLater(reactor, 0.05, lambda: None)
+
+    def failures_metric(self, state: SignalingState) -> dict[str, float]:
+        [family] = [f for f in MediatorCollector(state, None).collect() if f.name.endswith("cluster_connect_failures")]
+        return {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+    @defer.inlineCallbacks
+    def test_tls_user_and_password(self) -> Any:
+        """rediss:// with an ACL user and --redis-ca: connected, and the directory works."""
+        directory, state = self.start(self.url(), self.ca)
+        yield self.wait_for(lambda: directory.available)
+        outcome = yield directory.claim("alice", b"d" * 32, 60, 30, False, False)
+        self.assertEqual(outcome[0], "new")
+        self.assertEqual(state.status()["cluster_available"], True)
+        self.assertEqual(self.failures_metric(state), {"auth": 0, "tls": 0, "closed": 0})
+
+    @defer.inlineCallbacks
+    def test_wrong_ca_refused(self) -> Any:
+        """A server certificate from another CA: never available, the reason logged once and counted."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        directory, state = self.start(self.url(), self.wrong_ca)
+        yield self.wait_for(lambda: directory.connect_failures.get("tls", 0) >= 2)
+        self.assertFalse(directory.available)
+        self.assertIn("certificate verify failed", directory.last_error)
+        self.assertGreaterEqual(self.failures_metric(state)["tls"], 2)
+        logged = [e for e in events if e.get("kind") == "tls"]
+        self.assertEqual(len(logged), 1, "the same reason is logged once, not at every retry")
+        self.assertIn("--redis-ca", logged[0]["hint"])
+
+    @defer.inlineCallbacks
+    def test_wrong_password_refused(self) -> Any:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        directory, state = self.start(self.url("wrong"), self.ca)
+        yield self.wait_for(lambda: directory.connect_failures.get("auth", 0) >= 2)
+        self.assertFalse(directory.available)
+        self.assertIn("WRONGPASS", directory.last_error)
+        self.assertGreaterEqual(self.failures_metric(state)["auth"], 2)
+        [logged] = [e for e in events if e.get("kind") == "auth"]
+        self.assertIn("password", logged["hint"])
+        self.assertNotIn("wrong", str(logged), "the password is never logged")
+
+    @defer.inlineCallbacks
+    def test_system_roots_refuse_a_private_ca(self) -> Any:
+        """Without --redis-ca the system's roots are used: a private CA's certificate is refused."""
+        directory = directory_from_url(reactor, self.url())
+        ClusterRouting(SignalingState(reactor), directory)
+        directory.startService()
+        self.services.append(directory)
+        yield self.wait_for(lambda: directory.connect_failures.get("tls", 0) >= 1)
+        self.assertFalse(directory.available)
+
+
+class RedisCAOptionTests(SynchronousTestCase):
+    def test_needs_tls(self) -> None:
+        with self.assertRaisesRegex(usage.UsageError, "rediss://"):
+            MediatorOptions().parseOptions(["--redis", "redis://127.0.0.1:6379/0", "--redis-ca", __file__])
+
+    def test_needs_redis(self) -> None:
+        with self.assertRaisesRegex(usage.UsageError, "need --redis"):
+            MediatorOptions().parseOptions(["--redis-ca", __file__])
+
+    def test_no_certificate(self) -> None:
+        with self.assertRaisesRegex(usage.UsageError, "no PEM certificate"):
+            MediatorOptions().parseOptions(["--redis", "rediss://127.0.0.1:6380/0", "--redis-ca", __file__])
+
+    def test_unreadable(self) -> None:
+        with self.assertRaisesRegex(usage.UsageError, "--redis-ca"):
+            MediatorOptions().parseOptions(["--redis", "rediss://127.0.0.1:6380/0", "--redis-ca", "/nonexistent"])
