@@ -247,7 +247,7 @@ if docker exec "$peer" natbypass connect --mediator tcp:mediator-b:7000 --id ci-
 else
   fail "natbypass connect through mediator-b to the peer at mediator: $(tail -n 5 "$WORK/connect.err")"
 fi
-offers_remote=$(curl -sf "http://127.0.0.1:$metrics_b/metrics" 2>/dev/null | grep -m1 'offers:remote' || true)
+offers_remote=$(curl -sf "http://127.0.0.1:$metrics_b/metrics" 2>/dev/null | grep -m1 'remote' || true)
 [ -n "$offers_remote" ] && echo "docker-check: mediator-b's metrics: $offers_remote"
 
 for name in redis mediator mediator_b peer; do

@@ -41,6 +41,7 @@ from natbypass._deprecate import deprecated_alias
 from natbypass.address import is_wildcard
 from natbypass.identity import Fingerprint, FingerprintError, Identity
 from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerConnection, IStreamHandler
+from natbypass.names import resolve_address
 from natbypass.nat import NatSummary
 from natbypass.portmap import MappingError, PortMapper, PortMapping
 from natbypass.punch import candidates, race, tcp
@@ -383,6 +384,7 @@ class Peer(MultiService):
 
     async def _learn_one(self, port: UDPSocket | TCPPort, what: str) -> None:
         try:
+            self.stun_server = await resolve_address(self.reactor, self.stun_server)  # a name: its address
             await port.learn(self.stun_server, self.config.stun_timeout)
         except NETWORK_ERRORS as e:  # no answer: go on without; a bug fails the connects that wait for it
             self.log.warn("no {what} mapping from {server}: {error}", what=what, server=self.stun_server, error=e)

@@ -31,10 +31,10 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from natbypass.app.mediator_tap import Options as MediatorOptions
 from natbypass.metrics import MediatorCollector
 from natbypass.signaling.cluster import ClusterRouting, directory_from_url
 from natbypass.signaling.server import SignalingState
-from natbypass.app.mediator_tap import Options as MediatorOptions
 
 REDIS = shutil.which("redis-server")
 USER, PASSWORD = "natbypass", "s3cret pass/word"
@@ -46,7 +46,7 @@ def _name(cn: str) -> x509.Name:
 
 def make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -65,7 +65,7 @@ def make_server_cert(
     ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ip: str
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name("redis"))

@@ -645,19 +645,54 @@ def client_endpoint(reactor: Any, description: str, ca: str | None = None) -> IS
     @raise ValueError: see L{check_mediator_endpoint} (C{ssl:} is refused: it
         checks nothing).
     """
+    from natbypass.names import NameFailoverEndpoint, is_address
+
     check_mediator_endpoint(description, ca)
     if "," in description:
         return FailoverEndpoint([client_endpoint(reactor, p.strip(), ca) for p in description.split(",")])
     if not description.startswith("tls:"):
-        return clientFromString(reactor, description)
+        named = _tcp_name(description)
+        if named is None:
+            return clientFromString(reactor, description)
+        return NameFailoverEndpoint(reactor, named[0], named[1], timeout=named[2])
     host, port, timeout = _tls_address(description)
     root = None
     if ca is not None:
         with open(ca, "rb") as f:
             root = Certificate.loadPEM(f.read())
-    return wrapClientTLS(
-        _VerifiedTLS(host, root), HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+    if is_address(host):
+        return wrapClientTLS(
+            _VerifiedTLS(host, root), HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+        )
+    # A name with several addresses (one mediator each): each checked against the name.
+    return NameFailoverEndpoint(
+        reactor, host, port, timeout=timeout, wrap=lambda ep: wrapClientTLS(_VerifiedTLS(host, root), ep)
     )
+
+
+def _tcp_name(description: str) -> tuple[str, int, float] | None:
+    """
+    Host name, port and timeout of a C{tcp:NAME:PORT[:timeout=SECONDS]} string
+    whose host is a name (not an IP literal) and that has no other options;
+    None for anything else (Twisted's own C{tcp:} endpoint handles those).
+    """
+    from natbypass.names import is_address
+
+    if not description.startswith("tcp:"):
+        return None
+    try:
+        args, kwargs = _endpoint_fields(description)
+    except ValueError:
+        return None
+    host = kwargs.pop("host", None) or (args.pop(0) if args else None)
+    port = kwargs.pop("port", None) or (args.pop(0) if args else None)
+    timeout = kwargs.pop("timeout", "30")
+    if not host or not port or args or kwargs or is_address(host):
+        return None
+    try:
+        return host, int(port), float(timeout)
+    except ValueError:
+        return None
 
 
 @implementer(IStreamClientEndpoint)
