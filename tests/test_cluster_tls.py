@@ -130,17 +130,18 @@ def start_tls_redis(directory: str, cert: str, key: str, ca: str) -> tuple[subpr
     raise RuntimeError("redis-server with TLS did not start")
 
 
-class RedisTLSTests(TestCase):
-    """A real TLS Redis with an ACL user; the directory as the mediator builds it from its options."""
+class _TLSRedisCase(TestCase):
+    """A real TLS Redis with an ACL user, its certificate naming C{cert_ip}; the directory as the mediator builds it."""
 
     timeout = 30
+    cert_ip = "127.0.0.1"
 
     def setUp(self) -> None:
         if not redis_has_tls():
             raise SkipTest("redis-server is not installed (apt-get install redis-server)")
         self.dir = tempfile.mkdtemp()
         ca_key, ca = make_ca("natbypass test CA")
-        key, cert = make_server_cert(ca_key, ca, "127.0.0.1")
+        key, cert = make_server_cert(ca_key, ca, self.cert_ip)
         self.ca = write_pem(os.path.join(self.dir, "ca.pem"), ca)
         self.wrong_ca = write_pem(os.path.join(self.dir, "wrong-ca.pem"), make_ca("another CA")[1])
         self.redis, self.port = start_tls_redis(
@@ -164,11 +165,13 @@ class RedisTLSTests(TestCase):
 
         return f"rediss://{USER}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
 
-    def start(self, url: str, ca: str) -> tuple[Any, SignalingState]:
+    def start(self, url: str, ca: str, *more: str) -> tuple[Any, SignalingState]:
         """The directory and the signalling state, built from the mediator's own options."""
         opts = MediatorOptions()
-        opts.parseOptions(["--redis", url, "--redis-ca", ca])
-        directory = directory_from_url(reactor, opts["redis"], opts.get("redis-password"), opts["redis-ca"])
+        opts.parseOptions(["--redis", url, "--redis-ca", ca, *more])
+        directory = directory_from_url(
+            reactor, opts["redis"], opts.get("redis-password"), opts["redis-ca"], opts["redis-tls-verify"] != "ca"
+        )
         state = SignalingState(reactor, cluster=directory)
         directory.startService()
         self.services.append(directory)
@@ -186,6 +189,8 @@ class RedisTLSTests(TestCase):
         [family] = [f for f in MediatorCollector(state, None).collect() if f.name.endswith("cluster_connect_failures")]
         return {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
 
+
+class RedisTLSTests(_TLSRedisCase):
     @defer.inlineCallbacks
     def test_tls_user_and_password(self) -> Any:
         """rediss:// with an ACL user and --redis-ca: connected, and the directory works."""
@@ -232,7 +237,39 @@ class RedisTLSTests(TestCase):
         self.assertFalse(directory.available)
 
 
+class RedisTLSNameTests(_TLSRedisCase):
+    """The certificate chains to the CA but names another address (127.0.0.2) than the URL's (127.0.0.1)."""
+
+    cert_ip = "127.0.0.2"
+
+    @defer.inlineCallbacks
+    def test_name_checked_by_default(self) -> Any:
+        directory, state = self.start(self.url(), self.ca)
+        yield self.wait_for(lambda: directory.connect_failures.get("tls", 0) >= 1)
+        self.assertFalse(directory.available)
+        self.assertIn("does not name the host", directory.last_error)
+
+    @defer.inlineCallbacks
+    def test_chain_only_with_a_private_ca(self) -> Any:
+        """--redis-tls-verify ca: the private CA's word is enough (a managed Redis's own per-instance CA)."""
+        directory, state = self.start(self.url(), self.ca, "--redis-tls-verify", "ca")
+        yield self.wait_for(lambda: directory.available)
+        self.assertEqual((yield directory.claim("alice", b"d" * 32, 60, 30, False, False))[0], "new")
+
+    @defer.inlineCallbacks
+    def test_chain_still_checked(self) -> Any:
+        directory, state = self.start(self.url(), self.wrong_ca, "--redis-tls-verify", "ca")
+        yield self.wait_for(lambda: directory.connect_failures.get("tls", 0) >= 1)
+        self.assertIn("certificate verify failed", directory.last_error)
+
+
 class RedisCAOptionTests(SynchronousTestCase):
+    def test_chain_only_needs_a_private_ca(self) -> None:
+        with self.assertRaisesRegex(usage.UsageError, "needs --redis-ca"):
+            MediatorOptions().parseOptions(["--redis", "rediss://127.0.0.1:6380/0", "--redis-tls-verify", "ca"])
+        with self.assertRaisesRegex(usage.UsageError, "full or ca"):
+            MediatorOptions().parseOptions(["--redis", "rediss://127.0.0.1:6380/0", "--redis-tls-verify", "none"])
+
     def test_needs_tls(self) -> None:
         with self.assertRaisesRegex(usage.UsageError, "rediss://"):
             MediatorOptions().parseOptions(["--redis", "redis://127.0.0.1:6379/0", "--redis-ca", __file__])

@@ -588,17 +588,19 @@ def check_mediator_endpoint(description: str, ca: str | None = None) -> None:
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _VerifiedTLS:
+class VerifiedTLS:
     """
     Twisted's C{optionsForClientTLS} (system roots or C{trust_root}, SNI),
     with a certificate check that fails closed: Twisted's own verify callback
     only fails the handshake on service-identity's C{VerificationError} and
     merely logs anything else, so a certificate without subjectAltName
-    (a C{CertificateError}) passed for any host.
+    (a C{CertificateError}) passed for any host.  C{check_name} False checks
+    the chain only (for a private per-server CA, never the system's roots).
     """
 
-    def __init__(self, host: str, trust_root: Any) -> None:
+    def __init__(self, host: str, trust_root: Any, check_name: bool = True) -> None:
         self._host = host
+        self._check_name = check_name
         self._is_ip = isIPAddress(host) or isIPv6Address(host)
         self._options = optionsForClientTLS(host, trustRoot=trust_root)
 
@@ -612,7 +614,7 @@ class _VerifiedTLS:
         holder = [tls_protocol]  # dropped after the leaf: no cycle connection -> callback -> protocol
 
         def verify(connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
-            if depth != 0 or not ok:
+            if depth != 0 or not ok or not self._check_name:
                 return bool(ok)  # the chain: OpenSSL's verdict
             protocol = holder.pop() if holder else None
             try:
@@ -662,11 +664,11 @@ def client_endpoint(reactor: Any, description: str, ca: str | None = None) -> IS
             root = Certificate.loadPEM(f.read())
     if is_address(host):
         return wrapClientTLS(
-            _VerifiedTLS(host, root), HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+            VerifiedTLS(host, root), HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
         )
     # A name with several addresses (one mediator each): each checked against the name.
     return NameFailoverEndpoint(
-        reactor, host, port, timeout=timeout, wrap=lambda ep: wrapClientTLS(_VerifiedTLS(host, root), ep)
+        reactor, host, port, timeout=timeout, wrap=lambda ep: wrapClientTLS(VerifiedTLS(host, root), ep)
     )
 
 

@@ -35,7 +35,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -244,19 +244,26 @@ def load_ca(path: str) -> Any:
         raise ValueError(f"{path}: not a PEM certificate ({e})") from None
 
 
-def redis_endpoint(reactor: Any, url: RedisURL, connect_timeout: float = 5.0, ca: Any = None) -> IStreamClientEndpoint:
+def redis_endpoint(
+    reactor: Any, url: RedisURL, connect_timeout: float = 5.0, ca: Any = None, check_name: bool = True
+) -> IStreamClientEndpoint:
     """
     A client endpoint for C{url}: TCP, TLS, or a Unix socket.  TLS checks
     the server's certificate against C{ca} (a trust root, L{load_ca}) or,
-    without one, the system's roots, and that it names the URL's host (a DNS
-    name or an IP address in its subjectAltName).
+    without one, the system's roots, and (unless C{check_name} is False,
+    only with C{ca}) that it names the URL's host: a DNS name or an IP
+    address in its subjectAltName; a certificate without one is refused.
     """
+    from .client import VerifiedTLS
+
+    if not check_name and ca is None:
+        raise ValueError("the name check can only be left out with a private CA (--redis-ca)")
     if url.path is not None:
         return UNIXClientEndpoint(reactor, url.path, timeout=connect_timeout)
     assert url.host is not None and url.port is not None
     ep = HostnameEndpoint(reactor, url.host.encode("idna"), url.port, timeout=connect_timeout)
     if url.tls:
-        return wrapClientTLS(optionsForClientTLS(url.host, trustRoot=ca), ep)
+        return wrapClientTLS(VerifiedTLS(url.host, ca, check_name), ep)
     return ep
 
 
@@ -523,14 +530,17 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def directory_from_url(reactor: Any, url: str, password: str | None = None, ca: str | None = None) -> RedisDirectory:
+def directory_from_url(
+    reactor: Any, url: str, password: str | None = None, ca: str | None = None, check_name: bool = True
+) -> RedisDirectory:
     """
     A L{RedisDirectory} for C{--redis URL} (C{password}: C{--redis-password-file}'s, over the URL's;
-    C{ca}: C{--redis-ca}'s PEM file, the CA a C{rediss://} server's certificate must chain to).
+    C{ca}: C{--redis-ca}'s PEM file, the CA a C{rediss://} server's certificate must chain to;
+    C{check_name} False: C{--redis-tls-verify ca}, the chain only).
     """
     u = RedisURL(url)
     return RedisDirectory(
-        redis_endpoint(reactor, u, ca=load_ca(ca) if ca is not None else None),
+        redis_endpoint(reactor, u, ca=load_ca(ca) if ca is not None else None, check_name=check_name),
         reactor,
         password=password if password is not None else u.password,
         username=u.username,

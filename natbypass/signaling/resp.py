@@ -203,6 +203,10 @@ def setup_failure(reason: Failure | None) -> tuple[str, str]:
             details = [e[-1] for e in reason.value.args[0] if isinstance(e, tuple) and e] if reason.value.args else []
             what = ", ".join(str(d) for d in details if d) or str(reason.value)
             return "tls", f"the TLS handshake failed ({what})"
+        from service_identity import CertificateError, VerificationError
+
+        if reason.check(VerificationError, CertificateError):
+            return "tls", f"the TLS handshake failed (the certificate does not name the host: {reason.value})"
     text = "" if reason is None else reason.getErrorMessage()
     return "closed", f"the connection closed before Redis accepted it ({text})"
 

@@ -128,6 +128,14 @@ SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
         None,
         "PEM file of the CA(s) a rediss:// server's certificate must chain to (default: the system's roots).",
     ],
+    [
+        "redis-tls-verify",
+        None,
+        "full",
+        "full: the certificate chains to the CA and names the URL's host in its subjectAltName; ca: the chain "
+        "to --redis-ca only (a managed Redis whose own per-instance CA signs a certificate that does not name "
+        "the address clients use).",
+    ],
     ["status-interval", None, 60.0, "Seconds between status lines in the log (0: none).", float],
     [
         "gc-freeze-interval",
@@ -188,6 +196,13 @@ def check_signaling_options(options: usage.Options) -> None:
                 load_ca(options["redis-ca"])
             except (OSError, ValueError) as e:
                 raise usage.UsageError(f"--redis-ca: {e}") from None
+        if options.get("redis-tls-verify", "full") not in ("full", "ca"):
+            raise usage.UsageError("--redis-tls-verify is full or ca")
+        if options.get("redis-tls-verify") == "ca" and options.get("redis-ca") is None:
+            raise usage.UsageError(
+                "--redis-tls-verify ca needs --redis-ca: without the name check only a private CA that signs "
+                "nothing but this Redis's certificate makes the chain mean anything"
+            )
     elif options.get("redis-password-file") is not None or options.get("redis-ca") is not None:
         raise usage.UsageError("--redis-password-file and --redis-ca need --redis")
     if options["token-file"] is not None:
@@ -343,6 +358,7 @@ def makeSignalingService(
     redis: str | None = None,
     redis_password: str | None = None,
     redis_ca: str | None = None,
+    redis_check_name: bool = True,
 ) -> SignalingService:
     """
     A service that listens on C{endpoint} and runs the signalling state.
@@ -370,7 +386,7 @@ def makeSignalingService(
     if redis is not None:
         from .cluster import directory_from_url
 
-        directory = directory_from_url(reactor, redis, redis_password, redis_ca)
+        directory = directory_from_url(reactor, redis, redis_password, redis_ca, redis_check_name)
     state = SignalingState(
         reactor, limits, tokens, choose_order, server_name=f"natbypass/{__version__}", cluster=directory
     )
@@ -456,4 +472,5 @@ def makeSignalingServiceFromOptions(options: usage.Options, reactor: Any) -> ISe
         redis=options.get("redis"),
         redis_password=options.get("redis-password"),
         redis_ca=options.get("redis-ca"),
+        redis_check_name=options.get("redis-tls-verify", "full") != "ca",
     )
