@@ -1,7 +1,7 @@
 """
 The cluster's Redis over TLS with a password, for real on loopback: a
 redis-server of our own with C{--tls-port}, a certificate from a test CA
-(made here with C{cryptography}) naming 127.0.0.1, and an ACL user; the
+(natbypass.testing.tls) naming 127.0.0.1, and an ACL user; the
 mediator's directory connects with C{rediss://USER:PASSWORD@127.0.0.1:PORT/0}
 and C{--redis-ca}.  A wrong CA and a wrong password are refused, each with a
 logged reason and a counted metric.  Skipped when redis-server is missing or
@@ -10,7 +10,6 @@ built without TLS.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
 import random
@@ -21,9 +20,6 @@ import time
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
@@ -35,62 +31,15 @@ from natbypass.app.mediator_tap import Options as MediatorOptions
 from natbypass.metrics import MediatorCollector
 from natbypass.signaling.cluster import ClusterRouting, directory_from_url
 from natbypass.signaling.server import SignalingState
+from natbypass.testing.tls import make_ca, make_server_cert, pem_cert, pem_key
 
 REDIS = shutil.which("redis-server")
 USER, PASSWORD = "natbypass", "s3cret pass/word"
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def make_server_cert(
-    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ip: str
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("redis"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def write_pem(path: str, *objs: Any) -> str:
+def write_pem(path: str, data: bytes) -> str:
     with open(path, "wb") as f:
-        for o in objs:
-            if isinstance(o, x509.Certificate):
-                f.write(o.public_bytes(serialization.Encoding.PEM))
-            else:
-                f.write(
-                    o.private_bytes(
-                        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                    )
-                )
+        f.write(data)
     os.chmod(path, 0o600)
     return path
 
@@ -134,20 +83,22 @@ class _TLSRedisCase(TestCase):
     """A real TLS Redis with an ACL user, its certificate naming C{cert_ip}; the directory as the mediator builds it."""
 
     timeout = 30
-    cert_ip = "127.0.0.1"
+    #: The address in the certificate's subjectAltName (None: no subjectAltName; the CN is 127.0.0.1).
+    cert_ip: str | None = "127.0.0.1"
 
     def setUp(self) -> None:
         if not redis_has_tls():
             raise SkipTest("redis-server is not installed (apt-get install redis-server)")
         self.dir = tempfile.mkdtemp()
-        ca_key, ca = make_ca("natbypass test CA")
-        key, cert = make_server_cert(ca_key, ca, self.cert_ip)
-        self.ca = write_pem(os.path.join(self.dir, "ca.pem"), ca)
-        self.wrong_ca = write_pem(os.path.join(self.dir, "wrong-ca.pem"), make_ca("another CA")[1])
+        ca, ca_key = make_ca("natbypass test CA")
+        names = [] if self.cert_ip is None else [x509.IPAddress(ipaddress.ip_address(self.cert_ip))]
+        cert, key = make_server_cert(ca, ca_key, "127.0.0.1", names)
+        self.ca = write_pem(os.path.join(self.dir, "ca.pem"), pem_cert(ca))
+        self.wrong_ca = write_pem(os.path.join(self.dir, "wrong-ca.pem"), pem_cert(make_ca("another CA")[0]))
         self.redis, self.port = start_tls_redis(
             self.dir,
-            write_pem(os.path.join(self.dir, "cert.pem"), cert),
-            write_pem(os.path.join(self.dir, "key.pem"), key),
+            write_pem(os.path.join(self.dir, "cert.pem"), pem_cert(cert)),
+            write_pem(os.path.join(self.dir, "key.pem"), pem_key(key)),
             self.ca,
         )
         self.services: list[Any] = []
@@ -261,6 +212,24 @@ class RedisTLSNameTests(_TLSRedisCase):
         directory, state = self.start(self.url(), self.wrong_ca, "--redis-tls-verify", "ca")
         yield self.wait_for(lambda: directory.connect_failures.get("tls", 0) >= 1)
         self.assertIn("certificate verify failed", directory.last_error)
+
+
+class RedisTLSNoNameTests(_TLSRedisCase):
+    """A certificate without subjectAltName (its address only in the CN): refused unless --redis-tls-verify ca."""
+
+    cert_ip = None
+
+    @defer.inlineCallbacks
+    def test_refused_by_default(self) -> Any:
+        directory, state = self.start(self.url(), self.ca)
+        yield self.wait_for(lambda: directory.connect_failures.get("tls", 0) >= 1)
+        self.assertFalse(directory.available)
+        self.assertIn("does not name the host", directory.last_error)
+
+    @defer.inlineCallbacks
+    def test_chain_only(self) -> Any:
+        directory, state = self.start(self.url(), self.ca, "--redis-tls-verify", "ca")
+        yield self.wait_for(lambda: directory.available)
 
 
 class RedisCAOptionTests(SynchronousTestCase):
