@@ -42,6 +42,13 @@ def start_redis(sock: str) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
+def stop_redis(p: subprocess.Popen, directory: str) -> None:
+    """Stop a redis-server of ours and remove its temporary directory."""
+    p.terminate()
+    p.wait(10)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def start_mediator(sock: str, log: str) -> tuple[subprocess.Popen, int]:
     """A mediator process; its signalling port read from its log (bound once, port 0)."""
     stun = random.randrange(20000, 60000)
@@ -90,9 +97,7 @@ class ClusterLoopbackTests(TestCase):
             p.terminate()
         for p, _ in self.mediators:
             p.wait(10)
-        self.redis.terminate()
-        self.redis.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        stop_redis(self.redis, self.dir)
 
     def client(self, name: str, *ports: int, identity: Identity | None = None) -> SignalingClient:
         ep = client_endpoint(reactor, ",".join(f"tcp:127.0.0.1:{p}" for p in ports))
@@ -192,9 +197,7 @@ class RedisScriptsTests(TestCase):
     def tearDown(self) -> Any:
         for d in self.directories:
             yield d.stopService()
-        self.redis.terminate()
-        self.redis.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        stop_redis(self.redis, self.dir)
 
     @defer.inlineCallbacks
     def test_max_ids_across_nodes(self) -> Any:

@@ -87,22 +87,22 @@ class NameFailoverTests(SynchronousTestCase):
         verifyObject(IHostnameResolver, NamesResolver(client.Resolver(servers=[("127.0.0.1", 53)])))
         verifyObject(IResolutionReceiver, _Collector("x", defer.Deferred()))
 
+    def walk(self, addresses: list[str]) -> None:
+        """One connection: it tries C{addresses} in this order, each refused but the last, which answers."""
+        d = self.ep.connect(self.factory)
+        for i, address in enumerate(addresses):
+            self.assertEqual(self.attempt()[0], address)
+            if i < len(addresses) - 1:
+                self.refuse_last()
+        self.succeed_last()
+        self.successResultOf(d)
+        self.assertEqual(self.ep.last, addresses[-1])
+
     def test_in_order_then_after_the_last_used(self) -> None:
         """The first address first; a refused one moves on; the next connection starts after the one used."""
-        d = self.ep.connect(self.factory)
-        self.assertEqual(self.attempt()[0], "192.0.2.1")
-        self.refuse_last()
-        self.assertEqual(self.attempt()[0], "192.0.2.2")
-        self.succeed_last()
-        self.successResultOf(d)
-        self.assertEqual(self.ep.last, "192.0.2.2")
+        self.walk(["192.0.2.1", "192.0.2.2"])
         # that mediator died: the reconnection starts at the third address (IPv6), then wraps around
-        d = self.ep.connect(self.factory)
-        self.assertEqual(self.attempt()[0], "2001:db8::3")
-        self.refuse_last()
-        self.assertEqual(self.attempt()[0], "192.0.2.1")
-        self.succeed_last()
-        self.successResultOf(d)
+        self.walk(["2001:db8::3", "192.0.2.1"])
         self.assertEqual(self.resolver.lookups, 2, "resolved at every connection")
 
     def test_all_refused(self) -> None:
