@@ -14,6 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab.lab import Lab
 from natbypass.lab.netns import missing_requirements
+from natbypass.lab.topology import MEDIATOR_ADDRESSES6
+from natbypass.lab.traversal import SIGNAL_PORT, STUN_ALT_PORT, STUN_PORT, ConnectResult, Scenario
+from natbypass.punch.families import FAMILY_HEAD_START
 
 SKIP = missing_requirements()
 PY = sys.executable
@@ -130,3 +133,113 @@ class LabIPv6Tests(_LabCase):
         self.assertEqual(reach(lab, "mediator", lab.address6("o"), 6000), "udp answered tcp answered")
         # Between two firewalled sites as well.
         self.assertEqual(reach(lab, "d", lab.address6("f"), 6000), "udp silent tcp silent")
+
+
+# ------------------------------------------------------------------ peers
+
+#: The mediator's extra options for a dual-stack lab: an IPv6 STUN responder
+#: on its two IPv6 addresses (RFC 5780), signalling on both families.
+MEDIATOR6 = (
+    "--stun6",
+    f"[{MEDIATOR_ADDRESSES6[0]}]:{STUN_PORT}",
+    "--stun6-alternate",
+    f"[{MEDIATOR_ADDRESSES6[1]}]:{STUN_ALT_PORT}",
+    "--signal",
+    rf"tcp6:{SIGNAL_PORT}:interface=\:\:",
+)
+PEER6 = ("--stun6", f"[{MEDIATOR_ADDRESSES6[0]}]:{STUN_PORT}")
+
+#: Drops IPv6 UDP and TCP between sites on the public segment (not to or from the mediator).
+BLOCK6 = """
+table bridge nblblock6 {
+  chain forward {
+    type filter hook forward priority 0; policy accept;
+    ether type ip6 ip6 saddr != { 2001:2::2, 2001:2::3 } ip6 daddr != { 2001:2::2, 2001:2::3 } \\
+      meta l4proto { udp, tcp } drop
+  }
+}
+"""
+
+
+def family(address: str) -> str:
+    """C{v6} for C{[ADDR]:PORT}, else C{v4}."""
+    return "v6" if address.startswith("[") else "v4"
+
+
+class _ScenarioCase(_LabCase):
+    spec: dict = {}
+
+    def setUp(self) -> None:
+        self.lab = Lab.start(self.spec)
+        self.addCleanup(self.lab.stop)
+        self.scenario = Scenario(self.lab)
+        self.scenario.start_mediator(*MEDIATOR6)
+
+    def connect(self, node: str, my_id: str, peer: str, protocol: str, *extra: str) -> ConnectResult:
+        result = self.scenario.connect(node, my_id, peer, protocol, count=2, timeout=5.0, extra=extra)
+        self.assertTrue(result.ok, result.summary())
+        return result
+
+
+class FirewalledIPv6Tests(_ScenarioCase):
+    """Two sites behind stateful IPv6 firewalls (no NAT) connect directly over IPv6, on both protocols."""
+
+    spec = {
+        "sites": {
+            "a": {"kind": "firewall", "ip": "dual", "delay_ms": 10},
+            "b": {"kind": "firewall", "ip": "dual", "delay_ms": 10},
+        }
+    }
+
+    def test_udp_and_tcp_over_ipv6(self) -> None:
+        self.scenario.start_peer("b", "b", *PEER6)
+        for protocol in ("udp", "tcp"):
+            result = self.connect("a", f"a-{protocol}", "b", protocol, *PEER6)
+            c = result.connected
+            assert c is not None
+            self.assertEqual(c["protocol"], protocol)
+            self.assertEqual(family(c["remote_address"]), "v6", result.summary())
+            self.assertEqual(c["remote_address"].split("]")[0][1:], self.lab.address6("b"))
+            self.assertEqual(family(c["local_address"]), "v6")
+
+
+class DualStackTests(_ScenarioCase):
+    """Dual-stack NAT sites (IPv4 NAT, IPv6 firewall): IPv6 preferred, IPv4 after the head start when IPv6 is blocked."""
+
+    spec = {
+        "sites": {
+            "a": {"nat": "port-restricted-cone", "ip": "dual", "delay_ms": 10},
+            "b": {"nat": "port-restricted-cone", "ip": "dual", "delay_ms": 10},
+        }
+    }
+
+    def times(self, my_id: str, runs: int, *extra: str) -> tuple[list[float], set[str]]:
+        """Connect C{runs} times (auto): the elapsed times in ms, and the families of the paths."""
+        elapsed, seen = [], set()
+        for k in range(runs):
+            c = self.connect("a", f"{my_id}{k}", "b", "auto", *extra).connected
+            assert c is not None
+            elapsed.append(float(c["elapsed_ms"]))
+            seen.add(family(c["remote_address"]))
+        return elapsed, seen
+
+    def test_prefers_ipv6_then_falls_back(self) -> None:
+        self.scenario.start_peer("b", "b", *PEER6)
+        runs = 3
+        v6_times, v6_seen = self.times("dual", runs, *PEER6)
+        self.assertEqual(v6_seen, {"v6"})
+        v4_times, v4_seen = self.times("v4only", runs)  # a connector without IPv6: the normal IPv4 time
+        self.assertEqual(v4_seen, {"v4"})
+        self.lab.exec("public", ["nft", "-f", "-"], input=BLOCK6, check=True)
+        blocked_times, blocked_seen = self.times("blocked", runs, *PEER6)
+        self.assertEqual(blocked_seen, {"v4"})
+        median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        delay_ms = FAMILY_HEAD_START * 1000
+        # IPv4 wins within the happy-eyeballs delay plus the normal time (and a margin for this noisy machine).
+        self.assertLessEqual(
+            median(blocked_times), median(v4_times) + delay_ms + 300, (v6_times, v4_times, blocked_times)
+        )
+        print(
+            f"\nconnect ms (median of {runs}): ipv6 {median(v6_times):.0f}, ipv4 only {median(v4_times):.0f}, "
+            f"ipv6 blocked {median(blocked_times):.0f}; runs {v6_times} {v4_times} {blocked_times}"
+        )
