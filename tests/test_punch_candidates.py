@@ -224,6 +224,31 @@ class RefusalTests(SynchronousTestCase):
         self.assertIsNone(refusal("169.254.3.3", link))
         self.assertIsNotNone(refusal("fe80::1", link))  # no zone on the wire
 
+    @given(
+        st.ip_addresses(v=6, network="fc00::/7").map(str)
+        | st.ip_addresses(v=6, network="2001:2::/48").map(str)
+        | st.ip_addresses(v=6, network="2001:db8::/32").map(str)
+    )
+    def test_ipv6_peers_allowed(self, host: str) -> None:
+        """Unique local (a LAN's), benchmarking (the lab's IPv6) and documentation IPv6: allowed, as for IPv4."""
+        if host != "fd00:ec2::254":
+            self.assertIsNone(refusal(host, LAN))
+
+    @given(
+        st.ip_addresses(v=6, network="fec0::/10").map(str)
+        | st.ip_addresses(v=6, network="100::/64").map(str)
+        | st.ip_addresses(v=6, network="::/96").map(str)
+    )
+    def test_ipv6_refused(self, host: str) -> None:
+        """Site-local (deprecated, RFC 3879: ambiguous), discard-only, IPv4-compatible and unspecified: refused."""
+        self.assertIsNotNone(refusal(host, LAN))
+
+    def test_ipv6_site_local_reason(self) -> None:
+        self.assertEqual(refusal("fec0::1", LAN), "IPv6 site-local (deprecated, RFC 3879)")
+        self.assertNotIn(
+            "fec0::1", usable_addresses([InterfaceAddress("eth0", "fec0::1", True, False, 64)], families=("inet6",))
+        )
+
     def test_metadata_always(self) -> None:
         link = LocalNetworks.of([InterfaceAddress("eth1", "169.254.7.7", True, False, 16)], loopback=True)
         for host in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"):
