@@ -537,7 +537,7 @@ class Peer(MultiService):
         cands += self._mapping_candidates(ports, "tcp")
         if ports.tcp.mapped is not None:
             cands.append(Candidate("tcp-srflx", *ports.tcp.mapped))
-        cands += _ipv6_candidates(ports, hosts6)
+        cands += _ipv6_candidates(ports, hosts6[: families.MAX_HOSTS6])
         unique = {(c.protocol, c.host, c.port): c for c in reversed(cands)}
         return Description(tuple(reversed(unique.values())), self.nat, self.wish if wish is None else wish)
 

@@ -26,6 +26,10 @@ from natbypass.punch.race import AttemptFactory, race
 #: not connected by then.
 FAMILY_HEAD_START = 0.25
 
+#: IPv6 host candidates offered at most (a host often has several: temporary privacy addresses besides its
+#: stable one), so that a description stays well within the wire's candidate limit.
+MAX_HOSTS6 = 4
+
 T = TypeVar("T", bound=tuple)
 
 
