@@ -120,10 +120,12 @@ class PeerConfig:
     #: with the registration, so a connect to us takes one mediator round trip
     #: (docs/protocol.md 5.1); we still approve every peer before we punch.
     publish_candidates: bool = True
-    #: Dual stack: with a wildcard C{bind_host}, punch from IPv6 sockets as
-    #: well (on C{::}), offer IPv6 host candidates and race the families
-    #: (IPv6 first, IPv4 C{family_head_start} later: L{families}).
+    #: Dual stack: punch from IPv6 sockets as well (on C{bind_host6}), offer
+    #: IPv6 host candidates and race the families (IPv6 first, IPv4
+    #: C{family_head_start} later: L{families}).
     ipv6: bool = False
+    #: Where the IPv6 sockets bind (C{::}: every IPv6 address, all offered as host candidates).
+    bind_host6: str = "::"
     #: The IPv6 STUN server that maps the IPv6 ports (None: host candidates only).
     stun6: Address | None = None
     family_head_start: float = families.FAMILY_HEAD_START
@@ -391,9 +393,9 @@ class Peer(MultiService):
         ports: Ports | None = None
         try:
             ports = Ports(udp, TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host, self._reserve_tcp_port))
-            if cfg.ipv6 and is_wildcard(cfg.bind_host):
-                ports.udp6 = UDPSocket(self.reactor, self.clock, cfg.port_range, "::")
-                ports.tcp6 = TCPPort(self.reactor, self.clock, cfg.port_range, "::", self._reserve_tcp_port)
+            if cfg.ipv6:
+                ports.udp6 = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host6)
+                ports.tcp6 = TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host6, self._reserve_tcp_port)
         except BaseException:
             _close_ports(ports) if ports is not None else udp.close()
             raise
@@ -642,7 +644,10 @@ class Peer(MultiService):
             if wildcard:
                 self.log.warn("no host candidates: {error}", error=e)
             entries, hosts = [], []
-        self.host_addresses = hosts if wildcard else [cfg.bind_host]
+        own = hosts if wildcard else [cfg.bind_host]
+        if cfg.ipv6 and not is_wildcard(cfg.bind_host6):
+            own = [h for h in own if ":" not in h] + [cfg.bind_host6]
+        self.host_addresses = own
         self.local_networks = LocalNetworks.of(
             entries, None if wildcard else cfg.bind_host, loopback=cfg.loopback_candidates
         )
