@@ -41,6 +41,16 @@ class LoopbackTests(TestCase):
         self.addCleanup(service.stopService)
         return service.config.primary
 
+    def responder6(self):
+        """A single-address responder on ::1 (the test skips where there is no IPv6 loopback)."""
+        try:
+            service = STUNService(reactor, ("::1", 0), None, stats_interval=0)
+            service.startService()
+        except Exception as e:
+            raise self.skipTest(f"no IPv6 loopback here: {e}") from None
+        self.addCleanup(service.stopService)
+        return service.config.primary
+
     @defer.inlineCallbacks
     def detect(self, *argv: str):
         out, err = io.StringIO(), io.StringIO()
@@ -94,13 +104,7 @@ class LoopbackTests(TestCase):
     @defer.inlineCallbacks
     def test_ipv6(self) -> None:
         """Over ::1: a single address, so only what one address can tell."""
-        try:
-            service = STUNService(reactor, ("::1", 0), None, stats_interval=0)
-            service.startService()
-        except Exception as e:
-            raise self.skipTest(f"no IPv6 loopback here: {e}") from None
-        self.addCleanup(service.stopService)
-        host, port = service.config.primary
+        host, port = self.responder6()
         code, out, _ = yield self.detect("--stun", f"[{host}]:{port}", "--json", "--tcp")
         self.assertEqual(code, 0)
         result = json.loads(out)
@@ -115,13 +119,7 @@ class LoopbackTests(TestCase):
         and whether it is translated (NAT66); the IPv4 detection is unchanged.
         """
         host, port = self.responder()
-        try:
-            service = STUNService(reactor, ("::1", 0), None, stats_interval=0)
-            service.startService()
-        except Exception as e:
-            raise self.skipTest(f"no IPv6 loopback here: {e}") from None
-        self.addCleanup(service.stopService)
-        port6 = service.config.primary[1]
+        port6 = self.responder6()[1]
         code, out, err = yield self.detect("--stun", f"{host}:{port}", "--stun6", f"[::1]:{port6}", "--json")
         self.assertEqual((code, err), (0, ""))
         result = json.loads(out)
