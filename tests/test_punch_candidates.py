@@ -300,6 +300,14 @@ class ScreenTests(SynchronousTestCase):
         self.assertEqual(out.hosts, ())
         self.assertEqual(out.over_cap, 2)
 
+    def test_both_families_share_the_cap(self) -> None:
+        """A hostile peer's flood of IPv6 and IPv4 candidates: at most the cap per protocol, families together."""
+        v6 = [(f"2001:db8::{k:x}", 1000 + k) for k in range(1, 21)]
+        v4 = [(f"198.18.1.{k}", 1000 + k) for k in range(1, 21)]
+        out = screen(v6 + v4, v4 + v6, LAN, MAX_CANDIDATES_PER_PROTOCOL)
+        self.assertEqual(len(out.srflx) + len(out.hosts), MAX_CANDIDATES_PER_PROTOCOL)
+        self.assertEqual(out.over_cap, 40 - MAX_CANDIDATES_PER_PROTOCOL)
+
     @given(st.lists(addresses, max_size=32), st.integers(-16, 16).filter(bool))
     def test_predicted_bounded(self, srflx: list, delta: int) -> None:
         out = remote_addresses(srflx, predict_delta=delta, max_predicted=8)
