@@ -390,15 +390,21 @@ class Peer(MultiService):
     def _bind(self) -> Ports:
         cfg = self.config
         udp = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host)
-        ports: Ports | None = None
         try:
             ports = Ports(udp, TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host, self._reserve_tcp_port))
-            if cfg.ipv6:
+        except BaseException:
+            udp.close()
+            raise
+        if cfg.ipv6:
+            try:
                 ports.udp6 = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host6)
                 ports.tcp6 = TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host6, self._reserve_tcp_port)
-        except BaseException:
-            _close_ports(ports) if ports is not None else udp.close()
-            raise
+            except (OSError, CannotListenError, candidates.CandidateError) as e:
+                # No IPv6 here (or no free port): go on with IPv4 alone.
+                self.log.warn("peer {peer_id}: no IPv6 ports ({error}); IPv4 only", peer_id=self.peer_id, error=e)
+                if ports.udp6 is not None:
+                    ports.udp6.close()
+                ports.udp6 = ports.tcp6 = None
         return ports
 
     async def _learn_one(self, port: UDPSocket | TCPPort, what: str, server: Address | None = None) -> None:
@@ -530,7 +536,8 @@ class Peer(MultiService):
         assert ports is not None, "start the service first"
         cands: list[Candidate] = []
         hosts = self.host_addresses if self.config.reveal_host_candidates else []
-        hosts6, hosts = families.split_hosts(hosts) if ports.udp6 is not None else ([], hosts)
+        # Dual stack: IPv6 addresses only with the IPv6 ports (none when those could not be bound).
+        hosts6, hosts = families.split_hosts(hosts) if self.config.ipv6 else ([], hosts)
         cands += [Candidate("host", h, ports.udp.local[1]) for h in hosts]
         cands += self._mapping_candidates(ports, "udp")
         if ports.udp.mapped is not None:

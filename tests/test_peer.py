@@ -11,11 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.app.echo import EchoHandler
 from natbypass.nat import NatSummary
 from natbypass.peer import Peer
+from natbypass.punch.candidates import PortRange
 from natbypass.punch.race import AllAttemptsFailed
 from natbypass.signaling.client import SignalingClient
 from natbypass.signaling.wire import Candidate, Description
@@ -191,6 +194,17 @@ class DualStackInMemoryTests(SynchronousTestCase):
         self.m.settle(a.stopService())
         self.assertEqual(self.m.peer_ports(), set())
         self.assertEqual(self.m.reactor.open_tcp_sockets(), [])
+
+    def test_no_ipv6_ports_means_ipv4_only(self) -> None:
+        """IPv6 ports that cannot be bound (no IPv6 here, or none free) leave a working IPv4-only peer."""
+        for port in range(41000, 41004):
+            self.m.reactor.taken.add(("tcp", "2001:db8::1", port))
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        a = self.peer("alice", "127.0.0.1", "2001:db8::1", port_range=PortRange(41000, 41003))
+        self.m.settle(a.whenReady())
+        self.assertEqual({h for h, _ in self.m.peer_ports()}, {"127.0.0.1"})
+        self.assertFalse([c for c in a.description().candidates if ":" in c.host])
+        self.assertTrue(any("no IPv6 ports" in str(e.get("log_format")) for e in observer))
 
     def test_prefers_ipv6(self) -> None:
         b = self.peer("bob", "127.0.0.3", "2001:db8::3")
