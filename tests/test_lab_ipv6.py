@@ -204,6 +204,32 @@ class FirewalledIPv6Tests(_ScenarioCase):
             self.assertEqual(c["remote_address"].split("]")[0][1:], self.lab.address6("b"))
             self.assertEqual(family(c["local_address"]), "v6")
 
+    def test_signalling_over_ipv6(self) -> None:
+        """A peer that reaches the mediator over IPv6 (its dual-stack signalling endpoint) registers and connects."""
+        self.scenario.start_peer("b", "b", *PEER6)
+        mediator6 = ("--mediator", rf"tcp:{MEDIATOR_ADDRESSES6[0].replace(':', chr(92) + ':')}:{SIGNAL_PORT}")
+        stun4 = ("--stun", f"{self.lab.mediator_addresses[0]}:{STUN_PORT}")
+        result = self.connect("a", "a6", "b", "udp", *PEER6, *mediator6, *stun4)
+        c = result.connected
+        assert c is not None
+        self.assertEqual(family(c["remote_address"]), "v6")
+        with open(self.scenario.mediator_log) as log:
+            self.assertIn(f"peer a6 registered from {self.lab.address6('a')} ", log.read())
+
+    def test_rfc5780_over_ipv6(self) -> None:
+        """
+        C{natbypass detect} against the mediator's two IPv6 addresses: RFC
+        5780 over IPv6 measures the firewall as the lab built it (no
+        mapping, address-and-port-dependent filtering).
+        """
+        server = f"[{MEDIATOR_ADDRESSES6[0]}]:{STUN_PORT}"
+        done = self.lab.exec("a", [PY, "-m", "natbypass", "detect", "--json", "--stun", server], timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        result = json.loads(done.stdout)
+        self.assertEqual((result["mapping"], result["filtering"]), ("none", "address-and-port-dependent"))
+        self.assertEqual(result["other_address"], f"[{MEDIATOR_ADDRESSES6[1]}]:{STUN_ALT_PORT}")
+        self.assertEqual(result["public_address"], result["local_address"])
+
     def test_detect_reports_ipv6(self) -> None:
         """C{natbypass detect --stun6}: IPv6 reachable and not translated (the firewall is no NAT66)."""
         argv = [PY, "-m", "natbypass", "detect", "--json", "--stun", f"{self.lab.mediator_addresses[0]}:{STUN_PORT}"]
