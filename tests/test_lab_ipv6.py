@@ -17,7 +17,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from natbypass.lab.lab import Lab
 from natbypass.lab.netns import missing_requirements
 from natbypass.lab.topology import MEDIATOR_ADDRESSES6
-from natbypass.lab.traversal import SIGNAL_PORT, STUN_ALT_PORT, STUN_PORT, ConnectResult, Scenario
+from natbypass.lab.traversal import (
+    SIGNAL_PORT,
+    STUN_ALT_PORT,
+    STUN_PORT,
+    ConnectResult,
+    Scenario,
+    ipv6_mediator_args,
+    ipv6_peer_args,
+)
 from natbypass.punch.families import FAMILY_HEAD_START
 
 SKIP = missing_requirements()
@@ -139,17 +147,8 @@ class LabIPv6Tests(_LabCase):
 
 # ------------------------------------------------------------------ peers
 
-#: The mediator's extra options for a dual-stack lab: an IPv6 STUN responder
-#: on its two IPv6 addresses (RFC 5780), signalling on both families.
-MEDIATOR6 = (
-    "--stun6",
-    f"[{MEDIATOR_ADDRESSES6[0]}]:{STUN_PORT}",
-    "--stun6-alternate",
-    f"[{MEDIATOR_ADDRESSES6[1]}]:{STUN_ALT_PORT}",
-    "--signal",
-    rf"tcp6:{SIGNAL_PORT}:interface=\:\:",
-)
-PEER6 = ("--stun6", f"[{MEDIATOR_ADDRESSES6[0]}]:{STUN_PORT}")
+MEDIATOR6 = ipv6_mediator_args()
+PEER6 = ipv6_peer_args()
 
 #: Drops IPv6 UDP and TCP between sites on the public segment (not to or from the mediator).
 BLOCK6 = """
