@@ -361,7 +361,7 @@ class Peer(MultiService):
         if self.config.stun6 is not None:  # IPv6 has no NAT to discover: its mappings only
             for name, port in (("udp6", self._main.udp6), ("tcp6", self._main.tcp6)):
                 if port is not None:
-                    self._learned[name] = defer.ensureDeferred(self._learn_one(port, name.upper(), self.config.stun6))
+                    self._learned[name] = defer.ensureDeferred(self._learn_ipv6(port, name.upper()))
         self._learned["udp"].addCallback(self._start_discovery)
         for learned in self._learned.values():
             learned.addCallback(lambda _: self._publish())
@@ -407,12 +407,19 @@ class Peer(MultiService):
                 ports.udp6 = ports.tcp6 = None
         return ports
 
-    async def _learn_one(self, port: UDPSocket | TCPPort, what: str, server: Address | None = None) -> None:
-        server = server or self.stun_server
+    async def _learn_one(self, port: UDPSocket | TCPPort, what: str) -> None:
         try:
-            await port.learn(server, self.config.stun_timeout)
+            await port.learn(self.stun_server, self.config.stun_timeout)
         except NETWORK_ERRORS as e:  # no answer: go on without; a bug fails the connects that wait for it
-            self.log.warn("no {what} mapping from {server}: {error}", what=what, server=server, error=e)
+            self.log.warn("no {what} mapping from {server}: {error}", what=what, server=self.stun_server, error=e)
+
+    async def _learn_ipv6(self, port: UDPSocket | TCPPort, what: str) -> None:
+        """L{_learn_one} of an IPv6 port, from the IPv6 STUN server (C{PeerConfig.stun6})."""
+        assert self.config.stun6 is not None
+        try:
+            await port.learn(self.config.stun6, self.config.stun_timeout)
+        except NETWORK_ERRORS as e:  # IPv6 may well not work here: the peer goes on with IPv4
+            self.log.warn("no {what} mapping from {server}: {error}", what=what, server=self.config.stun6, error=e)
 
     def _discover(self) -> Deferred[Any]:
         local = (route_source_address(self.stun_server), self.local_udp_address()[1])
