@@ -103,7 +103,8 @@ class MemoryUDPPort:
         if addr is None:
             assert self._connected is not None, "write without an address on an unconnected port"
             addr = self._connected
-        addr = tuple(addr)  # type: ignore[assignment]
+        # An IPv6 socket also takes (host, port, flowinfo, scope_id), as the QUIC engine sends to.
+        addr = tuple(addr)[:2]  # type: ignore[assignment]
         self.written.append((data, addr))  # type: ignore[arg-type]
         self.network.send(self.source, addr, data)  # type: ignore[arg-type]
 
