@@ -51,6 +51,7 @@ from natbypass.identity import Fingerprint
 from natbypass.interfaces import IPeerConnection
 from natbypass.punch.candidates import ProbeBudget
 from natbypass.punch.connection import PathConnection
+from natbypass.punch.migration import PathFollower
 from natbypass.punch.mux import Address, PunchEndpoint
 from natbypass.punch.packet import PacketType, PunchPacket, encode, verify
 from natbypass.punch.session import PunchFailed, PunchSession
@@ -436,6 +437,8 @@ class UDPPeerConnection(PathConnection):
         self.local_address = _address(host.host, host.port)
         self.remote_address = _address(*self._remote)
         self._ping: IDelayedCall | None = clock.callLater(self._interval, self._sendPing)
+        #: Follows the peer's NAT when it rebinds, and probes a silent path (L{natbypass.punch.migration}).
+        self.path = PathFollower(channel, endpoint, clock, keepalive_interval, on_move=self._moved)
         channel.lost.addCallback(self._channelLost)
         self._carrier = QuicCarrier(channel, self.role, self._streamLayerBroken)
         self._startStreams(self._carrier, clock)
@@ -497,10 +500,15 @@ class UDPPeerConnection(PathConnection):
         self._ping = self._clock.callLater(self._interval, self._sendPing)
         self._channel.ping()
 
+    def _moved(self, old: Address, new: Address) -> None:
+        self._remote = new
+        self.remote_address = _address(*new)
+
     def _channelLost(self, reason: Exception) -> None:
         if self._ping is not None and self._ping.active():
             self._ping.cancel()
         self._ping = None
+        self.path.stop()
         self._endpoint.unrouteQuic(self._remote, self._channel)
         self._notify_lost(Failure(self._lossReason(reason)))
 
