@@ -234,8 +234,10 @@ class PathFollower:
         self._on_suspect = on_suspect
         self._budget = budget if budget is not None else MoveBudget()
         self._trials = TokenBucket(clock, trial_rate, trial_burst)
-        #: The addresses the path used last (current last): moving back to one is free.
-        self._known: deque[Address] = deque([channel.remote], maxlen=2)
+        #: The addresses the path used last (current last): moving back to one
+        #: is free.  One more than the budget's moves, so the address the path
+        #: had before a burst of moves stays known however the budget was spent.
+        self._known: deque[Address] = deque([channel.remote], maxlen=self._budget.limit + 1)
         self._cids: set[bytes] = set()
         self.moves: list[PathMove] = []
         self.throttled = 0
