@@ -486,7 +486,8 @@ class MuxTests(SynchronousTestCase):
         self.assertEqual(dead, [])
         clock.advance(0.1)
         self.assertEqual(
-            dead, ["no answer to a keepalive PING within 5 s (nothing heard from the peer for 15.0 s): the path is dead"]
+            dead,
+            ["no answer to a keepalive PING within 5.0 s (nothing heard from the peer for 15.0 s): the path is dead"],
         )
         self.assertEqual(clock.getDelayedCalls(), [])
 
@@ -509,7 +510,7 @@ class MuxTests(SynchronousTestCase):
         self.assertEqual(dead, [])
         clock.advance(5)  # not draining any more (and the next PING is queued)
         self.assertEqual(len(dead), 1)
-        self.assertIn("within 10 s", dead[0])
+        self.assertIn("within 10.0 s", dead[0])
 
     def test_socket_send_queue(self) -> None:
         """TIOCOUTQ of a real socket (unread bytes stay queued at the writer), None without one."""

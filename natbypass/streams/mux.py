@@ -24,6 +24,13 @@ import struct
 import termios
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from natbypass.streams import frames
+from natbypass.streams.session import FIRST_STREAM, StreamSession
+
 #: How long a keepalive PING may go unanswered before the path is declared dead.
 PONG_TIMEOUT = 5.0
 #: The longest interval between PINGs on a TCP path (its keepalive interval if
@@ -46,13 +53,6 @@ def socket_send_queue(transport: object) -> Callable[[], int | None]:
             return None
 
     return queued
-
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.logger import Logger
-from zope.interface import implementer
-
-from natbypass.streams import frames
-from natbypass.streams.session import FIRST_STREAM, StreamSession
 
 
 @implementer(IPushProducer)
@@ -221,7 +221,7 @@ class MuxCarrier:
             return
         silent = self._clock.seconds() - self._last_heard
         self._die(
-            f"no answer to a keepalive PING within {self._clock.seconds() - sent_at:g} s "
+            f"no answer to a keepalive PING within {self._clock.seconds() - sent_at:.1f} s "
             f"(nothing heard from the peer for {silent:.1f} s): the path is dead"
         )
 
