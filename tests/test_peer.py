@@ -109,17 +109,21 @@ class PeerInMemoryTests(SynchronousTestCase):
         self.assertEqual(offers[1].nat, a.nat)
         self.assertEqual(str(a.nat.mapping), "none")
 
-    def test_reconnect_replaces_the_live_connection(self) -> None:
-        """
-        reconnect closes the live path and makes a fresh one, pinned to the key
-        the old one proved; with no live path (it was lost) it just connects.
-        """
+    def alice_to_bob(self) -> tuple[Peer, Any]:
+        """Alice, and her connection to bob (an echo peer)."""
         b = self.peer("bob", "127.0.0.3", discover=False)
         b.listen(EchoHandler())
         a = self.peer("alice", "127.0.0.1", discover=False)
         self.settle(a.whenReady())
         self.settle(b.whenReady())
-        first = self.settle(a.connect("bob"))
+        return a, self.settle(a.connect("bob"))
+
+    def test_reconnect_replaces_the_live_connection(self) -> None:
+        """
+        reconnect closes the live path and makes a fresh one, pinned to the key
+        the old one proved; with no live path (it was lost) it just connects.
+        """
+        a, first = self.alice_to_bob()
         second = self.settle(a.reconnect("bob"))
         self.assertIsNot(second, first)
         self.assertIs(a.connectionTo("bob"), second)
@@ -133,12 +137,7 @@ class PeerInMemoryTests(SynchronousTestCase):
 
     def test_reconnect_keeps_the_old_pin(self) -> None:
         """A peer that now shows another key is refused: the old connection's key is the pin."""
-        b = self.peer("bob", "127.0.0.3", discover=False)
-        b.listen(EchoHandler())
-        a = self.peer("alice", "127.0.0.1", discover=False)
-        self.settle(a.whenReady())
-        self.settle(b.whenReady())
-        first = self.settle(a.connect("bob"))
+        a, first = self.alice_to_bob()
         seen: list = []
         a.connect = lambda peer_id, protocol=None, fingerprint=None: seen.append(fingerprint) or Deferred()
         a.reconnect("bob")

@@ -54,6 +54,8 @@ class PathWatchTests(SynchronousTestCase):
         step = watch.poll(100.0, heard_at=50.0, data_at=50.0)
         self.assertFalse(step.probe)
         self.assertEqual(step.wake, 101.0)
+        # Nor a path that never carried data (a fresh connection).
+        self.assertFalse(watch.poll(2.0, heard_at=0.0, data_at=float("-inf")).probe)
 
     def test_silence_while_data_flows_is_probed(self) -> None:
         watch = PathWatch(active_window=15.0)
@@ -148,16 +150,21 @@ class RebindingTests(SynchronousTestCase):
         self.a, self.b = p.results["a"], p.results["b"]
         return p
 
+    def flush_under(self, p: ConePair, src, dst, after: float) -> tuple[list, list, float]:
+        """A stream from C{src} to C{dst} for a second, A's NAT flushed, the stream on for C{after} seconds."""
+        got, sent, loop = stream(p, src, dst)
+        p.run(1.0)
+        flushed = p.clock.seconds()
+        p.net.nats[0].flush(A_REBOUND[1])
+        p.run(after)
+        loop.stop()
+        p.run(0.2)
+        return got, sent, flushed
+
     def test_rebinding_sender_moves_the_path_at_once(self) -> None:
         for filtering in (ADDRESS_DEPENDENT, ENDPOINT_INDEPENDENT):
             p = self.pair(filtering)
-            got, sent, loop = stream(p, self.a, self.b)
-            p.run(1.0)
-            flushed = p.clock.seconds()
-            p.net.nats[0].flush(A_REBOUND[1])
-            p.run(2.0)
-            loop.stop()
-            p.run(0.2)
+            got, sent, flushed = self.flush_under(p, self.a, self.b, 2.0)
             self.assertEqual([(m.old, m.new) for m in self.b.path.moves], [(A_SRFLX, A_REBOUND)], filtering)
             self.assertEqual((self.b.remote_address.host, self.b.remote_address.port), A_REBOUND)
             # Same connection, nothing lost but what was in flight at the flush (datagrams are unreliable).
@@ -171,13 +178,7 @@ class RebindingTests(SynchronousTestCase):
         its quiet bound, the probe opens its new mapping, B moves there.
         """
         p = self.pair()
-        got, sent, loop = stream(p, self.b, self.a)
-        p.run(1.0)
-        flushed = p.clock.seconds()
-        p.net.nats[0].flush(A_REBOUND[1])
-        p.run(4.0)
-        loop.stop()
-        p.run(0.2)
+        got, sent, flushed = self.flush_under(p, self.b, self.a, 4.0)
         self.assertEqual([m.new for m in self.b.path.moves], [A_REBOUND])
         stall = longest_gap(got, flushed - 0.1)
         # The quiet bound (1 s: 4 round trips of 100 ms are less), then B

@@ -61,6 +61,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def argv(
+    name: str,
+    peer: str,
+    role: int,
+    directory: str,
+    stun: str,
+    protocol: str,
+    start_at: float,
+    *extra: str,
+    module: str = "natbypass.lab.enginepeer",
+) -> list[str]:
+    """The command line of one engine peer (or of a program built on L{parser}, C{module})."""
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--name",
+        name,
+        "--peer",
+        peer,
+        "--role",
+        str(role),
+        "--dir",
+        directory,
+        "--stun",
+        stun,
+        "--protocol",
+        protocol,
+        "--start-at",
+        str(start_at),
+        *extra,
+    ]
+
+
 def _publish(directory: str, name: str, info: dict) -> None:
     tmp = os.path.join(directory, f".{name}.tmp")
     with open(tmp, "w") as f:

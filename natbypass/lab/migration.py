@@ -216,29 +216,20 @@ def run_flush(
     start_at = time.time() + 2.0
     procs = []
     for name, peer, role, send in ((writer, reader, 0, True), (reader, writer, 1, False)):
-        argv = [
-            sys.executable,
-            "-m",
-            "natbypass.lab.migration",
-            "--name",
+        argv = enginepeer.argv(
             name,
-            "--peer",
             peer,
-            "--role",
-            str(role),
-            "--dir",
+            role,
             rendezvous,
-            "--stun",
             STUN,
-            "--protocol",
             protocol,
-            "--start-at",
-            str(start_at),
+            start_at,
             "--seconds",
             str(seconds),
             "--keepalive",
             str(keepalive),
-        ]
+            module="natbypass.lab.migration",
+        )
         if send:
             argv.append("--send")
         procs.append(lab.spawn(name, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

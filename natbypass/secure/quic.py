@@ -488,9 +488,9 @@ class QuicChannel:
         self._due: float | None = None
         #: When the peer last showed it is there (an event out of its packets:
         #: data, a datagram, the ACK of our PING), and when application data
-        #: last went either way: what L{natbypass.punch.migration.PathWatch} reads.
+        #: last went either way (never yet: -inf): what L{natbypass.punch.migration.PathWatch} reads.
         self.heard_at = clock.seconds()
-        self.data_at = clock.seconds()
+        self.data_at = float("-inf")
         #: The connection ids the peer addresses us by (ours, issued by the
         #: engine), so a packet from a new address can be recognised as ours.
         self.host_cids: set[bytes] = set()
