@@ -40,7 +40,7 @@ SPEC = {
 }
 #: The longest a stream may stall when the rebinding side reads: its quiet
 #: bound (1 s) for the probe, then the writer validates the new address (one
-#: round trip, 80 ms here) and resends: measured 1.3 s; twice that is the bound.
+#: round trip, 80 ms here) and resends: measured 1.26 to 1.29 s; twice that is the bound.
 READER_STALL = 2.6
 #: The same when the rebinding side writes: the reader moves at its first packet (measured 0.08 s).
 WRITER_STALL = 0.5

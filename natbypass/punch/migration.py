@@ -285,6 +285,10 @@ class PathFollower:
         self._endpoint.unrouteQuic(old, self._channel)
         self._endpoint.routeQuic(new, self._channel)
         self.moves.append(PathMove(now, old, new))
+        # An ack-eliciting packet on the new path at once: its ACK makes the
+        # engine declare what it sent towards the old address lost and resend
+        # it now, rather than at its next (backed-off) probe timeout.
+        self._channel.ping()
         self.log.info(
             "UDP path moved from {old} to {new} (the peer's NAT rebound)",
             old=format_address(old),

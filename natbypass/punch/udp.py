@@ -395,7 +395,9 @@ class UDPPeerConnection(PathConnection):
     nothing authenticated arrives for the channel's idle timeout the path is
     lost (C{ConnectionLost}).  Replayed packets are dropped by QUIC (AEAD,
     packet numbers): they deliver nothing and refresh nothing.  Streams are
-    QUIC streams (L{natbypass.streams.quic.QuicCarrier}).
+    QUIC streams (L{natbypass.streams.quic.QuicCarrier}).  C{path} (a
+    L{natbypass.punch.migration.PathFollower}) moves the path when the
+    peer's NAT rebinds, and probes it when it falls silent while in use.
     """
 
     log = Logger()
