@@ -47,6 +47,8 @@ SERVICE = "sink"
 #: What the writer sends every tick (50 ms): 40 kB/s.
 CHUNK = 2000
 TICK = 0.05
+#: Seconds from the start of the processes to the agreed punch time.
+START_LEAD = 5.0
 
 
 def _emit(event: str, **fields: Any) -> None:
@@ -213,7 +215,8 @@ def run_flush(
     C{flushed}'s NAT flushed C{flush_after} seconds after both connected.
     """
     rendezvous = tempfile.mkdtemp(prefix="natbypass-migration-")
-    start_at = time.time() + 2.0
+    # Time for both processes to start, learn their mappings and swap them on a busy machine.
+    start_at = time.time() + START_LEAD
     procs = []
     for name, peer, role, send in ((writer, reader, 0, True), (reader, writer, 1, False)):
         argv = enginepeer.argv(
@@ -228,6 +231,8 @@ def run_flush(
             str(seconds),
             "--keepalive",
             str(keepalive),
+            "--timeout",
+            "5",
             module="natbypass.lab.migration",
         )
         if send:
