@@ -823,6 +823,22 @@ class Peer(MultiService):
         """The live connection to C{peer_id} that C{openStream} would use, if any."""
         return self._by_peer.get(peer_id)
 
+    def reconnect(
+        self, peer_id: str, protocol: str | Sequence[str] | None = None, fingerprint: Fingerprint | str | None = None
+    ) -> Deferred[IPeerConnection]:
+        """
+        A fresh path to C{peer_id}, as after its loss (see docs/streams.md,
+        "Path migration"): the live connection, if any, is closed first; the
+        peer must prove C{fingerprint}, by default the key the old connection
+        proved (else as L{connect}).
+        """
+        old = self._by_peer.get(peer_id)
+        if old is not None:
+            if fingerprint is None:
+                fingerprint = old.peer_fingerprint
+            old.close()
+        return self.connect(peer_id, protocol, fingerprint)
+
     def serve(self, service: str, factory: Any) -> ServicePort:
         frames.valid_service(service)
         if service in self._services:

@@ -113,6 +113,40 @@ class PeerInMemoryTests(SynchronousTestCase):
         self.assertEqual(offers[1].nat, a.nat)
         self.assertEqual(str(a.nat.mapping), "none")
 
+    def alice_to_bob(self) -> tuple[Peer, Any]:
+        """Alice, and her connection to bob (an echo peer)."""
+        b = self.peer("bob", "127.0.0.3", discover=False)
+        b.listen(EchoHandler())
+        a = self.peer("alice", "127.0.0.1", discover=False)
+        self.settle(a.whenReady())
+        self.settle(b.whenReady())
+        return a, self.settle(a.connect("bob"))
+
+    def test_reconnect_replaces_the_live_connection(self) -> None:
+        """
+        reconnect closes the live path and makes a fresh one, pinned to the key
+        the old one proved; with no live path (it was lost) it just connects.
+        """
+        a, first = self.alice_to_bob()
+        second = self.settle(a.reconnect("bob"))
+        self.assertIsNot(second, first)
+        self.assertIs(a.connectionTo("bob"), second)
+        self.assertEqual(second.peer_fingerprint, first.peer_fingerprint)
+        self.assertIsNotNone(self.successResultOf(first.whenLost()))
+        second.close()
+        self.settle(Deferred(), limit=0.5, check=False)
+        self.assertIsNone(a.connectionTo("bob"))
+        third = self.settle(a.reconnect("bob"))
+        self.assertIs(a.connectionTo("bob"), third)
+
+    def test_reconnect_keeps_the_old_pin(self) -> None:
+        """A peer that now shows another key is refused: the old connection's key is the pin."""
+        a, first = self.alice_to_bob()
+        seen: list = []
+        a.connect = lambda peer_id, protocol=None, fingerprint=None: seen.append(fingerprint) or Deferred()
+        a.reconnect("bob")
+        self.assertEqual(seen, [first.peer_fingerprint])
+
     def test_no_retry_when_discovery_found_nothing_new(self) -> None:
         offers = self.mute_bob()
         a = self.peer("alice", "127.0.0.1", discover=False)

@@ -186,6 +186,19 @@ class MemoryNAT:
             self._inside_of[public] = source
         return self.mappings[key]
 
+    def flush(self, first_port: int | None = None) -> None:
+        """
+        Forget every mapping and permission (a conntrack flush, a reboot):
+        the next outbound datagram gets a new mapping, from C{first_port}
+        on when given, and never the port it had (no port preservation).
+        """
+        self.mappings.clear()
+        self._inside_of.clear()
+        self.permissions.clear()
+        self.port_preserving = False
+        if first_port is not None:
+            self._next_port = first_port
+
     def outbound(self, source: Address, dest: Address) -> Address | None:
         """The source a datagram from C{source} to C{dest} leaves with (None: dropped); opens the filter."""
         if source[0] not in self.inside:
