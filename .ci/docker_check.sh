@@ -11,14 +11,20 @@
 #      once: it is kept as natbypass-base:bookworm (REBUILD_BASE=1 remakes it);
 #   4. builds the project's Dockerfile with --build-arg BASE=natbypass-base:bookworm
 #      (the Dockerfile's default stays python:3.11-slim);
-#   5. runs deploy/compose.yaml (mediator and the example peer, host ports chosen
-#      by docker on 127.0.0.1) and checks: a STUN Binding answered over UDP and
-#      over TCP, the signalling greeting, GET /healthz 200 through the published
-#      metrics port, both containers healthy by their HEALTHCHECK, the peer
-#      registered (the mediator's metrics say 1 peer), the processes not root,
-#      the peer's identity key kept in its volume, SIGTERM stopping the mediator
-#      (a peer registered) within 10 s with status 0;
-#   6. removes the stack and its volumes.
+#   5. builds a stand-in for the official redis:7 image (.ci/redis-standin.Dockerfile,
+#      Debian's redis-server on the same base), once, as natbypass-ci-redis:7;
+#   6. runs deploy/compose.yaml with both profiles (Redis, two mediators sharing
+#      it, the example peer; host ports chosen by docker on 127.0.0.1) and
+#      checks: a STUN Binding answered over UDP and over TCP, the signalling
+#      greeting, GET /healthz 200 through the published metrics port (both
+#      mediators), every container healthy by its HEALTHCHECK, the peer
+#      registered (the mediator's metrics say 1 peer), both mediators on Redis,
+#      a session across the mediators (`natbypass connect` registered at
+#      mediator-b reaches the example peer registered at mediator, echoes
+#      included), the processes not root, the peer's identity key kept in its
+#      volume, SIGTERM stopping the mediator (a peer registered) within 10 s
+#      with status 0;
+#   7. removes the stack and its volumes.
 # Prints how long each step took; exits non-zero when a check failed.
 #   bash .ci/docker_check.sh            KEEP=1: leave the stack running
 set -uo pipefail
@@ -26,6 +32,7 @@ cd "$(dirname "$0")/.."
 SRC=$(pwd)
 BASE_IMAGE=natbypass-base:bookworm
 IMAGE=natbypass:ci
+REDIS_IMAGE=natbypass-ci-redis:7
 PROJECT=natbypass-ci
 WORK=$(mktemp -d /tmp/natbypass-docker-XXXXXX)
 FAILED=0
@@ -43,7 +50,7 @@ compose() { "${COMPOSE[@]}" -p "$PROJECT" -f "$SRC/deploy/compose.yaml" "$@"; }
 
 cleanup() {
   if [ "${KEEP:-0}" != 1 ] && [ -n "${COMPOSE:-}" ]; then
-    compose --profile peer down -v --remove-orphans >/dev/null 2>&1
+    compose --profile peer --profile cluster down -v --remove-orphans >/dev/null 2>&1
   fi
   if [ -n "$DOCKERD_PID" ] && [ "${KEEP:-0}" != 1 ]; then
     kill "$DOCKERD_PID" 2>/dev/null
@@ -109,25 +116,43 @@ docker build --network host --build-arg BASE="$BASE_IMAGE" "${proxy_args[@]}" -t
 echo "docker-check: $(docker image inspect -f '{{.Id}} {{.Size}} bytes, user {{.Config.User}}, entrypoint {{.Config.Entrypoint}} cmd {{.Config.Cmd}}' "$IMAGE")"
 took image
 
+step "Redis image $REDIS_IMAGE (stand-in for redis:7)"
+if [ "${REBUILD_BASE:-0}" = 1 ] || ! docker image inspect "$REDIS_IMAGE" >/dev/null 2>&1; then
+  docker build --network host --build-arg BASE="$BASE_IMAGE" "${proxy_args[@]}" -t "$REDIS_IMAGE" \
+    -f "$SRC/.ci/redis-standin.Dockerfile" "$SRC/.ci" >"$WORK/redis-build.log" 2>&1 \
+    || { tail -n 30 "$WORK/redis-build.log" >&2; die "building the Redis stand-in failed"; }
+else
+  echo "docker-check: $REDIS_IMAGE exists (REBUILD_BASE=1 remakes it)"
+fi
+echo "docker-check: $(docker run --rm --network none "$REDIS_IMAGE" redis-server --version)"
+took "Redis image"
+
 step "compose stack up"
-export NATBYPASS_IMAGE=$IMAGE NATBYPASS_BASE=$BASE_IMAGE NATBYPASS_PUBLIC_IP=127.0.0.1
-export NATBYPASS_STUN_PORT= NATBYPASS_SIGNAL_PORT= NATBYPASS_METRICS_PORT=  # empty: docker picks free ports
-compose --profile peer up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; die "compose up failed"; }
+export NATBYPASS_IMAGE=$IMAGE NATBYPASS_BASE=$BASE_IMAGE NATBYPASS_REDIS_IMAGE=$REDIS_IMAGE NATBYPASS_PUBLIC_IP=127.0.0.1
+# Empty: docker picks free ports.
+export NATBYPASS_STUN_PORT= NATBYPASS_SIGNAL_PORT= NATBYPASS_METRICS_PORT=
+export NATBYPASS_B_STUN_PORT= NATBYPASS_B_SIGNAL_PORT= NATBYPASS_B_METRICS_PORT=
+compose --profile peer --profile cluster up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; die "compose up failed"; }
+redis=$(compose ps -q redis)
 mediator=$(compose ps -q mediator)
+mediator_b=$(compose ps -q mediator-b)
 peer=$(compose ps -q peer)
-[ -n "$mediator" ] && [ -n "$peer" ] || die "compose did not start both services"
-port() { docker port "$mediator" "$1" | grep -m1 -o '[0-9]*$'; }
-stun_udp=$(port 3478/udp) stun_tcp=$(port 3478/tcp) signal=$(port 7000/tcp) metrics=$(port 9100/tcp)
-echo "docker-check: published on 127.0.0.1: STUN udp $stun_udp tcp $stun_tcp, signalling $signal, metrics $metrics"
+[ -n "$redis" ] && [ -n "$mediator" ] && [ -n "$mediator_b" ] && [ -n "$peer" ] || die "compose did not start all four services"
+port() { docker port "$1" "$2" | grep -m1 -o '[0-9]*$'; }
+stun_udp=$(port "$mediator" 3478/udp) stun_tcp=$(port "$mediator" 3478/tcp)
+signal=$(port "$mediator" 7000/tcp) metrics=$(port "$mediator" 9100/tcp)
+signal_b=$(port "$mediator_b" 7000/tcp) metrics_b=$(port "$mediator_b" 9100/tcp)
+echo "docker-check: published on 127.0.0.1: STUN udp $stun_udp tcp $stun_tcp, signalling $signal, metrics $metrics;" \
+  "mediator-b: signalling $signal_b, metrics $metrics_b"
 took "compose up"
 
 step "checks"
 # The STUN codec from the source tree (standard library only), as .ci/readme.py does.
-PYTHONPATH="$SRC" python3 - "$stun_udp" "$stun_tcp" "$signal" "$metrics" <<'EOF' || fail "service checks (above)"
+PYTHONPATH="$SRC" python3 - "$stun_udp" "$stun_tcp" "$signal" "$metrics" "$signal_b" "$metrics_b" <<'EOF' || fail "service checks (above)"
 import json, os, socket, sys, time, urllib.request
 from natbypass.stun.message import Message, MessageClass, Method, XorMappedAddress, decode
 
-stun_udp, stun_tcp, signal, metrics = (int(a) for a in sys.argv[1:])
+stun_udp, stun_tcp, signal, metrics, signal_b, metrics_b = (int(a) for a in sys.argv[1:])
 HOST, DEADLINE = "127.0.0.1", time.monotonic() + 60
 failed = []
 
@@ -161,8 +186,8 @@ def binding(kind):
     assert reply.transaction_id == request.transaction_id and reply.cls == MessageClass.SUCCESS, reply
     return reply.get(XorMappedAddress)
 
-def greeting():
-    with socket.create_connection((HOST, signal), timeout=2) as s:
+def greeting(port=signal):
+    with socket.create_connection((HOST, port), timeout=2) as s:
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(4096)
@@ -173,14 +198,23 @@ def greeting():
     assert hello.get("op") == "hello", hello
     return hello
 
-def get(path):
-    with urllib.request.urlopen(f"http://{HOST}:{metrics}{path}", timeout=3) as r:
+def get(path, port=metrics):
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=3) as r:
         return r.status, r.read().decode()
 
+def gauge(name, port=metrics):
+    status, text = get("/metrics", port)
+    line = next(l for l in text.splitlines() if l.startswith(name + " "))
+    return line, float(line.split()[1])
+
 def one_peer():
-    status, text = get("/metrics")
-    line = next(l for l in text.splitlines() if l.startswith("natbypass_mediator_peers "))
-    assert float(line.split()[1]) == 1.0, line
+    line, value = gauge("natbypass_mediator_peers")
+    assert value == 1.0, line
+    return line
+
+def on_redis(port):
+    line, value = gauge("natbypass_mediator_cluster_available", port)
+    assert value == 1.0, line
     return line
 
 for what, attempt in [
@@ -188,7 +222,11 @@ for what, attempt in [
     ("STUN Binding over TCP", lambda: binding(socket.SOCK_STREAM)),
     ("signalling greeting", greeting),
     ("GET /healthz", lambda: get("/healthz")),
+    ("mediator-b: signalling greeting", lambda: greeting(signal_b)),
+    ("mediator-b: GET /healthz", lambda: get("/healthz", metrics_b)),
     ("the example peer registered", one_peer),
+    ("mediator on Redis", lambda: on_redis(metrics)),
+    ("mediator-b on Redis", lambda: on_redis(metrics_b)),
 ]:
     started = time.monotonic()
     result = retry(what, attempt)
@@ -199,7 +237,20 @@ if failed:
 sys.exit(1 if failed else 0)
 EOF
 
-for name in mediator peer; do
+# A session across the two mediators: a peer registered at mediator-b (run in the
+# example peer's container, a key of its own on the tmpfs) connects to "example",
+# registered at mediator; the offer and the session travel through Redis.
+t0=$EPOCHREALTIME
+if docker exec "$peer" natbypass connect --mediator tcp:mediator-b:7000 --id ci-probe --peer example \
+    --identity /tmp/ci-probe.pem --no-discovery --count 3 --interval 0.1 --json >"$WORK/connect.json" 2>"$WORK/connect.err"; then
+  echo "docker-check: ok: a session across the mediators ($(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}') s): $(tr -d '\n' <"$WORK/connect.json" | cut -c1-300)"
+else
+  fail "natbypass connect through mediator-b to the peer at mediator: $(tail -n 5 "$WORK/connect.err")"
+fi
+offers_remote=$(curl -sf "http://127.0.0.1:$metrics_b/metrics" 2>/dev/null | grep -m1 'remote' || true)
+[ -n "$offers_remote" ] && echo "docker-check: mediator-b's metrics: $offers_remote"
+
+for name in redis mediator mediator_b peer; do
   id=${!name}
   status=
   for _ in $(seq 90); do
@@ -232,7 +283,9 @@ if [ "$identity" = "600 natbypass" ]; then
 else
   fail "the peer's identity key: $identity"
 fi
-if docker logs "$mediator" 2>&1 | grep -q Traceback; then fail "a traceback in the mediator's log"; fi
+for name in mediator mediator_b; do
+  if docker logs "${!name}" 2>&1 | grep -q Traceback; then fail "a traceback in $name's log"; fi
+done
 took checks
 
 step "SIGTERM (the example peer still registered)"

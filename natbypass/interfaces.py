@@ -186,6 +186,14 @@ class IPeer(Interface):
         in order of preference; see C{docs/selection.md}.
         """
 
+    def reconnect(peer_id: str, protocol=None, fingerprint=None):
+        """
+        Open a fresh path to C{peer_id} (after the old one was lost, say):
+        closes the live connection to it, if any, and connects again; the
+        peer must prove the key the old connection proved unless
+        C{fingerprint} says otherwise.  Fires like C{connect}.
+        """
+
     def listen(handler: IIncomingHandler) -> None:
         """Hand connections that other peers open to us to C{handler}."""
 

@@ -221,6 +221,12 @@ class MediatorCollector:
             "natbypass_stun_workers_ready", "STUN worker processes answering now.", value=stun.workers_ready()
         )
         yield GaugeMetricFamily("natbypass_stun_workers", "STUN worker processes configured.", value=stun.workers)
+        yield GaugeMetricFamily(
+            "natbypass_stun_udp_answering",
+            "1 while STUN over UDP is answered (by the mediator process until the workers are ready, then by at "
+            "least one worker); 0: every worker is down, /healthz says why.",
+            value=1 if stun.udp_answering() else 0,
+        )
         yield CounterMetricFamily(
             "natbypass_stun_worker_restarts",
             "STUN worker processes started again after they ended.",
@@ -251,6 +257,17 @@ def _cluster(status: dict[str, Any]) -> Iterator[Metric]:
         "Times the connection to Redis was made again after it was lost.",
         value=status.get("cluster_reconnects", 0),
     )
+    failures = CounterMetricFamily(
+        "natbypass_mediator_cluster_connect_failures",
+        "Connections to Redis that could not be set up, by reason: auth (user or password refused), "
+        "tls (certificate not trusted or not naming the host), closed (the log says more).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(
+        {"auth": 0, "tls": 0, "closed": 0, **status.get("cluster_connect_failures", {})}.items()
+    ):
+        failures.add_metric([reason], count)
+    yield failures
 
 
 def _outcome_labels(text: str) -> list[str]:
@@ -390,7 +407,8 @@ class EventLoopLag:
 class MediatorHealth:
     """
     The mediator is healthy when the STUN responder and the signalling
-    listener are up.  Called at every probe; it watches the signalling
+    listener are up (with C{--stun-workers}: and at least one worker answers
+    UDP once they took it over).  Called at every probe; it watches the signalling
     service's C{whenListening} once per run of that service.
     """
 
@@ -408,6 +426,10 @@ class MediatorHealth:
         problems = []
         if self.stun is not None and not self.stun.running:
             problems.append("the STUN responder is not listening")
+        elif self.stun is not None and hasattr(self.stun, "workers_down"):
+            down = self.stun.workers_down()  # --stun-workers: UDP is theirs once handed over
+            if down is not None:
+                problems.append(down)
         if self.signal is not None and not self._signal_up():
             problems.append("the signalling listener is not up")
         return problems

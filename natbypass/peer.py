@@ -41,9 +41,10 @@ from natbypass._deprecate import deprecated_alias
 from natbypass.address import is_wildcard
 from natbypass.identity import Fingerprint, FingerprintError, Identity
 from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerConnection, IStreamHandler
+from natbypass.names import resolve_address
 from natbypass.nat import NatSummary
 from natbypass.portmap import MappingError, PortMapper, PortMapping
-from natbypass.punch import birthday, candidates, race, tcp
+from natbypass.punch import birthday, candidates, families, race, tcp
 from natbypass.punch.candidates import LocalNetworks, PortRange, ProbeBudget, TokenBucket
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchFailed, PunchSession
@@ -126,6 +127,15 @@ class PeerConfig:
     birthday_sockets: int = birthday.BIRTHDAY_SOCKETS
     birthday_rate: float = birthday.BIRTHDAY_RATE
     birthday_probes: int = birthday.BIRTHDAY_PROBES
+    #: Dual stack: punch from IPv6 sockets as well (on C{bind_host6}), offer
+    #: IPv6 host candidates and race the families (IPv6 first, IPv4
+    #: C{family_head_start} later: L{families}).
+    ipv6: bool = False
+    #: Where the IPv6 sockets bind (C{::}: every IPv6 address, all offered as host candidates).
+    bind_host6: str = "::"
+    #: The IPv6 STUN server that maps the IPv6 ports (None: host candidates only).
+    stun6: Address | None = None
+    family_head_start: float = families.FAMILY_HEAD_START
 
 
 @dataclass(frozen=True)
@@ -208,10 +218,12 @@ class TCPPort:
 
 @dataclass
 class Ports:
-    """The UDP socket and TCP port one session punches from."""
+    """The UDP socket and TCP port one session punches from (and, dual stack, the IPv6 ones)."""
 
     udp: UDPSocket
     tcp: TCPPort
+    udp6: UDPSocket | None = None
+    tcp6: TCPPort | None = None
 
 
 @dataclass
@@ -358,6 +370,10 @@ class Peer(MultiService):
             "udp": defer.ensureDeferred(self._learn_one(self._main.udp, "UDP")),
             "tcp": defer.ensureDeferred(self._learn_one(self._main.tcp, "TCP")),
         }
+        if self.config.stun6 is not None:  # IPv6 has no NAT to discover: its mappings only
+            for name, port in (("udp6", self._main.udp6), ("tcp6", self._main.tcp6)):
+                if port is not None:
+                    self._learned[name] = defer.ensureDeferred(self._learn_ipv6(port, name.upper()))
         self._learned["udp"].addCallback(self._start_discovery)
         for learned in self._learned.values():
             learned.addCallback(lambda _: self._publish())
@@ -387,16 +403,36 @@ class Peer(MultiService):
         cfg = self.config
         udp = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host)
         try:
-            return Ports(udp, TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host, self._reserve_tcp_port))
+            ports = Ports(udp, TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host, self._reserve_tcp_port))
         except BaseException:
             udp.close()
             raise
+        if cfg.ipv6:
+            try:
+                ports.udp6 = UDPSocket(self.reactor, self.clock, cfg.port_range, cfg.bind_host6)
+                ports.tcp6 = TCPPort(self.reactor, self.clock, cfg.port_range, cfg.bind_host6, self._reserve_tcp_port)
+            except (OSError, CannotListenError, candidates.CandidateError) as e:
+                # No IPv6 here (or no free port): go on with IPv4 alone.
+                self.log.warn("peer {peer_id}: no IPv6 ports ({error}); IPv4 only", peer_id=self.peer_id, error=e)
+                if ports.udp6 is not None:
+                    ports.udp6.close()
+                ports.udp6 = ports.tcp6 = None
+        return ports
 
     async def _learn_one(self, port: UDPSocket | TCPPort, what: str) -> None:
         try:
+            self.stun_server = await resolve_address(self.reactor, self.stun_server)  # a name: its address
             await port.learn(self.stun_server, self.config.stun_timeout)
         except NETWORK_ERRORS as e:  # no answer: go on without; a bug fails the connects that wait for it
             self.log.warn("no {what} mapping from {server}: {error}", what=what, server=self.stun_server, error=e)
+
+    async def _learn_ipv6(self, port: UDPSocket | TCPPort, what: str) -> None:
+        """L{_learn_one} of an IPv6 port, from the IPv6 STUN server (C{PeerConfig.stun6})."""
+        assert self.config.stun6 is not None
+        try:
+            await port.learn(self.config.stun6, self.config.stun_timeout)
+        except NETWORK_ERRORS as e:  # IPv6 may well not work here: the peer goes on with IPv4
+            self.log.warn("no {what} mapping from {server}: {error}", what=what, server=self.config.stun6, error=e)
 
     def _discover(self) -> Deferred[Any]:
         local = (route_source_address(self.stun_server), self.local_udp_address()[1])
@@ -450,8 +486,7 @@ class Peer(MultiService):
             main = self._main
 
             def release(result: Any) -> Any:
-                main.tcp.close()
-                return main.udp.close()
+                return _close_ports(main)
 
             drained.addCallback(release)
         return drained
@@ -521,6 +556,8 @@ class Peer(MultiService):
         assert ports is not None, "start the service first"
         cands: list[Candidate] = []
         hosts = self.host_addresses if self.config.reveal_host_candidates else []
+        # Dual stack: IPv6 addresses only with the IPv6 ports (none when those could not be bound).
+        hosts6, hosts = families.split_hosts(hosts) if self.config.ipv6 else ([], hosts)
         cands += [Candidate("host", h, ports.udp.local[1]) for h in hosts]
         cands += self._mapping_candidates(ports, "udp")
         if ports.udp.mapped is not None:
@@ -529,6 +566,7 @@ class Peer(MultiService):
         cands += self._mapping_candidates(ports, "tcp")
         if ports.tcp.mapped is not None:
             cands.append(Candidate("tcp-srflx", *ports.tcp.mapped))
+        cands += _ipv6_candidates(ports, hosts6[: families.MAX_HOSTS6])
         unique = {(c.protocol, c.host, c.port): c for c in reversed(cands)}
         return Description(tuple(reversed(unique.values())), self.nat, self.wish if wish is None else wish)
 
@@ -578,6 +616,7 @@ class Peer(MultiService):
                 cands += self._mapping_candidates(main, protocol)
                 if port.mapped is not None:  # what STUN saw, even where it is our own (public) address
                     cands.append(Candidate("srflx" if protocol == "udp" else "tcp-srflx", *port.mapped))
+            cands += _ipv6_candidates(main, [])
         unique = tuple({(c.protocol, c.host, c.port): c for c in cands if c.kind in PUBLISHABLE_KINDS}.values())
         return Description(unique[:MAX_PUBLISHED], self.nat, self.wish)
 
@@ -625,12 +664,17 @@ class Peer(MultiService):
         wildcard = is_wildcard(cfg.bind_host)
         try:
             entries = candidates.read_interface_addresses()
-            hosts = candidates.usable_addresses(entries, include_loopback=cfg.loopback_candidates)
+            hosts = candidates.usable_addresses(
+                entries, include_loopback=cfg.loopback_candidates, families=("inet", "inet6") if cfg.ipv6 else ("inet",)
+            )
         except candidates.CandidateError as e:
             if wildcard:
                 self.log.warn("no host candidates: {error}", error=e)
             entries, hosts = [], []
-        self.host_addresses = hosts if wildcard else [cfg.bind_host]
+        own = hosts if wildcard else [cfg.bind_host]
+        if cfg.ipv6 and not is_wildcard(cfg.bind_host6):
+            own = [h for h in own if ":" not in h] + [cfg.bind_host6]
+        self.host_addresses = own
         self.local_networks = LocalNetworks.of(
             entries, None if wildcard else cfg.bind_host, loopback=cfg.loopback_candidates
         )
@@ -656,7 +700,8 @@ class Peer(MultiService):
     async def _connect(self, peer_id: str, wish: tuple[str, ...], pin: Fingerprint | None = None) -> IPeerConnection:
         # Only the mappings of the protocols we may use: a UDP-only connect
         # does not wait for STUN over TCP (two round trips).
-        await defer.gatherResults([_follow(self._learned[p]) for p in (wish or selection.PROTOCOLS)])
+        wanted = wish or selection.PROTOCOLS
+        await defer.gatherResults([_follow(d) for p, d in self._learned.items() if p.rstrip("6") in wanted])
         offered = self.nat
         try:
             return await self._introduce(peer_id, wish, pin)
@@ -741,7 +786,7 @@ class Peer(MultiService):
         if self.nat.port_delta is None:
             return main
         cfg = self.config
-        ports = Ports(main.udp, main.tcp)
+        ports = Ports(main.udp, main.tcp, main.udp6, main.tcp6)  # no NAT66: IPv6 keeps the main ports
         try:
             for protocol in reversed(wish or ("udp", "tcp")):
                 if protocol == "tcp":
@@ -788,6 +833,22 @@ class Peer(MultiService):
     def connectionTo(self, peer_id: str) -> IPeerConnection | None:
         """The live connection to C{peer_id} that C{openStream} would use, if any."""
         return self._by_peer.get(peer_id)
+
+    def reconnect(
+        self, peer_id: str, protocol: str | Sequence[str] | None = None, fingerprint: Fingerprint | str | None = None
+    ) -> Deferred[IPeerConnection]:
+        """
+        A fresh path to C{peer_id}, as after its loss (see docs/streams.md,
+        "Path migration"): the live connection, if any, is closed first; the
+        peer must prove C{fingerprint}, by default the key the old connection
+        proved (else as L{connect}).
+        """
+        old = self._by_peer.get(peer_id)
+        if old is not None:
+            if fingerprint is None:
+                fingerprint = old.peer_fingerprint
+            old.close()
+        return self.connect(peer_id, protocol, fingerprint)
 
     def serve(self, service: str, factory: Any) -> ServicePort:
         frames.valid_service(service)
@@ -1060,7 +1121,8 @@ class Peer(MultiService):
         local = self._screening_networks()
         srflx_kept: dict[str, list[Address]] = {}
 
-        def targets(protocol: str) -> list[Address]:
+        def targets(protocol: str) -> tuple[list[Address], list[Address]]:
+            """The peer's (IPv6, IPv4) addresses for C{protocol}, screened and in probing order."""
             nonlocal over_cap
             srflx = [
                 (c.host, c.port)
@@ -1072,13 +1134,15 @@ class Peer(MultiService):
             srflx_kept[protocol] = list(kept.srflx)
             refused.extend(f"{protocol} {host!a} port {port}: {why}" for (host, port), why in kept.refused)
             over_cap += kept.over_cap
-            return candidates.remote_addresses(
-                kept.srflx, kept.hosts, predict_delta=delta, max_predicted=candidates.MAX_PREDICTED
+            (srflx6, srflx4), (hosts6, hosts4) = families.split(kept.srflx), families.split(kept.hosts)
+            return (
+                candidates.remote_addresses(srflx6, hosts6),  # IPv6 is not translated: no ports to predict
+                candidates.remote_addresses(
+                    srflx4, hosts4, predict_delta=delta, max_predicted=candidates.MAX_PREDICTED
+                ),
             )
 
-        attempts: dict[str, Callable[[], Deferred[IPeerConnection]]] = {}
-        udp_targets, tcp_targets = targets("udp"), targets("tcp")
-        srflx = srflx_kept
+        (udp6, udp4), (tcp6, tcp4) = targets("udp"), targets("tcp")
         if refused or over_cap:
             # Once per session, whatever the peer (or the mediator) listed.
             self.log.warn(
@@ -1090,28 +1154,45 @@ class Peer(MultiService):
                 over_cap=over_cap,
                 limit=candidates.MAX_CANDIDATES_PER_PROTOCOL,
             )
-        if udp_targets:
-            attempts["udp"] = self._udp_attempt(
-                psession, ports, udp_targets, srflx["udp"], remote, security, start_delay
-            )
-        if tcp_targets and ports.tcp.socket is not None:
-            attempts["tcp"] = lambda: tcp.punch_tcp(
+
+        def tcp_(port: TCPPort | None, to: list[Address]) -> families.DelayedAttempt | None:
+            if port is None or port.socket is None or not to:
+                return None
+            return lambda delay: tcp.punch_tcp(
                 self.reactor,
                 psession,
-                ports.tcp.local,
-                tcp_targets,
-                start_delay=start_delay,
+                port.local,
+                to,
+                start_delay=delay,
                 window=self.config.punch_timeout,
-                listener=ports.tcp.socket,
+                listener=port.socket,
                 keepalive_interval=self.config.keepalive_interval,
                 security=security,
                 pace=self.pace,
             )
-        for protocol in attempts:
+
+        # Per protocol, IPv6 first and IPv4 after the family head start (happy eyeballs, RFC 8305).
+        # Birthday punching is IPv4's (a NAT's); IPv6 is not translated.
+        srflx4 = families.split(srflx_kept["udp"])[1]
+        v6 = {
+            "udp": self._udp_attempt(ports.udp6, udp6, None, remote, psession, security),
+            "tcp": tcp_(ports.tcp6, tcp6),
+        }
+        v4 = {
+            "udp": self._udp_attempt(ports.udp, udp4, srflx4, remote, psession, security),
+            "tcp": tcp_(ports.tcp, tcp4),
+        }
+        clock, head_start = self.clock, self.config.family_head_start
+        attempts: dict[str, Callable[[], Deferred[IPeerConnection]]] = {}
+        for protocol in ("udp", "tcp"):
+            attempt = families.family_attempt(protocol, v6[protocol], v4[protocol], clock, head_start, start_delay)
+            if attempt is None:
+                continue
             row = selection.feasibility(self.nat, remote.nat, protocol)
-            if row.fail_fast and not self._port_mapped(protocol, remote):
-                # No punch can work on this pair: fail at once with the table's reason.
-                attempts[protocol] = lambda p=protocol, why=row.reason: defer.fail(PunchFailed(p, why))
+            if row.fail_fast and v6[protocol] is None and not self._port_mapped(protocol, remote):
+                # No punch can work on this pair (and no IPv6 to try): fail at once with the table's reason.
+                attempt = lambda p=protocol, why=row.reason: defer.fail(PunchFailed(p, why))  # noqa: E731
+            attempts[protocol] = attempt
         return attempts
 
     def _port_mapped(self, protocol: str, remote: Description) -> bool:
@@ -1122,27 +1203,31 @@ class Peer(MultiService):
 
     def _udp_attempt(
         self,
-        psession: PunchSession,
-        ports: Ports,
+        sock: UDPSocket | None,
         targets: list[Address],
-        srflx: list[Address],
+        srflx: list[Address] | None,
         remote: Description,
+        psession: PunchSession,
         security: ChannelSecurity,
-        start_delay: float,
-    ) -> Callable[[], Deferred[IPeerConnection]]:
-        """The UDP attempt: a plain punch, or our part of a birthday punch (docs/traversal.md)."""
+    ) -> families.DelayedAttempt | None:
+        """
+        The UDP attempt from C{sock} to C{targets}: a plain punch, or (IPv4,
+        C{srflx} given) our part of a birthday punch (docs/traversal.md).
+        """
+        if sock is None or not targets:
+            return None
         cfg = self.config
         schedule = ProbeSchedule(timeout=cfg.punch_timeout)
-        part = selection.feasibility(self.nat, remote.nat, "udp").birthday
+        part = selection.feasibility(self.nat, remote.nat, "udp").birthday if srflx is not None else None
         # A host without NAT (a stateful firewall) lists no srflx apart from its host address.
-        srflx = srflx or targets[:1]
-        if part is None or not srflx or not self._birthday_config.enabled or self._port_mapped("udp", remote):
-            return lambda: punch_udp(
-                ports.udp.punch,
+        aim = srflx or targets[:1]
+        if part is None or not self._birthday_config.enabled or self._port_mapped("udp", remote):
+            return lambda delay: punch_udp(
+                sock.punch,
                 psession,
                 targets,
                 self.clock,
-                start_delay=start_delay,
+                start_delay=delay,
                 schedule=schedule,
                 keepalive_interval=cfg.keepalive_interval,
                 liveness_timeout=cfg.liveness_timeout,
@@ -1150,17 +1235,17 @@ class Peer(MultiService):
                 budget=ProbeBudget(self.clock, self.pace),
             )
 
-        def start() -> Deferred[Any]:
+        def start(delay: float) -> Deferred[Any]:
             quic = QuicSetup.make(security, self.clock, cfg.keepalive_interval, cfg.liveness_timeout)
             budget = ProbeBudget(self.clock, self.pace)
             if part == "probe":
                 return birthday.punch_birthday_probe(
-                    ports.udp.punch, psession, targets, self.clock, srflx[0][0], quic,
-                    start_delay=start_delay, schedule=schedule, config=self._birthday_config, budget=budget,
+                    sock.punch, psession, targets, self.clock, aim[0][0], quic,
+                    start_delay=delay, schedule=schedule, config=self._birthday_config, budget=budget,
                 )  # fmt: skip
             return birthday.punch_birthday_open(
-                self.reactor, self.clock, ports.udp.punch, psession, targets, srflx[0], quic,
-                start_delay=start_delay, schedule=schedule, config=self._birthday_config,
+                self.reactor, self.clock, sock.punch, psession, targets, aim[0], quic,
+                start_delay=delay, schedule=schedule, config=self._birthday_config,
                 bind_host=cfg.bind_host, port_range=cfg.port_range, budget=budget,
             )  # fmt: skip
 
@@ -1169,7 +1254,7 @@ class Peer(MultiService):
             peer=psession.peer_id,
             what="probe random ports of its IP" if part == "probe" else "open extra sockets towards its address",
         )
-        return lambda: self.birthday.run(start)
+        return lambda delay: self.birthday.run(lambda: start(delay))
 
     def _screening_networks(self) -> LocalNetworks:
         """
@@ -1187,6 +1272,30 @@ class Peer(MultiService):
         self._outcomes[(outcome, protocol or "")] += 1
         d = self.signaling.report(session.id, outcome, protocol, (detail or "")[:500] or None)
         d.addErrback(lambda f: self.log.debug("report to the mediator failed: {f.value}", f=f))
+
+
+def _close_ports(ports: Ports) -> Deferred[Any]:
+    """Close every socket of C{ports}; fires when the UDP ones are closed."""
+    for port in (ports.tcp, ports.tcp6):
+        if port is not None:
+            port.close()
+    return defer.gatherResults([u.close() for u in (ports.udp, ports.udp6) if u is not None])
+
+
+def _ipv6_candidates(ports: Ports, hosts6: Sequence[str]) -> list[Candidate]:
+    """
+    The candidates of the IPv6 ports: C{hosts6} (our IPv6 interface
+    addresses) and what the IPv6 STUN server saw (the same address where
+    there is no NAT66, but it proves the address is reachable from outside).
+    """
+    out: list[Candidate] = []
+    for port, host_kind, srflx_kind in ((ports.udp6, "host", "srflx"), (ports.tcp6, "tcp-host", "tcp-srflx")):
+        if port is None:
+            continue
+        out += [Candidate(host_kind, h, port.local[1]) for h in hosts6]
+        if port.mapped is not None:
+            out.append(Candidate(srflx_kind, *port.mapped))
+    return out
 
 
 def _claimed(description: Description, peer_id: str) -> Fingerprint:

@@ -227,6 +227,30 @@ class RoutingTests(SynchronousTestCase):
         self.assertNotIn("alice", c.states[0].peers)
         self.assertEqual(c.redis.get("peer:alice"), "node1")
 
+    def test_max_ids_counts_the_whole_cluster(self) -> None:
+        """--max-ids bounds the ids bound in the cluster (Redis), not per mediator; owners still get in."""
+        c = Cluster(max_ids=2, id_hold=60.0)
+        a = c.peer(0, "a")
+        c.peer(1, "b")
+        ch, _ = c.register(0, "c")
+        (err,) = ch.take()
+        self.assertEqual((err.code, err.error), (503, "too-many-ids"))
+        self.assertIn("cluster holds its maximum of 2 bound ids", err.reason)
+        self.assertEqual(c.states[0].status()["counters"]["errors:too-many-ids"], 1)
+        c.states[0].closed(a[1])  # held, still counted
+        ch, _ = c.register(1, "c")
+        self.assertEqual(ch.take()[0].error, "too-many-ids")
+        c.peer(1, "a")  # its owner is not refused, on either mediator
+
+    def test_max_ids_freed_when_a_hold_ends(self) -> None:
+        c = Cluster(max_ids=1, id_hold=10.0)
+        a = c.peer(0, "a")
+        c.states[0].closed(a[1])
+        ch, _ = c.register(1, "b")
+        self.assertEqual(ch.take()[0].error, "too-many-ids")
+        c.clock.advance(11)
+        c.peer(1, "b")
+
     def test_without_replace_duplicate(self) -> None:
         c = Cluster()
         c.peer(0, "alice")

@@ -42,6 +42,13 @@ def start_redis(sock: str) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
+def stop_redis(p: subprocess.Popen, directory: str) -> None:
+    """Stop a redis-server of ours and remove its temporary directory."""
+    p.terminate()
+    p.wait(10)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def start_mediator(sock: str, log: str) -> tuple[subprocess.Popen, int]:
     """A mediator process; its signalling port read from its log (bound once, port 0)."""
     stun = random.randrange(20000, 60000)
@@ -90,9 +97,7 @@ class ClusterLoopbackTests(TestCase):
             p.terminate()
         for p, _ in self.mediators:
             p.wait(10)
-        self.redis.terminate()
-        self.redis.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        stop_redis(self.redis, self.dir)
 
     def client(self, name: str, *ports: int, identity: Identity | None = None) -> SignalingClient:
         ep = client_endpoint(reactor, ",".join(f"tcp:127.0.0.1:{p}" for p in ports))
@@ -164,3 +169,55 @@ class ClusterLoopbackTests(TestCase):
         else:
             self.fail("the cluster did not recover")
         self.assertEqual(s.peer, "bob")
+
+
+class RedisScriptsTests(TestCase):
+    """The directory's Lua scripts on a real redis-server (Unix socket), in process."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        if REDIS is None:
+            raise SkipTest("redis-server is not installed (apt-get install redis-server)")
+        from natbypass.signaling.cluster import directory_from_url
+
+        self.dir = tempfile.mkdtemp()
+        sock = os.path.join(self.dir, "redis.sock")
+        self.redis = start_redis(sock)
+        self.directories = [directory_from_url(reactor, f"unix://{sock}") for _ in range(2)]
+        for d in self.directories:
+            d.startService()
+        for _ in range(200):
+            if all(d.available for d in self.directories):
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+
+    @defer.inlineCallbacks
+    def tearDown(self) -> Any:
+        for d in self.directories:
+            yield d.stopService()
+        stop_redis(self.redis, self.dir)
+
+    @defer.inlineCallbacks
+    def test_max_ids_across_nodes(self) -> Any:
+        """Two nodes share one count of bound ids; an owner re-claims; a hold's end or a departure frees a slot."""
+        a, b = self.directories
+        claim = lambda d, pid, digest=b"k" * 32, hold=60.0: d.claim(pid, digest, hold, 30.0, False, True, 2)  # noqa: E731
+        self.assertEqual((yield claim(a, "x"))[0], "new")
+        self.assertEqual((yield claim(b, "y"))[0], "new")
+        outcome, n, _ = yield claim(a, "z")
+        self.assertEqual((outcome, n), ("full", 2))
+        self.assertEqual((yield claim(b, "x"))[0], "same", "a bound id's owner is never refused")
+        b.leave("x", 0)  # gone with no hold: its slot is free at once
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((yield claim(a, "z"))[0], "new")
+        outcome, _, _ = yield claim(b, "w")
+        self.assertEqual(outcome, "full")
+        a.leave("z", 0.2)  # held for 0.2 s, then free
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((yield claim(b, "w"))[0], "full")
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual((yield claim(b, "w"))[0], "new")
+        lost = yield b.refresh([("y", b"k" * 32)], 60.0, 30.0)
+        self.assertEqual(lost, [], "refresh renews the count's entry with the binding")

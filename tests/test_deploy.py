@@ -304,10 +304,41 @@ class ComposeTests(SynchronousTestCase):
         self.dockerfile = dockerfile_instructions((ROOT / "Dockerfile").read_text())
 
     def test_services(self) -> None:
-        """The mediator and an example peer; no Redis until something uses it (issue 13)."""
-        self.assertEqual(set(self.services), {"mediator", "peer"})
+        """Redis, a mediator on it, a second one (profile cluster) and an example peer (profile peer)."""
+        self.assertEqual(set(self.services), {"redis", "mediator", "mediator-b", "peer"})
         self.assertEqual(self.services["peer"]["profiles"], ["peer"])
+        self.assertEqual(self.services["mediator-b"]["profiles"], ["cluster"])
         self.assertEqual(self.services["peer"]["depends_on"]["mediator"]["condition"], "service_healthy")
+        for name in ("mediator", "mediator-b"):
+            self.assertEqual(self.services[name]["depends_on"]["redis"]["condition"], "service_healthy", name)
+
+    def test_mediators_share_redis(self) -> None:
+        """Both mediators parse, name the compose Redis and differ only in host ports and state volume."""
+        a, b = self.services["mediator"], self.services["mediator-b"]
+        self.assertEqual(a["command"], b["command"])
+        opts = options("mediator", a["command"][1:])
+        self.assertEqual(opts["redis"], "redis://redis:6379/0")
+        host_ports = [{e.split(":")[1] for e in s["ports"]} for s in (a, b)]
+        self.assertFalse(host_ports[0] & host_ports[1], "the two mediators publish different host ports")
+        self.assertEqual(
+            [e.rsplit(":", 1)[1] for e in a["ports"]], [e.rsplit(":", 1)[1] for e in b["ports"]], "same container ports"
+        )
+        self.assertNotEqual(a["volumes"], b["volumes"])
+
+    def test_redis(self) -> None:
+        """Official image name, not published, data in a volume, health-checked, unprivileged, hardened."""
+        redis = self.services["redis"]
+        self.assertEqual(redis["image"], "redis:7")
+        self.assertNotIn("ports", redis)
+        self.assertIn("redis-data:/data", redis["volumes"])
+        self.assertEqual(redis["command"][0], "redis-server")
+        self.assertIn("--appendonly", redis["command"])
+        self.assertIn("redis-cli ping", " ".join(redis["healthcheck"]["test"]))
+        self.assertEqual(redis["user"], "redis")
+        self.assertEqual(redis["restart"], "unless-stopped")
+        self.assertEqual(redis["cap_drop"], ["ALL"])
+        self.assertIn("no-new-privileges:true", redis["security_opt"])
+        self.assertTrue(redis["read_only"])
 
     def test_mediator_command_and_ports(self) -> None:
         """The command parses; STUN UDP+TCP and signalling published, metrics only on the host's loopback."""
@@ -338,6 +369,8 @@ class ComposeTests(SynchronousTestCase):
     def test_hardening_and_lifecycle(self) -> None:
         image_user = [a for k, a in self.dockerfile if k == "USER"][-1]
         for name, service in self.services.items():
+            if name == "redis":
+                continue  # test_redis
             self.assertEqual(service["user"], image_user, name)
             self.assertEqual(service["restart"], "unless-stopped", name)
             self.assertEqual(service["cap_drop"], ["ALL"], name)

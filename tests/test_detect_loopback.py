@@ -41,6 +41,16 @@ class LoopbackTests(TestCase):
         self.addCleanup(service.stopService)
         return service.config.primary
 
+    def responder6(self):
+        """A single-address responder on ::1 (the test skips where there is no IPv6 loopback)."""
+        try:
+            service = STUNService(reactor, ("::1", 0), None, stats_interval=0)
+            service.startService()
+        except Exception as e:
+            raise self.skipTest(f"no IPv6 loopback here: {e}") from None
+        self.addCleanup(service.stopService)
+        return service.config.primary
+
     @defer.inlineCallbacks
     def detect(self, *argv: str):
         out, err = io.StringIO(), io.StringIO()
@@ -94,19 +104,47 @@ class LoopbackTests(TestCase):
     @defer.inlineCallbacks
     def test_ipv6(self) -> None:
         """Over ::1: a single address, so only what one address can tell."""
-        try:
-            service = STUNService(reactor, ("::1", 0), None, stats_interval=0)
-            service.startService()
-        except Exception as e:
-            raise self.skipTest(f"no IPv6 loopback here: {e}") from None
-        self.addCleanup(service.stopService)
-        host, port = service.config.primary
+        host, port = self.responder6()
         code, out, _ = yield self.detect("--stun", f"[{host}]:{port}", "--json", "--tcp")
         self.assertEqual(code, 0)
         result = json.loads(out)
         self.assertEqual((result["mapping"], result["tcp_mapping"], result["filtering"]), ("none", "none", "unknown"))
         self.assertTrue(result["public_address"].startswith("[::1]:"))
         self.assertEqual(result["public_address"], result["local_address"])
+
+    @defer.inlineCallbacks
+    def test_ipv6_reachability(self) -> None:
+        """
+        --stun6 beside --stun: one Binding over IPv6 says whether IPv6 works
+        and whether it is translated (NAT66); the IPv4 detection is unchanged.
+        """
+        host, port = self.responder()
+        port6 = self.responder6()[1]
+        code, out, err = yield self.detect("--stun", f"{host}:{port}", "--stun6", f"[::1]:{port6}", "--json")
+        self.assertEqual((code, err), (0, ""))
+        result = json.loads(out)
+        self.assertEqual(result["nat_type"], "open")
+        ipv6 = result["ipv6"]
+        self.assertEqual(ipv6["server"], f"[::1]:{port6}")
+        self.assertTrue(ipv6["reachable"])
+        self.assertFalse(ipv6["translated"])
+        self.assertTrue(ipv6["public_address"].startswith("[::1]:"))
+        self.assertEqual(ipv6["public_address"], ipv6["local_address"])
+        code, out, _ = yield self.detect("--stun", f"{host}:{port}", "--stun6", f"[::1]:{port6}")
+        self.assertIn("IPv6:            reachable, not translated (no NAT66)", out)
+
+    @defer.inlineCallbacks
+    def test_ipv6_unreachable_is_reported_not_fatal(self) -> None:
+        """An IPv6 server that does not answer: reported, and the exit status is the IPv4 detection's."""
+        host, port = self.responder()
+        silent = reactor.listenUDP(0, Silent(), interface="::1")
+        self.addCleanup(silent.stopListening)
+        code, out, _ = yield self.detect(
+            "--stun", f"{host}:{port}", "--stun6", f"[::1]:{silent.getHost().port}", "--json", "--timeout", "0.5"
+        )
+        self.assertEqual(code, 0)
+        ipv6 = json.loads(out)["ipv6"]
+        self.assertEqual((ipv6["reachable"], ipv6["public_address"], ipv6["translated"]), (False, None, None))
 
     @defer.inlineCallbacks
     def test_unreachable(self) -> None:

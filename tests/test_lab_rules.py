@@ -128,3 +128,52 @@ class PlanPropertyTests(SynchronousTestCase):
         names = [w.iface for w in p.wan_links] + ports + [l.bridge_port for l in p.lan_links]
         self.assertTrue(all(0 < len(n) <= 15 for n in names))
         self.assertEqual(len(p.lan_links), sum(s.hosts for s in spec.sites if s.kind.value == "nat"))
+
+
+class IPv6PlanTests(SynchronousTestCase):
+    def test_ipv4_lab_has_no_ipv6(self) -> None:
+        """A spec without IPv6 sites plans no IPv6 anywhere (the lab stays as it was)."""
+        lab = plan(parse_spec({"sites": {"a": "full-cone", "b": "firewall"}}), "nbl000001")
+        self.assertEqual([n.addresses6 for n in lab.nodes if n.addresses6], [])
+        self.assertEqual(lab.routes6(), ())
+
+    def test_dual_and_v6_sites(self) -> None:
+        """Benchmarking addresses (2001:2::/48), the mediator's two, and routes to the dual-stack LANs."""
+        spec = parse_spec(
+            {"sites": {"a": {"nat": "full-cone", "ip": "dual", "hosts": 2}, "b": {"kind": "firewall", "ip": "v6"}}}
+        )
+        lab = plan(spec, "nbl000001")
+        self.assertEqual(lab.mediator.addresses6, ("2001:2::2", "2001:2::3"))
+        a, b = lab.sites
+        self.assertEqual((a.public_ip, a.public_ip6, a.lan_net6), ("198.18.1.1", "2001:2::1:1", "2001:2:0:1::/64"))
+        self.assertEqual([h.addresses6 for h in a.hosts], [("2001:2:0:1::2",), ("2001:2:0:1::3",)])
+        self.assertEqual({h.gateway6 for h in a.hosts}, {"2001:2:0:1::1"})
+        self.assertEqual((b.public_ip, b.public_ip6), (None, "2001:2::1:2"))
+        self.assertEqual(b.border.addresses, ("2001:2::1:2/64",))
+        self.assertEqual(
+            set(lab.routes6()),
+            {
+                (lab.mediator.netns, "2001:2:0:1::/64", "2001:2::1:1"),
+                (b.border.netns, "2001:2:0:1::/64", "2001:2::1:1"),
+            },
+        )
+        for node in lab.nodes:
+            for addr in node.addresses6:
+                self.assertTrue(addr.startswith("2001:2:"), addr)
+
+    def test_firewall6(self) -> None:
+        """The dual-stack NAT's own ip6 table: replies in, new inbound flows dropped or rejected, ND allowed."""
+        drop = rules.firewall6_ruleset(Inbound.DROP, "wan0")
+        self.assertIn(f"table ip6 {rules.TABLE6}", drop)
+        self.assertIn("ct state established,related accept", drop)
+        self.assertIn('iifname "wan0" ct state new drop', drop)
+        self.assertIn("nd-neighbor-solicit", drop)
+        reject = rules.firewall6_ruleset(Inbound.REJECT, "wan0")
+        self.assertIn("reject with icmpv6 type port-unreachable", reject)
+        self.assertIn("reject with tcp reset", reject)
+
+    def test_firewall_rejects_both_families(self) -> None:
+        """The inet firewall's reject has no IPv4-only ICMP type (which would let IPv6 through)."""
+        fw = rules.firewall_ruleset(Inbound.REJECT, "wan0")
+        self.assertNotIn("icmp type", fw)
+        self.assertIn('iifname "wan0" reject\n', fw)

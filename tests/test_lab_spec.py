@@ -14,6 +14,7 @@ from natbypass.lab.spec import (
     PRESETS,
     FilteringRule,
     Inbound,
+    IpVersion,
     LabSpec,
     LabSpecError,
     MappingRule,
@@ -113,3 +114,37 @@ class RoundTripTests(SynchronousTestCase):
         """The canonical JSON of a spec parses back to the same spec, also through text."""
         self.assertEqual(parse_spec(spec_to_json(spec)), spec)
         self.assertEqual(loads(json.dumps(spec_to_json(spec))), spec)
+
+
+class IpVersionTests(SynchronousTestCase):
+    def test_default_is_ipv4(self) -> None:
+        """Without C{ip} a site is IPv4 only, and its canonical JSON has no C{ip} field."""
+        spec = loads("a=firewall,b=full-cone")
+        self.assertEqual({s.ip for s in spec.sites}, {IpVersion.V4})
+        self.assertFalse(spec.ipv6)
+        self.assertNotIn("ip", json.dumps(spec_to_json(spec)))
+
+    def test_ipv6_sites(self) -> None:
+        """Firewall and open sites may be IPv6 only or dual stack; NAT sites dual stack."""
+        spec = parse_spec(
+            {
+                "sites": {
+                    "a": {"kind": "firewall", "ip": "v6"},
+                    "b": {"kind": "open", "ip": "dual"},
+                    "c": {"nat": "full-cone", "ip": "dual"},
+                }
+            }
+        )
+        self.assertEqual([s.ip for s in spec.sites], [IpVersion.V6, IpVersion.DUAL, IpVersion.DUAL])
+        self.assertTrue(spec.ipv6)
+        self.assertEqual(spec_to_json(spec)["sites"]["c"]["ip"], "dual")
+
+    def test_nat_site_without_ipv4(self) -> None:
+        """An IPv6-only NAT site would be NAT66, which the lab does not build: refused, saying so."""
+        e = self.assertRaises(LabSpecError, parse_spec, {"sites": {"a": {"nat": "full-cone", "ip": "v6"}}})
+        self.assertIn("sites.a.ip", str(e))
+        self.assertIn("not NATed", str(e))
+
+    def test_bad_ip(self) -> None:
+        e = self.assertRaises(LabSpecError, parse_spec, {"sites": {"a": {"kind": "firewall", "ip": "v5"}}})
+        self.assertIn("sites.a.ip", str(e))

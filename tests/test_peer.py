@@ -11,14 +11,18 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.app.echo import EchoHandler
 from natbypass.nat import NatSummary
 from natbypass.peer import Peer
+from natbypass.punch.candidates import PortRange
 from natbypass.punch.race import AllAttemptsFailed
 from natbypass.signaling.client import SignalingClient
 from natbypass.signaling.wire import Candidate, Description
+from natbypass.stun.server import STUNService
 from natbypass.testing.mediator import MemoryMediator
 
 STUN = MemoryMediator.stun_address
@@ -109,6 +113,40 @@ class PeerInMemoryTests(SynchronousTestCase):
         self.assertEqual(offers[1].nat, a.nat)
         self.assertEqual(str(a.nat.mapping), "none")
 
+    def alice_to_bob(self) -> tuple[Peer, Any]:
+        """Alice, and her connection to bob (an echo peer)."""
+        b = self.peer("bob", "127.0.0.3", discover=False)
+        b.listen(EchoHandler())
+        a = self.peer("alice", "127.0.0.1", discover=False)
+        self.settle(a.whenReady())
+        self.settle(b.whenReady())
+        return a, self.settle(a.connect("bob"))
+
+    def test_reconnect_replaces_the_live_connection(self) -> None:
+        """
+        reconnect closes the live path and makes a fresh one, pinned to the key
+        the old one proved; with no live path (it was lost) it just connects.
+        """
+        a, first = self.alice_to_bob()
+        second = self.settle(a.reconnect("bob"))
+        self.assertIsNot(second, first)
+        self.assertIs(a.connectionTo("bob"), second)
+        self.assertEqual(second.peer_fingerprint, first.peer_fingerprint)
+        self.assertIsNotNone(self.successResultOf(first.whenLost()))
+        second.close()
+        self.settle(Deferred(), limit=0.5, check=False)
+        self.assertIsNone(a.connectionTo("bob"))
+        third = self.settle(a.reconnect("bob"))
+        self.assertIs(a.connectionTo("bob"), third)
+
+    def test_reconnect_keeps_the_old_pin(self) -> None:
+        """A peer that now shows another key is refused: the old connection's key is the pin."""
+        a, first = self.alice_to_bob()
+        seen: list = []
+        a.connect = lambda peer_id, protocol=None, fingerprint=None: seen.append(fingerprint) or Deferred()
+        a.reconnect("bob")
+        self.assertEqual(seen, [first.peer_fingerprint])
+
     def test_no_retry_when_discovery_found_nothing_new(self) -> None:
         offers = self.mute_bob()
         a = self.peer("alice", "127.0.0.1", discover=False)
@@ -158,3 +196,66 @@ class PeerInMemoryTests(SynchronousTestCase):
         d = a.whenReady()
         d.cancel()
         self.failureResultOf(d, CancelledError)
+
+
+class DualStackInMemoryTests(SynchronousTestCase):
+    """C{PeerConfig(ipv6=True)}: IPv6 ports beside the IPv4 ones, IPv6 candidates, and an IPv6 path preferred."""
+
+    STUN6 = ("2001:db8::53", 3478)
+
+    def setUp(self) -> None:
+        self.m = MemoryMediator()
+        self.addCleanup(self.m.stop)
+        self.stun6 = STUNService(self.m.reactor, self.STUN6, None, stats_interval=0)
+        self.stun6.startService()
+        self.addCleanup(self.stun6.stopService)
+        self.m.stun_ports |= {self.STUN6}
+
+    def peer(self, name: str, host: str, host6: str | None, **config: Any) -> Peer:
+        if host6 is not None:
+            config.update(ipv6=True, bind_host6=host6, stun6=self.STUN6)
+        return self.m.peer(name, host, "udp", discover=False, **config)
+
+    def test_ports_and_candidates(self) -> None:
+        a = self.peer("alice", "127.0.0.1", "2001:db8::1")
+        self.m.settle(a.whenReady())
+        udp6 = [p for p in self.m.peer_ports() if ":" in p[0]]
+        self.assertEqual([h for h, _ in udp6], ["2001:db8::1"])
+        offered = {(c.kind, c.host) for c in a.description().candidates}
+        # No NAT66: the IPv6 srflx equals the host candidate, which is offered once.
+        self.assertLessEqual({("host", "2001:db8::1"), ("tcp-host", "2001:db8::1"), ("host", "127.0.0.1")}, offered)
+        self.assertIn(("srflx", "2001:db8::1"), {(c.kind, c.host) for c in a.publication().candidates})
+        self.m.settle(a.stopService())
+        self.assertEqual(self.m.peer_ports(), set())
+        self.assertEqual(self.m.reactor.open_tcp_sockets(), [])
+
+    def test_no_ipv6_ports_means_ipv4_only(self) -> None:
+        """IPv6 ports that cannot be bound (no IPv6 here, or none free) leave a working IPv4-only peer."""
+        for port in range(41000, 41004):
+            self.m.reactor.taken.add(("tcp", "2001:db8::1", port))
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        a = self.peer("alice", "127.0.0.1", "2001:db8::1", port_range=PortRange(41000, 41003))
+        self.m.settle(a.whenReady())
+        self.assertEqual({h for h, _ in self.m.peer_ports()}, {"127.0.0.1"})
+        self.assertFalse([c for c in a.description().candidates if ":" in c.host])
+        self.assertTrue(any("no IPv6 ports" in str(e.get("log_format")) for e in observer))
+
+    def test_prefers_ipv6(self) -> None:
+        b = self.peer("bob", "127.0.0.3", "2001:db8::3")
+        b.listen(EchoHandler())
+        a = self.peer("alice", "127.0.0.1", "2001:db8::1")
+        self.m.settle(a.whenReady())
+        self.m.settle(b.whenReady())
+        conn = self.m.settle(a.connect("bob"))
+        self.assertEqual(conn.remote_address.host, "2001:db8::3")
+        self.assertEqual(conn.local_address.host, "2001:db8::1")
+
+    def test_ipv4_only_peer(self) -> None:
+        """A dual-stack peer and an IPv4-only one meet over IPv4 (no IPv6 attempt, so no delay either)."""
+        b = self.peer("bob", "127.0.0.3", None)
+        b.listen(EchoHandler())
+        a = self.peer("alice", "127.0.0.1", "2001:db8::1")
+        self.m.settle(a.whenReady())
+        self.m.settle(b.whenReady())
+        conn = self.m.settle(a.connect("bob"))
+        self.assertEqual(conn.remote_address.host, "127.0.0.3")

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from natbypass.app.peer_options import mediator_host, stun_server
+from natbypass.app.peer_options import check_peer_options, mediator_host, stun_server
 from natbypass.peer import parse_wish
 
 
@@ -46,3 +46,25 @@ class WishTests(SynchronousTestCase):
     def test_invalid(self) -> None:
         for bad in ("", "quic", "udp,udp", "udp,", []):
             self.assertRaises(ValueError, parse_wish, bad)
+
+
+class DualStackOptionTests(SynchronousTestCase):
+    def options(self, **given: object) -> dict:
+        options = {"protocol": "auto", "mediator": "tcp:198.18.0.2:7000", "ca": None, "port-range": None}
+        options.update({"stun": None, "stun6": None, "ipv6": False}, **given)
+        check_peer_options(options)
+        return options
+
+    def test_off_by_default(self) -> None:
+        options = self.options()
+        self.assertIsNone(options["stun6"])
+        self.assertFalse(options["ipv6"])
+
+    def test_stun6_implies_ipv6(self) -> None:
+        options = self.options(stun6="[2001:2::2]")
+        self.assertEqual(options["stun6"], ("2001:2::2", 3478))
+        self.assertTrue(options["ipv6"])
+
+    def test_stun6_must_be_ipv6(self) -> None:
+        e = self.assertRaises(ValueError, self.options, stun6="198.18.0.2:3478")
+        self.assertIn("--stun6: needs an IPv6 address", str(e))

@@ -224,6 +224,31 @@ class RefusalTests(SynchronousTestCase):
         self.assertIsNone(refusal("169.254.3.3", link))
         self.assertIsNotNone(refusal("fe80::1", link))  # no zone on the wire
 
+    @given(
+        st.ip_addresses(v=6, network="fc00::/7").map(str)
+        | st.ip_addresses(v=6, network="2001:2::/48").map(str)
+        | st.ip_addresses(v=6, network="2001:db8::/32").map(str)
+    )
+    def test_ipv6_peers_allowed(self, host: str) -> None:
+        """Unique local (a LAN's), benchmarking (the lab's IPv6) and documentation IPv6: allowed, as for IPv4."""
+        if host != "fd00:ec2::254":
+            self.assertIsNone(refusal(host, LAN))
+
+    @given(
+        st.ip_addresses(v=6, network="fec0::/10").map(str)
+        | st.ip_addresses(v=6, network="100::/64").map(str)
+        | st.ip_addresses(v=6, network="::/96").map(str)
+    )
+    def test_ipv6_refused(self, host: str) -> None:
+        """Site-local (deprecated, RFC 3879: ambiguous), discard-only, IPv4-compatible and unspecified: refused."""
+        self.assertIsNotNone(refusal(host, LAN))
+
+    def test_ipv6_site_local_reason(self) -> None:
+        self.assertEqual(refusal("fec0::1", LAN), "IPv6 site-local (deprecated, RFC 3879)")
+        self.assertNotIn(
+            "fec0::1", usable_addresses([InterfaceAddress("eth0", "fec0::1", True, False, 64)], families=("inet6",))
+        )
+
     def test_metadata_always(self) -> None:
         link = LocalNetworks.of([InterfaceAddress("eth1", "169.254.7.7", True, False, 16)], loopback=True)
         for host in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"):
@@ -274,6 +299,14 @@ class ScreenTests(SynchronousTestCase):
         self.assertEqual(len(out.srflx), 8)
         self.assertEqual(out.hosts, ())
         self.assertEqual(out.over_cap, 2)
+
+    def test_both_families_share_the_cap(self) -> None:
+        """A hostile peer's flood of IPv6 and IPv4 candidates: at most the cap per protocol, families together."""
+        v6 = [(f"2001:db8::{k:x}", 1000 + k) for k in range(1, 21)]
+        v4 = [(f"198.18.1.{k}", 1000 + k) for k in range(1, 21)]
+        out = screen(v6 + v4, v4 + v6, LAN, MAX_CANDIDATES_PER_PROTOCOL)
+        self.assertEqual(len(out.srflx) + len(out.hosts), MAX_CANDIDATES_PER_PROTOCOL)
+        self.assertEqual(out.over_cap, 40 - MAX_CANDIDATES_PER_PROTOCOL)
 
     @given(st.lists(addresses, max_size=32), st.integers(-16, 16).filter(bool))
     def test_predicted_bounded(self, srflx: list, delta: int) -> None:

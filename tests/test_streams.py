@@ -21,7 +21,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from natbypass.streams import StreamRefused, StreamReset, StreamTransport, frames
-from natbypass.streams.mux import MuxCarrier
+from natbypass.streams.mux import MuxCarrier, socket_send_queue
 from natbypass.streams.session import HIGH_WATER, INITIAL_WINDOW, MAX_STREAMS
 from natbypass.testing.streams import Collect, Echo, MemoryPair, Services
 
@@ -462,7 +462,7 @@ class MuxTests(SynchronousTestCase):
         return mux, written, dead, clock
 
     def test_silent_peer_is_dead_after_the_bound(self) -> None:
-        mux, written, dead, clock = self.make(keepalive_interval=10, dead_after=30)
+        mux, written, dead, clock = self.make(keepalive_interval=10, dead_after=30, pong_timeout=None)
         clock.advance(10)
         self.assertEqual(written, [frames.ping(1)])
         mux.dataReceived(frames.ping(1, answer=True))
@@ -474,6 +474,61 @@ class MuxTests(SynchronousTestCase):
         self.assertEqual(len(dead), 1)
         self.assertIn("nothing heard from the peer for 30 s", dead[0])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_unanswered_ping_is_dead_after_the_pong_timeout(self) -> None:
+        mux, written, dead, clock = self.make(keepalive_interval=10, pong_timeout=5)
+        clock.advance(10)
+        mux.dataReceived(frames.ping(1, answer=True))
+        clock.advance(5)
+        self.assertEqual(dead, [])
+        clock.advance(5)  # ping 2, unanswered
+        clock.advance(4.9)
+        self.assertEqual(dead, [])
+        clock.advance(0.1)
+        self.assertEqual(
+            dead,
+            ["no answer to a keepalive PING within 5.0 s (nothing heard from the peer for 15.0 s): the path is dead"],
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_any_frame_answers_a_ping(self) -> None:
+        """A PONG stuck behind the peer's data: the data proves it is alive."""
+        mux, written, dead, clock = self.make(keepalive_interval=10, pong_timeout=5)
+        clock.advance(10)
+        clock.advance(3)
+        mux.dataReceived(frames.datagram(b"data"))
+        clock.advance(10)
+        self.assertEqual(dead, [])
+
+    def test_ping_behind_our_own_draining_data_waits(self) -> None:
+        """Our socket still drains to the peer (it acknowledges): the PING is late, not lost."""
+        queue = [100_000]
+        mux, written, dead, clock = self.make(keepalive_interval=10, pong_timeout=5, send_queue=lambda: queue[0])
+        clock.advance(10)
+        queue[0] = 60_000
+        clock.advance(5)
+        self.assertEqual(dead, [])
+        clock.advance(5)  # not draining any more (and the next PING is queued)
+        self.assertEqual(len(dead), 1)
+        self.assertIn("within 10.0 s", dead[0])
+
+    def test_socket_send_queue(self) -> None:
+        """TIOCOUTQ of a real socket (unread bytes stay queued at the writer), None without one."""
+        import socket as socketlib
+
+        left, right = socketlib.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+
+        class Transport:
+            def getHandle(self):
+                return left
+
+        queued = socket_send_queue(Transport())
+        self.assertEqual(queued(), 0)
+        left.send(b"x" * 1000)
+        self.assertGreater(queued(), 0)  # what the reader has not taken (AF_UNIX counts buffer memory)
+        self.assertIsNone(socket_send_queue(object())())
 
     def test_ping_is_answered(self) -> None:
         mux, written, dead, clock = self.make(keepalive_interval=None)

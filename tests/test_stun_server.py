@@ -162,6 +162,21 @@ class RFC5780ResponderTests(SynchronousTestCase):
                 # OTHER-ADDRESS names the receiving socket's opposite (table 1).
                 self.assertEqual(response.get(m.OtherAddress).address, FULL.other(local))
 
+    def test_ipv6_change_request(self) -> None:
+        """RFC 5780 over IPv6 (two IPv6 addresses): every answer and address attribute is family 2."""
+        full6 = ResponderConfig(("2001:2::2", PA), ("2001:2::3", PB), "test server")
+        client6 = ("2001:2:0:7::2", 40000)
+        for local in full6.addresses():
+            for flags in [(False, False), (True, False), (False, True), (True, True)]:
+                data = request(m.ChangeRequest(*flags))
+                reply = BindingResponder(full6).respond_datagram(data, client6, local)
+                response = m.decode(reply.data)
+                self.assertEqual(reply.origin, full6.changed(local, *flags))
+                self.assertEqual(response.get(m.XorMappedAddress).address, client6)
+                self.assertEqual(response.get(m.ResponseOrigin).address, reply.origin)
+                self.assertEqual(response.get(m.OtherAddress).address, full6.other(local))
+                self.assertEqual(reply.data[m.HEADER_SIZE + 5], 0x02)  # the first attribute's family
+
     def test_response_port(self) -> None:
         reply, response = answer(FULL, request(m.ResponsePort(6000)))
         self.assertEqual(reply.destination, (CLIENT[0], 6000))

@@ -19,7 +19,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from natbypass.metrics import MediatorCollector, make_registry
+from natbypass.metrics import MediatorCollector, MediatorHealth, make_registry
 from natbypass.stun import worker as w
 from natbypass.stun.server import Counters
 
@@ -331,6 +331,43 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(samples[("natbypass_stun_workers_ready", ())], 2)
         self.assertEqual(samples[("natbypass_stun_worker_restarts_total", ())], 0)
         self.assertNotIn(("natbypass_stun_worker_tcp_refused_total", (("worker", "1"),)), samples)
+
+    def health(self) -> list[str]:
+        return MediatorHealth(self.pool, None)()
+
+    def samples(self) -> dict[str, float]:
+        from prometheus_client import generate_latest
+
+        registry = make_registry([MediatorCollector(None, self.pool)])
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in family.samples
+            if not s.labels
+        }
+
+    def test_healthz_503_when_every_worker_is_down(self) -> None:
+        """Before the hand-over this process answers UDP; after it, no worker up means no UDP STUN: unhealthy."""
+        self.assertEqual(self.health(), [])  # starting: this process still answers UDP
+        self.report(0)
+        self.report(1)
+        self.end(0, ProcessTerminated(signal=9))
+        self.assertEqual(self.health(), [], "one worker still answers")
+        self.assertEqual(self.samples()["natbypass_stun_udp_answering"], 1)
+        self.end(1, ProcessTerminated(exitCode=3))
+        [problem] = self.health()
+        self.assertIn("every STUN worker (2) is down", problem)
+        self.assertIn("exit status 3", problem)
+        self.assertIn("restarting", problem)
+        samples = self.samples()
+        self.assertEqual(samples["natbypass_stun_udp_answering"], 0)
+        self.assertEqual(samples["natbypass_stun_workers_ready"], 0)
+        self.assertEqual(samples["natbypass_stun_worker_restarts_total"], 2)
+        self.reactor.advance(0.5)  # both restarted; healthy once one reports ready
+        self.assertNotEqual(self.health(), [])
+        self.report(3)
+        self.assertEqual(self.health(), [])
+        self.assertEqual(self.samples()["natbypass_stun_udp_answering"], 1)
 
     def test_worker_count_checked(self) -> None:
         for n in (0, w.MAX_WORKERS + 1):

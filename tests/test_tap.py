@@ -207,3 +207,49 @@ class PluginTests(SynchronousTestCase):
         makers = {p.tapname: p for p in getPlugins(IServiceMaker, twisted.plugins)}
         mediator = makers["natbypass-mediator"]
         self.assertIsInstance(mediator.options(), tap.Options)
+
+
+class IPv6ResponderOptionTests(SynchronousTestCase):
+    """C{--stun6}/C{--stun6-alternate}: a second responder, on IPv6, beside the IPv4 one (dual stack)."""
+
+    def test_off_by_default(self) -> None:
+        options = parse()
+        self.assertIsNone(options["stun6-address"])
+        self.assertIsNone(options["stun6-alternate-address"])
+        self.assertRaises(KeyError, tap.makeService(options, MemoryReactorClock()).getServiceNamed, "stun6")
+
+    def test_dual_stack_rfc5780(self) -> None:
+        options = parse(
+            "--stun", "198.18.0.2:3478", "--stun-alternate", "198.18.0.3:3479",
+            "--stun6", "[2001:2::2]:3478", "--stun6-alternate", "[2001:2::3]",
+        )  # fmt: skip
+        self.assertEqual(options["stun6-address"], ("2001:2::2", 3478))
+        self.assertEqual(options["stun6-alternate-address"], ("2001:2::3", 3479))
+        top = tap.makeService(options, MemoryReactorClock())
+        stun6 = top.getServiceNamed("stun6")
+        self.assertIsInstance(stun6, STUNService)
+        self.assertTrue(verifyObject(IService, stun6))
+        self.assertIsNot(stun6, top.getServiceNamed("stun"))
+
+    def test_advertise_split_by_family(self) -> None:
+        """Each responder gets the C{--stun-advertise} pairs of its own family."""
+        options = parse(
+            "--stun", "10.0.0.2:3478", "--stun-alternate", "10.0.0.3",
+            "--stun6", "[fd00::2]:3478", "--stun6-alternate", "[fd00::3]",
+            "--stun-advertise", "203.0.113.5=10.0.0.2", "--stun-advertise", "2001:db8::5=fd00::2",
+        )  # fmt: skip
+        self.assertEqual(options["stun-advertise"], (("203.0.113.5", "10.0.0.2"),))
+        self.assertEqual(options["stun6-advertise"], (("2001:db8::5", "fd00::2"),))
+
+    def test_errors(self) -> None:
+        cases = {
+            ("--stun6", "127.0.0.1:3478"): "--stun6: needs an IPv6 address",
+            ("--stun6", "[::]:3478", "--stun6-alternate", "[::3]"): "needs --stun6 with a specific IP",
+            ("--stun6-alternate", "[::3]"): "--stun6-alternate needs --stun6",
+            ("--stun6", "[::2]:3478", "--stun6-alternate", "[::2]:3479"): "the alternate IP must differ",
+            ("--stun6", "[::2]:3478", "--stun-workers", "2"): "--stun6 with --stun-workers",
+        }  # fmt: skip
+        for argv, message in cases.items():
+            with self.assertRaises(usage.UsageError, msg=argv) as caught:
+                parse(*argv)
+            self.assertIn(message, str(caught.exception), argv)

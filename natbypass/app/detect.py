@@ -2,6 +2,7 @@
 C{natbypass detect}: ask an RFC 5780 STUN server what our NAT does.
 
     natbypass detect --stun 127.0.0.1:3478 [--tcp] [--json] [--port-mapping [--gateway IP]]
+                     [--stun6 [2001:db8::1]:3478]
 
 Exit status: 0 when the server answered, 1 when it could not be reached
 (over UDP, and over TCP too with C{--tcp}), 2 on bad usage.  With
@@ -10,7 +11,10 @@ and UPnP-IGD (each deleted at once) and reports which protocols answered
 and the mapped address; without C{--stun} only that (status 1 when no
 protocol mapped).  With C{--json}
 one JSON object goes to stdout (see L{natbypass.stun.discovery.NATBehavior.to_json});
-otherwise a short report.  Errors go to stderr.
+otherwise a short report.  Errors go to stderr.  With C{--stun6} it also
+sends one Binding over IPv6 and reports IPv6 reachability: the mapped IPv6
+address and whether it differs from ours (NAT66); an unanswered IPv6 check
+is reported, not an error (many networks have no IPv6).
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from natbypass.address import parse_host_port as _parse_host_port
 from natbypass.net import route_source_address
 from natbypass.portmap import PortMapper, PortMapping
 from natbypass.portmap.gateway import default_gateway
-from natbypass.stun.client import Address, RetransmitPolicy, StunUDPProtocol, tcp_binding
+from natbypass.stun.client import (
+    NETWORK_ERRORS,
+    Address,
+    RetransmitPolicy,
+    StunUDPProtocol,
+    binding_request,
+    mapped_address,
+    tcp_binding,
+)
 from natbypass.stun.discovery import NATBehavior, discover
 
 log = Logger()
@@ -79,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the STUN server (port {DEFAULT_PORT} by default; IPv6 as [ADDR]:PORT)",
     )
     p.add_argument(
+        "--stun6",
+        metavar="[IPv6][:PORT]",
+        type=_arg(_ipv6_server),
+        help="also check IPv6 with this STUN server: the mapped IPv6 address and whether it is translated (NAT66)",
+    )
+    p.add_argument(
         "--tcp",
         action="store_true",
         help="also measure the TCP mapping behaviour (three connections from one local port)",
@@ -117,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the gateway to ask with --port-mapping (default: the default route's gateway)",
     )
     return p
+
+
+def _ipv6_server(text: str) -> Address:
+    server = parse_host_port(text)
+    if ":" not in server[0]:
+        raise ValueError(f"{text!r}: --stun6 takes an IPv6 address, as [ADDR]:PORT")
+    return server
 
 
 def _ipv4(text: str) -> str:
@@ -162,16 +187,41 @@ def format_report(behavior: NATBehavior) -> str:
     return "\n".join(lines)
 
 
-def format_json(behavior: NATBehavior | None, port_mapping: dict | None = None) -> str:
+def format_json(behavior: NATBehavior | None, port_mapping: dict | None = None, ipv6: dict | None = None) -> str:
     """
-    The result for C{--json}: one JSON object (L{NATBehavior.to_json}, and
-    C{port_mapping} from L{port_mapping_json}) with sorted keys, so scripts
-    get stable output.
+    The result for C{--json}: one JSON object (L{NATBehavior.to_json},
+    C{port_mapping} from L{port_mapping_json}, C{ipv6} from
+    L{ipv6_json}) with sorted keys, so scripts get stable output.
     """
     out = behavior.to_json() if behavior is not None else {}
     if port_mapping is not None:
         out["port_mapping"] = port_mapping
+    if ipv6 is not None:
+        out["ipv6"] = ipv6
     return json.dumps(out, sort_keys=True)
+
+
+def ipv6_json(server: Address, local: Address | None, mapped: Address | None) -> dict:
+    """
+    What C{--stun6} found: whether the IPv6 server answered, our IPv6
+    address and the one it saw, and whether they differ (NAT66; None when
+    unknown).
+    """
+    return {
+        "server": format_address(server),
+        "reachable": mapped is not None,
+        "local_address": format_address(local) if local is not None else None,
+        "public_address": format_address(mapped) if mapped is not None else None,
+        "translated": None if mapped is None or local is None else mapped != local,
+    }
+
+
+def format_ipv6(info: dict) -> str:
+    """The C{--stun6} line of the report."""
+    if not info["reachable"]:
+        return f"IPv6:            no answer from {info['server']} (no IPv6 path, or it is blocked)"
+    state = "translated (NAT66)" if info["translated"] else "not translated (no NAT66)"
+    return f"IPv6:            reachable, {state}: {info['public_address']} (from {info['local_address']})"
 
 
 def port_mapping_json(gateway: str | None, results: dict[str, PortMapping | str]) -> dict:
@@ -271,13 +321,18 @@ def detect(reactor, args: argparse.Namespace, out: TextIO | None = None, err: Te
             mapping_info = yield _port_mapping(reactor, args, bound.port)
     finally:
         yield listening.stopListening()
+    ipv6_info = None
+    if args.stun6 is not None:
+        ipv6_info = yield _check_ipv6(reactor, args.stun6, policy)
     reached = behavior.reachable or behavior.tcp_reachable
     if args.json:
-        print(format_json(behavior, mapping_info), file=out)
+        print(format_json(behavior, mapping_info, ipv6_info), file=out)
     else:
         print(format_report(behavior), file=out)
         if mapping_info is not None:
             print(format_port_mapping(mapping_info), file=out)
+        if ipv6_info is not None:
+            print(format_ipv6(ipv6_info), file=out)
     if not reached:
         via = "UDP or TCP" if args.tcp else "UDP"
         return _fail(
@@ -287,6 +342,26 @@ def detect(reactor, args: argparse.Namespace, out: TextIO | None = None, err: Te
             "(a firewall that blocks UDP looks the same)",
         )
     return EXIT_OK
+
+
+@defer.inlineCallbacks
+def _check_ipv6(reactor, server: Address, policy: RetransmitPolicy):
+    """One Binding to the IPv6 STUN server from the address that routes to it; fires with L{ipv6_json}."""
+    try:
+        local_host = route_source_address(server)
+    except OSError:
+        return ipv6_json(server, None, None)  # no IPv6 route at all
+    proto = StunUDPProtocol(reactor)
+    listening = reactor.listenUDP(0, proto, interface=local_host)
+    local = (local_host, listening.getHost().port)
+    try:
+        response, _ = yield proto.client.request(binding_request(), server, policy)
+        mapped = mapped_address(response)
+    except NETWORK_ERRORS:
+        mapped = None
+    finally:
+        yield listening.stopListening()
+    return ipv6_json(server, local, mapped)
 
 
 @defer.inlineCallbacks

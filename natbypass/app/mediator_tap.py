@@ -8,6 +8,11 @@ owns its options: the STUN ones are below, the signalling ones come from
 C{SIGNAL_OPT_PARAMETERS} and are checked by C{check_signaling_options}.
 
     twistd -n natbypass-mediator --stun 192.0.2.10:3478 --stun-alternate 192.0.2.11:3479
+
+Dual stack: C{--stun6 [2001:db8::10]:3478 --stun6-alternate [2001:db8::11]}
+adds a second responder on IPv6 (named C{"stun6"}; RFC 5780 needs two IPv6
+addresses too).  Signalling listens on both families with an IPv6 wildcard
+endpoint (C{--signal tcp6:7000:interface=\\:\\:}, which accepts IPv4 too).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from natbypass.stun.server import (
 )
 from natbypass.stun.worker import MAX_WORKERS, STUNWorkers
 
+Address = tuple[str, int]
+
 DEFAULT_STUN = "0.0.0.0:3478"
 
 
@@ -63,6 +70,10 @@ class Options(usage.Options):
         ["stun-alternate", None, None,
          "Second IP[:PORT] for RFC 5780 (port defaults to the --stun port + 1). Needs a "
          "specific --stun IP; the responder then listens on both IPs x both ports."],
+        ["stun6", None, None,
+         "[IPv6]:PORT of a second STUN responder on IPv6, beside --stun (dual stack; off by default)."],
+        ["stun6-alternate", None, None,
+         "Second [IPv6][:PORT] for RFC 5780 over IPv6 (port defaults to the --stun6 port + 1)."],
         ["stun-rate", None, DEFAULT_RATE,
          "Most STUN requests per second answered per source IP, IPv6 per /64 (0: no limit, "
          "which lets anyone reflect traffic at spoofed addresses). High enough for a NAT with "
@@ -106,26 +117,40 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--stun-advertise {value!r}: {e}") from None
 
-    def postOptions(self) -> None:
+    def _responder(self, name: str, example: str) -> tuple[Address, Address | None]:
+        """The primary and alternate addresses of C{--NAME} and C{--NAME-alternate}."""
         try:
-            primary = parse_host_port(self["stun"])
+            primary = parse_host_port(self[name])
         except ValueError as e:
-            raise usage.UsageError(f"--stun: {e}") from None
+            raise usage.UsageError(f"--{name}: {e}") from None
         alternate = None
-        if self["stun-alternate"] is not None:
+        if self[f"{name}-alternate"] is not None:
             if primary[1] == 65535:
                 default_port = None
             else:
                 default_port = primary[1] + 1
             try:
-                alternate = parse_host_port(self["stun-alternate"], default_port)
+                alternate = parse_host_port(self[f"{name}-alternate"], default_port)
             except ValueError as e:
-                raise usage.UsageError(f"--stun-alternate: {e}") from None
+                raise usage.UsageError(f"--{name}-alternate: {e}") from None
             if is_wildcard(primary[0]):
                 raise usage.UsageError(
-                    "--stun-alternate needs --stun with a specific IP (e.g. --stun 192.0.2.10:3478), "
+                    f"--{name}-alternate needs --{name} with a specific IP (e.g. --{name} {example}), "
                     f"not {primary[0]}: RFC 5780 responses name the IP that answered"
                 )
+        return primary, alternate
+
+    def postOptions(self) -> None:
+        primary, alternate = self._responder("stun", "192.0.2.10:3478")
+        primary6 = alternate6 = None
+        if self["stun6"] is not None:
+            primary6, alternate6 = self._responder("stun6", "[2001:db8::10]:3478")
+            if ":" not in primary6[0]:
+                raise usage.UsageError(f"--stun6: needs an IPv6 address ([IPv6]:PORT), not {primary6[0]}")
+            if self["stun-workers"] > 1:
+                raise usage.UsageError("--stun6 with --stun-workers above 1 is not supported yet: use one of them")
+        elif self["stun6-alternate"] is not None:
+            raise usage.UsageError("--stun6-alternate needs --stun6 (the IPv6 responder's primary address)")
         for name in ("stun-rate", "stun-global-rate"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 (no limit) or a positive number")
@@ -144,14 +169,23 @@ class Options(usage.Options):
             raise usage.UsageError("--stun-workers must be at least 1 (1: no worker processes)")
         if self["stun-workers"] > MAX_WORKERS:
             raise usage.UsageError(f"--stun-workers: at most {MAX_WORKERS} (one per core is enough)")
-        advertise = tuple(self["stun-advertise"])
+        # Each responder names the advertised public IPs of its own family.
+        advertise = tuple(p for p in self["stun-advertise"] if ":" not in p[0])
+        advertise6 = tuple(p for p in self["stun-advertise"] if ":" in p[0]) if primary6 else ()
+        if primary6 is None or ":" in primary[0]:
+            advertise, advertise6 = tuple(self["stun-advertise"]), ()
         try:
             ResponderConfig(primary, alternate, self["software"], advertise)
+            if primary6 is not None:
+                ResponderConfig(primary6, alternate6, self["software"], advertise6)
         except ValueError as e:
             raise usage.UsageError(f"STUN options: {e}") from None
         self["stun-advertise"] = advertise
+        self["stun6-advertise"] = advertise6
         self["stun-address"] = primary
         self["stun-alternate-address"] = alternate
+        self["stun6-address"] = primary6
+        self["stun6-alternate-address"] = alternate6
         check_signaling_options(self)
         check_metrics_option(self)
 
@@ -176,20 +210,33 @@ def makeSTUNService(options: usage.Options, reactor: Any) -> STUNService | STUNW
     starts): this process's own, or with C{--stun-workers} above 1 a
     L{STUNWorkers} that runs the UDP side in worker processes.
     """
-    kwargs = dict(
+    kwargs = _responder_options(options, "stun-advertise")
+    if options["stun-workers"] > 1:
+        return STUNWorkers(
+            reactor, options["stun-address"], options["stun-alternate-address"], options["stun-workers"], **kwargs
+        )
+    return STUNService(reactor, options["stun-address"], options["stun-alternate-address"], **kwargs)
+
+
+def makeSTUN6Service(options: usage.Options, reactor: Any) -> STUNService | None:
+    """The IPv6 responder of C{--stun6} (same limits as the IPv4 one, counted apart), or None."""
+    if options["stun6-address"] is None:
+        return None
+    kwargs = _responder_options(options, "stun6-advertise")
+    return STUNService(reactor, options["stun6-address"], options["stun6-alternate-address"], **kwargs)
+
+
+def _responder_options(options: usage.Options, advertise: str) -> dict[str, Any]:
+    """The keyword arguments both responders take from the options (C{advertise}: which list)."""
+    return dict(
         software=options["software"],
         rate=options["stun-rate"],
         burst=options["stun-burst"],
         tcp_per_source=options["stun-tcp-per-source"],
         tcp_max=options["stun-tcp-max"],
         global_rate=options["stun-global-rate"],
-        advertise=options["stun-advertise"],
+        advertise=options[advertise],
     )
-    if options["stun-workers"] > 1:
-        return STUNWorkers(
-            reactor, options["stun-address"], options["stun-alternate-address"], options["stun-workers"], **kwargs
-        )
-    return STUNService(reactor, options["stun-address"], options["stun-alternate-address"], **kwargs)
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
@@ -202,6 +249,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     stun = makeSTUNService(options, reactor)
     stun.setName("stun")
     stun.setServiceParent(top)
+    stun6 = makeSTUN6Service(options, reactor)
+    if stun6 is not None:
+        stun6.setName("stun6")
+        stun6.setServiceParent(top)
     signal = makeSignalingServiceFromOptions(options, reactor)
     signal.setName("signal")
     signal.setServiceParent(top)

@@ -67,6 +67,10 @@ PEER_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("id", "our peer id at the mediator", metavar="NAME", required=True),
     OptionSpec("stun", "STUN server HOST[:PORT] (default: port 3478 on the mediator's host)",
                metavar="HOST[:PORT]"),
+    OptionSpec("stun6", "dual stack: the IPv6 STUN server [IPv6][:PORT] (implies --ipv6; maps our IPv6 ports)",
+               metavar="[IPv6]:PORT"),
+    OptionSpec("ipv6", "dual stack: punch over IPv6 too (IPv6 host candidates; happy eyeballs, IPv6 first)",
+               flag=True),
     OptionSpec("token", "token for a mediator that requires one"),
     OptionSpec("ca", "CA certificate (PEM) to verify a tls: mediator with", metavar="PEM"),
     OptionSpec("protocol", "auto, udp, tcp, or an ordered list like tcp,udp", default="auto"),
@@ -155,6 +159,11 @@ def check_peer_options(options: dict[str, Any]) -> None:
     check_mediator_endpoint(options["mediator"], options["ca"])
     options["port-range"] = PortRange.parse(options["port-range"]) if options["port-range"] else None
     options["stun"] = stun_server(options["stun"], options["mediator"])
+    if options.get("stun6"):
+        stun6 = parse_host_port(options["stun6"], DEFAULT_PORT)
+        if ":" not in stun6[0]:
+            raise ValueError(f"--stun6: needs an IPv6 address ([IPv6]:PORT), not {stun6[0]!r}")
+        options["stun6"], options["ipv6"] = stun6, True
     BirthdayConfig(*_birthday(options))
 
 
@@ -201,6 +210,8 @@ def make_peer(
             discover=not options["no-discovery"],
             reveal_host_candidates=not options.get("no-host-candidates", False),
             port_mapping=options.get("port-mapping", False),
+            ipv6=bool(options.get("ipv6")),
+            stun6=options.get("stun6"),
             **dict(zip(("birthday_sockets", "birthday_rate", "birthday_probes"), _birthday(options), strict=True)),
             **config,
         ),

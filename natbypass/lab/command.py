@@ -62,7 +62,8 @@ def _table(lab: Lab) -> list[dict[str, Any]]:
                     "site": site.spec.name,
                     "netns": node.netns,
                     "address": node.addresses[0].split("/")[0],
-                    "public": site.public_ip,
+                    "public": site.public_ip,  # None: an IPv6-only site
+                    "address6": node.addresses6[0] if node.addresses6 else None,  # public: IPv6 is not NATed
                     "behaviour": behaviour if node is site.border else "",
                     "link": impair if node is site.border else "",
                 }
@@ -90,9 +91,11 @@ def _print_table(lab: Lab) -> None:
     print(
         f"  {'mediator':<12} {lab.mediator_addresses[0]:<13} {'+ ' + lab.mediator_addresses[1]:<13} {lab.netns('mediator'):<22}"
     )
+    if lab.spec.ipv6:
+        print(f"  {'':<12} IPv6 {lab.mediator_addresses6[0]} + {lab.mediator_addresses6[1]}")
     for r in _table(lab):
-        extra = " / ".join(x for x in (r["behaviour"], r["link"]) if x)
-        print(f"  {r['node']:<12} {r['address']:<13} {r['public']:<13} {r['netns']:<22} {extra}")
+        extra = " / ".join(x for x in (r["behaviour"], r["link"], r["address6"] and f"ipv6 {r['address6']}") if x)
+        print(f"  {r['node']:<12} {r['address']:<13} {r['public'] or '-':<13} {r['netns']:<22} {extra}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 
 from natbypass.selection import feasibility
 
+from . import enginepeer
 from .traversal import TYPES, nat_of, site_spec
 
 STUN = "198.18.0.2:3478"
@@ -71,27 +72,7 @@ def run_pair(lab, a: str, b: str, name_a: str, name_b: str, protocol: str, timeo
     start_at = time.time() + 2.0
     procs = []
     for (name, peer, role), row in zip(((name_a, name_b, 0), (name_b, name_a, 1)), rows):
-        argv = [
-            sys.executable,
-            "-m",
-            "natbypass.lab.enginepeer",
-            "--name",
-            name,
-            "--peer",
-            peer,
-            "--role",
-            str(role),
-            "--dir",
-            rendezvous,
-            "--stun",
-            STUN,
-            "--protocol",
-            protocol,
-            "--start-at",
-            str(start_at),
-            "--timeout",
-            str(timeout),
-        ]
+        argv = enginepeer.argv(name, peer, role, rendezvous, STUN, protocol, start_at, "--timeout", str(timeout))
         if row.predict_remote_delta:
             argv += ["--predict-delta", str(row.predict_remote_delta)]
         procs.append(lab.spawn(name, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -61,6 +61,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def argv(
+    name: str,
+    peer: str,
+    role: int,
+    directory: str,
+    stun: str,
+    protocol: str,
+    start_at: float,
+    *extra: str,
+    module: str = "natbypass.lab.enginepeer",
+) -> list[str]:
+    """The command line of one engine peer (or of a program built on L{parser}, C{module})."""
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--name",
+        name,
+        "--peer",
+        peer,
+        "--role",
+        str(role),
+        "--dir",
+        directory,
+        "--stun",
+        stun,
+        "--protocol",
+        protocol,
+        "--start-at",
+        str(start_at),
+        *extra,
+    ]
+
+
 def _publish(directory: str, name: str, info: dict) -> None:
     tmp = os.path.join(directory, f".{name}.tmp")
     with open(tmp, "w") as f:
@@ -86,9 +120,24 @@ def main(reactor, argv: list[str]):
     fingerprint) through C{--dir}, punch at C{--start-at}, exchange one echo
     (role 0 sends, role 1 echoes) and print the result as one JSON line.
     """
+    args = parser().parse_args(argv)
+    conn, result = yield connect(reactor, args)
+    if conn is None:
+        print(json.dumps(result), flush=True)
+        return
+    yield _echo(reactor, args, conn, result)
+
+
+@defer.inlineCallbacks
+def connect(reactor, args: argparse.Namespace, keepalive_interval: float = 15.0):
+    """
+    Learn this side's mapping by STUN, swap it (and the key fingerprint)
+    through C{args.dir}, punch at C{args.start_at}: fires with (the
+    connection, a result dict), or (None, the result with C{ok} False and
+    the reason).
+    """
     from natbypass.stun.client import StunUDPProtocol, binding_request, mapped_address, tcp_binding
 
-    args = parser().parse_args(argv)
     session = PunchSession("lab-session", bytes.fromhex(args.key), args.role, args.peer)
     # This process's key (or --identity's); its fingerprint goes out with the mapping.
     identity = load_or_create(args.identity) if args.identity else Identity.generate()
@@ -119,6 +168,7 @@ def main(reactor, argv: list[str]):
             start_delay=delay,
             schedule=ProbeSchedule(timeout=args.timeout),
             security=security,
+            keepalive_interval=keepalive_interval,
         )
     else:
         d = punch_tcp(
@@ -130,14 +180,14 @@ def main(reactor, argv: list[str]):
             window=args.timeout,
             listener=listener,
             security=security,
+            keepalive_interval=keepalive_interval,
         )
     result = {"name": args.name, "mapped": list(mapped), "targets": [list(t) for t in targets]}
     try:
         conn = yield d
     except PunchFailed as e:
         result.update(ok=False, reason=e.reason)
-        print(json.dumps(result), flush=True)
-        return
+        return None, result
     result.update(
         ok=True,
         connect_ms=round((reactor.seconds() - started) * 1000, 1),
@@ -157,6 +207,12 @@ def main(reactor, argv: list[str]):
             handshake_ms=round(conn.handshake_ms, 1),
             peer_fingerprint=str(conn.peer_fingerprint),
         )
+    return conn, result
+
+
+@defer.inlineCallbacks
+def _echo(reactor, args: argparse.Namespace, conn, result: dict):
+    """Role 0 sends C{args.message} until it is echoed; role 1 echoes; print the result line."""
     got: defer.Deferred = defer.Deferred()
 
     class Receiver:

@@ -14,8 +14,13 @@ class ILab(Interface):
     spec = Attribute("The LabSpec the lab was built from.")
     mediator_addresses = Attribute("The mediator host's two public addresses (primary, alternate) for RFC 5780.")
 
+    mediator_addresses6 = Attribute("The mediator's two IPv6 addresses, in a lab with IPv6 (LabError otherwise).")
+
     def public_address(site):
-        """The public IPv4 address of site C{site} (its NAT's, or its own for open/firewall sites)."""
+        """The public IPv4 address of site C{site} (its NAT's, or its own for open/firewall sites); None: IPv6 only."""
+
+    def address6(node):
+        """The IPv6 address of node C{node} (public, never NATed); LabError when it has none."""
 
     def address(node):
         """The address of node C{node} on its own interface (private for hosts behind a NAT)."""

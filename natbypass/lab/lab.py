@@ -33,7 +33,7 @@ from zope.interface import implementer
 from . import netns as _netns
 from .interfaces import ILab
 from .spec import LabSpec, loads, parse_spec, spec_to_json
-from .topology import MEDIATOR_ADDRESSES, LabPlan, new_lab_id, plan
+from .topology import MEDIATOR_ADDRESSES, MEDIATOR_ADDRESSES6, LabPlan, new_lab_id, plan
 
 #: Where each lab records what it needs to be found and removed by another process.
 STATE_DIR = "/run/natbypass-lab"
@@ -213,11 +213,26 @@ class Lab:
     def mediator_addresses(self) -> tuple[str, str]:
         return MEDIATOR_ADDRESSES
 
-    def public_address(self, site: str) -> str:
+    @property
+    def mediator_addresses6(self) -> tuple[str, str]:
+        """The mediator's two IPv6 addresses (present when a site of the spec has IPv6)."""
+        if not self.spec.ipv6:
+            raise _netns.LabError('this lab has no IPv6: give a site "ip": "v6" or "dual"')
+        return MEDIATOR_ADDRESSES6
+
+    def public_address(self, site: str) -> str | None:
+        """The site's public IPv4 address (None: an IPv6-only site)."""
         return self.plan.site(site.split(".")[0]).public_ip
 
     def address(self, node: str) -> str:
         return self.plan.node(node).addresses[0].split("/")[0]
+
+    def address6(self, node: str) -> str:
+        """The IPv6 address of C{node} (public: IPv6 is never NATed); LabError when it has none."""
+        found = self.plan.node(node).addresses6
+        if not found:
+            raise _netns.LabError(f"lab node {node!r} has no IPv6 address")
+        return found[0]
 
     def netns(self, node: str) -> str:
         return self.plan.node(node).netns

@@ -208,6 +208,23 @@ def python_env() -> dict[str, str]:
     return env
 
 
+def _ipv6_sysctls(enabled: bool) -> dict[str, int]:
+    """The IPv6 and bridge sysctls of a lab namespace (keyword form of L{sysctl})."""
+    out: dict[str, int] = {"net__ipv6__conf__default__disable_ipv6": 0 if enabled else 1, **_no_bridge_netfilter()}
+    if enabled:  # addresses usable at once (no duplicate address detection), nothing autoconfigured
+        for scope in ("all", "default"):
+            out[f"net__ipv6__conf__{scope}__accept_dad"] = 0
+            out[f"net__ipv6__conf__{scope}__accept_ra"] = 0
+            out[f"net__ipv6__conf__{scope}__autoconf"] = 0
+    return out
+
+
+def _add_addresses(netns: str, addresses: Sequence[str], iface: str) -> None:
+    """Add C{addresses} ("ADDR/LEN") to C{iface}; IPv6 ones without duplicate address detection."""
+    for addr in addresses:
+        ip(netns, "addr", "add", addr, "dev", iface, *(("nodad",) if ":" in addr else ()))
+
+
 def _static_neighbours(plan: LabPlan) -> None:
     """
     Permanent ARP entries between every pair of nodes on the public segment.
@@ -237,17 +254,13 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
         if why:
             raise LabError(why)
     pub = plan.public.netns
+    v6 = any(s.public_ip6 for s in plan.sites)
     for node in plan.nodes:
         run(["ip", "netns", "add", node.netns])
         ip(node.netns, "link", "set", "lo", "up")
-        # IPv6 off (the lab is IPv4 only), bridges as plain switches: one process per namespace.
-        sysctl(
-            node.netns,
-            "net.ipv6.conf.all.disable_ipv6",
-            1,
-            net__ipv6__conf__default__disable_ipv6=1,
-            **_no_bridge_netfilter(),
-        )
+        # IPv6 off unless a site has it (then usable at once: no DAD, no RAs), bridges as plain
+        # switches: one process per namespace.
+        sysctl(node.netns, "net.ipv6.conf.all.disable_ipv6", 0 if v6 else 1, **_ipv6_sysctls(v6))
     ip(pub, "link", "add", "br0", "type", "bridge")
     ip(pub, "link", "set", "br0", "up")
 
@@ -259,14 +272,15 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
             ip(pub, "link", "add", link.bridge_port, "type", "veth", "peer", "name", link.iface, "netns", link.netns)
         ip(pub, "link", "set", link.bridge_port, "master", "br0", "up")
         node = plan.node(link.node)
-        for addr in node.addresses:
-            ip(node.netns, "addr", "add", addr, "dev", link.iface)
+        _add_addresses(node.netns, node.addresses, link.iface)
         ip(node.netns, "link", "set", link.iface, "up")
         if link.link.loss_pct > 0:
             nft(link.netns, rules.loss_ruleset(link.link.loss_pct, link.iface))  # inbound
             nft(pub, rules.loss_ruleset(link.link.loss_pct, link.bridge_port))  # outbound
 
     _static_neighbours(plan)
+    for netns_name, prefix, via in plan.routes6():
+        ip(netns_name, "-6", "route", "add", prefix, "via", via)
 
     for site in plan.sites:
         spec = site.spec
@@ -283,10 +297,11 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
         for k, host in enumerate(site.hosts, start=1):
             ip(border, "link", "add", f"h{k}", "type", "veth", "peer", "name", host.iface, "netns", host.netns)
             ip(border, "link", "set", f"h{k}", "master", "lan0", "up")
-            for addr in host.addresses:
-                ip(host.netns, "addr", "add", addr, "dev", host.iface)
+            _add_addresses(host.netns, host.addresses, host.iface)
             ip(host.netns, "link", "set", host.iface, "up")
             ip(host.netns, "route", "add", "default", "via", site.lan_gateway)
+            if host.gateway6:
+                ip(host.netns, "-6", "route", "add", "default", "via", host.gateway6)
         nft(border, rules.nat_ruleset(spec.nat, "wan0", site.public_ip, "lan0", site.lan_net))
         timeouts: dict[str, int] = {}
         if spec.nat.udp_timeout is not None:  # conntrack is per namespace: this NAT's mapping lifetime
@@ -294,6 +309,10 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
                 "net__netfilter__nf_conntrack_udp_timeout": spec.nat.udp_timeout,
                 "net__netfilter__nf_conntrack_udp_timeout_stream": spec.nat.udp_timeout,
             }
+        if site.lan_gateway6:  # dual stack: the LAN's IPv6 is routed, behind a firewall of its own
+            ip(border, "addr", "add", f"{site.lan_gateway6}/64", "dev", "lan0", "nodad")
+            nft(border, rules.firewall6_ruleset(spec.nat.inbound, "wan0"))
+            timeouts["net__ipv6__conf__all__forwarding"] = 1
         sysctl(border, "net.ipv4.ip_forward", 1, **timeouts)
     log.info("lab {lab_id} built: {count} namespaces", lab_id=plan.lab_id, count=len(plan.nodes))
     return wires

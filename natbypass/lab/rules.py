@@ -66,13 +66,13 @@ def snat_statement(nat: NatRules, public_ip: str) -> str:
     raise ValueError(nat.mapping)
 
 
-def _unsolicited(inbound: Inbound, match: str) -> list[str]:
+def _unsolicited(inbound: Inbound, match: str, family: str = "ip") -> list[str]:
     if inbound is Inbound.DROP:
         return [f"{match} drop"]
-    return [
-        f"{match} meta l4proto tcp reject with tcp reset",
-        f"{match} reject with icmp type port-unreachable",
-    ]
+    if family == "inet":
+        return [f"{match} meta l4proto tcp reject with tcp reset", f"{match} reject"]
+    icmp = "icmpv6 type port-unreachable" if family == "ip6" else "icmp type port-unreachable"
+    return [f"{match} meta l4proto tcp reject with tcp reset", f"{match} reject with {icmp}"]
 
 
 def nat_ruleset(nat: NatRules, wan_if: str, public_ip: str, lan_if: str, lan_net: str) -> str:
@@ -144,16 +144,56 @@ def nat_ruleset(nat: NatRules, wan_if: str, public_ip: str, lan_if: str, lan_net
     return "\n".join(out) + "\n"
 
 
+#: ICMPv6 that IPv6 cannot work without (RFC 4890): neighbour discovery and path MTU.
+_ICMP6_NEEDED = (
+    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert, "
+    "packet-too-big, echo-request } accept"
+)
+
+
 def firewall_ruleset(inbound: Inbound, wan_if: str) -> str:
-    """A stateful firewall on a public host: replies in, unsolicited inbound out."""
+    """A stateful firewall on a public host (both families): replies in, unsolicited inbound out."""
     out = [
         f"table inet {TABLE} {{",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
         "    ct state established,related accept",
         '    iifname "lo" accept',
+        f"    {_ICMP6_NEEDED}",
     ]
-    out += [f"    {x}" for x in _unsolicited(inbound, f'iifname "{wan_if}"')]
+    out += [f"    {x}" for x in _unsolicited(inbound, f'iifname "{wan_if}"', "inet")]
+    out += ["  }", "}"]
+    return "\n".join(out) + "\n"
+
+
+TABLE6 = TABLE + "6"
+
+
+def firewall6_ruleset(inbound: Inbound, wan_if: str) -> str:
+    """
+    The IPv6 side of a dual-stack NAT (an C{ip6} table of its own, beside
+    the NAT's C{ip} one): it routes its LAN's public addresses untranslated
+    and, like a home router, forwards new flows from the LAN only; an
+    unsolicited inbound flow (UDP or TCP) is dropped or rejected as
+    C{inbound} says.  Replies to what a host sent are let in by conntrack.
+    """
+    out = [
+        f"table ip6 {TABLE6} {{",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        "    ct state established,related accept",
+        "    icmpv6 type { packet-too-big, echo-request } accept",
+    ]
+    out += [f"    {x}" for x in _unsolicited(inbound, f'iifname "{wan_if}" ct state new', "ip6")]
+    out += [
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        "    ct state established,related accept",
+        '    iifname "lo" accept',
+        f"    {_ICMP6_NEEDED}",
+    ]
+    out += [f"    {x}" for x in _unsolicited(inbound, f'iifname "{wan_if}"', "ip6")]
     out += ["  }", "}"]
     return "\n".join(out) + "\n"
 

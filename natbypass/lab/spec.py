@@ -14,9 +14,13 @@ L{PRESETS}) or an object::
                            "portmap": bool},  # a UPnP/NAT-PMP/PCP gateway
      "hosts": 2,                      # hosts on the LAN behind the NAT
      "delay_ms": 20, "jitter_ms": 2,  # one way, each direction of the WAN link
-     "loss_pct": 1}                   # each direction of the WAN link
+     "loss_pct": 1,                   # each direction of the WAN link
+     "ip": "v4" | "dual"}             # dual: the NAT also routes IPv6, behind a stateful firewall
 
-or C{{"kind": "open" | "firewall", "inbound": "drop" | "reject", ...link}}.
+or C{{"kind": "open" | "firewall", "inbound": "drop" | "reject",
+"ip": "v4" | "v6" | "dual", ...link}}.  C{"ip"} (default C{"v4"}) picks the
+site's address families; IPv6 comes from the benchmarking prefix
+C{2001:2::/48} (RFC 5180) and is never NATed (see L{IpVersion}).
 """
 
 from __future__ import annotations
@@ -57,6 +61,26 @@ class Inbound(enum.StrEnum):
 
     DROP = "drop"  # silently dropped, like most home routers
     REJECT = "reject"  # ICMP port unreachable / TCP RST
+
+
+class IpVersion(enum.StrEnum):
+    """
+    The address families of a site.  IPv6 is never translated: an IPv6
+    host has a public address behind, at most, a stateful firewall (as home
+    routers do), so a NAT site's C{dual} means IPv4 NAT plus IPv6 firewall.
+    """
+
+    V4 = "v4"
+    V6 = "v6"  # open and firewall sites only: a NAT site always has IPv4
+    DUAL = "dual"
+
+    @property
+    def has_v4(self) -> bool:
+        return self is not IpVersion.V6
+
+    @property
+    def has_v6(self) -> bool:
+        return self is not IpVersion.V4
 
 
 class SiteKind(enum.StrEnum):
@@ -117,6 +141,8 @@ class SiteSpec:
     link: Link = field(default_factory=Link)
     #: For firewall sites: what happens to unsolicited inbound packets.
     inbound: Inbound = Inbound.DROP
+    #: Address families (IPv6 sites are firewalled, never NATed).
+    ip: IpVersion = IpVersion.V4
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,11 @@ class LabSpec:
     """A whole lab: its sites, in the order given.  What L{parse_spec} returns and L{spec_to_json} writes back."""
 
     sites: tuple[SiteSpec, ...]
+
+    @property
+    def ipv6(self) -> bool:
+        """Whether any site has IPv6 (the public segment and the mediator then have it too)."""
+        return any(s.ip.has_v6 for s in self.sites)
 
     def site(self, name: str) -> SiteSpec:
         for s in self.sites:
@@ -228,7 +259,8 @@ def parse_site(name: str, obj: Any) -> SiteSpec:
         return SiteSpec(name, SiteKind.NAT, nat=preset)
     if not isinstance(obj, dict):
         raise LabSpecError(f"{where}: expected a preset name or an object")
-    _check_keys(obj, {"kind", "nat", "hosts", "delay_ms", "jitter_ms", "loss_pct", "inbound"}, where)
+    _check_keys(obj, {"kind", "nat", "hosts", "delay_ms", "jitter_ms", "loss_pct", "inbound", "ip"}, where)
+    ip = _enum(IpVersion, obj.get("ip", "v4"), f"{where}.ip")
     link = Link(
         delay_ms=_number(obj.get("delay_ms", 0), f"{where}.delay_ms", 0, 5000),
         jitter_ms=_number(obj.get("jitter_ms", 0), f"{where}.jitter_ms", 0, 5000),
@@ -244,7 +276,10 @@ def parse_site(name: str, obj: Any) -> SiteSpec:
         hosts = obj.get("hosts", 1)
         if isinstance(hosts, bool) or not isinstance(hosts, int) or not 1 <= hosts <= MAX_HOSTS:
             raise LabSpecError(f"{where}.hosts: expected a whole number from 1 to {MAX_HOSTS}")
-        return SiteSpec(name, SiteKind.NAT, nat=parse_nat(obj["nat"], f"{where}.nat"), hosts=hosts, link=link)
+        if not ip.has_v4:
+            raise LabSpecError(f"{where}.ip: a NAT site has IPv4 ('v4' or 'dual'); IPv6 is not NATed")
+        nat = parse_nat(obj["nat"], f"{where}.nat")
+        return SiteSpec(name, SiteKind.NAT, nat=nat, hosts=hosts, link=link, ip=ip)
     kind = _enum(SiteKind, obj.get("kind", "open"), f"{where}.kind")
     if kind is SiteKind.NAT:
         raise LabSpecError(f"{where}: kind 'nat' needs a 'nat' field")
@@ -253,7 +288,7 @@ def parse_site(name: str, obj: Any) -> SiteSpec:
     inbound = _enum(Inbound, obj.get("inbound", "drop"), f"{where}.inbound")
     if kind is SiteKind.OPEN and "inbound" in obj:
         raise LabSpecError(f"{where}.inbound: open hosts accept everything; use kind 'firewall'")
-    return SiteSpec(name, kind, hosts=1, link=link, inbound=inbound)
+    return SiteSpec(name, kind, hosts=1, link=link, inbound=inbound, ip=ip)
 
 
 def parse_spec(obj: Any) -> LabSpec:
@@ -317,6 +352,8 @@ def spec_to_json(spec: LabSpec) -> dict[str, Any]:
             sites[s.name] = {"kind": s.kind.value, "inbound": s.inbound.value, **link}
             if s.kind is SiteKind.OPEN:
                 del sites[s.name]["inbound"]
+        if s.ip is not IpVersion.V4:  # only when set, so IPv4 specs keep their canonical form
+            sites[s.name]["ip"] = s.ip.value
     return {"sites": sites}
 
 

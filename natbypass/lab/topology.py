@@ -12,6 +12,19 @@ Layout::
     site i, NAT                 <lab>-<site>-nat  198.18.1.i on wan0, 10.i.0.1/24 on bridge lan0
                                 <lab>-<site>-hK   10.i.0.(K+1)/24 on eth0, default via 10.i.0.1
 
+With IPv6 (a site with C{"ip": "v6"} or C{"dual"}; the benchmarking prefix
+2001:2::/48 of RFC 5180, never routable)::
+
+    public segment              2001:2::/64
+    mediator                    2001:2::2 and 2001:2::3 (RFC 5780 over IPv6)
+    site i, open/firewall       2001:2::1:i (i in hex) on wan0
+    site i, NAT (dual)          2001:2::1:i on wan0, 2001:2:0:i::1/64 on lan0 (routed, not NATed)
+                                host K: 2001:2:0:i::(K+1)/64, default via 2001:2:0:i::1
+
+Every other node of the public segment routes 2001:2:0:i::/64 via 2001:2::1:i
+(L{LabPlan.routes6}).  An IPv6-only site has no IPv4 address (C{public_ip}
+None).
+
 All interfaces are created directly inside lab namespaces, so names only
 have to be unique per namespace and two labs never clash.
 """
@@ -30,6 +43,19 @@ LAB_ID = re.compile(rf"^{PREFIX}[0-9a-f]{{6}}$")
 PUBLIC_NET = "198.18.0.0/15"
 PUBLIC_PREFIXLEN = 15
 MEDIATOR_ADDRESSES = ("198.18.0.2", "198.18.0.3")
+PUBLIC_NET6 = "2001:2::/64"
+PUBLIC_PREFIXLEN6 = 64
+MEDIATOR_ADDRESSES6 = ("2001:2::2", "2001:2::3")
+
+
+def site_ip6(index: int) -> str:
+    """The public IPv6 address of site C{index} (its host, or its NAT's WAN side)."""
+    return f"2001:2::1:{index:x}"
+
+
+def lan_net6(index: int) -> str:
+    """The routed IPv6 prefix of the LAN behind NAT site C{index}."""
+    return f"2001:2:0:{index:x}::/64"
 
 
 def new_lab_id() -> str:
@@ -55,6 +81,12 @@ class Node:
     addresses: tuple[str, ...] = ()
     iface: str = ""
     gateway: str | None = None
+    gateway6: str | None = None
+
+    @property
+    def addresses6(self) -> tuple[str, ...]:
+        """The IPv6 addresses among C{addresses} (without their prefix length)."""
+        return tuple(a.split("/")[0] for a in self.addresses if ":" in a)
 
 
 @dataclass(frozen=True)
@@ -87,11 +119,15 @@ class SitePlan:
 
     spec: SiteSpec
     index: int
-    public_ip: str
+    public_ip: str | None  # None: an IPv6-only site
     border: Node  # the namespace holding the public address (the NAT, or the host itself)
     hosts: tuple[Node, ...]
     lan_net: str | None = None
     lan_gateway: str | None = None
+    #: The site's public IPv6 address, and for a dual-stack NAT site its routed LAN prefix and gateway.
+    public_ip6: str | None = None
+    lan_net6: str | None = None
+    lan_gateway6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +165,22 @@ class LabPlan:
         known = ", ".join(n.name for n in self.nodes)
         raise KeyError(f"no lab node {name!r}; known: {known}")
 
+    def routes6(self) -> tuple[tuple[str, str, str], ...]:
+        """
+        (namespace, prefix, via) of every IPv6 route the public segment
+        needs: each node on it with IPv6 reaches each dual-stack NAT site's
+        LAN through that site's NAT.
+        """
+        routed = [(s.lan_net6, s.public_ip6, s.border.netns) for s in self.sites if s.lan_net6 and s.public_ip6]
+        on_segment = [self.mediator] + [s.border for s in self.sites]
+        return tuple(
+            (node.netns, prefix, via)
+            for node in on_segment
+            if node.addresses6
+            for prefix, via, owner in routed
+            if owner != node.netns
+        )
+
     def site(self, name: str) -> SitePlan:
         for s in self.sites:
             if s.spec.name == name:
@@ -141,21 +193,26 @@ def plan(spec: LabSpec, lab_id: str) -> LabPlan:
     if not LAB_ID.match(lab_id):
         raise ValueError(f"bad lab id {lab_id!r}")
     public = Node("public", f"{lab_id}-pub", "public")
+    mediator_v6 = tuple(f"{a}/{PUBLIC_PREFIXLEN6}" for a in MEDIATOR_ADDRESSES6) if spec.ipv6 else ()
     mediator = Node(
         "mediator",
         f"{lab_id}-med",
         "mediator",
-        addresses=tuple(f"{a}/{PUBLIC_PREFIXLEN}" for a in MEDIATOR_ADDRESSES),
+        addresses=tuple(f"{a}/{PUBLIC_PREFIXLEN}" for a in MEDIATOR_ADDRESSES) + mediator_v6,
         iface="wan0",
     )
     wan_links = [WanLink("mediator", mediator.netns, "wan0", "m0", Link())]
     lan_links: list[LanLink] = []
     sites: list[SitePlan] = []
     for index, s in enumerate(spec.sites, start=1):
-        public_ip = f"198.18.1.{index}"
-        wan_addr = (f"{public_ip}/{PUBLIC_PREFIXLEN}",)
+        public_ip = f"198.18.1.{index}" if s.ip.has_v4 else None
+        public_ip6 = site_ip6(index) if s.ip.has_v6 else None
+        wan_addr = (f"{public_ip}/{PUBLIC_PREFIXLEN}",) if public_ip else ()
+        wan_addr += (f"{public_ip6}/{PUBLIC_PREFIXLEN6}",) if public_ip6 else ()
         if s.kind is SiteKind.NAT:
             lan_net, gw = f"10.{index}.0.0/24", f"10.{index}.0.1"
+            net6 = lan_net6(index) if public_ip6 else None
+            gw6 = f"2001:2:0:{index:x}::1" if public_ip6 else None
             border = Node(f"{s.name}.nat", f"{lab_id}-{s.name}-nat", "nat", s.name, wan_addr, "wan0")
             hosts = tuple(
                 Node(
@@ -163,16 +220,17 @@ def plan(spec: LabSpec, lab_id: str) -> LabPlan:
                     f"{lab_id}-{s.name}-h{k}",
                     "host",
                     s.name,
-                    (f"10.{index}.0.{k + 1}/24",),
+                    (f"10.{index}.0.{k + 1}/24",) + ((f"2001:2:0:{index:x}::{k + 1:x}/64",) if gw6 else ()),
                     "eth0",
                     gateway=gw,
+                    gateway6=gw6,
                 )
                 for k in range(1, s.hosts + 1)
             )
             lan_links += [LanLink(h.netns, border.netns, f"h{k}") for k, h in enumerate(hosts, start=1)]
-            sites.append(SitePlan(s, index, public_ip, border, hosts, lan_net, gw))
+            sites.append(SitePlan(s, index, public_ip, border, hosts, lan_net, gw, public_ip6, net6, gw6))
         else:
             border = Node(f"{s.name}.1", f"{lab_id}-{s.name}", "host", s.name, wan_addr, "wan0")
-            sites.append(SitePlan(s, index, public_ip, border, (border,)))
+            sites.append(SitePlan(s, index, public_ip, border, (border,), public_ip6=public_ip6))
         wan_links.append(WanLink(border.name, border.netns, "wan0", f"s{index}", s.link))
     return LabPlan(lab_id, public, mediator, tuple(sites), tuple(wan_links), tuple(lan_links))

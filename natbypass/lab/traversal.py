@@ -25,7 +25,7 @@ from natbypass.selection import feasibility
 
 from .lab import Lab
 from .spec import preset_summary
-from .topology import MEDIATOR_ADDRESSES
+from .topology import MEDIATOR_ADDRESSES, MEDIATOR_ADDRESSES6
 
 STUN_PORT = 3478
 STUN_ALT_PORT = 3479
@@ -46,6 +46,27 @@ def mediator_endpoint() -> str:
 def stun_address() -> str:
     """C{HOST:PORT} of the lab mediator's primary STUN responder."""
     return f"{MEDIATOR_ADDRESSES[0]}:{STUN_PORT}"
+
+
+def ipv6_mediator_args() -> tuple[str, ...]:
+    """
+    C{start_mediator}'s extra options in a lab with IPv6: a STUN responder
+    on the mediator's two IPv6 addresses (RFC 5780) and signalling on both
+    families (an IPv6 wildcard endpoint accepts IPv4 too).
+    """
+    return (
+        "--stun6",
+        f"[{MEDIATOR_ADDRESSES6[0]}]:{STUN_PORT}",
+        "--stun6-alternate",
+        f"[{MEDIATOR_ADDRESSES6[1]}]:{STUN_ALT_PORT}",
+        "--signal",
+        rf"tcp6:{SIGNAL_PORT}:interface=\:\:",
+    )
+
+
+def ipv6_peer_args() -> tuple[str, ...]:
+    """The extra options of a dual-stack peer or C{natbypass connect} in the lab (implies C{--ipv6})."""
+    return ("--stun6", f"[{MEDIATOR_ADDRESSES6[0]}]:{STUN_PORT}")
 
 
 def _size(path: str) -> int:

@@ -124,13 +124,18 @@ def usable_addresses(
             raise CandidateError(
                 f"interface {entry.interface} has an address that is not an IP: {entry.address!r}"
             ) from None
-        if addr.version not in versions or addr.is_link_local:
+        if addr.version not in versions or addr.is_link_local or _site_local(addr):
             continue
         if addr.is_loopback and not include_loopback:
             continue
         if str(addr) not in out:
             out.append(str(addr))
     return out
+
+
+def _site_local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """IPv6 site-local (C{fec0::/10}): deprecated (RFC 3879), the same prefix means different sites."""
+    return isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local
 
 
 #: Linux C{ioctl} that reads an interface's flags, and the flags we use.
@@ -307,12 +312,13 @@ def refusal(host: str, local: LocalNetworks = LocalNetworks()) -> str | None:
     IPv4 networks; C{240.0.0.0/4} and IPv6's reserved blocks; IPv4-mapped
     IPv6 (C{::ffff:a.b.c.d}: another spelling of an IPv4 address); IPv6
     link-local (the wire carries no zone, without which it cannot be sent
-    to); cloud metadata services (L{METADATA_ADDRESSES}).  Refused unless
+    to); IPv6 site-local (C{fec0::/10}, deprecated: ambiguous between
+    sites); cloud metadata services (L{METADATA_ADDRESSES}).  Refused unless
     this peer is on that network: loopback (C{local.loopback}), IPv4
     link-local (C{169.254.0.0/16}: one of C{local}'s networks is
     link-local).  Private, shared (C{100.64.0.0/10}), benchmarking
-    (C{198.18.0.0/15}, the NAT lab) and documentation ranges are allowed:
-    peers live there.
+    (C{198.18.0.0/15} and C{2001:2::/48}, the NAT lab), IPv6 unique local
+    (C{fc00::/7}) and documentation ranges are allowed: peers live there.
     """
     try:
         addr = ipaddress.ip_address(host.partition("%")[0])
@@ -332,6 +338,8 @@ def refusal(host: str, local: LocalNetworks = LocalNetworks()) -> str | None:
         return None if local.loopback else "loopback (only with loopback candidates, or bound to loopback)"
     if addr in _V4_RESERVED or (addr.version == 6 and addr.is_reserved):
         return "reserved"
+    if _site_local(addr):
+        return "IPv6 site-local (deprecated, RFC 3879)"
     if addr.is_link_local:
         if addr.version == 6:
             return "IPv6 link-local (no zone)"

@@ -10,7 +10,11 @@ L{PunchEndpoint} is the usual "everything else": it decodes punch
 packets and routes them by session id to the attempt that owns the session,
 and routes QUIC packets (the secure channel of a punched path, on the same
 5-tuple) by remote address to that path's channel, so one local port can
-serve several peers at once.
+serve several peers at once.  A short-header QUIC packet from an address
+nobody routed goes, by its destination connection id, to the handler that
+registered that id (L{PunchEndpoint.routeCid}: an established path's
+L{natbypass.punch.migration.PathFollower}), which decides whether the engine
+may see it: that is how a path follows the peer's NAT when it rebinds.
 """
 
 from __future__ import annotations
@@ -97,7 +101,10 @@ class PunchEndpoint(DatagramProtocol):
     the session key (a bounded set), then the one channel of the chosen path.
     QUIC from any other address is dropped and counted, so nobody can make a
     peer start a QUIC handshake, or feed one, from an address the punch did
-    not verify.
+    not verify; except a short-header packet (only an established connection
+    takes one) whose destination connection id an established path
+    registered (L{routeCid}): it goes to that path's handler, which bounds
+    what it lets through (see C{natbypass.punch.migration}).
 
     Never raises on bad input: undecodable datagrams, packets for sessions
     nobody registered and unsolicited QUIC are logged, counted and dropped.
@@ -115,6 +122,10 @@ class PunchEndpoint(DatagramProtocol):
         self.unrouted = 0
         #: QUIC packets from an address nobody routed.
         self.unsolicited_quic = 0
+        self._cids: dict[bytes, IQuicHandler] = {}
+        self._cid_lengths: dict[int, int] = {}
+        #: Short-header QUIC packets from an unrouted address handed over by connection id.
+        self.migrating_quic = 0
 
     def register(self, session_id: bytes, handler: IPacketHandler) -> None:
         """Route C{session_id}'s packets to C{handler} (replacing any previous one)."""
@@ -134,6 +145,26 @@ class PunchEndpoint(DatagramProtocol):
         key = (addr[0], addr[1])
         if self._quic.get(key) is handler:
             del self._quic[key]
+
+    def routeCid(self, cid: bytes, handler: IQuicHandler) -> None:
+        """Hand short-header QUIC packets for connection id C{cid} from unrouted addresses to C{handler}."""
+        if cid not in self._cids:
+            self._cid_lengths[len(cid)] = self._cid_lengths.get(len(cid), 0) + 1
+        self._cids[cid] = handler
+
+    def unrouteCid(self, cid: bytes, handler: IQuicHandler) -> None:
+        """Stop handing C{cid}'s packets to C{handler} (no-op if another handler took over)."""
+        if self._cids.get(cid) is handler:
+            del self._cids[cid]
+            left = self._cid_lengths[len(cid)] - 1
+            if left:
+                self._cid_lengths[len(cid)] = left
+            else:
+                del self._cid_lengths[len(cid)]
+
+    def cidRoutes(self) -> int:
+        """How many connection ids QUIC is routed for now."""
+        return len(self._cids)
 
     def quicRoutes(self) -> int:
         """How many remote addresses QUIC is routed for now."""
@@ -179,6 +210,13 @@ class PunchEndpoint(DatagramProtocol):
 
     def _quicReceived(self, data: bytes, addr: Address) -> None:
         handler = self._quic.get(addr)
+        if handler is None and data[0] & 0x80 == 0:
+            # Short header (RFC 9000 section 17.3): 1 byte, then the destination connection id.
+            for length in self._cid_lengths:
+                handler = self._cids.get(data[1 : 1 + length])
+                if handler is not None:
+                    self.migrating_quic += 1
+                    break
         if handler is None:
             self.unsolicited_quic += 1
             self.log.debug("dropping unsolicited QUIC ({size} bytes) from {addr}", size=len(data), addr=addr)

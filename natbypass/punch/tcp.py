@@ -90,7 +90,7 @@ from natbypass.punch.session import PunchFailed, PunchSession
 from natbypass.secure import ChannelSecurity
 from natbypass.secure.tls import PeerRefusedUs, SecureTLS, start_tls
 from natbypass.streams import frames
-from natbypass.streams.mux import MuxCarrier
+from natbypass.streams.mux import MAX_PING_INTERVAL, MuxCarrier, socket_send_queue
 from natbypass.trust import PeerRejected
 
 Address = tuple[str, int]
@@ -794,9 +794,11 @@ class TCPPeerConnection(PathConnection):
     Made by L{punch_tcp} once TLS authenticated the peer on the chosen
     socket; everything is written into TLS.  C{send} carries one message in a
     DATAGRAM frame (reliable and ordered on this path).  A frame PING every
-    C{keepalive_interval} seconds proves the peer alive (nothing heard for
-    three intervals ends the path), and the kernel's TCP keepalive holds
-    the NAT mapping.
+    C{keepalive_interval} seconds (at most L{MAX_PING_INTERVAL}) proves the
+    peer alive: one unanswered within L{natbypass.streams.mux.PONG_TIMEOUT}
+    seconds ends the path, with that reason (so a dead path is reported
+    within 15 s by default), and the kernel's TCP keepalive holds the NAT
+    mapping.
 
     @ivar peer_fingerprint: the key the peer proved it holds.
     @ivar cipher: e.g. C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}.
@@ -846,7 +848,7 @@ class TCPPeerConnection(PathConnection):
         self.peer_fingerprint = tls.peer_fingerprint
         self.cipher = tls.cipher
         self.handshake_ms = handshake_ms
-        interval = self._interval
+        interval = None if self._interval is None else min(self._interval, MAX_PING_INTERVAL)
         self._mux = MuxCarrier(
             self._tls.write,
             self.role,
@@ -855,6 +857,7 @@ class TCPPeerConnection(PathConnection):
             self._muxDead,
             keepalive_interval=interval,
             dead_after=None if interval is None else 3 * interval,
+            send_queue=socket_send_queue(self._raw),
         )
         self._tls.registerProducer(self._mux, True)
         self._startStreams(self._mux, clock)

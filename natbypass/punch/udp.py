@@ -51,6 +51,7 @@ from natbypass.identity import Fingerprint
 from natbypass.interfaces import IPeerConnection
 from natbypass.punch.candidates import ProbeBudget
 from natbypass.punch.connection import PathConnection
+from natbypass.punch.migration import PathFollower
 from natbypass.punch.mux import Address, PunchEndpoint
 from natbypass.punch.packet import PacketType, PunchPacket, encode, verify
 from natbypass.punch.session import PunchFailed, PunchSession
@@ -398,7 +399,9 @@ class UDPPeerConnection(PathConnection):
     nothing authenticated arrives for the channel's idle timeout the path is
     lost (C{ConnectionLost}).  Replayed packets are dropped by QUIC (AEAD,
     packet numbers): they deliver nothing and refresh nothing.  Streams are
-    QUIC streams (L{natbypass.streams.quic.QuicCarrier}).
+    QUIC streams (L{natbypass.streams.quic.QuicCarrier}).  C{path} (a
+    L{natbypass.punch.migration.PathFollower}) moves the path when the
+    peer's NAT rebinds, and probes it when it falls silent while in use.
     """
 
     log = Logger()
@@ -440,6 +443,8 @@ class UDPPeerConnection(PathConnection):
         self.local_address = _address(host.host, host.port)
         self.remote_address = _address(*self._remote)
         self._ping: IDelayedCall | None = clock.callLater(self._interval, self._sendPing)
+        #: Follows the peer's NAT when it rebinds, and probes a silent path (L{natbypass.punch.migration}).
+        self.path = PathFollower(channel, endpoint, clock, keepalive_interval, on_move=self._moved)
         channel.lost.addCallback(self._channelLost)
         self._carrier = QuicCarrier(channel, self.role, self._streamLayerBroken)
         self._startStreams(self._carrier, clock)
@@ -501,10 +506,15 @@ class UDPPeerConnection(PathConnection):
         self._ping = self._clock.callLater(self._interval, self._sendPing)
         self._channel.ping()
 
+    def _moved(self, old: Address, new: Address) -> None:
+        self._remote = new
+        self.remote_address = _address(*new)
+
     def _channelLost(self, reason: Exception) -> None:
         if self._ping is not None and self._ping.active():
             self._ping.cancel()
         self._ping = None
+        self.path.stop()
         self._endpoint.unrouteQuic(self._remote, self._channel)
         self._notify_lost(Failure(self._lossReason(reason)))
 

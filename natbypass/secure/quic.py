@@ -313,6 +313,32 @@ class QuicEngine:
         loss = getattr(connection, "_loss", None)  # aioquic
         return int(getattr(loss, "bytes_in_flight", 0))
 
+    def smoothed_rtt(self, connection: Any) -> float | None:
+        """The engine's smoothed round trip in seconds (None before a sample)."""
+        core = getattr(connection, "_core", None)  # qh3
+        if core is not None:
+            return core.smoothed_rtt
+        loss = getattr(connection, "_loss", None)  # aioquic
+        if loss is None or not getattr(loss, "_rtt_initialized", False):
+            return None
+        return float(loss._rtt_smoothed)
+
+    def active_remote(self, connection: Any) -> Address | None:
+        """
+        The peer address the engine sends to now (it moves there when an
+        authenticated packet arrives from a new address: connection
+        migration, RFC 9000 section 9), or None before it has one.  The
+        engines keep it privately: read where each keeps it.
+        """
+        core = getattr(connection, "_core", None)  # qh3: (path id, local, remote, ...)
+        if core is not None:
+            remote = core.active_path[2]
+            return (remote[0], remote[1])
+        paths = getattr(connection, "_network_paths", None)  # aioquic
+        if paths:
+            return (paths[0].addr[0], paths[0].addr[1])
+        return None
+
     def peer_certificate_der(self, connection: Any) -> bytes | None:
         """The peer's TLS certificate where the engine shows it publicly (qh3), else None."""
         getter = getattr(connection, "get_peercert", None)
@@ -460,6 +486,19 @@ class QuicChannel:
         self._pump_soon = False
         #: When the engine's own timer is due.
         self._due: float | None = None
+        #: When the peer last showed it is there (an event out of its packets:
+        #: data, a datagram, the ACK of our PING), and when application data
+        #: last went either way (never yet: -inf): what L{natbypass.punch.migration.PathWatch} reads.
+        self.heard_at = clock.seconds()
+        self.data_at = float("-inf")
+        #: The connection ids the peer addresses us by (ours, issued by the
+        #: engine), so a packet from a new address can be recognised as ours.
+        self.host_cids: set[bytes] = set()
+        #: Called with (old, new) when the engine moved the path to a new
+        #: peer address (connection migration); set by whoever follows it.
+        self.onMove: Callable[[Address, Address], object] | None = None
+        #: Called with no argument when L{host_cids} changed.
+        self.onCids: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         return f"<QuicChannel role={self.role} {self.remote} {self.engine.name}>"
@@ -470,6 +509,7 @@ class QuicChannel:
         """Client: send the first flight.  Server: nothing to do (it waits)."""
         if self.role == 0 and self._conn is None:
             self._conn = self.engine.connection(configuration=self._config)
+            self.host_cids.add(self._conn.host_cid)
             self._conn.connect(self.remote, now=self._clock.seconds())
             self._pump()
 
@@ -487,6 +527,7 @@ class QuicChannel:
                 return
             self._peer_cid = cids[1]
             self._conn = self.engine.connection(configuration=self._config, original_destination_connection_id=cid)
+            self.host_cids.add(self._conn.host_cid)
         try:
             self._conn.receive_datagram(data, addr, now=self._clock.seconds())
         except Exception:
@@ -579,6 +620,8 @@ class QuicChannel:
             # 0.5-RTT: the server knows the binding once it has answered the
             # client's first flight, so its proof leaves with that answer.
             self._sendProof()
+        if self.peer_fingerprint is not None and self._ended is None:
+            self._followPath()
         self._transmit()
         if self._draining is not None:
             self._checkDrained()
@@ -616,6 +659,11 @@ class QuicChannel:
 
     def _event(self, event: Any) -> None:
         ev = self.engine.events
+        now = self._clock.seconds()
+        if isinstance(event, (ev.StreamDataReceived, ev.DatagramFrameReceived, ev.PingAcknowledged)):
+            self.heard_at = now
+            if not isinstance(event, ev.PingAcknowledged):
+                self.data_at = now
         if isinstance(event, ev.HandshakeCompleted):
             self._handshake_done = True
             self._tryAuth()
@@ -638,12 +686,29 @@ class QuicChannel:
                 self._receiver.streamReset(event.stream_id, event.error_code)
         elif isinstance(event, ev.DatagramFrameReceived):
             self._deliver("datagram", 0, event.data, False)
+        elif isinstance(event, (ev.ConnectionIdIssued, ev.ConnectionIdRetired)):
+            if isinstance(event, ev.ConnectionIdIssued):
+                self.host_cids.add(event.connection_id)
+            else:
+                self.host_cids.discard(event.connection_id)
+            if self.onCids is not None:
+                self.onCids()
         elif isinstance(event, ev.ConnectionTerminated):
             if self._closing_reason is not None:
                 reason: Exception = self._closing_reason
             else:
                 reason = QuicClosed(event.error_code, event.reason_phrase, local=False)
             self._end(reason)
+
+    def _followPath(self) -> None:
+        """Has the engine moved the path (an authenticated packet from a new address)?  Then say so."""
+        remote = self.engine.active_remote(self._conn)
+        if remote is None or remote == self.remote:
+            return
+        old, self.remote = self.remote, remote
+        self.log.info("QUIC path moved from {old} to {new}", old=old, new=remote)
+        if self.onMove is not None:
+            self.onMove(old, remote)
 
     def _peerAuthStream(self) -> int:
         return SERVER_AUTH_STREAM if self.role == 0 else AUTH_STREAM
@@ -777,6 +842,7 @@ class QuicChannel:
         self._checkOpen()
         if stream_id in AUTH_STREAMS:
             raise ValueError(f"stream {stream_id} carries authentication; use openStream()")
+        self.data_at = self._clock.seconds()
         try:
             self._conn.send_stream_data(stream_id, data, end_stream=fin)
         except Exception as e:
@@ -830,6 +896,7 @@ class QuicChannel:
         self._checkOpen()
         if len(data) > self.max_datagram_size:
             raise ValueError(f"a datagram holds at most {self.max_datagram_size} bytes, not {len(data)}")
+        self.data_at = self._clock.seconds()
         self._conn.send_datagram_frame(data)
         self._pump()
 
@@ -841,6 +908,13 @@ class QuicChannel:
         suite = self.engine.cipher_name(self._conn)
         return None if suite is None else f"QUICv1 {suite}"
 
+    @property
+    def rtt(self) -> float | None:
+        """The engine's smoothed round trip on the path (None before it measured one)."""
+        if self._conn is None or self._ended is not None:
+            return None
+        return self.engine.smoothed_rtt(self._conn)
+
     def ping(self) -> None:
         """
         Send a PING (ack-eliciting): the peer's ACK proves the path is alive and
@@ -850,7 +924,12 @@ class QuicChannel:
         if self._ended is not None or self._conn is None:
             return
         self._pings += 1
-        self._conn.send_ping(self._pings)
+        try:
+            self._conn.send_ping(self._pings)
+        except Exception as e:
+            if type(e).__name__ not in _CLOSED_ERRORS:
+                raise
+            return  # closing: its end is on the way
         self._pump()
 
     def close(self, error_code: int = 0, reason: str = "", drain: bool = False) -> None:

@@ -588,17 +588,19 @@ def check_mediator_endpoint(description: str, ca: str | None = None) -> None:
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _VerifiedTLS:
+class VerifiedTLS:
     """
     Twisted's C{optionsForClientTLS} (system roots or C{trust_root}, SNI),
     with a certificate check that fails closed: Twisted's own verify callback
     only fails the handshake on service-identity's C{VerificationError} and
     merely logs anything else, so a certificate without subjectAltName
-    (a C{CertificateError}) passed for any host.
+    (a C{CertificateError}) passed for any host.  C{check_name} False checks
+    the chain only (for a private per-server CA, never the system's roots).
     """
 
-    def __init__(self, host: str, trust_root: Any) -> None:
+    def __init__(self, host: str, trust_root: Any, check_name: bool = True) -> None:
         self._host = host
+        self._check_name = check_name
         self._is_ip = isIPAddress(host) or isIPv6Address(host)
         self._options = optionsForClientTLS(host, trustRoot=trust_root)
 
@@ -612,7 +614,7 @@ class _VerifiedTLS:
         holder = [tls_protocol]  # dropped after the leaf: no cycle connection -> callback -> protocol
 
         def verify(connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
-            if depth != 0 or not ok:
+            if depth != 0 or not ok or not self._check_name:
                 return bool(ok)  # the chain: OpenSSL's verdict
             protocol = holder.pop() if holder else None
             try:
@@ -645,19 +647,54 @@ def client_endpoint(reactor: Any, description: str, ca: str | None = None) -> IS
     @raise ValueError: see L{check_mediator_endpoint} (C{ssl:} is refused: it
         checks nothing).
     """
+    from natbypass.names import NameFailoverEndpoint, is_address
+
     check_mediator_endpoint(description, ca)
     if "," in description:
         return FailoverEndpoint([client_endpoint(reactor, p.strip(), ca) for p in description.split(",")])
     if not description.startswith("tls:"):
-        return clientFromString(reactor, description)
+        named = _tcp_name(description)
+        if named is None:
+            return clientFromString(reactor, description)
+        return NameFailoverEndpoint(reactor, named[0], named[1], timeout=named[2])
     host, port, timeout = _tls_address(description)
     root = None
     if ca is not None:
         with open(ca, "rb") as f:
             root = Certificate.loadPEM(f.read())
-    return wrapClientTLS(
-        _VerifiedTLS(host, root), HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+    if is_address(host):
+        return wrapClientTLS(
+            VerifiedTLS(host, root), HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+        )
+    # A name with several addresses (one mediator each): each checked against the name.
+    return NameFailoverEndpoint(
+        reactor, host, port, timeout=timeout, wrap=lambda ep: wrapClientTLS(VerifiedTLS(host, root), ep)
     )
+
+
+def _tcp_name(description: str) -> tuple[str, int, float] | None:
+    """
+    Host name, port and timeout of a C{tcp:NAME:PORT[:timeout=SECONDS]} string
+    whose host is a name (not an IP literal) and that has no other options;
+    None for anything else (Twisted's own C{tcp:} endpoint handles those).
+    """
+    from natbypass.names import is_address
+
+    if not description.startswith("tcp:"):
+        return None
+    try:
+        args, kwargs = _endpoint_fields(description)
+    except ValueError:
+        return None
+    host = kwargs.pop("host", None) or (args.pop(0) if args else None)
+    port = kwargs.pop("port", None) or (args.pop(0) if args else None)
+    timeout = kwargs.pop("timeout", "30")
+    if not host or not port or args or kwargs or is_address(host):
+        return None
+    try:
+        return host, int(port), float(timeout)
+    except ValueError:
+        return None
 
 
 @implementer(IStreamClientEndpoint)

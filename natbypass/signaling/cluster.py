@@ -35,7 +35,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -43,11 +43,23 @@ from zope.interface import Attribute, Interface, implementer
 from .resp import ClusterUnavailable, RedisError, RedisURL, RespProtocol, flatten
 
 PREFIX = "nb:"
+#: Every bound id, scored by when its binding expires (ms, Redis' clock): --max-ids across the cluster.
+IDS = f"{PREFIX}ids"
 
-#: KEYS: bind, peer.  ARGV: digest, node, bind ttl ms, presence ttl ms, owns (0/1), replace (0/1).
-#: Returns {outcome, bound ms left, node holding the id}: outcome "bound" (another key), "duplicate"
-#: (live elsewhere, no replace), else "new", "same" or "rebound" (and then the id is ours).
-CLAIM = """
+#: The milliseconds of Redis' own clock (TIME), so every mediator counts expiry on one clock.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+#: KEYS: bind, peer, ids.  ARGV: digest, node, bind ttl ms, presence ttl ms, owns (0/1), replace (0/1),
+#: max ids (0: no limit), peer id.  Returns {outcome, bound ms left or ids bound, node holding the id}:
+#: outcome "bound" (another key), "duplicate" (live elsewhere, no replace), "full" (a new id while
+#: --max-ids ids are bound in the cluster), else "new", "same" or "rebound" (and then the id is ours).
+#: C{ids} is a sorted set of every bound id scored by its binding's expiry: the cluster-wide count.
+CLAIM = (
+    _NOW
+    + """
 local b = redis.call('GET', KEYS[1])
 if b and b ~= ARGV[1] and ARGV[5] ~= '1' then
   return {'bound', redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[2]) or ''}
@@ -56,21 +68,38 @@ local p = redis.call('GET', KEYS[2])
 if p and p ~= ARGV[2] and ARGV[6] ~= '1' then
   return {'duplicate', 0, p}
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if not b and tonumber(ARGV[7]) > 0 then
+  local n = redis.call('ZCARD', KEYS[3])
+  if n >= tonumber(ARGV[7]) then return {'full', n, ''} end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[8])
 local how = 'new'
 if b then how = (b == ARGV[1]) and 'same' or 'rebound' end
 return {how, 0, p or ''}
 """
+)
 
-#: KEYS: bind, peer.  ARGV: node, hold ms.  Only while the presence is ours (the peer did not move on).
-LEAVE = """
+#: KEYS: bind, peer, ids.  ARGV: node, hold ms, peer id.  Only while the presence is ours (the peer
+#: did not move on).
+LEAVE = (
+    _NOW
+    + """
 if redis.call('GET', KEYS[2]) == ARGV[1] then
   redis.call('DEL', KEYS[2])
-  if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) else redis.call('DEL', KEYS[1]) end
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[3])
+  else
+    redis.call('DEL', KEYS[1])
+    redis.call('ZREM', KEYS[3], ARGV[3])
+  end
 end
 return 0
 """
+)
 
 #: KEYS: peer.  ARGV: channel prefix, payload, our node.  -1: not registered; -2: registered here
 #: (a stale entry of ours); else the receivers of PUBLISH (0: that node is gone), and the node.
@@ -81,13 +110,17 @@ if n == ARGV[3] then return {-2, n} end
 return {redis.call('PUBLISH', ARGV[1] .. n, ARGV[2]), n}
 """
 
-#: KEYS: bind1, peer1, bind2, peer2, ...  ARGV: node, bind ttl ms, presence ttl ms, digest1, digest2, ...
-#: Re-publishes our registrations (after Redis came back, and every refresh): a binding is renewed
-#: when it is ours or free, the presence when it is ours or free.  Returns the ids' indexes (1-based)
-#: whose binding belongs to another key or whose presence another node took.
-REFRESH = """
+#: KEYS: bind1, peer1, bind2, peer2, ..., ids.  ARGV: node, bind ttl ms, presence ttl ms, digest1,
+#: digest2, ..., id1, id2, ...  Re-publishes our registrations (after Redis came back, and every
+#: refresh): a binding is renewed when it is ours or free, the presence when it is ours or free.
+#: Returns the ids' indexes (1-based) whose binding belongs to another key or whose presence another
+#: node took.
+REFRESH = (
+    _NOW
+    + """
 local lost = {}
-for i = 1, #KEYS / 2 do
+local n = (#KEYS - 1) / 2
+for i = 1, n do
   local bk, pk, d = KEYS[2 * i - 1], KEYS[2 * i], ARGV[3 + i]
   local b = redis.call('GET', bk)
   local p = redis.call('GET', pk)
@@ -96,10 +129,12 @@ for i = 1, #KEYS / 2 do
   else
     redis.call('SET', bk, d, 'PX', ARGV[2])
     redis.call('SET', pk, ARGV[1], 'PX', ARGV[3])
+    redis.call('ZADD', KEYS[#KEYS], now + tonumber(ARGV[2]), ARGV[3 + n + i])
   end
 end
 return lost
 """
+)
 
 
 class IClusterReceiver(Interface):
@@ -124,10 +159,12 @@ class IClusterDirectory(Interface):
     def set_receiver(receiver):
         """Where messages and up/down events go (an L{IClusterReceiver})."""
 
-    def claim(peer_id, digest, bind_ttl, presence_ttl, owns, replace):
+    def claim(peer_id, digest, bind_ttl, presence_ttl, owns, replace, max_ids=0):
         """
         Bind C{peer_id} to C{digest} and mark it held by us, atomically; a
         Deferred of (outcome, bound ms left, node that holds it), see L{CLAIM}.
+        A new id is refused (outcome C{full}) while C{max_ids} ids are bound
+        in the whole cluster (0: no limit).
         Fails with L{ClusterUnavailable} when Redis is not reachable.
         """
 
@@ -190,14 +227,43 @@ class _Receiver(Protocol):
     def cluster_down(self, reason: str) -> None: ...
 
 
-def redis_endpoint(reactor: Any, url: RedisURL, connect_timeout: float = 5.0) -> IStreamClientEndpoint:
-    """A client endpoint for C{url}: TCP, TLS checked against the system's roots, or a Unix socket."""
+def load_ca(path: str) -> Any:
+    """
+    The trust root in the PEM file C{path} (C{--redis-ca}): every certificate
+    in it.  Raises ValueError when it holds none, OSError when unreadable.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+    if not blocks:
+        raise ValueError(f"{path} holds no PEM certificate")
+    try:
+        return trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
+    except Exception as e:
+        raise ValueError(f"{path}: not a PEM certificate ({e})") from None
+
+
+def redis_endpoint(
+    reactor: Any, url: RedisURL, connect_timeout: float = 5.0, ca: Any = None, check_name: bool = True
+) -> IStreamClientEndpoint:
+    """
+    A client endpoint for C{url}: TCP, TLS, or a Unix socket.  TLS checks
+    the server's certificate against C{ca} (a trust root, L{load_ca}) or,
+    without one, the system's roots, and (unless C{check_name} is False,
+    only with C{ca}) that it names the URL's host: a DNS name or an IP
+    address in its subjectAltName; a certificate without one is refused.
+    """
+    from .client import VerifiedTLS
+
+    if not check_name and ca is None:
+        raise ValueError("the name check can only be left out with a private CA (--redis-ca)")
     if url.path is not None:
         return UNIXClientEndpoint(reactor, url.path, timeout=connect_timeout)
     assert url.host is not None and url.port is not None
     ep = HostnameEndpoint(reactor, url.host.encode("idna"), url.port, timeout=connect_timeout)
     if url.tls:
-        return wrapClientTLS(optionsForClientTLS(url.host), ep)
+        return wrapClientTLS(VerifiedTLS(url.host, ca, check_name), ep)
     return ep
 
 
@@ -242,10 +308,17 @@ class RedisDirectory(Service):
         self.reconnects = 0
         self._ping_call: Any = None
         self._ping_out: float | None = None
+        #: Connections that could not be set up, by kind (auth, tls, closed), and the last reason.
+        self.connect_failures: dict[str, int] = {}
+        self.last_error: str | None = None
         policy = backoffPolicy(initialDelay=0.2, maxDelay=5.0)
         self._cmd_service = ClientService(
             endpoint,
-            _Factory(lambda: RespProtocol(db=db, on_ready=self._cmd_ready, on_lost=self._lost, **self._auth)),
+            _Factory(
+                lambda: RespProtocol(
+                    db=db, on_ready=self._cmd_ready, on_lost=self._lost, on_failed=self._setup_failed, **self._auth
+                )
+            ),
             retryPolicy=policy,
             clock=clock,
         )
@@ -253,7 +326,11 @@ class RedisDirectory(Service):
             endpoint,
             _Factory(
                 lambda: RespProtocol(
-                    on_ready=self._sub_ready, on_message=self._message, on_lost=self._lost, **self._auth
+                    on_ready=self._sub_ready,
+                    on_message=self._message,
+                    on_lost=self._lost,
+                    on_failed=self._setup_failed,
+                    **self._auth,
                 )
             ),
             retryPolicy=policy,
@@ -296,9 +373,32 @@ class RedisDirectory(Service):
 
         proto.execute("SUBSCRIBE", self.channel).addCallbacks(subscribed, lambda f: proto.transport.abortConnection())
 
+    _HINTS = {
+        "auth": "check the user and password (the --redis URL or --redis-password-file)",
+        "tls": "check --redis-ca (the CA that signed Redis' certificate) and that the certificate names the "
+        "URL's host in its subjectAltName",
+    }
+
+    def _setup_failed(self, kind: str, text: str) -> None:
+        """A connection to Redis could not be set up: count it, say why (once per new reason)."""
+        if not self.running:
+            return
+        self.connect_failures[kind] = self.connect_failures.get(kind, 0) + 1
+        if text != self.last_error:
+            hint = self._HINTS.get(kind, "retrying with backoff")
+            self.log.error(
+                "cluster: cannot use {where}: {reason}; {hint} (refusing registrations until it works)",
+                where=self.where,
+                reason=text,
+                hint=hint,
+                kind=kind,
+            )
+        self.last_error = text
+
     def _check_up(self) -> None:
         if self._cmd is not None and self._sub is not None and self._subscribed and not self.available:
             self.available = True
+            self.last_error = None
             self.log.info("cluster: node {node} connected to {where}", node=self.node, where=self.where)
             if self._receiver is not None:
                 self._receiver.cluster_up()
@@ -360,19 +460,26 @@ class RedisDirectory(Service):
         return cmd.execute(*flatten(["EVAL", script, len(keys), keys, args]))
 
     def claim(
-        self, peer_id: str, digest: bytes, bind_ttl: float, presence_ttl: float, owns: bool, replace: bool
+        self,
+        peer_id: str,
+        digest: bytes,
+        bind_ttl: float,
+        presence_ttl: float,
+        owns: bool,
+        replace: bool,
+        max_ids: int = 0,
     ) -> Deferred[tuple[str, int, str]]:
         d = self._eval(
             CLAIM,
-            [f"{PREFIX}bind:{peer_id}", f"{PREFIX}peer:{peer_id}"],
-            [digest, self.node, _ms(bind_ttl), _ms(presence_ttl), int(owns), int(replace)],
+            [f"{PREFIX}bind:{peer_id}", f"{PREFIX}peer:{peer_id}", IDS],
+            [digest, self.node, _ms(bind_ttl), _ms(presence_ttl), int(owns), int(replace), max_ids, peer_id],
         )
         return d.addCallback(lambda r: (r[0].decode(), int(r[1]), r[2].decode()))
 
     def leave(self, peer_id: str, hold: float) -> None:
         if self.available:
             self._eval(
-                LEAVE, [f"{PREFIX}bind:{peer_id}", f"{PREFIX}peer:{peer_id}"], [self.node, _ms(hold)]
+                LEAVE, [f"{PREFIX}bind:{peer_id}", f"{PREFIX}peer:{peer_id}", IDS], [self.node, _ms(hold), peer_id]
             ).addErrback(self._log_failure, "leave")
 
     def route(self, peer_id: str, payload: bytes) -> Deferred[tuple[int, str]]:
@@ -390,7 +497,9 @@ class RedisDirectory(Service):
         keys: list[str] = []
         for peer_id, _ in entries:
             keys += [f"{PREFIX}bind:{peer_id}", f"{PREFIX}peer:{peer_id}"]
-        d = self._eval(REFRESH, keys, [self.node, _ms(bind_ttl), _ms(presence_ttl)] + [dg for _, dg in entries])
+        keys.append(IDS)
+        args = [self.node, _ms(bind_ttl), _ms(presence_ttl)] + [dg for _, dg in entries] + [p for p, _ in entries]
+        d = self._eval(REFRESH, keys, args)
         return d.addCallback(lambda lost: [entries[int(i) - 1][0] for i in lost])
 
     def publish_nat(self, peer_id: str, nat: dict[str, Any], ttl: float) -> None:
@@ -406,6 +515,8 @@ class RedisDirectory(Service):
             "available": self.available,
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
             "reconnects": self.reconnects,
+            "connect_failures": dict(self.connect_failures),
+            "last_error": self.last_error,
         }
 
     def _log_failure(self, f: Failure, what: str) -> None:
@@ -419,11 +530,17 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def directory_from_url(reactor: Any, url: str, password: str | None = None) -> RedisDirectory:
-    """A L{RedisDirectory} for C{--redis URL} (C{password}: C{--redis-password-file}'s, over the URL's)."""
+def directory_from_url(
+    reactor: Any, url: str, password: str | None = None, ca: str | None = None, check_name: bool = True
+) -> RedisDirectory:
+    """
+    A L{RedisDirectory} for C{--redis URL} (C{password}: C{--redis-password-file}'s, over the URL's;
+    C{ca}: C{--redis-ca}'s PEM file, the CA a C{rediss://} server's certificate must chain to;
+    C{check_name} False: C{--redis-tls-verify ca}, the chain only).
+    """
     u = RedisURL(url)
     return RedisDirectory(
-        redis_endpoint(reactor, u),
+        redis_endpoint(reactor, u, ca=load_ca(ca) if ca is not None else None, check_name=check_name),
         reactor,
         password=password if password is not None else u.password,
         username=u.username,
@@ -516,6 +633,8 @@ class ClusterRouting:
             "cluster_available": bool(s.get("available")),
             "cluster_rtt_ms": s.get("rtt_ms"),
             "cluster_reconnects": s.get("reconnects", 0),
+            "cluster_connect_failures": s.get("connect_failures", {}),
+            "cluster_last_error": s.get("last_error"),
         }
 
     # -- registration
@@ -525,7 +644,9 @@ class ClusterRouting:
         st = self.state
         link.queued = []
         try:
-            d = self.directory.claim(msg.id, fp.digest, self.bind_ttl(), self.presence_ttl, owns, msg.replace)
+            d = self.directory.claim(
+                msg.id, fp.digest, self.bind_ttl(), self.presence_ttl, owns, msg.replace, st.limits.max_ids
+            )
         except Exception:
             d = fail()
 
@@ -551,6 +672,17 @@ class ClusterRouting:
                     msg.rid,
                     "id-bound",
                     f"peer id {msg.id} belongs to another identity key: {where}. Use another id, or the owner's key",
+                )
+            elif outcome == "full":
+                self.log.warn(
+                    "refused registration of {peer_id}: {n} ids bound in the cluster", peer_id=msg.id, n=left_ms
+                )
+                st._error(
+                    link,
+                    msg.rid,
+                    "too-many-ids",
+                    f"the cluster holds its maximum of {st.limits.max_ids} bound ids (connected or held for "
+                    "departed peers, on every mediator); ids already bound to your key still work; try a new id later",
                 )
             elif outcome == "duplicate":
                 st._error(

@@ -188,12 +188,37 @@ class RedisURL:
         return f"{'tls' if self.tls else 'tcp'}:{self.host}:{self.port}"
 
 
+def setup_failure(reason: Failure | None) -> tuple[str, str]:
+    """
+    Why a connection ended before it was usable, as (kind, text for a
+    person): C{tls} (the handshake failed: an unknown CA, a certificate that
+    does not name the host, a server that does not speak TLS) or C{closed}.
+    """
+    if reason is not None:
+        try:
+            from OpenSSL.SSL import Error as TLSError
+        except ImportError:  # pragma: no cover - pyOpenSSL comes with Twisted's TLS
+            TLSError = None
+        if TLSError is not None and reason.check(TLSError):
+            details = [e[-1] for e in reason.value.args[0] if isinstance(e, tuple) and e] if reason.value.args else []
+            what = ", ".join(str(d) for d in details if d) or str(reason.value)
+            return "tls", f"the TLS handshake failed ({what})"
+        from service_identity import CertificateError, VerificationError
+
+        if reason.check(VerificationError, CertificateError):
+            return "tls", f"the TLS handshake failed (the certificate does not name the host: {reason.value})"
+    text = "" if reason is None else reason.getErrorMessage()
+    return "closed", f"the connection closed before Redis accepted it ({text})"
+
+
 class RespProtocol(Protocol):
     """
     One Redis connection: commands are pipelined (each C{execute} returns a
     Deferred of its reply, replies come in order); in subscriber mode pushed
     messages go to C{on_message(channel, data)}.  C{on_ready} is called once
-    AUTH and SELECT went through.
+    AUTH and SELECT went through; C{on_failed(kind, text)} once when the
+    connection could not be set up (C{auth}: Redis refused AUTH or SELECT;
+    C{tls}, C{closed}: see L{setup_failure}) or its TLS failed later.
     """
 
     log = Logger()
@@ -207,12 +232,15 @@ class RespProtocol(Protocol):
         on_ready: Callable[[RespProtocol], None] | None = None,
         on_message: Callable[[bytes, bytes], None] | None = None,
         on_lost: Callable[[RespProtocol], None] | None = None,
+        on_failed: Callable[[str, str], None] | None = None,
     ) -> None:
         self._parser = RespParser()
         self._pending: deque[Deferred[Reply]] = deque()
         self.password, self.username, self.db = password, username, db
         self.on_ready, self.on_message, self.on_lost = on_ready, on_message, on_lost
+        self.on_failed = on_failed
         self.ready = False
+        self._failure_reported = False
 
     def connectionMade(self) -> None:
         setup: list[Deferred[Reply]] = []
@@ -234,8 +262,19 @@ class RespProtocol(Protocol):
             self.on_ready(self)
 
     def _setup_failed(self, f: Failure) -> None:
-        self.log.error("Redis refused the connection's set-up (AUTH/SELECT): {err}", err=f.value)
+        if not f.check(RedisError):  # lost during set-up: connectionLost says why
+            return
+        self._report("auth", f"Redis refused the connection's set-up (AUTH/SELECT): {f.value}")
         self.transport.loseConnection()
+
+    def _report(self, kind: str, text: str) -> None:
+        if self._failure_reported:
+            return
+        self._failure_reported = True
+        if self.on_failed is not None:
+            self.on_failed(kind, text)
+        else:
+            self.log.error("Redis connection: {text}", text=text)
 
     def execute(self, *args: bytes | str | int) -> Deferred[Reply]:
         """Send one command; the Deferred fires with its reply or fails with L{RedisError}."""
@@ -268,6 +307,9 @@ class RespProtocol(Protocol):
                     d.callback(r)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        kind, text = setup_failure(reason)
+        if not self.ready or kind == "tls":
+            self._report(kind, text)
         self.ready = False
         pending, self._pending = self._pending, deque()
         for d in pending:

@@ -117,10 +117,25 @@ SIGNAL_OPT_PARAMETERS: list[list[Any]] = [
         "redis",
         None,
         None,
-        "Run as one of a cluster of mediators sharing a Redis: redis://[:PASSWORD@]HOST:PORT/DB, rediss://... "
-        "(TLS) or unix:///PATH (docs/cluster.md). Without it the mediator keeps everything in memory.",
+        "Run as one of a cluster of mediators sharing a Redis: redis://[[USER]:PASSWORD@]HOST:PORT/DB, "
+        "rediss://... (TLS, the certificate checked) or unix:///PATH (docs/cluster.md). Without it the mediator "
+        "keeps everything in memory.",
     ],
     ["redis-password-file", None, None, "File holding the Redis password (instead of one in the --redis URL)."],
+    [
+        "redis-ca",
+        None,
+        None,
+        "PEM file of the CA(s) a rediss:// server's certificate must chain to (default: the system's roots).",
+    ],
+    [
+        "redis-tls-verify",
+        None,
+        "full",
+        "full: the certificate chains to the CA and names the URL's host in its subjectAltName; ca: the chain "
+        "to --redis-ca only (a managed Redis whose own per-instance CA signs a certificate that does not name "
+        "the address clients use).",
+    ],
     ["status-interval", None, 60.0, "Seconds between status lines in the log (0: none).", float],
     [
         "gc-freeze-interval",
@@ -172,8 +187,24 @@ def check_signaling_options(options: usage.Options) -> None:
                     options["redis-password"] = f.read().strip()
             except OSError as e:
                 raise usage.UsageError(f"--redis-password-file: {e}") from None
-    elif options.get("redis-password-file") is not None:
-        raise usage.UsageError("--redis-password-file needs --redis")
+        if options.get("redis-ca") is not None:
+            from .cluster import load_ca
+
+            if not RedisURL(options["redis"]).tls:
+                raise usage.UsageError("--redis-ca needs a rediss:// URL (TLS)")
+            try:
+                load_ca(options["redis-ca"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--redis-ca: {e}") from None
+        if options.get("redis-tls-verify", "full") not in ("full", "ca"):
+            raise usage.UsageError("--redis-tls-verify is full or ca")
+        if options.get("redis-tls-verify") == "ca" and options.get("redis-ca") is None:
+            raise usage.UsageError(
+                "--redis-tls-verify ca needs --redis-ca: without the name check only a private CA that signs "
+                "nothing but this Redis's certificate makes the chain mean anything"
+            )
+    elif options.get("redis-password-file") is not None or options.get("redis-ca") is not None:
+        raise usage.UsageError("--redis-password-file and --redis-ca need --redis")
     if options["token-file"] is not None:
         try:
             options["signal-tokens"] = TokenPolicy.from_file(options["token-file"])
@@ -326,6 +357,8 @@ def makeSignalingService(
     choose_order: ChooseOrder | None = None,
     redis: str | None = None,
     redis_password: str | None = None,
+    redis_ca: str | None = None,
+    redis_check_name: bool = True,
 ) -> SignalingService:
     """
     A service that listens on C{endpoint} and runs the signalling state.
@@ -353,7 +386,7 @@ def makeSignalingService(
     if redis is not None:
         from .cluster import directory_from_url
 
-        directory = directory_from_url(reactor, redis, redis_password)
+        directory = directory_from_url(reactor, redis, redis_password, redis_ca, redis_check_name)
     state = SignalingState(
         reactor, limits, tokens, choose_order, server_name=f"natbypass/{__version__}", cluster=directory
     )
@@ -438,4 +471,6 @@ def makeSignalingServiceFromOptions(options: usage.Options, reactor: Any) -> ISe
         gc_freeze_interval=options["gc-freeze-interval"],
         redis=options.get("redis"),
         redis_password=options.get("redis-password"),
+        redis_ca=options.get("redis-ca"),
+        redis_check_name=options.get("redis-tls-verify", "full") != "ca",
     )

@@ -11,11 +11,17 @@ step (see C{docs/architecture.md}).
 Writes go into TLS at once (one TLS write per frame); the TLS transport's
 producer calls (its socket buffer is full / has drained) pause and resume
 every stream.  A PING every C{keepalive_interval} seconds proves the peer is
-alive; nothing heard from it for C{dead_after} seconds ends the connection.
+alive: when nothing at all comes back within C{pong_timeout} seconds of a
+PING (neither its PONG nor any other frame), and our own bytes are not
+draining to the peer either, the path is dead and the connection ends with
+that reason; nothing heard for C{dead_after} seconds ends it too.
 """
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -24,6 +30,29 @@ from zope.interface import implementer
 
 from natbypass.streams import frames
 from natbypass.streams.session import FIRST_STREAM, StreamSession
+
+#: How long a keepalive PING may go unanswered before the path is declared dead.
+PONG_TIMEOUT = 5.0
+#: The longest interval between PINGs on a TCP path (its keepalive interval if
+#: shorter): a dead path is noticed within this plus L{PONG_TIMEOUT} seconds.
+MAX_PING_INTERVAL = 10.0
+
+
+def socket_send_queue(transport: object) -> Callable[[], int | None]:
+    """
+    What C{send_queue} of L{MuxCarrier} wants for a TCP transport: the bytes
+    its socket holds unsent or unacknowledged (Linux C{TIOCOUTQ}), or None
+    where that cannot be read (another system, no socket).
+    """
+
+    def queued() -> int | None:
+        try:
+            fd = transport.getHandle().fileno()  # type: ignore[attr-defined]
+            return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except (AttributeError, OSError, ValueError):
+            return None
+
+    return queued
 
 
 @implementer(IPushProducer)
@@ -35,7 +64,11 @@ class MuxCarrier:
     @param role: the connection's role (decides the stream ids we open).
     @param on_datagram: called with each DATAGRAM frame's payload.
     @param on_dead: called with a reason when the connection must end (the
-        peer broke the framing, or went silent past C{dead_after}).
+        peer broke the framing, did not answer a PING within C{pong_timeout},
+        or went silent past C{dead_after}).
+    @param send_queue: how many bytes the socket holds unsent or unacknowledged
+        (None: unknown), so a PING stuck behind our own data does not
+        count as unanswered while that data drains.
     """
 
     log = Logger()
@@ -50,6 +83,8 @@ class MuxCarrier:
         on_dead: Callable[[str], None],
         keepalive_interval: float | None = 15.0,
         dead_after: float | None = 45.0,
+        pong_timeout: float | None = PONG_TIMEOUT,
+        send_queue: Callable[[], int | None] | None = None,
     ) -> None:
         self._write = write
         self._clock = clock
@@ -65,6 +100,9 @@ class MuxCarrier:
         self._pings = 0
         self._ping_sent: dict[int, float] = {}
         self._timer: IDelayedCall | None = None
+        self._pong_timeout = pong_timeout
+        self._send_queue = send_queue
+        self._deadline: IDelayedCall | None = None
         #: The last keepalive round trip, in seconds (None before the first).
         self.rtt: float | None = None
         self.session: StreamSession | None = None
@@ -162,8 +200,30 @@ class MuxCarrier:
         self._pings += 1
         self._ping_sent = {self._pings: now}  # only the latest is timed
         self._send(frames.ping(self._pings))
+        if self._pong_timeout is not None and self._deadline is None:
+            self._deadline = self._clock.callLater(self._pong_timeout, self._pongDue, now, self._queued())
         assert self._interval is not None
         self._timer = self._clock.callLater(self._interval, self._keepalive)
+
+    def _queued(self) -> int | None:
+        return None if self._send_queue is None else self._send_queue()
+
+    def _pongDue(self, sent_at: float, queued: int | None) -> None:
+        """A PING's answer time is up: dead unless anything came since, or our bytes are still draining."""
+        self._deadline = None
+        if self._ended or self._last_heard >= sent_at:
+            return
+        now_queued = self._queued()
+        if queued is not None and now_queued is not None and now_queued < queued:
+            # The peer acknowledges our data (TCP): the PING waits behind it.
+            assert self._pong_timeout is not None
+            self._deadline = self._clock.callLater(self._pong_timeout, self._pongDue, sent_at, now_queued)
+            return
+        silent = self._clock.seconds() - self._last_heard
+        self._die(
+            f"no answer to a keepalive PING within {self._clock.seconds() - sent_at:.1f} s "
+            f"(nothing heard from the peer for {silent:.1f} s): the path is dead"
+        )
 
     def _die(self, why: str) -> None:
         if self._ended:
@@ -175,6 +235,7 @@ class MuxCarrier:
     def stop(self) -> None:
         """The connection ended: no more writes or timers."""
         self._ended = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._deadline):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._deadline = None

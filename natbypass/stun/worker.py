@@ -459,6 +459,8 @@ class STUNWorkers(Service):
         self.restarts = 0
         #: Report lines that did not parse.
         self.bad_lines = 0
+        #: How the last worker process that ended went (for /healthz), None before any did.
+        self.last_end: str | None = None
         self.counters = WorkerCounters(self)
         self._udp_handed_over = False
         self._stats: LoopingCall | None = None
@@ -480,6 +482,20 @@ class STUNWorkers(Service):
     def workers_ready(self) -> int:
         """How many workers are running and have reported ready."""
         return sum(1 for slot in self.slots if slot.protocol is not None and slot.ready)
+
+    def udp_answering(self) -> bool:
+        """Is STUN over UDP answered: by this process before the hand-over, then by a ready worker?"""
+        return not self._udp_handed_over or self.workers_ready() > 0
+
+    def workers_down(self) -> str | None:
+        """Why STUN over UDP is not answered (every worker down after the hand-over), for /healthz; else None."""
+        if not self.running or self.udp_answering():
+            return None
+        return (
+            f"every STUN worker ({self.workers}) is down, so STUN over UDP is not answered "
+            f"(the last one {self.last_end or 'ended'}); restarting them ({self.restarts} restarts so far, "
+            "see the log)"
+        )
 
     # -- life cycle
 
@@ -549,7 +565,8 @@ class STUNWorkers(Service):
         up = self._reactor.seconds() - slot.started_at
         slot.failures = 0 if up >= STABLE_AFTER else slot.failures + 1
         delay = min(self._max_restart_delay, self._restart_delay * 2 ** max(0, slot.failures - 1))
-        how = "exited" if reason.check(ProcessDone) else f"ended ({reason.getErrorMessage()})"
+        how = _how_it_ended(reason)
+        self.last_end = how
         self.log.warn(
             "STUN worker {worker} (pid {pid}) {how} after {up:.1f} s; restarting it in {delay:.1f} s",
             worker=index,
@@ -607,6 +624,18 @@ class STUNWorkers(Service):
             restarts=self.restarts,
             **self.counters.snapshot(),
         )
+
+
+def _how_it_ended(reason: Failure) -> str:
+    """A worker process's end in words: its exit status or the signal that killed it."""
+    value = reason.value
+    status = getattr(value, "exitCode", None)
+    sig = getattr(value, "signal", None)
+    if sig is not None:
+        return f"was killed by signal {sig}"
+    if status is not None:
+        return f"exited with exit status {status}"
+    return "exited" if reason.check(ProcessDone) else f"ended ({reason.getErrorMessage()})"
 
 
 def _signal(protocol: _WorkerProtocol, name: str) -> None:

@@ -62,7 +62,7 @@ class FakeDirectory:
     def _ok(self) -> bool:
         return self.available and self.redis.up
 
-    def claim(self, peer_id, digest, bind_ttl, presence_ttl, owns, replace):
+    def claim(self, peer_id, digest, bind_ttl, presence_ttl, owns, replace, max_ids=0):
         if not self._ok():
             return fail(ClusterUnavailable("down"))
         r = self.redis
@@ -71,6 +71,10 @@ class FakeDirectory:
             return succeed(("bound", 1000, p or ""))
         if p is not None and p != self.node and not replace:
             return succeed(("duplicate", 0, p))
+        if b is None and max_ids:
+            bound = sum(1 for k in list(r.keys) if k.startswith("bind:") and r.get(k) is not None)
+            if bound >= max_ids:
+                return succeed(("full", bound, ""))
         r.set("bind:" + peer_id, digest, bind_ttl)
         r.set("peer:" + peer_id, self.node, presence_ttl)
         return succeed(("new" if b is None else "same" if b == digest else "rebound", 0, p or ""))

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from natbypass.lab.spec import FilteringRule, Inbound, LabSpec, Link, MappingRule, NatRules, SiteKind, SiteSpec
+from natbypass.lab.spec import (
+    FilteringRule,
+    Inbound,
+    IpVersion,
+    LabSpec,
+    Link,
+    MappingRule,
+    NatRules,
+    SiteKind,
+    SiteSpec,
+)
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,9}", fullmatch=True).filter(
     lambda n: n not in {"mediator", "public", "med", "pub", "all"}
@@ -39,9 +49,10 @@ def sites(draw: st.DrawFn, name: str) -> SiteSpec:
     kind = draw(st.sampled_from(SiteKind))
     link = draw(links())
     if kind is SiteKind.NAT:
-        return SiteSpec(name, kind, nat=draw(nats), hosts=draw(st.integers(1, 8)), link=link)
+        ip = draw(st.sampled_from([IpVersion.V4, IpVersion.DUAL]))  # IPv6 is never NATed
+        return SiteSpec(name, kind, nat=draw(nats), hosts=draw(st.integers(1, 8)), link=link, ip=ip)
     inbound = Inbound.DROP if kind is SiteKind.OPEN else draw(st.sampled_from(Inbound))
-    return SiteSpec(name, kind, link=link, inbound=inbound)
+    return SiteSpec(name, kind, link=link, inbound=inbound, ip=draw(st.sampled_from(IpVersion)))
 
 
 @st.composite

@@ -103,7 +103,8 @@ class MemoryUDPPort:
         if addr is None:
             assert self._connected is not None, "write without an address on an unconnected port"
             addr = self._connected
-        addr = tuple(addr)  # type: ignore[assignment]
+        # An IPv6 socket also takes (host, port, flowinfo, scope_id), as the QUIC engine sends to.
+        addr = tuple(addr)[:2]  # type: ignore[assignment]
         self.written.append((data, addr))  # type: ignore[arg-type]
         self.network.send(self.source, addr, data)  # type: ignore[arg-type]
 
@@ -184,6 +185,19 @@ class MemoryNAT:
             self.mappings[key] = public
             self._inside_of[public] = source
         return self.mappings[key]
+
+    def flush(self, first_port: int | None = None) -> None:
+        """
+        Forget every mapping and permission (a conntrack flush, a reboot):
+        the next outbound datagram gets a new mapping, from C{first_port}
+        on when given, and never the port it had (no port preservation).
+        """
+        self.mappings.clear()
+        self._inside_of.clear()
+        self.permissions.clear()
+        self.port_preserving = False
+        if first_port is not None:
+            self._next_port = first_port
 
     def outbound(self, source: Address, dest: Address) -> Address | None:
         """The source a datagram from C{source} to C{dest} leaves with (None: dropped); opens the filter."""
