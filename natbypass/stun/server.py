@@ -132,7 +132,9 @@ from zope.interface import implementer
 from natbypass import __version__
 from natbypass.address import is_wildcard
 from natbypass.ratelimit import RateLimiter, TokenBucket, source_key
+from natbypass.stun import batch
 from natbypass.stun import message as m
+from natbypass.stun.batch import DatagramBatch
 from natbypass.stun.message import StreamFramer, StunDecodeError, StunFramingError
 
 Address = tuple[str, int]
@@ -336,22 +338,70 @@ def _attribute_bytes(attr: m.Attribute) -> bytes:
 # Fast path: a bare or FINGERPRINT-only Binding request from an IPv4 source.
 # The response is one struct.pack of header, XOR-MAPPED-ADDRESS, (RFC 5780:
 # MAPPED-ADDRESS) and the precomputed tail, then FINGERPRINT; the attribute
-# order is the codec path's, and the tests compare the bytes.
+# order is the codec path's, and the tests compare the bytes.  The source
+# comes as the 6 bytes of port and IPv4 address in network order (what a
+# sockaddr_in holds from its third byte), so that MAPPED-ADDRESS is those
+# bytes and XOR-MAPPED-ADDRESS one integer XOR with cookie-port and cookie.
 _BARE_BINDING = b"\x00\x01\x00\x00" + m.MAGIC_COOKIE_BYTES
 _FINGERPRINTED_BINDING = b"\x00\x01\x00\x08" + m.MAGIC_COOKIE_BYTES
 _FINGERPRINT_HEAD = struct.pack("!HH", m.AttributeType.FINGERPRINT, 4)
 _XMA_HEAD = struct.pack("!HHBB", m.AttributeType.XOR_MAPPED_ADDRESS, 8, 0, 1)
 _MA_HEAD = struct.pack("!HHBB", m.AttributeType.MAPPED_ADDRESS, 8, 0, 1)
 _FP_TYPE = int(m.AttributeType.FINGERPRINT)
-_FP_XOR = m.FINGERPRINT_XOR
-_COOKIE = m.MAGIC_COOKIE
-_COOKIE_PORT = m.MAGIC_COOKIE >> 16
 _SUCCESS_TYPE = m.message_type(m.Method.BINDING, m.MessageClass.SUCCESS)
-_U32_unpack = struct.Struct("!I").unpack
-_U32_unpack_from = struct.Struct("!I").unpack_from
-_FP_pack = struct.Struct("!HHI").pack
-_inet_aton = socket.inet_aton
-_crc32 = zlib.crc32
+#: XOR-MAPPED-ADDRESS's port and IPv4 address: port and address XOR the cookie's top 16 bits and the cookie.
+_XOR_SOURCE = ((m.MAGIC_COOKIE >> 16) << 32) | m.MAGIC_COOKIE
+_NO_PORT = b"\x00\x00"
+
+#: (request, raw source) -> response bytes, or None when the fast path does not apply.
+FastAnswer = Callable[[bytes, bytes], "bytes | None"]
+
+
+def raw_source(source: Address) -> bytes | None:
+    """An IPv4 (host, port) as the fast path takes it: port and address in network order; None if not IPv4."""
+    host, port = source
+    try:
+        return port.to_bytes(2, "big") + socket.inet_aton(host)
+    except (OSError, OverflowError, TypeError):
+        return None
+
+
+def _fast_answer(head: bytes, tail: bytes, mapped: bool) -> FastAnswer:
+    """
+    The fast path of one local socket: C{head} is the response's type and
+    length, C{tail} the attributes that depend only on the socket, and
+    C{mapped} whether MAPPED-ADDRESS follows XOR-MAPPED-ADDRESS (RFC 5780).
+    """
+    if mapped:
+        pack = struct.Struct(f"!4s16s6s6s6s6s{len(tail)}s").pack
+    else:
+        pack = struct.Struct(f"!4s16s6s6s{len(tail)}s").pack
+    bare, fingerprinted, fp_head = _BARE_BINDING, _FINGERPRINTED_BINDING, _FINGERPRINT_HEAD
+    xma_head, ma_head, xor, no_port, fp_xor = _XMA_HEAD, _MA_HEAD, _XOR_SOURCE, _NO_PORT, m.FINGERPRINT_XOR
+    fp_pack = struct.Struct("!HHI").pack
+    u32 = struct.Struct("!I").unpack_from
+    crc32, from_bytes = zlib.crc32, int.from_bytes
+
+    def answer(data: bytes, raw: bytes) -> bytes | None:
+        size = len(data)
+        if size == 20:
+            if data[:8] != bare:
+                return None
+        elif size == 28:
+            if data[:8] != fingerprinted or data[20:24] != fp_head or u32(data, 24)[0] != crc32(data[:20]) ^ fp_xor:
+                return None
+        else:
+            return None
+        if raw[:2] == no_port:
+            return None
+        xored = (from_bytes(raw, "big") ^ xor).to_bytes(6, "big")
+        if mapped:
+            prefix = pack(head, data[4:20], xma_head, xored, ma_head, raw, tail)
+        else:
+            prefix = pack(head, data[4:20], xma_head, xored, tail)
+        return prefix + fp_pack(_FP_TYPE, 4, crc32(prefix) ^ fp_xor)
+
+    return answer
 
 
 class BindingResponder:
@@ -363,11 +413,10 @@ class BindingResponder:
     def __init__(self, config: ResponderConfig) -> None:
         self.config = config
         self._software = _attribute_bytes(m.Software(config.software)) if config.software else b""
-        # Fast path: per local address, a packer for header + mapped
-        # addresses + the constant tail (RESPONSE-ORIGIN, OTHER-ADDRESS,
-        # SOFTWARE of an answer sent from that same address).
-        self._rfc5780 = config.rfc5780
-        self._fast: dict[Address, tuple[Callable[..., bytes], bytes, bytes]] = {}
+        # Fast path: per local address, the function that answers from
+        # header + mapped addresses + the constant tail (RESPONSE-ORIGIN,
+        # OTHER-ADDRESS, SOFTWARE of an answer sent from that same address).
+        self._fast: dict[Address, FastAnswer] = {}
         for local in config.addresses():
             if _family(local[0]) != socket.AF_INET:
                 continue
@@ -379,50 +428,30 @@ class BindingResponder:
                     + _attribute_bytes(m.OtherAddress(*config.public(other)))
                     + self._software
                 )
-                packer = struct.Struct(f"!4s16s6sHI6sH4s{len(tail)}s")
+                size = 20 + 2 * 12 + len(tail) + 8
             else:
                 tail = self._software
-                packer = struct.Struct(f"!4s16s6sHI{len(tail)}s")
-            head = struct.pack("!HH", _SUCCESS_TYPE, packer.size + 8 - m.HEADER_SIZE)
-            self._fast[local] = (packer.pack, head, tail)
+                size = 20 + 12 + len(tail) + 8
+            head = struct.pack("!HH", _SUCCESS_TYPE, size - m.HEADER_SIZE)
+            self._fast[local] = _fast_answer(head, tail, config.rfc5780)
 
     # ---------------------------------------------------------------- fast
 
+    def fast_answer(self, local: Address) -> FastAnswer | None:
+        """
+        The fast path of requests received on C{local}: a function of the
+        request and its L{raw_source} that gives the response to a bare or
+        FINGERPRINT-only Binding request from an IPv4 source, None for
+        anything else (which L{respond_datagram} then handles).  None when
+        C{local} has no fast path (IPv6).
+        """
+        return self._fast.get(local)
+
     def fast_response(self, data: bytes, source: Address, local: Address) -> bytes | None:
-        """
-        The response to a bare or FINGERPRINT-only Binding request from an
-        IPv4 source, sent from C{local} back to C{source}; None for anything
-        else (which L{respond_datagram} then handles).
-        """
-        size = len(data)
-        if size == 20:
-            if data[:8] != _BARE_BINDING:
-                return None
-        elif size == 28:
-            if (
-                data[:8] != _FINGERPRINTED_BINDING
-                or data[20:24] != _FINGERPRINT_HEAD
-                or _U32_unpack_from(data, 24)[0] != _crc32(data[:20]) ^ _FP_XOR
-            ):
-                return None
-        else:
-            return None
-        template = self._fast.get(local)
-        host, port = source
-        if template is None or port == 0:
-            return None
-        try:
-            packed = _inet_aton(host)
-        except OSError:
-            return None
-        pack, head, tail = template
-        if self._rfc5780:
-            prefix = pack(head, data[4:20], _XMA_HEAD, port ^ _COOKIE_PORT,
-                          _U32_unpack(packed)[0] ^ _COOKIE, _MA_HEAD, port, packed, tail)  # fmt: skip
-        else:
-            prefix = pack(head, data[4:20], _XMA_HEAD, port ^ _COOKIE_PORT,
-                          _U32_unpack(packed)[0] ^ _COOKIE, tail)  # fmt: skip
-        return prefix + _FP_pack(_FP_TYPE, 4, _crc32(prefix) ^ _FP_XOR)
+        """L{fast_answer} for one datagram from C{source} (host, port) received on C{local}."""
+        answer = self._fast.get(local)
+        raw = raw_source(source) if answer is not None else None
+        return answer(data, raw) if raw is not None else None
 
     def respond_datagram(self, data: bytes, source: Address, local: Address) -> Reply | None:
         """
@@ -938,24 +967,34 @@ class STUNStreamFactory(Factory):
 class STUNPort(udp.Port):
     """
     A UDP port of the responder on a file-descriptor reactor (epoll, poll,
-    select): Twisted's C{udp.Port} with two changes.
+    select): Twisted's C{udp.Port} with three changes.
 
       - C{reusePort}: the socket is bound with C{SO_REUSEPORT}, so that
         other processes (L{natbypass.stun.worker}) can bind the same address
         and the kernel spreads the flows among them: it hashes each
         datagram's 4-tuple onto one of the sockets, so one source port
         always reaches the same process.
-      - C{doRead} answers bare Binding requests (the fast path) in its own
-        loop, with everything it needs in local variables and the counters
-        added once per read: C{udp.Port.doRead} calls C{datagramReceived}
-        per datagram, which looks up the counters, limiters and responder
-        again each time (measured in docs/performance.md).  Everything
-        else goes to the protocol (L{STUNDatagramProtocol.answer}).  The read
-        budget (C{maxThroughput}), the rate limits and the counters are the
+      - C{doRead} answers bare Binding requests (the fast path,
+        L{BindingResponder.fast_answer}) in its own loop, with everything it
+        needs in local variables and the counters added once per read:
+        C{udp.Port.doRead} calls C{datagramReceived} per datagram, which
+        looks up the counters, limiters and responder again each time
+        (measured in docs/performance.md).  Everything else goes to the
+        protocol (L{STUNDatagramProtocol.answer}).  The read budget
+        (C{maxThroughput}), the rate limits and the counters are the
         protocol's.
+      - C{batchIO}: on an IPv4 socket where Linux's C{recvmmsg}/C{sendmmsg}
+        can be called (L{natbypass.stun.batch}), the loop reads up to
+        L{batch.SLOTS} datagrams per system call and sends the fast path's
+        responses the same way; a batch that does not fill every slot ends
+        the read (the socket was empty), which saves the C{recvfrom} that
+        would only have said so.  The read budget is checked per batch.
     """
 
     reusePort = False
+    #: Use recvmmsg/sendmmsg where available (False: one recvfrom/sendto per datagram).
+    batchIO = True
+    _batch: DatagramBatch | None = None
 
     def createInternetSocket(self) -> socket.socket:
         skt = super().createInternetSocket()
@@ -963,17 +1002,46 @@ class STUNPort(udp.Port):
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         return skt
 
+    def _bindSocket(self) -> None:
+        super()._bindSocket()
+        if self.batchIO and self.addressFamily == socket.AF_INET and batch.available():
+            self._batch = DatagramBatch(self.socket.fileno())
+
+    def connectionLost(self, reason: object = None) -> None:
+        vectors, self._batch = self._batch, None
+        super().connectionLost(reason)
+        if vectors is not None:
+            vectors.close()
+
     def doRead(self) -> None:
         protocol = self.protocol
         server = protocol.server
         responder = server.responder
         local = protocol.local
-        if responder is None or local is None or self.addressFamily != socket.AF_INET:
+        fast = responder.fast_answer(local) if responder is not None and local is not None else None
+        if fast is None or self.addressFamily != socket.AF_INET:
             return super().doRead()
-        recvfrom, sendto = self.socket.recvfrom, self.socket.sendto
-        fast, answer = responder.fast_response, protocol.answer
         allow = server.limiter.allow if server.limiter is not None else None
         take = server.global_limiter.take if server.global_limiter is not None else None
+        counts = [0, 0, 0, 0, 0]  # received, answered, rate-limited, of them by the global limit, send failures
+        try:
+            if self._batch is not None:
+                self._read_batches(self._batch, fast, protocol.answer, allow, take, counts)
+            else:
+                self._read_each(fast, protocol.answer, allow, take, counts)
+        finally:
+            counters = server.counters
+            counters.received += counts[0]
+            counters.answered += counts[1]
+            counters.rate_limited += counts[2]
+            counters.rate_limited_global += counts[3]
+            counters.send_failed += counts[4]
+
+    def _read_each(self, fast: FastAnswer, answer: Callable[[bytes, Address], None],
+                   allow: Callable[[str], bool] | None, take: Callable[[], bool] | None,
+                   counts: list[int]) -> None:  # fmt: skip
+        """One recvfrom and one sendto per datagram."""
+        recvfrom, sendto = self.socket.recvfrom, self.socket.sendto
         size, budget = self.maxPacketSize, self.maxThroughput
         read = received = answered = limited = limited_global = failed = 0
         try:
@@ -991,8 +1059,9 @@ class STUNPort(udp.Port):
                     limited += 1
                     limited_global += 1
                     continue
+                raw = raw_source(addr)
                 try:
-                    reply = fast(data, addr, local)
+                    reply = fast(data, raw) if raw is not None else None
                 except Exception:
                     reply = None  # the protocol's path logs and counts what went wrong
                 if reply is None:
@@ -1005,12 +1074,64 @@ class STUNPort(udp.Port):
                 else:
                     answered += 1
         finally:
-            counters = server.counters
-            counters.received += received
-            counters.answered += answered
-            counters.rate_limited += limited
-            counters.rate_limited_global += limited_global
-            counters.send_failed += failed
+            counts[:] = received, answered, limited, limited_global, failed
+
+    def _read_batches(self, vectors: DatagramBatch, fast: FastAnswer, answer: Callable[[bytes, Address], None],
+                      allow: Callable[[str], bool] | None, take: Callable[[], bool] | None,
+                      counts: list[int]) -> None:  # fmt: skip
+        """One recvmmsg per L{batch.SLOTS} datagrams, one sendmmsg for their fast-path responses."""
+        receive, send, move_name = vectors.receive, vectors.send, vectors.move_name
+        memory, slots = vectors.memory, vectors.slots
+        lengths, length_index = vectors.lengths, vectors.length_index
+        data_at, name_at, send_at = vectors.data_offsets, vectors.name_offsets, vectors.send_offsets
+        send_lengths, send_length_index = vectors.send_lengths, vectors.send_length_index
+        ntoa, budget = socket.inet_ntoa, self.maxThroughput
+        read = received = answered = limited = limited_global = failed = 0
+        try:
+            while read < budget:
+                try:
+                    got = receive()
+                except ConnectionRefusedError:
+                    return
+                if not got:
+                    return
+                received += got
+                queued = 0
+                for i in range(got):
+                    size = lengths[length_index[i]]
+                    read += size
+                    at = name_at[i]
+                    raw = memory[at + 2 : at + 8]
+                    if allow is not None and not allow(ntoa(raw[2:])):
+                        limited += 1
+                        continue
+                    if take is not None and not take():
+                        limited += 1
+                        limited_global += 1
+                        continue
+                    at = data_at[i]
+                    data = memory[at : at + size]
+                    try:
+                        reply = fast(data, raw)
+                    except Exception:
+                        reply = None  # the protocol's path logs and counts what went wrong
+                    if reply is None:
+                        answer(data, (ntoa(raw[2:]), (raw[0] << 8) | raw[1]))
+                        continue
+                    at = send_at[queued]
+                    memory[at : at + len(reply)] = reply
+                    send_lengths[send_length_index[queued]] = len(reply)
+                    if queued != i:
+                        move_name(i, queued)
+                    queued += 1
+                if queued:
+                    refused = send(queued)
+                    failed += refused
+                    answered += queued - refused
+                if got < slots:
+                    return
+        finally:
+            counts[:] = received, answered, limited, limited_global, failed
 
 
 def _listen_udp(reactor, host: str, port: int, protocol: DatagramProtocol, reuse_port: bool):
