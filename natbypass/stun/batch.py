@@ -199,6 +199,8 @@ class DatagramBatch:
 
     def put(self, k: int, response: bytes, i: int) -> None:
         """Queue C{response} in send slot C{k} to the source of datagram C{i} (C{k <= i})."""
+        if len(response) > SEND_SIZE:
+            raise ValueError(f"a {len(response)}-byte response is over the {SEND_SIZE}-byte send slot")
         at = self.send_offsets[k]
         self.memory[at : at + len(response)] = response
         self.send_lengths[self.send_length_index[k]] = len(response)

@@ -996,6 +996,11 @@ class STUNPort(udp.Port):
     batchIO = True
     _batch: DatagramBatch | None = None
 
+    @property
+    def batching(self) -> bool:
+        """True while this port reads and sends in batches."""
+        return self._batch is not None
+
     def createInternetSocket(self) -> socket.socket:
         skt = super().createInternetSocket()
         if self.reusePort:
@@ -1134,11 +1139,12 @@ class STUNPort(udp.Port):
             counts[:] = received, answered, limited, limited_global, failed
 
 
-def _listen_udp(reactor, host: str, port: int, protocol: DatagramProtocol, reuse_port: bool):
+def _listen_udp(reactor, host: str, port: int, protocol: DatagramProtocol, reuse_port: bool, batch_io: bool = True):
     """
     A L{STUNPort} on C{reactor} when it is one of Twisted's POSIX reactors
     (epoll, poll, select: what C{listenUDP} itself makes a C{udp.Port} on),
     else (an in-memory test reactor) C{listenUDP}, which cannot share ports.
+    C{batch_io}: L{STUNPort.batchIO}.
     """
     if not isinstance(reactor, PosixReactorBase):
         if reuse_port:
@@ -1146,6 +1152,7 @@ def _listen_udp(reactor, host: str, port: int, protocol: DatagramProtocol, reuse
         return reactor.listenUDP(port, protocol, interface=host, maxPacketSize=65535)
     listening = STUNPort(port, protocol, host, 65535, reactor)
     listening.reusePort = reuse_port
+    listening.batchIO = batch_io
     listening.startListening()
     return listening
 
@@ -1184,6 +1191,7 @@ class STUNService(Service):
         udp_read_budget: int = UDP_READ_BUDGET,
         advertise: tuple[tuple[str, str], ...] = (),
         reuse_port: bool = False,
+        batch_io: bool = True,
     ) -> None:
         # Validate now (raises ValueError), with the ports as requested.
         ResponderConfig(primary, alternate, software, advertise)
@@ -1192,6 +1200,8 @@ class STUNService(Service):
         #: (L{natbypass.stun.worker}) can bind the same ports and the kernel
         #: spreads the flows among them.
         self.reuse_port = reuse_port
+        #: Read and send UDP in batches (recvmmsg/sendmmsg) where the system has them (L{STUNPort.batchIO}).
+        self.batch_io = batch_io
         self._udp_ports: list = []
         self._reactor = reactor
         self._primary = primary
@@ -1296,7 +1306,9 @@ class STUNService(Service):
         self._udp_ports = []
 
         def udp(host: str, port: int) -> int:
-            listening = _listen_udp(self._reactor, host, port, STUNDatagramProtocol(self.server), self.reuse_port)
+            listening = _listen_udp(
+                self._reactor, host, port, STUNDatagramProtocol(self.server), self.reuse_port, self.batch_io
+            )
             # Bounded work per reactor turn (udp.Port reads up to maxThroughput bytes per turn).
             listening.maxThroughput = self._udp_read_budget
             self._ports.append(listening)
