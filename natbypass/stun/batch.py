@@ -147,6 +147,14 @@ class DatagramBatch:
         self.send_lengths = view.cast("N")
         self.send_length_index = [(send_iovs + k * _IOV + _IOVec.iov_len.offset) // _IOV_LEN_SIZE
                                   for k in range(slots)]  # fmt: skip
+        #: Per receive slot i: (i, its C{lengths} index, the offsets in L{memory} of its source's port and
+        #: IPv4 address (6 bytes, network order), the offset of its data): what a read loop needs, in one tuple.
+        self.received_slots = [
+            (i, self.length_index[i], self.name_offsets[i] + 2, self.name_offsets[i] + 8, self.data_offsets[i])
+            for i in range(slots)
+        ]
+        #: Per send slot k: (its offset in L{memory}, its C{send_lengths} index).
+        self.send_slots = [(self.send_offsets[k], self.send_length_index[k]) for k in range(slots)]
         self._namelen_index = [(self._recv_hdrs + i * _HDR + _MsgHdr.msg_namelen.offset) // 4 for i in range(slots)]
         self._view = view
 
