@@ -471,7 +471,7 @@ def run_one(kind: str, args) -> dict | None:
         errors.close()
 
 
-def readloop(count: int, rounds: int) -> None:
+def readloop(count: int, rounds: int, limits: bool = False) -> None:
     """
     The A/B of STUNPort's read loops, Python side only: the kernel is left
     out, so what is timed (this thread's CPU time) is the loop, the limiter
@@ -486,7 +486,10 @@ def readloop(count: int, rounds: int) -> None:
         (from 1024 source ports) and whose C{sendto} discards;
       - Twisted's C{udp.Port.doRead} on the same stand-in.
 
-    C{count} datagrams per loop, the loops alternate; medians over C{rounds}.
+    C{count} datagrams per loop (rounded up to whole batches), the loops
+    alternate; medians over C{rounds}.  With C{limits}, the per-source and
+    global rate limits are on (at rates that let everything through), so
+    their cost per datagram is in the figures.
     """
     import errno
 
@@ -498,9 +501,12 @@ def readloop(count: int, rounds: int) -> None:
     from natbypass.stun.batch import SLOTS
     from natbypass.stun.server import STUNPort, STUNService
 
+    count += -count % SLOTS
+
     def port_of(batch_io: bool) -> tuple[STUNService, STUNPort]:
-        service = STUNService(reactor, (PRIMARY, 0), (ALTERNATE, 0), stats_interval=0, rate=0, global_rate=0,
-                              tcp=False, udp_read_budget=1 << 30, batch_io=batch_io)  # fmt: skip
+        rate = 1e12 if limits else 0
+        service = STUNService(reactor, (PRIMARY, 0), (ALTERNATE, 0), stats_interval=0, rate=rate, burst=rate,
+                              global_rate=rate, tcp=False, udp_read_budget=1 << 30, batch_io=batch_io)  # fmt: skip
         service.startService()
         target = service.config.primary
         port = next(p for p in reactor.getReaders() if isinstance(p, STUNPort) and p.getHost().port == target[1]
@@ -582,8 +588,9 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="stun_bench.py readloop")
         p.add_argument("--count", type=int, default=200000)
         p.add_argument("--rounds", type=int, default=9)
+        p.add_argument("--limits", action="store_true", help="rate limits on (letting everything through)")
         a = p.parse_args(argv[1:])
-        readloop(a.count, a.rounds)
+        readloop(a.count, a.rounds, a.limits)
         return 0
     if argv[:1] == ["serve"]:
         p = argparse.ArgumentParser(prog="stun_bench.py serve")

@@ -1023,28 +1023,26 @@ class STUNPort(udp.Port):
         fast = responder.fast_answer(local) if responder is not None and local is not None else None
         if fast is None or self.addressFamily != socket.AF_INET:
             return super().doRead()
-        allow = server.limiter.allow if server.limiter is not None else None
-        take = server.global_limiter.take if server.global_limiter is not None else None
-        counts = [0, 0, 0, 0, 0]  # received, answered, rate-limited, of them by the global limit, send failures
+        limits = _Limits(server, self.reactor.seconds)
         try:
             if self._batch is not None:
-                self._read_batches(self._batch, fast, protocol.answer, allow, take, counts)
+                self._read_batches(self._batch, fast, protocol.answer, limits)
             else:
-                self._read_each(fast, protocol.answer, allow, take, counts)
+                self._read_each(fast, protocol.answer, limits)
         finally:
             counters = server.counters
-            counters.received += counts[0]
-            counters.answered += counts[1]
-            counters.rate_limited += counts[2]
-            counters.rate_limited_global += counts[3]
-            counters.send_failed += counts[4]
+            counters.received += limits.received
+            counters.answered += limits.answered
+            counters.rate_limited += limits.limited
+            counters.rate_limited_global += limits.limited_global
+            counters.send_failed += limits.failed
 
-    def _read_each(self, fast: FastAnswer, answer: Callable[[bytes, Address], None],
-                   allow: Callable[[str], bool] | None, take: Callable[[], bool] | None,
-                   counts: list[int]) -> None:  # fmt: skip
+    def _read_each(self, fast: FastAnswer, answer: Callable[[bytes, Address], None], limits: _Limits) -> None:
         """One recvfrom and one sendto per datagram."""
         recvfrom, sendto = self.socket.recvfrom, self.socket.sendto
         size, budget = self.maxPacketSize, self.maxThroughput
+        allow, take, seconds = limits.allow, limits.take, limits.seconds
+        now = seconds() if allow is not None or take is not None else 0.0
         read = received = answered = limited = limited_global = failed = 0
         try:
             while read < budget:
@@ -1054,16 +1052,18 @@ class STUNPort(udp.Port):
                     return
                 read += len(data)
                 received += 1
-                if allow is not None and not allow(addr[0]):
+                raw = raw_source(addr)
+                if raw is None:  # recvfrom on an AF_INET socket gives IPv4 sources only
+                    continue
+                if allow is not None and not allow(raw[2:], now):
                     limited += 1
                     continue
-                if take is not None and not take():
+                if take is not None and not take(1.0, now):
                     limited += 1
                     limited_global += 1
                     continue
-                raw = raw_source(addr)
                 try:
-                    reply = fast(data, raw) if raw is not None else None
+                    reply = fast(data, raw)
                 except Exception:
                     reply = None  # the protocol's path logs and counts what went wrong
                 if reply is None:
@@ -1076,16 +1076,17 @@ class STUNPort(udp.Port):
                 else:
                     answered += 1
         finally:
-            counts[:] = received, answered, limited, limited_global, failed
+            limits.add(received, answered, limited, limited_global, failed)
 
     def _read_batches(self, vectors: DatagramBatch, fast: FastAnswer, answer: Callable[[bytes, Address], None],
-                      allow: Callable[[str], bool] | None, take: Callable[[], bool] | None,
-                      counts: list[int]) -> None:  # fmt: skip
+                      limits: _Limits) -> None:  # fmt: skip
         """One recvmmsg per L{batch.SLOTS} datagrams, one sendmmsg for their fast-path responses."""
         receive, send, move_name = vectors.receive, vectors.send, vectors.move_name
         memory, slots, lengths, send_lengths = vectors.memory, vectors.slots, vectors.lengths, vectors.send_lengths
         received_slots, send_slots = vectors.received_slots, vectors.send_slots
-        ntoa, budget = socket.inet_ntoa, self.maxThroughput
+        allow, take, seconds = limits.allow, limits.take, limits.seconds
+        limited_at_all = allow is not None or take is not None
+        ntoa, budget, now = socket.inet_ntoa, self.maxThroughput, 0.0
         read = received = answered = limited = limited_global = failed = 0
         try:
             while read < budget:
@@ -1096,15 +1097,17 @@ class STUNPort(udp.Port):
                 if not got:
                     return
                 received += got
+                if limited_at_all:
+                    now = seconds()  # once per batch: its datagrams arrived within microseconds
                 queued = 0
                 for i, length_at, source_from, source_to, data_from in received_slots[:got]:
                     size = lengths[length_at]
                     read += size
                     raw = memory[source_from:source_to]
-                    if allow is not None and not allow(ntoa(raw[2:])):
+                    if allow is not None and not allow(raw[2:], now):
                         limited += 1
                         continue
-                    if take is not None and not take():
+                    if take is not None and not take(1.0, now):
                         limited += 1
                         limited_global += 1
                         continue
@@ -1130,7 +1133,30 @@ class STUNPort(udp.Port):
                 if got < slots:
                     return
         finally:
-            counts[:] = received, answered, limited, limited_global, failed
+            limits.add(received, answered, limited, limited_global, failed)
+
+
+class _Limits:
+    """
+    What one C{STUNPort.doRead} needs of the rate limits (the per-source
+    limiter's L{RateLimiter.allow_key} on the packed IPv4 source, the global
+    bucket's C{take}, the clock read once per batch) and what it counts.
+    """
+
+    __slots__ = ("allow", "take", "seconds", "received", "answered", "limited", "limited_global", "failed")
+
+    def __init__(self, server: STUNServer, seconds: Callable[[], float]) -> None:
+        self.allow = server.limiter.allow_key if server.limiter is not None else None
+        self.take = server.global_limiter.take if server.global_limiter is not None else None
+        self.seconds = seconds
+        self.received = self.answered = self.limited = self.limited_global = self.failed = 0
+
+    def add(self, received: int, answered: int, limited: int, limited_global: int, failed: int) -> None:
+        self.received += received
+        self.answered += answered
+        self.limited += limited
+        self.limited_global += limited_global
+        self.failed += failed
 
 
 def _listen_udp(reactor, host: str, port: int, protocol: DatagramProtocol, reuse_port: bool, batch_io: bool = True):
