@@ -130,6 +130,15 @@ class _Count(DatagramProtocol):
         self.responses.append(data)
 
 
+@defer.inlineCallbacks
+def until(condition):
+    """Wait (2 s at most) until C{condition()} is true."""
+    for _ in range(200):
+        if condition():
+            return
+        yield deferLater(reactor, 0.01, lambda: None)
+
+
 class ReadLoopMixin:
     """
     STUNPort's own read loop (the service on the real reactor): every kind of
@@ -155,12 +164,7 @@ class ReadLoopMixin:
         self.addCleanup(port.stopListening)
         return client, port
 
-    @defer.inlineCallbacks
-    def until(self, condition):
-        for _ in range(200):
-            if condition():
-                return
-            yield deferLater(reactor, 0.01, lambda: None)
+    until = staticmethod(until)
 
     def stun_port(self, service: STUNService) -> STUNPort:
         """The service's UDP port as the reactor sees it."""
@@ -267,12 +271,7 @@ class OneByOneReadLoopTests(ReadLoopMixin, TestCase):
 
 
 class ReusePortTests(TestCase):
-    @defer.inlineCallbacks
-    def until(self, condition):
-        for _ in range(200):
-            if condition():
-                return
-            yield deferLater(reactor, 0.01, lambda: None)
+    until = staticmethod(until)
 
     @defer.inlineCallbacks
     def test_reuse_port_shares_the_port(self):

@@ -10,7 +10,9 @@ Layers, bottom up:
     from which local socket and to where (a L{Reply}), or nothing.
     L{BindingResponder.respond_datagram} adds a fast path for the common bare
     Binding request that builds the response from bytes precomputed with the
-    codec; tests check it byte for byte against the codec path.
+    codec (L{BindingResponder.fast_answer}: per socket, a function of the
+    request and the source's raw sockaddr bytes); tests check it byte for
+    byte against the codec path.
   - L{RateLimiter}: a token bucket per source (IPv6: per /64), in a
     fixed-size table indexed by a salted hash, on an injected clock.
   - L{STUNServer}: what all of the responder's sockets share (responder,
@@ -21,7 +23,9 @@ Layers, bottom up:
   - L{STUNPort}: the UDP port on a real reactor: Twisted's C{udp.Port}
     with C{SO_REUSEPORT} on request (worker processes share the ports,
     L{natbypass.stun.worker}) and a read loop that answers bare Bindings
-    without a call per datagram into the protocol (docs/performance.md).
+    without a call per datagram into the protocol, reading and sending
+    them in batches (C{recvmmsg}/C{sendmmsg}, L{natbypass.stun.batch})
+    where Linux offers them (docs/performance.md).
   - L{STUNService}: opens the sockets in C{startService}.
 
 Policy decisions, and why:
@@ -69,7 +73,7 @@ Abuse and load (all of it measured by tests/test_stun_abuse.py):
     a flood of F requests a second takes F / L{RATE_BUCKETS} tokens a second
     from each bucket, which refills at the rate, so locking genuine sources
     out takes F above L{RATE_BUCKETS} x rate (3.3 million a second at the
-    default), fifty times what the responder can process on one core
+    default), more than twenty times what the responder answers on one core
     (docs/performance.md).  A source that shares a bucket with a heavy one
     shares its budget: the price of the fixed memory, small while active
     sources are far fewer than buckets.  (A table of sources that refuses
@@ -1041,8 +1045,8 @@ class STUNPort(udp.Port):
         """One recvfrom and one sendto per datagram."""
         recvfrom, sendto = self.socket.recvfrom, self.socket.sendto
         size, budget = self.maxPacketSize, self.maxThroughput
-        allow, take, seconds = limits.allow, limits.take, limits.seconds
-        now = seconds() if allow is not None or take is not None else 0.0
+        admit = limits.admit
+        now = limits.seconds() if admit is not None else 0.0
         read = received = answered = limited = limited_global = failed = 0
         try:
             while read < budget:
@@ -1055,12 +1059,10 @@ class STUNPort(udp.Port):
                 raw = raw_source(addr)
                 if raw is None:  # recvfrom on an AF_INET socket gives IPv4 sources only
                     continue
-                if allow is not None and not allow(raw[2:], now):
+                refused = admit(raw[2:], now) if admit is not None else 0
+                if refused:
                     limited += 1
-                    continue
-                if take is not None and not take(1.0, now):
-                    limited += 1
-                    limited_global += 1
+                    limited_global += refused - 1
                     continue
                 try:
                     reply = fast(data, raw)
@@ -1084,8 +1086,7 @@ class STUNPort(udp.Port):
         receive, send, move_name = vectors.receive, vectors.send, vectors.move_name
         memory, slots, lengths, send_lengths = vectors.memory, vectors.slots, vectors.lengths, vectors.send_lengths
         received_slots, send_slots = vectors.received_slots, vectors.send_slots
-        allow, take, seconds = limits.allow, limits.take, limits.seconds
-        limited_at_all = allow is not None or take is not None
+        admit, seconds = limits.admit, limits.seconds
         ntoa, budget, now = socket.inet_ntoa, self.maxThroughput, 0.0
         read = received = answered = limited = limited_global = failed = 0
         try:
@@ -1097,20 +1098,19 @@ class STUNPort(udp.Port):
                 if not got:
                     return
                 received += got
-                if limited_at_all:
+                if admit is not None:
                     now = seconds()  # once per batch: its datagrams arrived within microseconds
                 queued = 0
                 for i, length_at, source_from, source_to, data_from in received_slots[:got]:
                     size = lengths[length_at]
                     read += size
                     raw = memory[source_from:source_to]
-                    if allow is not None and not allow(raw[2:], now):
-                        limited += 1
-                        continue
-                    if take is not None and not take(1.0, now):
-                        limited += 1
-                        limited_global += 1
-                        continue
+                    if admit is not None:
+                        refused = admit(raw[2:], now)
+                        if refused:
+                            limited += 1
+                            limited_global += refused - 1
+                            continue
                     data = memory[data_from : data_from + size]
                     try:
                         reply = fast(data, raw)
@@ -1138,16 +1138,27 @@ class STUNPort(udp.Port):
 
 class _Limits:
     """
-    What one C{STUNPort.doRead} needs of the rate limits (the per-source
-    limiter's L{RateLimiter.allow_key} on the packed IPv4 source, the global
-    bucket's C{take}, the clock read once per batch) and what it counts.
+    What one C{STUNPort.doRead} needs of the rate limits and what it
+    counts.  C{admit(key, now)} (None when both limits are off) applies the
+    per-source limiter (L{RateLimiter.allow_key}, on the packed IPv4
+    source) and then the global bucket, at C{now} (C{seconds()}, read once
+    per batch): 0 admitted, 1 over the source's limit, 2 over the global one.
     """
 
-    __slots__ = ("allow", "take", "seconds", "received", "answered", "limited", "limited_global", "failed")
+    __slots__ = ("admit", "seconds", "received", "answered", "limited", "limited_global", "failed")
 
     def __init__(self, server: STUNServer, seconds: Callable[[], float]) -> None:
-        self.allow = server.limiter.allow_key if server.limiter is not None else None
-        self.take = server.global_limiter.take if server.global_limiter is not None else None
+        allow = server.limiter.allow_key if server.limiter is not None else None
+        take = server.global_limiter.take if server.global_limiter is not None else None
+
+        def admit(key: bytes, now: float) -> int:
+            if allow is not None and not allow(key, now):
+                return 1
+            if take is not None and not take(1.0, now):
+                return 2
+            return 0
+
+        self.admit: Callable[[bytes, float], int] | None = admit if allow is not None or take is not None else None
         self.seconds = seconds
         self.received = self.answered = self.limited = self.limited_global = self.failed = 0
 
