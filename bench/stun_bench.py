@@ -17,6 +17,8 @@ Servers:
                    same six attributes), when installed
   natbypass-twistedread  natbypass with Twisted's own udp.Port.doRead instead
                    of STUNPort's read loop (the A/B of that loop)
+  natbypass-nobatch  natbypass with STUNPort's loop one datagram per system
+                   call (batch_io=False: the A/B of recvmmsg/sendmmsg)
   natbypass-1w     natbypass with --stun-workers 1 and 2: STUNWorkers, the UDP
   natbypass-2w     side in worker processes on SO_REUSEPORT sockets (RFC 5780)
 
@@ -68,7 +70,9 @@ sys.path.insert(0, ROOT)
 from natbypass.stun import message as m  # noqa: E402
 
 SERVERS = ("natbypass", "natbypass-plain", "twisted-bare", "coturn", "natbypass-1w", "natbypass-2w",
-           "natbypass-twistedread")  # fmt: skip
+           "natbypass-twistedread", "natbypass-nobatch")  # fmt: skip
+#: Servers with RFC 5780 (two addresses): the six attributes in every response.
+RFC5780 = ("natbypass", "natbypass-twistedread", "natbypass-nobatch", "coturn")
 #: Servers that run the responder in worker processes (--stun-workers N): how many.
 WORKERS = {"natbypass-1w": 1, "natbypass-2w": 2}
 PRIMARY, ALTERNATE = "127.0.0.1", "127.0.0.2"
@@ -129,9 +133,10 @@ def serve(kind: str, port: int, profile: str | None) -> None:
             from twisted.internet import udp
 
             STUNPort.doRead = udp.Port.doRead
-        alternate = (ALTERNATE, port + 1) if kind in ("natbypass", "natbypass-twistedread") else None
+        alternate = (ALTERNATE, port + 1) if kind in RFC5780 else None
         # rate=0, global_rate=0: the load comes from one IP at a high rate, which the default limits would throttle.
-        service = STUNService(reactor, (PRIMARY, port), alternate, stats_interval=0, rate=0, global_rate=0)
+        service = STUNService(reactor, (PRIMARY, port), alternate, stats_interval=0, rate=0, global_rate=0,
+                              batch_io=kind != "natbypass-nobatch")  # fmt: skip
         service.startService()
     profiler = None
     if profile:
@@ -443,7 +448,7 @@ def run_one(kind: str, args) -> dict | None:
             print(f"{kind}: did not answer on {PRIMARY}:{args.port}\n{tail}", file=sys.stderr)
             return None
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
-        full = kind in ("natbypass", "coturn", "natbypass-twistedread") or kind in WORKERS
+        full = kind in RFC5780 or kind in WORKERS
         blaster = args.sleeping_blaster if kind in WORKERS and args.sleeping_blaster else args.blaster
         if blaster:
             result = generate_c(blaster, args.port, args.duration, args.warmup,
@@ -466,15 +471,25 @@ def run_one(kind: str, args) -> dict | None:
         errors.close()
 
 
-def readloop(count: int, rounds: int) -> None:
+def readloop(count: int, rounds: int, limits: bool = False) -> None:
     """
-    The A/B of STUNPort's read loop, Python side only: the responder's
-    socket is replaced by a stand-in whose C{recvfrom} returns C{count}
-    Binding requests (from 1024 source ports) and whose C{sendto} discards,
-    so what is timed (this thread's CPU time) is the loop, the limiter
-    checks, the fast path and the counters; the kernel's work is the same
-    for both loops and left out.  STUNPort.doRead and Twisted's
-    udp.Port.doRead alternate; medians over C{rounds}.
+    The A/B of STUNPort's read loops, Python side only: the kernel is left
+    out, so what is timed (this thread's CPU time) is the loop, the limiter
+    checks, the fast path and the counters.
+
+      - batched: STUNPort's recvmmsg/sendmmsg loop, its vectors' C{receive}
+        standing in for recvmmsg (it reports full batches of the requests
+        written once into the receive slots, from 32 source ports) and
+        C{send} for sendmmsg (it sends nothing);
+      - one by one: STUNPort's loop with C{batch_io=False}, its socket
+        replaced by a stand-in whose C{recvfrom} returns Binding requests
+        (from 1024 source ports) and whose C{sendto} discards;
+      - Twisted's C{udp.Port.doRead} on the same stand-in.
+
+    C{count} datagrams per loop (rounded up to whole batches), the loops
+    alternate; medians over C{rounds}.  With C{limits}, the per-source and
+    global rate limits are on (at rates that let everything through), so
+    their cost per datagram is in the figures.
     """
     import errno
 
@@ -483,14 +498,21 @@ def readloop(count: int, rounds: int) -> None:
     epollreactor.install()
     from twisted.internet import reactor, udp
 
+    from natbypass.stun.batch import SLOTS
     from natbypass.stun.server import STUNPort, STUNService
 
-    service = STUNService(reactor, (PRIMARY, 0), (ALTERNATE, 0), stats_interval=0, rate=0, global_rate=0,
-                          tcp=False, udp_read_budget=1 << 30)  # fmt: skip
-    service.startService()
-    target = service.config.primary
-    port = next(p for p in reactor.getReaders() if isinstance(p, STUNPort) and p.getHost().port == target[1]
-                and p.getHost().host == PRIMARY)  # fmt: skip
+    count += -count % SLOTS
+
+    def port_of(batch_io: bool) -> tuple[STUNService, STUNPort]:
+        rate = 1e12 if limits else 0
+        service = STUNService(reactor, (PRIMARY, 0), (ALTERNATE, 0), stats_interval=0, rate=rate, burst=rate,
+                              global_rate=rate, tcp=False, udp_read_budget=1 << 30, batch_io=batch_io)  # fmt: skip
+        service.startService()
+        target = service.config.primary
+        port = next(p for p in reactor.getReaders() if isinstance(p, STUNPort) and p.getHost().port == target[1]
+                    and p.getHost().host == PRIMARY)  # fmt: skip
+        return service, port
+
     request = m.Message(1, 0, os.urandom(12)).encode(fingerprint=True)
 
     class Socket:
@@ -506,23 +528,57 @@ def readloop(count: int, rounds: int) -> None:
         def sendto(self, data: bytes, address: tuple[str, int]) -> int:
             return len(data)
 
-    real = port.socket
-    loops = {"STUNPort.doRead": STUNPort.doRead, "udp.Port.doRead": udp.Port.doRead}
+    batched_service, batched = port_of(True)
+    vectors = batched.vectors
+    if vectors is None:
+        raise RuntimeError("recvmmsg/sendmmsg are not available here: no batched loop to time")
+    for i in range(SLOTS):
+        at = vectors.data_offsets[i]
+        vectors.memory[at : at + len(request)] = request
+        vectors.lengths[vectors.length_index[i]] = len(request)
+        at = vectors.name_offsets[i]
+        vectors.memory[at : at + 8] = (struct.pack("=H", socket.AF_INET) + (40000 + i).to_bytes(2, "big")
+                                       + socket.inet_aton("198.51.100.7"))  # fmt: skip
+    batches = [0]
+
+    def receive() -> int:
+        if batches[0] * SLOTS >= count:
+            return 0
+        batches[0] += 1
+        return SLOTS
+
+    vectors.receive = receive
+    vectors.send = lambda n: 0
+    single_service, single = port_of(False)
+    real = single.socket
+
+    def run_batched() -> STUNService:
+        batches[0] = 0
+        batched.doRead()
+        return batched_service
+
+    def run_single(loop) -> STUNService:
+        stand_in = Socket()
+        single.socket = stand_in
+        single.protocol._sendto = stand_in.sendto
+        loop(single)
+        return single_service
+
+    loops = {"STUNPort batched": run_batched, "STUNPort one by one": lambda: run_single(STUNPort.doRead),
+             "udp.Port.doRead": lambda: run_single(udp.Port.doRead)}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(rounds):
         for name, loop in loops.items():
-            stand_in = Socket()
-            port.socket = stand_in
-            port.protocol._sendto = stand_in.sendto
-            answered0 = service.counters.answered
+            answered0 = batched_service.counters.answered + single_service.counters.answered
             t0 = time.thread_time()
-            loop(port)
+            loop()
             times[name].append(1e6 * (time.thread_time() - t0) / count)
-            if service.counters.answered - answered0 != count:
-                raise RuntimeError(f"{name}: not every request answered")
-    port.socket = real
+            answered = batched_service.counters.answered + single_service.counters.answered - answered0
+            if answered != count:
+                raise RuntimeError(f"{name}: {answered} of {count} requests answered")
+    single.socket = real
     for name, values in times.items():
-        print(f"{name:16} {statistics.median(values):5.2f} us of Python per datagram (median of {rounds}; "
+        print(f"{name:20} {statistics.median(values):5.2f} us of Python per datagram (median of {rounds}; "
               f"{min(values):.2f}-{max(values):.2f})")  # fmt: skip
 
 
@@ -532,8 +588,9 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="stun_bench.py readloop")
         p.add_argument("--count", type=int, default=200000)
         p.add_argument("--rounds", type=int, default=9)
+        p.add_argument("--limits", action="store_true", help="rate limits on (letting everything through)")
         a = p.parse_args(argv[1:])
-        readloop(a.count, a.rounds)
+        readloop(a.count, a.rounds, a.limits)
         return 0
     if argv[:1] == ["serve"]:
         p = argparse.ArgumentParser(prog="stun_bench.py serve")

@@ -17,6 +17,9 @@ from twisted.internet.interfaces import IReactorTime
 RATE_BUCKETS = 1 << 16
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"
+#: Prefix of the packed key of a source that is not an IP address: 9 bytes, so that
+#: no such key has the length of an IPv4 (4) or IPv6 /64 (8) one.
+_TEXT_KEY = b"\xff" * 9
 
 
 def source_key(host: str) -> str:
@@ -38,6 +41,27 @@ def source_key(host: str) -> str:
     return packed[:8].hex() + "/64"
 
 
+def packed_source_key(host: str) -> bytes:
+    """
+    L{source_key} as bytes, what L{RateLimiter} hashes: the 4 bytes of an
+    IPv4 address (also when IPv4-mapped), the first 8 bytes of an IPv6
+    one, and a 9-byte prefix and the text for anything else.  Packed so
+    that a read loop holding a datagram's raw IPv4 source (C{sockaddr_in})
+    uses it as it is (L{RateLimiter.allow_key}).
+    """
+    try:
+        return socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError, TypeError):
+        pass
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+    except (OSError, ValueError):
+        return _TEXT_KEY + host.encode("utf-8", "surrogatepass")
+    if packed[:12] == _V4_MAPPED:
+        return packed[12:]
+    return packed[:8]
+
+
 class RateLimiter:
     """
     A token bucket per source: C{rate} requests per second of C{clock}, and
@@ -52,9 +76,10 @@ class RateLimiter:
     refuses a new source for want of room (see the module doc).
 
     The hash is Python's own (SipHash, keyed with the interpreter's secret)
-    over the salt and the key: about a tenth of the cost of a keyed blake2b
-    per datagram, and still secret when C{PYTHONHASHSEED} is fixed, thanks
-    to the salt.
+    over the salt and the L{packed_source_key}: about a tenth of the cost of
+    a keyed blake2b per datagram, and still secret when C{PYTHONHASHSEED} is
+    fixed, thanks to the salt.  L{allow_key} is the entry of a read loop
+    that has the packed key already and reads the clock once per batch.
     """
 
     def __init__(
@@ -79,22 +104,30 @@ class RateLimiter:
         self.buckets = buckets
         self._clock = clock
         self._mask = buckets - 1
-        self._salt = (salt if salt is not None else os.urandom(16)).hex()
+        self._salt = salt if salt is not None else os.urandom(16)
         self._tokens = array("d", [float(burst)]) * buckets
         self._stamps = array("d", [float("-inf")]) * buckets
 
     def bucket(self, host: str) -> int:
         """The index of the bucket that counts C{host}'s requests."""
-        return hash(self._salt + source_key(host)) & self._mask
+        return hash(self._salt + packed_source_key(host)) & self._mask
 
     def allow(self, host: str, cost: float = 1.0) -> bool:
         """Take C{cost} tokens (one request's worth by default) from C{host}'s bucket; False when there are fewer."""
-        index = hash(self._salt + source_key(host)) & self._mask
-        now = self._clock.seconds()
+        return self.allow_key(packed_source_key(host), self._clock.seconds(), cost)
+
+    def allow_key(self, key: bytes, now: float, cost: float = 1.0) -> bool:
+        """
+        L{allow} for the source whose L{packed_source_key} is C{key} (the 4
+        bytes of an IPv4 address), at C{now} (the clock's C{seconds()}).
+        """
+        index = hash(self._salt + key) & self._mask
         tokens = self._tokens[index]
         elapsed = now - self._stamps[index]
         if elapsed > 0:
-            tokens = min(self.burst, tokens + elapsed * self.rate)
+            tokens += elapsed * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
         self._stamps[index] = now
         if tokens < cost:
             self._tokens[index] = tokens
@@ -120,9 +153,13 @@ class TokenBucket:
         self._tokens = self.burst
         self._at = clock.seconds()
 
-    def take(self, n: float = 1.0) -> bool:
-        """Take C{n} tokens if there are that many (True), else take none (False)."""
-        now = self._clock.seconds()
+    def take(self, n: float = 1.0, now: float | None = None) -> bool:
+        """
+        Take C{n} tokens if there are that many (True), else take none
+        (False).  C{now}: the clock's C{seconds()}, when the caller has it.
+        """
+        if now is None:
+            now = self._clock.seconds()
         self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
         self._at = now
         if self._tokens < n:

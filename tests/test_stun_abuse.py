@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from natbypass.app import mediator_tap as tap
+from natbypass.ratelimit import packed_source_key
 from natbypass.stun import message as m
 from natbypass.stun import server as s
 
@@ -147,6 +148,47 @@ class SourceKeyTests(SynchronousTestCase):
 
     def test_scoped(self) -> None:
         self.assertEqual(s.source_key("fe80::1%eth0"), s.source_key("fe80::2"))
+
+
+class PackedSourceKeyTests(SynchronousTestCase):
+    """The bytes the limiter hashes (natbypass.ratelimit.packed_source_key), and its entry for read loops."""
+
+    @given(st.ip_addresses(v=4))
+    def test_ipv4_and_mapped(self, address) -> None:
+        self.assertEqual(packed_source_key(str(address)), address.packed)
+        self.assertEqual(packed_source_key(f"::ffff:{address}"), address.packed)
+
+    @given(st.ip_addresses(v=6), st.integers(0, 2**64 - 1))
+    def test_ipv6_by_64(self, address, host_bits) -> None:
+        if address.ipv4_mapped is None:
+            other = ipaddress.IPv6Address((int(address) >> 64 << 64) | host_bits)
+            self.assertEqual(packed_source_key(str(address)), address.packed[:8])
+            self.assertEqual(packed_source_key(str(other)), address.packed[:8])
+
+    @given(st.text(max_size=50))
+    def test_text_never_looks_like_an_address(self, text) -> None:
+        """A source that is no IP address gets a key of neither an IPv4 nor an IPv6 key's length."""
+        key = packed_source_key(text)
+        try:
+            ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            self.assertGreater(len(key), 8)
+
+    def test_allow_key_shares_the_bucket_of_allow(self) -> None:
+        """A read loop's packed IPv4 source and the host text count against one budget, at the time given."""
+        clock = Clock()
+        limiter = s.RateLimiter(1, clock, 5)
+        host = "198.51.100.7"
+        self.assertEqual(sum(limiter.allow(host) for _ in range(3)), 3)
+        self.assertEqual(sum(limiter.allow_key(socket.inet_aton(host), clock.seconds()) for _ in range(5)), 2)
+        self.assertTrue(limiter.allow_key(socket.inet_aton(host), clock.seconds() + 1.0))  # refilled by then
+
+    def test_token_bucket_at_the_time_given(self) -> None:
+        clock = Clock()
+        bucket = s.TokenBucket(clock, 1.0, 2.0)
+        self.assertTrue(bucket.take(2.0))
+        self.assertFalse(bucket.take(1.0, now=0.5))
+        self.assertTrue(bucket.take(1.0, now=1.5))
 
 
 class TokenBucketTests(SynchronousTestCase):

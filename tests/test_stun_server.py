@@ -21,8 +21,10 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.stun import message as m
+from natbypass.stun.batch import SEND_SIZE
 from natbypass.stun.server import (
     MAX_RESPONSE_SIZE,
+    MAX_SOFTWARE_BYTES,
     MAX_STREAM_MESSAGE,
     MAX_UNKNOWN_LISTED,
     BindingResponder,
@@ -292,6 +294,20 @@ ipv4 = st.builds(lambda b: socket.inet_ntoa(b), st.binary(min_size=4, max_size=4
 ports = st.integers(1, 65535)
 configs = st.sampled_from([PLAIN, FULL, ResponderConfig((A, PA), (B, PB), "")])
 
+
+@st.composite
+def fast_shaped(draw) -> bytes:
+    """Bare or FINGERPRINT-only Binding requests, some with one byte changed or cut short, and random bytes."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(st.binary(max_size=40))
+    data = bytearray(m.Message(1, 0, draw(st.binary(min_size=12, max_size=12))).encode(fingerprint=draw(st.booleans())))
+    if draw(st.booleans()):
+        data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+    if draw(st.integers(0, 5)) == 0:
+        del data[draw(st.integers(0, len(data) - 1)) :]
+    return bytes(data)
+
+
 attributes = st.one_of(
     st.builds(m.ChangeRequest, st.booleans(), st.booleans()),
     st.builds(m.ResponsePort, st.integers(0, 65535)),
@@ -362,6 +378,35 @@ class PropertyTests(SynchronousTestCase):
         self.assertLessEqual(len(reply.data), max(MAX_RESPONSE_SIZE, len(data)))
         if reply.destination != (host, port):
             self.assertEqual(response.cls, m.MessageClass.SUCCESS)
+
+    @settings(max_examples=500)
+    @given(configs, st.integers(0, 3), st.binary(min_size=6, max_size=6), fast_shaped())
+    def test_fast_answer_of_raw_source(self, config, which, raw, data) -> None:
+        """
+        The fast path on raw sockaddr bytes (what the batched read loop
+        gives it), for requests of every shape near its own: either None,
+        or exactly the codec path's bytes, to the source those bytes name.
+        """
+        local = config.addresses()[which % len(config.addresses())]
+        responder = BindingResponder(config)
+        fast = responder.fast_answer(local)(data, raw)
+        if fast is None:
+            return
+        source = (socket.inet_ntoa(raw[2:]), int.from_bytes(raw[:2], "big"))
+        self.assertEqual(fast, responder.respond(m.decode(data), source, local).data)
+
+    def test_fast_responses_fit_a_send_slot(self) -> None:
+        """The largest fast-path response (RFC 5780, the longest SOFTWARE) fits the batched loop's send slot."""
+        config = ResponderConfig((A, PA), (B, PB), "x" * MAX_SOFTWARE_BYTES)
+        data = m.Message(1, 0, os.urandom(12)).encode(fingerprint=True)
+        response = BindingResponder(config).fast_response(data, CLIENT, (A, PA))
+        self.assertLessEqual(len(response), MAX_RESPONSE_SIZE)
+        self.assertLessEqual(MAX_RESPONSE_SIZE, SEND_SIZE)
+
+    def test_no_fast_path_for_ipv6(self) -> None:
+        config = ResponderConfig(("2001:db8::1", PA), None, "test server")
+        self.assertIsNone(BindingResponder(config).fast_answer(("2001:db8::1", PA)))
+        self.assertIsNone(BindingResponder(PLAIN).fast_response(request(), ("2001:db8::2", 5), (A, PA)))
 
     @settings(max_examples=300)
     @given(st.binary(max_size=120))

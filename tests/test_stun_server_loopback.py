@@ -15,8 +15,10 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from natbypass.stun import batch
 from natbypass.stun import message as m
-from natbypass.stun.server import STUNService
+from natbypass.stun.batch import SLOTS
+from natbypass.stun.server import BindingResponder, STUNPort, STUNService
 
 
 def request(*attrs: m.Attribute) -> bytes:
@@ -128,25 +130,57 @@ class _Count(DatagramProtocol):
         self.responses.append(data)
 
 
-class ReadLoopTests(TestCase):
-    """STUNPort's own read loop (the service on the real reactor): every kind of datagram, counted once."""
+@defer.inlineCallbacks
+def until(condition):
+    """Wait (2 s at most) until C{condition()} is true."""
+    for _ in range(200):
+        if condition():
+            return
+        yield deferLater(reactor, 0.01, lambda: None)
 
-    @defer.inlineCallbacks
-    def until(self, condition):
-        for _ in range(200):
-            if condition():
-                return
-            yield deferLater(reactor, 0.01, lambda: None)
 
-    @defer.inlineCallbacks
-    def test_mixed_traffic_counted(self):
-        service = STUNService(reactor, ("127.0.0.1", 0), stats_interval=0, rate=0.001, burst=30)
+class ReadLoopMixin:
+    """
+    STUNPort's own read loop (the service on the real reactor): every kind of
+    datagram counted once, the rate limits applied on the fast path, each
+    response byte for byte the codec path's and sent to its own source, and
+    the read budget bounding one reactor turn.  C{batch_io}: with
+    recvmmsg/sendmmsg (where available) or one system call per datagram.
+    """
+
+    batch_io: bool
+
+    def service(self, **kw) -> STUNService:
+        kw.setdefault("stats_interval", 0)
+        service = STUNService(reactor, ("127.0.0.1", 0), batch_io=self.batch_io, **kw)
         service.startService()
         self.addCleanup(service.stopService)
         self.assertIsInstance(reactor, PosixReactorBase)  # so the service listens with STUNPort
+        return service
+
+    def client(self) -> tuple[_Count, object]:
         client = _Count()
         port = reactor.listenUDP(0, client, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        return client, port
+
+    until = staticmethod(until)
+
+    def stun_port(self, service: STUNService) -> STUNPort:
+        """The service's UDP port as the reactor sees it."""
+        host, port = service.config.primary
+        return next(r for r in reactor.getReaders()
+                    if isinstance(r, STUNPort) and (r.getHost().host, r.getHost().port) == (host, port))  # fmt: skip
+
+    def test_batched_where_available(self) -> None:
+        """The loop under test is the one asked for."""
+        service = self.service(tcp=False)
+        self.assertEqual(self.stun_port(service).vectors is not None, self.batch_io and batch.available())
+
+    @defer.inlineCallbacks
+    def test_mixed_traffic_counted(self):
+        service = self.service(rate=0.001, burst=30)
+        client, port = self.client()
         target = service.config.primary
         bare = [m.Message(1, 0, os.urandom(12)).encode(fingerprint=True) for _ in range(10)]
         slow = [request(m.ChangeRequest(True, False)) for _ in range(5)]  # a plain server: 420, codec path
@@ -164,6 +198,80 @@ class ReadLoopTests(TestCase):
         self.assertEqual(len(client.responses), 20)
         classes = sorted(m.decode(r).cls for r in client.responses)
         self.assertEqual(classes.count(m.MessageClass.ERROR), 5)
+
+    @defer.inlineCallbacks
+    def test_global_rate_limit_on_the_fast_path(self):
+        """Bare Bindings from many sources, each under its own limit: the global limit still drops them."""
+        service = self.service(tcp=False, global_rate=0.001, global_burst=12)
+        clients = [self.client() for _ in range(40)]
+        for _, port in clients:
+            port.write(m.Message(1, 0, os.urandom(12)).encode(), service.config.primary)
+        yield self.until(lambda: service.counters.received >= 40)
+        yield deferLater(reactor, 0.05, lambda: None)
+        c = service.counters
+        self.assertEqual((c.received, c.answered, c.rate_limited, c.rate_limited_global), (40, 12, 28, 28))
+        self.assertEqual(sum(len(client.responses) for client, _ in clients), 12)
+
+    @defer.inlineCallbacks
+    def test_each_response_the_codec_paths_to_its_source(self):
+        """
+        Fast-path requests mixed with codec-path ones, junk and the largest
+        datagram, from more sources than one batch holds: each source gets
+        exactly the codec path's answer to its own request.
+        """
+        service = self.service(tcp=False, rate=0)
+        codec = BindingResponder(service.config)
+        clients = [self.client() for _ in range(80)]
+        expected, junk = {}, 0
+        for n, (_client, port) in enumerate(clients):
+            kind = n % 8
+            if kind == 3:
+                data = request(m.ChangeRequest(True, False))  # 420 from the codec path
+            elif kind == 5:
+                data = (b"", b"\x00", bytes(19), b"\x00\x01\x00\x08" + m.MAGIC_COOKIE_BYTES + bytes(20))[n % 4]
+                junk += 1
+            elif kind == 7 and n == 7:
+                data = os.urandom(65507)
+                junk += 1
+            else:
+                data = m.Message(1, 0, os.urandom(12)).encode(fingerprint=bool(n % 2))
+            source = ("127.0.0.1", port.getHost().port)
+            if kind != 5 and not (kind == 7 and n == 7):
+                expected[source[1]] = codec.respond(m.decode(data), source, service.config.primary).data
+            port.write(data, service.config.primary)
+        yield self.until(lambda: service.counters.received >= len(clients))
+        yield deferLater(reactor, 0.05, lambda: None)
+        c = service.counters
+        self.assertEqual((c.received, c.answered, c.malformed), (len(clients), len(expected), junk))
+        for client, port in clients:
+            self.assertEqual(client.responses, [expected[port.getHost().port]] if port.getHost().port in expected
+                             else [])  # fmt: skip
+
+    def test_read_budget_bounds_one_turn(self):
+        """One reactor turn reads one batch (or one datagram) past the budget, however many wait."""
+        service = self.service(tcp=False, rate=0, udp_read_budget=1)
+        (_, port), stun = self.client(), self.stun_port(service)
+        for _ in range(3 * SLOTS):
+            port.write(m.Message(1, 0, os.urandom(12)).encode(), service.config.primary)
+        stun.doRead()
+        self.assertEqual(service.counters.received, SLOTS if stun.vectors is not None else 1)
+        self.assertEqual(service.counters.answered, service.counters.received)
+
+
+class BatchedReadLoopTests(ReadLoopMixin, TestCase):
+    batch_io = True
+
+    def setUp(self) -> None:
+        if not batch.available():
+            raise self.skipTest("recvmmsg/sendmmsg are not available on this system")
+
+
+class OneByOneReadLoopTests(ReadLoopMixin, TestCase):
+    batch_io = False
+
+
+class ReusePortTests(TestCase):
+    until = staticmethod(until)
 
     @defer.inlineCallbacks
     def test_reuse_port_shares_the_port(self):

@@ -10,7 +10,9 @@ Layers, bottom up:
     from which local socket and to where (a L{Reply}), or nothing.
     L{BindingResponder.respond_datagram} adds a fast path for the common bare
     Binding request that builds the response from bytes precomputed with the
-    codec; tests check it byte for byte against the codec path.
+    codec (L{BindingResponder.fast_answer}: per socket, a function of the
+    request and the source's raw sockaddr bytes); tests check it byte for
+    byte against the codec path.
   - L{RateLimiter}: a token bucket per source (IPv6: per /64), in a
     fixed-size table indexed by a salted hash, on an injected clock.
   - L{STUNServer}: what all of the responder's sockets share (responder,
@@ -21,7 +23,9 @@ Layers, bottom up:
   - L{STUNPort}: the UDP port on a real reactor: Twisted's C{udp.Port}
     with C{SO_REUSEPORT} on request (worker processes share the ports,
     L{natbypass.stun.worker}) and a read loop that answers bare Bindings
-    without a call per datagram into the protocol (docs/performance.md).
+    without a call per datagram into the protocol, reading and sending
+    them in batches (C{recvmmsg}/C{sendmmsg}, L{natbypass.stun.batch})
+    where Linux offers them (docs/performance.md).
   - L{STUNService}: opens the sockets in C{startService}.
 
 Policy decisions, and why:
@@ -69,7 +73,7 @@ Abuse and load (all of it measured by tests/test_stun_abuse.py):
     a flood of F requests a second takes F / L{RATE_BUCKETS} tokens a second
     from each bucket, which refills at the rate, so locking genuine sources
     out takes F above L{RATE_BUCKETS} x rate (3.3 million a second at the
-    default), fifty times what the responder can process on one core
+    default), more than twenty times what the responder answers on one core
     (docs/performance.md).  A source that shares a bucket with a heavy one
     shares its budget: the price of the fixed memory, small while active
     sources are far fewer than buckets.  (A table of sources that refuses
@@ -132,7 +136,9 @@ from zope.interface import implementer
 from natbypass import __version__
 from natbypass.address import is_wildcard
 from natbypass.ratelimit import RateLimiter, TokenBucket, source_key
+from natbypass.stun import batch
 from natbypass.stun import message as m
+from natbypass.stun.batch import DatagramBatch
 from natbypass.stun.message import StreamFramer, StunDecodeError, StunFramingError
 
 Address = tuple[str, int]
@@ -336,22 +342,67 @@ def _attribute_bytes(attr: m.Attribute) -> bytes:
 # Fast path: a bare or FINGERPRINT-only Binding request from an IPv4 source.
 # The response is one struct.pack of header, XOR-MAPPED-ADDRESS, (RFC 5780:
 # MAPPED-ADDRESS) and the precomputed tail, then FINGERPRINT; the attribute
-# order is the codec path's, and the tests compare the bytes.
+# order is the codec path's, and the tests compare the bytes.  The source
+# comes as the 6 bytes of port and IPv4 address in network order (what a
+# sockaddr_in holds from its third byte): MAPPED-ADDRESS is those bytes.
 _BARE_BINDING = b"\x00\x01\x00\x00" + m.MAGIC_COOKIE_BYTES
 _FINGERPRINTED_BINDING = b"\x00\x01\x00\x08" + m.MAGIC_COOKIE_BYTES
 _FINGERPRINT_HEAD = struct.pack("!HH", m.AttributeType.FINGERPRINT, 4)
 _XMA_HEAD = struct.pack("!HHBB", m.AttributeType.XOR_MAPPED_ADDRESS, 8, 0, 1)
 _MA_HEAD = struct.pack("!HHBB", m.AttributeType.MAPPED_ADDRESS, 8, 0, 1)
 _FP_TYPE = int(m.AttributeType.FINGERPRINT)
-_FP_XOR = m.FINGERPRINT_XOR
-_COOKIE = m.MAGIC_COOKIE
-_COOKIE_PORT = m.MAGIC_COOKIE >> 16
 _SUCCESS_TYPE = m.message_type(m.Method.BINDING, m.MessageClass.SUCCESS)
-_U32_unpack = struct.Struct("!I").unpack
-_U32_unpack_from = struct.Struct("!I").unpack_from
-_FP_pack = struct.Struct("!HHI").pack
-_inet_aton = socket.inet_aton
-_crc32 = zlib.crc32
+
+#: (request, raw source) -> response bytes, or None when the fast path does not apply.
+FastAnswer = Callable[[bytes, bytes], "bytes | None"]
+
+
+def raw_source(source: Address) -> bytes | None:
+    """An IPv4 (host, port) as the fast path takes it: port and address in network order; None if not IPv4."""
+    host, port = source
+    try:
+        return port.to_bytes(2, "big") + socket.inet_aton(host)
+    except (OSError, OverflowError, TypeError):
+        return None
+
+
+def _fast_answer(head: bytes, tail: bytes, mapped: bool) -> FastAnswer:
+    """
+    The fast path of one local socket: C{head} is the response's type and
+    length, C{tail} the attributes that depend only on the socket, and
+    C{mapped} whether MAPPED-ADDRESS follows XOR-MAPPED-ADDRESS (RFC 5780).
+    Everything it uses is bound here, so a call costs no global or
+    attribute look-up (about 1.2 us on the machine of docs/performance.md).
+    """
+    if mapped:
+        pack = struct.Struct(f"!4s16s6sHI6s6s{len(tail)}s").pack
+    else:
+        pack = struct.Struct(f"!4s16s6sHI{len(tail)}s").pack
+    bare, fingerprinted, fp_head = _BARE_BINDING, _FINGERPRINTED_BINDING, _FINGERPRINT_HEAD
+    xma_head, ma_head, fp_type, fp_xor = _XMA_HEAD, _MA_HEAD, _FP_TYPE, m.FINGERPRINT_XOR
+    cookie, cookie_port = m.MAGIC_COOKIE, m.MAGIC_COOKIE >> 16
+    fp_pack = struct.Struct("!HHI").pack
+    u32 = struct.Struct("!I").unpack_from
+    port_and_ip = struct.Struct("!HI").unpack
+    crc32 = zlib.crc32
+
+    def answer(data: bytes, raw: bytes) -> bytes | None:
+        size = len(data)
+        if size == 28:
+            if data[:8] != fingerprinted or data[20:24] != fp_head or u32(data, 24)[0] != crc32(data[:20]) ^ fp_xor:
+                return None
+        elif size != 20 or data[:8] != bare:
+            return None
+        port, ip = port_and_ip(raw)
+        if not port:
+            return None
+        if mapped:
+            prefix = pack(head, data[4:20], xma_head, port ^ cookie_port, ip ^ cookie, ma_head, raw, tail)
+        else:
+            prefix = pack(head, data[4:20], xma_head, port ^ cookie_port, ip ^ cookie, tail)
+        return prefix + fp_pack(fp_type, 4, crc32(prefix) ^ fp_xor)
+
+    return answer
 
 
 class BindingResponder:
@@ -363,11 +414,10 @@ class BindingResponder:
     def __init__(self, config: ResponderConfig) -> None:
         self.config = config
         self._software = _attribute_bytes(m.Software(config.software)) if config.software else b""
-        # Fast path: per local address, a packer for header + mapped
-        # addresses + the constant tail (RESPONSE-ORIGIN, OTHER-ADDRESS,
-        # SOFTWARE of an answer sent from that same address).
-        self._rfc5780 = config.rfc5780
-        self._fast: dict[Address, tuple[Callable[..., bytes], bytes, bytes]] = {}
+        # Fast path: per local address, the function that answers from
+        # header + mapped addresses + the constant tail (RESPONSE-ORIGIN,
+        # OTHER-ADDRESS, SOFTWARE of an answer sent from that same address).
+        self._fast: dict[Address, FastAnswer] = {}
         for local in config.addresses():
             if _family(local[0]) != socket.AF_INET:
                 continue
@@ -379,50 +429,30 @@ class BindingResponder:
                     + _attribute_bytes(m.OtherAddress(*config.public(other)))
                     + self._software
                 )
-                packer = struct.Struct(f"!4s16s6sHI6sH4s{len(tail)}s")
+                size = 20 + 2 * 12 + len(tail) + 8
             else:
                 tail = self._software
-                packer = struct.Struct(f"!4s16s6sHI{len(tail)}s")
-            head = struct.pack("!HH", _SUCCESS_TYPE, packer.size + 8 - m.HEADER_SIZE)
-            self._fast[local] = (packer.pack, head, tail)
+                size = 20 + 12 + len(tail) + 8
+            head = struct.pack("!HH", _SUCCESS_TYPE, size - m.HEADER_SIZE)
+            self._fast[local] = _fast_answer(head, tail, config.rfc5780)
 
     # ---------------------------------------------------------------- fast
 
+    def fast_answer(self, local: Address) -> FastAnswer | None:
+        """
+        The fast path of requests received on C{local}: a function of the
+        request and its L{raw_source} that gives the response to a bare or
+        FINGERPRINT-only Binding request from an IPv4 source, None for
+        anything else (which L{respond_datagram} then handles).  None when
+        C{local} has no fast path (IPv6).
+        """
+        return self._fast.get(local)
+
     def fast_response(self, data: bytes, source: Address, local: Address) -> bytes | None:
-        """
-        The response to a bare or FINGERPRINT-only Binding request from an
-        IPv4 source, sent from C{local} back to C{source}; None for anything
-        else (which L{respond_datagram} then handles).
-        """
-        size = len(data)
-        if size == 20:
-            if data[:8] != _BARE_BINDING:
-                return None
-        elif size == 28:
-            if (
-                data[:8] != _FINGERPRINTED_BINDING
-                or data[20:24] != _FINGERPRINT_HEAD
-                or _U32_unpack_from(data, 24)[0] != _crc32(data[:20]) ^ _FP_XOR
-            ):
-                return None
-        else:
-            return None
-        template = self._fast.get(local)
-        host, port = source
-        if template is None or port == 0:
-            return None
-        try:
-            packed = _inet_aton(host)
-        except OSError:
-            return None
-        pack, head, tail = template
-        if self._rfc5780:
-            prefix = pack(head, data[4:20], _XMA_HEAD, port ^ _COOKIE_PORT,
-                          _U32_unpack(packed)[0] ^ _COOKIE, _MA_HEAD, port, packed, tail)  # fmt: skip
-        else:
-            prefix = pack(head, data[4:20], _XMA_HEAD, port ^ _COOKIE_PORT,
-                          _U32_unpack(packed)[0] ^ _COOKIE, tail)  # fmt: skip
-        return prefix + _FP_pack(_FP_TYPE, 4, _crc32(prefix) ^ _FP_XOR)
+        """L{fast_answer} for one datagram from C{source} (host, port) received on C{local}."""
+        answer = self._fast.get(local)
+        raw = raw_source(source) if answer is not None else None
+        return answer(data, raw) if raw is not None else None
 
     def respond_datagram(self, data: bytes, source: Address, local: Address) -> Reply | None:
         """
@@ -938,24 +968,39 @@ class STUNStreamFactory(Factory):
 class STUNPort(udp.Port):
     """
     A UDP port of the responder on a file-descriptor reactor (epoll, poll,
-    select): Twisted's C{udp.Port} with two changes.
+    select): Twisted's C{udp.Port} with three changes.
 
       - C{reusePort}: the socket is bound with C{SO_REUSEPORT}, so that
         other processes (L{natbypass.stun.worker}) can bind the same address
         and the kernel spreads the flows among them: it hashes each
         datagram's 4-tuple onto one of the sockets, so one source port
         always reaches the same process.
-      - C{doRead} answers bare Binding requests (the fast path) in its own
-        loop, with everything it needs in local variables and the counters
-        added once per read: C{udp.Port.doRead} calls C{datagramReceived}
-        per datagram, which looks up the counters, limiters and responder
-        again each time (measured in docs/performance.md).  Everything
-        else goes to the protocol (L{STUNDatagramProtocol.answer}).  The read
-        budget (C{maxThroughput}), the rate limits and the counters are the
+      - C{doRead} answers bare Binding requests (the fast path,
+        L{BindingResponder.fast_answer}) in its own loop, with everything it
+        needs in local variables and the counters added once per read:
+        C{udp.Port.doRead} calls C{datagramReceived} per datagram, which
+        looks up the counters, limiters and responder again each time
+        (measured in docs/performance.md).  Everything else goes to the
+        protocol (L{STUNDatagramProtocol.answer}).  The read budget
+        (C{maxThroughput}), the rate limits and the counters are the
         protocol's.
+      - C{batchIO}: on an IPv4 socket where Linux's C{recvmmsg}/C{sendmmsg}
+        can be called (L{natbypass.stun.batch}), the loop reads up to
+        L{batch.SLOTS} datagrams per system call and sends the fast path's
+        responses the same way; a batch that does not fill every slot ends
+        the read (the socket was empty), which saves the C{recvfrom} that
+        would only have said so.  The read budget is checked per batch.
     """
 
     reusePort = False
+    #: Use recvmmsg/sendmmsg where available (False: one recvfrom/sendto per datagram).
+    batchIO = True
+    _batch: DatagramBatch | None = None
+
+    @property
+    def vectors(self) -> DatagramBatch | None:
+        """The batch vectors while this port reads and sends in batches, else None."""
+        return self._batch
 
     def createInternetSocket(self) -> socket.socket:
         skt = super().createInternetSocket()
@@ -963,18 +1008,45 @@ class STUNPort(udp.Port):
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         return skt
 
+    def _bindSocket(self) -> None:
+        super()._bindSocket()
+        if self.batchIO and self.addressFamily == socket.AF_INET and batch.available():
+            self._batch = DatagramBatch(self.socket.fileno())
+
+    def connectionLost(self, reason: object = None) -> None:
+        vectors, self._batch = self._batch, None
+        super().connectionLost(reason)
+        if vectors is not None:
+            vectors.close()
+
     def doRead(self) -> None:
         protocol = self.protocol
         server = protocol.server
         responder = server.responder
         local = protocol.local
-        if responder is None or local is None or self.addressFamily != socket.AF_INET:
+        fast = responder.fast_answer(local) if responder is not None and local is not None else None
+        if fast is None or self.addressFamily != socket.AF_INET:
             return super().doRead()
+        limits = _Limits(server, self.reactor.seconds)
+        try:
+            if self._batch is not None:
+                self._read_batches(self._batch, fast, protocol.answer, limits)
+            else:
+                self._read_each(fast, protocol.answer, limits)
+        finally:
+            counters = server.counters
+            counters.received += limits.received
+            counters.answered += limits.answered
+            counters.rate_limited += limits.limited
+            counters.rate_limited_global += limits.limited_global
+            counters.send_failed += limits.failed
+
+    def _read_each(self, fast: FastAnswer, answer: Callable[[bytes, Address], None], limits: _Limits) -> None:
+        """One recvfrom and one sendto per datagram."""
         recvfrom, sendto = self.socket.recvfrom, self.socket.sendto
-        fast, answer = responder.fast_response, protocol.answer
-        allow = server.limiter.allow if server.limiter is not None else None
-        take = server.global_limiter.take if server.global_limiter is not None else None
         size, budget = self.maxPacketSize, self.maxThroughput
+        admit = limits.admit
+        now = limits.seconds() if admit is not None else 0.0
         read = received = answered = limited = limited_global = failed = 0
         try:
             while read < budget:
@@ -984,15 +1056,16 @@ class STUNPort(udp.Port):
                     return
                 read += len(data)
                 received += 1
-                if allow is not None and not allow(addr[0]):
-                    limited += 1
+                raw = raw_source(addr)
+                if raw is None:  # recvfrom on an AF_INET socket gives IPv4 sources only
                     continue
-                if take is not None and not take():
+                refused = admit(raw[2:], now) if admit is not None else 0
+                if refused:
                     limited += 1
-                    limited_global += 1
+                    limited_global += refused - 1
                     continue
                 try:
-                    reply = fast(data, addr, local)
+                    reply = fast(data, raw)
                 except Exception:
                     reply = None  # the protocol's path logs and counts what went wrong
                 if reply is None:
@@ -1005,19 +1078,104 @@ class STUNPort(udp.Port):
                 else:
                     answered += 1
         finally:
-            counters = server.counters
-            counters.received += received
-            counters.answered += answered
-            counters.rate_limited += limited
-            counters.rate_limited_global += limited_global
-            counters.send_failed += failed
+            limits.add(received, answered, limited, limited_global, failed)
+
+    def _read_batches(self, vectors: DatagramBatch, fast: FastAnswer, answer: Callable[[bytes, Address], None],
+                      limits: _Limits) -> None:  # fmt: skip
+        """One recvmmsg per L{batch.SLOTS} datagrams, one sendmmsg for their fast-path responses."""
+        receive, send, move_name = vectors.receive, vectors.send, vectors.move_name
+        memory, slots, lengths, send_lengths = vectors.memory, vectors.slots, vectors.lengths, vectors.send_lengths
+        received_slots, send_slots = vectors.received_slots, vectors.send_slots
+        admit, seconds = limits.admit, limits.seconds
+        ntoa, budget, now = socket.inet_ntoa, self.maxThroughput, 0.0
+        read = received = answered = limited = limited_global = failed = 0
+        try:
+            while read < budget:
+                try:
+                    got = receive()
+                except ConnectionRefusedError:
+                    return
+                if not got:
+                    return
+                received += got
+                if admit is not None:
+                    now = seconds()  # once per batch: its datagrams arrived within microseconds
+                queued = 0
+                for i, length_at, source_from, source_to, data_from in received_slots[:got]:
+                    size = lengths[length_at]
+                    read += size
+                    raw = memory[source_from:source_to]
+                    if admit is not None:
+                        refused = admit(raw[2:], now)
+                        if refused:
+                            limited += 1
+                            limited_global += refused - 1
+                            continue
+                    data = memory[data_from : data_from + size]
+                    try:
+                        reply = fast(data, raw)
+                    except Exception:
+                        reply = None  # the protocol's path logs and counts what went wrong
+                    if reply is None:
+                        answer(data, (ntoa(raw[2:]), (raw[0] << 8) | raw[1]))
+                        continue
+                    at, length_at = send_slots[queued]
+                    size = len(reply)
+                    memory[at : at + size] = reply
+                    send_lengths[length_at] = size
+                    if queued != i:
+                        move_name(i, queued)
+                    queued += 1
+                if queued:
+                    refused = send(queued)
+                    failed += refused
+                    answered += queued - refused
+                if got < slots:
+                    return
+        finally:
+            limits.add(received, answered, limited, limited_global, failed)
 
 
-def _listen_udp(reactor, host: str, port: int, protocol: DatagramProtocol, reuse_port: bool):
+class _Limits:
+    """
+    What one C{STUNPort.doRead} needs of the rate limits and what it
+    counts.  C{admit(key, now)} (None when both limits are off) applies the
+    per-source limiter (L{RateLimiter.allow_key}, on the packed IPv4
+    source) and then the global bucket, at C{now} (C{seconds()}, read once
+    per batch): 0 admitted, 1 over the source's limit, 2 over the global one.
+    """
+
+    __slots__ = ("admit", "seconds", "received", "answered", "limited", "limited_global", "failed")
+
+    def __init__(self, server: STUNServer, seconds: Callable[[], float]) -> None:
+        allow = server.limiter.allow_key if server.limiter is not None else None
+        take = server.global_limiter.take if server.global_limiter is not None else None
+
+        def admit(key: bytes, now: float) -> int:
+            if allow is not None and not allow(key, now):
+                return 1
+            if take is not None and not take(1.0, now):
+                return 2
+            return 0
+
+        self.admit: Callable[[bytes, float], int] | None = admit if allow is not None or take is not None else None
+        self.seconds = seconds
+        self.received = self.answered = self.limited = self.limited_global = self.failed = 0
+
+    def add(self, received: int, answered: int, limited: int, limited_global: int, failed: int) -> None:
+        self.received += received
+        self.answered += answered
+        self.limited += limited
+        self.limited_global += limited_global
+        self.failed += failed
+
+
+def _listen_udp(reactor, host: str, port: int, protocol: DatagramProtocol, reuse_port: bool, batch_io: bool = True):
     """
     A L{STUNPort} on C{reactor} when it is one of Twisted's POSIX reactors
     (epoll, poll, select: what C{listenUDP} itself makes a C{udp.Port} on),
     else (an in-memory test reactor) C{listenUDP}, which cannot share ports.
+    C{batch_io}: L{STUNPort.batchIO}.
     """
     if not isinstance(reactor, PosixReactorBase):
         if reuse_port:
@@ -1025,6 +1183,7 @@ def _listen_udp(reactor, host: str, port: int, protocol: DatagramProtocol, reuse
         return reactor.listenUDP(port, protocol, interface=host, maxPacketSize=65535)
     listening = STUNPort(port, protocol, host, 65535, reactor)
     listening.reusePort = reuse_port
+    listening.batchIO = batch_io
     listening.startListening()
     return listening
 
@@ -1063,6 +1222,7 @@ class STUNService(Service):
         udp_read_budget: int = UDP_READ_BUDGET,
         advertise: tuple[tuple[str, str], ...] = (),
         reuse_port: bool = False,
+        batch_io: bool = True,
     ) -> None:
         # Validate now (raises ValueError), with the ports as requested.
         ResponderConfig(primary, alternate, software, advertise)
@@ -1071,6 +1231,8 @@ class STUNService(Service):
         #: (L{natbypass.stun.worker}) can bind the same ports and the kernel
         #: spreads the flows among them.
         self.reuse_port = reuse_port
+        #: Read and send UDP in batches (recvmmsg/sendmmsg) where the system has them (L{STUNPort.batchIO}).
+        self.batch_io = batch_io
         self._udp_ports: list = []
         self._reactor = reactor
         self._primary = primary
@@ -1175,7 +1337,9 @@ class STUNService(Service):
         self._udp_ports = []
 
         def udp(host: str, port: int) -> int:
-            listening = _listen_udp(self._reactor, host, port, STUNDatagramProtocol(self.server), self.reuse_port)
+            listening = _listen_udp(
+                self._reactor, host, port, STUNDatagramProtocol(self.server), self.reuse_port, self.batch_io
+            )
             # Bounded work per reactor turn (udp.Port reads up to maxThroughput bytes per turn).
             listening.maxThroughput = self._udp_read_budget
             self._ports.append(listening)

@@ -3,8 +3,8 @@ STUN on every core: worker processes that answer STUN over UDP on the
 mediator's ports (C{--stun-workers N}), and the service that supervises
 them from the mediator process.
 
-Why processes: the responder is CPU-bound in one reactor (about half of it
-in the kernel's two system calls per datagram, docs/performance.md), and
+Why processes: the responder is CPU-bound in one reactor (about two thirds
+of it in the kernel's work on each datagram, docs/performance.md), and
 Python runs one thread of Python code at a time.  Each worker is a separate
 C{python -m natbypass.stun.worker} with its own reactor and its own UDP
 sockets bound with C{SO_REUSEPORT} on the same addresses; the kernel hashes
