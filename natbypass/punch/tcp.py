@@ -168,20 +168,6 @@ def check_select(session: PunchSession, exporter: bytes, data: bytes) -> None:
         raise SelectError("the SELECT does not verify with this session's id and key (another session?)")
 
 
-#: C{tcpi_state} (Linux C{TCP_INFO}) of a connect() socket the peer's SYN reached while ours was out: the
-#: simultaneous open is under way, its SYN-ACK or ACK a round trip away.
-TCP_SYN_RECV = 3
-
-
-def _crossing(sock: socket.socket) -> bool:
-    """Whether the peer's SYN has crossed ours on C{sock} (False where C{TCP_INFO} cannot say)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
-    except (OSError, AttributeError):
-        return False
-    return bool(info) and info[0] == TCP_SYN_RECV
-
-
 #: SO_LINGER on, 0 s: close() resets the connection and frees the socket at once.
 ABORT_LINGER = struct.pack("ii", 1, 0)
 
@@ -225,8 +211,6 @@ class _PendingConnect:
         self.sock = sock
         self.target = target
         self.timer = None
-        #: Its timeout was put off once because the peer's SYN had crossed ours.
-        self.extended = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -467,26 +451,9 @@ class TCPPunchAttempt:
             self._failedTry(target, code)
             return
         pending = _PendingConnect(self, sock, target)
-        pending.timer = self.reactor.callLater(self._connect_timeout, self._connectTimedOut, pending)
+        pending.timer = self.reactor.callLater(self._connect_timeout, self._connectDone, pending, errno.ETIMEDOUT)
         self._pending.add(pending)
         self.reactor.addWriter(pending)
-
-    def _connectTimedOut(self, pending: _PendingConnect) -> None:
-        """
-        No connection within the connect timeout.  If the peer's SYN has
-        reached this socket meanwhile (simultaneous open, SYN_RECV), the
-        connection is one round trip from forming: resetting it now would
-        make the peer's side fail too and both start over (under loss the two
-        sides' tries fell into step so that this repeated for seconds); so it
-        gets one more timeout.
-        """
-        if pending not in self._pending:
-            return
-        if not pending.extended and _crossing(pending.sock):
-            pending.extended = True
-            pending.timer = self.reactor.callLater(self._connect_timeout, self._connectTimedOut, pending)
-            return
-        self._connectDone(pending, errno.ETIMEDOUT)
 
     def _connectDone(self, pending: _PendingConnect, code: int) -> None:
         if pending not in self._pending:
