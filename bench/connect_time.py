@@ -9,7 +9,7 @@ is reported apart as `wall`).  Every site link gets DELAY ms each way, so
 with the default 25 ms the mediator RTT is 50 ms and the peer-to-peer RTT
 100 ms.
 
-    sudo python3 bench/connect_time.py [--delay 25] [--rounds 7] [--pairs all|cones|symmetric] [--json OUT]
+    sudo python3 bench/connect_time.py [--delay 25] [--rounds 7] [--pairs all|cones|symmetric|predictable] [--json OUT]
 
 Needs root (network namespaces).  Prints a markdown table.
 """
@@ -43,6 +43,15 @@ SYMMETRIC_PAIRS = [
     ("port-restricted-cone", "symmetric-predictable"),
     ("symmetric-predictable", "symmetric-predictable"),
 ]
+#: Every pair with a predictable symmetric NAT (issue 12: the first connect between two succeeds at once).
+PREDICTABLE_PAIRS = [
+    ("open", "symmetric-predictable"),
+    ("full-cone", "symmetric-predictable"),
+    ("restricted-cone", "symmetric-predictable"),
+    ("port-restricted-cone", "symmetric-predictable"),
+    ("symmetric-predictable", "port-restricted-cone"),
+    ("symmetric-predictable", "symmetric-predictable"),
+]
 
 
 def main() -> int:
@@ -51,7 +60,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--protocols", default="udp,tcp,auto")
     p.add_argument(
-        "--pairs", choices=("all", "cones", "symmetric"), default="all", help="which NAT pairs (default: all)"
+        "--pairs",
+        choices=("all", "cones", "symmetric", "predictable"),
+        default="all",
+        help="which NAT pairs (default: all)",
     )
     p.add_argument("--json", metavar="OUT", help="also write the raw results here")
     args = p.parse_args()
@@ -59,7 +71,12 @@ def main() -> int:
     if why:
         print(f"connect_time: {why}", file=sys.stderr)
         return 2
-    pairs = {"all": CONE_PAIRS + SYMMETRIC_PAIRS, "cones": CONE_PAIRS, "symmetric": SYMMETRIC_PAIRS}[args.pairs]
+    pairs = {
+        "all": CONE_PAIRS + SYMMETRIC_PAIRS,
+        "cones": CONE_PAIRS,
+        "symmetric": SYMMETRIC_PAIRS,
+        "predictable": PREDICTABLE_PAIRS,
+    }[args.pairs]
     types = sorted({t for pair in pairs for t in pair}, key=list(TYPES).index)
     rows = []
     with Lab.start(matrix_spec(delay_ms=args.delay, types=types)) as lab:

@@ -107,8 +107,9 @@ def run_round(lab, a: str, b: str, protocol: str, timeout: float, predict: int |
     row = {"ok": ok, "ms": max(s.get("connect_ms", 0) for s in sides) if ok else None}
     if not ok:
         row["reasons"] = [s.get("reason", "")[:400] for s in sides if not s.get("ok")]
-        # STUN or the rendezvous failing over the lossy link is not the punch failing.
-        row["before_punch"] = all("targets" not in s for s in sides if not s.get("ok"))
+        # STUN or the rendezvous failing over the lossy link is not the punch failing; a side that printed
+        # nothing after the other one punched (its echo lost the path) is.
+        row["before_punch"] = not any("targets" in s for s in sides)
     if protocol == "tcp":
         row["errors"] = [s.get("tcp_errors", {}) for s in sides]
         row["tries"] = [s.get("tcp_tries") for s in sides]

@@ -63,6 +63,7 @@ from natbypass.stun.client import (
     route_source_address,
     tcp_binding,
 )
+from natbypass.stun.probe import probe_from_fresh_socket
 from natbypass.trust import AllowList, KnownPeers, PeerCheck, PeerRejected, pinned
 
 Address = tuple[str, int]
@@ -333,6 +334,8 @@ class Peer(MultiService):
         #: Per protocol, fires once that protocol's main mapping is learned (or failed to be).
         self._learned: dict[str, Deferred[None]] = {}
         self._discovery: Deferred[Any] | None = None
+        #: The mapping probe (natbypass.stun.probe): the NAT's port step before discovery ends.
+        self._probe: Deferred[Any] | None = None
         self._connections: set[IPeerConnection] = set()
         #: The live connection to each peer (the latest), which C{openStream} reuses.
         self._by_peer: dict[str, IPeerConnection] = {}
@@ -375,6 +378,8 @@ class Peer(MultiService):
                 if port is not None:
                     self._learned[name] = defer.ensureDeferred(self._learn_ipv6(port, name.upper()))
         self._learned["udp"].addCallback(self._start_discovery)
+        if self.config.discover:
+            self._probe = defer.ensureDeferred(self._probe_mapping())
         for learned in self._learned.values():
             learned.addCallback(lambda _: self._publish())
         self._ready = defer.ensureDeferred(self._learn())
@@ -398,6 +403,20 @@ class Peer(MultiService):
     def _start_discovery(self, _: Any) -> None:
         if self.config.discover and self.udp_mapped is not None:
             self._discovery = self._discover()
+
+    async def _probe_mapping(self) -> None:
+        """
+        Learn the mapping and a symmetric NAT's port step in two round trips
+        (natbypass.stun.probe), so a connect made at start offers them; full
+        discovery's result replaces this one when it comes.
+        """
+        cfg = self.config
+        probe = await probe_from_fresh_socket(
+            self.reactor, self.clock, self.stun_server, cfg.port_range, cfg.bind_host, cfg.stun_timeout
+        )
+        if probe is not None and self.behavior is None:
+            self.nat = probe.summary()
+            self._publish()
 
     def _bind(self) -> Ports:
         cfg = self.config
@@ -462,6 +481,8 @@ class Peer(MultiService):
             self._host_refresh.stop()
         if self._discovery is not None:
             self._discovery.cancel()
+        if self._probe is not None:
+            self._probe.cancel()
         if self._mapped_wait is not None and self._mapped_wait.active():
             self._mapped_wait.cancel()
         for traversal in list(self._traversals):
@@ -508,6 +529,10 @@ class Peer(MultiService):
     def whenDiscovered(self) -> Deferred[None]:
         """Fires once background NAT discovery has finished (at once when it is not run)."""
         return _follow(self._discovery).addCallback(lambda _: None)
+
+    def whenMappingKnown(self) -> Deferred[None]:
+        """Fires once the mapping probe has finished (at once when discovery is off): C{nat} has the port step."""
+        return _follow(self._probe).addBoth(lambda _: None)
 
     @property
     def traversals(self) -> int:
@@ -699,9 +724,12 @@ class Peer(MultiService):
 
     async def _connect(self, peer_id: str, wish: tuple[str, ...], pin: Fingerprint | None = None) -> IPeerConnection:
         # Only the mappings of the protocols we may use: a UDP-only connect
-        # does not wait for STUN over TCP (two round trips).
+        # does not wait for STUN over TCP (two round trips).  The mapping
+        # probe (two round trips, from start) tells whether our NAT needs
+        # fresh, predicted ports, which the peer must know from our offer.
         wanted = wish or selection.PROTOCOLS
-        await defer.gatherResults([_follow(d) for p, d in self._learned.items() if p.rstrip("6") in wanted])
+        learned = [_follow(d) for p, d in self._learned.items() if p.rstrip("6") in wanted]
+        await defer.gatherResults([*learned, self.whenMappingKnown()])
         offered = self.nat
         try:
             return await self._introduce(peer_id, wish, pin)

@@ -233,6 +233,57 @@ class UDPDiscoveryTests(SynchronousTestCase):
         self.assertEqual([t["name"] for t in out["tests"]][0], "binding")
 
 
+class MappingProbeTests(SynchronousTestCase):
+    """probe_mapping: the mapping and port step in two round trips, with no filtering timeout to wait out."""
+
+    def probe(self, net: MemoryInternet) -> dv.MappingProbe:
+        return net.run(dv.probe_mapping(net.client, PRIMARY, INSIDE, net.clock))
+
+    @given(st.sampled_from([EIM, ADM, APDM]), st.sampled_from([EIF, ADF, APDF]), st.booleans())
+    @settings(max_examples=30, deadline=None)
+    def test_finds_the_mapping_discovery_finds(self, mapping, filtering, preserving) -> None:
+        probed = self.probe(MemoryInternet(mapping, filtering, port_preserving=preserving))
+        discovered = MemoryInternet(mapping, filtering, port_preserving=preserving).discover()
+        self.assertEqual(probed.mapping, discovered.mapping)
+        self.assertEqual(probed.port_delta, discovered.summary().port_delta)
+        if mapping != EIM:  # a symmetric NAT's row does not depend on the filtering, still unknown here
+            self.assertEqual(probed.summary().kind(), discovered.summary().kind())
+
+    def test_symmetric_port_step_in_two_round_trips(self) -> None:
+        net = MemoryInternet(APDM, APDF)
+        probed = self.probe(net)
+        self.assertEqual((probed.mapping, probed.port_delta), (APDM, 1))
+        self.assertEqual(probed.summary().kind(), "symmetric-predictable")
+        self.assertAlmostEqual(net.clock.seconds(), 2 * 2 * LATENCY)
+        # Tests II and III go back to back, after test I's answer.
+        self.assertEqual([round(t, 3) for t, _ in net.outbound], [0, 2 * LATENCY, 2 * LATENCY])
+
+    def test_port_step_of_the_back_to_back_tests_when_another_flow_came_between(self) -> None:
+        """A flow of another socket between test I and the others: the step of II and III still tells."""
+        net = MemoryInternet(APDM, APDF)
+        d = dv.probe_mapping(net.client, PRIMARY, INSIDE, net.clock)
+        net.nat.outbound(("10.0.0.2", 50000), PRIMARY)  # another program's flow takes the next port
+        self.assertEqual(net.run(d).port_delta, 1)
+
+    def test_no_nat_in_one_round_trip(self) -> None:
+        net = MemoryInternet(translate=False)
+        probed = self.probe(net)
+        self.assertEqual((probed.mapping, probed.port_delta), (Mapping.NONE, None))
+        self.assertEqual(len(net.outbound), 1)
+
+    def test_single_address_server(self) -> None:
+        probed = self.probe(MemoryInternet(APDM, APDF, server_mode="single"))
+        self.assertEqual((probed.mapping, probed.port_delta), (Mapping.UNKNOWN, None))
+
+    def test_unreachable(self) -> None:
+        net = MemoryInternet(blocked=True)
+        probed = net.run(
+            dv.probe_mapping(net.client, PRIMARY, INSIDE, net.clock, policy=RetransmitPolicy.within(1.0, rto=0.25))
+        )
+        self.assertEqual((probed.mapping, probed.port_delta), (Mapping.UNKNOWN, None))
+        self.assertEqual(net.clock.seconds(), 1.0)
+
+
 class TCPDiscoveryTests(SynchronousTestCase):
     def tcp(self, binder, **kw) -> dv.TCPBehavior:
         return self.successResultOf(dv.discover_tcp(binder, PRIMARY, Clock(), **kw))

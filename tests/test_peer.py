@@ -99,17 +99,19 @@ class PeerInMemoryTests(SynchronousTestCase):
 
     def test_retry_once_after_discovery_found_something_new(self) -> None:
         """
-        The first connect does not wait for discovery; it fails, discovery
-        has meanwhile found what the NAT does, so the peer offers once more
-        with it (and, failing again, gives up).
+        The first connect does not wait for discovery (only for the mapping
+        probe); it fails, discovery has meanwhile found what the NAT does,
+        so the peer offers once more with it (and, failing again, gives up).
         """
         offers = self.mute_bob()
         a = self.peer("alice", "127.0.0.1")
         self.settle(a.whenReady())
-        self.assertEqual(a.nat, NatSummary())  # discovery is still running
+        self.settle(a.whenMappingKnown())
+        probed = NatSummary("none")  # the probe: no NAT; filtering not measured yet
+        self.assertEqual(a.nat, probed)
         self.assertRaises(AllAttemptsFailed, self.settle, a.connect("bob"))
         self.assertEqual(len(offers), 2)
-        self.assertEqual(offers[0].nat, NatSummary())
+        self.assertEqual(offers[0].nat, probed)
         self.assertEqual(offers[1].nat, a.nat)
         self.assertEqual(str(a.nat.mapping), "none")
 
@@ -259,3 +261,59 @@ class DualStackInMemoryTests(SynchronousTestCase):
         self.m.settle(b.whenReady())
         conn = self.m.settle(a.connect("bob"))
         self.assertEqual(conn.remote_address.host, "127.0.0.3")
+
+
+class PredictableFirstConnectTests(SynchronousTestCase):
+    """
+    Two peers behind symmetric NATs that hand out ports in sequence (issue
+    12): the first connect, made as soon as the connecting peer is ready,
+    already carries its NAT's port step, so it succeeds without a retry.
+    """
+
+    ALICE, BOB = "10.0.1.2", "10.0.2.2"
+
+    def setUp(self) -> None:
+        from natbypass.testing.udp import ADDRESS_AND_PORT_DEPENDENT as APD
+        from natbypass.testing.udp import MemoryNAT
+
+        self.m = MemoryMediator()
+        self.addCleanup(self.m.stop)
+        nats = self.m.reactor.network.nats
+        nats.append(MemoryNAT([self.ALICE], "198.51.100.10", APD, APD, first_port=20000))
+        nats.append(MemoryNAT([self.BOB], "198.51.100.20", APD, APD, first_port=30000))
+
+    def test_first_connect_succeeds_without_a_retry(self) -> None:
+        bob = self.m.peer("bob", self.BOB, "udp")
+        bob.listen(EchoHandler())
+        self.m.settle(bob.whenReady())
+        self.m.settle(bob.whenDiscovered())
+        self.assertEqual(bob.nat.port_delta, 1)
+        alice = self.m.peer("alice", self.ALICE, "udp")
+        self.m.settle(alice.whenReady())
+        started = self.m.reactor.seconds()
+        conn = self.m.settle(alice.connect("bob"))
+        elapsed = self.m.reactor.seconds() - started
+        self.assertEqual(conn.protocol, "udp")
+        # One traversal, and it connected: no failed first attempt, no retry.
+        self.m.settle(Deferred(), limit=0.5, check=False)  # bob's side finishes its handshake
+        self.assertEqual(alice.stats.outcomes, {("connected", "udp"): 1})
+        self.assertEqual(bob.stats.outcomes, {("connected", "udp"): 1})
+        self.assertEqual(alice.nat.kind(), "symmetric-predictable")
+        self.assertIsNone(alice.behavior)  # full discovery was still running: the probe was enough
+        # Well within one punch timeout (the retry cost one and more).
+        self.assertLess(elapsed, alice.config.punch_timeout)
+
+    def test_probe_socket_closed(self) -> None:
+        alice = self.m.peer("alice", self.ALICE, "udp")
+        self.m.settle(alice.whenReady())
+        self.m.settle(alice.whenMappingKnown())
+        self.assertEqual(alice.nat.port_delta, 1)
+        self.assertEqual(self.m.peer_ports(), {alice.local_udp_address()})
+
+    def test_discovery_result_replaces_the_probe(self) -> None:
+        alice = self.m.peer("alice", self.ALICE, "udp")
+        self.m.settle(alice.whenReady())
+        self.m.settle(alice.whenDiscovered())
+        self.assertIsNotNone(alice.behavior)
+        self.assertEqual(alice.nat, alice.behavior.summary())
+        self.assertEqual(str(alice.nat.filtering), "address-and-port-dependent")

@@ -647,6 +647,32 @@ class LossTests(SynchronousTestCase):
         self.assertTrue(t.disconnecting)
         self.assertEqual(a0.invalid, 1)
 
+    def test_role_1_waits_longer_for_the_last_flight_once_it_answered(self) -> None:
+        """
+        Role 1 answered role 0's hello; role 0, ready once our flight arrived,
+        may have taken this connection as its path, and its Finished and
+        SELECT may be TCP retransmissions away (one round in 94 at 10% loss
+        per link: role 1 dropped it at 2 s and role 0's path was lost).  Role
+        1 waits two handshake timeouts from the last bytes; a silent
+        connection still goes at one.
+        """
+        clock = MemoryReactorClock()
+        a1, r1 = attempt(clock, S1, handshake_timeout=2.0, window=10.0)
+        p1 = _HandshakeProtocol(a1, "accepted")
+        t = iosim.FakeTransport(p1, True)
+        p1.makeConnection(t)
+        clock.advance(0.1)
+        p1.dataReceived(b"\x16\x03\x01")  # the start of role 0's hello
+        clock.advance(3.9)
+        self.assertFalse(t.disconnecting)  # old: dropped 2 s after those bytes
+        clock.advance(0.2)
+        self.assertTrue(t.disconnecting)
+        silent = _HandshakeProtocol(a1, "accepted")
+        ts = iosim.FakeTransport(silent, True)
+        silent.makeConnection(ts)
+        clock.advance(2.1)
+        self.assertTrue(ts.disconnecting)
+
     def test_given_up_connects_are_aborted(self) -> None:
         """
         A connect() that timed out is closed with SO_LINGER 0: if the peer's

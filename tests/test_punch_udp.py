@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -607,6 +608,79 @@ class ConeNATTimingTests(SynchronousTestCase):
         resent = [d for t, d in sent if 0.14 <= t < 0.15]
         self.assertEqual(resent, flight)
         self.assertIsInstance(p.results["b"], UDPPeerConnection)
+
+
+class FlightResendTests(SynchronousTestCase):
+    """
+    A lost handshake flight is sent again on the punch's round trip, not
+    after QUIC's probe timeouts (qh3 guesses 333 ms before it has measured
+    one: a first timeout near 0.7 s, then 1.3 s, 2.7 s).  Between cones at
+    100 ms RTT, from the synchronised start (issue 12, 10% loss per link).
+    """
+
+    def lose(self, p: ConePair, lost) -> list:
+        """Drop the datagrams C{lost(source, time after the start, data)} picks; returns what was dropped."""
+        dropped = []
+        t0 = p.started + p.START
+
+        def drop(src, dst, data):
+            if is_quic(data) and lost(src, p.clock.seconds() - t0, data):
+                dropped.append((round(p.clock.seconds() - t0, 3), src, len(data)))
+                return True
+            return False
+
+        p.net.drop = drop
+        return dropped
+
+    def test_servers_first_flight_lost(self) -> None:
+        """
+        Everything the server sends in answer to the first flight is lost: the
+        client sends its flight again 2 RTT later, the server takes the repeat
+        for what it is (our answer did not arrive) and answers again at once.
+        """
+        p = ConePair()
+        dropped = self.lose(p, lambda src, t, data: src == B_INSIDE and t < 0.2)
+        p.run(3.0)
+        self.assertTrue(dropped)
+        self.assertIsInstance(p.results["a"], UDPPeerConnection)
+        self.assertIsInstance(p.results["b"], UDPPeerConnection)
+        # 2.5 RTT after the flight went; old: the first timeouts of both engines, 0.92 s.
+        self.assertLess(max(p.at.values()), 0.45, p.at)
+
+    def test_servers_handshake_packet_lost(self) -> None:
+        """
+        The client has the ServerHello (it answered nothing it could not
+        decrypt) but not the server's Handshake packet: the server sends its
+        flight again 2 RTT after it went.
+        """
+        p = ConePair()
+        first: list = []
+
+        def lost(src, t, data):
+            if src == B_INSIDE and data[0] & 0xB0 == 0xA0 and not first:  # a long header, type Handshake
+                first.append(t)
+                return True
+            return False
+
+        self.lose(p, lost)
+        p.run(3.0)
+        self.assertTrue(first)
+        self.assertIsInstance(p.results["a"], UDPPeerConnection)
+        self.assertIsInstance(p.results["b"], UDPPeerConnection)
+        self.assertLess(max(p.at.values()), 0.45, p.at)  # old: 0.67 (the server's first timeout)
+
+    def test_resends_bounded_and_only_to_proven_addresses(self) -> None:
+        """A peer that never answers the handshake: a few resends of a few datagrams, then the timeout."""
+        from natbypass.punch import flight
+
+        p = ConePair(handshake_timeout=3.0)
+        self.lose(p, lambda src, t, data: src == B_INSIDE)
+        p.run(4.0)
+        self.assertIsInstance(p.results["a"], Failure)
+        flights = [d for _, d in p.quic_to(B_SRFLX)]
+        # The first flight, QUIC's own timeouts and at most MAX_RESENDS repeats of at most MAX_DATAGRAMS.
+        self.assertLessEqual(len(flights), 2 + 2 * 4 + flight.MAX_RESENDS * flight.MAX_DATAGRAMS)
+        self.assertEqual(p.clock.getDelayedCalls(), [])
 
 
 class ServerRestartTests(SynchronousTestCase):

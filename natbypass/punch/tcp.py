@@ -52,7 +52,8 @@ L{natbypass.secure.tls.PeerRefusedUs} reason naming its key (see
 C{docs/security.md}, "TCP path").
 
 A connection that fails (a refused key, not TLS, no SELECT within
-C{handshake_timeout} of connecting or of the last bytes it brought) never
+C{handshake_timeout} of connecting or of the last bytes it brought; for role
+1 after it answered a hello, L{ROLE1_PATIENCE} times that) never
 fails the attempt while anything else is under way, or a stranger at a
 candidate could end it: the attempt fails when its
 window closes, or earlier once a key was refused and no connect, retry or
@@ -127,6 +128,9 @@ TIMED_OUT = {errno.ETIMEDOUT}
 MAX_TRIES_PER_CANDIDATE = 12
 #: connect() tries in all, in one attempt.
 MAX_TRIES = 48
+#: Role 1 waits this many handshake timeouts (from the last bytes) for role 0's last TLS flight once it has
+#: answered role 0's hello: role 0 may already have chosen the connection (issue 12, under loss).
+ROLE1_PATIENCE = 2
 #: Tries at C{retry_interval} before backing off, the backoff factor, and its cap (s).
 FAST_TRIES, RETRY_BACKOFF, MAX_RETRY_INTERVAL = 4, 1.5, 1.0
 
@@ -555,6 +559,9 @@ class TCPPunchAttempt:
                 how=proto.how,
                 fingerprint=str(fingerprint),
             )
+            # SELECT comes in the same flight as the Finished just read: no more patience than the timeout.
+            if proto.timer is not None and proto.timer.active():
+                proto.timer.reset(self._handshake_timeout)
             return
         # Role 0: the first connection that authenticated role 1 is the path.
         assert proto.tls is not None
@@ -629,7 +636,13 @@ class TCPPunchAttempt:
         C{handshake_timeout}.
         """
         if proto.timer is not None and proto.timer.active():
-            proto.timer.reset(self._handshake_timeout)
+            timeout = self._handshake_timeout
+            if self.session.role == 1 and not (proto.tls is not None and proto.tls.handshake.called):
+                # We answered role 0's hello: role 0 is ready, and may have taken this connection as its
+                # path, as soon as our flight arrives; its last flight may be TCP retransmissions away.
+                # Dropping the connection then would lose role 0's path, so wait longer (the window bounds it).
+                timeout *= ROLE1_PATIENCE
+            proto.timer.reset(timeout)
 
     def _handshakeTimeout(self, proto: _HandshakeProtocol) -> None:
         proto.timer = None

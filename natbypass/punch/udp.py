@@ -51,6 +51,7 @@ from natbypass.identity import Fingerprint
 from natbypass.interfaces import IPeerConnection
 from natbypass.punch.candidates import ProbeBudget
 from natbypass.punch.connection import PathConnection
+from natbypass.punch.flight import FlightResender
 from natbypass.punch.migration import PathFollower
 from natbypass.punch.mux import Address, PunchEndpoint
 from natbypass.punch.packet import PacketType, PunchPacket, encode, verify
@@ -569,6 +570,8 @@ class _ChannelSend:
         self._budget = budget
         self._probe_budget = probe_budget
         self.channel: QuicChannel | None = None
+        #: Resends the handshake flight on the punch's round trip (natbypass.punch.flight).
+        self.resender: FlightResender | None = None
         self.recording = False
         #: The datagrams of the first flight (what C{channel.start()} sent).
         self.flight: list[bytes] = []
@@ -591,6 +594,8 @@ class _ChannelSend:
                 return
             self.unproven_bytes += len(data)
         self._endpoint.sendTo(data, addr)
+        if self.resender is not None:
+            self.resender.sent(data)
 
 
 class UDPPunchAttempt:
@@ -728,6 +733,8 @@ class UDPPunchAttempt:
     def _selected(self, address: Address, rtt: float) -> None:
         self._stopTimer()
         self._rtt = rtt
+        if self._send is not None and self._send.resender is not None:
+            self._send.resender.knowRtt(rtt)
         self.log.info(
             "UDP path to {peer_id} via {address} (rtt {rtt_ms:.1f} ms)",
             peer_id=self._session.peer_id,
@@ -793,11 +800,34 @@ class UDPPunchAttempt:
         )
         # The probes' round trip, when known, replaces QUIC's guess (qh3: 333 ms) for its first retransmissions.
         channel = self._channel = send.channel = self._make_channel(address, send, self._rtt)
+        send.resender = FlightResender(
+            self._clock, lambda data: self._endpoint.sendTo(data, address), lambda: self._flightWanted(channel)
+        )
+        if self._rtt is not None:
+            send.resender.knowRtt(self._rtt)
         self.handshakes += 1
         channel.ready.addCallbacks(self._ready, self._refused, callbackArgs=(channel,), errbackArgs=(channel,))
 
+    def _flightWanted(self, channel: QuicChannel) -> bool:
+        """
+        Whether resending C{channel}'s handshake flight may help: it is still
+        the attempt's, its address proved the session key, and (client) the
+        server has not answered or (server) the client has not finished.
+        """
+        return (
+            self.state is not AttemptState.DONE
+            and channel is self._channel
+            and channel.remote in self._machine.verified
+            and not (self._session.role == 0 and channel.answered)
+        )
+
+    def _stopResends(self) -> None:
+        if self._send is not None and self._send.resender is not None:
+            self._send.resender.stop()
+
     def _dropChannel(self) -> None:
         """Forget the pending channel without a word to the peer (its route and timer go)."""
+        self._stopResends()
         channel, self._channel = self._channel, None
         if channel is not None:
             self._endpoint.unrouteQuic(channel.remote, channel)
@@ -811,6 +841,8 @@ class UDPPunchAttempt:
             return
         channel = self._channel
         if channel is not None and addr == self._remote and not channel.isNewConnection(data):
+            if self._send is not None and self._send.resender is not None:
+                self._send.resender.received(data)
             channel.datagramReceived(data, addr)
             return
         if not _is_initial(data) or self.handshakes >= MAX_HANDSHAKES:
@@ -829,7 +861,8 @@ class UDPPunchAttempt:
             self._punched_at = self._clock.seconds()
         self._newChannel(addr)
         self._startHandshakeTimer()
-        assert self._channel is not None
+        assert self._channel is not None and self._send is not None and self._send.resender is not None
+        self._send.resender.received(data)  # remembered: a repeat of it means our answer was lost
         self._channel.datagramReceived(data, addr)
 
     # -- both
@@ -897,6 +930,7 @@ class UDPPunchAttempt:
         """Stop every timer and route of the attempt (the channel, if ready, lives on)."""
         self.state = AttemptState.DONE
         self._stopTimer()
+        self._stopResends()
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self._handshake_timer = None

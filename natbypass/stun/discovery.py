@@ -25,7 +25,7 @@ filtering is reported as measured ("symmetric-firewall").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -149,6 +149,37 @@ class TestResult:
         return out
 
 
+def port_step(mapping: Mapping, tests: Sequence[TestResult]) -> int | None:
+    """
+    The port step of a symmetric NAT from its mapping tests (in the order
+    they were sent), or None when it has none or the tests do not show one.
+    """
+    if mapping not in (Mapping.ADDRESS_DEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT):
+        return None
+    ports = [t.mapped[1] for t in tests if t.mapped is not None]
+    # Other flows (the TCP tests, other programs) may take ports between
+    # the first Binding and the two mapping tests; those two are sent
+    # back to back, so their step alone is the NAT's when the whole
+    # sequence is not regular.
+    return predictable_delta(ports) or predictable_delta(ports[-2:], min_flows=2)
+
+
+@dataclass(frozen=True)
+class MappingProbe:
+    """
+    What L{probe_mapping} found: the mapping behaviour and port step of the
+    NAT, known before the filtering tests end (filtering is not measured).
+    """
+
+    mapping: Mapping
+    port_delta: int | None
+    tests: tuple[TestResult, ...] = ()
+
+    def summary(self) -> NatSummary:
+        """The summary an offer carries until full discovery ends: filtering unknown."""
+        return NatSummary(self.mapping, port_delta=self.port_delta)
+
+
 @dataclass(frozen=True)
 class TCPBehavior:
     """The TCP mapping behaviour, measured from one local port."""
@@ -184,19 +215,11 @@ class NATBehavior:
 
     def summary(self) -> NatSummary:
         """What protocol selection needs of this result (L{natbypass.nat.NatSummary})."""
-        delta = None
-        if self.mapping in (Mapping.ADDRESS_DEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT):
-            ports = [t.mapped[1] for t in self.tests if t.mapped is not None]
-            # Other flows (the TCP tests, other programs) may take ports between
-            # the first Binding and the two mapping tests; those two are sent
-            # back to back, so their step alone is the NAT's when the whole
-            # sequence is not regular.
-            delta = predictable_delta(ports) or predictable_delta(ports[-2:], min_flows=2)
         return NatSummary(
             self.mapping,
             self.filtering,
             self.port_preserving,
-            port_delta=delta,
+            port_delta=port_step(self.mapping, self.tests),
             tcp_mapping=self.tcp_mapping,
             udp_blocked=not self.reachable,
         )
@@ -445,6 +468,43 @@ def discover_udp(
         filtering=filtering,
     )
     return behavior
+
+
+@defer.inlineCallbacks
+def probe_mapping(
+    client: IStunClient,
+    server: Address,
+    local: Address | None,
+    clock: IReactorTime,
+    *,
+    policy: RetransmitPolicy | None = None,
+):
+    """
+    The mapping tests alone (RFC 5780 4.3: test I, then II and III back to
+    back), from a socket of their own: two round trips, where L{discover_udp}
+    must first wait out the filtering tests.  A peer's first offer carries
+    what this finds, so a symmetric NAT's port step is known at once.  The
+    socket behind C{client} must be used for nothing else: the tests open
+    its filter to the alternate address.  Fires with a L{MappingProbe};
+    never fails because of the network (unknown mapping then).
+    """
+    policy = policy or RetransmitPolicy.within(DEFAULT_TIMEOUT, rto=0.25)
+    own = None if local is None or is_wildcard(local[0]) else local
+    first = yield _udp_test(client, clock, "probe-binding", server, policy)
+    tests = [first]
+    other, _ = usable_other_address(server, first.other)
+    alt_ip = alt_ip_port = None
+    if first.mapped is not None and other is not None and first.mapped != own:
+        ii, iii = yield _all(
+            [
+                _udp_test(client, clock, "probe-alternate-ip", (other[0], server[1]), policy),
+                _udp_test(client, clock, "probe-alternate-ip-port", other, policy),
+            ]
+        )
+        tests += [ii, iii]
+        alt_ip, alt_ip_port = ii.mapped, iii.mapped
+    mapping = classify_mapping(own, first.mapped, alt_ip, alt_ip_port)
+    return MappingProbe(mapping, port_step(mapping, tests), tuple(tests))
 
 
 # ------------------------------------------------------------ TCP tests
