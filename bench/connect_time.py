@@ -16,6 +16,11 @@ ROUNDS times and report medians (min-max) of three times from its
   secure channel;
 - *secure from registered*: the same start to the path secured.
 
+The JSON output also has, per cell, `registered` (start to registered) and
+`introduced` (registered to the race of attempts started: the mediator's
+round trip and our own work around it; the rest of *secure from
+registered* is the punch, with its start margin, and the handshake).
+
 Interpreter start-up is reported apart as `wall`.  Every site link gets
 DELAY ms each way, so with the default 25 ms the mediator RTT is 50 ms and
 the peer-to-peer RTT 100 ms.  The rounds of a pair take turns between the
@@ -126,7 +131,7 @@ def _cell(stats: dict[str, float] | None) -> str:
 
 def summarise(a: str, b: str, protocol: str, results: list[ConnectResult]) -> dict[str, Any]:
     """One row: the connects of C{protocol} between C{a} and C{b}, timed three ways (see the module)."""
-    secure, raw, secure_reg, won, failures = [], [], [], [], []
+    secure, raw, secure_reg, registered, introduced, won, failures = [], [], [], [], [], [], []
     for r in results:
         c = r.connected
         if c is None:
@@ -135,7 +140,11 @@ def summarise(a: str, b: str, protocol: str, results: list[ConnectResult]) -> di
         secure.append(c["elapsed_ms"])
         won.append(c["protocol"])
         if c.get("registered_ms") is not None:
+            registered.append(c["registered_ms"])
             secure_reg.append(c["elapsed_ms"] - c["registered_ms"])
+            ended = [a["ended_ms"] for a in c.get("attempts", ()) if a.get("result") == "connected"]
+            if ended:
+                introduced.append(c["elapsed_ms"] - c["registered_ms"] - ended[0])
             if c.get("punched_ms") is not None:
                 raw.append(c["punched_ms"] - c["registered_ms"])
     return {
@@ -147,6 +156,8 @@ def summarise(a: str, b: str, protocol: str, results: list[ConnectResult]) -> di
         "secure": _stats(secure),
         "raw_from_registered": _stats(raw),
         "secure_from_registered": _stats(secure_reg),
+        "registered": _stats(registered),
+        "introduced": _stats(introduced),
         "wall_median_ms": round(statistics.median(r.wall_s * 1000 for r in results)),
         "won": sorted(set(won)),
         "failures": failures,
