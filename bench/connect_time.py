@@ -159,6 +159,7 @@ def summarise(a: str, b: str, protocol: str, results: list[ConnectResult]) -> di
         "registered": _stats(registered),
         "introduced": _stats(introduced),
         "wall_median_ms": round(statistics.median(r.wall_s * 1000 for r in results)),
+        "samples": {"secure": secure, "raw_from_registered": raw, "secure_from_registered": secure_reg},
         "won": sorted(set(won)),
         "failures": failures,
     }

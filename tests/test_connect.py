@@ -220,9 +220,7 @@ class RunTests(SynchronousTestCase):
         path.callback(conn)
         self.assertEqual(self.successResultOf(d), connect.EXIT_OK)
         event = json.loads(out.getvalue().splitlines()[0])
-        self.assertEqual(
-            (event["registered_ms"], event["punched_ms"], event["elapsed_ms"]), (60, 210, 250)
-        )
+        self.assertEqual((event["registered_ms"], event["punched_ms"], event["elapsed_ms"]), (60, 210, 250))
 
     def test_connected_event_without_punched_at(self) -> None:
         """A connection that does not know when its path was punched: C{punched_ms} is null."""
