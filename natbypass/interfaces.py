@@ -61,6 +61,11 @@ class IPeerConnection(Interface):
         'What protects the path, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384" or "QUICv1 TLS_AES_128_GCM_SHA256".'
     )
     handshake_ms = Attribute("How long the secure handshake took, in ms, from the punched path to both sides proven.")
+    punched_at = Attribute(
+        "When the raw path was proven (seconds on the peer's clock), before the secure handshake on it "
+        "finished: UDP, the path chosen (our probe ACKed or, role 1, the peer's QUIC Initial taken; else the "
+        "first packet that proved the session key); TCP, the connected socket.  None if not known."
+    )
     role = Attribute(
         "0 or 1, agreed by both sides without a round trip (the lower peer id "
         "is 0).  A layer on top uses it to pick who plays client: role 0 is "

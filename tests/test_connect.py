@@ -85,6 +85,7 @@ class EchoingConnection:
     peer_fingerprint = BOB.fingerprint
     cipher = "QUICv1 TLS_AES_128_GCM_SHA256"
     handshake_ms = 101.26
+    punched_at = None
 
     def __init__(
         self,
@@ -195,6 +196,39 @@ class RunTests(SynchronousTestCase):
         # without a pin, trust on first use in the known-peers file
         self.assertEqual(peer.pins, [None])
         self.assertIsInstance(self.made[0]["known_peers"], KnownPeers)
+
+    def test_connected_event_times_from_registration(self) -> None:
+        """
+        Besides C{elapsed_ms} from the command's start, the connected event
+        says when the peer was registered (C{registered_ms}) and when the raw
+        path was proven (C{punched_ms}, the connection's C{punched_at}), so
+        the time of an introduction is measured without the registration.
+        """
+        conn = EchoingConnection(IPv4Address("UDP", "10.0.0.1", 40000), IPv4Address("UDP", "198.51.100.2", 50000))
+        known = os.path.join(self.mktemp(), "known_peers")
+        argv = ["--mediator", "tcp:127.0.0.1:7000", "--id", "alice", "--peer", "bob", "--known-peers", known]
+        options = connect.parse_options([*argv, "--count", "0", "--json"])
+        clock, out, ready, path = Clock(), io.StringIO(), defer.Deferred(), defer.Deferred()
+        peer = FakePeer(conn, ready=ready)
+        peer.connect = lambda peer_id, fingerprint=None: path
+        d = defer.ensureDeferred(connect._main(clock, options, out, make=lambda reactor, options, **kw: peer))
+        clock.advance(0.060)
+        ready.callback(None)
+        clock.advance(0.150)
+        conn.punched_at = clock.seconds()
+        clock.advance(0.040)
+        path.callback(conn)
+        self.assertEqual(self.successResultOf(d), connect.EXIT_OK)
+        event = json.loads(out.getvalue().splitlines()[0])
+        self.assertEqual((event["registered_ms"], event["punched_ms"], event["elapsed_ms"]), (60, 210, 250))
+
+    def test_connected_event_without_punched_at(self) -> None:
+        """A connection that does not know when its path was punched: C{punched_ms} is null."""
+        conn = EchoingConnection(IPv4Address("UDP", "10.0.0.1", 40000), IPv4Address("UDP", "198.51.100.2", 50000))
+        d, out, peer = self.run_main(conn, "--count", "0", "--json")
+        self.assertEqual(self.successResultOf(d), connect.EXIT_OK)
+        event = json.loads(out.splitlines()[0])
+        self.assertEqual((event["registered_ms"], event["punched_ms"]), (0, None))
 
     def test_pinned_fingerprint_is_passed_and_needs_no_record(self) -> None:
         conn = EchoingConnection(IPv4Address("UDP", "10.0.0.1", 40000), IPv4Address("UDP", "198.51.100.2", 50000))

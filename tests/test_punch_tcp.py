@@ -157,9 +157,11 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         From the connected socket, on the injected clock, one flight every 10 ms
         (half a round trip): ClientHello; the server's flight, after which role 0
         is ready (1 RTT); role 0's Finished with SELECT, after which role 1 is
-        ready (1.5 RTT).  handshake_ms says the same.
+        ready (1.5 RTT).  handshake_ms says the same, and punched_at is the
+        connected socket (the raw path, before TLS).
         """
         clock = MemoryReactorClock()
+        connected = clock.seconds()
         a0, r0 = attempt(clock, S0)
         a1, r1 = attempt(clock, S1)
         p0, p1 = _HandshakeProtocol(a0, "test"), _HandshakeProtocol(a1, "test")
@@ -177,6 +179,7 @@ class AttemptWithFakeTransportTests(SynchronousTestCase):
         (conn0,), (conn1,) = r0, r1
         self.assertAlmostEqual(conn0.handshake_ms, 20, delta=1)
         self.assertAlmostEqual(conn1.handshake_ms, 30, delta=1)
+        self.assertEqual((conn0.punched_at, conn1.punched_at), (connected, connected))
 
     def test_real_peer_wins_over_an_impostor(self) -> None:
         """

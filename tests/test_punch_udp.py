@@ -361,6 +361,40 @@ class AttemptTests(SynchronousTestCase):
         verifyObject(IPeerConnection, a)
         verifyObject(IPeerConnection, b)
 
+    def test_punched_at_is_the_chosen_path(self) -> None:
+        """
+        Each connection says when the raw path was chosen, on the attempt's
+        clock: the client (role 0) when its first probe was ACKed, one round
+        trip after the start; the server (role 1) when it took the client's
+        QUIC Initial, which came with the client's first probe, half a round
+        trip after the start.  The secure handshake finished later.
+        """
+        p = Pair(latency=0.025, start_delay=0.1)
+        advance(p, 0.2)
+        a, b = p.results["a"], p.results["b"]
+        start = p.started + 0.1
+        self.assertTrue(0.05 <= a.punched_at - start < 0.055, a.punched_at - start)
+        self.assertTrue(0.025 <= b.punched_at - start < 0.03, b.punched_at - start)
+        self.assertLessEqual(a.punched_at, p.started + p.at["a"])
+        self.assertLess(b.punched_at, p.started + p.at["b"] - 0.04)
+
+    def test_punched_at_without_ack_is_the_first_proof(self) -> None:
+        """
+        Every punch ACK to the client is lost, so its punch never selects:
+        the raw path was proven when the server's first probe proved the
+        session key, half a round trip after the start.
+        """
+
+        def drop(src, dst, data):
+            return dst == A_ADDR and not is_quic(data) and decode(data).type == PacketType.ACK
+
+        p = Pair(latency=0.025, start_delay=0.1, drop=drop)
+        advance(p, 0.3)
+        a = p.results["a"]
+        self.assertIsNone(a.rtt)
+        start = p.started + 0.1
+        self.assertTrue(0.025 <= a.punched_at - start < 0.03, a.punched_at - start)
+
     def test_without_speculation_one_and_a_half_rtt(self) -> None:
         """
         Without the speculative flight the client starts at the peer's first

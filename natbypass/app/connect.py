@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ms_since(started: float, at: float | None) -> int | None:
+    return None if at is None else round((at - started) * 1000)
+
+
 def _attempts(outcome: Any) -> list[dict[str, Any]]:
     return [a.to_json() for a in outcome.attempts] if outcome is not None else []
 
@@ -108,6 +112,7 @@ async def _main(
     is raised.
     """
     started = reactor.seconds()
+    registered_at: float | None = None
     peer = make(reactor, options, known_peers=options["known-peers"])
     peer.startService()
     target = options["peer"]
@@ -118,6 +123,7 @@ async def _main(
     try:
         try:
             await registered(peer, options["mediator"], reactor)
+            registered_at = reactor.seconds()
             conn = await peer.connect(target, fingerprint=options["peer-fingerprint"])
         except CONNECT_FAILURES as e:
             elapsed = round((reactor.seconds() - started) * 1000)
@@ -127,6 +133,7 @@ async def _main(
                     "event": "failed",
                     "peer": target,
                     "elapsed_ms": elapsed,
+                    "registered_ms": _ms_since(started, registered_at),
                     "reason": str(e),
                     "attempts": _attempts(outcome),
                 },
@@ -147,6 +154,9 @@ async def _main(
                 "local_address": local_text,
                 "remote_address": remote_text,
                 "elapsed_ms": elapsed,
+                # From the start too: registered at the mediator (the connect asked then), raw path proven.
+                "registered_ms": _ms_since(started, registered_at),
+                "punched_ms": _ms_since(started, conn.punched_at),
                 "secure": conn.secure,
                 "peer_fingerprint": str(conn.peer_fingerprint),
                 "cipher": conn.cipher,

@@ -33,6 +33,11 @@ class PathConnection:
         #: The race that chose this path (C{natbypass.punch.race.Outcome}:
         #: every attempt, with its result and reason), set by whoever ran it.
         self.outcome: Any = None
+        #: When the raw path was proven, on the attempt's clock (seconds), before the secure
+        #: handshake on it finished: UDP, the path chosen (our probe ACKed or, role 1, the peer's
+        #: QUIC Initial taken; else the first packet that proved the session key); TCP, the
+        #: connected socket.  None if not known.
+        self.punched_at: float | None = None
         self._receiver: IPeerReceiver | None = None
         self._lost: Failure | None = None
         self._waiters: list[Deferred] = []

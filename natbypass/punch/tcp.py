@@ -591,6 +591,7 @@ class TCPPunchAttempt:
         assert proto.tls is not None
         conn = TCPPeerConnection(self.session, proto.transport, keepalive_interval=self._keepalive)
         conn._secured(proto.tls, (self.reactor.seconds() - proto.started) * 1000, self.reactor)
+        conn.punched_at = proto.started
         proto.connection = conn
         if rest:
             conn._dataReceived(rest)

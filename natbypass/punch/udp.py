@@ -669,6 +669,10 @@ class UDPPunchAttempt:
         self._flight_at = 0.0
         self._rtt: float | None = None
         self._punched_at: float | None = None
+        #: When the raw path was proven: the first packet that proved the session key; the path
+        #: chosen (our probe ACKed, or, role 1, the peer's QUIC Initial adopted).
+        self._verified_at: float | None = None
+        self._chosen_at: float | None = None
         self.state = AttemptState.PUNCHING
         #: QUIC packets from a verified address that were neither for the channel nor a new Initial.
         self.stray_quic = 0
@@ -695,8 +699,12 @@ class UDPPunchAttempt:
             if isinstance(action, Send):
                 self._endpoint.sendTo(action.data, action.address)
             elif isinstance(action, Verified):
+                if self._verified_at is None:
+                    self._verified_at = self._clock.seconds()
                 self._verified(action.address)
             elif isinstance(action, Selected):
+                if self._chosen_at is None:
+                    self._chosen_at = self._clock.seconds()
                 self._selected(action.address, action.rtt)
             elif isinstance(action, Failed):
                 if self._handshake_timer is not None:
@@ -856,6 +864,8 @@ class UDPPunchAttempt:
             )
             self._dropChannel()
         self._machine.adopt(addr)
+        if self._chosen_at is None:
+            self._chosen_at = self._clock.seconds()
         self._stopTimer()
         if self._punched_at is None:
             self._punched_at = self._clock.seconds()
@@ -889,6 +899,8 @@ class UDPPunchAttempt:
         conn = self._make_connection(channel, handshake_ms)
         conn.rtt = self._rtt
         conn.punch_stats = self._machine.stats
+        # Chosen; if QUIC was ready first (no ACK came back), since the peer's first packet proved the key.
+        conn.punched_at = self._chosen_at if self._chosen_at is not None else self._verified_at
         self.log.info(
             "UDP path to {peer_id} secured: {cipher}, peer key {fingerprint}, handshake {ms:.1f} ms",
             peer_id=self._session.peer_id,
