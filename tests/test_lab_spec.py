@@ -5,6 +5,7 @@ Tests for natbypass.lab.spec: presets, strict parsing, canonical JSON round trip
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,10 +21,14 @@ from natbypass.lab.spec import (
     NatRules,
     SiteKind,
     describe,
+    describe_site,
+    expected_summary,
     loads,
+    parse_site,
     parse_spec,
     spec_to_json,
 )
+from natbypass.nat import Mapping, NatKind, NatSummary
 from natbypass.testing.labspec import specs
 
 
@@ -113,3 +118,62 @@ class RoundTripTests(SynchronousTestCase):
         """The canonical JSON of a spec parses back to the same spec, also through text."""
         self.assertEqual(parse_spec(spec_to_json(spec)), spec)
         self.assertEqual(loads(json.dumps(spec_to_json(spec))), spec)
+
+
+class CarrierNatTests(SynchronousTestCase):
+    """CGNAT sites: a home NAT behind a carrier NAT, two NATs in series."""
+
+    def test_presets_and_objects(self) -> None:
+        site = parse_spec({"sites": {"c": "cgnat"}}).site("c")
+        self.assertEqual((site.nat, site.cgnat, site.homes), (PRESETS["port-restricted-cone"], PRESETS["port-restricted-cone-rewrite"], 1))
+        obj = {"nat": "full-cone", "cgnat": {"preset": "symmetric-random", "hairpin": True}, "homes": 2, "hosts": 3}
+        site = parse_spec({"sites": {"c": obj}}).site("c")
+        assert site.cgnat is not None
+        self.assertEqual((site.cgnat.mapping, site.cgnat.hairpin, site.homes, site.hosts), (MappingRule.APDM_RANDOM, True, 2, 3))
+        self.assertEqual(describe_site(site), "eim-pp/eif drop + cgnat apdm-random/apdf drop hairpin")
+
+    def test_errors(self) -> None:
+        for obj, fragment in (
+            ({"kind": "open", "cgnat": "full-cone"}, "need a home NAT"),
+            ({"nat": "full-cone", "homes": 2}, "sites.c.homes"),
+            ({"nat": "full-cone", "cgnat": "full-cone", "homes": 9}, "sites.c.homes"),
+            ({"nat": "full-cone", "cgnat": "nonsense"}, "sites.c.cgnat"),
+            ({"nat": "full-cone", "cgnat": {"preset": "full-cone", "portmap": True}}, "port-mapping"),
+            ({"nat": {"preset": "full-cone", "portmap": True}, "cgnat": "full-cone"}, "port-mapping"),
+        ):
+            e = self.assertRaises(LabSpecError, parse_spec, {"sites": {"c": obj}})
+            self.assertIn(fragment, str(e))
+
+    def test_composed_behaviour(self) -> None:
+        """Cone behind cone is a cone; anything behind symmetric is symmetric; the stricter filter wins."""
+
+        def summary(home: str, carrier: object) -> NatSummary:
+            return expected_summary(parse_site("c", {"nat": home, "cgnat": carrier}))
+
+        fc = summary("full-cone", "full-cone")
+        self.assertEqual((fc.kind("udp"), fc.port_preserving), (NatKind.FULL_CONE, True))
+        prc = summary("full-cone", "port-restricted-cone-rewrite")
+        self.assertEqual((prc.kind("udp"), prc.port_preserving), (NatKind.PORT_RESTRICTED, False))
+        self.assertEqual(summary("restricted-cone", "full-cone").kind("udp"), NatKind.RESTRICTED)
+        self.assertEqual(summary("full-cone", "symmetric-random").kind("udp"), NatKind.SYMMETRIC_RANDOM)
+        self.assertEqual(summary("symmetric-random", "full-cone").kind("udp"), NatKind.SYMMETRIC_RANDOM)
+        self.assertEqual(summary("full-cone", {"mapping": "adm", "filtering": "eif"}).mapping, Mapping.ADDRESS_DEPENDENT)
+        # The port step survives when the last NAT to pick a port counts up.
+        self.assertEqual(summary("full-cone-rewrite", "symmetric-predictable").port_delta, 1)
+        self.assertEqual(summary("symmetric-predictable", "full-cone").port_delta, 1)
+        self.assertIsNone(summary("symmetric-predictable", "full-cone-rewrite").port_delta)
+        self.assertIsNone(summary("symmetric-predictable", "symmetric-random").port_delta)
+
+    @given(specs())
+    @settings(max_examples=100, deadline=None)
+    def test_composition_is_never_looser(self, spec: LabSpec) -> None:
+        """A carrier NAT never makes a site's mapping or filtering less dependent than its home NAT's alone."""
+        order = ["endpoint-independent", "address-dependent", "address-and-port-dependent"]
+        for site in spec.sites:
+            if site.cgnat is None:
+                continue
+            alone = expected_summary(replace(site, cgnat=None, homes=1))
+            both = expected_summary(site)
+            self.assertGreaterEqual(order.index(both.mapping.value), order.index(alone.mapping.value))
+            self.assertGreaterEqual(order.index(both.filtering.value), order.index(alone.filtering.value))
+            self.assertLessEqual(both.port_preserving, alone.port_preserving)
