@@ -54,6 +54,14 @@ class RulesTests(SynchronousTestCase):
         self.assertNotIn('oifname "lan0"', off)
         self.assertIn('iifname "lan0" ip daddr 198.18.1.1 meta l4proto { udp, tcp } drop', off)
 
+    def test_hairpin_maps_like_outbound(self) -> None:
+        """The hairpin rule gives an endpoint the port outbound traffic gets: one jhash seed for both."""
+        for mapping in (MappingRule.EIM, MappingRule.ADM):
+            text = ruleset(mapping=mapping, hairpin=True)
+            snat = rules.snat_statement(NatRules(mapping), "198.18.1.1")
+            self.assertIn(f"seed {rules.HASH_SEED}", snat)
+            self.assertEqual(text.count(snat), 2)
+
     def test_timeout(self) -> None:
         self.assertIn("timeout 7s", ruleset(udp_timeout=7))
 
