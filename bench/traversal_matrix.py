@@ -32,8 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, ROOT)
 
-from natbypass.lab import matrix  # noqa: E402
-from natbypass.lab import netns  # noqa: E402
+from natbypass.lab import matrix, netns  # noqa: E402
 
 DEFAULT_RESULTS = os.path.join(HERE, "results", "traversal-matrix.jsonl")
 TIMES_BEGIN, TIMES_END = "<!-- matrix-times:begin -->", "<!-- matrix-times:end -->"

@@ -104,7 +104,9 @@ class ExpectationTests(SynchronousTestCase):
 
     def test_prediction(self) -> None:
         kinds = matrix.KINDS
-        self.assertTrue(matrix.expectation(kinds["port-restricted-cone"], kinds["symmetric-predictable"], "udp").predicts)
+        self.assertTrue(
+            matrix.expectation(kinds["port-restricted-cone"], kinds["symmetric-predictable"], "udp").predicts
+        )
         self.assertFalse(matrix.expectation(kinds["full-cone"], kinds["cgnat"], "udp").predicts)
 
 
@@ -117,7 +119,9 @@ class VerdictTests(SynchronousTestCase):
         self.assertEqual((c.verdict, c.successes), ("below table", 2))
 
     def test_expected_failure_needs_a_traversal_reason(self) -> None:
-        traversal = [run("cgnat", "cgnat-symmetric", "udp", k, False, reason="no verified UDP path in 4 s") for k in (0, 1)]
+        traversal = [
+            run("cgnat", "cgnat-symmetric", "udp", k, False, reason="no verified UDP path in 4 s") for k in (0, 1)
+        ]
         self.assertEqual(cell("cgnat", "cgnat-symmetric", "udp", traversal).verdict, "as table")
         other = traversal[:1] + [run("cgnat", "cgnat-symmetric", "udp", 1, False, reason="mediator gone")]
         self.assertEqual(cell("cgnat", "cgnat-symmetric", "udp", other).verdict, "wrong reason")
@@ -154,7 +158,9 @@ class ResultsFileTests(SynchronousTestCase):
             won=st.none() | st.sampled_from(("udp", "tcp")),
             elapsed_ms=st.none() | st.integers(0, 100000).map(float),
             wall_s=st.floats(0, 100, allow_nan=False),
-            attempts=st.lists(st.dictionaries(st.sampled_from(("protocol", "reason")), st.text(max_size=20)), max_size=3),
+            attempts=st.lists(
+                st.dictionaries(st.sampled_from(("protocol", "reason")), st.text(max_size=20)), max_size=3
+            ),
             reason=st.text(max_size=40),
         ),
         st.integers(0, 200),
@@ -207,11 +213,15 @@ class ResultsFileTests(SynchronousTestCase):
         sc, out = FakeScenario(), io.StringIO()
         first = matrix.run(sc, kinds, 1, out, protocols=("udp",), progress=io.StringIO())
         self.assertEqual(sc.peers, {"open2": (), "pmap2": ("--port-mapping",)})
-        self.assertEqual([(c[0], c[1]) for c in sc.connects], [("open1", "open2"), ("open1", "pmap2"), ("pmap1", "pmap2")])
+        self.assertEqual(
+            [(c[0], c[1]) for c in sc.connects], [("open1", "open2"), ("open1", "pmap2"), ("pmap1", "pmap2")]
+        )
         self.assertEqual(sc.connects[-1][3], ["--port-mapping"])
         self.assertEqual(matrix.read_runs(out.getvalue().splitlines()), first)
         self.assertEqual([r.ok for r in first], [True, True, False])
-        again = matrix.run(FakeScenario(), kinds, 2, io.StringIO(), done=first, protocols=("udp",), progress=io.StringIO())
+        again = matrix.run(
+            FakeScenario(), kinds, 2, io.StringIO(), done=first, protocols=("udp",), progress=io.StringIO()
+        )
         self.assertEqual([r.k for r in again], [1, 1, 1])
 
 

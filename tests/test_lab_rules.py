@@ -136,5 +136,6 @@ class PlanPropertyTests(SynchronousTestCase):
         names = [w.iface for w in p.wan_links] + ports + [l.bridge_port for l in p.lan_links]
         self.assertTrue(all(0 < len(n) <= 15 for n in names))
         self.assertEqual(
-            len(p.lan_links), sum(s.homes * (s.hosts + (s.cgnat is not None)) for s in spec.sites if s.kind.value == "nat")
+            len(p.lan_links),
+            sum(s.homes * (s.hosts + (s.cgnat is not None)) for s in spec.sites if s.kind.value == "nat"),
         )

@@ -125,11 +125,16 @@ class CarrierNatTests(SynchronousTestCase):
 
     def test_presets_and_objects(self) -> None:
         site = parse_spec({"sites": {"c": "cgnat"}}).site("c")
-        self.assertEqual((site.nat, site.cgnat, site.homes), (PRESETS["port-restricted-cone"], PRESETS["port-restricted-cone-rewrite"], 1))
+        self.assertEqual(
+            (site.nat, site.cgnat, site.homes),
+            (PRESETS["port-restricted-cone"], PRESETS["port-restricted-cone-rewrite"], 1),
+        )
         obj = {"nat": "full-cone", "cgnat": {"preset": "symmetric-random", "hairpin": True}, "homes": 2, "hosts": 3}
         site = parse_spec({"sites": {"c": obj}}).site("c")
         assert site.cgnat is not None
-        self.assertEqual((site.cgnat.mapping, site.cgnat.hairpin, site.homes, site.hosts), (MappingRule.APDM_RANDOM, True, 2, 3))
+        self.assertEqual(
+            (site.cgnat.mapping, site.cgnat.hairpin, site.homes, site.hosts), (MappingRule.APDM_RANDOM, True, 2, 3)
+        )
         self.assertEqual(describe_site(site), "eim-pp/eif drop + cgnat apdm-random/apdf drop hairpin")
 
     def test_errors(self) -> None:
@@ -157,7 +162,9 @@ class CarrierNatTests(SynchronousTestCase):
         self.assertEqual(summary("restricted-cone", "full-cone").kind("udp"), NatKind.RESTRICTED)
         self.assertEqual(summary("full-cone", "symmetric-random").kind("udp"), NatKind.SYMMETRIC_RANDOM)
         self.assertEqual(summary("symmetric-random", "full-cone").kind("udp"), NatKind.SYMMETRIC_RANDOM)
-        self.assertEqual(summary("full-cone", {"mapping": "adm", "filtering": "eif"}).mapping, Mapping.ADDRESS_DEPENDENT)
+        self.assertEqual(
+            summary("full-cone", {"mapping": "adm", "filtering": "eif"}).mapping, Mapping.ADDRESS_DEPENDENT
+        )
         # The port step survives when the last NAT to pick a port counts up.
         self.assertEqual(summary("full-cone-rewrite", "symmetric-predictable").port_delta, 1)
         self.assertEqual(summary("symmetric-predictable", "full-cone").port_delta, 1)

@@ -311,7 +311,9 @@ class Cell:
         C{as table}, C{below table} (a run failed where the table expects a
         connection), C{beats table} (connected where the table expects a
         failure), C{wrong reason} (failed as expected, but not in
-        traversal), or C{no runs}.
+        traversal), C{as expected (port mapping)} (the table says fails, the
+        mapping makes it connect, and it did), C{measured} (the table does
+        not know), or C{no runs}.
         """
         if not self.runs:
             return "no runs"
@@ -331,9 +333,9 @@ class Cell:
         n = len(self.runs)
         if not self.successes:
             first = self.runs[0]
-            reasons = "; ".join(
-                f"{x['protocol']}: {x['reason']}" for x in first.attempts if x.get("reason")
-            ) or first.reason
+            reasons = (
+                "; ".join(f"{x['protocol']}: {x['reason']}" for x in first.attempts if x.get("reason")) or first.reason
+            )
             return f"0/{n} ({_short(reasons, 110)})"
         t = self.times()
         won = "/".join(sorted({r.won for r in self.runs if r.ok and r.won}))
@@ -394,7 +396,10 @@ def matrix_markdown(all_cells: Sequence[Cell], protocols: Sequence[str] = PROTOC
 
 def reasons_markdown(all_cells: Sequence[Cell]) -> str:
     """For each pair the table expects to fail: its reason, and what the failed attempts said."""
-    lines = ["| pair | protocol | runs failed | table's reason | every attempt failed in traversal |", "|---|---|---|---|---|"]
+    lines = [
+        "| pair | protocol | runs failed | table's reason | every attempt failed in traversal |",
+        "|---|---|---|---|---|",
+    ]
     for c in all_cells:
         if c.expected.table is False and c.runs:
             failed = [r for r in c.runs if not r.ok]

@@ -230,9 +230,7 @@ def _static_neighbours(plan: LabPlan) -> None:
             run(["ip", "-n", link.netns, "-batch", "-"], input=batch)
 
 
-def _build_nat(
-    netns: str, nat: NatRules, public_ip: str, lan_net: str, gateway: str, hosts: Sequence[Node]
-) -> None:
+def _build_nat(netns: str, nat: NatRules, public_ip: str, lan_net: str, gateway: str, hosts: Sequence[Node]) -> None:
     """
     A NAT in C{netns} (its C{wan0} already up with C{public_ip}): a bridge
     C{lan0} with C{hosts} on it (each by its C{iface}, default route via
