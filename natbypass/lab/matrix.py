@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from natbypass.nat import NatSummary
 from natbypass.selection import feasibility
 
-from .spec import preset_summary
+from .spec import SITE_PRESETS, preset_summary
 
 PROTOCOLS = ("udp", "tcp", "auto")
 
@@ -79,7 +79,8 @@ def register(kind: Kind) -> Kind:
 
 
 def _preset(name: str, stem: str, note: str = "") -> Kind:
-    site = {"kind": "open"} if name == "open" else {"nat": name}
+    """A kind built from a lab preset (a NAT preset or a whole-site one such as C{cgnat})."""
+    site = {"kind": "open"} if name == "open" else dict(SITE_PRESETS.get(name, {"nat": name}))
     return register(Kind(name, stem, site, preset_summary(name), note=note))
 
 
@@ -104,24 +105,8 @@ for _name, _stem in (
     ("symmetric-predictable", "symp"),
 ):
     _preset(_name, _stem)
-register(
-    Kind(
-        "cgnat",
-        "cgn",
-        {"nat": "port-restricted-cone", "cgnat": "port-restricted-cone-rewrite"},
-        preset_summary("cgnat"),
-        note="port-restricted home NAT behind an endpoint-independent, port-rewriting carrier NAT",
-    )
-)
-register(
-    Kind(
-        "cgnat-symmetric",
-        "cgns",
-        {"nat": "port-restricted-cone", "cgnat": "symmetric-random"},
-        preset_summary("cgnat-symmetric"),
-        note="port-restricted home NAT behind a random-port symmetric carrier NAT",
-    )
-)
+_preset("cgnat", "cgn", "port-restricted home NAT behind an endpoint-independent, port-rewriting carrier NAT")
+_preset("cgnat-symmetric", "cgns", "port-restricted home NAT behind a random-port symmetric carrier NAT")
 register(
     Kind(
         "portmap",
@@ -372,15 +357,19 @@ def technique(cell: Cell, won: str) -> str:
 _EXPECTS = {True: "connects", False: "fails", None: "unknown"}
 
 
+def _table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def matrix_markdown(all_cells: Sequence[Cell], protocols: Sequence[str] = PROTOCOLS) -> str:
     """The matrix: one row per pair, one column per protocol, the table's expectation and the verdicts."""
-    lines = [
-        "| pair | " + " | ".join(protocols) + " | table expects (udp, tcp) | verdict |",
-        "| --- | " + " | ".join("---" for _ in protocols) + " | --- | --- |",
-    ]
     by_pair: dict[tuple[str, str], dict[str, Cell]] = {}
     for c in all_cells:
         by_pair.setdefault((c.a.name, c.b.name), {})[c.protocol] = c
+    rows = []
     for (a, b), row in by_pair.items():
         any_cell = next(iter(row.values()))
         exp = [expectation(any_cell.a, any_cell.b, p) for p in ("udp", "tcp")]
@@ -388,50 +377,50 @@ def matrix_markdown(all_cells: Sequence[Cell], protocols: Sequence[str] = PROTOC
             _EXPECTS[e.table] + (f" ({_EXPECTS[e.effective]} with the mapping)" if e.effective != e.table else "")
             for e in exp
         )
-        verdicts = sorted({c.verdict for c in row.values()})
+        verdicts = ", ".join(sorted({c.verdict for c in row.values()}))
         cells_text = [row[p].text() if p in row and row[p].runs else "-" for p in protocols]
-        lines.append(f"| {a} x {b} | " + " | ".join(cells_text) + f" | {expects} | {', '.join(verdicts)} |")
-    return "\n".join(lines) + "\n"
+        rows.append([f"{a} x {b}", *cells_text, expects, verdicts])
+    return _table(["pair", *protocols, "table expects (udp, tcp)", "verdict"], rows)
 
 
 def reasons_markdown(all_cells: Sequence[Cell]) -> str:
     """For each pair the table expects to fail: its reason, and what the failed attempts said."""
-    lines = [
-        "| pair | protocol | runs failed | table's reason | every attempt failed in traversal |",
-        "|---|---|---|---|---|",
-    ]
+    rows = []
     for c in all_cells:
         if c.expected.table is False and c.runs:
             failed = [r for r in c.runs if not r.ok]
-            lines.append(
-                f"| {c.a.name} x {c.b.name} | {c.protocol} | {len(failed)}/{len(c.runs)} | {c.expected.reason} | "
-                + ("yes" if failed and all(r.traversal_failure for r in failed) else "no" if failed else "-")
-                + " |"
+            in_traversal = "yes" if failed and all(r.traversal_failure for r in failed) else "no" if failed else "-"
+            rows.append(
+                [
+                    f"{c.a.name} x {c.b.name}",
+                    c.protocol,
+                    f"{len(failed)}/{len(c.runs)}",
+                    c.expected.reason,
+                    in_traversal,
+                ]
             )
-    return "\n".join(lines) + "\n"
+    head = ["pair", "protocol", "runs failed", "table's reason", "every attempt failed in traversal"]
+    return _table(head, rows)
 
 
 def times_markdown(all_cells: Sequence[Cell]) -> str:
     """Connect time per pair and technique (successful runs only): median, p90, min, max."""
-    lines = [
-        "| pair | asked | technique | connected | median ms | p90 ms | min | max |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for c in all_cells:
+        pair = f"{c.a.name} x {c.b.name}"
         by_won: dict[str, list[float]] = {}
         for r in c.runs:
             if r.ok and r.elapsed_ms is not None and r.won:
                 by_won.setdefault(r.won, []).append(float(r.elapsed_ms))
-        if not by_won:
-            if c.runs:
-                lines.append(f"| {c.a.name} x {c.b.name} | {c.protocol} | - | 0/{len(c.runs)} | - | - | - | - |")
-            continue
+        if not by_won and c.runs:
+            rows.append([pair, c.protocol, "-", f"0/{len(c.runs)}", "-", "-", "-", "-"])
         for won, t in sorted(by_won.items()):
-            lines.append(
-                f"| {c.a.name} x {c.b.name} | {c.protocol} | {technique(c, won)} | {len(t)}/{len(c.runs)} | "
-                f"{statistics.median(t):.0f} | {percentile(t, 90):.0f} | {min(t):.0f} | {max(t):.0f} |"
+            figures = (statistics.median(t), percentile(t, 90), min(t), max(t))
+            rows.append(
+                [pair, c.protocol, technique(c, won), f"{len(t)}/{len(c.runs)}", *(f"{x:.0f}" for x in figures)]
             )
-    return "\n".join(lines) + "\n"
+    head = ["pair", "asked", "technique", "connected", "median ms", "p90 ms", "min", "max"]
+    return _table(head, rows)
 
 
 def summary_counts(all_cells: Sequence[Cell]) -> dict[str, int]:
