@@ -92,6 +92,11 @@ def header(args: argparse.Namespace, meta: dict[str, str], skipped: dict[str, st
         )
     for name, why in skipped.items():
         lines.append(f"- `{name}`: not run here ({why})")
+    lines += [
+        "",
+        "Two subscribers behind one carrier NAT are not a kind here: `tests/test_lab_cgnat.py` covers them (they "
+        "connect only when the carrier hairpins; docs/nat-lab.md, CGNAT).",
+    ]
     return lines
 
 

@@ -62,6 +62,13 @@ class CarrierNatProbeTests(SynchronousTestCase):
                 f"probes of {row.site} ({row.configured})",
             )
             self.assertTrue(row.detect_ok, f"natbypass detect in {row.site} ({row.configured}): {d}, expected {e}")
+        for site in PROBE_SITES:  # the carrier has no route out of the lab, and its homes none past it
+            for node in (f"{site}.cgn", f"{site}.nat", site):
+                got = lab.exec(node, ["ip", "route", "get", "192.0.2.1"])
+                if node.endswith(".cgn"):
+                    self.assertNotEqual(got.returncode, 0, f"{node} has a route out: {got.stdout}")
+                else:
+                    self.assertIn(f"via {lab.plan.node(node).gateway}", got.stdout)
         by_site = {r.site: r for r in rows}
         self.assertEqual(by_site["cseq"].probe["port_sequence"], "sequential(+1)")
         self.assertEqual(by_site["cg"].detect["nat_type"], "port-restricted-cone")
