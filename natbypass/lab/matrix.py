@@ -313,18 +313,37 @@ class Cell:
             return "below table"
         return "as table" if exp.table else "as expected (port mapping)"
 
+    def failure(self) -> str:
+        """The gist of the first failed run's attempts (L{gist}), or of its reason."""
+        first = next((r for r in self.runs if not r.ok), None)
+        if first is None:
+            return ""
+        said = [f"{x.get('protocol')}: {gist(x['reason'])}" for x in first.attempts if x.get("reason")]
+        return "; ".join(said) or _short(first.reason, 110)
+
     def text(self) -> str:
-        """C{successes/runs won-by median/p90 ms}, or the failure reason of the first run."""
+        """C{successes/runs won-by median/p90 ms}, or C{0/runs (}L{failure}C{)}."""
         n = len(self.runs)
         if not self.successes:
-            first = self.runs[0]
-            reasons = (
-                "; ".join(f"{x['protocol']}: {x['reason']}" for x in first.attempts if x.get("reason")) or first.reason
-            )
-            return f"0/{n} ({_short(reasons, 110)})"
+            return f"0/{n} ({self.failure()})"
         t = self.times()
         won = "/".join(sorted({r.won for r in self.runs if r.ok and r.won}))
         return f"{self.successes}/{n} {won} {statistics.median(t):.0f}/{percentile(t, 90):.0f} ms"
+
+
+def gist(reason: str) -> str:
+    """
+    The part of a punch failure reason that says what happened (the rest
+    lists addresses and counts): C{no UDP path: nothing from the peer reached
+    us}, C{no TCP connection: errors ETIMEDOUT x8}; other reasons shortened.
+    """
+    if TRAVERSAL_FAILURES[0] in reason:
+        why = reason.split(" s: ", 1)[-1].split(";", 1)[0]
+        return _short(f"no UDP path: {why}", 110)
+    if TRAVERSAL_FAILURES[1] in reason:
+        errors = next((p.strip() for p in reason.split(";") if p.strip().startswith("errors ")), "no errors")
+        return _short(f"no TCP connection: {errors}", 110)
+    return _short(reason, 110)
 
 
 def _short(text: str, limit: int) -> str:
@@ -390,16 +409,9 @@ def reasons_markdown(all_cells: Sequence[Cell]) -> str:
         if c.expected.table is False and c.runs:
             failed = [r for r in c.runs if not r.ok]
             in_traversal = "yes" if failed and all(r.traversal_failure for r in failed) else "no" if failed else "-"
-            rows.append(
-                [
-                    f"{c.a.name} x {c.b.name}",
-                    c.protocol,
-                    f"{len(failed)}/{len(c.runs)}",
-                    c.expected.reason,
-                    in_traversal,
-                ]
-            )
-    head = ["pair", "protocol", "runs failed", "table's reason", "every attempt failed in traversal"]
+            runs = f"{len(failed)}/{len(c.runs)}"
+            rows.append([f"{c.a.name} x {c.b.name}", c.protocol, runs, c.expected.reason, in_traversal, c.failure()])
+    head = ["pair", "protocol", "runs failed", "table's reason", "all in traversal", "first failed run's attempts"]
     return _table(head, rows)
 
 
