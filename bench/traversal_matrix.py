@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import platform
 import re
@@ -85,9 +86,8 @@ def header(args: argparse.Namespace, meta: dict[str, str], skipped: dict[str, st
     ]
     for kind in meta["kinds"]:
         k = matrix.KINDS[kind]
-        site = k.site if isinstance(k.site, str) else k.site
         lines.append(
-            f"- `{k.name}` (sites `{k.stem}1`, `{k.stem}2`): lab site `{site}`; discovery sees "
+            f"- `{k.name}` (sites `{k.stem}1`, `{k.stem}2`): lab site `{json.dumps(k.site)}`; discovery sees "
             f"{k.summary.kind('udp').value}" + (f"; {k.note}" if k.note else "")
         )
     for name, why in skipped.items():
@@ -119,6 +119,7 @@ def render(args: argparse.Namespace, kinds: list[matrix.Kind], runs: list[matrix
         matrix.matrix_markdown(all_cells, protocols),
         "## Pairs the table expects to fail",
         "",
+        "Port-mapping pairs are left out (they are expected to connect, above). "
         "Each such cell must fail in traversal (the punch engines' own reasons: `no verified UDP path`, `no "
         "authenticated TCP connection`), not elsewhere; the table's reason says why.",
         "",
