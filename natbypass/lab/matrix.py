@@ -556,7 +556,7 @@ def run(
         runs.append(r)
         spent = time.monotonic() - started
         eta = spent / i * (len(todo) - i)
-        what = f"ok {r.won} {r.elapsed_ms} ms" if r.ok else f"FAIL {_short(r.reason, 100)}"
+        what = f"ok {r.path} {r.elapsed_ms} ms" if r.ok else f"FAIL {_short(r.reason, 100)}"
         print(
             f"[{i}/{len(todo)}] round {k + 1}: {a.name} x {b.name} {protocol}: {what} (eta {eta / 60:.0f} min)",
             file=progress,
