@@ -15,7 +15,7 @@ from statistics import median
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.lab.lab import Lab
-from natbypass.lab.netns import missing_requirements
+from natbypass.lab.netns import LabError, missing_requirements
 from natbypass.lab.topology import MEDIATOR_ADDRESSES6
 from natbypass.lab.traversal import (
     SIGNAL_PORT,
@@ -92,7 +92,10 @@ def reach(lab: Lab, node: str, host: str, port: int) -> str:
 
 
 class LabIPv6Tests(_LabCase):
-    """The lab's IPv6: an IPv6-only firewalled site, a dual-stack NAT site, the mediator's two addresses."""
+    """
+    The lab's IPv6: an IPv6-only firewalled site, a dual-stack NAT site, the
+    mediator's two addresses; and beside them a CGNAT site, IPv4 only.
+    """
 
     def setUp(self) -> None:
         spec = {
@@ -101,6 +104,7 @@ class LabIPv6Tests(_LabCase):
                 "r": {"kind": "firewall", "ip": "v6", "inbound": "reject"},
                 "d": {"nat": "port-restricted-cone", "ip": "dual"},
                 "o": {"kind": "open", "ip": "dual", "delay_ms": 5},
+                "c": "cgnat",
             }
         }
         self.lab = Lab.start(spec)
@@ -116,6 +120,9 @@ class LabIPv6Tests(_LabCase):
         for a in lab.mediator_addresses6:
             self.assertIn(a, shown)
         self.assertNotIn("tentative", lab.exec("f", ["ip", "-6", "addr"], check=True).stdout)
+        # The CGNAT site stays IPv4 only: no IPv6 address behind the carrier, none on it.
+        self.assertRaises(LabError, lab.address6, "c")
+        self.assertNotIn("2001:2", lab.exec("c.cgn", ["ip", "-6", "addr"], check=True).stdout)
 
     def test_outbound_reaches_mediator_both_families(self) -> None:
         """Every IPv6 site reaches both mediator addresses over UDP and TCP; the dual sites over IPv4 too."""
@@ -125,7 +132,7 @@ class LabIPv6Tests(_LabCase):
         for node in ("f", "d", "o"):
             for addr in lab.mediator_addresses6:
                 self.assertEqual(reach(lab, node, addr, 5000), "udp answered tcp answered", node)
-        for node in ("d", "o"):
+        for node in ("d", "o", "c"):
             self.assertEqual(reach(lab, node, lab.mediator_addresses[1], 5000), "udp answered tcp answered", node)
 
     def test_firewall_drops_unsolicited(self) -> None:

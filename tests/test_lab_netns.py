@@ -98,7 +98,15 @@ class BehaviourTests(_LabCase):
         return f"{self.lab.mediator_addresses[which]}:{PORTS[which]}"
 
     def test_interface(self) -> None:
-        self.assertTrue(verifyObject(ILab, self.start({"a": "open"})))
+        """
+        Every ILab attribute is readable on a lab with IPv6; without IPv6,
+        C{mediator_addresses6} raises LabError as documented (so verifyObject
+        is given an IPv6 lab).
+        """
+        self.assertTrue(verifyObject(ILab, self.start({"a": {"kind": "open", "ip": "dual"}})))
+        ipv4 = Lab.start({"sites": {"b": "open"}})
+        self.addCleanup(ipv4.stop)
+        self.assertRaises(LabError, getattr, ipv4, "mediator_addresses6")
 
     def test_mapping(self) -> None:
         """UDP and TCP mapping, port preservation and port sequence match each site's spec."""

@@ -54,6 +54,14 @@ class RulesTests(SynchronousTestCase):
         self.assertNotIn('oifname "lan0"', off)
         self.assertIn('iifname "lan0" ip daddr 198.18.1.1 meta l4proto { udp, tcp } drop', off)
 
+    def test_hairpin_maps_like_outbound(self) -> None:
+        """The hairpin rule gives an endpoint the port outbound traffic gets: one jhash seed for both."""
+        for mapping in (MappingRule.EIM, MappingRule.ADM):
+            text = ruleset(mapping=mapping, hairpin=True)
+            snat = rules.snat_statement(NatRules(mapping), "198.18.1.1")
+            self.assertIn(f"seed {rules.HASH_SEED}", snat)
+            self.assertEqual(text.count(snat), 2)
+
     def test_timeout(self) -> None:
         self.assertIn("timeout 7s", ruleset(udp_timeout=7))
 
@@ -127,7 +135,10 @@ class PlanPropertyTests(SynchronousTestCase):
         self.assertEqual(len(set(ports)), len(ports))
         names = [w.iface for w in p.wan_links] + ports + [l.bridge_port for l in p.lan_links]
         self.assertTrue(all(0 < len(n) <= 15 for n in names))
-        self.assertEqual(len(p.lan_links), sum(s.hosts for s in spec.sites if s.kind.value == "nat"))
+        self.assertEqual(
+            len(p.lan_links),
+            sum(s.homes * (s.hosts + (s.cgnat is not None)) for s in spec.sites if s.kind.value == "nat"),
+        )
 
 
 class IPv6PlanTests(SynchronousTestCase):
@@ -160,6 +171,16 @@ class IPv6PlanTests(SynchronousTestCase):
         for node in lab.nodes:
             for addr in node.addresses6:
                 self.assertTrue(addr.startswith("2001:2:"), addr)
+
+    def test_cgnat_beside_dual_stack(self) -> None:
+        """A CGNAT site (IPv4 only) in a lab with IPv6: no IPv6 behind the carrier, no IPv6 route to it."""
+        spec = parse_spec({"sites": {"c": "cgnat", "d": {"nat": "port-restricted-cone", "ip": "dual"}}})
+        lab = plan(spec, "nbl000001")
+        c, d = lab.sites
+        self.assertEqual((c.public_ip, c.public_ip6, c.lan_net6), ("198.18.1.1", None, None))
+        self.assertEqual([n.addresses6 for h in c.homes for n in (h.nat, *h.hosts)], [(), ()])
+        self.assertEqual(d.hosts[0].addresses6, ("2001:2:0:2::2",))
+        self.assertEqual(set(lab.routes6()), {(lab.mediator.netns, "2001:2:0:2::/64", "2001:2::1:2")})
 
     def test_firewall6(self) -> None:
         """The dual-stack NAT's own ip6 table: replies in, new inbound flows dropped or rejected, ND allowed."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from .lab import Lab, owner_alive, remove_lab, running_labs
 from .netns import LabError, python_env
-from .spec import PRESETS, LabSpecError, SiteKind, describe
+from .spec import PRESETS, SITE_PRESETS, LabSpecError, SiteKind, describe, describe_site, parse_site
 
 
 def _read_spec(text: str) -> str:
@@ -47,14 +47,14 @@ def _pick_lab(lab_id: str | None) -> Lab:
 def _table(lab: Lab) -> list[dict[str, Any]]:
     rows = []
     for site in lab.plan.sites:
-        behaviour = describe(site.spec.nat, site.spec.kind)
+        behaviour = describe_site(site.spec)
         link = site.spec.link
         impair = ", ".join(
             f"{k} {v:g}"
             for k, v in (("delay_ms", link.delay_ms), ("jitter_ms", link.jitter_ms), ("loss_pct", link.loss_pct))
             if v
         )
-        nodes = [site.border] + [h for h in site.hosts if h is not site.border]
+        nodes = [site.border, *(h.nat for h in site.homes)] + [h for h in site.hosts if h is not site.border]
         for node in nodes:
             rows.append(
                 {
@@ -160,7 +160,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             spec = lab.spec.site(site.split(".")[0])
             p = run_probes(lab, site)
             results[site] = {
-                "configured": describe(spec.nat, spec.kind),
+                "configured": describe_site(spec),
                 "udp_mapping": p["mapping"],
                 "tcp_mapping": p["tcp_mapping"],
                 "port_preserving": p["port_preserving"],
@@ -223,10 +223,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name, preset in PRESETS.items():
         what = preset.value if isinstance(preset, SiteKind) else describe(preset)
         print(f"  {name:<30} {what}")
+    for name in SITE_PRESETS:
+        print(f"  {name:<30} {describe_site(parse_site('x', name))}")
     print(
         "\nNAT fields: mapping "
         + "|".join(m for m in ("eim-pp", "eim", "adm", "apdm-random", "apdm-sequential"))
-        + ", filtering eif|adf|apdf, inbound drop|reject, hairpin true|false, udp_timeout SECONDS"
+        + ", filtering eif|adf|apdf, inbound drop|reject, hairpin true|false, udp_timeout SECONDS;"
+        + " site fields cgnat NAT (a carrier NAT in series), homes N (home NATs behind it)"
     )
     return 0
 

@@ -23,7 +23,7 @@ from natbypass.nat import Filtering, Mapping
 
 from .lab import Lab
 from .netns import LabError
-from .spec import MappingRule, SiteKind, SiteSpec, describe, expected_summary
+from .spec import FilteringRule, SiteKind, SiteSpec, describe_site, expected_summary
 
 STUN_PORT = 3478
 STUN_ALT_PORT = 3479
@@ -71,14 +71,19 @@ def expected(site: SiteSpec) -> Expected:
         return Expected(m, f, bool(truth.port_preserving), ei, ei if f == Filtering.NONE else f)
     assert site.nat is not None
     coturn_m = m
-    if site.nat.mapping is MappingRule.ADM:
+    if truth.mapping is Mapping.ADDRESS_DEPENDENT:
         # coturn's test III goes to the OTHER-ADDRESS of test II's response.  An
         # RFC 5780 server (ours) answers test II, sent to (alt IP, primary port), with
         # OTHER-ADDRESS = (primary IP, alt port), so coturn compares mappings for two
         # different IPs and calls an address-dependent NAT address-and-port-dependent.
         # (coturn's own server names (alt IP, alt port) there, so coturn agrees with itself.)
         coturn_m = Mapping.ADDRESS_AND_PORT_DEPENDENT.value
-    return Expected(m, f, bool(truth.port_preserving), coturn_m, f, "yes" if site.nat.hairpin else "no")
+    hairpin = site.nat.hairpin
+    if site.cgnat is not None:
+        # Hairpinned by the carrier, the packet reaches the home NAT from the carrier's
+        # public address, which the home NAT lets in only when it filters nothing.
+        hairpin = site.cgnat.hairpin and site.nat.filtering is FilteringRule.EIF
+    return Expected(m, f, bool(truth.port_preserving), coturn_m, f, "yes" if hairpin else "no")
 
 
 _NATDISCOVERY = re.compile(r"(Endpoint Independent|Address and Port Dependent|Address Dependent) (Mapping|Filtering)")
@@ -245,7 +250,7 @@ def collect(lab: Lab, with_coturn: bool = True, with_probes: bool = True, parall
     """One row per site: spec, probes, detect and (optionally) coturn; C{parallel} sites at a time."""
 
     def one(site: SiteSpec) -> Row:
-        row = Row(site.name, describe(site.nat, site.kind), expected(site))
+        row = Row(site.name, describe_site(site), expected(site))
         if with_probes:
             row.probe = run_probes(lab, site.name)
         row.detect = run_detect(lab, site.name)

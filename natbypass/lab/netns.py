@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from twisted.logger import Logger
 
 from . import rules
-from .spec import SiteKind
-from .topology import LabPlan, WanLink, lab_id_of_netns
+from .spec import NatRules, SiteKind
+from .topology import LabPlan, Node, WanLink, lab_id_of_netns
 
 log = Logger()
 
@@ -247,6 +247,48 @@ def _static_neighbours(plan: LabPlan) -> None:
             run(["ip", "-n", link.netns, "-batch", "-"], input=batch)
 
 
+def _build_nat(
+    netns: str,
+    nat: NatRules,
+    public_ip: str,
+    lan_net: str,
+    gateway: str,
+    hosts: Sequence[Node],
+    gateway6: str | None = None,
+) -> None:
+    """
+    A NAT in C{netns} (its C{wan0} already up with C{public_ip}): a bridge
+    C{lan0} with C{hosts} on it (each by its C{iface}, default route via
+    C{gateway}), the NAT's ruleset and its conntrack timeouts.  With
+    C{gateway6} (dual stack) the LAN's IPv6 prefix is routed, untranslated,
+    behind an IPv6 firewall of its own.
+    """
+    ip(netns, "link", "add", "lan0", "type", "bridge")
+    ip(netns, "addr", "add", f"{gateway}/24", "dev", "lan0")
+    ip(netns, "link", "set", "lan0", "up")
+    for k, host in enumerate(hosts, start=1):
+        port = f"h{k}" if host.role == "host" else f"n{k}"
+        ip(netns, "link", "add", port, "type", "veth", "peer", "name", host.iface, "netns", host.netns)
+        ip(netns, "link", "set", port, "master", "lan0", "up")
+        _add_addresses(host.netns, host.addresses, host.iface)
+        ip(host.netns, "link", "set", host.iface, "up")
+        ip(host.netns, "route", "add", "default", "via", gateway)
+        if host.gateway6:
+            ip(host.netns, "-6", "route", "add", "default", "via", host.gateway6)
+    nft(netns, rules.nat_ruleset(nat, "wan0", public_ip, "lan0", lan_net))
+    timeouts: dict[str, int] = {}
+    if nat.udp_timeout is not None:  # conntrack is per namespace: this NAT's mapping lifetime
+        timeouts = {
+            "net__netfilter__nf_conntrack_udp_timeout": nat.udp_timeout,
+            "net__netfilter__nf_conntrack_udp_timeout_stream": nat.udp_timeout,
+        }
+    if gateway6:  # dual stack: the LAN's IPv6 is routed, behind a firewall of its own
+        ip(netns, "addr", "add", f"{gateway6}/64", "dev", "lan0", "nodad")
+        nft(netns, rules.firewall6_ruleset(nat.inbound, "wan0"))
+        timeouts["net__ipv6__conf__all__forwarding"] = 1
+    sysctl(netns, "net.ipv4.ip_forward", 1, **timeouts)
+
+
 def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[str]]:
     """Create everything in C{plan}; returns the wire processes (killed by the caller at teardown)."""
     if any(w.link.needs_wire for w in plan.wan_links):
@@ -291,28 +333,14 @@ def build(plan: LabPlan, log_path: str | None = None) -> list[subprocess.Popen[s
         if spec.kind is SiteKind.OPEN:
             continue
         assert spec.nat is not None and site.lan_net and site.lan_gateway
-        ip(border, "link", "add", "lan0", "type", "bridge")
-        ip(border, "addr", "add", f"{site.lan_gateway}/24", "dev", "lan0")
-        ip(border, "link", "set", "lan0", "up")
-        for k, host in enumerate(site.hosts, start=1):
-            ip(border, "link", "add", f"h{k}", "type", "veth", "peer", "name", host.iface, "netns", host.netns)
-            ip(border, "link", "set", f"h{k}", "master", "lan0", "up")
-            _add_addresses(host.netns, host.addresses, host.iface)
-            ip(host.netns, "link", "set", host.iface, "up")
-            ip(host.netns, "route", "add", "default", "via", site.lan_gateway)
-            if host.gateway6:
-                ip(host.netns, "-6", "route", "add", "default", "via", host.gateway6)
-        nft(border, rules.nat_ruleset(spec.nat, "wan0", site.public_ip, "lan0", site.lan_net))
-        timeouts: dict[str, int] = {}
-        if spec.nat.udp_timeout is not None:  # conntrack is per namespace: this NAT's mapping lifetime
-            timeouts = {
-                "net__netfilter__nf_conntrack_udp_timeout": spec.nat.udp_timeout,
-                "net__netfilter__nf_conntrack_udp_timeout_stream": spec.nat.udp_timeout,
-            }
-        if site.lan_gateway6:  # dual stack: the LAN's IPv6 is routed, behind a firewall of its own
-            ip(border, "addr", "add", f"{site.lan_gateway6}/64", "dev", "lan0", "nodad")
-            nft(border, rules.firewall6_ruleset(spec.nat.inbound, "wan0"))
-            timeouts["net__ipv6__conf__all__forwarding"] = 1
-        sysctl(border, "net.ipv4.ip_forward", 1, **timeouts)
+        assert site.public_ip is not None  # a NAT site always has IPv4
+        if spec.cgnat is None:
+            _build_nat(border, spec.nat, site.public_ip, site.lan_net, site.lan_gateway, site.hosts, site.lan_gateway6)
+            continue
+        # Two NATs in series: the home NATs are the carrier NAT's LAN hosts (IPv4 only, see spec).
+        _build_nat(border, spec.cgnat, site.public_ip, site.lan_net, site.lan_gateway, [h.nat for h in site.homes])
+        for home in site.homes:
+            own = home.nat.addresses[0].split("/")[0]
+            _build_nat(home.nat.netns, spec.nat, own, home.lan_net, home.lan_gateway, home.hosts)
     log.info("lab {lab_id} built: {count} namespaces", lab_id=plan.lab_id, count=len(plan.nodes))
     return wires

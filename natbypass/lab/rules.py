@@ -51,14 +51,25 @@ _HASH_MAP = _port_map(HASH_PORT_COUNT, HASH_PORT_BASE)
 _SEQ_MAP = _port_map(SEQ_PORT_COUNT, SEQ_PORT_BASE)
 
 
+#: One seed for every jhash: without it each jhash expression draws its own, and
+#: the hairpin rule would map an internal endpoint to another port than the
+#: outbound rule does.
+HASH_SEED = "0x4e42"
+
+
 def snat_statement(nat: NatRules, public_ip: str) -> str:
     """The nat statement that allocates public ports for C{nat.mapping}."""
     if nat.mapping is MappingRule.EIM_PP:
         return f"snat ip to {public_ip}"
     if nat.mapping is MappingRule.EIM:
-        return f"snat ip to {public_ip} : jhash ip saddr . th sport mod {HASH_PORT_COUNT} map {_HASH_MAP}"
+        return (
+            f"snat ip to {public_ip} : jhash ip saddr . th sport mod {HASH_PORT_COUNT} seed {HASH_SEED} map {_HASH_MAP}"
+        )
     if nat.mapping is MappingRule.ADM:
-        return f"snat ip to {public_ip} : jhash ip saddr . th sport . ip daddr mod {HASH_PORT_COUNT} map {_HASH_MAP}"
+        return (
+            f"snat ip to {public_ip} : jhash ip saddr . th sport . ip daddr mod {HASH_PORT_COUNT} seed {HASH_SEED} "
+            f"map {_HASH_MAP}"
+        )
     if nat.mapping is MappingRule.APDM_RANDOM:
         return f"snat ip to {public_ip} random"
     if nat.mapping is MappingRule.APDM_SEQUENTIAL:

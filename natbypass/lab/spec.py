@@ -12,15 +12,23 @@ L{PRESETS}) or an object::
     {"nat": PRESET-NAME | {"mapping": ..., "filtering": ..., "inbound": ...,
                            "hairpin": bool, "udp_timeout": seconds,
                            "portmap": bool},  # a UPnP/NAT-PMP/PCP gateway
-     "hosts": 2,                      # hosts on the LAN behind the NAT
+     "cgnat": PRESET-NAME | {...},    # a carrier NAT in series (CGNAT), same fields
+     "homes": 2,                      # home NATs behind the carrier NAT (CGNAT sites only)
+     "hosts": 2,                      # hosts on the LAN behind the (each home) NAT
      "delay_ms": 20, "jitter_ms": 2,  # one way, each direction of the WAN link
      "loss_pct": 1,                   # each direction of the WAN link
      "ip": "v4" | "dual"}             # dual: the NAT also routes IPv6, behind a stateful firewall
 
 or C{{"kind": "open" | "firewall", "inbound": "drop" | "reject",
-"ip": "v4" | "v6" | "dual", ...link}}.  C{"ip"} (default C{"v4"}) picks the
+"ip": "v4" | "v6" | "dual", ...link}}, or a site preset (L{SITE_PRESETS}:
+C{"cgnat"}, C{"cgnat-symmetric"}).  C{"ip"} (default C{"v4"}) picks the
 site's address families; IPv6 comes from the benchmarking prefix
 C{2001:2::/48} (RFC 5180) and is never NATed (see L{IpVersion}).
+
+A CGNAT site is two NATs in series: each home NAT (C{"nat"}) sits on the
+carrier NAT's (C{"cgnat"}) LAN in the shared address space 100.64.0.0/10,
+and only the carrier NAT holds a public address.  CGNAT sites are IPv4
+only (C{"ip": "v4"}): the lab does not route IPv6 through a carrier.
 """
 
 from __future__ import annotations
@@ -143,6 +151,10 @@ class SiteSpec:
     inbound: Inbound = Inbound.DROP
     #: Address families (IPv6 sites are firewalled, never NATed).
     ip: IpVersion = IpVersion.V4
+    #: For CGNAT sites: the carrier NAT between the home NAT(s) and the public segment.
+    cgnat: NatRules | None = None
+    #: For CGNAT sites: how many home NATs (subscribers), each with C{hosts} hosts, share the carrier NAT.
+    homes: int = 1
 
 
 @dataclass(frozen=True)
@@ -178,10 +190,20 @@ PRESETS: dict[str, NatRules | SiteKind] = {
     "port-restricted-cone-rewrite": NatRules(MappingRule.EIM, FilteringRule.APDF),
 }
 
+#: Whole sites by name: a home NAT behind a carrier-grade NAT.  "cgnat" is the
+#: common case (RFC 6888 asks carriers for endpoint-independent mapping; with
+#: many subscribers per address the ports are rewritten), "cgnat-symmetric" a
+#: carrier NAT that picks a random port per flow.
+SITE_PRESETS: dict[str, dict[str, Any]] = {
+    "cgnat": {"nat": "port-restricted-cone", "cgnat": "port-restricted-cone-rewrite"},
+    "cgnat-symmetric": {"nat": "port-restricted-cone", "cgnat": "symmetric-random"},
+}
+
 #: Names that are not allowed as site names: they name other lab nodes.
 RESERVED = frozenset({"mediator", "public", "med", "pub", "all"})
 SITE_NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 MAX_HOSTS = 8
+MAX_HOMES = 8
 MAX_SITES = 200
 
 
@@ -250,16 +272,21 @@ def parse_site(name: str, obj: Any) -> SiteSpec:
             f"{where}: site names are 1-10 lowercase letters/digits starting with a letter, "
             f"not one of {', '.join(sorted(RESERVED))}"
         )
+    if isinstance(obj, str) and obj in SITE_PRESETS:
+        return parse_site(name, SITE_PRESETS[obj])
     if isinstance(obj, str):
         preset = PRESETS.get(obj)
         if preset is None:
-            raise LabSpecError(f"{where}: unknown preset {obj!r}; known: {', '.join(PRESETS)}")
+            known = ", ".join([*PRESETS, *SITE_PRESETS])
+            raise LabSpecError(f"{where}: unknown preset {obj!r}; known: {known}")
         if isinstance(preset, SiteKind):
             return SiteSpec(name, preset)
         return SiteSpec(name, SiteKind.NAT, nat=preset)
     if not isinstance(obj, dict):
         raise LabSpecError(f"{where}: expected a preset name or an object")
-    _check_keys(obj, {"kind", "nat", "hosts", "delay_ms", "jitter_ms", "loss_pct", "inbound", "ip"}, where)
+    _check_keys(
+        obj, {"kind", "nat", "cgnat", "homes", "hosts", "delay_ms", "jitter_ms", "loss_pct", "inbound", "ip"}, where
+    )
     ip = _enum(IpVersion, obj.get("ip", "v4"), f"{where}.ip")
     link = Link(
         delay_ms=_number(obj.get("delay_ms", 0), f"{where}.delay_ms", 0, 5000),
@@ -279,7 +306,15 @@ def parse_site(name: str, obj: Any) -> SiteSpec:
         if not ip.has_v4:
             raise LabSpecError(f"{where}.ip: a NAT site has IPv4 ('v4' or 'dual'); IPv6 is not NATed")
         nat = parse_nat(obj["nat"], f"{where}.nat")
-        return SiteSpec(name, SiteKind.NAT, nat=nat, hosts=hosts, link=link, ip=ip)
+        cgnat, homes = _parse_carrier(obj, nat, where)
+        if cgnat is not None and ip is not IpVersion.V4:
+            raise LabSpecError(
+                f"{where}.ip: CGNAT sites are IPv4 only ('v4'): the lab routes no IPv6 through a carrier NAT; "
+                "for a dual-stack home use a NAT site without 'cgnat'"
+            )
+        return SiteSpec(name, SiteKind.NAT, nat=nat, hosts=hosts, link=link, ip=ip, cgnat=cgnat, homes=homes)
+    if "cgnat" in obj or "homes" in obj:
+        raise LabSpecError(f"{where}: 'cgnat' and 'homes' need a home NAT ('nat') in front of the carrier NAT")
     kind = _enum(SiteKind, obj.get("kind", "open"), f"{where}.kind")
     if kind is SiteKind.NAT:
         raise LabSpecError(f"{where}: kind 'nat' needs a 'nat' field")
@@ -289,6 +324,21 @@ def parse_site(name: str, obj: Any) -> SiteSpec:
     if kind is SiteKind.OPEN and "inbound" in obj:
         raise LabSpecError(f"{where}.inbound: open hosts accept everything; use kind 'firewall'")
     return SiteSpec(name, kind, hosts=1, link=link, inbound=inbound, ip=ip)
+
+
+def _parse_carrier(obj: dict[str, Any], home: NatRules, where: str) -> tuple[NatRules | None, int]:
+    """The carrier NAT and home count of a NAT site (None, 1 without C{"cgnat"})."""
+    if "cgnat" not in obj:
+        if "homes" in obj:
+            raise LabSpecError(f"{where}.homes: only CGNAT sites (with 'cgnat') have several home NATs")
+        return None, 1
+    cgnat = parse_nat(obj["cgnat"], f"{where}.cgnat")
+    if cgnat.portmap or home.portmap:
+        raise LabSpecError(f"{where}: port-mapping gateways behind or as a carrier NAT are not built by the lab")
+    homes = obj.get("homes", 1)
+    if isinstance(homes, bool) or not isinstance(homes, int) or not 1 <= homes <= MAX_HOMES:
+        raise LabSpecError(f"{where}.homes: expected a whole number from 1 to {MAX_HOMES}")
+    return cgnat, homes
 
 
 def parse_spec(obj: Any) -> LabSpec:
@@ -348,6 +398,8 @@ def spec_to_json(spec: LabSpec) -> dict[str, Any]:
         if s.kind is SiteKind.NAT:
             assert s.nat is not None
             sites[s.name] = {"nat": nat_to_json(s.nat), "hosts": s.hosts, **link}
+            if s.cgnat is not None:
+                sites[s.name].update(cgnat=nat_to_json(s.cgnat), homes=s.homes)
         else:
             sites[s.name] = {"kind": s.kind.value, "inbound": s.inbound.value, **link}
             if s.kind is SiteKind.OPEN:
@@ -357,12 +409,18 @@ def spec_to_json(spec: LabSpec) -> dict[str, Any]:
     return {"sites": sites}
 
 
-def describe(nat: NatRules | None, kind: SiteKind = SiteKind.NAT) -> str:
-    """A short human label, e.g. C{eim-pp/adf drop hairpin}."""
+def describe(nat: NatRules | None, kind: SiteKind = SiteKind.NAT, cgnat: NatRules | None = None) -> str:
+    """A short human label, e.g. C{eim-pp/adf drop hairpin} or C{eim-pp/apdf drop + cgnat eim/apdf drop}."""
     if kind is not SiteKind.NAT or nat is None:
         return kind.value
     extra = (" hairpin" if nat.hairpin else "") + (" portmap" if nat.portmap else "")
-    return f"{nat.mapping.value}/{nat.filtering.value} {nat.inbound.value}{extra}"
+    label = f"{nat.mapping.value}/{nat.filtering.value} {nat.inbound.value}{extra}"
+    return label if cgnat is None else f"{label} + cgnat {describe(cgnat)}"
+
+
+def describe_site(site: SiteSpec) -> str:
+    """L{describe} of a whole site, its carrier NAT included."""
+    return describe(site.nat, site.kind, site.cgnat)
 
 
 _MAPPING_MEASURED = {
@@ -391,6 +449,8 @@ def expected_summary(site: SiteSpec) -> NatSummary:
         return NatSummary(Mapping.NONE, Filtering.ADDRESS_AND_PORT_DEPENDENT, True)
     assert site.nat is not None
     nat = site.nat
+    if site.cgnat is not None:
+        return _in_series(nat, site.cgnat)
     return NatSummary(
         _MAPPING_MEASURED[nat.mapping],
         _FILTERING_MEASURED[nat.filtering],
@@ -400,6 +460,31 @@ def expected_summary(site: SiteSpec) -> NatSummary:
     )
 
 
-def preset_summary(preset: str) -> NatSummary:
-    """L{expected_summary} of a site built from the preset C{preset}."""
+#: Mapping and filtering from least to most restrictive.
+_MAPPING_ORDER = (Mapping.ENDPOINT_INDEPENDENT, Mapping.ADDRESS_DEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT)
+_FILTERING_ORDER = (Filtering.ENDPOINT_INDEPENDENT, Filtering.ADDRESS_DEPENDENT, Filtering.ADDRESS_AND_PORT_DEPENDENT)
+
+
+def _in_series(home: NatRules, carrier: NatRules) -> NatSummary:
+    """
+    What a client behind C{home} behind C{carrier} measures: the more
+    dependent mapping of the two (a new port at either NAT is a new port
+    outside), the stricter filter of the two (a packet must pass both),
+    ports kept only when both keep them, and a port step of 1 when the last
+    NAT to pick a port counts up: the carrier itself, or a sequential home
+    NAT whose ports the carrier keeps.
+    """
+    mapping = max(_MAPPING_MEASURED[home.mapping], _MAPPING_MEASURED[carrier.mapping], key=_MAPPING_ORDER.index)
+    filtering = max(
+        _FILTERING_MEASURED[home.filtering], _FILTERING_MEASURED[carrier.filtering], key=_FILTERING_ORDER.index
+    )
+    sequential = carrier.mapping is MappingRule.APDM_SEQUENTIAL or (
+        home.mapping is MappingRule.APDM_SEQUENTIAL and carrier.mapping is MappingRule.EIM_PP
+    )
+    preserving = home.mapping is MappingRule.EIM_PP and carrier.mapping is MappingRule.EIM_PP
+    return NatSummary(mapping, filtering, preserving, port_delta=1 if sequential else None)
+
+
+def preset_summary(preset: str | dict[str, Any]) -> NatSummary:
+    """L{expected_summary} of a site built from the preset (or site object) C{preset}."""
     return expected_summary(parse_site("x", preset))

@@ -11,6 +11,10 @@ Layout::
     site i, open/firewall       <lab>-<site>      198.18.1.i on wan0
     site i, NAT                 <lab>-<site>-nat  198.18.1.i on wan0, 10.i.0.1/24 on bridge lan0
                                 <lab>-<site>-hK   10.i.0.(K+1)/24 on eth0, default via 10.i.0.1
+    site i, CGNAT               <lab>-<site>-cgn  198.18.1.i on wan0, 100.64.i.1/24 on bridge lan0
+      home H (1..homes)         <lab>-<site>-nat[H]  100.64.i.(H+1)/24 on wan0, default via 100.64.i.1,
+                                                  10.i.(H-1).1/24 on bridge lan0
+                                <lab>-<site>-hK   10.i.(H-1).(k+1)/24, K = (H-1) * hosts + k
 
 With IPv6 (a site with C{"ip": "v6"} or C{"dual"}; the benchmarking prefix
 2001:2::/48 of RFC 5180, never routable)::
@@ -56,6 +60,10 @@ def site_ip6(index: int) -> str:
 def lan_net6(index: int) -> str:
     """The routed IPv6 prefix of the LAN behind NAT site C{index}."""
     return f"2001:2:0:{index:x}::/64"
+
+
+#: RFC 6598 shared address space: between home NATs and their carrier NAT.
+SHARED_NET = "100.64.0.0/10"
 
 
 def new_lab_id() -> str:
@@ -110,11 +118,23 @@ class LanLink:
 
 
 @dataclass(frozen=True)
+class Home:
+    """A home NAT behind a carrier NAT: its node (address on the carrier's LAN), its LAN and its hosts."""
+
+    nat: Node
+    hosts: tuple[Node, ...]
+    lan_net: str
+    lan_gateway: str
+    port: str  # its port on the carrier's bridge
+
+
+@dataclass(frozen=True)
 class SitePlan:
     """
     Where one site lives: its public IP, the border node that holds it (its
-    NAT, or the host itself), its hosts and, for NAT sites, the LAN behind the
-    NAT.
+    NAT, the carrier NAT of a CGNAT site, or the host itself), its hosts and,
+    for NAT sites, the LAN behind the border NAT (for CGNAT sites the
+    carrier's LAN, on which the L{homes} sit).
     """
 
     spec: SiteSpec
@@ -128,6 +148,7 @@ class SitePlan:
     public_ip6: str | None = None
     lan_net6: str | None = None
     lan_gateway6: str | None = None
+    homes: tuple[Home, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,6 +172,7 @@ class LabPlan:
         for s in self.sites:
             if s.spec.kind is SiteKind.NAT:
                 out.append(s.border)
+            out.extend(h.nat for h in s.homes)
             out.extend(s.hosts)
         return tuple(out)
 
@@ -209,28 +231,71 @@ def plan(spec: LabSpec, lab_id: str) -> LabPlan:
         public_ip6 = site_ip6(index) if s.ip.has_v6 else None
         wan_addr = (f"{public_ip}/{PUBLIC_PREFIXLEN}",) if public_ip else ()
         wan_addr += (f"{public_ip6}/{PUBLIC_PREFIXLEN6}",) if public_ip6 else ()
-        if s.kind is SiteKind.NAT:
+        if s.kind is SiteKind.NAT and s.cgnat is not None:
+            site, links = _cgnat_site(s, index, lab_id)
+            lan_links += links
+        elif s.kind is SiteKind.NAT:
             lan_net, gw = f"10.{index}.0.0/24", f"10.{index}.0.1"
             net6 = lan_net6(index) if public_ip6 else None
             gw6 = f"2001:2:0:{index:x}::1" if public_ip6 else None
             border = Node(f"{s.name}.nat", f"{lab_id}-{s.name}-nat", "nat", s.name, wan_addr, "wan0")
-            hosts = tuple(
-                Node(
-                    f"{s.name}.{k}",
-                    f"{lab_id}-{s.name}-h{k}",
-                    "host",
-                    s.name,
-                    (f"10.{index}.0.{k + 1}/24",) + ((f"2001:2:0:{index:x}::{k + 1:x}/64",) if gw6 else ()),
-                    "eth0",
-                    gateway=gw,
-                    gateway6=gw6,
-                )
-                for k in range(1, s.hosts + 1)
-            )
+            hosts = _lan_hosts(s.name, index, lab_id, 1, s.hosts, first=1, gateway6=gw6)
             lan_links += [LanLink(h.netns, border.netns, f"h{k}") for k, h in enumerate(hosts, start=1)]
-            sites.append(SitePlan(s, index, public_ip, border, hosts, lan_net, gw, public_ip6, net6, gw6))
+            site = SitePlan(s, index, public_ip, border, hosts, lan_net, gw, public_ip6, net6, gw6)
         else:
             border = Node(f"{s.name}.1", f"{lab_id}-{s.name}", "host", s.name, wan_addr, "wan0")
-            sites.append(SitePlan(s, index, public_ip, border, (border,), public_ip6=public_ip6))
-        wan_links.append(WanLink(border.name, border.netns, "wan0", f"s{index}", s.link))
+            site = SitePlan(s, index, public_ip, border, (border,), public_ip6=public_ip6)
+        sites.append(site)
+        wan_links.append(WanLink(site.border.name, site.border.netns, "wan0", f"s{index}", s.link))
     return LabPlan(lab_id, public, mediator, tuple(sites), tuple(wan_links), tuple(lan_links))
+
+
+def _lan_hosts(
+    site: str, index: int, lab_id: str, home: int, count: int, first: int, gateway6: str | None = None
+) -> tuple[Node, ...]:
+    """
+    The hosts of one LAN 10.i.(home-1).0/24, numbered from C{first}; with
+    C{gateway6} (a dual-stack NAT site) also on its routed IPv6 prefix.
+    """
+    return tuple(
+        Node(
+            f"{site}.{first + k}",
+            f"{lab_id}-{site}-h{first + k}",
+            "host",
+            site,
+            (f"10.{index}.{home - 1}.{k + 2}/24",)
+            + ((f"2001:2:0:{index:x}::{k + 2:x}/{PUBLIC_PREFIXLEN6}",) if gateway6 else ()),
+            "eth0",
+            gateway=f"10.{index}.{home - 1}.1",
+            gateway6=gateway6,
+        )
+        for k in range(count)
+    )
+
+
+def _cgnat_site(s: SiteSpec, index: int, lab_id: str) -> tuple[SitePlan, list[LanLink]]:
+    """A carrier NAT with the public address, home NATs on its 100.64.i.0/24 LAN, hosts behind each."""
+    public_ip = f"198.18.1.{index}"
+    carrier_net, carrier_gw = f"100.64.{index}.0/24", f"100.64.{index}.1"
+    carrier = Node(
+        f"{s.name}.cgn", f"{lab_id}-{s.name}-cgn", "nat", s.name, (f"{public_ip}/{PUBLIC_PREFIXLEN}",), "wan0"
+    )
+    homes, links, hosts = [], [], []
+    for h in range(1, s.homes + 1):
+        suffix = "" if h == 1 else str(h)
+        nat = Node(
+            f"{s.name}.nat{suffix}",
+            f"{lab_id}-{s.name}-nat{suffix}",
+            "nat",
+            s.name,
+            (f"100.64.{index}.{h + 1}/24",),
+            "wan0",
+            gateway=carrier_gw,
+        )
+        lan = _lan_hosts(s.name, index, lab_id, h, s.hosts, first=(h - 1) * s.hosts + 1)
+        homes.append(Home(nat, lan, f"10.{index}.{h - 1}.0/24", f"10.{index}.{h - 1}.1", f"n{h}"))
+        links.append(LanLink(nat.netns, carrier.netns, f"n{h}"))
+        links += [LanLink(x.netns, nat.netns, f"h{k}") for k, x in enumerate(lan, start=1)]
+        hosts += lan
+    site = SitePlan(s, index, public_ip, carrier, tuple(hosts), carrier_net, carrier_gw, homes=tuple(homes))
+    return site, links

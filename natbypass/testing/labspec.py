@@ -6,6 +6,8 @@ test dependency).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import strategies as st
 
 from natbypass.lab.spec import (
@@ -49,8 +51,13 @@ def sites(draw: st.DrawFn, name: str) -> SiteSpec:
     kind = draw(st.sampled_from(SiteKind))
     link = draw(links())
     if kind is SiteKind.NAT:
+        hosts = draw(st.integers(1, 8))
+        if draw(st.booleans()):  # a home NAT behind a carrier NAT (neither a port-mapping gateway; IPv4 only)
+            no_gateway = nats.map(lambda n: replace(n, portmap=False))
+            cgnat, homes = draw(no_gateway), draw(st.integers(1, 8))
+            return SiteSpec(name, kind, nat=draw(no_gateway), hosts=hosts, link=link, cgnat=cgnat, homes=homes)
         ip = draw(st.sampled_from([IpVersion.V4, IpVersion.DUAL]))  # IPv6 is never NATed
-        return SiteSpec(name, kind, nat=draw(nats), hosts=draw(st.integers(1, 8)), link=link, ip=ip)
+        return SiteSpec(name, kind, nat=draw(nats), hosts=hosts, link=link, ip=ip)
     inbound = Inbound.DROP if kind is SiteKind.OPEN else draw(st.sampled_from(Inbound))
     return SiteSpec(name, kind, link=link, inbound=inbound, ip=draw(st.sampled_from(IpVersion)))
 
