@@ -11,8 +11,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from natbypass.punch import packet
-from natbypass.punch.repunch import RepunchBounds, Repuncher, RepunchPlan, RepunchRegistry, probe_packet
+from natbypass.punch.repunch import RepunchBounds, Repuncher, RepunchPlan, RepunchRegistry, attach, probe_packet
 from natbypass.punch.session import PunchSession
+from natbypass.testing.udp import ADDRESS_AND_PORT_DEPENDENT
+from tests.test_punch_migration import A_REBOUND, longest_gap, stream
+from tests.test_punch_udp import B_SRFLX, A, B, ConePair
 
 SESSION = PunchSession("c2Vzc2lvbg", b"k" * 32, 1, "bob")
 REMOTE = ("198.51.100.2", 5000)
@@ -154,3 +157,66 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(len(reg), 0)
         reg.noticed(SESSION.session_id, NEW)
         self.assertEqual(reg.unknown, 2)
+
+
+class InMemoryRepunchTests(SynchronousTestCase):
+    """
+    The case QUIC migration alone cannot follow (tests.test_punch_migration,
+    RebindingTests.test_port_restricted_peer_path_is_reported_suspect_then_lost):
+    A's endpoint-independent NAT forgets everything and maps A to a new port;
+    B's NAT filters by address and port.  With re-punchers attached (the
+    mediator stood in for by a relay with 100 ms of delay, STUN by the
+    mapping A's NAT hands out next), the path moves and the stream goes on.
+    """
+
+    def connected(self) -> tuple[ConePair, object, object, RepunchRegistry, RepunchRegistry]:
+        p = ConePair(keepalive_interval=2.0)
+        p.net.nats[1].filtering = ADDRESS_AND_PORT_DEPENDENT
+        p.run(1.0)
+        a, b = p.results["a"], p.results["b"]
+        ra, rb = RepunchRegistry(), RepunchRegistry()
+        self.asked: list[tuple[str, object]] = []
+
+        def mediator(to: RepunchRegistry):
+            def ask(sid: str, mapped):
+                self.asked.append((sid, mapped))
+                p.clock.callLater(0.1, to.noticed, sid, mapped)
+                return defer.succeed(None)
+
+            return ask
+
+        attach(a, A, ra, p.clock, lambda: A_REBOUND, mediator(rb), p.ep_a.sendTo)
+        attach(b, B, rb, p.clock, lambda: B_SRFLX, mediator(ra), p.ep_b.sendTo)
+        return p, a, b, ra, rb
+
+    def check(self, src_name: str) -> None:
+        p, a, b, ra, rb = self.connected()
+        src, dst = (a, b) if src_name == "a" else (b, a)
+        got, sent, loop = stream(p, src, dst)
+        p.run(1.0)
+        flushed = p.clock.seconds()
+        p.net.nats[0].flush(A_REBOUND[1])
+        p.run(8.0)
+        loop.stop()
+        p.run(0.5)
+        self.assertEqual([m.new for m in b.path.moves], [A_REBOUND])
+        self.assertFalse(any(isinstance(d, Exception) for _, d in got), got[-3:])
+        self.assertGreater(got[-1][0], flushed + 7)  # the same connection carried the stream on
+        self.assertIn((A.session_id, A_REBOUND), self.asked)
+        stall = longest_gap(got, flushed - 0.1)
+        # The quiet bound and the answer timeout make A suspect; then STUN,
+        # the mediator's relay, B's probes, A's next probe and B's validation:
+        # a few seconds, well inside the idle timeout that ended the path before.
+        self.assertLess(stall, 4.0)
+        # B probed A's new address for the notice: that is what opened its NAT's filter.
+        [rep_b] = rb._paths.values()
+        self.assertGreater(rep_b.probes_sent, 0)
+        a.close()
+        p.run(1.0)
+        self.assertEqual((len(ra), len(rb)), (0, 0))
+
+    def test_rebinding_side_reads(self) -> None:
+        self.check("b")
+
+    def test_rebinding_side_writes(self) -> None:
+        self.check("a")

@@ -255,3 +255,25 @@ class RepunchRegistry:
             self.log.debug("a re-punch notice for session {session}, not one of our paths", session=session_id)
             return
         r.noticed(target)
+
+
+def attach(
+    conn: Any,
+    session: PunchSession,
+    registry: RepunchRegistry,
+    clock: IReactorTime,
+    learn: Callable[[], Any],
+    ask: Callable[[str, Address | None], Any],
+    send: Callable[[bytes, Address], None],
+) -> Repuncher:
+    """
+    Give UDP connection C{conn} (its C{path}, a L{PathFollower}) a
+    L{Repuncher}: asked when the path turns suspect, told of the peer's
+    notices through C{registry}, stopped when the connection is lost.
+    """
+    path = conn.path
+    r = Repuncher(session, clock, learn, ask, send, lambda: path.remote, lambda: path.watch.suspect)
+    path.on_suspect = r.suspect
+    registry.add(r)
+    conn.whenLost().addBoth(lambda result: (registry.remove(r), result)[1])
+    return r
