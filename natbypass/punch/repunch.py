@@ -248,6 +248,9 @@ class RepunchRegistry:
         if self._paths.get(repuncher.session.session_id) is repuncher:
             del self._paths[repuncher.session.session_id]
 
+    def get(self, session_id: str) -> Repuncher | None:
+        return self._paths.get(session_id)
+
     def noticed(self, session_id: str, target: Address | None) -> None:
         r = self._paths.get(session_id)
         if r is None:
