@@ -220,3 +220,28 @@ class InMemoryRepunchTests(SynchronousTestCase):
 
     def test_rebinding_side_writes(self) -> None:
         self.check("a")
+
+
+class FailureRetryTests(SynchronousTestCase):
+    def test_failed_ask_retried_soon_within_budget(self) -> None:
+        """A rebinding NAT also broke the signalling connection: the ask fails, and is tried again after 1 s."""
+        h = Harness()
+        h.ask_result = defer.fail(ConnectionError("signalling connection lost"))
+        h.r.suspect()
+        h.ask_result = defer.succeed(None)
+        h.clock.advance(1.0)
+        self.assertEqual(len(h.asks), 2)
+        self.assertEqual(h.r.failures, 1)
+
+    def test_failing_forever_is_budgeted(self) -> None:
+        h = Harness()
+        h.ask_result = None
+
+        def failing(sid, addr):
+            h.asks.append((sid, addr))
+            return defer.fail(ConnectionError("no mediator"))
+
+        h.r._ask = failing
+        h.r.suspect()
+        h.clock.pump([0.5] * 119)  # just under a minute: the window of the first ask
+        self.assertEqual(len(h.asks), RepunchBounds().max_asks)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -133,16 +134,21 @@ def run_rebind(
     stun: str,
     rebind_after: float = 3.0,
     seconds: float = 10.0,
-    seed: int = 0x5EED,
+    seed: int | None = None,
 ) -> migration.FlushResult:
     """
     A stream from peer C{writer} (its site's host) to C{reader}, through the
     lab mediator; C{rebinding}'s NAT rebinds C{rebind_after} seconds after
-    both connected.
+    both connected, with hash seed C{seed} (None: a random one, so each run
+    of a shared lab changes the ports; the same port comes out again with a
+    chance of 1 in 8192).
     """
     base = [sys.executable, "-m", "natbypass.lab.repunch", "--mediator", mediator, "--stun", stun]
+    # Fresh ids: each process makes an ephemeral key, and the mediator holds an id for the key it first saw.
+    suffix = os.urandom(3).hex()
+    writer_id, reader_id = f"{writer}-{suffix}", f"{reader}-{suffix}"
     pipes: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    procs = [lab.spawn(reader, [*base, "--id", reader, "--listen"], **pipes)]
+    procs = [lab.spawn(reader, [*base, "--id", reader_id, "--listen"], **pipes)]
     lines: list[list[dict[str, Any]]] = [[], []]
 
     def until(i: int, events: tuple[str, ...]) -> bool:
@@ -158,14 +164,14 @@ def run_rebind(
 
     ok = until(0, ("ready",))
     if ok:
-        argv = [*base, "--id", writer, "--peer", reader, "--seconds", str(seconds)]
+        argv = [*base, "--id", writer_id, "--peer", reader_id, "--seconds", str(seconds)]
         procs.insert(0, lab.spawn(writer, argv, **pipes))
         lines.reverse()
         ok = until(0, ("connected", "failed")) and until(1, ("connected",))
     rebound_at = 0.0
     if ok:
         time.sleep(rebind_after)
-        rebound_at = rebind_nat(lab, rebinding, seed)
+        rebound_at = rebind_nat(lab, rebinding, seed if seed is not None else int.from_bytes(os.urandom(4), "big"))
     for i, proc in enumerate(procs):
         try:
             stdout, stderr = proc.communicate(timeout=90 + seconds)

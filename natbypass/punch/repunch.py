@@ -57,6 +57,9 @@ class RepunchBounds:
 
     #: Seconds between two asks while the path stays suspect.
     ask_interval: float = 5.0
+    #: Seconds before asking again after an ask failed (a NAT that rebound also broke our signalling
+    #: connection: the client reconnects, and the next ask goes on the new connection).
+    failure_retry: float = 1.0
     #: Asks (and honoured notices) per C{window} seconds.
     max_asks: int = 4
     max_notices: int = 4
@@ -91,6 +94,10 @@ class RepunchPlan:
         self._last_ask = now
         self.asked += 1
         return True
+
+    def failed(self) -> None:
+        """The last ask did not reach the mediator, or it said no: the next may come sooner (still budgeted)."""
+        self._last_ask = None
 
     def notice(self, now: float) -> bool:
         """The peer asked for a re-punch: probe?"""
@@ -188,6 +195,12 @@ class Repuncher:
     def _askFailed(self, f: Failure) -> None:
         self.failures += 1
         self.log.warn("the re-punch request failed: {error}", error=f.getErrorMessage())
+        self.plan.failed()
+        if self._stopped:
+            return
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = self._clock.callLater(self.plan.bounds.failure_retry, self._tryAsk)
 
     def noticed(self, target: Address | None) -> None:
         """The peer asked for a re-punch: probe C{target} (its new address), or the path's remote."""
