@@ -737,6 +737,19 @@ class Report(Request):
         )
 
 
+def _check_repunch(session: Any, candidate: Any) -> None:
+    """The fields both C{repunch} messages share: a session id, at most one srflx candidate."""
+    _check(isinstance(session, str) and bool(SERVER_ID.match(session)), "bad session id")
+    _check(
+        candidate is None or (isinstance(candidate, Candidate) and candidate.kind == "srflx"),
+        "a repunch names at most one srflx candidate",
+    )
+
+
+def _repunch_fields(session: str, candidate: Candidate | None) -> dict[str, Any]:
+    return {"session": session, "candidate": None if candidate is None else candidate.to_wire()}
+
+
 @dataclass(frozen=True, slots=True)
 class Repunch(Request):
     """
@@ -754,15 +767,10 @@ class Repunch(Request):
     candidate: Candidate | None = None
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.session, str) and bool(SERVER_ID.match(self.session)), "bad session id")
-        _check(
-            self.candidate is None or (isinstance(self.candidate, Candidate) and self.candidate.kind == "srflx"),
-            "a repunch names at most one srflx candidate",
-        )
+        _check_repunch(self.session, self.candidate)
 
     def body(self) -> dict[str, Any]:
-        c = self.candidate
-        return {"rid": self.rid, "session": self.session, "candidate": None if c is None else c.to_wire()}
+        return {"rid": self.rid, **_repunch_fields(self.session, self.candidate)}
 
     @classmethod
     def read(cls, f: _Fields) -> Repunch:
@@ -1046,15 +1054,10 @@ class RepunchNotice(Message):
     candidate: Candidate | None = None
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.session, str) and bool(SERVER_ID.match(self.session)), "bad session id")
-        _check(
-            self.candidate is None or (isinstance(self.candidate, Candidate) and self.candidate.kind == "srflx"),
-            "a repunch names at most one srflx candidate",
-        )
+        _check_repunch(self.session, self.candidate)
 
     def body(self) -> dict[str, Any]:
-        c = self.candidate
-        return {"session": self.session, "candidate": None if c is None else c.to_wire()}
+        return _repunch_fields(self.session, self.candidate)
 
     @classmethod
     def read(cls, f: _Fields) -> RepunchNotice:
