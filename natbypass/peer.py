@@ -122,6 +122,9 @@ class PeerConfig:
     #: with the registration, so a connect to us takes one mediator round trip
     #: (docs/protocol.md 5.1); we still approve every peer before we punch.
     publish_candidates: bool = True
+    #: Re-punch a UDP path through the mediator when it falls silent (its
+    #: peer's NAT rebound behind a filter; docs/streams.md, "Path migration").
+    repunch: bool = True
     #: Birthday punching (port-restricted cone x random symmetric NAT, UDP;
     #: docs/traversal.md): extra sockets we open on the symmetric side (0:
     #: off), probes a second and in all that we spray on the cone side.
@@ -1108,7 +1111,7 @@ class Peer(MultiService):
             raise
         udp_path = conn.protocol == "udp"
         self._release(ports, keep_udp=udp_path)
-        if udp_path and ports.udp is not None and conn.local_address.port == ports.udp.local[1]:
+        if self.config.repunch and udp_path and ports.udp is not None and conn.local_address.port == ports.udp.local[1]:
             self._repunchable(conn, session, ports.udp)
         if udp_path and self._main is not None and ports.udp is not self._main.udp:
             conn.whenLost().addBoth(lambda _: ports.udp.close())

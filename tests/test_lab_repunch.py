@@ -77,3 +77,25 @@ class LabRepunchTests(SynchronousTestCase):
 
     def test_rebinding_side_writes(self) -> None:
         self.run_case("eimr1", "prc2")
+
+    def test_control_without_repunch_the_path_dies(self) -> None:
+        """
+        The same rebinding with the re-punch off (PeerConfig.repunch): QUIC
+        migration alone cannot get through the port-restricted cone, nothing
+        moves, and the reader never gets the rest of the stream (the path
+        ends at its idle timeout).
+        """
+        from natbypass.lab.repunch import run_rebind
+        from natbypass.lab.traversal import mediator_endpoint, stun_address
+
+        r = run_rebind(
+            shared_lab(), "prc2", "eimr1", "eimr1", mediator=mediator_endpoint(), stun=stun_address(), repunch=False
+        )
+        context = f"writer {r.writer}, reader {r.reader}"
+        self.assertTrue(r.flushed_at, f"the peers did not connect: {context}")
+        sent, received = r.writer_event("sent"), r.reader_event("received")
+        self.assertLess(received["bytes"], sent["bytes"], context)
+        self.assertEqual((r.writer_event("path")["moves"], r.reader_event("path")["moves"]), ([], []), context)
+        lost = r.reader_event("lost")
+        self.assertEqual(lost["kind"], "ConnectionLost", context)
+        self.assertIn("idle", lost["reason"], context)

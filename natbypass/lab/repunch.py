@@ -60,7 +60,7 @@ def _report(r: Any) -> Any:
 
 
 async def _main(reactor: Any, args: argparse.Namespace) -> None:
-    cfg = PeerConfig(keepalive_interval=args.keepalive, discover=False)
+    cfg = PeerConfig(keepalive_interval=args.keepalive, discover=False, repunch=not args.no_repunch)
     peer = Peer(reactor, args.id, clientFromString(reactor, args.mediator), args.stun, protocol="udp", config=cfg)
     peer.startService()
     await peer.whenReady()
@@ -99,6 +99,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--peer", help="whom to connect to (and write to)")
     p.add_argument("--seconds", type=float, default=10.0, help="how long the writer writes")
     p.add_argument("--keepalive", type=float, default=15.0)
+    p.add_argument("--no-repunch", action="store_true", help="the control: no re-punch (PeerConfig.repunch off)")
     args = p.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(_main(reactor, args)))
 
@@ -135,15 +136,18 @@ def run_rebind(
     rebind_after: float = 3.0,
     seconds: float = 10.0,
     seed: int | None = None,
+    repunch: bool = True,
 ) -> migration.FlushResult:
     """
     A stream from peer C{writer} (its site's host) to C{reader}, through the
     lab mediator; C{rebinding}'s NAT rebinds C{rebind_after} seconds after
-    both connected, with hash seed C{seed} (None: a random one, so each run
+    both connected (C{repunch} False: the peers do not re-punch, the control), with hash seed C{seed} (None: a random one, so each run
     of a shared lab changes the ports; the same port comes out again with a
     chance of 1 in 8192).
     """
     base = [sys.executable, "-m", "natbypass.lab.repunch", "--mediator", mediator, "--stun", stun]
+    if not repunch:
+        base.append("--no-repunch")
     # Fresh ids: each process makes an ephemeral key, and the mediator holds an id for the key it first saw.
     suffix = os.urandom(3).hex()
     writer_id, reader_id = f"{writer}-{suffix}", f"{reader}-{suffix}"
