@@ -54,6 +54,7 @@ def _report(r: Any) -> Any:
                 honoured=r.plan.honoured,
                 probes_sent=r.probes_sent,
                 failures=r.failures,
+                last_failure=r.last_failure,
             )
 
     return report

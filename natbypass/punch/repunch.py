@@ -158,8 +158,9 @@ class Repuncher:
         self._retry: IDelayedCall | None = None
         #: Probes sent for notices.
         self.probes_sent = 0
-        #: Asks that failed (STUN, or the mediator said no).
+        #: Asks that failed (STUN, or the mediator said no), and why the last one did.
         self.failures = 0
+        self.last_failure: str | None = None
 
     def suspect(self, silence: float = 0.0) -> None:
         """The path went silent (L{PathFollower}'s C{on_suspect}): ask now, and again while it stays so."""
@@ -194,6 +195,7 @@ class Repuncher:
 
     def _askFailed(self, f: Failure) -> None:
         self.failures += 1
+        self.last_failure = f"{type(f.value).__name__}: {f.getErrorMessage()}"[:200]
         self.log.warn("the re-punch request failed: {error}", error=f.getErrorMessage())
         self.plan.failed()
         if self._stopped:
