@@ -44,7 +44,7 @@ from natbypass.interfaces import IIncomingHandler, IPeer, IPeerApprover, IPeerCo
 from natbypass.names import resolve_address
 from natbypass.nat import NatSummary
 from natbypass.portmap import MappingError, PortMapper, PortMapping
-from natbypass.punch import birthday, candidates, families, race, tcp
+from natbypass.punch import birthday, candidates, families, race, repunch, tcp
 from natbypass.punch.candidates import LocalNetworks, PortRange, ProbeBudget, TokenBucket
 from natbypass.punch.mux import PunchEndpoint, UDPMux
 from natbypass.punch.session import PunchFailed, PunchSession
@@ -122,6 +122,9 @@ class PeerConfig:
     #: with the registration, so a connect to us takes one mediator round trip
     #: (docs/protocol.md 5.1); we still approve every peer before we punch.
     publish_candidates: bool = True
+    #: Re-punch a UDP path through the mediator when it falls silent (its
+    #: peer's NAT rebound behind a filter; docs/streams.md, "Path migration").
+    repunch: bool = True
     #: Birthday punching (port-restricted cone x random symmetric NAT, UDP;
     #: docs/traversal.md): extra sockets we open on the symmetric side (0:
     #: off), probes a second and in all that we spray on the cone side.
@@ -309,6 +312,9 @@ class Peer(MultiService):
         self.signaling.setServiceParent(self)
         self.signaling.setOfferHandler(self._offered)
         self.signaling.setSessionHandler(self._accepted_session)
+        #: Our UDP paths that can be re-punched through the mediator (natbypass.punch.repunch).
+        self.repunchers = repunch.RepunchRegistry()
+        self.signaling.setRepunchHandler(self._repunch_noticed)
         self.nat = NatSummary()
         self.behavior: discovery.NATBehavior | None = None
         self._main: Ports | None = None
@@ -1105,9 +1111,27 @@ class Peer(MultiService):
             raise
         udp_path = conn.protocol == "udp"
         self._release(ports, keep_udp=udp_path)
+        if self.config.repunch and udp_path and ports.udp is not None and conn.local_address.port == ports.udp.local[1]:
+            self._repunchable(conn, session, ports.udp)
         if udp_path and self._main is not None and ports.udp is not self._main.udp:
             conn.whenLost().addBoth(lambda _: ports.udp.close())
         return conn
+
+    def _repunchable(self, conn: IPeerConnection, session: Session, udp: UDPSocket) -> None:
+        """Let a UDP path ask the mediator for a re-punch when it falls silent (docs/streams.md)."""
+        # Our STUN address is what the peer sees only when our NAT maps independently of the destination.
+        dependent = self.nat.mapping in ("address-dependent", "address-and-port-dependent")
+
+        async def learn() -> Address | None:
+            return None if dependent else await udp.learn(self.stun_server, self.config.stun_timeout)
+
+        psession = PunchSession(session.id, session.key, 0 if session.controlling else 1, session.peer)
+        learned = lambda: defer.ensureDeferred(learn())  # noqa: E731
+        repunch.attach(conn, psession, self.repunchers, self.clock, learned, self.signaling.repunch, udp.punch.sendTo)
+
+    def _repunch_noticed(self, notice: Any) -> None:
+        c = notice.candidate
+        self.repunchers.noticed(notice.session, None if c is None else (c.host, c.port))
 
     async def _race(
         self, session: Session, wish: tuple[str, ...], ports: Ports, security: ChannelSecurity

@@ -59,19 +59,25 @@ _shared: dict[str, Any] = {}
 
 
 def shared_lab() -> Any:
-    """One lab and STUN responder for the module; removed by the lab's own atexit handler."""
-    if "lab" not in _shared:
-        from natbypass.lab.interop import start_mediator
-        from natbypass.lab.lab import Lab
+    """One lab and mediator for the module (natbypass.lab.interop.shared_lab)."""
+    from natbypass.lab.interop import shared_lab as make
 
-        lab = Lab.start(SPEC)
-        try:
-            start_mediator(lab)
-        except BaseException:
-            lab.stop()
-            raise
-        _shared["lab"] = lab
-    return _shared["lab"]
+    return make(_shared, SPEC)
+
+
+def check_stream(test: Any, r: Any, context: str) -> dict[str, Any]:
+    """The same connection all along, every byte delivered; the reader's C{received} line."""
+    sent, received = r.writer_event("sent"), r.reader_event("received")
+    test.assertIsNotNone(sent, context)
+    test.assertIsNotNone(received, context)
+    # Same connection all along: nothing was lost before the writer finished, every byte arrived.
+    lost = r.writer_event("lost")
+    test.assertGreater(lost["wall"], sent["wall"], context)
+    test.assertEqual(lost["kind"], "ConnectionDone", context)
+    test.assertEqual((received["bytes"], received["sha256"]), (sent["bytes"], sent["sha256"]), context)
+    test.assertTrue(received["clean"], context)
+    test.assertGreater(sent["bytes"], 300_000, context)  # it wrote well past the flush
+    return received
 
 
 class LabMigrationTests(SynchronousTestCase):
@@ -85,18 +91,7 @@ class LabMigrationTests(SynchronousTestCase):
         return result
 
     def check_stream(self, r: Any, context: str) -> dict[str, Any]:
-        """The same connection all along, every byte delivered; the reader's C{received} line."""
-        sent, received = r.writer_event("sent"), r.reader_event("received")
-        self.assertIsNotNone(sent, context)
-        self.assertIsNotNone(received, context)
-        # Same connection all along: nothing was lost before the writer finished, every byte arrived.
-        lost = r.writer_event("lost")
-        self.assertGreater(lost["wall"], sent["wall"], context)
-        self.assertEqual(lost["kind"], "ConnectionDone", context)
-        self.assertEqual((received["bytes"], received["sha256"]), (sent["bytes"], sent["sha256"]), context)
-        self.assertTrue(received["clean"], context)
-        self.assertGreater(sent["bytes"], 300_000, context)  # it wrote well past the flush
-        return received
+        return check_stream(self, r, context)
 
     def check_udp(self, writer: str, reader: str, stall: float) -> None:
         r = self.flush(writer, reader, "udp")

@@ -141,6 +141,42 @@ class PeerInMemoryTests(SynchronousTestCase):
         third = self.settle(a.reconnect("bob"))
         self.assertIs(a.connectionTo("bob"), third)
 
+    def test_udp_path_repunched_through_the_mediator(self) -> None:
+        """
+        A UDP path gets a re-puncher on both sides; a suspect path asks the
+        (in-memory) mediator, the other side is told and probes; closing the
+        path takes the re-punchers away.  No NAT here: the address named is
+        the one the mediator's STUN sees, at the signalling address.
+        """
+        b = self.peer("bob", "127.0.0.3", discover=False)
+        b.listen(EchoHandler())
+        a = self.peer("alice", "127.0.0.1", discover=False)
+        self.settle(a.whenReady())
+        self.settle(b.whenReady())
+        conn = self.settle(a.connect("bob"))
+        self.settle(Deferred(), limit=0.5, check=False)  # bob's side of the race ends a moment later
+        self.assertEqual((len(a.repunchers), len(b.repunchers)), (1, 1))
+        mine, theirs = a.repunchers.get(conn.session_id), b.repunchers.get(conn.session_id)
+        # As PathWatch does when a probe goes unanswered (the path itself is fine in memory).
+        conn.path.watch.suspect_since = self.reactor.seconds()
+        conn.path.on_suspect(2.0)
+        self.settle(Deferred(), limit=0.5, check=False)
+        self.assertEqual((mine.plan.asked, mine.failures), (1, 0))
+        self.assertEqual((theirs.plan.honoured, theirs.probes_sent), (1, theirs.plan.bounds.probes))
+        conn.close()
+        self.settle(Deferred(), limit=0.5, check=False)
+        self.assertEqual((len(a.repunchers), len(b.repunchers)), (0, 0))
+
+    def test_repunch_off(self) -> None:
+        b = self.peer("bob", "127.0.0.3", discover=False, repunch=False)
+        b.listen(EchoHandler())
+        a = self.peer("alice", "127.0.0.1", discover=False, repunch=False)
+        self.settle(a.whenReady())
+        self.settle(b.whenReady())
+        self.settle(a.connect("bob"))
+        self.settle(Deferred(), limit=0.5, check=False)
+        self.assertEqual((len(a.repunchers), len(b.repunchers)), (0, 0))
+
     def test_reconnect_keeps_the_old_pin(self) -> None:
         """A peer that now shows another key is refused: the old connection's key is the pin."""
         a, first = self.alice_to_bob()

@@ -124,6 +124,23 @@ def start_mediator(lab: Lab) -> subprocess.Popen[str]:
     return _wait_for(proc, "STUN responder on", "natbypass-mediator")
 
 
+def shared_lab(cache: dict[str, Any], spec: Any) -> Lab:
+    """
+    One lab of C{spec} with the mediator (STUN and signalling) running, made
+    on first use and kept in C{cache} (a test module's); removed by the lab's
+    own atexit handler.
+    """
+    if "lab" not in cache:
+        lab = Lab.start(spec)
+        try:
+            start_mediator(lab)
+        except BaseException:
+            lab.stop()
+            raise
+        cache["lab"] = lab
+    return cache["lab"]
+
+
 def start_reflector(lab: Lab) -> subprocess.Popen[str]:
     """
     Run the probe reflector (C{natbypass.lab.probe serve}) on the mediator

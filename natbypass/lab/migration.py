@@ -136,14 +136,23 @@ def main(reactor: Any, argv: list[str]) -> Any:
         _emit("failed", reason=result.get("reason"))
         return
     _emit("connected", remote=result["remote"], connect_ms=result["connect_ms"])
+    yield run_stream(reactor, conn, args.send, args.seconds)
+
+
+@defer.inlineCallbacks
+def run_stream(reactor: Any, conn: Any, send: bool, seconds: float, report: Any = None) -> Any:
+    """
+    Write (C{send}) or read the sink stream on C{conn}, printing the JSON
+    lines; then C{report(conn)} (default: the path's moves and counts) and close.
+    """
     lost: defer.Deferred = conn.whenLost()
     lost.addCallback(lambda reason: _emit("lost", reason=str(reason), kind=type(reason).__name__) or reason)
     done: defer.Deferred = defer.Deferred()
-    if args.send:
+    if send:
         hasher = hashlib.sha256()
         writer = yield conn.openStream(SERVICE, Factory.forProtocol(Protocol))
         sent = 0
-        end = reactor.seconds() + args.seconds
+        end = reactor.seconds() + seconds
         index = 0
         while reactor.seconds() < end and not lost.called:
             chunk = payload(index)
@@ -161,7 +170,7 @@ def main(reactor: Any, argv: list[str]) -> Any:
         yield defer.DeferredList([lost, done], fireOnOneCallback=True)
         if not lost.called:
             yield task.deferLater(reactor, 1.0, lambda: None)
-    _path_report(conn)
+    (report or _path_report)(conn)
     conn.close()
     yield task.deferLater(reactor, 0.5, lambda: None)
 

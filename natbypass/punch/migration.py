@@ -231,7 +231,8 @@ class PathFollower:
         self._endpoint = endpoint
         self._clock = clock
         self._on_move = on_move
-        self._on_suspect = on_suspect
+        #: Called with the silence in seconds when the path became suspect (the re-punch hooks in here).
+        self.on_suspect = on_suspect
         self._budget = budget if budget is not None else MoveBudget()
         self._trials = TokenBucket(clock, trial_rate, trial_burst)
         #: The addresses the path used last (current last): moving back to one
@@ -319,8 +320,8 @@ class PathFollower:
                 silence=step.suspect,
                 timeout=self.watch.answer_timeout,
             )
-            if self._on_suspect is not None:
-                self._on_suspect(step.suspect)
+            if self.on_suspect is not None:
+                self.on_suspect(step.suspect)
         if step.probe:
             channel.ping()
         if not self._stopped:

@@ -43,6 +43,7 @@ from .server import _no_delay
 from .wire import (
     Accept,
     Cancel,
+    Candidate,
     Connect,
     Description,
     Error,
@@ -59,6 +60,8 @@ from .wire import (
     Registered,
     Reject,
     Report,
+    Repunch,
+    RepunchNotice,
     Revoke,
     Session,
     SessionReply,
@@ -341,6 +344,10 @@ class SignalingClientProtocol(LineReceiver):
             self.owner._offered(self, offer)
         elif isinstance(msg, Revoke):
             self.owner._revoked(msg)
+        elif isinstance(msg, RepunchNotice):
+            handler = self.owner._repunch_handler
+            if handler is not None:
+                handler(msg)
         elif isinstance(msg, Cancel):
             offer = self._offers.pop(msg.offer, None)
             if offer is not None:
@@ -840,6 +847,7 @@ class SignalingClient(Service):
         #: Sessions that may still be revoked (their target had not approved): a Deferred and its expiry.
         self._revocations: dict[str, tuple[Deferred[SignalingError], Any]] = {}
         self._session_handler: Callable[[Session], Any] | None = None
+        self._repunch_handler: Callable[[RepunchNotice], Any] | None = None
         self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
         self._failures = 0  # handshakes refused in a row; ClientService only counts failed connects
         self._proto: SignalingClientProtocol | None = None
@@ -1014,6 +1022,21 @@ class SignalingClient(Service):
         msg = lambda: Report(self._rid(), session_id, outcome, protocol, detail)  # noqa: E731
         msg()  # validate now, in the caller's stack
         return self._call(msg).addCallback(lambda _: None)
+
+    def repunch(self, session_id: str, mapped: tuple[str, int] | None = None) -> Deferred[None]:
+        """
+        Ask the mediator to re-punch session C{session_id} (an established
+        UDP path gone silent; docs/protocol.md 5.2), naming our current
+        mapped address when we know the peer sees it.
+        """
+        cand = None if mapped is None else Candidate("srflx", mapped[0], mapped[1])
+        msg = lambda: Repunch(self._rid(), session_id, cand)  # noqa: E731
+        msg()  # validate now, in the caller's stack
+        return self._call(msg).addCallback(lambda _: None)
+
+    def setRepunchHandler(self, handler: Callable[[RepunchNotice], Any] | None) -> None:
+        """Who is told when the other peer of a session asks to re-punch it (L{RepunchNotice})."""
+        self._repunch_handler = handler
 
     def ping(self) -> Deferred[float]:
         def sent(_: Any) -> float:

@@ -99,6 +99,12 @@ class ISignalingClient(Interface):
     def publish(description):
         """Publish our mapped candidates, NAT summary and wish (kept, re-sent on reconnection): introductions in one round trip."""
 
+    def repunch(session_id, mapped=None):
+        """Ask the mediator to re-punch an established session's UDP path (docs/protocol.md 5.2); Deferred firing with None."""
+
+    def setRepunchHandler(handler):
+        """C{handler(notice)} is called with each C{RepunchNotice}: the other peer of a session asks to re-punch it."""
+
     def whenRevoked(session_id):
         """A Deferred that fires with the SignalingError if the mediator revokes a connect's session (the target refused)."""
 

@@ -40,6 +40,7 @@ from natbypass.ratelimit import RateLimiter
 
 from . import wire
 from .interfaces import IChannel, ISignalingState
+from .repunch import PathTable, same_host
 from .wire import (
     Accept,
     Bye,
@@ -60,6 +61,8 @@ from .wire import (
     Registered,
     Reject,
     Report,
+    Repunch,
+    RepunchNotice,
     Revoke,
     Session,
     SessionReply,
@@ -417,6 +420,8 @@ class SignalingState:
         self.recent_proofs: dict[bytes, float] = {}
         self.offers: dict[str, _PendingOffer] = {}
         self.sessions: dict[str, _OpenSession] = {}  # in creation order, so expiry only looks at the front
+        #: Sessions their two peers may re-punch (issue 12; docs/protocol.md, "Re-punch").
+        self.paths = PathTable()
         #: Connections per source group (C{source_group}).
         self.sources: dict[str, int] = {}
         self.counters: dict[str, int] = {}
@@ -1135,6 +1140,7 @@ class SignalingState:
         # The NAT pair (selection-table rows) labels the outcomes peers report, for the metrics.
         pair = sys.intern(f"{nats[0].kind()},{nats[1].kind()}")
         self.sessions[sid] = (self.clock.seconds() + self.limits.session_ttl, a.peer_id, b.peer_id, 0, pair)  # type: ignore[assignment]
+        self.paths.add(sid, a.peer_id, b.peer_id, self.clock.seconds())  # type: ignore[arg-type]
         self._count("sessions")
         self._count("sessions-by-nat:" + pair)
         return SessionReply(rid_a, mine), (SessionReply(rid_b, theirs) if rid_b is not None else theirs)  # type: ignore[return-value]
@@ -1220,6 +1226,47 @@ class SignalingState:
                 self.sessions[msg.session] = (s[0], s[1], s[2], reported, s[4])
         link.channel.send(Ok(msg.rid))
 
+    def _repunch(self, link: _Link, msg: Repunch) -> None:
+        """
+        One peer of an established session asks to re-punch it: tell the
+        other.  Only the two peers of the session may (anyone else learns
+        nothing, not even that it exists), a few times a minute, and the
+        address they name must be the one they signal from, so the other
+        peer's probes cannot be aimed at a third party.
+        """
+        if self._need_registration(link, msg.rid):
+            return
+        now = self.clock.seconds()
+        other = self.paths.other(msg.session, link.peer_id, now)  # type: ignore[arg-type]
+        if other is None:
+            self._count("repunch:unknown-session")
+            self._error(link, msg.rid, "unknown-session", f"no session {msg.session} of yours to re-punch")
+            return
+        if msg.candidate is not None and not same_host(msg.candidate.host, link.source):
+            self._count("repunch:foreign-address")
+            self._error(
+                link, msg.rid, "bad-request", "a re-punch names a mapped address at the address you signal from"
+            )
+            return
+        target = self.peers.get(other)
+        if target is None:
+            self._count("repunch:gone")
+            self._error(link, msg.rid, "unknown-peer", f"peer {other} is not connected here")
+            return
+        if not self.paths.take(msg.session, now):
+            self._count("repunch:rate-limited")
+            self._error(
+                link,
+                msg.rid,
+                "rate-limited",
+                f"at most {self.paths.budget} re-punches of a session in {self.paths.window:g} s",
+            )
+            return
+        self._count("repunch")
+        self.log.info("session {session}: {peer_id} asks to re-punch", session=msg.session, peer_id=link.peer_id)
+        target.channel.send(RepunchNotice(msg.session, msg.candidate))
+        link.channel.send(Ok(msg.rid))
+
     def _bye(self, link: _Link, msg: Bye) -> None:
         link.channel.send(Ok(msg.rid))
         self._close(link)
@@ -1234,6 +1281,7 @@ class SignalingState:
         Ping: _ping_request,
         Pong: _pong,
         Report: _report,
+        Repunch: _repunch,
         Bye: _bye,
     }
 
@@ -1269,6 +1317,7 @@ class SignalingState:
             expired.append(sid)
         for sid in expired:
             del self.sessions[sid]
+        self.paths.sweep(now)
         held = self.held
         while held:
             peer_id, expires = next(iter(held.items()))

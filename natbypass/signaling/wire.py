@@ -737,6 +737,51 @@ class Report(Request):
         )
 
 
+def _check_repunch(session: Any, candidate: Any) -> None:
+    """The fields both C{repunch} messages share: a session id, at most one srflx candidate."""
+    _check(isinstance(session, str) and bool(SERVER_ID.match(session)), "bad session id")
+    _check(
+        candidate is None or (isinstance(candidate, Candidate) and candidate.kind == "srflx"),
+        "a repunch names at most one srflx candidate",
+    )
+
+
+def _repunch_fields(session: str, candidate: Candidate | None) -> dict[str, Any]:
+    return {"session": session, "candidate": None if candidate is None else candidate.to_wire()}
+
+
+@dataclass(frozen=True, slots=True)
+class Repunch(Request):
+    """
+    Re-punch an established UDP path whose peer went silent (its NAT may
+    have rebound; docs/protocol.md, "Re-punch"): names the session the path
+    was made in and, when the sender could learn it by STUN from the path's
+    own socket, its current mapped address (one C{srflx} candidate; none
+    from a NAT whose mapping depends on the destination).  Replied with
+    C{ok}; the other peer of the session gets a L{RepunchNotice}.
+    """
+
+    op: ClassVar[str] = "repunch"
+    rid: int
+    session: str
+    candidate: Candidate | None = None
+
+    def __post_init__(self) -> None:
+        _check_repunch(self.session, self.candidate)
+
+    def body(self) -> dict[str, Any]:
+        return {"rid": self.rid, **_repunch_fields(self.session, self.candidate)}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Repunch:
+        c = f.get("candidate")
+        return cls(
+            f.integer("rid", required=True),
+            f.text("session", required=True, pattern=SERVER_ID),
+            None if c is None else Candidate.from_wire(c),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Bye(Request):
     """Polite goodbye: the mediator replies and closes."""
@@ -995,11 +1040,50 @@ class Cancel(Message):
         return cls(f.text("offer", required=True, pattern=SERVER_ID), f.text("reason", required=True) or "")
 
 
+@dataclass(frozen=True, slots=True)
+class RepunchNotice(Message):
+    """
+    The other peer of session C{session} asks to re-punch the path: probe
+    C{candidate} (its current mapped address, checked by the mediator to be
+    at the address it signals from) from the path's socket, or, without a
+    candidate, the path's own remote address.
+    """
+
+    op: ClassVar[str] = "repunch"
+    session: str
+    candidate: Candidate | None = None
+
+    def __post_init__(self) -> None:
+        _check_repunch(self.session, self.candidate)
+
+    def body(self) -> dict[str, Any]:
+        return _repunch_fields(self.session, self.candidate)
+
+    @classmethod
+    def read(cls, f: _Fields) -> RepunchNotice:
+        c = f.get("candidate")
+        return cls(f.text("session", required=True, pattern=SERVER_ID), None if c is None else Candidate.from_wire(c))
+
+
 CLIENT_MESSAGES: Mapping[str, type[Message]] = {
-    m.op: m for m in (Hello, Register, Publish, Connect, Accept, Reject, Ping, Pong, Report, Bye)
+    m.op: m for m in (Hello, Register, Publish, Connect, Accept, Reject, Ping, Pong, Report, Repunch, Bye)
 }
 SERVER_MESSAGES: Mapping[str, type[Message]] = {
-    m.op: m for m in (Greeting, Ok, Registered, SessionReply, Error, Offer, Introduce, Revoke, Cancel, Ping, Pong)
+    m.op: m
+    for m in (
+        Greeting,
+        Ok,
+        Registered,
+        SessionReply,
+        Error,
+        Offer,
+        Introduce,
+        Revoke,
+        Cancel,
+        RepunchNotice,
+        Ping,
+        Pong,
+    )
 }
 
 
