@@ -1127,7 +1127,10 @@ class Peer(MultiService):
 
         psession = PunchSession(session.id, session.key, 0 if session.controlling else 1, session.peer)
         learned = lambda: defer.ensureDeferred(learn())  # noqa: E731
-        repunch.attach(conn, psession, self.repunchers, self.clock, learned, self.signaling.repunch, udp.punch.sendTo)
+        repunch.attach(
+            conn, psession, self.repunchers, self.clock, learned, self.signaling.repunch, udp.punch.sendTo,
+            lambda host: candidates.refusal(host, self._screening_networks()),
+        )  # fmt: skip
 
     def _repunch_noticed(self, notice: Any) -> None:
         c = notice.candidate

@@ -129,6 +129,30 @@ class RepuncherTests(SynchronousTestCase):
         self.assertEqual(len(h.sent), b.max_notices * b.probes)
         self.assertEqual(h.r.plan.ignored, 1000 - b.max_notices)
 
+    def test_notice_to_a_refused_address_sends_nothing(self) -> None:
+        """
+        A hostile mediator names an address the punch itself would refuse
+        (loopback, a metadata service, multicast, another family): no probe,
+        and the notice budget is not spent.
+        """
+        h = Harness()
+        for target in (("127.0.0.1", 22), ("169.254.169.254", 80), ("224.0.0.1", 5000), ("2001:db8::1", 5000)):
+            h.r.noticed(target)
+        h.clock.pump([0.1] * 10)
+        self.assertEqual(h.sent, [])
+        self.assertEqual((h.r.refused, h.r.plan.honoured), (4, 0))
+        h.r.noticed(NEW)
+        self.assertEqual(h.sent[0][1], NEW)
+
+    def test_notice_screened_with_the_callers_networks(self) -> None:
+        """The peer's own screening decides (a peer on loopback may be re-punched there)."""
+        h = Harness()
+        h.r = Repuncher(SESSION, h.clock, lambda: None, lambda s, a: defer.succeed(None),
+                        lambda data, addr: h.sent.append((data, addr)), lambda: ("127.0.0.2", 5000),
+                        lambda: True, refusal=lambda host: None)  # fmt: skip
+        h.r.noticed(("127.0.0.3", 6000))
+        self.assertEqual(h.sent[0][1], ("127.0.0.3", 6000))
+
     def test_stop_cancels_everything(self) -> None:
         h = Harness()
         h.r.suspect()

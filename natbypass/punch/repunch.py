@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from natbypass.address import format_address
-from natbypass.punch import packet
+from natbypass.punch import candidates, packet
 from natbypass.punch.migration import MoveBudget
 from natbypass.punch.mux import Address
 from natbypass.punch.session import PunchSession
@@ -130,6 +130,9 @@ class Repuncher:
     @param remote: the path's current remote address.
     @param still_suspect: is the path still suspect (the follower's watch)?
         Asks are repeated only while it is.
+    @param refusal: why a notice's address must not be probed, or None (the
+        peer's candidate screening, L{candidates.refusal}); an address of
+        the other family than the path's is refused too.
     """
 
     log = Logger()
@@ -144,8 +147,12 @@ class Repuncher:
         remote: Callable[[], Address],
         still_suspect: Callable[[], bool],
         bounds: RepunchBounds = RepunchBounds(),
+        refusal: Callable[[str], str | None] = candidates.refusal,
     ) -> None:
         self.session = session
+        self._refusal = refusal
+        #: Notices whose address the screening refused (nothing sent).
+        self.refused = 0
         self._clock = clock
         self._learn = learn
         self._ask = ask
@@ -208,6 +215,15 @@ class Repuncher:
         """The peer asked for a re-punch: probe C{target} (its new address), or the path's remote."""
         if self._stopped:
             return
+        if target is not None:
+            # The mediator vouches for this address: screen it as the punch screens candidates.
+            why = self._refusal(target[0])
+            if why is None and (":" in target[0]) != (":" in self._remote()[0]):
+                why = "not the path's address family"
+            if why is not None:
+                self.refused += 1
+                self.log.warn("ignoring a re-punch notice to {where}: {why}", where=format_address(target), why=why)
+                return
         if not self.plan.notice(self._clock.seconds()):
             self.log.info("ignoring a re-punch notice for {session}: too many", session=self.session.session_id)
             return
@@ -283,6 +299,7 @@ def attach(
     learn: Callable[[], Any],
     ask: Callable[[str, Address | None], Any],
     send: Callable[[bytes, Address], None],
+    refusal: Callable[[str], str | None] = candidates.refusal,
 ) -> Repuncher:
     """
     Give UDP connection C{conn} (its C{path}, a L{PathFollower}) a
@@ -290,7 +307,7 @@ def attach(
     notices through C{registry}, stopped when the connection is lost.
     """
     path = conn.path
-    r = Repuncher(session, clock, learn, ask, send, lambda: path.remote, lambda: path.watch.suspect)
+    r = Repuncher(session, clock, learn, ask, send, lambda: path.remote, lambda: path.watch.suspect, refusal=refusal)
     path.on_suspect = r.suspect
     registry.add(r)
     conn.whenLost().addBoth(lambda result: (registry.remove(r), result)[1])
