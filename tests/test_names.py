@@ -171,6 +171,46 @@ class ResolveAddressTests(SynchronousTestCase):
         self.failureResultOf(resolve_address(r, ("nowhere.example", 3478)), DNSLookupError)
 
 
+class MappingProbeNameTests(SynchronousTestCase):
+    """The peer's mapping probe starts before its main ports resolved a named STUN server: it resolves it too."""
+
+    def setUp(self) -> None:
+        from natbypass.stun import discovery, probe
+
+        self.reactor = MemoryReactorClock()
+        self.reactor.nameResolver = FakeResolver({"stun.example": ["127.0.0.1"]})
+        self.seen: list[tuple[str, int]] = []
+
+        class Port:
+            def getHost(self) -> IPv4Address:
+                return IPv4Address("UDP", "127.0.0.1", 40000)
+
+            def stopListening(self) -> None:
+                pass
+
+        def probe_mapping(client, server, local, clock, policy=None):
+            self.seen.append(server)
+            return succeed(discovery.MappingProbe(discovery.Mapping.ENDPOINT_INDEPENDENT, None))
+
+        self.patch(probe, "bind_udp", lambda *a, **kw: Port())
+        self.patch(discovery, "probe_mapping", probe_mapping)
+        self.probe = probe
+
+    def test_named_server_resolved(self) -> None:
+        d = defer.ensureDeferred(
+            self.probe.probe_from_fresh_socket(self.reactor, self.reactor, ("stun.example", 3478), None, "", 1.0)
+        )
+        self.assertIsNotNone(self.successResultOf(d))
+        self.assertEqual(self.seen, [("127.0.0.1", 3478)])
+
+    def test_unknown_name_no_probe(self) -> None:
+        d = defer.ensureDeferred(
+            self.probe.probe_from_fresh_socket(self.reactor, self.reactor, ("nowhere.example", 3478), None, "", 1.0)
+        )
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.seen, [])
+
+
 class ClientEndpointTests(SynchronousTestCase):
     def test_names_get_failover(self) -> None:
         r = MemoryReactorClock()

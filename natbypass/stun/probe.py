@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from natbypass.names import resolve_address
 from natbypass.net import route_source_address
 from natbypass.punch.candidates import CandidateError, PortRange, bind_udp
 from natbypass.stun import discovery
@@ -39,7 +41,15 @@ async def probe_from_fresh_socket(
     Bind a UDP port, run the mapping tests from it within C{timeout}
     seconds, close it (also when cancelled).  None when no port or no route
     could be had: the peer then goes on with what full discovery finds.
+    C{server} may be a name (the peer's default STUN server is the
+    mediator's host): resolved here, through the reactor's resolver, since
+    the probe starts before the main ports have resolved it.
     """
+    try:
+        server = await resolve_address(reactor, server)
+    except DNSLookupError as e:
+        log.warn("no mapping probe: {error}", error=e)
+        return None
     protocol = StunUDPProtocol(clock)
     try:
         port = bind_udp(reactor, protocol, port_range, bind_host)
