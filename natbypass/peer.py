@@ -386,6 +386,9 @@ class Peer(MultiService):
         self._learned["udp"].addCallback(self._start_discovery)
         if self.config.discover:
             self._probe = defer.ensureDeferred(self._probe_mapping())
+            self._probe.addErrback(
+                lambda f: None if f.check(defer.CancelledError) else self.log.failure("mapping probe failed", f)
+            )
         for learned in self._learned.values():
             learned.addCallback(lambda _: self._publish())
         self._ready = defer.ensureDeferred(self._learn())

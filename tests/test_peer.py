@@ -97,6 +97,22 @@ class PeerInMemoryTests(SynchronousTestCase):
         self.assertEqual(self.reactor.open_tcp_sockets(), [a.local_tcp_address()])
         self.assertEqual(len(self.reactor.tcp_reserved), 2)  # auto: one fresh TCP port too
 
+    def test_stop_during_the_mapping_probe(self) -> None:
+        """Stopped while its mapping probe waits for STUN: the probe is cancelled quietly (nothing unhandled)."""
+        import gc
+
+        a = self.peer("alice", "127.0.0.1")
+        self.assertIsNotNone(a._probe)
+        self.assertFalse(a._probe.called)
+        probe = a._probe
+        self.settle(a.stopService())
+        self.assertTrue(probe.called)
+        a._probe = None
+        del probe
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(CancelledError), [])
+        self.assertEqual(self.own_ports(), set())
+
     def test_retry_once_after_discovery_found_something_new(self) -> None:
         """
         The first connect does not wait for discovery (only for the mapping
