@@ -19,6 +19,7 @@ C{twisted.names} resolver instead (a given DNS server, as in the tests).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +113,13 @@ class _Resolution:
         """The lookups run to their end (DNS timeouts bound them); the answer is then ignored."""
 
 
+def _record_address(payload: Any) -> str:
+    """The address of an A or AAAA record's payload, as text (C{Record_AAAA} has no C{dottedQuad})."""
+    if isinstance(payload.address, bytes) and len(payload.address) == 16:
+        return socket.inet_ntop(socket.AF_INET6, payload.address)
+    return payload.dottedQuad()
+
+
 @implementer(IHostnameResolver)
 class NamesResolver:
     """
@@ -144,13 +152,15 @@ class NamesResolver:
             lookups.append((self.resolver.lookupIPV6Address(hostName), dns.AAAA, IPv6Address))
 
         def answered(results: list[tuple[bool, Any]]) -> None:
-            for (ok, result), (_, rtype, kind) in zip(results, lookups):
-                if not ok:
-                    continue  # no such record (NXDOMAIN, no AAAA): the other lookup may have some
-                for rr in result[0][:MAX_ADDRESSES]:
-                    if rr.type == rtype:
-                        resolutionReceiver.addressResolved(kind("TCP", rr.payload.dottedQuad(), portNumber))
-            resolutionReceiver.resolutionComplete()
+            try:
+                for (ok, result), (_, rtype, kind) in zip(results, lookups):
+                    if not ok:
+                        continue  # no such record (NXDOMAIN, no AAAA): the other lookup may have some
+                    for rr in result[0][:MAX_ADDRESSES]:
+                        if rr.type == rtype:
+                            resolutionReceiver.addressResolved(kind("TCP", _record_address(rr.payload), portNumber))
+            finally:  # whatever the answer held, the connect waiting on it goes on
+                resolutionReceiver.resolutionComplete()
 
         DeferredList([d for d, _, _ in lookups], consumeErrors=True).addCallback(answered)
         return resolution

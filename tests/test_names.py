@@ -245,6 +245,20 @@ class Zone(common.ResolverBase):
         return succeed((rrs, [], []))
 
 
+class NamesResolverTests(SynchronousTestCase):
+    """L{NamesResolver} over an in-memory authority."""
+
+    def test_a_and_aaaa(self) -> None:
+        """AAAA records resolve too (a name with an IPv6 mediator), after the A ones."""
+        zone = Zone({b"dual.test": [dns.Record_A("192.0.2.1"), dns.Record_AAAA("2001:db8::1")]})
+        d = resolve_all(NamesResolver(zone), "dual.test")
+        self.assertEqual(self.successResultOf(d), ["192.0.2.1", "2001:db8::1"])
+
+    def test_aaaa_only(self) -> None:
+        zone = Zone({b"v6.test": [dns.Record_AAAA("2001:db8::2")]})
+        self.assertEqual(self.successResultOf(resolve_all(NamesResolver(zone), "v6.test")), ["2001:db8::2"])
+
+
 class NameLoopbackTests(TestCase):
     """A real DNS server on 127.0.0.1 names two mediators; the peer follows the name's addresses."""
 
