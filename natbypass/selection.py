@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from natbypass.nat import NatKind, NatSummary
+from natbypass.nat import Mapping, NatKind, NatSummary
 
 PROTOCOLS = ("udp", "tcp")
 #: How long the first protocol runs alone before the next one starts.
@@ -168,6 +168,21 @@ del _a, _b, _k
 assert len(TABLE) == 28, len(TABLE)  # every unordered pair of the 7 kinds
 
 
+def _unfiltered_guess(local: NatSummary, remote: NatSummary, kl: NatKind, kr: NatKind) -> bool:
+    """
+    Whether a random symmetric NAT meets one that keeps a port per socket
+    (or no NAT) whose filtering is not known yet: a fresh peer's first offer,
+    made after the mapping probe but before the filtering tests.  Its filter
+    may be port-restricted, so the pair is birthday-punched (the plain
+    candidates are probed alongside, so a lenient filter costs nothing but
+    the extra sockets), rather than failing and retrying after discovery.
+    """
+    for kind, other, summary in ((kl, kr, local), (kr, kl, remote)):
+        if kind is NatKind.UNKNOWN and other is NatKind.SYMMETRIC_RANDOM:
+            return summary.mapping in (Mapping.ENDPOINT_INDEPENDENT, Mapping.NONE)
+    return False
+
+
 def feasibility(local: NatSummary, remote: NatSummary, protocol: str) -> Row:
     """Look up C{protocol}'s row of the table for this pair of NATs."""
     kl, kr = local.kind(protocol), remote.kind(protocol)
@@ -180,6 +195,8 @@ def feasibility(local: NatSummary, remote: NatSummary, protocol: str) -> Row:
     if pair == _BIRTHDAY:
         if protocol == "tcp":
             return Row(protocol, kl, kr, False, TCP_NO_BIRTHDAY)
+        birthday = "open" if kl is NatKind.SYMMETRIC_RANDOM else "probe"
+    elif protocol == "udp" and _unfiltered_guess(local, remote, kl, kr):
         birthday = "open" if kl is NatKind.SYMMETRIC_RANDOM else "probe"
     if protocol == "tcp" and expected:
         reason += "; over TCP the probes are crossing SYNs (simultaneous open)"

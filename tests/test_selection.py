@@ -84,6 +84,23 @@ class TableTests(SynchronousTestCase):
         for easy in (FULL, RESTRICTED, OPEN):
             self.assertIsNone(feasibility(easy, SYM_RANDOM, "udp").birthday)
 
+    def test_birthday_before_filtering_is_known(self) -> None:
+        """
+        A fresh peer's first offer carries the mapping probe's result only
+        (endpoint-independent, filtering not yet tested): against a random
+        symmetric NAT it birthday-punches at once, rather than failing a plain
+        punch and retrying after discovery (the lab's port-restricted x
+        symmetric-random cell took 5 s that way).
+        """
+        fresh = NatSummary(EI, UNKNOWN)
+        self.assertEqual(feasibility(fresh, SYM_RANDOM, "udp").birthday, "probe")
+        self.assertEqual(feasibility(SYM_RANDOM, fresh, "udp").birthday, "open")
+        self.assertIsNone(feasibility(fresh, SYM_RANDOM, "tcp").birthday)
+        self.assertIsNone(feasibility(fresh, SYM_RANDOM, "udp").expected)  # still "try it and see"
+        # Nothing to guess against a mapping we do not know, or against a predictable one.
+        self.assertIsNone(feasibility(NatSummary(), SYM_RANDOM, "udp").birthday)
+        self.assertIsNone(feasibility(fresh, SYM_PRED, "udp").birthday)
+
     def test_prediction_requested_only_where_needed(self) -> None:
         self.assertEqual(feasibility(PORT_RESTRICTED, SYM_PRED, "udp").predict_remote_delta, 1)
         self.assertEqual(feasibility(SYM_PRED, SYM_PRED, "udp").predict_remote_delta, 1)
