@@ -66,6 +66,7 @@ import errno
 import hashlib
 import hmac
 import os
+import random
 import socket
 import struct
 import weakref
@@ -133,6 +134,19 @@ MAX_TRIES = 48
 ROLE1_PATIENCE = 2
 #: Tries at C{retry_interval} before backing off, the backoff factor, and its cap (s).
 FAST_TRIES, RETRY_BACKOFF, MAX_RETRY_INTERVAL = 4, 1.5, 1.0
+#: Each connect() try times out after C{connect_timeout} times a factor drawn
+#: in 1 +- this, from a sequence seeded by the session and role: the two
+#: sides' tries drift in phase instead of repeating one (issue 12: a phase in
+#: which each side's SYN lands on the other's socket just before its timeout
+#: stayed bad for the whole window, both sides timing out in lock-step).
+CONNECT_JITTER = 0.2
+
+
+def connect_timeouts(session: PunchSession, base: float) -> Callable[[], float]:
+    """The connect timeouts of one side, one per try: C{base} +- L{CONNECT_JITTER}, the same for a session and role."""
+    seed = hashlib.sha256(b"natbypass-tcp connect timeouts|" + session.sid + bytes([session.role])).digest()
+    draw = random.Random(seed).random
+    return lambda: base * (1 + CONNECT_JITTER * (2 * draw() - 1))
 
 
 class SelectError(ValueError):
@@ -375,6 +389,7 @@ class TCPPunchAttempt:
         self._window = window
         self._retry = retry_interval
         self._connect_timeout = connect_timeout
+        self._next_connect_timeout = connect_timeouts(session, connect_timeout)
         self._handshake_timeout = handshake_timeout
         self._keepalive = keepalive_interval
         self._pending: set[_PendingConnect] = set()
@@ -451,7 +466,8 @@ class TCPPunchAttempt:
             self._failedTry(target, code)
             return
         pending = _PendingConnect(self, sock, target)
-        pending.timer = self.reactor.callLater(self._connect_timeout, self._connectDone, pending, errno.ETIMEDOUT)
+        timeout = self._next_connect_timeout()
+        pending.timer = self.reactor.callLater(timeout, self._connectDone, pending, errno.ETIMEDOUT)
         self._pending.add(pending)
         self.reactor.addWriter(pending)
 
