@@ -32,7 +32,9 @@ import argparse
 import errno
 import json
 import os
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,21 @@ def peer_mode(argv: list[str]) -> None:
 
     globalLogPublisher.addObserver(observe)
 
+    def tcp_info(sock) -> str:
+        """The kernel's view of a TCP socket: state, RTO, RTT, retransmissions (struct tcp_info, Linux)."""
+        try:
+            raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            state, _, retransmits, _, backoff = raw[:5]
+            rto, _, _, _, unacked = struct.unpack_from("5I", raw, 8)
+            total_retrans = struct.unpack_from("I", raw, 100)[0]
+            rtt, rttvar = struct.unpack_from("2I", raw, 68)
+        except (OSError, struct.error, ValueError):
+            return "tcp_info unavailable"
+        return (
+            f"state {state} rto {rto // 1000} ms rtt {rtt // 1000}/{rttvar // 1000} ms unacked {unacked} "
+            f"retransmits {retransmits} backoff {backoff} total_retrans {total_retrans}"
+        )
+
     class RecordingAttempt(tcp.TCPPunchAttempt):
         def _try(self, target):
             note(time.time(), f"try {target[0]}:{target[1]} (try {self.tries[target] + 1})")
@@ -82,11 +99,17 @@ def peer_mode(argv: list[str]) -> None:
 
         def _connectDone(self, pending, code):
             if pending in self._pending:
-                note(time.time(), f"connect to {pending.target[1]}: {errno.errorcode.get(code, 'connected')}")
+                how = errno.errorcode.get(code, "connected")
+                note(time.time(), f"connect to {pending.target[1]}: {how}; {tcp_info(pending.sock)}")
             super()._connectDone(pending, code)
 
+        def _handshakeTimeout(self, proto):
+            note(time.time(), f"handshake timeout ({proto.how}); {tcp_info(proto.transport.getHandle())}")
+            super()._handshakeTimeout(proto)
+
         def _handshakeLost(self, proto):
-            note(time.time(), f"handshake connection lost ({proto.how})")
+            handle = proto.transport.getHandle() if proto.transport is not None else None
+            note(time.time(), f"handshake connection lost ({proto.how}); {tcp_info(handle) if handle else ''}")
             super()._handshakeLost(proto)
 
     attempts: list[tcp.TCPPunchAttempt] = []
