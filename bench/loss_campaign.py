@@ -85,12 +85,19 @@ def peer_mode(argv: list[str]) -> None:
             rto, _, _, _, unacked = struct.unpack_from("5I", raw, 8)
             total_retrans = struct.unpack_from("I", raw, 100)[0]
             rtt, rttvar = struct.unpack_from("2I", raw, 68)
-        except (OSError, struct.error, ValueError):
+        except (OSError, struct.error, ValueError, AttributeError):
             return "tcp_info unavailable"
         return (
             f"state {state} rto {rto // 1000} ms rtt {rtt // 1000}/{rttvar // 1000} ms unacked {unacked} "
             f"retransmits {retransmits} backoff {backoff} total_retrans {total_retrans}"
         )
+
+    def transport_info(proto) -> str:
+        """L{tcp_info} of a handshake's socket, if it still has one (never raises: the attempt must go on)."""
+        try:
+            return tcp_info(proto.transport.getHandle())
+        except Exception:
+            return "no socket"
 
     class RecordingAttempt(tcp.TCPPunchAttempt):
         def _try(self, target):
@@ -104,12 +111,11 @@ def peer_mode(argv: list[str]) -> None:
             super()._connectDone(pending, code)
 
         def _handshakeTimeout(self, proto):
-            note(time.time(), f"handshake timeout ({proto.how}); {tcp_info(proto.transport.getHandle())}")
+            note(time.time(), f"handshake timeout ({proto.how}); {transport_info(proto)}")
             super()._handshakeTimeout(proto)
 
         def _handshakeLost(self, proto):
-            handle = proto.transport.getHandle() if proto.transport is not None else None
-            note(time.time(), f"handshake connection lost ({proto.how}); {tcp_info(handle) if handle else ''}")
+            note(time.time(), f"handshake connection lost ({proto.how}); {transport_info(proto)}")
             super()._handshakeLost(proto)
 
     attempts: list[tcp.TCPPunchAttempt] = []
