@@ -19,15 +19,22 @@ role 1 later, as the mediator's relaying does over a lossy link: then role
 EADDRNOTAVAIL storm.
 
 Each peer runs through this script's --peer mode, which wraps the TCP attempt
-so its errno counts (TCPPunchAttempt.errors) are printed with the result.
+so its errno counts (TCPPunchAttempt.errors) are printed with the result, and
+keeps a log of the side (each connect() try and how it ended, natbypass's log
+events at every level, ms from the agreed start; at most MAX_LOG_LINES).  The
+--json file keeps both sides' logs and stderr for every round that failed or
+took over 2 s ("logs" in its row), so slow rounds can be read afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,19 +49,79 @@ PRESETS = {
     "symp": "symmetric-predictable",
 }
 STUN = "198.18.0.2:3478"
+#: Log lines kept per side and round; a round's logs are kept when it failed or took over SLOW_MS.
+MAX_LOG_LINES, SLOW_MS = 400, 2000
 
 
 def peer_mode(argv: list[str]) -> None:
-    """Run natbypass.lab.enginepeer, recording the TCP attempt to print its errno counts afterwards."""
+    """
+    Run natbypass.lab.enginepeer, recording the TCP attempt to print its errno counts afterwards, and a log of the
+    side: each connect() try and how it ended, and natbypass's log events, in ms from the agreed start.
+    """
     from twisted.internet import task
+    from twisted.logger import formatEvent, globalLogPublisher
 
     from natbypass.lab import enginepeer
     from natbypass.punch import tcp
 
+    start_at = float(argv[argv.index("--start-at") + 1])
+    events: list[str] = []
+
+    def note(when: float, what: str) -> None:
+        if len(events) < MAX_LOG_LINES:
+            events.append(f"{(when - start_at) * 1000:7.0f} {what}")
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace", "").startswith("natbypass"):
+            note(event.get("log_time", time.time()), f"[{event['log_level'].name}] {formatEvent(event)}")
+
+    globalLogPublisher.addObserver(observe)
+
+    def tcp_info(sock) -> str:
+        """The kernel's view of a TCP socket: state, RTO, RTT, retransmissions (struct tcp_info, Linux)."""
+        try:
+            raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            state, _, retransmits, _, backoff = raw[:5]
+            rto, _, _, _, unacked = struct.unpack_from("5I", raw, 8)
+            total_retrans = struct.unpack_from("I", raw, 100)[0]
+            rtt, rttvar = struct.unpack_from("2I", raw, 68)
+        except (OSError, struct.error, ValueError, AttributeError):
+            return "tcp_info unavailable"
+        return (
+            f"state {state} rto {rto // 1000} ms rtt {rtt // 1000}/{rttvar // 1000} ms unacked {unacked} "
+            f"retransmits {retransmits} backoff {backoff} total_retrans {total_retrans}"
+        )
+
+    def transport_info(proto) -> str:
+        """L{tcp_info} of a handshake's socket, if it still has one (never raises: the attempt must go on)."""
+        try:
+            return tcp_info(proto.transport.getHandle())
+        except Exception:
+            return "no socket"
+
+    class RecordingAttempt(tcp.TCPPunchAttempt):
+        def _try(self, target):
+            note(time.time(), f"try {target[0]}:{target[1]} (try {self.tries[target] + 1})")
+            super()._try(target)
+
+        def _connectDone(self, pending, code):
+            if pending in self._pending:
+                how = errno.errorcode.get(code, "connected")
+                note(time.time(), f"connect to {pending.target[1]}: {how}; {tcp_info(pending.sock)}")
+            super()._connectDone(pending, code)
+
+        def _handshakeTimeout(self, proto):
+            note(time.time(), f"handshake timeout ({proto.how}); {transport_info(proto)}")
+            super()._handshakeTimeout(proto)
+
+        def _handshakeLost(self, proto):
+            note(time.time(), f"handshake connection lost ({proto.how}); {transport_info(proto)}")
+            super()._handshakeLost(proto)
+
     attempts: list[tcp.TCPPunchAttempt] = []
 
     def recording_punch_tcp(reactor, session, local, candidates, **kw):
-        attempt = tcp.TCPPunchAttempt(reactor, session, local, candidates, **kw)
+        attempt = RecordingAttempt(reactor, session, local, candidates, **kw)
         attempts.append(attempt)
         return attempt.deferred
 
@@ -65,6 +132,7 @@ def peer_mode(argv: list[str]) -> None:
 
         def report(result):
             extra = {"tcp_errors": dict(attempts[0].errors), "tcp_tries": attempts[0].tries.total()} if attempts else {}
+            extra["log"] = events
             print(json.dumps({"extra": extra}), flush=True)
             return result
 
@@ -102,9 +170,12 @@ def run_round(lab, a: str, b: str, protocol: str, timeout: float, predict: int |
                 else:
                     result = obj
         result.update(extra)
+        result["stderr"] = err[-1000:]
         sides.append(result)
     ok = all(s.get("ok") for s in sides)
     row = {"ok": ok, "ms": max(s.get("connect_ms", 0) for s in sides) if ok else None}
+    if not ok or row["ms"] > SLOW_MS:
+        row["logs"] = [{"role": role, "log": s.get("log", []), "stderr": s["stderr"]} for role, s in enumerate(sides)]
     if not ok:
         row["reasons"] = [s.get("reason", "")[:400] for s in sides if not s.get("ok")]
         # STUN or the rendezvous failing over the lossy link is not the punch failing; a side that printed
@@ -189,7 +260,10 @@ def main() -> int:
                     for i in range(a.rounds):
                         row = run_round(lab, na, nb, protocol, a.timeout, predict, a.skew)
                         rows.append(row)
-                        print(f"{pair} {protocol} {i}: {json.dumps(row)}", flush=True)
+                        print(
+                            f"{pair} {protocol} {i}: {json.dumps({k: v for k, v in row.items() if k != 'logs'})}",
+                            flush=True,
+                        )
                     key = f"{pair}/{protocol}"
                     res["cells"][key] = {"summary": summarise(rows), "rows": rows}
                     print(key, json.dumps(res["cells"][key]["summary"]), flush=True)

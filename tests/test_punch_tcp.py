@@ -26,12 +26,14 @@ from natbypass.punch.tcp import (
     ABORT_LINGER,
     MAX_TRIES,
     MAX_TRIES_PER_CANDIDATE,
+    MIN_TRY_FRACTION,
     SELECT,
     SelectError,
     TCPPeerConnection,
     TCPPunchAttempt,
     _HandshakeProtocol,
     check_select,
+    connect_timeout_at,
     reusable_socket,
     select_record,
 )
@@ -568,6 +570,34 @@ class LossTests(SynchronousTestCase):
         self.assertLessEqual(max(gaps), 0.5 + 0.011, gaps)
         self.assertEqual(sockets.max_open, 1)
         self.assertEqual(a.errors["ETIMEDOUT"], len(syns) - (0 if results else 1))
+
+    def test_tries_after_a_disruption_return_to_the_grid(self) -> None:
+        """
+        Refused for 0.2 s (RST: retried every 75 ms, off the grid of
+        connect timeouts), then every SYN lost: the first try after that
+        ends on the grid (at 0.5 s from the start), and every later one
+        starts on it, as the peer's do (the peer's tries started together
+        with ours, at the agreed start; out of phase, each side's SYN lands
+        late in the other's timeout, issue 12).  Never two sockets at once.
+        """
+        a, sockets, results = self.run_attempt(lambda now: errno.ECONNREFUSED if now < 0.2 else errno.EINPROGRESS)
+        late = [t for t in sockets.connects if t >= 0.2]
+        self.assertLess(late[0], 0.3)
+        for t in late[1:]:
+            self.assertLess(abs(t - 0.5 * round(t / 0.5)), 0.011, late)
+        self.assertGreaterEqual(len(late), 8)
+        self.assertEqual(sockets.max_open, 1)
+
+    def test_connect_timeout_at(self) -> None:
+        """On the grid: one connect timeout; off it: to a grid line at least half a timeout away."""
+        for now, expected in ((10.0, 0.5), (10.5, 0.5), (10.5 + 1e-7, 0.5), (12.162, 0.338), (12.3, 0.7)):
+            self.assertLess(abs(connect_timeout_at(now, 10.0, 0.5) - expected), 1e-6, now)
+
+    @given(st.floats(0, 100), st.floats(0.05, 2.0))
+    def test_connect_timeout_at_is_bounded(self, elapsed: float, base: float) -> None:
+        timeout = connect_timeout_at(5.0 + elapsed, 5.0, base)
+        self.assertGreaterEqual(timeout, MIN_TRY_FRACTION * base - 1e-6)
+        self.assertLessEqual(timeout, (1 + MIN_TRY_FRACTION) * base + 1e-6)
 
     def test_refusals_still_back_off(self) -> None:
         """A closed port (RST at once) is not hit every 75 ms for the whole window."""

@@ -210,21 +210,39 @@ def connect(reactor, args: argparse.Namespace, keepalive_interval: float = 15.0)
     return conn, result
 
 
+#: Role 1 keeps the connection until role 0 closes it or has sent nothing for ECHO_LINGER s (role 0 resends until
+#: echoed), at most ECHO_LINGER_MAX s after the first message.  Closing 1 s after the first message, as before,
+#: reset a TCP connection whose echo was still being retransmitted under loss (issue 12).
+ECHO_LINGER, ECHO_LINGER_MAX = 1.0, 10.0
+
+
 @defer.inlineCallbacks
 def _echo(reactor, args: argparse.Namespace, conn, result: dict):
     """Role 0 sends C{args.message} until it is echoed; role 1 echoes; print the result line."""
     got: defer.Deferred = defer.Deferred()
+    quiet: defer.Deferred = defer.Deferred()
+    linger = []
+
+    def stop() -> None:
+        if not quiet.called:
+            quiet.callback(None)
 
     class Receiver:
         def dataReceived(self, data: bytes) -> None:
             if args.role == 1:
                 conn.send(data)  # echo
+                if linger:
+                    linger[0].reset(ECHO_LINGER)
+                else:
+                    linger.append(reactor.callLater(ECHO_LINGER, stop))
+                    linger.append(reactor.callLater(ECHO_LINGER_MAX, stop))
             if not got.called:
                 got.callback(data)
 
         def connectionLost(self, reason) -> None:
             if not got.called and not reason.check(ConnectionDone):
                 got.errback(reason)
+            stop()
 
     conn.setReceiver(Receiver())
     if args.role == 0:
@@ -238,7 +256,10 @@ def _echo(reactor, args: argparse.Namespace, conn, result: dict):
     else:
         data = yield got
         result.update(echo=data.decode())
-        yield task.deferLater(reactor, 1.0, lambda: None)  # keep echoing resends a moment
+        yield quiet  # keep echoing role 0's resends until it closes or goes quiet
+        for call in linger:
+            if call.active():
+                call.cancel()
     print(json.dumps(result), flush=True)
     conn.close()
 

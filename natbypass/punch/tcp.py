@@ -9,7 +9,10 @@ simultaneous open (RFC 9293 section 3.5) yields one connection.  A failed
 try (RST, ICMP, timeout) is retried from a fresh socket on the same port until
 the window closes: after a timeout (a SYN or SYN-ACK lost) at once, so a loss
 costs C{connect_timeout} rather than the kernel's 1 s / 3 s SYN backoff, and
-the peer's SYNs find a socket of ours to cross; after a refusal backing off.  A connect() refused with C{EADDRNOTAVAIL} means a
+the peer's SYNs find a socket of ours to cross; after a refusal backing off.
+Tries time out on a grid of C{connect_timeout}s from the start, which both
+sides share: a try begun off it (after a refusal or a lost connection) ends on
+it, so the two sides' tries start together again (L{connect_timeout_at}).  A connect() refused with C{EADDRNOTAVAIL} means a
 connection for that 4-tuple is already forming in the kernel (the peer's SYN
 reached our listener: a SYN_RECV entry, or the accept queue) or is ours in
 its TLS handshake: the kernel and the listener finish it, so the attempt
@@ -65,6 +68,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import math
 import os
 import socket
 import struct
@@ -133,6 +137,18 @@ MAX_TRIES = 48
 ROLE1_PATIENCE = 2
 #: Tries at C{retry_interval} before backing off, the backoff factor, and its cap (s).
 FAST_TRIES, RETRY_BACKOFF, MAX_RETRY_INTERVAL = 4, 1.5, 1.0
+#: A try that starts off the grid of connect timeouts counted from the start (after a lost connection, a
+#: refusal) ends on the grid, at the first line at least this many connect timeouts away: both sides' tries
+#: then start together again, as they did at the agreed start (issue 12: each SYN then meets the other's
+#: socket early in its timeout; out of phase, it lands late in it, and the timeout resets a forming connection).
+MIN_TRY_FRACTION = 0.5
+
+
+def connect_timeout_at(now: float, origin: float, base: float) -> float:
+    """The timeout of a connect() made at C{now}: to the first line of the C{base} grid from C{origin} at least
+    L{MIN_TRY_FRACTION} of C{base} away (C{base} for a try on the grid)."""
+    lines = math.ceil((now - origin + MIN_TRY_FRACTION * base) / base - 1e-9)
+    return origin + lines * base - now
 
 
 class SelectError(ValueError):
@@ -413,6 +429,7 @@ class TCPPunchAttempt:
 
     def _start(self) -> None:
         self._start_call = None
+        self._origin = self.reactor.seconds()
         for target in self.candidates:
             self._try(target)
 
@@ -451,7 +468,8 @@ class TCPPunchAttempt:
             self._failedTry(target, code)
             return
         pending = _PendingConnect(self, sock, target)
-        pending.timer = self.reactor.callLater(self._connect_timeout, self._connectDone, pending, errno.ETIMEDOUT)
+        timeout = connect_timeout_at(self.reactor.seconds(), self._origin, self._connect_timeout)
+        pending.timer = self.reactor.callLater(timeout, self._connectDone, pending, errno.ETIMEDOUT)
         self._pending.add(pending)
         self.reactor.addWriter(pending)
 
