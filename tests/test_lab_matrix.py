@@ -107,7 +107,7 @@ class KindTests(SynchronousTestCase):
 
 class ExpectationTests(SynchronousTestCase):
     def test_table(self) -> None:
-        e = matrix.expectation(matrix.KINDS["port-restricted-cone"], matrix.KINDS["cgnat-symmetric"], "udp")
+        e = matrix.expectation(matrix.KINDS["symmetric-random"], matrix.KINDS["cgnat-symmetric"], "udp")
         self.assertEqual((e.table, e.effective), (False, False))
         self.assertIn("needs port prediction", e.reason)
         self.assertTrue(matrix.expectation(matrix.KINDS["cgnat"], matrix.KINDS["cgnat"], "tcp").table)
@@ -148,13 +148,26 @@ class VerdictTests(SynchronousTestCase):
 
     def test_expected_failure_needs_a_traversal_reason(self) -> None:
         traversal = [
-            run("cgnat", "cgnat-symmetric", "udp", k, False, reason="no verified UDP path in 4 s") for k in (0, 1)
+            run("symmetric-random", "cgnat-symmetric", "udp", k, False, reason="no verified UDP path in 4 s")
+            for k in (0, 1)
         ]
-        self.assertEqual(cell("cgnat", "cgnat-symmetric", "udp", traversal).verdict, "as table")
-        other = traversal[:1] + [run("cgnat", "cgnat-symmetric", "udp", 1, False, reason="mediator gone")]
-        self.assertEqual(cell("cgnat", "cgnat-symmetric", "udp", other).verdict, "wrong reason")
-        lucky = traversal[:1] + [run("cgnat", "cgnat-symmetric", "udp", 1, True)]
-        self.assertEqual(cell("cgnat", "cgnat-symmetric", "udp", lucky).verdict, "beats table")
+        self.assertEqual(cell("symmetric-random", "cgnat-symmetric", "udp", traversal).verdict, "as table")
+        other = traversal[:1] + [run("symmetric-random", "cgnat-symmetric", "udp", 1, False, reason="mediator gone")]
+        self.assertEqual(cell("symmetric-random", "cgnat-symmetric", "udp", other).verdict, "wrong reason")
+        lucky = traversal[:1] + [run("symmetric-random", "cgnat-symmetric", "udp", 1, True)]
+        self.assertEqual(cell("symmetric-random", "cgnat-symmetric", "udp", lucky).verdict, "beats table")
+
+    def test_failing_at_once_with_the_tables_reason(self) -> None:
+        """A hopeless pair fails before punching, with the table's own reason: that is the table's verdict."""
+        from natbypass.selection import NO_PORT_MAPPING
+
+        fast = [
+            run(
+                "symmetric-random", "cgnat-symmetric", "udp", k, False, reason="needs port prediction" + NO_PORT_MAPPING
+            )
+            for k in (0, 1)
+        ]
+        self.assertEqual(cell("symmetric-random", "cgnat-symmetric", "udp", fast).verdict, "as table")
 
     def test_port_mapping(self) -> None:
         ok = [run("portmap", "portmap", "tcp", 0, True)]

@@ -247,8 +247,10 @@ def expectation(a: Kind, b: Kind, protocol: str) -> Expectation:
 
 # ----------------------------------------------------------------------- results
 
-#: What the punch engines say when traversal itself failed (as opposed to signalling, a crash or a timeout elsewhere).
-TRAVERSAL_FAILURES = ("no verified UDP path", "no authenticated TCP connection")
+#: What the punch engines say when traversal itself failed (as opposed to signalling, a crash or a timeout
+#: elsewhere), and what a pair the table knows to be hopeless says when it fails at once, before punching
+#: (L{natbypass.selection.NO_PORT_MAPPING}: the table's own reason).
+TRAVERSAL_FAILURES = ("no verified UDP path", "no authenticated TCP connection", "fails at once")
 
 
 @dataclass
