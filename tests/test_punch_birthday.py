@@ -338,3 +338,27 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(sum(b.spend(53) for _ in range(20)), 8)  # a late tick catches up, to the burst
         clock.now += 100
         self.assertEqual(sum(b.spend(53) for _ in range(20)), 2)  # 20 in all
+
+
+class TwoLandingsTests(SynchronousTestCase):
+    """
+    The easy side's spray reaches the hard side's main socket and an extra
+    socket: the two sides must still end on one and the same connection
+    (the traversal matrix saw a birthday connect whose first stream never
+    opened: each side kept a different QUIC connection).
+    """
+
+    def test_main_and_extra_socket_both_reached(self) -> None:
+        for hard_role in (0, 1):
+            for first, second in ((61000, 61000 + 7 * 5), (61000 + 7 * 5, 61000)):
+                ports = [p for p in range(2000, 2400)]
+                ports[40:40] = [first, second]
+                b = Birthday(guesses=ports, hard_role=hard_role)
+                b.run(1.5)
+                easy, hard = b.results["easy"], b.results["hard"]
+                self.assertFalse(hasattr(easy, "value") or hasattr(hard, "value"), (hard_role, first, easy, hard))
+                got = RecordingReceiver(datagrams=True)
+                hard.setReceiver(got)
+                easy.send(b"hello")
+                b.run(0.2)
+                self.assertEqual(got.data, [b"hello"], (hard_role, first, second))

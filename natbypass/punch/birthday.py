@@ -309,8 +309,11 @@ class BirthdayOpen:
         make_attempt: Callable[[PunchEndpoint, Callable[[], None]], UDPPunchAttempt],
         target: Address,
         budget: ProbeBudget,
+        role: int = 1,
     ) -> None:
         self._main = main
+        self._role = role
+        self._main_first = False
         self._target = target
         self._budget = budget
         self._attempts: list[tuple[UDPPunchAttempt, IListeningPort | None]] = [(main, None)]
@@ -328,12 +331,24 @@ class BirthdayOpen:
         for attempt, port in list(self._attempts):
             attempt.deferred.addCallbacks(self._won, self._lost, callbackArgs=(port,), errbackArgs=(attempt, port))
 
+    def mainReached(self) -> None:
+        """A packet of the session reached the main socket (its plain punch found a path)."""
+        if self.landed is None and not self._done and self._role == 0:
+            # The QUIC client stays on the main socket: no extra socket's may start.
+            self._main_first = True
+            self._close(keep=None)
+
     def _landed(self, port: IListeningPort) -> None:
-        if self.landed is not None or self._done:
+        if self.landed is not None or self._done or self._main_first:
             return
         self.landed = port
         self.log.info("birthday: a probe landed on local port {port}; closing the other sockets", port=port.getHost())
         self._close(keep=port)
+        if self._role == 0 and not self._main.deferred.called:
+            # One QUIC client only: the easy side answers a newer Initial by
+            # dropping a pending handshake, so two of ours (the main socket's
+            # and this one's) could each end on a connection the other dropped.
+            self._main.deferred.cancel()
 
     def _close(self, keep: IListeningPort | None) -> None:
         """Cancel the attempt of, and close, every extra socket but C{keep}."""
@@ -434,10 +449,19 @@ def punch_birthday_open(
     mapped address C{target} from the start time on.
     """
     start_at = clock.seconds() + start_delay
+    opened: list[BirthdayOpen] = []
     main = quic.attempt(
         endpoint,
         session,
-        UDPPunchMachine(session, candidates, start_at, schedule, nonce_source, budget=budget),
+        _OpeningMachine(
+            session,
+            candidates,
+            start_at,
+            schedule,
+            nonce_source,
+            budget=budget,
+            landed=lambda: opened and opened[0].mainReached(),
+        ),
         clock,
     )
     sockets = open_sockets(reactor, config.sockets, bind_host, port_range)
@@ -456,7 +480,8 @@ def punch_birthday_open(
         )
         return quic.attempt(extra, session, machine, clock)
 
-    return BirthdayOpen(main, sockets, make_attempt, target, shared).deferred
+    opened.append(BirthdayOpen(main, sockets, make_attempt, target, shared, session.role))
+    return opened[0].deferred
 
 
 class BirthdayLimiter:
